@@ -1,0 +1,53 @@
+# CloneBox fleet. `make help` lists the targets.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+IMAGES ?= /var/lib/clonebox/images
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## system packages, .venv with everything, buf, test guest (idempotent)
+
+$(STAMP): pyproject.toml deploy/dev/install-system.sh deploy/dev/buf/package.json
+	@if [ "$$(id -u)" = 0 ]; then bash deploy/dev/install-system.sh; \
+	  else echo "install: not root, skipping system packages (run deploy/dev/install-system.sh as root)"; fi
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	cd deploy/dev/buf && npm ci --silent --no-audit --no-fund
+	touch $(STAMP)
+
+hypervisor: install ## start virtlogd/libvirtd if none runs, build the test guest
+	bash deploy/dev/start-libvirt.sh
+	bash deploy/testguest/build.sh $(IMAGES)/testguest
+
+demo: hypervisor ## install, then run two tiny VMs end to end through CLI, controller, agent and libvirt
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash deploy/dev/demo.sh
+
+test: hypervisor ## install, then run every test suite
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+lint: install ## ruff, mypy --strict, import-linter, buf lint, generated-code drift
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check core agent controller cli tests benchmarks
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+	PY=$(PY) bash deploy/dev/buflint.sh
+	$(MAKE) --no-print-directory check-gen
+
+gen: install ## regenerate the API modules from proto/
+	PY=$(PY) bash deploy/dev/genproto.sh
+
+check-gen: install ## fail when generated code differs from proto/
+	@tmp=$$(mktemp -d) && cp -r proto "$$tmp/before" && PY=$(PY) bash deploy/dev/genproto.sh >/dev/null && \
+	  if diff -r "$$tmp/before" proto >/dev/null; then echo "check-gen: generated code is up to date"; rm -rf "$$tmp"; \
+	  else diff -r "$$tmp/before" proto | head -20; rm -rf "$$tmp"; echo "check-gen: generated code drifted: run make gen"; exit 1; fi
+
+bench: hypervisor ## run the benchmarks (figures go to docs/benchmarks.md by hand)
+	$(PY) benchmarks/run.py
+
+.PHONY: help install hypervisor demo test lint gen check-gen bench

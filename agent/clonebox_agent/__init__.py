@@ -1,0 +1,1 @@
+"""CloneBox agent: the only code that touches libvirt."""

@@ -1,0 +1,1 @@
+"""Hypervisor adapters: libvirt (real and test driver) and a scriptable fake."""

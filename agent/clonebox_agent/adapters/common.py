@@ -1,0 +1,170 @@
+"""Pieces both hypervisor adapters share, so the fake and libvirt cannot drift apart.
+
+- the naming scheme of everything an adapter makes (domain, volumes, seed ISO, per-VM folder);
+- the ownership mark put on every file (the ``user.clonebox.owner`` extended attribute);
+- scripted faults and delays at named steps (the fake's ``fail_on``/``delays``; the libvirt adapter
+  takes the same mapping so contract and fault tests can break both at the same step);
+- ``Inventory``: what an adapter has made, for leak checks and garbage collection.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+#: extended attribute carrying the owning VM's name on every file and volume an adapter makes
+OWNER_XATTR = "user.clonebox.owner"
+
+#: sub-folder of ``storage_dir`` that is the storage pool (flat: one file per volume)
+POOL_SUBDIR = "pool"
+#: sub-folder of ``storage_dir`` holding one folder per VM (console log); kept out of the pool
+#: because a libvirt dir pool lists sub-folders as volumes
+VMS_SUBDIR = "vms"
+
+#: named steps of ``create`` at which a fault can be scripted; each runs after that stage is done
+CREATE_STEPS = ("create:validated", "create:disks", "create:seed", "create:define", "create:start")
+#: named steps of ``delete``
+DELETE_STEPS = ("delete:destroyed", "delete:undefined", "delete:volumes")
+
+
+def volume_name(domain: str, disk: str) -> str:
+    """Pool volume of one disk. '.' cannot occur in a DNS label, so ``{domain}.`` is an unambiguous prefix."""
+    return f"{domain}.{disk}.qcow2"
+
+
+def seed_volume_name(domain: str) -> str:
+    """Pool volume of the cloud-init NoCloud seed ISO."""
+    return f"{domain}.cidata.iso"
+
+
+def volume_prefix(domain: str) -> str:
+    """Every volume made for ``domain`` starts with this."""
+    return f"{domain}."
+
+
+def vm_dir(storage_dir: str, domain: str) -> str:
+    """Per-VM folder (console log)."""
+    return os.path.join(storage_dir, VMS_SUBDIR, domain)
+
+
+def pool_dir(storage_dir: str) -> str:
+    """Folder of the adapter's storage pool."""
+    return os.path.join(storage_dir, POOL_SUBDIR)
+
+
+def mark_owned(path: str, vm: str) -> None:
+    """Put the ownership mark on ``path`` (file or folder)."""
+    os.setxattr(path, OWNER_XATTR, vm.encode(), follow_symlinks=False)
+
+
+def owner_of(path: str) -> str | None:
+    """The VM that owns ``path`` by its mark, or None when unmarked or gone."""
+    try:
+        return os.getxattr(path, OWNER_XATTR, follow_symlinks=False).decode()
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOENT, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return None
+        raise
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A scripted failure: raise ``error`` the next ``times`` times the step is reached (None: always)."""
+
+    error: BaseException
+    times: int | None = 1
+
+
+#: a step hook sees every named step (``create:disks``...) before faults apply; fault tests use it to
+#: kill the process at a precise point
+StepHook = Callable[[str], None]
+
+
+@dataclass
+class Faults:
+    """Scripted faults and delays at named steps (method names such as ``create`` or steps such as
+    ``create:disks``). A bare exception in ``fail_on`` is raised every time; wrap it in ``Fault`` to
+    raise it a limited number of times."""
+
+    fail_on: dict[str, BaseException | Fault] = field(default_factory=dict)
+    delays: dict[str, float] = field(default_factory=dict)
+    hook: StepHook | None = None
+
+    @classmethod
+    def of(
+        cls,
+        fail_on: Mapping[str, BaseException | Fault] | None,
+        delays: Mapping[str, float] | None,
+        hook: StepHook | None = None,
+    ) -> Faults:
+        """Build from optional constructor arguments."""
+        return cls(dict(fail_on or {}), dict(delays or {}), hook)
+
+    def pending_delay(self, step: str) -> float:
+        """Seconds to wait at ``step`` (0 when none)."""
+        return self.delays.get(step, 0.0)
+
+    def check(self, step: str) -> None:
+        """Run the hook and raise the scripted fault of ``step``, if any (no delay: see ``pending_delay``)."""
+        if self.hook is not None:
+            self.hook(step)
+        entry = self.fail_on.get(step)
+        if entry is None:
+            return
+        if isinstance(entry, Fault):
+            if entry.times is not None:
+                if entry.times <= 1:
+                    del self.fail_on[step]
+                else:
+                    self.fail_on[step] = Fault(entry.error, entry.times - 1)
+            raise entry.error
+        raise entry
+
+    def check_blocking(self, step: str) -> None:
+        """``check`` preceded by the step's delay, for code that runs in a worker thread."""
+        delay = self.pending_delay(step)
+        if delay > 0:
+            time.sleep(delay)
+        self.check(step)
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What an adapter owns right now: domains, pool volumes, and marked files under its storage dir.
+
+    ``files`` pairs each marked path with the VM named in its mark. Leak checks compare inventories;
+    crash recovery can delete what no VM accounts for.
+    """
+
+    domains: tuple[str, ...] = ()
+    volumes: tuple[str, ...] = ()
+    files: tuple[tuple[str, str], ...] = ()
+
+    def for_vm(self, vm: str, domain: str) -> Inventory:
+        """The part that belongs to one VM (domain by name, volumes by prefix, files by their mark)."""
+        return Inventory(
+            tuple(d for d in self.domains if d == domain),
+            tuple(v for v in self.volumes if v.startswith(volume_prefix(domain))),
+            tuple(f for f in self.files if f[1] == vm),
+        )
+
+    def is_empty(self) -> bool:
+        """True when nothing is owned."""
+        return not (self.domains or self.volumes or self.files)
+
+
+def marked_files(root: str) -> tuple[tuple[str, str], ...]:
+    """(path, owner) of every marked path under ``root``."""
+    out: list[tuple[str, str]] = []
+    if not os.path.isdir(root):
+        return ()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for entry in [*dirnames, *filenames]:
+            path = os.path.join(dirpath, entry)
+            owner = owner_of(path)
+            if owner is not None:
+                out.append((path, owner))
+    return tuple(sorted(out))

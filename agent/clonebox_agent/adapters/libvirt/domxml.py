@@ -1,0 +1,282 @@
+"""Domain XML built from typed models with ElementTree, and the ownership metadata read back.
+
+Nothing here formats user input into XML text: every value goes through ElementTree, which escapes it.
+The ``<metadata>`` element ``cb:owner`` marks a domain as ours (``agent`` attribute) and records the
+VmSpec as JSON, so ``get``/``list`` return exactly the spec the VM was created from.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from clonebox_core.model import (
+    CloudInit,
+    DiskSpec,
+    KernelBoot,
+    NetworkMode,
+    NetworkSpec,
+    SharedFolder,
+    VmSpec,
+)
+
+#: XML namespace of CloneBox's domain metadata
+NAMESPACE = "https://clonebox.dev/xmlns/agent/1"
+NS_PREFIX = "cb"
+#: version of the JSON document in ``cb:spec``
+SPEC_VERSION = 1
+
+ET.register_namespace(NS_PREFIX, NAMESPACE)
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A block device: a qcow2 disk on virtio, or a read-only cdrom (seed ISO)."""
+
+    path: str
+    target: str
+    format: str = "qcow2"
+    cdrom: bool = False
+
+
+@dataclass(frozen=True)
+class Filesystem:
+    """A virtio-9p share."""
+
+    source: str
+    tag: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class OwnerMetadata:
+    """What ``cb:owner`` records."""
+
+    agent: str
+    vm: str
+    spec: VmSpec
+    created: datetime | None = None
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    """Everything the domain XML says, already resolved to host paths."""
+
+    name: str
+    uuid: str
+    domain_type: str
+    vcpus: int
+    memory_mib: int
+    owner: OwnerMetadata
+    disks: tuple[Disk, ...] = ()
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str = ""
+    network: str | None = None
+    filesystems: tuple[Filesystem, ...] = ()
+    console_log: str | None = None
+
+
+# ---- VmSpec <-> JSON ------------------------------------------------------------------------
+
+
+def spec_to_json(spec: VmSpec) -> str:
+    """Stable JSON of a spec (enums by name)."""
+    data = asdict(spec)
+    data["network"]["mode"] = spec.network.mode.name
+    return json.dumps({"version": SPEC_VERSION, "spec": data}, sort_keys=True, separators=(",", ":"))
+
+
+def spec_from_json(text: str) -> VmSpec:
+    """Inverse of ``spec_to_json``."""
+    doc = json.loads(text)
+    if doc.get("version") != SPEC_VERSION:
+        raise ValueError(f"unknown spec document version {doc.get('version')!r}")
+    d: dict[str, Any] = doc["spec"]
+    kb = d.get("kernel_boot")
+    ci = d.get("cloud_init")
+    net = d.get("network") or {}
+    return VmSpec(
+        name=d["name"],
+        vcpus=d["vcpus"],
+        memory_mib=d["memory_mib"],
+        disks=tuple(DiskSpec(**x) for x in d.get("disks", ())),
+        kernel_boot=KernelBoot(**kb) if kb is not None else None,
+        network=NetworkSpec(
+            mode=NetworkMode[net.get("mode", "LIBVIRT")],
+            libvirt_network=net.get("libvirt_network", "default"),
+        ),
+        shared_folders=tuple(SharedFolder(**x) for x in d.get("shared_folders", ())),
+        cloud_init=CloudInit(**ci) if ci is not None else None,
+        labels=tuple((k, v) for k, v in d.get("labels", ())),
+    )
+
+
+# ---- building --------------------------------------------------------------------------------
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    el = ET.SubElement(parent, tag, attrs)
+    if text is not None:
+        el.text = text
+    return el
+
+
+def owner_element(meta: OwnerMetadata) -> ET.Element:
+    """The ``cb:owner`` element."""
+    attrs = {"agent": meta.agent, "vm": meta.vm}
+    if meta.created is not None:
+        attrs["created"] = meta.created.isoformat()
+    el = ET.Element(f"{{{NAMESPACE}}}owner", attrs)
+    _sub(el, f"{{{NAMESPACE}}}spec", spec_to_json(meta.spec))
+    return el
+
+
+def build_domain(cfg: DomainConfig) -> ET.Element:
+    """The ``<domain>`` element for ``cfg``."""
+    dom = ET.Element("domain", {"type": cfg.domain_type})
+    _sub(dom, "name", cfg.name)
+    _sub(dom, "uuid", cfg.uuid)
+    _sub(dom, "metadata").append(owner_element(cfg.owner))
+    _sub(dom, "memory", str(cfg.memory_mib), unit="MiB")
+    _sub(dom, "currentMemory", str(cfg.memory_mib), unit="MiB")
+    _sub(dom, "vcpu", str(cfg.vcpus), placement="static")
+
+    os_el = _sub(dom, "os")
+    _sub(os_el, "type", "hvm", arch="x86_64")
+    if cfg.kernel is not None:
+        _sub(os_el, "kernel", cfg.kernel)
+        if cfg.initrd is not None:
+            _sub(os_el, "initrd", cfg.initrd)
+        if cfg.cmdline:
+            _sub(os_el, "cmdline", cfg.cmdline)
+    else:
+        _sub(os_el, "boot", dev="hd")
+
+    _sub(_sub(dom, "features"), "acpi")
+    _sub(dom, "clock", offset="utc")
+    # poweroff ends the domain (it stays defined, STOPPED); reboot restarts; a crash stops it so the
+    # agent sees STOPPED/crashed rather than a reboot loop
+    _sub(dom, "on_poweroff", "destroy")
+    _sub(dom, "on_reboot", "restart")
+    _sub(dom, "on_crash", "destroy")
+
+    devices = _sub(dom, "devices")
+    for disk in cfg.disks:
+        _disk(devices, disk)
+    if cfg.network is not None:
+        iface = _sub(devices, "interface", type="network")
+        _sub(iface, "source", network=cfg.network)
+        _sub(iface, "model", type="virtio")
+    for fs in cfg.filesystems:
+        # 'mapped' keeps guest-side ownership in xattrs, so QEMU never needs root on the host
+        el = _sub(devices, "filesystem", type="mount", accessmode="mapped")
+        _sub(el, "source", dir=fs.source)
+        _sub(el, "target", dir=fs.tag)
+        if fs.read_only:
+            _sub(el, "readonly")
+    serial = _sub(devices, "serial", type="pty")
+    if cfg.console_log is not None:
+        _sub(serial, "log", file=cfg.console_log, append="on")
+    _sub(serial, "target", port="0")
+    console = _sub(devices, "console", type="pty")
+    _sub(console, "target", type="serial", port="0")
+    # qemu-ga's channel; libvirt picks the host socket path
+    channel = _sub(devices, "channel", type="unix")
+    _sub(channel, "target", type="virtio", name="org.qemu.guest_agent.0")
+    # guests block at boot waiting for entropy without it
+    rng = _sub(devices, "rng", model="virtio")
+    _sub(rng, "backend", "/dev/urandom", model="random")
+    return dom
+
+
+def _disk(devices: ET.Element, disk: Disk) -> None:
+    el = _sub(devices, "disk", type="file", device="cdrom" if disk.cdrom else "disk")
+    _sub(el, "driver", name="qemu", type=disk.format)
+    _sub(el, "source", file=disk.path)
+    # the default machine type (i440fx) has IDE but no virtio cdrom
+    _sub(el, "target", dev=disk.target, bus="ide" if disk.cdrom else "virtio")
+    if disk.cdrom:
+        _sub(el, "readonly")
+
+
+def domain_xml(cfg: DomainConfig) -> str:
+    """Domain XML text for ``cfg``."""
+    return ET.tostring(build_domain(cfg), encoding="unicode")
+
+
+def virtio_target(index: int) -> str:
+    """Target device of the index-th virtio disk: vda, vdb, ... vdz, vdaa, ..."""
+    letters = ""
+    n = index
+    while True:
+        letters = chr(ord("a") + n % 26) + letters
+        n = n // 26 - 1
+        if n < 0:
+            break
+    return "vd" + letters
+
+
+# ---- parsing ---------------------------------------------------------------------------------
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def parse_owner(xml_text: str) -> OwnerMetadata | None:
+    """Ownership metadata from a whole domain XML or from the bare ``owner`` element.
+
+    libvirt's metadata API returns the element without its namespace declaration, so names are
+    matched by their local part once the element is known to be ours.
+    """
+    root = ET.fromstring(xml_text)
+    owner: ET.Element | None = None
+    if _local(root.tag) == "owner":
+        owner = root
+    else:
+        md = root.find("metadata")
+        if md is not None:
+            owner = md.find(f"{{{NAMESPACE}}}owner")
+    if owner is None:
+        return None
+    spec_el = next((c for c in owner if _local(c.tag) == "spec"), None)
+    if spec_el is None or not spec_el.text:
+        return None
+    created_text = owner.get("created")
+    return OwnerMetadata(
+        agent=owner.get("agent", ""),
+        vm=owner.get("vm", ""),
+        spec=spec_from_json(spec_el.text),
+        created=datetime.fromisoformat(created_text) if created_text else None,
+    )
+
+
+def disk_sources(xml_text: str) -> list[str]:
+    """Source files of every disk (and cdrom) of a domain XML."""
+    root = ET.fromstring(xml_text)
+    out = []
+    for src in root.findall("./devices/disk/source"):
+        path = src.get("file")
+        if path:
+            out.append(path)
+    return out
+
+
+def console_log(xml_text: str) -> str | None:
+    """The serial console's log file of a domain XML."""
+    root = ET.fromstring(xml_text)
+    log = root.find("./devices/serial/log")
+    return log.get("file") if log is not None else None
+
+
+def agent_connected(xml_text: str) -> bool:
+    """True when the live XML says qemu-ga's channel is connected."""
+    root = ET.fromstring(xml_text)
+    for target in root.findall("./devices/channel/target"):
+        if target.get("name") == "org.qemu.guest_agent.0":
+            return target.get("state") == "connected"
+    return False

@@ -1,0 +1,259 @@
+"""The agent's use cases: VM lifecycle with idempotency, graceful stop, and the event history.
+
+Transport-free: the gRPC servicer converts messages and calls these methods; the hypervisor adapter
+does the libvirt work. Mutations of one VM are serialized by a per-name lock (one agent per host, so a
+process-local lock is correct here); outcomes are journalled by request id so retries never repeat work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+from clonebox_core.errors import AlreadyExists, CloneboxError, InvalidArgument, NotFound
+from clonebox_core.model import HostInfo, Resources, Revision, Vm, VmSpec, VmState
+from clonebox_core.validate import validate_spec
+
+from clonebox_agent.app.events import EventLog, VmEvent, VmEventType
+from clonebox_agent.journal.store import Journal
+from clonebox_agent.ports import DomainRecord, EventKind, Hypervisor, HypervisorEvent
+
+log = logging.getLogger(__name__)
+
+_POLL_SECONDS = 0.25
+
+
+@dataclass(frozen=True)
+class StopResult:
+    """Outcome of a stop."""
+
+    vm: Vm
+    forced: bool
+
+
+class AgentService:
+    """VM lifecycle on one host."""
+
+    def __init__(
+        self,
+        host_name: str,
+        hypervisor: Hypervisor,
+        journal: Journal,
+        *,
+        reserve: Resources,
+        stop_timeout_seconds: int,
+        event_history: int = 10_000,
+    ) -> None:
+        self.host_name = host_name
+        self._hv = hypervisor
+        self._journal = journal
+        self._reserve = reserve
+        self._stop_timeout = stop_timeout_seconds
+        self.events = EventLog(journal.next_epoch(), event_history)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._known: dict[str, Vm] = {}
+        self._event_queue: asyncio.Queue[HypervisorEvent] = asyncio.Queue()
+        self._event_task: asyncio.Task[None] | None = None
+
+    # ---- lifecycle of the service itself -------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect the hypervisor, learn the current VMs, and start consuming its events."""
+        await self._hv.open(self._event_queue.put_nowait)
+        try:
+            for record in await self._hv.list():
+                self._known[record.name] = self._to_vm(record)
+        except CloneboxError as exc:
+            # the agent still starts (and reports NOT_SERVING) when libvirt is down
+            log.warning("initial listing failed: %s", exc)
+        self._event_task = asyncio.create_task(self._consume_events(), name="hypervisor-events")
+
+    async def close(self) -> None:
+        """Stop consuming events, end watches and disconnect."""
+        if self._event_task is not None:
+            self._event_task.cancel()
+            try:
+                await self._event_task
+            except asyncio.CancelledError:
+                pass
+        self.events.close()
+        await self._hv.close()
+
+    # ---- queries -------------------------------------------------------------------------------
+
+    async def host_info(self) -> HostInfo:
+        """Host capacity and hypervisor; allocatable is capacity minus the configured reserve."""
+        info = await self._hv.host_info()
+        room = info.capacity - self._reserve
+        allocatable = Resources(max(room.vcpus, 0), max(room.memory_mib, 0), max(room.disk_mib, 0))
+        return replace(info, name=self.host_name, allocatable=allocatable)
+
+    async def get(self, name: str) -> Vm:
+        """One VM, with guest addresses when it runs."""
+        record = await self._hv.get(name)
+        if record.state == VmState.RUNNING and not record.addresses:
+            record = replace(record, addresses=await self._hv.addresses(name))
+        vm = self._to_vm(record)
+        self._known[name] = vm
+        return vm
+
+    async def list(self) -> tuple[list[Vm], Revision]:
+        """Every VM the agent owns (one bulk call) and the revision it is consistent with."""
+        revision = self.events.revision
+        vms = [self._to_vm(r) for r in await self._hv.list()]
+        for vm in vms:
+            self._known[vm.name] = vm
+        return vms, revision
+
+    def watch(self, after: Revision | None) -> AsyncIterator[VmEvent]:
+        """Lifecycle events after ``after``; REVISION_EXPIRED when it is too old or from another epoch."""
+        return self.events.watch(after)
+
+    # ---- mutations -----------------------------------------------------------------------------
+
+    async def create(self, spec: VmSpec, *, request_id: str, start: bool = True) -> Vm:
+        """Create (and start) a VM. A retry with the same request id, or the same name and spec, returns it."""
+        validate_spec(spec)
+        async with self._lock(spec.name):
+            if request_id and self._replay(request_id, "create", spec.name) is not None:
+                return await self.get(spec.name)
+            try:
+                existing = await self._hv.get(spec.name)
+            except NotFound:
+                existing = None
+            if existing is not None:
+                if existing.spec != spec:
+                    raise AlreadyExists(
+                        f"VM {spec.name!r} exists on host {self.host_name} with a different spec",
+                        reason="VM_ALREADY_EXISTS",
+                    )
+                vm = self._to_vm(existing)
+            else:
+                vm = self._to_vm(await self._hv.create(spec, start=start))
+            self._known[vm.name] = vm
+            self._remember(request_id, "create", spec.name, {})
+            return vm
+
+    async def start_vm(self, name: str, *, request_id: str) -> Vm:
+        """Start a stopped VM; a running one is returned as it is."""
+        async with self._lock(name):
+            vm = self._to_vm(await self._hv.start(name))
+            self._remember(request_id, "start", name, {})
+            return vm
+
+    async def stop(self, name: str, *, request_id: str, timeout_seconds: int = 0, force: bool = False) -> StopResult:
+        """Graceful shutdown, forced off after the timeout (or at once with ``force``)."""
+        timeout = timeout_seconds or self._stop_timeout
+        async with self._lock(name):
+            if request_id and (done := self._replay(request_id, "stop", name)) is not None:
+                return StopResult(await self.get(name), bool(done.get("forced")))
+            record = await self._hv.get(name)
+            forced = False
+            if record.state not in (VmState.STOPPED, VmState.CRASHED):
+                if force:
+                    await self._hv.destroy(name)
+                    forced = True
+                else:
+                    await self._hv.shutdown(name)
+                    if not await self._wait_stopped(name, timeout):
+                        log.info("vm %s ignored shutdown for %ss; forcing off", name, timeout)
+                        await self._hv.destroy(name)
+                        forced = True
+            vm = self._to_vm(await self._hv.get(name))
+            self._remember(request_id, "stop", name, {"forced": forced})
+            return StopResult(vm, forced)
+
+    async def delete(self, name: str, *, request_id: str) -> list[str]:
+        """Delete a VM and every file made for it. Deleting a VM that is already gone is a success."""
+        async with self._lock(name):
+            if request_id and (done := self._replay(request_id, "delete", name)) is not None:
+                return list(done.get("removed", []))
+            try:
+                removed = await self._hv.delete(name)
+            except NotFound:
+                if not request_id:
+                    raise
+                removed = []
+            self._remember(request_id, "delete", name, {"removed": removed})
+            return removed
+
+    # ---- internals -----------------------------------------------------------------------------
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def _replay(self, request_id: str, method: str, target: str) -> dict[str, object] | None:
+        found = self._journal.outcome(request_id)
+        if found is None:
+            return None
+        m, t, outcome = found
+        if (m, t) != (method, target):
+            raise InvalidArgument(
+                f"request_id {request_id!r} was already used for {m} of {t!r}",
+                reason="REQUEST_ID_REUSED",
+                metadata={"field": "request_id"},
+            )
+        return outcome
+
+    def _remember(self, request_id: str, method: str, target: str, outcome: dict[str, object]) -> None:
+        if request_id:
+            self._journal.record(request_id, method, target, outcome)
+
+    async def _wait_stopped(self, name: str, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if (await self._hv.get(name)).state in (VmState.STOPPED, VmState.CRASHED):
+                return True
+            await asyncio.sleep(_POLL_SECONDS)
+        return False
+
+    def _to_vm(self, record: DomainRecord) -> Vm:
+        return Vm(
+            name=record.name,
+            host=self.host_name,
+            state=record.state,
+            spec=record.spec,
+            uuid=record.uuid,
+            addresses=record.addresses,
+            create_time=record.create_time,
+            update_time=datetime.now(UTC),
+            state_reason=record.state_reason,
+        )
+
+    async def _consume_events(self) -> None:
+        # one consumer keeps the order libvirt delivered events in
+        while True:
+            ev = await self._event_queue.get()
+            try:
+                self._apply_event(ev, await self._lookup(ev))
+            except Exception:  # noqa: BLE001 - one bad event must not stop the history
+                log.exception("dropping hypervisor event %s", ev)
+
+    async def _lookup(self, ev: HypervisorEvent) -> Vm | None:
+        known = self._known.get(ev.name)
+        if known is not None or ev.kind == EventKind.UNDEFINED:
+            return known
+        try:
+            return self._to_vm(await self._hv.get(ev.name))
+        except NotFound:
+            return None
+
+    def _apply_event(self, ev: HypervisorEvent, vm: Vm | None) -> None:
+        if vm is None:
+            return
+        now = datetime.now(UTC)
+        if ev.kind == EventKind.UNDEFINED:
+            self._known.pop(ev.name, None)
+            self.events.append(VmEventType.DELETED, replace(vm, update_time=now), ev.detail or "undefined")
+            return
+        state = ev.state or vm.state
+        # addresses belong to a running guest only
+        addresses = vm.addresses if state == VmState.RUNNING else ()
+        updated = replace(vm, state=state, update_time=now, addresses=addresses)
+        self._known[ev.name] = updated
+        kind = VmEventType.ADDED if ev.kind == EventKind.DEFINED else VmEventType.MODIFIED
+        self.events.append(kind, updated, ev.detail or ev.kind.value)

@@ -1,0 +1,49 @@
+"""Agent configuration (``clonebox-agent --config FILE``, overrides from ``CLONEBOX_AGENT_*``)."""
+
+from __future__ import annotations
+
+import socket
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ReserveConfig(BaseModel):
+    """Resources held back for the host itself."""
+
+    model_config = ConfigDict(extra="forbid")
+    vcpus: int = Field(0, ge=0)
+    memory_mib: int = Field(512, ge=0)
+    disk_mib: int = Field(1024, ge=0)
+
+
+class AgentConfig(BaseModel):
+    """Everything an agent needs to run."""
+
+    model_config = ConfigDict(extra="forbid")
+    #: host name in the fleet (a DNS label)
+    name: str = Field(default_factory=lambda: socket.gethostname().split(".")[0].lower())
+    #: address the AgentService listens on; port 0 picks a free one
+    listen: str = "127.0.0.1:7101"
+    #: address the controller can dial back; defaults to the bound listen address
+    advertise: str = ""
+    #: controller to register with; empty runs the agent standalone
+    controller: str = "127.0.0.1:7100"
+    #: which adapter: libvirt (real or test driver, by uri) or the in-memory fake
+    hypervisor: Literal["libvirt", "fake"] = "libvirt"
+    libvirt_uri: str = "qemu:///system"
+    #: kvm, qemu (TCG), or auto (KVM only when a probe guest actually runs under it)
+    domain_type: Literal["auto", "kvm", "qemu"] = "auto"
+    #: agent journal and epoch live here
+    state_dir: str = "/var/lib/clonebox/agent"
+    #: the agent's storage pool (overlays, seed ISOs); must be traversable by libvirt-qemu
+    storage_dir: str = "/var/lib/clonebox/agent/storage"
+    #: base images, kernels and initrds must lie inside one of these
+    image_dirs: list[str] = Field(default_factory=lambda: ["/var/lib/clonebox/images"])
+    reserve: ReserveConfig = Field(default_factory=ReserveConfig)
+    #: graceful stop timeout before forcing off
+    stop_timeout_seconds: int = Field(60, ge=1, le=3600)
+    #: events kept for resuming watches
+    event_history: int = Field(10_000, ge=100)
+    heartbeat_interval_seconds: float = Field(2.0, gt=0)
+    log_level: str = "INFO"

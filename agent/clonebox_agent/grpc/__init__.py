@@ -1,0 +1,1 @@
+"""gRPC servicers and proto conversion of the agent."""

@@ -1,0 +1,72 @@
+"""gRPC servicer of ``clonebox.agent.v1.AgentService``: converts messages and calls the use cases."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc.aio
+from clonebox.agent.v1 import agent_pb2, agent_pb2_grpc
+from clonebox_core.rpc import convert
+
+from clonebox_agent.app.service import AgentService
+from clonebox_agent.grpc.convert import event_to_proto, host_info_to_proto
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    """Thin adapter from gRPC to ``AgentService``; errors are mapped by the shared interceptor."""
+
+    def __init__(self, service: AgentService) -> None:
+        self._svc = service
+
+    async def GetHostInfo(self, request: agent_pb2.GetHostInfoRequest, context: Ctx) -> agent_pb2.GetHostInfoResponse:
+        """See the proto."""
+        return host_info_to_proto(await self._svc.host_info(), self._svc.events.revision)
+
+    async def CreateVm(self, request: agent_pb2.CreateVmRequest, context: Ctx) -> agent_pb2.CreateVmResponse:
+        """See the proto."""
+        vm = await self._svc.create(
+            convert.spec_from_proto(request.spec), request_id=request.request_id, start=request.start
+        )
+        return agent_pb2.CreateVmResponse(vm=convert.vm_to_proto(vm))
+
+    async def GetVm(self, request: agent_pb2.GetVmRequest, context: Ctx) -> agent_pb2.GetVmResponse:
+        """See the proto."""
+        return agent_pb2.GetVmResponse(vm=convert.vm_to_proto(await self._svc.get(request.name)))
+
+    async def ListVms(self, request: agent_pb2.ListVmsRequest, context: Ctx) -> agent_pb2.ListVmsResponse:
+        """See the proto."""
+        vms, revision = await self._svc.list()
+        return agent_pb2.ListVmsResponse(
+            vms=[convert.vm_to_proto(v) for v in vms], revision=convert.revision_to_proto(revision)
+        )
+
+    async def StartVm(self, request: agent_pb2.StartVmRequest, context: Ctx) -> agent_pb2.StartVmResponse:
+        """See the proto."""
+        vm = await self._svc.start_vm(request.name, request_id=request.request_id)
+        return agent_pb2.StartVmResponse(vm=convert.vm_to_proto(vm))
+
+    async def StopVm(self, request: agent_pb2.StopVmRequest, context: Ctx) -> agent_pb2.StopVmResponse:
+        """See the proto."""
+        result = await self._svc.stop(
+            request.name,
+            request_id=request.request_id,
+            timeout_seconds=request.timeout_seconds,
+            force=request.force,
+        )
+        return agent_pb2.StopVmResponse(vm=convert.vm_to_proto(result.vm), forced=result.forced)
+
+    async def DeleteVm(self, request: agent_pb2.DeleteVmRequest, context: Ctx) -> agent_pb2.DeleteVmResponse:
+        """See the proto."""
+        removed = await self._svc.delete(request.name, request_id=request.request_id)
+        return agent_pb2.DeleteVmResponse(removed_paths=removed)
+
+    async def WatchVms(
+        self, request: agent_pb2.WatchVmsRequest, context: Ctx
+    ) -> AsyncIterator[agent_pb2.WatchVmsResponse]:
+        """See the proto."""
+        after = convert.revision_from_proto(request.after) if request.HasField("after") else None
+        async for event in self._svc.watch(after):
+            yield event_to_proto(event)

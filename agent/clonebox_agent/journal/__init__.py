@@ -1,0 +1,1 @@
+"""The agent's crash-safe local journal (SQLite, synchronous writes)."""

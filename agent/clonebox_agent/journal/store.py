@@ -1,0 +1,73 @@
+"""Agent journal: the event epoch and the outcome of every mutation by request id.
+
+SQLite with ``synchronous=FULL`` so that an answered request survives a kill -9: a retry after a crash
+finds its outcome instead of doing the work twice. Later steps add in-flight transactions here.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS requests (
+  request_id TEXT PRIMARY KEY,
+  method TEXT NOT NULL,
+  target TEXT NOT NULL,
+  outcome TEXT NOT NULL,
+  created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now'))
+);
+"""
+
+
+class Journal:
+    """Small synchronous SQLite journal; calls are short and guarded by one lock."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def next_epoch(self) -> int:
+        """Start a new event epoch: persisted, strictly greater than every earlier one."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
+            epoch = int(row[0]) + 1 if row else 1
+            self._db.execute(
+                "INSERT INTO meta(key, value) VALUES('epoch', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (str(epoch),),
+            )
+            self._db.execute("COMMIT")
+            return epoch
+
+    def outcome(self, request_id: str) -> tuple[str, str, dict[str, Any]] | None:
+        """(method, target, outcome) recorded for ``request_id``, if any."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT method, target, outcome FROM requests WHERE request_id=?", (request_id,)
+            ).fetchone()
+        if row is None:
+            return None
+        return str(row[0]), str(row[1]), json.loads(row[2])
+
+    def record(self, request_id: str, method: str, target: str, outcome: dict[str, Any]) -> None:
+        """Remember that ``request_id`` finished with ``outcome`` (first record wins)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO requests(request_id, method, target, outcome) VALUES(?,?,?,?)",
+                (request_id, method, target, json.dumps(outcome)),
+            )
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()

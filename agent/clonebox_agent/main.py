@@ -1,0 +1,180 @@
+"""Composition root of the agent: ``build_agent(config)`` wires adapters, journal, use cases and gRPC.
+
+``clonebox-agent --config FILE`` runs it until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import grpc.aio
+from clonebox.agent.v1 import agent_pb2, agent_pb2_grpc
+from clonebox.controller.v1 import host_service_pb2, host_service_pb2_grpc
+from clonebox_core.config import load_config
+from clonebox_core.errors import CloneboxError
+from clonebox_core.logs import setup_logging
+from clonebox_core.model import Resources
+from clonebox_core.names import check_dns_label
+from clonebox_core.rpc import convert
+from clonebox_core.rpc.server import ServerHandle, aio_channel, split_host_port, start_server
+
+from clonebox_agent.app.service import AgentService
+from clonebox_agent.config import AgentConfig
+from clonebox_agent.grpc.servicer import AgentServicer
+from clonebox_agent.journal.store import Journal
+from clonebox_agent.ports import Hypervisor
+
+log = logging.getLogger("clonebox_agent")
+
+SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+
+
+def build_hypervisor(config: AgentConfig) -> Hypervisor:
+    """The adapter the config asks for."""
+    if config.hypervisor == "fake":
+        from clonebox_agent.adapters.fake import FakeHypervisor
+
+        return FakeHypervisor(host_name=config.name)
+    from clonebox_agent.adapters.libvirt import LibvirtHypervisor
+
+    return LibvirtHypervisor(
+        uri=config.libvirt_uri,
+        storage_dir=Path(config.storage_dir),
+        image_dirs=[Path(p) for p in config.image_dirs],
+        domain_type=config.domain_type,
+    )
+
+
+class Agent:
+    """A running agent: gRPC server, use cases, and the session with the controller."""
+
+    def __init__(self, config: AgentConfig, hypervisor: Hypervisor | None = None) -> None:
+        check_dns_label("name", config.name)
+        self.config = config
+        self.journal = Journal(Path(config.state_dir) / "journal.db")
+        self.service = AgentService(
+            config.name,
+            hypervisor if hypervisor is not None else build_hypervisor(config),
+            self.journal,
+            reserve=Resources(config.reserve.vcpus, config.reserve.memory_mib, config.reserve.disk_mib),
+            stop_timeout_seconds=config.stop_timeout_seconds,
+            event_history=config.event_history,
+        )
+        self.server: ServerHandle | None = None
+        self._session: asyncio.Task[None] | None = None
+        self._serving = True
+
+    @property
+    def address(self) -> str:
+        """Address the agent is reachable at (listen host with the bound port)."""
+        assert self.server is not None
+        host, _ = split_host_port(self.config.listen)
+        return self.config.advertise or f"{host}:{self.server.port}"
+
+    async def start(self) -> None:
+        """Start the use cases, the gRPC server and the controller session."""
+        await self.service.start()
+        self.server = await start_server(
+            self.config.listen,
+            [(agent_pb2_grpc.add_AgentServiceServicer_to_server, AgentServicer(self.service), SERVICE_NAME)],
+        )
+        await self._refresh_serving()
+        if self.config.controller:
+            self._session = asyncio.create_task(self._controller_session(), name="controller-session")
+        log.info("agent %s listening on %s", self.config.name, self.address)
+
+    async def stop(self) -> None:
+        """Stop everything, in reverse order."""
+        if self._session is not None:
+            self._session.cancel()
+            try:
+                await self._session
+            except asyncio.CancelledError:
+                pass
+        if self.server is not None:
+            await self.server.stop()
+        await self.service.close()
+        self.journal.close()
+
+    async def _refresh_serving(self) -> tuple[bool, str]:
+        info = await self.service.host_info()
+        if info.serving != self._serving and self.server is not None:
+            log.warning("hypervisor serving=%s %s", info.serving, info.not_serving_reason)
+        self._serving = info.serving
+        if self.server is not None:
+            await self.server.set_serving(info.serving)
+        return info.serving, info.not_serving_reason
+
+    async def _messages(self) -> AsyncIterator[host_service_pb2.ConnectRequest]:
+        info = await self.service.host_info()
+        yield host_service_pb2.ConnectRequest(
+            registration=host_service_pb2.Registration(
+                name=info.name,
+                address=self.address,
+                capacity=convert.resources_to_proto(info.capacity),
+                allocatable=convert.resources_to_proto(info.allocatable),
+                hypervisor=convert.hypervisor_to_proto(info.hypervisor),
+                revision=convert.revision_to_proto(self.service.events.revision),
+            )
+        )
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval_seconds)
+            serving, reason = await self._refresh_serving()
+            yield host_service_pb2.ConnectRequest(
+                heartbeat=host_service_pb2.Heartbeat(serving=serving, not_serving_reason=reason)
+            )
+
+    async def _controller_session(self) -> None:
+        # reconnect forever with capped backoff: the controller may restart or be upgraded
+        backoff = 0.5
+        while True:
+            channel = aio_channel(self.config.controller)
+            try:
+                stub = host_service_pb2_grpc.HostServiceStub(channel)
+                async for _ in stub.Connect(self._messages()):
+                    backoff = 0.5
+            except grpc.aio.AioRpcError as exc:
+                log.warning("controller session to %s ended: %s", self.config.controller, exc.details())
+            finally:
+                await channel.close()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+
+async def serve(config: AgentConfig) -> None:
+    """Run an agent until a termination signal."""
+    agent = Agent(config)
+    await agent.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await agent.stop()
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Entry point of ``clonebox-agent``."""
+    parser = argparse.ArgumentParser(prog="clonebox-agent", description="CloneBox agent (one per hypervisor host)")
+    parser.add_argument("--config", help="YAML config file (environment CLONEBOX_AGENT_* overrides it)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(AgentConfig, args.config, "CLONEBOX_AGENT_")
+        setup_logging("clonebox-agent", config.log_level)
+        asyncio.run(serve(config))
+    except CloneboxError as exc:
+        print(f"clonebox-agent: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,134 @@
+"""Ports of the agent: what the use cases need from the outside world.
+
+Three adapters implement ``Hypervisor`` under one contract test suite (tests/contract): the scriptable
+fake (``adapters.fake``), libvirt's ``test:///default`` driver and real ``qemu:///system`` (both
+``adapters.libvirt``). The use cases (``app``) never import libvirt.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from clonebox_core.model import HostInfo, IpAddress, VmSpec, VmState
+
+
+class Capability(str, enum.Enum):
+    """Optional features an adapter may declare; contract tests run per declared capability."""
+
+    #: qemu-ga inside the guest answers (guest shutdown, guest addresses)
+    GUEST_AGENT = "guest-agent"
+    #: ACPI power-button shutdown reaches a guest that honours it
+    ACPI_SHUTDOWN = "acpi-shutdown"
+    #: real CPU/memory/disk statistics
+    REAL_STATS = "real-stats"
+    #: storage volume upload/download streams
+    VOLUME_STREAMS = "volume-streams"
+    #: files on the host filesystem (overlays, seed ISOs) with ownership xattrs
+    HOST_FILES = "host-files"
+    #: lifecycle events delivered by the hypervisor
+    EVENTS = "events"
+
+
+class EventKind(str, enum.Enum):
+    """What happened to a domain."""
+
+    DEFINED = "defined"
+    STARTED = "started"
+    STOPPED = "stopped"
+    SUSPENDED = "suspended"
+    RESUMED = "resumed"
+    CRASHED = "crashed"
+    UNDEFINED = "undefined"
+
+
+@dataclass(frozen=True)
+class DomainRecord:
+    """A domain the agent owns, as the hypervisor reports it."""
+
+    name: str
+    uuid: str
+    state: VmState
+    spec: VmSpec
+    create_time: datetime | None = None
+    state_reason: str = ""
+    addresses: tuple[IpAddress, ...] = ()
+
+
+@dataclass(frozen=True)
+class HypervisorEvent:
+    """A lifecycle event; ``state`` is the state after the event (None for UNDEFINED)."""
+
+    name: str
+    kind: EventKind
+    state: VmState | None
+    detail: str = ""
+
+
+EventSink = Callable[[HypervisorEvent], None]
+
+
+class Hypervisor(Protocol):
+    """Everything the agent's use cases need from a hypervisor.
+
+    All methods are coroutines that never block the event loop. Errors are ``clonebox_core.errors``
+    classes: ``NotFound(reason="VM_NOT_FOUND")``, ``AlreadyExists(reason="VM_ALREADY_EXISTS")``,
+    ``InvalidArgument`` naming the field, ``Unavailable(reason="HYPERVISOR_UNAVAILABLE")`` when the
+    hypervisor cannot be reached.
+    """
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        """Features this adapter supports."""
+        ...
+
+    async def open(self, sink: EventSink) -> None:
+        """Connect, and deliver lifecycle events to ``sink`` on the calling event loop from now on."""
+        ...
+
+    async def close(self) -> None:
+        """Disconnect and stop delivering events."""
+        ...
+
+    async def host_info(self) -> HostInfo:
+        """Capacity and hypervisor details; ``serving=False`` (not an exception) when it is down."""
+        ...
+
+    async def create(self, spec: VmSpec, *, start: bool) -> DomainRecord:
+        """Make disks, seed ISO and domain, and start it when asked.
+
+        All or nothing: on any failure everything made so far is removed before the error is raised.
+        Raises AlreadyExists when a domain of that name exists.
+        """
+        ...
+
+    async def get(self, name: str) -> DomainRecord:
+        """One owned domain (NotFound when absent or not ours)."""
+        ...
+
+    async def list(self) -> list[DomainRecord]:
+        """All owned domains, with one bulk call."""
+        ...
+
+    async def start(self, name: str) -> DomainRecord:
+        """Start a defined domain; a running one is left alone."""
+        ...
+
+    async def shutdown(self, name: str) -> None:
+        """Ask the guest to power off (guest agent or ACPI); returns without waiting."""
+        ...
+
+    async def destroy(self, name: str) -> None:
+        """Force the domain off; a stopped one is left alone."""
+        ...
+
+    async def delete(self, name: str) -> list[str]:
+        """Force off, undefine, and remove every file and volume made for it; returns removed paths."""
+        ...
+
+    async def addresses(self, name: str) -> tuple[IpAddress, ...]:
+        """Guest addresses (guest agent first, then DHCP leases); empty when unknown."""
+        ...

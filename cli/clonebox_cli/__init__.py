@@ -1,0 +1,1 @@
+"""CloneBox command-line interface."""

@@ -1,0 +1,1 @@
+"""CloneBox controller: fleet state and decisions."""

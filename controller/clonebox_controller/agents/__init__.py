@@ -1,0 +1,1 @@
+"""Clients the controller uses to reach agents."""

@@ -1,0 +1,123 @@
+"""gRPC implementation of the agent gateway: one channel per agent address, errors mapped back."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+import grpc.aio
+from clonebox.agent.v1 import agent_pb2, agent_pb2_grpc
+from clonebox_core.model import Revision, Vm, VmSpec
+from clonebox_core.rpc import convert
+from clonebox_core.rpc.server import aio_channel
+from clonebox_core.rpc.status import error_from_rpc
+
+T = TypeVar("T")
+
+#: unary calls to an agent; CreateVm and StopVm may take minutes (image copy, graceful stop)
+_SHORT_TIMEOUT = 30.0
+_LONG_TIMEOUT = 3700.0
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """One agent event as the controller consumes it."""
+
+    revision: Revision
+    deleted: bool
+    vm: Vm
+
+
+class GrpcAgentClient:
+    """Client for one agent."""
+
+    def __init__(self, host: str, address: str) -> None:
+        self.host = host
+        self.address = address
+        self._channel = aio_channel(address)
+        self._stub = agent_pb2_grpc.AgentServiceStub(self._channel)
+
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await fn()
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, target=f"agent {self.host} at {self.address}") from None
+
+    async def create_vm(self, spec: VmSpec, request_id: str) -> Vm:
+        """CreateVm (and start)."""
+        req = agent_pb2.CreateVmRequest(spec=convert.spec_to_proto(spec), request_id=request_id, start=True)
+        resp = await self._call(lambda: self._stub.CreateVm(req, timeout=_LONG_TIMEOUT))
+        return convert.vm_from_proto(resp.vm)
+
+    async def get_vm(self, name: str) -> Vm:
+        """GetVm."""
+        resp = await self._call(lambda: self._stub.GetVm(agent_pb2.GetVmRequest(name=name), timeout=_SHORT_TIMEOUT))
+        return convert.vm_from_proto(resp.vm)
+
+    async def list_vms(self) -> tuple[list[Vm], Revision]:
+        """ListVms."""
+        resp = await self._call(lambda: self._stub.ListVms(agent_pb2.ListVmsRequest(), timeout=_SHORT_TIMEOUT))
+        return [convert.vm_from_proto(v) for v in resp.vms], convert.revision_from_proto(resp.revision)
+
+    async def start_vm(self, name: str, request_id: str) -> Vm:
+        """StartVm."""
+        req = agent_pb2.StartVmRequest(name=name, request_id=request_id)
+        resp = await self._call(lambda: self._stub.StartVm(req, timeout=_SHORT_TIMEOUT))
+        return convert.vm_from_proto(resp.vm)
+
+    async def stop_vm(self, name: str, request_id: str, timeout_seconds: int, force: bool) -> Vm:
+        """StopVm."""
+        req = agent_pb2.StopVmRequest(name=name, request_id=request_id, timeout_seconds=timeout_seconds, force=force)
+        resp = await self._call(lambda: self._stub.StopVm(req, timeout=_LONG_TIMEOUT))
+        return convert.vm_from_proto(resp.vm)
+
+    async def delete_vm(self, name: str, request_id: str) -> list[str]:
+        """DeleteVm."""
+        req = agent_pb2.DeleteVmRequest(name=name, request_id=request_id)
+        resp = await self._call(lambda: self._stub.DeleteVm(req, timeout=_LONG_TIMEOUT))
+        return list(resp.removed_paths)
+
+    async def watch_vms(self, after: Revision | None) -> AsyncIterator[WatchEvent]:
+        """WatchVms; raises FailedPrecondition(REVISION_EXPIRED) when the agent wants a re-list."""
+        req = agent_pb2.WatchVmsRequest()
+        if after is not None:
+            req.after.CopyFrom(convert.revision_to_proto(after))
+        call = self._stub.WatchVms(req)
+        try:
+            async for ev in call:
+                yield WatchEvent(
+                    convert.revision_from_proto(ev.revision),
+                    ev.type == agent_pb2.VM_EVENT_TYPE_DELETED,
+                    convert.vm_from_proto(ev.vm),
+                )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, target=f"agent {self.host} at {self.address}") from None
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close()
+
+
+class GrpcAgentGateway:
+    """Caches one client per (host, address)."""
+
+    def __init__(self) -> None:
+        self._clients: dict[str, GrpcAgentClient] = {}
+
+    def client(self, host: str, address: str) -> GrpcAgentClient:
+        """The client for ``host`` at ``address`` (a new one when the address changed)."""
+        current = self._clients.get(host)
+        if current is None or current.address != address:
+            current = GrpcAgentClient(host, address)
+            self._clients[host] = current
+        return current
+
+    async def close(self) -> None:
+        """Close every channel."""
+        for c in self._clients.values():
+            await c.close()
+        self._clients.clear()

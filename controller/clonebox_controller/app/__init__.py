@@ -1,0 +1,1 @@
+"""Use cases of the controller (transport- and SQL-free)."""

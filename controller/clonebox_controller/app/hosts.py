@@ -1,0 +1,182 @@
+"""Host registry: agent sessions, heartbeats, reachability, and keeping the fleet view in sync.
+
+Each agent session runs one sync task: re-list and reconcile, then follow the agent's WatchVms from
+the listing's revision. A stale revision (agent restarted: new epoch) answers REVISION_EXPIRED and
+the task re-lists, so VMs destroyed or undefined behind the fleet's back converge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime, timedelta
+
+from clonebox_core.errors import CloneboxError, FailedPrecondition, NotFound
+from clonebox_core.model import Host, HostState, HypervisorInfo, Resources, Vm, VmState
+
+from clonebox_controller.app.ports import AgentClient, AgentGateway, FleetStore
+
+log = logging.getLogger(__name__)
+
+_ADDRESS_REFRESH_SECONDS = 2.0
+_ADDRESS_REFRESH_TRIES = 60
+
+
+class HostRegistry:
+    """Registrations, heartbeats and per-host sync tasks."""
+
+    def __init__(
+        self, store: FleetStore, gateway: AgentGateway, *, heartbeat_timeout: float, heartbeat_interval: float
+    ) -> None:
+        self._store = store
+        self._gateway = gateway
+        self.heartbeat_timeout = heartbeat_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self._sync_tasks: dict[str, asyncio.Task[None]] = {}
+        self._refreshers: dict[str, asyncio.Task[None]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start the sweeper that marks silent hosts unreachable."""
+        self._sweeper = asyncio.create_task(self._sweep(), name="host-sweeper")
+
+    async def close(self) -> None:
+        """Cancel every background task."""
+        tasks = [*self._sync_tasks.values(), *self._refreshers.values()]
+        if self._sweeper is not None:
+            tasks.append(self._sweeper)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def client_for(self, host: Host) -> AgentClient:
+        """A client for a host that is currently reachable."""
+        if host.state == HostState.UNREACHABLE:
+            raise FailedPrecondition(
+                f"host {host.name} is unreachable (no heartbeat for {self.heartbeat_timeout:g}s)",
+                reason="HOST_UNREACHABLE",
+            )
+        return self._gateway.client(host.name, host.address)
+
+    async def register(
+        self,
+        name: str,
+        address: str,
+        capacity: Resources,
+        allocatable: Resources,
+        hypervisor: HypervisorInfo,
+        epoch: int,
+    ) -> Host:
+        """Record a (re)connected agent and start syncing its VMs."""
+        host = await asyncio.to_thread(
+            self._store.upsert_host_registration, name, address, capacity, allocatable, hypervisor, epoch
+        )
+        old = self._sync_tasks.pop(name, None)
+        if old is not None:
+            old.cancel()
+        self._sync_tasks[name] = asyncio.create_task(self._sync(host), name=f"sync-{name}")
+        log.info("host %s registered at %s (epoch %s)", name, address, epoch)
+        return host
+
+    async def heartbeat(self, name: str, serving: bool, reason: str) -> Host:
+        """Record a heartbeat."""
+        return await asyncio.to_thread(self._store.heartbeat, name, serving, reason)
+
+    async def disconnected(self, name: str) -> None:
+        """The agent's session ended: stop syncing and mark it unreachable."""
+        task = self._sync_tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+        try:
+            await asyncio.to_thread(self._store.set_host_state, name, HostState.UNREACHABLE)
+        except NotFound:
+            pass
+        log.warning("host %s disconnected", name)
+
+    def refresh_addresses(self, vm: Vm) -> None:
+        """Poll a running VM's addresses until the guest reports some (qemu-ga or DHCP lease)."""
+        if vm.name in self._refreshers or vm.state != VmState.RUNNING or vm.addresses:
+            return
+        self._refreshers[vm.name] = asyncio.create_task(self._refresh(vm), name=f"addresses-{vm.name}")
+
+    async def _refresh(self, vm: Vm) -> None:
+        try:
+            for _ in range(_ADDRESS_REFRESH_TRIES):
+                await asyncio.sleep(_ADDRESS_REFRESH_SECONDS)
+                host = await asyncio.to_thread(self._store.get_host, vm.host)
+                try:
+                    fresh = await self.client_for(host).get_vm(vm.name)
+                except NotFound:
+                    return
+                except CloneboxError:
+                    continue
+                if fresh.state != VmState.RUNNING:
+                    return
+                if fresh.addresses:
+                    await asyncio.to_thread(
+                        self._store.update_vm_observed, vm.name, fresh.state, fresh.uuid, fresh.addresses, ""
+                    )
+                    return
+        finally:
+            self._refreshers.pop(vm.name, None)
+
+    async def _sync(self, host: Host) -> None:
+        client = self._gateway.client(host.name, host.address)
+        while True:
+            try:
+                vms, revision = await client.list_vms()
+                changed = await asyncio.to_thread(self._store.reconcile_host, host.name, vms)
+                await asyncio.to_thread(self._store.set_agent_revision, host.name, revision.epoch, revision.sequence)
+                if changed:
+                    log.info("host %s reconciled: %s", host.name, ", ".join(changed))
+                for vm in vms:
+                    self.refresh_addresses(vm)
+                async for ev in client.watch_vms(revision):
+                    await self._apply(host.name, ev.vm, ev.deleted)
+                    await asyncio.to_thread(
+                        self._store.set_agent_revision, host.name, ev.revision.epoch, ev.revision.sequence
+                    )
+            except FailedPrecondition as exc:
+                if exc.reason != "REVISION_EXPIRED":
+                    log.warning("sync of host %s: %s", host.name, exc)
+                    await asyncio.sleep(1)
+            except asyncio.CancelledError:
+                raise
+            except CloneboxError as exc:
+                log.warning("sync of host %s: %s", host.name, exc)
+                await asyncio.sleep(1)
+
+    async def _apply(self, host: str, vm: Vm, deleted: bool) -> None:
+        try:
+            current = await asyncio.to_thread(self._store.get_vm, vm.name)
+        except NotFound:
+            if not deleted:
+                await asyncio.to_thread(self._store.reconcile_host, host, await self._host_listing(host))
+            return
+        if current.host != host or current.state in (VmState.PENDING, VmState.DELETING):
+            # the running operation records the outcome; an event must not race it
+            return
+        if deleted:
+            await asyncio.to_thread(
+                self._store.update_vm_observed, vm.name, VmState.FAILED, None, (), "vanished from host"
+            )
+            return
+        await asyncio.to_thread(
+            self._store.update_vm_observed, vm.name, vm.state, vm.uuid, vm.addresses, vm.state_reason
+        )
+        self.refresh_addresses(vm)
+
+    async def _host_listing(self, host: str) -> list[Vm]:
+        h = await asyncio.to_thread(self._store.get_host, host)
+        vms, _ = await self.client_for(h).list_vms()
+        return vms
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(max(self.heartbeat_interval / 2, 0.2))
+            cutoff = datetime.now(UTC) - timedelta(seconds=self.heartbeat_timeout)
+            try:
+                for name in await asyncio.to_thread(self._store.mark_unreachable_older_than, cutoff):
+                    log.warning("host %s missed its heartbeats: unreachable", name)
+            except CloneboxError as exc:
+                log.warning("host sweep failed: %s", exc)

@@ -1,0 +1,50 @@
+"""Operation queries: get, wait and watch. Waiting polls the store so it works across replicas."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from clonebox_core.model import Operation
+
+from clonebox_controller.app.ports import FleetStore
+
+_POLL_SECONDS = 0.1
+
+
+class OperationQueries:
+    """Reads of long-running operations."""
+
+    def __init__(self, store: FleetStore) -> None:
+        self._store = store
+
+    async def get(self, op_id: str) -> Operation:
+        """One operation (NotFound OPERATION_NOT_FOUND)."""
+        return await asyncio.to_thread(self._store.get_operation, op_id)
+
+    async def list(self, limit: int, only_running: bool) -> list[Operation]:
+        """Recent operations, newest first."""
+        return await asyncio.to_thread(self._store.list_operations, limit, only_running)
+
+    async def watch(self, op_id: str) -> AsyncIterator[Operation]:
+        """Every distinct state of the operation until it is done."""
+        last: tuple[str, int, bool] | None = None
+        while True:
+            op = await self.get(op_id)
+            key = (op.step, op.progress, op.done)
+            if key != last:
+                last = key
+                yield op
+            if op.done:
+                return
+            await asyncio.sleep(_POLL_SECONDS)
+
+    async def wait(self, op_id: str, timeout: float) -> Operation:
+        """The operation once done, or as it is when ``timeout`` passes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            op = await self.get(op_id)
+            if op.done or loop.time() >= deadline:
+                return op
+            await asyncio.sleep(_POLL_SECONDS)

@@ -1,0 +1,252 @@
+"""VM use cases of the controller: placement-backed create, start, stop, delete as operations.
+
+Every mutation records an Operation in the same store transaction that reserves or claims what it
+needs, then runs in the background. The request id sent to the agent is the operation id, so a retry
+after a network blip or a controller restart never does the work twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from clonebox_core.errors import CloneboxError, Internal, NotFound, Unavailable
+from clonebox_core.model import Operation, Vm, VmSpec, VmState
+from clonebox_core.names import check_dns_label, vm_resource_name
+from clonebox_core.validate import validate_spec
+
+from clonebox_controller.app.hosts import HostRegistry
+from clonebox_controller.app.ports import FleetStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_AGENT_RETRIES = 4
+
+
+def new_operation(kind: str, target: str, request_id: str, params: dict[str, str] | None = None) -> Operation:
+    """A fresh, not yet stored operation."""
+    now = datetime.now(UTC)
+    return Operation(
+        id=uuid.uuid4().hex[:16],
+        kind=kind,
+        target=target,
+        request_id=request_id,
+        step="queued",
+        create_time=now,
+        update_time=now,
+        params=params or {},
+    )
+
+
+class VmManager:
+    """Fleet-wide VM lifecycle."""
+
+    def __init__(self, store: FleetStore, hosts: HostRegistry, *, stop_timeout_seconds: int) -> None:
+        self._store = store
+        self._hosts = hosts
+        self._stop_timeout = stop_timeout_seconds
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    async def resume(self) -> None:
+        """Continue operations a previous controller process left unfinished."""
+        for op in await asyncio.to_thread(self._store.unfinished_operations):
+            log.info("resuming operation %s (%s %s)", op.id, op.kind, op.target)
+            self._spawn(op)
+
+    async def close(self) -> None:
+        """Cancel running operation tasks (they resume on the next start)."""
+        for t in self._tasks.values():
+            t.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    # ---- queries -----------------------------------------------------------------------------
+
+    async def get(self, name: str, *, live: bool = True) -> Vm:
+        """A VM; with ``live`` its addresses and state are refreshed from its agent when reachable."""
+        check_dns_label("name", name)
+        vm = await asyncio.to_thread(self._store.get_vm, name)
+        if not live or vm.state in (VmState.PENDING, VmState.CREATING, VmState.DELETING):
+            return vm
+        try:
+            host = await asyncio.to_thread(self._store.get_host, vm.host)
+            fresh = await self._hosts.client_for(host).get_vm(name)
+        except CloneboxError:
+            return vm  # the stored view is still the best answer
+        updated = await asyncio.to_thread(
+            self._store.update_vm_observed, name, fresh.state, fresh.uuid, fresh.addresses, fresh.state_reason
+        )
+        return updated or vm
+
+    async def list(
+        self,
+        host: str | None,
+        state: VmState | None,
+        labels: dict[str, str],
+        page_size: int,
+        page_token: str,
+    ) -> tuple[list[Vm], str]:
+        """A page of VMs from the store."""
+        return await asyncio.to_thread(self._store.list_vms, host, state, labels, page_size, page_token)
+
+    # ---- mutations ---------------------------------------------------------------------------
+
+    async def create(self, spec: VmSpec, host: str | None, request_id: str) -> Operation:
+        """Reserve room on a host and create the VM there."""
+        validate_spec(spec)
+        if host:
+            check_dns_label("host", host)
+        op = new_operation("vm.create", f"vms/{spec.name}", request_id)
+        stored, _vm = await asyncio.to_thread(self._store.reserve_vm, spec, host or None, op)
+        if stored.id == op.id:
+            self._spawn(stored)
+        return stored
+
+    async def start(self, name: str, request_id: str) -> Operation:
+        """Start a VM."""
+        return await self._begin("vm.start", name, request_id)
+
+    async def stop(self, name: str, request_id: str, timeout_seconds: int, force: bool) -> Operation:
+        """Stop a VM gracefully, forced after the timeout."""
+        params = {"timeout_seconds": str(timeout_seconds or self._stop_timeout), "force": "1" if force else ""}
+        return await self._begin("vm.stop", name, request_id, params)
+
+    async def delete(self, name: str, request_id: str) -> Operation:
+        """Delete a VM and free its reservation."""
+        return await self._begin("vm.delete", name, request_id)
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    async def _begin(
+        self, kind: str, name: str, request_id: str, params: dict[str, str] | None = None
+    ) -> Operation:
+        check_dns_label("name", name)
+        await asyncio.to_thread(self._store.get_vm, name)  # NotFound before an operation is recorded
+        op = new_operation(kind, f"vms/{name}", request_id, params)
+        stored, created = await asyncio.to_thread(self._store.begin_operation, op)
+        if created:
+            self._spawn(stored)
+        return stored
+
+    def _spawn(self, op: Operation) -> None:
+        if op.id in self._tasks:
+            return
+        task = asyncio.create_task(self._run(op), name=f"op-{op.id}")
+        self._tasks[op.id] = task
+        task.add_done_callback(lambda _t: self._tasks.pop(op.id, None))
+
+    async def _run(self, op: Operation) -> None:
+        name = op.target.removeprefix("vms/")
+        runners: dict[str, Callable[[Operation, str], Awaitable[Vm | None]]] = {
+            "vm.create": self._do_create,
+            "vm.start": self._do_start,
+            "vm.stop": self._do_stop,
+            "vm.delete": self._do_delete,
+        }
+        try:
+            result = await runners[op.kind](op, name)
+            await asyncio.to_thread(self._store.finish_operation, op.id, result, None)
+        except asyncio.CancelledError:
+            raise
+        except CloneboxError as err:
+            log.warning("operation %s (%s %s) failed: %s", op.id, op.kind, name, err)
+            await asyncio.to_thread(self._store.finish_operation, op.id, None, err)
+        except Exception as exc:  # noqa: BLE001 - an operation must always end, never hang
+            log.exception("operation %s crashed", op.id)
+            await asyncio.to_thread(self._store.finish_operation, op.id, None, Internal(f"operation crashed: {exc}"))
+
+    async def _step(self, op: Operation, step: str, progress: int) -> None:
+        await asyncio.to_thread(self._store.update_operation, op.id, step, progress)
+
+    async def _agent_call(self, call: Callable[[], Awaitable[T]]) -> T:
+        # retries are safe: every agent mutation carries the operation id as its request id
+        delay = 0.5
+        for attempt in range(_AGENT_RETRIES):
+            try:
+                return await call()
+            except Unavailable:
+                if attempt == _AGENT_RETRIES - 1:
+                    raise
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    async def _do_create(self, op: Operation, name: str) -> Vm | None:
+        vm = await asyncio.to_thread(self._store.get_vm, name)
+        await self._step(op, f"creating on host {vm.host}", 20)
+        await asyncio.to_thread(self._store.update_vm_observed, name, VmState.CREATING, None, None, "")
+        host = await asyncio.to_thread(self._store.get_host, vm.host)
+        client = self._hosts.client_for(host)
+        try:
+            created = await self._agent_call(lambda: client.create_vm(vm.spec, op.id))
+        except CloneboxError:
+            # the agent's create is all-or-nothing, so freeing the reservation leaves nothing behind
+            await asyncio.to_thread(self._store.release_vm, name)
+            raise
+        await self._step(op, "running", 90)
+        stored = await asyncio.to_thread(
+            self._store.update_vm_observed, name, created.state, created.uuid, created.addresses, ""
+        )
+        self._hosts.refresh_addresses(created)
+        return stored or created
+
+    async def _do_start(self, op: Operation, name: str) -> Vm | None:
+        vm = await asyncio.to_thread(self._store.get_vm, name)
+        host = await asyncio.to_thread(self._store.get_host, vm.host)
+        client = self._hosts.client_for(host)
+        await self._step(op, f"starting on host {vm.host}", 30)
+        started = await self._agent_call(lambda: client.start_vm(name, op.id))
+        stored = await asyncio.to_thread(
+            self._store.update_vm_observed, name, started.state, started.uuid, started.addresses, ""
+        )
+        self._hosts.refresh_addresses(started)
+        return stored or started
+
+    async def _do_stop(self, op: Operation, name: str) -> Vm | None:
+        vm = await asyncio.to_thread(self._store.get_vm, name)
+        host = await asyncio.to_thread(self._store.get_host, vm.host)
+        client = self._hosts.client_for(host)
+        timeout = int(op.params.get("timeout_seconds") or self._stop_timeout)
+        force = bool(op.params.get("force"))
+        await self._step(op, f"stopping (graceful for {timeout}s, then forced)" if not force else "forcing off", 30)
+        await asyncio.to_thread(self._store.update_vm_observed, name, VmState.STOPPING, None, None, "")
+        stopped = await self._agent_call(lambda: client.stop_vm(name, op.id, timeout, force))
+        return await asyncio.to_thread(
+            self._store.update_vm_observed, name, stopped.state, stopped.uuid, (), stopped.state_reason
+        )
+
+    async def _do_delete(self, op: Operation, name: str) -> Vm | None:
+        try:
+            vm = await asyncio.to_thread(self._store.get_vm, name)
+        except NotFound:
+            return None  # a resumed delete whose release already committed
+        host = await asyncio.to_thread(self._store.get_host, vm.host)
+        client = self._hosts.client_for(host)
+        await self._step(op, f"deleting on host {vm.host}", 30)
+        await asyncio.to_thread(self._store.update_vm_observed, name, VmState.DELETING, None, None, "")
+        await self._agent_call(lambda: client.delete_vm(name, op.id))
+        await asyncio.to_thread(self._store.release_vm, name)
+        return None
+
+    async def drain(self, host: str, request_id: str, wait_seconds: float = 600.0) -> list[str]:
+        """Cordon ``host`` and stop every VM running on it; returns the names stopped."""
+        check_dns_label("name", host)
+        await asyncio.to_thread(self._store.set_cordoned, host, True)
+        running = [v for v in await asyncio.to_thread(self._store.vms_on_host, host) if v.state == VmState.RUNNING]
+        ops = [
+            await self.stop(v.name, f"{request_id}/{v.name}" if request_id else "", 0, False) for v in running
+        ]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_seconds
+        for op in ops:
+            while not op.done and loop.time() < deadline:
+                await asyncio.sleep(0.2)
+                op = await asyncio.to_thread(self._store.get_operation, op.id)
+            if op.error_code:
+                log.warning("drain of %s: %s failed: %s", host, op.target, op.error_message)
+        return [v.name for v in running]

@@ -1,0 +1,22 @@
+"""Controller configuration (``clonebox-controller --config FILE``, overrides from ``CLONEBOX_CONTROLLER_*``)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ControllerConfig(BaseModel):
+    """Everything a controller needs to run."""
+
+    model_config = ConfigDict(extra="forbid")
+    #: address the controller's services listen on; port 0 picks a free one
+    listen: str = "127.0.0.1:7100"
+    #: SQLAlchemy URL: sqlite:///PATH (default) or postgresql+psycopg://...
+    database_url: str = "sqlite:////var/lib/clonebox/controller/fleet.db"
+    #: a host that sends no heartbeat for this long becomes UNREACHABLE
+    heartbeat_timeout_seconds: float = Field(10.0, gt=0)
+    #: heartbeat interval asked of agents
+    heartbeat_interval_seconds: float = Field(2.0, gt=0)
+    #: default graceful stop timeout passed to agents
+    stop_timeout_seconds: int = Field(60, ge=1, le=3600)
+    log_level: str = "INFO"

@@ -1,0 +1,205 @@
+"""gRPC servicers of the controller: HostService, VmService, OperationService."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc.aio
+from clonebox.controller.v1 import (
+    host_service_pb2,
+    host_service_pb2_grpc,
+    operation_service_pb2,
+    operation_service_pb2_grpc,
+    vm_service_pb2,
+    vm_service_pb2_grpc,
+)
+from clonebox_core.errors import InvalidArgument
+from clonebox_core.model import VmState
+from clonebox_core.names import check_dns_label
+from clonebox_core.rpc import convert
+
+from clonebox_controller.app.hosts import HostRegistry
+from clonebox_controller.app.operations import OperationQueries
+from clonebox_controller.app.ports import FleetStore
+from clonebox_controller.app.vms import VmManager
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+log = logging.getLogger(__name__)
+
+_DEFAULT_PAGE = 100
+_MAX_PAGE = 1000
+
+
+class HostServicer(host_service_pb2_grpc.HostServiceServicer):
+    """Agent sessions and host administration."""
+
+    def __init__(self, registry: HostRegistry, store: FleetStore, vms: VmManager) -> None:
+        self._registry = registry
+        self._store = store
+        self._vms = vms
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[host_service_pb2.ConnectRequest], context: Ctx
+    ) -> AsyncIterator[host_service_pb2.ConnectResponse]:
+        """See the proto."""
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("registration"):
+            raise InvalidArgument("the first message of Connect must be a registration", reason="NOT_REGISTERED")
+        reg = first.registration
+        check_dns_label("registration.name", reg.name)
+        host = await self._registry.register(
+            reg.name,
+            reg.address,
+            convert.resources_from_proto(reg.capacity),
+            convert.resources_from_proto(reg.allocatable),
+            convert.hypervisor_from_proto(reg.hypervisor),
+            reg.revision.epoch,
+        )
+        yield host_service_pb2.ConnectResponse(
+            heartbeat_interval_seconds=max(int(self._registry.heartbeat_interval), 1),
+            host=convert.host_to_proto(host),
+        )
+        try:
+            async for msg in request_iterator:
+                if msg.HasField("heartbeat"):
+                    await self._registry.heartbeat(reg.name, msg.heartbeat.serving, msg.heartbeat.not_serving_reason)
+        finally:
+            await self._registry.disconnected(reg.name)
+
+    async def ListHosts(
+        self, request: host_service_pb2.ListHostsRequest, context: Ctx
+    ) -> host_service_pb2.ListHostsResponse:
+        """See the proto."""
+        hosts = await asyncio.to_thread(self._store.list_hosts)
+        return host_service_pb2.ListHostsResponse(hosts=[convert.host_to_proto(h) for h in hosts])
+
+    async def GetHost(self, request: host_service_pb2.GetHostRequest, context: Ctx) -> host_service_pb2.GetHostResponse:
+        """See the proto."""
+        check_dns_label("name", request.name)
+        host = await asyncio.to_thread(self._store.get_host, request.name)
+        return host_service_pb2.GetHostResponse(host=convert.host_to_proto(host))
+
+    async def CordonHost(
+        self, request: host_service_pb2.CordonHostRequest, context: Ctx
+    ) -> host_service_pb2.CordonHostResponse:
+        """See the proto."""
+        check_dns_label("name", request.name)
+        host = await asyncio.to_thread(self._store.set_cordoned, request.name, True)
+        return host_service_pb2.CordonHostResponse(host=convert.host_to_proto(host))
+
+    async def UncordonHost(
+        self, request: host_service_pb2.UncordonHostRequest, context: Ctx
+    ) -> host_service_pb2.UncordonHostResponse:
+        """See the proto."""
+        check_dns_label("name", request.name)
+        host = await asyncio.to_thread(self._store.set_cordoned, request.name, False)
+        return host_service_pb2.UncordonHostResponse(host=convert.host_to_proto(host))
+
+    async def DrainHost(
+        self, request: host_service_pb2.DrainHostRequest, context: Ctx
+    ) -> host_service_pb2.DrainHostResponse:
+        """See the proto."""
+        stopped = await self._vms.drain(request.name, request.request_id)
+        host = await asyncio.to_thread(self._store.get_host, request.name)
+        return host_service_pb2.DrainHostResponse(host=convert.host_to_proto(host), stopped_vms=stopped)
+
+
+class VmServicer(vm_service_pb2_grpc.VmServiceServicer):
+    """Fleet-wide VM API."""
+
+    def __init__(self, vms: VmManager, store: FleetStore) -> None:
+        self._vms = vms
+        self._store = store
+
+    async def CreateVm(self, request: vm_service_pb2.CreateVmRequest, context: Ctx) -> vm_service_pb2.CreateVmResponse:
+        """See the proto."""
+        op = await self._vms.create(convert.spec_from_proto(request.spec), request.host or None, request.request_id)
+        return vm_service_pb2.CreateVmResponse(operation=convert.operation_to_proto(op))
+
+    async def GetVm(self, request: vm_service_pb2.GetVmRequest, context: Ctx) -> vm_service_pb2.GetVmResponse:
+        """See the proto."""
+        return vm_service_pb2.GetVmResponse(vm=convert.vm_to_proto(await self._vms.get(request.name)))
+
+    async def ListVms(self, request: vm_service_pb2.ListVmsRequest, context: Ctx) -> vm_service_pb2.ListVmsResponse:
+        """See the proto."""
+        if request.page_size > _MAX_PAGE:
+            raise InvalidArgument(
+                f"page_size: {request.page_size} is above the maximum {_MAX_PAGE}",
+                reason="INVALID_FIELD",
+                metadata={"field": "page_size"},
+            )
+        vms, token = await self._vms.list(
+            request.host or None,
+            VmState(request.state) if request.state else None,
+            dict(request.labels),
+            request.page_size or _DEFAULT_PAGE,
+            request.page_token,
+        )
+        return vm_service_pb2.ListVmsResponse(vms=[convert.vm_to_proto(v) for v in vms], next_page_token=token)
+
+    async def StartVm(self, request: vm_service_pb2.StartVmRequest, context: Ctx) -> vm_service_pb2.StartVmResponse:
+        """See the proto."""
+        op = await self._vms.start(request.name, request.request_id)
+        return vm_service_pb2.StartVmResponse(operation=convert.operation_to_proto(op))
+
+    async def StopVm(self, request: vm_service_pb2.StopVmRequest, context: Ctx) -> vm_service_pb2.StopVmResponse:
+        """See the proto."""
+        op = await self._vms.stop(request.name, request.request_id, request.timeout_seconds, request.force)
+        return vm_service_pb2.StopVmResponse(operation=convert.operation_to_proto(op))
+
+    async def DeleteVm(self, request: vm_service_pb2.DeleteVmRequest, context: Ctx) -> vm_service_pb2.DeleteVmResponse:
+        """See the proto."""
+        op = await self._vms.delete(request.name, request.request_id)
+        return vm_service_pb2.DeleteVmResponse(operation=convert.operation_to_proto(op))
+
+    async def WatchVms(
+        self, request: vm_service_pb2.WatchVmsRequest, context: Ctx
+    ) -> AsyncIterator[vm_service_pb2.WatchVmsResponse]:
+        """See the proto."""
+        revision = request.after_revision or await asyncio.to_thread(self._store.current_revision)
+        while True:
+            changes = await asyncio.to_thread(self._store.changes_since, revision)
+            for rev, vm, deleted in changes:
+                revision = rev
+                yield vm_service_pb2.WatchVmsResponse(revision=rev, vm=convert.vm_to_proto(vm), deleted=deleted)
+            if not changes:
+                await asyncio.sleep(0.2)
+
+
+class OperationServicer(operation_service_pb2_grpc.OperationServiceServicer):
+    """Long-running operations."""
+
+    def __init__(self, queries: OperationQueries) -> None:
+        self._ops = queries
+
+    async def GetOperation(
+        self, request: operation_service_pb2.GetOperationRequest, context: Ctx
+    ) -> operation_service_pb2.GetOperationResponse:
+        """See the proto."""
+        return operation_service_pb2.GetOperationResponse(
+            operation=convert.operation_to_proto(await self._ops.get(request.id))
+        )
+
+    async def WaitOperation(
+        self, request: operation_service_pb2.WaitOperationRequest, context: Ctx
+    ) -> operation_service_pb2.WaitOperationResponse:
+        """See the proto."""
+        op = await self._ops.wait(request.id, float(request.timeout_seconds or 60))
+        return operation_service_pb2.WaitOperationResponse(operation=convert.operation_to_proto(op))
+
+    async def WatchOperation(
+        self, request: operation_service_pb2.WatchOperationRequest, context: Ctx
+    ) -> AsyncIterator[operation_service_pb2.WatchOperationResponse]:
+        """See the proto."""
+        async for op in self._ops.watch(request.id):
+            yield operation_service_pb2.WatchOperationResponse(operation=convert.operation_to_proto(op))
+
+    async def ListOperations(
+        self, request: operation_service_pb2.ListOperationsRequest, context: Ctx
+    ) -> operation_service_pb2.ListOperationsResponse:
+        """See the proto."""
+        ops = await self._ops.list(request.page_size or 50, request.only_running)
+        return operation_service_pb2.ListOperationsResponse(operations=[convert.operation_to_proto(o) for o in ops])

@@ -1,0 +1,193 @@
+"""JSON encoding of the core models the store keeps in JSON columns.
+
+The store owns this format (it is what sits in the database), so it lives here rather than in the
+protobuf converters: a change to the wire API must not silently change what is on disk. Decoders are
+lenient about missing keys (they fall back to the dataclass defaults) so that adding a field to a
+model does not need a data migration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from clonebox_core.model import (
+    CloudInit,
+    DiskSpec,
+    HypervisorInfo,
+    IpAddress,
+    KernelBoot,
+    NetworkMode,
+    NetworkSpec,
+    SharedFolder,
+    Vm,
+    VmSpec,
+    VmState,
+)
+
+JsonDict = dict[str, Any]
+
+
+def spec_to_json(spec: VmSpec) -> JsonDict:
+    """A VmSpec as a JSON-able dict."""
+    return {
+        "name": spec.name,
+        "vcpus": spec.vcpus,
+        "memory_mib": spec.memory_mib,
+        "disks": [
+            {"name": d.name, "base_image": d.base_image, "size_mib": d.size_mib} for d in spec.disks
+        ],
+        "kernel_boot": (
+            None
+            if spec.kernel_boot is None
+            else {
+                "kernel": spec.kernel_boot.kernel,
+                "initrd": spec.kernel_boot.initrd,
+                "cmdline": spec.kernel_boot.cmdline,
+            }
+        ),
+        "network": {
+            "mode": spec.network.mode.name,
+            "libvirt_network": spec.network.libvirt_network,
+        },
+        "shared_folders": [
+            {"host_path": f.host_path, "tag": f.tag, "read_only": f.read_only}
+            for f in spec.shared_folders
+        ],
+        "cloud_init": (
+            None
+            if spec.cloud_init is None
+            else {
+                "user_data": spec.cloud_init.user_data,
+                "meta_data": spec.cloud_init.meta_data,
+                "network_config": spec.cloud_init.network_config,
+            }
+        ),
+        # a list of pairs keeps the order the model defines (sorted) and survives JSON round trips
+        "labels": [[k, v] for k, v in spec.labels],
+    }
+
+
+def spec_from_json(data: Mapping[str, Any]) -> VmSpec:
+    """The inverse of :func:`spec_to_json`."""
+    kb = data.get("kernel_boot")
+    ci = data.get("cloud_init")
+    net = data.get("network") or {}
+    return VmSpec(
+        name=str(data["name"]),
+        vcpus=int(data.get("vcpus", 1)),
+        memory_mib=int(data.get("memory_mib", 512)),
+        disks=tuple(
+            DiskSpec(str(d["name"]), str(d.get("base_image", "")), int(d.get("size_mib", 0)))
+            for d in data.get("disks", ())
+        ),
+        kernel_boot=(
+            None
+            if kb is None
+            else KernelBoot(str(kb["kernel"]), str(kb.get("initrd", "")), str(kb.get("cmdline", "")))
+        ),
+        network=NetworkSpec(
+            NetworkMode[str(net.get("mode", NetworkMode.LIBVIRT.name))],
+            str(net.get("libvirt_network", "default")),
+        ),
+        shared_folders=tuple(
+            SharedFolder(str(f["host_path"]), str(f["tag"]), bool(f.get("read_only", False)))
+            for f in data.get("shared_folders", ())
+        ),
+        cloud_init=(
+            None
+            if ci is None
+            else CloudInit(
+                str(ci.get("user_data", "")),
+                str(ci.get("meta_data", "")),
+                str(ci.get("network_config", "")),
+            )
+        ),
+        labels=tuple((str(k), str(v)) for k, v in data.get("labels", ())),
+    )
+
+
+def addresses_to_json(addresses: tuple[IpAddress, ...]) -> list[JsonDict]:
+    """Guest addresses as JSON-able dicts."""
+    return [
+        {"interface": a.interface, "address": a.address, "prefix": a.prefix, "source": a.source}
+        for a in addresses
+    ]
+
+
+def addresses_from_json(data: list[Mapping[str, Any]] | None) -> tuple[IpAddress, ...]:
+    """The inverse of :func:`addresses_to_json`."""
+    return tuple(
+        IpAddress(
+            str(a.get("interface", "")),
+            str(a["address"]),
+            int(a.get("prefix", 0)),
+            str(a.get("source", "")),
+        )
+        for a in data or ()
+    )
+
+
+def hypervisor_to_json(info: HypervisorInfo) -> JsonDict:
+    """HypervisorInfo as a JSON-able dict."""
+    return {
+        "uri": info.uri,
+        "libvirt_version": info.libvirt_version,
+        "hypervisor_version": info.hypervisor_version,
+        "domain_type": info.domain_type,
+        "domain_type_reason": info.domain_type_reason,
+        "capabilities": list(info.capabilities),
+        "cpu_model": info.cpu_model,
+    }
+
+
+def hypervisor_from_json(data: Mapping[str, Any]) -> HypervisorInfo:
+    """The inverse of :func:`hypervisor_to_json`."""
+    return HypervisorInfo(
+        uri=str(data.get("uri", "")),
+        libvirt_version=str(data.get("libvirt_version", "")),
+        hypervisor_version=str(data.get("hypervisor_version", "")),
+        domain_type=str(data.get("domain_type", "qemu")),
+        domain_type_reason=str(data.get("domain_type_reason", "")),
+        capabilities=tuple(str(c) for c in data.get("capabilities", ())),
+        cpu_model=str(data.get("cpu_model", "")),
+    )
+
+
+def _time_to_json(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _time_from_json(value: Any) -> datetime | None:
+    return None if not value else datetime.fromisoformat(str(value))
+
+
+def vm_to_json(vm: Vm) -> JsonDict:
+    """A whole Vm (for operation results and watch tombstones)."""
+    return {
+        "name": vm.name,
+        "host": vm.host,
+        "state": vm.state.name,
+        "spec": spec_to_json(vm.spec),
+        "uuid": vm.uuid,
+        "addresses": addresses_to_json(vm.addresses),
+        "create_time": _time_to_json(vm.create_time),
+        "update_time": _time_to_json(vm.update_time),
+        "state_reason": vm.state_reason,
+    }
+
+
+def vm_from_json(data: Mapping[str, Any]) -> Vm:
+    """The inverse of :func:`vm_to_json`."""
+    return Vm(
+        name=str(data["name"]),
+        host=str(data.get("host", "")),
+        state=VmState[str(data.get("state", VmState.UNSPECIFIED.name))],
+        spec=spec_from_json(data["spec"]),
+        uuid=str(data.get("uuid", "")),
+        addresses=addresses_from_json(data.get("addresses")),
+        create_time=_time_from_json(data.get("create_time")),
+        update_time=_time_from_json(data.get("update_time")),
+        state_reason=str(data.get("state_reason", "")),
+    )

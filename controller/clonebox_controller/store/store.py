@@ -1,0 +1,1091 @@
+"""The controller's fleet store: hosts, VMs with their reservations, operations, the watch revision.
+
+:class:`Store` is synchronous (the asyncio controller calls it through ``asyncio.to_thread``) and is
+the only way the application layer reaches the database. Every method is one database transaction
+and returns core model dataclasses, never ORM rows.
+
+Concurrency comes from the database only, because several controller processes will share one
+store: SQLite write transactions start with ``BEGIN IMMEDIATE`` (one writer at a time, decided at
+BEGIN), PostgreSQL writers take row locks. Lock order on PostgreSQL, which every write transaction
+follows to stay deadlock-free:
+
+1. the ``fleet_revision`` row (every transaction that changes VMs takes it first; it also makes
+   revisions commit in the order they were assigned, which WatchVms relies on),
+2. host rows, in name order (``SELECT ... FOR UPDATE``),
+3. VM and operation rows.
+
+Deadlocks and serialization failures that happen anyway (for example with a foreign transaction)
+are retried with jittered back-off.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import random
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any, NamedTuple, Self, TypeVar
+
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    Select,
+    delete,
+    exists,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.orm import Session
+
+from clonebox_core.errors import (
+    AlreadyExists,
+    CloneboxError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from clonebox_core.model import (
+    Host,
+    HostState,
+    HypervisorInfo,
+    IpAddress,
+    Operation,
+    Resources,
+    Revision,
+    Vm,
+    VmSpec,
+    VmState,
+)
+
+from . import codec, placement
+from .engine import WRITE_OPTION, create_store_engine, upgrade_to_head
+from .tables import (
+    FLEET_REVISION_ROW_ID,
+    FleetRevisionRow,
+    HostRow,
+    OperationRow,
+    VmChangeRow,
+    VmLabelRow,
+    VmRow,
+)
+
+_log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: state_reason given to a VM the store has on a host but the host's agent no longer reports
+VANISHED_REASON = "vanished from host"
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+#: PostgreSQL SQLSTATEs worth retrying the whole transaction for
+_RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
+
+
+class VmChange(NamedTuple):
+    """One entry of the VM change feed: the VM as of ``revision``; ``deleted`` for tombstones."""
+
+    revision: int
+    vm: Vm
+    deleted: bool
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _vm_name_of_target(target: str) -> str | None:
+    """The VM a resource name points at: ``hosts/h/vms/web`` or ``vms/web`` -> ``web``."""
+    parts = target.split("/")
+    for i, part in enumerate(parts[:-1]):
+        if part == "vms" and parts[i + 1]:
+            return parts[i + 1]
+    return None
+
+
+def encode_page_token(last_name: str) -> str:
+    """Opaque keyset page token for the page after ``last_name``."""
+    return base64.urlsafe_b64encode(last_name.encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> str:
+    """The VM name a page token continues after; InvalidArgument for anything we did not issue."""
+    try:
+        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidArgument(
+            "page_token: not a token returned by a previous call",
+            reason="INVALID_PAGE_TOKEN",
+            metadata={"field": "page_token"},
+        ) from exc
+
+
+def _is_retryable(exc: DBAPIError) -> bool:
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) in _RETRYABLE_SQLSTATES:
+        return True
+    # SQLite: the busy timeout ran out (another process held the write lock for that long)
+    return isinstance(orig, sqlite3.OperationalError) and "locked" in str(orig)
+
+
+class Store:
+    """Fleet state of the controller. Thread-safe: each call runs in its own session/transaction."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        clock: Callable[[], datetime] = _utcnow,
+        tombstone_retention: int = 10_000,
+        max_attempts: int = 8,
+    ) -> None:
+        """Wrap an engine made by :func:`create_store_engine` whose schema is already at head.
+
+        ``clock`` returns aware UTC "now" (tests inject a fake one); ``tombstone_retention`` is how
+        many VM deletions watchers can catch up on before they must relist; ``max_attempts`` bounds
+        retries of transactions that hit a deadlock, serialization failure or busy SQLite.
+        """
+        self._engine = engine
+        self._clock = clock
+        self._tombstone_retention = tombstone_retention
+        self._max_attempts = max_attempts
+
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        *,
+        clock: Callable[[], datetime] = _utcnow,
+        tombstone_retention: int = 10_000,
+        migrate: bool = True,
+        **engine_kwargs: Any,
+    ) -> Self:
+        """Connect to ``url`` (``sqlite:///path`` or ``postgresql+psycopg://...``) and migrate to head."""
+        engine = create_store_engine(url, **engine_kwargs)
+        try:
+            if migrate:
+                upgrade_to_head(engine)
+        except BaseException:
+            engine.dispose()
+            raise
+        return cls(engine, clock=clock, tombstone_retention=tombstone_retention)
+
+    def close(self) -> None:
+        """Release pooled connections."""
+        self._engine.dispose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @property
+    def engine(self) -> Engine:
+        """The underlying engine (for diagnostics and tests; the app layer must not use it)."""
+        return self._engine
+
+    # ------------------------------------------------------------------ transactions
+
+    def _run(
+        self, fn: Callable[[Session], T], *, write: bool, retry_integrity: bool = False
+    ) -> T:
+        """Run ``fn`` in one transaction, retrying transient conflicts.
+
+        ``retry_integrity`` retries once on a unique-key race (two controllers inserting the same
+        new key); the second attempt sees the winner's row and takes the "exists" branch.
+        """
+        attempt = 0
+        integrity_retried = False
+        while True:
+            attempt += 1
+            try:
+                with Session(self._engine, expire_on_commit=False) as session, session.begin():
+                    if write:
+                        # must be the first use of the session: options apply when the connection
+                        # is procured, before BEGIN is emitted
+                        session.connection(execution_options={WRITE_OPTION: True})
+                    return fn(session)
+            except IntegrityError:
+                if not retry_integrity or integrity_retried:
+                    raise
+                integrity_retried = True
+            except DBAPIError as exc:
+                if attempt >= self._max_attempts or not _is_retryable(exc):
+                    raise
+                _log.debug("retrying store transaction after %s (attempt %d)", exc.orig, attempt)
+                time.sleep(random.uniform(0.005, 0.02) * attempt)
+
+    def _now(self) -> datetime:
+        now = self._clock()
+        if now.tzinfo is None:
+            raise ValueError("the store clock must return aware datetimes")
+        return now.astimezone(UTC)
+
+    @staticmethod
+    def _lock_revision(session: Session) -> None:
+        """Take the fleet_revision row lock (step 1 of the lock order; a no-op on SQLite)."""
+        session.execute(
+            select(FleetRevisionRow.value)
+            .where(FleetRevisionRow.id == FLEET_REVISION_ROW_ID)
+            .with_for_update()
+        )
+
+    @staticmethod
+    def _next_revision(session: Session) -> int:
+        value = session.execute(
+            update(FleetRevisionRow)
+            .where(FleetRevisionRow.id == FLEET_REVISION_ROW_ID)
+            .values(value=FleetRevisionRow.value + 1)
+            .returning(FleetRevisionRow.value)
+        ).scalar_one()
+        return int(value)
+
+    # ------------------------------------------------------------------ row <-> model
+
+    @staticmethod
+    def _vm_model(row: VmRow) -> Vm:
+        return Vm(
+            name=row.name,
+            host=row.host or "",
+            state=VmState[row.state],
+            spec=codec.spec_from_json(row.spec),
+            uuid=row.uuid,
+            addresses=codec.addresses_from_json(row.addresses),
+            create_time=row.create_time,
+            update_time=row.update_time,
+            state_reason=row.state_reason,
+        )
+
+    @staticmethod
+    def _op_model(row: OperationRow) -> Operation:
+        return Operation(
+            id=row.id,
+            kind=row.kind,
+            target=row.target,
+            request_id=row.request_id or "",
+            step=row.step,
+            progress=row.progress,
+            done=row.done,
+            error_code=row.error_code,
+            error_reason=row.error_reason,
+            error_message=row.error_message,
+            error_metadata={str(k): str(v) for k, v in row.error_metadata.items()},
+            result_vm=None if row.result_vm is None else codec.vm_from_json(row.result_vm),
+            create_time=row.create_time,
+            update_time=row.update_time,
+            params={str(k): str(v) for k, v in row.params.items()},
+        )
+
+    @staticmethod
+    def _allocations(
+        session: Session, hosts: Iterable[str] | None = None
+    ) -> dict[str, tuple[Resources, int]]:
+        """Per host: the sum of reservations of its VMs and how many VMs it has."""
+        query = (
+            select(
+                VmRow.host,
+                func.coalesce(func.sum(VmRow.reserved_vcpus), 0),
+                func.coalesce(func.sum(VmRow.reserved_memory_mib), 0),
+                func.coalesce(func.sum(VmRow.reserved_disk_mib), 0),
+                func.count(),
+            )
+            .where(VmRow.host.is_not(None))
+            .group_by(VmRow.host)
+        )
+        if hosts is not None:
+            query = query.where(VmRow.host.in_(list(hosts)))
+        out: dict[str, tuple[Resources, int]] = {}
+        for host, vcpus, memory, disk, count in session.execute(query).tuples():
+            if host is not None:
+                out[host] = (Resources(int(vcpus), int(memory), int(disk)), int(count))
+        return out
+
+    @staticmethod
+    def _host_model(row: HostRow, allocated: Resources, vm_count: int) -> Host:
+        return Host(
+            name=row.name,
+            address=row.address,
+            capacity=Resources(row.capacity_vcpus, row.capacity_memory_mib, row.capacity_disk_mib),
+            allocatable=Store._allocatable(row),
+            allocated=allocated,
+            hypervisor=codec.hypervisor_from_json(row.hypervisor),
+            state=HostState[row.state],
+            cordoned=row.cordoned,
+            last_heartbeat=row.last_heartbeat,
+            vm_count=vm_count,
+            agent_epoch=row.agent_epoch,
+        )
+
+    @staticmethod
+    def _allocatable(row: HostRow) -> Resources:
+        return Resources(
+            row.allocatable_vcpus, row.allocatable_memory_mib, row.allocatable_disk_mib
+        )
+
+    def _host_with_allocation(self, session: Session, row: HostRow) -> Host:
+        allocated, count = self._allocations(session, [row.name]).get(row.name, (Resources(), 0))
+        return self._host_model(row, allocated, count)
+
+    @staticmethod
+    def _host_row(session: Session, name: str, *, lock: bool = False) -> HostRow:
+        query = select(HostRow).where(HostRow.name == name)
+        if lock:
+            query = query.with_for_update()
+        row = session.execute(query).scalar_one_or_none()
+        if row is None:
+            raise NotFound(
+                f"host {name!r} is not registered", reason="HOST_NOT_FOUND", metadata={"host": name}
+            )
+        return row
+
+    @staticmethod
+    def _vm_row(session: Session, name: str, *, lock: bool = False) -> VmRow:
+        query = select(VmRow).where(VmRow.name == name)
+        if lock:
+            query = query.with_for_update()
+        row = session.execute(query).scalar_one_or_none()
+        if row is None:
+            raise NotFound(f"VM {name!r} does not exist", reason="VM_NOT_FOUND", metadata={"vm": name})
+        return row
+
+    @staticmethod
+    def _set_labels(session: Session, vm_name: str, labels: Iterable[tuple[str, str]]) -> None:
+        session.add_all(VmLabelRow(vm_name=vm_name, key=k, value=v) for k, v in dict(labels).items())
+
+    # ------------------------------------------------------------------ hosts
+
+    def upsert_host_registration(
+        self,
+        name: str,
+        address: str,
+        capacity: Resources,
+        allocatable: Resources,
+        hypervisor: HypervisorInfo,
+        epoch: int,
+    ) -> Host:
+        """Record an agent's (re-)registration: the host becomes READY with a fresh heartbeat.
+
+        Cordoning survives re-registration (it is the operator's decision, not the agent's). A new
+        ``epoch`` means the agent's event history restarted, so the consumed sequence resets to 0.
+        """
+
+        def tx(session: Session) -> Host:
+            now = self._now()
+            row = session.execute(
+                select(HostRow).where(HostRow.name == name).with_for_update()
+            ).scalar_one_or_none()
+            if row is None:
+                row = HostRow(
+                    name=name,
+                    cordoned=False,
+                    registered_time=now,
+                    agent_epoch=epoch,
+                    agent_sequence=0,
+                )
+                session.add(row)
+            elif row.agent_epoch != epoch:
+                row.agent_epoch = epoch
+                row.agent_sequence = 0
+            row.address = address
+            row.capacity_vcpus = capacity.vcpus
+            row.capacity_memory_mib = capacity.memory_mib
+            row.capacity_disk_mib = capacity.disk_mib
+            row.allocatable_vcpus = allocatable.vcpus
+            row.allocatable_memory_mib = allocatable.memory_mib
+            row.allocatable_disk_mib = allocatable.disk_mib
+            row.hypervisor = codec.hypervisor_to_json(hypervisor)
+            row.state = HostState.READY.name
+            row.state_reason = ""
+            row.last_heartbeat = now
+            session.flush()
+            return self._host_with_allocation(session, row)
+
+        return self._run(tx, write=True, retry_integrity=True)
+
+    def heartbeat(self, name: str, serving: bool = True, reason: str = "") -> Host:
+        """Record a heartbeat: READY when ``serving``, else NOT_SERVING with ``reason``."""
+
+        def tx(session: Session) -> Host:
+            row = self._host_row(session, name, lock=True)
+            row.last_heartbeat = self._now()
+            row.state = (HostState.READY if serving else HostState.NOT_SERVING).name
+            row.state_reason = "" if serving else reason
+            session.flush()
+            return self._host_with_allocation(session, row)
+
+        return self._run(tx, write=True)
+
+    def mark_unreachable_older_than(self, cutoff: datetime) -> list[str]:
+        """Mark hosts whose last heartbeat is before ``cutoff`` UNREACHABLE; return their names."""
+
+        def tx(session: Session) -> list[str]:
+            rows = session.execute(
+                select(HostRow)
+                .where(
+                    HostRow.state != HostState.UNREACHABLE.name,
+                    HostRow.last_heartbeat < cutoff,
+                )
+                .order_by(HostRow.name)
+                .with_for_update()
+            ).scalars()
+            names = []
+            for row in rows:
+                row.state = HostState.UNREACHABLE.name
+                last = row.last_heartbeat.isoformat() if row.last_heartbeat else "never"
+                row.state_reason = f"no heartbeat since {last}"
+                names.append(row.name)
+            return names
+
+        return self._run(tx, write=True)
+
+    def set_cordoned(self, name: str, cordoned: bool) -> Host:
+        """Cordon (no new placements) or uncordon a host; VMs already on it are untouched."""
+
+        def tx(session: Session) -> Host:
+            row = self._host_row(session, name, lock=True)
+            row.cordoned = cordoned
+            session.flush()
+            return self._host_with_allocation(session, row)
+
+        return self._run(tx, write=True)
+
+    def get_host(self, name: str) -> Host:
+        """One host with its allocation; NotFound HOST_NOT_FOUND."""
+        return self._run(
+            lambda s: self._host_with_allocation(s, self._host_row(s, name)), write=False
+        )
+
+    def list_hosts(self) -> list[Host]:
+        """Every host, by name, with ``allocated`` = sum of its VMs' reservations and ``vm_count``."""
+
+        def tx(session: Session) -> list[Host]:
+            allocations = self._allocations(session)
+            rows = session.execute(select(HostRow).order_by(HostRow.name)).scalars()
+            return [
+                self._host_model(row, *allocations.get(row.name, (Resources(), 0))) for row in rows
+            ]
+
+        return self._run(tx, write=False)
+
+    def set_agent_revision(self, name: str, epoch: int, sequence: int) -> None:
+        """Record the last agent event consumed, so a reconnect resumes after it."""
+
+        def tx(session: Session) -> None:
+            row = self._host_row(session, name, lock=True)
+            row.agent_epoch = epoch
+            row.agent_sequence = sequence
+
+        self._run(tx, write=True)
+
+    def agent_revision(self, name: str) -> Revision:
+        """The last agent event consumed for host ``name``."""
+
+        def tx(session: Session) -> Revision:
+            row = self._host_row(session, name)
+            return Revision(row.agent_epoch, row.agent_sequence)
+
+        return self._run(tx, write=False)
+
+    def remove_host(self, name: str) -> None:
+        """Forget a host; FailedPrecondition HOST_HAS_VMS while the store places VMs on it."""
+
+        def tx(session: Session) -> None:
+            row = self._host_row(session, name, lock=True)
+            count = session.execute(
+                select(func.count()).select_from(VmRow).where(VmRow.host == name)
+            ).scalar_one()
+            if count:
+                raise FailedPrecondition(
+                    f"host {name!r} still has {count} VM(s): delete or move them first",
+                    reason="HOST_HAS_VMS",
+                    metadata={"host": name},
+                )
+            session.delete(row)
+
+        self._run(tx, write=True)
+
+    # ------------------------------------------------------------------ placement
+
+    def reserve_vm(
+        self, spec: VmSpec, host: str | None, op: Operation
+    ) -> tuple[Operation, Vm | None]:
+        """Place ``spec`` and record the VM (PENDING, resources reserved) and ``op``, atomically.
+
+        ``host`` pins the VM to that host; None lets placement choose (see :mod:`.placement`).
+
+        Idempotent on ``op.request_id``: when an operation with that request id exists, it is
+        returned together with the VM's current record (None if the VM has since been deleted) and
+        nothing is written; callers detect the replay by ``returned_op.id != op.id``. Reusing a
+        request id for a different kind or target is AlreadyExists REQUEST_ID_REUSED.
+
+        Errors: AlreadyExists VM_ALREADY_EXISTS; NotFound HOST_NOT_FOUND; FailedPrecondition
+        HOST_CORDONED / HOST_UNREACHABLE / HOST_NOT_SERVING; ResourceExhausted
+        HOST_CAPACITY_EXCEEDED (named host) or NO_HOST_FITS (with the reason per host).
+        """
+        if op.request_id:
+            # fast path for client retries: no locks taken when the answer is already recorded
+            replay = self._run(lambda s: self._replay(s, op), write=False)
+            if replay is not None:
+                return replay
+
+        def tx(session: Session) -> tuple[Operation, Vm | None]:
+            self._lock_revision(session)
+            if op.request_id:
+                # again under the lock: a concurrent retry may have committed meanwhile
+                replay = self._replay(session, op)
+                if replay is not None:
+                    return replay
+            if session.get(VmRow, spec.name) is not None:
+                raise AlreadyExists(
+                    f"VM {spec.name!r} already exists",
+                    reason="VM_ALREADY_EXISTS",
+                    metadata={"vm": spec.name},
+                )
+            need = spec.resources()
+            query = select(HostRow).order_by(HostRow.name).with_for_update()
+            if host is not None:
+                query = query.where(HostRow.name == host)
+            rows = list(session.execute(query).scalars())
+            # read reservations only now, with the host rows locked, so they cannot change under us
+            allocations = self._allocations(session, [r.name for r in rows])
+            candidates = [
+                placement.Candidate(
+                    name=r.name,
+                    state=HostState[r.state],
+                    cordoned=r.cordoned,
+                    allocatable=self._allocatable(r),
+                    reserved=allocations.get(r.name, (Resources(), 0))[0],
+                )
+                for r in rows
+            ]
+            if host is not None:
+                chosen = placement.check_named(candidates[0] if candidates else None, host, need)
+            else:
+                chosen = placement.choose(candidates, need)
+
+            now = self._now()
+            vm_row = VmRow(
+                name=spec.name,
+                host=chosen,
+                state=VmState.PENDING.name,
+                spec=codec.spec_to_json(spec),
+                uuid="",
+                addresses=[],
+                reserved_vcpus=need.vcpus,
+                reserved_memory_mib=need.memory_mib,
+                reserved_disk_mib=need.disk_mib,
+                create_time=now,
+                update_time=now,
+                state_reason="",
+                revision=self._next_revision(session),
+            )
+            session.add(vm_row)
+            session.flush()  # the VM row must exist before its labels (FK)
+            self._set_labels(session, spec.name, spec.labels)
+            op_row = self._new_op_row(op, now, vm_name=spec.name)
+            session.add(op_row)
+            session.flush()
+            return self._op_model(op_row), self._vm_model(vm_row)
+
+        return self._run(tx, write=True, retry_integrity=True)
+
+    def _replay(self, session: Session, op: Operation) -> tuple[Operation, Vm | None] | None:
+        existing = self._check_request_id(session, op)
+        if existing is None:
+            return None
+        vm_name = _vm_name_of_target(existing.target)
+        vm_row = session.get(VmRow, vm_name) if vm_name else None
+        if vm_row is not None:
+            return self._op_model(existing), self._vm_model(vm_row)
+        model = self._op_model(existing)
+        return model, model.result_vm
+
+    def _check_request_id(self, session: Session, op: Operation) -> OperationRow | None:
+        """The operation already recorded for ``op.request_id``, if any (conflicts raise)."""
+        if not op.request_id:
+            return None
+        existing = session.execute(
+            select(OperationRow).where(OperationRow.request_id == op.request_id)
+        ).scalar_one_or_none()
+        if existing is not None and (existing.kind != op.kind or existing.target != op.target):
+            raise AlreadyExists(
+                f"request id {op.request_id!r} was already used for {existing.kind} of "
+                f"{existing.target}; use a new request id for a different request",
+                reason="REQUEST_ID_REUSED",
+                metadata={"request_id": op.request_id, "operation": existing.id},
+            )
+        return existing
+
+    @staticmethod
+    def _new_op_row(op: Operation, now: datetime, *, vm_name: str | None) -> OperationRow:
+        return OperationRow(
+            id=op.id,
+            kind=op.kind,
+            target=op.target,
+            vm_name=vm_name,
+            request_id=op.request_id or None,
+            step=op.step,
+            progress=op.progress,
+            done=False,
+            error_code="",
+            error_reason="",
+            error_message="",
+            error_metadata={},
+            result_vm=None,
+            params=dict(op.params),
+            create_time=now,
+            update_time=now,
+        )
+
+    # ------------------------------------------------------------------ VMs
+
+    def get_vm(self, name: str) -> Vm:
+        """One VM; NotFound VM_NOT_FOUND."""
+        return self._run(lambda s: self._vm_model(self._vm_row(s, name)), write=False)
+
+    def list_vms(
+        self,
+        host: str | None = None,
+        state: VmState | None = None,
+        labels: Mapping[str, str] | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        page_token: str = "",
+    ) -> tuple[list[Vm], str]:
+        """VMs ordered by name, filtered (all filters must match), one page at a time.
+
+        Returns the page and the token of the next page ("" on the last page). ``page_size`` <= 0
+        means the default; it is capped at MAX_PAGE_SIZE. Pagination is keyset (by name), so pages
+        stay consistent while VMs come and go.
+        """
+        size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
+        after = decode_page_token(page_token) if page_token else None
+
+        def tx(session: Session) -> tuple[list[Vm], str]:
+            query: Select[tuple[VmRow]] = select(VmRow).order_by(VmRow.name).limit(size + 1)
+            if after is not None:
+                query = query.where(VmRow.name > after)
+            if host is not None:
+                query = query.where(VmRow.host == host)
+            if state is not None:
+                query = query.where(VmRow.state == state.name)
+            for key, value in (labels or {}).items():
+                query = query.where(self._has_label(key, value))
+            rows = list(session.execute(query).scalars())
+            more = len(rows) > size
+            rows = rows[:size]
+            token = encode_page_token(rows[-1].name) if more and rows else ""
+            return [self._vm_model(r) for r in rows], token
+
+        return self._run(tx, write=False)
+
+    @staticmethod
+    def _has_label(key: str, value: str) -> ColumnElement[bool]:
+        return exists().where(
+            VmLabelRow.vm_name == VmRow.name, VmLabelRow.key == key, VmLabelRow.value == value
+        )
+
+    def vms_on_host(self, host: str) -> list[Vm]:
+        """Every VM the store places on ``host``, by name."""
+
+        def tx(session: Session) -> list[Vm]:
+            rows = session.execute(
+                select(VmRow).where(VmRow.host == host).order_by(VmRow.name)
+            ).scalars()
+            return [self._vm_model(r) for r in rows]
+
+        return self._run(tx, write=False)
+
+    def update_vm_observed(
+        self,
+        name: str,
+        state: VmState,
+        uuid: str | None = None,
+        addresses: tuple[IpAddress, ...] | None = None,
+        state_reason: str | None = None,
+    ) -> Vm:
+        """Record what the host reports about a VM. None leaves a field as it is.
+
+        Bumps the VM's revision only when something changed, so repeated identical reports do not
+        wake every watcher. NotFound VM_NOT_FOUND.
+        """
+
+        def tx(session: Session) -> Vm:
+            self._lock_revision(session)
+            row = self._vm_row(session, name, lock=True)
+            self._apply_observed(session, row, state, uuid, addresses, state_reason)
+            return self._vm_model(row)
+
+        return self._run(tx, write=True)
+
+    def _apply_observed(
+        self,
+        session: Session,
+        row: VmRow,
+        state: VmState,
+        uuid: str | None,
+        addresses: tuple[IpAddress, ...] | None,
+        state_reason: str | None,
+    ) -> bool:
+        changes: dict[str, Any] = {}
+        if row.state != state.name:
+            changes["state"] = state.name
+        if uuid is not None and row.uuid != uuid:
+            changes["uuid"] = uuid
+        if addresses is not None:
+            encoded = codec.addresses_to_json(addresses)
+            if row.addresses != encoded:
+                changes["addresses"] = encoded
+        if state_reason is not None and row.state_reason != state_reason:
+            changes["state_reason"] = state_reason
+        if not changes:
+            return False
+        for key, value in changes.items():
+            setattr(row, key, value)
+        row.update_time = self._now()
+        row.revision = self._next_revision(session)
+        session.flush()
+        return True
+
+    def release_vm(self, name: str) -> Vm:
+        """Delete a VM's record, freeing its reservation; watchers see a tombstone. Returns the VM."""
+
+        def tx(session: Session) -> Vm:
+            self._lock_revision(session)
+            row = self._vm_row(session, name, lock=True)
+            vm = self._vm_model(row)
+            revision = self._next_revision(session)
+            session.add(
+                VmChangeRow(
+                    revision=revision,
+                    vm_name=name,
+                    vm=codec.vm_to_json(vm),
+                    deleted=True,
+                    change_time=self._now(),
+                )
+            )
+            # labels go with the row (ON DELETE CASCADE)
+            session.execute(delete(VmRow).where(VmRow.name == name))
+            self._prune_tombstones(session)
+            return vm
+
+        return self._run(tx, write=True)
+
+    def _prune_tombstones(self, session: Session) -> None:
+        """Keep the newest ``tombstone_retention`` tombstones; remember what was dropped."""
+        cut = session.execute(
+            select(VmChangeRow.revision)
+            .order_by(VmChangeRow.revision.desc())
+            .offset(self._tombstone_retention)
+            .limit(1)
+        ).scalar_one_or_none()
+        if cut is None:
+            return
+        session.execute(delete(VmChangeRow).where(VmChangeRow.revision <= cut))
+        session.execute(
+            update(FleetRevisionRow)
+            .where(FleetRevisionRow.id == FLEET_REVISION_ROW_ID, FleetRevisionRow.compacted < cut)
+            .values(compacted=cut)
+        )
+
+    def current_revision(self) -> int:
+        """The newest fleet revision (list VMs, then watch with changes_since(this))."""
+        return self._run(
+            lambda s: int(
+                s.execute(
+                    select(FleetRevisionRow.value).where(
+                        FleetRevisionRow.id == FLEET_REVISION_ROW_ID
+                    )
+                ).scalar_one()
+            ),
+            write=False,
+        )
+
+    def changes_since(self, revision: int, limit: int = 1000) -> list[VmChange]:
+        """VM changes after ``revision``, oldest first, at most ``limit``.
+
+        Each live VM appears once with its latest state (intermediate states are not kept), each
+        deletion as a tombstone. FailedPrecondition WATCH_REVISION_COMPACTED when tombstones after
+        ``revision`` were pruned (relist and watch from :meth:`current_revision`), and
+        WATCH_REVISION_AHEAD for a revision this store never issued.
+        """
+
+        def tx(session: Session) -> list[VmChange]:
+            counter = session.execute(
+                select(FleetRevisionRow).where(FleetRevisionRow.id == FLEET_REVISION_ROW_ID)
+            ).scalar_one()
+            if revision < counter.compacted:
+                raise FailedPrecondition(
+                    f"revision {revision} is too old (history starts at {counter.compacted}): "
+                    "list again and watch from the new revision",
+                    reason="WATCH_REVISION_COMPACTED",
+                    metadata={"compacted": str(counter.compacted)},
+                )
+            if revision > counter.value:
+                raise FailedPrecondition(
+                    f"revision {revision} is ahead of this store ({counter.value})",
+                    reason="WATCH_REVISION_AHEAD",
+                    metadata={"current": str(counter.value)},
+                )
+            live = session.execute(
+                select(VmRow)
+                .where(VmRow.revision > revision)
+                .order_by(VmRow.revision)
+                .limit(limit)
+            ).scalars()
+            dead = session.execute(
+                select(VmChangeRow)
+                .where(VmChangeRow.revision > revision)
+                .order_by(VmChangeRow.revision)
+                .limit(limit)
+            ).scalars()
+            changes = [VmChange(r.revision, self._vm_model(r), False) for r in live]
+            changes += [VmChange(t.revision, codec.vm_from_json(t.vm), True) for t in dead]
+            changes.sort(key=lambda c: c.revision)
+            return changes[:limit]
+
+        return self._run(tx, write=False)
+
+    def reconcile_host(self, host: str, observed: list[Vm]) -> list[str]:
+        """Align the store with a fresh, complete listing of ``host``'s VMs; return changed names.
+
+        * VMs in both: observed state, uuid, addresses and state reason are recorded.
+        * VMs only the agent has: adopted (inserted with their spec's reservation) - the host runs
+          them, so they consume capacity whether or not the controller created them. A name the
+          store places on another host is left alone (logged): fleet names are unique and the
+          other record may be an in-flight move.
+        * VMs only the store has: FAILED with state_reason "vanished from host", unless an
+          unfinished operation targets them (it is still creating or deleting the VM; the
+          operation's outcome decides).
+        """
+
+        def tx(session: Session) -> list[str]:
+            self._lock_revision(session)
+            self._host_row(session, host)
+            changed: list[str] = []
+            known = {
+                r.name: r
+                for r in session.execute(
+                    select(VmRow).where(VmRow.host == host).with_for_update()
+                ).scalars()
+            }
+            seen = {vm.name: vm for vm in observed}
+            elsewhere = {
+                name: other
+                for name, other in session.execute(
+                    select(VmRow.name, VmRow.host).where(
+                        VmRow.name.in_([n for n in seen if n not in known])
+                    )
+                ).tuples()
+            }
+            busy = set(
+                session.execute(
+                    select(OperationRow.vm_name).where(
+                        OperationRow.done.is_(False), OperationRow.vm_name.in_(list(known))
+                    )
+                ).scalars()
+            )
+            now = self._now()
+            for name in sorted(seen):
+                vm = seen[name]
+                if name in known:
+                    if self._apply_observed(
+                        session, known[name], vm.state, vm.uuid, vm.addresses, vm.state_reason
+                    ):
+                        changed.append(name)
+                elif name in elsewhere:
+                    _log.warning(
+                        "host %s reports VM %s that the store places on %s; left as is",
+                        host,
+                        name,
+                        elsewhere[name],
+                    )
+                else:
+                    need = vm.spec.resources()
+                    session.add(
+                        VmRow(
+                            name=name,
+                            host=host,
+                            state=vm.state.name,
+                            spec=codec.spec_to_json(vm.spec),
+                            uuid=vm.uuid,
+                            addresses=codec.addresses_to_json(vm.addresses),
+                            reserved_vcpus=need.vcpus,
+                            reserved_memory_mib=need.memory_mib,
+                            reserved_disk_mib=need.disk_mib,
+                            create_time=vm.create_time or now,
+                            update_time=now,
+                            state_reason=vm.state_reason,
+                            revision=self._next_revision(session),
+                        )
+                    )
+                    session.flush()
+                    self._set_labels(session, name, vm.spec.labels)
+                    changed.append(name)
+            for name in sorted(set(known) - set(seen)):
+                if name in busy:
+                    continue
+                if self._apply_observed(
+                    session, known[name], VmState.FAILED, None, None, VANISHED_REASON
+                ):
+                    changed.append(name)
+            session.flush()
+            return sorted(changed)
+
+        return self._run(tx, write=True)
+
+    # ------------------------------------------------------------------ operations
+
+    def create_operation(self, op: Operation) -> Operation:
+        """Record a new running operation (for mutations other than VM creation).
+
+        Idempotent on ``op.request_id`` like :meth:`reserve_vm`: an existing operation for the same
+        request is returned instead (its ``id`` differs from ``op.id``).
+        """
+
+        def tx(session: Session) -> Operation:
+            existing = self._check_request_id(session, op)
+            if existing is not None:
+                return self._op_model(existing)
+            if session.get(OperationRow, op.id) is not None:
+                raise AlreadyExists(
+                    f"operation {op.id!r} already exists",
+                    reason="OPERATION_ALREADY_EXISTS",
+                    metadata={"operation": op.id},
+                )
+            row = self._new_op_row(op, self._now(), vm_name=_vm_name_of_target(op.target))
+            session.add(row)
+            session.flush()
+            return self._op_model(row)
+
+        return self._run(tx, write=True, retry_integrity=True)
+
+    @staticmethod
+    def _op_row(session: Session, op_id: str, *, lock: bool = False) -> OperationRow:
+        query = select(OperationRow).where(OperationRow.id == op_id)
+        if lock:
+            query = query.with_for_update()
+        row = session.execute(query).scalar_one_or_none()
+        if row is None:
+            raise NotFound(
+                f"operation {op_id!r} does not exist",
+                reason="OPERATION_NOT_FOUND",
+                metadata={"operation": op_id},
+            )
+        return row
+
+    def get_operation(self, op_id: str) -> Operation:
+        """One operation; NotFound OPERATION_NOT_FOUND."""
+        return self._run(lambda s: self._op_model(self._op_row(s, op_id)), write=False)
+
+    def find_operation_by_request_id(self, request_id: str) -> Operation | None:
+        """The operation recorded for a client request id, if any."""
+
+        def tx(session: Session) -> Operation | None:
+            row = session.execute(
+                select(OperationRow).where(OperationRow.request_id == request_id)
+            ).scalar_one_or_none()
+            return None if row is None else self._op_model(row)
+
+        return self._run(tx, write=False) if request_id else None
+
+    def update_operation(
+        self, op_id: str, step: str | None = None, progress: int | None = None
+    ) -> Operation:
+        """Report progress of a running operation; FailedPrecondition OPERATION_DONE once finished."""
+        if progress is not None and not 0 <= progress <= 100:
+            raise InvalidArgument(f"progress {progress} is not in 0..100", reason="INVALID_PROGRESS")
+
+        def tx(session: Session) -> Operation:
+            row = self._op_row(session, op_id, lock=True)
+            if row.done:
+                raise FailedPrecondition(
+                    f"operation {op_id!r} has already finished",
+                    reason="OPERATION_DONE",
+                    metadata={"operation": op_id},
+                )
+            if step is not None:
+                row.step = step
+            if progress is not None:
+                row.progress = progress
+            row.update_time = self._now()
+            session.flush()
+            return self._op_model(row)
+
+        return self._run(tx, write=True)
+
+    def finish_operation(
+        self, op_id: str, result_vm: Vm | None = None, error: CloneboxError | None = None
+    ) -> Operation:
+        """Mark an operation done with its result or error.
+
+        Finishing an already finished operation returns it unchanged: after a controller restart a
+        resumed worker may finish work that had in fact completed, and the first outcome stands.
+        """
+
+        def tx(session: Session) -> Operation:
+            row = self._op_row(session, op_id, lock=True)
+            if row.done:
+                return self._op_model(row)
+            row.done = True
+            if error is None:
+                row.progress = 100
+                row.result_vm = None if result_vm is None else codec.vm_to_json(result_vm)
+            else:
+                row.error_code = error.code
+                row.error_reason = error.reason
+                row.error_message = error.message
+                row.error_metadata = dict(error.metadata)
+            row.update_time = self._now()
+            session.flush()
+            return self._op_model(row)
+
+        return self._run(tx, write=True)
+
+    def list_operations(self, limit: int = 100, only_running: bool = False) -> list[Operation]:
+        """The newest operations first."""
+
+        def tx(session: Session) -> list[Operation]:
+            query = (
+                select(OperationRow)
+                .order_by(OperationRow.create_time.desc(), OperationRow.id.desc())
+                .limit(max(1, limit))
+            )
+            if only_running:
+                query = query.where(OperationRow.done.is_(False))
+            return [self._op_model(r) for r in session.execute(query).scalars()]
+
+        return self._run(tx, write=False)
+
+    def unfinished_operations(self) -> list[Operation]:
+        """Every operation not done, oldest first (to resume after a controller restart)."""
+
+        def tx(session: Session) -> list[Operation]:
+            rows = session.execute(
+                select(OperationRow)
+                .where(OperationRow.done.is_(False))
+                .order_by(OperationRow.create_time, OperationRow.id)
+            ).scalars()
+            return [self._op_model(r) for r in rows]
+
+        return self._run(tx, write=False)
+
+    def delete_finished_operations(self, finished_before: datetime) -> int:
+        """Drop finished operations last updated before ``finished_before``; return how many."""
+
+        def tx(session: Session) -> int:
+            result = session.execute(
+                delete(OperationRow).where(
+                    OperationRow.done.is_(True), OperationRow.update_time < finished_before
+                )
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
+        return self._run(tx, write=True)

@@ -1,0 +1,210 @@
+"""SQLAlchemy ORM tables of the controller's fleet store.
+
+The schema is owned by the alembic migrations in ``migrations/versions``; these classes describe the
+same schema for queries (a test compares the two so they cannot drift). Nothing outside the store
+package imports this module: the store hands out core model dataclasses only.
+
+Conventions:
+
+* enums are stored by *name* in short strings, not as native enums, so adding a member is a code
+  change rather than an ``ALTER TYPE`` migration;
+* times are timezone-aware UTC on the Python side (:class:`UtcDateTime`);
+* structured values (specs, addresses, hypervisor info) are JSON (JSONB on PostgreSQL).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+#: explicit constraint names, so later migrations can drop/alter them by name on every backend
+NAMING_CONVENTION: dict[str, str] = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+#: the ``id`` of the single row of :class:`FleetRevisionRow`
+FLEET_REVISION_ROW_ID = 1
+
+NAME_LENGTH = 63  # DNS label (clonebox_core.names)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend.
+
+    PostgreSQL stores ``timestamptz``; SQLite has no time zone support, so values are normalised to
+    UTC and stored naive, and read back with ``tzinfo=UTC``. Naive datetimes are refused on the way
+    in: guessing their zone is how off-by-hours bugs start.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the store only accepts aware datetimes")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+#: JSON everywhere, JSONB on PostgreSQL (binary, indexable, no duplicate-key surprises)
+Json = JSON().with_variant(JSONB(), "postgresql")
+
+
+class Base(DeclarativeBase):
+    """Declarative base carrying the naming convention."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UtcDateTime()}
+
+
+class HostRow(Base):
+    """A registered agent host."""
+
+    __tablename__ = "hosts"
+
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    address: Mapped[str] = mapped_column(String(255))
+    capacity_vcpus: Mapped[int] = mapped_column(Integer)
+    capacity_memory_mib: Mapped[int] = mapped_column(BigInteger)
+    capacity_disk_mib: Mapped[int] = mapped_column(BigInteger)
+    allocatable_vcpus: Mapped[int] = mapped_column(Integer)
+    allocatable_memory_mib: Mapped[int] = mapped_column(BigInteger)
+    allocatable_disk_mib: Mapped[int] = mapped_column(BigInteger)
+    hypervisor: Mapped[dict[str, Any]] = mapped_column(Json)
+    #: HostState member name
+    state: Mapped[str] = mapped_column(String(16))
+    #: why the host is NOT_SERVING / UNREACHABLE (free text, for operators)
+    state_reason: Mapped[str] = mapped_column(Text, default="")
+    cordoned: Mapped[bool] = mapped_column(Boolean, default=False)
+    registered_time: Mapped[datetime]
+    last_heartbeat: Mapped[datetime | None]
+    #: the agent's event-history epoch (changes when its journal is recreated)
+    agent_epoch: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: last agent event sequence the controller consumed within ``agent_epoch``
+    agent_sequence: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class VmRow(Base):
+    """A VM the fleet knows, with the resources reserved for it on its host."""
+
+    __tablename__ = "vms"
+    __table_args__ = (
+        # list_vms(host=...) pages by name within a host
+        Index("ix_vms_host_name", "host", "name"),
+    )
+
+    #: fleet-unique: the same name cannot exist on two hosts
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    #: RESTRICT: a host cannot be removed while the store still places VMs on it
+    host: Mapped[str | None] = mapped_column(
+        String(NAME_LENGTH), ForeignKey("hosts.name", ondelete="RESTRICT")
+    )
+    #: VmState member name
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(Json)
+    uuid: Mapped[str] = mapped_column(String(36), default="")
+    addresses: Mapped[list[dict[str, Any]]] = mapped_column(Json)
+    reserved_vcpus: Mapped[int] = mapped_column(Integer)
+    reserved_memory_mib: Mapped[int] = mapped_column(BigInteger)
+    reserved_disk_mib: Mapped[int] = mapped_column(BigInteger)
+    create_time: Mapped[datetime]
+    update_time: Mapped[datetime]
+    state_reason: Mapped[str] = mapped_column(Text, default="")
+    #: fleet revision of the last change to this row (WatchVms resumes from it)
+    revision: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+class VmLabelRow(Base):
+    """One label of a VM, denormalised out of the spec so label filters run in SQL."""
+
+    __tablename__ = "vm_labels"
+    __table_args__ = (Index("ix_vm_labels_key_value", "key", "value"),)
+
+    vm_name: Mapped[str] = mapped_column(
+        String(NAME_LENGTH), ForeignKey("vms.name", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255))
+
+
+class VmChangeRow(Base):
+    """A tombstone: the last state of a deleted VM, kept briefly so watchers see the delete."""
+
+    __tablename__ = "vm_changes"
+
+    revision: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    vm_name: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    vm: Mapped[dict[str, Any]] = mapped_column(Json)
+    deleted: Mapped[bool] = mapped_column(Boolean)
+    change_time: Mapped[datetime]
+
+
+class OperationRow(Base):
+    """A long-running operation."""
+
+    __tablename__ = "operations"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(255))
+    #: the VM the operation acts on, parsed from ``target`` (reconcile must not fail a VM that an
+    #: unfinished operation is still creating or deleting)
+    vm_name: Mapped[str | None] = mapped_column(String(NAME_LENGTH), index=True)
+    #: NULL when the client sent none: UNIQUE allows many NULLs on both backends
+    request_id: Mapped[str | None] = mapped_column(String(128), unique=True)
+    step: Mapped[str] = mapped_column(String(255), default="")
+    progress: Mapped[int] = mapped_column(Integer, default=0)
+    done: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    error_code: Mapped[str] = mapped_column(String(64), default="")
+    error_reason: Mapped[str] = mapped_column(String(128), default="")
+    error_message: Mapped[str] = mapped_column(Text, default="")
+    error_metadata: Mapped[dict[str, Any]] = mapped_column(Json)
+    result_vm: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    #: string inputs the operation needs to run or resume (Operation.params)
+    params: Mapped[dict[str, Any]] = mapped_column(Json)
+    create_time: Mapped[datetime] = mapped_column(index=True)
+    update_time: Mapped[datetime]
+
+
+class FleetRevisionRow(Base):
+    """The single-row, controller-wide revision counter behind WatchVms.
+
+    Every VM change takes the next value while holding this row's lock until commit, so revisions
+    become visible in the order they were assigned: a watcher that has seen revision N never later
+    finds a committed change numbered below N.
+    """
+
+    __tablename__ = "fleet_revision"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    value: Mapped[int] = mapped_column(BigInteger)
+    #: highest revision whose tombstone was pruned; watches from below it must relist
+    compacted: Mapped[int] = mapped_column(BigInteger)

@@ -1,0 +1,237 @@
+"""Transport-free domain models shared by the agent, the controller and the CLI.
+
+These are plain frozen dataclasses; protobuf conversion lives in ``clonebox_core.rpc.convert`` and the
+YAML spec file in ``clonebox_core.spec``. Sizes are MiB throughout.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+class VmState(enum.Enum):
+    """Lifecycle state of a VM (mirrors ``clonebox.type.v1.VmState``)."""
+
+    UNSPECIFIED = 0
+    PENDING = 1
+    CREATING = 2
+    RUNNING = 3
+    PAUSED = 4
+    STOPPING = 5
+    STOPPED = 6
+    CRASHED = 7
+    DELETING = 8
+    FAILED = 9
+
+
+class NetworkMode(enum.Enum):
+    """How a VM is attached to the network."""
+
+    LIBVIRT = 1
+    NONE = 2
+
+
+class HostState(enum.Enum):
+    """Controller's view of a host (mirrors ``clonebox.type.v1.HostState``)."""
+
+    UNSPECIFIED = 0
+    READY = 1
+    UNREACHABLE = 2
+    NOT_SERVING = 3
+
+
+@dataclass(frozen=True)
+class Resources:
+    """An amount of CPU, memory and disk."""
+
+    vcpus: int = 0
+    memory_mib: int = 0
+    disk_mib: int = 0
+
+    def __add__(self, other: Resources) -> Resources:
+        return Resources(
+            self.vcpus + other.vcpus,
+            self.memory_mib + other.memory_mib,
+            self.disk_mib + other.disk_mib,
+        )
+
+    def __sub__(self, other: Resources) -> Resources:
+        return Resources(
+            self.vcpus - other.vcpus,
+            self.memory_mib - other.memory_mib,
+            self.disk_mib - other.disk_mib,
+        )
+
+    def fits_in(self, room: Resources) -> bool:
+        """True when every dimension is at most the same dimension of ``room``."""
+        return (
+            self.vcpus <= room.vcpus
+            and self.memory_mib <= room.memory_mib
+            and self.disk_mib <= room.disk_mib
+        )
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """A qcow2 overlay on ``base_image`` or, with no base image, a blank qcow2 of ``size_mib``."""
+
+    name: str
+    base_image: str = ""
+    size_mib: int = 0
+
+
+@dataclass(frozen=True)
+class KernelBoot:
+    """Direct kernel boot inputs."""
+
+    kernel: str
+    initrd: str = ""
+    cmdline: str = ""
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """Network attachment."""
+
+    mode: NetworkMode = NetworkMode.LIBVIRT
+    libvirt_network: str = "default"
+
+
+@dataclass(frozen=True)
+class SharedFolder:
+    """A host folder shared into the guest over virtio-9p."""
+
+    host_path: str
+    tag: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class CloudInit:
+    """Raw NoCloud inputs."""
+
+    user_data: str = ""
+    meta_data: str = ""
+    network_config: str = ""
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """Desired shape of one VM."""
+
+    name: str
+    vcpus: int = 1
+    memory_mib: int = 512
+    disks: tuple[DiskSpec, ...] = ()
+    kernel_boot: KernelBoot | None = None
+    network: NetworkSpec = NetworkSpec()
+    shared_folders: tuple[SharedFolder, ...] = ()
+    cloud_init: CloudInit | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def resources(self) -> Resources:
+        """What placement reserves for this VM (disk counts each disk's virtual size)."""
+        return Resources(self.vcpus, self.memory_mib, sum(d.size_mib for d in self.disks))
+
+    def label_dict(self) -> dict[str, str]:
+        """Labels as a dict."""
+        return dict(self.labels)
+
+
+@dataclass(frozen=True)
+class IpAddress:
+    """One guest address."""
+
+    interface: str
+    address: str
+    prefix: int
+    source: str
+
+
+@dataclass(frozen=True)
+class Vm:
+    """A VM as observed on its host."""
+
+    name: str
+    host: str
+    state: VmState
+    spec: VmSpec
+    uuid: str = ""
+    addresses: tuple[IpAddress, ...] = ()
+    create_time: datetime | None = None
+    update_time: datetime | None = None
+    state_reason: str = ""
+
+
+@dataclass(frozen=True)
+class Revision:
+    """A point in an agent's event history."""
+
+    epoch: int
+    sequence: int
+
+
+@dataclass(frozen=True)
+class HypervisorInfo:
+    """What an agent runs on."""
+
+    uri: str
+    libvirt_version: str = ""
+    hypervisor_version: str = ""
+    domain_type: str = "qemu"
+    domain_type_reason: str = ""
+    capabilities: tuple[str, ...] = ()
+    cpu_model: str = ""
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """What an agent reports about its host."""
+
+    name: str
+    capacity: Resources
+    allocatable: Resources
+    hypervisor: HypervisorInfo
+    serving: bool = True
+    not_serving_reason: str = ""
+
+
+@dataclass(frozen=True)
+class Host:
+    """A host as the controller records it."""
+
+    name: str
+    address: str
+    capacity: Resources
+    allocatable: Resources
+    allocated: Resources
+    hypervisor: HypervisorInfo
+    state: HostState
+    cordoned: bool = False
+    last_heartbeat: datetime | None = None
+    vm_count: int = 0
+    agent_epoch: int = 0
+
+
+@dataclass(frozen=True)
+class Operation:
+    """A long-running mutation tracked by the controller."""
+
+    id: str
+    kind: str
+    target: str
+    request_id: str = ""
+    step: str = ""
+    progress: int = 0
+    done: bool = False
+    error_code: str = ""
+    error_reason: str = ""
+    error_message: str = ""
+    error_metadata: dict[str, str] = field(default_factory=dict)
+    result_vm: Vm | None = None
+    create_time: datetime | None = None
+    update_time: datetime | None = None
+    #: inputs the operation needs to run or resume (e.g. stop timeout)
+    params: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,253 @@
+"""Conversion between core models and the shared ``clonebox.type.v1`` messages.
+
+Service-specific request/response conversion lives in each side's ``grpc/convert.py``; the shared
+types are converted here once so the agent, controller and CLI cannot disagree.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from clonebox.type.v1 import host_pb2, operation_pb2, resources_pb2, vm_pb2
+from google.protobuf import timestamp_pb2
+from google.rpc import status_pb2
+
+from clonebox_core import errors, model
+from clonebox_core.rpc.status import error_from_status_proto, to_status_proto
+
+
+def ts_to_proto(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    """A datetime as a Timestamp (None stays None)."""
+    if value is None:
+        return None
+    out = timestamp_pb2.Timestamp()
+    out.FromDatetime(value.astimezone(UTC))
+    return out
+
+
+def ts_from_proto(msg: timestamp_pb2.Timestamp, present: bool) -> datetime | None:
+    """A Timestamp as an aware UTC datetime, or None when the field was unset."""
+    return msg.ToDatetime(tzinfo=UTC) if present else None
+
+
+def resources_to_proto(r: model.Resources) -> resources_pb2.Resources:
+    """Resources -> proto."""
+    return resources_pb2.Resources(vcpus=r.vcpus, memory_mib=r.memory_mib, disk_mib=r.disk_mib)
+
+
+def resources_from_proto(m: resources_pb2.Resources) -> model.Resources:
+    """Proto -> Resources."""
+    return model.Resources(m.vcpus, m.memory_mib, m.disk_mib)
+
+
+def revision_to_proto(r: model.Revision) -> resources_pb2.Revision:
+    """Revision -> proto."""
+    return resources_pb2.Revision(epoch=r.epoch, sequence=r.sequence)
+
+
+def revision_from_proto(m: resources_pb2.Revision) -> model.Revision:
+    """Proto -> Revision."""
+    return model.Revision(m.epoch, m.sequence)
+
+
+_NETWORK_MODE_TO_PROTO = {
+    model.NetworkMode.LIBVIRT: vm_pb2.NETWORK_MODE_LIBVIRT,
+    model.NetworkMode.NONE: vm_pb2.NETWORK_MODE_NONE,
+}
+
+
+def spec_to_proto(s: model.VmSpec) -> vm_pb2.VmSpec:
+    """VmSpec -> proto."""
+    out = vm_pb2.VmSpec(
+        name=s.name,
+        vcpus=s.vcpus,
+        memory_mib=s.memory_mib,
+        disks=[
+            vm_pb2.DiskSpec(name=d.name, base_image=d.base_image, size_mib=d.size_mib)
+            for d in s.disks
+        ],
+        network=vm_pb2.NetworkSpec(
+            mode=_NETWORK_MODE_TO_PROTO[s.network.mode],
+            libvirt_network=s.network.libvirt_network,
+        ),
+        shared_folders=[
+            vm_pb2.SharedFolder(host_path=f.host_path, tag=f.tag, read_only=f.read_only)
+            for f in s.shared_folders
+        ],
+        labels=dict(s.labels),
+    )
+    if s.kernel_boot is not None:
+        out.kernel_boot.CopyFrom(
+            vm_pb2.KernelBoot(
+                kernel=s.kernel_boot.kernel, initrd=s.kernel_boot.initrd, cmdline=s.kernel_boot.cmdline
+            )
+        )
+    if s.cloud_init is not None:
+        out.cloud_init.CopyFrom(
+            vm_pb2.CloudInit(
+                user_data=s.cloud_init.user_data,
+                meta_data=s.cloud_init.meta_data,
+                network_config=s.cloud_init.network_config,
+            )
+        )
+    return out
+
+
+def spec_from_proto(m: vm_pb2.VmSpec) -> model.VmSpec:
+    """Proto -> VmSpec (no validation; see ``clonebox_core.validate``)."""
+    mode = model.NetworkMode.NONE if m.network.mode == vm_pb2.NETWORK_MODE_NONE else model.NetworkMode.LIBVIRT
+    return model.VmSpec(
+        name=m.name,
+        vcpus=m.vcpus,
+        memory_mib=m.memory_mib,
+        disks=tuple(model.DiskSpec(d.name, d.base_image, d.size_mib) for d in m.disks),
+        kernel_boot=(
+            model.KernelBoot(m.kernel_boot.kernel, m.kernel_boot.initrd, m.kernel_boot.cmdline)
+            if m.HasField("kernel_boot")
+            else None
+        ),
+        network=model.NetworkSpec(mode, m.network.libvirt_network or "default"),
+        shared_folders=tuple(
+            model.SharedFolder(f.host_path, f.tag, f.read_only) for f in m.shared_folders
+        ),
+        cloud_init=(
+            model.CloudInit(m.cloud_init.user_data, m.cloud_init.meta_data, m.cloud_init.network_config)
+            if m.HasField("cloud_init")
+            else None
+        ),
+        labels=tuple(sorted(m.labels.items())),
+    )
+
+
+def vm_to_proto(v: model.Vm) -> vm_pb2.Vm:
+    """Vm -> proto."""
+    out = vm_pb2.Vm(
+        name=v.name,
+        host=v.host,
+        state=v.state.value,  # type: ignore[arg-type]  # the enums share numbers by construction
+        spec=spec_to_proto(v.spec),
+        addresses=[
+            vm_pb2.IpAddress(interface=a.interface, address=a.address, prefix=a.prefix, source=a.source)
+            for a in v.addresses
+        ],
+        uuid=v.uuid,
+        state_reason=v.state_reason,
+    )
+    if (t := ts_to_proto(v.create_time)) is not None:
+        out.create_time.CopyFrom(t)
+    if (t := ts_to_proto(v.update_time)) is not None:
+        out.update_time.CopyFrom(t)
+    return out
+
+
+def vm_from_proto(m: vm_pb2.Vm) -> model.Vm:
+    """Proto -> Vm."""
+    return model.Vm(
+        name=m.name,
+        host=m.host,
+        state=model.VmState(m.state),
+        spec=spec_from_proto(m.spec),
+        uuid=m.uuid,
+        addresses=tuple(
+            model.IpAddress(a.interface, a.address, a.prefix, a.source) for a in m.addresses
+        ),
+        create_time=ts_from_proto(m.create_time, m.HasField("create_time")),
+        update_time=ts_from_proto(m.update_time, m.HasField("update_time")),
+        state_reason=m.state_reason,
+    )
+
+
+def hypervisor_to_proto(h: model.HypervisorInfo) -> host_pb2.HypervisorInfo:
+    """HypervisorInfo -> proto."""
+    return host_pb2.HypervisorInfo(
+        uri=h.uri,
+        libvirt_version=h.libvirt_version,
+        hypervisor_version=h.hypervisor_version,
+        domain_type=h.domain_type,
+        domain_type_reason=h.domain_type_reason,
+        capabilities=list(h.capabilities),
+        cpu_model=h.cpu_model,
+    )
+
+
+def hypervisor_from_proto(m: host_pb2.HypervisorInfo) -> model.HypervisorInfo:
+    """Proto -> HypervisorInfo."""
+    return model.HypervisorInfo(
+        uri=m.uri,
+        libvirt_version=m.libvirt_version,
+        hypervisor_version=m.hypervisor_version,
+        domain_type=m.domain_type,
+        domain_type_reason=m.domain_type_reason,
+        capabilities=tuple(m.capabilities),
+        cpu_model=m.cpu_model,
+    )
+
+
+def host_to_proto(h: model.Host) -> host_pb2.Host:
+    """Host -> proto."""
+    out = host_pb2.Host(
+        name=h.name,
+        address=h.address,
+        capacity=resources_to_proto(h.capacity),
+        allocatable=resources_to_proto(h.allocatable),
+        allocated=resources_to_proto(h.allocated),
+        hypervisor=hypervisor_to_proto(h.hypervisor),
+        state=h.state.value,  # type: ignore[arg-type]
+        cordoned=h.cordoned,
+        vm_count=h.vm_count,
+        agent_epoch=h.agent_epoch,
+    )
+    if (t := ts_to_proto(h.last_heartbeat)) is not None:
+        out.last_heartbeat_time.CopyFrom(t)
+    return out
+
+
+def host_from_proto(m: host_pb2.Host) -> model.Host:
+    """Proto -> Host."""
+    return model.Host(
+        name=m.name,
+        address=m.address,
+        capacity=resources_from_proto(m.capacity),
+        allocatable=resources_from_proto(m.allocatable),
+        allocated=resources_from_proto(m.allocated),
+        hypervisor=hypervisor_from_proto(m.hypervisor),
+        state=model.HostState(m.state),
+        cordoned=m.cordoned,
+        last_heartbeat=ts_from_proto(m.last_heartbeat_time, m.HasField("last_heartbeat_time")),
+        vm_count=m.vm_count,
+        agent_epoch=m.agent_epoch,
+    )
+
+
+def operation_to_proto(op: model.Operation) -> operation_pb2.Operation:
+    """Operation -> proto (error as google.rpc.Status with ErrorInfo)."""
+    out = operation_pb2.Operation(
+        id=op.id,
+        kind=op.kind,
+        target=op.target,
+        step=op.step,
+        progress=op.progress,
+        done=op.done,
+        request_id=op.request_id,
+    )
+    if op.error_code:
+        cls = errors.CLASS_BY_CODE.get(op.error_code, errors.Internal)
+        out.error.CopyFrom(
+            to_status_proto(cls(op.error_message, reason=op.error_reason, metadata=op.error_metadata))
+        )
+    if op.result_vm is not None:
+        out.result.vm.CopyFrom(vm_to_proto(op.result_vm))
+    if (t := ts_to_proto(op.create_time)) is not None:
+        out.create_time.CopyFrom(t)
+    if (t := ts_to_proto(op.update_time)) is not None:
+        out.update_time.CopyFrom(t)
+    return out
+
+
+def operation_error(m: operation_pb2.Operation) -> errors.CloneboxError | None:
+    """The error a finished operation carries, as a CloneboxError (None when it succeeded)."""
+    if not m.HasField("error"):
+        return None
+    status = status_pb2.Status()
+    status.CopyFrom(m.error)
+    return error_from_status_proto(status)

@@ -1,0 +1,624 @@
+"""The VM spec file: a small, versioned YAML document describing one VM.
+
+Format (version 1)::
+
+    version: 1                     # required; only 1 is known
+    name: tiny-a                   # required; a DNS label, unique in the fleet
+    vcpus: 1                       # optional, default 1
+    memory: 256MiB                 # optional, default 512MiB; an int is MiB, a string takes a unit:
+                                   #   KiB MiB GiB TiB (or K M G T, binary); 16 MiB .. 4 TiB
+    disks:                         # optional list, attach order; the first boots unless kernel_boot
+      - name: data                 # a DNS label, unique within the VM
+        base_image: testguest/data.qcow2   # relative = inside one of the agent's image dirs
+        size: 1GiB                 # optional for an overlay (keeps the base size); required for blank
+    kernel_boot:                   # optional direct kernel boot
+      kernel: testguest/vmlinuz
+      initrd: testguest/initrd.img
+      cmdline: console=ttyS0 quiet
+    network: {mode: libvirt, libvirt_network: default}   # or {mode: none}; default libvirt/default
+    shared_folders: [{host_path: /srv/x, tag: x, read_only: true}]
+    cloud_init:                    # NoCloud inputs; each a string, or a mapping that is dumped as YAML
+      user_data: "#cloud-config\\n..."   # a mapping becomes "#cloud-config" + the mapping
+      meta_data: ""
+      network_config: ""
+    labels: {app: demo}
+
+``load_spec_file`` / ``load_spec_text`` return a validated ``clonebox_core.model.VmSpec``. Every problem
+is an ``InvalidArgument`` with reason ``SPEC_INVALID`` and a one-line message naming the file, the line,
+the field and the fix::
+
+    tiny.yaml:4: memory: '0MiB' must be at least 16 MiB
+    tiny.yaml:7: disks[0].sise: unknown field (did you mean 'size'?)
+
+Line numbers come from the YAML node tree (composed once, then constructed from the same nodes), so
+pydantic's error locations and ``validate_spec``'s ``metadata['field']`` can both be mapped back to the
+line the user has to edit.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping, Sequence
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_core import ErrorDetails
+
+from clonebox_core.errors import InvalidArgument
+from clonebox_core.model import (
+    CloudInit,
+    DiskSpec,
+    KernelBoot,
+    NetworkMode,
+    NetworkSpec,
+    SharedFolder,
+    VmSpec,
+)
+from clonebox_core.validate import MAX_DISK_MIB, MAX_MEMORY_MIB, MIN_MEMORY_MIB, validate_spec
+
+__all__ = [
+    "MAX_SPEC_BYTES",
+    "REASON",
+    "SPEC_VERSION",
+    "dump_spec",
+    "format_size",
+    "load_spec_file",
+    "load_spec_text",
+    "parse_size",
+]
+
+#: the only spec format version this code reads
+SPEC_VERSION = 1
+#: reason carried by every spec error
+REASON = "SPEC_INVALID"
+#: three cloud-init documents of at most 1 MiB each, plus the rest of the spec
+MAX_SPEC_BYTES = 4 * 1024 * 1024
+#: composed YAML nodes, counting every alias expansion; stops "billion laughs" documents early
+_MAX_NODES = 100_000
+
+# --------------------------------------------------------------------------------------------- sizes
+
+_KIB_PER_UNIT = {"K": 1, "M": 1024, "G": 1024**2, "T": 1024**3}
+# a decimal number, then an optional binary unit (K, Ki, KiB; case-insensitive prefix letter)
+_SIZE = re.compile(r"^\s*(\d{1,16}(?:\.\d{1,9})?)\s*(?:([KMGTkmgt])(i?[Bb]?|I[Bb]?)?)?\s*$")
+_AMBIGUOUS = re.compile(r"^\s*\d+(?:\.\d+)?\s*[KMGTkmgt][Bb]\s*$")
+
+
+def parse_size(value: object) -> int:
+    """A size in whole MiB from a YAML value: an int (MiB) or a string with a binary unit.
+
+    Accepts ``512``, ``"512"``, ``"256MiB"``, ``"1GiB"``, ``"1.5G"``, ``"2048KiB"``, ``"1TiB"``. Raises
+    ``ValueError`` with a message that quotes the input and says how to fix it.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(
+            f"{_describe(value)} is not a size: use a whole number of MiB or a string like '512MiB'"
+        )
+    if isinstance(value, int):
+        return value
+    if _AMBIGUOUS.match(value):
+        raise ValueError(
+            f"{value!r} is ambiguous (decimal or binary?): write the binary unit, e.g. "
+            f"'{value.strip()[:-1].rstrip()}iB'"
+        )
+    m = _SIZE.match(value)
+    if m is None:
+        raise ValueError(
+            f"{value!r} is not a size: use a whole number of MiB or a number with a unit "
+            "(KiB, MiB, GiB, TiB), e.g. '512MiB'"
+        )
+    number, unit = m.group(1), m.group(2)
+    try:
+        kib = Decimal(number) * _KIB_PER_UNIT[(unit or "M").upper()]
+    except InvalidOperation:  # pragma: no cover - the regex admits only plain decimals
+        raise ValueError(f"{value!r} is not a size") from None
+    mib, rest = divmod(kib, 1024)
+    if rest:
+        raise ValueError(f"{value!r} is not a whole number of MiB: round it, e.g. to '{int(mib) + 1}MiB'")
+    return int(mib)
+
+
+def format_size(mib: int) -> str:
+    """The shortest exact spelling of ``mib``: ``1GiB``, ``1536MiB``, ``2TiB``; ``parse_size`` reverses it."""
+    for unit, factor in (("TiB", 1024 * 1024), ("GiB", 1024)):
+        if mib and mib % factor == 0:
+            return f"{mib // factor}{unit}"
+    return f"{mib}MiB"
+
+
+def _ranged_size(low: int, high: int) -> Any:
+    """A BeforeValidator that parses a size and checks its range, quoting the user's own spelling."""
+
+    def check(value: object) -> int:
+        mib = parse_size(value)
+        shown = repr(value) if isinstance(value, str) else str(value)
+        if mib < low:
+            raise ValueError(f"{shown} must be at least {_human(low)}")
+        if mib > high:
+            raise ValueError(f"{shown} must be at most {_human(high)}")
+        return mib
+
+    return BeforeValidator(check)
+
+
+def _human(mib: int) -> str:
+    """``16 MiB``, ``4 TiB``: a size for messages."""
+    text = format_size(mib)
+    return f"{text[:-3]} {text[-3:]}"
+
+
+def _cloud_text(header: str) -> Any:
+    """A BeforeValidator: a cloud-init document given as a mapping or list is dumped to YAML text."""
+
+    def convert(value: object) -> object:
+        if isinstance(value, dict | list):
+            return header + yaml.safe_dump(value, sort_keys=False, default_flow_style=False)
+        return value
+
+    return BeforeValidator(convert)
+
+
+# ---------------------------------------------------------------------------------------- the schema
+
+
+class _Strict(BaseModel):
+    # strict: YAML already gives ints, bools and strings their types; a quoted "2" for vcpus is a typo
+    # worth reporting, not something to coerce silently
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+MemoryMiB = Annotated[int, _ranged_size(MIN_MEMORY_MIB, MAX_MEMORY_MIB)]
+DiskMiB = Annotated[int, _ranged_size(1, MAX_DISK_MIB)]
+UserData = Annotated[str, _cloud_text("#cloud-config\n")]
+CloudText = Annotated[str, _cloud_text("")]
+
+
+class _Disk(_Strict):
+    name: str
+    base_image: str = ""
+    size: DiskMiB | None = None
+
+
+class _KernelBoot(_Strict):
+    kernel: str
+    initrd: str = ""
+    cmdline: str = ""
+
+
+class _Network(_Strict):
+    mode: Literal["libvirt", "none"] = "libvirt"
+    libvirt_network: str | None = None
+
+
+class _SharedFolder(_Strict):
+    host_path: str
+    tag: str
+    read_only: bool = False
+
+
+class _CloudInit(_Strict):
+    user_data: UserData = ""
+    meta_data: CloudText = ""
+    network_config: CloudText = ""
+
+
+class _SpecV1(_Strict):
+    version: Literal[1]
+    name: str
+    vcpus: int = Field(1)
+    memory: MemoryMiB = 512
+    disks: list[_Disk] | None = None
+    kernel_boot: _KernelBoot | None = None
+    network: _Network | None = None
+    shared_folders: list[_SharedFolder] | None = None
+    cloud_init: _CloudInit | None = None
+    labels: dict[str, str] | None = None
+
+
+# core field names -> spec file field names (validate_spec speaks the model's names)
+_MODEL_TO_FILE = {"memory_mib": "memory", "size_mib": "size"}
+_FILE_TO_MODEL = {v: k for k, v in _MODEL_TO_FILE.items()}
+
+Loc = tuple[str | int, ...]
+
+
+class _Problem(Exception):
+    """A problem found after pydantic, at a known location in the document."""
+
+    def __init__(self, loc: Loc, message: str, *, at_key: bool = False) -> None:
+        super().__init__(message)
+        self.loc = loc
+        self.message = message
+        self.at_key = at_key
+
+
+def _to_model(doc: _SpecV1) -> VmSpec:
+    network = NetworkSpec()
+    if doc.network is not None:
+        if doc.network.mode == "none":
+            if doc.network.libvirt_network is not None:
+                raise _Problem(
+                    ("network", "libvirt_network"),
+                    "only applies to mode 'libvirt': remove it or set mode: libvirt",
+                    at_key=True,
+                )
+            network = NetworkSpec(mode=NetworkMode.NONE)
+        else:
+            network = NetworkSpec(NetworkMode.LIBVIRT, doc.network.libvirt_network or "default")
+    return VmSpec(
+        name=doc.name,
+        vcpus=doc.vcpus,
+        memory_mib=doc.memory,
+        disks=tuple(DiskSpec(d.name, d.base_image, d.size or 0) for d in doc.disks or ()),
+        kernel_boot=(
+            KernelBoot(doc.kernel_boot.kernel, doc.kernel_boot.initrd, doc.kernel_boot.cmdline)
+            if doc.kernel_boot is not None
+            else None
+        ),
+        network=network,
+        shared_folders=tuple(
+            SharedFolder(f.host_path, f.tag, f.read_only) for f in doc.shared_folders or ()
+        ),
+        cloud_init=(
+            CloudInit(doc.cloud_init.user_data, doc.cloud_init.meta_data, doc.cloud_init.network_config)
+            if doc.cloud_init is not None
+            else None
+        ),
+        labels=tuple(sorted((doc.labels or {}).items())),
+    )
+
+
+# ------------------------------------------------------------------------------- locating in the YAML
+
+
+def _line(node: yaml.Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+def _find(root: yaml.Node, loc: Loc) -> tuple[yaml.Node, yaml.Node | None, int]:
+    """Walk ``loc`` down the node tree: (deepest node reached, its key node if any, parts matched)."""
+    node, key_node, matched = root, None, 0
+    for part in loc:
+        nxt: tuple[yaml.Node, yaml.Node] | None = None
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.value == str(part):
+                    nxt = (k, v)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            nxt = (node.value[part], node.value[part])
+        if nxt is None:
+            break
+        key_node, node = (nxt[0], nxt[1]) if isinstance(node, yaml.MappingNode) else (None, nxt[1])
+        matched += 1
+    return node, key_node, matched
+
+
+def _line_of(root: yaml.Node | None, loc: Loc, *, at_key: bool = False, parent: bool = False) -> int:
+    """The line to blame for a location: the key for unknown/extra fields, the parent for missing ones."""
+    if root is None:
+        return 1
+    if parent:
+        loc = loc[:-1]
+    node, key_node, matched = _find(root, loc)
+    if at_key and key_node is not None and matched == len(loc):
+        return _line(key_node)
+    return _line(node)
+
+
+def _path_text(loc: Sequence[str | int]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _describe(value: object) -> str:
+    """A short description of a YAML value for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return repr(shown)
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__}"
+
+
+def _fields_of(loc: Loc) -> list[str]:
+    """Known field names of the schema object at ``loc`` (for 'did you mean')."""
+    model: type[BaseModel] = _SpecV1
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[str(part)].annotation if str(part) in model.model_fields else None
+        inner = _model_in(annotation)
+        if inner is None:
+            return []
+        model = inner
+    return list(model.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _unknown_field_hint(loc: Loc) -> str:
+    known = _fields_of(loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    if close:
+        return f"unknown field (did you mean '{close[0]}'?)"
+    if known:
+        return f"unknown field (known fields: {', '.join(known)})"
+    return "unknown field"
+
+
+def _quote_hint(value: object) -> str:
+    return " (put it in quotes)" if isinstance(value, int | float | bool) or value is None else ""
+
+
+def _pydantic_problem(err: ErrorDetails) -> tuple[Loc, str, bool, bool]:
+    """(location, message, blame the key, blame the parent) for one pydantic error."""
+    loc: Loc = tuple(err["loc"])
+    kind, value = err["type"], err.get("input")
+    at_key = False
+    if loc and loc[-1] == "[key]":  # dict key errors: pydantic appends a marker after the key
+        loc, at_key = loc[:-1], True
+    path = _path_text(loc)
+    if kind == "missing":
+        return loc, f"{path}: required but missing: add '{loc[-1]}: ...'", False, True
+    if kind == "extra_forbidden":
+        return loc, f"{path}: {_unknown_field_hint(loc)}", True, False
+    if kind == "string_type":
+        return loc, f"{path}: expected a string, got {_describe(value)}{_quote_hint(value)}", at_key, False
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return loc, f"{path}: expected a whole number, got {_describe(value)}", at_key, False
+    if kind == "bool_type":
+        return loc, f"{path}: expected true or false, got {_describe(value)}", at_key, False
+    if kind == "literal_error":
+        expected = (err.get("ctx") or {}).get("expected", "")
+        return loc, f"{path}: {_describe(value)} is not allowed: use {expected}", at_key, False
+    if kind == "list_type":
+        return loc, f"{path}: expected a list ('- item' lines), got {_describe(value)}", False, False
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        fields = _fields_of(loc)
+        hint = f" with {', '.join(fields)}" if fields else ""
+        return loc, f"{path}: expected a mapping{hint}, got {_describe(value)}", False, False
+    if kind == "value_error":
+        return loc, f"{path}: {(err.get('ctx') or {}).get('error', err['msg'])}", False, False
+    return loc, f"{path}: {err['msg'][:1].lower()}{err['msg'][1:]}", at_key, False
+
+
+# --------------------------------------------------------------------------------------- the loader
+
+
+def _fail(source: str, line: int, message: str, field: str = "") -> InvalidArgument:
+    text = " ".join(f"{source}:{line}: {message}".split())  # one line, whatever the YAML held
+    meta = {"file": source, "line": str(line)}
+    if field:
+        meta["field"] = field
+    return InvalidArgument(text, reason=REASON, metadata=meta)
+
+
+def _check_tree(source: str, root: yaml.Node) -> None:
+    """Refuse duplicate keys (YAML keeps the last silently) and documents that expand enormously."""
+    stack: list[yaml.Node] = [root]
+    budget = _MAX_NODES
+    while stack:
+        node = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise _fail(source, _line(root), f"too many YAML nodes (more than {_MAX_NODES} after aliases)")
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode):
+                    if k.value in seen and k.value != "<<":
+                        raise _fail(
+                            source,
+                            _line(k),
+                            f"duplicate key '{k.value}' (first at line {seen[k.value]}): keep one",
+                        )
+                    seen[k.value] = _line(k)
+                stack.extend((k, v))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+
+
+def _parse(text: str, source: str) -> tuple[yaml.Node | None, Any]:
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None, None
+        _check_tree(source, root)
+        return root, loader.construct_document(root)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = int(mark.line) + 1 if mark is not None else 1
+        problem = exc.problem or exc.context or "syntax error"
+        hint = "indent with spaces, not tabs" if "\\t" in problem or "\t" in problem else "check indentation and quoting"
+        col = f" (column {int(mark.column) + 1})" if mark is not None else ""
+        raise _fail(source, line, f"not valid YAML: {problem}{col}: {hint}") from None
+    except InvalidArgument:
+        raise
+    except RecursionError:
+        raise _fail(source, 1, "not valid YAML: nested too deeply") from None
+    except Exception as exc:  # noqa: BLE001 - e.g. ValueError from an impossible date; all are the user's input
+        raise _fail(source, 1, f"not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+
+
+def _field_to_loc(field: str) -> Loc:
+    """``spec.disks[0].size_mib`` -> ``("disks", 0, "size")``; label keys may contain dots."""
+    if field.startswith("spec."):
+        field = field[len("spec."):]
+    elif field == "spec":
+        return ()
+    loc: list[str | int] = []
+    parts = field.split(".")
+    for i, part in enumerate(parts):
+        if not loc or loc[0] != "labels":
+            m = re.fullmatch(r"([^\[]*)((?:\[\d+\])*)", part)
+            if m is None:
+                loc.append(part)
+                continue
+            if m.group(1):
+                loc.append(_MODEL_TO_FILE.get(m.group(1), m.group(1)))
+            loc.extend(int(x) for x in re.findall(r"\[(\d+)\]", m.group(2)))
+        else:
+            loc.append(".".join(parts[i:]))
+            break
+    return tuple(loc)
+
+
+def load_spec_text(text: str, source_name: str = "<spec>") -> VmSpec:
+    """Parse and validate a spec document; ``source_name`` is used in error messages."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_SPEC_BYTES:
+        raise _fail(source_name, 1, f"file is larger than {MAX_SPEC_BYTES // (1024 * 1024)} MiB")
+    root, data = _parse(text, source_name)
+    if data is None:
+        raise _fail(source_name, 1, "the file is empty: a VM spec starts with 'version: 1' and 'name: ...'")
+    if not isinstance(data, Mapping):
+        raise _fail(
+            source_name,
+            _line_of(root, ()),
+            f"expected a mapping of fields (version, name, ...), got {_describe(data)}",
+        )
+    if "vm" in data and "name" not in data:
+        raise _fail(
+            source_name,
+            _line_of(root, ("vm",), at_key=True),
+            "this looks like a CloneBox project file (.clonebox.yaml with a 'vm:' section), not a fleet "
+            f"VM spec: write 'version: {SPEC_VERSION}', 'name:', 'vcpus:', 'memory:' at the top level",
+        )
+    if "version" not in data:
+        raise _fail(source_name, _line_of(root, ()), f"version: required but missing: add 'version: {SPEC_VERSION}'")
+    version = data["version"]
+    if isinstance(version, bool) or version != SPEC_VERSION:
+        raise _fail(
+            source_name,
+            _line_of(root, ("version",)),
+            f"version: {_describe(version)} is not supported: this clonebox reads version {SPEC_VERSION}",
+            "version",
+        )
+    try:
+        doc = _SpecV1.model_validate(data)
+    except ValidationError as exc:
+        found = []
+        for err in exc.errors():
+            loc, message, at_key, parent = _pydantic_problem(err)
+            found.append((_line_of(root, loc, at_key=at_key, parent=parent), message, _path_text(loc)))
+        found.sort(key=lambda item: item[0])  # report the first problem as the file reads
+        line, message, field = found[0]
+        more = f" (and {len(found) - 1} more problem{'s' if len(found) > 2 else ''})" if len(found) > 1 else ""
+        raise _fail(source_name, line, message + more, field) from None
+    try:
+        spec = _to_model(doc)
+        return validate_spec(spec, prefix="spec")
+    except _Problem as problem:
+        raise _fail(
+            source_name,
+            _line_of(root, problem.loc, at_key=problem.at_key),
+            f"{_path_text(problem.loc)}: {problem.message}",
+            _path_text(problem.loc),
+        ) from None
+    except InvalidArgument as exc:
+        field = exc.metadata.get("field", "")
+        message = exc.message
+        if field and message.startswith(f"{field}: "):
+            message = message[len(field) + 2:]
+        loc = _field_to_loc(field) if field else ()
+        path = _path_text(loc)
+        raise _fail(source_name, _line_of(root, loc), f"{path}: {message}", path) from None
+
+
+def load_spec_file(path: str | Path) -> VmSpec:
+    """Read and validate the spec file at ``path``."""
+    source = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise InvalidArgument(
+            f"{source}: no such file: give the path of a VM spec (see examples/)",
+            reason=REASON,
+            metadata={"file": source},
+        ) from None
+    except IsADirectoryError:
+        raise InvalidArgument(f"{source}: is a directory, not a spec file", reason=REASON,
+                              metadata={"file": source}) from None
+    except OSError as exc:
+        raise InvalidArgument(f"{source}: cannot read: {exc.strerror}", reason=REASON,
+                              metadata={"file": source}) from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise _fail(source, 1, f"file is larger than {MAX_SPEC_BYTES // (1024 * 1024)} MiB")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise _fail(source, line, "not UTF-8 text: save the file as UTF-8") from None
+    return load_spec_text(text, source)
+
+
+# ---------------------------------------------------------------------------------------- the writer
+
+
+def dump_spec(spec: VmSpec) -> str:
+    """A spec file (version 1) for ``spec``; ``load_spec_text(dump_spec(s)) == s`` for a valid ``s``."""
+    doc: dict[str, Any] = {
+        "version": SPEC_VERSION,
+        "name": spec.name,
+        "vcpus": spec.vcpus,
+        "memory": format_size(spec.memory_mib),
+    }
+    if spec.disks:
+        doc["disks"] = []
+        for d in spec.disks:
+            disk: dict[str, Any] = {"name": d.name}
+            if d.base_image:
+                disk["base_image"] = d.base_image
+            if d.size_mib:
+                disk["size"] = format_size(d.size_mib)
+            doc["disks"].append(disk)
+    if spec.kernel_boot is not None:
+        doc["kernel_boot"] = {
+            "kernel": spec.kernel_boot.kernel,
+            "initrd": spec.kernel_boot.initrd,
+            "cmdline": spec.kernel_boot.cmdline,
+        }
+    if spec.network.mode is NetworkMode.NONE:
+        doc["network"] = {"mode": "none"}
+    else:
+        doc["network"] = {"mode": "libvirt", "libvirt_network": spec.network.libvirt_network}
+    if spec.shared_folders:
+        doc["shared_folders"] = [
+            {"host_path": f.host_path, "tag": f.tag, "read_only": f.read_only} for f in spec.shared_folders
+        ]
+    if spec.cloud_init is not None:
+        doc["cloud_init"] = {
+            "user_data": spec.cloud_init.user_data,
+            "meta_data": spec.cloud_init.meta_data,
+            "network_config": spec.cloud_init.network_config,
+        }
+    if spec.labels:
+        doc["labels"] = dict(spec.labels)
+    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, allow_unicode=True)

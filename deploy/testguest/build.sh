@@ -1,0 +1,311 @@
+#!/usr/bin/env bash
+# Build the CloneBox test guest: a Debian kernel plus a tiny busybox/qemu-ga initramfs and a small
+# data disk, all taken from Debian packages, so real VM lifecycle tests boot in seconds without a
+# distro image. See README.md in this folder.
+#
+#   build.sh [--force] [OUTDIR]   build (or confirm the cached build) into OUTDIR
+#   build.sh --verify [OUTDIR]    check OUTDIR against its SHA256SUMS
+#
+# OUTDIR defaults to /var/lib/clonebox/images/testguest. Downloads go to $CLONEBOX_TESTGUEST_CACHE
+# (default /var/cache/clonebox/testguest). Needs root for apt-get download and mknod only.
+set -euo pipefail
+umask 022
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+CACHE=${CLONEBOX_TESTGUEST_CACHE:-/var/cache/clonebox/testguest}
+DEFAULT_OUT=/var/lib/clonebox/images/testguest
+META_PKG=linux-image-amd64
+OUTPUTS=(vmlinuz initrd.img data.qcow2)
+DATA_SIZE=64M
+# Guest drivers we load. Hard dependencies are added automatically (from each module's depends=);
+# crc32c_generic is only a *soft* dependency of ext4/jbd2 (crypto-crc32c, needed for metadata_csum),
+# so it has to be named. evdev gives busybox acpid the /dev/input/event* it listens on.
+MODULES=(virtio_pci virtio_net virtio_blk virtio_console crc32c_generic ext4 button evdev)
+# Fixed timestamps/UUID make identical inputs give byte-identical outputs (stable SHA256SUMS).
+# Not 0: mke2fs treats E2FSPROGS_FAKE_TIME=0 as unset.
+EPOCH=946684800
+DATA_UUID=6c0b0a5e-7e57-4e57-a000-c10e0b0c0de5
+
+log() { echo "testguest: $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+usage() { sed -n '2,11s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+
+mode=build force=0 out=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --verify) mode=verify ;;
+    --force) force=1 ;;
+    -h|--help) usage; exit 0 ;;
+    -*) usage >&2; die "unknown option $1" ;;
+    *) [ -z "$out" ] || die "only one OUTDIR allowed"; out=$1 ;;
+  esac
+  shift
+done
+OUT=$(realpath -m "${out:-$DEFAULT_OUT}")
+STAMP=$OUT/.build-stamp
+
+verify_outputs() {
+  [ -f "$OUT/SHA256SUMS" ] || return 1
+  local f
+  for f in "${OUTPUTS[@]}"; do [ -f "$OUT/$f" ] || return 1; done
+  (cd "$OUT" && sha256sum --quiet --strict -c SHA256SUMS) >/dev/null 2>&1
+}
+
+if [ "$mode" = verify ]; then
+  [ -f "$OUT/SHA256SUMS" ] || die "$OUT/SHA256SUMS missing (not built?)"
+  (cd "$OUT" && sha256sum --strict -c SHA256SUMS) || die "checksum mismatch in $OUT"
+  for f in "${OUTPUTS[@]}"; do
+    grep -q "  $f\$" "$OUT/SHA256SUMS" || die "$f not listed in SHA256SUMS"
+  done
+  exit 0
+fi
+
+for tool in apt-cache apt-get dpkg-deb dpkg-query cpio gzip mkfs.ext4 qemu-img ldd sha256sum flock; do
+  command -v "$tool" >/dev/null || die "missing tool: $tool"
+done
+
+mkdir -p "$CACHE" "$OUT"
+# One build at a time per cache: parallel runs would race on the .deb download and OUTDIR.
+exec 9>"$CACHE/.lock"
+flock 9
+
+stamp_get() { [ -f "$STAMP" ] && sed -n "s/^$1=//p" "$STAMP" | head -n1 || true; }
+
+# ---- inputs -----------------------------------------------------------------------------------
+pkg_version() {
+  dpkg-query -W -f='${db:Status-Status} ${Version}\n' "$1" 2>/dev/null | awk '$1=="installed"{print $2}'
+}
+BUSYBOX_VER=$(pkg_version busybox-static)
+QGA_VER=$(pkg_version qemu-guest-agent)
+[ -n "$BUSYBOX_VER" ] || die "package busybox-static is not installed"
+[ -n "$QGA_VER" ] || die "package qemu-guest-agent is not installed"
+BUSYBOX=$(dpkg -L busybox-static | grep -E '/bin/busybox$' | head -n1)
+QGA=$(dpkg -L qemu-guest-agent | grep -E '/sbin/qemu-ga$' | head -n1)
+[ -x "$BUSYBOX" ] && [ -x "$QGA" ] || die "busybox or qemu-ga binary not found"
+
+# Everything ldd resolves, including the dynamic loader (the line without "=>").
+mapfile -t QGA_LIBS < <(ldd "$QGA" | awk '/=> not found/ {print "MISSING:" $1; next}
+                                          /=>/ && $3 ~ /^\// {print $3; next}
+                                          $1 ~ /^\// {print $1}')
+for lib in "${QGA_LIBS[@]}"; do
+  [[ $lib != MISSING:* ]] || die "qemu-ga needs ${lib#MISSING:}, which ldd cannot find"
+done
+
+# Library content is hashed too: a libc/glib security update must rebuild the initramfs even
+# though the busybox and qemu-ga package versions did not change.
+BINARIES_SHA=$(sha256sum "$BUSYBOX" "$QGA" "${QGA_LIBS[@]}" | sha256sum | cut -d' ' -f1)
+SCRIPT_SHA=$(cd "$HERE" && find build.sh guest -type f -print0 | LC_ALL=C sort -z \
+  | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
+
+# Which kernel linux-image-amd64 resolves to depends only on apt's package lists and config.
+# apt-cache needs ~1 s here (no pkgcache.bin in this image), so while those are unchanged we trust
+# the kernel recorded in the stamp and skip apt entirely.
+shopt -s nullglob
+APT_FILES=(/var/lib/apt/lists/*_Packages* /etc/apt/sources.list /etc/apt/sources.list.d/*
+           /etc/apt/preferences /etc/apt/preferences.d/* /etc/apt/apt.conf.d/*)
+shopt -u nullglob
+APT_FP=$( (stat -c '%n %s %Y' "${APT_FILES[@]}" 2>/dev/null || true) | sha256sum | cut -d' ' -f1)
+
+resolve_kernel() {
+  KPKG=$(apt-cache depends --no-recommends --no-suggests --no-conflicts --no-breaks \
+           --no-replaces --no-enhances "$META_PKG" \
+         | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ {print $2; exit}')
+  [ -n "$KPKG" ] || die "cannot resolve the kernel package $META_PKG depends on (apt-get update?)"
+  KVER=$(apt-cache policy "$KPKG" | awk '$1 == "Candidate:" {print $2; exit}')
+  [ -n "$KVER" ] && [ "$KVER" != "(none)" ] || die "no installable version of $KPKG"
+}
+
+KPKG="" KVER=""
+if [ "$force" = 0 ] && [ "$(stamp_get apt_lists)" = "$APT_FP" ]; then
+  KPKG=$(stamp_get kernel_package)
+  KVER=$(stamp_get kernel_version)
+fi
+[ -n "$KPKG" ] && [ -n "$KVER" ] || resolve_kernel
+
+INPUTS="kernel_package=$KPKG
+kernel_version=$KVER
+busybox_static=$BUSYBOX_VER
+qemu_guest_agent=$QGA_VER
+binaries_sha256=$BINARIES_SHA
+script_sha256=$SCRIPT_SHA"
+INPUTS_SHA=$(printf '%s\n' "$INPUTS" | sha256sum | cut -d' ' -f1)
+
+if [ "$force" = 0 ] && [ "$(stamp_get inputs_sha256)" = "$INPUTS_SHA" ] && verify_outputs; then
+  # remember the new lists fingerprint so the next run takes the fast path again
+  [ "$(stamp_get apt_lists)" = "$APT_FP" ] || sed -i "s/^apt_lists=.*/apt_lists=$APT_FP/" "$STAMP"
+  log "cached: $OUT is up to date ($KPKG $KVER)"
+  exit 0
+fi
+
+# ---- build ------------------------------------------------------------------------------------
+log "building into $OUT ($KPKG $KVER, busybox $BUSYBOX_VER, qemu-ga $QGA_VER)"
+STAGE=$(mktemp -d "$OUT/.stage.XXXXXX")
+EXTRACT=""
+cleanup() {
+  rm -rf "$STAGE"
+  [ -z "$EXTRACT" ] || rm -rf "$EXTRACT"
+}
+trap cleanup EXIT
+
+# apt-get download checks the hash only while downloading; a cached .deb is re-checked against
+# the index so a truncated or stale file can never be used.
+ARCH=$(dpkg --print-architecture)
+DEB="$CACHE/${KPKG}_${KVER//:/%3a}_${ARCH}.deb"
+WANT_SHA=$(apt-cache show "$KPKG=$KVER" | awk '$1 == "SHA256:" {print $2; exit}')
+[ -n "$WANT_SHA" ] || die "no SHA256 for $KPKG=$KVER in the apt index"
+if [ ! -f "$DEB" ] || [ "$(sha256sum <"$DEB" | cut -d' ' -f1)" != "$WANT_SHA" ]; then
+  rm -f "$DEB"
+  log "downloading $KPKG=$KVER"
+  # As root apt cannot drop to _apt for a folder _apt cannot write; say so instead of warning.
+  (cd "$CACHE" && apt-get download -q=2 -o APT::Sandbox::User=root "$KPKG=$KVER") \
+    || die "apt-get download $KPKG=$KVER failed"
+  [ -f "$DEB" ] || die "apt-get download did not produce $DEB"
+  [ "$(sha256sum <"$DEB" | cut -d' ' -f1)" = "$WANT_SHA" ] || die "$DEB: checksum mismatch"
+fi
+# Old kernels are never needed again (security updates replace them).
+for old in "$CACHE"/linux-image-*.deb; do
+  [ "$old" = "$DEB" ] || rm -f "$old"
+done
+
+EXTRACT=$(mktemp -d "$CACHE/extract.XXXXXX")
+dpkg-deb -x "$DEB" "$EXTRACT"
+shopt -s nullglob
+kernels=("$EXTRACT"/boot/vmlinuz-*)
+shopt -u nullglob
+[ ${#kernels[@]} -eq 1 ] || die "expected exactly one /boot/vmlinuz-* in $DEB"
+KREL=${kernels[0]##*/vmlinuz-}
+MODDIR=""
+for d in "$EXTRACT/lib/modules/$KREL" "$EXTRACT/usr/lib/modules/$KREL"; do
+  [ -d "$d" ] && MODDIR=$d
+done
+[ -n "$MODDIR" ] || die "no modules directory for $KREL in $DEB"
+cp "${kernels[0]}" "$STAGE/vmlinuz"
+
+# ---- initramfs --------------------------------------------------------------------------------
+R=$STAGE/initrd
+mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,run,tmp,data,root,var/log} \
+         "$R"/etc/{udhcpc,acpi/PWRF} "$R/lib/modules"
+ln -s ../run "$R/var/run"
+
+# The package ships no modules.dep (depmod runs in its postinst), so dependencies come from each
+# module's own depends= field, which is what depmod would record. Built-in ones need no file.
+declare -A MODPATH=() BUILTIN=() MODSTATE=()
+while IFS= read -r -d '' f; do
+  name=${f##*/}; name=${name%%.ko*}
+  MODPATH[${name//-/_}]=$f
+done < <(find "$MODDIR/kernel" -name '*.ko*' -print0)
+if [ -f "$MODDIR/modules.builtin" ]; then
+  while IFS= read -r line; do
+    name=${line##*/}; name=${name%.ko}
+    BUILTIN[${name//-/_}]=1
+  done <"$MODDIR/modules.builtin"
+fi
+LOAD_ORDER=()
+
+add_module() {
+  local m=${1//-/_} src dst deps d
+  case "${MODSTATE[$m]:-}" in
+    done) return ;;
+    busy) die "module dependency cycle at $m" ;;
+  esac
+  if [ -n "${BUILTIN[$m]:-}" ]; then MODSTATE[$m]=done; return; fi
+  src=${MODPATH[$m]:-}
+  [ -n "$src" ] || die "module $m is neither built in nor shipped in $KPKG"
+  MODSTATE[$m]=busy
+  dst="$R/lib/modules/$m.ko"
+  # busybox insmod may lack decompression support, so store plain .ko files
+  case "$src" in
+    *.ko) cp "$src" "$dst" ;;
+    *.ko.xz) xz -dc "$src" >"$dst" ;;
+    *.ko.zst) zstd -dcq "$src" >"$dst" ;;
+    *.ko.gz) gzip -dc "$src" >"$dst" ;;
+    *) die "unknown module format: $src" ;;
+  esac
+  deps=$(tr '\0' '\n' <"$dst" | sed -n 's/^depends=//p' | head -n1)
+  for d in ${deps//,/ }; do add_module "$d"; done
+  MODSTATE[$m]=done
+  LOAD_ORDER+=("$m.ko")
+}
+for m in "${MODULES[@]}"; do add_module "$m"; done
+printf '%s\n' "${LOAD_ORDER[@]}" >"$R/lib/modules/load-order"
+
+cp "$BUSYBOX" "$R/bin/busybox"
+# Applet links where a normal system has them, so scripts can use absolute paths like /sbin/ip.
+"$BUSYBOX" --list-full | while IFS= read -r applet; do
+  case "$applet" in */*) ;; *) continue ;; esac
+  [ -e "$R/$applet" ] || ln -s /bin/busybox "$R/$applet"
+done
+
+cp "$QGA" "$R/usr/sbin/qemu-ga"
+for lib in "${QGA_LIBS[@]}"; do
+  mkdir -p "$R${lib%/*}"
+  cp -L "$lib" "$R$lib"
+done
+
+install -m 0755 "$HERE/guest/init" "$R/init"
+install -m 0755 "$HERE/guest/udhcpc.script" "$R/etc/udhcpc/default.script"
+install -m 0755 "$HERE/guest/shutdown" "$R/sbin/shutdown"
+install -m 0755 "$HERE/guest/acpi-power" "$R/etc/acpi/PWRF/00000080"
+printf 'root:x:0:0:root:/root:/bin/sh\n' >"$R/etc/passwd"
+printf 'root:x:0:\n' >"$R/etc/group"
+# qemu-ga's guest-get-osinfo reads this
+cat >"$R/etc/os-release" <<EOF
+NAME="CloneBox test guest"
+ID=clonebox-testguest
+ID_LIKE=debian
+PRETTY_NAME="CloneBox test guest ($KREL)"
+VERSION_ID="$KVER"
+EOF
+printf '%s\n' "$INPUTS" "kernel_release=$KREL" "modules=${LOAD_ORDER[*]}" >"$R/etc/clonebox-testguest"
+
+# The kernel opens /dev/console before /init runs; without the node the early output is lost.
+# Only root can mknod, and /init mounts devtmpfs anyway, so this is best effort.
+mknod -m 0600 "$R/dev/console" c 5 1 2>/dev/null || log "note: cannot mknod /dev/console (not root?)"
+mknod -m 0666 "$R/dev/null" c 1 3 2>/dev/null || true
+
+find "$R" -exec touch -h -d "@$EPOCH" {} +
+(cd "$R" && find . -mindepth 1 | LC_ALL=C sort \
+   | cpio --quiet -o -H newc -R 0:0 --reproducible) | gzip -9 -n >"$STAGE/initrd.img"
+
+# ---- data disk --------------------------------------------------------------------------------
+D=$STAGE/data-root
+mkdir -p "$D"
+printf 'hello from the CloneBox test guest data disk\n' >"$D/hello.txt"
+touch -d "@$EPOCH" "$D/hello.txt" "$D"
+E2FSPROGS_FAKE_TIME=$EPOCH mkfs.ext4 -q -F -L clonebox-data -U "$DATA_UUID" \
+  -E "root_owner=0:0,hash_seed=$DATA_UUID" -d "$D" "$STAGE/data.raw" "$DATA_SIZE" >/dev/null
+qemu-img convert -q -f raw -O qcow2 "$STAGE/data.raw" "$STAGE/data.qcow2"
+
+# ---- publish ----------------------------------------------------------------------------------
+# Drop the stamp first: if anything below fails, the next run rebuilds instead of trusting a mix.
+rm -f "$STAMP" "$OUT/SHA256SUMS"
+for f in "${OUTPUTS[@]}"; do
+  chmod 0644 "$STAGE/$f"
+  mv -f "$STAGE/$f" "$OUT/$f"
+done
+(cd "$OUT" && sha256sum "${OUTPUTS[@]}" >SHA256SUMS)
+chmod 0644 "$OUT/SHA256SUMS"
+chmod 0755 "$OUT"
+{
+  echo "# CloneBox test guest build stamp (written by build.sh; delete it or use --force to rebuild)"
+  printf '%s\n' "$INPUTS"
+  echo "inputs_sha256=$INPUTS_SHA"
+  echo "kernel_release=$KREL"
+  echo "modules=${LOAD_ORDER[*]}"
+  echo "built_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "apt_lists=$APT_FP"
+} >"$STAMP"
+chmod 0644 "$STAMP"
+
+# QEMU runs as libvirt-qemu and must be able to reach the files through every parent folder.
+d=$OUT
+while [ "$d" != / ]; do
+  perms=$(stat -c %A "$d")
+  [ "${perms:9:1}" = x ] || [ "${perms:9:1}" = t ] \
+    || log "WARNING: $d is not traversable by others; libvirt-qemu cannot read $OUT"
+  d=$(dirname "$d")
+done
+
+log "built $KPKG $KVER (kernel $KREL), modules: ${LOAD_ORDER[*]}"
+(cd "$OUT" && ls -l "${OUTPUTS[@]}" SHA256SUMS) >&2
