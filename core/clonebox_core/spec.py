@@ -309,13 +309,19 @@ def _line_of(root: yaml.Node | None, loc: Loc, *, at_key: bool = False, parent: 
     return _line(node)
 
 
-def _path_text(loc: Sequence[str | int]) -> str:
+def _path_text(loc: Sequence[str | int], root: yaml.Node | None = None) -> str:
+    """``disks[0].size``; with the node tree, an int that is a mapping key (``{1: x}``) reads ``.1``."""
     out = ""
+    node = root
     for part in loc:
-        if isinstance(part, int):
+        index = isinstance(part, int) and not isinstance(node, yaml.MappingNode)
+        if index:
             out += f"[{part}]"
         else:
             out += f".{part}" if out else str(part)
+        if node is not None:
+            found, _, matched = _find(node, (part,))
+            node = found if matched else None
     return out or "(top level)"
 
 
@@ -375,14 +381,14 @@ def _quote_hint(value: object) -> str:
     return " (put it in quotes)" if isinstance(value, int | float | bool) or value is None else ""
 
 
-def _pydantic_problem(err: ErrorDetails) -> tuple[Loc, str, bool, bool]:
+def _pydantic_problem(err: ErrorDetails, root: yaml.Node | None) -> tuple[Loc, str, bool, bool]:
     """(location, message, blame the key, blame the parent) for one pydantic error."""
     loc: Loc = tuple(err["loc"])
     kind, value = err["type"], err.get("input")
     at_key = False
     if loc and loc[-1] == "[key]":  # dict key errors: pydantic appends a marker after the key
         loc, at_key = loc[:-1], True
-    path = _path_text(loc)
+    path = _path_text(loc, root)
     if kind == "missing":
         return loc, f"{path}: required but missing: add '{loc[-1]}: ...'", False, True
     if kind == "extra_forbidden":
@@ -443,9 +449,43 @@ def _check_tree(source: str, root: yaml.Node) -> None:
             stack.extend(node.value)
 
 
+def _find_unconstructible(root: yaml.Node | None, source: str) -> int:
+    """The line of the first scalar that cannot be constructed (construction errors carry no mark)."""
+    if root is None:
+        return 1
+    stack: list[yaml.Node] = [root]
+    budget = _MAX_NODES
+    while stack and budget > 0:
+        budget -= 1
+        node = stack.pop()
+        if isinstance(node, yaml.ScalarNode):
+            probe = yaml.SafeLoader("")
+            try:
+                probe.construct_object(node, deep=True)
+            except Exception:  # noqa: BLE001 - any failure is the one we are looking for
+                return _line(node)
+            finally:
+                probe.dispose()
+        elif isinstance(node, yaml.MappingNode):
+            for k, v in reversed(node.value):
+                stack.extend((v, k))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(reversed(node.value))
+    return _line(root)
+
+
+def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
+    problem, context = exc.problem or "", exc.context or ""
+    if context and problem:
+        return f"{context}, {problem}" if problem.startswith("but ") else f"{context}: {problem}"
+    return problem or context or "syntax error"
+
+
 def _parse(text: str, source: str) -> tuple[yaml.Node | None, Any]:
-    loader = yaml.SafeLoader(text)
+    root: yaml.Node | None = None
+    loader: yaml.SafeLoader | None = None
     try:
+        loader = yaml.SafeLoader(text)  # the reader checks characters here already
         root = loader.get_single_node()
         if root is None:
             return None, None
@@ -454,18 +494,23 @@ def _parse(text: str, source: str) -> tuple[yaml.Node | None, Any]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = int(mark.line) + 1 if mark is not None else 1
-        problem = exc.problem or exc.context or "syntax error"
+        problem = _yaml_problem(exc)
         hint = "indent with spaces, not tabs" if "\\t" in problem or "\t" in problem else "check indentation and quoting"
         col = f" (column {int(mark.column) + 1})" if mark is not None else ""
         raise _fail(source, line, f"not valid YAML: {problem}{col}: {hint}") from None
+    except yaml.reader.ReaderError as exc:
+        line = text[: max(0, exc.position)].count("\n") + 1
+        raise _fail(source, line, f"not valid YAML: {exc.reason} {exc.character!r}: remove it") from None
     except InvalidArgument:
         raise
     except RecursionError:
         raise _fail(source, 1, "not valid YAML: nested too deeply") from None
     except Exception as exc:  # noqa: BLE001 - e.g. ValueError from an impossible date; all are the user's input
-        raise _fail(source, 1, f"not valid YAML: {exc}") from None
+        line = _find_unconstructible(root, source)
+        raise _fail(source, line, f"not valid YAML: {exc}: put the value in quotes") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _field_to_loc(field: str) -> Loc:
@@ -526,8 +571,8 @@ def load_spec_text(text: str, source_name: str = "<spec>") -> VmSpec:
     except ValidationError as exc:
         found = []
         for err in exc.errors():
-            loc, message, at_key, parent = _pydantic_problem(err)
-            found.append((_line_of(root, loc, at_key=at_key, parent=parent), message, _path_text(loc)))
+            loc, message, at_key, parent = _pydantic_problem(err, root)
+            found.append((_line_of(root, loc, at_key=at_key, parent=parent), message, _path_text(loc, root)))
         found.sort(key=lambda item: item[0])  # report the first problem as the file reads
         line, message, field = found[0]
         more = f" (and {len(found) - 1} more problem{'s' if len(found) > 2 else ''})" if len(found) > 1 else ""
@@ -582,6 +627,18 @@ def load_spec_file(path: str | Path) -> VmSpec:
 # ---------------------------------------------------------------------------------------- the writer
 
 
+class _Dumper(yaml.SafeDumper):
+    """Writes multi-line strings (cloud-init documents) as readable ``|`` blocks."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
 def dump_spec(spec: VmSpec) -> str:
     """A spec file (version 1) for ``spec``; ``load_spec_text(dump_spec(s)) == s`` for a valid ``s``."""
     doc: dict[str, Any] = {
@@ -600,11 +657,12 @@ def dump_spec(spec: VmSpec) -> str:
                 disk["size"] = format_size(d.size_mib)
             doc["disks"].append(disk)
     if spec.kernel_boot is not None:
-        doc["kernel_boot"] = {
-            "kernel": spec.kernel_boot.kernel,
-            "initrd": spec.kernel_boot.initrd,
-            "cmdline": spec.kernel_boot.cmdline,
-        }
+        boot = {"kernel": spec.kernel_boot.kernel}
+        if spec.kernel_boot.initrd:
+            boot["initrd"] = spec.kernel_boot.initrd
+        if spec.kernel_boot.cmdline:
+            boot["cmdline"] = spec.kernel_boot.cmdline
+        doc["kernel_boot"] = boot
     if spec.network.mode is NetworkMode.NONE:
         doc["network"] = {"mode": "none"}
     else:
@@ -614,11 +672,16 @@ def dump_spec(spec: VmSpec) -> str:
             {"host_path": f.host_path, "tag": f.tag, "read_only": f.read_only} for f in spec.shared_folders
         ]
     if spec.cloud_init is not None:
+        ci = spec.cloud_init
         doc["cloud_init"] = {
-            "user_data": spec.cloud_init.user_data,
-            "meta_data": spec.cloud_init.meta_data,
-            "network_config": spec.cloud_init.network_config,
+            key: text
+            for key, text in (
+                ("user_data", ci.user_data),
+                ("meta_data", ci.meta_data),
+                ("network_config", ci.network_config),
+            )
+            if text
         }
     if spec.labels:
         doc["labels"] = dict(spec.labels)
-    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)

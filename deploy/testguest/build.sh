@@ -61,7 +61,7 @@ if [ "$mode" = verify ]; then
   exit 0
 fi
 
-for tool in apt-cache apt-get dpkg-deb dpkg-query cpio gzip mkfs.ext4 qemu-img ldd sha256sum flock; do
+for tool in apt-cache apt-get dpkg-deb dpkg-query cpio gzip mkfs.ext4 debugfs qemu-img ldd sha256sum flock; do
   command -v "$tool" >/dev/null || die "missing tool: $tool"
 done
 
@@ -275,6 +275,11 @@ printf 'hello from the CloneBox test guest data disk\n' >"$D/hello.txt"
 touch -d "@$EPOCH" "$D/hello.txt" "$D"
 E2FSPROGS_FAKE_TIME=$EPOCH mkfs.ext4 -q -F -L clonebox-data -U "$DATA_UUID" \
   -E "root_owner=0:0,hash_seed=$DATA_UUID" -d "$D" "$STAGE/data.raw" "$DATA_SIZE" >/dev/null
+# mke2fs -d copies atime/ctime from the source files, which touch cannot pin down (ctime) and
+# mke2fs's own reading changes (atime); reset them inside the image.
+(cd "$D" && find . -printf '%P\n') | while IFS= read -r p; do
+  printf 'sif "/%s" atime @%s\nsif "/%s" ctime @%s\n' "$p" "$EPOCH" "$p" "$EPOCH"
+done | E2FSPROGS_FAKE_TIME=$EPOCH debugfs -w -f - "$STAGE/data.raw" >/dev/null 2>&1
 qemu-img convert -q -f raw -O qcow2 "$STAGE/data.raw" "$STAGE/data.qcow2"
 
 # ---- publish ----------------------------------------------------------------------------------

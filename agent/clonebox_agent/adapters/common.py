@@ -15,6 +15,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from clonebox_agent.ports import Capability
+
+#: what real QEMU on a local libvirtd declares (and so, by default, the fake)
+QEMU_CAPABILITIES: frozenset[Capability] = frozenset(Capability)
+#: libvirt's test driver: in-memory domains that emit events; no guest, ACPI, streams, stats or files
+TEST_DRIVER_CAPABILITIES: frozenset[Capability] = frozenset({Capability.EVENTS})
+
 #: extended attribute carrying the owning VM's name on every file and volume an adapter makes
 OWNER_XATTR = "user.clonebox.owner"
 
@@ -25,6 +32,7 @@ POOL_SUBDIR = "pool"
 VMS_SUBDIR = "vms"
 
 #: named steps of ``create`` at which a fault can be scripted; each runs after that stage is done
+#: (``create:start`` only when asked to start)
 CREATE_STEPS = ("create:validated", "create:disks", "create:seed", "create:define", "create:start")
 #: named steps of ``delete``
 DELETE_STEPS = ("delete:destroyed", "delete:undefined", "delete:volumes")

@@ -16,7 +16,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from clonebox_core.errors import invalid_field
+from clonebox_core.errors import InvalidArgument, invalid_field
 from clonebox_core.model import VmSpec
 from clonebox_core.validate import validate_spec
 
@@ -57,22 +57,35 @@ def resolve_image(field: str, path: str, image_dirs: Sequence[str]) -> str:
     roots = [os.path.realpath(d) for d in image_dirs]
     if not roots:
         raise invalid_field(field, "no image_dirs are configured on this host", reason="IMAGE_OUTSIDE_IMAGE_DIRS")
-    candidates = [path] if os.path.isabs(path) else [os.path.join(r, path) for r in roots]
-    inside: list[str] = []
-    for candidate in candidates:
-        real = os.path.realpath(candidate)
-        if any(_inside(real, r) for r in roots):
-            inside.append(real)
-    if not inside:
-        raise invalid_field(
-            field,
-            f"{path!r} resolves outside the image dirs {', '.join(roots)}",
-            reason="IMAGE_OUTSIDE_IMAGE_DIRS",
-        )
-    for real in inside:
+    outside = _outside_error(field, path, roots)
+    if os.path.isabs(path):
+        real = os.path.realpath(path)
+        if not any(_inside(real, r) for r in roots):
+            raise outside
         if os.path.isfile(real):
             return real
+    else:
+        escaped = False
+        for root in roots:
+            candidate = os.path.join(root, path)
+            if not os.path.lexists(candidate):
+                continue
+            real = os.path.realpath(candidate)
+            if not _inside(real, root) and not any(_inside(real, r) for r in roots):
+                escaped = True  # e.g. a symlink in the image dir pointing elsewhere
+            elif os.path.isfile(real):
+                return real
+        if escaped or not any(_inside(os.path.realpath(os.path.join(r, path)), r) for r in roots):
+            raise outside
     raise invalid_field(field, f"{path!r} does not exist or is not a regular file", reason="IMAGE_NOT_FOUND")
+
+
+def _outside_error(field: str, path: str, roots: Sequence[str]) -> InvalidArgument:
+    return invalid_field(
+        field,
+        f"{path!r} resolves outside the image dirs {', '.join(roots)}",
+        reason="IMAGE_OUTSIDE_IMAGE_DIRS",
+    )
 
 
 def resolve_spec(spec: VmSpec, image_dirs: Sequence[str]) -> ResolvedSpec:

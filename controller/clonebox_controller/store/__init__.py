@@ -1,6 +1,7 @@
 """The controller's fleet store (SQLAlchemy 2 + alembic; SQLite or PostgreSQL).
 
-The application layer talks to :class:`Store` only; it returns ``clonebox_core.model`` dataclasses.
+The application layer talks to :class:`Store` only (through the ``FleetStore`` port); it returns
+``clonebox_core.model`` dataclasses.
 """
 
 from .store import VANISHED_REASON, Store, VmChange

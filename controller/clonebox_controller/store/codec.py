@@ -8,7 +8,7 @@ model does not need a data migration.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -30,14 +30,12 @@ JsonDict = dict[str, Any]
 
 
 def spec_to_json(spec: VmSpec) -> JsonDict:
-    """A VmSpec as a JSON-able dict."""
+    """Encode a VmSpec as a JSON-able dict."""
     return {
         "name": spec.name,
         "vcpus": spec.vcpus,
         "memory_mib": spec.memory_mib,
-        "disks": [
-            {"name": d.name, "base_image": d.base_image, "size_mib": d.size_mib} for d in spec.disks
-        ],
+        "disks": [{"name": d.name, "base_image": d.base_image, "size_mib": d.size_mib} for d in spec.disks],
         "kernel_boot": (
             None
             if spec.kernel_boot is None
@@ -52,8 +50,7 @@ def spec_to_json(spec: VmSpec) -> JsonDict:
             "libvirt_network": spec.network.libvirt_network,
         },
         "shared_folders": [
-            {"host_path": f.host_path, "tag": f.tag, "read_only": f.read_only}
-            for f in spec.shared_folders
+            {"host_path": f.host_path, "tag": f.tag, "read_only": f.read_only} for f in spec.shared_folders
         ],
         "cloud_init": (
             None
@@ -70,7 +67,7 @@ def spec_to_json(spec: VmSpec) -> JsonDict:
 
 
 def spec_from_json(data: Mapping[str, Any]) -> VmSpec:
-    """The inverse of :func:`spec_to_json`."""
+    """Decode what :func:`spec_to_json` wrote."""
     kb = data.get("kernel_boot")
     ci = data.get("cloud_init")
     net = data.get("network") or {}
@@ -83,9 +80,7 @@ def spec_from_json(data: Mapping[str, Any]) -> VmSpec:
             for d in data.get("disks", ())
         ),
         kernel_boot=(
-            None
-            if kb is None
-            else KernelBoot(str(kb["kernel"]), str(kb.get("initrd", "")), str(kb.get("cmdline", "")))
+            None if kb is None else KernelBoot(str(kb["kernel"]), str(kb.get("initrd", "")), str(kb.get("cmdline", "")))
         ),
         network=NetworkSpec(
             NetworkMode[str(net.get("mode", NetworkMode.LIBVIRT.name))],
@@ -108,16 +103,13 @@ def spec_from_json(data: Mapping[str, Any]) -> VmSpec:
     )
 
 
-def addresses_to_json(addresses: tuple[IpAddress, ...]) -> list[JsonDict]:
-    """Guest addresses as JSON-able dicts."""
-    return [
-        {"interface": a.interface, "address": a.address, "prefix": a.prefix, "source": a.source}
-        for a in addresses
-    ]
+def addresses_to_json(addresses: Sequence[IpAddress]) -> list[JsonDict]:
+    """Encode guest addresses as JSON-able dicts."""
+    return [{"interface": a.interface, "address": a.address, "prefix": a.prefix, "source": a.source} for a in addresses]
 
 
-def addresses_from_json(data: list[Mapping[str, Any]] | None) -> tuple[IpAddress, ...]:
-    """The inverse of :func:`addresses_to_json`."""
+def addresses_from_json(data: Sequence[Mapping[str, Any]] | None) -> tuple[IpAddress, ...]:
+    """Decode what :func:`addresses_to_json` wrote."""
     return tuple(
         IpAddress(
             str(a.get("interface", "")),
@@ -130,7 +122,7 @@ def addresses_from_json(data: list[Mapping[str, Any]] | None) -> tuple[IpAddress
 
 
 def hypervisor_to_json(info: HypervisorInfo) -> JsonDict:
-    """HypervisorInfo as a JSON-able dict."""
+    """Encode HypervisorInfo as a JSON-able dict."""
     return {
         "uri": info.uri,
         "libvirt_version": info.libvirt_version,
@@ -143,7 +135,7 @@ def hypervisor_to_json(info: HypervisorInfo) -> JsonDict:
 
 
 def hypervisor_from_json(data: Mapping[str, Any]) -> HypervisorInfo:
-    """The inverse of :func:`hypervisor_to_json`."""
+    """Decode what :func:`hypervisor_to_json` wrote."""
     return HypervisorInfo(
         uri=str(data.get("uri", "")),
         libvirt_version=str(data.get("libvirt_version", "")),
@@ -164,7 +156,7 @@ def _time_from_json(value: Any) -> datetime | None:
 
 
 def vm_to_json(vm: Vm) -> JsonDict:
-    """A whole Vm (for operation results and watch tombstones)."""
+    """Encode a whole Vm (for operation results and watch tombstones)."""
     return {
         "name": vm.name,
         "host": vm.host,
@@ -179,7 +171,7 @@ def vm_to_json(vm: Vm) -> JsonDict:
 
 
 def vm_from_json(data: Mapping[str, Any]) -> Vm:
-    """The inverse of :func:`vm_to_json`."""
+    """Decode what :func:`vm_to_json` wrote."""
     return Vm(
         name=str(data["name"]),
         host=str(data.get("host", "")),

@@ -34,7 +34,7 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
 def create_store_engine(url: str, *, echo: bool = False, **kwargs: Any) -> Engine:
-    """An Engine for ``url`` with the per-backend settings the store relies on."""
+    """Create an Engine for ``url`` with the per-backend settings the store relies on."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database in (None, "", ":memory:"):
@@ -73,9 +73,11 @@ def _configure_sqlite(engine: Engine) -> None:
 
 
 def alembic_config() -> Config:
-    """An alembic Config pointing at the packaged migrations (no ``alembic.ini`` needed)."""
+    """Build an alembic Config pointing at the packaged migrations (no ``alembic.ini`` needed)."""
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # "os": split version_locations on os.pathsep, so paths with spaces work
+    cfg.set_main_option("path_separator", "os")
     cfg.set_main_option("version_locations", str(MIGRATIONS_DIR / "versions"))
     return cfg
 
@@ -98,6 +100,6 @@ def upgrade_to_head(engine: Engine) -> None:
 
 
 def current_revision(engine: Engine) -> str | None:
-    """The alembic revision the database is at (None when never migrated)."""
+    """Return the alembic revision the database is at (None when never migrated)."""
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()

@@ -77,7 +77,7 @@ def score(candidate: Candidate, need: Resources) -> float:
 
 
 def choose(candidates: list[Candidate], need: Resources) -> str:
-    """The best host for ``need``; ResourceExhausted NO_HOST_FITS saying why each host was refused."""
+    """Pick the best host for ``need``; ResourceExhausted NO_HOST_FITS says why each host was refused."""
     fitting = [c for c in candidates if rejection(c, need) is None]
     if fitting:
         # max score, then min name: sort by (-score, name)
@@ -112,13 +112,10 @@ def check_named(candidate: Candidate | None, name: str, need: Resources) -> str:
             metadata={"host": name},
         )
     if candidate.state is not HostState.READY:
-        raise FailedPrecondition(
-            f"host {name!r} is not serving", reason="HOST_NOT_SERVING", metadata={"host": name}
-        )
+        raise FailedPrecondition(f"host {name!r} is not serving", reason="HOST_NOT_SERVING", metadata={"host": name})
     if not need.fits_in(candidate.free):
         raise ResourceExhausted(
-            f"host {name!r} cannot take a VM needing {describe(need)}: "
-            f"{shortfall(need, candidate.free)}",
+            f"host {name!r} cannot take a VM needing {describe(need)}: {shortfall(need, candidate.free)}",
             reason="HOST_CAPACITY_EXCEEDED",
             metadata={"host": name},
         )

@@ -26,14 +26,13 @@ import logging
 import random
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, NamedTuple, Self, TypeVar
+from typing import Any, Self, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
     Engine,
-    Select,
     delete,
     exists,
     func,
@@ -89,12 +88,8 @@ MAX_PAGE_SIZE = 1000
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
 
 
-class VmChange(NamedTuple):
-    """One entry of the VM change feed: the VM as of ``revision``; ``deleted`` for tombstones."""
-
-    revision: int
-    vm: Vm
-    deleted: bool
+#: one entry of the VM change feed: (revision, the VM as of that revision, deleted)
+VmChange = tuple[int, Vm, bool]
 
 
 def _utcnow() -> datetime:
@@ -102,7 +97,7 @@ def _utcnow() -> datetime:
 
 
 def _vm_name_of_target(target: str) -> str | None:
-    """The VM a resource name points at: ``hosts/h/vms/web`` or ``vms/web`` -> ``web``."""
+    """Return the VM a resource name points at: ``hosts/h/vms/web`` or ``vms/web`` -> ``web``."""
     parts = target.split("/")
     for i, part in enumerate(parts[:-1]):
         if part == "vms" and parts[i + 1]:
@@ -116,15 +111,19 @@ def encode_page_token(last_name: str) -> str:
 
 
 def decode_page_token(token: str) -> str:
-    """The VM name a page token continues after; InvalidArgument for anything we did not issue."""
+    """Return the VM name a page token continues after; InvalidArgument for foreign tokens."""
     try:
-        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        name = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        name = ""
+    # a token is only valid if it is exactly what encode_page_token would have produced
+    if not name or encode_page_token(name) != token:
         raise InvalidArgument(
             "page_token: not a token returned by a previous call",
             reason="INVALID_PAGE_TOKEN",
             metadata={"field": "page_token"},
-        ) from exc
+        )
+    return name
 
 
 def _is_retryable(exc: DBAPIError) -> bool:
@@ -194,9 +193,7 @@ class Store:
 
     # ------------------------------------------------------------------ transactions
 
-    def _run(
-        self, fn: Callable[[Session], T], *, write: bool, retry_integrity: bool = False
-    ) -> T:
+    def _run(self, fn: Callable[[Session], T], *, write: bool, retry_integrity: bool = False) -> T:
         """Run ``fn`` in one transaction, retrying transient conflicts.
 
         ``retry_integrity`` retries once on a unique-key race (two controllers inserting the same
@@ -233,9 +230,7 @@ class Store:
     def _lock_revision(session: Session) -> None:
         """Take the fleet_revision row lock (step 1 of the lock order; a no-op on SQLite)."""
         session.execute(
-            select(FleetRevisionRow.value)
-            .where(FleetRevisionRow.id == FLEET_REVISION_ROW_ID)
-            .with_for_update()
+            select(FleetRevisionRow.value).where(FleetRevisionRow.id == FLEET_REVISION_ROW_ID).with_for_update()
         )
 
     @staticmethod
@@ -285,9 +280,7 @@ class Store:
         )
 
     @staticmethod
-    def _allocations(
-        session: Session, hosts: Iterable[str] | None = None
-    ) -> dict[str, tuple[Resources, int]]:
+    def _allocations(session: Session, hosts: Iterable[str] | None = None) -> dict[str, tuple[Resources, int]]:
         """Per host: the sum of reservations of its VMs and how many VMs it has."""
         query = (
             select(
@@ -303,7 +296,7 @@ class Store:
         if hosts is not None:
             query = query.where(VmRow.host.in_(list(hosts)))
         out: dict[str, tuple[Resources, int]] = {}
-        for host, vcpus, memory, disk, count in session.execute(query).tuples():
+        for host, vcpus, memory, disk, count in session.execute(query):
             if host is not None:
                 out[host] = (Resources(int(vcpus), int(memory), int(disk)), int(count))
         return out
@@ -326,9 +319,7 @@ class Store:
 
     @staticmethod
     def _allocatable(row: HostRow) -> Resources:
-        return Resources(
-            row.allocatable_vcpus, row.allocatable_memory_mib, row.allocatable_disk_mib
-        )
+        return Resources(row.allocatable_vcpus, row.allocatable_memory_mib, row.allocatable_disk_mib)
 
     def _host_with_allocation(self, session: Session, row: HostRow) -> Host:
         allocated, count = self._allocations(session, [row.name]).get(row.name, (Resources(), 0))
@@ -341,9 +332,7 @@ class Store:
             query = query.with_for_update()
         row = session.execute(query).scalar_one_or_none()
         if row is None:
-            raise NotFound(
-                f"host {name!r} is not registered", reason="HOST_NOT_FOUND", metadata={"host": name}
-            )
+            raise NotFound(f"host {name!r} is not registered", reason="HOST_NOT_FOUND", metadata={"host": name})
         return row
 
     @staticmethod
@@ -362,7 +351,7 @@ class Store:
 
     # ------------------------------------------------------------------ hosts
 
-    def upsert_host_registration(
+    def upsert_host_registration(  # noqa: PLR0917 - positional, as the FleetStore port declares
         self,
         name: str,
         address: str,
@@ -379,9 +368,7 @@ class Store:
 
         def tx(session: Session) -> Host:
             now = self._now()
-            row = session.execute(
-                select(HostRow).where(HostRow.name == name).with_for_update()
-            ).scalar_one_or_none()
+            row = session.execute(select(HostRow).where(HostRow.name == name).with_for_update()).scalar_one_or_none()
             if row is None:
                 row = HostRow(
                     name=name,
@@ -446,6 +433,18 @@ class Store:
 
         return self._run(tx, write=True)
 
+    def set_host_state(self, name: str, state: HostState, reason: str = "") -> Host:
+        """Set a host's state directly (e.g. UNREACHABLE when its agent's session ends)."""
+
+        def tx(session: Session) -> Host:
+            row = self._host_row(session, name, lock=True)
+            row.state = state.name
+            row.state_reason = reason
+            session.flush()
+            return self._host_with_allocation(session, row)
+
+        return self._run(tx, write=True)
+
     def set_cordoned(self, name: str, cordoned: bool) -> Host:
         """Cordon (no new placements) or uncordon a host; VMs already on it are untouched."""
 
@@ -459,9 +458,7 @@ class Store:
 
     def get_host(self, name: str) -> Host:
         """One host with its allocation; NotFound HOST_NOT_FOUND."""
-        return self._run(
-            lambda s: self._host_with_allocation(s, self._host_row(s, name)), write=False
-        )
+        return self._run(lambda s: self._host_with_allocation(s, self._host_row(s, name)), write=False)
 
     def list_hosts(self) -> list[Host]:
         """Every host, by name, with ``allocated`` = sum of its VMs' reservations and ``vm_count``."""
@@ -469,9 +466,7 @@ class Store:
         def tx(session: Session) -> list[Host]:
             allocations = self._allocations(session)
             rows = session.execute(select(HostRow).order_by(HostRow.name)).scalars()
-            return [
-                self._host_model(row, *allocations.get(row.name, (Resources(), 0))) for row in rows
-            ]
+            return [self._host_model(row, *allocations.get(row.name, (Resources(), 0))) for row in rows]
 
         return self._run(tx, write=False)
 
@@ -486,7 +481,7 @@ class Store:
         self._run(tx, write=True)
 
     def agent_revision(self, name: str) -> Revision:
-        """The last agent event consumed for host ``name``."""
+        """Return the last agent event consumed for host ``name``."""
 
         def tx(session: Session) -> Revision:
             row = self._host_row(session, name)
@@ -499,9 +494,7 @@ class Store:
 
         def tx(session: Session) -> None:
             row = self._host_row(session, name, lock=True)
-            count = session.execute(
-                select(func.count()).select_from(VmRow).where(VmRow.host == name)
-            ).scalar_one()
+            count = session.execute(select(func.count()).select_from(VmRow).where(VmRow.host == name)).scalar_one()
             if count:
                 raise FailedPrecondition(
                     f"host {name!r} still has {count} VM(s): delete or move them first",
@@ -514,9 +507,7 @@ class Store:
 
     # ------------------------------------------------------------------ placement
 
-    def reserve_vm(
-        self, spec: VmSpec, host: str | None, op: Operation
-    ) -> tuple[Operation, Vm | None]:
+    def reserve_vm(self, spec: VmSpec, host: str | None, op: Operation) -> tuple[Operation, Vm | None]:
         """Place ``spec`` and record the VM (PENDING, resources reserved) and ``op``, atomically.
 
         ``host`` pins the VM to that host; None lets placement choose (see :mod:`.placement`).
@@ -609,7 +600,7 @@ class Store:
         return model, model.result_vm
 
     def _check_request_id(self, session: Session, op: Operation) -> OperationRow | None:
-        """The operation already recorded for ``op.request_id``, if any (conflicts raise)."""
+        """Return the operation already recorded for ``op.request_id``, if any (conflicts raise)."""
         if not op.request_id:
             return None
         existing = session.execute(
@@ -669,7 +660,7 @@ class Store:
         after = decode_page_token(page_token) if page_token else None
 
         def tx(session: Session) -> tuple[list[Vm], str]:
-            query: Select[tuple[VmRow]] = select(VmRow).order_by(VmRow.name).limit(size + 1)
+            query = select(VmRow).order_by(VmRow.name).limit(size + 1)
             if after is not None:
                 query = query.where(VmRow.name > after)
             if host is not None:
@@ -688,17 +679,13 @@ class Store:
 
     @staticmethod
     def _has_label(key: str, value: str) -> ColumnElement[bool]:
-        return exists().where(
-            VmLabelRow.vm_name == VmRow.name, VmLabelRow.key == key, VmLabelRow.value == value
-        )
+        return exists().where(VmLabelRow.vm_name == VmRow.name, VmLabelRow.key == key, VmLabelRow.value == value)
 
     def vms_on_host(self, host: str) -> list[Vm]:
         """Every VM the store places on ``host``, by name."""
 
         def tx(session: Session) -> list[Vm]:
-            rows = session.execute(
-                select(VmRow).where(VmRow.host == host).order_by(VmRow.name)
-            ).scalars()
+            rows = session.execute(select(VmRow).where(VmRow.host == host).order_by(VmRow.name)).scalars()
             return [self._vm_model(r) for r in rows]
 
         return self._run(tx, write=False)
@@ -708,19 +695,22 @@ class Store:
         name: str,
         state: VmState,
         uuid: str | None = None,
-        addresses: tuple[IpAddress, ...] | None = None,
+        addresses: Sequence[IpAddress] | None = None,
         state_reason: str | None = None,
-    ) -> Vm:
-        """Record what the host reports about a VM. None leaves a field as it is.
+    ) -> Vm | None:
+        """Record what the host reports about a VM and return it. None leaves a field as it is.
 
         Bumps the VM's revision only when something changed, so repeated identical reports do not
-        wake every watcher. NotFound VM_NOT_FOUND.
+        wake every watcher. Returns None when the VM no longer exists: an observation racing a
+        delete is moot, and the caller (often a background refresher) should not fail over it.
         """
 
-        def tx(session: Session) -> Vm:
+        def tx(session: Session) -> Vm | None:
             self._lock_revision(session)
-            row = self._vm_row(session, name, lock=True)
-            self._apply_observed(session, row, state, uuid, addresses, state_reason)
+            row = session.execute(select(VmRow).where(VmRow.name == name).with_for_update()).scalar_one_or_none()
+            if row is None:
+                return None
+            self._apply_observed(session, row, state, uuid=uuid, addresses=addresses, state_reason=state_reason)
             return self._vm_model(row)
 
         return self._run(tx, write=True)
@@ -730,8 +720,9 @@ class Store:
         session: Session,
         row: VmRow,
         state: VmState,
+        *,
         uuid: str | None,
-        addresses: tuple[IpAddress, ...] | None,
+        addresses: Sequence[IpAddress] | None,
         state_reason: str | None,
     ) -> bool:
         changes: dict[str, Any] = {}
@@ -754,10 +745,10 @@ class Store:
         session.flush()
         return True
 
-    def release_vm(self, name: str) -> Vm:
-        """Delete a VM's record, freeing its reservation; watchers see a tombstone. Returns the VM."""
+    def release_vm(self, name: str) -> None:
+        """Delete a VM's record, freeing its reservation; watchers see a tombstone. NotFound VM_NOT_FOUND."""
 
-        def tx(session: Session) -> Vm:
+        def tx(session: Session) -> None:
             self._lock_revision(session)
             row = self._vm_row(session, name, lock=True)
             vm = self._vm_model(row)
@@ -774,7 +765,6 @@ class Store:
             # labels go with the row (ON DELETE CASCADE)
             session.execute(delete(VmRow).where(VmRow.name == name))
             self._prune_tombstones(session)
-            return vm
 
         return self._run(tx, write=True)
 
@@ -796,20 +786,18 @@ class Store:
         )
 
     def current_revision(self) -> int:
-        """The newest fleet revision (list VMs, then watch with changes_since(this))."""
+        """Return the newest fleet revision (list VMs, then watch with changes_since(this))."""
         return self._run(
             lambda s: int(
                 s.execute(
-                    select(FleetRevisionRow.value).where(
-                        FleetRevisionRow.id == FLEET_REVISION_ROW_ID
-                    )
+                    select(FleetRevisionRow.value).where(FleetRevisionRow.id == FLEET_REVISION_ROW_ID)
                 ).scalar_one()
             ),
             write=False,
         )
 
-    def changes_since(self, revision: int, limit: int = 1000) -> list[VmChange]:
-        """VM changes after ``revision``, oldest first, at most ``limit``.
+    def changes_since(self, revision: int, limit: int = 500) -> list[VmChange]:
+        """VM changes after ``revision`` as ``(revision, vm, deleted)``, oldest first, at most ``limit``.
 
         Each live VM appears once with its latest state (intermediate states are not kept), each
         deletion as a tombstone. FailedPrecondition WATCH_REVISION_COMPACTED when tombstones after
@@ -835,20 +823,14 @@ class Store:
                     metadata={"current": str(counter.value)},
                 )
             live = session.execute(
-                select(VmRow)
-                .where(VmRow.revision > revision)
-                .order_by(VmRow.revision)
-                .limit(limit)
+                select(VmRow).where(VmRow.revision > revision).order_by(VmRow.revision).limit(limit)
             ).scalars()
             dead = session.execute(
-                select(VmChangeRow)
-                .where(VmChangeRow.revision > revision)
-                .order_by(VmChangeRow.revision)
-                .limit(limit)
+                select(VmChangeRow).where(VmChangeRow.revision > revision).order_by(VmChangeRow.revision).limit(limit)
             ).scalars()
-            changes = [VmChange(r.revision, self._vm_model(r), False) for r in live]
-            changes += [VmChange(t.revision, codec.vm_from_json(t.vm), True) for t in dead]
-            changes.sort(key=lambda c: c.revision)
+            changes: list[VmChange] = [(r.revision, self._vm_model(r), False) for r in live]
+            changes += [(t.revision, codec.vm_from_json(t.vm), True) for t in dead]
+            changes.sort(key=lambda c: c[0])
             return changes[:limit]
 
         return self._run(tx, write=False)
@@ -871,19 +853,14 @@ class Store:
             self._host_row(session, host)
             changed: list[str] = []
             known = {
-                r.name: r
-                for r in session.execute(
-                    select(VmRow).where(VmRow.host == host).with_for_update()
-                ).scalars()
+                r.name: r for r in session.execute(select(VmRow).where(VmRow.host == host).with_for_update()).scalars()
             }
             seen = {vm.name: vm for vm in observed}
             elsewhere = {
                 name: other
                 for name, other in session.execute(
-                    select(VmRow.name, VmRow.host).where(
-                        VmRow.name.in_([n for n in seen if n not in known])
-                    )
-                ).tuples()
+                    select(VmRow.name, VmRow.host).where(VmRow.name.in_([n for n in seen if n not in known]))
+                )
             }
             busy = set(
                 session.execute(
@@ -897,7 +874,12 @@ class Store:
                 vm = seen[name]
                 if name in known:
                     if self._apply_observed(
-                        session, known[name], vm.state, vm.uuid, vm.addresses, vm.state_reason
+                        session,
+                        known[name],
+                        vm.state,
+                        uuid=vm.uuid,
+                        addresses=vm.addresses,
+                        state_reason=vm.state_reason,
                     ):
                         changed.append(name)
                 elif name in elsewhere:
@@ -933,7 +915,7 @@ class Store:
                 if name in busy:
                     continue
                 if self._apply_observed(
-                    session, known[name], VmState.FAILED, None, None, VANISHED_REASON
+                    session, known[name], VmState.FAILED, uuid=None, addresses=None, state_reason=VANISHED_REASON
                 ):
                     changed.append(name)
             session.flush()
@@ -943,17 +925,17 @@ class Store:
 
     # ------------------------------------------------------------------ operations
 
-    def create_operation(self, op: Operation) -> Operation:
+    def begin_operation(self, op: Operation) -> tuple[Operation, bool]:
         """Record a new running operation (for mutations other than VM creation).
 
-        Idempotent on ``op.request_id`` like :meth:`reserve_vm`: an existing operation for the same
-        request is returned instead (its ``id`` differs from ``op.id``).
+        Returns the stored operation and True, or - idempotent on ``op.request_id`` like
+        :meth:`reserve_vm` - the operation already recorded for that request and False.
         """
 
-        def tx(session: Session) -> Operation:
+        def tx(session: Session) -> tuple[Operation, bool]:
             existing = self._check_request_id(session, op)
             if existing is not None:
-                return self._op_model(existing)
+                return self._op_model(existing), False
             if session.get(OperationRow, op.id) is not None:
                 raise AlreadyExists(
                     f"operation {op.id!r} already exists",
@@ -963,7 +945,7 @@ class Store:
             row = self._new_op_row(op, self._now(), vm_name=_vm_name_of_target(op.target))
             session.add(row)
             session.flush()
-            return self._op_model(row)
+            return self._op_model(row), True
 
         return self._run(tx, write=True, retry_integrity=True)
 
@@ -986,7 +968,7 @@ class Store:
         return self._run(lambda s: self._op_model(self._op_row(s, op_id)), write=False)
 
     def find_operation_by_request_id(self, request_id: str) -> Operation | None:
-        """The operation recorded for a client request id, if any."""
+        """Return the operation recorded for a client request id, if any."""
 
         def tx(session: Session) -> Operation | None:
             row = session.execute(
@@ -996,9 +978,7 @@ class Store:
 
         return self._run(tx, write=False) if request_id else None
 
-    def update_operation(
-        self, op_id: str, step: str | None = None, progress: int | None = None
-    ) -> Operation:
+    def update_operation(self, op_id: str, step: str | None = None, progress: int | None = None) -> Operation:
         """Report progress of a running operation; FailedPrecondition OPERATION_DONE once finished."""
         if progress is not None and not 0 <= progress <= 100:
             raise InvalidArgument(f"progress {progress} is not in 0..100", reason="INVALID_PROGRESS")
@@ -1049,8 +1029,8 @@ class Store:
 
         return self._run(tx, write=True)
 
-    def list_operations(self, limit: int = 100, only_running: bool = False) -> list[Operation]:
-        """The newest operations first."""
+    def list_operations(self, limit: int = 50, only_running: bool = False) -> list[Operation]:
+        """List operations, newest first."""
 
         def tx(session: Session) -> list[Operation]:
             query = (
@@ -1082,9 +1062,7 @@ class Store:
 
         def tx(session: Session) -> int:
             result = session.execute(
-                delete(OperationRow).where(
-                    OperationRow.done.is_(True), OperationRow.update_time < finished_before
-                )
+                delete(OperationRow).where(OperationRow.done.is_(True), OperationRow.update_time < finished_before)
             )
             return int(getattr(result, "rowcount", 0) or 0)
 

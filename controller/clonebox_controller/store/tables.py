@@ -61,6 +61,7 @@ class UtcDateTime(TypeDecorator[datetime]):
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Normalise to UTC (naive on SQLite); refuse naive input."""
         if value is None:
             return None
         if value.tzinfo is None:
@@ -69,6 +70,7 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Return an aware UTC datetime whatever the backend stored."""
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
@@ -124,9 +126,7 @@ class VmRow(Base):
     #: fleet-unique: the same name cannot exist on two hosts
     name: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
     #: RESTRICT: a host cannot be removed while the store still places VMs on it
-    host: Mapped[str | None] = mapped_column(
-        String(NAME_LENGTH), ForeignKey("hosts.name", ondelete="RESTRICT")
-    )
+    host: Mapped[str | None] = mapped_column(String(NAME_LENGTH), ForeignKey("hosts.name", ondelete="RESTRICT"))
     #: VmState member name
     state: Mapped[str] = mapped_column(String(16), index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(Json)

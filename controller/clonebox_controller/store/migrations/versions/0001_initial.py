@@ -61,9 +61,7 @@ def upgrade() -> None:
         sa.Column("update_time", _TIME, nullable=False),
         sa.Column("state_reason", sa.Text(), nullable=False),
         sa.Column("revision", sa.BigInteger(), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["host"], ["hosts.name"], name="fk_vms_host_hosts", ondelete="RESTRICT"
-        ),
+        sa.ForeignKeyConstraint(["host"], ["hosts.name"], name="fk_vms_host_hosts", ondelete="RESTRICT"),
         sa.PrimaryKeyConstraint("name", name="pk_vms"),
     )
     op.create_index("ix_vms_host_name", "vms", ["host", "name"])
@@ -74,9 +72,7 @@ def upgrade() -> None:
         sa.Column("vm_name", _NAME, nullable=False),
         sa.Column("key", sa.String(255), nullable=False),
         sa.Column("value", sa.String(255), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["vm_name"], ["vms.name"], name="fk_vm_labels_vm_name_vms", ondelete="CASCADE"
-        ),
+        sa.ForeignKeyConstraint(["vm_name"], ["vms.name"], name="fk_vm_labels_vm_name_vms", ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("vm_name", "key", name="pk_vm_labels"),
     )
     op.create_index("ix_vm_labels_key_value", "vm_labels", ["key", "value"])

@@ -1,0 +1,459 @@
+"""``FakeHypervisor``: a scriptable, in-memory stand-in for libvirt + QEMU.
+
+It is a first-class adapter, held to the same contract tests as ``LibvirtHypervisor`` on
+``test:///default`` and ``qemu:///system``, so tests of the use cases can rely on it behaving like the
+real thing: the same validation and errors, the same naming and ownership marks, real files (placeholder
+overlays, a real seed ISO, a console log) under ``storage_dir``, and lifecycle events delivered on the
+event loop after the call that caused them, as libvirt's event thread would.
+
+Scripting:
+
+- ``fail_on={"create:disks": Unavailable(...)}``: raise at a method's entry (``"create"``) or at a named
+  step (``adapters.common.CREATE_STEPS``); every time, or ``Fault(exc, times=1)`` for once;
+- ``delays={"start": 0.5}``: sleep at a method's entry or a step;
+- ``ignore_shutdown=True``: the guest ignores ACPI and the guest agent (only destroy stops it);
+- ``external_destroy/undefine/crash``, ``guest_poweroff``: changes made behind the agent's back;
+- ``set_network(name, active)``, ``set_serving(False, reason)``: a missing network, libvirtd down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import uuid as uuidlib
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from clonebox_core.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+from clonebox_core.model import (
+    HostInfo,
+    HypervisorInfo,
+    IpAddress,
+    NetworkMode,
+    Resources,
+    VmSpec,
+    VmState,
+)
+
+from clonebox_agent.adapters import common
+from clonebox_agent.adapters.common import QEMU_CAPABILITIES, Fault, Faults, Inventory, StepHook
+from clonebox_agent.adapters.images import resolve_spec
+from clonebox_agent.adapters.seediso import build_seed_iso
+from clonebox_agent.ports import Capability, DomainRecord, EventKind, EventSink, HypervisorEvent
+
+
+@dataclass
+class _Domain:
+    vm: str
+    uuid: str
+    spec: VmSpec
+    created: datetime
+    state: VmState = VmState.STOPPED
+    reason: str = "unknown"
+    persistent: bool = True
+    console_log: str | None = None
+    index: int = 0
+    shutdown_pending: bool = field(default=False)
+
+
+class FakeHypervisor:
+    """In-memory ``Hypervisor`` with scripted faults, delays and external changes.
+
+    ``capabilities`` defaults to exactly what real QEMU declares. Without ``storage_dir`` the fake makes
+    a private temporary folder on first use (removed by ``close``), so ``HOST_FILES`` stays true.
+    """
+
+    def __init__(
+        self,
+        *,
+        host_name: str = "fake-host",
+        capacity: Resources = Resources(vcpus=8, memory_mib=16384, disk_mib=102400),
+        reserve: Resources = Resources(),
+        capabilities: frozenset[Capability] | None = None,
+        storage_dir: str | os.PathLike[str] | None = None,
+        image_dirs: Sequence[str | os.PathLike[str]] = (),
+        name_prefix: str = "cb-",
+        networks: Mapping[str, bool] | None = None,
+        fail_on: Mapping[str, BaseException | Fault] | None = None,
+        delays: Mapping[str, float] | None = None,
+        step_hook: StepHook | None = None,
+        ignore_shutdown: bool = False,
+        shutdown_delay: float = 0.05,
+        domain_type: str = "qemu",
+    ) -> None:
+        self.host_name = host_name
+        self.capacity = capacity
+        self.reserve = reserve
+        self._caps = QEMU_CAPABILITIES if capabilities is None else frozenset(capabilities)
+        self._storage_dir = os.path.abspath(storage_dir) if storage_dir else None
+        self._own_storage = storage_dir is None
+        self.image_dirs = tuple(os.path.abspath(d) for d in image_dirs)
+        self.name_prefix = name_prefix
+        #: libvirt networks by name -> active
+        self.networks: dict[str, bool] = dict(networks) if networks is not None else {"default": True}
+        self.faults = Faults.of(fail_on, delays, step_hook)
+        #: when True, shutdown requests are ignored like a guest without ACPI handling
+        self.ignore_shutdown = ignore_shutdown
+        self.shutdown_delay = shutdown_delay
+        self.domain_type = domain_type
+        #: calls by method name (``list`` is one call however many domains there are)
+        self.calls: Counter[str] = Counter()
+        self._domains: dict[str, _Domain] = {}
+        self._volumes: dict[str, str] = {}  # volume name -> path
+        self._sink: EventSink | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._serving = True
+        self._not_serving_reason = ""
+        self._counter = 0
+
+    # ---- scripting -----------------------------------------------------------------------------
+
+    @property
+    def storage_dir(self) -> str:
+        """Where the fake's files live (made on first use when none was given)."""
+        if self._storage_dir is None:
+            self._storage_dir = tempfile.mkdtemp(prefix="clonebox-fake-")
+        return self._storage_dir
+
+    def set_serving(self, serving: bool, reason: str = "libvirtd is not running") -> None:
+        """Simulate libvirtd going away (every call raises Unavailable) and coming back."""
+        self._serving = serving
+        self._not_serving_reason = "" if serving else reason
+
+    def set_network(self, name: str, active: bool | None) -> None:
+        """Add, (de)activate (``active`` bool) or remove (``None``) a libvirt network."""
+        if active is None:
+            self.networks.pop(name, None)
+        else:
+            self.networks[name] = active
+
+    def external_destroy(self, name: str) -> None:
+        """Someone ran ``virsh destroy``."""
+        dom = self._domain(name)
+        if dom.state != VmState.STOPPED:
+            self._stop(dom, VmState.STOPPED, "destroyed", EventKind.STOPPED)
+
+    def external_undefine(self, name: str) -> None:
+        """Someone ran ``virsh undefine``: a running domain lives on as a transient one until it stops."""
+        dom = self._domain(name)
+        if dom.state in (VmState.RUNNING, VmState.PAUSED):
+            dom.persistent = False
+        else:
+            del self._domains[dom.vm]
+        self._emit(dom.vm, EventKind.UNDEFINED, None, "removed")
+
+    def external_crash(self, name: str) -> None:
+        """The guest (or QEMU) crashed."""
+        dom = self._domain(name)
+        if dom.state != VmState.STOPPED:
+            self._stop(dom, VmState.CRASHED, "crashed", EventKind.CRASHED)
+
+    def guest_poweroff(self, name: str) -> None:
+        """The guest powered itself off."""
+        dom = self._domain(name)
+        if dom.state != VmState.STOPPED:
+            self._stop(dom, VmState.STOPPED, "shutdown", EventKind.STOPPED)
+
+    # ---- Hypervisor port -----------------------------------------------------------------------
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        """Declared features (default: the same as real QEMU)."""
+        return self._caps
+
+    async def open(self, sink: EventSink) -> None:
+        """Remember the sink; events go to it on this event loop from now on."""
+        self._loop = asyncio.get_running_loop()
+        self._sink = sink
+        if Capability.HOST_FILES in self._caps:
+            for d in (common.pool_dir(self.storage_dir), os.path.join(self.storage_dir, common.VMS_SUBDIR)):
+                os.makedirs(d, mode=0o755, exist_ok=True)
+
+    async def close(self) -> None:
+        """Stop delivering events; remove the private storage folder if the fake made one."""
+        self._sink = None
+        if self._own_storage and self._storage_dir is not None:
+            shutil.rmtree(self._storage_dir, ignore_errors=True)
+            self._storage_dir = None
+
+    async def host_info(self) -> HostInfo:
+        """Configured capacity; ``serving=False`` while ``set_serving(False)``."""
+        self.calls["host_info"] += 1
+        caps = tuple(sorted(c.value for c in self._caps))
+        hv = HypervisorInfo(
+            uri="fake:///",
+            libvirt_version="0.0.0",
+            hypervisor_version="0.0.0",
+            domain_type=self.domain_type,
+            domain_type_reason="fake hypervisor",
+            capabilities=caps,
+            cpu_model="fake",
+        )
+        if not self._serving:
+            return HostInfo(self.host_name, Resources(), Resources(), hv, False, self._not_serving_reason)
+        room = self.capacity - self.reserve
+        allocatable = Resources(max(room.vcpus, 0), max(room.memory_mib, 0), max(room.disk_mib, 0))
+        return HostInfo(self.host_name, self.capacity, allocatable, hv)
+
+    async def create(self, spec: VmSpec, *, start: bool) -> DomainRecord:
+        """Validate, make files, define, start; everything made is removed again on any failure."""
+        await self._enter("create")
+        resolved = resolve_spec(spec, self.image_dirs)
+        await self._step("create:validated")
+        if spec.name in self._domains:
+            raise AlreadyExists(f"VM {spec.name} already exists", reason="VM_ALREADY_EXISTS", metadata={"vm": spec.name})
+        domain = self.name_prefix + spec.name
+        undo: list[Callable[[], object]] = []
+        try:
+            if self._host_files:
+                folder = common.vm_dir(self.storage_dir, domain)
+                os.makedirs(folder, mode=0o755)
+                undo.append(lambda: shutil.rmtree(folder, ignore_errors=True))
+                common.mark_owned(folder, spec.name)
+            for disk, base in zip(spec.disks, resolved.base_images, strict=True):
+                content = f"fake qcow2 overlay on {base}\n" if base else f"fake blank qcow2 {disk.size_mib} MiB\n"
+                name = common.volume_name(domain, disk.name)
+                self._make_volume(name, spec.name, content.encode())
+                undo.append(lambda name=name: self._delete_volume(name))  # type: ignore[misc]
+            await self._step("create:disks")
+            vm_uuid = str(uuidlib.uuid4())
+            if spec.cloud_init is not None:
+                iso = build_seed_iso(spec.cloud_init, instance_id=f"iid-{vm_uuid}", hostname=spec.name)
+                name = common.seed_volume_name(domain)
+                self._make_volume(name, spec.name, iso)
+                undo.append(lambda name=name: self._delete_volume(name))  # type: ignore[misc]
+            await self._step("create:seed")
+            if spec.name in self._domains:  # a concurrent create won while we awaited
+                raise AlreadyExists(
+                    f"VM {spec.name} already exists", reason="VM_ALREADY_EXISTS", metadata={"vm": spec.name}
+                )
+            self._counter += 1
+            dom = _Domain(
+                spec.name,
+                vm_uuid,
+                spec,
+                datetime.now(UTC).replace(microsecond=0),
+                index=self._counter,
+                console_log=(
+                    os.path.join(common.vm_dir(self.storage_dir, domain), "console.log")
+                    if self._host_files
+                    else None
+                ),
+            )
+            self._domains[spec.name] = dom
+            self._emit(spec.name, EventKind.DEFINED, VmState.STOPPED, "added")
+            undo.append(lambda: self._undefine(dom))
+            await self._step("create:define")
+            if start:
+                undo.append(lambda: self._force_off(dom))
+                self._boot(dom)
+                await self._step("create:start")
+        except BaseException:
+            for action in reversed(undo):
+                action()
+            raise
+        return self._record(dom)
+
+    async def get(self, name: str) -> DomainRecord:
+        """One domain; NotFound when absent."""
+        await self._enter("get")
+        return self._record(self._domain(name))
+
+    async def list(self) -> list[DomainRecord]:
+        """All domains (one call)."""
+        await self._enter("list")
+        return [self._record(d) for d in sorted(self._domains.values(), key=lambda d: d.vm)]
+
+    async def start(self, name: str) -> DomainRecord:
+        """Boot a stopped domain; DOMAIN_START_FAILED when its network is missing or inactive."""
+        await self._enter("start")
+        dom = self._domain(name)
+        if dom.state not in (VmState.RUNNING, VmState.PAUSED):
+            self._boot(dom)
+        return self._record(dom)
+
+    async def shutdown(self, name: str) -> None:
+        """Ask the guest; unless it ignores requests it stops ``shutdown_delay`` s later."""
+        await self._enter("shutdown")
+        dom = self._domain(name)
+        if dom.state != VmState.RUNNING or self.ignore_shutdown or dom.shutdown_pending:
+            return
+        dom.shutdown_pending = True
+        loop = asyncio.get_running_loop()
+        booted = dom.uuid, dom.index
+
+        def finish() -> None:
+            dom.shutdown_pending = False
+            # only the same, still running boot of the same domain
+            if self._domains.get(dom.vm) is dom and (dom.uuid, dom.index) == booted and dom.state == VmState.RUNNING:
+                self._stop(dom, VmState.STOPPED, "shutdown", EventKind.STOPPED)
+
+        loop.call_later(self.shutdown_delay, finish)
+
+    async def destroy(self, name: str) -> None:
+        """Force off."""
+        await self._enter("destroy")
+        self._force_off(self._domain(name))
+
+    async def delete(self, name: str) -> list[str]:
+        """Force off, undefine, remove volumes and files; also cleans leftovers without a domain."""
+        await self._enter("delete")
+        if not self._serving:
+            raise self._unavailable()
+        domain = self.name_prefix + name
+        dom = self._domains.get(name)
+        if dom is not None:
+            self._force_off(dom)
+            await self._step("delete:destroyed")
+            if dom.vm in self._domains:
+                self._undefine(dom)
+            await self._step("delete:undefined")
+        removed = [p for v in list(self._volumes) if v.startswith(common.volume_prefix(domain)) for p in [self._delete_volume(v)] if p]
+        await self._step("delete:volumes")
+        if self._host_files:
+            folder = common.vm_dir(self.storage_dir, domain)
+            if os.path.isdir(folder):
+                removed += [os.path.join(dp, f) for dp, _dn, fns in os.walk(folder) for f in fns]
+                shutil.rmtree(folder)
+                removed.append(folder)
+        if dom is None and not removed:
+            raise NotFound(f"VM {name} not found", reason="VM_NOT_FOUND", metadata={"vm": name})
+        return removed
+
+    async def addresses(self, name: str) -> tuple[IpAddress, ...]:
+        """A TEST-NET-1 (192.0.2.0/24, never routed) address while running on a network."""
+        await self._enter("addresses")
+        dom = self._domain(name)
+        if dom.state != VmState.RUNNING or dom.spec.network.mode == NetworkMode.NONE:
+            return ()
+        source = "agent" if Capability.GUEST_AGENT in self._caps else "lease"
+        return (IpAddress("eth0", f"192.0.2.{10 + dom.index % 240}", 24, source),)
+
+    async def inventory(self) -> Inventory:
+        """Domains, volumes and marked files the fake owns."""
+        files = common.marked_files(self.storage_dir) if self._host_files else ()
+        return Inventory(
+            tuple(self.name_prefix + n for n in sorted(self._domains)), tuple(sorted(self._volumes)), files
+        )
+
+    def domain_name(self, vm: str) -> str:
+        """Hypervisor-side name of ``vm``."""
+        return self.name_prefix + vm
+
+    # ---- internals -----------------------------------------------------------------------------
+
+    @property
+    def _host_files(self) -> bool:
+        return Capability.HOST_FILES in self._caps
+
+    def _unavailable(self) -> Unavailable:
+        return Unavailable(
+            f"fake hypervisor is unavailable: {self._not_serving_reason}", reason="HYPERVISOR_UNAVAILABLE"
+        )
+
+    async def _enter(self, method: str) -> None:
+        self.calls[method] += 1
+        await self._step(method)
+        if not self._serving:
+            raise self._unavailable()
+
+    async def _step(self, step: str) -> None:
+        delay = self.faults.pending_delay(step)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self.faults.check(step)
+
+    def _domain(self, name: str) -> _Domain:
+        dom = self._domains.get(name)
+        if dom is None:
+            raise NotFound(f"VM {name} not found", reason="VM_NOT_FOUND", metadata={"vm": name})
+        return dom
+
+    def _record(self, dom: _Domain) -> DomainRecord:
+        return DomainRecord(
+            name=dom.vm,
+            uuid=dom.uuid,
+            state=dom.state,
+            spec=dom.spec,
+            create_time=dom.created,
+            state_reason=dom.reason,
+        )
+
+    def _make_volume(self, name: str, vm: str, content: bytes) -> None:
+        if name in self._volumes:
+            raise AlreadyExists(f"volume {name} already exists", reason="VOLUME_ALREADY_EXISTS", metadata={"vm": vm})
+        path = os.path.join(common.pool_dir(self.storage_dir), name) if self._host_files else f"/fake/pool/{name}"
+        if self._host_files:
+            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+            with open(path, "xb") as f:
+                f.write(content)
+            common.mark_owned(path, vm)
+        self._volumes[name] = path
+
+    def _delete_volume(self, name: str) -> str | None:
+        path = self._volumes.pop(name, None)
+        if path is not None and self._host_files:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        return path
+
+    def _boot(self, dom: _Domain) -> None:
+        spec = dom.spec
+        if spec.network.mode == NetworkMode.LIBVIRT:
+            net = spec.network.libvirt_network
+            active = self.networks.get(net)
+            # the messages libvirt gives for the same failures
+            if active is None:
+                raise self._start_failed(dom, f"Network not found: no network with matching name '{net}'")
+            if not active:
+                raise self._start_failed(dom, f"Requested operation is not valid: network '{net}' is not active")
+        dom.state = VmState.RUNNING
+        dom.reason = "booted"
+        self._counter += 1
+        dom.index = self._counter
+        if dom.console_log is not None:
+            with open(dom.console_log, "ab") as f:
+                f.write(b"fake console: booted\n")
+            common.mark_owned(dom.console_log, dom.vm)
+        self._emit(dom.vm, EventKind.STARTED, VmState.RUNNING, "booted")
+
+    @staticmethod
+    def _start_failed(dom: _Domain, message: str) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"VM {dom.vm} failed to start: {message}", reason="DOMAIN_START_FAILED", metadata={"vm": dom.vm}
+        )
+
+    def _force_off(self, dom: _Domain) -> None:
+        if dom.state != VmState.STOPPED:
+            self._stop(dom, VmState.STOPPED, "destroyed", EventKind.STOPPED)
+
+    def _stop(self, dom: _Domain, state: VmState, reason: str, kind: EventKind) -> None:
+        dom.state = state
+        dom.reason = reason
+        dom.shutdown_pending = False
+        self._emit(dom.vm, kind, state, reason)
+        if not dom.persistent:
+            # a transient domain vanishes when it stops
+            self._domains.pop(dom.vm, None)
+
+    def _undefine(self, dom: _Domain) -> None:
+        if self._domains.get(dom.vm) is dom:
+            if dom.state in (VmState.RUNNING, VmState.PAUSED):
+                dom.persistent = False
+            else:
+                del self._domains[dom.vm]
+            self._emit(dom.vm, EventKind.UNDEFINED, None, "removed")
+
+    def _emit(self, name: str, kind: EventKind, state: VmState | None, detail: str) -> None:
+        sink, loop = self._sink, self._loop
+        if sink is None or loop is None or Capability.EVENTS not in self._caps:
+            return
+        event = HypervisorEvent(name, kind, state, detail)
+        # after the call that caused it returns, on the loop: as libvirt's event thread delivers them
+        loop.call_soon_threadsafe(sink, event)

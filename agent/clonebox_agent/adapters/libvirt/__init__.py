@@ -1,0 +1,14 @@
+"""The libvirt adapter: the only package of CloneBox that imports ``libvirt``.
+
+``LibvirtHypervisor`` implements the agent's ``Hypervisor`` port on ``qemu:///system`` (real guests)
+and on ``test:///default`` (libvirt's in-memory test driver, for fast tests).
+"""
+
+from clonebox_agent.adapters.libvirt.hypervisor import (
+    QEMU_CAPABILITIES,
+    TEST_DRIVER_CAPABILITIES,
+    LibvirtHypervisor,
+    capabilities_for,
+)
+
+__all__ = ["QEMU_CAPABILITIES", "TEST_DRIVER_CAPABILITIES", "LibvirtHypervisor", "capabilities_for"]

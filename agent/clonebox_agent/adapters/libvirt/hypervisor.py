@@ -1,0 +1,913 @@
+"""``LibvirtHypervisor``: the ``Hypervisor`` port on libvirt (``qemu:///system`` or ``test:///default``).
+
+Layout of what it makes (``storage_dir`` must be traversable by the QEMU user, so never under /root)::
+
+    storage_dir/pool/                 libvirt dir pool "clonebox-..." (flat: one file per volume)
+        cb-web.root.qcow2             qcow2 overlay on a base image, or a blank qcow2
+        cb-web.cidata.iso             cloud-init NoCloud seed (when the spec has cloud_init)
+    storage_dir/vms/cb-web/           per-VM folder
+        console.log                   serial console log (virtlogd)
+
+Every file and folder carries ``user.clonebox.owner=<vm>``; the domain carries ``<cb:owner>`` metadata.
+
+Every libvirt call runs on the adapter's own thread pool, never on the event loop. Each public method
+is one worker-thread function, so a cancelled caller cannot interrupt a create half way: the worker
+finishes or rolls back on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import ipaddress
+import logging
+import os
+import shutil
+import socket
+import threading
+import uuid as uuidlib
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import libvirt  # type: ignore[import-untyped]
+
+from clonebox_core.errors import AlreadyExists, CloneboxError, FailedPrecondition, NotFound, Unavailable
+from clonebox_core.model import (
+    HostInfo,
+    HypervisorInfo,
+    IpAddress,
+    NetworkMode,
+    Resources,
+    VmSpec,
+)
+
+from clonebox_agent.adapters import common
+from clonebox_agent.adapters.common import (
+    QEMU_CAPABILITIES,
+    TEST_DRIVER_CAPABILITIES,
+    Fault,
+    Faults,
+    Inventory,
+    StepHook,
+)
+from clonebox_agent.adapters.images import ResolvedSpec, image_info, resolve_spec
+from clonebox_agent.adapters.libvirt import domxml
+from clonebox_agent.adapters.libvirt.connection import Connection, ensure_event_loop
+from clonebox_agent.adapters.libvirt.errors import (
+    is_code,
+    is_connection_error,
+    message_of,
+    start_failed,
+    to_clonebox,
+)
+from clonebox_agent.adapters.libvirt.events import lifecycle, vm_state
+from clonebox_agent.adapters.libvirt.kvmprobe import choose_domain_type
+from clonebox_agent.adapters.seediso import build_seed_iso
+from clonebox_agent.ports import Capability, DomainRecord, EventKind, EventSink, HypervisorEvent
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MiB = 1024 * 1024
+
+
+_UNDEFINE_FLAGS = (
+    libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+    | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+    | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+    | getattr(libvirt, "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA", 0)
+)
+_SEED_TARGET = "hdc"
+
+
+def capabilities_for(uri: str) -> frozenset[Capability]:
+    """What an adapter on ``uri`` can do: everything on local QEMU; remote QEMU lacks host files."""
+    parts = urlsplit(uri)
+    scheme = parts.scheme
+    if scheme.startswith("test"):
+        return TEST_DRIVER_CAPABILITIES
+    if scheme in ("qemu", "qemu+unix") and not parts.hostname:
+        return QEMU_CAPABILITIES
+    if scheme.startswith("qemu"):
+        return QEMU_CAPABILITIES - {Capability.HOST_FILES}
+    return frozenset({Capability.EVENTS})
+
+
+class LibvirtHypervisor:
+    """The ``Hypervisor`` port on libvirt. Construct, ``await open(sink)``, use, ``await close()``.
+
+    ``uri``: ``qemu:///system`` in production, ``test:///default`` for fast tests.
+    ``storage_dir``: where pool volumes and per-VM folders live (created when missing).
+    ``image_dirs``: the only folders base images, kernels and initrds may come from.
+    ``domain_type``: ``auto`` (KVM only when a probe guest runs under it), ``kvm`` or ``qemu`` (TCG).
+    ``name_prefix``: prepended to VM names to form libvirt domain names (keeps ours apart in virsh).
+    ``owner``: recorded in each domain's metadata; only domains with this owner are listed, so several
+    agents (or test runs) can share one libvirtd.
+    ``pool_name``: the storage pool (must start with ``clonebox-``; default derived from storage_dir).
+    ``reserve``: subtracted from capacity to give allocatable.
+    ``fail_on``/``delays``/``step_hook``: scripted faults at named steps (see ``adapters.common``).
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        storage_dir: str | os.PathLike[str],
+        image_dirs: Sequence[str | os.PathLike[str]],
+        *,
+        domain_type: str = "auto",
+        name_prefix: str = "cb-",
+        owner: str = "clonebox",
+        pool_name: str | None = None,
+        host_name: str | None = None,
+        reserve: Resources = Resources(),
+        fail_on: Mapping[str, BaseException | Fault] | None = None,
+        delays: Mapping[str, float] | None = None,
+        step_hook: StepHook | None = None,
+        max_workers: int = 8,
+        kvm_probe_timeout: float = 5.0,
+    ) -> None:
+        if domain_type not in ("auto", "kvm", "qemu"):
+            raise ValueError(f"domain_type must be auto, kvm or qemu, not {domain_type!r}")
+        self.uri = uri
+        self.storage_dir = os.path.abspath(storage_dir)
+        self.image_dirs = tuple(os.path.abspath(d) for d in image_dirs)
+        self.name_prefix = name_prefix
+        self.owner = owner
+        self.pool_name = pool_name or "clonebox-" + _slug(self.storage_dir)
+        if not self.pool_name.startswith("clonebox-"):
+            raise ValueError("pool_name must start with 'clonebox-' (ownership by name)")
+        self.reserve = reserve
+        self.faults = Faults.of(fail_on, delays, step_hook)
+        self._caps = capabilities_for(uri)
+        self._host_name = host_name
+        self._requested_type = domain_type
+        self._domain_type: str | None = None
+        self._domain_type_reason = ""
+        self._probe_timeout = kvm_probe_timeout
+        #: libvirt API calls by name (read by tests and metrics)
+        self.calls: Counter[str] = Counter()
+        self._conn = Connection(uri, self.calls, self._on_connect)
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="libvirt")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sink: EventSink | None = None
+        self._callback_id: int | None = None
+        # domain names known to be ours: events of other domains are dropped without a libvirt call
+        self._owned: set[str] = set()
+        # ownership metadata by domain UUID (None: not ours); a domain's metadata never changes
+        self._meta: dict[str, domxml.OwnerMetadata | None] = {}
+        self._meta_lock = threading.Lock()
+        self._raw_events: asyncio.Queue[tuple[str, int, int]] | None = None
+        self._event_task: asyncio.Task[None] | None = None
+
+    # ---- Hypervisor port -----------------------------------------------------------------------
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        """Features this adapter supports (depends on the URI)."""
+        return self._caps
+
+    @property
+    def domain_type(self) -> tuple[str | None, str]:
+        """(domain type, reason); the type is None until the first successful connection."""
+        return self._domain_type, self._domain_type_reason
+
+    async def open(self, sink: EventSink) -> None:
+        """Connect (a libvirtd that is down is not an error: calls reconnect) and start events."""
+        self._loop = asyncio.get_running_loop()
+        self._sink = sink
+        self._raw_events = asyncio.Queue()
+        self._event_task = asyncio.create_task(self._pump_events(), name="libvirt-events")
+        ensure_event_loop()
+        try:
+            await self._run(self._conn.get)
+        except Unavailable as exc:
+            log.warning("libvirt is not reachable yet (%s); will retry on each call", exc)
+
+    async def close(self) -> None:
+        """Stop events and disconnect."""
+        self._sink = None
+        if self._event_task is not None:
+            self._event_task.cancel()
+            try:
+                await self._event_task
+            except asyncio.CancelledError:
+                pass
+            self._event_task = None
+        await self._run(self._close_sync)
+        self._executor.shutdown(wait=False)
+
+    async def host_info(self) -> HostInfo:
+        """Capacity (host CPUs and memory, pool size) and hypervisor details; never raises when down."""
+        return await self._run(self._host_info_sync)
+
+    async def create(self, spec: VmSpec, *, start: bool) -> DomainRecord:
+        """Make disks, seed ISO, folder and domain, start it when asked; all or nothing."""
+        await self._checkpoint("create")
+        return await self._run(self._create_sync, spec, start)
+
+    async def get(self, name: str) -> DomainRecord:
+        """One owned domain."""
+        await self._checkpoint("get")
+        return await self._run(self._get_sync, name)
+
+    async def list(self) -> list[DomainRecord]:
+        """All owned domains: one ``getAllDomainStats`` call (metadata cached per domain UUID)."""
+        await self._checkpoint("list")
+        return await self._run(self._list_sync)
+
+    async def start(self, name: str) -> DomainRecord:
+        """Start a defined domain (a running one is left alone); DOMAIN_START_FAILED on failure."""
+        await self._checkpoint("start")
+        return await self._run(self._start_sync, name)
+
+    async def shutdown(self, name: str) -> None:
+        """Guest-agent shutdown when qemu-ga is connected, else ACPI power button; does not wait."""
+        await self._checkpoint("shutdown")
+        await self._run(self._shutdown_sync, name)
+
+    async def destroy(self, name: str) -> None:
+        """Force off (a stopped domain is left alone)."""
+        await self._checkpoint("destroy")
+        await self._run(self._destroy_sync, name)
+
+    async def delete(self, name: str) -> list[str]:
+        """Force off, undefine, remove volumes, seed, log and folder; returns the removed paths.
+
+        Also removes leftovers of a VM whose domain is already gone (a crash during create); NotFound
+        only when there was nothing at all.
+        """
+        await self._checkpoint("delete")
+        return await self._run(self._delete_sync, name)
+
+    async def addresses(self, name: str) -> tuple[IpAddress, ...]:
+        """Addresses from qemu-ga, else DHCP leases; loopback skipped; empty when unknown."""
+        await self._checkpoint("addresses")
+        return await self._run(self._addresses_sync, name)
+
+    # ---- beyond the port -----------------------------------------------------------------------
+
+    async def inventory(self) -> Inventory:
+        """Everything this adapter owns: domains, volumes in its pool, marked files in storage_dir."""
+        return await self._run(self._inventory_sync)
+
+    async def remove_pool(self) -> None:
+        """Stop and undefine the (empty) storage pool; for uninstall and test teardown."""
+        await self._run(self._remove_pool_sync)
+
+    def domain_name(self, vm: str) -> str:
+        """libvirt domain name of VM ``vm``."""
+        return self.name_prefix + vm
+
+    # ---- plumbing ------------------------------------------------------------------------------
+
+    async def _checkpoint(self, step: str) -> None:
+        delay = self.faults.pending_delay(step)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self.faults.check(step)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        except CloneboxError:
+            raise
+        except libvirt.libvirtError as exc:
+            if is_connection_error(exc):
+                self._conn.drop()
+            raise to_clonebox(exc, uri=self.uri) from None
+
+    def _error(self, exc: BaseException, vm: str | None = None, action: str = "") -> CloneboxError:
+        if is_connection_error(exc):
+            self._conn.drop()
+        return to_clonebox(exc, uri=self.uri, vm=vm, action=action)
+
+    def _vm_name(self, domain: str) -> str:
+        return domain[len(self.name_prefix) :]
+
+    def _on_connect(self, conn: Any) -> None:
+        """(Re)connected: pool, domain type, and event registration (which die with the old link)."""
+        if Capability.HOST_FILES in self._caps:
+            for d in (self.storage_dir, common.pool_dir(self.storage_dir), self._vms_dir()):
+                os.makedirs(d, mode=0o755, exist_ok=True)
+        self._ensure_pool(conn)
+        if self._domain_type is None:
+            self._domain_type, self._domain_type_reason = self._choose_type(conn)
+            log.info("domain type %s: %s", self._domain_type, self._domain_type_reason)
+        if self._sink is not None:
+            self._callback_id = conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+            )
+
+    def _choose_type(self, conn: Any) -> tuple[str, str]:
+        if self._caps == TEST_DRIVER_CAPABILITIES and self._requested_type == "auto":
+            return "qemu", "libvirt test driver: no guest runs, nothing to probe"
+        if Capability.HOST_FILES not in self._caps and self._requested_type == "auto":
+            return "qemu", "remote libvirt: the KVM probe needs local files; set domain_type"
+        return choose_domain_type(
+            conn.unwrapped,
+            self._requested_type,
+            os.path.join(self.storage_dir, "probe"),
+            timeout=self._probe_timeout,
+        )
+
+    def _close_sync(self) -> None:
+        conn = self._conn.current
+        if conn is not None and self._callback_id is not None:
+            try:
+                conn.domainEventDeregisterAny(self._callback_id)
+            except libvirt.libvirtError:
+                pass
+        self._callback_id = None
+        self._conn.drop()
+
+    def _vms_dir(self) -> str:
+        return os.path.join(self.storage_dir, common.VMS_SUBDIR)
+
+    def _step(self, step: str) -> None:
+        self.faults.check_blocking(step)
+
+    # ---- storage -------------------------------------------------------------------------------
+
+    def _ensure_pool(self, conn: Any) -> Any:
+        path = common.pool_dir(self.storage_dir)
+        try:
+            pool = conn.storagePoolLookupByName(self.pool_name)
+        except libvirt.libvirtError as exc:
+            if not is_code(exc, "VIR_ERR_NO_STORAGE_POOL"):
+                raise
+            root = ET.Element("pool", {"type": "dir"})
+            ET.SubElement(root, "name").text = self.pool_name
+            target = ET.SubElement(root, "target")
+            ET.SubElement(target, "path").text = path
+            perms = ET.SubElement(target, "permissions")
+            ET.SubElement(perms, "mode").text = "0755"
+            pool = conn.storagePoolDefineXML(ET.tostring(root, encoding="unicode"), 0)
+        existing = ET.fromstring(pool.XMLDesc(0)).findtext("./target/path")
+        if existing is not None and os.path.normpath(existing) != path:
+            raise FailedPrecondition(
+                f"storage pool {self.pool_name} points at {existing}, not {path}: "
+                "choose another pool_name or storage_dir",
+                reason="STORAGE_POOL_MISMATCH",
+            )
+        if not pool.isActive():
+            pool.create(0)
+        try:
+            pool.setAutostart(1)
+        except libvirt.libvirtError:
+            pass  # the test driver keeps no autostart state
+        return pool
+
+    def _pool(self, conn: Any) -> Any:
+        try:
+            pool = conn.storagePoolLookupByName(self.pool_name)
+            if pool.isActive():
+                return pool
+        except libvirt.libvirtError as exc:
+            if not is_code(exc, "VIR_ERR_NO_STORAGE_POOL"):
+                raise
+        # someone stopped or removed it behind our back
+        return self._ensure_pool(conn)
+
+    def _volume_xml(self, name: str, capacity: int, fmt: str, backing: tuple[str, str] | None) -> str:
+        vol = ET.Element("volume")
+        ET.SubElement(vol, "name").text = name
+        ET.SubElement(vol, "capacity", {"unit": "bytes"}).text = str(capacity)
+        target = ET.SubElement(vol, "target")
+        ET.SubElement(target, "format", {"type": fmt})
+        if backing is not None:
+            store = ET.SubElement(vol, "backingStore")
+            ET.SubElement(store, "path").text = backing[0]
+            ET.SubElement(store, "format", {"type": backing[1]})
+        return ET.tostring(vol, encoding="unicode")
+
+    def _mark(self, path: str, vm: str) -> None:
+        if Capability.HOST_FILES in self._caps:
+            common.mark_owned(path, vm)
+
+    def _make_disk(self, pool: Any, domain: str, vm: str, index: int, resolved: ResolvedSpec) -> Any:
+        disk = resolved.spec.disks[index]
+        base = resolved.base_images[index]
+        capacity = disk.size_mib * MiB
+        backing = None
+        if base is not None:
+            info = image_info(base)
+            # an overlay is never smaller than its base; a bigger size_mib lets the guest grow into it
+            capacity = max(capacity, info.virtual_size)
+            backing = (base, info.format)
+        xml = self._volume_xml(common.volume_name(domain, disk.name), capacity, "qcow2", backing)
+        try:
+            vol = pool.createXML(xml, 0)
+        except libvirt.libvirtError as exc:
+            raise self._error(exc, vm, f"create disk {disk.name} of") from None
+        return vol
+
+    def _make_seed(self, conn: Any, pool: Any, domain: str, vm: str, data: bytes) -> Any:
+        xml = self._volume_xml(common.seed_volume_name(domain), len(data), "raw", None)
+        try:
+            vol = pool.createXML(xml, 0)
+        except libvirt.libvirtError as exc:
+            raise self._error(exc, vm, "create seed ISO of") from None
+        try:
+            if Capability.VOLUME_STREAMS in self._caps:
+                # upload through libvirt: also works when libvirtd is on another host
+                stream = conn.newStream(0)
+                try:
+                    vol.upload(stream, 0, len(data), 0)
+                    view = memoryview(data)
+                    while view:
+                        sent = stream.send(bytes(view[: 256 * 1024]))
+                        view = view[sent:]
+                    stream.finish()
+                except BaseException:
+                    try:
+                        stream.abort()
+                    except libvirt.libvirtError:
+                        pass
+                    raise
+        except BaseException:
+            self._delete_volume(vol)
+            raise
+        return vol
+
+    def _delete_volume(self, vol: Any) -> str | None:
+        try:
+            path = str(vol.path())
+            vol.delete(0)
+            return path
+        except libvirt.libvirtError as exc:
+            if is_code(exc, "VIR_ERR_NO_STORAGE_VOL"):
+                return None
+            raise
+
+    # ---- create --------------------------------------------------------------------------------
+
+    def _create_sync(self, spec: VmSpec, start: bool) -> DomainRecord:
+        resolved = resolve_spec(spec, self.image_dirs)
+        self._step("create:validated")
+        domain = self.domain_name(spec.name)
+        conn = self._conn.get()
+        try:
+            conn.lookupByName(domain)
+        except libvirt.libvirtError as exc:
+            if not is_code(exc, "VIR_ERR_NO_DOMAIN"):
+                raise self._error(exc, spec.name, "look up") from None
+        else:
+            raise AlreadyExists(f"VM {spec.name} already exists", reason="VM_ALREADY_EXISTS", metadata={"vm": spec.name})
+        # known before libvirt can report its first event
+        self._owned.add(domain)
+        undo: list[Callable[[], object]] = []
+        try:
+            return self._create_steps(conn, resolved, domain, start, undo)
+        except BaseException as exc:
+            for action in reversed(undo):
+                try:
+                    action()
+                except Exception:  # noqa: BLE001 - keep undoing; report the original error
+                    log.exception("rollback step failed while creating %s", spec.name)
+            if isinstance(exc, libvirt.libvirtError):
+                raise self._error(exc, spec.name, "create") from None
+            raise
+
+    def _create_steps(
+        self, conn: Any, resolved: ResolvedSpec, domain: str, start: bool, undo: list[Callable[[], object]]
+    ) -> DomainRecord:
+        spec = resolved.spec
+        vm = spec.name
+        host_files = Capability.HOST_FILES in self._caps
+        console_log = None
+        if host_files:
+            folder = common.vm_dir(self.storage_dir, domain)
+            try:
+                os.makedirs(folder, mode=0o755)
+            except FileExistsError:
+                # a concurrent create of the same name got here first (or a crash left it: delete cleans it)
+                raise AlreadyExists(
+                    f"VM {vm} already exists (its folder {folder} does)", reason="VM_ALREADY_EXISTS", metadata={"vm": vm}
+                ) from None
+            undo.append(functools.partial(shutil.rmtree, folder, True))
+            self._mark(folder, vm)
+            console_log = os.path.join(folder, "console.log")
+
+        pool = self._pool(conn)
+        disks: list[domxml.Disk] = []
+        for i in range(len(spec.disks)):
+            vol = self._make_disk(pool, domain, vm, i, resolved)
+            undo.append(functools.partial(self._delete_volume, vol))
+            path = str(vol.path())
+            self._mark(path, vm)
+            disks.append(domxml.Disk(path, domxml.virtio_target(i)))
+        self._step("create:disks")
+
+        vm_uuid = str(uuidlib.uuid4())
+        if spec.cloud_init is not None:
+            data = build_seed_iso(spec.cloud_init, instance_id=f"iid-{vm_uuid}", hostname=vm)
+            vol = self._make_seed(conn, pool, domain, vm, data)
+            undo.append(functools.partial(self._delete_volume, vol))
+            path = str(vol.path())
+            self._mark(path, vm)
+            disks.append(domxml.Disk(path, _SEED_TARGET, format="raw", cdrom=True))
+        self._step("create:seed")
+
+        created = datetime.now(UTC).replace(microsecond=0)
+        cfg = domxml.DomainConfig(
+            name=domain,
+            uuid=vm_uuid,
+            domain_type=self._domain_type or "qemu",
+            vcpus=spec.vcpus,
+            memory_mib=spec.memory_mib,
+            owner=domxml.OwnerMetadata(agent=self.owner, vm=vm, spec=spec, created=created),
+            disks=tuple(disks),
+            kernel=resolved.kernel,
+            initrd=resolved.initrd,
+            cmdline=spec.kernel_boot.cmdline if spec.kernel_boot is not None else "",
+            network=spec.network.libvirt_network if spec.network.mode == NetworkMode.LIBVIRT else None,
+            filesystems=tuple(
+                domxml.Filesystem(src, sf.tag, sf.read_only)
+                for src, sf in zip(resolved.shared_folders, spec.shared_folders, strict=True)
+            ),
+            console_log=console_log,
+        )
+        try:
+            dom = conn.defineXML(domxml.domain_xml(cfg))
+        except libvirt.libvirtError as exc:
+            raise self._error(exc, vm, "define") from None
+        undo.append(functools.partial(self._undefine_quietly, dom))
+        with self._meta_lock:
+            self._meta[vm_uuid] = cfg.owner
+        self._step("create:define")
+
+        if start:
+            # destroy before undefine on rollback (undo runs in reverse)
+            undo.append(functools.partial(self._destroy_quietly, dom))
+            try:
+                dom.create()
+            except libvirt.libvirtError as exc:
+                raise start_failed(exc, uri=self.uri, vm=vm) from None
+            if console_log is not None and os.path.exists(console_log):
+                self._mark(console_log, vm)
+            self._step("create:start")
+        state, reason = dom.state()
+        return self._record(dom, cfg.owner, state, reason)
+
+    def _undefine_quietly(self, dom: Any) -> None:
+        try:
+            self._undefine(dom)
+        except libvirt.libvirtError as exc:
+            if not is_code(exc, "VIR_ERR_NO_DOMAIN"):
+                raise
+
+    def _destroy_quietly(self, dom: Any) -> None:
+        try:
+            if dom.isActive():
+                dom.destroy()
+        except libvirt.libvirtError as exc:
+            if not (is_code(exc, "VIR_ERR_NO_DOMAIN") or is_code(exc, "VIR_ERR_OPERATION_INVALID")):
+                raise
+
+    def _undefine(self, dom: Any) -> None:
+        try:
+            dom.undefineFlags(_UNDEFINE_FLAGS)
+        except libvirt.libvirtError as exc:
+            # drivers without NVRAM/checkpoint support reject the flags
+            if is_code(exc, "VIR_ERR_NO_SUPPORT") or is_code(exc, "VIR_ERR_INVALID_ARG"):
+                dom.undefine()
+            else:
+                raise
+
+    # ---- queries -------------------------------------------------------------------------------
+
+    def _owner_meta(self, dom: Any) -> domxml.OwnerMetadata | None:
+        key = str(dom.UUIDString())
+        with self._meta_lock:
+            if key in self._meta:
+                return self._meta[key]
+        try:
+            text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, domxml.NAMESPACE, 0)
+            meta = domxml.parse_owner(text)
+        except libvirt.libvirtError as exc:
+            if is_code(exc, "VIR_ERR_NO_DOMAIN_METADATA"):
+                meta = None
+            elif is_code(exc, "VIR_ERR_NO_DOMAIN"):
+                return None
+            else:
+                raise
+        except (ET.ParseError, ValueError, KeyError, TypeError):
+            log.warning("domain %s has unreadable clonebox metadata; ignoring it", dom.name())
+            meta = None
+        if meta is not None and meta.agent != self.owner:
+            meta = None
+        with self._meta_lock:
+            self._meta[key] = meta
+        if meta is not None:
+            self._owned.add(str(dom.name()))
+        return meta
+
+    def _owned_domain(self, vm: str) -> tuple[Any, domxml.OwnerMetadata]:
+        conn = self._conn.get()
+        try:
+            dom = conn.lookupByName(self.domain_name(vm))
+        except libvirt.libvirtError as exc:
+            raise self._error(exc, vm, "look up") from None
+        meta = self._owner_meta(dom)
+        if meta is None:
+            raise NotFound(f"VM {vm} not found", reason="VM_NOT_FOUND", metadata={"vm": vm})
+        return dom, meta
+
+    def _record(self, dom: Any, meta: domxml.OwnerMetadata, state: int, reason: int) -> DomainRecord:
+        vm_state_, word = vm_state(state, reason)
+        return DomainRecord(
+            name=meta.vm,
+            uuid=str(dom.UUIDString()),
+            state=vm_state_,
+            spec=meta.spec,
+            create_time=meta.created,
+            state_reason=word,
+        )
+
+    def _get_sync(self, vm: str) -> DomainRecord:
+        dom, meta = self._owned_domain(vm)
+        try:
+            state, reason = dom.state()
+        except libvirt.libvirtError as exc:
+            raise self._error(exc, vm, "get") from None
+        return self._record(dom, meta, state, reason)
+
+    def _list_sync(self) -> list[DomainRecord]:
+        conn = self._conn.get()
+        out = []
+        for dom, stats in conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE, 0):
+            if not str(dom.name()).startswith(self.name_prefix):
+                continue
+            meta = self._owner_meta(dom)
+            if meta is None:
+                continue
+            out.append(self._record(dom, meta, int(stats.get("state.state", 0)), int(stats.get("state.reason", 0))))
+        out.sort(key=lambda r: r.name)
+        return out
+
+    def _inventory_sync(self) -> Inventory:
+        conn = self._conn.get()
+        domains = tuple(self.domain_name(r.name) for r in self._list_sync())
+        pool = self._pool(conn)
+        volumes = tuple(sorted(str(v.name()) for v in pool.listAllVolumes(0)))
+        files: tuple[tuple[str, str], ...] = ()
+        if Capability.HOST_FILES in self._caps:
+            files = common.marked_files(self.storage_dir)
+        return Inventory(domains, volumes, files)
+
+    def _host_info_sync(self) -> HostInfo:
+        caps = tuple(sorted(c.value for c in self._caps))
+        try:
+            conn = self._conn.get()
+            info = conn.getInfo()
+            pool_capacity = int(self._pool(conn).info()[1])
+            hostname = self._host_name or str(conn.getHostname())
+            lib_version = _version(conn.getLibVersion())
+            hv_version = _version(conn.getVersion())
+            cpu_model = ET.fromstring(conn.getCapabilities()).findtext("./host/cpu/model") or str(info[0])
+        except (CloneboxError, libvirt.libvirtError) as exc:
+            if isinstance(exc, libvirt.libvirtError) and is_connection_error(exc):
+                self._conn.drop()
+            return HostInfo(
+                name=self._host_name or socket.gethostname(),
+                capacity=Resources(),
+                allocatable=Resources(),
+                hypervisor=HypervisorInfo(
+                    uri=self.uri,
+                    domain_type=self._domain_type or "",
+                    domain_type_reason=self._domain_type_reason,
+                    capabilities=caps,
+                ),
+                serving=False,
+                not_serving_reason=message_of(exc) if not isinstance(exc, CloneboxError) else exc.message,
+            )
+        capacity = Resources(vcpus=int(info[2]), memory_mib=int(info[1]), disk_mib=pool_capacity // MiB)
+        room = capacity - self.reserve
+        return HostInfo(
+            name=hostname,
+            capacity=capacity,
+            allocatable=Resources(max(room.vcpus, 0), max(room.memory_mib, 0), max(room.disk_mib, 0)),
+            hypervisor=HypervisorInfo(
+                uri=self.uri,
+                libvirt_version=lib_version,
+                hypervisor_version=hv_version,
+                domain_type=self._domain_type or "",
+                domain_type_reason=self._domain_type_reason,
+                capabilities=caps,
+                cpu_model=cpu_model,
+            ),
+        )
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    def _start_sync(self, vm: str) -> DomainRecord:
+        dom, meta = self._owned_domain(vm)
+        try:
+            if not dom.isActive():
+                try:
+                    dom.create()
+                except libvirt.libvirtError as exc:
+                    # it may have been started concurrently: that is what the caller wanted
+                    if not (is_code(exc, "VIR_ERR_OPERATION_INVALID") and dom.isActive()):
+                        raise start_failed(exc, uri=self.uri, vm=vm) from None
+            state, reason = dom.state()
+        except libvirt.libvirtError as exc:
+            raise self._error(exc, vm, "start") from None
+        return self._record(dom, meta, state, reason)
+
+    def _shutdown_sync(self, vm: str) -> None:
+        dom, _meta = self._owned_domain(vm)
+        try:
+            if not dom.isActive():
+                return
+            if Capability.GUEST_AGENT in self._caps and domxml.agent_connected(dom.XMLDesc(0)):
+                try:
+                    dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
+                    return
+                except libvirt.libvirtError as exc:
+                    if is_connection_error(exc):
+                        raise
+                    log.info("guest agent shutdown of %s failed (%s); using ACPI", vm, message_of(exc))
+            if Capability.ACPI_SHUTDOWN in self._caps:
+                dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+            else:
+                dom.shutdown()
+        except libvirt.libvirtError as exc:
+            if is_code(exc, "VIR_ERR_OPERATION_INVALID") and not _active(dom):
+                return  # it stopped meanwhile
+            raise self._error(exc, vm, "shut down") from None
+
+    def _destroy_sync(self, vm: str) -> None:
+        dom, _meta = self._owned_domain(vm)
+        try:
+            self._destroy_quietly(dom)
+        except libvirt.libvirtError as exc:
+            raise self._error(exc, vm, "destroy") from None
+
+    def _delete_sync(self, vm: str) -> list[str]:
+        domain = self.domain_name(vm)
+        conn = self._conn.get()
+        removed: list[str] = []
+        dom: Any = None
+        try:
+            dom, _meta = self._owned_domain(vm)
+        except NotFound:
+            # no domain (or not ours): still clean leftovers carrying our naming and marks below
+            try:
+                conn.lookupByName(domain)
+                raise NotFound(f"VM {vm} not found", reason="VM_NOT_FOUND", metadata={"vm": vm}) from None
+            except libvirt.libvirtError as exc:
+                if not is_code(exc, "VIR_ERR_NO_DOMAIN"):
+                    raise self._error(exc, vm, "delete") from None
+        try:
+            if dom is not None:
+                self._destroy_quietly(dom)
+                self._step("delete:destroyed")
+                self._undefine_quietly(dom)
+                self._step("delete:undefined")
+            removed += self._delete_volumes(conn, domain, vm)
+            self._step("delete:volumes")
+        except libvirt.libvirtError as exc:
+            raise self._error(exc, vm, "delete") from None
+        removed += self._delete_folder(domain, vm)
+        if dom is None and not removed:
+            raise NotFound(f"VM {vm} not found", reason="VM_NOT_FOUND", metadata={"vm": vm})
+        return removed
+
+    def _delete_volumes(self, conn: Any, domain: str, vm: str) -> list[str]:
+        removed = []
+        prefix = common.volume_prefix(domain)
+        for vol in self._pool(conn).listAllVolumes(0):
+            if not str(vol.name()).startswith(prefix):
+                continue
+            path = str(vol.path())
+            owner = common.owner_of(path) if Capability.HOST_FILES in self._caps else None
+            if owner is not None and owner != vm:
+                log.warning("volume %s is marked for %s, not %s: left alone", path, owner, vm)
+                continue
+            gone = self._delete_volume(vol)
+            if gone is not None:
+                removed.append(gone)
+        return removed
+
+    def _delete_folder(self, domain: str, vm: str) -> list[str]:
+        if Capability.HOST_FILES not in self._caps:
+            return []
+        folder = common.vm_dir(self.storage_dir, domain)
+        if not os.path.isdir(folder):
+            return []
+        if common.owner_of(folder) not in (vm, None):
+            log.warning("folder %s is marked for another VM: left alone", folder)
+            return []
+        removed = [os.path.join(dp, f) for dp, _dn, fns in os.walk(folder) for f in fns]
+        shutil.rmtree(folder)
+        return [*removed, folder]
+
+    def _remove_pool_sync(self) -> None:
+        conn = self._conn.get()
+        try:
+            pool = conn.storagePoolLookupByName(self.pool_name)
+        except libvirt.libvirtError as exc:
+            if is_code(exc, "VIR_ERR_NO_STORAGE_POOL"):
+                return
+            raise
+        if pool.isActive():
+            pool.destroy()
+        pool.undefine()
+
+    def _addresses_sync(self, vm: str) -> tuple[IpAddress, ...]:
+        dom, _meta = self._owned_domain(vm)
+        if not _active(dom):
+            return ()
+        sources: list[tuple[int, str]] = []
+        if Capability.GUEST_AGENT in self._caps:
+            sources.append((libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT, "agent"))
+        sources.append((libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, "lease"))
+        for src, label in sources:
+            try:
+                ifaces = dom.interfaceAddresses(src, 0)
+            except libvirt.libvirtError as exc:
+                if is_connection_error(exc):
+                    raise self._error(exc, vm, "addresses of") from None
+                continue  # qemu-ga not running, or no lease source: try the next
+            found = _addresses(ifaces or {}, label)
+            if found:
+                return found
+        return ()
+
+    # ---- events --------------------------------------------------------------------------------
+
+    def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: object) -> None:
+        # libvirt's event thread: no libvirt calls here, just hand over to the asyncio loop
+        name = str(dom.name())
+        loop, queue = self._loop, self._raw_events
+        if loop is None or queue is None or not name.startswith(self.name_prefix):
+            return
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (name, event, detail))
+        except RuntimeError:
+            pass  # loop closed
+
+    async def _pump_events(self) -> None:
+        # one consumer keeps libvirt's order even when an ownership lookup has to wait
+        assert self._raw_events is not None
+        while True:
+            domain, event, detail = await self._raw_events.get()
+            mapped = lifecycle(event, detail)
+            if mapped is None:
+                continue
+            kind, state, word = mapped
+            if domain not in self._owned and kind != EventKind.UNDEFINED:
+                try:
+                    await self._run(self._get_sync, self._vm_name(domain))
+                except CloneboxError:
+                    continue
+            if domain not in self._owned:
+                continue
+            sink = self._sink
+            if sink is not None:
+                try:
+                    sink(HypervisorEvent(self._vm_name(domain), kind, state, word))
+                except Exception:  # noqa: BLE001 - a failing sink must not stop events
+                    log.exception("event sink failed")
+
+
+def _active(dom: Any) -> bool:
+    try:
+        return bool(dom.isActive())
+    except libvirt.libvirtError:
+        return False
+
+
+def _addresses(ifaces: Mapping[str, Any], source: str) -> tuple[IpAddress, ...]:
+    out: list[IpAddress] = []
+    for iface, data in sorted(ifaces.items()):
+        if iface == "lo":
+            continue
+        for addr in (data or {}).get("addrs") or ():
+            text = str(addr.get("addr", ""))
+            try:
+                ip = ipaddress.ip_address(text)
+            except ValueError:
+                continue
+            if ip.is_loopback:
+                continue
+            out.append(IpAddress(iface, text, int(addr.get("prefix", 0)), source))
+    return tuple(out)
+
+
+def _version(number: int) -> str:
+    major, rest = divmod(int(number), 1_000_000)
+    minor, micro = divmod(rest, 1000)
+    return f"{major}.{minor}.{micro}"
+
+
+def _slug(path: str) -> str:
+    return hashlib.sha256(path.encode()).hexdigest()[:10]

@@ -1,0 +1,5 @@
+"""``python -m clonebox_cli``."""
+
+from clonebox_cli.main import run
+
+run()

@@ -1,0 +1,248 @@
+"""``clonebox vm``: create VMs from spec files, list, show, start, stop and delete them.
+
+Mutations carry a ``request_id`` (a fresh uuid4 unless ``--request-id`` is given); the client retries an
+RPC that never reached the controller with the same id, and re-running a command with the same
+``--request-id`` returns the first run's operation instead of acting twice.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+import uuid
+from typing import Annotated
+
+import typer
+from clonebox.controller.v1 import vm_service_pb2 as vms_pb2
+from clonebox.type.v1 import operation_pb2, vm_pb2
+from clonebox_core.errors import InvalidArgument
+from clonebox_core.model import VmSpec
+from clonebox_core.rpc.convert import spec_to_proto, vm_from_proto
+from clonebox_core.spec import dump_spec, format_size, load_spec_file, load_spec_text
+
+from clonebox_cli import output
+from clonebox_cli.client import ControllerClient
+from clonebox_cli.context import Settings, settings
+from clonebox_cli.operation import TimeoutOpt, print_started, wait_and_check
+
+app = typer.Typer(help="Create and manage VMs.", no_args_is_help=True)
+
+
+class StateChoice(enum.StrEnum):
+    """``--state`` values (``clonebox.type.v1.VmState`` without the prefix)."""
+
+    pending = "pending"
+    creating = "creating"
+    running = "running"
+    paused = "paused"
+    stopping = "stopping"
+    stopped = "stopped"
+    crashed = "crashed"
+    deleting = "deleting"
+    failed = "failed"
+
+    def to_proto(self) -> vm_pb2.VmState:
+        """The API enum value."""
+        return vm_pb2.VmState.Value(f"VM_STATE_{self.value.upper()}")
+
+
+def _parse_labels(values: list[str] | None) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{item!r}: use KEY=VALUE", param_hint="--label")
+        labels[key] = value
+    return labels
+
+
+def _load_spec(path: str) -> VmSpec:
+    """The spec file at ``path``, or standard input for ``-``."""
+    if path == "-":
+        return load_spec_text(sys.stdin.read(), "<stdin>")
+    return load_spec_file(path)
+
+
+def _new_request_id(given: str | None) -> str:
+    if given is not None and not given.strip():
+        raise InvalidArgument("--request-id must not be empty", reason="INVALID_REQUEST_ID")
+    return given or str(uuid.uuid4())
+
+
+def _print_vm(s: Settings, vm: vm_pb2.Vm) -> None:
+    if s.json:
+        output.emit_json(output.message_dict(vm))
+    else:
+        output.console().print(output.vm_details(vm))
+
+
+def _final_vm(client: ControllerClient, op: operation_pb2.Operation, name: str) -> vm_pb2.Vm:
+    """The VM an operation left behind: from its result, or asked for when the result is empty."""
+    if op.result.HasField("vm"):
+        return op.result.vm
+    return client.call(client.vms.GetVm, vms_pb2.GetVmRequest(name=name)).vm
+
+
+WaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the operation and show its progress.")]
+RequestIdOpt = Annotated[
+    str | None,
+    typer.Option("--request-id", help="Idempotency key; a retry with the same id never acts twice. Default: a new uuid4."),
+]
+NameArg = Annotated[str, typer.Argument(metavar="NAME", help="VM name.")]
+
+
+@app.command("create")
+def create(
+    ctx: typer.Context,
+    file: Annotated[str, typer.Option("--file", "-f", metavar="SPEC.yaml", help="VM spec file ('-' for stdin).")],
+    host: Annotated[str, typer.Option("--host", help="Place on this host instead of letting the controller choose.")] = "",
+    wait: WaitOpt = True,
+    timeout: TimeoutOpt = None,
+    request_id: RequestIdOpt = None,
+) -> None:
+    """Create a VM from a spec file (see examples/)."""
+    s = settings(ctx)
+    spec = _load_spec(file)  # before any RPC: a bad file is reported with its line number, offline
+    client = s.client()
+    request = vms_pb2.CreateVmRequest(spec=spec_to_proto(spec), host=host, request_id=_new_request_id(request_id))
+    op = client.call(client.vms.CreateVm, request).operation
+    if not wait:
+        print_started(op, s.json)
+        return
+    op = wait_and_check(client, op, timeout)
+    _print_vm(s, _final_vm(client, op, spec.name))
+
+
+@app.command("validate")
+def validate(
+    ctx: typer.Context,
+    file: Annotated[str, typer.Option("--file", "-f", metavar="SPEC.yaml", help="VM spec file ('-' for stdin).")],
+) -> None:
+    """Check a spec file without contacting the controller; prints the spec as the controller would get it."""
+    s = settings(ctx)
+    spec = _load_spec(file)
+    if s.json:
+        output.emit_json(output.message_dict(spec_to_proto(spec)))
+        return
+    disks = f"{len(spec.disks)} disk{'s' if len(spec.disks) != 1 else ''}"
+    typer.echo(f"{file}: ok: vm {spec.name} ({spec.vcpus} vCPU, {format_size(spec.memory_mib)}, {disks})")
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option("--host", help="Only VMs on this host.")] = "",
+    state: Annotated[StateChoice | None, typer.Option("--state", help="Only VMs in this state.")] = None,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", "-l", metavar="KEY=VALUE", help="Only VMs with this label (repeatable).")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="VMs per page.")] = 100,
+    page_token: Annotated[str, typer.Option("--page-token", help="Continue from a previous page.")] = "",
+    all_pages: Annotated[bool, typer.Option("--all", help="Fetch every page.")] = False,
+) -> None:
+    """List VMs across the fleet, ordered by name."""
+    s = settings(ctx)
+    client = s.client()
+    request = vms_pb2.ListVmsRequest(
+        host=host,
+        state=state.to_proto() if state is not None else vm_pb2.VM_STATE_UNSPECIFIED,
+        labels=_parse_labels(label),
+        page_size=limit,
+        page_token=page_token,
+    )
+    vms: list[vm_pb2.Vm] = []
+    while True:
+        response = client.call(client.vms.ListVms, request)
+        vms.extend(response.vms)
+        if not (all_pages and response.next_page_token):
+            break
+        request.page_token = response.next_page_token
+    next_token = response.next_page_token
+    if s.json:
+        output.emit_json({"vms": [output.message_dict(vm) for vm in vms], "next_page_token": next_token})
+        return
+    output.console().print(output.vm_table(vms))
+    if next_token:
+        typer.echo(f"more VMs: use --all, or --page-token {next_token}", err=True)
+
+
+@app.command("show")
+def show(
+    ctx: typer.Context,
+    name: NameArg,
+    as_spec: Annotated[bool, typer.Option("--spec", help="Print the VM's spec as a spec file instead.")] = False,
+) -> None:
+    """Show one VM."""
+    s = settings(ctx)
+    client = s.client()
+    vm = client.call(client.vms.GetVm, vms_pb2.GetVmRequest(name=name)).vm
+    if as_spec:
+        typer.echo(dump_spec(vm_from_proto(vm).spec), nl=False)
+        return
+    _print_vm(s, vm)
+
+
+def _finish_power(s: Settings, client: ControllerClient, op: operation_pb2.Operation, name: str, wait: bool,
+                  timeout: float | None) -> None:
+    if not wait:
+        print_started(op, s.json)
+        return
+    op = wait_and_check(client, op, timeout)
+    vm = _final_vm(client, op, name)
+    if s.json:
+        output.emit_json(output.message_dict(vm))
+    else:
+        typer.echo(f"vm {vm.name} is {vm_from_proto(vm).state.name.lower()} on {vm.host or '-'}")
+
+
+@app.command("start")
+def start(
+    ctx: typer.Context, name: NameArg, wait: WaitOpt = True, timeout: TimeoutOpt = None, request_id: RequestIdOpt = None
+) -> None:
+    """Start a stopped VM."""
+    s = settings(ctx)
+    client = s.client()
+    request = vms_pb2.StartVmRequest(name=name, request_id=_new_request_id(request_id))
+    op = client.call(client.vms.StartVm, request).operation
+    _finish_power(s, client, op, name, wait, timeout)
+
+
+@app.command("stop")
+def stop(
+    ctx: typer.Context,
+    name: NameArg,
+    wait: WaitOpt = True,
+    timeout: TimeoutOpt = None,
+    grace: Annotated[
+        int, typer.Option("--grace", min=0, max=3600, help="Seconds of graceful shutdown before forcing (0: default).")
+    ] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Power off at once, skipping the graceful shutdown.")] = False,
+    request_id: RequestIdOpt = None,
+) -> None:
+    """Stop a VM: ACPI shutdown, forced off after the grace period."""
+    s = settings(ctx)
+    client = s.client()
+    request = vms_pb2.StopVmRequest(
+        name=name, request_id=_new_request_id(request_id), timeout_seconds=grace, force=force
+    )
+    op = client.call(client.vms.StopVm, request).operation
+    _finish_power(s, client, op, name, wait, timeout)
+
+
+@app.command("delete")
+def delete(
+    ctx: typer.Context, name: NameArg, wait: WaitOpt = True, timeout: TimeoutOpt = None, request_id: RequestIdOpt = None
+) -> None:
+    """Delete a VM and everything made for it (no prompt, so scripts can use it)."""
+    s = settings(ctx)
+    client = s.client()
+    request = vms_pb2.DeleteVmRequest(name=name, request_id=_new_request_id(request_id))
+    op = client.call(client.vms.DeleteVm, request).operation
+    if not wait:
+        print_started(op, s.json)
+        return
+    op = wait_and_check(client, op, timeout)
+    if s.json:
+        output.emit_json(output.message_dict(op))
+    else:
+        typer.echo(f"vm {name} deleted")

@@ -1,0 +1,339 @@
+"""The Hypervisor contract: one suite, run against the fake, libvirt's test driver and real QEMU.
+
+Each test gets ``h`` (see conftest): a fresh, opened adapter with its own storage and names, and a
+teardown that fails the test if anything the adapter owns is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import pytest
+
+from clonebox_core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from clonebox_core.model import (
+    CloudInit,
+    DiskSpec,
+    KernelBoot,
+    NetworkMode,
+    NetworkSpec,
+    SharedFolder,
+    VmSpec,
+    VmState,
+)
+
+from clonebox_agent.adapters.common import CREATE_STEPS, OWNER_XATTR, Fault, owner_of
+from clonebox_agent.adapters.seediso import read_seed_iso
+from clonebox_agent.ports import Capability, EventKind
+
+if TYPE_CHECKING:
+    from conftest import Harness
+
+
+def _owned_paths(root: str, vm: str) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for entry in [*dirnames, *filenames]:
+            path = os.path.join(dirpath, entry)
+            if owner_of(path) == vm:
+                found.append(path)
+    return found
+
+
+def _full_spec(h: Harness) -> VmSpec:
+    """A spec using every feature: overlays on qcow2 and raw bases, a blank disk, seed, share, labels."""
+    return h.spec(
+        disks=(
+            DiskSpec("root", base_image="base.qcow2"),
+            DiskSpec("raw", base_image=os.path.join(h.files.images, "base.raw"), size_mib=8),
+            DiskSpec("data", size_mib=16),
+        ),
+        network=NetworkSpec(mode=NetworkMode.LIBVIRT, libvirt_network="default"),
+        shared_folders=(SharedFolder(h.files.share, "share0", read_only=True),),
+        cloud_init=CloudInit(user_data="#cloud-config\nruncmd: [echo hi]\n", network_config="version: 2\n"),
+        labels=(("app", "web"), ("tier", "front")),
+    )
+
+
+# ---- create, get, list --------------------------------------------------------------------------
+
+
+async def test_create_get_list(h: Harness) -> None:
+    spec = h.spec()
+    created = await h.hv.create(spec, start=False)
+    assert created.name == spec.name
+    assert created.state == VmState.STOPPED
+    assert created.spec == spec
+    assert created.uuid
+    got = await h.hv.get(spec.name)
+    assert (got.name, got.uuid, got.state, got.spec) == (created.name, created.uuid, created.state, spec)
+    listed = await h.hv.list()
+    # only what this adapter owns: the test driver's own "test" domain and other runs are not listed
+    assert [r.name for r in listed] == [spec.name]
+    assert listed[0].spec == spec
+
+
+async def test_create_started_is_running(h: Harness) -> None:
+    spec = h.spec()
+    record = await h.hv.create(spec, start=True)
+    assert record.state == VmState.RUNNING
+    assert (await h.hv.get(spec.name)).state == VmState.RUNNING
+    assert record.create_time is not None
+
+
+async def test_full_spec_round_trips(h: Harness) -> None:
+    spec = _full_spec(h)
+    if not h.real:
+        spec = replace(spec, kernel_boot=KernelBoot(kernel="vmlinuz", cmdline="console=ttyS0 a=<&>'\""))
+    record = await h.hv.create(spec, start=True)
+    assert record.state == VmState.RUNNING
+    assert record.spec == spec
+    assert (await h.hv.get(spec.name)).spec == spec
+    assert (await h.hv.list())[0].spec == spec
+
+
+async def test_create_twice_already_exists(h: Harness) -> None:
+    spec = h.spec()
+    first = await h.hv.create(spec, start=False)
+    before = await h.hv.inventory()
+    with pytest.raises(AlreadyExists) as err:
+        await h.hv.create(replace(spec, memory_mib=96), start=True)
+    assert err.value.reason == "VM_ALREADY_EXISTS"
+    assert await h.hv.inventory() == before
+    again = await h.hv.get(spec.name)
+    assert (again.uuid, again.spec, again.state) == (first.uuid, spec, VmState.STOPPED)
+
+
+@pytest.mark.parametrize("method", ["get", "start", "shutdown", "destroy", "delete", "addresses"])
+async def test_unknown_vm_not_found(h: Harness, method: str) -> None:
+    with pytest.raises(NotFound) as err:
+        await getattr(h.hv, method)("no-such-vm")
+    assert err.value.reason == "VM_NOT_FOUND"
+
+
+# ---- lifecycle ----------------------------------------------------------------------------------
+
+
+async def test_start_stop_destroy(h: Harness) -> None:
+    spec = h.spec()
+    await h.hv.create(spec, start=False)
+    assert (await h.hv.start(spec.name)).state == VmState.RUNNING
+    # a running domain is left alone
+    assert (await h.hv.start(spec.name)).state == VmState.RUNNING
+    await h.hv.destroy(spec.name)
+    assert (await h.hv.get(spec.name)).state == VmState.STOPPED
+    # a stopped one too
+    await h.hv.destroy(spec.name)
+    await h.hv.shutdown(spec.name)
+    assert (await h.hv.get(spec.name)).state == VmState.STOPPED
+    assert (await h.hv.start(spec.name)).state == VmState.RUNNING
+
+
+async def test_shutdown_request_returns_without_waiting(h: Harness) -> None:
+    spec = h.spec()
+    await h.hv.create(spec, start=True)
+    started = time.monotonic()
+    # on real QEMU this guest (SeaBIOS, no qemu-ga) cannot honour it: the request still returns at once
+    await h.hv.shutdown(spec.name)
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.requires(Capability.ACPI_SHUTDOWN)
+async def test_shutdown_of_a_guest_that_honours_it_stops_it(h: Harness) -> None:
+    spec = h.guest_spec(network=NetworkSpec(mode=NetworkMode.NONE))
+    await h.hv.create(spec, start=True)
+    if h.real:
+        log = h.console_log(spec.name)
+        await h.wait_until(lambda: os.path.exists(log) and b"READY" in open(log, "rb").read(), 90, "guest READY")
+    await h.hv.shutdown(spec.name)
+    ev = await h.wait_event(spec.name, EventKind.STOPPED, timeout=60)
+    assert ev.state == VmState.STOPPED
+    assert (await h.hv.get(spec.name)).state == VmState.STOPPED
+
+
+@pytest.mark.requires(Capability.GUEST_AGENT)
+async def test_guest_agent_reports_addresses(h: Harness) -> None:
+    spec = h.guest_spec(network=NetworkSpec(mode=NetworkMode.LIBVIRT, libvirt_network="default"))
+    await h.hv.create(spec, start=True)
+
+    async def agent_addresses() -> tuple[object, ...]:
+        found = await h.hv.addresses(spec.name)
+        return tuple(a for a in found if a.source == "agent" and ":" not in a.address)
+
+    found = await h.wait_until(agent_addresses, 120 if h.real else 5, "an IPv4 address from the guest agent")
+    for addr in found:
+        assert not addr.address.startswith("127.")
+        assert addr.interface != "lo"
+    await h.hv.destroy(spec.name)
+    assert await h.hv.addresses(spec.name) == ()
+
+
+# ---- delete and cleanup -------------------------------------------------------------------------
+
+
+async def test_delete_leaves_nothing_behind(h: Harness) -> None:
+    spec = _full_spec(h)
+    await h.hv.create(spec, start=True)
+    made = (await h.hv.inventory()).for_vm(spec.name, h.hv.domain_name(spec.name))
+    assert made.domains and len(made.volumes) == 4  # three disks and the seed
+    removed = await h.hv.delete(spec.name)
+    assert removed
+    with pytest.raises(NotFound):
+        await h.hv.get(spec.name)
+    assert (await h.hv.inventory()).for_vm(spec.name, h.hv.domain_name(spec.name)).is_empty()
+    if Capability.HOST_FILES in h.capabilities:
+        assert _owned_paths(h.storage_dir, spec.name) == []
+        assert not any(os.path.exists(p) for p in removed)
+        assert any(p.endswith(".cidata.iso") for p in removed)
+        assert any(p.endswith("console.log") for p in removed)
+    # nothing blocks making it again
+    await h.hv.create(spec, start=False)
+
+
+@pytest.mark.parametrize(
+    ("base_image", "reason"),
+    [
+        ("/etc/hostname", "IMAGE_OUTSIDE_IMAGE_DIRS"),
+        ("escape.qcow2", "IMAGE_OUTSIDE_IMAGE_DIRS"),  # a symlink inside pointing outside
+        ("missing.qcow2", "IMAGE_NOT_FOUND"),
+    ],
+)
+async def test_create_rejects_bad_base_image_and_makes_nothing(h: Harness, base_image: str, reason: str) -> None:
+    before = await h.hv.inventory()
+    spec = h.spec(disks=(DiskSpec("root", base_image="base.qcow2"), DiskSpec("bad", base_image=base_image)))
+    with pytest.raises(InvalidArgument) as err:
+        await h.hv.create(spec, start=True)
+    assert err.value.reason == reason
+    assert err.value.metadata["field"] == "spec.disks[1].base_image"
+    assert await h.hv.inventory() == before
+
+
+async def test_create_rejects_kernel_outside_image_dirs(h: Harness) -> None:
+    spec = h.spec(kernel_boot=KernelBoot(kernel=os.path.join(h.files.outside, "secret.img")))
+    with pytest.raises(InvalidArgument) as err:
+        await h.hv.create(spec, start=True)
+    assert (err.value.reason, err.value.metadata["field"]) == ("IMAGE_OUTSIDE_IMAGE_DIRS", "spec.kernel_boot.kernel")
+    spec = h.spec(kernel_boot=KernelBoot(kernel="vmlinuz", initrd="no-initrd.img"))
+    with pytest.raises(InvalidArgument) as err:
+        await h.hv.create(spec, start=True)
+    assert (err.value.reason, err.value.metadata["field"]) == ("IMAGE_NOT_FOUND", "spec.kernel_boot.initrd")
+    assert (await h.hv.inventory()).is_empty()
+
+
+@pytest.mark.parametrize("step", CREATE_STEPS)
+async def test_failure_at_any_create_step_removes_everything(h: Harness, step: str) -> None:
+    spec = replace(_full_spec(h), shared_folders=())
+    h.hv.faults.fail_on[step] = Fault(Unavailable("injected", reason="INJECTED"))
+    with pytest.raises(Unavailable) as err:
+        await h.hv.create(spec, start=True)
+    assert err.value.reason == "INJECTED"
+    assert (await h.hv.inventory()).is_empty()
+    with pytest.raises(NotFound):
+        await h.hv.get(spec.name)
+    if Capability.HOST_FILES in h.capabilities:
+        assert _owned_paths(h.storage_dir, spec.name) == []
+    # the fault fired once; the same create now works
+    assert (await h.hv.create(spec, start=False)).spec == spec
+
+
+async def test_start_failure_during_create_removes_everything(h: Harness) -> None:
+    spec = h.arrange_start_failure(replace(_full_spec(h), shared_folders=()))
+    with pytest.raises(FailedPrecondition) as err:
+        await h.hv.create(spec, start=True)
+    assert err.value.reason == "DOMAIN_START_FAILED"
+    assert spec.name in err.value.message
+    if h.kind != "libvirt-test":
+        # libvirt's own words reach the caller
+        assert spec.network.libvirt_network in err.value.message
+    assert (await h.hv.inventory()).is_empty()
+    with pytest.raises(NotFound):
+        await h.hv.get(spec.name)
+
+
+async def test_start_failure_of_a_defined_vm_keeps_it(h: Harness) -> None:
+    spec = h.arrange_start_failure(h.spec())
+    await h.hv.create(spec, start=False)
+    with pytest.raises(FailedPrecondition) as err:
+        await h.hv.start(spec.name)
+    assert err.value.reason == "DOMAIN_START_FAILED"
+    assert (await h.hv.get(spec.name)).state == VmState.STOPPED
+
+
+# ---- events -------------------------------------------------------------------------------------
+
+
+@pytest.mark.requires(Capability.EVENTS)
+async def test_events_for_start_stop_undefine(h: Harness) -> None:
+    spec = h.spec()
+    await h.hv.create(spec, start=True)
+    assert (await h.wait_event(spec.name, EventKind.DEFINED)).state == VmState.STOPPED
+    assert (await h.wait_event(spec.name, EventKind.STARTED)).state == VmState.RUNNING
+    await h.hv.destroy(spec.name)
+    assert (await h.wait_event(spec.name, EventKind.STOPPED)).state == VmState.STOPPED
+    await h.hv.delete(spec.name)
+    assert (await h.wait_event(spec.name, EventKind.UNDEFINED)).state is None
+    # nothing about domains this adapter does not own
+    assert {ev.name for ev in h.events} == {spec.name}
+
+
+# ---- bulk listing and host ----------------------------------------------------------------------
+
+
+async def test_list_is_one_bulk_call(h: Harness) -> None:
+    names = []
+    for count in (1, 3):
+        while len(names) < count:
+            spec = h.spec()
+            await h.hv.create(spec, start=False)
+            names.append(spec.name)
+        await h.hv.list()  # learn ownership of new domains once
+        h.hv.calls.clear()
+        listed = await h.hv.list()
+        assert sorted(r.name for r in listed) == sorted(names)
+        assert sum(h.hv.calls.values()) == 1, dict(h.hv.calls)
+
+
+async def test_host_info(h: Harness) -> None:
+    info = await h.hv.host_info()
+    assert info.serving
+    assert info.capacity.vcpus > 0 and info.capacity.memory_mib > 0 and info.capacity.disk_mib > 0
+    assert info.allocatable.fits_in(info.capacity)
+    assert set(info.hypervisor.capabilities) == {c.value for c in h.capabilities}
+    assert info.hypervisor.domain_type in ("qemu", "kvm")
+    assert info.hypervisor.domain_type_reason
+
+
+# ---- files on the host --------------------------------------------------------------------------
+
+
+@pytest.mark.requires(Capability.HOST_FILES)
+async def test_every_file_made_carries_the_owner_mark(h: Harness) -> None:
+    spec = _full_spec(h)
+    await h.hv.create(spec, start=True)
+    inventory = (await h.hv.inventory()).for_vm(spec.name, h.hv.domain_name(spec.name))
+    paths = {p for p, _owner in inventory.files}
+    assert len([p for p in paths if p.endswith(".qcow2")]) == 3
+    assert any(p.endswith("console.log") for p in paths)
+    seed = next(p for p in paths if p.endswith(".cidata.iso"))
+    assert os.getxattr(seed, OWNER_XATTR) == spec.name.encode()
+    with open(seed, "rb") as f:
+        files = read_seed_iso(f.read())
+    assert files["volume_id"] == b"cidata"
+    assert files["user-data"] == spec.cloud_init.user_data.encode()  # type: ignore[union-attr]
+    assert files["network-config"] == b"version: 2\n"
+    assert b"local-hostname: " + spec.name.encode() in files["meta-data"]
+
+
+async def test_concurrent_creates_of_one_name_make_one_vm(h: Harness) -> None:
+    spec = h.spec()
+    results = await asyncio.gather(*(h.hv.create(spec, start=False) for _ in range(3)), return_exceptions=True)
+    made = [r for r in results if not isinstance(r, BaseException)]
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert len(made) == 1, results
+    assert all(isinstance(e, AlreadyExists) for e in errors), errors
+    inventory = (await h.hv.inventory()).for_vm(spec.name, h.hv.domain_name(spec.name))
+    assert len(inventory.volumes) == 1

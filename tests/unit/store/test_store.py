@@ -1,0 +1,662 @@
+"""The fleet store suite, run unchanged on SQLite and on PostgreSQL (``store_url`` is parametrized)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect
+
+from clonebox_controller.store import VANISHED_REASON, Store
+from clonebox_controller.store.engine import current_revision
+from clonebox_controller.store.tables import Base
+from clonebox_core.errors import (
+    AlreadyExists,
+    CloneboxError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from clonebox_core.model import (
+    CloudInit,
+    DiskSpec,
+    HostState,
+    HypervisorInfo,
+    IpAddress,
+    KernelBoot,
+    NetworkMode,
+    NetworkSpec,
+    Operation,
+    Resources,
+    Revision,
+    SharedFolder,
+    Vm,
+    VmSpec,
+    VmState,
+)
+
+REPO = Path(__file__).resolve().parents[3]
+HYPERVISOR = HypervisorInfo(uri="test:///default", libvirt_version="9.0.0", capabilities=("kvm",))
+
+
+class FakeClock:
+    """A settable aware-UTC clock, so heartbeat timeouts are tested without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> datetime:
+        """Move time forward and return the new now."""
+        self.now += timedelta(seconds=seconds)
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A fresh FakeClock."""
+    return FakeClock()
+
+
+@pytest.fixture
+def store(store_url: str, clock: FakeClock) -> Iterator[Store]:
+    """A migrated, empty store on the backend under test."""
+    with Store.open(store_url, clock=clock) as s:
+        yield s
+
+
+def register(
+    store: Store,
+    name: str,
+    vcpus: int = 4,
+    memory_mib: int = 4096,
+    disk_mib: int = 100_000,
+    epoch: int = 1,
+) -> None:
+    """Register a host whose capacity equals its allocatable resources."""
+    r = Resources(vcpus, memory_mib, disk_mib)
+    store.upsert_host_registration(name, f"{name}.example:7000", r, r, HYPERVISOR, epoch)
+
+
+def spec(
+    name: str, vcpus: int = 1, memory_mib: int = 1024, disk_mib: int = 0, labels: dict[str, str] | None = None
+) -> VmSpec:
+    """A VmSpec with one disk of ``disk_mib`` (none when 0) and sorted labels."""
+    disks = (DiskSpec("root", size_mib=disk_mib),) if disk_mib else ()
+    return VmSpec(name, vcpus=vcpus, memory_mib=memory_mib, disks=disks, labels=tuple(sorted((labels or {}).items())))
+
+
+def create_op(vm: str, request_id: str = "", op_id: str | None = None) -> Operation:
+    """A create-VM operation as the app layer builds it."""
+    return Operation(id=op_id or f"op-{vm}", kind="vm.create", target=f"vms/{vm}", request_id=request_id)
+
+
+def reserve(store: Store, s: VmSpec, host: str | None = None, request_id: str = "") -> Vm:
+    """Reserve and return the VM (asserting it is new)."""
+    _op, vm = store.reserve_vm(s, host, create_op(s.name, request_id))
+    assert vm is not None
+    return vm
+
+
+# ---------------------------------------------------------------------------- migrations
+
+
+def test_migrations_apply_twice_and_match_tables(store_url: str) -> None:
+    with Store.open(store_url) as first:
+        assert current_revision(first.engine) == "0001"
+    with Store.open(store_url) as second:  # the second upgrade is a no-op
+        assert current_revision(second.engine) == "0001"
+        names = set(inspect(second.engine).get_table_names())
+        assert {"hosts", "vms", "vm_labels", "vm_changes", "operations", "fleet_revision"} <= names
+        with second.engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+        assert diff == [], f"tables.py and the migrations disagree: {diff}"
+        assert second.current_revision() == 0
+
+
+def test_concurrent_processes_migrate_once(store_url: str) -> None:
+    # separate processes, like several controllers starting together against a fresh database
+    code = "import sys; from clonebox_controller.store import Store; Store.open(sys.argv[1]).close()"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO / "core"), str(REPO / "controller"), str(REPO / "proto"), env.get("PYTHONPATH", "")]
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, store_url], env=env, stderr=subprocess.PIPE) for _ in range(4)
+    ]
+    for proc in procs:
+        _out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+    with Store.open(store_url) as s:
+        assert current_revision(s.engine) == "0001"
+        assert s.current_revision() == 0
+
+
+def test_in_memory_sqlite_is_refused() -> None:
+    with pytest.raises(ValueError, match="SQLite file"):
+        Store.open("sqlite://")
+
+
+# ---------------------------------------------------------------------------- hosts
+
+
+def test_registration_and_heartbeat(store: Store, clock: FakeClock) -> None:
+    register(store, "h1", epoch=7)
+    host = store.get_host("h1")
+    assert host.state is HostState.READY
+    assert host.address == "h1.example:7000"
+    assert host.hypervisor == HYPERVISOR
+    assert host.capacity == Resources(4, 4096, 100_000)
+    assert host.allocated == Resources()
+    assert host.agent_epoch == 7
+    assert host.last_heartbeat == clock.now
+    assert host.last_heartbeat is not None and host.last_heartbeat.tzinfo is not None
+
+    later = clock.advance(5)
+    host = store.heartbeat("h1", serving=False, reason="libvirtd down")
+    assert host.state is HostState.NOT_SERVING
+    assert host.last_heartbeat == later
+    assert store.heartbeat("h1").state is HostState.READY
+
+    with pytest.raises(NotFound) as err:
+        store.heartbeat("nope")
+    assert err.value.reason == "HOST_NOT_FOUND"
+    with pytest.raises(NotFound):
+        store.get_host("nope")
+
+
+def test_reregistration_keeps_cordon_and_resets_sequence_on_new_epoch(store: Store) -> None:
+    register(store, "h1", epoch=1)
+    store.set_cordoned("h1", True)
+    store.set_agent_revision("h1", 1, 42)
+    register(store, "h1", vcpus=8, epoch=1)  # same epoch: sequence kept
+    assert store.agent_revision("h1") == Revision(1, 42)
+    host = store.get_host("h1")
+    assert host.cordoned is True
+    assert host.allocatable.vcpus == 8
+    register(store, "h1", epoch=2)  # agent journal recreated
+    assert store.agent_revision("h1") == Revision(2, 0)
+    assert store.set_cordoned("h1", False).cordoned is False
+    assert [h.name for h in store.list_hosts()] == ["h1"]
+
+
+def test_unreachable_after_missed_heartbeats(store: Store, clock: FakeClock) -> None:
+    register(store, "a")
+    register(store, "b")
+    clock.advance(30)
+    store.heartbeat("b")
+    cutoff = clock.now - timedelta(seconds=10)
+    assert store.mark_unreachable_older_than(cutoff) == ["a"]
+    assert store.mark_unreachable_older_than(cutoff) == []  # already marked
+    assert store.get_host("a").state is HostState.UNREACHABLE
+    assert store.get_host("b").state is HostState.READY
+    assert store.heartbeat("a").state is HostState.READY
+    # the agent's session ended: the app marks the host at once, without waiting for the sweep
+    assert store.set_host_state("b", HostState.UNREACHABLE, "stream closed").state is HostState.UNREACHABLE
+    with pytest.raises(NotFound):
+        store.set_host_state("nope", HostState.READY)
+
+
+def test_remove_host(store: Store) -> None:
+    register(store, "a")
+    reserve(store, spec("web"))
+    with pytest.raises(FailedPrecondition) as err:
+        store.remove_host("a")
+    assert err.value.reason == "HOST_HAS_VMS"
+    store.release_vm("web")
+    store.remove_host("a")
+    assert store.list_hosts() == []
+
+
+# ---------------------------------------------------------------------------- placement
+
+
+def test_placement_picks_most_free_host(store: Store) -> None:
+    register(store, "small", vcpus=2, memory_mib=2048)
+    register(store, "big", vcpus=8, memory_mib=8192)
+    assert reserve(store, spec("v1")).host == "big"
+    register(store, "twin-a", vcpus=16, memory_mib=16384)
+    register(store, "twin-b", vcpus=16, memory_mib=16384)
+    assert reserve(store, spec("v2")).host == "twin-a"  # tie broken by name
+    assert reserve(store, spec("v3")).host == "twin-b"  # now the freer one
+    hosts = {h.name: h for h in store.list_hosts()}
+    assert hosts["big"].allocated == Resources(1, 1024, 0)
+    assert hosts["big"].vm_count == 1
+    assert hosts["small"].vm_count == 0
+
+
+def test_placement_skips_cordoned_unreachable_and_not_serving(store: Store, clock: FakeClock) -> None:
+    register(store, "a-cordoned", vcpus=64, memory_mib=65536)
+    register(store, "b-gone", vcpus=64, memory_mib=65536)
+    register(store, "c-sick", vcpus=64, memory_mib=65536)
+    register(store, "d-ok", vcpus=2, memory_mib=2048)
+    store.set_cordoned("a-cordoned", True)
+    clock.advance(60)
+    for name in ("a-cordoned", "c-sick", "d-ok"):
+        store.heartbeat(name)
+    store.heartbeat("c-sick", serving=False, reason="disk full")
+    store.mark_unreachable_older_than(clock.now - timedelta(seconds=30))
+    assert reserve(store, spec("v1")).host == "d-ok"
+    assert reserve(store, spec("v2")).host == "d-ok"
+    with pytest.raises(ResourceExhausted) as err:
+        reserve(store, spec("v3"))
+    assert err.value.reason == "NO_HOST_FITS"
+    message = err.value.message
+    assert "a-cordoned: cordoned" in message
+    assert "b-gone: unreachable" in message
+    assert "c-sick: not serving" in message
+    assert "d-ok: needs 1 vcpus, 0 free" in message
+
+
+def test_named_host_errors(store: Store, clock: FakeClock) -> None:
+    register(store, "a", vcpus=1, memory_mib=1024)
+    register(store, "b")
+    register(store, "c")
+    store.set_cordoned("b", True)
+    clock.advance(60)
+    store.heartbeat("a")
+    store.heartbeat("b")
+    store.mark_unreachable_older_than(clock.now - timedelta(seconds=1))  # c
+
+    cases: list[tuple[str, type[CloneboxError], str]] = [
+        ("zzz", NotFound, "HOST_NOT_FOUND"),
+        ("b", FailedPrecondition, "HOST_CORDONED"),
+        ("c", FailedPrecondition, "HOST_UNREACHABLE"),
+        ("a", ResourceExhausted, "HOST_CAPACITY_EXCEEDED"),
+    ]
+    for host, cls, reason in cases:
+        with pytest.raises(cls) as err:
+            reserve(store, spec("big", vcpus=2), host=host)
+        assert err.value.reason == reason, host
+    assert reserve(store, spec("fits"), host="a").host == "a"
+    assert store.list_vms()[0] == [store.get_vm("fits")]  # failures left nothing behind
+
+
+def test_no_hosts_at_all(store: Store) -> None:
+    with pytest.raises(ResourceExhausted, match="no hosts are registered"):
+        reserve(store, spec("v"))
+
+
+def test_disk_counts_towards_capacity(store: Store) -> None:
+    register(store, "a", disk_mib=10_000)
+    reserve(store, spec("v1", disk_mib=6_000))
+    with pytest.raises(ResourceExhausted, match="MiB disk"):
+        reserve(store, spec("v2", disk_mib=6_000))
+
+
+def test_idempotent_request_id(store: Store) -> None:
+    register(store, "a")
+    op1, vm1 = store.reserve_vm(spec("web"), None, create_op("web", "req-1", "op-1"))
+    op2, vm2 = store.reserve_vm(spec("web"), None, create_op("web", "req-1", "op-2"))
+    assert op2.id == "op-1"  # the replay returns the first operation
+    assert op1 == op2
+    assert vm1 == vm2
+    assert len(store.list_operations()) == 1
+    assert store.find_operation_by_request_id("req-1") == op1
+    assert store.find_operation_by_request_id("req-x") is None
+
+    with pytest.raises(AlreadyExists) as err:
+        store.reserve_vm(spec("other"), None, create_op("other", "req-1", "op-3"))
+    assert err.value.reason == "REQUEST_ID_REUSED"
+
+    # after the VM is gone, a replay still answers with the operation (and its result, if any)
+    store.finish_operation("op-1", result_vm=vm1)
+    store.release_vm("web")
+    op3, vm3 = store.reserve_vm(spec("web"), None, create_op("web", "req-1", "op-4"))
+    assert op3.id == "op-1" and op3.done
+    assert vm3 == vm1
+
+
+def test_duplicate_vm_name(store: Store) -> None:
+    register(store, "a")
+    register(store, "b")
+    reserve(store, spec("web"), host="a")
+    with pytest.raises(AlreadyExists) as err:
+        store.reserve_vm(spec("web"), "b", create_op("web", "req-2", "op-2"))
+    assert err.value.reason == "VM_ALREADY_EXISTS"
+    with pytest.raises(NotFound):
+        store.get_operation("op-2")  # nothing recorded for the failed attempt
+
+
+def test_concurrent_reservations_never_overcommit(store_url: str, store: Store) -> None:
+    # two hosts with room for 4 VMs each; 20 separate stores (engines), as if 20 processes
+    register(store, "h1", vcpus=4, memory_mib=8192)
+    register(store, "h2", vcpus=4, memory_mib=8192)
+    stores = [Store.open(store_url) for _ in range(20)]
+    barrier = threading.Barrier(len(stores))
+    results: list[Vm | BaseException] = [ValueError("not run")] * len(stores)
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        try:
+            _op, vm = stores[i].reserve_vm(spec(f"vm-{i:02d}"), None, create_op(f"vm-{i:02d}"))
+            assert vm is not None
+            results[i] = vm
+        except BaseException as exc:  # collected and asserted on below
+            results[i] = exc
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(stores))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        for s in stores:
+            s.close()
+
+    placed = [r for r in results if isinstance(r, Vm)]
+    failed = [r for r in results if not isinstance(r, Vm)]
+    assert all(isinstance(f, ResourceExhausted) and f.reason == "NO_HOST_FITS" for f in failed), failed
+    assert len(placed) == 8
+    assert len(failed) == 12
+    for host in store.list_hosts():
+        assert host.allocated.fits_in(host.allocatable), host
+        assert host.vm_count == 4
+    assert sorted(v.name for v in store.list_vms(page_size=100)[0]) == sorted(v.name for v in placed)
+
+
+def test_concurrent_retries_of_one_request_create_once(store_url: str, store: Store) -> None:
+    register(store, "h1")
+    stores = [Store.open(store_url) for _ in range(8)]
+    barrier = threading.Barrier(len(stores))
+    op_ids: list[str] = []
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        try:
+            op, _vm = stores[i].reserve_vm(spec("web"), None, create_op("web", "same-req", f"op-{i}"))
+            op_ids.append(op.id)
+        except BaseException as exc:  # asserted on below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(stores))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        for s in stores:
+            s.close()
+    assert errors == []
+    assert len(set(op_ids)) == 1 and len(op_ids) == len(stores)
+    assert len(store.list_operations()) == 1
+    assert store.get_host("h1").vm_count == 1
+
+
+def test_release_frees_capacity(store: Store) -> None:
+    register(store, "a", vcpus=2, memory_mib=2048)
+    reserve(store, spec("v1"))
+    reserve(store, spec("v2"))
+    with pytest.raises(ResourceExhausted):
+        reserve(store, spec("v3"))
+    store.release_vm("v1")
+    assert store.get_host("a").allocated == Resources(1, 1024, 0)
+    assert reserve(store, spec("v3")).host == "a"
+    with pytest.raises(NotFound) as err:
+        store.release_vm("v1")
+    assert err.value.reason == "VM_NOT_FOUND"
+    with pytest.raises(NotFound):
+        store.get_vm("v1")
+
+
+# ---------------------------------------------------------------------------- VMs
+
+
+def test_list_vms_pagination_and_filters(store: Store) -> None:
+    register(store, "a", vcpus=64, memory_mib=65536)
+    register(store, "b", vcpus=64, memory_mib=65536)
+    for i in range(25):
+        labels = {"tier": "web" if i % 2 == 0 else "db", "team": "x" if i < 10 else "y"}
+        reserve(store, spec(f"vm-{i:02d}", memory_mib=256, labels=labels), host="a" if i % 3 else "b")
+    store.update_vm_observed("vm-04", VmState.RUNNING)
+    store.update_vm_observed("vm-07", VmState.RUNNING)
+
+    names: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        page, token = store.list_vms(page_size=10, page_token=token)
+        names += [v.name for v in page]
+        pages += 1
+        if not token:
+            break
+    assert pages == 3
+    assert names == [f"vm-{i:02d}" for i in range(25)]
+
+    on_b, token = store.list_vms(host="b", page_size=100)
+    assert token == ""
+    assert [v.name for v in on_b] == [f"vm-{i:02d}" for i in range(25) if i % 3 == 0]
+
+    running, _ = store.list_vms(state=VmState.RUNNING)
+    assert [v.name for v in running] == ["vm-04", "vm-07"]
+
+    web_x, _ = store.list_vms(labels={"tier": "web", "team": "x"})
+    assert [v.name for v in web_x] == ["vm-00", "vm-02", "vm-04", "vm-06", "vm-08"]
+
+    # filters and paging together; a last page that is exactly full carries no token
+    expected = [f"vm-{i:02d}" for i in range(25) if i % 3 and i % 2]
+    assert len(expected) == 8
+    first, token = store.list_vms(host="a", labels={"tier": "db"}, page_size=4)
+    assert token != ""
+    rest, last = store.list_vms(host="a", labels={"tier": "db"}, page_size=4, page_token=token)
+    assert [v.name for v in first + rest] == expected
+    assert last == ""
+
+    assert store.list_vms(labels={"tier": "none"}) == ([], "")
+    with pytest.raises(InvalidArgument) as err:
+        store.list_vms(page_token="%%%")
+    assert err.value.reason == "INVALID_PAGE_TOKEN"
+    assert [v.name for v in store.vms_on_host("b")] == [v.name for v in on_b]
+
+
+def test_spec_round_trip_and_observed_update(store: Store, clock: FakeClock) -> None:
+    register(store, "a")
+    full = VmSpec(
+        name="full",
+        vcpus=2,
+        memory_mib=1536,
+        disks=(DiskSpec("root", "debian-12.qcow2", 2048), DiskSpec("data", "", 512)),
+        kernel_boot=KernelBoot("/boot/vmlinuz", "/boot/initrd", "console=ttyS0"),
+        network=NetworkSpec(NetworkMode.NONE, "isolated"),
+        shared_folders=(SharedFolder("/srv/share", "share", True),),
+        cloud_init=CloudInit("#cloud-config\n", "instance-id: x\n", ""),
+        labels=(("app", "demo"), ("env", "dev")),
+    )
+    vm = reserve(store, full)
+    assert vm.spec == full
+    assert vm.state is VmState.PENDING
+    assert store.get_host("a").allocated == Resources(2, 1536, 2560)
+
+    clock.advance(3)
+    addresses = (IpAddress("eth0", "10.0.0.5", 24, "agent"),)
+    updated = store.update_vm_observed("full", VmState.RUNNING, "1234-uuid", addresses, "")
+    assert updated is not None
+    assert updated.state is VmState.RUNNING
+    assert updated.uuid == "1234-uuid"
+    assert updated.addresses == addresses
+    assert updated.update_time == clock.now
+    assert updated.create_time == vm.create_time
+    assert store.get_vm("full") == updated
+    # None leaves fields alone
+    again = store.update_vm_observed("full", VmState.STOPPED)
+    assert again is not None
+    assert again.uuid == "1234-uuid" and again.addresses == addresses
+    assert store.update_vm_observed("nope", VmState.RUNNING) is None  # gone: the observation is moot
+
+
+def test_changes_since(store: Store) -> None:
+    register(store, "a")
+    start = store.current_revision()
+    reserve(store, spec("v1"))
+    reserve(store, spec("v2"))
+    assert [(vm.name, deleted) for _rev, vm, deleted in store.changes_since(start)] == [
+        ("v1", False),
+        ("v2", False),
+    ]
+    mid = store.current_revision()
+    assert mid == start + 2
+
+    store.update_vm_observed("v1", VmState.RUNNING)
+    store.update_vm_observed("v1", VmState.RUNNING)  # no change: no new revision
+    assert store.current_revision() == mid + 1
+    store.release_vm("v2")
+    changes = store.changes_since(mid)
+    assert [(vm.name, vm.state, deleted) for _rev, vm, deleted in changes] == [
+        ("v1", VmState.RUNNING, False),
+        ("v2", VmState.PENDING, True),
+    ]
+    revisions = [rev for rev, _vm, _deleted in changes]
+    assert revisions == sorted(revisions) and revisions[-1] == store.current_revision()
+    assert store.changes_since(store.current_revision()) == []
+    assert len(store.changes_since(start, limit=1)) == 1
+
+    with pytest.raises(FailedPrecondition) as err:
+        store.changes_since(store.current_revision() + 10)
+    assert err.value.reason == "WATCH_REVISION_AHEAD"
+
+
+def test_changes_since_compacted(store_url: str, clock: FakeClock) -> None:
+    with Store.open(store_url, clock=clock, tombstone_retention=2) as store:
+        register(store, "a")
+        for i in range(4):
+            reserve(store, spec(f"v{i}"))
+        for i in range(4):
+            store.release_vm(f"v{i}")
+        tombstones = store.changes_since(store.current_revision() - 2)
+        assert [(vm.name, deleted) for _rev, vm, deleted in tombstones] == [("v2", True), ("v3", True)]
+        with pytest.raises(FailedPrecondition) as err:
+            store.changes_since(0)
+        assert err.value.reason == "WATCH_REVISION_COMPACTED"
+
+
+# ---------------------------------------------------------------------------- reconcile
+
+
+def observed(name: str, host: str, state: VmState = VmState.RUNNING, **kw: object) -> Vm:
+    """A Vm as an agent would report it."""
+    return Vm(name=name, host=host, state=state, spec=spec(name), uuid=f"uuid-{name}", **kw)  # type: ignore[arg-type]
+
+
+def test_reconcile_host(store: Store) -> None:
+    register(store, "a")
+    register(store, "b")
+    for name in ("keep", "gone", "creating", "deleting"):
+        store.reserve_vm(spec(name), "a", create_op(name))
+        if name != "creating":
+            store.finish_operation(f"op-{name}")
+    store.begin_operation(Operation(id="op-del", kind="vm.delete", target="vms/deleting"))
+    store.update_vm_observed("deleting", VmState.DELETING)
+    reserve(store, spec("on-b"), host="b")
+
+    before = store.current_revision()
+    listing = [
+        observed("keep", "a"),
+        observed("stray", "a", addresses=(IpAddress("eth0", "10.1.1.1", 24, "lease"),)),
+        observed("on-b", "a"),  # claimed by another host: left alone
+    ]
+    changed = store.reconcile_host("a", listing)
+    assert changed == ["gone", "keep", "stray"]
+    assert store.get_vm("keep").state is VmState.RUNNING
+    assert store.get_vm("keep").uuid == "uuid-keep"
+    gone = store.get_vm("gone")
+    assert gone.state is VmState.FAILED and gone.state_reason == VANISHED_REASON
+    # still being created / deleted by an unfinished operation: its outcome decides, not reconcile
+    assert store.get_vm("creating").state is VmState.PENDING
+    assert store.get_vm("deleting").state is VmState.DELETING
+    stray = store.get_vm("stray")
+    assert stray.host == "a" and stray.state is VmState.RUNNING
+    assert stray.addresses[0].address == "10.1.1.1"
+    assert store.get_vm("on-b").host == "b"
+    host_a = store.get_host("a")
+    assert host_a.vm_count == 5  # keep, gone, creating, deleting, stray (adopted with its reservation)
+    assert host_a.allocated == Resources(5, 5120, 0)
+    assert {vm.name for _rev, vm, _deleted in store.changes_since(before)} == {"gone", "keep", "stray"}
+
+    # the same listing again changes nothing
+    assert store.reconcile_host("a", listing) == []
+    # a vanished VM that comes back is recorded as observed again
+    assert store.reconcile_host("a", [*listing, observed("gone", "a")]) == ["gone"]
+    assert store.get_vm("gone").state is VmState.RUNNING
+    assert store.get_vm("gone").state_reason == ""
+    with pytest.raises(NotFound):
+        store.reconcile_host("nope", [])
+
+
+# ---------------------------------------------------------------------------- operations
+
+
+def test_operations_lifecycle(store: Store, clock: FakeClock) -> None:
+    register(store, "a")
+    op, vm = store.reserve_vm(spec("web"), None, create_op("web", "r1", "op-1"))
+    assert vm is not None
+    assert not op.done and op.create_time == clock.now and op.request_id == "r1"
+
+    clock.advance(1)
+    stop, created = store.begin_operation(
+        Operation(id="op-2", kind="vm.stop", target="vms/web", params={"timeout_seconds": "30"})
+    )
+    assert created and stop.params == {"timeout_seconds": "30"}
+    with pytest.raises(AlreadyExists):
+        store.begin_operation(Operation(id="op-2", kind="vm.stop", target="vms/web"))
+    start = Operation(id="op-3", kind="vm.start", target="vms/web", request_id="r2")
+    first, created = store.begin_operation(start)
+    assert created and first.id == "op-3"
+    again, created = store.begin_operation(Operation(id="op-4", kind="vm.start", target="vms/web", request_id="r2"))
+    assert not created and again == first
+    with pytest.raises(AlreadyExists) as reused:
+        store.begin_operation(Operation(id="op-5", kind="vm.stop", target="vms/web", request_id="r2"))
+    assert reused.value.reason == "REQUEST_ID_REUSED"
+
+    updated = store.update_operation("op-1", step="define", progress=40)
+    assert (updated.step, updated.progress) == ("define", 40)
+    assert [o.id for o in store.unfinished_operations()] == ["op-1", "op-2", "op-3"]
+
+    result = store.update_vm_observed("web", VmState.RUNNING)
+    done = store.finish_operation("op-1", result_vm=result)
+    assert done.done and done.progress == 100 and done.result_vm == result
+    # a second finish (a resumed worker) does not overwrite the first outcome
+    assert store.finish_operation("op-1", error=Unavailable("late", reason="X")) == done
+    with pytest.raises(FailedPrecondition) as err:
+        store.update_operation("op-1", progress=50)
+    assert err.value.reason == "OPERATION_DONE"
+    with pytest.raises(InvalidArgument):
+        store.update_operation("op-2", progress=101)
+
+    failed = store.finish_operation(
+        "op-2", error=Unavailable("agent a is down", reason="HOST_UNREACHABLE", metadata={"host": "a"})
+    )
+    assert (failed.error_code, failed.error_reason, failed.error_message) == (
+        "UNAVAILABLE",
+        "HOST_UNREACHABLE",
+        "agent a is down",
+    )
+    assert failed.error_metadata == {"host": "a"}
+    assert failed.result_vm is None
+    assert store.get_operation("op-2") == failed
+
+    assert [o.id for o in store.list_operations()] == ["op-3", "op-2", "op-1"]
+    assert [o.id for o in store.list_operations(limit=1)] == ["op-3"]
+    assert [o.id for o in store.list_operations(only_running=True)] == ["op-3"]
+    assert [o.id for o in store.unfinished_operations()] == ["op-3"]
+    with pytest.raises(NotFound) as nf:
+        store.get_operation("missing")
+    assert nf.value.reason == "OPERATION_NOT_FOUND"
+
+    clock.advance(3600)
+    assert store.delete_finished_operations(clock.now - timedelta(minutes=1)) == 2
+    assert [o.id for o in store.list_operations()] == ["op-3"]
