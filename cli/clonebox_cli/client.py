@@ -1,4 +1,5 @@
-"""The controller client: stubs on one channel, every failure mapped to a CloneboxError.
+"""
+The controller client: stubs on one channel, every failure mapped to a CloneboxError.
 
 The CLI talks to the controller only. Each unary call has a deadline, and a call that never reached the
 controller (connection refused, reset) is retried a few times with the *same* request, so a mutation's
@@ -18,6 +19,7 @@ from clonebox.controller.v1 import (
     operation_service_pb2_grpc,
     vm_service_pb2_grpc,
 )
+
 from clonebox_core.errors import CloneboxError, Unavailable
 from clonebox_core.rpc.server import sync_channel
 from clonebox_core.rpc.status import error_from_rpc
@@ -104,7 +106,10 @@ class ControllerClient:
                 return method(request, timeout=timeout or self.timeout)
             except grpc.RpcError as exc:
                 err = self.translate(exc)
-                if not (isinstance(err, Unavailable) and err.reason == _UNREACHABLE) or attempt == self.attempts:
+                if (
+                    not (isinstance(err, Unavailable) and err.reason == _UNREACHABLE)
+                    or attempt == self.attempts
+                ):
                     raise err from None
             time.sleep(delay)
             delay *= 2

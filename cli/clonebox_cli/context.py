@@ -27,7 +27,7 @@ class Settings:
         return self.output is OutputFormat.json
 
     def client(self) -> ControllerClient:
-        """The controller client (one channel per invocation, made on first use)."""
+        """Return the controller client (one channel per invocation, made on first use)."""
         if self._client is None:
             self._client = ControllerClient(self.controller)
         return self._client
@@ -40,7 +40,7 @@ class Settings:
 
 
 def settings(ctx: typer.Context) -> Settings:
-    """The Settings of this invocation (set by the root callback)."""
+    """Return the Settings of this invocation (set by the root callback)."""
     found = ctx.find_object(Settings)
     if found is None:  # a command invoked without the root app (only in tests of single commands)
         found = Settings(DEFAULT_CONTROLLER)

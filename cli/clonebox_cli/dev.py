@@ -1,4 +1,5 @@
-"""``clonebox dev``: run a local controller and agent on this machine, in the background.
+"""
+``clonebox dev``: run a local controller and agent on this machine, in the background.
 
 ``dev up`` writes a config file for each daemon, starts what is not already running
 (``python -m clonebox_controller.main --config FILE``, likewise the agent; each in its own session,
@@ -44,14 +45,14 @@ import typer
 import yaml
 from clonebox.controller.v1 import host_service_pb2 as hosts_pb2
 from clonebox.type.v1 import host_pb2
-from clonebox_core.errors import CloneboxError, DeadlineExceeded, FailedPrecondition, Unavailable
-from clonebox_core.names import check_dns_label
-from clonebox_core.rpc.server import sync_channel
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clonebox_cli import output
 from clonebox_cli.client import ControllerClient
 from clonebox_cli.context import settings
+from clonebox_core.errors import CloneboxError, DeadlineExceeded, FailedPrecondition, Unavailable
+from clonebox_core.names import check_dns_label
+from clonebox_core.rpc.server import sync_channel
 
 app = typer.Typer(help="Run a local controller and agent for one machine.", no_args_is_help=True)
 
@@ -64,6 +65,7 @@ STOP_GRACE_SECONDS = 10.0
 _SILENT_GRACE_SECONDS = 5.0
 ROOT_DATA_DIR = "/var/lib/clonebox/dev"
 DEFAULT_IMAGE_DIR = "/var/lib/clonebox/images"
+_LIBVIRT_SCRIPT = "deploy/dev/start-libvirt.sh"
 
 
 # ------------------------------------------------------------------------------------------ locations
@@ -110,7 +112,7 @@ def _save_state(data: dict[str, Any]) -> None:
 
 
 def recorded_controller() -> str | None:
-    """The controller address the last ``dev up`` recorded, or None."""
+    """Return the controller address the last ``dev up`` recorded, or None."""
     address = _load_state().get("controller", {})
     address = address.get("address") if isinstance(address, dict) else None
     return address if isinstance(address, str) and address else None
@@ -155,7 +157,7 @@ def _resolve(given: dict[str, Any], recorded: Any) -> DevSettings:
 
 
 def controller_config(s: DevSettings) -> dict[str, Any]:
-    """The controller's config file content."""
+    """Return the controller's config file content."""
     return {
         "listen": s.controller_address,
         "database_url": f"sqlite:///{state_dir() / 'fleet.db'}",
@@ -164,7 +166,7 @@ def controller_config(s: DevSettings) -> dict[str, Any]:
 
 
 def agent_config(s: DevSettings) -> dict[str, Any]:
-    """The agent's config file content."""
+    """Return the agent's config file content."""
     data = Path(s.data_dir)
     return {
         "name": s.host_name,
@@ -180,7 +182,9 @@ def agent_config(s: DevSettings) -> dict[str, Any]:
 
 
 def _config_text(data: dict[str, Any]) -> str:
-    return "# written by 'clonebox dev up'; it is rewritten on every start\n" + yaml.safe_dump(data, sort_keys=False)
+    return "# written by 'clonebox dev up'; it is rewritten on every start\n" + yaml.safe_dump(
+        data, sort_keys=False
+    )
 
 
 # -------------------------------------------------------------------------------------------- daemons
@@ -199,7 +203,7 @@ class Daemon:
 
 
 def daemons(s: DevSettings) -> list[Daemon]:
-    """The controller and the agent, in start order."""
+    """Return the controller and the agent, in start order."""
     st, cfg = state_dir(), config_dir()
     return [
         Daemon(kind, module, address, cfg / f"{kind}.yaml", st / f"{kind}.log", st / f"{kind}.pid")
@@ -223,7 +227,8 @@ def _read_pid(path: Path) -> int | None:
 
 
 def pid_running(pid: int, marker: str) -> bool:
-    """True when ``pid`` is a live process whose command line contains ``marker`` (our config path).
+    """
+    Tell whether ``pid`` is a live process whose command line contains ``marker`` (our config).
 
     The marker guards against pid reuse: a stale pid file must never make us signal someone else's
     process. Zombies count as gone.
@@ -321,7 +326,7 @@ def terminate(pid: int, marker: str, grace: float = STOP_GRACE_SECONDS) -> bool:
 
 
 def _last_log_line(path: Path) -> str:
-    """The last meaningful log line (the message of a JSON log record), for one-line errors."""
+    """Return the last meaningful log line (a JSON record's message), for one-line errors."""
     try:
         with path.open("rb") as f:
             f.seek(0, os.SEEK_END)
@@ -347,7 +352,7 @@ def _spawn(d: Daemon) -> subprocess.Popen[bytes]:
     with d.log.open("ab") as log:
         log.write(f"--- {datetime.now(UTC).isoformat()} clonebox dev up: {shlex.join(argv)}\n".encode())
         log.flush()
-        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module, no shell
+        proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -361,13 +366,23 @@ def _spawn(d: Daemon) -> subprocess.Popen[bytes]:
     return proc
 
 
+def _disown(proc: subprocess.Popen[bytes]) -> None:
+    """Stop tracking a daemon that is meant to outlive the CLI."""
+    if proc.poll() is None:
+        # Popen warns (ResourceWarning) when an object whose child still runs is collected; for a
+        # daemon that is the point. The CLI exits right after, and init reaps the daemon eventually.
+        proc.returncode = 0
+
+
 def _wait_serving(d: Daemon, proc: subprocess.Popen[bytes] | None, deadline: float, hint: str = "") -> None:
     health = "DOWN"
     while True:
         if proc is not None and (code := proc.poll()) is not None:
             last = _last_log_line(d.log)
             raise Unavailable(
-                f"{d.kind} exited with code {code} while starting" + (f": {last}" if last else "") + f" (log: {d.log})",
+                f"{d.kind} exited with code {code} while starting"
+                + (f": {last}" if last else "")
+                + f" (log: {d.log})",
                 reason="DEV_DAEMON_EXITED",
                 metadata={"log": str(d.log)},
             )
@@ -390,8 +405,10 @@ def _wait_host_ready(s: DevSettings, agent_log: Path, deadline: float) -> host_p
     try:
         while True:
             try:
-                hosts = client.call(client.hosts.ListHosts, hosts_pb2.ListHostsRequest()).hosts
-                for host in hosts:
+                response: hosts_pb2.ListHostsResponse = client.call(
+                    client.hosts.ListHosts, hosts_pb2.ListHostsRequest()
+                )
+                for host in response.hosts:
                     if host.name == s.host_name:
                         if host.state == host_pb2.HOST_STATE_READY:
                             return host
@@ -401,9 +418,10 @@ def _wait_host_ready(s: DevSettings, agent_log: Path, deadline: float) -> host_p
             if time.monotonic() >= deadline:
                 hint = ""
                 if last == "HOST_STATE_NOT_SERVING":
-                    hint = f"; libvirt at {s.libvirt_uri} does not answer: start it (deploy/dev/start-libvirt.sh)"
+                    hint = f"; libvirt at {s.libvirt_uri} does not answer: start it ({_LIBVIRT_SCRIPT})"
                 raise DeadlineExceeded(
-                    f"host {s.host_name} is not READY in the controller ({last}){hint} (agent log: {agent_log})",
+                    f"host {s.host_name} is not READY in the controller ({last}){hint} "
+                    f"(agent log: {agent_log})",
                     reason="DEV_HOST_NOT_READY",
                     metadata={"log": str(agent_log)},
                 )
@@ -412,12 +430,23 @@ def _wait_host_ready(s: DevSettings, agent_log: Path, deadline: float) -> host_p
         client.close()
 
 
+def _make_dir(path: Path, *, traversable: bool) -> None:
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    if traversable:
+        # QEMU runs as libvirt-qemu and must traverse to overlays, seed ISOs and images; mkdir's mode is
+        # cut by the umask, so set it explicitly on what we created (existing directories are left alone)
+        for created in missing:
+            created.chmod(0o755)
+
+
 def _prepare_dirs(s: DevSettings) -> None:
     data = Path(s.data_dir)
-    for path in (state_dir(), config_dir(), data / "agent", data / "storage", *map(Path, s.image_dirs)):
+    private = [state_dir(), config_dir()]
+    shared = [data / "agent", data / "storage", *map(Path, s.image_dirs)]
+    for path in [*private, *shared]:
         try:
-            # 0755: QEMU (libvirt-qemu) must traverse the storage and image directories
-            path.mkdir(mode=0o755, parents=True, exist_ok=True)
+            _make_dir(path, traversable=path in shared)
         except OSError as exc:
             raise FailedPrecondition(
                 f"cannot create {path}: {exc.strerror} (choose another place with --data-dir/--image-dir)",
@@ -460,7 +489,10 @@ def _ensure_running(d: Daemon, text: str, deadline: float, hint: str) -> str:
         )
     d.config.write_text(text)
     proc = _spawn(d)
-    _wait_serving(d, proc, deadline, hint)
+    try:
+        _wait_serving(d, proc, deadline, hint)
+    finally:
+        _disown(proc)
     return action
 
 
@@ -500,7 +532,10 @@ def _print_report(report: dict[str, Any], as_json: bool) -> None:
     for kind in ("controller", "agent"):
         d = report[kind]
         table.add_row(kind, d["address"], str(d["pid"] or "-"), d["health"], d["log"])
-    output.console().print(table)
+    # log paths are for copying: never fold them, even on a narrow terminal
+    table.columns[-1].overflow = "ignore"
+    table.columns[-1].no_wrap = True
+    output.console().print(table, crop=False)
     if report.get("host"):
         host = report["host"]
         typer.echo(f"host {host['name']}: {host['state'].removeprefix('HOST_STATE_')}")
@@ -512,6 +547,7 @@ def _print_report(report: dict[str, Any], as_json: bool) -> None:
 @app.command("up")
 def up(
     ctx: typer.Context,
+    *,
     libvirt_uri: Annotated[
         str | None, typer.Option("--libvirt-uri", help="libvirt connection URI [default: qemu:///system]")
     ] = None,
@@ -521,20 +557,31 @@ def up(
     controller_port: Annotated[
         int | None, typer.Option("--controller-port", min=1, max=65535, help="[default: 7100]")
     ] = None,
-    agent_port: Annotated[int | None, typer.Option("--agent-port", min=1, max=65535, help="[default: 7101]")] = None,
-    host_name: Annotated[str | None, typer.Option("--host-name", help="The host's name [default: local]")] = None,
+    agent_port: Annotated[
+        int | None, typer.Option("--agent-port", min=1, max=65535, help="[default: 7101]")
+    ] = None,
+    host_name: Annotated[
+        str | None, typer.Option("--host-name", help="The host's name [default: local]")
+    ] = None,
     domain_type: Annotated[
         str | None, typer.Option("--domain-type", help="auto, kvm or qemu (TCG) [default: auto]")
     ] = None,
     data_dir: Annotated[
         str | None,
-        typer.Option("--data-dir", help=f"Agent state and storage [default: {ROOT_DATA_DIR} as root, else state dir]"),
+        typer.Option(
+            "--data-dir", help=f"Agent state and storage [default: {ROOT_DATA_DIR} as root, else state dir]"
+        ),
     ] = None,
     image_dir: Annotated[
         list[str] | None,
-        typer.Option("--image-dir", help=f"Where images, kernels, initrds live (repeatable) [default: {DEFAULT_IMAGE_DIR}]"),
+        typer.Option(
+            "--image-dir",
+            help=f"Where images, kernels, initrds live (repeatable) [default: {DEFAULT_IMAGE_DIR}]",
+        ),
     ] = None,
-    timeout: Annotated[float, typer.Option("--timeout", min=1, help="Seconds to wait for everything to be ready.")] = 60,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=1, help="Seconds to wait for everything to be ready.")
+    ] = 60,
 ) -> None:
     """Start (or keep) a local controller and agent; wait until the host is READY."""
     out = settings(ctx)
@@ -561,12 +608,17 @@ def up(
     )
     check_dns_label("--host-name", s.host_name)
     if s.controller_port == s.agent_port:
-        raise typer.BadParameter("the controller and the agent need different ports", param_hint="--agent-port")
+        raise typer.BadParameter(
+            "the controller and the agent need different ports", param_hint="--agent-port"
+        )
     _prepare_dirs(s)
     ds = daemons(s)
     texts = {"controller": _config_text(controller_config(s)), "agent": _config_text(agent_config(s))}
     deadline = time.monotonic() + timeout
-    hints = {"controller": "", "agent": f"libvirt at {s.libvirt_uri} may be down (deploy/dev/start-libvirt.sh)"}
+    hints = {
+        "controller": "",
+        "agent": f"libvirt at {s.libvirt_uri} may be down (deploy/dev/start-libvirt.sh)",
+    }
     actions: dict[str, str] = {}
     for d in ds:
         actions[d.kind] = _ensure_running(d, texts[d.kind], deadline, hints[d.kind])
@@ -574,7 +626,12 @@ def up(
         state = {
             **state,
             "settings": {**asdict(s), "image_dirs": list(s.image_dirs)},
-            d.kind: {"address": d.address, "pid": _read_pid(d.pid_file), "log": str(d.log), "config": str(d.config)},
+            d.kind: {
+                "address": d.address,
+                "pid": _read_pid(d.pid_file),
+                "log": str(d.log),
+                "config": str(d.config),
+            },
         }
         _save_state(state)
     _wait_host_ready(s, ds[1].log, deadline)
@@ -606,7 +663,7 @@ def down(ctx: typer.Context) -> None:
     for d in reversed(daemons(s)):  # the agent first: it would only log the controller going away
         pid = _read_pid(d.pid_file)
         if pid is not None and pid_running(pid, str(d.config)):
-            forced = terminate(pid, str(d.config))
+            forced = terminate(pid, str(d.config), STOP_GRACE_SECONDS)
             stopped.append({"daemon": d.kind, "pid": pid, "forced": forced})
         d.pid_file.unlink(missing_ok=True)
         if isinstance(state.get(d.kind), dict):
@@ -619,5 +676,5 @@ def down(ctx: typer.Context) -> None:
     if not stopped:
         typer.echo("nothing was running")
     for item in stopped:
-        how = " (killed after 10 s)" if item["forced"] else ""
+        how = f" (killed: still running {STOP_GRACE_SECONDS:g} s after SIGTERM)" if item["forced"] else ""
         typer.echo(f"stopped {item['daemon']} (pid {item['pid']}){how}")

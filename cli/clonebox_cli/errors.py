@@ -1,4 +1,5 @@
-"""The one place that turns an error into what the user sees: a one-line message and an exit code.
+"""
+The one place that turns an error into what the user sees: a one-line message and an exit code.
 
 Every command raises ``clonebox_core.errors`` classes (the client maps RPC failures back to them); the
 root command catches them here. No traceback ever reaches the terminal: an unexpected exception is a
@@ -11,6 +12,7 @@ import os
 import traceback
 
 import typer
+
 from clonebox_core.errors import (
     Aborted,
     AlreadyExists,
@@ -49,7 +51,7 @@ EXIT_INTERRUPTED = 130
 
 
 def exit_code(err: BaseException) -> int:
-    """The exit code for ``err`` (the nearest class in the table wins, so subclasses inherit codes)."""
+    """Return the exit code for ``err`` (the nearest class in the table wins: subclasses inherit)."""
     if isinstance(err, KeyboardInterrupt):
         return EXIT_INTERRUPTED
     for cls in type(err).__mro__:

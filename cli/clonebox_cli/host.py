@@ -37,7 +37,7 @@ def list_(ctx: typer.Context) -> None:
 
 
 @app.command("show")
-def show(ctx: typer.Context, name: NameArg) -> None:
+def show(ctx: typer.Context, *, name: NameArg) -> None:
     """Show one host."""
     s = settings(ctx)
     client = s.client()
@@ -45,7 +45,7 @@ def show(ctx: typer.Context, name: NameArg) -> None:
 
 
 @app.command("cordon")
-def cordon(ctx: typer.Context, name: NameArg) -> None:
+def cordon(ctx: typer.Context, *, name: NameArg) -> None:
     """Stop placing new VMs on a host (its VMs keep running)."""
     s = settings(ctx)
     client = s.client()
@@ -57,7 +57,7 @@ def cordon(ctx: typer.Context, name: NameArg) -> None:
 
 
 @app.command("uncordon")
-def uncordon(ctx: typer.Context, name: NameArg) -> None:
+def uncordon(ctx: typer.Context, *, name: NameArg) -> None:
     """Allow placing VMs on a host again."""
     s = settings(ctx)
     client = s.client()
@@ -71,6 +71,7 @@ def uncordon(ctx: typer.Context, name: NameArg) -> None:
 @app.command("drain")
 def drain(
     ctx: typer.Context,
+    *,
     name: NameArg,
     request_id: Annotated[
         str | None, typer.Option("--request-id", help="Idempotency key (default: a new uuid4).")

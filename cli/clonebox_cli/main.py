@@ -1,4 +1,5 @@
-"""``clonebox``: the fleet CLI, a client of the controller only.
+"""
+``clonebox``: the fleet CLI, a client of the controller only.
 
 One typer app with a command group per module (``host``, ``vm``, ``operation``, ``dev``). The root
 command class catches every CloneboxError a command raises and hands it to ``clonebox_cli.errors``,
@@ -13,12 +14,12 @@ from importlib import metadata
 from typing import Annotated, Any
 
 import typer
-from clonebox_core.errors import CloneboxError
 from typer.core import TyperGroup
 
 from clonebox_cli import dev, errors, host, operation, vm
 from clonebox_cli.context import DEFAULT_CONTROLLER, Settings
 from clonebox_cli.output import OutputFormat
+from clonebox_core.errors import CloneboxError
 
 
 class _RootGroup(TyperGroup):
@@ -31,7 +32,7 @@ class _RootGroup(TyperGroup):
             raise typer.Exit(errors.report(err)) from None
         except (typer.Exit, typer.Abort, typer.TyperException, KeyboardInterrupt):
             raise  # typer's own control flow: usage errors (2), --help, Ctrl-C (130)
-        except Exception as exc:  # noqa: BLE001 - the CLI never shows a traceback
+        except Exception as exc:
             raise typer.Exit(errors.report_unexpected(exc)) from None
 
 
@@ -68,7 +69,7 @@ def main(
             "--controller",
             envvar="CLONEBOX_CONTROLLER",
             metavar="HOST:PORT",
-            help=f"Controller address [default: the one 'clonebox dev up' recorded, else {DEFAULT_CONTROLLER}]",
+            help=f"Controller address [default: recorded by 'clonebox dev up', else {DEFAULT_CONTROLLER}]",
             show_default=False,
         ),
     ] = None,
@@ -98,7 +99,7 @@ def run() -> None:
         sys.exit(141)
     except CloneboxError as err:  # raised outside a command (option callbacks)
         sys.exit(errors.report(err))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         sys.exit(errors.report_unexpected(exc))
 
 

@@ -1,4 +1,5 @@
-"""``clonebox operation``: show, wait for and list long-running operations.
+"""
+``clonebox operation``: show, wait for and list long-running operations.
 
 ``follow`` is also how ``vm create/start/stop/delete --wait`` wait: it watches the operation
 (``WatchOperation``), shows its step and percent on stderr, reconnects if the stream breaks, and stops
@@ -15,14 +16,22 @@ from typing import Annotated
 import typer
 from clonebox.controller.v1 import operation_service_pb2 as ops_pb2
 from clonebox.type.v1 import operation_pb2
-from clonebox_core.errors import DeadlineExceeded, Unavailable
-from clonebox_core.rpc.convert import operation_error
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from clonebox_cli import output
 from clonebox_cli.client import ControllerClient
 from clonebox_cli.context import settings
+from clonebox_core.errors import DeadlineExceeded, Unavailable
+from clonebox_core.rpc.convert import operation_error
 
 app = typer.Typer(help="Long-running operations (create, start, stop, delete, drain).", no_args_is_help=True)
 
@@ -64,9 +73,13 @@ class _Display:
         """Show the operation's current step and percent."""
         if not self.enabled:
             return
-        step = op.step or ("done" if op.done else "waiting")
+        step = op.step or "waiting"
+        if op.done:
+            step = f"failed at step {op.step!r}" if op.HasField("error") else "done"
         if self._progress is not None and self._task is not None:
-            self._progress.update(self._task, completed=op.progress, description=f"{op.kind} {op.target}: {step}")
+            self._progress.update(
+                self._task, completed=op.progress, description=f"{op.kind} {op.target}: {step}"
+            )
         elif (step, op.progress) != self._last:
             typer.echo(f"[{op.progress:3d}%] {op.kind} {op.target}: {step}", err=True)
         self._last = (step, op.progress)
@@ -85,7 +98,8 @@ def follow(
     timeout: float | None = None,
     progress: bool = True,
 ) -> operation_pb2.Operation:
-    """Watch ``op`` until it is done and return its final state (failed or not).
+    """
+    Watch ``op`` until it is done and return its final state (failed or not).
 
     Raises DeadlineExceeded when ``timeout`` seconds pass first, and the client's errors when the
     controller cannot be reached even after reconnecting.
@@ -101,14 +115,18 @@ def follow(
                     raise _still_running(op, timeout)
                 try:
                     request = ops_pb2.WatchOperationRequest(id=op.id)
-                    for response in client.stream(client.operations.WatchOperation, request, timeout=remaining):
+                    for response in client.stream(
+                        client.operations.WatchOperation, request, timeout=remaining
+                    ):
                         op = response.operation
                         display.update(op)
                         if op.done:
                             break
                     else:
                         # the stream ended without a final state (controller restarting): ask directly
-                        got = client.call(client.operations.GetOperation, ops_pb2.GetOperationRequest(id=op.id))
+                        got = client.call(
+                            client.operations.GetOperation, ops_pb2.GetOperationRequest(id=op.id)
+                        )
                         op = got.operation
                         display.update(op)
                 except DeadlineExceeded:
@@ -120,7 +138,8 @@ def follow(
                     time.sleep(min(0.2 * 2**reconnects, 3.0))
     except KeyboardInterrupt:
         typer.echo(
-            f"interrupted; operation {op.id} goes on: follow it with 'clonebox operation wait {op.id}'", err=True
+            f"interrupted; operation {op.id} goes on: follow it with 'clonebox operation wait {op.id}'",
+            err=True,
         )
         raise
     return op
@@ -139,7 +158,9 @@ def raise_if_failed(op: operation_pb2.Operation) -> None:
     """Raise the error a finished operation carries, prefixed with what the operation was doing."""
     err = operation_error(op)
     if err is not None:
-        raise type(err)(f"{op.kind} {op.target} failed: {err.message}", reason=err.reason, metadata=err.metadata)
+        raise type(err)(
+            f"{op.kind} {op.target} failed: {err.message}", reason=err.reason, metadata=err.metadata
+        )
 
 
 def wait_and_check(
@@ -156,7 +177,9 @@ def print_started(op: operation_pb2.Operation, as_json: bool) -> None:
     if as_json:
         output.emit_json(output.message_dict(op))
         return
-    typer.echo(f"{op.kind} {op.target}: operation {op.id} started; follow it with 'clonebox operation wait {op.id}'")
+    typer.echo(
+        f"{op.kind} {op.target}: operation {op.id} started; follow it with 'clonebox operation wait {op.id}'"
+    )
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -168,7 +191,9 @@ TimeoutOpt = Annotated[
 
 
 @app.command("show")
-def show(ctx: typer.Context, op_id: Annotated[str, typer.Argument(metavar="ID", help="Operation id.")]) -> None:
+def show(
+    ctx: typer.Context, *, op_id: Annotated[str, typer.Argument(metavar="ID", help="Operation id.")]
+) -> None:
     """Show one operation."""
     s = settings(ctx)
     client = s.client()
@@ -182,10 +207,11 @@ def show(ctx: typer.Context, op_id: Annotated[str, typer.Argument(metavar="ID", 
 @app.command("wait")
 def wait(
     ctx: typer.Context,
+    *,
     op_id: Annotated[str, typer.Argument(metavar="ID", help="Operation id.")],
     timeout: TimeoutOpt = None,
 ) -> None:
-    """Wait for an operation to finish; the exit code is the operation's error's code (0 when it succeeded)."""
+    """Wait for an operation to finish; exit with its error's code (0 when it succeeded)."""
     s = settings(ctx)
     client = s.client()
     op = client.call(client.operations.GetOperation, ops_pb2.GetOperationRequest(id=_op_id(op_id))).operation
@@ -200,8 +226,11 @@ def wait(
 @app.command("list")
 def list_(
     ctx: typer.Context,
+    *,
     running: Annotated[bool, typer.Option("--running", help="Only operations not yet done.")] = False,
-    limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="At most this many, newest first.")] = 50,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, max=1000, help="At most this many, newest first.")
+    ] = 50,
 ) -> None:
     """List recent operations, newest first."""
     s = settings(ctx)

@@ -1,4 +1,5 @@
-"""Rendering: rich tables for people, stable JSON for programs.
+"""
+Rendering: rich tables for people, stable JSON for programs.
 
 JSON is the protobuf JSON mapping of the API messages with the proto field names (``memory_mib``, not
 ``memoryMib``), every scalar field present even when zero, 64-bit integers as numbers, enums by name and
@@ -11,20 +12,21 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import typer
 from clonebox.type.v1 import host_pb2, operation_pb2, vm_pb2
-from clonebox_core import model
-from clonebox_core.rpc.convert import host_from_proto, vm_from_proto
-from clonebox_core.spec import format_size
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
-from google.rpc import code_pb2
 from rich.console import Console
 from rich.table import Table
+
+from clonebox_core import model
+from clonebox_core.rpc.convert import host_from_proto, operation_error, vm_from_proto
+from clonebox_core.spec import format_size
 
 
 class OutputFormat(enum.StrEnum):
@@ -35,7 +37,7 @@ class OutputFormat(enum.StrEnum):
 
 
 def message_dict(msg: Message) -> dict[str, Any]:
-    """A message as a JSON-ready dict with stable keys."""
+    """Convert a message to a JSON-ready dict with stable keys."""
     return MessageToDict(
         msg,
         preserving_proto_field_name=True,
@@ -49,9 +51,27 @@ def emit_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, sort_keys=True))
 
 
+#: width for tables written to a pipe or file: wide enough that rows are never folded (rich would
+#: otherwise assume 80 columns), while tables still shrink to their content
+_PIPE_WIDTH = 1000
+
+
 def console() -> Console:
-    """A console on the current stdout (made per call so test runners that swap stdout are honoured)."""
-    return Console(highlight=False)
+    """Return a console on the current stdout (made per call: test runners swap stdout)."""
+    out = Console(highlight=False)
+    if not out.is_terminal and "COLUMNS" not in os.environ:
+        out = Console(highlight=False, width=_PIPE_WIDTH)
+    return out
+
+
+def human_size(mib: int) -> str:
+    """Round a size for tables: ``128MiB``, ``1GiB``, ``15.5GiB`` (exact spellings are in JSON)."""
+    for unit, factor in (("TiB", 1024 * 1024), ("GiB", 1024)):
+        if mib >= factor:
+            value = mib / factor
+            text = f"{value:.1f}".removesuffix(".0")
+            return f"{text}{unit}"
+    return f"{mib}MiB"
 
 
 def _age(when: datetime | None, now: datetime | None = None) -> str:
@@ -97,7 +117,7 @@ def _details(rows: Sequence[tuple[str, str]]) -> Table:
 
 
 def make_table(*columns: str) -> Table:
-    """A borderless table with these column headers."""
+    """Return a borderless table with these column headers."""
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col in columns:
         table.add_column(col, overflow="fold")
@@ -117,7 +137,7 @@ def vm_table(vms: Sequence[vm_pb2.Vm]) -> Table:
             vm.host or "-",
             _state(vm.state),
             str(vm.spec.vcpus),
-            format_size(vm.spec.memory_mib),
+            human_size(vm.spec.memory_mib),
             ",".join(a.address for a in vm.addresses) or "-",
             _labels(vm.spec.labels),
             _age(vm.create_time),
@@ -141,7 +161,9 @@ def vm_details(msg: vm_pb2.Vm) -> Table:
         boot = f"kernel {kb.kernel}" + (f", initrd {kb.initrd}" if kb.initrd else "")
         boot += f", cmdline {kb.cmdline!r}" if kb.cmdline else ""
     network = (
-        "none" if spec.network.mode is model.NetworkMode.NONE else f"libvirt network {spec.network.libvirt_network}"
+        "none"
+        if spec.network.mode is model.NetworkMode.NONE
+        else f"libvirt network {spec.network.libvirt_network}"
     )
     rows = [
         ("Name", vm.name),
@@ -156,13 +178,17 @@ def vm_details(msg: vm_pb2.Vm) -> Table:
         (
             "Shared folders",
             "\n".join(
-                f"{f.host_path} -> {f.tag}" + (" (read-only)" if f.read_only else "") for f in spec.shared_folders
+                f"{f.host_path} -> {f.tag}" + (" (read-only)" if f.read_only else "")
+                for f in spec.shared_folders
             )
             or "-",
         ),
         ("Cloud-init", "yes" if spec.cloud_init is not None else "no"),
         ("Labels", _labels(spec.labels)),
-        ("Addresses", "\n".join(f"{a.address}/{a.prefix} ({a.interface}, {a.source})" for a in vm.addresses) or "-"),
+        (
+            "Addresses",
+            "\n".join(f"{a.address}/{a.prefix} ({a.interface}, {a.source})" for a in vm.addresses) or "-",
+        ),
         ("Created", _when(vm.create_time)),
         ("Updated", _when(vm.update_time)),
     ]
@@ -191,8 +217,8 @@ def host_table(hosts: Sequence[host_pb2.Host]) -> Table:
             h.address or "-",
             str(h.vm_count),
             _used(h.allocated.vcpus, h.allocatable.vcpus),
-            _used(h.allocated.memory_mib, h.allocatable.memory_mib, format_size),
-            _used(h.allocated.disk_mib, h.allocatable.disk_mib, format_size),
+            _used(h.allocated.memory_mib, h.allocatable.memory_mib, human_size),
+            _used(h.allocated.disk_mib, h.allocatable.disk_mib, human_size),
             h.hypervisor.domain_type or "-",
             _age(h.last_heartbeat) + (" ago" if h.last_heartbeat else ""),
         )
@@ -208,18 +234,24 @@ def host_details(msg: host_pb2.Host) -> Table:
         ("State", _host_state(h)),
         ("Address", h.address or "-"),
         ("VMs", str(h.vm_count)),
-        ("vCPUs", f"{h.allocated.vcpus} allocated / {h.allocatable.vcpus} allocatable / {h.capacity.vcpus} total"),
+        (
+            "vCPUs",
+            f"{h.allocated.vcpus} allocated / {h.allocatable.vcpus} allocatable / {h.capacity.vcpus} total",
+        ),
         (
             "Memory",
-            f"{format_size(h.allocated.memory_mib)} allocated / {format_size(h.allocatable.memory_mib)} "
-            f"allocatable / {format_size(h.capacity.memory_mib)} total",
+            f"{human_size(h.allocated.memory_mib)} allocated / {human_size(h.allocatable.memory_mib)} "
+            f"allocatable / {human_size(h.capacity.memory_mib)} total",
         ),
         (
             "Disk",
-            f"{format_size(h.allocated.disk_mib)} allocated / {format_size(h.allocatable.disk_mib)} "
-            f"allocatable / {format_size(h.capacity.disk_mib)} total",
+            f"{human_size(h.allocated.disk_mib)} allocated / {human_size(h.allocatable.disk_mib)} "
+            f"allocatable / {human_size(h.capacity.disk_mib)} total",
         ),
-        ("Hypervisor", f"{hv.uri or '-'} (libvirt {hv.libvirt_version or '?'}, {hv.hypervisor_version or '?'})"),
+        (
+            "Hypervisor",
+            f"{hv.uri or '-'} (libvirt {hv.libvirt_version or '?'}, {hv.hypervisor_version or '?'})",
+        ),
         ("Domain type", hv.domain_type + (f" ({hv.domain_type_reason})" if hv.domain_type_reason else "")),
         ("CPU model", hv.cpu_model or "-"),
         ("Capabilities", ", ".join(hv.capabilities) or "-"),
@@ -233,11 +265,12 @@ def host_details(msg: host_pb2.Host) -> Table:
 
 
 def operation_status(op: operation_pb2.Operation) -> str:
-    """``running 40%``, ``done``, or ``failed: NOT_FOUND``."""
+    """Summarise an operation: ``running 40%``, ``done``, or ``failed: NOT_FOUND``."""
     if not op.done:
         return f"running {op.progress}%"
-    if op.HasField("error"):
-        return f"failed: {code_pb2.Code.Name(op.error.code)}"
+    err = operation_error(op)
+    if err is not None:
+        return f"failed: {err.code}"
     return "done"
 
 

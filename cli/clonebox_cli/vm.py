@@ -1,4 +1,5 @@
-"""``clonebox vm``: create VMs from spec files, list, show, start, stop and delete them.
+"""
+``clonebox vm``: create VMs from spec files, list, show, start, stop and delete them.
 
 Mutations carry a ``request_id`` (a fresh uuid4 unless ``--request-id`` is given); the client retries an
 RPC that never reached the controller with the same id, and re-running a command with the same
@@ -15,15 +16,15 @@ from typing import Annotated
 import typer
 from clonebox.controller.v1 import vm_service_pb2 as vms_pb2
 from clonebox.type.v1 import operation_pb2, vm_pb2
-from clonebox_core.errors import InvalidArgument
-from clonebox_core.model import VmSpec
-from clonebox_core.rpc.convert import spec_to_proto, vm_from_proto
-from clonebox_core.spec import dump_spec, format_size, load_spec_file, load_spec_text
 
 from clonebox_cli import output
 from clonebox_cli.client import ControllerClient
 from clonebox_cli.context import Settings, settings
 from clonebox_cli.operation import TimeoutOpt, print_started, wait_and_check
+from clonebox_core.errors import InvalidArgument
+from clonebox_core.model import VmSpec
+from clonebox_core.rpc.convert import spec_to_proto, vm_from_proto
+from clonebox_core.spec import dump_spec, format_size, load_spec_file, load_spec_text
 
 app = typer.Typer(help="Create and manage VMs.", no_args_is_help=True)
 
@@ -41,8 +42,8 @@ class StateChoice(enum.StrEnum):
     deleting = "deleting"
     failed = "failed"
 
-    def to_proto(self) -> vm_pb2.VmState:
-        """The API enum value."""
+    def to_proto(self) -> vm_pb2.VmState.ValueType:
+        """Return the API enum value."""
         return vm_pb2.VmState.Value(f"VM_STATE_{self.value.upper()}")
 
 
@@ -57,7 +58,7 @@ def _parse_labels(values: list[str] | None) -> dict[str, str]:
 
 
 def _load_spec(path: str) -> VmSpec:
-    """The spec file at ``path``, or standard input for ``-``."""
+    """Load the spec file at ``path``, or standard input for ``-``."""
     if path == "-":
         return load_spec_text(sys.stdin.read(), "<stdin>")
     return load_spec_file(path)
@@ -77,16 +78,22 @@ def _print_vm(s: Settings, vm: vm_pb2.Vm) -> None:
 
 
 def _final_vm(client: ControllerClient, op: operation_pb2.Operation, name: str) -> vm_pb2.Vm:
-    """The VM an operation left behind: from its result, or asked for when the result is empty."""
+    """Return the VM an operation left behind: its result, or asked for when the result is empty."""
     if op.result.HasField("vm"):
         return op.result.vm
-    return client.call(client.vms.GetVm, vms_pb2.GetVmRequest(name=name)).vm
+    response: vms_pb2.GetVmResponse = client.call(client.vms.GetVm, vms_pb2.GetVmRequest(name=name))
+    return response.vm
 
 
-WaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the operation and show its progress.")]
+WaitOpt = Annotated[
+    bool, typer.Option("--wait/--no-wait", help="Wait for the operation and show its progress.")
+]
 RequestIdOpt = Annotated[
     str | None,
-    typer.Option("--request-id", help="Idempotency key; a retry with the same id never acts twice. Default: a new uuid4."),
+    typer.Option(
+        "--request-id",
+        help="Idempotency key; a retry with the same id never acts twice. Default: a new uuid4.",
+    ),
 ]
 NameArg = Annotated[str, typer.Argument(metavar="NAME", help="VM name.")]
 
@@ -94,8 +101,13 @@ NameArg = Annotated[str, typer.Argument(metavar="NAME", help="VM name.")]
 @app.command("create")
 def create(
     ctx: typer.Context,
-    file: Annotated[str, typer.Option("--file", "-f", metavar="SPEC.yaml", help="VM spec file ('-' for stdin).")],
-    host: Annotated[str, typer.Option("--host", help="Place on this host instead of letting the controller choose.")] = "",
+    *,
+    file: Annotated[
+        str, typer.Option("--file", "-f", metavar="SPEC.yaml", help="VM spec file ('-' for stdin).")
+    ],
+    host: Annotated[
+        str, typer.Option("--host", help="Place on this host instead of letting the controller choose.")
+    ] = "",
     wait: WaitOpt = True,
     timeout: TimeoutOpt = None,
     request_id: RequestIdOpt = None,
@@ -104,7 +116,9 @@ def create(
     s = settings(ctx)
     spec = _load_spec(file)  # before any RPC: a bad file is reported with its line number, offline
     client = s.client()
-    request = vms_pb2.CreateVmRequest(spec=spec_to_proto(spec), host=host, request_id=_new_request_id(request_id))
+    request = vms_pb2.CreateVmRequest(
+        spec=spec_to_proto(spec), host=host, request_id=_new_request_id(request_id)
+    )
     op = client.call(client.vms.CreateVm, request).operation
     if not wait:
         print_started(op, s.json)
@@ -116,7 +130,10 @@ def create(
 @app.command("validate")
 def validate(
     ctx: typer.Context,
-    file: Annotated[str, typer.Option("--file", "-f", metavar="SPEC.yaml", help="VM spec file ('-' for stdin).")],
+    *,
+    file: Annotated[
+        str, typer.Option("--file", "-f", metavar="SPEC.yaml", help="VM spec file ('-' for stdin).")
+    ],
 ) -> None:
     """Check a spec file without contacting the controller; prints the spec as the controller would get it."""
     s = settings(ctx)
@@ -131,10 +148,12 @@ def validate(
 @app.command("list")
 def list_(
     ctx: typer.Context,
+    *,
     host: Annotated[str, typer.Option("--host", help="Only VMs on this host.")] = "",
     state: Annotated[StateChoice | None, typer.Option("--state", help="Only VMs in this state.")] = None,
     label: Annotated[
-        list[str] | None, typer.Option("--label", "-l", metavar="KEY=VALUE", help="Only VMs with this label (repeatable).")
+        list[str] | None,
+        typer.Option("--label", "-l", metavar="KEY=VALUE", help="Only VMs with this label (repeatable)."),
     ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="VMs per page.")] = 100,
     page_token: Annotated[str, typer.Option("--page-token", help="Continue from a previous page.")] = "",
@@ -169,8 +188,11 @@ def list_(
 @app.command("show")
 def show(
     ctx: typer.Context,
+    *,
     name: NameArg,
-    as_spec: Annotated[bool, typer.Option("--spec", help="Print the VM's spec as a spec file instead.")] = False,
+    as_spec: Annotated[
+        bool, typer.Option("--spec", help="Print the VM's spec as a spec file instead.")
+    ] = False,
 ) -> None:
     """Show one VM."""
     s = settings(ctx)
@@ -182,8 +204,15 @@ def show(
     _print_vm(s, vm)
 
 
-def _finish_power(s: Settings, client: ControllerClient, op: operation_pb2.Operation, name: str, wait: bool,
-                  timeout: float | None) -> None:
+def _finish_power(
+    *,
+    s: Settings,
+    client: ControllerClient,
+    op: operation_pb2.Operation,
+    name: str,
+    wait: bool,
+    timeout: float | None,
+) -> None:
     if not wait:
         print_started(op, s.json)
         return
@@ -197,26 +226,37 @@ def _finish_power(s: Settings, client: ControllerClient, op: operation_pb2.Opera
 
 @app.command("start")
 def start(
-    ctx: typer.Context, name: NameArg, wait: WaitOpt = True, timeout: TimeoutOpt = None, request_id: RequestIdOpt = None
+    ctx: typer.Context,
+    *,
+    name: NameArg,
+    wait: WaitOpt = True,
+    timeout: TimeoutOpt = None,
+    request_id: RequestIdOpt = None,
 ) -> None:
     """Start a stopped VM."""
     s = settings(ctx)
     client = s.client()
     request = vms_pb2.StartVmRequest(name=name, request_id=_new_request_id(request_id))
     op = client.call(client.vms.StartVm, request).operation
-    _finish_power(s, client, op, name, wait, timeout)
+    _finish_power(s=s, client=client, op=op, name=name, wait=wait, timeout=timeout)
 
 
 @app.command("stop")
 def stop(
     ctx: typer.Context,
+    *,
     name: NameArg,
     wait: WaitOpt = True,
     timeout: TimeoutOpt = None,
     grace: Annotated[
-        int, typer.Option("--grace", min=0, max=3600, help="Seconds of graceful shutdown before forcing (0: default).")
+        int,
+        typer.Option(
+            "--grace", min=0, max=3600, help="Seconds of graceful shutdown before forcing (0: default)."
+        ),
     ] = 0,
-    force: Annotated[bool, typer.Option("--force", help="Power off at once, skipping the graceful shutdown.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Power off at once, skipping the graceful shutdown.")
+    ] = False,
     request_id: RequestIdOpt = None,
 ) -> None:
     """Stop a VM: ACPI shutdown, forced off after the grace period."""
@@ -226,12 +266,17 @@ def stop(
         name=name, request_id=_new_request_id(request_id), timeout_seconds=grace, force=force
     )
     op = client.call(client.vms.StopVm, request).operation
-    _finish_power(s, client, op, name, wait, timeout)
+    _finish_power(s=s, client=client, op=op, name=name, wait=wait, timeout=timeout)
 
 
 @app.command("delete")
 def delete(
-    ctx: typer.Context, name: NameArg, wait: WaitOpt = True, timeout: TimeoutOpt = None, request_id: RequestIdOpt = None
+    ctx: typer.Context,
+    *,
+    name: NameArg,
+    wait: WaitOpt = True,
+    timeout: TimeoutOpt = None,
+    request_id: RequestIdOpt = None,
 ) -> None:
     """Delete a VM and everything made for it (no prompt, so scripts can use it)."""
     s = settings(ctx)

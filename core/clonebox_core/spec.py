@@ -1,4 +1,5 @@
-"""The VM spec file: a small, versioned YAML document describing one VM.
+r"""
+The VM spec file: a small, versioned YAML document describing one VM.
 
 Format (version 1)::
 
@@ -45,7 +46,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from pydantic_core import ErrorDetails
 
 from clonebox_core.errors import InvalidArgument
@@ -89,7 +90,8 @@ _AMBIGUOUS = re.compile(r"^\s*\d+(?:\.\d+)?\s*[KMGTkmgt][Bb]\s*$")
 
 
 def parse_size(value: object) -> int:
-    """A size in whole MiB from a YAML value: an int (MiB) or a string with a binary unit.
+    """
+    Parse a size in whole MiB from a YAML value: an int (MiB) or a string with a binary unit.
 
     Accepts ``512``, ``"512"``, ``"256MiB"``, ``"1GiB"``, ``"1.5G"``, ``"2048KiB"``, ``"1TiB"``. Raises
     ``ValueError`` with a message that quotes the input and says how to fix it.
@@ -123,21 +125,21 @@ def parse_size(value: object) -> int:
 
 
 def format_size(mib: int) -> str:
-    """The shortest exact spelling of ``mib``: ``1GiB``, ``1536MiB``, ``2TiB``; ``parse_size`` reverses it."""
+    """Spell ``mib`` exactly and shortest: ``1GiB``, ``1536MiB``, ``2TiB``; ``parse_size`` reverses it."""
     for unit, factor in (("TiB", 1024 * 1024), ("GiB", 1024)):
         if mib and mib % factor == 0:
             return f"{mib // factor}{unit}"
     return f"{mib}MiB"
 
 
-def _ranged_size(low: int, high: int) -> Any:
-    """A BeforeValidator that parses a size and checks its range, quoting the user's own spelling."""
+def _ranged_size(low: int, high: int, low_hint: str = "") -> Any:
+    """Build a BeforeValidator that parses a size and checks its range, quoting the user's spelling."""
 
     def check(value: object) -> int:
         mib = parse_size(value)
         shown = repr(value) if isinstance(value, str) else str(value)
         if mib < low:
-            raise ValueError(f"{shown} must be at least {_human(low)}")
+            raise ValueError(f"{shown} must be at least {_human(low)}{low_hint}")
         if mib > high:
             raise ValueError(f"{shown} must be at most {_human(high)}")
         return mib
@@ -152,7 +154,7 @@ def _human(mib: int) -> str:
 
 
 def _cloud_text(header: str) -> Any:
-    """A BeforeValidator: a cloud-init document given as a mapping or list is dumped to YAML text."""
+    """Build a BeforeValidator dumping a cloud-init document given as a mapping or list to YAML."""
 
     def convert(value: object) -> object:
         if isinstance(value, dict | list):
@@ -172,7 +174,7 @@ class _Strict(BaseModel):
 
 
 MemoryMiB = Annotated[int, _ranged_size(MIN_MEMORY_MIB, MAX_MEMORY_MIB)]
-DiskMiB = Annotated[int, _ranged_size(1, MAX_DISK_MIB)]
+DiskMiB = Annotated[int, _ranged_size(1, MAX_DISK_MIB, " (leave size out to keep the base image's size)")]
 UserData = Annotated[str, _cloud_text("#cloud-config\n")]
 CloudText = Annotated[str, _cloud_text("")]
 
@@ -209,7 +211,7 @@ class _CloudInit(_Strict):
 class _SpecV1(_Strict):
     version: Literal[1]
     name: str
-    vcpus: int = Field(1)
+    vcpus: int = 1
     memory: MemoryMiB = 512
     disks: list[_Disk] | None = None
     kernel_boot: _KernelBoot | None = None
@@ -221,12 +223,11 @@ class _SpecV1(_Strict):
 
 # core field names -> spec file field names (validate_spec speaks the model's names)
 _MODEL_TO_FILE = {"memory_mib": "memory", "size_mib": "size"}
-_FILE_TO_MODEL = {v: k for k, v in _MODEL_TO_FILE.items()}
 
 Loc = tuple[str | int, ...]
 
 
-class _Problem(Exception):
+class _ProblemError(Exception):
     """A problem found after pydantic, at a known location in the document."""
 
     def __init__(self, loc: Loc, message: str, *, at_key: bool = False) -> None:
@@ -241,7 +242,7 @@ def _to_model(doc: _SpecV1) -> VmSpec:
     if doc.network is not None:
         if doc.network.mode == "none":
             if doc.network.libvirt_network is not None:
-                raise _Problem(
+                raise _ProblemError(
                     ("network", "libvirt_network"),
                     "only applies to mode 'libvirt': remove it or set mode: libvirt",
                     at_key=True,
@@ -260,9 +261,7 @@ def _to_model(doc: _SpecV1) -> VmSpec:
             else None
         ),
         network=network,
-        shared_folders=tuple(
-            SharedFolder(f.host_path, f.tag, f.read_only) for f in doc.shared_folders or ()
-        ),
+        shared_folders=tuple(SharedFolder(f.host_path, f.tag, f.read_only) for f in doc.shared_folders or ()),
         cloud_init=(
             CloudInit(doc.cloud_init.user_data, doc.cloud_init.meta_data, doc.cloud_init.network_config)
             if doc.cloud_init is not None
@@ -298,7 +297,7 @@ def _find(root: yaml.Node, loc: Loc) -> tuple[yaml.Node, yaml.Node | None, int]:
 
 
 def _line_of(root: yaml.Node | None, loc: Loc, *, at_key: bool = False, parent: bool = False) -> int:
-    """The line to blame for a location: the key for unknown/extra fields, the parent for missing ones."""
+    """Return the line to blame: the key for unknown fields, the parent for missing ones, else the value."""
     if root is None:
         return 1
     if parent:
@@ -326,7 +325,7 @@ def _path_text(loc: Sequence[str | int], root: yaml.Node | None = None) -> str:
 
 
 def _describe(value: object) -> str:
-    """A short description of a YAML value for messages."""
+    """Describe a YAML value briefly, for messages."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -449,8 +448,8 @@ def _check_tree(source: str, root: yaml.Node) -> None:
             stack.extend(node.value)
 
 
-def _find_unconstructible(root: yaml.Node | None, source: str) -> int:
-    """The line of the first scalar that cannot be constructed (construction errors carry no mark)."""
+def _find_unconstructible(root: yaml.Node | None) -> int:
+    """Return the line of the first scalar that cannot be constructed (those errors carry no mark)."""
     if root is None:
         return 1
     stack: list[yaml.Node] = [root]
@@ -462,7 +461,7 @@ def _find_unconstructible(root: yaml.Node | None, source: str) -> int:
             probe = yaml.SafeLoader("")
             try:
                 probe.construct_object(node, deep=True)
-            except Exception:  # noqa: BLE001 - any failure is the one we are looking for
+            except Exception:
                 return _line(node)
             finally:
                 probe.dispose()
@@ -495,7 +494,11 @@ def _parse(text: str, source: str) -> tuple[yaml.Node | None, Any]:
         mark = exc.problem_mark or exc.context_mark
         line = int(mark.line) + 1 if mark is not None else 1
         problem = _yaml_problem(exc)
-        hint = "indent with spaces, not tabs" if "\\t" in problem or "\t" in problem else "check indentation and quoting"
+        hint = (
+            "indent with spaces, not tabs"
+            if "\\t" in problem or "\t" in problem
+            else "check indentation and quoting"
+        )
         col = f" (column {int(mark.column) + 1})" if mark is not None else ""
         raise _fail(source, line, f"not valid YAML: {problem}{col}: {hint}") from None
     except yaml.reader.ReaderError as exc:
@@ -505,8 +508,8 @@ def _parse(text: str, source: str) -> tuple[yaml.Node | None, Any]:
         raise
     except RecursionError:
         raise _fail(source, 1, "not valid YAML: nested too deeply") from None
-    except Exception as exc:  # noqa: BLE001 - e.g. ValueError from an impossible date; all are the user's input
-        line = _find_unconstructible(root, source)
+    except Exception as exc:
+        line = _find_unconstructible(root)
         raise _fail(source, line, f"not valid YAML: {exc}: put the value in quotes") from None
     finally:
         if loader is not None:
@@ -516,7 +519,7 @@ def _parse(text: str, source: str) -> tuple[yaml.Node | None, Any]:
 def _field_to_loc(field: str) -> Loc:
     """``spec.disks[0].size_mib`` -> ``("disks", 0, "size")``; label keys may contain dots."""
     if field.startswith("spec."):
-        field = field[len("spec."):]
+        field = field[len("spec.") :]
     elif field == "spec":
         return ()
     loc: list[str | int] = []
@@ -557,7 +560,9 @@ def load_spec_text(text: str, source_name: str = "<spec>") -> VmSpec:
             f"VM spec: write 'version: {SPEC_VERSION}', 'name:', 'vcpus:', 'memory:' at the top level",
         )
     if "version" not in data:
-        raise _fail(source_name, _line_of(root, ()), f"version: required but missing: add 'version: {SPEC_VERSION}'")
+        raise _fail(
+            source_name, _line_of(root, ()), f"version: required but missing: add 'version: {SPEC_VERSION}'"
+        )
     version = data["version"]
     if isinstance(version, bool) or version != SPEC_VERSION:
         raise _fail(
@@ -575,12 +580,14 @@ def load_spec_text(text: str, source_name: str = "<spec>") -> VmSpec:
             found.append((_line_of(root, loc, at_key=at_key, parent=parent), message, _path_text(loc, root)))
         found.sort(key=lambda item: item[0])  # report the first problem as the file reads
         line, message, field = found[0]
-        more = f" (and {len(found) - 1} more problem{'s' if len(found) > 2 else ''})" if len(found) > 1 else ""
+        more = (
+            f" (and {len(found) - 1} more problem{'s' if len(found) > 2 else ''})" if len(found) > 1 else ""
+        )
         raise _fail(source_name, line, message + more, field) from None
     try:
         spec = _to_model(doc)
         return validate_spec(spec, prefix="spec")
-    except _Problem as problem:
+    except _ProblemError as problem:
         raise _fail(
             source_name,
             _line_of(root, problem.loc, at_key=problem.at_key),
@@ -591,7 +598,7 @@ def load_spec_text(text: str, source_name: str = "<spec>") -> VmSpec:
         field = exc.metadata.get("field", "")
         message = exc.message
         if field and message.startswith(f"{field}: "):
-            message = message[len(field) + 2:]
+            message = message[len(field) + 2 :]
         loc = _field_to_loc(field) if field else ()
         path = _path_text(loc)
         raise _fail(source_name, _line_of(root, loc), f"{path}: {message}", path) from None
@@ -609,11 +616,13 @@ def load_spec_file(path: str | Path) -> VmSpec:
             metadata={"file": source},
         ) from None
     except IsADirectoryError:
-        raise InvalidArgument(f"{source}: is a directory, not a spec file", reason=REASON,
-                              metadata={"file": source}) from None
+        raise InvalidArgument(
+            f"{source}: is a directory, not a spec file", reason=REASON, metadata={"file": source}
+        ) from None
     except OSError as exc:
-        raise InvalidArgument(f"{source}: cannot read: {exc.strerror}", reason=REASON,
-                              metadata={"file": source}) from None
+        raise InvalidArgument(
+            f"{source}: cannot read: {exc.strerror}", reason=REASON, metadata={"file": source}
+        ) from None
     if len(raw) > MAX_SPEC_BYTES:
         raise _fail(source, 1, f"file is larger than {MAX_SPEC_BYTES // (1024 * 1024)} MiB")
     try:
@@ -640,7 +649,7 @@ _Dumper.add_representer(str, _represent_str)
 
 
 def dump_spec(spec: VmSpec) -> str:
-    """A spec file (version 1) for ``spec``; ``load_spec_text(dump_spec(s)) == s`` for a valid ``s``."""
+    """Write ``spec`` as a spec file (version 1); ``load_spec_text(dump_spec(s)) == s`` for a valid ``s``."""
     doc: dict[str, Any] = {
         "version": SPEC_VERSION,
         "name": spec.name,

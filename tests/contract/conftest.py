@@ -25,13 +25,12 @@ from typing import Any
 
 import pytest
 
-from clonebox_core.errors import FailedPrecondition
-from clonebox_core.model import DiskSpec, KernelBoot, NetworkMode, NetworkSpec, VmSpec
-
 from clonebox_agent.adapters.common import QEMU_CAPABILITIES, TEST_DRIVER_CAPABILITIES, Fault
 from clonebox_agent.adapters.fake import FakeHypervisor
 from clonebox_agent.adapters.libvirt import LibvirtHypervisor
 from clonebox_agent.ports import Capability, EventKind, HypervisorEvent
+from clonebox_core.errors import FailedPrecondition
+from clonebox_core.model import DiskSpec, KernelBoot, NetworkMode, NetworkSpec, VmSpec
 
 ADAPTERS = ("fake", "libvirt-test", "libvirt-qemu")
 DECLARED: dict[str, frozenset[Capability]] = {
@@ -103,9 +102,7 @@ def run_files() -> Iterator[RunFiles]:
     share = os.path.join(root, "share")
     for d in (images, outside, share):
         os.makedirs(d, mode=0o755)
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", os.path.join(images, "base.qcow2"), "16M"], check=True
-    )
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", os.path.join(images, "base.qcow2"), "16M"], check=True)
     with open(os.path.join(images, "base.raw"), "wb") as f:
         f.truncate(4 * 1024 * 1024)
     with open(os.path.join(images, "vmlinuz"), "wb") as f:
@@ -175,17 +172,25 @@ class Harness:
     def console_log(self, vm: str) -> str:
         return os.path.join(self.storage_dir, "vms", self.hv.domain_name(vm), "console.log")
 
-    async def wait_event(self, vm: str, kind: EventKind, timeout: float = 10.0) -> HypervisorEvent:
-        deadline = self.loop.time() + timeout
+    def console_says(self, vm: str, marker: bytes) -> bool:
+        """Tell whether the VM's serial console log contains ``marker`` (real QEMU only)."""
+        try:
+            with open(self.console_log(vm), "rb") as f:
+                return marker in f.read()
+        except FileNotFoundError:
+            return False
+
+    async def wait_event(self, vm: str, kind: EventKind, within: float = 10.0) -> HypervisorEvent:
+        deadline = self.loop.time() + within
         while self.loop.time() < deadline:
             for ev in self.events:
                 if ev.name == vm and ev.kind == kind:
                     return ev
             await asyncio.sleep(0.02)
-        raise AssertionError(f"no {kind.value} event for {vm} within {timeout}s; got {self.events}")
+        raise AssertionError(f"no {kind.value} event for {vm} within {within}s; got {self.events}")
 
-    async def wait_until(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-        deadline = self.loop.time() + timeout
+    async def wait_until(self, predicate: Callable[[], Any], within: float, what: str) -> Any:
+        deadline = self.loop.time() + within
         while self.loop.time() < deadline:
             result = predicate()
             if asyncio.iscoroutine(result):
@@ -193,7 +198,7 @@ class Harness:
             if result:
                 return result
             await asyncio.sleep(0.1)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        raise AssertionError(f"timed out after {within}s waiting for {what}")
 
     def arrange_start_failure(self, spec: VmSpec) -> VmSpec:
         """``spec`` changed so that starting it fails: a network that exists but is inactive.
@@ -218,11 +223,17 @@ class Harness:
             return name
         assert self.real, "the test driver never fails a start"
         xml = f"<network><name>{name}</name></network>"
-        subprocess.run(["virsh", "-q", "-c", "qemu:///system", "net-define", "/dev/stdin"], input=xml,
-                       text=True, check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            ["virsh", "-q", "-c", "qemu:///system", "net-define", "/dev/stdin"],
+            input=xml,
+            text=True,
+            check=True,
+            capture_output=True,
+        )
         self.cleanups.append(
-            lambda: subprocess.run(["virsh", "-q", "-c", "qemu:///system", "net-undefine", name],
-                                   check=False, capture_output=True)  # fmt: skip
+            lambda: subprocess.run(
+                ["virsh", "-q", "-c", "qemu:///system", "net-undefine", name], check=False, capture_output=True
+            )
         )
         return name
 

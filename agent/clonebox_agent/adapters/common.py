@@ -1,4 +1,5 @@
-"""Pieces both hypervisor adapters share, so the fake and libvirt cannot drift apart.
+"""
+Pieces both hypervisor adapters share, so the fake and libvirt cannot drift apart.
 
 - the naming scheme of everything an adapter makes (domain, volumes, seed ISO, per-VM folder);
 - the ownership mark put on every file (the ``user.clonebox.owner`` extended attribute);
@@ -69,7 +70,7 @@ def mark_owned(path: str, vm: str) -> None:
 
 
 def owner_of(path: str) -> str | None:
-    """The VM that owns ``path`` by its mark, or None when unmarked or gone."""
+    """Return the VM that owns ``path`` by its mark, or None when unmarked or gone."""
     try:
         return os.getxattr(path, OWNER_XATTR, follow_symlinks=False).decode()
     except OSError as exc:
@@ -93,9 +94,12 @@ StepHook = Callable[[str], None]
 
 @dataclass
 class Faults:
-    """Scripted faults and delays at named steps (method names such as ``create`` or steps such as
-    ``create:disks``). A bare exception in ``fail_on`` is raised every time; wrap it in ``Fault`` to
-    raise it a limited number of times."""
+    """
+    Scripted faults and delays at named steps.
+
+    Steps are method names such as ``create`` or stages such as ``create:disks``. A bare exception in
+    ``fail_on`` is raised every time; wrap it in ``Fault`` to raise it a limited number of times.
+    """
 
     fail_on: dict[str, BaseException | Fault] = field(default_factory=dict)
     delays: dict[str, float] = field(default_factory=dict)
@@ -141,7 +145,8 @@ class Faults:
 
 @dataclass(frozen=True)
 class Inventory:
-    """What an adapter owns right now: domains, pool volumes, and marked files under its storage dir.
+    """
+    What an adapter owns right now: domains, pool volumes, and marked files under its storage dir.
 
     ``files`` pairs each marked path with the VM named in its mark. Leak checks compare inventories;
     crash recovery can delete what no VM accounts for.
@@ -152,7 +157,7 @@ class Inventory:
     files: tuple[tuple[str, str], ...] = ()
 
     def for_vm(self, vm: str, domain: str) -> Inventory:
-        """The part that belongs to one VM (domain by name, volumes by prefix, files by their mark)."""
+        """Return the part that belongs to one VM (domain by name, volumes by prefix, files by mark)."""
         return Inventory(
             tuple(d for d in self.domains if d == domain),
             tuple(v for v in self.volumes if v.startswith(volume_prefix(domain))),
@@ -160,7 +165,7 @@ class Inventory:
         )
 
     def is_empty(self) -> bool:
-        """True when nothing is owned."""
+        """Tell whether nothing is owned."""
         return not (self.domains or self.volumes or self.files)
 
 

@@ -1,4 +1,5 @@
-"""``FakeHypervisor``: a scriptable, in-memory stand-in for libvirt + QEMU.
+"""
+``FakeHypervisor``: a scriptable, in-memory stand-in for libvirt + QEMU.
 
 It is a first-class adapter, held to the same contract tests as ``LibvirtHypervisor`` on
 ``test:///default`` and ``qemu:///system``, so tests of the use cases can rely on it behaving like the
@@ -19,6 +20,8 @@ Scripting:
 from __future__ import annotations
 
 import asyncio
+import builtins
+import contextlib
 import os
 import shutil
 import tempfile
@@ -28,6 +31,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from clonebox_agent.adapters import common
+from clonebox_agent.adapters.common import QEMU_CAPABILITIES, Fault, Faults, Inventory, StepHook
+from clonebox_agent.adapters.images import resolve_spec
+from clonebox_agent.adapters.seediso import build_seed_iso
+from clonebox_agent.ports import Capability, DomainRecord, EventKind, EventSink, HypervisorEvent
 from clonebox_core.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from clonebox_core.model import (
     HostInfo,
@@ -38,12 +46,6 @@ from clonebox_core.model import (
     VmSpec,
     VmState,
 )
-
-from clonebox_agent.adapters import common
-from clonebox_agent.adapters.common import QEMU_CAPABILITIES, Fault, Faults, Inventory, StepHook
-from clonebox_agent.adapters.images import resolve_spec
-from clonebox_agent.adapters.seediso import build_seed_iso
-from clonebox_agent.ports import Capability, DomainRecord, EventKind, EventSink, HypervisorEvent
 
 
 @dataclass
@@ -61,7 +63,8 @@ class _Domain:
 
 
 class FakeHypervisor:
-    """In-memory ``Hypervisor`` with scripted faults, delays and external changes.
+    """
+    In-memory ``Hypervisor`` with scripted faults, delays and external changes.
 
     ``capabilities`` defaults to exactly what real QEMU declares. Without ``storage_dir`` the fake makes
     a private temporary folder on first use (removed by ``close``), so ``HOST_FILES`` stays true.
@@ -104,6 +107,7 @@ class FakeHypervisor:
         self.calls: Counter[str] = Counter()
         self._domains: dict[str, _Domain] = {}
         self._volumes: dict[str, str] = {}  # volume name -> path
+        self._creating: set[str] = set()
         self._sink: EventSink | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._serving = True
@@ -132,13 +136,13 @@ class FakeHypervisor:
             self.networks[name] = active
 
     def external_destroy(self, name: str) -> None:
-        """Someone ran ``virsh destroy``."""
+        """Simulate someone running ``virsh destroy``."""
         dom = self._domain(name)
         if dom.state != VmState.STOPPED:
             self._stop(dom, VmState.STOPPED, "destroyed", EventKind.STOPPED)
 
     def external_undefine(self, name: str) -> None:
-        """Someone ran ``virsh undefine``: a running domain lives on as a transient one until it stops."""
+        """Simulate ``virsh undefine``: a running domain lives on as a transient one until it stops."""
         dom = self._domain(name)
         if dom.state in (VmState.RUNNING, VmState.PAUSED):
             dom.persistent = False
@@ -147,13 +151,13 @@ class FakeHypervisor:
         self._emit(dom.vm, EventKind.UNDEFINED, None, "removed")
 
     def external_crash(self, name: str) -> None:
-        """The guest (or QEMU) crashed."""
+        """Simulate a crash of the guest (or QEMU)."""
         dom = self._domain(name)
         if dom.state != VmState.STOPPED:
             self._stop(dom, VmState.CRASHED, "crashed", EventKind.CRASHED)
 
     def guest_poweroff(self, name: str) -> None:
-        """The guest powered itself off."""
+        """Simulate the guest powering itself off."""
         dom = self._domain(name)
         if dom.state != VmState.STOPPED:
             self._stop(dom, VmState.STOPPED, "shutdown", EventKind.STOPPED)
@@ -181,7 +185,7 @@ class FakeHypervisor:
             self._storage_dir = None
 
     async def host_info(self) -> HostInfo:
-        """Configured capacity; ``serving=False`` while ``set_serving(False)``."""
+        """Report the configured capacity; ``serving=False`` while ``set_serving(False)``."""
         self.calls["host_info"] += 1
         caps = tuple(sorted(c.value for c in self._caps))
         hv = HypervisorInfo(
@@ -204,10 +208,14 @@ class FakeHypervisor:
         await self._enter("create")
         resolved = resolve_spec(spec, self.image_dirs)
         await self._step("create:validated")
-        if spec.name in self._domains:
-            raise AlreadyExists(f"VM {spec.name} already exists", reason="VM_ALREADY_EXISTS", metadata={"vm": spec.name})
+        if spec.name in self._domains or spec.name in self._creating:
+            raise AlreadyExists(
+                f"VM {spec.name} already exists", reason="VM_ALREADY_EXISTS", metadata={"vm": spec.name}
+            )
         domain = self.name_prefix + spec.name
-        undo: list[Callable[[], object]] = []
+        undo: builtins.list[Callable[[], object]] = []
+        # claimed before the first await, so a concurrent create of the name fails fast and touches nothing
+        self._creating.add(spec.name)
         try:
             if self._host_files:
                 folder = common.vm_dir(self.storage_dir, domain)
@@ -227,10 +235,6 @@ class FakeHypervisor:
                 self._make_volume(name, spec.name, iso)
                 undo.append(lambda name=name: self._delete_volume(name))  # type: ignore[misc]
             await self._step("create:seed")
-            if spec.name in self._domains:  # a concurrent create won while we awaited
-                raise AlreadyExists(
-                    f"VM {spec.name} already exists", reason="VM_ALREADY_EXISTS", metadata={"vm": spec.name}
-                )
             self._counter += 1
             dom = _Domain(
                 spec.name,
@@ -239,9 +243,7 @@ class FakeHypervisor:
                 datetime.now(UTC).replace(microsecond=0),
                 index=self._counter,
                 console_log=(
-                    os.path.join(common.vm_dir(self.storage_dir, domain), "console.log")
-                    if self._host_files
-                    else None
+                    os.path.join(common.vm_dir(self.storage_dir, domain), "console.log") if self._host_files else None
                 ),
             )
             self._domains[spec.name] = dom
@@ -256,6 +258,8 @@ class FakeHypervisor:
             for action in reversed(undo):
                 action()
             raise
+        finally:
+            self._creating.discard(spec.name)
         return self._record(dom)
 
     async def get(self, name: str) -> DomainRecord:
@@ -263,7 +267,7 @@ class FakeHypervisor:
         await self._enter("get")
         return self._record(self._domain(name))
 
-    async def list(self) -> list[DomainRecord]:
+    async def list(self) -> builtins.list[DomainRecord]:
         """All domains (one call)."""
         await self._enter("list")
         return [self._record(d) for d in sorted(self._domains.values(), key=lambda d: d.vm)]
@@ -299,7 +303,7 @@ class FakeHypervisor:
         await self._enter("destroy")
         self._force_off(self._domain(name))
 
-    async def delete(self, name: str) -> list[str]:
+    async def delete(self, name: str) -> builtins.list[str]:
         """Force off, undefine, remove volumes and files; also cleans leftovers without a domain."""
         await self._enter("delete")
         if not self._serving:
@@ -312,20 +316,21 @@ class FakeHypervisor:
             if dom.vm in self._domains:
                 self._undefine(dom)
             await self._step("delete:undefined")
-        removed = [p for v in list(self._volumes) if v.startswith(common.volume_prefix(domain)) for p in [self._delete_volume(v)] if p]
+        removed = [
+            p
+            for v in list(self._volumes)
+            if v.startswith(common.volume_prefix(domain))
+            for p in [self._delete_volume(v)]
+            if p
+        ]
         await self._step("delete:volumes")
-        if self._host_files:
-            folder = common.vm_dir(self.storage_dir, domain)
-            if os.path.isdir(folder):
-                removed += [os.path.join(dp, f) for dp, _dn, fns in os.walk(folder) for f in fns]
-                shutil.rmtree(folder)
-                removed.append(folder)
+        removed += self._remove_folder(domain)
         if dom is None and not removed:
             raise NotFound(f"VM {name} not found", reason="VM_NOT_FOUND", metadata={"vm": name})
         return removed
 
     async def addresses(self, name: str) -> tuple[IpAddress, ...]:
-        """A TEST-NET-1 (192.0.2.0/24, never routed) address while running on a network."""
+        """Return a TEST-NET-1 (192.0.2.0/24, never routed) address while running on a network."""
         await self._enter("addresses")
         dom = self._domain(name)
         if dom.state != VmState.RUNNING or dom.spec.network.mode == NetworkMode.NONE:
@@ -383,6 +388,14 @@ class FakeHypervisor:
             state_reason=dom.reason,
         )
 
+    def _remove_folder(self, domain: str) -> builtins.list[str]:
+        folder = common.vm_dir(self.storage_dir, domain)
+        if not self._host_files or not os.path.isdir(folder):
+            return []
+        removed = [os.path.join(dp, f) for dp, _dn, fns in os.walk(folder) for f in fns]
+        shutil.rmtree(folder)
+        return [*removed, folder]
+
     def _make_volume(self, name: str, vm: str, content: bytes) -> None:
         if name in self._volumes:
             raise AlreadyExists(f"volume {name} already exists", reason="VOLUME_ALREADY_EXISTS", metadata={"vm": vm})
@@ -397,10 +410,8 @@ class FakeHypervisor:
     def _delete_volume(self, name: str) -> str | None:
         path = self._volumes.pop(name, None)
         if path is not None and self._host_files:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            except FileNotFoundError:
-                pass
         return path
 
     def _boot(self, dom: _Domain) -> None:

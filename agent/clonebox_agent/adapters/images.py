@@ -1,4 +1,5 @@
-"""Checking a VmSpec against the host: image containment, files that must exist, image formats.
+"""
+Checking a VmSpec against the host: image containment, files that must exist, image formats.
 
 Base images, kernels and initrds come from the operator's ``image_dirs`` only: a path is resolved
 (symlinks and ``..`` included) and must land inside one of them, so a caller cannot make QEMU read
@@ -49,7 +50,8 @@ def _inside(path: str, root: str) -> bool:
 
 
 def resolve_image(field: str, path: str, image_dirs: Sequence[str]) -> str:
-    """Resolve ``path`` inside one of ``image_dirs`` or raise InvalidArgument naming ``field``.
+    """
+    Resolve ``path`` inside one of ``image_dirs`` or raise InvalidArgument naming ``field``.
 
     IMAGE_OUTSIDE_IMAGE_DIRS when the real path (after symlinks and '..') is outside every image dir,
     IMAGE_NOT_FOUND when it is inside but is not an existing regular file.
@@ -93,7 +95,9 @@ def resolve_spec(spec: VmSpec, image_dirs: Sequence[str]) -> ResolvedSpec:
     validate_spec(spec)
     bases: list[str | None] = []
     for i, disk in enumerate(spec.disks):
-        bases.append(resolve_image(f"spec.disks[{i}].base_image", disk.base_image, image_dirs) if disk.base_image else None)
+        bases.append(
+            resolve_image(f"spec.disks[{i}].base_image", disk.base_image, image_dirs) if disk.base_image else None
+        )
     kernel = initrd = None
     if spec.kernel_boot is not None:
         kernel = resolve_image("spec.kernel_boot.kernel", spec.kernel_boot.kernel, image_dirs)
@@ -113,7 +117,8 @@ def resolve_spec(spec: VmSpec, image_dirs: Sequence[str]) -> ResolvedSpec:
 
 
 def image_info(path: str) -> ImageInfo:
-    """Format and virtual size of ``path``: ``qemu-img info`` when installed, else the file header.
+    """
+    Format and virtual size of ``path``: ``qemu-img info`` when installed, else the file header.
 
     Blocking (runs a process): call it off the event loop. ``-U`` reads images that running VMs hold
     locked, which base images shared by many overlays always are.

@@ -1,4 +1,5 @@
-"""cloud-init NoCloud seed ISO, built in memory with pycdlib (no genisoimage, no temp files).
+"""
+cloud-init NoCloud seed ISO, built in memory with pycdlib (no genisoimage, no temp files).
 
 cloud-init finds the seed by its volume id ``cidata`` and reads ``user-data``, ``meta-data`` and
 optionally ``network-config``. ISO 9660 alone would upper-case and shorten those names, so the image
@@ -29,7 +30,7 @@ def default_meta_data(instance_id: str, hostname: str) -> str:
 
 
 def seed_files(cloud_init: CloudInit, *, instance_id: str, hostname: str) -> dict[str, bytes]:
-    """The files of the seed, by their NoCloud names."""
+    """Return the files of the seed, by their NoCloud names."""
     files = {
         "user-data": cloud_init.user_data.encode(),
         "meta-data": (cloud_init.meta_data or default_meta_data(instance_id, hostname)).encode(),
@@ -40,7 +41,7 @@ def seed_files(cloud_init: CloudInit, *, instance_id: str, hostname: str) -> dic
 
 
 def build_seed_iso(cloud_init: CloudInit, *, instance_id: str, hostname: str) -> bytes:
-    """The ISO image bytes of a NoCloud seed for ``cloud_init``."""
+    """Build the ISO image bytes of a NoCloud seed for ``cloud_init``."""
     files = seed_files(cloud_init, instance_id=instance_id, hostname=hostname)
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=3, vol_ident=VOLUME_ID, joliet=3, rock_ridge="1.09")

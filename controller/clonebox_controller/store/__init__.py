@@ -1,4 +1,5 @@
-"""The controller's fleet store (SQLAlchemy 2 + alembic; SQLite or PostgreSQL).
+"""
+The controller's fleet store (SQLAlchemy 2 + alembic; SQLite or PostgreSQL).
 
 The application layer talks to :class:`Store` only (through the ``FleetStore`` port); it returns
 ``clonebox_core.model`` dataclasses.

@@ -1,4 +1,5 @@
-"""JSON encoding of the core models the store keeps in JSON columns.
+"""
+JSON encoding of the core models the store keeps in JSON columns.
 
 The store owns this format (it is what sits in the database), so it lives here rather than in the
 protobuf converters: a change to the wire API must not silently change what is on disk. Decoders are

@@ -1,4 +1,5 @@
-"""Engine construction and schema migration for the fleet store.
+"""
+Engine construction and schema migration for the fleet store.
 
 Two backends are supported and tested with the same suite:
 
@@ -14,6 +15,7 @@ Two backends are supported and tested with the same suite:
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,8 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
+_ALEMBIC_LOCK = threading.Lock()
+
 
 def create_store_engine(url: str, *, echo: bool = False, **kwargs: Any) -> Engine:
     """Create an Engine for ``url`` with the per-backend settings the store relies on."""
@@ -40,9 +44,14 @@ def create_store_engine(url: str, *, echo: bool = False, **kwargs: Any) -> Engin
         if parsed.database in (None, "", ":memory:"):
             # each pooled connection would get its own empty in-memory database
             raise ValueError("the fleet store needs a SQLite file, not an in-memory database")
+        # a fresh install points at a state directory that may not exist yet
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(parsed, echo=echo, **kwargs)
         _configure_sqlite(engine)
         return engine
+    if parsed.drivername == "postgresql":
+        # plain postgresql:// means psycopg2 to SQLAlchemy, which we do not ship; psycopg 3 we do
+        parsed = parsed.set(drivername="postgresql+psycopg")
     # pool_pre_ping: a controller outlives database restarts and failovers
     return create_engine(parsed, echo=echo, pool_pre_ping=True, **kwargs)
 
@@ -83,14 +92,18 @@ def alembic_config() -> Config:
 
 
 def upgrade_to_head(engine: Engine) -> None:
-    """Apply every pending migration; a no-op on an up-to-date database.
+    """
+    Apply every pending migration; a no-op on an up-to-date database.
 
     Safe to call from several processes at once: on SQLite the migration runs in a ``BEGIN
     IMMEDIATE`` transaction, on PostgreSQL ``env.py`` takes a transaction-level advisory lock before
     it reads the current version, so a second process waits and then finds nothing to do.
     """
     cfg = alembic_config()
-    with engine.connect() as conn:
+    # alembic's ``context``/``op`` proxies are process-global, so two threads must not migrate at
+    # once; this lock is about that library limitation only - processes are serialised by the
+    # database as described above
+    with _ALEMBIC_LOCK, engine.connect() as conn:
         conn.execution_options(**{WRITE_OPTION: True})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")

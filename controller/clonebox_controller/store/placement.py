@@ -1,4 +1,5 @@
-"""Host choice for a new VM: pure functions over a snapshot of host capacity.
+"""
+Host choice for a new VM: pure functions over a snapshot of host capacity.
 
 The store calls these inside the transaction that holds the host rows locked, so the snapshot
 cannot change under the decision. Keeping the policy free of SQL makes it easy to read and test.

@@ -1,4 +1,5 @@
-"""The controller's fleet store: hosts, VMs with their reservations, operations, the watch revision.
+"""
+The controller's fleet store: hosts, VMs with their reservations, operations, the watch revision.
 
 :class:`Store` is synchronous (the asyncio controller calls it through ``asyncio.to_thread``) and is
 the only way the application layer reaches the database. Every method is one database transaction
@@ -145,7 +146,8 @@ class Store:
         tombstone_retention: int = 10_000,
         max_attempts: int = 8,
     ) -> None:
-        """Wrap an engine made by :func:`create_store_engine` whose schema is already at head.
+        """
+        Wrap an engine made by :func:`create_store_engine` whose schema is already at head.
 
         ``clock`` returns aware UTC "now" (tests inject a fake one); ``tombstone_retention`` is how
         many VM deletions watchers can catch up on before they must relist; ``max_attempts`` bounds
@@ -153,6 +155,15 @@ class Store:
         """
         self._engine = engine
         self._clock = clock
+        self._write_options: dict[str, Any] = {WRITE_OPTION: True}
+        # Reads span several statements (changes_since reads live rows, then tombstones); under
+        # PostgreSQL's default READ COMMITTED a commit between them could hide a revision below one
+        # that is returned, and a watcher would skip it for good. A read-only REPEATABLE READ
+        # transaction sees one snapshot and never fails to serialize. SQLite's read transactions
+        # (deferred BEGIN in WAL mode) are snapshots already.
+        self._read_options: dict[str, Any] = (
+            {"isolation_level": "REPEATABLE READ"} if engine.dialect.name == "postgresql" else {}
+        )
         self._tombstone_retention = tombstone_retention
         self._max_attempts = max_attempts
 
@@ -194,7 +205,8 @@ class Store:
     # ------------------------------------------------------------------ transactions
 
     def _run(self, fn: Callable[[Session], T], *, write: bool, retry_integrity: bool = False) -> T:
-        """Run ``fn`` in one transaction, retrying transient conflicts.
+        """
+        Run ``fn`` in one transaction, retrying transient conflicts.
 
         ``retry_integrity`` retries once on a unique-key race (two controllers inserting the same
         new key); the second attempt sees the winner's row and takes the "exists" branch.
@@ -205,10 +217,9 @@ class Store:
             attempt += 1
             try:
                 with Session(self._engine, expire_on_commit=False) as session, session.begin():
-                    if write:
-                        # must be the first use of the session: options apply when the connection
-                        # is procured, before BEGIN is emitted
-                        session.connection(execution_options={WRITE_OPTION: True})
+                    # must be the first use of the session: options apply when the connection is
+                    # procured, before BEGIN is emitted
+                    session.connection(execution_options=self._write_options if write else self._read_options)
                     return fn(session)
             except IntegrityError:
                 if not retry_integrity or integrity_retried:
@@ -360,7 +371,8 @@ class Store:
         hypervisor: HypervisorInfo,
         epoch: int,
     ) -> Host:
-        """Record an agent's (re-)registration: the host becomes READY with a fresh heartbeat.
+        """
+        Record an agent's (re-)registration: the host becomes READY with a fresh heartbeat.
 
         Cordoning survives re-registration (it is the operator's decision, not the agent's). A new
         ``epoch`` means the agent's event history restarted, so the consumed sequence resets to 0.
@@ -508,7 +520,8 @@ class Store:
     # ------------------------------------------------------------------ placement
 
     def reserve_vm(self, spec: VmSpec, host: str | None, op: Operation) -> tuple[Operation, Vm | None]:
-        """Place ``spec`` and record the VM (PENDING, resources reserved) and ``op``, atomically.
+        """
+        Place ``spec`` and record the VM (PENDING, resources reserved) and ``op``, atomically.
 
         ``host`` pins the VM to that host; None lets placement choose (see :mod:`.placement`).
 
@@ -650,7 +663,8 @@ class Store:
         page_size: int = DEFAULT_PAGE_SIZE,
         page_token: str = "",
     ) -> tuple[list[Vm], str]:
-        """VMs ordered by name, filtered (all filters must match), one page at a time.
+        """
+        VMs ordered by name, filtered (all filters must match), one page at a time.
 
         Returns the page and the token of the next page ("" on the last page). ``page_size`` <= 0
         means the default; it is capped at MAX_PAGE_SIZE. Pagination is keyset (by name), so pages
@@ -698,7 +712,8 @@ class Store:
         addresses: Sequence[IpAddress] | None = None,
         state_reason: str | None = None,
     ) -> Vm | None:
-        """Record what the host reports about a VM and return it. None leaves a field as it is.
+        """
+        Record what the host reports about a VM and return it. None leaves a field as it is.
 
         Bumps the VM's revision only when something changed, so repeated identical reports do not
         wake every watcher. Returns None when the VM no longer exists: an observation racing a
@@ -797,7 +812,8 @@ class Store:
         )
 
     def changes_since(self, revision: int, limit: int = 500) -> list[VmChange]:
-        """VM changes after ``revision`` as ``(revision, vm, deleted)``, oldest first, at most ``limit``.
+        """
+        VM changes after ``revision`` as ``(revision, vm, deleted)``, oldest first, at most ``limit``.
 
         Each live VM appears once with its latest state (intermediate states are not kept), each
         deletion as a tombstone. FailedPrecondition WATCH_REVISION_COMPACTED when tombstones after
@@ -836,7 +852,8 @@ class Store:
         return self._run(tx, write=False)
 
     def reconcile_host(self, host: str, observed: list[Vm]) -> list[str]:
-        """Align the store with a fresh, complete listing of ``host``'s VMs; return changed names.
+        """
+        Align the store with a fresh, complete listing of ``host``'s VMs; return changed names.
 
         * VMs in both: observed state, uuid, addresses and state reason are recorded.
         * VMs only the agent has: adopted (inserted with their spec's reservation) - the host runs
@@ -926,7 +943,8 @@ class Store:
     # ------------------------------------------------------------------ operations
 
     def begin_operation(self, op: Operation) -> tuple[Operation, bool]:
-        """Record a new running operation (for mutations other than VM creation).
+        """
+        Record a new running operation (for mutations other than VM creation).
 
         Returns the stored operation and True, or - idempotent on ``op.request_id`` like
         :meth:`reserve_vm` - the operation already recorded for that request and False.
@@ -1004,7 +1022,8 @@ class Store:
     def finish_operation(
         self, op_id: str, result_vm: Vm | None = None, error: CloneboxError | None = None
     ) -> Operation:
-        """Mark an operation done with its result or error.
+        """
+        Mark an operation done with its result or error.
 
         Finishing an already finished operation returns it unchanged: after a controller restart a
         resumed worker may finish work that had in fact completed, and the first outcome stands.

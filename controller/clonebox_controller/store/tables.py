@@ -1,4 +1,5 @@
-"""SQLAlchemy ORM tables of the controller's fleet store.
+"""
+SQLAlchemy ORM tables of the controller's fleet store.
 
 The schema is owned by the alembic migrations in ``migrations/versions``; these classes describe the
 same schema for queries (a test compares the two so they cannot drift). Nothing outside the store
@@ -50,7 +51,8 @@ NAME_LENGTH = 63  # DNS label (clonebox_core.names)
 
 
 class UtcDateTime(TypeDecorator[datetime]):
-    """A timezone-aware UTC datetime on every backend.
+    """
+    A timezone-aware UTC datetime on every backend.
 
     PostgreSQL stores ``timestamptz``; SQLite has no time zone support, so values are normalised to
     UTC and stored naive, and read back with ``tzinfo=UTC``. Naive datetimes are refused on the way
@@ -195,7 +197,8 @@ class OperationRow(Base):
 
 
 class FleetRevisionRow(Base):
-    """The single-row, controller-wide revision counter behind WatchVms.
+    """
+    The single-row, controller-wide revision counter behind WatchVms.
 
     Every VM change takes the next value while holding this row's lock until commit, so revisions
     become visible in the order they were assigned: a watcher that has seen revision N never later

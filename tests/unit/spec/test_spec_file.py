@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from clonebox_core.errors import InvalidArgument
 from clonebox_core.model import NetworkMode, VmSpec
 from clonebox_core.spec import (
@@ -105,7 +106,10 @@ def test_tiny_examples_use_the_test_guest() -> None:
         spec = load_spec_file(EXAMPLES / f"{name}.yaml")
         assert spec.name == name
         assert spec.kernel_boot is not None
-        assert (spec.kernel_boot.kernel, spec.kernel_boot.initrd) == ("testguest/vmlinuz", "testguest/initrd.img")
+        assert (spec.kernel_boot.kernel, spec.kernel_boot.initrd) == (
+            "testguest/vmlinuz",
+            "testguest/initrd.img",
+        )
         assert spec.kernel_boot.cmdline == "console=ttyS0 quiet"
         assert spec.disks[0].base_image == "testguest/data.qcow2"
         assert (spec.vcpus, spec.memory_mib) == (1, 128)
@@ -130,7 +134,9 @@ def test_memory_too_small_names_line_and_limit() -> None:
 
 
 def test_unknown_field_suggests_the_close_match() -> None:
-    err = spec_error(TINY.replace("    base_image: testguest/data.qcow2\n", "    base_image: b\n    sise: 1GiB\n"))
+    err = spec_error(
+        TINY.replace("    base_image: testguest/data.qcow2\n", "    base_image: b\n    sise: 1GiB\n")
+    )
     assert err.message == "tiny.yaml:12: disks[0].sise: unknown field (did you mean 'size'?)"
 
 
@@ -142,22 +148,64 @@ def test_unknown_field_without_a_close_match_lists_the_known_ones() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("version: 1\nname: x\nmemory: -5\nkernel_boot: {kernel: k}\n", "tiny.yaml:3: memory: -5 must be at least 16 MiB"),
-        ("version: 1\nname: x\nmemory: 5TiB\nkernel_boot: {kernel: k}\n", "tiny.yaml:3: memory: '5TiB' must be at most 4 TiB"),
-        ("version: 1\nname: x\nmemory: 10**9\nkernel_boot: {kernel: k}\n", "tiny.yaml:3: memory: '10**9' is not a size"),
-        ("version: 1\nname: x\nmemory: 256MB\nkernel_boot: {kernel: k}\n", "tiny.yaml:3: memory: '256MB' is ambiguous"),
+        (
+            "version: 1\nname: x\nmemory: -5\nkernel_boot: {kernel: k}\n",
+            "tiny.yaml:3: memory: -5 must be at least 16 MiB",
+        ),
+        (
+            "version: 1\nname: x\nmemory: 5TiB\nkernel_boot: {kernel: k}\n",
+            "tiny.yaml:3: memory: '5TiB' must be at most 4 TiB",
+        ),
+        (
+            "version: 1\nname: x\nmemory: 10**9\nkernel_boot: {kernel: k}\n",
+            "tiny.yaml:3: memory: '10**9' is not a size",
+        ),
+        (
+            "version: 1\nname: x\nmemory: 256MB\nkernel_boot: {kernel: k}\n",
+            "tiny.yaml:3: memory: '256MB' is ambiguous",
+        ),
         ("version: 1\nname: x\nmemory: 1.2MiB\nkernel_boot: {kernel: k}\n", "is not a whole number of MiB"),
-        ("version: 1\nname: x\nmemory: true\nkernel_boot: {kernel: k}\n", "tiny.yaml:3: memory: true is not a size"),
-        ("version: 1\nname: x\nmemory: 1.5\nkernel_boot: {kernel: k}\n", "tiny.yaml:3: memory: 1.5 is not a size"),
-        ("version: 1\nname: x\nvcpus: '2'\nkernel_boot: {kernel: k}\n", "tiny.yaml:3: vcpus: expected a whole number, got '2'"),
-        ("version: 1\nname: x\nvcpus: 0\nkernel_boot: {kernel: k}\n", "tiny.yaml:3: vcpus: 0 is out of range: use 1..256"),
-        ("version: 1\nname: Tiny\nkernel_boot: {kernel: k}\n", "tiny.yaml:2: name: 'Tiny' is not a DNS label"),
-        ("version: 1\nname: 12\nkernel_boot: {kernel: k}\n", "tiny.yaml:2: name: expected a string, got 12 (put it in quotes)"),
-        ("version: 1\nvcpus: 1\nkernel_boot: {kernel: k}\n", "tiny.yaml:1: name: required but missing: add 'name: ...'"),
+        (
+            "version: 1\nname: x\nmemory: true\nkernel_boot: {kernel: k}\n",
+            "tiny.yaml:3: memory: true is not a size",
+        ),
+        (
+            "version: 1\nname: x\nmemory: 1.5\nkernel_boot: {kernel: k}\n",
+            "tiny.yaml:3: memory: 1.5 is not a size",
+        ),
+        (
+            "version: 1\nname: x\nvcpus: '2'\nkernel_boot: {kernel: k}\n",
+            "tiny.yaml:3: vcpus: expected a whole number, got '2'",
+        ),
+        (
+            "version: 1\nname: x\nvcpus: 0\nkernel_boot: {kernel: k}\n",
+            "tiny.yaml:3: vcpus: 0 is out of range: use 1..256",
+        ),
+        (
+            "version: 1\nname: Tiny\nkernel_boot: {kernel: k}\n",
+            "tiny.yaml:2: name: 'Tiny' is not a DNS label",
+        ),
+        (
+            "version: 1\nname: 12\nkernel_boot: {kernel: k}\n",
+            "tiny.yaml:2: name: expected a string, got 12 (put it in quotes)",
+        ),
+        (
+            "version: 1\nvcpus: 1\nkernel_boot: {kernel: k}\n",
+            "tiny.yaml:1: name: required but missing: add 'name: ...'",
+        ),
         ("version: 1\nname: x\n", "tiny.yaml:1: disks: nothing to boot: give a disk or kernel_boot"),
-        ("version: 1\nname: x\nkernel_boot:\n  initrd: i\n", "tiny.yaml:4: kernel_boot.kernel: required but missing"),
-        ("version: 1\nname: x\nkernel_boot: vmlinuz\n", "tiny.yaml:3: kernel_boot: expected a mapping with kernel, initrd, cmdline"),
-        ("version: 1\nname: x\nkernel_boot: {kernel: k}\ndisks: {name: d}\n", "tiny.yaml:4: disks: expected a list"),
+        (
+            "version: 1\nname: x\nkernel_boot:\n  initrd: i\n",
+            "tiny.yaml:4: kernel_boot.kernel: required but missing",
+        ),
+        (
+            "version: 1\nname: x\nkernel_boot: vmlinuz\n",
+            "tiny.yaml:3: kernel_boot: expected a mapping with kernel, initrd, cmdline",
+        ),
+        (
+            "version: 1\nname: x\nkernel_boot: {kernel: k}\ndisks: {name: d}\n",
+            "tiny.yaml:4: disks: expected a list",
+        ),
         (
             "version: 1\nname: x\ndisks:\n  - name: a\n    size: 1GiB\n  - name: b\n",
             "tiny.yaml:6: disks[1].size: a blank disk (no base_image) needs a size",
@@ -168,7 +216,7 @@ def test_unknown_field_without_a_close_match_lists_the_known_ones() -> None:
         ),
         (
             "version: 1\nname: x\ndisks:\n  - name: a\n    size: 0\n",
-            "tiny.yaml:5: disks[0].size: 0 must be at least 1 MiB",
+            "tiny.yaml:5: disks[0].size: 0 must be at least 1 MiB (leave size out",
         ),
         (
             "version: 1\nname: x\ndisks:\n  - name: a\n    base_image: ../etc/shadow\n",
@@ -179,7 +227,8 @@ def test_unknown_field_without_a_close_match_lists_the_known_ones() -> None:
             "tiny.yaml:4: network.mode: 'bridge' is not allowed: use 'libvirt' or 'none'",
         ),
         (
-            "version: 1\nname: x\nkernel_boot: {kernel: k}\nnetwork:\n  mode: none\n  libvirt_network: default\n",
+            "version: 1\nname: x\nkernel_boot: {kernel: k}\n"
+            "network:\n  mode: none\n  libvirt_network: default\n",
             "tiny.yaml:6: network.libvirt_network: only applies to mode 'libvirt'",
         ),
         (
@@ -187,11 +236,13 @@ def test_unknown_field_without_a_close_match_lists_the_known_ones() -> None:
             "tiny.yaml:4: network.libvirt_network: 'no spaces' is not a libvirt network name",
         ),
         (
-            "version: 1\nname: x\nkernel_boot: {kernel: k}\nshared_folders:\n  - host_path: srv\n    tag: t\n",
+            "version: 1\nname: x\nkernel_boot: {kernel: k}\n"
+            "shared_folders:\n  - host_path: srv\n    tag: t\n",
             "tiny.yaml:5: shared_folders[0].host_path: must be an absolute path",
         ),
         (
-            "version: 1\nname: x\nkernel_boot: {kernel: k}\nshared_folders:\n  - {host_path: /a, tag: t, read_only: 'yes'}\n",
+            "version: 1\nname: x\nkernel_boot: {kernel: k}\n"
+            "shared_folders:\n  - {host_path: /a, tag: t, read_only: 'yes'}\n",
             "tiny.yaml:5: shared_folders[0].read_only: expected true or false, got 'yes'",
         ),
         (
@@ -224,7 +275,10 @@ def test_several_problems_report_the_first_in_file_order() -> None:
 
 
 def test_version_is_required_and_checked_first() -> None:
-    assert spec_error("name: x\nbogus: 1\n").message == "tiny.yaml:1: version: required but missing: add 'version: 1'"
+    assert (
+        spec_error("name: x\nbogus: 1\n").message
+        == "tiny.yaml:1: version: required but missing: add 'version: 1'"
+    )
     err = spec_error("name: x\nversion: 2\nbogus: 1\n")
     assert err.message == "tiny.yaml:2: version: 2 is not supported: this clonebox reads version 1"
     assert "is not supported" in spec_error("version: '1'\nname: x\n").message
@@ -239,12 +293,22 @@ def test_duplicate_keys_are_refused() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("version: 1\n name: x\n", "tiny.yaml:2: not valid YAML: mapping values are not allowed here (column 6)"),
+        (
+            "version: 1\n name: x\n",
+            "tiny.yaml:2: not valid YAML: mapping values are not allowed here (column 6)",
+        ),
         ("version: 1\nname: [x\n", "tiny.yaml:3: not valid YAML:"),
         ("version: 1\n\tname: x\n", "indent with spaces, not tabs"),
-        ("version: 1\nname: x\nkernel_boot: {kernel: 2001-13-01}\n", "tiny.yaml:3: not valid YAML: month must be in 1..12"),
+        (
+            "version: 1\nname: x\nkernel_boot: {kernel: 2001-13-01}\n",
+            "tiny.yaml:3: not valid YAML: month must be in 1..12",
+        ),
         ("version: 1\nname: *nope\n", "tiny.yaml:2: not valid YAML: found undefined alias"),
-        ("a: 1\n---\nb: 2\n", "tiny.yaml:2: not valid YAML: expected a single document in the stream, but found another document"),
+        (
+            "a: 1\n---\nb: 2\n",
+            "tiny.yaml:2: not valid YAML: expected a single document in the stream, "
+            "but found another document",
+        ),
     ],
 )
 def test_yaml_syntax_errors_are_one_line_with_line_numbers(text: str, expected: str) -> None:
@@ -321,13 +385,17 @@ def test_parse_size(value: int | str, mib: int) -> None:
     assert parse_size(value) == mib
 
 
-@pytest.mark.parametrize("value", ["", "MiB", "1 PiB", "1.5", "1KiB", "-1GiB", "1GB", "1 mb", "x", None, 1.5, True, []])
+@pytest.mark.parametrize(
+    "value", ["", "MiB", "1 PiB", "1.5", "1KiB", "-1GiB", "1GB", "1 mb", "x", None, 1.5, True, []]
+)
 def test_parse_size_rejects(value: object) -> None:
-    with pytest.raises(ValueError):  # noqa: PT011 - each message is checked in the spec tests above
+    with pytest.raises(ValueError):
         parse_size(value)
 
 
-@pytest.mark.parametrize(("mib", "text"), [(1, "1MiB"), (1024, "1GiB"), (1536, "1536MiB"), (3 * 1024**2, "3TiB"), (0, "0MiB")])
+@pytest.mark.parametrize(
+    ("mib", "text"), [(1, "1MiB"), (1024, "1GiB"), (1536, "1536MiB"), (3 * 1024**2, "3TiB"), (0, "0MiB")]
+)
 def test_format_size(mib: int, text: str) -> None:
     assert format_size(mib) == text
 

@@ -7,12 +7,21 @@ import string
 from typing import Any
 
 import yaml
-from clonebox_core.errors import InvalidArgument
-from clonebox_core.model import CloudInit, DiskSpec, KernelBoot, NetworkMode, NetworkSpec, SharedFolder, VmSpec
-from clonebox_core.spec import dump_spec, format_size, load_spec_text, parse_size
-from clonebox_core.validate import MAX_DISK_MIB, MAX_MEMORY_MIB, MIN_MEMORY_MIB
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from clonebox_core.errors import InvalidArgument
+from clonebox_core.model import (
+    CloudInit,
+    DiskSpec,
+    KernelBoot,
+    NetworkMode,
+    NetworkSpec,
+    SharedFolder,
+    VmSpec,
+)
+from clonebox_core.spec import dump_spec, format_size, load_spec_text, parse_size
+from clonebox_core.validate import MAX_DISK_MIB, MAX_MEMORY_MIB, MIN_MEMORY_MIB
 
 TINY_TEXT = """\
 version: 1
@@ -32,7 +41,16 @@ labels: {app: demo}
 ONE_LINE_WITH_LINE_NUMBER = re.compile(r"^<spec>:\d+: [^\n]+$")
 
 sizes = st.integers(min_value=0, max_value=2**50)
-UNITS = {"KiB": 1 / 1024, "MiB": 1, "GiB": 1024, "TiB": 1024**2, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2}
+UNITS = {
+    "KiB": 1 / 1024,
+    "MiB": 1,
+    "GiB": 1024,
+    "TiB": 1024**2,
+    "K": 1 / 1024,
+    "M": 1,
+    "G": 1024,
+    "T": 1024**2,
+}
 
 
 @given(sizes)
@@ -83,12 +101,18 @@ def specs(draw: st.DrawFn) -> VmSpec:
         base = draw(st.one_of(st.just(""), path))
         size = draw(st.integers(min_value=1 if not base else 0, max_value=MAX_DISK_MIB))
         disks.append(DiskSpec(name, base, size))
-    kernel = draw(st.one_of(st.none(), st.builds(KernelBoot, path, st.one_of(st.just(""), path),
-                                                 st.from_regex(r"\A[a-z0-9= ]{0,20}\Z"))))
+    kernel = draw(
+        st.one_of(
+            st.none(),
+            st.builds(KernelBoot, path, st.one_of(st.just(""), path), st.from_regex(r"\A[a-z0-9= ]{0,20}\Z")),
+        )
+    )
     if kernel is None and not disks:
         kernel = KernelBoot("vmlinuz")
     mode = draw(st.sampled_from(list(NetworkMode)))
-    network = NetworkSpec(mode, "default" if mode is NetworkMode.NONE else draw(st.from_regex(r"\A[a-z0-9_.-]{1,10}\Z")))
+    network = NetworkSpec(
+        mode, "default" if mode is NetworkMode.NONE else draw(st.from_regex(r"\A[a-z0-9_.-]{1,10}\Z"))
+    )
     tags = draw(st.lists(st.from_regex(r"\A[A-Za-z0-9_-]{1,10}\Z"), max_size=3, unique=True))
     folders = tuple(SharedFolder("/" + draw(path), tag, draw(st.booleans())) for tag in tags)
     cloud = draw(st.one_of(st.none(), st.builds(CloudInit, doc_text, doc_text, doc_text)))
@@ -114,10 +138,31 @@ def test_dump_then_load_is_identity(spec: VmSpec) -> None:
 
 # ------------------------------------------------------------------------------------------- junk
 
-FIELDS = ["version", "name", "vcpus", "memory", "disks", "kernel_boot", "network", "shared_folders",
-          "cloud_init", "labels", "size", "base_image", "kernel", "mode", "tag", "host_path", "user_data"]
+FIELDS = [
+    "version",
+    "name",
+    "vcpus",
+    "memory",
+    "disks",
+    "kernel_boot",
+    "network",
+    "shared_folders",
+    "cloud_init",
+    "labels",
+    "size",
+    "base_image",
+    "kernel",
+    "mode",
+    "tag",
+    "host_path",
+    "user_data",
+]
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=12),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.text(max_size=12),
     st.sampled_from(["1GiB", "0", "-1", "tiny", "libvirt", "none", "/abs", "../x", "16MiB"]),
 )
 values = st.recursive(
@@ -161,11 +206,11 @@ def test_mutated_valid_spec_raises_only_invalid_argument(data: st.DataObject) ->
     for _ in range(data.draw(st.integers(min_value=1, max_value=4))):
         pos = data.draw(st.integers(min_value=0, max_value=len(text)))
         action = data.draw(st.sampled_from(["insert", "delete", "replace"]))
-        char = data.draw(st.sampled_from(list(":-[]{}&*!|>'\"#%@` \t\n0aZ") + ["\x00", "é"]))
+        char = data.draw(st.sampled_from([*":-[]{}&*!|>'\"#%@` \t\n0aZ", "\x00", "é"]))
         if action == "insert":
             text = text[:pos] + char + text[pos:]
         elif action == "delete":
-            text = text[:pos] + text[pos + 1:]
+            text = text[:pos] + text[pos + 1 :]
         else:
-            text = text[:pos] + char + text[pos + 1:]
+            text = text[:pos] + char + text[pos + 1 :]
     check_only_invalid_argument(text)

@@ -124,6 +124,10 @@ def test_migrations_apply_twice_and_match_tables(store_url: str) -> None:
             diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
         assert diff == [], f"tables.py and the migrations disagree: {diff}"
         assert second.current_revision() == 0
+    if store_url.startswith("postgresql+psycopg://"):
+        # operators write plain postgresql://; the store maps it to psycopg 3, the driver it ships
+        with Store.open(store_url.replace("+psycopg", "", 1)) as third:
+            assert third.engine.dialect.driver == "psycopg"
 
 
 def test_concurrent_processes_migrate_once(store_url: str) -> None:
@@ -134,7 +138,7 @@ def test_concurrent_processes_migrate_once(store_url: str) -> None:
         [str(REPO / "core"), str(REPO / "controller"), str(REPO / "proto"), env.get("PYTHONPATH", "")]
     )
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, store_url], env=env, stderr=subprocess.PIPE) for _ in range(4)
+        subprocess.Popen([sys.executable, "-c", code, store_url], env=env, stderr=subprocess.PIPE) for _ in range(3)
     ]
     for proc in procs:
         _out, err = proc.communicate(timeout=120)
@@ -147,6 +151,15 @@ def test_concurrent_processes_migrate_once(store_url: str) -> None:
 def test_in_memory_sqlite_is_refused() -> None:
     with pytest.raises(ValueError, match="SQLite file"):
         Store.open("sqlite://")
+
+
+def test_sqlite_state_directory_is_created(tmp_path: Path) -> None:
+    with Store.open(f"sqlite:///{tmp_path / 'state' / 'controller' / 'fleet.db'}") as s:
+        assert s.list_hosts() == []
+        with s.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
 
 
 # ---------------------------------------------------------------------------- hosts

@@ -1,4 +1,5 @@
-"""One libvirt connection per adapter, reopened after libvirtd restarts, with call counting.
+"""
+One libvirt connection per adapter, reopened after libvirtd restarts, with call counting.
 
 libvirt delivers events, keepalives and close notifications only through a registered event loop
 implementation; it must be registered once per process before the first connection opens, and some
@@ -7,20 +8,22 @@ thread must run it. ``ensure_event_loop`` does both exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import libvirt  # type: ignore[import-untyped]
+import libvirt
 
 from clonebox_agent.adapters.libvirt.errors import unavailable
 
 log = logging.getLogger(__name__)
 
 _event_lock = threading.Lock()
-_event_thread: threading.Thread | None = None
+# the one libvirt event thread of this process (a list, so no ``global`` statement is needed)
+_event_threads: list[threading.Thread] = []
 
 
 def _ignore_error(_ctx: object, _err: object) -> None:
@@ -30,22 +33,21 @@ def _ignore_error(_ctx: object, _err: object) -> None:
 
 def ensure_event_loop() -> None:
     """Register libvirt's default event loop and start its thread (once per process)."""
-    global _event_thread
     with _event_lock:
-        if _event_thread is not None:
+        if _event_threads:
             return
         libvirt.registerErrorHandler(_ignore_error, None)
         libvirt.virEventRegisterDefaultImpl()
         thread = threading.Thread(target=_run_event_loop, name="libvirt-events", daemon=True)
         thread.start()
-        _event_thread = thread
+        _event_threads.append(thread)
 
 
 def _run_event_loop() -> None:
     while True:
         try:
             libvirt.virEventRunDefaultImpl()
-        except Exception:  # noqa: BLE001 - the loop must survive a failing callback
+        except Exception:
             log.exception("libvirt event loop iteration failed")
 
 
@@ -54,21 +56,21 @@ _LOCAL_METHODS = frozenset({"name", "UUIDString", "UUID", "ID", "connect", "getN
 _WRAPPED_TYPES: tuple[type, ...] = tuple(
     t
     for t in (
-        getattr(libvirt, n, None)
-        for n in ("virDomain", "virStoragePool", "virStorageVol", "virNetwork", "virStream")
+        getattr(libvirt, n, None) for n in ("virDomain", "virStoragePool", "virStorageVol", "virNetwork", "virStream")
     )
     if isinstance(t, type)
 )
 
 
 class Counted:
-    """A libvirt object whose method calls are counted by name (objects it returns are counted too).
+    """
+    A libvirt object whose method calls are counted by name (objects it returns are counted too).
 
     Tests use the counts to prove ``list`` makes a constant number of calls; operators can export them.
     Attribute access (``_o``) passes through, so a wrapped object can be handed to libvirt methods.
     """
 
-    __slots__ = ("_obj", "_counter")
+    __slots__ = ("_counter", "_obj")
 
     def __init__(self, obj: Any, counter: Counter[str]) -> None:
         self._obj = obj
@@ -103,7 +105,8 @@ def _wrap(value: Any, counter: Counter[str]) -> Any:
 
 
 class Connection:
-    """A lazily (re)opened connection to ``uri``.
+    """
+    A lazily (re)opened connection to ``uri``.
 
     ``get()`` returns the live connection, opening a new one when there is none or libvirt closed it
     (libvirtd restarted); ``on_open`` then re-registers whatever the old connection had (events).
@@ -122,13 +125,9 @@ class Connection:
         self._closed_generation = -1
 
     def get(self) -> Any:
-        """The live connection (a ``Counted`` virConnect); Unavailable when libvirtd cannot be reached."""
+        """Return the live connection (a ``Counted`` virConnect); Unavailable when libvirtd is unreachable."""
         with self._lock:
-            if (
-                self._raw is not None
-                and self._closed_generation != self.generation
-                and self._alive(self._raw)
-            ):
+            if self._raw is not None and self._closed_generation != self.generation and self._alive(self._raw):
                 return self._wrapped
             self._drop_locked()
             try:
@@ -138,16 +137,12 @@ class Connection:
             self._raw = raw
             self._wrapped = Counted(raw, self._counter)
             self.generation += 1
-            try:
+            with contextlib.suppress(libvirt.libvirtError):
                 # keepalive makes a dead libvirtd show up as a closed connection within ~15 s even when
                 # we are idle; the test driver has no keepalive
                 raw.setKeepAlive(5, 3)
-            except libvirt.libvirtError:
-                pass
-            try:
+            with contextlib.suppress(libvirt.libvirtError):
                 raw.registerCloseCallback(self._closed, self.generation)
-            except libvirt.libvirtError:
-                pass
             try:
                 self._on_open(self._wrapped)
             except BaseException:
@@ -178,14 +173,10 @@ class Connection:
         raw, self._raw, self._wrapped = self._raw, None, None
         if raw is None:
             return
-        try:
+        with contextlib.suppress(libvirt.libvirtError):
             raw.unregisterCloseCallback()
-        except libvirt.libvirtError:
-            pass
-        try:
+        with contextlib.suppress(libvirt.libvirtError):
             raw.close()
-        except libvirt.libvirtError:
-            pass
 
     @property
     def current(self) -> Any:

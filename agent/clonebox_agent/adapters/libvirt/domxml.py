@@ -1,4 +1,5 @@
-"""Domain XML built from typed models with ElementTree, and the ownership metadata read back.
+"""
+Domain XML built from typed models with ElementTree, and the ownership metadata read back.
 
 Nothing here formats user input into XML text: every value goes through ElementTree, which escapes it.
 The ``<metadata>`` element ``cb:owner`` marks a domain as ours (``agent`` attribute) and records the
@@ -126,7 +127,7 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
 
 
 def owner_element(meta: OwnerMetadata) -> ET.Element:
-    """The ``cb:owner`` element."""
+    """Build the ``cb:owner`` element."""
     attrs = {"agent": meta.agent, "vm": meta.vm}
     if meta.created is not None:
         attrs["created"] = meta.created.isoformat()
@@ -136,7 +137,7 @@ def owner_element(meta: OwnerMetadata) -> ET.Element:
 
 
 def build_domain(cfg: DomainConfig) -> ET.Element:
-    """The ``<domain>`` element for ``cfg``."""
+    """Build the ``<domain>`` element for ``cfg``."""
     dom = ET.Element("domain", {"type": cfg.domain_type})
     _sub(dom, "name", cfg.name)
     _sub(dom, "uuid", cfg.uuid)
@@ -228,7 +229,8 @@ def _local(tag: str) -> str:
 
 
 def parse_owner(xml_text: str) -> OwnerMetadata | None:
-    """Ownership metadata from a whole domain XML or from the bare ``owner`` element.
+    """
+    Ownership metadata from a whole domain XML or from the bare ``owner`` element.
 
     libvirt's metadata API returns the element without its namespace declaration, so names are
     matched by their local part once the element is known to be ours.
@@ -267,14 +269,14 @@ def disk_sources(xml_text: str) -> list[str]:
 
 
 def console_log(xml_text: str) -> str | None:
-    """The serial console's log file of a domain XML."""
+    """Return the serial console's log file of a domain XML."""
     root = ET.fromstring(xml_text)
     log = root.find("./devices/serial/log")
     return log.get("file") if log is not None else None
 
 
 def agent_connected(xml_text: str) -> bool:
-    """True when the live XML says qemu-ga's channel is connected."""
+    """Tell whether the live XML says qemu-ga's channel is connected."""
     root = ET.fromstring(xml_text)
     for target in root.findall("./devices/channel/target"):
         if target.get("name") == "org.qemu.guest_agent.0":

@@ -1,4 +1,5 @@
-"""The one place that turns ``libvirtError`` into CloneBox errors.
+"""
+The one place that turns ``libvirtError`` into CloneBox errors.
 
 Callers pass what they were doing (``vm``, ``action``) so the message and reason fit; every other module
 of the adapter raises what ``to_clonebox`` returns and never inspects libvirt error codes itself.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import libvirt  # type: ignore[import-untyped]
+import libvirt
 
 from clonebox_core.errors import (
     AlreadyExists,
@@ -66,7 +67,7 @@ LibvirtError: type[Exception] = libvirt.libvirtError
 
 
 def code_of(err: BaseException) -> int | None:
-    """libvirt error code of ``err`` (None for other exceptions)."""
+    """Libvirt error code of ``err`` (None for other exceptions)."""
     if isinstance(err, libvirt.libvirtError):
         code: Any = err.get_error_code()
         return int(code) if code is not None else None
@@ -74,12 +75,12 @@ def code_of(err: BaseException) -> int | None:
 
 
 def is_code(err: BaseException, name: str) -> bool:
-    """True when ``err`` is a libvirtError with the code named ``name`` (``"VIR_ERR_NO_DOMAIN"``)."""
+    """Tell whether ``err`` is a libvirtError with the code named ``name`` (``"VIR_ERR_NO_DOMAIN"``)."""
     return code_of(err) == _const(name)
 
 
 def is_connection_error(err: BaseException) -> bool:
-    """True when ``err`` says the connection to libvirtd is broken (reconnect and retry later)."""
+    """Tell whether ``err`` says the connection to libvirtd is broken (reconnect, retry later)."""
     if not isinstance(err, libvirt.libvirtError):
         return False
     code = err.get_error_code()
@@ -88,7 +89,7 @@ def is_connection_error(err: BaseException) -> bool:
 
 
 def message_of(err: BaseException) -> str:
-    """libvirt's own message."""
+    """Libvirt's own message."""
     if isinstance(err, libvirt.libvirtError):
         msg: Any = err.get_error_message()
         return str(msg or err)
@@ -96,7 +97,7 @@ def message_of(err: BaseException) -> str:
 
 
 def unavailable(uri: str, err: BaseException) -> Unavailable:
-    """The hypervisor cannot be reached."""
+    """Build the error for a hypervisor that cannot be reached."""
     return Unavailable(
         f"libvirt at {uri} is unavailable: {message_of(err)}",
         reason="HYPERVISOR_UNAVAILABLE",
@@ -105,7 +106,7 @@ def unavailable(uri: str, err: BaseException) -> Unavailable:
 
 
 def to_clonebox(err: BaseException, *, uri: str, vm: str | None = None, action: str = "") -> CloneboxError:
-    """The CloneBox error for a libvirt failure while doing ``action`` on ``vm``."""
+    """Map a libvirt failure while doing ``action`` on ``vm`` to the CloneBox error."""
     if isinstance(err, CloneboxError):
         return err
     meta = {"vm": vm} if vm else {}
@@ -139,7 +140,7 @@ def to_clonebox(err: BaseException, *, uri: str, vm: str | None = None, action: 
 
 
 def start_failed(err: BaseException, *, uri: str, vm: str) -> CloneboxError:
-    """A domain that would not start: DOMAIN_START_FAILED carrying libvirt's (QEMU's) message."""
+    """Map a failed domain start to DOMAIN_START_FAILED carrying libvirt's (QEMU's) message."""
     if isinstance(err, CloneboxError):
         return err
     if is_connection_error(err):

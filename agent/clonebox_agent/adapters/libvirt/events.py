@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import libvirt  # type: ignore[import-untyped]
-
-from clonebox_core.model import VmState
+import libvirt
 
 from clonebox_agent.ports import EventKind
+from clonebox_core.model import VmState
 
 _STATE = {
     libvirt.VIR_DOMAIN_NOSTATE: VmState.UNSPECIFIED,
@@ -20,16 +19,44 @@ _STATE = {
 }
 
 _RUNNING_REASONS = (
-    "unknown", "booted", "migrated", "restored", "from-snapshot", "unpaused",
-    "migration-canceled", "save-canceled", "wakeup", "crashed", "postcopy",
-)  # fmt: skip
+    "unknown",
+    "booted",
+    "migrated",
+    "restored",
+    "from-snapshot",
+    "unpaused",
+    "migration-canceled",
+    "save-canceled",
+    "wakeup",
+    "crashed",
+    "postcopy",
+)
 _PAUSED_REASONS = (
-    "unknown", "paused", "migration", "save", "dump", "io-error", "watchdog", "from-snapshot",
-    "shutting-down", "snapshot", "crashed", "starting-up", "postcopy", "postcopy-failed",
-)  # fmt: skip
+    "unknown",
+    "paused",
+    "migration",
+    "save",
+    "dump",
+    "io-error",
+    "watchdog",
+    "from-snapshot",
+    "shutting-down",
+    "snapshot",
+    "crashed",
+    "starting-up",
+    "postcopy",
+    "postcopy-failed",
+)
 _SHUTOFF_REASONS = (
-    "unknown", "shutdown", "destroyed", "crashed", "saved", "failed", "from-snapshot", "daemon",
-)  # fmt: skip
+    "unknown",
+    "shutdown",
+    "destroyed",
+    "crashed",
+    "saved",
+    "failed",
+    "from-snapshot",
+    "daemon",
+)
 _REASONS = {
     libvirt.VIR_DOMAIN_RUNNING: _RUNNING_REASONS,
     libvirt.VIR_DOMAIN_PAUSED: _PAUSED_REASONS,
@@ -53,13 +80,26 @@ _DETAILS: dict[int, tuple[str, ...]] = {
     libvirt.VIR_DOMAIN_EVENT_UNDEFINED: ("removed", "renamed"),
     libvirt.VIR_DOMAIN_EVENT_STARTED: ("booted", "migrated", "restored", "from-snapshot", "wakeup"),
     libvirt.VIR_DOMAIN_EVENT_SUSPENDED: (
-        "paused", "migrated", "io-error", "watchdog", "restored", "from-snapshot", "api-error",
-        "postcopy", "postcopy-failed",
-    ),  # fmt: skip
+        "paused",
+        "migrated",
+        "io-error",
+        "watchdog",
+        "restored",
+        "from-snapshot",
+        "api-error",
+        "postcopy",
+        "postcopy-failed",
+    ),
     libvirt.VIR_DOMAIN_EVENT_RESUMED: ("unpaused", "migrated", "from-snapshot", "postcopy"),
     libvirt.VIR_DOMAIN_EVENT_STOPPED: (
-        "shutdown", "destroyed", "crashed", "migrated", "saved", "failed", "from-snapshot",
-    ),  # fmt: skip
+        "shutdown",
+        "destroyed",
+        "crashed",
+        "migrated",
+        "saved",
+        "failed",
+        "from-snapshot",
+    ),
     libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: ("memory", "disk"),
     libvirt.VIR_DOMAIN_EVENT_CRASHED: ("panicked", "crashloaded"),
 }
@@ -68,8 +108,11 @@ _STOPPED_CRASHED = 2
 
 
 def lifecycle(event: int, detail: int) -> tuple[EventKind, VmState | None, str] | None:
-    """(kind, state after, detail word) of a lifecycle event; None for events that change no state
-    (a configuration update, the guest starting to shut down)."""
+    """
+    Map a lifecycle event to (kind, state after, detail word).
+
+    None for events that change no state (a configuration update, the guest starting to shut down).
+    """
     names = _DETAILS.get(event, ())
     word = names[detail] if 0 <= detail < len(names) else str(detail)
     if event == libvirt.VIR_DOMAIN_EVENT_DEFINED:

@@ -1,4 +1,5 @@
-"""``LibvirtHypervisor``: the ``Hypervisor`` port on libvirt (``qemu:///system`` or ``test:///default``).
+"""
+``LibvirtHypervisor``: the ``Hypervisor`` port on libvirt (``qemu:///system`` or ``test:///default``).
 
 Layout of what it makes (``storage_dir`` must be traversable by the QEMU user, so never under /root)::
 
@@ -18,6 +19,8 @@ finishes or rolls back on its own.
 from __future__ import annotations
 
 import asyncio
+import builtins
+import contextlib
 import functools
 import hashlib
 import ipaddress
@@ -35,17 +38,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import libvirt  # type: ignore[import-untyped]
-
-from clonebox_core.errors import AlreadyExists, CloneboxError, FailedPrecondition, NotFound, Unavailable
-from clonebox_core.model import (
-    HostInfo,
-    HypervisorInfo,
-    IpAddress,
-    NetworkMode,
-    Resources,
-    VmSpec,
-)
+import libvirt
 
 from clonebox_agent.adapters import common
 from clonebox_agent.adapters.common import (
@@ -70,6 +63,15 @@ from clonebox_agent.adapters.libvirt.events import lifecycle, vm_state
 from clonebox_agent.adapters.libvirt.kvmprobe import choose_domain_type
 from clonebox_agent.adapters.seediso import build_seed_iso
 from clonebox_agent.ports import Capability, DomainRecord, EventKind, EventSink, HypervisorEvent
+from clonebox_core.errors import AlreadyExists, CloneboxError, FailedPrecondition, NotFound, Unavailable
+from clonebox_core.model import (
+    HostInfo,
+    HypervisorInfo,
+    IpAddress,
+    NetworkMode,
+    Resources,
+    VmSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ _SEED_TARGET = "hdc"
 
 
 def capabilities_for(uri: str) -> frozenset[Capability]:
-    """What an adapter on ``uri`` can do: everything on local QEMU; remote QEMU lacks host files."""
+    """Return what an adapter on ``uri`` can do: all on local QEMU; remote QEMU lacks host files."""
     parts = urlsplit(uri)
     scheme = parts.scheme
     if scheme.startswith("test"):
@@ -100,7 +102,8 @@ def capabilities_for(uri: str) -> frozenset[Capability]:
 
 
 class LibvirtHypervisor:
-    """The ``Hypervisor`` port on libvirt. Construct, ``await open(sink)``, use, ``await close()``.
+    """
+    The ``Hypervisor`` port on libvirt. Construct, ``await open(sink)``, use, ``await close()``.
 
     ``uri``: ``qemu:///system`` in production, ``test:///default`` for fast tests.
     ``storage_dir``: where pool volumes and per-VM folders live (created when missing).
@@ -162,6 +165,9 @@ class LibvirtHypervisor:
         # ownership metadata by domain UUID (None: not ours); a domain's metadata never changes
         self._meta: dict[str, domxml.OwnerMetadata | None] = {}
         self._meta_lock = threading.Lock()
+        # names being created by this adapter: a concurrent create of one fails fast, touching nothing
+        self._creating: set[str] = set()
+        self._creating_lock = threading.Lock()
         self._raw_events: asyncio.Queue[tuple[str, int, int]] | None = None
         self._event_task: asyncio.Task[None] | None = None
 
@@ -194,10 +200,8 @@ class LibvirtHypervisor:
         self._sink = None
         if self._event_task is not None:
             self._event_task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._event_task
-            except asyncio.CancelledError:
-                pass
             self._event_task = None
         await self._run(self._close_sync)
         self._executor.shutdown(wait=False)
@@ -216,7 +220,7 @@ class LibvirtHypervisor:
         await self._checkpoint("get")
         return await self._run(self._get_sync, name)
 
-    async def list(self) -> list[DomainRecord]:
+    async def list(self) -> builtins.list[DomainRecord]:
         """All owned domains: one ``getAllDomainStats`` call (metadata cached per domain UUID)."""
         await self._checkpoint("list")
         return await self._run(self._list_sync)
@@ -236,8 +240,9 @@ class LibvirtHypervisor:
         await self._checkpoint("destroy")
         await self._run(self._destroy_sync, name)
 
-    async def delete(self, name: str) -> list[str]:
-        """Force off, undefine, remove volumes, seed, log and folder; returns the removed paths.
+    async def delete(self, name: str) -> builtins.list[str]:
+        """
+        Force off, undefine, remove volumes, seed, log and folder; returns the removed paths.
 
         Also removes leftovers of a VM whose domain is already gone (a crash during create); NotFound
         only when there was nothing at all.
@@ -261,7 +266,7 @@ class LibvirtHypervisor:
         await self._run(self._remove_pool_sync)
 
     def domain_name(self, vm: str) -> str:
-        """libvirt domain name of VM ``vm``."""
+        """Libvirt domain name of VM ``vm``."""
         return self.name_prefix + vm
 
     # ---- plumbing ------------------------------------------------------------------------------
@@ -301,8 +306,9 @@ class LibvirtHypervisor:
             self._domain_type, self._domain_type_reason = self._choose_type(conn)
             log.info("domain type %s: %s", self._domain_type, self._domain_type_reason)
         if self._sink is not None:
+            # the opaque generation lets a callback left on an old connection be recognised and ignored
             self._callback_id = conn.domainEventRegisterAny(
-                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, self._conn.generation
             )
 
     def _choose_type(self, conn: Any) -> tuple[str, str]:
@@ -320,10 +326,8 @@ class LibvirtHypervisor:
     def _close_sync(self) -> None:
         conn = self._conn.current
         if conn is not None and self._callback_id is not None:
-            try:
+            with contextlib.suppress(libvirt.libvirtError):
                 conn.domainEventDeregisterAny(self._callback_id)
-            except libvirt.libvirtError:
-                pass
         self._callback_id = None
         self._conn.drop()
 
@@ -358,10 +362,9 @@ class LibvirtHypervisor:
             )
         if not pool.isActive():
             pool.create(0)
-        try:
+        # the test driver keeps no autostart state
+        with contextlib.suppress(libvirt.libvirtError):
             pool.setAutostart(1)
-        except libvirt.libvirtError:
-            pass  # the test driver keeps no autostart state
         return pool
 
     def _pool(self, conn: Any) -> Any:
@@ -401,19 +404,28 @@ class LibvirtHypervisor:
             # an overlay is never smaller than its base; a bigger size_mib lets the guest grow into it
             capacity = max(capacity, info.virtual_size)
             backing = (base, info.format)
-        xml = self._volume_xml(common.volume_name(domain, disk.name), capacity, "qcow2", backing)
+        name = common.volume_name(domain, disk.name)
+        xml = self._volume_xml(name, capacity, "qcow2", backing)
+        return self._create_volume(pool, name, xml, vm, f"create disk {disk.name} of")
+
+    def _create_volume(self, pool: Any, name: str, xml: str, vm: str, action: str) -> Any:
         try:
-            vol = pool.createXML(xml, 0)
+            return pool.createXML(xml, 0)
         except libvirt.libvirtError as exc:
-            raise self._error(exc, vm, f"create disk {disk.name} of") from None
-        return vol
+            error = self._error(exc, vm, action)
+        # drivers differ in the code they use for "exists" (the test driver says OPERATION_FAILED)
+        try:
+            pool.storageVolLookupByName(name)
+        except libvirt.libvirtError:
+            raise error from None
+        raise AlreadyExists(
+            f"{action} {vm}: volume {name} already exists", reason="VOLUME_ALREADY_EXISTS", metadata={"vm": vm}
+        )
 
     def _make_seed(self, conn: Any, pool: Any, domain: str, vm: str, data: bytes) -> Any:
-        xml = self._volume_xml(common.seed_volume_name(domain), len(data), "raw", None)
-        try:
-            vol = pool.createXML(xml, 0)
-        except libvirt.libvirtError as exc:
-            raise self._error(exc, vm, "create seed ISO of") from None
+        name = common.seed_volume_name(domain)
+        xml = self._volume_xml(name, len(data), "raw", None)
+        vol = self._create_volume(pool, name, xml, vm, "create seed ISO of")
         try:
             if Capability.VOLUME_STREAMS in self._caps:
                 # upload through libvirt: also works when libvirtd is on another host
@@ -426,10 +438,8 @@ class LibvirtHypervisor:
                         view = view[sent:]
                     stream.finish()
                 except BaseException:
-                    try:
+                    with contextlib.suppress(libvirt.libvirtError):
                         stream.abort()
-                    except libvirt.libvirtError:
-                        pass
                     raise
         except BaseException:
             self._delete_volume(vol)
@@ -451,6 +461,22 @@ class LibvirtHypervisor:
     def _create_sync(self, spec: VmSpec, start: bool) -> DomainRecord:
         resolved = resolve_spec(spec, self.image_dirs)
         self._step("create:validated")
+        with self._creating_lock:
+            if spec.name in self._creating:
+                raise AlreadyExists(
+                    f"VM {spec.name} already exists (being created)",
+                    reason="VM_ALREADY_EXISTS",
+                    metadata={"vm": spec.name},
+                )
+            self._creating.add(spec.name)
+        try:
+            return self._create_claimed(resolved, start)
+        finally:
+            with self._creating_lock:
+                self._creating.discard(spec.name)
+
+    def _create_claimed(self, resolved: ResolvedSpec, start: bool) -> DomainRecord:
+        spec = resolved.spec
         domain = self.domain_name(spec.name)
         conn = self._conn.get()
         try:
@@ -459,24 +485,26 @@ class LibvirtHypervisor:
             if not is_code(exc, "VIR_ERR_NO_DOMAIN"):
                 raise self._error(exc, spec.name, "look up") from None
         else:
-            raise AlreadyExists(f"VM {spec.name} already exists", reason="VM_ALREADY_EXISTS", metadata={"vm": spec.name})
+            raise AlreadyExists(
+                f"VM {spec.name} already exists", reason="VM_ALREADY_EXISTS", metadata={"vm": spec.name}
+            )
         # known before libvirt can report its first event
         self._owned.add(domain)
-        undo: list[Callable[[], object]] = []
+        undo: builtins.list[Callable[[], object]] = []
         try:
             return self._create_steps(conn, resolved, domain, start, undo)
         except BaseException as exc:
             for action in reversed(undo):
                 try:
                     action()
-                except Exception:  # noqa: BLE001 - keep undoing; report the original error
+                except Exception:
                     log.exception("rollback step failed while creating %s", spec.name)
             if isinstance(exc, libvirt.libvirtError):
                 raise self._error(exc, spec.name, "create") from None
             raise
 
     def _create_steps(
-        self, conn: Any, resolved: ResolvedSpec, domain: str, start: bool, undo: list[Callable[[], object]]
+        self, conn: Any, resolved: ResolvedSpec, domain: str, start: bool, undo: builtins.list[Callable[[], object]]
     ) -> DomainRecord:
         spec = resolved.spec
         vm = spec.name
@@ -489,14 +517,16 @@ class LibvirtHypervisor:
             except FileExistsError:
                 # a concurrent create of the same name got here first (or a crash left it: delete cleans it)
                 raise AlreadyExists(
-                    f"VM {vm} already exists (its folder {folder} does)", reason="VM_ALREADY_EXISTS", metadata={"vm": vm}
+                    f"VM {vm} already exists (its folder {folder} does)",
+                    reason="VM_ALREADY_EXISTS",
+                    metadata={"vm": vm},
                 ) from None
             undo.append(functools.partial(shutil.rmtree, folder, True))
             self._mark(folder, vm)
             console_log = os.path.join(folder, "console.log")
 
         pool = self._pool(conn)
-        disks: list[domxml.Disk] = []
+        disks: builtins.list[domxml.Disk] = []
         for i in range(len(spec.disks)):
             vol = self._make_disk(pool, domain, vm, i, resolved)
             undo.append(functools.partial(self._delete_volume, vol))
@@ -639,7 +669,7 @@ class LibvirtHypervisor:
             raise self._error(exc, vm, "get") from None
         return self._record(dom, meta, state, reason)
 
-    def _list_sync(self) -> list[DomainRecord]:
+    def _list_sync(self) -> builtins.list[DomainRecord]:
         conn = self._conn.get()
         out = []
         for dom, stats in conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE, 0):
@@ -751,10 +781,10 @@ class LibvirtHypervisor:
         except libvirt.libvirtError as exc:
             raise self._error(exc, vm, "destroy") from None
 
-    def _delete_sync(self, vm: str) -> list[str]:
+    def _delete_sync(self, vm: str) -> builtins.list[str]:
         domain = self.domain_name(vm)
         conn = self._conn.get()
-        removed: list[str] = []
+        removed: builtins.list[str] = []
         dom: Any = None
         try:
             dom, _meta = self._owned_domain(vm)
@@ -781,7 +811,7 @@ class LibvirtHypervisor:
             raise NotFound(f"VM {vm} not found", reason="VM_NOT_FOUND", metadata={"vm": vm})
         return removed
 
-    def _delete_volumes(self, conn: Any, domain: str, vm: str) -> list[str]:
+    def _delete_volumes(self, conn: Any, domain: str, vm: str) -> builtins.list[str]:
         removed = []
         prefix = common.volume_prefix(domain)
         for vol in self._pool(conn).listAllVolumes(0):
@@ -797,7 +827,7 @@ class LibvirtHypervisor:
                 removed.append(gone)
         return removed
 
-    def _delete_folder(self, domain: str, vm: str) -> list[str]:
+    def _delete_folder(self, domain: str, vm: str) -> builtins.list[str]:
         if Capability.HOST_FILES not in self._caps:
             return []
         folder = common.vm_dir(self.storage_dir, domain)
@@ -826,7 +856,7 @@ class LibvirtHypervisor:
         dom, _meta = self._owned_domain(vm)
         if not _active(dom):
             return ()
-        sources: list[tuple[int, str]] = []
+        sources: builtins.list[tuple[int, str]] = []
         if Capability.GUEST_AGENT in self._caps:
             sources.append((libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT, "agent"))
         sources.append((libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, "lease"))
@@ -844,16 +874,17 @@ class LibvirtHypervisor:
 
     # ---- events --------------------------------------------------------------------------------
 
-    def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: object) -> None:
+    def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, generation: object) -> None:
         # libvirt's event thread: no libvirt calls here, just hand over to the asyncio loop
+        if generation != self._conn.generation:
+            return  # registered on a connection we have since replaced
         name = str(dom.name())
         loop, queue = self._loop, self._raw_events
         if loop is None or queue is None or not name.startswith(self.name_prefix):
             return
-        try:
+        # loop closed
+        with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(queue.put_nowait, (name, event, detail))
-        except RuntimeError:
-            pass  # loop closed
 
     async def _pump_events(self) -> None:
         # one consumer keeps libvirt's order even when an ownership lookup has to wait
@@ -875,7 +906,7 @@ class LibvirtHypervisor:
             if sink is not None:
                 try:
                     sink(HypervisorEvent(self._vm_name(domain), kind, state, word))
-                except Exception:  # noqa: BLE001 - a failing sink must not stop events
+                except Exception:
                     log.exception("event sink failed")
 
 

@@ -1,4 +1,5 @@
-"""Choosing the domain type: KVM only when a KVM guest provably runs, TCG otherwise.
+"""
+Choosing the domain type: KVM only when a KVM guest provably runs, TCG otherwise.
 
 Some hosts expose ``/dev/kvm`` and libvirt lists the ``kvm`` domain type, yet KVM guests hang (nested
 virtualization that is half there). So ``auto`` boots a probe guest: a 512-byte boot sector, generated
@@ -20,7 +21,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Any
 
-import libvirt  # type: ignore[import-untyped]
+import libvirt
 
 from clonebox_agent.adapters.libvirt.errors import message_of
 
@@ -33,7 +34,8 @@ _LOAD_ADDRESS = 0x7C00
 
 
 def boot_sector(marker: bytes = PROBE_MARKER) -> bytes:
-    """A real-mode x86 boot sector that writes ``marker`` + newline to COM1 and halts.
+    """
+    Assemble a real-mode x86 boot sector that writes ``marker`` + newline to COM1 and halts.
 
     The BIOS loads it at 0000:7C00; it sets DS=0 and prints with ``lodsb``/``out`` until a NUL.
     """
@@ -42,29 +44,35 @@ def boot_sector(marker: bytes = PROBE_MARKER) -> bytes:
         [
             0xFA,  # cli
             0xFC,  # cld: lodsb counts upwards
-            0x31, 0xC0,  # xor ax, ax
-            0x8E, 0xD8,  # mov ds, ax
+            0x31,
+            0xC0,  # xor ax, ax
+            0x8E,
+            0xD8,  # mov ds, ax
         ]
-    )  # fmt: skip
+    )
     # mov si, <address of text> (patched below once the code length is known)
     mov_si = b"\xbe\x00\x00"
     mov_dx = b"\xba" + struct.pack("<H", _COM1)  # mov dx, 0x3f8
     loop = bytes(
         [
             0xAC,  # lodsb
-            0x84, 0xC0,  # test al, al
-            0x74, 0x03,  # jz done (skip out + jmp)
+            0x84,
+            0xC0,  # test al, al
+            0x74,
+            0x03,  # jz done (skip out + jmp)
             0xEE,  # out dx, al
-            0xEB, 0xF8,  # jmp loop (-8)
+            0xEB,
+            0xF8,  # jmp loop (-8)
         ]
-    )  # fmt: skip
+    )
     done = bytes(
         [
             0xFA,  # cli
             0xF4,  # hlt
-            0xEB, 0xFC,  # jmp done (-4): hlt again after an NMI
+            0xEB,
+            0xFC,  # jmp done (-4): hlt again after an NMI
         ]
-    )  # fmt: skip
+    )
     code_len = len(head) + len(mov_si) + len(mov_dx) + len(loop) + len(done)
     mov_si = b"\xbe" + struct.pack("<H", _LOAD_ADDRESS + code_len)
     sector = head + mov_si + mov_dx + loop + done + text
@@ -74,7 +82,7 @@ def boot_sector(marker: bytes = PROBE_MARKER) -> bytes:
 
 
 def cpu_has_virtualization(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
-    """True when the CPU flags include vmx (Intel) or svm (AMD)."""
+    """Tell whether the CPU flags include vmx (Intel) or svm (AMD)."""
     try:
         with open(cpuinfo_path) as f:
             for line in f:
@@ -98,7 +106,7 @@ def kvm_device_usable(path: str = "/dev/kvm") -> tuple[bool, str]:
 
 
 def libvirt_offers_kvm(conn: Any) -> bool:
-    """True when libvirt's capabilities list the kvm domain type for x86_64 guests."""
+    """Tell whether libvirt's capabilities list the kvm domain type for x86_64 guests."""
     caps = ET.fromstring(conn.getCapabilities())
     for guest in caps.findall("guest"):
         arch = guest.find("arch")
@@ -141,7 +149,8 @@ def _probe_xml(name: str, domain_type: str, disk: str, serial: str) -> str:
 
 
 def run_probe(conn: Any, domain_type: str, work_dir: str, timeout: float = 5.0) -> ProbeResult:
-    """Boot the probe guest as ``domain_type`` and wait up to ``timeout`` s for its marker.
+    """
+    Boot the probe guest as ``domain_type`` and wait up to ``timeout`` s for its marker.
 
     Blocking. The guest is transient (gone once destroyed) and its folder is removed in all cases.
     ``work_dir`` must be traversable by the QEMU user (never under /root).
@@ -172,9 +181,7 @@ def run_probe(conn: Any, domain_type: str, work_dir: str, timeout: float = 5.0) 
             except FileNotFoundError:
                 pass
             time.sleep(0.05)
-        return ProbeResult(
-            domain_type, False, time.monotonic() - started, f"no serial output within {timeout:g}s"
-        )
+        return ProbeResult(domain_type, False, time.monotonic() - started, f"no serial output within {timeout:g}s")
     finally:
         if dom is not None:
             try:
