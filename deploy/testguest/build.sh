@@ -7,8 +7,10 @@
 #   build.sh [--force] [OUTDIR]   build (or confirm the cached build) into OUTDIR
 #   build.sh --verify [OUTDIR]    check OUTDIR against its SHA256SUMS
 #
-# OUTDIR defaults to /var/lib/clonebox/images/testguest. Downloads go to $CLONEBOX_TESTGUEST_CACHE
-# (default /var/cache/clonebox/testguest). Needs root for apt-get download and mknod only.
+# Produces vmlinuz (Debian's kernel), vmlinux (the same kernel decompressed, boots faster under
+# TCG), initrd.img, data.qcow2, SHA256SUMS and .build-stamp. OUTDIR defaults to
+# /var/lib/clonebox/images/testguest; downloads are kept in $CLONEBOX_TESTGUEST_CACHE
+# (default /var/cache/clonebox/testguest). Meant to run as root (mknod, folders under /var).
 set -euo pipefail
 umask 022
 
@@ -31,7 +33,7 @@ DATA_UUID=6c0b0a5e-7e57-4e57-a000-c10e0b0c0de5
 log() { echo "testguest: $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
-usage() { sed -n '2,11s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+usage() { sed -n '3,/^[^#]/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 
 mode=build force=0 out=""
 while [ $# -gt 0 ]; do

@@ -580,11 +580,17 @@ class LibvirtHypervisor:
                 dom.create()
             except libvirt.libvirtError as exc:
                 raise start_failed(exc, uri=self.uri, vm=vm) from None
-            if console_log is not None and os.path.exists(console_log):
-                self._mark(console_log, vm)
+            self._mark_console_log(domain, vm)
             self._step("create:start")
         state, reason = dom.state()
         return self._record(dom, cfg.owner, state, reason)
+
+    def _mark_console_log(self, domain: str, vm: str) -> None:
+        # virtlogd creates the log when the domain starts, so it is marked after each start
+        if Capability.HOST_FILES in self._caps:
+            log_path = os.path.join(common.vm_dir(self.storage_dir, domain), "console.log")
+            if os.path.exists(log_path):
+                self._mark(log_path, vm)
 
     def _undefine_quietly(self, dom: Any) -> None:
         try:
@@ -747,6 +753,7 @@ class LibvirtHypervisor:
                     # it may have been started concurrently: that is what the caller wanted
                     if not (is_code(exc, "VIR_ERR_OPERATION_INVALID") and dom.isActive()):
                         raise start_failed(exc, uri=self.uri, vm=vm) from None
+                self._mark_console_log(self.domain_name(vm), vm)
             state, reason = dom.state()
         except libvirt.libvirtError as exc:
             raise self._error(exc, vm, "start") from None
