@@ -8,6 +8,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+def _short_hostname() -> str:
+    return socket.gethostname().split(".")[0].lower()
+
+
 class ReserveConfig(BaseModel):
     """Resources held back for the host itself."""
 
@@ -22,7 +26,7 @@ class AgentConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     #: host name in the fleet (a DNS label)
-    name: str = Field(default_factory=lambda: socket.gethostname().split(".")[0].lower())
+    name: str = Field(default_factory=_short_hostname)
     #: address the AgentService listens on; port 0 picks a free one
     listen: str = "127.0.0.1:7101"
     #: address the controller can dial back; defaults to the bound listen address
@@ -40,7 +44,7 @@ class AgentConfig(BaseModel):
     storage_dir: str = "/var/lib/clonebox/agent/storage"
     #: base images, kernels and initrds must lie inside one of these
     image_dirs: list[str] = Field(default_factory=lambda: ["/var/lib/clonebox/images"])
-    reserve: ReserveConfig = Field(default_factory=ReserveConfig)
+    reserve: ReserveConfig = ReserveConfig()
     #: graceful stop timeout before forcing off
     stop_timeout_seconds: int = Field(60, ge=1, le=3600)
     #: events kept for resuming watches

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -17,6 +18,12 @@ import grpc
 import grpc.aio
 from clonebox.agent.v1 import agent_pb2, agent_pb2_grpc
 from clonebox.controller.v1 import host_service_pb2, host_service_pb2_grpc
+
+from clonebox_agent.app.service import AgentService
+from clonebox_agent.config import AgentConfig
+from clonebox_agent.grpc.servicer import AgentServicer
+from clonebox_agent.journal.store import Journal
+from clonebox_agent.ports import Hypervisor
 from clonebox_core.config import load_config
 from clonebox_core.errors import CloneboxError
 from clonebox_core.logs import setup_logging
@@ -24,12 +31,6 @@ from clonebox_core.model import Resources
 from clonebox_core.names import check_dns_label
 from clonebox_core.rpc import convert
 from clonebox_core.rpc.server import ServerHandle, aio_channel, split_host_port, start_server
-
-from clonebox_agent.app.service import AgentService
-from clonebox_agent.config import AgentConfig
-from clonebox_agent.grpc.servicer import AgentServicer
-from clonebox_agent.journal.store import Journal
-from clonebox_agent.ports import Hypervisor
 
 log = logging.getLogger("clonebox_agent")
 
@@ -41,7 +42,7 @@ def build_hypervisor(config: AgentConfig) -> Hypervisor:
     if config.hypervisor == "fake":
         from clonebox_agent.adapters.fake import FakeHypervisor
 
-        return FakeHypervisor(host_name=config.name)
+        return FakeHypervisor(host_name=config.name, storage_dir=config.storage_dir, image_dirs=config.image_dirs)
     from clonebox_agent.adapters.libvirt import LibvirtHypervisor
 
     return LibvirtHypervisor(
@@ -94,10 +95,8 @@ class Agent:
         """Stop everything, in reverse order."""
         if self._session is not None:
             self._session.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._session
-            except asyncio.CancelledError:
-                pass
         if self.server is not None:
             await self.server.stop()
         await self.service.close()

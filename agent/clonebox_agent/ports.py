@@ -7,6 +7,7 @@ fake (``adapters.fake``), libvirt's ``test:///default`` driver and real ``qemu:/
 
 from __future__ import annotations
 
+import builtins
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Protocol
 from clonebox_core.model import HostInfo, IpAddress, VmSpec, VmState
 
 
-class Capability(str, enum.Enum):
+class Capability(enum.StrEnum):
     """Optional features an adapter may declare; contract tests run per declared capability."""
 
     #: qemu-ga inside the guest answers (guest shutdown, guest addresses)
@@ -33,7 +34,7 @@ class Capability(str, enum.Enum):
     EVENTS = "events"
 
 
-class EventKind(str, enum.Enum):
+class EventKind(enum.StrEnum):
     """What happened to a domain."""
 
     DEFINED = "defined"
@@ -125,7 +126,7 @@ class Hypervisor(Protocol):
         """Force the domain off; a stopped one is left alone."""
         ...
 
-    async def delete(self, name: str) -> list[str]:
+    async def delete(self, name: str) -> builtins.list[str]:
         """Force off, undefine, and remove every file and volume made for it; returns removed paths."""
         ...
 

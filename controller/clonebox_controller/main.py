@@ -19,10 +19,6 @@ from clonebox.controller.v1 import (
     vm_service_pb2,
     vm_service_pb2_grpc,
 )
-from clonebox_core.config import load_config
-from clonebox_core.errors import CloneboxError
-from clonebox_core.logs import setup_logging
-from clonebox_core.rpc.server import ServerHandle, split_host_port, start_server
 
 from clonebox_controller.agents.pool import GrpcAgentGateway
 from clonebox_controller.app.hosts import HostRegistry
@@ -31,6 +27,10 @@ from clonebox_controller.app.vms import VmManager
 from clonebox_controller.config import ControllerConfig
 from clonebox_controller.grpc.servicers import HostServicer, OperationServicer, VmServicer
 from clonebox_controller.store import Store
+from clonebox_core.config import load_config
+from clonebox_core.errors import CloneboxError
+from clonebox_core.logs import setup_logging
+from clonebox_core.rpc.server import ServerHandle, split_host_port, start_server
 
 log = logging.getLogger("clonebox_controller")
 

@@ -43,7 +43,7 @@ def load_config(model: type[T], path: str | Path | None, env_prefix: str) -> T:
         data = loaded or {}
     for key, value in os.environ.items():
         if key.startswith(env_prefix):
-            _set_path(data, key[len(env_prefix):].lower().split("__"), value)
+            _set_path(data, key[len(env_prefix) :].lower().split("__"), value)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -21,9 +21,7 @@ class CloneboxError(Exception):
     #: default reason when the raiser gives none
     default_reason: str = "INTERNAL"
 
-    def __init__(
-        self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None
-    ) -> None:
+    def __init__(self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason

@@ -66,11 +66,7 @@ class Resources:
 
     def fits_in(self, room: Resources) -> bool:
         """True when every dimension is at most the same dimension of ``room``."""
-        return (
-            self.vcpus <= room.vcpus
-            and self.memory_mib <= room.memory_mib
-            and self.disk_mib <= room.disk_mib
-        )
+        return self.vcpus <= room.vcpus and self.memory_mib <= room.memory_mib and self.disk_mib <= room.disk_mib
 
 
 @dataclass(frozen=True)

@@ -148,14 +148,20 @@ def real_fleet() -> Iterator[RealFleet]:
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs = [
-        _start([sys.executable, "-m", "clonebox_controller.main", "--config", str(root / "controller.yaml")],
-               root / "controller.log", env),
+        _start(
+            [sys.executable, "-m", "clonebox_controller.main", "--config", str(root / "controller.yaml")],
+            root / "controller.log",
+            env,
+        ),
     ]
     try:
         wait_serving(controller, root / "controller.log")
         procs.append(
-            _start([sys.executable, "-m", "clonebox_agent.main", "--config", str(root / "agent.yaml")],
-                   root / "agent.log", env)
+            _start(
+                [sys.executable, "-m", "clonebox_agent.main", "--config", str(root / "agent.yaml")],
+                root / "agent.log",
+                env,
+            )
         )
         wait_serving(agent, root / "agent.log", timeout=120)
         fleet = RealFleet(root, controller, agent, storage, host)
@@ -172,6 +178,10 @@ def real_fleet() -> Iterator[RealFleet]:
         for p in reversed(procs):
             _stop(p)
         # anything a failed test left behind on libvirt is removed here, never left running
-        subprocess.run(["bash", "-c", f"for d in $(virsh -c qemu:///system list --all --name | grep -e '{host}'); do virsh -c qemu:///system destroy $d; virsh -c qemu:///system undefine $d --nvram; done"], capture_output=True, check=False)
+        leftover = (
+            f"for d in $(virsh -c qemu:///system list --all --name | grep -e '{host}'); do "
+            "virsh -c qemu:///system destroy $d; virsh -c qemu:///system undefine $d --nvram; done"
+        )
+        subprocess.run(["bash", "-c", leftover], capture_output=True, check=False)
         if os.environ.get("CLONEBOX_KEEP_E2E") != "1":
             shutil.rmtree(root, ignore_errors=True)

@@ -62,9 +62,15 @@ def test_tiny_guest_lifecycle(real_fleet: RealFleet) -> None:
     assert name not in virsh("list", "--all", "--name").split()
     assert owned_files(str(real_fleet.storage_dir)) == []
     vols = subprocess.run(
-        ["bash", "-c", "virsh -c qemu:///system pool-list --name | grep clonebox | while read p; do "
-         "virsh -c qemu:///system vol-list $p --details | grep -F " + name + "; done"],
-        capture_output=True, text=True, check=False,
+        [
+            "bash",
+            "-c",
+            "virsh -c qemu:///system pool-list --name | grep clonebox | while read p; do "
+            "virsh -c qemu:///system vol-list $p --details | grep -F " + name + "; done",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     ).stdout
     assert vols.strip() == ""
 

@@ -8,18 +8,18 @@ process-local lock is correct here); outcomes are journalled by request id so re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from clonebox_core.errors import AlreadyExists, CloneboxError, InvalidArgument, NotFound
-from clonebox_core.model import HostInfo, Resources, Revision, Vm, VmSpec, VmState
-from clonebox_core.validate import validate_spec
-
 from clonebox_agent.app.events import EventLog, VmEvent, VmEventType
 from clonebox_agent.journal.store import Journal
 from clonebox_agent.ports import DomainRecord, EventKind, Hypervisor, HypervisorEvent
+from clonebox_core.errors import AlreadyExists, CloneboxError, InvalidArgument, NotFound
+from clonebox_core.model import HostInfo, Resources, Revision, Vm, VmSpec, VmState
+from clonebox_core.validate import validate_spec
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,8 @@ class AgentService:
         """Stop consuming events, end watches and disconnect."""
         if self._event_task is not None:
             self._event_task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._event_task
-            except asyncio.CancelledError:
-                pass
         self.events.close()
         await self._hv.close()
 
@@ -100,7 +98,7 @@ class AgentService:
         self._known[name] = vm
         return vm
 
-    async def list(self) -> tuple[list[Vm], Revision]:
+    async def list_vms(self) -> tuple[list[Vm], Revision]:
         """Every VM the agent owns (one bulk call) and the revision it is consistent with."""
         revision = self.events.revision
         vms = [self._to_vm(r) for r in await self._hv.list()]
@@ -170,7 +168,8 @@ class AgentService:
         """Delete a VM and every file made for it. Deleting a VM that is already gone is a success."""
         async with self._lock(name):
             if request_id and (done := self._replay(request_id, "delete", name)) is not None:
-                return list(done.get("removed", []))
+                removed_before = done.get("removed", [])
+                return [str(p) for p in removed_before] if isinstance(removed_before, list) else []
             try:
                 removed = await self._hv.delete(name)
             except NotFound:
@@ -230,7 +229,7 @@ class AgentService:
             ev = await self._event_queue.get()
             try:
                 self._apply_event(ev, await self._lookup(ev))
-            except Exception:  # noqa: BLE001 - one bad event must not stop the history
+            except Exception:
                 log.exception("dropping hypervisor event %s", ev)
 
     async def _lookup(self, ev: HypervisorEvent) -> Vm | None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from clonebox.agent.v1 import agent_pb2
-from clonebox_core.model import HostInfo, Revision
-from clonebox_core.rpc import convert
 
 from clonebox_agent.app.events import VmEvent
+from clonebox_core.model import HostInfo, Revision
+from clonebox_core.rpc import convert
 
 
 def host_info_to_proto(info: HostInfo, revision: Revision) -> agent_pb2.GetHostInfoResponse:

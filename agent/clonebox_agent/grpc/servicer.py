@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc.aio
 from clonebox.agent.v1 import agent_pb2, agent_pb2_grpc
-from clonebox_core.rpc import convert
 
 from clonebox_agent.app.service import AgentService
 from clonebox_agent.grpc.convert import event_to_proto, host_info_to_proto
+from clonebox_core.rpc import convert
 
-Ctx = grpc.aio.ServicerContext[Any, Any]
+#: grpcio ships no type stubs, so the servicer context is untyped
+Ctx: TypeAlias = Any
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
@@ -38,7 +39,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     async def ListVms(self, request: agent_pb2.ListVmsRequest, context: Ctx) -> agent_pb2.ListVmsResponse:
         """See the proto."""
-        vms, revision = await self._svc.list()
+        vms, revision = await self._svc.list_vms()
         return agent_pb2.ListVmsResponse(
             vms=[convert.vm_to_proto(v) for v in vms], revision=convert.revision_to_proto(revision)
         )

@@ -42,8 +42,7 @@ class Journal:
             row = self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
             epoch = int(row[0]) + 1 if row else 1
             self._db.execute(
-                "INSERT INTO meta(key, value) VALUES('epoch', ?) "
-                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                "INSERT INTO meta(key, value) VALUES('epoch', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                 (str(epoch),),
             )
             self._db.execute("COMMIT")

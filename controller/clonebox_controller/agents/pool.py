@@ -9,6 +9,7 @@ from typing import TypeVar
 import grpc
 import grpc.aio
 from clonebox.agent.v1 import agent_pb2, agent_pb2_grpc
+
 from clonebox_core.model import Revision, Vm, VmSpec
 from clonebox_core.rpc import convert
 from clonebox_core.rpc.server import aio_channel

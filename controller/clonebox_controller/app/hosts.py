@@ -8,13 +8,13 @@ the task re-lists, so VMs destroyed or undefined behind the fleet's back converg
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import UTC, datetime, timedelta
 
+from clonebox_controller.app.ports import AgentClient, AgentGateway, FleetStore
 from clonebox_core.errors import CloneboxError, FailedPrecondition, NotFound
 from clonebox_core.model import Host, HostState, HypervisorInfo, Resources, Vm, VmState
-
-from clonebox_controller.app.ports import AgentClient, AgentGateway, FleetStore
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +87,8 @@ class HostRegistry:
         task = self._sync_tasks.pop(name, None)
         if task is not None:
             task.cancel()
-        try:
+        with contextlib.suppress(NotFound):
             await asyncio.to_thread(self._store.set_host_state, name, HostState.UNREACHABLE)
-        except NotFound:
-            pass
         log.warning("host %s disconnected", name)
 
     def refresh_addresses(self, vm: Vm) -> None:

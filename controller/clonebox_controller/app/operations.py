@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from clonebox_core.model import Operation
-
 from clonebox_controller.app.ports import FleetStore
+from clonebox_core.model import Operation
 
 _POLL_SECONDS = 0.1
 

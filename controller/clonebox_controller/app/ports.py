@@ -81,9 +81,20 @@ class FleetStore(Protocol):
 class AgentEvent(Protocol):
     """One lifecycle event from an agent."""
 
-    revision: Revision
-    deleted: bool
-    vm: Vm
+    @property
+    def revision(self) -> Revision:
+        """Agent revision of the event."""
+        ...
+
+    @property
+    def deleted(self) -> bool:
+        """True when the VM is gone."""
+        ...
+
+    @property
+    def vm(self) -> Vm:
+        """The VM after the change."""
+        ...
 
 
 class AgentClient(Protocol):

@@ -14,13 +14,12 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from clonebox_core.errors import CloneboxError, Internal, NotFound, Unavailable
-from clonebox_core.model import Operation, Vm, VmSpec, VmState
-from clonebox_core.names import check_dns_label, vm_resource_name
-from clonebox_core.validate import validate_spec
-
 from clonebox_controller.app.hosts import HostRegistry
 from clonebox_controller.app.ports import FleetStore
+from clonebox_core.errors import CloneboxError, Internal, NotFound, Unavailable
+from clonebox_core.model import Operation, Vm, VmSpec, VmState
+from clonebox_core.names import check_dns_label
+from clonebox_core.validate import validate_spec
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,7 @@ class VmManager:
         )
         return updated or vm
 
-    async def list(
+    async def list_vms(
         self,
         host: str | None,
         state: VmState | None,
@@ -122,9 +121,7 @@ class VmManager:
 
     # ---- internals ---------------------------------------------------------------------------
 
-    async def _begin(
-        self, kind: str, name: str, request_id: str, params: dict[str, str] | None = None
-    ) -> Operation:
+    async def _begin(self, kind: str, name: str, request_id: str, params: dict[str, str] | None = None) -> Operation:
         check_dns_label("name", name)
         await asyncio.to_thread(self._store.get_vm, name)  # NotFound before an operation is recorded
         op = new_operation(kind, f"vms/{name}", request_id, params)
@@ -156,7 +153,7 @@ class VmManager:
         except CloneboxError as err:
             log.warning("operation %s (%s %s) failed: %s", op.id, op.kind, name, err)
             await asyncio.to_thread(self._store.finish_operation, op.id, None, err)
-        except Exception as exc:  # noqa: BLE001 - an operation must always end, never hang
+        except Exception as exc:
             log.exception("operation %s crashed", op.id)
             await asyncio.to_thread(self._store.finish_operation, op.id, None, Internal(f"operation crashed: {exc}"))
 
@@ -238,12 +235,11 @@ class VmManager:
         check_dns_label("name", host)
         await asyncio.to_thread(self._store.set_cordoned, host, True)
         running = [v for v in await asyncio.to_thread(self._store.vms_on_host, host) if v.state == VmState.RUNNING]
-        ops = [
-            await self.stop(v.name, f"{request_id}/{v.name}" if request_id else "", 0, False) for v in running
-        ]
+        ops = [await self.stop(v.name, f"{request_id}/{v.name}" if request_id else "", 0, False) for v in running]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds
-        for op in ops:
+        for started in ops:
+            op = started
             while not op.done and loop.time() < deadline:
                 await asyncio.sleep(0.2)
                 op = await asyncio.to_thread(self._store.get_operation, op.id)

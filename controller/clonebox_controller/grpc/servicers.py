@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc.aio
 from clonebox.controller.v1 import (
@@ -16,17 +16,18 @@ from clonebox.controller.v1 import (
     vm_service_pb2,
     vm_service_pb2_grpc,
 )
-from clonebox_core.errors import InvalidArgument
-from clonebox_core.model import VmState
-from clonebox_core.names import check_dns_label
-from clonebox_core.rpc import convert
 
 from clonebox_controller.app.hosts import HostRegistry
 from clonebox_controller.app.operations import OperationQueries
 from clonebox_controller.app.ports import FleetStore
 from clonebox_controller.app.vms import VmManager
+from clonebox_core.errors import InvalidArgument
+from clonebox_core.model import VmState
+from clonebox_core.names import check_dns_label
+from clonebox_core.rpc import convert
 
-Ctx = grpc.aio.ServicerContext[Any, Any]
+#: grpcio ships no type stubs, so the servicer context is untyped
+Ctx: TypeAlias = Any
 log = logging.getLogger(__name__)
 
 _DEFAULT_PAGE = 100
@@ -131,7 +132,7 @@ class VmServicer(vm_service_pb2_grpc.VmServiceServicer):
                 reason="INVALID_FIELD",
                 metadata={"field": "page_size"},
             )
-        vms, token = await self._vms.list(
+        vms, token = await self._vms.list_vms(
             request.host or None,
             VmState(request.state) if request.state else None,
             dict(request.labels),

@@ -362,7 +362,7 @@ class Store:
 
     # ------------------------------------------------------------------ hosts
 
-    def upsert_host_registration(  # noqa: PLR0917 - positional, as the FleetStore port declares
+    def upsert_host_registration(
         self,
         name: str,
         address: str,

@@ -62,25 +62,19 @@ def spec_to_proto(s: model.VmSpec) -> vm_pb2.VmSpec:
         name=s.name,
         vcpus=s.vcpus,
         memory_mib=s.memory_mib,
-        disks=[
-            vm_pb2.DiskSpec(name=d.name, base_image=d.base_image, size_mib=d.size_mib)
-            for d in s.disks
-        ],
+        disks=[vm_pb2.DiskSpec(name=d.name, base_image=d.base_image, size_mib=d.size_mib) for d in s.disks],
         network=vm_pb2.NetworkSpec(
             mode=_NETWORK_MODE_TO_PROTO[s.network.mode],
             libvirt_network=s.network.libvirt_network,
         ),
         shared_folders=[
-            vm_pb2.SharedFolder(host_path=f.host_path, tag=f.tag, read_only=f.read_only)
-            for f in s.shared_folders
+            vm_pb2.SharedFolder(host_path=f.host_path, tag=f.tag, read_only=f.read_only) for f in s.shared_folders
         ],
         labels=dict(s.labels),
     )
     if s.kernel_boot is not None:
         out.kernel_boot.CopyFrom(
-            vm_pb2.KernelBoot(
-                kernel=s.kernel_boot.kernel, initrd=s.kernel_boot.initrd, cmdline=s.kernel_boot.cmdline
-            )
+            vm_pb2.KernelBoot(kernel=s.kernel_boot.kernel, initrd=s.kernel_boot.initrd, cmdline=s.kernel_boot.cmdline)
         )
     if s.cloud_init is not None:
         out.cloud_init.CopyFrom(
@@ -107,9 +101,7 @@ def spec_from_proto(m: vm_pb2.VmSpec) -> model.VmSpec:
             else None
         ),
         network=model.NetworkSpec(mode, m.network.libvirt_network or "default"),
-        shared_folders=tuple(
-            model.SharedFolder(f.host_path, f.tag, f.read_only) for f in m.shared_folders
-        ),
+        shared_folders=tuple(model.SharedFolder(f.host_path, f.tag, f.read_only) for f in m.shared_folders),
         cloud_init=(
             model.CloudInit(m.cloud_init.user_data, m.cloud_init.meta_data, m.cloud_init.network_config)
             if m.HasField("cloud_init")
@@ -148,9 +140,7 @@ def vm_from_proto(m: vm_pb2.Vm) -> model.Vm:
         state=model.VmState(m.state),
         spec=spec_from_proto(m.spec),
         uuid=m.uuid,
-        addresses=tuple(
-            model.IpAddress(a.interface, a.address, a.prefix, a.source) for a in m.addresses
-        ),
+        addresses=tuple(model.IpAddress(a.interface, a.address, a.prefix, a.source) for a in m.addresses),
         create_time=ts_from_proto(m.create_time, m.HasField("create_time")),
         update_time=ts_from_proto(m.update_time, m.HasField("update_time")),
         state_reason=m.state_reason,
@@ -232,9 +222,7 @@ def operation_to_proto(op: model.Operation) -> operation_pb2.Operation:
     )
     if op.error_code:
         cls = errors.CLASS_BY_CODE.get(op.error_code, errors.Internal)
-        out.error.CopyFrom(
-            to_status_proto(cls(op.error_message, reason=op.error_reason, metadata=op.error_metadata))
-        )
+        out.error.CopyFrom(to_status_proto(cls(op.error_message, reason=op.error_reason, metadata=op.error_metadata)))
     if op.result_vm is not None:
         out.result.vm.CopyFrom(vm_to_proto(op.result_vm))
     if (t := ts_to_proto(op.create_time)) is not None:

@@ -69,11 +69,7 @@ class ServerHandle:
 
     async def set_serving(self, serving: bool) -> None:
         """Set every registered service (and the overall "" entry) to SERVING or NOT_SERVING."""
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
 

@@ -36,9 +36,7 @@ def to_status_proto(err: CloneboxError) -> status_pb2.Status:
     info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    return status_pb2.Status(
-        code=code_pb2.Code.Value(err.code), message=err.message, details=[detail]
-    )
+    return status_pb2.Status(code=code_pb2.Code.Value(err.code), message=err.message, details=[detail])
 
 
 def error_from_status_proto(status: status_pb2.Status) -> CloneboxError:
@@ -62,7 +60,7 @@ def error_from_rpc(exc: grpc.RpcError, *, target: str = "") -> CloneboxError:
     ErrorInfo; they map by status code, with ``target`` named in the message so users know what
     was tried.
     """
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    status = rpc_status.from_call(exc)
     if status is not None:
         return error_from_status_proto(status)
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
@@ -85,7 +83,7 @@ def _internal(method: str, exc: BaseException) -> CloneboxError:
     return Internal(GENERIC_INTERNAL)
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpcio has no stubs
     """Maps exceptions raised by servicers to statuses with ErrorInfo; never UNKNOWN, never a traceback."""
 
     async def intercept_service(
@@ -93,6 +91,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        """Wrap the method's behaviour so every exception leaves as a proper status."""
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -132,7 +131,7 @@ def _wrap_unary(behavior: Any, method: str) -> Any:
             raise
         except CloneboxError as err:
             await _abort(context, err)
-        except Exception as exc:  # noqa: BLE001 - the point is to catch everything unexpected
+        except Exception as exc:
             await _abort(context, _internal(method, exc))
 
     return wrapper
@@ -147,7 +146,7 @@ def _wrap_stream(behavior: Any, method: str) -> Any:
             raise
         except CloneboxError as err:
             await _abort(context, err)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             await _abort(context, _internal(method, exc))
 
     return wrapper
