@@ -11,7 +11,7 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 def is_dns_label(value: str) -> bool:
     """True when ``value`` is an RFC 1123 DNS label: 1-63 of ``[a-z0-9-]``, no leading/trailing '-'."""
-    return bool(_DNS_LABEL.match(value))
+    return bool(_DNS_LABEL.fullmatch(value))
 
 
 def check_dns_label(field: str, value: str) -> str:

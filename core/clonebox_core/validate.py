@@ -67,7 +67,7 @@ def validate_spec(spec: VmSpec, prefix: str = "spec") -> VmSpec:
             raise invalid_field(f"{prefix}.kernel_boot.cmdline", "one line of at most 2048 characters")
     elif not spec.disks:
         raise invalid_field(f"{prefix}.disks", "nothing to boot: give a disk or kernel_boot")
-    if not _NET_NAME.match(spec.network.libvirt_network):
+    if not _NET_NAME.fullmatch(spec.network.libvirt_network):
         raise invalid_field(
             f"{prefix}.network.libvirt_network",
             f"{spec.network.libvirt_network!r} is not a libvirt network name",
@@ -78,7 +78,7 @@ def validate_spec(spec: VmSpec, prefix: str = "spec") -> VmSpec:
         _check_path(f"{f}.host_path", sf.host_path)
         if not sf.host_path.startswith("/"):
             raise invalid_field(f"{f}.host_path", "must be an absolute path")
-        if not _TAG.match(sf.tag) or sf.tag in tags:
+        if not _TAG.fullmatch(sf.tag) or sf.tag in tags:
             raise invalid_field(f"{f}.tag", "must be unique, 1-31 of [A-Za-z0-9_-]")
         tags.add(sf.tag)
     if spec.cloud_init is not None:
@@ -87,8 +87,8 @@ def validate_spec(spec: VmSpec, prefix: str = "spec") -> VmSpec:
             if len(getattr(ci, name).encode()) > MAX_CLOUD_INIT_BYTES:
                 raise invalid_field(f"{prefix}.cloud_init.{name}", "larger than 1 MiB")
     for key, value in spec.labels:
-        if not _LABEL_KEY.match(key):
+        if not _LABEL_KEY.fullmatch(key):
             raise invalid_field(f"{prefix}.labels", f"label key {key!r}: use [a-z0-9._/-], max 63")
-        if not _LABEL_VALUE.match(value):
+        if not _LABEL_VALUE.fullmatch(value):
             raise invalid_field(f"{prefix}.labels.{key}", f"label value {value!r}: use [A-Za-z0-9._-], max 63")
     return spec
