@@ -45,6 +45,8 @@ class AgentConfig(BaseModel):
     #: base images, kernels and initrds must lie inside one of these
     image_dirs: list[str] = Field(default_factory=lambda: ["/var/lib/clonebox/images"])
     reserve: ReserveConfig = ReserveConfig()
+    #: vCPUs offered per host CPU: guests rarely keep every vCPU busy, so CPU is overcommitted (memory never is)
+    cpu_allocation_ratio: float = Field(4.0, ge=1.0, le=64.0)
     #: graceful stop timeout before forcing off
     stop_timeout_seconds: int = Field(60, ge=1, le=3600)
     #: events kept for resuming watches

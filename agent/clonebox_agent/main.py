@@ -67,6 +67,7 @@ class Agent:
             reserve=Resources(config.reserve.vcpus, config.reserve.memory_mib, config.reserve.disk_mib),
             stop_timeout_seconds=config.stop_timeout_seconds,
             event_history=config.event_history,
+            cpu_allocation_ratio=config.cpu_allocation_ratio,
         )
         self.server: ServerHandle | None = None
         self._session: asyncio.Task[None] | None = None

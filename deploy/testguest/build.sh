@@ -68,6 +68,8 @@ mkdir -p "$CACHE" "$OUT"
 # One build at a time per cache: parallel runs would race on the .deb download and OUTDIR.
 exec 9>"$CACHE/.lock"
 flock 9
+# 400 MB each; left behind only if a build was killed hard (we hold the lock, so none is in use)
+rm -rf "$CACHE"/extract.*
 
 stamp_get() {
   if [ -f "$STAMP" ]; then sed -n "s/^$1=//p" "$STAMP" | head -n1; fi
@@ -118,16 +120,19 @@ resolve_kernel() {
            --no-replaces --no-enhances "$META_PKG" \
          | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ {print $2; exit}')
   [ -n "$KPKG" ] || die "cannot resolve the kernel package $META_PKG depends on (apt-get update?)"
-  KVER=$(apt-cache policy "$KPKG" | awk '$1 == "Candidate:" {print $2; exit}')
-  [ -n "$KVER" ] && [ "$KVER" != "(none)" ] || die "no installable version of $KPKG"
+  # the candidate's record has both the version and the hash apt-get download will be checked against
+  read -r KVER KSHA < <(apt-cache show --no-all-versions "$KPKG" 2>/dev/null \
+    | awk '$1 == "Version:" {v = $2} $1 == "SHA256:" {h = $2} /^$/ {exit} END {print v, h}')
+  [ -n "$KVER" ] && [ -n "$KSHA" ] || die "no installable version of $KPKG"
 }
 
-KPKG="" KVER=""
+KPKG="" KVER="" KSHA=""
 if [ "$force" = 0 ] && [ "$(stamp_get apt_lists)" = "$APT_FP" ]; then
   KPKG=$(stamp_get kernel_package)
   KVER=$(stamp_get kernel_version)
+  KSHA=$(stamp_get kernel_deb_sha256)
 fi
-[ -n "$KPKG" ] && [ -n "$KVER" ] || resolve_kernel
+[ -n "$KPKG" ] && [ -n "$KVER" ] && [ -n "$KSHA" ] || resolve_kernel
 
 INPUTS="kernel_package=$KPKG
 kernel_version=$KVER
@@ -162,13 +167,13 @@ cleanup() {
   [ -z "$EXTRACT" ] || rm -rf "$EXTRACT"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM   # so that the EXIT trap also runs when interrupted
 
 # apt-get download checks the hash only while downloading; a cached .deb is re-checked against
 # the index so a truncated or stale file can never be used.
 ARCH=$(dpkg --print-architecture)
 DEB="$CACHE/${KPKG}_${KVER//:/%3a}_${ARCH}.deb"
-WANT_SHA=$(apt-cache show "$KPKG=$KVER" | awk '$1 == "SHA256:" {print $2; exit}')
-[ -n "$WANT_SHA" ] || die "no SHA256 for $KPKG=$KVER in the apt index"
+WANT_SHA=$KSHA
 if [ ! -f "$DEB" ] || [ "$(sha256sum <"$DEB" | cut -d' ' -f1)" != "$WANT_SHA" ]; then
   rm -f "$DEB"
   log "downloading $KPKG=$KVER"
@@ -351,6 +356,7 @@ chmod 0755 "$OUT"
   echo "outputs=${OUTPUTS[*]}"
   echo "outputs_stat=$(output_stat "${OUTPUTS[@]}")"
   echo "kernel_release=$KREL"
+  echo "kernel_deb_sha256=$KSHA"
   echo "modules=${LOAD_ORDER[*]}"
   echo "built_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "apt_lists=$APT_FP"

@@ -66,6 +66,19 @@ class RealFleet:
     agent: str
     storage_dir: Path
     host: str
+    procs: dict[str, subprocess.Popen[bytes]]
+    env: dict[str, str]
+
+    def start_agent(self) -> None:
+        args = [sys.executable, "-m", "clonebox_agent.main", "--config", str(self.root / "agent.yaml")]
+        self.procs["agent"] = _start(args, self.root / "agent.log", self.env, append=True)
+        wait_serving(self.agent, self.root / "agent.log", timeout=120)
+
+    def kill_agent(self) -> None:
+        """SIGKILL: no cleanup, no goodbye to the controller."""
+        proc = self.procs.pop("agent")
+        proc.kill()
+        proc.wait()
 
     def cli(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         cmd = [sys.executable, "-m", "clonebox_cli.main", "--controller", self.controller, *args]
@@ -97,8 +110,8 @@ class RealFleet:
         return path
 
 
-def _start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
+def _start(args: list[str], log: Path, env: dict[str, str], append: bool = False) -> subprocess.Popen[bytes]:
+    with log.open("ab" if append else "wb") as out:
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
@@ -147,24 +160,17 @@ def real_fleet() -> Iterator[RealFleet]:
         )
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    procs = [
-        _start(
+    procs: dict[str, subprocess.Popen[bytes]] = {
+        "controller": _start(
             [sys.executable, "-m", "clonebox_controller.main", "--config", str(root / "controller.yaml")],
             root / "controller.log",
             env,
-        ),
-    ]
+        )
+    }
     try:
         wait_serving(controller, root / "controller.log")
-        procs.append(
-            _start(
-                [sys.executable, "-m", "clonebox_agent.main", "--config", str(root / "agent.yaml")],
-                root / "agent.log",
-                env,
-            )
-        )
-        wait_serving(agent, root / "agent.log", timeout=120)
-        fleet = RealFleet(root, controller, agent, storage, host)
+        fleet = RealFleet(root, controller, agent, storage, host, procs, env)
+        fleet.start_agent()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             hosts = fleet.cli_json("host", "list")["hosts"]
@@ -175,12 +181,14 @@ def real_fleet() -> Iterator[RealFleet]:
             raise AssertionError(f"agent never registered: {(root / 'agent.log').read_text()[-3000:]}")
         yield fleet
     finally:
-        for p in reversed(procs):
+        for p in reversed(list(procs.values())):
             _stop(p)
         # anything a failed test left behind on libvirt is removed here, never left running
         leftover = (
-            f"for d in $(virsh -c qemu:///system list --all --name | grep -e '{host}'); do "
-            "virsh -c qemu:///system destroy $d; virsh -c qemu:///system undefine $d --nvram; done"
+            f"V='virsh -c qemu:///system'; for d in $($V list --all --name | grep -e '{host}'); do "
+            "$V destroy $d; $V undefine $d --nvram; done; "
+            "for p in $($V pool-list --all --name | grep '^clonebox-'); do "
+            f"if $V pool-dumpxml $p | grep -q '{root}'; then $V pool-destroy $p; $V pool-undefine $p; fi; done"
         )
         subprocess.run(["bash", "-c", leftover], capture_output=True, check=False)
         if os.environ.get("CLONEBOX_KEEP_E2E") != "1":

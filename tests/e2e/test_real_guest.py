@@ -36,6 +36,7 @@ def test_tiny_guest_lifecycle(real_fleet: RealFleet) -> None:
     created = real_fleet.cli_json("vm", "create", "-f", str(real_fleet.spec_file(name)), "--wait")
     assert created["state"] == "VM_STATE_RUNNING"
     assert created["host"] == real_fleet.host
+    assert f"cb-{name}" in virsh("list", "--name").split()
     assert owned_files(str(real_fleet.storage_dir)), "the overlay must carry the ownership xattr"
 
     # the guest agent answers: the VM reports addresses that qemu-ga inside the guest gave
@@ -59,7 +60,7 @@ def test_tiny_guest_lifecycle(real_fleet: RealFleet) -> None:
     real_fleet.cli("vm", "delete", name, "--wait")
     missing = real_fleet.cli("vm", "show", name, check=False)
     assert missing.returncode == 3, missing.stderr
-    assert name not in virsh("list", "--all", "--name").split()
+    assert f"cb-{name}" not in virsh("list", "--all", "--name").split()
     assert owned_files(str(real_fleet.storage_dir)) == []
     vols = subprocess.run(
         [
@@ -86,11 +87,12 @@ def test_forced_stop_when_guest_ignores_acpi(real_fleet: RealFleet) -> None:
         },
     )
     real_fleet.cli_json("vm", "create", "-f", str(spec), "--wait")
+    assert f"cb-{name}" in virsh("list", "--name").split()
     time.sleep(5)  # let the guest reach /init so it really is ignoring the button
-    stopped = real_fleet.cli_json("vm", "stop", name, "--timeout", "5", "--wait")
+    stopped = real_fleet.cli_json("vm", "stop", name, "--grace", "5", "--wait")
     assert stopped["state"] == "VM_STATE_STOPPED"
     real_fleet.cli("vm", "delete", name, "--wait")
-    assert name not in virsh("list", "--all", "--name").split()
+    assert f"cb-{name}" not in virsh("list", "--all", "--name").split()
 
 
 def test_bad_input_is_one_line_and_creates_nothing(real_fleet: RealFleet) -> None:
@@ -104,7 +106,7 @@ def test_bad_input_is_one_line_and_creates_nothing(real_fleet: RealFleet) -> Non
     r = real_fleet.cli("vm", "create", "-f", str(outside), "--wait", check=False)
     assert r.returncode == 2, r.stderr
     assert "image" in r.stderr.lower()
-    assert f"{real_fleet.host}-c" not in virsh("list", "--all", "--name").split()
+    assert f"cb-{real_fleet.host}-c" not in virsh("list", "--all", "--name").split()
     assert owned_files(str(real_fleet.storage_dir)) == []
     r = real_fleet.cli("vm", "show", f"{real_fleet.host}-c", check=False)
     assert r.returncode == 3

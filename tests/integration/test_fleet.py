@@ -323,3 +323,33 @@ async def test_stale_revision_is_expired(fleet: Fleet) -> None:
         assert error_info(err.value).reason == "REVISION_EXPIRED"
     finally:
         await ch.close()
+
+
+async def test_hypervisor_down_makes_host_not_serving(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", SMALL)
+    fleet.fakes["h1"].set_serving(False, "libvirtd is not running")
+
+    async def not_serving() -> bool:
+        host = (await fleet.hosts.GetHost(host_service_pb2.GetHostRequest(name="h1"))).host
+        return host.state == host_pb2.HOST_STATE_NOT_SERVING
+
+    await eventually(not_serving, what="host NOT_SERVING")
+    async with grpc.aio.insecure_channel(fleet.agents["h1"].address) as ch:
+        resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+        assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await fleet.vms.CreateVm(vm_service_pb2.CreateVmRequest(spec=spec("nope"), host="h1"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(err.value).reason == "HOST_NOT_SERVING"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await fleet.vms.CreateVm(vm_service_pb2.CreateVmRequest(spec=spec("nope")))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "h1" in (err.value.details() or "")
+
+    fleet.fakes["h1"].set_serving(True)
+
+    async def ready() -> bool:
+        host = (await fleet.hosts.GetHost(host_service_pb2.GetHostRequest(name="h1"))).host
+        return host.state == host_pb2.HOST_STATE_READY
+
+    await eventually(ready, what="host READY again")

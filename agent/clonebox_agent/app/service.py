@@ -46,12 +46,14 @@ class AgentService:
         reserve: Resources,
         stop_timeout_seconds: int,
         event_history: int = 10_000,
+        cpu_allocation_ratio: float = 1.0,
     ) -> None:
         self.host_name = host_name
         self._hv = hypervisor
         self._journal = journal
         self._reserve = reserve
         self._stop_timeout = stop_timeout_seconds
+        self._cpu_ratio = cpu_allocation_ratio
         self.events = EventLog(journal.next_epoch(), event_history)
         self._locks: dict[str, asyncio.Lock] = {}
         self._known: dict[str, Vm] = {}
@@ -83,9 +85,12 @@ class AgentService:
     # ---- queries -------------------------------------------------------------------------------
 
     async def host_info(self) -> HostInfo:
-        """Host capacity and hypervisor; allocatable is capacity minus the configured reserve."""
+        """Host capacity and hypervisor; allocatable is capacity (vCPUs times the allocation ratio) minus the reserve."""
         info = await self._hv.host_info()
-        room = info.capacity - self._reserve
+        offered = Resources(
+            int(info.capacity.vcpus * self._cpu_ratio), info.capacity.memory_mib, info.capacity.disk_mib
+        )
+        room = offered - self._reserve
         allocatable = Resources(max(room.vcpus, 0), max(room.memory_mib, 0), max(room.disk_mib, 0))
         return replace(info, name=self.host_name, allocatable=allocatable)
 

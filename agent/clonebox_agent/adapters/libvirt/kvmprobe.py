@@ -41,38 +41,26 @@ def boot_sector(marker: bytes = PROBE_MARKER) -> bytes:
     The BIOS loads it at 0000:7C00; it sets DS=0 and prints with ``lodsb``/``out`` until a NUL.
     """
     text = marker + b"\r\n\x00"
-    head = bytes(
-        [
-            0xFA,  # cli
-            0xFC,  # cld: lodsb counts upwards
-            0x31,
-            0xC0,  # xor ax, ax
-            0x8E,
-            0xD8,  # mov ds, ax
-        ]
+    head = (
+        b"\xfa"  # cli
+        b"\xfc"  # cld: lodsb counts upwards
+        b"\x31\xc0"  # xor ax, ax
+        b"\x8e\xd8"  # mov ds, ax
     )
     # mov si, <address of text> (patched below once the code length is known)
     mov_si = b"\xbe\x00\x00"
     mov_dx = b"\xba" + struct.pack("<H", _COM1)  # mov dx, 0x3f8
-    loop = bytes(
-        [
-            0xAC,  # lodsb
-            0x84,
-            0xC0,  # test al, al
-            0x74,
-            0x03,  # jz done (skip out + jmp)
-            0xEE,  # out dx, al
-            0xEB,
-            0xF8,  # jmp loop (-8)
-        ]
+    loop = (
+        b"\xac"  # loop: lodsb
+        b"\x84\xc0"  # test al, al
+        b"\x74\x03"  # jz done (skip out + jmp)
+        b"\xee"  # out dx, al
+        b"\xeb\xf8"  # jmp loop (-8)
     )
-    done = bytes(
-        [
-            0xFA,  # cli
-            0xF4,  # hlt
-            0xEB,
-            0xFC,  # jmp done (-4): hlt again after an NMI
-        ]
+    done = (
+        b"\xfa"  # done: cli
+        b"\xf4"  # hlt
+        b"\xeb\xfc"  # jmp done (-4): halt again after an NMI
     )
     code_len = len(head) + len(mov_si) + len(mov_dx) + len(loop) + len(done)
     mov_si = b"\xbe" + struct.pack("<H", _LOAD_ADDRESS + code_len)
