@@ -16,6 +16,7 @@ return the same number of bytes. Every run is bounded by a call count and a time
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import tempfile
 import time
@@ -63,6 +64,7 @@ class Load:
     completed: int
     seconds: float
     latencies: list[float]
+    server_cpu: float | None = None  # CPU seconds the server process used (subprocess model only)
 
     @property
     def rps(self) -> float:
@@ -78,6 +80,13 @@ class Target:
     address: str
     method: str
     payload: bytes
+    pid: int | None = None  # the server's own process, when it has one
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (and its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def generate_load(target: Target, concurrency: int, calls: int, max_seconds: float, warmup: int) -> Load:
@@ -98,10 +107,12 @@ async def generate_load(target: Target, concurrency: int, calls: int, max_second
                 await call(target.payload, timeout=10)
                 latencies.append(time.perf_counter() - t0)
 
+        cpu0 = process_cpu(target.pid) if target.pid is not None else None
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-    return Load(len(latencies), elapsed, latencies)
+        cpu = process_cpu(target.pid) - cpu0 if target.pid is not None and cpu0 is not None else None
+    return Load(len(latencies), elapsed, latencies, cpu)
 
 
 async def _create_vm(address: str) -> bytes:
@@ -145,8 +156,14 @@ async def subprocess_servers(root: Path) -> AsyncIterator[tuple[Target, Target]]
         await _wait_echo(echo_addr)
         payload = await _create_vm(agent_addr)
         yield (
-            Target("echo", echo_addr, ECHO_METHOD, payload),
-            Target("agent GetVm", agent_addr, GETVM_METHOD, agent_pb2.GetVmRequest(name=VM_NAME).SerializeToString()),
+            Target("echo", echo_addr, ECHO_METHOD, payload, echo.pid),
+            Target(
+                "agent GetVm",
+                agent_addr,
+                GETVM_METHOD,
+                agent_pb2.GetVmRequest(name=VM_NAME).SerializeToString(),
+                agent.pid,
+            ),
         )
     finally:
         stop_process(agent)
@@ -175,8 +192,6 @@ async def inprocess_servers(root: Path) -> AsyncIterator[tuple[Target, Target]]:
 
 
 def _here_on_path() -> dict[str, str]:
-    import os
-
     here = str(Path(__file__).resolve().parent)
     return {"PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)}
 
@@ -195,6 +210,15 @@ async def _wait_echo(address: str, timeout: float = 30.0) -> None:
                 await asyncio.sleep(0.1)
 
 
+def _cpu_per_rpc(loads: list[Load]) -> float | None:
+    """Server CPU seconds per completed RPC over ``loads`` (None without a server process)."""
+    cpu = [ld.server_cpu for ld in loads]
+    if any(c is None for c in cpu):
+        return None
+    done = sum(ld.completed for ld in loads)
+    return sum(c for c in cpu if c is not None) / done if done else None
+
+
 async def _measure(opts: Options) -> BenchResult:
     calls = opts.calls or (500 if opts.quick else 5000)
     rounds = 1 if opts.quick else 3
@@ -202,16 +226,26 @@ async def _measure(opts: Options) -> BenchResult:
     warmup = 50 if opts.quick else 200
     result = BenchResult("getvm", "agent GetVm over gRPC on loopback vs a bare grpcio aio echo server")
     table = Table(
-        f"GetVm vs echo: {calls} calls per cell, median RPC/s of {rounds} round(s), latency over all rounds",
-        ["process model", "server", "in flight", "calls", "RPC/s", "p50 ms", "p99 ms", "agent/echo RPC/s"],
+        f"GetVm vs echo: {calls} calls per cell and round, median RPC/s of {rounds} round(s), latency over all rounds",
+        [
+            "process model",
+            "server",
+            "in flight",
+            "calls",
+            "RPC/s",
+            "p50 ms",
+            "p99 ms",
+            "server CPU us/RPC",
+            "agent/echo RPC/s",
+        ],
     )
-    data: dict[str, object] = {"calls": calls, "rounds": rounds, "cells": []}
+    cells: list[dict[str, object]] = []
     models = (("subprocess", subprocess_servers), ("in-process", inprocess_servers))
     for model, servers in models:
         root = Path(tempfile.mkdtemp(prefix=f"clonebox-bench-getvm-{model}-"))
+        loads: dict[tuple[str, int], list[Load]] = {}
         try:
             async with servers(root) as (echo, agent):
-                loads: dict[tuple[str, int], list[Load]] = {}
                 for _ in range(rounds):
                     # interleaved so that drift in machine load hits both servers alike
                     for conc in CONCURRENCY:
@@ -222,10 +256,12 @@ async def _measure(opts: Options) -> BenchResult:
             shutil.rmtree(root, ignore_errors=True)
         for conc in CONCURRENCY:
             rps = {t: median([ld.rps for ld in loads[(t, conc)]]) for t in ("echo", "agent GetVm")}
+            cpu = {t: _cpu_per_rpc(loads[(t, conc)]) for t in ("echo", "agent GetVm")}
             ratio = rps["agent GetVm"] / rps["echo"] if rps["echo"] else 0.0
             for label in ("echo", "agent GetVm"):
                 lat = [x for ld in loads[(label, conc)] for x in ld.latencies]
                 done = sum(ld.completed for ld in loads[(label, conc)])
+                per_rpc = cpu[label]
                 table.rows.append(
                     [
                         model,
@@ -235,11 +271,10 @@ async def _measure(opts: Options) -> BenchResult:
                         f"{rps[label]:.0f}",
                         ms(percentile(lat, 50)),
                         ms(percentile(lat, 99)),
+                        f"{per_rpc * 1e6:.0f}" if per_rpc is not None else "(shared)",
                         f"{ratio:.2f}" if label != "echo" else "(baseline)",
                     ]
                 )
-                cells = data["cells"]
-                assert isinstance(cells, list)
                 cells.append(
                     {
                         "model": model,
@@ -250,15 +285,25 @@ async def _measure(opts: Options) -> BenchResult:
                         "rps_per_round": [round(ld.rps, 1) for ld in loads[(label, conc)]],
                         "p50_ms": round(percentile(lat, 50) * 1000, 3),
                         "p99_ms": round(percentile(lat, 99) * 1000, 3),
+                        "server_cpu_us_per_rpc": round(per_rpc * 1e6, 1) if per_rpc is not None else None,
                     }
                 )
             if model == "subprocess":
                 result.ratios.append(Ratio(f"agent/echo RPC/s, subprocess, {conc} in flight", ratio, ">= 0.5"))
+                echo_cpu, agent_cpu = cpu["echo"], cpu["agent GetVm"]
+                if echo_cpu and agent_cpu:
+                    result.ratios.append(
+                        Ratio(
+                            f"echo/agent server CPU per RPC (server-bound RPC/s ratio), {conc} in flight",
+                            echo_cpu / agent_cpu,
+                            ">= 0.5",
+                        )
+                    )
     result.tables.append(table)
-    result.data = data
+    result.data = {"calls": calls, "rounds": rounds, "cells": cells}
     result.notes.append(
-        "the client is one Python process (one core) for both servers; on 2 cores client and server compete, "
-        "so absolute RPC/s is a floor, the ratio is the figure to watch"
+        "one Python client process drives both servers; on 2 cores it saturates a core before a server does, "
+        "so RPC/s ratios lean towards 1; server CPU per RPC (from /proc, 10 ms ticks) is the server-bound view"
     )
     return result
 

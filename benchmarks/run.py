@@ -26,10 +26,10 @@ from typing import Any
 # the benchmark modules import each other as top-level modules
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_create_ready  # noqa: E402
-import bench_getvm  # noqa: E402
-import bench_listvms  # noqa: E402
-from common import BenchResult, Options, Runner, load_average, machine_info  # noqa: E402
+import bench_create_ready
+import bench_getvm
+import bench_listvms
+from common import BenchResult, Options, Runner, load_average, machine_info
 
 BENCHMARKS: dict[str, tuple[str, Runner]] = {
     "getvm": ("agent GetVm over gRPC vs a bare echo server", bench_getvm.run),

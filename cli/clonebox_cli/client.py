@@ -40,9 +40,7 @@ _UNREACHABLE = "UNREACHABLE"
 class ControllerClient:
     """A blocking client of the controller's Host, Vm and Operation services."""
 
-    def __init__(
-        self, address: str, *, timeout: float = DEFAULT_TIMEOUT, attempts: int = DEFAULT_ATTEMPTS
-    ) -> None:
+    def __init__(self, address: str, *, timeout: float = DEFAULT_TIMEOUT, attempts: int = DEFAULT_ATTEMPTS) -> None:
         self.address = address
         self.timeout = timeout
         self.attempts = max(1, attempts)
@@ -106,10 +104,7 @@ class ControllerClient:
                 return method(request, timeout=timeout or self.timeout)
             except grpc.RpcError as exc:
                 err = self.translate(exc)
-                if (
-                    not (isinstance(err, Unavailable) and err.reason == _UNREACHABLE)
-                    or attempt == self.attempts
-                ):
+                if not (isinstance(err, Unavailable) and err.reason == _UNREACHABLE) or attempt == self.attempts:
                     raise err from None
             time.sleep(delay)
             delay *= 2

@@ -182,9 +182,7 @@ def agent_config(s: DevSettings) -> dict[str, Any]:
 
 
 def _config_text(data: dict[str, Any]) -> str:
-    return "# written by 'clonebox dev up'; it is rewritten on every start\n" + yaml.safe_dump(
-        data, sort_keys=False
-    )
+    return "# written by 'clonebox dev up'; it is rewritten on every start\n" + yaml.safe_dump(data, sort_keys=False)
 
 
 # -------------------------------------------------------------------------------------------- daemons
@@ -380,9 +378,7 @@ def _wait_serving(d: Daemon, proc: subprocess.Popen[bytes] | None, deadline: flo
         if proc is not None and (code := proc.poll()) is not None:
             last = _last_log_line(d.log)
             raise Unavailable(
-                f"{d.kind} exited with code {code} while starting"
-                + (f": {last}" if last else "")
-                + f" (log: {d.log})",
+                f"{d.kind} exited with code {code} while starting" + (f": {last}" if last else "") + f" (log: {d.log})",
                 reason="DEV_DAEMON_EXITED",
                 metadata={"log": str(d.log)},
             )
@@ -420,8 +416,7 @@ def _wait_host_ready(s: DevSettings, agent_log: Path, deadline: float) -> host_p
                 if last == "HOST_STATE_NOT_SERVING":
                     hint = f"; libvirt at {s.libvirt_uri} does not answer: start it ({_LIBVIRT_SCRIPT})"
                 raise DeadlineExceeded(
-                    f"host {s.host_name} is not READY in the controller ({last}){hint} "
-                    f"(agent log: {agent_log})",
+                    f"host {s.host_name} is not READY in the controller ({last}){hint} (agent log: {agent_log})",
                     reason="DEV_HOST_NOT_READY",
                     metadata={"log": str(agent_log)},
                 )
@@ -557,20 +552,14 @@ def up(
     controller_port: Annotated[
         int | None, typer.Option("--controller-port", min=1, max=65535, help="[default: 7100]")
     ] = None,
-    agent_port: Annotated[
-        int | None, typer.Option("--agent-port", min=1, max=65535, help="[default: 7101]")
-    ] = None,
-    host_name: Annotated[
-        str | None, typer.Option("--host-name", help="The host's name [default: local]")
-    ] = None,
+    agent_port: Annotated[int | None, typer.Option("--agent-port", min=1, max=65535, help="[default: 7101]")] = None,
+    host_name: Annotated[str | None, typer.Option("--host-name", help="The host's name [default: local]")] = None,
     domain_type: Annotated[
         str | None, typer.Option("--domain-type", help="auto, kvm or qemu (TCG) [default: auto]")
     ] = None,
     data_dir: Annotated[
         str | None,
-        typer.Option(
-            "--data-dir", help=f"Agent state and storage [default: {ROOT_DATA_DIR} as root, else state dir]"
-        ),
+        typer.Option("--data-dir", help=f"Agent state and storage [default: {ROOT_DATA_DIR} as root, else state dir]"),
     ] = None,
     image_dir: Annotated[
         list[str] | None,
@@ -608,9 +597,7 @@ def up(
     )
     check_dns_label("--host-name", s.host_name)
     if s.controller_port == s.agent_port:
-        raise typer.BadParameter(
-            "the controller and the agent need different ports", param_hint="--agent-port"
-        )
+        raise typer.BadParameter("the controller and the agent need different ports", param_hint="--agent-port")
     _prepare_dirs(s)
     ds = daemons(s)
     texts = {"controller": _config_text(controller_config(s)), "agent": _config_text(agent_config(s))}

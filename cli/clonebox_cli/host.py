@@ -76,9 +76,7 @@ def drain(
     request_id: Annotated[
         str | None, typer.Option("--request-id", help="Idempotency key (default: a new uuid4).")
     ] = None,
-    timeout: Annotated[
-        float, typer.Option("--timeout", min=1, help="Seconds to wait for the VMs to stop.")
-    ] = 600,
+    timeout: Annotated[float, typer.Option("--timeout", min=1, help="Seconds to wait for the VMs to stop.")] = 600,
 ) -> None:
     """Cordon a host and stop its VMs."""
     s = settings(ctx)

@@ -77,9 +77,7 @@ class _Display:
         if op.done:
             step = f"failed at step {op.step!r}" if op.HasField("error") else "done"
         if self._progress is not None and self._task is not None:
-            self._progress.update(
-                self._task, completed=op.progress, description=f"{op.kind} {op.target}: {step}"
-            )
+            self._progress.update(self._task, completed=op.progress, description=f"{op.kind} {op.target}: {step}")
         elif (step, op.progress) != self._last:
             typer.echo(f"[{op.progress:3d}%] {op.kind} {op.target}: {step}", err=True)
         self._last = (step, op.progress)
@@ -115,18 +113,14 @@ def follow(
                     raise _still_running(op, timeout)
                 try:
                     request = ops_pb2.WatchOperationRequest(id=op.id)
-                    for response in client.stream(
-                        client.operations.WatchOperation, request, timeout=remaining
-                    ):
+                    for response in client.stream(client.operations.WatchOperation, request, timeout=remaining):
                         op = response.operation
                         display.update(op)
                         if op.done:
                             break
                     else:
                         # the stream ended without a final state (controller restarting): ask directly
-                        got = client.call(
-                            client.operations.GetOperation, ops_pb2.GetOperationRequest(id=op.id)
-                        )
+                        got = client.call(client.operations.GetOperation, ops_pb2.GetOperationRequest(id=op.id))
                         op = got.operation
                         display.update(op)
                 except DeadlineExceeded:
@@ -158,9 +152,7 @@ def raise_if_failed(op: operation_pb2.Operation) -> None:
     """Raise the error a finished operation carries, prefixed with what the operation was doing."""
     err = operation_error(op)
     if err is not None:
-        raise type(err)(
-            f"{op.kind} {op.target} failed: {err.message}", reason=err.reason, metadata=err.metadata
-        )
+        raise type(err)(f"{op.kind} {op.target} failed: {err.message}", reason=err.reason, metadata=err.metadata)
 
 
 def wait_and_check(
@@ -177,9 +169,7 @@ def print_started(op: operation_pb2.Operation, as_json: bool) -> None:
     if as_json:
         output.emit_json(output.message_dict(op))
         return
-    typer.echo(
-        f"{op.kind} {op.target}: operation {op.id} started; follow it with 'clonebox operation wait {op.id}'"
-    )
+    typer.echo(f"{op.kind} {op.target}: operation {op.id} started; follow it with 'clonebox operation wait {op.id}'")
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -191,9 +181,7 @@ TimeoutOpt = Annotated[
 
 
 @app.command("show")
-def show(
-    ctx: typer.Context, *, op_id: Annotated[str, typer.Argument(metavar="ID", help="Operation id.")]
-) -> None:
+def show(ctx: typer.Context, *, op_id: Annotated[str, typer.Argument(metavar="ID", help="Operation id.")]) -> None:
     """Show one operation."""
     s = settings(ctx)
     client = s.client()
@@ -228,9 +216,7 @@ def list_(
     ctx: typer.Context,
     *,
     running: Annotated[bool, typer.Option("--running", help="Only operations not yet done.")] = False,
-    limit: Annotated[
-        int, typer.Option("--limit", min=1, max=1000, help="At most this many, newest first.")
-    ] = 50,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="At most this many, newest first.")] = 50,
 ) -> None:
     """List recent operations, newest first."""
     s = settings(ctx)

@@ -161,9 +161,7 @@ def vm_details(msg: vm_pb2.Vm) -> Table:
         boot = f"kernel {kb.kernel}" + (f", initrd {kb.initrd}" if kb.initrd else "")
         boot += f", cmdline {kb.cmdline!r}" if kb.cmdline else ""
     network = (
-        "none"
-        if spec.network.mode is model.NetworkMode.NONE
-        else f"libvirt network {spec.network.libvirt_network}"
+        "none" if spec.network.mode is model.NetworkMode.NONE else f"libvirt network {spec.network.libvirt_network}"
     )
     rows = [
         ("Name", vm.name),
@@ -178,8 +176,7 @@ def vm_details(msg: vm_pb2.Vm) -> Table:
         (
             "Shared folders",
             "\n".join(
-                f"{f.host_path} -> {f.tag}" + (" (read-only)" if f.read_only else "")
-                for f in spec.shared_folders
+                f"{f.host_path} -> {f.tag}" + (" (read-only)" if f.read_only else "") for f in spec.shared_folders
             )
             or "-",
         ),
@@ -278,9 +275,7 @@ def operation_table(ops: Sequence[operation_pb2.Operation]) -> Table:
     """One row per operation."""
     table = make_table("ID", "KIND", "TARGET", "STATUS", "STEP", "AGE")
     for op in ops:
-        table.add_row(
-            op.id, op.kind, op.target, operation_status(op), op.step or "-", _age(_ts(op, "create_time"))
-        )
+        table.add_row(op.id, op.kind, op.target, operation_status(op), op.step or "-", _age(_ts(op, "create_time")))
     return table
 
 

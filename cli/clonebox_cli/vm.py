@@ -85,9 +85,7 @@ def _final_vm(client: ControllerClient, op: operation_pb2.Operation, name: str) 
     return response.vm
 
 
-WaitOpt = Annotated[
-    bool, typer.Option("--wait/--no-wait", help="Wait for the operation and show its progress.")
-]
+WaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the operation and show its progress.")]
 RequestIdOpt = Annotated[
     str | None,
     typer.Option(
@@ -102,9 +100,7 @@ NameArg = Annotated[str, typer.Argument(metavar="NAME", help="VM name.")]
 def create(
     ctx: typer.Context,
     *,
-    file: Annotated[
-        str, typer.Option("--file", "-f", metavar="SPEC.yaml", help="VM spec file ('-' for stdin).")
-    ],
+    file: Annotated[str, typer.Option("--file", "-f", metavar="SPEC.yaml", help="VM spec file ('-' for stdin).")],
     host: Annotated[
         str, typer.Option("--host", help="Place on this host instead of letting the controller choose.")
     ] = "",
@@ -116,9 +112,7 @@ def create(
     s = settings(ctx)
     spec = _load_spec(file)  # before any RPC: a bad file is reported with its line number, offline
     client = s.client()
-    request = vms_pb2.CreateVmRequest(
-        spec=spec_to_proto(spec), host=host, request_id=_new_request_id(request_id)
-    )
+    request = vms_pb2.CreateVmRequest(spec=spec_to_proto(spec), host=host, request_id=_new_request_id(request_id))
     op = client.call(client.vms.CreateVm, request).operation
     if not wait:
         print_started(op, s.json)
@@ -131,9 +125,7 @@ def create(
 def validate(
     ctx: typer.Context,
     *,
-    file: Annotated[
-        str, typer.Option("--file", "-f", metavar="SPEC.yaml", help="VM spec file ('-' for stdin).")
-    ],
+    file: Annotated[str, typer.Option("--file", "-f", metavar="SPEC.yaml", help="VM spec file ('-' for stdin).")],
 ) -> None:
     """Check a spec file without contacting the controller; prints the spec as the controller would get it."""
     s = settings(ctx)
@@ -190,9 +182,7 @@ def show(
     ctx: typer.Context,
     *,
     name: NameArg,
-    as_spec: Annotated[
-        bool, typer.Option("--spec", help="Print the VM's spec as a spec file instead.")
-    ] = False,
+    as_spec: Annotated[bool, typer.Option("--spec", help="Print the VM's spec as a spec file instead.")] = False,
 ) -> None:
     """Show one VM."""
     s = settings(ctx)
@@ -250,13 +240,9 @@ def stop(
     timeout: TimeoutOpt = None,
     grace: Annotated[
         int,
-        typer.Option(
-            "--grace", min=0, max=3600, help="Seconds of graceful shutdown before forcing (0: default)."
-        ),
+        typer.Option("--grace", min=0, max=3600, help="Seconds of graceful shutdown before forcing (0: default)."),
     ] = 0,
-    force: Annotated[
-        bool, typer.Option("--force", help="Power off at once, skipping the graceful shutdown.")
-    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Power off at once, skipping the graceful shutdown.")] = False,
     request_id: RequestIdOpt = None,
 ) -> None:
     """Stop a VM: ACPI shutdown, forced off after the grace period."""

@@ -97,9 +97,7 @@ def parse_size(value: object) -> int:
     ``ValueError`` with a message that quotes the input and says how to fix it.
     """
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(
-            f"{_describe(value)} is not a size: use a whole number of MiB or a string like '512MiB'"
-        )
+        raise ValueError(f"{_describe(value)} is not a size: use a whole number of MiB or a string like '512MiB'")
     if isinstance(value, int):
         return value
     if _AMBIGUOUS.match(value):
@@ -495,9 +493,7 @@ def _parse(text: str, source: str) -> tuple[yaml.Node | None, Any]:
         line = int(mark.line) + 1 if mark is not None else 1
         problem = _yaml_problem(exc)
         hint = (
-            "indent with spaces, not tabs"
-            if "\\t" in problem or "\t" in problem
-            else "check indentation and quoting"
+            "indent with spaces, not tabs" if "\\t" in problem or "\t" in problem else "check indentation and quoting"
         )
         col = f" (column {int(mark.column) + 1})" if mark is not None else ""
         raise _fail(source, line, f"not valid YAML: {problem}{col}: {hint}") from None
@@ -560,9 +556,7 @@ def load_spec_text(text: str, source_name: str = "<spec>") -> VmSpec:
             f"VM spec: write 'version: {SPEC_VERSION}', 'name:', 'vcpus:', 'memory:' at the top level",
         )
     if "version" not in data:
-        raise _fail(
-            source_name, _line_of(root, ()), f"version: required but missing: add 'version: {SPEC_VERSION}'"
-        )
+        raise _fail(source_name, _line_of(root, ()), f"version: required but missing: add 'version: {SPEC_VERSION}'")
     version = data["version"]
     if isinstance(version, bool) or version != SPEC_VERSION:
         raise _fail(
@@ -580,9 +574,7 @@ def load_spec_text(text: str, source_name: str = "<spec>") -> VmSpec:
             found.append((_line_of(root, loc, at_key=at_key, parent=parent), message, _path_text(loc, root)))
         found.sort(key=lambda item: item[0])  # report the first problem as the file reads
         line, message, field = found[0]
-        more = (
-            f" (and {len(found) - 1} more problem{'s' if len(found) > 2 else ''})" if len(found) > 1 else ""
-        )
+        more = f" (and {len(found) - 1} more problem{'s' if len(found) > 2 else ''})" if len(found) > 1 else ""
         raise _fail(source_name, line, message + more, field) from None
     try:
         spec = _to_model(doc)

@@ -49,6 +49,8 @@ WORK=$(mktemp -d "$WORK_BASE/boot-check.XXXXXX")
 chmod 0755 "$WORK"   # QEMU runs as libvirt-qemu and must reach the overlay and the console log
 DOMAINS=()
 CURRENT_CONSOLE=""
+SUMMARY=()
+BASE_SHA=$(sha256sum <"$IMG/data.qcow2")
 
 cleanup() {
   local rc=$? d
@@ -127,14 +129,16 @@ EOF
 
 # wait_agent NAME: poll guest-ping, noting when /init's first marker shows up on the console
 wait_agent() {
-  local name=$1 t_init=""
+  local name=$1 t_init="" t_agent
   while :; do
     if [ -z "$t_init" ] && grep -q 'CLONEBOX-TESTGUEST INIT' "$CONSOLE" 2>/dev/null; then
       t_init=$(since "$T0")
       log "$name: /init running after ${t_init} s ($(grep -o 'INIT uptime=[^ ]*' "$CONSOLE" | head -n1))"
     fi
     if agent "$name" '{"execute":"guest-ping"}' >/dev/null 2>&1; then
-      log "$name: guest agent answers guest-ping after $(since "$T0") s"
+      t_agent=$(since "$T0")
+      log "$name: guest agent answers guest-ping after $t_agent s"
+      SUMMARY+=("$(printf '%-22s create->/init %5s s   create->agent %5s s' "$name" "${t_init:-?}" "$t_agent")")
       return 0
     fi
     domain_running "$name" || fail "$name stopped while waiting for the guest agent"
@@ -260,4 +264,7 @@ grep -q 'CLONEBOX-TESTGUEST SHUTDOWN action=poweroff' "$CONSOLE" \
   || fail "$n3: guest stopped but not through /sbin/shutdown"
 check_fs_clean "$n3"
 
-log "all checks passed"
+[ "$(sha256sum <"$IMG/data.qcow2")" = "$BASE_SHA" ] || fail "the base data.qcow2 changed"
+log "base data.qcow2 unchanged"
+log "all checks passed ($KERNEL, cmdline: $CMDLINE)"
+printf '  %s\n' "${SUMMARY[@]}"

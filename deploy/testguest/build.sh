@@ -177,7 +177,7 @@ WANT_SHA=$KSHA
 if [ ! -f "$DEB" ] || [ "$(sha256sum <"$DEB" | cut -d' ' -f1)" != "$WANT_SHA" ]; then
   rm -f "$DEB"
   log "downloading $KPKG=$KVER"
-  # As root apt cannot drop to _apt for a folder _apt cannot write; say so instead of warning.
+  # apt's download user _apt cannot write the cache folder; download as root without the warning
   (cd "$CACHE" && apt-get download -q=2 -o APT::Sandbox::User=root "$KPKG=$KVER") \
     || die "apt-get download $KPKG=$KVER failed"
   [ -f "$DEB" ] || die "apt-get download did not produce $DEB"
@@ -239,7 +239,7 @@ fi
 
 # ---- initramfs --------------------------------------------------------------------------------
 R=$STAGE/initrd
-mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,run,tmp,data,root,var/log} \
+mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,run,tmp,data,root,var/log,www} \
          "$R"/etc/{udhcpc,acpi/PWRF} "$R/lib/modules"
 ln -s ../run "$R/var/run"
 
@@ -341,13 +341,15 @@ qemu-img convert -q -f raw -O qcow2 "$STAGE/data.raw" "$STAGE/data.qcow2"
 
 # ---- publish ----------------------------------------------------------------------------------
 # Drop the stamp first: if anything below fails, the next run rebuilds instead of trusting a mix.
-rm -f "$STAMP" "$OUT/SHA256SUMS" "$OUT/vmlinux"
+# Files are replaced by rename, so a guest being started from OUTDIR right now sees old or new.
+rm -f "$STAMP"
+[[ " ${OUTPUTS[*]} " == *" vmlinux "* ]] || rm -f "$OUT/vmlinux"
 for f in "${OUTPUTS[@]}"; do
   chmod 0644 "$STAGE/$f"
   mv -f "$STAGE/$f" "$OUT/$f"
 done
-(cd "$OUT" && sha256sum "${OUTPUTS[@]}" >SHA256SUMS)
-chmod 0644 "$OUT/SHA256SUMS"
+(cd "$OUT" && sha256sum "${OUTPUTS[@]}" >.SHA256SUMS.new && chmod 0644 .SHA256SUMS.new \
+   && mv -f .SHA256SUMS.new SHA256SUMS)
 chmod 0755 "$OUT"
 {
   echo "# CloneBox test guest build stamp (written by build.sh; delete it or use --force to rebuild)"
@@ -364,11 +366,16 @@ chmod 0755 "$OUT"
 chmod 0644 "$STAMP"
 
 # QEMU runs as libvirt-qemu and must be able to reach the files through every parent folder.
+# Folders of CloneBox's own tree are fixed; anything else is not ours to change, so only warn.
 d=$OUT
 while [ "$d" != / ]; do
   perms=$(stat -c %A "$d")
-  [ "${perms:9:1}" = x ] || [ "${perms:9:1}" = t ] \
-    || log "WARNING: $d is not traversable by others; libvirt-qemu cannot read $OUT"
+  if [ "${perms:9:1}" != x ] && [ "${perms:9:1}" != t ]; then
+    case "$d/" in
+      /var/lib/clonebox/*) chmod 0755 "$d" ;;
+      *) log "WARNING: $d is not traversable by others; libvirt-qemu cannot read $OUT" ;;
+    esac
+  fi
   d=$(dirname "$d")
 done
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import RealFleet
+from tests.realfleet import RealFleet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.libvirt]
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import RealFleet, real_fleet  # noqa: F401 - the fixture is used by name
+from tests.realfleet import RealFleet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.libvirt]
 

@@ -85,7 +85,7 @@ class AgentService:
     # ---- queries -------------------------------------------------------------------------------
 
     async def host_info(self) -> HostInfo:
-        """Host capacity and hypervisor; allocatable is capacity (vCPUs times the allocation ratio) minus the reserve."""
+        """Host capacity and hypervisor; allocatable is capacity (vCPUs times the ratio) minus the reserve."""
         info = await self._hv.host_info()
         offered = Resources(
             int(info.capacity.vcpus * self._cpu_ratio), info.capacity.memory_mib, info.capacity.disk_mib

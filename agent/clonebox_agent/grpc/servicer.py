@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
-import grpc.aio
 from clonebox.agent.v1 import agent_pb2, agent_pb2_grpc
 
 from clonebox_agent.app.service import AgentService

@@ -7,7 +7,6 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
-import grpc.aio
 from clonebox.controller.v1 import (
     host_service_pb2,
     host_service_pb2_grpc,

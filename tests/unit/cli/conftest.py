@@ -74,9 +74,7 @@ class FakeFleet:
     def new_operation(self, kind: str, target: str, request_id: str) -> operation_pb2.Operation:
         with self.lock:
             self.counter += 1
-            op = operation_pb2.Operation(
-                id=f"op-{self.counter}", kind=kind, target=target, request_id=request_id
-            )
+            op = operation_pb2.Operation(id=f"op-{self.counter}", kind=kind, target=target, request_id=request_id)
             op.create_time.GetCurrentTime()
             op.update_time.GetCurrentTime()
             self.operations[op.id] = op
@@ -111,9 +109,7 @@ def make_host(name: str, state: int = host_pb2.HOST_STATE_READY) -> host_pb2.Hos
         capacity=resources_pb2.Resources(vcpus=8, memory_mib=16384, disk_mib=100 * 1024),
         allocatable=resources_pb2.Resources(vcpus=8, memory_mib=15872, disk_mib=99 * 1024),
         allocated=resources_pb2.Resources(vcpus=1, memory_mib=128, disk_mib=1024),
-        hypervisor=host_pb2.HypervisorInfo(
-            uri="test:///default", domain_type="qemu", libvirt_version="9.0.0"
-        ),
+        hypervisor=host_pb2.HypervisorInfo(uri="test:///default", domain_type="qemu", libvirt_version="9.0.0"),
         state=state,  # type: ignore[arg-type]
         vm_count=1,
     )
@@ -136,9 +132,7 @@ class FakeHostService(host_service_pb2_grpc.HostServiceServicer):
 
     def ListHosts(self, request: Any, context: grpc.ServicerContext) -> Any:
         self.fleet.record("ListHosts", request)
-        return host_service_pb2.ListHostsResponse(
-            hosts=sorted(self.fleet.hosts.values(), key=lambda h: h.name)
-        )
+        return host_service_pb2.ListHostsResponse(hosts=sorted(self.fleet.hosts.values(), key=lambda h: h.name))
 
     def GetHost(self, request: Any, context: grpc.ServicerContext) -> Any:
         self.fleet.record("GetHost", request)
@@ -182,9 +176,7 @@ class FakeVmService(vm_service_pb2_grpc.VmServiceServicer):
         if request.host == "sick":
             abort(
                 context,
-                FailedPrecondition(
-                    "host sick is NOT_SERVING: libvirt does not answer", reason="HOST_NOT_SERVING"
-                ),
+                FailedPrecondition("host sick is NOT_SERVING: libvirt does not answer", reason="HOST_NOT_SERVING"),
             )
         name = request.spec.name
         host = request.host or "local"
@@ -241,9 +233,7 @@ class FakeVmService(vm_service_pb2_grpc.VmServiceServicer):
         token = str(start + size) if start + size < len(vms) else ""
         return vm_service_pb2.ListVmsResponse(vms=page, next_page_token=token)
 
-    def _power(
-        self, kind: str, request: Any, context: grpc.ServicerContext, state: int
-    ) -> operation_pb2.Operation:
+    def _power(self, kind: str, request: Any, context: grpc.ServicerContext, state: int) -> operation_pb2.Operation:
         vm = self.fleet.vms.get(request.name)
         if vm is None:
             abort(context, NotFound(f"vm {request.name} not found", reason="VM_NOT_FOUND"))

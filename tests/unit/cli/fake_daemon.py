@@ -29,9 +29,7 @@ class FakeHosts(host_service_pb2_grpc.HostServiceServicer):
 
     def ListHosts(self, request: Any, context: Any) -> Any:
         # read on each call: dev up writes the agent's config after the controller has started
-        name = (
-            yaml.safe_load(self.agent_config.read_text())["name"] if self.agent_config.exists() else "local"
-        )
+        name = yaml.safe_load(self.agent_config.read_text())["name"] if self.agent_config.exists() else "local"
         host = host_pb2.Host(name=name, state=host_pb2.HOST_STATE_READY)
         return host_service_pb2.ListHostsResponse(hosts=[host])
 
@@ -49,9 +47,7 @@ def main() -> int:
     servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     if kind == "controller":
-        host_service_pb2_grpc.add_HostServiceServicer_to_server(
-            FakeHosts(config.with_name("agent.yaml")), server
-        )
+        host_service_pb2_grpc.add_HostServiceServicer_to_server(FakeHosts(config.with_name("agent.yaml")), server)
     server.add_insecure_port(settings["listen"])
     server.start()
     stop = threading.Event()

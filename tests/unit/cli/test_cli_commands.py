@@ -86,9 +86,7 @@ def test_host_not_found_exits_3(runner: CliRunner, fake_controller: FakeControll
 def test_cordon_uncordon_drain(runner: CliRunner, fake_controller: FakeController) -> None:
     result = cli(runner, fake_controller, "host", "cordon", "local")
     assert result.exit_code == 0 and "cordoned" in result.stdout
-    assert (
-        as_json(cli(runner, fake_controller, "-o", "json", "host", "uncordon", "local"))["cordoned"] is False
-    )
+    assert as_json(cli(runner, fake_controller, "-o", "json", "host", "uncordon", "local"))["cordoned"] is False
     result = cli(runner, fake_controller, "host", "drain", "local", "--request-id", "drain-1")
     assert result.exit_code == 0, result.output
     assert "VMs stopped: web" in result.stdout
@@ -101,9 +99,7 @@ def test_cordon_uncordon_drain(runner: CliRunner, fake_controller: FakeControlle
 # --------------------------------------------------------------------------------------------- vm create
 
 
-def test_create_waits_shows_progress_and_prints_the_vm(
-    runner: CliRunner, fake_controller: FakeController
-) -> None:
+def test_create_waits_shows_progress_and_prints_the_vm(runner: CliRunner, fake_controller: FakeController) -> None:
     result = cli(runner, fake_controller, "-o", "json", "vm", "create", "-f", TINY_A)
     vm = as_json(result)
     assert vm["name"] == "tiny-a" and vm["state"] == "VM_STATE_RUNNING"
@@ -190,17 +186,13 @@ def test_create_failed_operation_exits_with_its_class_code(
     )
 
 
-def test_create_on_a_not_serving_host_shows_the_message(
-    runner: CliRunner, fake_controller: FakeController
-) -> None:
+def test_create_on_a_not_serving_host_shows_the_message(runner: CliRunner, fake_controller: FakeController) -> None:
     result = cli(runner, fake_controller, "vm", "create", "-f", TINY_A, "--host", "sick")
     assert result.exit_code == 5
     assert error_line(result) == "error: host sick is NOT_SERVING: libvirt does not answer"
 
 
-def test_create_wait_timeout_exits_10(
-    runner: CliRunner, fake_controller: FakeController, tmp_path: Path
-) -> None:
+def test_create_wait_timeout_exits_10(runner: CliRunner, fake_controller: FakeController, tmp_path: Path) -> None:
     spec = tmp_path / "slow.yaml"
     spec.write_text((EXAMPLES / "tiny-a.yaml").read_text().replace("tiny-a", "slow-a"))
     result = cli(runner, fake_controller, "vm", "create", "-f", str(spec), "--timeout", "0.5")
@@ -310,9 +302,7 @@ def test_vm_not_found_exits_3(runner: CliRunner, fake_controller: FakeController
 
 
 def test_stop_passes_grace_force_and_request_id(runner: CliRunner, fake_controller: FakeController) -> None:
-    result = cli(
-        runner, fake_controller, "vm", "stop", "web", "--grace", "5", "--force", "--request-id", "r1"
-    )
+    result = cli(runner, fake_controller, "vm", "stop", "web", "--grace", "5", "--force", "--request-id", "r1")
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == "vm web is stopped on local"
     (request,) = fake_controller.fleet.calls("StopVm")
@@ -392,9 +382,7 @@ def test_unreachable_controller_exits_9_and_names_the_address(runner: CliRunner)
 
 
 def test_controller_from_the_environment(runner: CliRunner, fake_controller: FakeController) -> None:
-    result = runner.invoke(
-        app, ["-o", "json", "host", "list"], env={"CLONEBOX_CONTROLLER": fake_controller.address}
-    )
+    result = runner.invoke(app, ["-o", "json", "host", "list"], env={"CLONEBOX_CONTROLLER": fake_controller.address})
     assert json.loads(result.stdout)["hosts"][0]["name"] == "local"
 
 

@@ -133,9 +133,7 @@ def test_up_status_down(devenv: Dev, tmp_path: Path) -> None:
 def test_config_files_are_valid_for_the_daemons(devenv: Dev, tmp_path: Path) -> None:
     assert devenv.up("--host-name", "devbox", "--libvirt-uri", "test:///default").exit_code == 0
     agent = AgentConfig.model_validate(yaml.safe_load((dev.config_dir() / "agent.yaml").read_text()))
-    controller = ControllerConfig.model_validate(
-        yaml.safe_load((dev.config_dir() / "controller.yaml").read_text())
-    )
+    controller = ControllerConfig.model_validate(yaml.safe_load((dev.config_dir() / "controller.yaml").read_text()))
     assert controller.listen == f"127.0.0.1:{devenv.controller_port}"
     assert controller.database_url == f"sqlite:///{dev.state_dir() / 'fleet.db'}"
     assert agent.name == "devbox"

@@ -61,9 +61,7 @@ def test_each_class_raised_by_a_command_exits_with_its_code(
     assert result.stdout == ""
 
 
-def test_an_unexpected_exception_is_one_line_and_exit_12(
-    monkeypatch: pytest.MonkeyPatch, runner: CliRunner
-) -> None:
+def test_an_unexpected_exception_is_one_line_and_exit_12(monkeypatch: pytest.MonkeyPatch, runner: CliRunner) -> None:
     def boom(*_: Any, **__: Any) -> None:
         raise RuntimeError("kaput")
 
@@ -71,8 +69,7 @@ def test_an_unexpected_exception_is_one_line_and_exit_12(
     result = runner.invoke(app, ["vm", "validate", "-f", "x.yaml"])
     assert result.exit_code == 12
     assert result.stderr.strip() == (
-        "error: internal error in the clonebox CLI: RuntimeError: kaput "
-        "(set CLONEBOX_DEBUG=1 for the traceback)"
+        "error: internal error in the clonebox CLI: RuntimeError: kaput (set CLONEBOX_DEBUG=1 for the traceback)"
     )
     assert "Traceback" not in result.output
 
@@ -98,9 +95,7 @@ def test_ctrl_c_while_waiting_exits_130_with_a_hint(
         app, ["--controller", fake_controller.address, "vm", "create", "-f", str(EXAMPLES / "tiny-a.yaml")]
     )
     assert result.exit_code == 130
-    assert (
-        "interrupted; operation op-1 goes on: follow it with 'clonebox operation wait op-1'" in result.stderr
-    )
+    assert "interrupted; operation op-1 goes on: follow it with 'clonebox operation wait op-1'" in result.stderr
 
 
 def test_usage_errors_exit_2(runner: CliRunner) -> None:
@@ -152,9 +147,7 @@ def test_live_progress_display_runs_on_a_terminal(monkeypatch: pytest.MonkeyPatc
     fake_tty = io.StringIO()
     fake_tty.isatty = lambda: True  # type: ignore[method-assign]
     monkeypatch.setattr(sys, "stderr", fake_tty)
-    op = operation_pb2.Operation(
-        id="op-1", kind="vm.create", target="hosts/h/vms/v", step="placing", progress=10
-    )
+    op = operation_pb2.Operation(id="op-1", kind="vm.create", target="hosts/h/vms/v", step="placing", progress=10)
     with operation._Display() as display:
         assert display.live
         display.update(op)

@@ -134,9 +134,7 @@ def test_memory_too_small_names_line_and_limit() -> None:
 
 
 def test_unknown_field_suggests_the_close_match() -> None:
-    err = spec_error(
-        TINY.replace("    base_image: testguest/data.qcow2\n", "    base_image: b\n    sise: 1GiB\n")
-    )
+    err = spec_error(TINY.replace("    base_image: testguest/data.qcow2\n", "    base_image: b\n    sise: 1GiB\n"))
     assert err.message == "tiny.yaml:12: disks[0].sise: unknown field (did you mean 'size'?)"
 
 
@@ -227,8 +225,7 @@ def test_unknown_field_without_a_close_match_lists_the_known_ones() -> None:
             "tiny.yaml:4: network.mode: 'bridge' is not allowed: use 'libvirt' or 'none'",
         ),
         (
-            "version: 1\nname: x\nkernel_boot: {kernel: k}\n"
-            "network:\n  mode: none\n  libvirt_network: default\n",
+            "version: 1\nname: x\nkernel_boot: {kernel: k}\nnetwork:\n  mode: none\n  libvirt_network: default\n",
             "tiny.yaml:6: network.libvirt_network: only applies to mode 'libvirt'",
         ),
         (
@@ -236,8 +233,7 @@ def test_unknown_field_without_a_close_match_lists_the_known_ones() -> None:
             "tiny.yaml:4: network.libvirt_network: 'no spaces' is not a libvirt network name",
         ),
         (
-            "version: 1\nname: x\nkernel_boot: {kernel: k}\n"
-            "shared_folders:\n  - host_path: srv\n    tag: t\n",
+            "version: 1\nname: x\nkernel_boot: {kernel: k}\nshared_folders:\n  - host_path: srv\n    tag: t\n",
             "tiny.yaml:5: shared_folders[0].host_path: must be an absolute path",
         ),
         (
@@ -275,10 +271,7 @@ def test_several_problems_report_the_first_in_file_order() -> None:
 
 
 def test_version_is_required_and_checked_first() -> None:
-    assert (
-        spec_error("name: x\nbogus: 1\n").message
-        == "tiny.yaml:1: version: required but missing: add 'version: 1'"
-    )
+    assert spec_error("name: x\nbogus: 1\n").message == "tiny.yaml:1: version: required but missing: add 'version: 1'"
     err = spec_error("name: x\nversion: 2\nbogus: 1\n")
     assert err.message == "tiny.yaml:2: version: 2 is not supported: this clonebox reads version 1"
     assert "is not supported" in spec_error("version: '1'\nname: x\n").message
@@ -306,8 +299,7 @@ def test_duplicate_keys_are_refused() -> None:
         ("version: 1\nname: *nope\n", "tiny.yaml:2: not valid YAML: found undefined alias"),
         (
             "a: 1\n---\nb: 2\n",
-            "tiny.yaml:2: not valid YAML: expected a single document in the stream, "
-            "but found another document",
+            "tiny.yaml:2: not valid YAML: expected a single document in the stream, but found another document",
         ),
     ],
 )
@@ -385,9 +377,7 @@ def test_parse_size(value: int | str, mib: int) -> None:
     assert parse_size(value) == mib
 
 
-@pytest.mark.parametrize(
-    "value", ["", "MiB", "1 PiB", "1.5", "1KiB", "-1GiB", "1GB", "1 mb", "x", None, 1.5, True, []]
-)
+@pytest.mark.parametrize("value", ["", "MiB", "1 PiB", "1.5", "1KiB", "-1GiB", "1GB", "1 mb", "x", None, 1.5, True, []])
 def test_parse_size_rejects(value: object) -> None:
     with pytest.raises(ValueError):
         parse_size(value)

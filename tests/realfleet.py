@@ -1,0 +1,195 @@
+"""Real daemons as processes on real libvirt (qemu:///system) with the tiny test guest (e2e and fault suites)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+IMAGES = Path(os.environ.get("CLONEBOX_TEST_IMAGES", "/var/lib/clonebox/images"))
+GUEST = IMAGES / "testguest"
+
+
+def libvirt_reason() -> str | None:
+    """Why real-libvirt tests cannot run here, or None."""
+    if shutil.which("virsh") is None:
+        return "virsh not installed (run deploy/dev/install-system.sh)"
+    r = subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        return f"libvirtd not reachable: {r.stderr.strip()} (run deploy/dev/start-libvirt.sh)"
+    for f in ("vmlinuz", "initrd.img", "data.qcow2"):
+        if not (GUEST / f).exists():
+            return f"test guest missing {GUEST / f} (run deploy/testguest/build.sh)"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_serving(address: str, log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise AssertionError(f"{address} not SERVING after {timeout}s; log:\n{log.read_text()[-3000:]}")
+
+
+@dataclass
+class RealFleet:
+    """A controller and an agent running as processes."""
+
+    root: Path
+    controller: str
+    agent: str
+    storage_dir: Path
+    host: str
+    procs: dict[str, subprocess.Popen[bytes]]
+    env: dict[str, str]
+
+    def start_agent(self) -> None:
+        args = [sys.executable, "-m", "clonebox_agent.main", "--config", str(self.root / "agent.yaml")]
+        self.procs["agent"] = _start(args, self.root / "agent.log", self.env, append=True)
+        wait_serving(self.agent, self.root / "agent.log", timeout=120)
+
+    def kill_agent(self) -> None:
+        """SIGKILL: no cleanup, no goodbye to the controller."""
+        proc = self.procs.pop("agent")
+        proc.kill()
+        proc.wait()
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "clonebox_cli.main", "--controller", self.controller, *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        if check and r.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} exited {r.returncode}: {r.stderr}{r.stdout}")
+        return r
+
+    def cli_json(self, *args: str) -> Any:
+        return json.loads(self.cli("-o", "json", *args).stdout)
+
+    def spec_file(self, name: str, **extra: Any) -> Path:
+        spec: dict[str, Any] = {
+            "version": 1,
+            "name": name,
+            "vcpus": 1,
+            "memory": "128MiB",
+            "kernel_boot": {
+                "kernel": "testguest/vmlinuz",
+                "initrd": "testguest/initrd.img",
+                "cmdline": "console=ttyS0 quiet",
+            },
+            "disks": [{"name": "data", "base_image": "testguest/data.qcow2"}],
+            "labels": {"suite": "e2e"},
+        }
+        spec.update(extra)
+        path = self.root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        return path
+
+
+def _start(args: list[str], log: Path, env: dict[str, str], append: bool = False) -> subprocess.Popen[bytes]:
+    with log.open("ab" if append else "wb") as out:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def real_fleet() -> Iterator[RealFleet]:
+    reason = libvirt_reason()
+    if reason:
+        pytest.skip(reason)
+    # under /var/lib so that QEMU (user libvirt-qemu) can traverse to the overlays
+    root = Path("/var/lib/clonebox/test") / f"e2e-{uuid.uuid4().hex[:8]}"
+    root.mkdir(parents=True)
+    os.chmod(root, 0o755)
+    host = f"e2e-{uuid.uuid4().hex[:6]}"
+    cport, aport = free_port(), free_port()
+    controller, agent = f"127.0.0.1:{cport}", f"127.0.0.1:{aport}"
+    (root / "controller.yaml").write_text(
+        yaml.safe_dump(
+            {"listen": controller, "database_url": f"sqlite:///{root / 'fleet.db'}", "heartbeat_timeout_seconds": 5}
+        )
+    )
+    storage = root / "storage"
+    (root / "agent.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": host,
+                "listen": agent,
+                "controller": controller,
+                "libvirt_uri": "qemu:///system",
+                "domain_type": "auto",
+                "state_dir": str(root / "agent"),
+                "storage_dir": str(storage),
+                "image_dirs": [str(IMAGES)],
+                "heartbeat_interval_seconds": 1,
+                "stop_timeout_seconds": 30,
+            }
+        )
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs: dict[str, subprocess.Popen[bytes]] = {
+        "controller": _start(
+            [sys.executable, "-m", "clonebox_controller.main", "--config", str(root / "controller.yaml")],
+            root / "controller.log",
+            env,
+        )
+    }
+    try:
+        wait_serving(controller, root / "controller.log")
+        fleet = RealFleet(root, controller, agent, storage, host, procs, env)
+        fleet.start_agent()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            hosts = fleet.cli_json("host", "list")["hosts"]
+            if any(h["name"] == host and h.get("state") == "HOST_STATE_READY" for h in hosts):
+                break
+            time.sleep(0.3)
+        else:
+            raise AssertionError(f"agent never registered: {(root / 'agent.log').read_text()[-3000:]}")
+        yield fleet
+    finally:
+        for p in reversed(list(procs.values())):
+            _stop(p)
+        # anything a failed test left behind on libvirt is removed here, never left running
+        leftover = (
+            f"V='virsh -c qemu:///system'; for d in $($V list --all --name | grep -e '{host}'); do "
+            "$V destroy $d; $V undefine $d --nvram; done; "
+            "for p in $($V pool-list --all --name | grep '^clonebox-'); do "
+            f"if $V pool-dumpxml $p | grep -q '{root}'; then $V pool-destroy $p; $V pool-undefine $p; fi; done"
+        )
+        subprocess.run(["bash", "-c", leftover], capture_output=True, check=False)
+        if os.environ.get("CLONEBOX_KEEP_E2E") != "1":
+            shutil.rmtree(root, ignore_errors=True)
