@@ -31,7 +31,7 @@ def libvirt_reason() -> str | None:
     r = subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True, text=True, check=False)
     if r.returncode != 0:
         return f"libvirtd not reachable: {r.stderr.strip()} (run deploy/dev/start-libvirt.sh)"
-    for f in ("vmlinuz", "initrd.img", "data.qcow2"):
+    for f in ("vmlinux", "initrd.img", "data.qcow2"):
         if not (GUEST / f).exists():
             return f"test guest missing {GUEST / f} (run deploy/testguest/build.sh)"
     return None
@@ -97,7 +97,7 @@ class RealFleet:
             "vcpus": 1,
             "memory": "128MiB",
             "kernel_boot": {
-                "kernel": "testguest/vmlinuz",
+                "kernel": "testguest/vmlinux",
                 "initrd": "testguest/initrd.img",
                 "cmdline": "console=ttyS0 quiet",
             },

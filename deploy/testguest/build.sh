@@ -314,7 +314,10 @@ ID_LIKE=debian
 PRETTY_NAME="CloneBox test guest ($KREL)"
 VERSION_ID="$KVER"
 EOF
-printf '%s\n' "$INPUTS" "kernel_release=$KREL" "modules=${LOAD_ORDER[*]}" >"$R/etc/clonebox-testguest"
+# what went into this image, for a look from inside the guest (no host-specific stat data, so
+# identical packages give an identical initramfs on any machine)
+grep -v '^binaries_stat_sha256=' <<<"$INPUTS" >"$R/etc/clonebox-testguest"
+printf '%s\n' "kernel_release=$KREL" "modules=${LOAD_ORDER[*]}" >>"$R/etc/clonebox-testguest"
 
 # The kernel opens /dev/console before /init runs; without the node the early output is lost.
 # Only root can mknod, and /init mounts devtmpfs anyway, so this is best effort.

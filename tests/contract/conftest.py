@@ -153,7 +153,7 @@ class Harness:
 
     def guest_spec(self, **overrides: Any) -> VmSpec:
         """The test guest (kernel + busybox initramfs with qemu-ga) where a real guest must answer."""
-        kit = os.path.join(TESTGUEST_DIR, "vmlinuz")
+        kit = os.path.join(TESTGUEST_DIR, "vmlinux")  # uncompressed: TCG spends seconds inflating vmlinuz
         if self.real and not os.path.exists(kit):
             pytest.skip(f"test guest kit missing at {TESTGUEST_DIR}: run deploy/testguest/build.sh")
         name = self.name()

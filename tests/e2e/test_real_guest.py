@@ -54,6 +54,7 @@ def test_tiny_guest_lifecycle(real_fleet: RealFleet) -> None:
 
     stopped = real_fleet.cli_json("vm", "stop", name, "--wait")
     assert stopped["state"] == "VM_STATE_STOPPED"
+    assert stopped["state_reason"] == "shutdown", "the guest powered itself off (not forced)"
     ops = real_fleet.cli_json("operation", "list")
     assert ops, "operations are listed"
 
@@ -81,9 +82,9 @@ def test_forced_stop_when_guest_ignores_acpi(real_fleet: RealFleet) -> None:
     spec = real_fleet.spec_file(
         name,
         kernel_boot={
-            "kernel": "testguest/vmlinuz",
+            "kernel": "testguest/vmlinux",
             "initrd": "testguest/initrd.img",
-            "cmdline": "console=ttyS0 quiet clonebox.ignore_acpi=1 clonebox.no_ga=1",
+            "cmdline": "console=ttyS0 quiet clonebox.ignore_shutdown=1",
         },
     )
     real_fleet.cli_json("vm", "create", "-f", str(spec), "--wait")
@@ -91,6 +92,7 @@ def test_forced_stop_when_guest_ignores_acpi(real_fleet: RealFleet) -> None:
     time.sleep(5)  # let the guest reach /init so it really is ignoring the button
     stopped = real_fleet.cli_json("vm", "stop", name, "--grace", "5", "--wait")
     assert stopped["state"] == "VM_STATE_STOPPED"
+    assert stopped["state_reason"] == "destroyed", "the agent forced it off after the grace period"
     real_fleet.cli("vm", "delete", name, "--wait")
     assert f"cb-{name}" not in virsh("list", "--all", "--name").split()
 

@@ -108,7 +108,7 @@ def test_create_waits_shows_progress_and_prints_the_vm(runner: CliRunner, fake_c
         assert f"[{pct:3d}%] vm.create hosts/local/vms/tiny-a: {step}" in result.stderr
     (request,) = fake_controller.fleet.calls("CreateVm")
     assert uuid.UUID(request.request_id).version == 4
-    assert request.spec.memory_mib == 128 and request.spec.kernel_boot.kernel == "testguest/vmlinuz"
+    assert request.spec.memory_mib == 128 and request.spec.kernel_boot.kernel == "testguest/vmlinux"
     assert request.spec.disks[0].base_image == "testguest/data.qcow2"
     assert dict(request.spec.labels) == {"app": "demo"}
     assert request.host == ""

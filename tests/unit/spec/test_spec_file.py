@@ -27,7 +27,7 @@ name: tiny-a
 vcpus: 1
 memory: 128MiB
 kernel_boot:
-  kernel: testguest/vmlinuz
+  kernel: testguest/vmlinux
   initrd: testguest/initrd.img
   cmdline: console=ttyS0 quiet
 disks:
@@ -107,7 +107,7 @@ def test_tiny_examples_use_the_test_guest() -> None:
         assert spec.name == name
         assert spec.kernel_boot is not None
         assert (spec.kernel_boot.kernel, spec.kernel_boot.initrd) == (
-            "testguest/vmlinuz",
+            "testguest/vmlinux",
             "testguest/initrd.img",
         )
         assert spec.kernel_boot.cmdline == "console=ttyS0 quiet"

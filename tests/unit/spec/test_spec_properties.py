@@ -27,7 +27,7 @@ TINY_TEXT = """\
 version: 1
 name: tiny-a
 memory: 128MiB
-kernel_boot: {kernel: testguest/vmlinuz, initrd: testguest/initrd.img, cmdline: console=ttyS0 quiet}
+kernel_boot: {kernel: testguest/vmlinux, initrd: testguest/initrd.img, cmdline: console=ttyS0 quiet}
 disks:
   - name: data
     base_image: testguest/data.qcow2
