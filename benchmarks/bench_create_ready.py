@@ -4,7 +4,7 @@ Create -> guest-agent-ready of the tiny test guest through the CLI, against plai
 A controller and an agent run as processes on ``qemu:///system`` (their folders under
 ``/var/lib/clonebox/bench-XXXXXX``, traversable by ``libvirt-qemu``). One untimed CloneBox create
 warms the daemons and gives the domain XML the baseline reuses. Then, interleaved (the order swaps
-each repetition, so drift in machine load hits both alike), R times each:
+each repetition, so drift in machine load hits both alike), R times each (default 5, --quick 1):
 
 - CloneBox: ``clonebox vm create -f SPEC --wait`` (a new process, as an operator runs it), then poll
   until the guest agent answers ``guest-ping``; ``clonebox vm delete`` afterwards (untimed);
@@ -313,7 +313,7 @@ def run(opts: Options) -> BenchResult:
         return result
     import libvirt
 
-    reps = opts.repetitions or (1 if opts.quick else 3)
+    reps = opts.repetitions or (1 if opts.quick else 5)
     tag = f"bench-{uuid.uuid4().hex[:6]}"
     root = RUN_ROOT / tag
     root.mkdir(parents=True)

@@ -45,7 +45,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--calls", type=int, help="getvm: calls per cell (default 5000, quick 500)")
     p.add_argument("--domains", type=int, help="listvms: domains to define (default 1000)")
-    p.add_argument("--repetitions", type=int, help="create_ready: timed runs of each kind (default 3, quick 1)")
+    p.add_argument("--repetitions", type=int, help="create_ready: timed runs of each kind (default 5, quick 1)")
     p.add_argument(
         "--kernel",
         default="vmlinuz",

@@ -50,6 +50,8 @@ def build_hypervisor(config: AgentConfig) -> Hypervisor:
         storage_dir=Path(config.storage_dir),
         image_dirs=[Path(p) for p in config.image_dirs],
         domain_type=config.domain_type,
+        # several agents may share one libvirtd (tests, benchmarks, dev): each lists only its own domains
+        owner=config.name,
     )
 
 

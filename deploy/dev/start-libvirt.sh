@@ -41,8 +41,11 @@ if ! virsh -c qemu:///system net-info default >/dev/null 2>&1; then
 XML
   virsh -c qemu:///system net-define "$tmp" >/dev/null; rm -f "$tmp"
 fi
-if ! virsh -c qemu:///system net-info default | grep -q 'Active:.*yes'; then
-  virsh -c qemu:///system net-start default >/dev/null
+net_active() { local info; info=$(virsh -c qemu:///system net-info default 2>/dev/null) && grep -q 'Active:.*yes' <<<"$info"; }  # no pipe: pipefail + grep -q would see SIGPIPE
+if ! net_active; then
+  # another process may start it at the same moment; only a network that stays down is an error
+  virsh -c qemu:///system net-start default >/dev/null 2>&1 || net_active || {
+    echo "start-libvirt: cannot start libvirt network 'default'" >&2; exit 1; }
 fi
 virsh -c qemu:///system net-autostart default >/dev/null 2>&1 || true
 echo "start-libvirt: libvirtd ready, network 'default' active"

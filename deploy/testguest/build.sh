@@ -227,7 +227,10 @@ extract_vmlinux() {
   [ "$(od -An -c -N4 "$dst" | tr -d ' ')" = '177ELF' ] || return 1
   # QEMU refuses an ELF kernel without the Xen PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY = 0x12)
   if command -v readelf >/dev/null; then
-    readelf -n "$dst" 2>/dev/null | grep -qE 'Xen.*(\(0x00000012\)|PHYS32_ENTRY)' || return 1
+    # capture first: with pipefail, grep -q exiting early would fail the pipeline through SIGPIPE
+    local notes
+    notes=$(readelf -n "$dst" 2>/dev/null) || return 1
+    grep -qE 'Xen.*(\(0x00000012\)|PHYS32_ENTRY)' <<<"$notes" || return 1
   fi
 }
 if extract_vmlinux "$STAGE/vmlinuz" "$STAGE/vmlinux"; then
