@@ -353,3 +353,41 @@ async def test_hypervisor_down_makes_host_not_serving(fleet: Fleet) -> None:
         return host.state == host_pb2.HOST_STATE_READY
 
     await eventually(ready, what="host READY again")
+
+
+async def test_fleet_watch_streams_changes_and_resumes(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", SMALL)
+    seen: list[tuple[int, str, int, bool]] = []
+
+    async def watch(after: int, until: int) -> None:
+        call = fleet.vms.WatchVms(vm_service_pb2.WatchVmsRequest(after_revision=after))
+        async for ev in call:
+            seen.append((ev.revision, ev.vm.name, ev.vm.state, ev.deleted))
+            if len(seen) >= until:
+                call.cancel()
+                return
+
+    await create(fleet, spec("w1"))
+    await asyncio.wait_for(watch(1, 1), 10)  # resume after revision 1: the later changes of w1 replay
+    first = seen[-1]
+    assert first[0] > 1 and first[1] == "w1"
+    resp = await fleet.vms.DeleteVm(vm_service_pb2.DeleteVmRequest(name="w1", request_id="wd"))
+    await fleet.ops.WaitOperation(operation_service_pb2.WaitOperationRequest(id=resp.operation.id))
+    seen.clear()
+    await asyncio.wait_for(watch(first[0], 1), 10)
+    revisions = [r for r, *_ in seen]
+    assert revisions == sorted(revisions) and revisions[0] > first[0]
+
+
+async def test_watch_operation_reports_progress_until_done(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", SMALL)
+    fleet.fakes["h1"].faults.delays["create"] = 0.5
+    resp = await fleet.vms.CreateVm(vm_service_pb2.CreateVmRequest(spec=spec("slow"), request_id="slow"))
+    states = [
+        (m.operation.progress, m.operation.done)
+        async for m in fleet.ops.WatchOperation(operation_service_pb2.WatchOperationRequest(id=resp.operation.id))
+    ]
+    assert states[-1][1], "the stream ends with the finished operation"
+    assert any(not done for _, done in states), "progress before completion was streamed"
+    progress = [p for p, _ in states]
+    assert progress == sorted(progress)
