@@ -26,7 +26,7 @@ from rich.table import Table
 
 from clonebox_core import model
 from clonebox_core.rpc.convert import host_from_proto, operation_error, vm_from_proto
-from clonebox_core.spec import format_size
+from clonebox_core.units import format_size
 
 
 class OutputFormat(enum.StrEnum):

@@ -24,7 +24,7 @@ from clonebox_cli.operation import TimeoutOpt, print_started, wait_and_check
 from clonebox_core.errors import InvalidArgument
 from clonebox_core.model import VmSpec
 from clonebox_core.rpc.convert import spec_to_proto, vm_from_proto
-from clonebox_core.spec import dump_spec, format_size, load_spec_file, load_spec_text
+from clonebox_core.units import format_size
 
 app = typer.Typer(help="Create and manage VMs.", no_args_is_help=True)
 
@@ -60,7 +60,11 @@ def _parse_labels(values: list[str] | None) -> dict[str, str]:
 def _load_spec(path: str) -> VmSpec:
     """Load the spec file at ``path``, or standard input for ``-``."""
     if path == "-":
+        from clonebox_core.spec import load_spec_text  # pydantic models cost ~0.15 s: load on use
+
         return load_spec_text(sys.stdin.read(), "<stdin>")
+    from clonebox_core.spec import load_spec_file
+
     return load_spec_file(path)
 
 
@@ -189,6 +193,8 @@ def show(
     client = s.client()
     vm = client.call(client.vms.GetVm, vms_pb2.GetVmRequest(name=name)).vm
     if as_spec:
+        from clonebox_core.spec import dump_spec
+
         typer.echo(dump_spec(vm_from_proto(vm).spec), nl=False)
         return
     _print_vm(s, vm)

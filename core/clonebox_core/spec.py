@@ -41,7 +41,6 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Mapping, Sequence
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -59,6 +58,7 @@ from clonebox_core.model import (
     SharedFolder,
     VmSpec,
 )
+from clonebox_core.units import format_size, parse_size
 from clonebox_core.validate import MAX_DISK_MIB, MAX_MEMORY_MIB, MIN_MEMORY_MIB, validate_spec
 
 __all__ = [
@@ -82,52 +82,6 @@ MAX_SPEC_BYTES = 4 * 1024 * 1024
 _MAX_NODES = 100_000
 
 # --------------------------------------------------------------------------------------------- sizes
-
-_KIB_PER_UNIT = {"K": 1, "M": 1024, "G": 1024**2, "T": 1024**3}
-# a decimal number, then an optional binary unit (K, Ki, KiB; case-insensitive prefix letter)
-_SIZE = re.compile(r"^\s*(\d{1,16}(?:\.\d{1,9})?)\s*(?:([KMGTkmgt])(i?[Bb]?|I[Bb]?)?)?\s*$")
-_AMBIGUOUS = re.compile(r"^\s*\d+(?:\.\d+)?\s*[KMGTkmgt][Bb]\s*$")
-
-
-def parse_size(value: object) -> int:
-    """
-    Parse a size in whole MiB from a YAML value: an int (MiB) or a string with a binary unit.
-
-    Accepts ``512``, ``"512"``, ``"256MiB"``, ``"1GiB"``, ``"1.5G"``, ``"2048KiB"``, ``"1TiB"``. Raises
-    ``ValueError`` with a message that quotes the input and says how to fix it.
-    """
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(f"{_describe(value)} is not a size: use a whole number of MiB or a string like '512MiB'")
-    if isinstance(value, int):
-        return value
-    if _AMBIGUOUS.match(value):
-        raise ValueError(
-            f"{value!r} is ambiguous (decimal or binary?): write the binary unit, e.g. "
-            f"'{value.strip()[:-1].rstrip()}iB'"
-        )
-    m = _SIZE.match(value)
-    if m is None:
-        raise ValueError(
-            f"{value!r} is not a size: use a whole number of MiB or a number with a unit "
-            "(KiB, MiB, GiB, TiB), e.g. '512MiB'"
-        )
-    number, unit = m.group(1), m.group(2)
-    try:
-        kib = Decimal(number) * _KIB_PER_UNIT[(unit or "M").upper()]
-    except InvalidOperation:  # pragma: no cover - the regex admits only plain decimals
-        raise ValueError(f"{value!r} is not a size") from None
-    mib, rest = divmod(kib, 1024)
-    if rest:
-        raise ValueError(f"{value!r} is not a whole number of MiB: round it, e.g. to '{int(mib) + 1}MiB'")
-    return int(mib)
-
-
-def format_size(mib: int) -> str:
-    """Spell ``mib`` exactly and shortest: ``1GiB``, ``1536MiB``, ``2TiB``; ``parse_size`` reverses it."""
-    for unit, factor in (("TiB", 1024 * 1024), ("GiB", 1024)):
-        if mib and mib % factor == 0:
-            return f"{mib // factor}{unit}"
-    return f"{mib}MiB"
 
 
 def _ranged_size(low: int, high: int, low_hint: str = "") -> Any:
