@@ -33,6 +33,12 @@ class AgentConfig(BaseModel):
     advertise: str = ""
     #: controller to register with; empty runs the agent standalone
     controller: str = "127.0.0.1:7100"
+    #: folder with ca.crt, agent.crt and agent.key (mTLS); see 'clonebox pki'
+    tls_dir: str = ""
+    #: plaintext gRPC instead of mTLS: refused unless every address is loopback
+    insecure: bool = False
+    #: one-time token from 'clonebox host add': used to obtain the first certificate when tls_dir is empty
+    join_token: str = ""
     #: which adapter: libvirt (real or test driver, by uri) or the in-memory fake
     hypervisor: Literal["libvirt", "fake"] = "libvirt"
     libvirt_uri: str = "qemu:///system"

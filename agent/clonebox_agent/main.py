@@ -21,16 +21,27 @@ from clonebox.controller.v1 import host_service_pb2, host_service_pb2_grpc
 
 from clonebox_agent.app.service import AgentService
 from clonebox_agent.config import AgentConfig
+from clonebox_agent.credentials import enroll, renew_forever
 from clonebox_agent.grpc.servicer import AgentServicer
 from clonebox_agent.journal.store import Journal
 from clonebox_agent.ports import Hypervisor
 from clonebox_core.config import load_config
-from clonebox_core.errors import CloneboxError
+from clonebox_core.errors import CloneboxError, InvalidArgument
 from clonebox_core.logs import setup_logging
 from clonebox_core.model import Resources
 from clonebox_core.names import check_dns_label
 from clonebox_core.rpc import convert
-from clonebox_core.rpc.server import ServerHandle, aio_channel, split_host_port, start_server
+from clonebox_core.rpc.auth import Authorizer
+from clonebox_core.rpc.server import (
+    ServerHandle,
+    aio_channel,
+    make_transport,
+    split_host_port,
+    start_server,
+    trust_domain_of,
+)
+from clonebox_core.rpc.tls import TlsFiles
+from clonebox_core.security.identity import Identity, Kind
 
 log = logging.getLogger("clonebox_agent")
 
@@ -61,7 +72,20 @@ class Agent:
     def __init__(self, config: AgentConfig, hypervisor: Hypervisor | None = None) -> None:
         check_dns_label("name", config.name)
         self.config = config
+        if config.join_token and config.tls_dir and not TlsFiles.in_folder(Path(config.tls_dir), "agent").exists():
+            enroll(Path(config.tls_dir), config.name, config.join_token)
+        self.transport = make_transport(config.tls_dir, "agent", config.insecure)
+        self.trust_domain = trust_domain_of(self.transport)
+        if self.transport.tls is not None:
+            me = self.transport.tls.identity()
+            if me.kind != Kind.AGENT or me.name != config.name:
+                raise InvalidArgument(
+                    f"name: the certificate in {config.tls_dir} is for {me}, not agent {config.name}",
+                    reason="AGENT_NAME_MISMATCH",
+                    metadata={"field": "name"},
+                )
         self.journal = Journal(Path(config.state_dir) / "journal.db")
+        self._revoked = self.journal.revoked()
         self.service = AgentService(
             config.name,
             hypervisor if hypervisor is not None else build_hypervisor(config),
@@ -73,6 +97,7 @@ class Agent:
         )
         self.server: ServerHandle | None = None
         self._session: asyncio.Task[None] | None = None
+        self._renewal: asyncio.Task[None] | None = None
         self._serving = True
 
     @property
@@ -85,17 +110,27 @@ class Agent:
     async def start(self) -> None:
         """Start the use cases, the gRPC server and the controller session."""
         await self.service.start()
+        authorizer = Authorizer(self.trust_domain, self._is_revoked) if self.trust_domain else None
         self.server = await start_server(
             self.config.listen,
             [(agent_pb2_grpc.add_AgentServiceServicer_to_server, AgentServicer(self.service), SERVICE_NAME)],
+            self.transport,
+            authorizer,
         )
         await self._refresh_serving()
         if self.config.controller:
             self._session = asyncio.create_task(self._controller_session(), name="controller-session")
+            if self.transport.tls is not None:
+                self._renewal = asyncio.create_task(
+                    renew_forever(self.transport, self.config.controller), name="renewal"
+                )
         log.info("agent %s listening on %s", self.config.name, self.address)
 
     async def stop(self) -> None:
         """Stop everything, in reverse order."""
+        if self._renewal is not None:
+            self._renewal.cancel()
+            await asyncio.gather(self._renewal, return_exceptions=True)
         if self._session is not None:
             self._session.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -104,6 +139,15 @@ class Agent:
             await self.server.stop()
         await self.service.close()
         self.journal.close()
+
+    def _is_revoked(self, identity: Identity) -> bool:
+        return f"{identity.serial:x}" in self._revoked
+
+    def _apply_revocations(self, serials: set[str]) -> None:
+        if serials != self._revoked:
+            self.journal.set_revoked(serials)
+            self._revoked = serials
+            log.info("deny list updated: %d revoked certificates", len(serials))
 
     async def _refresh_serving(self) -> tuple[bool, str]:
         info = await self.service.host_info()
@@ -137,11 +181,14 @@ class Agent:
         # reconnect forever with capped backoff: the controller may restart or be upgraded
         backoff = 0.5
         while True:
-            channel = aio_channel(self.config.controller)
+            channel = aio_channel(
+                self.config.controller, self.transport, f"controller.{self.trust_domain}" if self.trust_domain else None
+            )
             try:
                 stub = host_service_pb2_grpc.HostServiceStub(channel)
-                async for _ in stub.Connect(self._messages()):
+                async for resp in stub.Connect(self._messages()):
                     backoff = 0.5
+                    self._apply_revocations(set(resp.revoked_serials))
             except grpc.aio.AioRpcError as exc:
                 log.warning("controller session to %s ended: %s", self.config.controller, exc.details())
             finally:

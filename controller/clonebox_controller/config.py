@@ -11,6 +11,16 @@ class ControllerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     #: address the controller's services listen on; port 0 picks a free one
     listen: str = "127.0.0.1:7100"
+    #: folder with ca.crt, controller.crt and controller.key (mTLS); see 'clonebox pki'
+    tls_dir: str = ""
+    #: plaintext gRPC instead of mTLS: refused unless the listen address is loopback
+    insecure: bool = False
+    #: the issuing CA ('clonebox pki init'); needed for enrolment, renewal, revocation
+    ca_dir: str = ""
+    #: TLS port without client certificates where new hosts enrol with a join token ("" disables)
+    enroll_listen: str = ""
+    #: lifetime of certificates the controller issues (renewals, enrolments)
+    certificate_seconds: int = Field(30 * 86400, ge=10, le=366 * 86400)
     #: SQLAlchemy URL: sqlite:///PATH (default) or postgresql+psycopg://...
     database_url: str = "sqlite:////var/lib/clonebox/controller/fleet.db"
     #: a host that sends no heartbeat for this long becomes UNREACHABLE

@@ -8,14 +8,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+from datetime import UTC, datetime
+from pathlib import Path
 
 from clonebox.controller.v1 import (
     host_service_pb2,
     host_service_pb2_grpc,
     operation_service_pb2,
     operation_service_pb2_grpc,
+    pki_service_pb2,
+    pki_service_pb2_grpc,
     vm_service_pb2,
     vm_service_pb2_grpc,
 )
@@ -23,14 +28,30 @@ from clonebox.controller.v1 import (
 from clonebox_controller.agents.pool import GrpcAgentGateway
 from clonebox_controller.app.hosts import HostRegistry
 from clonebox_controller.app.operations import OperationQueries
+from clonebox_controller.app.pki import PkiManager
 from clonebox_controller.app.vms import VmManager
 from clonebox_controller.config import ControllerConfig
-from clonebox_controller.grpc.servicers import HostServicer, OperationServicer, VmServicer
+from clonebox_controller.grpc.servicers import (
+    EnrollmentServicer,
+    HostServicer,
+    OperationServicer,
+    PkiServicer,
+    VmServicer,
+)
 from clonebox_controller.store import Store
 from clonebox_core.config import load_config
 from clonebox_core.errors import CloneboxError
 from clonebox_core.logs import setup_logging
-from clonebox_core.rpc.server import ServerHandle, split_host_port, start_server
+from clonebox_core.rpc.auth import Authorizer
+from clonebox_core.rpc.server import (
+    ServerHandle,
+    make_transport,
+    split_host_port,
+    start_server,
+    trust_domain_of,
+)
+from clonebox_core.rpc.tls import TlsFiles
+from clonebox_core.security.pki import CertificateAuthority, cert_pem, key_pem, write_private, write_public
 
 log = logging.getLogger("clonebox_controller")
 
@@ -44,8 +65,20 @@ class Controller:
 
     def __init__(self, config: ControllerConfig) -> None:
         self.config = config
+        self.transport = make_transport(config.tls_dir, "controller", config.insecure)
+        self.trust_domain = trust_domain_of(self.transport)
         self.store = Store.open(config.database_url)
-        self.gateway = GrpcAgentGateway()
+        self.gateway = GrpcAgentGateway(self.transport, self.trust_domain)
+        self.pki: PkiManager | None = None
+        if config.ca_dir:
+            self.pki = PkiManager(
+                self.store,
+                CertificateAuthority.load(Path(config.ca_dir)),
+                enroll_address=config.enroll_listen,
+                leaf_seconds=config.certificate_seconds,
+            )
+        self.enroll_server: ServerHandle | None = None
+        self._renewal: asyncio.Task[None] | None = None
         self.hosts = HostRegistry(
             self.store,
             self.gateway,
@@ -66,13 +99,23 @@ class Controller:
     async def start(self) -> None:
         """Start serving and resume unfinished operations."""
         await self.hosts.start()
+        authorizer = None
+        if self.transport.tls is not None:
+            authorizer = Authorizer(self.trust_domain, self.pki.is_revoked if self.pki else lambda _i: False)
+        if self.pki is not None:
+            await self.pki.start()
         self.server = await start_server(
             self.config.listen,
             [
                 (
                     host_service_pb2_grpc.add_HostServiceServicer_to_server,
-                    HostServicer(self.hosts, self.store, self.vms),
+                    HostServicer(self.hosts, self.store, self.vms, self.pki),
                     _service(host_service_pb2, "HostService"),
+                ),
+                (
+                    pki_service_pb2_grpc.add_PkiServiceServicer_to_server,
+                    PkiServicer(self.pki),
+                    _service(pki_service_pb2, "PkiService"),
                 ),
                 (
                     vm_service_pb2_grpc.add_VmServiceServicer_to_server,
@@ -85,12 +128,51 @@ class Controller:
                     _service(operation_service_pb2, "OperationService"),
                 ),
             ],
+            self.transport,
+            authorizer,
         )
+        if self.pki is not None and self.config.enroll_listen and self.transport.tls is not None:
+            self.enroll_server = await start_server(
+                self.config.enroll_listen,
+                [
+                    (
+                        pki_service_pb2_grpc.add_EnrollmentServiceServicer_to_server,
+                        EnrollmentServicer(self.pki),
+                        _service(pki_service_pb2, "EnrollmentService"),
+                    )
+                ],
+                self.transport,
+                client_auth=False,
+            )
+        if self.pki is not None and self.transport.tls is not None:
+            self._renewal = asyncio.create_task(self._renew_own_certificate(self.transport.tls), name="renewal")
         await self.vms.resume()
         log.info("controller listening on %s", self.address)
 
+    async def _renew_own_certificate(self, tls: TlsFiles) -> None:
+        # the controller holds the CA, so it renews itself at two thirds of the lifetime, no RPC needed
+        assert self.pki is not None
+        while True:
+            delay = (tls.renew_at() - datetime.now(UTC)).total_seconds()
+            await asyncio.sleep(max(delay, 1.0))
+            me = tls.identity()
+            issued = self.pki.ca.issue(me, seconds=self.config.certificate_seconds)
+            assert issued.key is not None
+            write_private(tls.key.with_name(tls.key.name + ".next"), key_pem(issued.key))
+            write_public(tls.cert.with_name(tls.cert.name + ".next"), cert_pem(issued.cert))
+            os.replace(tls.key.with_name(tls.key.name + ".next"), tls.key)
+            os.replace(tls.cert.with_name(tls.cert.name + ".next"), tls.cert)
+            log.info("renewed the controller certificate (serial %x)", issued.cert.serial_number)
+
     async def stop(self) -> None:
         """Stop serving and background work."""
+        if self._renewal is not None:
+            self._renewal.cancel()
+            await asyncio.gather(self._renewal, return_exceptions=True)
+        if self.enroll_server is not None:
+            await self.enroll_server.stop()
+        if self.pki is not None:
+            await self.pki.close()
         if self.server is not None:
             await self.server.stop()
         await self.vms.close()

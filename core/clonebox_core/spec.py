@@ -60,6 +60,7 @@ from clonebox_core.model import (
 )
 from clonebox_core.units import format_size, parse_size
 from clonebox_core.validate import MAX_DISK_MIB, MAX_MEMORY_MIB, MIN_MEMORY_MIB, validate_spec
+from clonebox_core.yamlsafe import find_node, line_of, load_yaml_safely, located_error, scrub
 
 __all__ = [
     "MAX_SPEC_BYTES",
@@ -78,8 +79,10 @@ SPEC_VERSION = 1
 REASON = "SPEC_INVALID"
 #: three cloud-init documents of at most 1 MiB each, plus the rest of the spec
 MAX_SPEC_BYTES = 4 * 1024 * 1024
-#: composed YAML nodes, counting every alias expansion; stops "billion laughs" documents early
-_MAX_NODES = 100_000
+#: ``cloud_init`` may carry passwords and tokens: no error message quotes anything inside it
+SECRET_PATHS: tuple[tuple[str, ...], ...] = (("cloud_init",),)
+#: characters of a value that an error message may quote
+_SHOWN_CHARS = 40
 
 # --------------------------------------------------------------------------------------------- sizes
 
@@ -226,40 +229,6 @@ def _to_model(doc: _SpecV1) -> VmSpec:
 # ------------------------------------------------------------------------------- locating in the YAML
 
 
-def _line(node: yaml.Node) -> int:
-    return int(node.start_mark.line) + 1
-
-
-def _find(root: yaml.Node, loc: Loc) -> tuple[yaml.Node, yaml.Node | None, int]:
-    """Walk ``loc`` down the node tree: (deepest node reached, its key node if any, parts matched)."""
-    node, key_node, matched = root, None, 0
-    for part in loc:
-        nxt: tuple[yaml.Node, yaml.Node] | None = None
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                if isinstance(k, yaml.ScalarNode) and k.value == str(part):
-                    nxt = (k, v)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
-            nxt = (node.value[part], node.value[part])
-        if nxt is None:
-            break
-        key_node, node = (nxt[0], nxt[1]) if isinstance(node, yaml.MappingNode) else (None, nxt[1])
-        matched += 1
-    return node, key_node, matched
-
-
-def _line_of(root: yaml.Node | None, loc: Loc, *, at_key: bool = False, parent: bool = False) -> int:
-    """Return the line to blame: the key for unknown fields, the parent for missing ones, else the value."""
-    if root is None:
-        return 1
-    if parent:
-        loc = loc[:-1]
-    node, key_node, matched = _find(root, loc)
-    if at_key and key_node is not None and matched == len(loc):
-        return _line(key_node)
-    return _line(node)
-
-
 def _path_text(loc: Sequence[str | int], root: yaml.Node | None = None) -> str:
     """``disks[0].size``; with the node tree, an int that is a mapping key (``{1: x}``) reads ``.1``."""
     out = ""
@@ -271,27 +240,34 @@ def _path_text(loc: Sequence[str | int], root: yaml.Node | None = None) -> str:
         else:
             out += f".{part}" if out else str(part)
         if node is not None:
-            found, _, matched = _find(node, (part,))
+            found, _, matched = find_node(node, (part,))
             node = found if matched else None
     return out or "(top level)"
 
 
-def _describe(value: object) -> str:
-    """Describe a YAML value briefly, for messages."""
+def _describe(value: object, *, secret: bool = False) -> str:
+    """Describe a YAML value briefly, for messages; a ``secret`` one only by its kind."""
     if value is None:
         return "null"
     if isinstance(value, bool):
-        return "true" if value else "false"
+        return "a boolean" if secret else ("true" if value else "false")
     if isinstance(value, str):
-        shown = value if len(value) <= 40 else value[:37] + "..."
+        if secret:
+            return "a string"
+        shown = value if len(value) <= _SHOWN_CHARS else value[: _SHOWN_CHARS - 3] + "..."
         return repr(shown)
     if isinstance(value, int | float):
-        return str(value)
+        return "a number" if secret else str(value)
     if isinstance(value, list):
         return "a list"
     if isinstance(value, dict):
         return "a mapping"
     return f"a {type(value).__name__}"
+
+
+def _is_secret(loc: Sequence[str | int]) -> bool:
+    """Whether values at ``loc`` must never be quoted (cloud-init documents may hold credentials)."""
+    return any(tuple(loc[: len(p)]) == p for p in SECRET_PATHS)
 
 
 def _fields_of(loc: Loc) -> list[str]:
@@ -340,130 +316,39 @@ def _pydantic_problem(err: ErrorDetails, root: yaml.Node | None) -> tuple[Loc, s
     if loc and loc[-1] == "[key]":  # dict key errors: pydantic appends a marker after the key
         loc, at_key = loc[:-1], True
     path = _path_text(loc, root)
+    secret = _is_secret(loc)
+    shown = _describe(value, secret=secret)
     if kind == "missing":
         return loc, f"{path}: required but missing: add '{loc[-1]}: ...'", False, True
     if kind == "extra_forbidden":
         return loc, f"{path}: {_unknown_field_hint(loc)}", True, False
     if kind == "string_type":
-        return loc, f"{path}: expected a string, got {_describe(value)}{_quote_hint(value)}", at_key, False
+        return loc, f"{path}: expected a string, got {shown}{_quote_hint(value)}", at_key, False
     if kind in ("int_type", "int_parsing", "int_from_float"):
-        return loc, f"{path}: expected a whole number, got {_describe(value)}", at_key, False
+        return loc, f"{path}: expected a whole number, got {shown}", at_key, False
     if kind == "bool_type":
-        return loc, f"{path}: expected true or false, got {_describe(value)}", at_key, False
+        return loc, f"{path}: expected true or false, got {shown}", at_key, False
     if kind == "literal_error":
         expected = (err.get("ctx") or {}).get("expected", "")
-        return loc, f"{path}: {_describe(value)} is not allowed: use {expected}", at_key, False
+        return loc, f"{path}: {shown} is not allowed: use {expected}", at_key, False
     if kind == "list_type":
-        return loc, f"{path}: expected a list ('- item' lines), got {_describe(value)}", False, False
+        return loc, f"{path}: expected a list ('- item' lines), got {shown}", False, False
     if kind in ("dict_type", "model_type", "model_attributes_type"):
         fields = _fields_of(loc)
         hint = f" with {', '.join(fields)}" if fields else ""
-        return loc, f"{path}: expected a mapping{hint}, got {_describe(value)}", False, False
+        return loc, f"{path}: expected a mapping{hint}, got {shown}", False, False
     if kind == "value_error":
-        return loc, f"{path}: {(err.get('ctx') or {}).get('error', err['msg'])}", False, False
-    return loc, f"{path}: {err['msg'][:1].lower()}{err['msg'][1:]}", at_key, False
+        problem = str((err.get("ctx") or {}).get("error", err["msg"]))
+        return loc, f"{path}: {scrub(problem, hide=secret, limit=_SHOWN_CHARS)}", False, False
+    problem = scrub(err["msg"], hide=secret, limit=_SHOWN_CHARS)
+    return loc, f"{path}: {problem[:1].lower()}{problem[1:]}", at_key, False
 
 
 # --------------------------------------------------------------------------------------- the loader
 
 
 def _fail(source: str, line: int, message: str, field: str = "") -> InvalidArgument:
-    text = " ".join(f"{source}:{line}: {message}".split())  # one line, whatever the YAML held
-    meta = {"file": source, "line": str(line)}
-    if field:
-        meta["field"] = field
-    return InvalidArgument(text, reason=REASON, metadata=meta)
-
-
-def _check_tree(source: str, root: yaml.Node) -> None:
-    """Refuse duplicate keys (YAML keeps the last silently) and documents that expand enormously."""
-    stack: list[yaml.Node] = [root]
-    budget = _MAX_NODES
-    while stack:
-        node = stack.pop()
-        budget -= 1
-        if budget < 0:
-            raise _fail(source, _line(root), f"too many YAML nodes (more than {_MAX_NODES} after aliases)")
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[str, int] = {}
-            for k, v in node.value:
-                if isinstance(k, yaml.ScalarNode):
-                    if k.value in seen and k.value != "<<":
-                        raise _fail(
-                            source,
-                            _line(k),
-                            f"duplicate key '{k.value}' (first at line {seen[k.value]}): keep one",
-                        )
-                    seen[k.value] = _line(k)
-                stack.extend((k, v))
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend(node.value)
-
-
-def _find_unconstructible(root: yaml.Node | None) -> int:
-    """Return the line of the first scalar that cannot be constructed (those errors carry no mark)."""
-    if root is None:
-        return 1
-    stack: list[yaml.Node] = [root]
-    budget = _MAX_NODES
-    while stack and budget > 0:
-        budget -= 1
-        node = stack.pop()
-        if isinstance(node, yaml.ScalarNode):
-            probe = yaml.SafeLoader("")
-            try:
-                probe.construct_object(node, deep=True)
-            except Exception:
-                return _line(node)
-            finally:
-                probe.dispose()
-        elif isinstance(node, yaml.MappingNode):
-            for k, v in reversed(node.value):
-                stack.extend((v, k))
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend(reversed(node.value))
-    return _line(root)
-
-
-def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
-    problem, context = exc.problem or "", exc.context or ""
-    if context and problem:
-        return f"{context}, {problem}" if problem.startswith("but ") else f"{context}: {problem}"
-    return problem or context or "syntax error"
-
-
-def _parse(text: str, source: str) -> tuple[yaml.Node | None, Any]:
-    root: yaml.Node | None = None
-    loader: yaml.SafeLoader | None = None
-    try:
-        loader = yaml.SafeLoader(text)  # the reader checks characters here already
-        root = loader.get_single_node()
-        if root is None:
-            return None, None
-        _check_tree(source, root)
-        return root, loader.construct_document(root)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = int(mark.line) + 1 if mark is not None else 1
-        problem = _yaml_problem(exc)
-        hint = (
-            "indent with spaces, not tabs" if "\\t" in problem or "\t" in problem else "check indentation and quoting"
-        )
-        col = f" (column {int(mark.column) + 1})" if mark is not None else ""
-        raise _fail(source, line, f"not valid YAML: {problem}{col}: {hint}") from None
-    except yaml.reader.ReaderError as exc:
-        line = text[: max(0, exc.position)].count("\n") + 1
-        raise _fail(source, line, f"not valid YAML: {exc.reason} {exc.character!r}: remove it") from None
-    except InvalidArgument:
-        raise
-    except RecursionError:
-        raise _fail(source, 1, "not valid YAML: nested too deeply") from None
-    except Exception as exc:
-        line = _find_unconstructible(root)
-        raise _fail(source, line, f"not valid YAML: {exc}: put the value in quotes") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
+    return located_error(source, line, message, reason=REASON, field=field)
 
 
 def _field_to_loc(field: str) -> Loc:
@@ -491,31 +376,37 @@ def _field_to_loc(field: str) -> Loc:
 
 def load_spec_text(text: str, source_name: str = "<spec>") -> VmSpec:
     """Parse and validate a spec document; ``source_name`` is used in error messages."""
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_SPEC_BYTES:
-        raise _fail(source_name, 1, f"file is larger than {MAX_SPEC_BYTES // (1024 * 1024)} MiB")
-    root, data = _parse(text, source_name)
+    return _load(text, source_name)
+
+
+def _load(content: str | bytes, source_name: str) -> VmSpec:
+    # size, UTF-8, aliases, depth, duplicate keys and tags: one safe YAML reader for specs and configs
+    data, root = load_yaml_safely(
+        content, source_name, max_bytes=MAX_SPEC_BYTES, reason=REASON, secret_paths=SECRET_PATHS
+    )
     if data is None:
         raise _fail(source_name, 1, "the file is empty: a VM spec starts with 'version: 1' and 'name: ...'")
     if not isinstance(data, Mapping):
         raise _fail(
             source_name,
-            _line_of(root, ()),
-            f"expected a mapping of fields (version, name, ...), got {_describe(data)}",
+            line_of(root, ()),
+            # a whole document that is not a mapping may be a token file given by mistake: never quote it
+            f"expected a mapping of fields (version, name, ...), got {_describe(data, secret=True)}",
         )
     if "vm" in data and "name" not in data:
         raise _fail(
             source_name,
-            _line_of(root, ("vm",), at_key=True),
+            line_of(root, ("vm",), at_key=True),
             "this looks like a CloneBox project file (.clonebox.yaml with a 'vm:' section), not a fleet "
             f"VM spec: write 'version: {SPEC_VERSION}', 'name:', 'vcpus:', 'memory:' at the top level",
         )
     if "version" not in data:
-        raise _fail(source_name, _line_of(root, ()), f"version: required but missing: add 'version: {SPEC_VERSION}'")
+        raise _fail(source_name, line_of(root, ()), f"version: required but missing: add 'version: {SPEC_VERSION}'")
     version = data["version"]
     if isinstance(version, bool) or version != SPEC_VERSION:
         raise _fail(
             source_name,
-            _line_of(root, ("version",)),
+            line_of(root, ("version",)),
             f"version: {_describe(version)} is not supported: this clonebox reads version {SPEC_VERSION}",
             "version",
         )
@@ -525,7 +416,7 @@ def load_spec_text(text: str, source_name: str = "<spec>") -> VmSpec:
         found = []
         for err in exc.errors():
             loc, message, at_key, parent = _pydantic_problem(err, root)
-            found.append((_line_of(root, loc, at_key=at_key, parent=parent), message, _path_text(loc, root)))
+            found.append((line_of(root, loc, at_key=at_key, parent=parent), message, _path_text(loc, root)))
         found.sort(key=lambda item: item[0])  # report the first problem as the file reads
         line, message, field = found[0]
         more = f" (and {len(found) - 1} more problem{'s' if len(found) > 2 else ''})" if len(found) > 1 else ""
@@ -536,7 +427,7 @@ def load_spec_text(text: str, source_name: str = "<spec>") -> VmSpec:
     except _ProblemError as problem:
         raise _fail(
             source_name,
-            _line_of(root, problem.loc, at_key=problem.at_key),
+            line_of(root, problem.loc, at_key=problem.at_key),
             f"{_path_text(problem.loc)}: {problem.message}",
             _path_text(problem.loc),
         ) from None
@@ -547,14 +438,17 @@ def load_spec_text(text: str, source_name: str = "<spec>") -> VmSpec:
             message = message[len(field) + 2 :]
         loc = _field_to_loc(field) if field else ()
         path = _path_text(loc)
-        raise _fail(source_name, _line_of(root, loc), f"{path}: {message}", path) from None
+        # validate_spec quotes whole values ('../etc/shadow'): keep them short, and none from cloud_init
+        message = scrub(message, hide=_is_secret(loc), limit=_SHOWN_CHARS)
+        raise _fail(source_name, line_of(root, loc), f"{path}: {message}", path) from None
 
 
 def load_spec_file(path: str | Path) -> VmSpec:
     """Read and validate the spec file at ``path``."""
     source = str(path)
     try:
-        raw = Path(path).read_bytes()
+        with Path(path).open("rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)  # one byte more than allowed is enough to refuse it
     except FileNotFoundError:
         raise InvalidArgument(
             f"{source}: no such file: give the path of a VM spec (see examples/)",
@@ -569,14 +463,7 @@ def load_spec_file(path: str | Path) -> VmSpec:
         raise InvalidArgument(
             f"{source}: cannot read: {exc.strerror}", reason=REASON, metadata={"file": source}
         ) from None
-    if len(raw) > MAX_SPEC_BYTES:
-        raise _fail(source, 1, f"file is larger than {MAX_SPEC_BYTES // (1024 * 1024)} MiB")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise _fail(source, line, "not UTF-8 text: save the file as UTF-8") from None
-    return load_spec_text(text, source)
+    return _load(raw, source)
 
 
 # ---------------------------------------------------------------------------------------- the writer

@@ -1,4 +1,7 @@
-"""In-process fleet: a real controller and real agents (FakeHypervisor) on 127.0.0.1:0 over gRPC."""
+"""In-process fleet: a real controller and real agents (FakeHypervisor) on 127.0.0.1:0 over gRPC with mTLS.
+
+Every process gets its own TLS folder from one throwaway CA, as on separate hosts.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +29,35 @@ from clonebox_agent.main import Agent
 from clonebox_controller.config import ControllerConfig
 from clonebox_controller.main import Controller
 from clonebox_core.model import Resources
+from clonebox_core.rpc.server import Transport, aio_channel
+from clonebox_core.rpc.tls import TlsFiles
+from clonebox_core.security.identity import make_identity
+from clonebox_core.security.pki import CertificateAuthority, cert_pem, key_pem, write_private, write_public
+
+TRUST_DOMAIN = "clonebox.test"
+
+
+class TestPki:
+    """A throwaway CA and helpers to give each process its own TLS folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.ca = CertificateAuthority.init(root / "ca", TRUST_DOMAIN)
+
+    def folder(self, kind: str, name: str, role: str | None = None, seconds: int = 3600, file_name: str = "") -> Path:
+        """Issue a certificate into ``root/tls/<kind>-<name>[-role]`` and return the folder."""
+        issued = self.ca.issue(make_identity(TRUST_DOMAIN, kind, name, role), seconds=seconds)
+        assert issued.key is not None
+        folder = self.root / "tls" / "-".join(filter(None, [kind, name, role]))
+        stem = file_name or kind
+        write_public(folder / "ca.crt", self.ca.cert_pem)
+        write_public(folder / f"{stem}.crt", cert_pem(issued.cert))
+        write_private(folder / f"{stem}.key", key_pem(issued.key))
+        return folder
+
+    def transport(self, kind: str, name: str, role: str | None = None, seconds: int = 3600) -> Transport:
+        """A client transport for a fresh certificate of that identity."""
+        return Transport(TlsFiles.in_folder(self.folder(kind, name, role, seconds), kind))
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0, what: str = "condition") -> None:
@@ -41,9 +73,10 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0
 
 @dataclass
 class Fleet:
-    """A controller, its agents, and client stubs."""
+    """A controller, its agents, and client stubs (the stubs speak as an admin user)."""
 
     tmp: Path
+    pki: TestPki
     controller: Controller
     channel: grpc.aio.Channel
     agents: dict[str, Agent] = field(default_factory=dict)
@@ -61,8 +94,16 @@ class Fleet:
     def ops(self) -> operation_service_pb2_grpc.OperationServiceStub:
         return operation_service_pb2_grpc.OperationServiceStub(self.channel)
 
-    def agent_stub(self, name: str) -> tuple[agent_pb2_grpc.AgentServiceStub, grpc.aio.Channel]:
-        ch = grpc.aio.insecure_channel(self.agents[name].address)
+    def user_channel(self, role: str, name: str = "tester") -> grpc.aio.Channel:
+        """A channel to the controller as a user with ``role``."""
+        return aio_channel(self.controller.address, self.pki.transport("user", name, role), f"controller.{TRUST_DOMAIN}")
+
+    def agent_stub(
+        self, name: str, as_kind: str = "controller", as_name: str = "ctl", role: str | None = None
+    ) -> tuple[agent_pb2_grpc.AgentServiceStub, grpc.aio.Channel]:
+        """A stub calling agent ``name`` directly, by default with a controller certificate."""
+        transport = self.pki.transport(as_kind, as_name, role)
+        ch = aio_channel(self.agents[name].address, transport, f"{name}.agent.{TRUST_DOMAIN}")
         return agent_pb2_grpc.AgentServiceStub(ch), ch
 
     async def add_agent(self, name: str, capacity: Resources, fake: FakeHypervisor | None = None, **kw: Any) -> Agent:
@@ -72,6 +113,7 @@ class Fleet:
             name=name,
             listen="127.0.0.1:0",
             controller=self.controller.address,
+            tls_dir=str(kw.pop("tls_dir", None) or self.pki.folder("agent", name, seconds=kw.pop("cert_seconds", 3600))),
             hypervisor="fake",
             state_dir=str(self.tmp / f"agent-{name}"),
             storage_dir=str(self.tmp / f"agent-{name}" / "storage"),
@@ -97,8 +139,12 @@ class Fleet:
 
 @pytest.fixture
 async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
+    pki = TestPki(tmp_path / "pki")
     cfg = ControllerConfig(
         listen="127.0.0.1:0",
+        tls_dir=str(pki.folder("controller", "ctl")),
+        ca_dir=str(tmp_path / "pki" / "ca"),
+        enroll_listen="127.0.0.1:0",
         database_url=f"sqlite:///{tmp_path / 'fleet.db'}",
         heartbeat_timeout_seconds=1.0,
         heartbeat_interval_seconds=0.2,
@@ -106,8 +152,9 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
     )
     controller = Controller(cfg)
     await controller.start()
-    channel = grpc.aio.insecure_channel(controller.address)
-    f = Fleet(tmp_path, controller, channel)
+    admin = pki.transport("user", "admin", "admin")
+    channel = aio_channel(controller.address, admin, f"controller.{TRUST_DOMAIN}")
+    f = Fleet(tmp_path, pki, controller, channel)
     try:
         yield f
     finally:

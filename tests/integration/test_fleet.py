@@ -168,11 +168,12 @@ async def test_agent_direct_errors_and_unknown_never(fleet: Fleet) -> None:
 
 async def test_health_and_reflection_on_both_daemons(fleet: Fleet) -> None:
     await fleet.add_agent("h1", SMALL)
-    for address, service in [
-        (fleet.controller.address, "clonebox.controller.v1.VmService"),
-        (fleet.agents["h1"].address, "clonebox.agent.v1.AgentService"),
+    _stub, agent_ch = fleet.agent_stub("h1")
+    for channel, service in [
+        (fleet.user_channel("viewer"), "clonebox.controller.v1.VmService"),
+        (agent_ch, "clonebox.agent.v1.AgentService"),
     ]:
-        async with grpc.aio.insecure_channel(address) as ch:
+        async with channel as ch:
             health = health_pb2_grpc.HealthStub(ch)
             resp = await health.Check(health_pb2.HealthCheckRequest(service=service))
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
@@ -334,7 +335,8 @@ async def test_hypervisor_down_makes_host_not_serving(fleet: Fleet) -> None:
         return host.state == host_pb2.HOST_STATE_NOT_SERVING
 
     await eventually(not_serving, what="host NOT_SERVING")
-    async with grpc.aio.insecure_channel(fleet.agents["h1"].address) as ch:
+    _stub, agent_ch = fleet.agent_stub("h1")
+    async with agent_ch as ch:
         resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
         assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
     with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -14,6 +14,7 @@ from typing import Any
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS revoked (serial TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS requests (
   request_id TEXT PRIMARY KEY,
   method TEXT NOT NULL,
@@ -65,6 +66,19 @@ class Journal:
                 "INSERT OR IGNORE INTO requests(request_id, method, target, outcome) VALUES(?,?,?,?)",
                 (request_id, method, target, json.dumps(outcome)),
             )
+
+    def revoked(self) -> set[str]:
+        """Serials (hex) of revoked certificates, as last pushed by the controller."""
+        with self._lock:
+            return {str(r[0]) for r in self._db.execute("SELECT serial FROM revoked")}
+
+    def set_revoked(self, serials: set[str]) -> None:
+        """Replace the deny list (it survives restarts, so a revoked identity stays refused offline)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM revoked")
+            self._db.executemany("INSERT INTO revoked(serial) VALUES(?)", [(s,) for s in sorted(serials)])
+            self._db.execute("COMMIT")
 
     def close(self) -> None:
         """Close the database."""

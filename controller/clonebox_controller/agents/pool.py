@@ -12,7 +12,7 @@ from clonebox.agent.v1 import agent_pb2, agent_pb2_grpc
 
 from clonebox_core.model import Revision, Vm, VmSpec
 from clonebox_core.rpc import convert
-from clonebox_core.rpc.server import aio_channel
+from clonebox_core.rpc.server import Transport, aio_channel
 from clonebox_core.rpc.status import error_from_rpc
 
 T = TypeVar("T")
@@ -34,10 +34,13 @@ class WatchEvent:
 class GrpcAgentClient:
     """Client for one agent."""
 
-    def __init__(self, host: str, address: str) -> None:
+    def __init__(self, host: str, address: str, transport: Transport, trust_domain: str) -> None:
         self.host = host
         self.address = address
-        self._channel = aio_channel(address)
+        # the agent must present the certificate of exactly this host
+        server_name = f"{host}.agent.{trust_domain}" if trust_domain else None
+        self._channel = aio_channel(address, transport, server_name)
+        self.stamp = transport.tls.stamp() if transport.tls is not None else ()
         self._stub = agent_pb2_grpc.AgentServiceStub(self._channel)
 
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
@@ -106,19 +109,27 @@ class GrpcAgentClient:
 class GrpcAgentGateway:
     """Caches one client per (host, address)."""
 
-    def __init__(self) -> None:
+    def __init__(self, transport: Transport, trust_domain: str) -> None:
+        self._transport = transport
+        self._trust_domain = trust_domain
         self._clients: dict[str, GrpcAgentClient] = {}
+        self._retired: list[GrpcAgentClient] = []
 
     def client(self, host: str, address: str) -> GrpcAgentClient:
-        """The client for ``host`` at ``address`` (a new one when the address changed)."""
+        """The client for ``host`` at ``address``; rebuilt when the address or our certificate changed."""
         current = self._clients.get(host)
-        if current is None or current.address != address:
-            current = GrpcAgentClient(host, address)
+        stamp = self._transport.tls.stamp() if self._transport.tls is not None else ()
+        if current is None or current.address != address or current.stamp != stamp:
+            if current is not None:
+                # calls in flight on the old channel finish; it is closed with the gateway
+                self._retired.append(current)
+            current = GrpcAgentClient(host, address, self._transport, self._trust_domain)
             self._clients[host] = current
         return current
 
     async def close(self) -> None:
         """Close every channel."""
-        for c in self._clients.values():
+        for c in [*self._clients.values(), *self._retired]:
             await c.close()
         self._clients.clear()
+        self._retired.clear()

@@ -12,18 +12,22 @@ from clonebox.controller.v1 import (
     host_service_pb2_grpc,
     operation_service_pb2,
     operation_service_pb2_grpc,
+    pki_service_pb2,
+    pki_service_pb2_grpc,
     vm_service_pb2,
     vm_service_pb2_grpc,
 )
 
 from clonebox_controller.app.hosts import HostRegistry
 from clonebox_controller.app.operations import OperationQueries
+from clonebox_controller.app.pki import CertInfo, PkiManager
 from clonebox_controller.app.ports import FleetStore
 from clonebox_controller.app.vms import VmManager
-from clonebox_core.errors import InvalidArgument
+from clonebox_core.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
 from clonebox_core.model import VmState
 from clonebox_core.names import check_dns_label
 from clonebox_core.rpc import convert
+from clonebox_core.security.identity import current_caller
 
 #: grpcio ships no type stubs, so the servicer context is untyped
 Ctx: TypeAlias = Any
@@ -36,10 +40,11 @@ _MAX_PAGE = 1000
 class HostServicer(host_service_pb2_grpc.HostServiceServicer):
     """Agent sessions and host administration."""
 
-    def __init__(self, registry: HostRegistry, store: FleetStore, vms: VmManager) -> None:
+    def __init__(self, registry: HostRegistry, store: FleetStore, vms: VmManager, pki: PkiManager | None) -> None:
         self._registry = registry
         self._store = store
         self._vms = vms
+        self._pki = pki
 
     async def Connect(
         self, request_iterator: AsyncIterator[host_service_pb2.ConnectRequest], context: Ctx
@@ -50,6 +55,12 @@ class HostServicer(host_service_pb2_grpc.HostServiceServicer):
             raise InvalidArgument("the first message of Connect must be a registration", reason="NOT_REGISTERED")
         reg = first.registration
         check_dns_label("registration.name", reg.name)
+        caller = current_caller()
+        if caller is not None and caller.name != reg.name:
+            # an agent may register only as the host its certificate names
+            raise PermissionDenied(
+                f"agent {caller.name} may not register as host {reg.name}", reason="AGENT_NAME_MISMATCH"
+            )
         host = await self._registry.register(
             reg.name,
             reg.address,
@@ -61,11 +72,22 @@ class HostServicer(host_service_pb2_grpc.HostServiceServicer):
         yield host_service_pb2.ConnectResponse(
             heartbeat_interval_seconds=max(int(self._registry.heartbeat_interval), 1),
             host=convert.host_to_proto(host),
+            revoked_serials=sorted(self._pki.revoked) if self._pki else [],
         )
         try:
             async for msg in request_iterator:
                 if msg.HasField("heartbeat"):
-                    await self._registry.heartbeat(reg.name, msg.heartbeat.serving, msg.heartbeat.not_serving_reason)
+                    host = await self._registry.heartbeat(
+                        reg.name, msg.heartbeat.serving, msg.heartbeat.not_serving_reason
+                    )
+                    if caller is not None and self._pki is not None and self._pki.is_revoked(caller):
+                        raise Unauthenticated(f"the certificate of {caller} is revoked", reason="CERT_REVOKED")
+                    # the deny list rides on every heartbeat answer: a revocation reaches agents in one beat
+                    yield host_service_pb2.ConnectResponse(
+                        heartbeat_interval_seconds=max(int(self._registry.heartbeat_interval), 1),
+                        host=convert.host_to_proto(host),
+                        revoked_serials=sorted(self._pki.revoked) if self._pki else [],
+                    )
         finally:
             await self._registry.disconnected(reg.name)
 
@@ -105,6 +127,72 @@ class HostServicer(host_service_pb2_grpc.HostServiceServicer):
         stopped = await self._vms.drain(request.name, request.request_id)
         host = await asyncio.to_thread(self._store.get_host, request.name)
         return host_service_pb2.DrainHostResponse(host=convert.host_to_proto(host), stopped_vms=stopped)
+
+    async def CreateJoinToken(
+        self, request: host_service_pb2.CreateJoinTokenRequest, context: Ctx
+    ) -> host_service_pb2.CreateJoinTokenResponse:
+        """See the proto."""
+        token, expires = await _pki(self._pki).create_join_token(request.host, request.ttl_seconds)
+        resp = host_service_pb2.CreateJoinTokenResponse(token=token)
+        resp.expire_time.FromDatetime(expires)
+        return resp
+
+
+def _pki(pki: PkiManager | None) -> PkiManager:
+    if pki is None:
+        raise FailedPrecondition("this controller runs without a CA (insecure mode)", reason="PKI_DISABLED")
+    return pki
+
+
+def _cert_to_proto(c: CertInfo) -> pki_service_pb2.Certificate:
+    out = pki_service_pb2.Certificate(serial=c.serial, identity=c.identity, revoked=c.revoked)
+    out.not_before.FromDatetime(c.not_before)
+    out.not_after.FromDatetime(c.not_after)
+    return out
+
+
+class PkiServicer(pki_service_pb2_grpc.PkiServiceServicer):
+    """Certificates and the deny list."""
+
+    def __init__(self, pki: PkiManager | None) -> None:
+        self._pki = pki
+
+    async def ListCertificates(
+        self, request: pki_service_pb2.ListCertificatesRequest, context: Ctx
+    ) -> pki_service_pb2.ListCertificatesResponse:
+        """See the proto."""
+        certs = await asyncio.to_thread(_pki(self._pki).list_certificates, request.name)
+        return pki_service_pb2.ListCertificatesResponse(certificates=[_cert_to_proto(c) for c in certs])
+
+    async def RevokeCertificate(
+        self, request: pki_service_pb2.RevokeCertificateRequest, context: Ctx
+    ) -> pki_service_pb2.RevokeCertificateResponse:
+        """See the proto."""
+        revoked = await _pki(self._pki).revoke(request.name, request.serial)
+        return pki_service_pb2.RevokeCertificateResponse(revoked=[_cert_to_proto(c) for c in revoked])
+
+    async def RenewCertificate(
+        self, request: pki_service_pb2.RenewCertificateRequest, context: Ctx
+    ) -> pki_service_pb2.RenewCertificateResponse:
+        """See the proto."""
+        caller = current_caller()
+        if caller is None:
+            raise Unauthenticated("renewal needs a client certificate", reason="NO_CLIENT_CERTIFICATE")
+        pki = _pki(self._pki)
+        pem = pki.renew(caller, request.csr_pem.encode())
+        return pki_service_pb2.RenewCertificateResponse(certificate_pem=pem.decode(), ca_pem=pki.ca.cert_pem.decode())
+
+
+class EnrollmentServicer(pki_service_pb2_grpc.EnrollmentServiceServicer):
+    """Join-token enrolment, on the port that asks for no client certificate."""
+
+    def __init__(self, pki: PkiManager) -> None:
+        self._pki = pki
+
+    async def Enroll(self, request: pki_service_pb2.EnrollRequest, context: Ctx) -> pki_service_pb2.EnrollResponse:
+        """See the proto."""
+        pem = await self._pki.enroll(request.token, request.host, request.csr_pem.encode())
+        return pki_service_pb2.EnrollResponse(certificate_pem=pem.decode(), ca_pem=self._pki.ca.cert_pem.decode())
 
 
 class VmServicer(vm_service_pb2_grpc.VmServiceServicer):

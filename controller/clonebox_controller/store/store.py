@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import logging
 import random
 import sqlite3
@@ -49,6 +50,7 @@ from clonebox_core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Unauthenticated,
 )
 from clonebox_core.model import (
     Host,
@@ -69,7 +71,9 @@ from .tables import (
     FLEET_REVISION_ROW_ID,
     FleetRevisionRow,
     HostRow,
+    JoinTokenRow,
     OperationRow,
+    RevokedCertRow,
     VmChangeRow,
     VmLabelRow,
     VmRow,
@@ -1084,5 +1088,55 @@ class Store:
                 delete(OperationRow).where(OperationRow.done.is_(True), OperationRow.update_time < finished_before)
             )
             return int(getattr(result, "rowcount", 0) or 0)
+
+        return self._run(tx, write=True)
+
+    # ---- security: deny list and join tokens ---------------------------------------------------
+
+    def revoke_certificate(self, serial: str, identity: str) -> bool:
+        """Add a certificate to the deny list; False when it was there already (idempotent)."""
+
+        def tx(session: Session) -> bool:
+            if session.get(RevokedCertRow, serial) is not None:
+                return False
+            session.add(RevokedCertRow(serial=serial, identity=identity, revoked_time=self._now()))
+            return True
+
+        return self._run(tx, write=True, retry_integrity=True)
+
+    def revoked_serials(self) -> set[str]:
+        """Every revoked serial (lowercase hex)."""
+
+        def tx(session: Session) -> set[str]:
+            return set(session.execute(select(RevokedCertRow.serial)).scalars())
+
+        return self._run(tx, write=False)
+
+    def create_join_token(self, token_id: str, secret_sha256: str, host: str, expire_time: datetime) -> None:
+        """Record a join token (only the secret's hash is stored)."""
+
+        def tx(session: Session) -> None:
+            session.add(JoinTokenRow(id=token_id, secret_sha256=secret_sha256, host=host, expire_time=expire_time))
+
+        self._run(tx, write=True)
+
+    def consume_join_token(self, token_id: str, secret_sha256: str) -> str:
+        """Use a join token once; returns the host it was made for.
+
+        Unauthenticated ``JOIN_TOKEN_INVALID`` for an unknown token or wrong secret, and
+        FailedPrecondition ``JOIN_TOKEN_USED`` / ``JOIN_TOKEN_EXPIRED`` otherwise.
+        """
+
+        def tx(session: Session) -> str:
+            row = session.get(JoinTokenRow, token_id, with_for_update=True)
+            if row is None or not hmac.compare_digest(row.secret_sha256, secret_sha256):
+                raise Unauthenticated("join token is not valid", reason="JOIN_TOKEN_INVALID")
+            now = self._now()
+            if row.used_time is not None:
+                raise FailedPrecondition("join token was used already", reason="JOIN_TOKEN_USED")
+            if row.expire_time <= now:
+                raise FailedPrecondition("join token has expired", reason="JOIN_TOKEN_EXPIRED")
+            row.used_time = now
+            return row.host
 
         return self._run(tx, write=True)

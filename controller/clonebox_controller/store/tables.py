@@ -211,3 +211,27 @@ class FleetRevisionRow(Base):
     value: Mapped[int] = mapped_column(BigInteger)
     #: highest revision whose tombstone was pruned; watches from below it must relist
     compacted: Mapped[int] = mapped_column(BigInteger)
+
+
+class RevokedCertRow(Base):
+    """A revoked certificate; the deny list every daemon enforces."""
+
+    __tablename__ = "revoked_certificates"
+
+    #: serial number, lowercase hex (serials are up to 159 bits: no integer column holds them)
+    serial: Mapped[str] = mapped_column(String(64), primary_key=True)
+    identity: Mapped[str] = mapped_column(String(255))
+    revoked_time: Mapped[datetime]
+
+
+class JoinTokenRow(Base):
+    """A one-time, expiring token that lets a new host enrol and receive its certificate."""
+
+    __tablename__ = "join_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    #: SHA-256 of the secret half: the database never holds a usable token
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    host: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    expire_time: Mapped[datetime]
+    used_time: Mapped[datetime | None]

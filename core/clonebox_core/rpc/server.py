@@ -1,7 +1,8 @@
-"""The one place gRPC servers and channels are built, so that mTLS is one change here.
+"""The one place gRPC servers and channels are built.
 
-Plaintext is allowed only on loopback addresses for now; anything else is refused with a clear error.
-Every server gets the error interceptor, ``grpc.health.v1`` and server reflection.
+Every server and channel uses mTLS with the fleet's CA, except when ``insecure`` is asked for
+explicitly, which is allowed only on loopback addresses. Every server gets the guard interceptor
+(authentication, the policy table, error mapping), ``grpc.health.v1`` and server reflection.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,10 +19,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from clonebox_core.errors import InvalidArgument
+from clonebox_core.rpc.auth import Authorizer
 from clonebox_core.rpc.status import ErrorInterceptor
+from clonebox_core.rpc.tls import TlsFiles, channel_credentials, server_credentials, server_only_credentials
+
+#: the largest message either side accepts; per-RPC request limits are tighter (see status.py)
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 #: keep idle streams (agent sessions, watches) alive through NATs and detect dead peers
 _KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -48,14 +57,30 @@ def is_loopback(host: str) -> bool:
 
 
 def require_loopback(address: str) -> None:
-    """Plaintext gRPC is only allowed on loopback until mTLS lands."""
+    """Plaintext (``insecure``) gRPC is allowed on loopback only."""
     host, _ = split_host_port(address)
     if not is_loopback(host):
         raise InvalidArgument(
-            f"address {address!r}: plaintext gRPC is only allowed on loopback "
-            "(127.0.0.1, [::1], localhost) until mTLS is configured",
+            f"address {address!r}: plaintext gRPC (--insecure) is only allowed on loopback "
+            "(127.0.0.1, [::1], localhost); configure TLS files for anything else",
             reason="PLAINTEXT_NOT_LOOPBACK",
         )
+
+
+@dataclass(frozen=True)
+class Transport:
+    """How a process talks: mTLS with its files, or explicitly insecure on loopback."""
+
+    tls: TlsFiles | None = None
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tls is None and not self.insecure:
+            raise InvalidArgument(
+                "no TLS files configured: give ca/cert/key (see 'clonebox pki') or ask for insecure "
+                "loopback-only plaintext explicitly",
+                reason="TLS_REQUIRED",
+            )
 
 
 @dataclass
@@ -79,17 +104,47 @@ class ServerHandle:
         await self.server.stop(grace)
 
 
+def make_transport(tls_dir: str, file_name: str, insecure: bool) -> Transport:
+    """The transport a daemon or the CLI configured: ``tls_dir/{ca.crt,NAME.crt,NAME.key}`` or insecure."""
+    if insecure:
+        return Transport(None, insecure=True)
+    if not tls_dir:
+        raise InvalidArgument(
+            "tls_dir: no TLS folder configured; point it at a folder with ca.crt and the certificate "
+            "('clonebox pki issue'), or set insecure for loopback-only plaintext",
+            reason="TLS_REQUIRED",
+            metadata={"field": "tls_dir"},
+        )
+    return Transport(TlsFiles.in_folder(Path(tls_dir), file_name))
+
+
+def trust_domain_of(transport: Transport) -> str:
+    """Trust domain of the process's own certificate ("" when insecure)."""
+    return transport.tls.identity().trust_domain if transport.tls is not None else ""
+
+
 async def start_server(
     address: str,
     registrations: Sequence[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]],
+    transport: Transport,
+    authorizer: Authorizer | None = None,
+    *,
+    client_auth: bool = True,
 ) -> ServerHandle:
     """Build, bind and start an aio server.
 
     ``registrations`` holds ``(add_XServicer_to_server, servicer, full_service_name)`` triples.
-    Binding ``host:0`` picks a free port, reported in the handle.
+    Binding ``host:0`` picks a free port, reported in the handle. With TLS, ``authorizer`` decides who
+    may call what (one is built from the certificate's trust domain when none is given).
     """
-    require_loopback(address)
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=_KEEPALIVE_OPTIONS)
+    if transport.tls is None:
+        require_loopback(address)
+        authorizer = None
+    elif not client_auth:
+        authorizer = None  # the enrolment port: the join token authenticates, inside the RPC
+    elif authorizer is None:
+        authorizer = Authorizer(transport.tls.identity().trust_domain)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(authorizer)], options=_KEEPALIVE_OPTIONS)
     names: list[str] = []
     for add, servicer, name in registrations:
         add(servicer, server)
@@ -100,7 +155,12 @@ async def start_server(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    port = server.add_insecure_port(address)
+    if transport.tls is None:
+        port = server.add_insecure_port(address)
+    elif client_auth:
+        port = server.add_secure_port(address, server_credentials(transport.tls))
+    else:
+        port = server.add_secure_port(address, server_only_credentials(transport.tls))
     if port == 0:
         raise InvalidArgument(f"cannot bind {address}", reason="BIND_FAILED")
     await server.start()
@@ -109,13 +169,35 @@ async def start_server(
     return handle
 
 
-def aio_channel(target: str) -> grpc.aio.Channel:
-    """An asyncio client channel to ``target`` (daemon to daemon)."""
-    require_loopback(target)
-    return grpc.aio.insecure_channel(target, options=_KEEPALIVE_OPTIONS)
+def _name_override(server_name: str | None) -> list[tuple[str, Any]]:
+    # peers verify the role-bound DNS name in the certificate, not whatever address they dialled
+    return [("grpc.ssl_target_name_override", server_name)] if server_name else []
 
 
-def sync_channel(target: str) -> grpc.Channel:
-    """A blocking client channel to ``target`` (the CLI)."""
-    require_loopback(target)
-    return grpc.insecure_channel(target, options=_KEEPALIVE_OPTIONS)
+def aio_channel(target: str, transport: Transport, server_name: str | None = None) -> grpc.aio.Channel:
+    """An asyncio client channel to ``target`` (daemon to daemon), verifying ``server_name``."""
+    if transport.tls is None:
+        require_loopback(target)
+        return grpc.aio.insecure_channel(target, options=_KEEPALIVE_OPTIONS)
+    return grpc.aio.secure_channel(
+        target, channel_credentials(transport.tls), options=_KEEPALIVE_OPTIONS + _name_override(server_name)
+    )
+
+
+def bootstrap_channel(target: str, ca_pem: bytes, server_name: str) -> grpc.Channel:
+    """A blocking channel that verifies the server against ``ca_pem`` and presents no certificate.
+
+    Used once by a new host to enrol (it has a join token and the CA, not yet a certificate).
+    """
+    creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    return grpc.secure_channel(target, creds, options=_KEEPALIVE_OPTIONS + _name_override(server_name))
+
+
+def sync_channel(target: str, transport: Transport, server_name: str | None = None) -> grpc.Channel:
+    """A blocking client channel to ``target`` (the CLI), verifying ``server_name``."""
+    if transport.tls is None:
+        require_loopback(target)
+        return grpc.insecure_channel(target, options=_KEEPALIVE_OPTIONS)
+    return grpc.secure_channel(
+        target, channel_credentials(transport.tls), options=_KEEPALIVE_OPTIONS + _name_override(server_name)
+    )

@@ -25,6 +25,8 @@ from clonebox_core.errors import (
     Internal,
     Unavailable,
 )
+from clonebox_core.rpc.auth import Authorizer
+from clonebox_core.security.identity import CALLER
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,14 @@ def _internal(method: str, exc: BaseException) -> CloneboxError:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpcio has no stubs
-    """Maps exceptions raised by servicers to statuses with ErrorInfo; never UNKNOWN, never a traceback."""
+    """Guards every call: authentication, authorization, the caller in ``CALLER``, mapped errors.
+
+    Without an Authorizer (plaintext on loopback) calls are not authenticated. Exceptions become statuses
+    with ErrorInfo; never UNKNOWN, never a traceback.
+    """
+
+    def __init__(self, authorizer: Authorizer | None = None) -> None:
+        self._authorizer = authorizer
 
     async def intercept_service(
         self,
@@ -96,37 +105,43 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
         if handler is None:
             return handler
         method = handler_call_details.method
+        auth = self._authorizer
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
+                _wrap_unary(handler.unary_unary, method, auth),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
+                _wrap_stream(handler.unary_stream, method, auth),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method),
+                _wrap_unary(handler.stream_unary, method, auth),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(handler.stream_stream, method),
+                _wrap_stream(handler.stream_stream, method, auth),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
 
 
-def _wrap_unary(behavior: Any, method: str) -> Any:
+def _wrap_unary(behavior: Any, method: str, auth: Authorizer | None) -> Any:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
-            return await behavior(request, context)
+            if auth is None:
+                return await behavior(request, context)
+            identity = auth.check(method, context)
+            CALLER.set(identity)
+            with auth.slot(identity):
+                return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
         except CloneboxError as err:
@@ -137,9 +152,12 @@ def _wrap_unary(behavior: Any, method: str) -> Any:
     return wrapper
 
 
-def _wrap_stream(behavior: Any, method: str) -> Any:
+def _wrap_stream(behavior: Any, method: str, auth: Authorizer | None) -> Any:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         try:
+            if auth is not None:
+                # streams are long-lived (watches, agent sessions): they hold no concurrency slot
+                CALLER.set(auth.check(method, context))
             async for item in behavior(request, context):
                 yield item
         except grpc.aio.AbortError:

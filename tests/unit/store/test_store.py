@@ -64,6 +64,10 @@ class FakeClock:
         return self.now
 
 
+#: newest migration; bump with every new file in store/migrations/versions
+HEAD_REVISION = "0002"
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     """A fresh FakeClock."""
@@ -115,9 +119,9 @@ def reserve(store: Store, s: VmSpec, host: str | None = None, request_id: str = 
 
 def test_migrations_apply_twice_and_match_tables(store_url: str) -> None:
     with Store.open(store_url) as first:
-        assert current_revision(first.engine) == "0001"
+        assert current_revision(first.engine) == HEAD_REVISION
     with Store.open(store_url) as second:  # the second upgrade is a no-op
-        assert current_revision(second.engine) == "0001"
+        assert current_revision(second.engine) == HEAD_REVISION
         names = set(inspect(second.engine).get_table_names())
         assert {"hosts", "vms", "vm_labels", "vm_changes", "operations", "fleet_revision"} <= names
         with second.engine.connect() as conn:
@@ -144,7 +148,7 @@ def test_concurrent_processes_migrate_once(store_url: str) -> None:
         _out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err.decode()
     with Store.open(store_url) as s:
-        assert current_revision(s.engine) == "0001"
+        assert current_revision(s.engine) == HEAD_REVISION
         assert s.current_revision() == 0
 
 

@@ -24,43 +24,48 @@ _sym_db = _symbol_database.Default()
 
 from clonebox.type.v1 import host_pb2 as clonebox_dot_type_dot_v1_dot_host__pb2
 from clonebox.type.v1 import resources_pb2 as clonebox_dot_type_dot_v1_dot_resources__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)clonebox/controller/v1/host_service.proto\x12\x16\x63lonebox.controller.v1\x1a\x1b\x63lonebox/type/v1/host.proto\x1a clonebox/type/v1/resources.proto\"\xf2\x01\n\x0cRegistration\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12-\n\x08\x63\x61pacity\x18\x03 \x01(\x0b\x32\x1b.clonebox.type.v1.Resources\x12\x30\n\x0b\x61llocatable\x18\x04 \x01(\x0b\x32\x1b.clonebox.type.v1.Resources\x12\x34\n\nhypervisor\x18\x05 \x01(\x0b\x32 .clonebox.type.v1.HypervisorInfo\x12,\n\x08revision\x18\x06 \x01(\x0b\x32\x1a.clonebox.type.v1.Revision\"8\n\tHeartbeat\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x1a\n\x12not_serving_reason\x18\x02 \x01(\t\"\x8e\x01\n\x0e\x43onnectRequest\x12<\n\x0cregistration\x18\x01 \x01(\x0b\x32$.clonebox.controller.v1.RegistrationH\x00\x12\x36\n\theartbeat\x18\x02 \x01(\x0b\x32!.clonebox.controller.v1.HeartbeatH\x00\x42\x06\n\x04\x62ody\"[\n\x0f\x43onnectResponse\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\r\x12$\n\x04host\x18\x02 \x01(\x0b\x32\x16.clonebox.type.v1.Host\"\x12\n\x10ListHostsRequest\":\n\x11ListHostsResponse\x12%\n\x05hosts\x18\x01 \x03(\x0b\x32\x16.clonebox.type.v1.Host\"\x1e\n\x0eGetHostRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"7\n\x0fGetHostResponse\x12$\n\x04host\x18\x01 \x01(\x0b\x32\x16.clonebox.type.v1.Host\"!\n\x11\x43ordonHostRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\":\n\x12\x43ordonHostResponse\x12$\n\x04host\x18\x01 \x01(\x0b\x32\x16.clonebox.type.v1.Host\"#\n\x13UncordonHostRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"<\n\x14UncordonHostResponse\x12$\n\x04host\x18\x01 \x01(\x0b\x32\x16.clonebox.type.v1.Host\"4\n\x10\x44rainHostRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"N\n\x11\x44rainHostResponse\x12$\n\x04host\x18\x01 \x01(\x0b\x32\x16.clonebox.type.v1.Host\x12\x13\n\x0bstopped_vms\x18\x02 \x03(\t2\xdd\x04\n\x0bHostService\x12^\n\x07\x43onnect\x12&.clonebox.controller.v1.ConnectRequest\x1a\'.clonebox.controller.v1.ConnectResponse(\x01\x30\x01\x12`\n\tListHosts\x12(.clonebox.controller.v1.ListHostsRequest\x1a).clonebox.controller.v1.ListHostsResponse\x12Z\n\x07GetHost\x12&.clonebox.controller.v1.GetHostRequest\x1a\'.clonebox.controller.v1.GetHostResponse\x12\x63\n\nCordonHost\x12).clonebox.controller.v1.CordonHostRequest\x1a*.clonebox.controller.v1.CordonHostResponse\x12i\n\x0cUncordonHost\x12+.clonebox.controller.v1.UncordonHostRequest\x1a,.clonebox.controller.v1.UncordonHostResponse\x12`\n\tDrainHost\x12(.clonebox.controller.v1.DrainHostRequest\x1a).clonebox.controller.v1.DrainHostResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)clonebox/controller/v1/host_service.proto\x12\x16\x63lonebox.controller.v1\x1a\x1b\x63lonebox/type/v1/host.proto\x1a clonebox/type/v1/resources.proto\x1a\x1fgoogle/protobuf/timestamp.proto\";\n\x16\x43reateJoinTokenRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"Y\n\x17\x43reateJoinTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf2\x01\n\x0cRegistration\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12-\n\x08\x63\x61pacity\x18\x03 \x01(\x0b\x32\x1b.clonebox.type.v1.Resources\x12\x30\n\x0b\x61llocatable\x18\x04 \x01(\x0b\x32\x1b.clonebox.type.v1.Resources\x12\x34\n\nhypervisor\x18\x05 \x01(\x0b\x32 .clonebox.type.v1.HypervisorInfo\x12,\n\x08revision\x18\x06 \x01(\x0b\x32\x1a.clonebox.type.v1.Revision\"8\n\tHeartbeat\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x1a\n\x12not_serving_reason\x18\x02 \x01(\t\"\x8e\x01\n\x0e\x43onnectRequest\x12<\n\x0cregistration\x18\x01 \x01(\x0b\x32$.clonebox.controller.v1.RegistrationH\x00\x12\x36\n\theartbeat\x18\x02 \x01(\x0b\x32!.clonebox.controller.v1.HeartbeatH\x00\x42\x06\n\x04\x62ody\"t\n\x0f\x43onnectResponse\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\r\x12$\n\x04host\x18\x02 \x01(\x0b\x32\x16.clonebox.type.v1.Host\x12\x17\n\x0frevoked_serials\x18\x03 \x03(\t\"\x12\n\x10ListHostsRequest\":\n\x11ListHostsResponse\x12%\n\x05hosts\x18\x01 \x03(\x0b\x32\x16.clonebox.type.v1.Host\"\x1e\n\x0eGetHostRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"7\n\x0fGetHostResponse\x12$\n\x04host\x18\x01 \x01(\x0b\x32\x16.clonebox.type.v1.Host\"!\n\x11\x43ordonHostRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\":\n\x12\x43ordonHostResponse\x12$\n\x04host\x18\x01 \x01(\x0b\x32\x16.clonebox.type.v1.Host\"#\n\x13UncordonHostRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"<\n\x14UncordonHostResponse\x12$\n\x04host\x18\x01 \x01(\x0b\x32\x16.clonebox.type.v1.Host\"4\n\x10\x44rainHostRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"N\n\x11\x44rainHostResponse\x12$\n\x04host\x18\x01 \x01(\x0b\x32\x16.clonebox.type.v1.Host\x12\x13\n\x0bstopped_vms\x18\x02 \x03(\t2\xd1\x05\n\x0bHostService\x12^\n\x07\x43onnect\x12&.clonebox.controller.v1.ConnectRequest\x1a\'.clonebox.controller.v1.ConnectResponse(\x01\x30\x01\x12`\n\tListHosts\x12(.clonebox.controller.v1.ListHostsRequest\x1a).clonebox.controller.v1.ListHostsResponse\x12Z\n\x07GetHost\x12&.clonebox.controller.v1.GetHostRequest\x1a\'.clonebox.controller.v1.GetHostResponse\x12\x63\n\nCordonHost\x12).clonebox.controller.v1.CordonHostRequest\x1a*.clonebox.controller.v1.CordonHostResponse\x12i\n\x0cUncordonHost\x12+.clonebox.controller.v1.UncordonHostRequest\x1a,.clonebox.controller.v1.UncordonHostResponse\x12`\n\tDrainHost\x12(.clonebox.controller.v1.DrainHostRequest\x1a).clonebox.controller.v1.DrainHostResponse\x12r\n\x0f\x43reateJoinToken\x12..clonebox.controller.v1.CreateJoinTokenRequest\x1a/.clonebox.controller.v1.CreateJoinTokenResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clonebox.controller.v1.host_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REGISTRATION']._serialized_start=133
-  _globals['_REGISTRATION']._serialized_end=375
-  _globals['_HEARTBEAT']._serialized_start=377
-  _globals['_HEARTBEAT']._serialized_end=433
-  _globals['_CONNECTREQUEST']._serialized_start=436
-  _globals['_CONNECTREQUEST']._serialized_end=578
-  _globals['_CONNECTRESPONSE']._serialized_start=580
-  _globals['_CONNECTRESPONSE']._serialized_end=671
-  _globals['_LISTHOSTSREQUEST']._serialized_start=673
-  _globals['_LISTHOSTSREQUEST']._serialized_end=691
-  _globals['_LISTHOSTSRESPONSE']._serialized_start=693
-  _globals['_LISTHOSTSRESPONSE']._serialized_end=751
-  _globals['_GETHOSTREQUEST']._serialized_start=753
-  _globals['_GETHOSTREQUEST']._serialized_end=783
-  _globals['_GETHOSTRESPONSE']._serialized_start=785
-  _globals['_GETHOSTRESPONSE']._serialized_end=840
-  _globals['_CORDONHOSTREQUEST']._serialized_start=842
-  _globals['_CORDONHOSTREQUEST']._serialized_end=875
-  _globals['_CORDONHOSTRESPONSE']._serialized_start=877
-  _globals['_CORDONHOSTRESPONSE']._serialized_end=935
-  _globals['_UNCORDONHOSTREQUEST']._serialized_start=937
-  _globals['_UNCORDONHOSTREQUEST']._serialized_end=972
-  _globals['_UNCORDONHOSTRESPONSE']._serialized_start=974
-  _globals['_UNCORDONHOSTRESPONSE']._serialized_end=1034
-  _globals['_DRAINHOSTREQUEST']._serialized_start=1036
-  _globals['_DRAINHOSTREQUEST']._serialized_end=1088
-  _globals['_DRAINHOSTRESPONSE']._serialized_start=1090
-  _globals['_DRAINHOSTRESPONSE']._serialized_end=1168
-  _globals['_HOSTSERVICE']._serialized_start=1171
-  _globals['_HOSTSERVICE']._serialized_end=1776
+  _globals['_CREATEJOINTOKENREQUEST']._serialized_start=165
+  _globals['_CREATEJOINTOKENREQUEST']._serialized_end=224
+  _globals['_CREATEJOINTOKENRESPONSE']._serialized_start=226
+  _globals['_CREATEJOINTOKENRESPONSE']._serialized_end=315
+  _globals['_REGISTRATION']._serialized_start=318
+  _globals['_REGISTRATION']._serialized_end=560
+  _globals['_HEARTBEAT']._serialized_start=562
+  _globals['_HEARTBEAT']._serialized_end=618
+  _globals['_CONNECTREQUEST']._serialized_start=621
+  _globals['_CONNECTREQUEST']._serialized_end=763
+  _globals['_CONNECTRESPONSE']._serialized_start=765
+  _globals['_CONNECTRESPONSE']._serialized_end=881
+  _globals['_LISTHOSTSREQUEST']._serialized_start=883
+  _globals['_LISTHOSTSREQUEST']._serialized_end=901
+  _globals['_LISTHOSTSRESPONSE']._serialized_start=903
+  _globals['_LISTHOSTSRESPONSE']._serialized_end=961
+  _globals['_GETHOSTREQUEST']._serialized_start=963
+  _globals['_GETHOSTREQUEST']._serialized_end=993
+  _globals['_GETHOSTRESPONSE']._serialized_start=995
+  _globals['_GETHOSTRESPONSE']._serialized_end=1050
+  _globals['_CORDONHOSTREQUEST']._serialized_start=1052
+  _globals['_CORDONHOSTREQUEST']._serialized_end=1085
+  _globals['_CORDONHOSTRESPONSE']._serialized_start=1087
+  _globals['_CORDONHOSTRESPONSE']._serialized_end=1145
+  _globals['_UNCORDONHOSTREQUEST']._serialized_start=1147
+  _globals['_UNCORDONHOSTREQUEST']._serialized_end=1182
+  _globals['_UNCORDONHOSTRESPONSE']._serialized_start=1184
+  _globals['_UNCORDONHOSTRESPONSE']._serialized_end=1244
+  _globals['_DRAINHOSTREQUEST']._serialized_start=1246
+  _globals['_DRAINHOSTREQUEST']._serialized_end=1298
+  _globals['_DRAINHOSTRESPONSE']._serialized_start=1300
+  _globals['_DRAINHOSTRESPONSE']._serialized_end=1378
+  _globals['_HOSTSERVICE']._serialized_start=1381
+  _globals['_HOSTSERVICE']._serialized_end=2102
 # @@protoc_insertion_point(module_scope)

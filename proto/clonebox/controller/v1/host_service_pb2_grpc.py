@@ -65,6 +65,11 @@ class HostServiceStub:
                 request_serializer=clonebox_dot_controller_dot_v1_dot_host__service__pb2.DrainHostRequest.SerializeToString,
                 response_deserializer=clonebox_dot_controller_dot_v1_dot_host__service__pb2.DrainHostResponse.FromString,
                 _registered_method=True)
+        self.CreateJoinToken = channel.unary_unary(
+                '/clonebox.controller.v1.HostService/CreateJoinToken',
+                request_serializer=clonebox_dot_controller_dot_v1_dot_host__service__pb2.CreateJoinTokenRequest.SerializeToString,
+                response_deserializer=clonebox_dot_controller_dot_v1_dot_host__service__pb2.CreateJoinTokenResponse.FromString,
+                _registered_method=True)
 
 
 class HostServiceServicer:
@@ -113,6 +118,13 @@ class HostServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateJoinToken(self, request, context):
+        """CreateJoinToken makes a one-time, expiring token with which a new host enrols.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HostServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +157,11 @@ def add_HostServiceServicer_to_server(servicer, server):
                     servicer.DrainHost,
                     request_deserializer=clonebox_dot_controller_dot_v1_dot_host__service__pb2.DrainHostRequest.FromString,
                     response_serializer=clonebox_dot_controller_dot_v1_dot_host__service__pb2.DrainHostResponse.SerializeToString,
+            ),
+            'CreateJoinToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateJoinToken,
+                    request_deserializer=clonebox_dot_controller_dot_v1_dot_host__service__pb2.CreateJoinTokenRequest.FromString,
+                    response_serializer=clonebox_dot_controller_dot_v1_dot_host__service__pb2.CreateJoinTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +327,33 @@ class HostService:
             '/clonebox.controller.v1.HostService/DrainHost',
             clonebox_dot_controller_dot_v1_dot_host__service__pb2.DrainHostRequest.SerializeToString,
             clonebox_dot_controller_dot_v1_dot_host__service__pb2.DrainHostResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateJoinToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clonebox.controller.v1.HostService/CreateJoinToken',
+            clonebox_dot_controller_dot_v1_dot_host__service__pb2.CreateJoinTokenRequest.SerializeToString,
+            clonebox_dot_controller_dot_v1_dot_host__service__pb2.CreateJoinTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,8 @@ class HostServiceStub:
     """UncordonHost allows placement onto a host again."""
     DrainHost: _grpc.UnaryUnaryMultiCallable[_host_service_pb2.DrainHostRequest, _host_service_pb2.DrainHostResponse]
     """DrainHost cordons a host and stops its VMs."""
+    CreateJoinToken: _grpc.UnaryUnaryMultiCallable[_host_service_pb2.CreateJoinTokenRequest, _host_service_pb2.CreateJoinTokenResponse]
+    """CreateJoinToken makes a one-time, expiring token with which a new host enrols."""
 
 @_typing.type_check_only
 class HostServiceAsyncStub(HostServiceStub):
@@ -63,6 +65,8 @@ class HostServiceAsyncStub(HostServiceStub):
     """UncordonHost allows placement onto a host again."""
     DrainHost: _aio.UnaryUnaryMultiCallable[_host_service_pb2.DrainHostRequest, _host_service_pb2.DrainHostResponse]  # type: ignore[assignment]
     """DrainHost cordons a host and stops its VMs."""
+    CreateJoinToken: _aio.UnaryUnaryMultiCallable[_host_service_pb2.CreateJoinTokenRequest, _host_service_pb2.CreateJoinTokenResponse]  # type: ignore[assignment]
+    """CreateJoinToken makes a one-time, expiring token with which a new host enrols."""
 
 class HostServiceServicer(metaclass=_abc_1.ABCMeta):
     """HostService is the host registry. Agents connect to it; operators list and cordon hosts."""
@@ -114,5 +118,13 @@ class HostServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_host_service_pb2.DrainHostResponse, _abc.Awaitable[_host_service_pb2.DrainHostResponse]]:
         """DrainHost cordons a host and stops its VMs."""
+
+    @_abc_1.abstractmethod
+    def CreateJoinToken(
+        self,
+        request: _host_service_pb2.CreateJoinTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_service_pb2.CreateJoinTokenResponse, _abc.Awaitable[_host_service_pb2.CreateJoinTokenResponse]]:
+        """CreateJoinToken makes a one-time, expiring token with which a new host enrols."""
 
 def add_HostServiceServicer_to_server(servicer: HostServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,1 @@
+"""Security: PKI, SPIFFE-style identities, the authorization policy."""

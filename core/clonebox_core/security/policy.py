@@ -1,0 +1,79 @@
+"""The one authorization table: every RPC and which principals may call it. Deny by default.
+
+Principals are ``controller``, ``agent`` and the user roles ``viewer`` < ``operator`` < ``admin``.
+A method without a row is refused, and a test walks every RPC of every service against this table,
+so a new RPC cannot ship without a decision here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from clonebox_core.errors import PermissionDenied
+from clonebox_core.security.identity import Identity
+
+VIEWERS = frozenset({"viewer", "operator", "admin"})
+OPERATORS = frozenset({"operator", "admin"})
+ADMINS = frozenset({"admin"})
+CONTROLLER = frozenset({"controller"})
+AGENTS = frozenset({"agent"})
+EVERYONE = frozenset({"controller", "agent", "viewer", "operator", "admin"})
+
+_AGENT = "/clonebox.agent.v1.AgentService/"
+_HOST = "/clonebox.controller.v1.HostService/"
+_VM = "/clonebox.controller.v1.VmService/"
+_OP = "/clonebox.controller.v1.OperationService/"
+_PKI = "/clonebox.controller.v1.PkiService/"
+
+POLICY: Mapping[str, frozenset[str]] = {
+    # agents accept only the controller (peer agents arrive with transfers)
+    **{
+        _AGENT + m: CONTROLLER
+        for m in ("GetHostInfo", "CreateVm", "GetVm", "ListVms", "StartVm", "StopVm", "DeleteVm", "WatchVms")
+    },
+    # the controller accepts agents only on the agent-facing session
+    _HOST + "Connect": AGENTS,
+    _HOST + "ListHosts": VIEWERS,
+    _HOST + "GetHost": VIEWERS,
+    _HOST + "CordonHost": ADMINS,
+    _HOST + "UncordonHost": ADMINS,
+    _HOST + "DrainHost": ADMINS,
+    _HOST + "CreateJoinToken": ADMINS,
+    _VM + "GetVm": VIEWERS,
+    _VM + "ListVms": VIEWERS,
+    _VM + "WatchVms": VIEWERS,
+    _VM + "CreateVm": OPERATORS,
+    _VM + "StartVm": OPERATORS,
+    _VM + "StopVm": OPERATORS,
+    _VM + "DeleteVm": OPERATORS,
+    _OP + "GetOperation": VIEWERS,
+    _OP + "WaitOperation": VIEWERS,
+    _OP + "WatchOperation": VIEWERS,
+    _OP + "ListOperations": VIEWERS,
+    _PKI + "ListCertificates": ADMINS,
+    _PKI + "RevokeCertificate": ADMINS,
+    # every identity renews its own certificate (the CA re-issues the same identity only)
+    _PKI + "RenewCertificate": EVERYONE,
+    # standard services: any authenticated peer may ask for health and reflection
+    "/grpc.health.v1.Health/Check": EVERYONE,
+    "/grpc.health.v1.Health/Watch": EVERYONE,
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": EVERYONE,
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": EVERYONE,
+}
+
+
+def allowed(method: str, identity: Identity) -> bool:
+    """True when the table lets ``identity`` call ``method``."""
+    return identity.principal in POLICY.get(method, frozenset())
+
+
+def authorize(method: str, identity: Identity) -> None:
+    """Raise PermissionDenied unless the table lets ``identity`` call ``method``."""
+    if method not in POLICY:
+        raise PermissionDenied(f"{method} has no authorization rule", reason="NO_POLICY")
+    if not allowed(method, identity):
+        raise PermissionDenied(
+            f"{identity.principal} {identity.name} may not call {method.rsplit('/', 1)[-1]}",
+            reason="ROLE_NOT_ALLOWED",
+            metadata={"principal": identity.principal},
+        )
