@@ -48,8 +48,8 @@ def install(tls: TlsFiles, key_bytes: bytes, cert_bytes: bytes, ca_bytes: bytes)
     os.replace(tls.cert.with_name(tls.cert.name + ".next"), tls.cert)
 
 
-def enroll(tls_dir: Path, host: str, token_text: str) -> TlsFiles:
-    """Exchange a join token for this host's first certificate (blocking; runs once at start-up)."""
+async def enroll(tls_dir: Path, host: str, token_text: str) -> TlsFiles:
+    """Exchange a join token for this host's first certificate (once, at start-up)."""
     token = JoinToken.decode(token_text)
     if token.host != host:
         raise PermissionDenied(
@@ -63,11 +63,11 @@ def enroll(tls_dir: Path, host: str, token_text: str) -> TlsFiles:
     try:
         stub = pki_service_pb2_grpc.EnrollmentServiceStub(channel)
         request = pki_service_pb2.EnrollRequest(token=token_text, host=host, csr_pem=make_csr(key, host).decode())
-        resp = stub.Enroll(request, timeout=_ENROLL_TIMEOUT)
-    except grpc.RpcError as exc:
+        resp = await stub.Enroll(request, timeout=_ENROLL_TIMEOUT)
+    except grpc.aio.AioRpcError as exc:
         raise error_from_rpc(exc, target=f"controller enrolment at {token.enroll_address}") from None
     finally:
-        channel.close()
+        await channel.close()
     tls = TlsFiles.in_folder(tls_dir, "agent")
     install(tls, key_pem(key), resp.certificate_pem.encode(), resp.ca_pem.encode())
     log.info("enrolled as %s", identity_of(x509.load_pem_x509_certificate(resp.certificate_pem.encode())))

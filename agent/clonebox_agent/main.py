@@ -34,6 +34,7 @@ from clonebox_core.rpc import convert
 from clonebox_core.rpc.auth import Authorizer
 from clonebox_core.rpc.server import (
     ServerHandle,
+    Transport,
     aio_channel,
     make_transport,
     split_host_port,
@@ -72,18 +73,12 @@ class Agent:
     def __init__(self, config: AgentConfig, hypervisor: Hypervisor | None = None) -> None:
         check_dns_label("name", config.name)
         self.config = config
-        if config.join_token and config.tls_dir and not TlsFiles.in_folder(Path(config.tls_dir), "agent").exists():
-            enroll(Path(config.tls_dir), config.name, config.join_token)
-        self.transport = make_transport(config.tls_dir, "agent", config.insecure)
+        self._needs_enrolment = bool(
+            config.join_token and config.tls_dir and not TlsFiles.in_folder(Path(config.tls_dir), "agent").exists()
+        )
+        # until enrolment has produced the files, the transport is built in start()
+        self.transport = Transport(None, insecure=True) if self._needs_enrolment else self._load_transport()
         self.trust_domain = trust_domain_of(self.transport)
-        if self.transport.tls is not None:
-            me = self.transport.tls.identity()
-            if me.kind != Kind.AGENT or me.name != config.name:
-                raise InvalidArgument(
-                    f"name: the certificate in {config.tls_dir} is for {me}, not agent {config.name}",
-                    reason="AGENT_NAME_MISMATCH",
-                    metadata={"field": "name"},
-                )
         self.journal = Journal(Path(config.state_dir) / "journal.db")
         self._revoked = self.journal.revoked()
         self.service = AgentService(
@@ -107,8 +102,26 @@ class Agent:
         host, _ = split_host_port(self.config.listen)
         return self.config.advertise or f"{host}:{self.server.port}"
 
+    def _load_transport(self) -> Transport:
+        config = self.config
+        transport = make_transport(config.tls_dir, "agent", config.insecure)
+        if transport.tls is not None:
+            me = transport.tls.identity()
+            if me.kind != Kind.AGENT or me.name != config.name:
+                raise InvalidArgument(
+                    f"name: the certificate in {config.tls_dir} is for {me}, not agent {config.name}",
+                    reason="AGENT_NAME_MISMATCH",
+                    metadata={"field": "name"},
+                )
+        return transport
+
     async def start(self) -> None:
-        """Start the use cases, the gRPC server and the controller session."""
+        """Enrol if needed, then start the use cases, the gRPC server and the controller session."""
+        if self._needs_enrolment:
+            await enroll(Path(self.config.tls_dir), self.config.name, self.config.join_token)
+            self.transport = self._load_transport()
+            self.trust_domain = trust_domain_of(self.transport)
+            self._needs_enrolment = False
         await self.service.start()
         authorizer = Authorizer(self.trust_domain, self._is_revoked) if self.trust_domain else None
         self.server = await start_server(

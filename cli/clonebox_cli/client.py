@@ -1,9 +1,12 @@
 """
 The controller client: stubs on one channel, every failure mapped to a CloneboxError.
 
-The CLI talks to the controller only. Each unary call has a deadline, and a call that never reached the
-controller (connection refused, reset) is retried a few times with the *same* request, so a mutation's
-``request_id`` makes the retry safe: the controller returns the first attempt's operation.
+The CLI talks to the controller only, over mTLS (``Transport`` with the user's certificate; the
+controller is verified as ``controller.<trust-domain>``) or, with ``--insecure``, plaintext on loopback.
+Each unary call has a deadline, and a call that never reached the controller (connection refused,
+reset) is retried a few times with the *same* request, so a mutation's ``request_id`` makes the retry
+safe: the controller returns the first attempt's operation. A failed TLS handshake is not retried: it
+becomes ``TlsHandshakeFailed`` (exit 13) with the reason (see ``clonebox_cli.credentials``).
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import grpc
 from clonebox.controller.v1 import (
     host_service_pb2_grpc,
     operation_service_pb2_grpc,
+    pki_service_pb2_grpc,
     vm_service_pb2_grpc,
 )
 
+from clonebox_cli.credentials import Peer, handshake_failure
 from clonebox_core.errors import CloneboxError, Unavailable
-from clonebox_core.rpc.server import sync_channel
+from clonebox_core.rpc.server import Transport, sync_channel, trust_domain_of
 from clonebox_core.rpc.status import error_from_rpc
 
 Req = TypeVar("Req")
@@ -37,23 +42,46 @@ _FIRST_BACKOFF = 0.2
 _UNREACHABLE = "UNREACHABLE"
 
 
-class ControllerClient:
-    """A blocking client of the controller's Host, Vm and Operation services."""
+def controller_server_name(transport: Transport) -> str | None:
+    """The DNS name the controller's certificate must carry (None for plaintext)."""
+    domain = trust_domain_of(transport)
+    return f"controller.{domain}" if domain else None
 
-    def __init__(self, address: str, *, timeout: float = DEFAULT_TIMEOUT, attempts: int = DEFAULT_ATTEMPTS) -> None:
+
+class ControllerClient:
+    """A blocking client of the controller's Host, Vm, Operation and Pki services."""
+
+    def __init__(
+        self,
+        address: str,
+        transport: Transport,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        attempts: int = DEFAULT_ATTEMPTS,
+        server_name: str | None = None,
+    ) -> None:
         self.address = address
+        self.transport = transport
         self.timeout = timeout
         self.attempts = max(1, attempts)
+        #: the name verified in the controller's certificate (default: ``controller.<our trust domain>``)
+        self.server_name = server_name
         self._channel: grpc.Channel | None = None
         self._hosts: Any = None
         self._vms: Any = None
         self._operations: Any = None
+        self._pki: Any = None
+        #: a call on this client reached the server (later connection losses are outages, not handshakes)
+        self._reached = False
 
     # The channel is made on first use so that commands which never call the controller (dev, a
-    # failing spec file) cannot fail on a bad --controller value.
+    # failing spec file) cannot fail on a bad --controller value. The credentials are read from the
+    # files at that moment: close() after a renewal, and the next call dials with the new pair.
     def _ensure(self) -> grpc.Channel:
         if self._channel is None:
-            self._channel = sync_channel(self.address)
+            if self.server_name is None and self.transport.tls is not None:
+                self.server_name = controller_server_name(self.transport)
+            self._channel = sync_channel(self.address, self.transport, self.server_name)
         return self._channel
 
     @property
@@ -77,11 +105,24 @@ class ControllerClient:
             self._operations = operation_service_pb2_grpc.OperationServiceStub(self._ensure())
         return self._operations  # type: ignore[no-any-return]
 
+    @property
+    def pki(self) -> pki_service_pb2_grpc.PkiServiceStub:
+        """PkiService stub."""
+        if self._pki is None:
+            self._pki = pki_service_pb2_grpc.PkiServiceStub(self._ensure())
+        return self._pki  # type: ignore[no-any-return]
+
     def translate(self, exc: grpc.RpcError) -> CloneboxError:
         """Map a failed call to its CloneboxError; say what to do when the controller is unreachable."""
         err = error_from_rpc(exc, target=self.address)
         if isinstance(err, Unavailable) and err.reason == _UNREACHABLE:
             details = exc.details() if hasattr(exc, "details") else str(exc)
+            details = details or ""
+            if not self._reached:
+                peer = Peer(self.address, self.transport.tls, self.server_name or "", self.transport.tls is None)
+                rejected = handshake_failure(details, peer)
+                if rejected is not None:
+                    return rejected
             return Unavailable(
                 f"cannot reach controller at {self.address}: {details} "
                 "(is it running? try 'clonebox dev up', or pass --controller ADDR)",
@@ -96,15 +137,21 @@ class ControllerClient:
         request: Req,
         *,
         timeout: float | None = None,
+        attempts: int | None = None,
     ) -> Resp:
         """Invoke a unary ``method`` with ``request``; retry only when the controller was not reached."""
         delay = _FIRST_BACKOFF
-        for attempt in range(1, self.attempts + 1):
+        attempts = max(1, attempts or self.attempts)
+        for attempt in range(1, attempts + 1):
             try:
-                return method(request, timeout=timeout or self.timeout)
+                response = method(request, timeout=timeout or self.timeout)
+                self._reached = True
+                return response
             except grpc.RpcError as exc:
                 err = self.translate(exc)
-                if not (isinstance(err, Unavailable) and err.reason == _UNREACHABLE) or attempt == self.attempts:
+                if not isinstance(err, Unavailable):
+                    self._reached = True  # the server answered (with an error)
+                if not (isinstance(err, Unavailable) and err.reason == _UNREACHABLE) or attempt == attempts:
                     raise err from None
             time.sleep(delay)
             delay *= 2
@@ -120,7 +167,9 @@ class ControllerClient:
         """Iterate a server-streaming ``method``; a failure mid-stream is raised as a CloneboxError."""
         responses = method(request, timeout=timeout)
         try:
-            yield from responses
+            for response in responses:
+                self._reached = True
+                yield response
         except grpc.RpcError as exc:
             raise self.translate(exc) from None
         finally:
@@ -134,7 +183,8 @@ class ControllerClient:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
-            self._hosts = self._vms = self._operations = None
+            self._hosts = self._vms = self._operations = self._pki = None
+            self._reached = False
 
     def __enter__(self) -> ControllerClient:
         return self

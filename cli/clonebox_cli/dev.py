@@ -8,11 +8,23 @@ host is READY in the controller. It is idempotent: a daemon whose pid is alive a
 answers the health check is left alone. ``dev status`` reports both; ``dev down`` stops them (SIGTERM,
 then SIGKILL after 10 s).
 
+Security: unless ``--insecure``, ``dev up`` makes (once, then reuses) a development PKI: a CA of trust
+domain ``clonebox.local``, a controller certificate, an agent certificate for the host, and an admin
+user certificate for this CLI, which later commands use by default (no ``--tls-dir`` needed). Leaves
+that are missing, expired, past two thirds of their lifetime or for another name are issued again.
+The controller gets ``tls_dir``, ``ca_dir`` and an enrolment port (``enroll_listen``, the controller
+port + 1, or + 2 when the agent has that one), so ``clonebox host add`` works on the local fleet. The
+health checks speak mTLS too (server names ``controller.clonebox.local`` and
+``HOST.agent.clonebox.local``). ``dev up --insecure`` runs both daemons in loopback plaintext instead.
+
 Files:
 
 * ``$XDG_STATE_HOME/clonebox/dev`` (default ``~/.local/state/clonebox/dev``): ``controller.pid``,
   ``agent.pid``, ``controller.log``, ``agent.log``, ``dev.json`` (addresses and settings; the CLI's
-  default ``--controller`` comes from here) and the controller database ``fleet.db``.
+  default ``--controller`` and ``--tls-dir`` come from here) and the controller database ``fleet.db``;
+  the dev PKI: ``pki/ca`` (the CA), ``tls/controller``, ``tls/agent`` and ``tls/user`` (0700 folders
+  with ``ca.crt``, ``NAME.crt``, ``NAME.key``). As root the agent's folder is ``DATA_DIR/tls``
+  (``/var/lib/clonebox/dev/tls``), next to its state.
 * ``$XDG_CONFIG_HOME/clonebox/dev`` (default ``~/.config/clonebox/dev``): ``controller.yaml``,
   ``agent.yaml``.
 * Agent data: QEMU runs as ``libvirt-qemu`` and must traverse to overlays and seed ISOs, which it
@@ -28,8 +40,10 @@ ignored.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -45,14 +59,27 @@ import typer
 import yaml
 from clonebox.controller.v1 import host_service_pb2 as hosts_pb2
 from clonebox.type.v1 import host_pb2
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clonebox_cli import output
+from clonebox_cli import credentials, output
 from clonebox_cli.client import ControllerClient
 from clonebox_cli.context import settings
-from clonebox_core.errors import CloneboxError, DeadlineExceeded, FailedPrecondition, Unavailable
+from clonebox_core.errors import CloneboxError, DeadlineExceeded, FailedPrecondition, NotFound, Unavailable
 from clonebox_core.names import check_dns_label
-from clonebox_core.rpc.server import sync_channel
+from clonebox_core.rpc.server import Transport, sync_channel
+from clonebox_core.rpc.tls import TlsFiles, key_matches
+from clonebox_core.security.identity import Identity, make_identity
+from clonebox_core.security.pki import (
+    DEFAULT_DAYS,
+    CertificateAuthority,
+    cert_pem,
+    identity_of,
+    key_pem,
+    server_name,
+    write_public,
+)
 
 app = typer.Typer(help="Run a local controller and agent for one machine.", no_args_is_help=True)
 
@@ -64,6 +91,12 @@ STOP_GRACE_SECONDS = 10.0
 #: a live pid whose address stays silent this long is considered hung and restarted
 _SILENT_GRACE_SECONDS = 5.0
 ROOT_DATA_DIR = "/var/lib/clonebox/dev"
+#: trust domain of the development PKI
+DEV_TRUST_DOMAIN = "clonebox.local"
+#: name of the dev controller's identity (spiffe://clonebox.local/controller/dev)
+DEV_CONTROLLER_NAME = "dev"
+#: lifetime of the dev leaves; the daemons and the CLI renew at two thirds of it
+DEV_CERT_SECONDS = DEFAULT_DAYS * 86400
 DEFAULT_IMAGE_DIR = "/var/lib/clonebox/images"
 _LIBVIRT_SCRIPT = "deploy/dev/start-libvirt.sh"
 
@@ -118,6 +151,19 @@ def recorded_controller() -> str | None:
     return address if isinstance(address, str) and address else None
 
 
+def recorded_tls_dir() -> str | None:
+    """The CLI's TLS folder of the dev PKI, when ``dev up`` made one and it is still there."""
+    tls = _load_state().get("tls", {})
+    folder = tls.get("user") if isinstance(tls, dict) else None
+    return folder if isinstance(folder, str) and folder and Path(folder).is_dir() else None
+
+
+def recorded_insecure() -> bool:
+    """True when the last ``dev up`` ran the daemons in loopback plaintext (``--insecure``)."""
+    recorded = _load_state().get("settings", {})
+    return isinstance(recorded, dict) and recorded.get("insecure") is True
+
+
 # ------------------------------------------------------------------------------------------- settings
 
 
@@ -133,11 +179,25 @@ class DevSettings:
     domain_type: str = "auto"
     data_dir: str = ""
     image_dirs: tuple[str, ...] = ()
+    #: the controller's enrolment port; 0: the controller port + 1 (+ 2 when that is the agent's)
+    enroll_port: int = 0
+    #: loopback plaintext instead of mTLS
+    insecure: bool = False
 
     @property
     def controller_address(self) -> str:
         """Where the controller listens."""
         return f"127.0.0.1:{self.controller_port}"
+
+    @property
+    def enroll_address(self) -> str:
+        """Where the controller lets new hosts enrol with a join token."""
+        port = self.enroll_port
+        if not port:
+            port = self.controller_port + 1
+            if port == self.agent_port:
+                port += 1
+        return f"127.0.0.1:{port}"
 
     @property
     def agent_address(self) -> str:
@@ -158,17 +218,22 @@ def _resolve(given: dict[str, Any], recorded: Any) -> DevSettings:
 
 def controller_config(s: DevSettings) -> dict[str, Any]:
     """Return the controller's config file content."""
-    return {
+    config: dict[str, Any] = {
         "listen": s.controller_address,
         "database_url": f"sqlite:///{state_dir() / 'fleet.db'}",
         "heartbeat_timeout_seconds": 10.0,
     }
+    if s.insecure:
+        config["insecure"] = True
+    else:
+        config.update(tls_dir=str(tls_dir("controller", s)), ca_dir=str(ca_dir()), enroll_listen=s.enroll_address)
+    return config
 
 
 def agent_config(s: DevSettings) -> dict[str, Any]:
     """Return the agent's config file content."""
     data = Path(s.data_dir)
-    return {
+    config: dict[str, Any] = {
         "name": s.host_name,
         "listen": s.agent_address,
         "controller": s.controller_address,
@@ -179,10 +244,94 @@ def agent_config(s: DevSettings) -> dict[str, Any]:
         "storage_dir": str(data / "storage"),
         "image_dirs": list(s.image_dirs),
     }
+    if s.insecure:
+        config["insecure"] = True
+    else:
+        config["tls_dir"] = str(tls_dir("agent", s))
+    return config
 
 
 def _config_text(data: dict[str, Any]) -> str:
     return "# written by 'clonebox dev up'; it is rewritten on every start\n" + yaml.safe_dump(data, sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------------------ pki
+
+
+def ca_dir() -> Path:
+    """The dev CA's folder."""
+    return state_dir() / "pki" / "ca"
+
+
+def tls_dir(kind: str, s: DevSettings) -> Path:
+    """The TLS folder of ``kind`` (controller, agent, user)."""
+    if kind == "agent" and _running_as_root():
+        return Path(s.data_dir) / "tls"  # next to the agent's state, out of /root
+    return state_dir() / "tls" / kind
+
+
+def _user_name() -> str:
+    """This user's login as a DNS label (the dev admin certificate's name)."""
+    try:
+        login = getpass.getuser()
+    except (KeyError, OSError):  # pragma: no cover - no passwd entry
+        login = ""
+    label = re.sub(r"[^a-z0-9-]+", "-", login.lower()).strip("-")[:63].strip("-")
+    return label or "dev"
+
+
+def dev_identities(s: DevSettings, trust_domain: str = DEV_TRUST_DOMAIN) -> dict[str, Identity]:
+    """File name -> identity of the three dev leaves."""
+    return {
+        "controller": make_identity(trust_domain, "controller", DEV_CONTROLLER_NAME),
+        "agent": make_identity(trust_domain, "agent", s.host_name),
+        "user": make_identity(trust_domain, "user", _user_name(), "admin"),
+    }
+
+
+def _leaf_is_usable(ca: CertificateAuthority, tls: TlsFiles, identity: Identity) -> bool:
+    """Issued by this CA for this identity, with its key, and not yet due for renewal."""
+    if not tls.exists():
+        return False
+    try:
+        ca_pem, pem, key = tls.load()
+        cert = x509.load_pem_x509_certificate(pem)
+        cert.verify_directly_issued_by(ca.cert)
+        same = identity_of(cert).spiffe_id == identity.spiffe_id
+    except (CloneboxError, OSError, ValueError, TypeError, InvalidSignature):
+        return False
+    now = datetime.now(UTC)
+    return same and ca_pem == ca.cert_pem and key_matches(pem, key) and now < tls.renew_at()
+
+
+def ensure_pki(s: DevSettings) -> list[str]:
+    """Make the dev PKI, or complete and refresh it; returns what was created (``ca``, ``agent``...)."""
+    made: list[str] = []
+    try:
+        ca = CertificateAuthority.load(ca_dir())
+    except NotFound:
+        ca = CertificateAuthority.init(ca_dir(), DEV_TRUST_DOMAIN)
+        made.append("ca")
+    for kind, identity in dev_identities(s, ca.trust_domain).items():
+        folder = tls_dir(kind, s)
+        tls = TlsFiles.in_folder(folder, kind)
+        if _leaf_is_usable(ca, tls, identity):
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o700)
+        issued = ca.issue(identity, seconds=DEV_CERT_SECONDS)
+        assert issued.key is not None
+        write_public(tls.ca, ca.cert_pem)
+        credentials.install(tls, key_pem(issued.key), cert_pem(issued.cert))
+        made.append(kind)
+    return made
+
+
+def client_transport(s: DevSettings) -> Transport:
+    """How ``dev`` itself talks to its daemons: as the dev admin user, or plaintext."""
+    if s.insecure:
+        return Transport(None, insecure=True)
+    return Transport(TlsFiles.in_folder(tls_dir("user", s), "user"))
 
 
 # -------------------------------------------------------------------------------------------- daemons
@@ -198,13 +347,20 @@ class Daemon:
     config: Path
     log: Path
     pid_file: Path
+    #: how dev talks to it (health checks) and the name its certificate carries
+    transport: Transport
+    server_name: str | None = None
 
 
 def daemons(s: DevSettings) -> list[Daemon]:
     """Return the controller and the agent, in start order."""
     st, cfg = state_dir(), config_dir()
+    transport = client_transport(s)
+    names = {k: None if s.insecure else server_name(i) for k, i in dev_identities(s).items() if k != "user"}
     return [
-        Daemon(kind, module, address, cfg / f"{kind}.yaml", st / f"{kind}.log", st / f"{kind}.pid")
+        Daemon(
+            kind, module, address, cfg / f"{kind}.yaml", st / f"{kind}.log", st / f"{kind}.pid", transport, names[kind]
+        )
         for kind, module, address in (
             ("controller", CONTROLLER_MODULE, s.controller_address),
             ("agent", AGENT_MODULE, s.agent_address),
@@ -251,17 +407,30 @@ def pid_running(pid: int, marker: str) -> bool:
     return True  # pragma: no cover
 
 
-def check_health(address: str, timeout: float = 1.0) -> str:
-    """``grpc.health.v1`` status of the whole server at ``address``; ``DOWN`` when nothing answers."""
+#: what check_health reports when a server answers but the TLS handshake fails
+TLS_ERROR = "TLS_ERROR"
+
+
+def check_health(address: str, transport: Transport, server_name: str | None = None, timeout: float = 1.0) -> str:
+    """
+    ``grpc.health.v1`` status of the whole server at ``address``, over ``transport``.
+
+    ``DOWN`` when nothing answers (or our TLS files are missing), ``TLS_ERROR`` when something answers
+    but the handshake fails (another PKI, plaintext against TLS or the reverse).
+    """
     try:
-        channel = sync_channel(address)
+        channel = sync_channel(address, transport, server_name)
     except CloneboxError:
         return "DOWN"
     try:
         stub = health_pb2_grpc.HealthStub(channel)
         response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
-    except grpc.RpcError:
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            peer = credentials.Peer(address, transport.tls, server_name or "", transport.tls is None)
+            if credentials.handshake_failure(exc.details() or "", peer) is not None:
+                return TLS_ERROR
         return "DOWN"
     finally:
         channel.close()
@@ -289,7 +458,8 @@ def daemon_status(d: Daemon) -> DaemonStatus:
     pid = _read_pid(d.pid_file)
     if pid is not None and not pid_running(pid, str(d.config)):
         pid = None
-    return DaemonStatus(d.kind, d.address, pid, check_health(d.address), str(d.log), str(d.config))
+    health = check_health(d.address, d.transport, d.server_name)
+    return DaemonStatus(d.kind, d.address, pid, health, str(d.log), str(d.config))
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -382,11 +552,16 @@ def _wait_serving(d: Daemon, proc: subprocess.Popen[bytes] | None, deadline: flo
                 reason="DEV_DAEMON_EXITED",
                 metadata={"log": str(d.log)},
             )
-        health = check_health(d.address)
+        health = check_health(d.address, d.transport, d.server_name)
         if health == "SERVING":
             return
         if time.monotonic() >= deadline:
             extra = f"; {hint}" if hint and health == "NOT_SERVING" else ""
+            if health == TLS_ERROR:
+                extra = (
+                    f"; the TLS handshake fails: it does not use the dev PKI in {ca_dir().parent} "
+                    "(run 'clonebox dev down', then 'clonebox dev up')"
+                )
             raise DeadlineExceeded(
                 f"{d.kind} at {d.address} is {health}, not SERVING, after waiting{extra} (log: {d.log})",
                 reason="DEV_DAEMON_NOT_SERVING",
@@ -396,7 +571,7 @@ def _wait_serving(d: Daemon, proc: subprocess.Popen[bytes] | None, deadline: flo
 
 
 def _wait_host_ready(s: DevSettings, agent_log: Path, deadline: float) -> host_pb2.Host:
-    client = ControllerClient(s.controller_address, timeout=2.0, attempts=1)
+    client = ControllerClient(s.controller_address, client_transport(s), timeout=2.0, attempts=1)
     last = "not registered yet"
     try:
         while True:
@@ -449,6 +624,15 @@ def _prepare_dirs(s: DevSettings) -> None:
             ) from None
 
 
+def _ensure_pki_or_fail(s: DevSettings) -> list[str]:
+    try:
+        return ensure_pki(s)
+    except OSError as exc:
+        raise FailedPrecondition(
+            f"cannot write the dev PKI under {state_dir()}: {exc.strerror or exc}", reason="DEV_PKI"
+        ) from None
+
+
 def _ensure_running(d: Daemon, text: str, deadline: float, hint: str) -> str:
     """Start ``d`` unless it already runs with this config; returns what was done."""
     status = daemon_status(d)
@@ -460,7 +644,7 @@ def _ensure_running(d: Daemon, text: str, deadline: float, hint: str) -> str:
             silent_until = time.monotonic() + _SILENT_GRACE_SECONDS
             while status.health == "DOWN" and time.monotonic() < silent_until:
                 time.sleep(0.2)
-                status.health = check_health(d.address)
+                status.health = check_health(d.address, d.transport, d.server_name)
         if status.health != "DOWN":
             try:
                 current = d.config.read_text()
@@ -504,7 +688,7 @@ def _status_report(ds: list[Daemon], s: DevSettings | None) -> dict[str, Any]:
         }
     host: dict[str, str] | None = None
     if s is not None and report["controller"]["health"] == "SERVING":
-        client = ControllerClient(s.controller_address, timeout=2.0, attempts=1)
+        client = ControllerClient(s.controller_address, client_transport(s), timeout=2.0, attempts=1)
         try:
             for h in client.call(client.hosts.ListHosts, hosts_pb2.ListHostsRequest()).hosts:
                 if h.name == s.host_name:
@@ -516,6 +700,17 @@ def _status_report(ds: list[Daemon], s: DevSettings | None) -> dict[str, Any]:
         if host is None:
             host = {"name": s.host_name, "state": "NOT_REGISTERED"}
     report["host"] = host
+    if s is not None:
+        report["tls"] = (
+            {"insecure": True}
+            if s.insecure
+            else {
+                "insecure": False,
+                "ca_dir": str(ca_dir()),
+                "user": str(tls_dir("user", s)),
+                "trust_domain": DEV_TRUST_DOMAIN,
+            }
+        )
     return report
 
 
@@ -568,12 +763,36 @@ def up(
             help=f"Where images, kernels, initrds live (repeatable) [default: {DEFAULT_IMAGE_DIR}]",
         ),
     ] = None,
+    enroll_port: Annotated[
+        int | None,
+        typer.Option(
+            "--enroll-port",
+            min=1,
+            max=65535,
+            help="The controller's join-token enrolment port [default: controller port + 1, skipping the agent's]",
+        ),
+    ] = None,
+    insecure: Annotated[
+        bool | None,
+        typer.Option(
+            "--insecure/--tls",
+            help="Loopback plaintext instead of mTLS with the dev PKI [default: --tls, or what the last dev up used]",
+            show_default=False,
+        ),
+    ] = None,
     timeout: Annotated[
         float, typer.Option("--timeout", min=1, help="Seconds to wait for everything to be ready.")
     ] = 60,
 ) -> None:
-    """Start (or keep) a local controller and agent; wait until the host is READY."""
+    """
+    Start (or keep) a local controller and agent with a development PKI; wait until the host is READY.
+
+    The first run makes a CA and certificates for the controller, the agent and you (admin) under the
+    state directory; later runs reuse them, and CLI commands use your certificate by default.
+    """
     out = settings(ctx)
+    if insecure is None and out.insecure:
+        insecure = True  # 'clonebox --insecure dev up' (or CLONEBOX_INSECURE=1)
     if hypervisor is not None and hypervisor not in ("libvirt", "fake"):
         raise typer.BadParameter("use libvirt or fake", param_hint="--hypervisor")
     if domain_type is not None and domain_type not in ("auto", "kvm", "qemu"):
@@ -592,13 +811,30 @@ def up(
             "domain_type": domain_type,
             "data_dir": data_dir,
             "image_dirs": image_dirs,
+            "enroll_port": enroll_port,
+            "insecure": insecure,
         },
         state.get("settings"),
     )
     check_dns_label("--host-name", s.host_name)
     if s.controller_port == s.agent_port:
         raise typer.BadParameter("the controller and the agent need different ports", param_hint="--agent-port")
+    enroll = int(s.enroll_address.rpartition(":")[2])
+    if not s.insecure and (enroll in (s.controller_port, s.agent_port) or enroll > 65535):
+        raise typer.BadParameter(
+            "the enrolment port must differ from the controller's and the agent's", param_hint="--enroll-port"
+        )
     _prepare_dirs(s)
+    if not s.insecure:
+        made = _ensure_pki_or_fail(s)
+        if made and not out.json:
+            typer.echo(f"dev PKI: issued {', '.join(made)} (in {ca_dir().parent.parent})", err=True)
+        state = {
+            **state,
+            "tls": {"user": str(tls_dir("user", s)), "ca_dir": str(ca_dir()), "trust_domain": DEV_TRUST_DOMAIN},
+        }
+    else:
+        state = {k: v for k, v in state.items() if k != "tls"}
     ds = daemons(s)
     texts = {"controller": _config_text(controller_config(s)), "agent": _config_text(agent_config(s))}
     deadline = time.monotonic() + timeout

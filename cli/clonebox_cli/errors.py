@@ -4,6 +4,28 @@ The one place that turns an error into what the user sees: a one-line message an
 Every command raises ``clonebox_core.errors`` classes (the client maps RPC failures back to them); the
 root command catches them here. No traceback ever reaches the terminal: an unexpected exception is a
 bug in the CLI, reported as one line with exit code 12 (set ``CLONEBOX_DEBUG=1`` for the traceback).
+
+Exit codes (``EXIT_CODES``; a subclass inherits its nearest listed class's code):
+
+==== ==================================================================================================
+0    success
+1    generic failure (not used by CloneBox errors)
+2    invalid argument or usage error (typer's own usage errors use 2 as well)
+3    not found
+4    already exists
+5    failed precondition (also: this client's TLS files are missing)
+6    resource exhausted (no host or quota has room)
+7    permission denied (the certificate's role may not do this)
+8    unauthenticated (for example a revoked certificate)
+9    unavailable: the controller cannot be reached
+10   deadline exceeded
+11   aborted
+12   internal error, or a bug in the CLI
+13   TLS handshake failed: the controller rejected this client's certificate (missing, from another
+     CA, expired) or this client could not verify the controller's; gRPC reports both as UNAVAILABLE,
+     but unlike 9 retrying will not help
+130  interrupted (Ctrl-C)
+==== ==================================================================================================
 """
 
 from __future__ import annotations
@@ -28,6 +50,17 @@ from clonebox_core.errors import (
     Unavailable,
 )
 
+
+class TlsHandshakeFailed(Unavailable):
+    """The TLS handshake with the controller failed (gRPC says UNAVAILABLE; no server code ran).
+
+    Raised by the client only, never sent on the wire: ``message`` already names the address and the
+    reason (``ADDR rejected this client's certificate: REASON``).
+    """
+
+    default_reason = "TLS_HANDSHAKE_FAILED"
+
+
 #: exit code of each error class; 1 is left to "generic failure" and 2 doubles as the usage-error code
 EXIT_CODES: dict[type[CloneboxError], int] = {
     InvalidArgument: 2,
@@ -41,11 +74,14 @@ EXIT_CODES: dict[type[CloneboxError], int] = {
     DeadlineExceeded: 10,
     Aborted: 11,
     Internal: 12,
+    TlsHandshakeFailed: 13,
 }
 #: usage errors (unknown option, missing argument) are reported by typer with this code
 EXIT_USAGE = 2
 #: an error class the table does not know, or a bug in the CLI
 EXIT_INTERNAL = 12
+#: the TLS handshake failed (a rejected client certificate, an unverifiable controller)
+EXIT_TLS = 13
 #: Ctrl-C, as shells report SIGINT (128 + 2)
 EXIT_INTERRUPTED = 130
 

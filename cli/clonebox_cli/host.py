@@ -1,9 +1,11 @@
-"""``clonebox host``: list hosts, show one, cordon, uncordon and drain."""
+"""``clonebox host``: add (enrol) a host, list hosts, show one, cordon, uncordon and drain."""
 
 from __future__ import annotations
 
+import shlex
 import uuid
-from typing import Annotated
+from datetime import UTC
+from typing import Annotated, Any
 
 import typer
 from clonebox.controller.v1 import host_service_pb2 as hosts_pb2
@@ -16,12 +18,58 @@ app = typer.Typer(help="Hypervisor hosts (one agent each).", no_args_is_help=Tru
 
 NameArg = Annotated[str, typer.Argument(metavar="NAME", help="Host name.")]
 
+#: where the agent's config usually lives on a host (deploy/systemd)
+AGENT_CONFIG = "/etc/clonebox/agent.yaml"
+
 
 def _print_host(s: Settings, host: host_pb2.Host) -> None:
     if s.json:
         output.emit_json(output.message_dict(host))
     else:
         output.console().print(output.host_details(host))
+
+
+def join_instructions(host: str, token: str) -> dict[str, Any]:
+    """How to start the agent on the new host with ``token``: an environment, a command, a config snippet."""
+    env = {"CLONEBOX_AGENT_NAME": host, "CLONEBOX_AGENT_JOIN_TOKEN": token}
+    command = " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), "clonebox-agent", "--config", AGENT_CONFIG])
+    return {"agent_env": env, "agent_command": command, "agent_config": {"name": host, "join_token": token}}
+
+
+@app.command("add")
+def add(
+    ctx: typer.Context,
+    *,
+    name: Annotated[str, typer.Argument(metavar="HOST", help="Name of the new host (a DNS label).")],
+    ttl: Annotated[
+        int, typer.Option("--ttl", min=60, max=7 * 86400, help="Seconds the join token stays valid (60 .. 604800).")
+    ] = 3600,
+) -> None:
+    """
+    Print a one-time, expiring join token for a new host, and how to start its agent with it.
+
+    The agent on HOST presents the token on the controller's enrolment port, gets its certificate, and
+    registers. The token works once; it carries the CA certificate, so HOST needs nothing else. Needs
+    an admin certificate.
+    """
+    s = settings(ctx)
+    client = s.client()
+    response = client.call(client.hosts.CreateJoinToken, hosts_pb2.CreateJoinTokenRequest(host=name, ttl_seconds=ttl))
+    expires = response.expire_time.ToDatetime(tzinfo=UTC)
+    steps = join_instructions(name, response.token)
+    if s.json:
+        output.emit_json(
+            {"host": name, "token": response.token, "expire_time": expires.isoformat(timespec="seconds"), **steps}
+        )
+        return
+    typer.echo(f"join token for host {name} (works once, expires {expires.isoformat(timespec='seconds')}):")
+    typer.echo(response.token)
+    typer.echo("")
+    typer.echo(f"on {name}, start the agent with it:")
+    typer.echo(f"  {steps['agent_command']}")
+    typer.echo(f"or put these lines in {AGENT_CONFIG} and run 'clonebox-agent --config {AGENT_CONFIG}':")
+    typer.echo(f"  name: {name}")
+    typer.echo(f"  join_token: {response.token}")
 
 
 @app.command("list")

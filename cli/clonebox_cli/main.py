@@ -1,9 +1,12 @@
 """
 ``clonebox``: the fleet CLI, a client of the controller only.
 
-One typer app with a command group per module (``host``, ``vm``, ``operation``, ``dev``). The root
-command class catches every CloneboxError a command raises and hands it to ``clonebox_cli.errors``,
+One typer app with a command group per module (``host``, ``vm``, ``operation``, ``pki``, ``dev``). The
+root command class catches every CloneboxError a command raises and hands it to ``clonebox_cli.errors``,
 the one place that prints errors and picks exit codes; ``run()`` is the console-script entry point.
+
+Global options: ``--controller`` (where), ``--tls-dir`` (this client's certificate, see
+``clonebox_cli.credentials``), ``--insecure`` (plaintext, loopback only) and ``--output``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from clonebox_cli import dev, errors, host, operation, vm
+from clonebox_cli import credentials, dev, errors, host, operation, pki, vm
 from clonebox_cli.context import DEFAULT_CONTROLLER, Settings
 from clonebox_cli.output import OutputFormat
 from clonebox_core.errors import CloneboxError
@@ -47,6 +50,7 @@ app = typer.Typer(
 app.add_typer(host.app, name="host")
 app.add_typer(vm.app, name="vm")
 app.add_typer(operation.app, name="operation")
+app.add_typer(pki.app, name="pki")
 app.add_typer(dev.app, name="dev")
 
 
@@ -73,6 +77,25 @@ def main(
             show_default=False,
         ),
     ] = None,
+    tls_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--tls-dir",
+            envvar="CLONEBOX_TLS_DIR",
+            metavar="DIR",
+            help="Folder with this client's ca.crt, user.crt and user.key "
+            "[default: the one 'clonebox dev up' made, else $XDG_CONFIG_HOME/clonebox/tls]",
+            show_default=False,
+        ),
+    ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure",
+            envvar="CLONEBOX_INSECURE",
+            help="Plaintext gRPC without certificates; only to a loopback controller that runs with insecure: true.",
+        ),
+    ] = False,
     output: Annotated[
         OutputFormat, typer.Option("--output", "-o", help="table for people, json for programs.")
     ] = OutputFormat.table,
@@ -81,8 +104,12 @@ def main(
     ] = False,
 ) -> None:
     """CloneBox fleet CLI."""
-    address = controller or dev.recorded_controller() or DEFAULT_CONTROLLER
-    ctx.obj = Settings(controller=address, output=output)
+    recorded = dev.recorded_controller()
+    address = controller or recorded or DEFAULT_CONTROLLER
+    if not tls_dir and not insecure and address == recorded and dev.recorded_insecure():
+        insecure = True  # the local fleet was started with 'clonebox dev up --insecure'
+    folder = tls_dir or dev.recorded_tls_dir() or str(credentials.default_tls_dir())
+    ctx.obj = Settings(controller=address, output=output, tls_dir=folder, insecure=insecure)
     ctx.call_on_close(ctx.obj.close)
 
 

@@ -439,9 +439,9 @@ def _syntax_error(loader: _Loader, exc: yaml.MarkedYAMLError, *, hide: bool) -> 
 def _value_error(loader: _Loader, root: Node, exc: Exception) -> InvalidArgument:
     node = loader.failed or root
     hide = id(node) in loader.hidden_ids
-    if isinstance(exc, ValueError):
-        detail = scrub(str(exc), hide=hide)
-    else:  # KeyError, AttributeError ... from a value that does not fit its explicit tag
+    if isinstance(exc, ValueError) and node.tag == _STD_PREFIX + "timestamp":
+        detail = scrub(str(exc), hide=hide)  # 'month must be in 1..12' says what to fix
+    else:  # int() and float() quote the whole value (Python cuts it at 200 characters, unquoted)
         detail = f"not a valid {_tag_text(node.tag).lstrip('!')}"
     return loader.error(loader.reason, node.start_mark, f"not valid YAML: {detail}: put the value in quotes")
 

@@ -46,12 +46,15 @@ TARGET_BY_PACKAGE = {"clonebox.agent.v1": "agent", "clonebox.controller.v1": "co
 _READ_PREFIXES = ("Get", "List", "Watch", "Wait")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Rpc:
     """One RPC of one service, with what a generic caller needs."""
 
     service: ServiceDescriptor
     method: MethodDescriptor
+
+    def __repr__(self) -> str:
+        return f"Rpc({self.name})"
 
     @property
     def name(self) -> str:

@@ -37,7 +37,7 @@ from clonebox_core.security.pki import CertificateAuthority, cert_pem, key_pem, 
 TRUST_DOMAIN = "clonebox.test"
 
 
-class TestPki:
+class FleetPki:
     """A throwaway CA and helpers to give each process its own TLS folder."""
 
     def __init__(self, root: Path) -> None:
@@ -76,7 +76,7 @@ class Fleet:
     """A controller, its agents, and client stubs (the stubs speak as an admin user)."""
 
     tmp: Path
-    pki: TestPki
+    pki: FleetPki
     controller: Controller
     channel: grpc.aio.Channel
     agents: dict[str, Agent] = field(default_factory=dict)
@@ -96,7 +96,9 @@ class Fleet:
 
     def user_channel(self, role: str, name: str = "tester") -> grpc.aio.Channel:
         """A channel to the controller as a user with ``role``."""
-        return aio_channel(self.controller.address, self.pki.transport("user", name, role), f"controller.{TRUST_DOMAIN}")
+        return aio_channel(
+            self.controller.address, self.pki.transport("user", name, role), f"controller.{TRUST_DOMAIN}"
+        )
 
     def agent_stub(
         self, name: str, as_kind: str = "controller", as_name: str = "ctl", role: str | None = None
@@ -109,11 +111,14 @@ class Fleet:
     async def add_agent(self, name: str, capacity: Resources, fake: FakeHypervisor | None = None, **kw: Any) -> Agent:
         fake = fake or self.fakes.get(name) or FakeHypervisor(host_name=name, capacity=capacity)
         self.fakes[name] = fake
+        tls_dir = kw.pop("tls_dir", None) or self.pki.folder("agent", name, seconds=kw.pop("cert_seconds", 3600))
         cfg = AgentConfig(
             name=name,
             listen="127.0.0.1:0",
             controller=self.controller.address,
-            tls_dir=str(kw.pop("tls_dir", None) or self.pki.folder("agent", name, seconds=kw.pop("cert_seconds", 3600))),
+            tls_dir=str(
+                kw.pop("tls_dir", None) or self.pki.folder("agent", name, seconds=kw.pop("cert_seconds", 3600))
+            ),
             hypervisor="fake",
             state_dir=str(self.tmp / f"agent-{name}"),
             storage_dir=str(self.tmp / f"agent-{name}" / "storage"),
@@ -139,7 +144,7 @@ class Fleet:
 
 @pytest.fixture
 async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
-    pki = TestPki(tmp_path / "pki")
+    pki = FleetPki(tmp_path / "pki")
     cfg = ControllerConfig(
         listen="127.0.0.1:0",
         tls_dir=str(pki.folder("controller", "ctl")),

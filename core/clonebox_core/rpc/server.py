@@ -184,13 +184,13 @@ def aio_channel(target: str, transport: Transport, server_name: str | None = Non
     )
 
 
-def bootstrap_channel(target: str, ca_pem: bytes, server_name: str) -> grpc.Channel:
-    """A blocking channel that verifies the server against ``ca_pem`` and presents no certificate.
+def bootstrap_channel(target: str, ca_pem: bytes, server_name: str) -> grpc.aio.Channel:
+    """A channel that verifies the server against ``ca_pem`` and presents no certificate.
 
     Used once by a new host to enrol (it has a join token and the CA, not yet a certificate).
     """
     creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
-    return grpc.secure_channel(target, creds, options=_KEEPALIVE_OPTIONS + _name_override(server_name))
+    return grpc.aio.secure_channel(target, creds, options=_KEEPALIVE_OPTIONS + _name_override(server_name))
 
 
 def sync_channel(target: str, transport: Transport, server_name: str | None = None) -> grpc.Channel:

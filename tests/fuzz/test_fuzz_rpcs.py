@@ -1,0 +1,114 @@
+"""Protocol fuzzing: generated requests for every RPC of every service, through real gRPC, against the
+in-process fleet (controller + two agents on fake hypervisors). See README.md in this folder.
+
+``CLONEBOX_FUZZ_EXAMPLES`` sets the examples per service (default 500; ``make fuzz`` runs 10,000);
+``CLONEBOX_FUZZ_SEED`` pins Hypothesis' seed to replay a run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import grpc.aio
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
+from hypothesis.errors import NonInteractiveExampleWarning
+
+from tests.fuzz.harness import FuzzHarness
+from tests.fuzz.known_bugs import KNOWN_BUGS, known_bug
+from tests.fuzz.strategies import MODES, RPCS, RPCS_BY_SERVICE, TARGET_BY_PACKAGE, Pools, message_strategy, request_strategy
+from tests.integration.conftest import Fleet
+
+EXAMPLES = int(os.environ.get("CLONEBOX_FUZZ_EXAMPLES", "500"))
+SEED = os.environ.get("CLONEBOX_FUZZ_SEED")
+#: seconds allowed for one example, hooks included (a hang fails the run instead of stalling it)
+EXAMPLE_TIMEOUT = 120.0
+
+pytestmark = [
+    pytest.mark.fuzz,
+    # pytest-timeout: generous per example, so a 10,000-example run is not cut short
+    pytest.mark.timeout(max(300, EXAMPLES // 5 + 120)),
+]
+
+
+async def served_services(channel: grpc.aio.Channel) -> set[str]:
+    """Full names of the services a server lists through reflection."""
+
+    async def ask() -> object:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+    names: set[str] = set()
+    async for resp in reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(ask()):
+        names |= {s.name for s in resp.list_services_response.service}
+    return names
+
+
+@pytest.mark.parametrize("service", sorted(RPCS_BY_SERVICE))
+async def test_fuzz_service(fleet: Fleet, tmp_path: Path, service: str) -> None:
+    rpcs = RPCS_BY_SERVICE[service]
+    harness = FuzzHarness(fleet, tmp_path)
+    await harness.start()
+    try:
+        if rpcs[0].service.full_name not in await served_services(harness.channel(rpcs[0])):
+            pytest.skip(f"{rpcs[0].service.full_name} is not served by the in-process {rpcs[0].target}")
+        loop = asyncio.get_running_loop()
+        requests = {r.name: request_strategy(r, harness.pools) for r in rpcs}
+        # later messages of a client stream (HostService.Connect: heartbeats, repeated registrations)
+        more = {
+            r.name: st.lists(st.one_of(*(message_strategy(r.input, m, harness.pools) for m in MODES)), max_size=2)
+            for r in rpcs
+            if r.client_streaming
+        }
+
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            database=None,
+            print_blob=True,
+            phases=[Phase.explicit, Phase.generate, Phase.shrink],
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(data=st.data())
+        def fuzz(data: st.DataObject) -> None:
+            rpc = data.draw(st.sampled_from(rpcs), label="rpc")
+            mode, request = data.draw(requests[rpc.name], label="request")
+            messages = [request]
+            if rpc.client_streaming:
+                messages += data.draw(more[rpc.name], label="more messages")
+            bug = known_bug(rpc, messages)
+            if bug is not None:
+                harness.stats.known[bug] += 1
+                return
+            harness.stats.modes[mode] += 1
+            asyncio.run_coroutine_threadsafe(harness.exercise(rpc, messages), loop).result(EXAMPLE_TIMEOUT)
+
+        if SEED is not None:
+            fuzz = seed(int(SEED))(fuzz)
+        # Hypothesis runs in a worker thread; every call runs on this loop, where the fleet lives
+        await asyncio.to_thread(fuzz)
+        print(f"\n{service}: {EXAMPLES} examples\n{harness.stats.summary()}")
+    finally:
+        await harness.close()
+
+
+def test_registry_covers_every_rpc() -> None:
+    """Every service is discovered, served by a known daemon, and every request type can be built."""
+    assert {"AgentService", "HostService", "VmService", "OperationService"} <= set(RPCS_BY_SERVICE)
+    for rpc in RPCS:
+        assert rpc.service.file.package in TARGET_BY_PACKAGE, rpc.name
+    assert [b.rpc for b in KNOWN_BUGS if b.rpc not in {r.name for r in RPCS}] == []
+
+
+@pytest.mark.filterwarnings("ignore", category=NonInteractiveExampleWarning)
+@settings(max_examples=50, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_strategies_build_serializable_requests(data: st.DataObject) -> None:
+    """Both flavours of every request serialize and parse back (the wire accepts them)."""
+    rpc = data.draw(st.sampled_from(RPCS))
+    mode, msg = data.draw(request_strategy(rpc, Pools()))
+    assert mode in MODES
+    assert rpc.request_class.FromString(msg.SerializeToString()) == msg

@@ -1,0 +1,255 @@
+"""Security over real mTLS (in-process servers): the policy table walked for every RPC and principal,
+revocation, identity binding of agents, handshake refusals, enrolment and short certificate lifetimes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import grpc.aio
+import pytest
+from clonebox.agent.v1 import agent_pb2
+from clonebox.controller.v1 import (
+    host_service_pb2,
+    host_service_pb2_grpc,
+    pki_service_pb2,
+    pki_service_pb2_grpc,
+    vm_service_pb2,
+)
+from clonebox.type.v1 import host_pb2, resources_pb2
+from google.protobuf import descriptor_pool
+
+from clonebox_agent.config import AgentConfig
+from clonebox_agent.main import Agent
+from clonebox_core.errors import FailedPrecondition, PermissionDenied
+from clonebox_core.rpc.server import Transport, aio_channel
+from clonebox_core.rpc.tls import TlsFiles
+from clonebox_core.security.policy import POLICY
+from tests.integration.conftest import TRUST_DOMAIN, Fleet, FleetPki, eventually
+from tests.integration.test_fleet import SMALL, error_info
+
+pytestmark = pytest.mark.integration
+
+PRINCIPALS = [("controller", None), ("agent", None), ("user", "viewer"), ("user", "operator"), ("user", "admin")]
+SERVICES = {
+    "agent": ["clonebox.agent.v1.AgentService"],
+    "controller": [
+        "clonebox.controller.v1.HostService",
+        "clonebox.controller.v1.VmService",
+        "clonebox.controller.v1.OperationService",
+        "clonebox.controller.v1.PkiService",
+    ],
+}
+
+
+def all_methods() -> list[tuple[str, str, object]]:
+    """(server, /full/Method, method descriptor) for every RPC of every served API service."""
+    pool = descriptor_pool.Default()
+    out = []
+    for server, services in SERVICES.items():
+        for name in services:
+            svc = pool.FindServiceByName(name)
+            out += [(server, f"/{name}/{m.name}", m) for m in svc.methods]
+    return out
+
+
+def test_every_rpc_has_a_policy_row() -> None:
+    # a new RPC without a decision in the table fails here
+    missing = [m for _s, m, _d in all_methods() if m not in POLICY]
+    assert missing == []
+    pool = descriptor_pool.Default()
+    enroll = pool.FindServiceByName("clonebox.controller.v1.EnrollmentService")
+    # enrolment is served on its own port only: on the main port it has no row and is refused
+    assert all(f"/{enroll.full_name}/{m.name}" not in POLICY for m in enroll.methods)
+
+
+async def _call(channel: grpc.aio.Channel, method: str, desc) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+    """Call ``method`` with an empty request; the status code (OK counts as allowed)."""
+    ser = lambda _m: b""  # noqa: E731 - an empty message of any type
+    de = lambda b: b  # noqa: E731
+    try:
+        if desc.client_streaming:
+
+            async def nothing() -> AsyncIterator[bytes]:
+                if False:
+                    yield b""
+
+            call = channel.stream_stream(method, request_serializer=ser, response_deserializer=de)(nothing(), timeout=3)
+            async for _ in call:
+                break
+        elif desc.server_streaming:
+            call = channel.unary_stream(method, request_serializer=ser, response_deserializer=de)(b"", timeout=1)
+            async for _ in call:
+                break
+            call.cancel()
+        else:
+            await channel.unary_unary(method, request_serializer=ser, response_deserializer=de)(b"", timeout=3)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def test_policy_table_walk_every_rpc_every_principal(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", SMALL)
+    mismatches = []
+    for kind, role in PRINCIPALS:
+        principal = role or kind
+        transport = fleet.pki.transport(kind, f"walk-{principal}", role)
+        channels = {
+            "controller": aio_channel(fleet.controller.address, transport, f"controller.{TRUST_DOMAIN}"),
+            "agent": aio_channel(fleet.agents["h1"].address, transport, f"h1.agent.{TRUST_DOMAIN}"),
+        }
+        try:
+            for server, method, desc in all_methods():
+                code = await _call(channels[server], method, desc)
+                allowed = principal in POLICY[method]
+                denied = code == grpc.StatusCode.PERMISSION_DENIED
+                if allowed == denied or code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+                    mismatches.append((principal, method, code.name))
+        finally:
+            for ch in channels.values():
+                await ch.close()
+    assert mismatches == []
+
+
+async def test_revoked_user_is_refused_and_agent_learns_within_a_heartbeat(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", SMALL)
+    viewer = fleet.user_channel("viewer", name="mallory")
+    vms = __import__("clonebox.controller.v1.vm_service_pb2_grpc", fromlist=["x"]).VmServiceStub(viewer)
+    await vms.ListVms(vm_service_pb2.ListVmsRequest())  # works before
+    stub, agent_ch = fleet.agent_stub("h1", as_kind="controller", as_name="rogue-ctl")
+    await stub.GetHostInfo(agent_pb2.GetHostInfoRequest())  # works before
+
+    pki = pki_service_pb2_grpc.PkiServiceStub(fleet.channel)
+    revoked = await pki.RevokeCertificate(pki_service_pb2.RevokeCertificateRequest(name="mallory"))
+    assert [c.revoked for c in revoked.revoked] == [True]
+    await pki.RevokeCertificate(pki_service_pb2.RevokeCertificateRequest(name="rogue-ctl"))
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await vms.ListVms(vm_service_pb2.ListVmsRequest())
+    assert (err.value.code(), error_info(err.value).reason) == (grpc.StatusCode.UNAUTHENTICATED, "CERT_REVOKED")
+
+    async def agent_refuses() -> bool:
+        try:
+            await stub.GetHostInfo(agent_pb2.GetHostInfoRequest())
+        except grpc.aio.AioRpcError as exc:
+            return exc.code() == grpc.StatusCode.UNAUTHENTICATED and error_info(exc).reason == "CERT_REVOKED"
+        return False
+
+    start = time.monotonic()
+    await eventually(agent_refuses, timeout=5, what="agent refusing the revoked identity")
+    # heartbeat interval is 0.2 s in this fleet: the deny list arrives with the next beat
+    assert time.monotonic() - start < 5
+    listed = await pki.ListCertificates(pki_service_pb2.ListCertificatesRequest(name="mallory"))
+    assert [c.revoked for c in listed.certificates] == [True]
+    await viewer.close()
+    await agent_ch.close()
+
+
+async def test_agent_may_register_only_as_its_own_host(fleet: Fleet) -> None:
+    transport = fleet.pki.transport("agent", "h9")
+    async with aio_channel(fleet.controller.address, transport, f"controller.{TRUST_DOMAIN}") as ch:
+        stub = host_service_pb2_grpc.HostServiceStub(ch)
+
+        async def register() -> AsyncIterator[host_service_pb2.ConnectRequest]:
+            yield host_service_pb2.ConnectRequest(
+                registration=host_service_pb2.Registration(
+                    name="h1", address="127.0.0.1:1", capacity=resources_pb2.Resources(vcpus=1)
+                )
+            )
+            await asyncio.sleep(1)
+
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in stub.Connect(register()):
+                pass
+    assert (err.value.code(), error_info(err.value).reason) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "AGENT_NAME_MISMATCH",
+    )
+    hosts = await fleet.hosts.ListHosts(host_service_pb2.ListHostsRequest())
+    assert [h.name for h in hosts.hosts] == []
+
+
+@pytest.mark.parametrize("case", ["no-client-cert", "foreign-ca", "expired"])
+async def test_handshake_refusals_are_unavailable(fleet: Fleet, case: str) -> None:
+    if case == "no-client-cert":
+        creds = grpc.ssl_channel_credentials(root_certificates=fleet.pki.ca.cert_pem)
+        ch = grpc.aio.secure_channel(
+            fleet.controller.address, creds, options=[("grpc.ssl_target_name_override", f"controller.{TRUST_DOMAIN}")]
+        )
+    elif case == "foreign-ca":
+        other = FleetPki(fleet.tmp / "other")
+        files = TlsFiles.in_folder(other.folder("user", "eve", "admin"), "user")
+        # trust our controller but present a certificate from another CA
+        files.ca.write_bytes(fleet.pki.ca.cert_pem)
+        ch = aio_channel(fleet.controller.address, Transport(files), f"controller.{TRUST_DOMAIN}")
+    else:
+        transport = fleet.pki.transport("user", "late", "admin", seconds=1)
+        # not_before has a minute of slack; expiry is what counts
+        await asyncio.sleep(2.2)
+        ch = aio_channel(fleet.controller.address, transport, f"controller.{TRUST_DOMAIN}")
+    async with ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await host_service_pb2_grpc.HostServiceStub(ch).ListHosts(host_service_pb2.ListHostsRequest(), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_enrolment_with_a_join_token(fleet: Fleet) -> None:
+    token = (await fleet.hosts.CreateJoinToken(host_service_pb2.CreateJoinTokenRequest(host="newbie"))).token
+    tls_dir = fleet.tmp / "newbie-tls"
+    await fleet.add_agent("newbie", SMALL, tls_dir=tls_dir, join_token=token)
+    assert TlsFiles.in_folder(tls_dir, "agent").identity().name == "newbie"
+    # the token works once
+    again = Agent(
+        AgentConfig(
+            name="newbie",
+            listen="127.0.0.1:0",
+            controller=fleet.controller.address,
+            hypervisor="fake",
+            tls_dir=str(fleet.tmp / "n2"),
+            join_token=token,
+            state_dir=str(fleet.tmp / "n2-state"),
+        )
+    )
+    with pytest.raises(FailedPrecondition) as err:
+        await again.start()
+    assert err.value.reason == "JOIN_TOKEN_USED"
+    # a token made for one host does not enrol another
+    token2 = (await fleet.hosts.CreateJoinToken(host_service_pb2.CreateJoinTokenRequest(host="other"))).token
+    thief = Agent(
+        AgentConfig(
+            name="thief",
+            listen="127.0.0.1:0",
+            controller=fleet.controller.address,
+            hypervisor="fake",
+            tls_dir=str(fleet.tmp / "n3"),
+            join_token=token2,
+            state_dir=str(fleet.tmp / "n3-state"),
+        )
+    )
+    with pytest.raises(PermissionDenied) as denied:
+        await thief.start()
+    assert denied.value.reason == "JOIN_TOKEN_HOST"
+
+
+async def test_twenty_second_certificates_keep_the_fleet_working(fleet: Fleet, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # the controller issues 20 s certificates; every daemon renews at two thirds of its lifetime
+    fleet.controller.pki.leaf_seconds = 20  # type: ignore[union-attr]
+    await fleet.add_agent("h1", SMALL, cert_seconds=20)
+    agent_tls = fleet.agents["h1"].transport.tls
+    assert agent_tls is not None
+    first_serial = agent_tls.certificate().serial_number
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        host = (await fleet.hosts.GetHost(host_service_pb2.GetHostRequest(name="h1"))).host
+        assert host.state == host_pb2.HOST_STATE_READY
+        await asyncio.sleep(2)
+    assert agent_tls.certificate().serial_number != first_serial, "the agent renewed its certificate"
+    # and the controller can still reach the agent over a fresh connection
+    from tests.integration.test_fleet import create, spec
+
+    vm = await create(fleet, spec("late-vm"))
+    assert vm.host == "h1"
