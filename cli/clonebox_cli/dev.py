@@ -271,7 +271,7 @@ def tls_dir(kind: str, s: DevSettings) -> Path:
 
 
 def _user_name() -> str:
-    """This user's login as a DNS label (the dev admin certificate's name)."""
+    """The login of the user running dev up, as a DNS label (the name in the dev admin certificate)."""
     try:
         login = getpass.getuser()
     except (KeyError, OSError):  # pragma: no cover - no passwd entry

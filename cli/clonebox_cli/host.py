@@ -13,6 +13,7 @@ from clonebox.type.v1 import host_pb2
 
 from clonebox_cli import output
 from clonebox_cli.context import Settings, settings
+from clonebox_core.rpc.server import is_loopback
 
 app = typer.Typer(help="Hypervisor hosts (one agent each).", no_args_is_help=True)
 
@@ -20,6 +21,8 @@ NameArg = Annotated[str, typer.Argument(metavar="NAME", help="Host name.")]
 
 #: where the agent's config usually lives on a host (deploy/systemd)
 AGENT_CONFIG = "/etc/clonebox/agent.yaml"
+#: where an enrolled agent keeps its certificate (beside its default state_dir)
+AGENT_TLS_DIR = "/var/lib/clonebox/agent/tls"
 
 
 def _print_host(s: Settings, host: host_pb2.Host) -> None:
@@ -29,11 +32,12 @@ def _print_host(s: Settings, host: host_pb2.Host) -> None:
         output.console().print(output.host_details(host))
 
 
-def join_instructions(host: str, token: str) -> dict[str, Any]:
-    """How to start the agent on the new host with ``token``: an environment, a command, a config snippet."""
-    env = {"CLONEBOX_AGENT_NAME": host, "CLONEBOX_AGENT_JOIN_TOKEN": token}
+def join_instructions(host: str, token: str, controller: str) -> dict[str, Any]:
+    """How to start the agent on the new host with ``token``: its environment, a command line, a config."""
+    config = {"name": host, "controller": controller, "tls_dir": AGENT_TLS_DIR, "join_token": token}
+    env = {f"CLONEBOX_AGENT_{key.upper()}": value for key, value in config.items()}
     command = " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), "clonebox-agent", "--config", AGENT_CONFIG])
-    return {"agent_env": env, "agent_command": command, "agent_config": {"name": host, "join_token": token}}
+    return {"agent_env": env, "agent_command": command, "agent_config": config}
 
 
 @app.command("add")
@@ -46,30 +50,31 @@ def add(
     ] = 3600,
 ) -> None:
     """
-    Print a one-time, expiring join token for a new host, and how to start its agent with it.
+    Print a one-time, expiring join token for a new host, and the agent command to run there.
 
-    The agent on HOST presents the token on the controller's enrolment port, gets its certificate, and
-    registers. The token works once; it carries the CA certificate, so HOST needs nothing else. Needs
-    an admin certificate.
+    The agent on HOST presents the token on the controller's enrolment port, receives its certificate
+    (into its tls_dir) and registers. The token works once and carries the CA certificate, so HOST needs
+    nothing else. Needs an admin certificate.
     """
     s = settings(ctx)
     client = s.client()
     response = client.call(client.hosts.CreateJoinToken, hosts_pb2.CreateJoinTokenRequest(host=name, ttl_seconds=ttl))
-    expires = response.expire_time.ToDatetime(tzinfo=UTC)
-    steps = join_instructions(name, response.token)
+    expires = response.expire_time.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds")
+    steps = join_instructions(name, response.token, s.controller)
     if s.json:
-        output.emit_json(
-            {"host": name, "token": response.token, "expire_time": expires.isoformat(timespec="seconds"), **steps}
-        )
+        output.emit_json({"host": name, "token": response.token, "expire_time": expires, **steps})
         return
-    typer.echo(f"join token for host {name} (works once, expires {expires.isoformat(timespec='seconds')}):")
+    typer.echo(f"join token for host {name} (works once, expires {expires}):")
     typer.echo(response.token)
     typer.echo("")
     typer.echo(f"on {name}, start the agent with it:")
     typer.echo(f"  {steps['agent_command']}")
     typer.echo(f"or put these lines in {AGENT_CONFIG} and run 'clonebox-agent --config {AGENT_CONFIG}':")
-    typer.echo(f"  name: {name}")
-    typer.echo(f"  join_token: {response.token}")
+    for key, value in steps["agent_config"].items():
+        typer.echo(f"  {key}: {value}")
+    host_part = s.controller.rpartition(":")[0].strip("[]")
+    if is_loopback(host_part):
+        typer.echo(f"(controller: {s.controller} is this CLI's loopback address: use one that {name} can reach)")
 
 
 @app.command("list")

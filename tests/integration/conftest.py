@@ -111,14 +111,13 @@ class Fleet:
     async def add_agent(self, name: str, capacity: Resources, fake: FakeHypervisor | None = None, **kw: Any) -> Agent:
         fake = fake or self.fakes.get(name) or FakeHypervisor(host_name=name, capacity=capacity)
         self.fakes[name] = fake
-        tls_dir = kw.pop("tls_dir", None) or self.pki.folder("agent", name, seconds=kw.pop("cert_seconds", 3600))
+        seconds = kw.pop("cert_seconds", 3600)
+        tls_dir = kw.pop("tls_dir", None) or self.pki.folder("agent", name, seconds=seconds)
         cfg = AgentConfig(
             name=name,
             listen="127.0.0.1:0",
             controller=self.controller.address,
-            tls_dir=str(
-                kw.pop("tls_dir", None) or self.pki.folder("agent", name, seconds=kw.pop("cert_seconds", 3600))
-            ),
+            tls_dir=str(tls_dir),
             hypervisor="fake",
             state_dir=str(self.tmp / f"agent-{name}"),
             storage_dir=str(self.tmp / f"agent-{name}" / "storage"),

@@ -1,8 +1,11 @@
-"""An in-process fake controller (a real gRPC server on 127.0.0.1:0) for the CLI tests.
+"""An in-process fake controller (a real gRPC server on 127.0.0.1:0, mTLS) for the CLI tests.
 
 The Fake* servicers keep a tiny fleet in memory, record every request, and raise errors the way the
 real controller does (status + ErrorInfo via ``clonebox_core.rpc.status``), so the CLI's error mapping
-is exercised end to end. Scripted behaviours, chosen by VM name:
+is exercised end to end. The server speaks mTLS with core's credentials (a client certificate from the
+test CA is required, as on the real controller); ``test_pki`` makes a throwaway CA in tmp_path and points
+``CLONEBOX_TLS_DIR`` at an admin user's folder. FakePkiService signs renewals with that CA. Scripted
+behaviours, chosen by VM name:
 
 * ``fail-*``: the create operation ends with RESOURCE_EXHAUSTED (HOST_CAPACITY_EXCEEDED);
 * ``slow-*``: the create operation never finishes (for ``--timeout``);
@@ -16,6 +19,8 @@ import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,20 +30,30 @@ from clonebox.controller.v1 import (
     host_service_pb2_grpc,
     operation_service_pb2,
     operation_service_pb2_grpc,
+    pki_service_pb2,
+    pki_service_pb2_grpc,
     vm_service_pb2,
     vm_service_pb2_grpc,
 )
 from clonebox.type.v1 import host_pb2, operation_pb2, resources_pb2, vm_pb2
+from cryptography import x509
 from grpc_status import rpc_status
 from typer.testing import CliRunner
 
 from clonebox_core.errors import (
     CloneboxError,
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
     ResourceExhausted,
 )
 from clonebox_core.rpc.status import to_status_proto
+from clonebox_core.rpc.tls import TlsFiles, server_credentials
+from clonebox_core.security.identity import make_identity
+from clonebox_core.security.jointoken import JoinToken
+from clonebox_core.security.pki import CertificateAuthority, cert_pem, identity_of, key_pem, write_private, write_public
+
+TRUST_DOMAIN = "clonebox.local"
 
 CREATE_STEPS = [("placing", 10), ("creating disks", 40), ("defining domain", 70), ("starting", 90)]
 
@@ -61,6 +76,10 @@ class FakeFleet:
     requests: list[tuple[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     counter: int = 0
+    #: certificates on the deny list (hex serials)
+    revoked: set[str] = field(default_factory=set)
+    #: when set, RenewCertificate fails with it
+    renew_error: CloneboxError | None = None
 
     def record(self, method: str, request: Any) -> None:
         with self.lock:
@@ -160,6 +179,66 @@ class FakeHostService(host_service_pb2_grpc.HostServiceServicer):
                 vm.state = vm_pb2.VM_STATE_STOPPED
                 stopped.append(vm.name)
         return host_service_pb2.DrainHostResponse(host=host, stopped_vms=stopped)
+
+    def CreateJoinToken(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.fleet.record("CreateJoinToken", request)
+        token = JoinToken("tid", "s3cret", request.host, "127.0.0.1:7102", self.ca.cert_pem)
+        response = host_service_pb2.CreateJoinTokenResponse(token=token.encode())
+        response.expire_time.FromDatetime(datetime.now(UTC) + timedelta(seconds=request.ttl_seconds or 3600))
+        return response
+
+    ca: CertificateAuthority  # set by the fixture
+
+
+class FakePkiService(pki_service_pb2_grpc.PkiServiceServicer):
+    """PkiService over the test CA: lists what it issued, revokes into the fleet, renews the caller."""
+
+    def __init__(self, fleet: FakeFleet, ca: CertificateAuthority, renew_seconds: int = 3600) -> None:
+        self.fleet = fleet
+        self.ca = ca
+        self.renew_seconds = renew_seconds
+
+    def _certs(self, name: str) -> list[pki_service_pb2.Certificate]:
+        out = []
+        for cert in self.ca.issued():
+            ident = identity_of(cert)
+            if name and ident.name != name:
+                continue
+            serial = f"{cert.serial_number:x}"
+            c = pki_service_pb2.Certificate(serial=serial, identity=ident.spiffe_id, revoked=serial in self.fleet.revoked)
+            c.not_before.FromDatetime(cert.not_valid_before_utc)
+            c.not_after.FromDatetime(cert.not_valid_after_utc)
+            out.append(c)
+        return out
+
+    def ListCertificates(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.fleet.record("ListCertificates", request)
+        return pki_service_pb2.ListCertificatesResponse(certificates=self._certs(request.name))
+
+    def RevokeCertificate(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.fleet.record("RevokeCertificate", request)
+        targets = [c for c in self._certs(request.name) if not request.serial or c.serial == request.serial]
+        if not targets:
+            abort(context, NotFound(f"no certificate for {request.name or request.serial}", reason="CERT_NOT_FOUND"))
+        for c in targets:
+            self.fleet.revoked.add(c.serial)
+            c.revoked = True
+        return pki_service_pb2.RevokeCertificateResponse(revoked=targets)
+
+    def RenewCertificate(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.fleet.record("RenewCertificate", request)
+        if self.fleet.renew_error is not None:
+            abort(context, self.fleet.renew_error)
+        (pem,) = context.auth_context()["x509_pem_cert"]
+        caller = identity_of(x509.load_pem_x509_certificate(pem))
+        try:
+            cert = self.ca.sign_csr(request.csr_pem.encode(), caller, seconds=self.renew_seconds)
+        except InvalidArgument as err:
+            abort(context, err)
+            raise
+        return pki_service_pb2.RenewCertificateResponse(
+            certificate_pem=cert_pem(cert).decode(), ca_pem=self.ca.cert_pem.decode()
+        )
 
 
 class FakeVmService(vm_service_pb2_grpc.VmServiceServicer):
@@ -307,37 +386,98 @@ class FakeOperationService(operation_service_pb2_grpc.OperationServiceServicer):
 
 
 @dataclass
+class ThrowawayPki:
+    """A throwaway CA in tmp_path and TLS folders issued from it (or from another CA)."""
+
+    ca: CertificateAuthority
+    root: Path
+
+    def folder(
+        self,
+        folder: str,
+        kind: str = "user",
+        name: str = "tester",
+        role: str | None = "admin",
+        *,
+        seconds: int = 3600,
+        issuer: CertificateAuthority | None = None,
+        trust: CertificateAuthority | None = None,
+    ) -> Path:
+        """Write ``ca.crt`` (of ``trust``) and ``KIND.crt``/``KIND.key`` (issued by ``issuer``) into a folder."""
+        issuer = issuer or self.ca
+        issued = issuer.issue(make_identity(issuer.trust_domain, kind, name, role), seconds=seconds)
+        assert issued.key is not None
+        path = self.root / folder
+        path.mkdir(parents=True, exist_ok=True)
+        write_public(path / "ca.crt", (trust or self.ca).cert_pem)
+        write_public(path / f"{kind}.crt", cert_pem(issued.cert))
+        write_private(path / f"{kind}.key", key_pem(issued.key))
+        return path
+
+    def other_ca(self, name: str = "other") -> CertificateAuthority:
+        """Another CA of the same trust domain (a foreign fleet)."""
+        return CertificateAuthority.init(self.root / name, TRUST_DOMAIN)
+
+
+@pytest.fixture
+def test_pki(tmp_path: Path, runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> ThrowawayPki:
+    """A test CA with an admin user folder that the CLI uses (``CLONEBOX_TLS_DIR``)."""
+    pki = ThrowawayPki(CertificateAuthority.init(tmp_path / "pki" / "ca", TRUST_DOMAIN), tmp_path / "pki")
+    monkeypatch.setenv("CLONEBOX_TLS_DIR", str(pki.folder("user")))
+    return pki
+
+
+@dataclass
 class FakeController:
     """A running fake controller."""
 
     address: str
     fleet: FakeFleet
+    pki: ThrowawayPki
+    #: the CLI's TLS folder (ca.crt, user.crt, user.key of an admin)
+    tls_dir: Path
+
+
+def serve_fake(fleet: FakeFleet, pki: ThrowawayPki, *, tls: bool = True) -> tuple[grpc.Server, int]:
+    """Start the fake controller's services; mTLS with a controller certificate from the test CA."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    hosts = FakeHostService(fleet)
+    hosts.ca = pki.ca
+    host_service_pb2_grpc.add_HostServiceServicer_to_server(hosts, server)
+    vm_service_pb2_grpc.add_VmServiceServicer_to_server(FakeVmService(fleet), server)
+    operation_service_pb2_grpc.add_OperationServiceServicer_to_server(FakeOperationService(fleet), server)
+    pki_service_pb2_grpc.add_PkiServiceServicer_to_server(FakePkiService(fleet, pki.ca), server)
+    if tls:
+        folder = pki.root / "controller-tls"
+        if not folder.exists():
+            pki.folder("controller-tls", "controller", "main", None)
+        port = server.add_secure_port("127.0.0.1:0", server_credentials(TlsFiles.in_folder(folder, "controller")))
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
 
 
 @pytest.fixture
-def fake_controller() -> Iterator[FakeController]:
-    """A fake controller serving on a free loopback port, with host 'local' and VM 'web'."""
+def fake_controller(test_pki: ThrowawayPki) -> Iterator[FakeController]:
+    """A fake controller serving mTLS on a free loopback port, with host 'local' and VM 'web'."""
     fleet = FakeFleet()
     fleet.hosts["local"] = make_host("local")
     fleet.add_vm("web", labels={"app": "demo"})
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    host_service_pb2_grpc.add_HostServiceServicer_to_server(FakeHostService(fleet), server)
-    vm_service_pb2_grpc.add_VmServiceServicer_to_server(FakeVmService(fleet), server)
-    operation_service_pb2_grpc.add_OperationServiceServicer_to_server(FakeOperationService(fleet), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    server, port = serve_fake(fleet, test_pki)
     try:
-        yield FakeController(f"127.0.0.1:{port}", fleet)
+        yield FakeController(f"127.0.0.1:{port}", fleet, test_pki, test_pki.root / "user")
     finally:
         server.stop(0)
 
 
 @pytest.fixture
 def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> CliRunner:
-    """A CliRunner isolated from the user's environment (no CLONEBOX_CONTROLLER, private XDG dirs)."""
-    monkeypatch.delenv("CLONEBOX_CONTROLLER", raising=False)
-    monkeypatch.delenv("CLONEBOX_DEBUG", raising=False)
+    """A CliRunner isolated from the user's environment (no CLONEBOX_* settings, private XDG dirs)."""
+    for name in ("CLONEBOX_CONTROLLER", "CLONEBOX_DEBUG", "CLONEBOX_TLS_DIR", "CLONEBOX_INSECURE", "CLONEBOX_CA_DIR"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     monkeypatch.setenv("COLUMNS", "200")
     return CliRunner()

@@ -1,6 +1,7 @@
 """A stand-in for the controller and agent daemons, started by the ``clonebox dev`` tests.
 
 Run as ``python fake_daemon.py MODULE --config FILE``: it reads ``listen`` from the config, serves
+(with mTLS from the config's ``tls_dir``, as the real daemons do, unless ``insecure: true``)
 ``grpc.health.v1`` (and, as the controller, a HostService whose ListHosts reports the host named in
 the sibling ``agent.yaml`` as READY) until SIGTERM. ``FAKE_DAEMON_FAIL=agent`` makes the agent exit at
 once with an error on stderr; ``FAKE_DAEMON_IGNORE_TERM=1`` makes it ignore SIGTERM.
@@ -21,6 +22,8 @@ import yaml
 from clonebox.controller.v1 import host_service_pb2, host_service_pb2_grpc
 from clonebox.type.v1 import host_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from clonebox_core.rpc.tls import TlsFiles, server_credentials
 
 
 class FakeHosts(host_service_pb2_grpc.HostServiceServicer):
@@ -48,7 +51,11 @@ def main() -> int:
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     if kind == "controller":
         host_service_pb2_grpc.add_HostServiceServicer_to_server(FakeHosts(config.with_name("agent.yaml")), server)
-    server.add_insecure_port(settings["listen"])
+    if settings.get("insecure"):
+        server.add_insecure_port(settings["listen"])
+    else:
+        tls = TlsFiles.in_folder(Path(settings["tls_dir"]), kind)
+        server.add_secure_port(settings["listen"], server_credentials(tls))
     server.start()
     stop = threading.Event()
     if os.environ.get("FAKE_DAEMON_IGNORE_TERM") == "1":
