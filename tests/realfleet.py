@@ -20,6 +20,9 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from clonebox_core.rpc.server import Transport, sync_channel
+from clonebox_core.rpc.tls import TlsFiles
+
 IMAGES = Path(os.environ.get("CLONEBOX_TEST_IMAGES", "/var/lib/clonebox/images"))
 GUEST = IMAGES / "testguest"
 
@@ -43,9 +46,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_serving(address: str, log: Path, timeout: float = 60.0) -> None:
+def wait_serving(address: str, log: Path, tls: TlsFiles, server_name: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as ch:
+    with sync_channel(address, Transport(tls), server_name) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
             try:
@@ -69,10 +72,13 @@ class RealFleet:
     procs: dict[str, subprocess.Popen[bytes]]
     env: dict[str, str]
 
-    def start_agent(self) -> None:
-        args = [sys.executable, "-m", "clonebox_agent.main", "--config", str(self.root / "agent.yaml")]
-        self.procs["agent"] = _start(args, self.root / "agent.log", self.env, append=True)
-        wait_serving(self.agent, self.root / "agent.log", timeout=120)
+    def start_agent(self, join_token: str = "") -> None:
+        args = [sys.executable, "-m", "clonebox_agent.main", "--config", str(self.root / "agent-host" / "agent.yaml")]
+        env = {**self.env, "CLONEBOX_AGENT_JOIN_TOKEN": join_token} if join_token else self.env
+        self.procs["agent"] = _start(args, self.root / "agent.log", env, append=True)
+        # the agent serves only the controller: check its health as the controller would
+        controller_tls = TlsFiles.in_folder(self.root / "controller-host" / "tls", "controller")
+        wait_serving(self.agent, self.root / "agent.log", controller_tls, f"{self.host}.agent.e2e.test", timeout=120)
 
     def kill_agent(self) -> None:
         """SIGKILL: no cleanup, no goodbye to the controller."""
@@ -81,7 +87,8 @@ class RealFleet:
         proc.wait()
 
     def cli(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-m", "clonebox_cli.main", "--controller", self.controller, *args]
+        tls = str(self.root / "user" / "tls")
+        cmd = [sys.executable, "-m", "clonebox_cli.main", "--controller", self.controller, "--tls-dir", tls, *args]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         if check and r.returncode != 0:
             raise AssertionError(f"{' '.join(args)} exited {r.returncode}: {r.stderr}{r.stdout}")
@@ -110,6 +117,33 @@ class RealFleet:
         return path
 
 
+def _bootstrap_pki(chost: Path, user: Path, env: dict[str, str]) -> None:
+    """What an operator does once: a CA on the controller host, its certificate, an admin user's."""
+    cli = [sys.executable, "-m", "clonebox_cli.main"]
+    ca = str(chost / "ca")
+    for args in (
+        ["pki", "init", "--ca-dir", ca, "--trust-domain", "e2e.test"],
+        ["pki", "issue", "--ca-dir", ca, "--role", "controller", "--name", "ctl", "--out", str(chost / "tls")],
+        [
+            "pki",
+            "issue",
+            "--ca-dir",
+            ca,
+            "--role",
+            "user",
+            "--name",
+            "ops",
+            "--user-role",
+            "admin",
+            "--out",
+            str(user / "tls"),
+        ],
+    ):
+        r = subprocess.run(cli + args, capture_output=True, text=True, env=env, check=False)
+        if r.returncode != 0:
+            raise AssertionError(f"clonebox {' '.join(args)} exited {r.returncode}: {r.stderr}")
+
+
 def _start(args: list[str], log: Path, env: dict[str, str], append: bool = False) -> subprocess.Popen[bytes]:
     with log.open("ab" if append else "wb") as out:
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -135,23 +169,37 @@ def real_fleet() -> Iterator[RealFleet]:
     root.mkdir(parents=True)
     os.chmod(root, 0o755)
     host = f"e2e-{uuid.uuid4().hex[:6]}"
-    cport, aport = free_port(), free_port()
+    cport, aport, eport = free_port(), free_port(), free_port()
     controller, agent = f"127.0.0.1:{cport}", f"127.0.0.1:{aport}"
-    (root / "controller.yaml").write_text(
+    # one folder per "machine", as on separate hosts: the controller's (with the CA), the agent's, the user's
+    chost, ahost, user = root / "controller-host", root / "agent-host", root / "user"
+    for d in (chost, ahost, user):
+        d.mkdir(mode=0o755)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    _bootstrap_pki(chost, user, env)
+    (chost / "controller.yaml").write_text(
         yaml.safe_dump(
-            {"listen": controller, "database_url": f"sqlite:///{root / 'fleet.db'}", "heartbeat_timeout_seconds": 5}
+            {
+                "listen": controller,
+                "tls_dir": str(chost / "tls"),
+                "ca_dir": str(chost / "ca"),
+                "enroll_listen": f"127.0.0.1:{eport}",
+                "database_url": f"sqlite:///{chost / 'fleet.db'}",
+                "heartbeat_timeout_seconds": 5,
+            }
         )
     )
-    storage = root / "storage"
-    (root / "agent.yaml").write_text(
+    storage = ahost / "storage"
+    (ahost / "agent.yaml").write_text(
         yaml.safe_dump(
             {
                 "name": host,
                 "listen": agent,
                 "controller": controller,
+                "tls_dir": str(ahost / "tls"),
                 "libvirt_uri": "qemu:///system",
                 "domain_type": "auto",
-                "state_dir": str(root / "agent"),
+                "state_dir": str(ahost / "state"),
                 "storage_dir": str(storage),
                 "image_dirs": [str(IMAGES)],
                 "heartbeat_interval_seconds": 1,
@@ -159,18 +207,21 @@ def real_fleet() -> Iterator[RealFleet]:
             }
         )
     )
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs: dict[str, subprocess.Popen[bytes]] = {
         "controller": _start(
-            [sys.executable, "-m", "clonebox_controller.main", "--config", str(root / "controller.yaml")],
+            [sys.executable, "-m", "clonebox_controller.main", "--config", str(chost / "controller.yaml")],
             root / "controller.log",
             env,
         )
     }
     try:
-        wait_serving(controller, root / "controller.log")
+        wait_serving(
+            controller, root / "controller.log", TlsFiles.in_folder(user / "tls", "user"), "controller.e2e.test"
+        )
         fleet = RealFleet(root, controller, agent, storage, host, procs, env)
-        fleet.start_agent()
+        # the agent enrols with a one-time join token, as a new machine would
+        token = fleet.cli_json("host", "add", host)["token"]
+        fleet.start_agent(join_token=token)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             hosts = fleet.cli_json("host", "list")["hosts"]

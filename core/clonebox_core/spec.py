@@ -25,11 +25,16 @@ Format (version 1)::
     labels: {app: demo}
 
 ``load_spec_file`` / ``load_spec_text`` return a validated ``clonebox_core.model.VmSpec``. Every problem
-is an ``InvalidArgument`` with reason ``SPEC_INVALID`` and a one-line message naming the file, the line,
-the field and the fix::
+is an ``InvalidArgument`` with a one-line message naming the file, the line, the field and the fix::
 
     tiny.yaml:4: memory: '0MiB' must be at least 16 MiB
     tiny.yaml:7: disks[0].sise: unknown field (did you mean 'size'?)
+
+The YAML is read by ``clonebox_core.yamlsafe`` (at most ``MAX_SPEC_BYTES``, few aliases, limited nesting,
+no duplicate keys, plain types only); its limits carry their own reasons (``YAML_TOO_LARGE``,
+``YAML_TOO_MANY_ALIASES``, ``YAML_TOO_DEEP``), everything else is ``SPEC_INVALID``. Values under
+``cloud_init`` may hold credentials: no message ever quotes them (only field names, kinds and lines), and
+other values are quoted at most 40 characters long.
 
 Line numbers come from the YAML node tree (composed once, then constructed from the same nodes), so
 pydantic's error locations and ``validate_spec``'s ``metadata['field']`` can both be mapped back to the
@@ -65,6 +70,7 @@ from clonebox_core.yamlsafe import find_node, line_of, load_yaml_safely, located
 __all__ = [
     "MAX_SPEC_BYTES",
     "REASON",
+    "SECRET_PATHS",
     "SPEC_VERSION",
     "dump_spec",
     "format_size",

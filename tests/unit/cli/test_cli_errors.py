@@ -32,12 +32,16 @@ EXPECTED = {
     core_errors.DeadlineExceeded: 10,
     core_errors.Aborted: 11,
     core_errors.Internal: 12,
+    errors.TlsHandshakeFailed: 13,
 }
 
 
 def test_every_error_class_has_its_exit_code() -> None:
-    assert set(errors.EXIT_CODES) == set(core_errors.ERROR_CLASSES)
+    # every core class, plus the CLI's own: a failed TLS handshake (an Unavailable that retrying won't fix)
+    assert set(errors.EXIT_CODES) == {*core_errors.ERROR_CLASSES, errors.TlsHandshakeFailed}
     assert errors.EXIT_CODES == EXPECTED
+    assert errors.exit_code(errors.TlsHandshakeFailed("x")) == errors.EXIT_TLS == 13
+    assert len(set(errors.EXIT_CODES.values())) == len(errors.EXIT_CODES)  # one code per class
     assert errors.exit_code(core_errors.CloneboxError("x")) == 12
     assert errors.exit_code(KeyboardInterrupt()) == 130
 
@@ -109,8 +113,10 @@ def test_version_and_help(runner: CliRunner) -> None:
     assert result.exit_code == 0 and result.stdout.startswith("clonebox ")
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for group in ("host", "vm", "operation", "dev"):
+    for group in ("host", "vm", "operation", "pki", "dev"):
         assert group in result.stdout
+    for option in ("--tls-dir", "--insecure", "CLONEBOX_TLS_DIR"):
+        assert option in result.stdout
     assert "--install-completion" in result.stdout
 
 
