@@ -43,9 +43,13 @@ ROOT_CA_DIR = "/var/lib/clonebox/controller/pki"
 DEFAULT_TRUST_DOMAIN = "clonebox.local"
 
 
+def _running_as_root() -> bool:
+    return os.geteuid() == 0
+
+
 def default_ca_dir() -> Path:
     """Where ``pki init`` puts the CA unless told otherwise."""
-    if os.geteuid() == 0:
+    if _running_as_root():
         return Path(ROOT_CA_DIR)
     value = os.environ.get("XDG_DATA_HOME", "")
     base = Path(value) if value and os.path.isabs(value) else Path.home() / ".local" / "share"

@@ -123,24 +123,24 @@ def describe(message: Message, limit: int = 3000) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _vm_key(vm: vm_pb2.Vm) -> bytes:
-    """A VM without what changes on its own (observed time, guest addresses, state reason)."""
+def _vm_key(vm: vm_pb2.Vm) -> str:
+    """A VM as one line of text, without what changes on its own (observed time, guest addresses)."""
     v = vm_pb2.Vm()
     v.CopyFrom(vm)
     v.ClearField("update_time")
     v.ClearField("addresses")
-    return v.SerializeToString(deterministic=True)
+    return text_format.MessageToString(v, as_one_line=True)
 
 
 @dataclass(frozen=True)
 class Snapshot:
     """Everything a request could have changed, normalised for comparison."""
 
-    controller_vms: dict[str, tuple[str, int, bytes]]  # name -> (host, state, key)
+    controller_vms: dict[str, tuple[str, int, str]]  # name -> (host, state, key)
     hosts: dict[str, str]
     operations: dict[str, str]
     running_operations: tuple[str, ...]
-    agent_vms: dict[str, dict[str, tuple[int, bytes]]]  # agent -> name -> (state, key)
+    agent_vms: dict[str, dict[str, tuple[int, str]]]  # agent -> name -> (state, key)
     agent_revisions: dict[str, tuple[int, int]]
     inventories: dict[str, str]
     page_token: str = field(default="", compare=False)
@@ -190,8 +190,20 @@ class Snapshot:
                 elif key not in before:
                     out.append(f"{what} {key!r} appeared: {_short(after[key])}")
                 elif before[key] != after[key]:
-                    out.append(f"{what} {key!r} changed: {_short(before[key])} -> {_short(after[key])}")
+                    out.append(f"{what} {key!r} changed: {_changed(before[key], after[key])}")
         return out
+
+
+def _changed(before: Any, after: Any) -> str:
+    """The words that differ between two one-line texts (or the two reprs)."""
+    b, a = str(before).split(), str(after).split()
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    j = 0
+    while j < min(len(a), len(b)) - i and a[-1 - j] == b[-1 - j]:
+        j += 1
+    return f"... {_short(' '.join(b[i : len(b) - j]))} -> {_short(' '.join(a[i : len(a) - j]))} ..."
 
 
 def _short(value: Any, limit: int = 400) -> str:
@@ -372,7 +384,7 @@ class FuzzHarness:
             return await _read_stream(call, responses, STREAM_MAX_MESSAGES)
         except grpc.aio.AioRpcError as exc:
             ours = rpc.server_streaming and exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
-            return Outcome(exc.code(), exc.details() or "", rpc_status.from_call(exc), responses, ended_by_us=ours)
+            return Outcome(exc.code(), exc.details() or "", _status_of(exc), responses, ended_by_us=ours)
 
     # ---- one example -----------------------------------------------------------------------------
 
@@ -483,7 +495,7 @@ class FuzzHarness:
                 operation_service_pb2.ListOperationsRequest(page_size=1_000_000), timeout=UNARY_DEADLINE
             )
         ).operations
-        agent_vms: dict[str, dict[str, tuple[int, bytes]]] = {}
+        agent_vms: dict[str, dict[str, tuple[int, str]]] = {}
         revisions: dict[str, tuple[int, int]] = {}
         inventories: dict[str, str] = {}
         for name, ch in self._agent_channels.items():
@@ -595,7 +607,7 @@ async def _client_stream(ch: grpc.aio.Channel, rpc: Rpc, messages: Sequence[Mess
         pass  # the call ended while we wrote: its status tells why
     except grpc.aio.AioRpcError as exc:
         ours = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        return Outcome(exc.code(), exc.details() or "", rpc_status.from_call(exc), responses, ended_by_us=ours)
+        return Outcome(exc.code(), exc.details() or "", _status_of(exc), responses, ended_by_us=ours)
     code = await call.code()
     status = await rpc_status.aio.from_call(call) if code != grpc.StatusCode.OK else None
     return Outcome(code, await call.details() or "", status, responses)
@@ -608,6 +620,14 @@ async def _read_stream(call: Any, responses: list[Message], limit: int) -> Outco
             call.cancel()
             return Outcome(grpc.StatusCode.CANCELLED, responses=responses, ended_by_us=True)
     return Outcome(grpc.StatusCode.OK, responses=responses)
+
+
+def _status_of(exc: grpc.aio.AioRpcError) -> status_pb2.Status | None:
+    """The rich status of a failed call (None when absent, or when it contradicts the status code)."""
+    try:
+        return rpc_status.from_call(exc)  # type: ignore[no-any-return]
+    except ValueError:
+        return None
 
 
 def _serialize(message: Message) -> bytes:

@@ -253,3 +253,9 @@ async def test_twenty_second_certificates_keep_the_fleet_working(fleet: Fleet, t
 
     vm = await create(fleet, spec("late-vm"))
     assert vm.host == "h1"
+
+
+async def test_oversized_requests_are_refused_per_rpc(fleet: Fleet) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await fleet.vms.GetVm(vm_service_pb2.GetVmRequest(name="x" * 100_000))
+    assert (err.value.code(), error_info(err.value).reason) == (grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_TOO_LARGE")

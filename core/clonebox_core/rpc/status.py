@@ -23,10 +23,12 @@ from clonebox_core.errors import (
     CloneboxError,
     DeadlineExceeded,
     Internal,
+    InvalidArgument,
     Unavailable,
 )
 from clonebox_core.rpc.auth import Authorizer
 from clonebox_core.security.identity import CALLER
+from clonebox_core.security.policy import max_request_bytes
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +135,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
         return handler
 
 
+def _check_size(method: str, request: Any) -> None:
+    limit = max_request_bytes(method)
+    if hasattr(request, "ByteSize") and request.ByteSize() > limit:
+        raise InvalidArgument(f"request is larger than {limit} bytes", reason="REQUEST_TOO_LARGE")
+
+
 def _wrap_unary(behavior: Any, method: str, auth: Authorizer | None) -> Any:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
+            _check_size(method, request)
             if auth is None:
                 return await behavior(request, context)
             identity = auth.check(method, context)
@@ -155,6 +164,7 @@ def _wrap_unary(behavior: Any, method: str, auth: Authorizer | None) -> Any:
 def _wrap_stream(behavior: Any, method: str, auth: Authorizer | None) -> Any:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         try:
+            _check_size(method, request)
             if auth is not None:
                 # streams are long-lived (watches, agent sessions): they hold no concurrency slot
                 CALLER.set(auth.check(method, context))

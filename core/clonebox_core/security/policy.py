@@ -62,6 +62,20 @@ POLICY: Mapping[str, frozenset[str]] = {
 }
 
 
+#: largest request each RPC accepts; the default fits every request that carries no cloud-init documents
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024
+MAX_REQUEST_BYTES: Mapping[str, int] = {
+    # three cloud-init documents of up to 1 MiB each, plus the rest of the spec
+    _AGENT + "CreateVm": 4 * 1024 * 1024,
+    _VM + "CreateVm": 4 * 1024 * 1024,
+}
+
+
+def max_request_bytes(method: str) -> int:
+    """The request size limit of ``method``."""
+    return MAX_REQUEST_BYTES.get(method, DEFAULT_MAX_REQUEST_BYTES)
+
+
 def allowed(method: str, identity: Identity) -> bool:
     """True when the table lets ``identity`` call ``method``."""
     return identity.principal in POLICY.get(method, frozenset())
