@@ -1,8 +1,9 @@
 """``clonebox dev up|status|down`` with stand-in daemons (tests/unit/cli/fake_daemon.py).
 
 The real daemons are exercised by the e2e suite; here the stand-ins serve grpc.health.v1 (and a
-HostService) so the process handling is tested for real: pid files, idempotent restarts, health
-waits, SIGTERM then SIGKILL, and the config files, which are checked against the daemons' own models.
+HostService) over mTLS with the dev PKI, so the process handling is tested for real: pid files,
+idempotent restarts, health waits over TLS, SIGTERM then SIGKILL, the dev PKI, and the config files,
+which are checked against the daemons' own models.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from cryptography import x509
 from grpc_health.v1 import health, health_pb2_grpc
 from typer.testing import CliRunner, Result
 
@@ -28,6 +30,8 @@ from clonebox_agent.config import AgentConfig
 from clonebox_cli import dev
 from clonebox_cli.main import app
 from clonebox_controller.config import ControllerConfig
+from clonebox_core.rpc.tls import TlsFiles, key_matches
+from clonebox_core.security.pki import identity_of
 
 FAKE_DAEMON = Path(__file__).with_name("fake_daemon.py")
 
@@ -146,6 +150,103 @@ def test_config_files_are_valid_for_the_daemons(devenv: Dev, tmp_path: Path) -> 
     assert agent.image_dirs == [str(tmp_path / "images")]
     assert Path(agent.storage_dir).is_dir() and (tmp_path / "images").is_dir()
     assert "host devbox: READY" in devenv.runner.invoke(app, ["dev", "status"]).stdout
+    # mTLS with the dev PKI; the enrolment port is the controller's + 1 (+ 2 if that is the agent's)
+    pki = dev.state_dir() / "pki" / "ca"
+    assert (controller.tls_dir, controller.ca_dir) == (str(dev.state_dir() / "tls" / "controller"), str(pki))
+    enroll = devenv.controller_port + (2 if devenv.controller_port + 1 == devenv.agent_port else 1)
+    assert controller.enroll_listen == f"127.0.0.1:{enroll}"
+    assert agent.tls_dir == str(dev.state_dir() / "tls" / "agent")
+    assert not controller.insecure and not agent.insecure
+
+
+def test_up_makes_a_dev_pki_once_and_the_cli_uses_it(devenv: Dev) -> None:
+    result = devenv.up("--host-name", "devbox")
+    assert result.exit_code == 0, result.output
+    assert "dev PKI: issued ca, controller, agent, user" in result.stderr
+    st = dev.state_dir()
+    assert (st / "pki" / "ca" / "ca.key").stat().st_mode & 0o777 == 0o600
+    expected = {
+        "controller": "spiffe://clonebox.local/controller/dev",
+        "agent": "spiffe://clonebox.local/agent/devbox",
+        "user": f"spiffe://clonebox.local/user/admin/{dev._user_name()}",
+    }
+    certs = {}
+    for kind, spiffe_id in expected.items():
+        folder = st / "tls" / kind
+        assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
+            "ca.crt",
+            f"{kind}.crt",
+            f"{kind}.key",
+        ]
+        assert folder.stat().st_mode & 0o777 == 0o700
+        assert (folder / f"{kind}.key").stat().st_mode & 0o777 == 0o600
+        tls = TlsFiles.in_folder(folder, kind)
+        assert tls.identity().spiffe_id == spiffe_id
+        assert key_matches(tls.cert.read_bytes(), tls.key.read_bytes())
+        certs[kind] = tls.cert.read_bytes()
+    sans = x509.load_pem_x509_certificate(certs["controller"]).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert "controller.clonebox.local" in sans.value.get_values_for_type(x509.DNSName)
+    state = json.loads((st / "dev.json").read_text())
+    assert state["tls"]["user"] == str(st / "tls" / "user")
+
+    # later commands use the dev user's certificate without --tls-dir; so does dev status
+    hosts = devenv.runner.invoke(app, ["-o", "json", "host", "list"])
+    assert hosts.exit_code == 0, hosts.output
+    status = devenv.status()
+    assert status["controller"]["health"] == "SERVING" and status["agent"]["health"] == "SERVING"
+    assert status["tls"] == {
+        "insecure": False,
+        "ca_dir": str(st / "pki" / "ca"),
+        "user": str(st / "tls" / "user"),
+        "trust_domain": "clonebox.local",
+    }
+
+    # idempotent: the PKI is reused as it is
+    again = devenv.up()
+    assert again.exit_code == 0, again.output
+    assert "dev PKI" not in again.stderr
+    for kind, pem in certs.items():
+        assert (st / "tls" / kind / f"{kind}.crt").read_bytes() == pem
+
+    # another host name: only the agent's certificate is issued again, for the new name
+    assert devenv("down").exit_code == 0
+    renamed = devenv.up("--host-name", "other")
+    assert renamed.exit_code == 0, renamed.output
+    assert "dev PKI: issued agent " in renamed.stderr
+    agent = x509.load_pem_x509_certificate((st / "tls" / "agent" / "agent.crt").read_bytes())
+    assert identity_of(agent).spiffe_id == "spiffe://clonebox.local/agent/other"
+    assert (st / "tls" / "user" / "user.crt").read_bytes() == certs["user"]
+
+
+def test_an_expired_or_damaged_dev_certificate_is_issued_again(devenv: Dev) -> None:
+    assert devenv.up().exit_code == 0
+    assert devenv("down").exit_code == 0
+    user = dev.state_dir() / "tls" / "user"
+    (user / "user.key").write_bytes(b"garbage")
+    result = devenv.up()
+    assert result.exit_code == 0, result.output
+    assert "dev PKI: issued user " in result.stderr
+    assert key_matches((user / "user.crt").read_bytes(), (user / "user.key").read_bytes())
+
+
+def test_up_insecure_keeps_plaintext(devenv: Dev) -> None:
+    result = devenv.up("--insecure")
+    assert result.exit_code == 0, result.output
+    controller = yaml.safe_load((dev.config_dir() / "controller.yaml").read_text())
+    agent = yaml.safe_load((dev.config_dir() / "agent.yaml").read_text())
+    assert controller["insecure"] is True and "tls_dir" not in controller and "ca_dir" not in controller
+    assert agent["insecure"] is True and "tls_dir" not in agent
+    assert not (dev.state_dir() / "pki").exists()
+    # the CLI follows: plaintext to the recorded controller, no certificate needed
+    hosts = devenv.runner.invoke(app, ["-o", "json", "host", "list"])
+    assert hosts.exit_code == 0, hosts.output
+    assert devenv.status()["tls"] == {"insecure": True}
+    # remembered; switching to TLS while it runs is refused like any other change
+    assert "agent: running" in devenv.up().stderr
+    changed = devenv.up("--tls")
+    assert changed.exit_code == 5 and "run 'clonebox dev down' first" in changed.stderr
 
 
 def test_root_defaults_keep_agent_data_out_of_home(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,6 +255,7 @@ def test_root_defaults_keep_agent_data_out_of_home(monkeypatch: pytest.MonkeyPat
     config = dev.agent_config(settings)
     assert config["state_dir"] == "/var/lib/clonebox/dev/agent"
     assert config["storage_dir"] == "/var/lib/clonebox/dev/storage"
+    assert config["tls_dir"] == "/var/lib/clonebox/dev/tls"  # next to the agent's state, out of /root
     assert config["image_dirs"] == ["/var/lib/clonebox/images"]
     assert (settings.controller_port, settings.agent_port, settings.host_name) == (7100, 7101, "local")
     assert (settings.libvirt_uri, settings.hypervisor) == ("qemu:///system", "libvirt")
@@ -240,7 +342,14 @@ def test_status_when_nothing_ever_ran(devenv: Dev) -> None:
     assert table.exit_code == 0 and "DOWN" in table.stdout
 
 
+def test_enrolment_port_skips_the_agent_port() -> None:
+    assert dev.DevSettings().enroll_address == "127.0.0.1:7102"  # 7101 is the agent's
+    assert dev.DevSettings(controller_port=7200).enroll_address == "127.0.0.1:7201"
+    assert dev.DevSettings(enroll_port=9000).enroll_address == "127.0.0.1:9000"
+
+
 def test_bad_options_are_usage_errors(devenv: Dev) -> None:
+    assert devenv("up", "--enroll-port", str(devenv.agent_port)).exit_code == 2
     assert devenv("up", "--hypervisor", "xen").exit_code == 2
     assert devenv("up", "--domain-type", "hvm").exit_code == 2
     assert devenv("up", "--controller-port", "7200", "--agent-port", "7200").exit_code == 2
