@@ -8,6 +8,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from clonebox_core.security.identity import CALLER
+
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
@@ -27,6 +29,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        caller = CALLER.get()
+        if caller is not None:
+            # who asked for the work this line is about (set by the guard interceptor per RPC)
+            out["caller"] = caller.spiffe_id
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 out[key] = value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
