@@ -191,7 +191,9 @@ def _client_problem(peer: Peer) -> str:
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
-        return f"{tls.cert} was issued by {_issuer(cert)}, not by the CA in {tls.ca} that the controller uses ({fix})"
+        return (
+            f"{tls.cert} was issued by {_issuer(cert, ca)}, not by the CA in {tls.ca} that the controller uses ({fix})"
+        )
     try:
         who = str(identity_of(cert))
     except CloneboxError:
@@ -202,9 +204,13 @@ def _client_problem(peer: Peer) -> str:
     )
 
 
-def _issuer(cert: x509.Certificate) -> str:
+def _issuer(cert: x509.Certificate, ca: x509.Certificate) -> str:
     names = cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return f"'{names[0].value!s}'" if names else "another CA"
+    if not names:
+        return "another CA"
+    if cert.issuer == ca.subject:  # every CloneBox CA of a trust domain has the same name
+        return f"another CA named '{names[0].value!s}'"
+    return f"'{names[0].value!s}'"
 
 
 # -------------------------------------------------------------------------------------------- renewal

@@ -739,28 +739,30 @@ def up(
     ctx: typer.Context,
     *,
     libvirt_uri: Annotated[
-        str | None, typer.Option("--libvirt-uri", help="libvirt connection URI [default: qemu:///system]")
+        str | None, typer.Option("--libvirt-uri", help="libvirt connection URI \\[default: qemu:///system]")
     ] = None,
     hypervisor: Annotated[
-        str | None, typer.Option("--hypervisor", help="libvirt or fake (in-memory) [default: libvirt]")
+        str | None, typer.Option("--hypervisor", help="libvirt or fake (in-memory) \\[default: libvirt]")
     ] = None,
     controller_port: Annotated[
-        int | None, typer.Option("--controller-port", min=1, max=65535, help="[default: 7100]")
+        int | None, typer.Option("--controller-port", min=1, max=65535, help="\\[default: 7100]")
     ] = None,
-    agent_port: Annotated[int | None, typer.Option("--agent-port", min=1, max=65535, help="[default: 7101]")] = None,
-    host_name: Annotated[str | None, typer.Option("--host-name", help="The host's name [default: local]")] = None,
+    agent_port: Annotated[int | None, typer.Option("--agent-port", min=1, max=65535, help="\\[default: 7101]")] = None,
+    host_name: Annotated[str | None, typer.Option("--host-name", help="The host's name \\[default: local]")] = None,
     domain_type: Annotated[
-        str | None, typer.Option("--domain-type", help="auto, kvm or qemu (TCG) [default: auto]")
+        str | None, typer.Option("--domain-type", help="auto, kvm or qemu (TCG) \\[default: auto]")
     ] = None,
     data_dir: Annotated[
         str | None,
-        typer.Option("--data-dir", help=f"Agent state and storage [default: {ROOT_DATA_DIR} as root, else state dir]"),
+        typer.Option(
+            "--data-dir", help=f"Agent state and storage \\[default: {ROOT_DATA_DIR} as root, else state dir]"
+        ),
     ] = None,
     image_dir: Annotated[
         list[str] | None,
         typer.Option(
             "--image-dir",
-            help=f"Where images, kernels, initrds live (repeatable) [default: {DEFAULT_IMAGE_DIR}]",
+            help=f"Where images, kernels, initrds live (repeatable) \\[default: {DEFAULT_IMAGE_DIR}]",
         ),
     ] = None,
     enroll_port: Annotated[
@@ -769,14 +771,14 @@ def up(
             "--enroll-port",
             min=1,
             max=65535,
-            help="The controller's join-token enrolment port [default: controller port + 1, skipping the agent's]",
+            help="The controller's join-token enrolment port \\[default: controller port + 1, skipping the agent's]",
         ),
     ] = None,
     insecure: Annotated[
         bool | None,
         typer.Option(
             "--insecure/--tls",
-            help="Loopback plaintext instead of mTLS with the dev PKI [default: --tls, or what the last dev up used]",
+            help="Loopback plaintext instead of mTLS with the dev PKI \\[default: --tls, or what the last dev up used]",
             show_default=False,
         ),
     ] = None,
@@ -822,7 +824,8 @@ def up(
     enroll = int(s.enroll_address.rpartition(":")[2])
     if not s.insecure and (enroll in (s.controller_port, s.agent_port) or enroll > 65535):
         raise typer.BadParameter(
-            "the enrolment port must differ from the controller's and the agent's", param_hint="--enroll-port"
+            f"the enrolment port ({enroll}) must differ from the controller's and the agent's and be at most 65535",
+            param_hint="--enroll-port",
         )
     _prepare_dirs(s)
     if not s.insecure:

@@ -54,6 +54,14 @@ app.add_typer(pki.app, name="pki")
 app.add_typer(dev.app, name="dev")
 
 
+def _default_tls_dir(dev_controller: bool) -> str:
+    """The dev user's folder (made by 'dev up'), unless another controller is asked for and ours exists."""
+    own, made_by_dev = credentials.default_tls_dir(), dev.recorded_tls_dir()
+    if made_by_dev and (dev_controller or not credentials.user_files(own).exists()):
+        return made_by_dev
+    return str(own)
+
+
 def _version(value: bool) -> None:
     if value:
         try:
@@ -73,7 +81,7 @@ def main(
             "--controller",
             envvar="CLONEBOX_CONTROLLER",
             metavar="HOST:PORT",
-            help=f"Controller address [default: recorded by 'clonebox dev up', else {DEFAULT_CONTROLLER}]",
+            help=f"Controller address \\[default: recorded by 'clonebox dev up', else {DEFAULT_CONTROLLER}]",
             show_default=False,
         ),
     ] = None,
@@ -84,7 +92,8 @@ def main(
             envvar="CLONEBOX_TLS_DIR",
             metavar="DIR",
             help="Folder with this client's ca.crt, user.crt and user.key "
-            "[default: the one 'clonebox dev up' made, else $XDG_CONFIG_HOME/clonebox/tls]",
+            "\\[default: the one 'clonebox dev up' made when talking to its controller, else "
+            "$XDG_CONFIG_HOME/clonebox/tls]",
             show_default=False,
         ),
     ] = None,
@@ -108,7 +117,7 @@ def main(
     address = controller or recorded or DEFAULT_CONTROLLER
     if not tls_dir and not insecure and address == recorded and dev.recorded_insecure():
         insecure = True  # the local fleet was started with 'clonebox dev up --insecure'
-    folder = tls_dir or dev.recorded_tls_dir() or str(credentials.default_tls_dir())
+    folder = tls_dir or _default_tls_dir(address == recorded)
     ctx.obj = Settings(controller=address, output=output, tls_dir=folder, insecure=insecure)
     ctx.call_on_close(ctx.obj.close)
 

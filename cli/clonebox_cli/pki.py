@@ -62,7 +62,7 @@ CaDirOption = Annotated[
         "--ca-dir",
         envvar="CLONEBOX_CA_DIR",
         metavar="DIR",
-        help=f"The CA folder [default: {ROOT_CA_DIR} as root, else $XDG_DATA_HOME/clonebox/pki]",
+        help=f"The CA folder \\[default: {ROOT_CA_DIR} as root, else $XDG_DATA_HOME/clonebox/pki]",
         show_default=False,
     ),
 ]
@@ -126,18 +126,18 @@ def issue(
     user_role: Annotated[
         str | None,
         typer.Option(
-            "--user-role", metavar="ROLE", help="For --role user: viewer, operator or admin [default: viewer]"
+            "--user-role", metavar="ROLE", help="For --role user: viewer, operator or admin \\[default: viewer]"
         ),
     ] = None,
     days: Annotated[
-        int | None, typer.Option("--days", min=1, max=3660, help=f"Lifetime in days [default: {DEFAULT_DAYS}]")
+        int | None, typer.Option("--days", min=1, max=3660, help=f"Lifetime in days \\[default: {DEFAULT_DAYS}]")
     ] = None,
     seconds: Annotated[
         int | None, typer.Option("--seconds", min=1, help="Lifetime in seconds (instead of --days).")
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", metavar="DIR", help="Folder to write into [default: ./NAME-tls]", show_default=False),
+        typer.Option("--out", metavar="DIR", help="Folder to write into \\[default: ./NAME-tls]", show_default=False),
     ] = None,
     ca_dir: CaDirOption = None,
     hosts: Annotated[

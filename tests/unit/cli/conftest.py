@@ -205,7 +205,9 @@ class FakePkiService(pki_service_pb2_grpc.PkiServiceServicer):
             if name and ident.name != name:
                 continue
             serial = f"{cert.serial_number:x}"
-            c = pki_service_pb2.Certificate(serial=serial, identity=ident.spiffe_id, revoked=serial in self.fleet.revoked)
+            c = pki_service_pb2.Certificate(
+                serial=serial, identity=ident.spiffe_id, revoked=serial in self.fleet.revoked
+            )
             c.not_before.FromDatetime(cert.not_valid_before_utc)
             c.not_after.FromDatetime(cert.not_valid_after_utc)
             out.append(c)

@@ -115,7 +115,7 @@ def test_version_and_help(runner: CliRunner) -> None:
     assert result.exit_code == 0
     for group in ("host", "vm", "operation", "pki", "dev"):
         assert group in result.stdout
-    for option in ("--tls-dir", "--insecure", "CLONEBOX_TLS_DIR"):
+    for option in ("--tls-dir", "--insecure", "CLONEBOX_TLS_DIR", "[default: recorded by 'clonebox dev up'"):
         assert option in result.stdout
     assert "--install-completion" in result.stdout
 

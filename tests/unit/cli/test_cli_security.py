@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
-from clonebox.controller.v1 import host_service_pb2_grpc
 from clonebox.controller.v1 import host_service_pb2 as hosts_pb2
+from clonebox.controller.v1 import host_service_pb2_grpc
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from typer.testing import CliRunner, Result
@@ -68,7 +68,7 @@ def test_a_certificate_from_another_ca_is_rejected_with_exit_13(
     assert result.exit_code == 13
     line = error_line(result)
     assert line.startswith(f"error: {fake_controller.address} rejected this client's certificate: ")
-    assert f"not by the CA in {folder / 'ca.crt'}" in line
+    assert f"was issued by another CA named 'CloneBox CA clonebox.local', not by the CA in {folder / 'ca.crt'}" in line
     assert fake_controller.fleet.requests == []  # no servicer ran
 
 
@@ -222,11 +222,8 @@ def test_pki_issue_user_writes_a_tls_folder_with_a_private_key(
 def test_pki_issue_controller_carries_the_server_names(runner: CliRunner, tmp_path: Path) -> None:
     ca_dir, out = tmp_path / "ca", tmp_path / "ctl"
     assert runner.invoke(app, ["pki", "init", "--ca-dir", str(ca_dir), "--trust-domain", "lab.example"]).exit_code == 0
-    result = runner.invoke(
-        app,
-        ["pki", "issue", "--ca-dir", str(ca_dir), "--role", "controller", "--name", "main", "--out", str(out)]
-        + ["--host", "10.1.2.3", "--host", "ctl.lab.example", "--seconds", "600"],
-    )
+    issue = ["pki", "issue", "--ca-dir", str(ca_dir), "--role", "controller", "--name", "main", "--out", str(out)]
+    result = runner.invoke(app, [*issue, "--host", "10.1.2.3", "--host", "ctl.lab.example", "--seconds", "600"])
     assert result.exit_code == 0, result.output
     assert "tls_dir:" in result.stdout
     cert = x509.load_pem_x509_certificate((out / "controller.crt").read_bytes())
@@ -276,7 +273,11 @@ def test_pki_list_and_revoke(runner: CliRunner, fake_controller: FakeController)
     assert cert["identity"] == "spiffe://clonebox.local/agent/h1" and cert["revoked"] is False
 
     table = cli(runner, fake_controller, "pki", "list")
-    assert table.exit_code == 0 and "SERIAL" in table.stdout and "spiffe://clonebox.local/user/admin/tester" in table.stdout
+    assert (
+        table.exit_code == 0
+        and "SERIAL" in table.stdout
+        and "spiffe://clonebox.local/user/admin/tester" in table.stdout
+    )
 
     revoked = cli(runner, fake_controller, "pki", "revoke", "h1")
     assert revoked.exit_code == 0, revoked.output
@@ -392,3 +393,27 @@ def test_the_insecure_flag_from_the_environment(runner: CliRunner, test_pki: Thr
         assert result.exit_code == 0, result.output
     finally:
         server.stop(0)
+
+
+def test_the_dev_folder_is_the_default_for_the_dev_controller(
+    runner: CliRunner, fake_controller: FakeController, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CLONEBOX_TLS_DIR")
+    state = tmp_path / "state" / "clonebox" / "dev"
+    state.mkdir(parents=True)
+    state_file = {"controller": {"address": fake_controller.address}, "tls": {"user": str(fake_controller.tls_dir)}}
+    (state / "dev.json").write_text(json.dumps(state_file))
+    assert runner.invoke(app, ["host", "list"]).exit_code == 0  # the recorded controller, the recorded folder
+    # another controller: still the dev folder while the user has none of their own ...
+    assert cli(runner, fake_controller, "host", "list").exit_code == 0
+    # ... and their own once it exists (here from another CA: rejected, which shows which one was used)
+    own = tmp_path / "config" / "clonebox" / "tls"
+    other = fake_controller.pki.other_ca()
+    foreign = fake_controller.pki.folder("x", issuer=other, trust=other)
+    own.mkdir(parents=True)
+    for name in ("ca.crt", "user.crt", "user.key"):
+        (own / name).write_bytes((foreign / name).read_bytes())
+    result = runner.invoke(
+        app, ["--controller", f"localhost:{fake_controller.address.rpartition(':')[2]}", "host", "list"]
+    )
+    assert result.exit_code == 13 and str(own / "ca.crt") in result.stderr
