@@ -259,3 +259,45 @@ async def test_oversized_requests_are_refused_per_rpc(fleet: Fleet) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await fleet.vms.GetVm(vm_service_pb2.GetVmRequest(name="x" * 100_000))
     assert (err.value.code(), error_info(err.value).reason) == (grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_TOO_LARGE")
+
+
+async def test_agent_refuses_names_that_would_be_paths(fleet: Fleet) -> None:
+    # found by the fuzzer: a name like "web-1/../x" once reached a folder removal in the adapter
+    await fleet.add_agent("h1", SMALL)
+    from tests.integration.test_fleet import create, spec
+
+    await create(fleet, spec("web-1"))
+    canary = fleet.fakes["h1"].storage_dir + "/canary"
+    __import__("os").makedirs(canary)
+    stub, ch = fleet.agent_stub("h1")
+    try:
+        for req in (
+            agent_pb2.DeleteVmRequest(name="web-1/../../canary", request_id="t1"),
+            agent_pb2.DeleteVmRequest(name="..", request_id="t2"),
+            agent_pb2.StopVmRequest(name="web-1/..", request_id="t3"),
+        ):
+            call = stub.DeleteVm if isinstance(req, agent_pb2.DeleteVmRequest) else stub.StopVm
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call(req)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error_info(err.value).reason == "INVALID_NAME"
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetVm(agent_pb2.GetVmRequest(name="a/b"))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await ch.close()
+    assert __import__("os").path.isdir(canary)
+
+
+async def test_out_of_range_enum_and_huge_echo_get_clear_errors(fleet: Fleet) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await fleet.vms.ListVms(vm_service_pb2.ListVmsRequest(state=99))  # type: ignore[arg-type]
+    assert (err.value.code(), error_info(err.value).metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "state")
+    from clonebox.controller.v1 import operation_service_pb2, operation_service_pb2_grpc
+
+    ops = operation_service_pb2_grpc.OperationServiceStub(fleet.channel)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await ops.GetOperation(operation_service_pb2.GetOperationRequest(id="x" * 20_000))
+    # the error survives the trip with its ErrorInfo (messages are capped to fit gRPC's trailers)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert len(err.value.details() or "") <= 1024

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from clonebox_agent.ports import Capability
+from clonebox_core.errors import InvalidArgument
 
 #: what real QEMU on a local libvirtd declares (and so, by default, the fake)
 QEMU_CAPABILITIES: frozenset[Capability] = frozenset(Capability)
@@ -55,7 +56,10 @@ def volume_prefix(domain: str) -> str:
 
 
 def vm_dir(storage_dir: str, domain: str) -> str:
-    """Per-VM folder (console log)."""
+    """Per-VM folder (console log); refuses a domain name that would lead outside ``storage_dir/vms``."""
+    if not domain or "/" in domain or domain in (".", "..") or "\x00" in domain:
+        # the use cases validate names first; this keeps a bug there from reaching rmtree
+        raise InvalidArgument(f"name: {domain[:64]!r} is not a VM name", reason="INVALID_NAME")
     return os.path.join(storage_dir, VMS_SUBDIR, domain)
 
 

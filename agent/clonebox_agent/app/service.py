@@ -19,6 +19,7 @@ from clonebox_agent.journal.store import Journal
 from clonebox_agent.ports import DomainRecord, EventKind, Hypervisor, HypervisorEvent
 from clonebox_core.errors import AlreadyExists, CloneboxError, InvalidArgument, NotFound
 from clonebox_core.model import HostInfo, Resources, Revision, Vm, VmSpec, VmState
+from clonebox_core.names import check_dns_label
 from clonebox_core.validate import validate_spec
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class AgentService:
 
     async def get(self, name: str) -> Vm:
         """One VM, with guest addresses when it runs."""
+        check_dns_label("name", name)
         record = await self._hv.get(name)
         if record.state == VmState.RUNNING and not record.addresses:
             record = replace(record, addresses=await self._hv.addresses(name))
@@ -142,6 +144,7 @@ class AgentService:
 
     async def start_vm(self, name: str, *, request_id: str) -> Vm:
         """Start a stopped VM; a running one is returned as it is."""
+        check_dns_label("name", name)
         async with self._lock(name):
             vm = self._to_vm(await self._hv.start(name))
             self._remember(request_id, "start", name, {})
@@ -149,6 +152,7 @@ class AgentService:
 
     async def stop(self, name: str, *, request_id: str, timeout_seconds: int = 0, force: bool = False) -> StopResult:
         """Graceful shutdown, forced off after the timeout (or at once with ``force``)."""
+        check_dns_label("name", name)
         timeout = timeout_seconds or self._stop_timeout
         async with self._lock(name):
             if request_id and (done := self._replay(request_id, "stop", name)) is not None:
@@ -171,6 +175,8 @@ class AgentService:
 
     async def delete(self, name: str, *, request_id: str) -> list[str]:
         """Delete a VM and every file made for it. Deleting a VM that is already gone is a success."""
+        # names become paths in the adapters: never let one climb out of the storage folder
+        check_dns_label("name", name)
         async with self._lock(name):
             if request_id and (done := self._replay(request_id, "delete", name)) is not None:
                 removed_before = done.get("removed", [])

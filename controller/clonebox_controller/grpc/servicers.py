@@ -33,6 +33,7 @@ from clonebox_core.security.identity import current_caller
 Ctx: TypeAlias = Any
 log = logging.getLogger(__name__)
 
+_VM_STATES = frozenset(s.value for s in VmState)
 _DEFAULT_PAGE = 100
 _MAX_PAGE = 1000
 
@@ -219,6 +220,12 @@ class VmServicer(vm_service_pb2_grpc.VmServiceServicer):
                 reason="INVALID_FIELD",
                 metadata={"field": "page_size"},
             )
+        if request.state and request.state not in _VM_STATES:
+            raise InvalidArgument(
+                f"state: {request.state} is not a VM state", reason="INVALID_FIELD", metadata={"field": "state"}
+            )
+        if request.host:
+            check_dns_label("host", request.host)
         vms, token = await self._vms.list_vms(
             request.host or None,
             VmState(request.state) if request.state else None,

@@ -35,12 +35,23 @@ log = logging.getLogger(__name__)
 GENERIC_INTERNAL = "internal error; the server log has the details"
 
 
+#: errors echo parts of requests; capped so the status always fits gRPC's trailer limit (8 KiB)
+MAX_MESSAGE_CHARS = 1024
+MAX_METADATA_CHARS = 256
+
+
+def _cap(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def to_status_proto(err: CloneboxError) -> status_pb2.Status:
-    """The ``google.rpc.Status`` for an error, with an ErrorInfo detail."""
-    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)
+    """The ``google.rpc.Status`` for an error, with an ErrorInfo detail (sizes capped)."""
+    metadata = {_cap(k, 64): _cap(v, MAX_METADATA_CHARS) for k, v in list(err.metadata.items())[:16]}
+    info = error_details_pb2.ErrorInfo(reason=_cap(err.reason, 64), domain=DOMAIN, metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    return status_pb2.Status(code=code_pb2.Code.Value(err.code), message=err.message, details=[detail])
+    message = _cap(err.message, MAX_MESSAGE_CHARS)
+    return status_pb2.Status(code=code_pb2.Code.Value(err.code), message=message, details=[detail])
 
 
 def error_from_status_proto(status: status_pb2.Status) -> CloneboxError:
