@@ -38,6 +38,7 @@ from common import (
     IMAGES,
     QEMU_URI,
     RUN_ROOT,
+    BenchPki,
     BenchResult,
     Options,
     Ratio,
@@ -82,7 +83,15 @@ class Fleet:
 
     def cli(self, *args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
         """Run ``clonebox --controller ADDR ARGS``; RuntimeError when it fails."""
-        cmd = [*console_script("clonebox", "clonebox_cli.main"), "--controller", self.controller, *args]
+        tls = str(self.root / "tls-user")
+        cmd = [
+            *console_script("clonebox", "clonebox_cli.main"),
+            "--controller",
+            self.controller,
+            "--tls-dir",
+            tls,
+            *args,
+        ]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         if r.returncode != 0:
             raise RuntimeError(f"clonebox {' '.join(args)} exited {r.returncode}: {r.stderr.strip()} {r.stdout}")
@@ -117,10 +126,15 @@ def _start_fleet(fleet: Fleet) -> None:
     cport, aport = free_port(), free_port()
     fleet.controller = f"127.0.0.1:{cport}"
     agent = f"127.0.0.1:{aport}"
+    # the production path: mTLS between every process, like two hosts and a user
+    pki = BenchPki(root)
+    ctl_tls, agent_tls = pki.folder("controller", "ctl"), pki.folder("agent", fleet.tag)
+    pki.folder("user", "bench", "admin")
     (root / "controller.yaml").write_text(
         yaml.safe_dump(
             {
                 "listen": fleet.controller,
+                "tls_dir": str(ctl_tls),
                 "database_url": f"sqlite:///{root / 'fleet.db'}",
                 "heartbeat_timeout_seconds": 10,
                 "log_level": "WARNING",
@@ -133,6 +147,7 @@ def _start_fleet(fleet: Fleet) -> None:
                 "name": fleet.tag,
                 "listen": agent,
                 "controller": fleet.controller,
+                "tls_dir": str(agent_tls),
                 "libvirt_uri": QEMU_URI,
                 # TCG is all this machine can run; "auto" would find the same after a probe guest
                 "domain_type": "qemu",
@@ -148,10 +163,13 @@ def _start_fleet(fleet: Fleet) -> None:
         [*python_module("clonebox_controller.main"), "--config", str(root / "controller.yaml")], root / "c.log"
     )
     fleet.procs.append(ctl)
-    wait_serving(fleet.controller, ctl, root / "c.log")
+    wait_serving(
+        fleet.controller, ctl, root / "c.log", tls=(root / "tls-user", "user", f"controller.{pki.TRUST_DOMAIN}")
+    )
     ag = start_process([*python_module("clonebox_agent.main"), "--config", str(root / "agent.yaml")], root / "a.log")
     fleet.procs.append(ag)
-    wait_serving(agent, ag, root / "a.log", timeout=120)
+    agent_name = f"{fleet.tag}.agent.{pki.TRUST_DOMAIN}"
+    wait_serving(agent, ag, root / "a.log", timeout=120, tls=(ctl_tls, "controller", agent_name))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         hosts = json.loads(fleet.cli("-o", "json", "host", "list").stdout).get("hosts", [])

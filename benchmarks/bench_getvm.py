@@ -134,6 +134,8 @@ def _agent_config(root: Path, listen: str) -> AgentConfig:
         name="bench-host",
         listen=listen,
         controller="",  # standalone: no controller session
+        # plaintext on loopback, like the echo baseline: bench_mtls measures what mTLS adds
+        insecure=True,
         hypervisor="fake",
         state_dir=str(root / "state"),
         storage_dir=str(root / "storage"),

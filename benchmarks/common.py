@@ -292,13 +292,51 @@ def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
         proc.wait()
 
 
-def wait_serving(address: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> None:
-    """Wait until ``address`` answers ``grpc.health.v1`` with SERVING; RuntimeError with the log otherwise."""
+class BenchPki:
+    """A throwaway CA for benchmark fleets: one TLS folder per process, as on separate hosts."""
+
+    TRUST_DOMAIN = "bench.test"
+
+    def __init__(self, root: Path) -> None:
+        from clonebox_core.security.pki import CertificateAuthority
+
+        self.root = root
+        self.ca = CertificateAuthority.init(root / "ca", self.TRUST_DOMAIN)
+
+    def folder(self, kind: str, name: str, role: str | None = None) -> Path:
+        """Issue ``kind``/``name`` into ``root/tls-<kind>`` (ca.crt, <kind>.crt, <kind>.key)."""
+        from clonebox_core.security.identity import make_identity
+        from clonebox_core.security.pki import cert_pem, key_pem, write_private, write_public
+
+        issued = self.ca.issue(make_identity(self.TRUST_DOMAIN, kind, name, role), seconds=86400)
+        assert issued.key is not None
+        folder = self.root / f"tls-{kind}"
+        write_public(folder / "ca.crt", self.ca.cert_pem)
+        write_public(folder / f"{kind}.crt", cert_pem(issued.cert))
+        write_private(folder / f"{kind}.key", key_pem(issued.key))
+        return folder
+
+
+def wait_serving(
+    address: str,
+    proc: subprocess.Popen[bytes],
+    log: Path,
+    timeout: float = 60.0,
+    tls: tuple[Path, str, str] | None = None,
+) -> None:
+    """Wait until ``address`` answers ``grpc.health.v1`` with SERVING; RuntimeError with the log otherwise.
+
+    ``tls`` is (folder, file name, expected server name) for a server that requires mTLS.
+    """
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from clonebox_core.rpc.server import Transport, sync_channel
+    from clonebox_core.rpc.tls import TlsFiles
+
+    transport = Transport(TlsFiles.in_folder(tls[0], tls[1])) if tls else Transport(None, insecure=True)
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as ch:
+    with sync_channel(address, transport, tls[2] if tls else None) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
