@@ -41,6 +41,7 @@ _RETRY_SECONDS = 10.0
 
 def install(tls: TlsFiles, key_bytes: bytes, cert_bytes: bytes, ca_bytes: bytes) -> None:
     """Write a new key, certificate and CA into place (each file atomically, the key first)."""
+    tls.key.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     write_public(tls.ca, ca_bytes)
     write_private(tls.key.with_name(tls.key.name + ".next"), key_bytes)
     write_public(tls.cert.with_name(tls.cert.name + ".next"), cert_bytes)

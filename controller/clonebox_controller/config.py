@@ -19,6 +19,8 @@ class ControllerConfig(BaseModel):
     ca_dir: str = ""
     #: TLS port without client certificates where new hosts enrol with a join token ("" disables)
     enroll_listen: str = ""
+    #: address new hosts dial for enrolment, written into join tokens (default: the bound enroll_listen)
+    enroll_advertise: str = ""
     #: lifetime of certificates the controller issues (renewals, enrolments)
     certificate_seconds: int = Field(30 * 86400, ge=10, le=366 * 86400)
     #: SQLAlchemy URL: sqlite:///PATH (default) or postgresql+psycopg://...

@@ -146,7 +146,7 @@ class Controller:
             )
             # tokens carry the bound address (the config may ask for port 0)
             enroll_host, _ = split_host_port(self.config.enroll_listen)
-            self.pki.enroll_address = f"{enroll_host}:{self.enroll_server.port}"
+            self.pki.enroll_address = self.config.enroll_advertise or f"{enroll_host}:{self.enroll_server.port}"
         if self.pki is not None and self.transport.tls is not None:
             self._renewal = asyncio.create_task(self._renew_own_certificate(self.transport.tls), name="renewal")
         await self.vms.resume()
