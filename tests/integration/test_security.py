@@ -122,10 +122,14 @@ async def test_revoked_user_is_refused_and_agent_learns_within_a_heartbeat(fleet
     await vms.ListVms(vm_service_pb2.ListVmsRequest())  # works before
     stub, agent_ch = fleet.agent_stub("h1", as_kind="controller", as_name="rogue-ctl")
     await stub.GetHostInfo(agent_pb2.GetHostInfoRequest())  # works before
+    user_stub, user_agent_ch = fleet.agent_stub("h1", as_kind="user", as_name="mallory", role="viewer")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await user_stub.GetHostInfo(agent_pb2.GetHostInfoRequest())
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED  # a user never calls agents
 
     pki = pki_service_pb2_grpc.PkiServiceStub(fleet.channel)
     revoked = await pki.RevokeCertificate(pki_service_pb2.RevokeCertificateRequest(name="mallory"))
-    assert [c.revoked for c in revoked.revoked] == [True]
+    assert len(revoked.revoked) == 2 and all(c.revoked for c in revoked.revoked)  # both of mallory's certificates
     await pki.RevokeCertificate(pki_service_pb2.RevokeCertificateRequest(name="rogue-ctl"))
 
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -141,10 +145,15 @@ async def test_revoked_user_is_refused_and_agent_learns_within_a_heartbeat(fleet
 
     start = time.monotonic()
     await eventually(agent_refuses, timeout=5, what="agent refusing the revoked identity")
+    # the revoked user, too, is now refused by the agent as unauthenticated, not just unauthorized
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await user_stub.GetHostInfo(agent_pb2.GetHostInfoRequest())
+    assert (err.value.code(), error_info(err.value).reason) == (grpc.StatusCode.UNAUTHENTICATED, "CERT_REVOKED")
+    await user_agent_ch.close()
     # heartbeat interval is 0.2 s in this fleet: the deny list arrives with the next beat
     assert time.monotonic() - start < 5
     listed = await pki.ListCertificates(pki_service_pb2.ListCertificatesRequest(name="mallory"))
-    assert [c.revoked for c in listed.certificates] == [True]
+    assert [c.revoked for c in listed.certificates] == [True, True]
     await viewer.close()
     await agent_ch.close()
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clonebox_agent.adapters.libvirt import domxml
 from clonebox_core.model import (
@@ -149,3 +152,31 @@ def test_readers() -> None:
     assert not domxml.agent_connected(text)
     live = text.replace('name="org.qemu.guest_agent.0"', 'name="org.qemu.guest_agent.0" state="connected"')
     assert domxml.agent_connected(live)
+
+
+HOSTILE = st.text(alphabet=st.sampled_from(list("<>&\"']]\n\r\t abc/=;-")), min_size=1, max_size=40)
+# the command line is one line (validation refuses CR/LF; XML would normalise a bare CR to LF anyway)
+ONE_LINE = st.text(alphabet=st.sampled_from(list("<>&\"']]\t abc/=;-")), min_size=1, max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=HOSTILE, value=HOSTILE, cmdline=ONE_LINE)
+def test_hostile_labels_and_cmdline_never_change_the_xml_structure(key: str, value: str, cmdline: str) -> None:
+    # validation refuses such labels; the XML builder must be safe even if one got past it
+    spec = replace(SPEC, labels=((key, value),), kernel_boot=KernelBoot("/img/vmlinuz", "", cmdline))
+    owner = domxml.OwnerMetadata("agent-a", "web-1", spec, datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC))
+    text = domxml.domain_xml(_config(owner=owner, cmdline=cmdline))
+    root = ET.fromstring(text)
+    assert [child.tag for child in root] == [child.tag for child in ET.fromstring(domxml.domain_xml(_config()))]
+    assert root.findtext("os/cmdline") == cmdline
+    meta = domxml.parse_owner(text)
+    assert meta is not None and meta.spec.labels == ((key, value),)
+
+
+@pytest.mark.parametrize("label", [("a<b", "x"), ("app", "]]>"), ("app", "a\nb"), ("app", "\"'&")])
+def test_validation_refuses_markup_in_labels(label: tuple[str, str]) -> None:
+    from clonebox_core.errors import InvalidArgument
+    from clonebox_core.validate import validate_spec
+
+    with pytest.raises(InvalidArgument):
+        validate_spec(replace(SPEC, labels=(label,), kernel_boot=None))
