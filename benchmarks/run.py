@@ -1,9 +1,9 @@
 """
 Entry point of ``make bench``: run the benchmarks and print figures with same-run baselines.
 
-    .venv/bin/python benchmarks/run.py                    # all three, full counts
+    .venv/bin/python benchmarks/run.py                    # all of them, full counts
     .venv/bin/python benchmarks/run.py --quick            # smoke run, small counts (a few minutes at most)
-    .venv/bin/python benchmarks/run.py --only getvm       # one of: getvm, listvms, create_ready
+    .venv/bin/python benchmarks/run.py --only getvm       # one of: getvm, listvms, create_ready, mtls
     .venv/bin/python benchmarks/run.py --json out.json    # also write every figure as JSON
 
 Nothing here fails on a slow figure: a missed goal is printed, and the exit code is 0 unless a
@@ -29,12 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_create_ready
 import bench_getvm
 import bench_listvms
+import bench_mtls
 from common import BenchResult, Options, Runner, load_average, machine_info
 
 BENCHMARKS: dict[str, tuple[str, Runner]] = {
     "getvm": ("agent GetVm over gRPC vs a bare echo server", bench_getvm.run),
     "listvms": ("ListVms of 1,000 domains on test:///default vs one call per domain", bench_listvms.run),
     "create_ready": ("create -> guest agent ready via the CLI vs plain virsh create", bench_create_ready.run),
+    "mtls": ("controller GetVm over mTLS vs plaintext, and the cost of a new connection", bench_mtls.run),
 }
 
 
