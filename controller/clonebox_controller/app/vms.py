@@ -77,9 +77,10 @@ class VmManager:
             fresh = await self._hosts.client_for(host).get_vm(name)
         except CloneboxError:
             return vm  # the stored view is still the best answer
-        updated = await asyncio.to_thread(
-            self._store.update_vm_observed, name, fresh.state, fresh.uuid, fresh.addresses, fresh.state_reason
-        )
+        observed = (fresh.state, fresh.uuid, fresh.addresses, fresh.state_reason)
+        if observed == (vm.state, vm.uuid, vm.addresses, vm.state_reason):
+            return vm  # nothing changed: no write (a read must not cost a write transaction)
+        updated = await asyncio.to_thread(self._store.update_vm_observed, name, *observed)
         return updated or vm
 
     async def list_vms(
