@@ -33,6 +33,9 @@ class HostRegistry:
         self.heartbeat_timeout = heartbeat_timeout
         self.heartbeat_interval = heartbeat_interval
         self._sync_tasks: dict[str, asyncio.Task[None]] = {}
+        #: the live session of each host; an older session that ends must not tear down a newer one
+        self._sessions: dict[str, int] = {}
+        self._next_session = 0
         self._refreshers: dict[str, asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -66,8 +69,8 @@ class HostRegistry:
         allocatable: Resources,
         hypervisor: HypervisorInfo,
         epoch: int,
-    ) -> Host:
-        """Record a (re)connected agent and start syncing its VMs."""
+    ) -> tuple[Host, int]:
+        """Record a (re)connected agent, start syncing its VMs; returns the host and the session id."""
         host = await asyncio.to_thread(
             self._store.upsert_host_registration, name, address, capacity, allocatable, hypervisor, epoch
         )
@@ -75,15 +78,24 @@ class HostRegistry:
         if old is not None:
             old.cancel()
         self._sync_tasks[name] = asyncio.create_task(self._sync(host), name=f"sync-{name}")
+        self._next_session += 1
+        self._sessions[name] = self._next_session
         log.info("host %s registered at %s (epoch %s)", name, address, epoch)
+        return host, self._next_session
+
+    async def heartbeat(self, name: str, serving: bool, reason: str, session: int) -> Host:
+        """Record a heartbeat; a live session whose host has no sync task (another session ended) takes over."""
+        host = await asyncio.to_thread(self._store.heartbeat, name, serving, reason)
+        if name not in self._sessions:
+            self._sessions[name] = session
+            self._sync_tasks[name] = asyncio.create_task(self._sync(host), name=f"sync-{name}")
         return host
 
-    async def heartbeat(self, name: str, serving: bool, reason: str) -> Host:
-        """Record a heartbeat."""
-        return await asyncio.to_thread(self._store.heartbeat, name, serving, reason)
-
-    async def disconnected(self, name: str) -> None:
-        """The agent's session ended: stop syncing and mark it unreachable."""
+    async def disconnected(self, name: str, session: int) -> None:
+        """Session ``session`` of the agent ended: unless a newer one is live, stop syncing, mark unreachable."""
+        if self._sessions.get(name) != session:
+            return
+        del self._sessions[name]
         task = self._sync_tasks.pop(name, None)
         if task is not None:
             task.cancel()

@@ -18,7 +18,7 @@ from clonebox_core.errors import InvalidArgument, NotFound, PermissionDenied, Un
 from clonebox_core.names import check_dns_label
 from clonebox_core.security.identity import Identity, Kind, make_identity
 from clonebox_core.security.jointoken import JoinToken
-from clonebox_core.security.pki import CertificateAuthority, cert_pem, identity_of
+from clonebox_core.security.pki import CertificateAuthority, cert_pem, csr_public_key, identity_of
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,9 @@ class PkiManager:
         check_dns_label("host", host)
         if token.host != host:
             raise PermissionDenied(f"the join token was made for {token.host}, not {host}", reason="JOIN_TOKEN_HOST")
+        # a bad CSR must not spend the one-time token: check it before consuming
+        public_key = csr_public_key(csr_pem)
         made_for = await asyncio.to_thread(self._store.consume_join_token, token.token_id, _sha256(token.secret))
         identity = make_identity(self.ca.trust_domain, Kind.AGENT, made_for)
         log.info("host %s enrolled", made_for)
-        return cert_pem(self.ca.sign_csr(csr_pem, identity, seconds=self.leaf_seconds))
+        return cert_pem(self.ca.issue(identity, seconds=self.leaf_seconds, public_key=public_key).cert)

@@ -62,7 +62,8 @@ class HostServicer(host_service_pb2_grpc.HostServiceServicer):
             raise PermissionDenied(
                 f"agent {caller.name} may not register as host {reg.name}", reason="AGENT_NAME_MISMATCH"
             )
-        host = await self._registry.register(
+        _check_registration(reg)
+        host, session = await self._registry.register(
             reg.name,
             reg.address,
             convert.resources_from_proto(reg.capacity),
@@ -79,7 +80,7 @@ class HostServicer(host_service_pb2_grpc.HostServiceServicer):
             async for msg in request_iterator:
                 if msg.HasField("heartbeat"):
                     host = await self._registry.heartbeat(
-                        reg.name, msg.heartbeat.serving, msg.heartbeat.not_serving_reason
+                        reg.name, msg.heartbeat.serving, msg.heartbeat.not_serving_reason, session
                     )
                     if caller is not None and self._pki is not None and self._pki.is_revoked(caller):
                         raise Unauthenticated(f"the certificate of {caller} is revoked", reason="CERT_REVOKED")
@@ -90,7 +91,7 @@ class HostServicer(host_service_pb2_grpc.HostServiceServicer):
                         revoked_serials=sorted(self._pki.revoked) if self._pki else [],
                     )
         finally:
-            await self._registry.disconnected(reg.name)
+            await self._registry.disconnected(reg.name, session)
 
     async def ListHosts(
         self, request: host_service_pb2.ListHostsRequest, context: Ctx
@@ -137,6 +138,32 @@ class HostServicer(host_service_pb2_grpc.HostServiceServicer):
         resp = host_service_pb2.CreateJoinTokenResponse(token=token)
         resp.expire_time.FromDatetime(expires)
         return resp
+
+
+#: the store keeps sizes in signed 64-bit columns; 2**53 MiB is far beyond any host and exact in JSON
+_MAX_SIZE_MIB = 1 << 53
+
+
+def _check_registration(reg: host_service_pb2.Registration) -> None:
+    for part in ("capacity", "allocatable"):
+        res = getattr(reg, part)
+        for field in ("memory_mib", "disk_mib"):
+            if getattr(res, field) > _MAX_SIZE_MIB:
+                raise InvalidArgument(
+                    f"registration.{part}.{field}: {getattr(res, field)} is beyond any real host",
+                    reason="INVALID_FIELD",
+                    metadata={"field": f"registration.{part}.{field}"},
+                )
+    if reg.revision.epoch >= 1 << 63 or reg.revision.sequence >= 1 << 63:
+        raise InvalidArgument(
+            "registration.revision: out of range", reason="INVALID_FIELD", metadata={"field": "registration.revision"}
+        )
+    if len(reg.address) > 255:
+        raise InvalidArgument(
+            "registration.address: longer than 255 characters",
+            reason="INVALID_FIELD",
+            metadata={"field": "registration.address"},
+        )
 
 
 def _pki(pki: PkiManager | None) -> PkiManager:

@@ -217,16 +217,7 @@ class CertificateAuthority:
 
     def sign_csr(self, csr_pem: bytes, identity: Identity, *, seconds: int) -> x509.Certificate:
         """Issue a leaf for ``identity`` to the key in a CSR (the CSR's own names are ignored)."""
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError:
-            raise InvalidArgument("csr: not a PEM certificate request", reason="INVALID_CSR") from None
-        if not csr.is_signature_valid:
-            raise InvalidArgument("csr: signature does not match its key", reason="INVALID_CSR")
-        pub = csr.public_key()
-        if not isinstance(pub, ec.EllipticCurvePublicKey):
-            raise InvalidArgument("csr: the key must be EC P-256", reason="INVALID_CSR")
-        return self.issue(identity, seconds=seconds, public_key=pub).cert
+        return self.issue(identity, seconds=seconds, public_key=csr_public_key(csr_pem)).cert
 
     def issued(self) -> list[x509.Certificate]:
         """Every certificate this CA issued, oldest first."""
@@ -242,6 +233,21 @@ def identity_of_ca(cert: x509.Certificate) -> str:
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     uri = sans.get_values_for_type(x509.UniformResourceIdentifier)[0]
     return uri.removeprefix("spiffe://").rstrip("/")
+
+
+def csr_public_key(csr_pem: bytes) -> ec.EllipticCurvePublicKey:
+    """The P-256 key of a well-formed, self-signed CSR (InvalidArgument ``INVALID_CSR`` otherwise)."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+        valid = csr.is_signature_valid
+        pub = csr.public_key()
+    except (ValueError, TypeError):
+        raise InvalidArgument("csr: not a PEM certificate request", reason="INVALID_CSR") from None
+    if not valid:
+        raise InvalidArgument("csr: signature does not match its key", reason="INVALID_CSR")
+    if not isinstance(pub, ec.EllipticCurvePublicKey) or not isinstance(pub.curve, ec.SECP256R1):
+        raise InvalidArgument("csr: the key must be EC P-256", reason="INVALID_CSR")
+    return pub
 
 
 def make_csr(key: ec.EllipticCurvePrivateKey, name: str) -> bytes:
