@@ -47,6 +47,9 @@ check-gen: install ## fail when generated code differs from proto/
 	  if diff -r "$$tmp/before" proto >/dev/null; then echo "check-gen: generated code is up to date"; rm -rf "$$tmp"; \
 	  else diff -r "$$tmp/before" proto | head -20; rm -rf "$$tmp"; echo "check-gen: generated code drifted: run make gen"; exit 1; fi
 
+fuzz: install ## long fuzzing run (10,000+ cases per service)
+	CLONEBOX_FUZZ_EXAMPLES=10000 $(PY) -m pytest tests/fuzz -q
+
 bench: hypervisor ## run the benchmarks (figures go to docs/benchmarks.md by hand)
 	$(PY) benchmarks/run.py
 

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from clonebox.agent.v1 import agent_pb2
-from clonebox.controller.v1 import operation_service_pb2, vm_service_pb2
-from clonebox.type.v1 import vm_pb2
 from google.protobuf.message import Message
 
-from tests.fuzz.strategies import Rpc
+from tests.fuzz.strategies import Pools, Rpc
 
 
 @dataclass(frozen=True)
@@ -29,8 +27,8 @@ class KnownBug:
     rpc: str
     #: where it comes from and what a fix looks like
     reason: str
-    #: one request that triggers it (replayed by test_known_bugs.py)
-    repro: Message
+    #: one request that triggers it (replayed by test_known_bugs.py), or how to make one from the pools
+    repro: Message | Callable[[Pools], Message]
     #: requests that trigger it: not sent during fuzzing
     skip: Callable[[Sequence[Message]], bool] | None = None
     #: outcomes it produces, by (status code name, details): tolerated during fuzzing
@@ -39,54 +37,53 @@ class KnownBug:
     any_rpc: bool = False
 
 
-_VM_STATES = frozenset(vm_pb2.VmState.values())
+#: SQLite stores signed 64-bit integers
+_SQLITE_MAX = (1 << 63) - 1
 
-KNOWN_BUGS: list[KnownBug] = [
-    KnownBug(
-        key="LIST_VMS_STATE_OUT_OF_RANGE",
-        rpc="VmService.ListVms",
-        reason=(
-            "controller/clonebox_controller/grpc/servicers.py VmServicer.ListVms calls VmState(request.state) "
-            "on the raw enum number; proto3 enums are open, so e.g. state=99 raises ValueError -> INTERNAL. "
-            "Fix: reject numbers outside VmState with INVALID_ARGUMENT (field 'state')."
-        ),
-        repro=vm_service_pb2.ListVmsRequest(state=99),  # type: ignore[arg-type]
-        skip=lambda msgs: msgs[0].state not in _VM_STATES,  # type: ignore[attr-defined]
-    ),
-    KnownBug(
-        key="AGENT_VM_NAME_PATH_TRAVERSAL",
-        rpc="AgentService.DeleteVm",
-        reason=(
-            "AgentService Get/Start/Stop/DeleteVm never check that `name` is a DNS label "
-            "(agent/clonebox_agent/app/service.py); the adapters build paths from it "
-            "(common.vm_dir(storage_dir, 'cb-' + name)), so DeleteVm(name='<existing-vm>/../../x') "
-            "answers OK and shutil.rmtree()s <storage>/x - any folder the agent can write, once one VM "
-            "exists (the libvirt adapter's _delete_folder does the same: an unmarked folder passes its "
-            "owner check). Fix: check_dns_label('name', name) at the top of every agent use case taking "
-            "a name (and, defensively, refuse a vm_dir that does not resolve inside storage_dir/vms)."
-        ),
-        repro=agent_pb2.DeleteVmRequest(name="web-1/../canary", request_id="known-bug-traversal"),
-        skip=lambda msgs: "/" in msgs[0].name,  # type: ignore[attr-defined]
-    ),
-    KnownBug(
-        key="ERROR_TRAILERS_TOO_LARGE",
-        rpc="OperationService.GetOperation",
-        any_rpc=True,
-        reason=(
-            "Error messages and ErrorInfo metadata echo request values without a length limit "
-            "(check_dns_label's \"'{value}' is not a DNS label\", NotFound's 'operation {id!r} does not "
-            "exist' + metadata {'operation': id}, ...). The message goes out twice (grpc-message and "
-            "inside grpc-status-details-bin), so a few KiB of input exceed gRPC's 8 KiB metadata soft "
-            "limit and the client gets RESOURCE_EXHAUSTED 'Stream removed (received metadata size "
-            "exceeds ...)' with no ErrorInfo: the real error is lost. Fix: cap echoed values (e.g. "
-            "128 chars with an ellipsis) in clonebox_core.errors / rpc.status.to_status_proto."
-        ),
-        repro=operation_service_pb2.GetOperationRequest(id="x" * 20_000),
-        tolerate=lambda code, details: (
-            code == "RESOURCE_EXHAUSTED" and "received metadata size exceeds" in details
-        ),
-    ),
-]
+
+def _registration_overflows(msgs: Sequence[Message]) -> bool:
+    """True when any registration in a Connect stream carries a uint64 above SQLite's INTEGER."""
+    for m in msgs:
+        if not m.HasField("registration"):
+            continue
+        reg = m.registration  # type: ignore[attr-defined]
+        values = [reg.revision.epoch, reg.revision.sequence]
+        values += [getattr(r, f) for r in (reg.capacity, reg.allocatable) for f in ("memory_mib", "disk_mib")]
+        if max(values) > _SQLITE_MAX:
+            return True
+    return False
+
+
+def _token_host(token: str) -> str:
+    from clonebox_core.security.jointoken import JoinToken
+
+    return JoinToken.decode(token).host
+
+
+def _enroll_burns_token(msgs: Sequence[Message]) -> bool:
+    """True for an Enroll whose token parses and names its host but whose CSR the CA will refuse."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from clonebox_core.security.jointoken import JoinToken
+
+    req: Any = msgs[0]
+    try:
+        if JoinToken.decode(req.token).host != req.host:
+            return False
+    except Exception:  # any token the server cannot parse never reaches the store
+        return False
+    try:
+        csr = x509.load_pem_x509_csr(req.csr_pem.encode())
+        return not (csr.is_signature_valid and isinstance(csr.public_key(), ec.EllipticCurvePublicKey))
+    except Exception:
+        return True
+
+
+# Fixed (regression tests stay in tests/integration and test_known_bugs.py): LIST_VMS_STATE_OUT_OF_RANGE,
+# AGENT_VM_NAME_PATH_TRAVERSAL, ERROR_TRAILERS_TOO_LARGE, REGISTRATION_UINT64_OVERFLOW,
+# ENROLL_BURNS_TOKEN_ON_BAD_CSR, and the ended-duplicate-session bug.
+KNOWN_BUGS: list[KnownBug] = []
 
 
 def known_skip(rpc: Rpc, messages: Sequence[Message]) -> str | None:

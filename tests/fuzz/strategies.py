@@ -18,8 +18,12 @@ service descriptors, so a new RPC or service is fuzzed without touching this fil
 
 from __future__ import annotations
 
+import base64
 import importlib
+import itertools
+import json
 import pkgutil
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -105,7 +109,7 @@ class Rpc:
 @cache
 def message_class(descriptor: Descriptor) -> type[Message]:
     """The generated class of a message descriptor."""
-    return message_factory.GetMessageClass(descriptor)  # type: ignore[no-any-return]
+    return message_factory.GetMessageClass(descriptor)
 
 
 def discover_services() -> list[ServiceDescriptor]:
@@ -135,8 +139,8 @@ class Pools:
 
     vm_names: list[str] = field(default_factory=list)
     host_names: list[str] = field(default_factory=list)
-    #: names a fuzzed ``Connect`` may register (never a real agent's: see README "known issues")
-    connect_names: list[str] = field(default_factory=lambda: [f"fuzz-agent-{i}" for i in range(4)])
+    #: names a fuzzed ``Connect`` registers (the first is the identity it connects as)
+    connect_names: list[str] = field(default_factory=lambda: ["fuzz-agent-0", "fuzz-agent-1"])
     operation_ids: list[str] = field(default_factory=list)
     request_ids: list[str] = field(default_factory=list)
     page_tokens: list[str] = field(default_factory=list)
@@ -151,6 +155,12 @@ class Pools:
     #: (epoch, sequence) of each agent's event history
     agent_revisions: list[tuple[int, int]] = field(default_factory=lambda: [(1, 0)])
     fleet_revision: int = 0
+    #: PKI: join tokens (unused ones first), the hosts they were made for, PEM CSRs, victim certificates
+    join_tokens: list[str] = field(default_factory=list)
+    token_hosts: list[str] = field(default_factory=list)
+    csrs: list[str] = field(default_factory=list)
+    cert_names: list[str] = field(default_factory=list)
+    serials: list[str] = field(default_factory=list)
 
 
 def live(get: Callable[[], Sequence[T]], fallback: Sequence[T]) -> st.SearchStrategy[T]:
@@ -214,23 +224,24 @@ SPECIAL_STRINGS: tuple[str, ...] = (
     "x" * 64,
     "a" * 255,
     "a" * 256,
-    "a" * 4096,
-    "b" * 70_000,
+    "a" * 1024,
 )
 
-#: one value just above the 1 MiB cloud-init limit (rare: it makes requests slow)
-_HUGE_STRING = "c" * (1024 * 1024 + 1)
+#: lengths of long strings: around gRPC's 8 KiB trailer limit, 64 KiB request limit, 1 MiB cloud-init limit
+_LONG_LENGTHS = (4096, 8193, 20_000, 70_000, 1024 * 1024 + 1)
 
 _TEXT = st.text(st.characters(codec="utf-8"), max_size=40)
 
 
 def text_strategy() -> st.SearchStrategy[str]:
     """Any string: random unicode, the specials, combinations of both, and rarely a huge one."""
-    specials = st.sampled_from((*SPECIAL_STRINGS, _HUGE_STRING))
+    # long values are made on demand: a strategy's repr must not carry a megabyte
+    long = st.sampled_from(_LONG_LENGTHS).map(lambda n: "L" * n)
+    specials = weighted((12, st.sampled_from(SPECIAL_STRINGS)), (1, long))
     return st.one_of(
         _TEXT,
         specials,
-        st.tuples(specials.filter(lambda s: len(s) < 4096), _TEXT, st.sampled_from(SPECIAL_STRINGS[:20])).map("".join),
+        st.tuples(st.sampled_from(SPECIAL_STRINGS), _TEXT, st.sampled_from(SPECIAL_STRINGS[:20])).map("".join),
         st.tuples(_TEXT, st.sampled_from(SPECIAL_STRINGS[:20])).map("".join),
     )
 
@@ -292,6 +303,7 @@ _INT_TYPES: dict[int, tuple[int, bool]] = {
 
 def enum_strategy(fd: FieldDescriptor) -> st.SearchStrategy[int]:
     """Declared numbers, and out-of-range ones (proto3 enums are open: any int32 goes on the wire)."""
+    assert fd.enum_type is not None
     numbers = [v.number for v in fd.enum_type.values]
     beyond = sorted({max(numbers) + 1, min(numbers) - 1, 99, -(1 << 31), (1 << 31) - 1})
     return st.one_of(st.sampled_from(numbers), st.sampled_from(beyond), st.integers(-(1 << 31), (1 << 31) - 1))
@@ -318,21 +330,12 @@ def random_scalar(fd: FieldDescriptor) -> st.SearchStrategy[Any]:
 
 
 def _is_map(fd: FieldDescriptor) -> bool:
-    return fd.type == FieldDescriptor.TYPE_MESSAGE and bool(fd.message_type.GetOptions().map_entry)
+    return fd.message_type is not None and bool(fd.message_type.GetOptions().map_entry)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Valid-looking values, by field
 # ---------------------------------------------------------------------------------------------------
-
-_DNS_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
-#: fresh DNS labels (``fz-`` keeps them apart from seeded names, and most are new)
-FRESH_NAMES = st.text(_DNS_CHARS, min_size=1, max_size=8).map(lambda s: f"fz-{s}")
-DNS_LABELS = st.one_of(
-    FRESH_NAMES,
-    st.from_regex(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", fullmatch=True),
-    st.sampled_from(["a", "0", "x" * 63, "web-1", "db-1"]),
-)
 
 
 def weighted(*choices: tuple[int, st.SearchStrategy[T]]) -> st.SearchStrategy[T]:
@@ -342,6 +345,26 @@ def weighted(*choices: tuple[int, st.SearchStrategy[T]]) -> st.SearchStrategy[T]
     """
     slots = [i for i, (w, _s) in enumerate(choices) for _ in range(w)]
     return st.sampled_from(slots).flatmap(lambda i: choices[i][1])
+
+
+_DNS_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
+_fresh = itertools.count(1)
+
+
+def _fresh_label(prefix: str) -> st.SearchStrategy[str]:
+    """A label never drawn before in this process (Hypothesis repeats its simplest values a lot)."""
+    return st.builds(lambda: f"{prefix}{next(_fresh)}")
+
+
+#: new DNS labels: mostly never used before, sometimes short ones that may collide
+FRESH_NAMES = weighted(
+    (3, _fresh_label("fz-")), (1, st.text(_DNS_CHARS, min_size=1, max_size=8).map(lambda s: f"fz-{s}"))
+)
+DNS_LABELS = st.one_of(
+    FRESH_NAMES,
+    st.from_regex(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", fullmatch=True),
+    st.sampled_from(["a", "0", "x" * 63, "web-1", "db-1"]),
+)
 
 
 def _traversals(pools: Pools) -> st.SearchStrategy[str]:
@@ -360,7 +383,7 @@ def _host_names(pools: Pools) -> st.SearchStrategy[str]:
 
 
 def _request_ids(pools: Pools) -> st.SearchStrategy[str]:
-    fresh = st.uuids().map(lambda u: u.hex)
+    fresh = _fresh_label("req-")
     reused = live(lambda: pools.request_ids + pools.operation_ids, ["r1"])
     return weighted((3, fresh), (1, st.just("")), (1, reused))
 
@@ -391,16 +414,42 @@ def _labels(min_size: int = 0) -> st.SearchStrategy[dict[str, str]]:
     )
 
 
+def _crafted_tokens() -> st.SearchStrategy[str]:
+    """Join tokens with the right envelope and a fuzzed body (valid prefix, base64, zlib, JSON)."""
+    try:
+        from clonebox_core.security.jointoken import TOKEN_PREFIX
+    except ImportError:
+        TOKEN_PREFIX = "cbj1."
+    body = st.one_of(
+        st.fixed_dictionaries(
+            {"i": _TEXT, "s": _TEXT, "h": DNS_LABELS, "a": st.just("127.0.0.1:1")},
+            optional={"ca": st.one_of(_TEXT, st.binary(max_size=64).map(lambda b: base64.b64encode(b).decode()))},
+        ),
+        st.lists(_TEXT, max_size=3),
+        _TEXT,
+        st.integers(),
+    )
+    packed = body.map(lambda b: zlib.compress(json.dumps(b).encode()))
+    return st.one_of(
+        packed.map(lambda raw: TOKEN_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")),
+        st.binary(max_size=64).map(lambda raw: TOKEN_PREFIX + base64.urlsafe_b64encode(raw).decode()),
+        _TEXT.map(lambda t: TOKEN_PREFIX + t),
+    )
+
+
 def valid_hints(pools: Pools) -> dict[str, st.SearchStrategy[Any]]:
     """Plausible values by ``Message.field`` (more specific) or ``*.field``, for the valid flavour."""
     vm_names = _vm_names(pools)
     host_names = _host_names(pools)
-    small_sizes = st.integers(0, 4096)
     return {
         # names
         "VmSpec.name": weighted((4, FRESH_NAMES), (1, live(lambda: pools.vm_names, ["web-1"]))),
         "DiskSpec.name": st.sampled_from(["root", "data", "scratch", "logs", "swap"]),
-        "Registration.name": live(lambda: pools.connect_names, ["fuzz-agent-0"]),
+        "Registration.name": weighted(
+            (6, live(lambda: pools.connect_names[:1], ["fuzz-agent-0"])),
+            (1, live(lambda: pools.connect_names, ["fuzz-agent-0"])),
+            (1, host_names),
+        ),
         "GetHostRequest.name": host_names,
         "CordonHostRequest.name": host_names,
         "UncordonHostRequest.name": host_names,
@@ -447,11 +496,27 @@ def valid_hints(pools: Pools) -> dict[str, st.SearchStrategy[Any]]:
         "HypervisorInfo.uri": st.just("fake:///"),
         "HypervisorInfo.capabilities": st.lists(st.sampled_from(["events", "guest-agent"]), max_size=2),
         "Heartbeat.not_serving_reason": st.sampled_from(["", "libvirtd is not running"]),
+        # PKI
+        "CreateJoinTokenRequest.host": weighted((3, _fresh_label("victim-join-x")), (1, host_names)),
+        "*.ttl_seconds": st.sampled_from([0, 0, 60, 59, 3600, 604800, 604801, 1]),
+        "EnrollRequest.token": weighted((4, live(lambda: pools.join_tokens, ["cbj1.x"])), (1, _crafted_tokens())),
+        "EnrollRequest.host": weighted((4, live(lambda: pools.token_hosts, ["victim-0"])), (1, host_names)),
+        "*.csr_pem": live(lambda: pools.csrs, ["-----BEGIN CERTIFICATE REQUEST-----"]),
+        "RevokeCertificateRequest.name": weighted((3, live(lambda: pools.cert_names, ["victim-0"])), (2, st.just(""))),
+        "RevokeCertificateRequest.serial": weighted(
+            (3, st.just("")),
+            (2, live(lambda: pools.serials, ["1"])),
+            (1, live(lambda: pools.serials, ["1"]).map(lambda s: "0x" + s.upper())),
+        ),
+        "ListCertificatesRequest.name": weighted(
+            (2, st.just("")), (2, live(lambda: pools.cert_names, ["victim-0"])), (1, host_names)
+        ),
     }
 
 
 def _hint(hints: dict[str, st.SearchStrategy[Any]], fd: FieldDescriptor) -> st.SearchStrategy[Any] | None:
-    specific = hints.get(f"{fd.containing_type.name}.{fd.name}")
+    owner = fd.containing_type.name if fd.containing_type is not None else ""
+    specific = hints.get(f"{owner}.{fd.name}")
     return specific if specific is not None else hints.get(f"*.{fd.name}")
 
 
@@ -462,7 +527,7 @@ def _hint(hints: dict[str, st.SearchStrategy[Any]], fd: FieldDescriptor) -> st.S
 #: how deep nested messages go before fields are left unset
 MAX_DEPTH = 4
 #: in the valid flavour, a field gets a random value about once in this many draws
-VALID_WEIGHT = 12
+VALID_WEIGHT = 25
 
 
 def message_strategy(
@@ -492,7 +557,7 @@ def _message(
     optional: dict[str, st.SearchStrategy[Any]] = {}
     oneofs: list[st.SearchStrategy[dict[str, Any]]] = []
     for oneof in descriptor.oneofs:
-        members = [_field(fd, mode, pools, hints, depth).map(lambda v, name=fd.name: {name: v}) for fd in oneof.fields]
+        members = [_field(fd, mode, pools, hints, depth).map(_as_field(fd.name)) for fd in oneof.fields]
         if mode == "valid":
             oneofs.append(st.one_of(*members, st.just({})) if depth > 0 else st.one_of(*members))
         else:
@@ -517,6 +582,17 @@ def _message(
     return st.tuples(body, *oneofs).map(build)
 
 
+def _message_type(fd: FieldDescriptor) -> Descriptor:
+    """The message type of a message field."""
+    assert fd.message_type is not None, fd.full_name
+    return fd.message_type
+
+
+def _as_field(name: str) -> Callable[[Any], dict[str, Any]]:
+    """``v -> {name: v}``."""
+    return lambda v: {name: v}
+
+
 def _field(
     fd: FieldDescriptor,
     mode: Mode,
@@ -533,7 +609,7 @@ def _field(
         return rand
     if fd.is_repeated and fd.type == FieldDescriptor.TYPE_MESSAGE and not _is_map(fd):
         # the hint gives the list length; elements are valid-looking messages
-        element = _message(fd.message_type, mode, pools, hints, depth + 1)
+        element = _message(_message_type(fd), mode, pools, hints, depth + 1)
         hint = hint.flatmap(lambda xs: st.lists(element, min_size=len(xs), max_size=len(xs)))
     return weighted((VALID_WEIGHT, hint), (1, rand))
 
@@ -546,15 +622,18 @@ def _random_field(
     depth: int,
 ) -> st.SearchStrategy[Any]:
     if _is_map(fd):
-        key_fd, value_fd = fd.message_type.fields_by_name["key"], fd.message_type.fields_by_name["value"]
+        entry = _message_type(fd)
+        key_fd, value_fd = entry.fields_by_name["key"], entry.fields_by_name["value"]
         value = (
-            _message(value_fd.message_type, mode, pools, hints, depth + 1)
+            _message(_message_type(value_fd), mode, pools, hints, depth + 1)
             if value_fd.type == FieldDescriptor.TYPE_MESSAGE
             else random_scalar(value_fd)
         )
         return st.dictionaries(random_scalar(key_fd), value, max_size=4)
     if fd.type == FieldDescriptor.TYPE_MESSAGE:
-        element: st.SearchStrategy[Any] = st.deferred(lambda: _message(fd.message_type, mode, pools, hints, depth + 1))
+        element: st.SearchStrategy[Any] = st.deferred(
+            lambda: _message(_message_type(fd), mode, pools, hints, depth + 1)
+        )
     else:
         element = random_scalar(fd)
     if not fd.is_repeated:

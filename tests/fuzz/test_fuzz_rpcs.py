@@ -1,5 +1,5 @@
 """Protocol fuzzing: generated requests for every RPC of every service, through real gRPC, against the
-in-process fleet (controller + two agents on fake hypervisors). See README.md in this folder.
+in-process fleet (controller + two agents on fake hypervisors, over mTLS). See README.md here.
 
 ``CLONEBOX_FUZZ_EXAMPLES`` sets the examples per service (default 500; ``make fuzz`` runs 10,000);
 ``CLONEBOX_FUZZ_SEED`` pins Hypothesis' seed to replay a run.
@@ -11,16 +11,22 @@ import asyncio
 import os
 from pathlib import Path
 
-import grpc.aio
 import pytest
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
-from hypothesis.errors import NonInteractiveExampleWarning
 
 from tests.fuzz.harness import FuzzHarness
 from tests.fuzz.known_bugs import KNOWN_BUGS, known_skip
-from tests.fuzz.strategies import MODES, RPCS, RPCS_BY_SERVICE, TARGET_BY_PACKAGE, Pools, message_strategy, request_strategy
+from tests.fuzz.strategies import (
+    MODES,
+    RPCS,
+    RPCS_BY_SERVICE,
+    TARGET_BY_PACKAGE,
+    Pools,
+    message_strategy,
+    request_strategy,
+    weighted,
+)
 from tests.integration.conftest import Fleet
 
 EXAMPLES = int(os.environ.get("CLONEBOX_FUZZ_EXAMPLES", "500"))
@@ -35,26 +41,14 @@ pytestmark = [
 ]
 
 
-async def served_services(channel: grpc.aio.Channel) -> set[str]:
-    """Full names of the services a server lists through reflection."""
-
-    async def ask() -> object:
-        yield reflection_pb2.ServerReflectionRequest(list_services="")
-
-    names: set[str] = set()
-    async for resp in reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(ask()):
-        names |= {s.name for s in resp.list_services_response.service}
-    return names
-
-
 @pytest.mark.parametrize("service", sorted(RPCS_BY_SERVICE))
 async def test_fuzz_service(fleet: Fleet, tmp_path: Path, service: str) -> None:
     rpcs = RPCS_BY_SERVICE[service]
     harness = FuzzHarness(fleet, tmp_path)
     await harness.start()
     try:
-        if rpcs[0].service.full_name not in await served_services(harness.channel(rpcs[0])):
-            pytest.skip(f"{rpcs[0].service.full_name} is not served by the in-process {rpcs[0].target}")
+        if not await harness.endpoints.locate(rpcs[0]):
+            pytest.fail(f"no in-process server lists {rpcs[0].service.full_name} through reflection")
         loop = asyncio.get_running_loop()
         by_name = {r.name: r for r in rpcs}
         requests = {r.name: request_strategy(r, harness.pools) for r in rpcs}
@@ -63,6 +57,14 @@ async def test_fuzz_service(fleet: Fleet, tmp_path: Path, service: str) -> None:
             r.name: st.lists(st.one_of(*(message_strategy(r.input, m, harness.pools) for m in MODES)), max_size=2)
             for r in rpcs
             if r.client_streaming
+        }
+        # mostly a caller the policy allows (to get past the guard), sometimes anyone
+        callers = {
+            r.name: weighted(
+                (8, st.just(harness.endpoints.principals(r)[0])),
+                (2, st.sampled_from(harness.endpoints.principals(r))),
+            )
+            for r in rpcs
         }
 
         @settings(
@@ -80,12 +82,13 @@ async def test_fuzz_service(fleet: Fleet, tmp_path: Path, service: str) -> None:
             messages = [request]
             if rpc.client_streaming:
                 messages += data.draw(more[rpc.name], label="more messages")
-            bug = known_skip(rpc, messages)
-            if bug is not None:
-                harness.stats.known[bug] += 1
+            principal = data.draw(callers[rpc.name], label="caller")
+            skip = known_skip(rpc, messages) or ("protected certificate" if harness.protected(rpc, messages) else None)
+            if skip is not None:
+                harness.stats.known[skip] += 1
                 return
             harness.stats.modes[mode] += 1
-            asyncio.run_coroutine_threadsafe(harness.exercise(rpc, messages), loop).result(EXAMPLE_TIMEOUT)
+            asyncio.run_coroutine_threadsafe(harness.exercise(rpc, messages, principal), loop).result(EXAMPLE_TIMEOUT)
 
         if SEED is not None:
             fuzz = seed(int(SEED))(fuzz)
@@ -97,14 +100,14 @@ async def test_fuzz_service(fleet: Fleet, tmp_path: Path, service: str) -> None:
 
 
 def test_registry_covers_every_rpc() -> None:
-    """Every service is discovered, served by a known daemon, and every request type can be built."""
+    """Every service is discovered and has a known server; known bugs name real RPCs."""
     assert {"AgentService", "HostService", "VmService", "OperationService"} <= set(RPCS_BY_SERVICE)
     for rpc in RPCS:
         assert rpc.service.file.package in TARGET_BY_PACKAGE, rpc.name
     assert [b.rpc for b in KNOWN_BUGS if b.rpc not in {r.name for r in RPCS}] == []
 
 
-@pytest.mark.filterwarnings("ignore", category=NonInteractiveExampleWarning)
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.NonInteractiveExampleWarning")
 @settings(max_examples=50, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_strategies_build_serializable_requests(data: st.DataObject) -> None:

@@ -310,3 +310,41 @@ async def test_out_of_range_enum_and_huge_echo_get_clear_errors(fleet: Fleet) ->
     # the error survives the trip with its ErrorInfo (messages are capped to fit gRPC's trailers)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert len(err.value.details() or "") <= 1024
+
+
+async def test_bad_csr_does_not_spend_the_join_token(fleet: Fleet) -> None:
+    # found by the fuzzer: the token used to be consumed before the CSR was checked
+    token = (await fleet.hosts.CreateJoinToken(host_service_pb2.CreateJoinTokenRequest(host="late"))).token
+    from clonebox_core.security.jointoken import JoinToken
+
+    address = JoinToken.decode(token).enroll_address
+    async with grpc.aio.secure_channel(
+        address,
+        grpc.ssl_channel_credentials(root_certificates=fleet.pki.ca.cert_pem),
+        options=[("grpc.ssl_target_name_override", f"controller.{TRUST_DOMAIN}")],
+    ) as ch:
+        stub = pki_service_pb2_grpc.EnrollmentServiceStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Enroll(pki_service_pb2.EnrollRequest(token=token, host="late", csr_pem="not a csr"))
+        assert error_info(err.value).reason == "INVALID_CSR"
+    await fleet.add_agent("late", SMALL, tls_dir=fleet.tmp / "late-tls", join_token=token)
+    assert "late" in fleet.agents
+
+
+async def test_registration_with_impossible_sizes_is_refused(fleet: Fleet) -> None:
+    transport = fleet.pki.transport("agent", "big")
+    async with aio_channel(fleet.controller.address, transport, f"controller.{TRUST_DOMAIN}") as ch:
+        stub = host_service_pb2_grpc.HostServiceStub(ch)
+
+        async def register() -> AsyncIterator[host_service_pb2.ConnectRequest]:
+            yield host_service_pb2.ConnectRequest(
+                registration=host_service_pb2.Registration(
+                    name="big", address="127.0.0.1:1", capacity=resources_pb2.Resources(disk_mib=1 << 63)
+                )
+            )
+
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in stub.Connect(register()):
+                pass
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(err.value).metadata["field"] == "registration.capacity.disk_mib"
