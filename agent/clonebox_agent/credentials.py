@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from cryptography import x509
 from clonebox_core.errors import CloneboxError, PermissionDenied
 from clonebox_core.rpc.server import Transport, aio_channel, bootstrap_channel
 from clonebox_core.rpc.status import error_from_rpc
-from clonebox_core.rpc.tls import TlsFiles
+from clonebox_core.rpc.tls import TlsFiles, install
 from clonebox_core.security.identity import Kind
 from clonebox_core.security.jointoken import JoinToken
 from clonebox_core.security.pki import (
@@ -29,24 +28,12 @@ from clonebox_core.security.pki import (
     key_pem,
     make_csr,
     new_key,
-    write_private,
-    write_public,
 )
 
 log = logging.getLogger(__name__)
 
 _ENROLL_TIMEOUT = 30.0
 _RETRY_SECONDS = 10.0
-
-
-def install(tls: TlsFiles, key_bytes: bytes, cert_bytes: bytes, ca_bytes: bytes) -> None:
-    """Write a new key, certificate and CA into place (each file atomically, the key first)."""
-    tls.key.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    write_public(tls.ca, ca_bytes)
-    write_private(tls.key.with_name(tls.key.name + ".next"), key_bytes)
-    write_public(tls.cert.with_name(tls.cert.name + ".next"), cert_bytes)
-    os.replace(tls.key.with_name(tls.key.name + ".next"), tls.key)
-    os.replace(tls.cert.with_name(tls.cert.name + ".next"), tls.cert)
 
 
 async def enroll(tls_dir: Path, host: str, token_text: str) -> TlsFiles:

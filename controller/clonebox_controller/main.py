@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 from datetime import UTC, datetime
@@ -50,8 +49,8 @@ from clonebox_core.rpc.server import (
     start_server,
     trust_domain_of,
 )
-from clonebox_core.rpc.tls import TlsFiles
-from clonebox_core.security.pki import CertificateAuthority, cert_pem, key_pem, write_private, write_public
+from clonebox_core.rpc.tls import TlsFiles, install
+from clonebox_core.security.pki import CertificateAuthority, cert_pem, key_pem
 
 log = logging.getLogger("clonebox_controller")
 
@@ -161,10 +160,7 @@ class Controller:
             me = tls.identity()
             issued = self.pki.ca.issue(me, seconds=self.config.certificate_seconds)
             assert issued.key is not None
-            write_private(tls.key.with_name(tls.key.name + ".next"), key_pem(issued.key))
-            write_public(tls.cert.with_name(tls.cert.name + ".next"), cert_pem(issued.cert))
-            os.replace(tls.key.with_name(tls.key.name + ".next"), tls.key)
-            os.replace(tls.cert.with_name(tls.cert.name + ".next"), tls.cert)
+            install(tls, key_pem(issued.key), cert_pem(issued.cert), self.pki.ca.cert_pem)
             log.info("renewed the controller certificate (serial %x)", issued.cert.serial_number)
 
     async def stop(self) -> None:

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 
 from clonebox_core.errors import FailedPrecondition
 from clonebox_core.security.identity import Identity
-from clonebox_core.security.pki import identity_of
+from clonebox_core.security.pki import identity_of, write_private, write_public
 
 
 @dataclass(frozen=True)
@@ -121,3 +121,13 @@ def server_only_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
     """TLS without client certificates, for the enrolment port (the join token authenticates)."""
     _ca, cert, key = tls.load()
     return grpc.ssl_server_credentials([(key, cert)], require_client_auth=False)
+
+
+def install(tls: TlsFiles, key_bytes: bytes, cert_bytes: bytes, ca_bytes: bytes) -> None:
+    """Write a new key, certificate and CA into place (each file atomically, the key first)."""
+    tls.key.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_public(tls.ca, ca_bytes)
+    write_private(tls.key.with_name(tls.key.name + ".next"), key_bytes)
+    write_public(tls.cert.with_name(tls.cert.name + ".next"), cert_bytes)
+    os.replace(tls.key.with_name(tls.key.name + ".next"), tls.key)
+    os.replace(tls.cert.with_name(tls.cert.name + ".next"), tls.cert)
