@@ -76,7 +76,7 @@ MIN_VMS = 3
 #: how long a difference after a rejected request may take to go away before it counts
 LASTING_SECONDS = 2.0
 #: unused join tokens kept for Enroll
-MIN_JOIN_TOKENS = 2
+MIN_JOIN_TOKENS = 1
 
 #: agents of every fuzz fleet: a roomy one and a small one (so capacity errors happen too)
 AGENTS: dict[str, Resources] = {
@@ -367,19 +367,20 @@ class FuzzHarness:
         await self._replenish_join_tokens(set())
 
     async def _replenish_join_tokens(self, used: set[str]) -> None:
-        """Keep MIN_JOIN_TOKENS unused join tokens in the pool."""
+        """Keep MIN_JOIN_TOKENS unused join tokens in the pool, each with its host at the same index
+        (with one, a valid-looking Enroll names the token's own host)."""
         from clonebox_core.security.jointoken import JoinToken
 
         unused = [t for t in self.pools.join_tokens if JoinToken.decode(t).token_id not in used]
         while len(unused) < MIN_JOIN_TOKENS:
             self._seed_counter += 1
-            host = f"{VICTIM_PREFIX}join-{self._seed_counter}"
             resp = await self.fleet.hosts.CreateJoinToken(
-                host_service_pb2.CreateJoinTokenRequest(host=host), timeout=UNARY_DEADLINE
+                host_service_pb2.CreateJoinTokenRequest(host=f"{VICTIM_PREFIX}join-{self._seed_counter}"),
+                timeout=UNARY_DEADLINE,
             )
             unused.append(resp.token)
-            self.pools.token_hosts.append(host)
-        self.pools.join_tokens = unused
+        self.pools.join_tokens = unused[:MIN_JOIN_TOKENS]
+        self.pools.token_hosts = [JoinToken.decode(t).host for t in self.pools.join_tokens]
 
     async def close(self) -> None:
         """Close the harness's channels and stop collecting logs."""
@@ -505,8 +506,10 @@ class FuzzHarness:
             self._harvest(outcome)
             problems += await self._check_operations(outcome)
             if scope == PKI:
-                # certificates and tokens change synchronously; nothing to wait for
-                await self.refresh(await self.snapshot(ALL))
+                # certificates and tokens change synchronously: nothing to wait for
+                snap = await self.snapshot(ALL)
+                await self._replenish_join_tokens({t for t, v in snap.join_tokens.items() if v.endswith("used=True")})
+                await self.refresh(snap)
             else:
                 settled = await self.settle()
                 settled = await self.housekeeping(settled)
@@ -594,11 +597,14 @@ class FuzzHarness:
         return problems
 
     def _harvest(self, outcome: Outcome) -> None:
-        """Keep join tokens an accepted request produced, for Enroll."""
+        """Use the join token an accepted request produced (CreateJoinToken) for the next Enrolls."""
+        from clonebox_core.security.jointoken import JoinToken
+
         for resp in outcome.responses:
             token = getattr(resp, "token", None)
             if isinstance(token, str) and token:
-                self.pools.join_tokens.append(token)
+                self.pools.join_tokens = [token]
+                self.pools.token_hosts = [JoinToken.decode(token).host]
 
     def _journal(self, rpc: Rpc, request: Message) -> object:
         """What the fuzzed agent's journal holds for the request's id (agent RPCs only)."""
@@ -748,10 +754,8 @@ class FuzzHarness:
             await self._create(f"seed-{self._seed_counter}", host="h1")
             changed = True
         if self.pools.join_tokens or self.pools.csrs:
-            used = {t for t, state in snap.join_tokens.items() if state.endswith("used=True")}
-            before = list(self.pools.join_tokens)
-            await self._replenish_join_tokens(used)
-            changed |= self.pools.join_tokens != before
+            # tokens live apart from VMs and hosts: no need to settle again for a new one
+            await self._replenish_join_tokens({t for t, v in snap.join_tokens.items() if v.endswith("used=True")})
         return await self.settle() if changed else snap
 
     async def refresh(self, snap: Snapshot) -> None:

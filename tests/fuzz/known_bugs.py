@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from google.protobuf.message import Message
 
@@ -37,52 +36,9 @@ class KnownBug:
     any_rpc: bool = False
 
 
-#: SQLite stores signed 64-bit integers
-_SQLITE_MAX = (1 << 63) - 1
-
-
-def _registration_overflows(msgs: Sequence[Message]) -> bool:
-    """True when any registration in a Connect stream carries a uint64 above SQLite's INTEGER."""
-    for m in msgs:
-        if not m.HasField("registration"):
-            continue
-        reg = m.registration  # type: ignore[attr-defined]
-        values = [reg.revision.epoch, reg.revision.sequence]
-        values += [getattr(r, f) for r in (reg.capacity, reg.allocatable) for f in ("memory_mib", "disk_mib")]
-        if max(values) > _SQLITE_MAX:
-            return True
-    return False
-
-
-def _token_host(token: str) -> str:
-    from clonebox_core.security.jointoken import JoinToken
-
-    return JoinToken.decode(token).host
-
-
-def _enroll_burns_token(msgs: Sequence[Message]) -> bool:
-    """True for an Enroll whose token parses and names its host but whose CSR the CA will refuse."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    from clonebox_core.security.jointoken import JoinToken
-
-    req: Any = msgs[0]
-    try:
-        if JoinToken.decode(req.token).host != req.host:
-            return False
-    except Exception:  # any token the server cannot parse never reaches the store
-        return False
-    try:
-        csr = x509.load_pem_x509_csr(req.csr_pem.encode())
-        return not (csr.is_signature_valid and isinstance(csr.public_key(), ec.EllipticCurvePublicKey))
-    except Exception:
-        return True
-
-
-# Fixed (regression tests stay in tests/integration and test_known_bugs.py): LIST_VMS_STATE_OUT_OF_RANGE,
-# AGENT_VM_NAME_PATH_TRAVERSAL, ERROR_TRAILERS_TOO_LARGE, REGISTRATION_UINT64_OVERFLOW,
-# ENROLL_BURNS_TOKEN_ON_BAD_CSR, and the ended-duplicate-session bug.
+# Fixed (regression tests in tests/integration/test_security.py and test_known_bugs.py; README.md lists
+# them): LIST_VMS_STATE_OUT_OF_RANGE, AGENT_VM_NAME_PATH_TRAVERSAL, ERROR_TRAILERS_TOO_LARGE,
+# REGISTRATION_UINT64_OVERFLOW, ENROLL_BURNS_TOKEN_ON_BAD_CSR, and the ended-duplicate-session bug.
 KNOWN_BUGS: list[KnownBug] = []
 
 
