@@ -123,7 +123,7 @@ class AgentService:
         """Create (and start) a VM. A retry with the same request id, or the same name and spec, returns it."""
         validate_spec(spec)
         async with self._lock(spec.name):
-            if request_id and self._replay(request_id, "create", spec.name) is not None:
+            if request_id and await self._replay(request_id, "create", spec.name) is not None:
                 return await self.get(spec.name)
             try:
                 existing = await self._hv.get(spec.name)
@@ -139,7 +139,7 @@ class AgentService:
             else:
                 vm = self._to_vm(await self._hv.create(spec, start=start))
             self._known[vm.name] = vm
-            self._remember(request_id, "create", spec.name, {})
+            await self._remember(request_id, "create", spec.name, {})
             return vm
 
     async def start_vm(self, name: str, *, request_id: str) -> Vm:
@@ -147,7 +147,7 @@ class AgentService:
         check_dns_label("name", name)
         async with self._lock(name):
             vm = self._to_vm(await self._hv.start(name))
-            self._remember(request_id, "start", name, {})
+            await self._remember(request_id, "start", name, {})
             return vm
 
     async def stop(self, name: str, *, request_id: str, timeout_seconds: int = 0, force: bool = False) -> StopResult:
@@ -155,7 +155,7 @@ class AgentService:
         check_dns_label("name", name)
         timeout = timeout_seconds or self._stop_timeout
         async with self._lock(name):
-            if request_id and (done := self._replay(request_id, "stop", name)) is not None:
+            if request_id and (done := await self._replay(request_id, "stop", name)) is not None:
                 return StopResult(await self.get(name), bool(done.get("forced")))
             record = await self._hv.get(name)
             forced = False
@@ -170,7 +170,7 @@ class AgentService:
                         await self._hv.destroy(name)
                         forced = True
             vm = self._to_vm(await self._hv.get(name))
-            self._remember(request_id, "stop", name, {"forced": forced})
+            await self._remember(request_id, "stop", name, {"forced": forced})
             return StopResult(vm, forced)
 
     async def delete(self, name: str, *, request_id: str) -> list[str]:
@@ -178,7 +178,7 @@ class AgentService:
         # names become paths in the adapters: never let one climb out of the storage folder
         check_dns_label("name", name)
         async with self._lock(name):
-            if request_id and (done := self._replay(request_id, "delete", name)) is not None:
+            if request_id and (done := await self._replay(request_id, "delete", name)) is not None:
                 removed_before = done.get("removed", [])
                 return [str(p) for p in removed_before] if isinstance(removed_before, list) else []
             try:
@@ -187,7 +187,7 @@ class AgentService:
                 if not request_id:
                     raise
                 removed = []
-            self._remember(request_id, "delete", name, {"removed": removed})
+            await self._remember(request_id, "delete", name, {"removed": removed})
             return removed
 
     # ---- internals -----------------------------------------------------------------------------
@@ -195,8 +195,9 @@ class AgentService:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
-    def _replay(self, request_id: str, method: str, target: str) -> dict[str, object] | None:
-        found = self._journal.outcome(request_id)
+    async def _replay(self, request_id: str, method: str, target: str) -> dict[str, object] | None:
+        # the journal is synchronous SQLite (fsync on write): keep it off the event loop
+        found = await asyncio.to_thread(self._journal.outcome, request_id)
         if found is None:
             return None
         m, t, outcome = found
@@ -208,9 +209,9 @@ class AgentService:
             )
         return outcome
 
-    def _remember(self, request_id: str, method: str, target: str, outcome: dict[str, object]) -> None:
+    async def _remember(self, request_id: str, method: str, target: str, outcome: dict[str, object]) -> None:
         if request_id:
-            self._journal.record(request_id, method, target, outcome)
+            await asyncio.to_thread(self._journal.record, request_id, method, target, outcome)
 
     async def _wait_stopped(self, name: str, timeout: float) -> bool:
         loop = asyncio.get_running_loop()

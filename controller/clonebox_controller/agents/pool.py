@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -18,6 +19,8 @@ from clonebox_core.rpc.status import error_from_rpc
 T = TypeVar("T")
 
 #: unary calls to an agent; CreateVm and StopVm may take minutes (image copy, graceful stop)
+#: how often the gateway looks for renewed certificate files
+_STAMP_CHECK_SECONDS = 1.0
 _SHORT_TIMEOUT = 30.0
 _LONG_TIMEOUT = 3700.0
 
@@ -34,13 +37,16 @@ class WatchEvent:
 class GrpcAgentClient:
     """Client for one agent."""
 
-    def __init__(self, host: str, address: str, transport: Transport, trust_domain: str) -> None:
+    def __init__(
+        self, host: str, address: str, transport: Transport, trust_domain: str, stamp: tuple[int, ...] = ()
+    ) -> None:
         self.host = host
         self.address = address
         # the agent must present the certificate of exactly this host
         server_name = f"{host}.agent.{trust_domain}" if trust_domain else None
         self._channel = aio_channel(address, transport, server_name)
-        self.stamp = transport.tls.stamp() if transport.tls is not None else ()
+        #: the gateway's view of the certificate files when this channel was built
+        self.stamp = stamp
         self._stub = agent_pb2_grpc.AgentServiceStub(self._channel)
 
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
@@ -114,16 +120,27 @@ class GrpcAgentGateway:
         self._trust_domain = trust_domain
         self._clients: dict[str, GrpcAgentClient] = {}
         self._retired: list[GrpcAgentClient] = []
+        self._stamp: tuple[int, ...] = ()
+        self._stamp_checked = float("-inf")
+
+    def _tls_stamp(self) -> tuple[int, ...]:
+        # every agent call asks for a client: look at the certificate files at most once a second
+        if self._transport.tls is None:
+            return ()
+        now = time.monotonic()
+        if now - self._stamp_checked >= _STAMP_CHECK_SECONDS:
+            self._stamp, self._stamp_checked = self._transport.tls.stamp(), now
+        return self._stamp
 
     def client(self, host: str, address: str) -> GrpcAgentClient:
         """The client for ``host`` at ``address``; rebuilt when the address or our certificate changed."""
         current = self._clients.get(host)
-        stamp = self._transport.tls.stamp() if self._transport.tls is not None else ()
+        stamp = self._tls_stamp()
         if current is None or current.address != address or current.stamp != stamp:
             if current is not None:
                 # calls in flight on the old channel finish; it is closed with the gateway
                 self._retired.append(current)
-            current = GrpcAgentClient(host, address, self._transport, self._trust_domain)
+            current = GrpcAgentClient(host, address, self._transport, self._trust_domain, stamp)
             self._clients[host] = current
         return current
 
