@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from clonebox_core.errors import InvalidArgument
 from clonebox_core.rpc.auth import Authorizer
-from clonebox_core.rpc.status import ErrorInterceptor
+from clonebox_core.rpc.status import CallObserver, ErrorInterceptor
 from clonebox_core.rpc.tls import TlsFiles, channel_credentials, server_credentials, server_only_credentials
 
 #: the largest message either side accepts; per-RPC request limits are tighter (see status.py)
@@ -130,12 +130,14 @@ async def start_server(
     authorizer: Authorizer | None = None,
     *,
     client_auth: bool = True,
+    observers: Sequence[CallObserver] = (),
 ) -> ServerHandle:
     """Build, bind and start an aio server.
 
     ``registrations`` holds ``(add_XServicer_to_server, servicer, full_service_name)`` triples.
     Binding ``host:0`` picks a free port, reported in the handle. With TLS, ``authorizer`` decides who
-    may call what (one is built from the certificate's trust domain when none is given).
+    may call what (one is built from the certificate's trust domain when none is given). ``observers``
+    hear about every finished call (metrics, audit).
     """
     if transport.tls is None:
         require_loopback(address)
@@ -144,7 +146,7 @@ async def start_server(
         authorizer = None  # the enrolment port: the join token authenticates, inside the RPC
     elif authorizer is None:
         authorizer = Authorizer(transport.tls.identity().trust_domain)
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(authorizer)], options=_KEEPALIVE_OPTIONS)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(authorizer, observers)], options=_KEEPALIVE_OPTIONS)
     names: list[str] = []
     for add, servicer, name in registrations:
         add(servicer, server)

@@ -8,8 +8,10 @@ logged, never sent). Clients turn an RPC error back into the same class with ``e
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import grpc
 import grpc.aio
@@ -27,8 +29,8 @@ from clonebox_core.errors import (
     Unavailable,
 )
 from clonebox_core.rpc.auth import Authorizer
-from clonebox_core.security.identity import CALLER
-from clonebox_core.security.policy import max_request_bytes
+from clonebox_core.security.identity import CALLER, Identity
+from clonebox_core.security.policy import authorize, max_request_bytes
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +100,39 @@ def _internal(method: str, exc: BaseException) -> CloneboxError:
     return Internal(GENERIC_INTERNAL)
 
 
+@dataclass(frozen=True)
+class CallRecord:
+    """What the guard saw of one finished call, handed to every ``CallObserver``.
+
+    ``code`` is the gRPC status code name ("OK" on success); ``request`` is the (first) request
+    message, or None for client-streaming calls. ``caller`` is None on plaintext servers and when
+    authentication itself failed.
+    """
+
+    method: str
+    caller: Identity | None
+    code: str
+    reason: str
+    seconds: float
+    request: Any
+
+
+class CallObserver(Protocol):
+    """Something that wants to know about every finished call (metrics, the audit log)."""
+
+    async def call_finished(self, record: CallRecord) -> None:
+        """Called once per call, after the handler ended and before the status is sent."""
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpcio has no stubs
     """Guards every call: authentication, authorization, the caller in ``CALLER``, mapped errors.
 
     Without an Authorizer (plaintext on loopback) calls are not authenticated. Exceptions become statuses
-    with ErrorInfo; never UNKNOWN, never a traceback.
+    with ErrorInfo; never UNKNOWN, never a traceback. Every finished call is reported to the observers.
     """
 
-    def __init__(self, authorizer: Authorizer | None = None) -> None:
-        self._authorizer = authorizer
+    def __init__(self, authorizer: Authorizer | None = None, observers: Sequence[CallObserver] = ()) -> None:
+        self._guard = _Guard(authorizer, tuple(observers))
 
     async def intercept_service(
         self,
@@ -118,28 +144,28 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
         if handler is None:
             return handler
         method = handler_call_details.method
-        auth = self._authorizer
+        guard = self._guard
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method, auth),
+                guard.wrap_unary(handler.unary_unary, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method, auth),
+                guard.wrap_stream(handler.unary_stream, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method, auth),
+                guard.wrap_unary(handler.stream_unary, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(handler.stream_stream, method, auth),
+                guard.wrap_stream(handler.stream_stream, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -152,40 +178,91 @@ def _check_size(method: str, request: Any) -> None:
         raise InvalidArgument(f"request is larger than {limit} bytes", reason="REQUEST_TOO_LARGE")
 
 
-def _wrap_unary(behavior: Any, method: str, auth: Authorizer | None) -> Any:
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        try:
+class _Guard:
+    """The per-call logic of ``ErrorInterceptor``: one place for unary and streaming calls."""
+
+    def __init__(self, auth: Authorizer | None, observers: tuple[CallObserver, ...]) -> None:
+        self._auth = auth
+        self._observers = observers
+
+    def _admit(self, method: str, request: Any, context: Any) -> Identity | None:
+        # the caller is known (and set) before authorization, so a refused call is still attributed
+        if self._auth is None:
             _check_size(method, request)
-            if auth is None:
-                return await behavior(request, context)
-            identity = auth.check(method, context)
-            CALLER.set(identity)
-            with auth.slot(identity):
-                return await behavior(request, context)
-        except grpc.aio.AbortError:
-            raise
-        except CloneboxError as err:
-            await _abort(context, err)
-        except Exception as exc:
-            await _abort(context, _internal(method, exc))
+            return None
+        identity = self._auth.authenticate(context)
+        CALLER.set(identity)
+        authorize(method, identity)
+        _check_size(method, request)
+        return identity
 
-    return wrapper
+    async def _report(self, method: str, request: Any, started: float, err: CloneboxError | None) -> None:
+        if not self._observers:
+            return
+        record = CallRecord(
+            method=method,
+            caller=CALLER.get(),
+            code="OK" if err is None else err.code,
+            reason="" if err is None else err.reason,
+            seconds=time.perf_counter() - started,
+            request=request if hasattr(request, "ByteSize") else None,
+        )
+        for observer in self._observers:
+            try:
+                await observer.call_finished(record)
+            except Exception:  # an observer must never change the outcome of a call
+                log.exception("call observer %r failed for %s", observer, method)
 
+    def wrap_unary(self, behavior: Any, method: str) -> Any:
+        """The guarded form of a unary-response handler."""
 
-def _wrap_stream(behavior: Any, method: str, auth: Authorizer | None) -> Any:
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        try:
-            _check_size(method, request)
-            if auth is not None:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            CALLER.set(None)
+            failure: CloneboxError | None = None
+            try:
+                identity = self._admit(method, request, context)
+                if identity is None:
+                    return await behavior(request, context)
+                with self._auth.slot(identity):  # type: ignore[union-attr]  # set when identity is
+                    return await behavior(request, context)
+            except grpc.aio.AbortError:
+                failure = Internal("aborted by the handler")
+                raise
+            except CloneboxError as err:
+                failure = err
+            except Exception as exc:
+                failure = _internal(method, exc)
+            finally:
+                await self._report(method, request, started, failure)
+            if failure is not None:
+                await _abort(context, failure)
+            return None
+
+        return wrapper
+
+    def wrap_stream(self, behavior: Any, method: str) -> Any:
+        """The guarded form of a streaming-response handler."""
+
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            CALLER.set(None)
+            failure: CloneboxError | None = None
+            try:
                 # streams are long-lived (watches, agent sessions): they hold no concurrency slot
-                CALLER.set(auth.check(method, context))
-            async for item in behavior(request, context):
-                yield item
-        except grpc.aio.AbortError:
-            raise
-        except CloneboxError as err:
-            await _abort(context, err)
-        except Exception as exc:
-            await _abort(context, _internal(method, exc))
+                self._admit(method, request, context)
+                async for item in behavior(request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                failure = Internal("aborted by the handler")
+                raise
+            except CloneboxError as err:
+                failure = err
+            except Exception as exc:
+                failure = _internal(method, exc)
+            finally:
+                await self._report(method, request, started, failure)
+            if failure is not None:
+                await _abort(context, failure)
 
-    return wrapper
+        return wrapper
