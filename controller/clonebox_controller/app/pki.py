@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from clonebox_controller.app.ports import FleetStore
+from clonebox_core.audit.event import Outcome, new_event
 from clonebox_core.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from clonebox_core.names import check_dns_label
 from clonebox_core.security.identity import Identity, Kind, make_identity
@@ -100,17 +101,30 @@ class PkiManager:
         if not targets:
             raise NotFound(f"no certificate for {name or serial}", reason="CERTIFICATE_NOT_FOUND")
         for cert in targets:
-            await asyncio.to_thread(self._store.revoke_certificate, cert.serial, cert.identity)
+            event = new_event(
+                "certificate.revoke",
+                f"certificates/{cert.serial}",
+                Outcome.SUCCEEDED,
+                details={"identity": cert.identity},
+            )
+            await asyncio.to_thread(self._store.revoke_certificate, cert.serial, cert.identity, event)
             self.revoked.add(cert.serial)
             log.warning("revoked certificate %s of %s", cert.serial, cert.identity)
         return [CertInfo(c.serial, c.identity, c.not_before, c.not_after, True) for c in targets]
 
-    def renew(self, caller: Identity, csr_pem: bytes) -> bytes:
-        """A new certificate for the caller's own identity (never another one)."""
+    async def renew(self, caller: Identity, csr_pem: bytes) -> bytes:
+        """A new certificate for the caller's own identity (never another one); audited before it is returned."""
         if self.is_revoked(caller):
             raise Unauthenticated("a revoked certificate cannot be renewed", reason="CERT_REVOKED")
         same = Identity(caller.trust_domain, caller.kind, caller.name, caller.role)
-        return cert_pem(self.ca.sign_csr(csr_pem, same, seconds=self.leaf_seconds))
+        cert = self.ca.sign_csr(csr_pem, same, seconds=self.leaf_seconds)
+        serial = format(cert.serial_number, "x")
+        event = new_event(
+            "certificate.renew", f"certificates/{serial}", Outcome.SUCCEEDED, details={"identity": same.spiffe_id}
+        )
+        # the certificate is handed out only once its issuance is on record
+        await asyncio.to_thread(self._store.append_audit, [event])
+        return cert_pem(cert)
 
     async def create_join_token(self, host: str, ttl_seconds: int) -> tuple[str, datetime]:
         """A one-time token that enrols ``host``; only its hash is stored."""
@@ -125,7 +139,15 @@ class PkiManager:
             raise InvalidArgument("ttl_seconds: use 60 .. 604800", reason="INVALID_FIELD")
         token = JoinToken(secrets.token_hex(8), secrets.token_urlsafe(24), host, self.enroll_address, self.ca.cert_pem)
         expires = datetime.now(UTC) + timedelta(seconds=ttl)
-        await asyncio.to_thread(self._store.create_join_token, token.token_id, _sha256(token.secret), host, expires)
+        event = new_event(
+            "host.join_token.create",
+            f"hosts/{host}",
+            Outcome.SUCCEEDED,
+            details={"token_id": token.token_id, "expire_time": expires.isoformat()},
+        )
+        await asyncio.to_thread(
+            self._store.create_join_token, token.token_id, _sha256(token.secret), host, expires, event
+        )
         return token.encode(), expires
 
     async def enroll(self, token_text: str, host: str, csr_pem: bytes) -> bytes:
@@ -136,7 +158,8 @@ class PkiManager:
             raise PermissionDenied(f"the join token was made for {token.host}, not {host}", reason="JOIN_TOKEN_HOST")
         # a bad CSR must not spend the one-time token: check it before consuming
         public_key = csr_public_key(csr_pem)
-        made_for = await asyncio.to_thread(self._store.consume_join_token, token.token_id, _sha256(token.secret))
+        event = new_event("host.enroll", f"hosts/{host}", Outcome.SUCCEEDED, actor=f"join-token/{token.token_id}")
+        made_for = await asyncio.to_thread(self._store.consume_join_token, token.token_id, _sha256(token.secret), event)
         identity = make_identity(self.ca.trust_domain, Kind.AGENT, made_for)
         log.info("host %s enrolled", made_for)
         return cert_pem(self.ca.issue(identity, seconds=self.leaf_seconds, public_key=public_key).cert)

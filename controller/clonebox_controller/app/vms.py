@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from clonebox_controller.app.hosts import HostRegistry
 from clonebox_controller.app.ports import FleetStore
+from clonebox_core.audit.event import SYSTEM_ACTOR, AuditEvent, Outcome, current_actor, new_event
 from clonebox_core.errors import CloneboxError, Internal, NotFound, Unavailable
 from clonebox_core.model import Operation, Vm, VmSpec, VmState
 from clonebox_core.names import check_dns_label
@@ -43,11 +44,31 @@ def new_operation(kind: str, target: str, request_id: str, params: dict[str, str
     )
 
 
+def _accepted(op: Operation, **details: str) -> AuditEvent:
+    """The audit event of an operation being recorded (its end is a second event)."""
+    return new_event(
+        op.kind,
+        op.target,
+        Outcome.ACCEPTED,
+        request_id=op.request_id,
+        details={"operation": op.id, **{k: v for k, v in details.items() if v}},
+    )
+
+
 class VmManager:
     """Fleet-wide VM lifecycle."""
 
-    def __init__(self, store: FleetStore, hosts: HostRegistry, *, stop_timeout_seconds: int) -> None:
+    def __init__(
+        self,
+        store: FleetStore,
+        hosts: HostRegistry,
+        *,
+        stop_timeout_seconds: int,
+        observe_operation: Callable[[str, str, float], None] | None = None,
+    ) -> None:
+        """``observe_operation(kind, outcome, seconds)`` hears how long each finished operation took."""
         self._store = store
+        self._observe_operation = observe_operation
         self._hosts = hosts
         self._stop_timeout = stop_timeout_seconds
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -56,7 +77,8 @@ class VmManager:
         """Continue operations a previous controller process left unfinished."""
         for op in await asyncio.to_thread(self._store.unfinished_operations):
             log.info("resuming operation %s (%s %s)", op.id, op.kind, op.target)
-            self._spawn(op)
+            # the process that accepted it is gone: its end is attributed to the system
+            self._spawn(op, SYSTEM_ACTOR)
 
     async def close(self) -> None:
         """Cancel running operation tasks (they resume on the next start)."""
@@ -102,7 +124,8 @@ class VmManager:
         if host:
             check_dns_label("host", host)
         op = new_operation("vm.create", f"vms/{spec.name}", request_id)
-        stored, _vm = await asyncio.to_thread(self._store.reserve_vm, spec, host or None, op)
+        event = _accepted(op, host=host or "")
+        stored, _vm = await asyncio.to_thread(self._store.reserve_vm, spec, host or None, op, event)
         if stored.id == op.id:
             self._spawn(stored)
         return stored
@@ -126,19 +149,36 @@ class VmManager:
         check_dns_label("name", name)
         await asyncio.to_thread(self._store.get_vm, name)  # NotFound before an operation is recorded
         op = new_operation(kind, f"vms/{name}", request_id, params)
-        stored, created = await asyncio.to_thread(self._store.begin_operation, op)
+        stored, created = await asyncio.to_thread(self._store.begin_operation, op, _accepted(op))
         if created:
             self._spawn(stored)
         return stored
 
-    def _spawn(self, op: Operation) -> None:
+    def _spawn(self, op: Operation, actor: str | None = None) -> None:
         if op.id in self._tasks:
             return
-        task = asyncio.create_task(self._run(op), name=f"op-{op.id}")
+        task = asyncio.create_task(self._run(op, actor or current_actor()), name=f"op-{op.id}")
         self._tasks[op.id] = task
         task.add_done_callback(lambda _t: self._tasks.pop(op.id, None))
 
-    async def _run(self, op: Operation) -> None:
+    async def _finish(self, op: Operation, actor: str, result: Vm | None, err: CloneboxError | None) -> None:
+        outcome = Outcome.SUCCEEDED if err is None else Outcome.FAILED
+        event = new_event(
+            op.kind,
+            op.target,
+            outcome,
+            request_id=op.request_id,
+            reason="" if err is None else err.reason,
+            details={"operation": op.id, **({} if err is None else {"error": err.message})},
+            actor=actor,
+        )
+        await asyncio.to_thread(self._store.finish_operation, op.id, result, err, event)
+        if self._observe_operation is not None:
+            self._observe_operation(
+                op.kind, str(outcome), (datetime.now(UTC) - (op.create_time or datetime.now(UTC))).total_seconds()
+            )
+
+    async def _run(self, op: Operation, actor: str) -> None:
         name = op.target.removeprefix("vms/")
         runners: dict[str, Callable[[Operation, str], Awaitable[Vm | None]]] = {
             "vm.create": self._do_create,
@@ -148,15 +188,15 @@ class VmManager:
         }
         try:
             result = await runners[op.kind](op, name)
-            await asyncio.to_thread(self._store.finish_operation, op.id, result, None)
+            await self._finish(op, actor, result, None)
         except asyncio.CancelledError:
             raise
         except CloneboxError as err:
             log.warning("operation %s (%s %s) failed: %s", op.id, op.kind, name, err)
-            await asyncio.to_thread(self._store.finish_operation, op.id, None, err)
+            await self._finish(op, actor, None, err)
         except Exception as exc:
             log.exception("operation %s crashed", op.id)
-            await asyncio.to_thread(self._store.finish_operation, op.id, None, Internal(f"operation crashed: {exc}"))
+            await self._finish(op, actor, None, Internal(f"operation crashed: {exc}"))
 
     async def _step(self, op: Operation, step: str, progress: int) -> None:
         await asyncio.to_thread(self._store.update_operation, op.id, step, progress)
@@ -234,16 +274,30 @@ class VmManager:
     async def drain(self, host: str, request_id: str, wait_seconds: float = 600.0) -> list[str]:
         """Cordon ``host`` and stop every VM running on it; returns the names stopped."""
         check_dns_label("name", host)
-        await asyncio.to_thread(self._store.set_cordoned, host, True)
+        accepted = new_event("host.drain", f"hosts/{host}", Outcome.ACCEPTED, request_id=request_id)
+        await asyncio.to_thread(self._store.set_cordoned, host, True, accepted)
         running = [v for v in await asyncio.to_thread(self._store.vms_on_host, host) if v.state == VmState.RUNNING]
         ops = [await self.stop(v.name, f"{request_id}/{v.name}" if request_id else "", 0, False) for v in running]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds
+        failed: list[str] = []
         for started in ops:
             op = started
             while not op.done and loop.time() < deadline:
                 await asyncio.sleep(0.2)
                 op = await asyncio.to_thread(self._store.get_operation, op.id)
-            if op.error_code:
-                log.warning("drain of %s: %s failed: %s", host, op.target, op.error_message)
+            if op.error_code or not op.done:
+                log.warning("drain of %s: %s failed: %s", host, op.target, op.error_message or "timed out")
+                failed.append(op.target.removeprefix("vms/"))
+        outcome = (
+            Outcome.SUCCEEDED if not failed else Outcome.PARTLY_FAILED if len(failed) < len(ops) else Outcome.FAILED
+        )
+        done = new_event(
+            "host.drain",
+            f"hosts/{host}",
+            outcome,
+            request_id=request_id,
+            details={"stopped": len(ops) - len(failed), "failed": ",".join(failed)},
+        )
+        await asyncio.to_thread(self._store.append_audit, [done])
         return [v.name for v in running]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeAlias
 
 from clonebox.controller.v1 import (
@@ -18,15 +18,17 @@ from clonebox.controller.v1 import (
     vm_service_pb2_grpc,
 )
 
+from clonebox_controller.app.audit import AuditLog
 from clonebox_controller.app.hosts import HostRegistry
 from clonebox_controller.app.operations import OperationQueries
 from clonebox_controller.app.pki import CertInfo, PkiManager
 from clonebox_controller.app.ports import FleetStore
 from clonebox_controller.app.vms import VmManager
+from clonebox_core.audit.event import AuditEvent, Outcome, new_event
 from clonebox_core.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
-from clonebox_core.model import VmState
+from clonebox_core.model import Host, VmState
 from clonebox_core.names import check_dns_label
-from clonebox_core.rpc import convert
+from clonebox_core.rpc import convert, convert_audit
 from clonebox_core.security.identity import current_caller
 
 #: grpcio ships no type stubs, so the servicer context is untyped
@@ -38,14 +40,50 @@ _DEFAULT_PAGE = 100
 _MAX_PAGE = 1000
 
 
+#: most audit events one Connect message may carry
+MAX_AUDIT_BATCH = 100
+
+
+def _agent_events(batch: host_service_pb2.AuditBatch) -> list[AuditEvent]:
+    if len(batch.events) > MAX_AUDIT_BATCH:
+        raise InvalidArgument(
+            f"audit.events: at most {MAX_AUDIT_BATCH} events per message", reason="AUDIT_BATCH_TOO_LARGE"
+        )
+    try:
+        return [convert_audit.event_from_pb(e) for e in batch.events]
+    except ValueError as exc:
+        raise InvalidArgument(f"audit.events: {exc}", reason="INVALID_AUDIT_EVENT") from None
+
+
 class HostServicer(host_service_pb2_grpc.HostServiceServicer):
     """Agent sessions and host administration."""
 
-    def __init__(self, registry: HostRegistry, store: FleetStore, vms: VmManager, pki: PkiManager | None) -> None:
+    def __init__(
+        self,
+        registry: HostRegistry,
+        store: FleetStore,
+        vms: VmManager,
+        pki: PkiManager | None,
+        audit: AuditLog | None = None,
+    ) -> None:
         self._registry = registry
         self._store = store
         self._vms = vms
         self._pki = pki
+        self._audit = audit
+
+    async def _session_reply(self, host: Host, acked: Sequence[str] = ()) -> host_service_pb2.ConnectResponse:
+        # the deny list and the audit head ride on every answer: a revocation reaches agents in one
+        # beat, and every agent keeps a recent copy of the head outside the controller's database
+        reply = host_service_pb2.ConnectResponse(
+            heartbeat_interval_seconds=max(int(self._registry.heartbeat_interval), 1),
+            host=convert.host_to_proto(host),
+            revoked_serials=sorted(self._pki.revoked) if self._pki else [],
+            acked_audit_event_ids=list(acked),
+        )
+        if self._audit is not None:
+            reply.audit_head.CopyFrom(convert_audit.head_to_pb(await self._audit.head()))
+        return reply
 
     async def Connect(
         self, request_iterator: AsyncIterator[host_service_pb2.ConnectRequest], context: Ctx
@@ -71,25 +109,24 @@ class HostServicer(host_service_pb2_grpc.HostServiceServicer):
             convert.hypervisor_from_proto(reg.hypervisor),
             reg.revision.epoch,
         )
-        yield host_service_pb2.ConnectResponse(
-            heartbeat_interval_seconds=max(int(self._registry.heartbeat_interval), 1),
-            host=convert.host_to_proto(host),
-            revoked_serials=sorted(self._pki.revoked) if self._pki else [],
-        )
+        if self._audit is not None and reg.HasField("audit_head"):
+            witnessed = convert_audit.head_from_pb(reg.audit_head)
+            if witnessed is not None and witnessed.seq > 0:
+                await self._audit.witness(reg.name, witnessed)
+        yield await self._session_reply(host)
         try:
             async for msg in request_iterator:
+                if caller is not None and self._pki is not None and self._pki.is_revoked(caller):
+                    raise Unauthenticated(f"the certificate of {caller} is revoked", reason="CERT_REVOKED")
                 if msg.HasField("heartbeat"):
                     host = await self._registry.heartbeat(
                         reg.name, msg.heartbeat.serving, msg.heartbeat.not_serving_reason, session
                     )
-                    if caller is not None and self._pki is not None and self._pki.is_revoked(caller):
-                        raise Unauthenticated(f"the certificate of {caller} is revoked", reason="CERT_REVOKED")
-                    # the deny list rides on every heartbeat answer: a revocation reaches agents in one beat
-                    yield host_service_pb2.ConnectResponse(
-                        heartbeat_interval_seconds=max(int(self._registry.heartbeat_interval), 1),
-                        host=convert.host_to_proto(host),
-                        revoked_serials=sorted(self._pki.revoked) if self._pki else [],
-                    )
+                    yield await self._session_reply(host)
+                elif msg.HasField("audit") and self._audit is not None:
+                    events = _agent_events(msg.audit)
+                    acked = await self._audit.from_agent(reg.name, events)
+                    yield await self._session_reply(host, acked)
         finally:
             await self._registry.disconnected(reg.name, session)
 
@@ -111,7 +148,8 @@ class HostServicer(host_service_pb2_grpc.HostServiceServicer):
     ) -> host_service_pb2.CordonHostResponse:
         """See the proto."""
         check_dns_label("name", request.name)
-        host = await asyncio.to_thread(self._store.set_cordoned, request.name, True)
+        event = new_event("host.cordon", f"hosts/{request.name}", Outcome.SUCCEEDED)
+        host = await asyncio.to_thread(self._store.set_cordoned, request.name, True, event)
         return host_service_pb2.CordonHostResponse(host=convert.host_to_proto(host))
 
     async def UncordonHost(
@@ -119,7 +157,8 @@ class HostServicer(host_service_pb2_grpc.HostServiceServicer):
     ) -> host_service_pb2.UncordonHostResponse:
         """See the proto."""
         check_dns_label("name", request.name)
-        host = await asyncio.to_thread(self._store.set_cordoned, request.name, False)
+        event = new_event("host.uncordon", f"hosts/{request.name}", Outcome.SUCCEEDED)
+        host = await asyncio.to_thread(self._store.set_cordoned, request.name, False, event)
         return host_service_pb2.UncordonHostResponse(host=convert.host_to_proto(host))
 
     async def DrainHost(
@@ -207,7 +246,7 @@ class PkiServicer(pki_service_pb2_grpc.PkiServiceServicer):
         if caller is None:
             raise Unauthenticated("renewal needs a client certificate", reason="NO_CLIENT_CERTIFICATE")
         pki = _pki(self._pki)
-        pem = pki.renew(caller, request.csr_pem.encode())
+        pem = await pki.renew(caller, request.csr_pem.encode())
         return pki_service_pb2.RenewCertificateResponse(certificate_pem=pem.decode(), ca_pem=pki.ca.cert_pem.decode())
 
 

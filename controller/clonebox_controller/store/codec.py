@@ -26,6 +26,7 @@ from clonebox_core.model import (
     VmSpec,
     VmState,
 )
+from clonebox_core.secret import Secret
 
 JsonDict = dict[str, Any]
 
@@ -57,7 +58,8 @@ def spec_to_json(spec: VmSpec) -> JsonDict:
             None
             if spec.cloud_init is None
             else {
-                "user_data": spec.cloud_init.user_data,
+                # stored as before: the store is where the spec is kept (reveal only here)
+                "user_data": spec.cloud_init.user_data.reveal(),
                 "meta_data": spec.cloud_init.meta_data,
                 "network_config": spec.cloud_init.network_config,
             }
@@ -95,7 +97,7 @@ def spec_from_json(data: Mapping[str, Any]) -> VmSpec:
             None
             if ci is None
             else CloudInit(
-                str(ci.get("user_data", "")),
+                Secret(str(ci.get("user_data", ""))),
                 str(ci.get("meta_data", "")),
                 str(ci.get("network_config", "")),
             )

@@ -25,6 +25,7 @@ import base64
 import binascii
 import hmac
 import logging
+import os
 import random
 import sqlite3
 import time
@@ -44,6 +45,9 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
+from clonebox_core.audit.chain import AuditFilter, ChainRecord, ChainState, Head, Keyring
+from clonebox_core.audit.event import AuditEvent
+from clonebox_core.audit.headfile import HeadFile
 from clonebox_core.errors import (
     AlreadyExists,
     CloneboxError,
@@ -65,6 +69,7 @@ from clonebox_core.model import (
     VmState,
 )
 
+from . import audit as audit_store
 from . import codec, placement
 from .engine import WRITE_OPTION, create_store_engine, upgrade_to_head
 from .tables import (
@@ -149,6 +154,9 @@ class Store:
         clock: Callable[[], datetime] = _utcnow,
         tombstone_retention: int = 10_000,
         max_attempts: int = 8,
+        audit_keyring: Keyring | None = None,
+        audit_head_file: HeadFile | None = None,
+        on_audit_append: Callable[[float], None] | None = None,
     ) -> None:
         """
         Wrap an engine made by :func:`create_store_engine` whose schema is already at head.
@@ -156,8 +164,19 @@ class Store:
         ``clock`` returns aware UTC "now" (tests inject a fake one); ``tombstone_retention`` is how
         many VM deletions watchers can catch up on before they must relist; ``max_attempts`` bounds
         retries of transactions that hit a deadlock, serialization failure or busy SQLite.
+
+        ``audit_keyring`` signs audit records (without one a random per-process key is used, which
+        suits tests only: the chain stops verifying after a restart); ``audit_head_file`` witnesses
+        every new head outside the database; ``on_audit_append`` hears each appending transaction's
+        seconds (metrics).
         """
         self._engine = engine
+        if audit_keyring is None:
+            _log.warning("no audit key configured: using a random key for this process only")
+            audit_keyring = Keyring({"ephemeral": os.urandom(32)}, "ephemeral")
+        self.audit_keyring = audit_keyring
+        self._audit_head_file = audit_head_file
+        self._on_audit_append = on_audit_append
         self._clock = clock
         self._write_options: dict[str, Any] = {WRITE_OPTION: True}
         # Reads span several statements (changes_since reads live rows, then tombstones); under
@@ -179,6 +198,9 @@ class Store:
         clock: Callable[[], datetime] = _utcnow,
         tombstone_retention: int = 10_000,
         migrate: bool = True,
+        audit_keyring: Keyring | None = None,
+        audit_head_file: HeadFile | None = None,
+        on_audit_append: Callable[[float], None] | None = None,
         **engine_kwargs: Any,
     ) -> Self:
         """Connect to ``url`` (``sqlite:///path`` or ``postgresql+psycopg://...``) and migrate to head."""
@@ -189,7 +211,14 @@ class Store:
         except BaseException:
             engine.dispose()
             raise
-        return cls(engine, clock=clock, tombstone_retention=tombstone_retention)
+        return cls(
+            engine,
+            clock=clock,
+            tombstone_retention=tombstone_retention,
+            audit_keyring=audit_keyring,
+            audit_head_file=audit_head_file,
+            on_audit_append=on_audit_append,
+        )
 
     def close(self) -> None:
         """Release pooled connections."""
@@ -220,11 +249,17 @@ class Store:
         while True:
             attempt += 1
             try:
-                with Session(self._engine, expire_on_commit=False) as session, session.begin():
-                    # must be the first use of the session: options apply when the connection is
-                    # procured, before BEGIN is emitted
-                    session.connection(execution_options=self._write_options if write else self._read_options)
-                    return fn(session)
+                started = time.perf_counter()
+                with Session(self._engine, expire_on_commit=False) as session:
+                    with session.begin():
+                        # must be the first use of the session: options apply when the connection is
+                        # procured, before BEGIN is emitted
+                        session.connection(execution_options=self._write_options if write else self._read_options)
+                        result = fn(session)
+                    head = session.info.pop(audit_store.HEAD_INFO_KEY, None)
+                if head is not None:
+                    self._after_audit_commit(head, time.perf_counter() - started)
+                return result
             except IntegrityError:
                 if not retry_integrity or integrity_retried:
                     raise
@@ -234,6 +269,21 @@ class Store:
                     raise
                 _log.debug("retrying store transaction after %s (attempt %d)", exc.orig, attempt)
                 time.sleep(random.uniform(0.005, 0.02) * attempt)
+
+    def _after_audit_commit(self, head: Head, seconds: float) -> None:
+        if self._on_audit_append is not None:
+            self._on_audit_append(seconds)
+        if self._audit_head_file is not None:
+            try:
+                self._audit_head_file.append(head)
+            except OSError as exc:
+                # the records are committed; a lagging witness only weakens truncation detection
+                _log.error("cannot write the audit head file %s: %s", self._audit_head_file.path, exc)
+
+    def _audit(self, session: Session, events: Sequence[AuditEvent] | AuditEvent | None) -> None:
+        if events is None:
+            return
+        audit_store.append(session, self.audit_keyring, [events] if isinstance(events, AuditEvent) else events)
 
     def _now(self) -> datetime:
         now = self._clock()
@@ -461,13 +511,14 @@ class Store:
 
         return self._run(tx, write=True)
 
-    def set_cordoned(self, name: str, cordoned: bool) -> Host:
+    def set_cordoned(self, name: str, cordoned: bool, audit: AuditEvent | None = None) -> Host:
         """Cordon (no new placements) or uncordon a host; VMs already on it are untouched."""
 
         def tx(session: Session) -> Host:
             row = self._host_row(session, name, lock=True)
             row.cordoned = cordoned
             session.flush()
+            self._audit(session, audit)
             return self._host_with_allocation(session, row)
 
         return self._run(tx, write=True)
@@ -483,6 +534,24 @@ class Store:
             allocations = self._allocations(session)
             rows = session.execute(select(HostRow).order_by(HostRow.name)).scalars()
             return [self._host_model(row, *allocations.get(row.name, (Resources(), 0))) for row in rows]
+
+        return self._run(tx, write=False)
+
+    def count_hosts_by_state(self) -> dict[HostState, int]:
+        """How many hosts are in each state (one grouped query; states with no host are absent)."""
+
+        def tx(session: Session) -> dict[HostState, int]:
+            rows = session.execute(select(HostRow.state, func.count()).group_by(HostRow.state))
+            return {HostState[state]: int(count) for state, count in rows}
+
+        return self._run(tx, write=False)
+
+    def count_vms_by_state(self) -> dict[VmState, int]:
+        """How many VMs are in each state (one grouped query; states with no VM are absent)."""
+
+        def tx(session: Session) -> dict[VmState, int]:
+            rows = session.execute(select(VmRow.state, func.count()).group_by(VmRow.state))
+            return {VmState[state]: int(count) for state, count in rows}
 
         return self._run(tx, write=False)
 
@@ -523,7 +592,9 @@ class Store:
 
     # ------------------------------------------------------------------ placement
 
-    def reserve_vm(self, spec: VmSpec, host: str | None, op: Operation) -> tuple[Operation, Vm | None]:
+    def reserve_vm(
+        self, spec: VmSpec, host: str | None, op: Operation, audit: AuditEvent | None = None
+    ) -> tuple[Operation, Vm | None]:
         """
         Place ``spec`` and record the VM (PENDING, resources reserved) and ``op``, atomically.
 
@@ -537,6 +608,7 @@ class Store:
         Errors: AlreadyExists VM_ALREADY_EXISTS; NotFound HOST_NOT_FOUND; FailedPrecondition
         HOST_CORDONED / HOST_UNREACHABLE / HOST_NOT_SERVING; ResourceExhausted
         HOST_CAPACITY_EXCEEDED (named host) or NO_HOST_FITS (with the reason per host).
+        ``audit`` is appended to the audit chain in the same transaction (not on a replay).
         """
         if op.request_id:
             # fast path for client retries: no locks taken when the answer is already recorded
@@ -601,6 +673,7 @@ class Store:
             op_row = self._new_op_row(op, now, vm_name=spec.name)
             session.add(op_row)
             session.flush()
+            self._audit(session, audit)
             return self._op_model(op_row), self._vm_model(vm_row)
 
         return self._run(tx, write=True, retry_integrity=True)
@@ -946,7 +1019,7 @@ class Store:
 
     # ------------------------------------------------------------------ operations
 
-    def begin_operation(self, op: Operation) -> tuple[Operation, bool]:
+    def begin_operation(self, op: Operation, audit: AuditEvent | None = None) -> tuple[Operation, bool]:
         """
         Record a new running operation (for mutations other than VM creation).
 
@@ -967,6 +1040,7 @@ class Store:
             row = self._new_op_row(op, self._now(), vm_name=_vm_name_of_target(op.target))
             session.add(row)
             session.flush()
+            self._audit(session, audit)
             return self._op_model(row), True
 
         return self._run(tx, write=True, retry_integrity=True)
@@ -1024,7 +1098,11 @@ class Store:
         return self._run(tx, write=True)
 
     def finish_operation(
-        self, op_id: str, result_vm: Vm | None = None, error: CloneboxError | None = None
+        self,
+        op_id: str,
+        result_vm: Vm | None = None,
+        error: CloneboxError | None = None,
+        audit: AuditEvent | None = None,
     ) -> Operation:
         """
         Mark an operation done with its result or error.
@@ -1048,6 +1126,7 @@ class Store:
                 row.error_metadata = dict(error.metadata)
             row.update_time = self._now()
             session.flush()
+            self._audit(session, audit)
             return self._op_model(row)
 
         return self._run(tx, write=True)
@@ -1093,10 +1172,11 @@ class Store:
 
     # ---- security: deny list and join tokens ---------------------------------------------------
 
-    def revoke_certificate(self, serial: str, identity: str) -> bool:
+    def revoke_certificate(self, serial: str, identity: str, audit: AuditEvent | None = None) -> bool:
         """Add a certificate to the deny list; False when it was there already (idempotent)."""
 
         def tx(session: Session) -> bool:
+            self._audit(session, audit)
             if session.get(RevokedCertRow, serial) is not None:
                 return False
             session.add(RevokedCertRow(serial=serial, identity=identity, revoked_time=self._now()))
@@ -1112,15 +1192,18 @@ class Store:
 
         return self._run(tx, write=False)
 
-    def create_join_token(self, token_id: str, secret_sha256: str, host: str, expire_time: datetime) -> None:
+    def create_join_token(
+        self, token_id: str, secret_sha256: str, host: str, expire_time: datetime, audit: AuditEvent | None = None
+    ) -> None:
         """Record a join token (only the secret's hash is stored)."""
 
         def tx(session: Session) -> None:
             session.add(JoinTokenRow(id=token_id, secret_sha256=secret_sha256, host=host, expire_time=expire_time))
+            self._audit(session, audit)
 
         self._run(tx, write=True)
 
-    def consume_join_token(self, token_id: str, secret_sha256: str) -> str:
+    def consume_join_token(self, token_id: str, secret_sha256: str, audit: AuditEvent | None = None) -> str:
         """Use a join token once; returns the host it was made for.
 
         Unauthenticated ``JOIN_TOKEN_INVALID`` for an unknown token or wrong secret, and
@@ -1137,6 +1220,50 @@ class Store:
             if row.expire_time <= now:
                 raise FailedPrecondition("join token has expired", reason="JOIN_TOKEN_EXPIRED")
             row.used_time = now
+            self._audit(session, audit)
             return row.host
 
         return self._run(tx, write=True)
+
+    # ------------------------------------------------------------------ audit chain
+
+    def append_audit(self, events: Sequence[AuditEvent]) -> Head:
+        """Append events in their own transaction (ids already present are skipped); the new head."""
+        return self._run(lambda s: audit_store.append(s, self.audit_keyring, events), write=True)
+
+    def list_audit(self, query: AuditFilter) -> list[ChainRecord]:
+        """Audit records matching ``query``."""
+        return self._run(lambda s: audit_store.list_records(s, query), write=False)
+
+    def get_audit(self, event_id: str) -> ChainRecord:
+        """One audit record by event id (NotFound AUDIT_EVENT_NOT_FOUND)."""
+        record = self._run(lambda s: audit_store.get_record(s, event_id), write=False)
+        if record is None:
+            raise NotFound(
+                f"audit event {event_id!r} not found", reason="AUDIT_EVENT_NOT_FOUND", metadata={"id": event_id}
+            )
+        return record
+
+    def audit_chain_state(self) -> ChainState:
+        """Anchor, head row and agents' witnesses of the chain."""
+        return self._run(audit_store.chain_state, write=False)
+
+    def archive_audit(self, through: Head, audit: AuditEvent | None = None) -> int:
+        """Remove records up to ``through`` and anchor the chain there; the number removed.
+
+        FailedPrecondition AUDIT_ARCHIVE_STALE when that record (with that MAC) is not in the chain.
+        """
+
+        def tx(session: Session) -> int:
+            try:
+                removed = audit_store.archive(session, self.audit_keyring, through, self._now())
+                self._audit(session, audit)
+                return removed
+            except LookupError as exc:
+                raise FailedPrecondition(str(exc), reason="AUDIT_ARCHIVE_STALE") from None
+
+        return self._run(tx, write=True)
+
+    def record_audit_witness(self, source: str, head: Head) -> None:
+        """Keep the chain head an agent reports holding."""
+        self._run(lambda s: audit_store.record_witness(s, source, head, self._now()), write=True)

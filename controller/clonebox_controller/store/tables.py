@@ -235,3 +235,65 @@ class JoinTokenRow(Base):
     host: Mapped[str] = mapped_column(String(NAME_LENGTH))
     expire_time: Mapped[datetime]
     used_time: Mapped[datetime | None]
+
+
+class AuditEventRow(Base):
+    """One record of the audit hash chain (see clonebox_core.audit.chain)."""
+
+    __tablename__ = "audit_events"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    #: the event's own id: forwarded agent events are de-duplicated on it
+    event_id: Mapped[str] = mapped_column(String(64), unique=True)
+    time: Mapped[datetime] = mapped_column(index=True)
+    actor: Mapped[str] = mapped_column(Text, index=True)
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    resource: Mapped[str] = mapped_column(Text, index=True)
+    outcome: Mapped[str] = mapped_column(String(16))
+    request_id: Mapped[str] = mapped_column(Text)
+    trace_id: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(Text)
+    origin: Mapped[str] = mapped_column(String(80))
+    details: Mapped[dict[str, Any]] = mapped_column(Json)
+    key_id: Mapped[str] = mapped_column(String(64))
+    prev_mac: Mapped[str] = mapped_column(String(64))
+    mac: Mapped[str] = mapped_column(String(64))
+
+
+#: the ``id`` of the single rows of :class:`AuditHeadRow` and :class:`AuditAnchorRow`
+AUDIT_ROW_ID = 1
+
+
+class AuditHeadRow(Base):
+    """The chain head. Appends lock this row (PostgreSQL) or the database (SQLite) until commit."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    mac: Mapped[str] = mapped_column(String(64))
+
+
+class AuditAnchorRow(Base):
+    """Where the chain in the database starts: genesis, or the last record of an archived segment."""
+
+    __tablename__ = "audit_anchor"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    mac: Mapped[str] = mapped_column(String(64))
+    key_id: Mapped[str] = mapped_column(String(64))
+    #: HMAC over (seq, mac) with key_id, so a forged anchor cannot hide removed records ("" = genesis)
+    seal: Mapped[str] = mapped_column(String(64))
+    archived_time: Mapped[datetime | None]
+
+
+class AuditWitnessRow(Base):
+    """The last chain head an agent reported holding (a copy of the head outside the controller)."""
+
+    __tablename__ = "audit_witnesses"
+
+    source: Mapped[str] = mapped_column(String(128), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    mac: Mapped[str] = mapped_column(String(64))
+    report_time: Mapped[datetime]

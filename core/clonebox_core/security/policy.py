@@ -24,6 +24,7 @@ _HOST = "/clonebox.controller.v1.HostService/"
 _VM = "/clonebox.controller.v1.VmService/"
 _OP = "/clonebox.controller.v1.OperationService/"
 _PKI = "/clonebox.controller.v1.PkiService/"
+_AUDIT = "/clonebox.controller.v1.AuditService/"
 
 POLICY: Mapping[str, frozenset[str]] = {
     # agents accept only the controller (peer agents arrive with transfers)
@@ -54,12 +55,46 @@ POLICY: Mapping[str, frozenset[str]] = {
     _PKI + "RevokeCertificate": ADMINS,
     # every identity renews its own certificate (the CA re-issues the same identity only)
     _PKI + "RenewCertificate": EVERYONE,
+    # the audit log: viewers read it (it names who did what, never secret values); admins archive
+    _AUDIT + "ListAuditEvents": VIEWERS,
+    _AUDIT + "GetAuditEvent": VIEWERS,
+    _AUDIT + "WatchAudit": VIEWERS,
+    _AUDIT + "VerifyAudit": VIEWERS,
+    _AUDIT + "ExportAudit": ADMINS,
+    _AUDIT + "ArchiveAudit": ADMINS,
     # standard services: any authenticated peer may ask for health and reflection
     "/grpc.health.v1.Health/Check": EVERYONE,
     "/grpc.health.v1.Health/Watch": EVERYONE,
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": EVERYONE,
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": EVERYONE,
 }
+
+
+#: every RPC that changes something, and the audit action its attempts are recorded under; a test
+#: checks that every RPC taking a ``request_id`` (the mark of a mutation) has a row
+AUDIT_ACTIONS: Mapping[str, str] = {
+    _HOST + "CordonHost": "host.cordon",
+    _HOST + "UncordonHost": "host.uncordon",
+    _HOST + "DrainHost": "host.drain",
+    _HOST + "CreateJoinToken": "host.join_token.create",
+    _VM + "CreateVm": "vm.create",
+    _VM + "StartVm": "vm.start",
+    _VM + "StopVm": "vm.stop",
+    _VM + "DeleteVm": "vm.delete",
+    _PKI + "RevokeCertificate": "certificate.revoke",
+    _PKI + "RenewCertificate": "certificate.renew",
+    "/clonebox.controller.v1.EnrollmentService/Enroll": "host.enroll",
+    _AUDIT + "ArchiveAudit": "audit.archive",
+    _AGENT + "CreateVm": "vm.create",
+    _AGENT + "StartVm": "vm.start",
+    _AGENT + "StopVm": "vm.stop",
+    _AGENT + "DeleteVm": "vm.delete",
+}
+
+
+def audit_action(method: str) -> str | None:
+    """The audit action of a mutating RPC (None for reads)."""
+    return AUDIT_ACTIONS.get(method)
 
 
 #: largest request each RPC accepts; the default fits every request that carries no cloud-init documents

@@ -65,7 +65,7 @@ class FakeClock:
 
 
 #: newest migration; bump with every new file in store/migrations/versions
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 
 
 @pytest.fixture

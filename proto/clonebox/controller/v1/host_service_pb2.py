@@ -22,50 +22,53 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from clonebox.type.v1 import audit_pb2 as clonebox_dot_type_dot_v1_dot_audit__pb2
 from clonebox.type.v1 import host_pb2 as clonebox_dot_type_dot_v1_dot_host__pb2
 from clonebox.type.v1 import resources_pb2 as clonebox_dot_type_dot_v1_dot_resources__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)clonebox/controller/v1/host_service.proto\x12\x16\x63lonebox.controller.v1\x1a\x1b\x63lonebox/type/v1/host.proto\x1a clonebox/type/v1/resources.proto\x1a\x1fgoogle/protobuf/timestamp.proto\";\n\x16\x43reateJoinTokenRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"Y\n\x17\x43reateJoinTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf2\x01\n\x0cRegistration\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12-\n\x08\x63\x61pacity\x18\x03 \x01(\x0b\x32\x1b.clonebox.type.v1.Resources\x12\x30\n\x0b\x61llocatable\x18\x04 \x01(\x0b\x32\x1b.clonebox.type.v1.Resources\x12\x34\n\nhypervisor\x18\x05 \x01(\x0b\x32 .clonebox.type.v1.HypervisorInfo\x12,\n\x08revision\x18\x06 \x01(\x0b\x32\x1a.clonebox.type.v1.Revision\"8\n\tHeartbeat\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x1a\n\x12not_serving_reason\x18\x02 \x01(\t\"\x8e\x01\n\x0e\x43onnectRequest\x12<\n\x0cregistration\x18\x01 \x01(\x0b\x32$.clonebox.controller.v1.RegistrationH\x00\x12\x36\n\theartbeat\x18\x02 \x01(\x0b\x32!.clonebox.controller.v1.HeartbeatH\x00\x42\x06\n\x04\x62ody\"t\n\x0f\x43onnectResponse\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\r\x12$\n\x04host\x18\x02 \x01(\x0b\x32\x16.clonebox.type.v1.Host\x12\x17\n\x0frevoked_serials\x18\x03 \x03(\t\"\x12\n\x10ListHostsRequest\":\n\x11ListHostsResponse\x12%\n\x05hosts\x18\x01 \x03(\x0b\x32\x16.clonebox.type.v1.Host\"\x1e\n\x0eGetHostRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"7\n\x0fGetHostResponse\x12$\n\x04host\x18\x01 \x01(\x0b\x32\x16.clonebox.type.v1.Host\"!\n\x11\x43ordonHostRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\":\n\x12\x43ordonHostResponse\x12$\n\x04host\x18\x01 \x01(\x0b\x32\x16.clonebox.type.v1.Host\"#\n\x13UncordonHostRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"<\n\x14UncordonHostResponse\x12$\n\x04host\x18\x01 \x01(\x0b\x32\x16.clonebox.type.v1.Host\"4\n\x10\x44rainHostRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"N\n\x11\x44rainHostResponse\x12$\n\x04host\x18\x01 \x01(\x0b\x32\x16.clonebox.type.v1.Host\x12\x13\n\x0bstopped_vms\x18\x02 \x03(\t2\xd1\x05\n\x0bHostService\x12^\n\x07\x43onnect\x12&.clonebox.controller.v1.ConnectRequest\x1a\'.clonebox.controller.v1.ConnectResponse(\x01\x30\x01\x12`\n\tListHosts\x12(.clonebox.controller.v1.ListHostsRequest\x1a).clonebox.controller.v1.ListHostsResponse\x12Z\n\x07GetHost\x12&.clonebox.controller.v1.GetHostRequest\x1a\'.clonebox.controller.v1.GetHostResponse\x12\x63\n\nCordonHost\x12).clonebox.controller.v1.CordonHostRequest\x1a*.clonebox.controller.v1.CordonHostResponse\x12i\n\x0cUncordonHost\x12+.clonebox.controller.v1.UncordonHostRequest\x1a,.clonebox.controller.v1.UncordonHostResponse\x12`\n\tDrainHost\x12(.clonebox.controller.v1.DrainHostRequest\x1a).clonebox.controller.v1.DrainHostResponse\x12r\n\x0f\x43reateJoinToken\x12..clonebox.controller.v1.CreateJoinTokenRequest\x1a/.clonebox.controller.v1.CreateJoinTokenResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)clonebox/controller/v1/host_service.proto\x12\x16\x63lonebox.controller.v1\x1a\x1c\x63lonebox/type/v1/audit.proto\x1a\x1b\x63lonebox/type/v1/host.proto\x1a clonebox/type/v1/resources.proto\x1a\x1fgoogle/protobuf/timestamp.proto\";\n\x16\x43reateJoinTokenRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"Y\n\x17\x43reateJoinTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa3\x02\n\x0cRegistration\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12-\n\x08\x63\x61pacity\x18\x03 \x01(\x0b\x32\x1b.clonebox.type.v1.Resources\x12\x30\n\x0b\x61llocatable\x18\x04 \x01(\x0b\x32\x1b.clonebox.type.v1.Resources\x12\x34\n\nhypervisor\x18\x05 \x01(\x0b\x32 .clonebox.type.v1.HypervisorInfo\x12,\n\x08revision\x18\x06 \x01(\x0b\x32\x1a.clonebox.type.v1.Revision\x12/\n\naudit_head\x18\x07 \x01(\x0b\x32\x1b.clonebox.type.v1.AuditHead\":\n\nAuditBatch\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.clonebox.type.v1.AuditEvent\"8\n\tHeartbeat\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x1a\n\x12not_serving_reason\x18\x02 \x01(\t\"\xc3\x01\n\x0e\x43onnectRequest\x12<\n\x0cregistration\x18\x01 \x01(\x0b\x32$.clonebox.controller.v1.RegistrationH\x00\x12\x36\n\theartbeat\x18\x02 \x01(\x0b\x32!.clonebox.controller.v1.HeartbeatH\x00\x12\x33\n\x05\x61udit\x18\x03 \x01(\x0b\x32\".clonebox.controller.v1.AuditBatchH\x00\x42\x06\n\x04\x62ody\"\xc4\x01\n\x0f\x43onnectResponse\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\r\x12$\n\x04host\x18\x02 \x01(\x0b\x32\x16.clonebox.type.v1.Host\x12\x17\n\x0frevoked_serials\x18\x03 \x03(\t\x12/\n\naudit_head\x18\x04 \x01(\x0b\x32\x1b.clonebox.type.v1.AuditHead\x12\x1d\n\x15\x61\x63ked_audit_event_ids\x18\x05 \x03(\t\"\x12\n\x10ListHostsRequest\":\n\x11ListHostsResponse\x12%\n\x05hosts\x18\x01 \x03(\x0b\x32\x16.clonebox.type.v1.Host\"\x1e\n\x0eGetHostRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"7\n\x0fGetHostResponse\x12$\n\x04host\x18\x01 \x01(\x0b\x32\x16.clonebox.type.v1.Host\"!\n\x11\x43ordonHostRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\":\n\x12\x43ordonHostResponse\x12$\n\x04host\x18\x01 \x01(\x0b\x32\x16.clonebox.type.v1.Host\"#\n\x13UncordonHostRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"<\n\x14UncordonHostResponse\x12$\n\x04host\x18\x01 \x01(\x0b\x32\x16.clonebox.type.v1.Host\"4\n\x10\x44rainHostRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"N\n\x11\x44rainHostResponse\x12$\n\x04host\x18\x01 \x01(\x0b\x32\x16.clonebox.type.v1.Host\x12\x13\n\x0bstopped_vms\x18\x02 \x03(\t2\xd1\x05\n\x0bHostService\x12^\n\x07\x43onnect\x12&.clonebox.controller.v1.ConnectRequest\x1a\'.clonebox.controller.v1.ConnectResponse(\x01\x30\x01\x12`\n\tListHosts\x12(.clonebox.controller.v1.ListHostsRequest\x1a).clonebox.controller.v1.ListHostsResponse\x12Z\n\x07GetHost\x12&.clonebox.controller.v1.GetHostRequest\x1a\'.clonebox.controller.v1.GetHostResponse\x12\x63\n\nCordonHost\x12).clonebox.controller.v1.CordonHostRequest\x1a*.clonebox.controller.v1.CordonHostResponse\x12i\n\x0cUncordonHost\x12+.clonebox.controller.v1.UncordonHostRequest\x1a,.clonebox.controller.v1.UncordonHostResponse\x12`\n\tDrainHost\x12(.clonebox.controller.v1.DrainHostRequest\x1a).clonebox.controller.v1.DrainHostResponse\x12r\n\x0f\x43reateJoinToken\x12..clonebox.controller.v1.CreateJoinTokenRequest\x1a/.clonebox.controller.v1.CreateJoinTokenResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clonebox.controller.v1.host_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATEJOINTOKENREQUEST']._serialized_start=165
-  _globals['_CREATEJOINTOKENREQUEST']._serialized_end=224
-  _globals['_CREATEJOINTOKENRESPONSE']._serialized_start=226
-  _globals['_CREATEJOINTOKENRESPONSE']._serialized_end=315
-  _globals['_REGISTRATION']._serialized_start=318
-  _globals['_REGISTRATION']._serialized_end=560
-  _globals['_HEARTBEAT']._serialized_start=562
-  _globals['_HEARTBEAT']._serialized_end=618
-  _globals['_CONNECTREQUEST']._serialized_start=621
-  _globals['_CONNECTREQUEST']._serialized_end=763
-  _globals['_CONNECTRESPONSE']._serialized_start=765
-  _globals['_CONNECTRESPONSE']._serialized_end=881
-  _globals['_LISTHOSTSREQUEST']._serialized_start=883
-  _globals['_LISTHOSTSREQUEST']._serialized_end=901
-  _globals['_LISTHOSTSRESPONSE']._serialized_start=903
-  _globals['_LISTHOSTSRESPONSE']._serialized_end=961
-  _globals['_GETHOSTREQUEST']._serialized_start=963
-  _globals['_GETHOSTREQUEST']._serialized_end=993
-  _globals['_GETHOSTRESPONSE']._serialized_start=995
-  _globals['_GETHOSTRESPONSE']._serialized_end=1050
-  _globals['_CORDONHOSTREQUEST']._serialized_start=1052
-  _globals['_CORDONHOSTREQUEST']._serialized_end=1085
-  _globals['_CORDONHOSTRESPONSE']._serialized_start=1087
-  _globals['_CORDONHOSTRESPONSE']._serialized_end=1145
-  _globals['_UNCORDONHOSTREQUEST']._serialized_start=1147
-  _globals['_UNCORDONHOSTREQUEST']._serialized_end=1182
-  _globals['_UNCORDONHOSTRESPONSE']._serialized_start=1184
-  _globals['_UNCORDONHOSTRESPONSE']._serialized_end=1244
-  _globals['_DRAINHOSTREQUEST']._serialized_start=1246
-  _globals['_DRAINHOSTREQUEST']._serialized_end=1298
-  _globals['_DRAINHOSTRESPONSE']._serialized_start=1300
-  _globals['_DRAINHOSTRESPONSE']._serialized_end=1378
-  _globals['_HOSTSERVICE']._serialized_start=1381
-  _globals['_HOSTSERVICE']._serialized_end=2102
+  _globals['_CREATEJOINTOKENREQUEST']._serialized_start=195
+  _globals['_CREATEJOINTOKENREQUEST']._serialized_end=254
+  _globals['_CREATEJOINTOKENRESPONSE']._serialized_start=256
+  _globals['_CREATEJOINTOKENRESPONSE']._serialized_end=345
+  _globals['_REGISTRATION']._serialized_start=348
+  _globals['_REGISTRATION']._serialized_end=639
+  _globals['_AUDITBATCH']._serialized_start=641
+  _globals['_AUDITBATCH']._serialized_end=699
+  _globals['_HEARTBEAT']._serialized_start=701
+  _globals['_HEARTBEAT']._serialized_end=757
+  _globals['_CONNECTREQUEST']._serialized_start=760
+  _globals['_CONNECTREQUEST']._serialized_end=955
+  _globals['_CONNECTRESPONSE']._serialized_start=958
+  _globals['_CONNECTRESPONSE']._serialized_end=1154
+  _globals['_LISTHOSTSREQUEST']._serialized_start=1156
+  _globals['_LISTHOSTSREQUEST']._serialized_end=1174
+  _globals['_LISTHOSTSRESPONSE']._serialized_start=1176
+  _globals['_LISTHOSTSRESPONSE']._serialized_end=1234
+  _globals['_GETHOSTREQUEST']._serialized_start=1236
+  _globals['_GETHOSTREQUEST']._serialized_end=1266
+  _globals['_GETHOSTRESPONSE']._serialized_start=1268
+  _globals['_GETHOSTRESPONSE']._serialized_end=1323
+  _globals['_CORDONHOSTREQUEST']._serialized_start=1325
+  _globals['_CORDONHOSTREQUEST']._serialized_end=1358
+  _globals['_CORDONHOSTRESPONSE']._serialized_start=1360
+  _globals['_CORDONHOSTRESPONSE']._serialized_end=1418
+  _globals['_UNCORDONHOSTREQUEST']._serialized_start=1420
+  _globals['_UNCORDONHOSTREQUEST']._serialized_end=1455
+  _globals['_UNCORDONHOSTRESPONSE']._serialized_start=1457
+  _globals['_UNCORDONHOSTRESPONSE']._serialized_end=1517
+  _globals['_DRAINHOSTREQUEST']._serialized_start=1519
+  _globals['_DRAINHOSTREQUEST']._serialized_end=1571
+  _globals['_DRAINHOSTRESPONSE']._serialized_start=1573
+  _globals['_DRAINHOSTRESPONSE']._serialized_end=1651
+  _globals['_HOSTSERVICE']._serialized_start=1654
+  _globals['_HOSTSERVICE']._serialized_end=2375
 # @@protoc_insertion_point(module_scope)

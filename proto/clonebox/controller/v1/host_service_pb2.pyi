@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from clonebox.type.v1 import audit_pb2 as _audit_pb2
 from clonebox.type.v1 import host_pb2 as _host_pb2
 from clonebox.type.v1 import resources_pb2 as _resources_pb2
 from collections import abc as _abc
@@ -87,6 +88,7 @@ class Registration(_message.Message):
     ALLOCATABLE_FIELD_NUMBER: _builtins.int
     HYPERVISOR_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    AUDIT_HEAD_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Host name."""
     address: _builtins.str
@@ -107,6 +109,10 @@ class Registration(_message.Message):
     def revision(self) -> _resources_pb2.Revision:
         """Agent's current event revision."""
 
+    @_builtins.property
+    def audit_head(self) -> _audit_pb2.AuditHead:
+        """The last audit chain head the controller sent this agent (its witness copy)."""
+
     def __init__(
         self,
         *,
@@ -116,14 +122,39 @@ class Registration(_message.Message):
         allocatable: _resources_pb2.Resources | None = ...,
         hypervisor: _host_pb2.HypervisorInfo | None = ...,
         revision: _resources_pb2.Revision | None = ...,
+        audit_head: _audit_pb2.AuditHead | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["allocatable", b"allocatable", "capacity", b"capacity", "hypervisor", b"hypervisor", "revision", b"revision"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["allocatable", b"allocatable", "audit_head", b"audit_head", "capacity", b"capacity", "hypervisor", b"hypervisor", "revision", b"revision"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "allocatable", b"allocatable", "capacity", b"capacity", "hypervisor", b"hypervisor", "name", b"name", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "allocatable", b"allocatable", "audit_head", b"audit_head", "capacity", b"capacity", "hypervisor", b"hypervisor", "name", b"name", "revision", b"revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Registration: _TypeAlias = Registration  # noqa: Y015
+
+@_typing.final
+class AuditBatch(_message.Message):
+    """AuditBatch carries audit events from the agent's outbox."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_audit_pb2.AuditEvent]:
+        """Events, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[_audit_pb2.AuditEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditBatch: _TypeAlias = AuditBatch  # noqa: Y015
 
 @_typing.final
 class Heartbeat(_message.Message):
@@ -159,6 +190,7 @@ class ConnectRequest(_message.Message):
 
     REGISTRATION_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    AUDIT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def registration(self) -> Global___Registration:
         """First message."""
@@ -167,17 +199,22 @@ class ConnectRequest(_message.Message):
     def heartbeat(self) -> Global___Heartbeat:
         """Later messages."""
 
+    @_builtins.property
+    def audit(self) -> Global___AuditBatch:
+        """Audit events for the controller's chain; acknowledged by id."""
+
     def __init__(
         self,
         *,
         registration: Global___Registration | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
+        audit: Global___AuditBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "heartbeat", b"heartbeat", "registration", b"registration"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "body", b"body", "heartbeat", b"heartbeat", "registration", b"registration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "heartbeat", b"heartbeat", "registration", b"registration"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "body", b"body", "heartbeat", b"heartbeat", "registration", b"registration"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["registration", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["registration", "heartbeat", "audit"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -192,6 +229,8 @@ class ConnectResponse(_message.Message):
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
     HOST_FIELD_NUMBER: _builtins.int
     REVOKED_SERIALS_FIELD_NUMBER: _builtins.int
+    AUDIT_HEAD_FIELD_NUMBER: _builtins.int
+    ACKED_AUDIT_EVENT_IDS_FIELD_NUMBER: _builtins.int
     heartbeat_interval_seconds: _builtins.int
     """Seconds between heartbeats the controller expects."""
     @_builtins.property
@@ -202,16 +241,26 @@ class ConnectResponse(_message.Message):
     def revoked_serials(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Serial numbers (hex) of every revoked certificate; agents persist the list and refuse them."""
 
+    @_builtins.property
+    def audit_head(self) -> _audit_pb2.AuditHead:
+        """The audit chain head now; agents keep it as a witness."""
+
+    @_builtins.property
+    def acked_audit_event_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ids of forwarded audit events now durably in the chain; the agent drops them from its outbox."""
+
     def __init__(
         self,
         *,
         heartbeat_interval_seconds: _builtins.int = ...,
         host: _host_pb2.Host | None = ...,
         revoked_serials: _abc.Iterable[_builtins.str] | None = ...,
+        audit_head: _audit_pb2.AuditHead | None = ...,
+        acked_audit_event_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["host", b"host"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audit_head", b"audit_head", "host", b"host"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_seconds", b"heartbeat_interval_seconds", "host", b"host", "revoked_serials", b"revoked_serials"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_audit_event_ids", b"acked_audit_event_ids", "audit_head", b"audit_head", "heartbeat_interval_seconds", b"heartbeat_interval_seconds", "host", b"host", "revoked_serials", b"revoked_serials"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,190 @@
+"""The audit API (AuditService) and the guard observer that records refused and failed mutations."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+from collections.abc import AsyncIterator
+from datetime import UTC
+from typing import Any, TypeAlias
+
+from clonebox.controller.v1 import audit_service_pb2, audit_service_pb2_grpc
+
+from clonebox_controller.app.audit import AuditLog
+from clonebox_core.audit.chain import AuditFilter
+from clonebox_core.audit.event import new_event, outcome_of_code
+from clonebox_core.errors import InvalidArgument
+from clonebox_core.rpc import convert_audit
+from clonebox_core.rpc.status import CallRecord
+from clonebox_core.security.policy import audit_action
+
+Ctx: TypeAlias = Any
+
+MAX_PAGE = 1000
+
+#: which request field names the resource of each kind of action
+_RESOURCE_FIELDS: dict[str, tuple[str, str]] = {
+    "vm": ("vms", "name"),
+    "host": ("hosts", "name"),
+    "certificate": ("certificates", "serial"),
+    "audit": ("audit", ""),
+}
+
+
+def resource_of(action: str, request: Any) -> str:
+    """The resource name an attempted ``action`` with ``request`` was about ("" when unknown)."""
+    kind = action.split(".", 1)[0]
+    collection, field = _RESOURCE_FIELDS.get(kind, ("", ""))
+    if not collection:
+        return ""
+    if not field:
+        return collection
+    value = ""
+    for name in (field, "host", "serial", "name"):
+        value = str(getattr(request, name, "") or "")
+        if value:
+            break
+    if not value and kind == "vm" and request is not None and request.HasField("spec"):
+        value = request.spec.name
+    return f"{collection}/{value[:128]}" if value else collection
+
+
+class AuditCallObserver:
+    """Records every mutation the guard saw fail (refused by policy, invalid, or failed in the handler).
+
+    Accepted and successful mutations are recorded by the use cases themselves, in the same database
+    transaction as the change; this catches the attempts that never got that far.
+    """
+
+    def __init__(self, audit: AuditLog) -> None:
+        self._audit = audit
+
+    async def call_finished(self, record: CallRecord) -> None:
+        """See ``clonebox_core.rpc.status.CallObserver``."""
+        action = audit_action(record.method)
+        if action is None or record.code == "OK":
+            return
+        request = record.request
+        event = new_event(
+            action,
+            resource_of(action, request),
+            outcome_of_code(record.code),
+            request_id=str(getattr(request, "request_id", "") or "")[:128],
+            reason=record.reason or record.code,
+            details={"code": record.code},
+        )
+        await self._audit.record([event])
+
+
+def _filter(msg: audit_service_pb2.AuditFilter) -> AuditFilter:
+    outcome = convert_audit.outcome_from_pb(msg.outcome)
+    return AuditFilter(
+        since=msg.since.ToDatetime(tzinfo=UTC) if msg.HasField("since") else None,
+        until=msg.until.ToDatetime(tzinfo=UTC) if msg.HasField("until") else None,
+        actor=msg.actor,
+        action=msg.action,
+        resource=msg.resource,
+        outcome=str(outcome) if outcome is not None else "",
+    )
+
+
+def _encode_token(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"audit:{seq}".encode()).decode()
+
+
+def _decode_token(token: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(token.encode()).decode()
+        prefix, _, seq = text.partition(":")
+        if prefix == "audit" and seq.isdigit() and _encode_token(int(seq)) == token:
+            return int(seq)
+    except (ValueError, UnicodeDecodeError):
+        pass
+    raise InvalidArgument(
+        "page_token: not a token returned by a previous call",
+        reason="INVALID_PAGE_TOKEN",
+        metadata={"field": "page_token"},
+    )
+
+
+class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
+    """Reads, watches, verifies, exports and archives the audit chain."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        self._audit = audit
+
+    async def ListAuditEvents(
+        self, request: audit_service_pb2.ListAuditEventsRequest, context: Ctx
+    ) -> audit_service_pb2.ListAuditEventsResponse:
+        """See the proto."""
+        size = request.page_size or 100
+        if size > MAX_PAGE:
+            raise InvalidArgument(f"page_size: at most {MAX_PAGE}", reason="INVALID_FIELD")
+        before = _decode_token(request.page_token) if request.page_token else 0
+        query = _filter(request.filter)
+        records = await self._audit.query(
+            dataclasses.replace(query, after_seq=before, limit=size + 1, newest_first=True)
+        )
+        more = len(records) > size
+        records = records[:size]
+        return audit_service_pb2.ListAuditEventsResponse(
+            records=[convert_audit.record_to_pb(r) for r in records],
+            next_page_token=_encode_token(records[-1].seq) if more and records else "",
+        )
+
+    async def GetAuditEvent(
+        self, request: audit_service_pb2.GetAuditEventRequest, context: Ctx
+    ) -> audit_service_pb2.GetAuditEventResponse:
+        """See the proto."""
+        if not request.id:
+            raise InvalidArgument("id: give an audit event id", reason="INVALID_FIELD", metadata={"field": "id"})
+        record = await self._audit.get(request.id)
+        return audit_service_pb2.GetAuditEventResponse(record=convert_audit.record_to_pb(record))
+
+    async def WatchAudit(
+        self, request: audit_service_pb2.WatchAuditRequest, context: Ctx
+    ) -> AsyncIterator[audit_service_pb2.WatchAuditResponse]:
+        """See the proto."""
+        async for record in self._audit.watch(_filter(request.filter), request.after_seq):
+            yield audit_service_pb2.WatchAuditResponse(record=convert_audit.record_to_pb(record))
+
+    async def VerifyAudit(
+        self, request: audit_service_pb2.VerifyAuditRequest, context: Ctx
+    ) -> audit_service_pb2.VerifyAuditResponse:
+        """See the proto."""
+        result = await self._audit.verify()
+        r = result.report
+        return audit_service_pb2.VerifyAuditResponse(
+            ok=r.ok,
+            checked=r.checked,
+            first_seq=r.first_seq,
+            last_seq=r.last_seq,
+            bad_seq=r.bad_seq,
+            bad_event_id=r.bad_id,
+            problem=r.problem,
+            witnesses=list(result.witnesses),
+        )
+
+    async def ExportAudit(
+        self, request: audit_service_pb2.ExportAuditRequest, context: Ctx
+    ) -> AsyncIterator[audit_service_pb2.ExportAuditResponse]:
+        """See the proto."""
+        before = request.before.ToDatetime(tzinfo=UTC) if request.HasField("before") else None
+        start, records = await self._audit.export(before)
+        first = True
+        for record in records:
+            msg = audit_service_pb2.ExportAuditResponse(record=convert_audit.record_to_pb(record))
+            if first:
+                msg.start.CopyFrom(convert_audit.head_to_pb(start))
+                first = False
+            yield msg
+
+    async def ArchiveAudit(
+        self, request: audit_service_pb2.ArchiveAuditRequest, context: Ctx
+    ) -> audit_service_pb2.ArchiveAuditResponse:
+        """See the proto."""
+        through = convert_audit.head_from_pb(request.through)
+        if through is None:
+            raise InvalidArgument("through: give the seq and MAC of the last exported record", reason="INVALID_FIELD")
+        removed = await self._audit.archive(through, request.request_id)
+        return audit_service_pb2.ArchiveAuditResponse(removed=removed, anchor=convert_audit.head_to_pb(through))
