@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 from clonebox.controller.v1 import (
+    audit_service_pb2_grpc,
     host_service_pb2_grpc,
     operation_service_pb2_grpc,
     pki_service_pb2_grpc,
@@ -71,6 +72,7 @@ class ControllerClient:
         self._vms: Any = None
         self._operations: Any = None
         self._pki: Any = None
+        self._audit: Any = None
         #: a call on this client reached the server (later connection losses are outages, not handshakes)
         self._reached = False
 
@@ -111,6 +113,13 @@ class ControllerClient:
         if self._pki is None:
             self._pki = pki_service_pb2_grpc.PkiServiceStub(self._ensure())
         return self._pki  # type: ignore[no-any-return]
+
+    @property
+    def audit(self) -> audit_service_pb2_grpc.AuditServiceStub:
+        """AuditService stub."""
+        if self._audit is None:
+            self._audit = audit_service_pb2_grpc.AuditServiceStub(self._ensure())
+        return self._audit  # type: ignore[no-any-return]
 
     def translate(self, exc: grpc.RpcError) -> CloneboxError:
         """Map a failed call to its CloneboxError; say what to do when the controller is unreachable."""
@@ -183,7 +192,7 @@ class ControllerClient:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
-            self._hosts = self._vms = self._operations = self._pki = None
+            self._hosts = self._vms = self._operations = self._pki = self._audit = None
             self._reached = False
 
     def __enter__(self) -> ControllerClient:

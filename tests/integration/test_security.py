@@ -27,7 +27,7 @@ from clonebox_agent.main import Agent
 from clonebox_core.errors import FailedPrecondition, PermissionDenied
 from clonebox_core.rpc.server import Transport, aio_channel
 from clonebox_core.rpc.tls import TlsFiles
-from clonebox_core.security.policy import POLICY
+from clonebox_core.security.policy import AUDIT_ACTIONS, POLICY
 from tests.integration.conftest import TRUST_DOMAIN, Fleet, FleetPki, eventually
 from tests.integration.test_fleet import SMALL, error_info
 
@@ -41,6 +41,7 @@ SERVICES = {
         "clonebox.controller.v1.VmService",
         "clonebox.controller.v1.OperationService",
         "clonebox.controller.v1.PkiService",
+        "clonebox.controller.v1.AuditService",
     ],
 }
 
@@ -54,6 +55,19 @@ def all_methods() -> list[tuple[str, str, object]]:
             svc = pool.FindServiceByName(name)
             out += [(server, f"/{name}/{m.name}", m) for m in svc.methods]
     return out
+
+
+def test_every_mutating_rpc_has_an_audit_action() -> None:
+    # an RPC that takes a request_id changes something: its attempts must be audited
+    pool = descriptor_pool.Default()
+    enroll = pool.FindServiceByName("clonebox.controller.v1.EnrollmentService")
+    methods = [(m, d) for _s, m, d in all_methods()] + [(f"/{enroll.full_name}/{d.name}", d) for d in enroll.methods]
+    mutating = [m for m, d in methods if "request_id" in d.input_type.fields_by_name]  # type: ignore[attr-defined]
+    assert mutating, "no mutating RPC found: the check itself is broken"
+    assert [m for m in mutating if m not in AUDIT_ACTIONS] == []
+    # and the table names no RPC that does not exist
+    known = {m for m, _d in methods}
+    assert [m for m in AUDIT_ACTIONS if m not in known] == []
 
 
 def test_every_rpc_has_a_policy_row() -> None:

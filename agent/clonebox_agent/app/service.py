@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from clonebox_agent.app.events import EventLog, VmEvent, VmEventType
 from clonebox_agent.journal.store import Journal
 from clonebox_agent.ports import DomainRecord, EventKind, Hypervisor, HypervisorEvent
+from clonebox_core.audit.event import Outcome, new_event
 from clonebox_core.errors import AlreadyExists, CloneboxError, InvalidArgument, NotFound
 from clonebox_core.model import HostInfo, Resources, Revision, Vm, VmSpec, VmState
 from clonebox_core.names import check_dns_label
@@ -33,6 +34,16 @@ class StopResult:
 
     vm: Vm
     forced: bool
+
+
+def _audit_details(outcome: dict[str, object]) -> dict[str, object]:
+    details: dict[str, object] = {}
+    if "forced" in outcome:
+        details["forced"] = outcome["forced"]
+    removed = outcome.get("removed")
+    if isinstance(removed, list):
+        details["removed_files"] = len(removed)
+    return details
 
 
 class AgentService:
@@ -210,8 +221,17 @@ class AgentService:
         return outcome
 
     async def _remember(self, request_id: str, method: str, target: str, outcome: dict[str, object]) -> None:
-        if request_id:
-            await asyncio.to_thread(self._journal.record, request_id, method, target, outcome)
+        # the outcome and its audit event are one journal transaction: if the event cannot be
+        # written, the call fails (the change is retried under the same request id)
+        event = new_event(
+            f"vm.{method}",
+            f"hosts/{self.host_name}/vms/{target}",
+            Outcome.SUCCEEDED,
+            request_id=request_id,
+            origin=f"agent/{self.host_name}",
+            details=_audit_details(outcome),
+        )
+        await asyncio.to_thread(self._journal.record, request_id, method, target, outcome, event)
 
     async def _wait_stopped(self, name: str, timeout: float) -> bool:
         loop = asyncio.get_running_loop()

@@ -1,7 +1,9 @@
-"""Agent journal: the event epoch and the outcome of every mutation by request id.
+"""Agent journal: the event epoch, the outcome of every mutation by request id, and the audit outbox.
 
 SQLite with ``synchronous=FULL`` so that an answered request survives a kill -9: a retry after a crash
-finds its outcome instead of doing the work twice. Later steps add in-flight transactions here.
+finds its outcome instead of doing the work twice. Audit events wait in the outbox, written in the
+same transaction as the change they record, until the controller acknowledges them (at least once,
+de-duplicated by event id on the controller). Later steps add in-flight transactions here.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from clonebox_core.audit.event import AuditEvent
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS revoked (serial TEXT PRIMARY KEY);
@@ -21,6 +25,11 @@ CREATE TABLE IF NOT EXISTS requests (
   target TEXT NOT NULL,
   outcome TEXT NOT NULL,
   created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now'))
+);
+CREATE TABLE IF NOT EXISTS audit_outbox (
+  n INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT NOT NULL UNIQUE,
+  event TEXT NOT NULL
 );
 """
 
@@ -59,12 +68,73 @@ class Journal:
             return None
         return str(row[0]), str(row[1]), json.loads(row[2])
 
-    def record(self, request_id: str, method: str, target: str, outcome: dict[str, Any]) -> None:
-        """Remember that ``request_id`` finished with ``outcome`` (first record wins)."""
+    def record(
+        self, request_id: str, method: str, target: str, outcome: dict[str, Any], audit: AuditEvent | None = None
+    ) -> None:
+        """Remember that ``request_id`` finished with ``outcome`` (first record wins), with its audit event.
+
+        Both land in one transaction: an answered request always has its event in the outbox.
+        """
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if request_id:
+                    self._db.execute(
+                        "INSERT OR IGNORE INTO requests(request_id, method, target, outcome) VALUES(?,?,?,?)",
+                        (request_id, method, target, json.dumps(outcome)),
+                    )
+                if audit is not None:
+                    self._add_event(audit)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _add_event(self, event: AuditEvent) -> None:
+        self._db.execute("INSERT OR IGNORE INTO audit_outbox(id, event) VALUES(?, ?)", (event.id, event.dumps()))
+
+    def add_events(self, events: list[AuditEvent]) -> None:
+        """Put events in the outbox (durably) on their own."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for event in events:
+                    self._add_event(event)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def pending_events(self, limit: int = 100) -> list[AuditEvent]:
+        """The oldest events not yet acknowledged by the controller."""
+        with self._lock:
+            rows = self._db.execute("SELECT event FROM audit_outbox ORDER BY n LIMIT ?", (limit,)).fetchall()
+        return [AuditEvent.from_json(json.loads(r[0])) for r in rows]
+
+    def ack_events(self, ids: list[str]) -> None:
+        """Drop events the controller has durably chained."""
+        with self._lock:
+            self._db.executemany("DELETE FROM audit_outbox WHERE id=?", [(i,) for i in ids])
+
+    def audit_witness(self) -> tuple[int, bytes] | None:
+        """The last audit chain head the controller sent (this host's witness copy)."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key='audit_head'").fetchone()
+        if row is None:
+            return None
+        seq, _, mac = str(row[0]).partition(" ")
+        return int(seq), bytes.fromhex(mac)
+
+    def set_audit_witness(self, seq: int, mac: bytes) -> None:
+        """Keep the newest audit head (older ones never replace a newer one)."""
+        current = self.audit_witness()
+        if current is not None and current[0] >= seq:
+            return
         with self._lock:
             self._db.execute(
-                "INSERT OR IGNORE INTO requests(request_id, method, target, outcome) VALUES(?,?,?,?)",
-                (request_id, method, target, json.dumps(outcome)),
+                "INSERT INTO meta(key, value) VALUES('audit_head', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (f"{seq} {mac.hex()}",),
             )
 
     def revoked(self) -> set[str]:
