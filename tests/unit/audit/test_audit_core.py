@@ -86,7 +86,7 @@ def test_witness_mismatch_and_ahead() -> None:
 def test_keyring_rejects_short_and_unknown_keys() -> None:
     with pytest.raises(InvalidArgument, match="at least 32"):
         Keyring({"k": b"short"}, "k")
-    with pytest.raises(InvalidArgument, match="audit.current_key"):
+    with pytest.raises(InvalidArgument, match=r"audit\.current_key"):
         Keyring({"k": b"k" * 32}, "other")
     assert "k" * 32 not in repr(Keyring({"k": b"k" * 32}, "k"))
 
