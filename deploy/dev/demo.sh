@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end: a local controller and agent on real libvirt, two tiny VMs from examples/,
-# shown running with their guest addresses, then stopped and deleted. Exits non-zero on any failure.
+# shown running with their guest addresses, then stopped and deleted, and the audit log of all of it
+# listed and verified. Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -45,6 +46,10 @@ say "delete both"
 clonebox vm delete tiny-a --wait
 clonebox vm delete tiny-b --wait
 clonebox vm list
+
+say "who did what: the audit log, and proof nobody edited it"
+clonebox audit list --limit 12
+clonebox audit verify
 
 say "stop the local daemons"
 clonebox dev down

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, delete, select, update
+from sqlalchemy import ColumnElement, Table, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from clonebox_core.audit.chain import AuditFilter, ChainRecord, ChainState, Head, Keyring, Witness, anchor_mac
@@ -40,43 +40,53 @@ def _row_to_record(row: AuditEventRow) -> ChainRecord:
     return ChainRecord(row.seq, row.key_id, bytes.fromhex(row.prev_mac), bytes.fromhex(row.mac), event)
 
 
+# built once: appends are on every mutation's path, and building statements costs more than running them
+_EVENTS: Table = AuditEventRow.__table__  # type: ignore[assignment]  # declarative tables are Tables
+_HEAD: Table = AuditHeadRow.__table__  # type: ignore[assignment]
+_HEAD_FOR_UPDATE = select(_HEAD.c.seq, _HEAD.c.mac).where(_HEAD.c.id == AUDIT_ROW_ID).with_for_update()
+_PRESENT_IDS = select(_EVENTS.c.event_id).where(_EVENTS.c.event_id.in_(bindparam("ids", expanding=True)))
+_INSERT_EVENT = insert(_EVENTS)
+_UPDATE_HEAD = (
+    update(_HEAD).where(_HEAD.c.id == AUDIT_ROW_ID).values(seq=bindparam("new_seq"), mac=bindparam("new_mac"))
+)
+
+
 def append(session: Session, keyring: Keyring, events: Sequence[AuditEvent]) -> Head:
     """Append ``events`` (skipping ids already in the chain) inside the caller's transaction."""
-    row = session.execute(select(AuditHeadRow).where(AuditHeadRow.id == AUDIT_ROW_ID).with_for_update()).scalar_one()
-    head = Head(row.seq, bytes.fromhex(row.mac))
-    ids = [e.id for e in events]
-    present = set(session.execute(select(AuditEventRow.event_id).where(AuditEventRow.event_id.in_(ids))).scalars())
+    conn = session.connection()
+    seq, mac_hex = conn.execute(_HEAD_FOR_UPDATE).one()
+    head = Head(seq, bytes.fromhex(mac_hex))
+    present = set(conn.execute(_PRESENT_IDS, {"ids": [e.id for e in events]}).scalars())
+    rows: list[dict[str, object]] = []
     for event in events:
         if event.id in present:
             continue  # at-least-once delivery: a forwarded event arrives again after a lost ack
         present.add(event.id)
-        seq = head.seq + 1
-        mac = keyring.mac(head.mac, seq, event)
-        session.add(
-            AuditEventRow(
-                seq=seq,
-                event_id=event.id,
-                time=event.time,
-                actor=event.actor,
-                action=event.action,
-                resource=event.resource,
-                outcome=str(event.outcome),
-                request_id=event.request_id,
-                trace_id=event.trace_id,
-                reason=event.reason,
-                origin=event.origin,
-                details=dict(event.details),
-                key_id=keyring.current,
-                prev_mac=head.mac.hex(),
-                mac=mac.hex(),
-            )
+        next_seq = head.seq + 1
+        mac = keyring.mac(head.mac, next_seq, event)
+        rows.append(
+            {
+                "seq": next_seq,
+                "event_id": event.id,
+                "time": event.time,
+                "actor": event.actor,
+                "action": event.action,
+                "resource": event.resource,
+                "outcome": str(event.outcome),
+                "request_id": event.request_id,
+                "trace_id": event.trace_id,
+                "reason": event.reason,
+                "origin": event.origin,
+                "details": dict(event.details),
+                "key_id": keyring.current,
+                "prev_mac": head.mac.hex(),
+                "mac": mac.hex(),
+            }
         )
-        head = Head(seq, mac)
-    if head.seq != row.seq:
-        session.flush()
-        session.execute(
-            update(AuditHeadRow).where(AuditHeadRow.id == AUDIT_ROW_ID).values(seq=head.seq, mac=head.mac.hex())
-        )
+        head = Head(next_seq, mac)
+    if rows:
+        conn.execute(_INSERT_EVENT, rows)
+        conn.execute(_UPDATE_HEAD, {"new_seq": head.seq, "new_mac": head.mac.hex()})
         session.info[HEAD_INFO_KEY] = head
     return head
 
