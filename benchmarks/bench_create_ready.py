@@ -137,6 +137,7 @@ def _start_fleet(fleet: Fleet) -> None:
                 "tls_dir": str(ctl_tls),
                 "database_url": f"sqlite:///{root / 'fleet.db'}",
                 "heartbeat_timeout_seconds": 10,
+                "metrics_listen": "127.0.0.1:0",  # as in production, on a port no one else holds
                 "log_level": "WARNING",
             }
         )
@@ -155,6 +156,7 @@ def _start_fleet(fleet: Fleet) -> None:
                 "storage_dir": str(root / "storage"),
                 "image_dirs": [str(IMAGES)],
                 "stop_timeout_seconds": 10,
+                "metrics_listen": "127.0.0.1:0",
                 "log_level": "WARNING",
             }
         )

@@ -140,6 +140,7 @@ def _agent_config(root: Path, listen: str) -> AgentConfig:
         state_dir=str(root / "state"),
         storage_dir=str(root / "storage"),
         image_dirs=[str(root / "images")],
+        metrics_listen="127.0.0.1:0",  # as in production, on a port no one else holds
         log_level="WARNING",
     )
 

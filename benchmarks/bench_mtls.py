@@ -170,6 +170,7 @@ def _write_configs(root: Path, pki: Pki | None) -> tuple[str, str]:
     ctl: dict[str, Any] = {
         "listen": controller,
         "database_url": f"sqlite:///{root / 'fleet.db'}",
+        "metrics_listen": "127.0.0.1:0",  # as in production, on a port no one else holds
         "log_level": "WARNING",
     }
     ag: dict[str, Any] = {
@@ -181,6 +182,7 @@ def _write_configs(root: Path, pki: Pki | None) -> tuple[str, str]:
         "storage_dir": str(root / "agent" / "storage"),
         "image_dirs": [str(root / "images")],
         "reserve": {"vcpus": 0, "memory_mib": 0, "disk_mib": 0},
+        "metrics_listen": "127.0.0.1:0",
         "log_level": "WARNING",
     }
     if pki is None:

@@ -26,10 +26,12 @@ from typing import Any
 # the benchmark modules import each other as top-level modules
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_audit
 import bench_create_ready
 import bench_getvm
 import bench_listvms
 import bench_mtls
+import bench_tracing
 from common import BenchResult, Options, Runner, load_average, machine_info
 
 BENCHMARKS: dict[str, tuple[str, Runner]] = {
@@ -37,6 +39,8 @@ BENCHMARKS: dict[str, tuple[str, Runner]] = {
     "listvms": ("ListVms of 1,000 domains on test:///default vs one call per domain", bench_listvms.run),
     "create_ready": ("create -> guest agent ready via the CLI vs plain virsh create", bench_create_ready.run),
     "mtls": ("controller GetVm over mTLS vs plaintext, and the cost of a new connection", bench_mtls.run),
+    "audit": ("audit appends per second on SQLite and PostgreSQL vs plain inserts", bench_audit.run),
+    "tracing": ("controller GetVm with OTLP trace export vs tracing off, over mTLS", bench_tracing.run),
 }
 
 

@@ -10,7 +10,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,7 @@ class RealFleet:
     def cli(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         tls = str(self.root / "user" / "tls")
         cmd = [sys.executable, "-m", "clonebox_cli.main", "--controller", self.controller, "--tls-dir", tls, *args]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, env=self.env)
         if check and r.returncode != 0:
             raise AssertionError(f"{' '.join(args)} exited {r.returncode}: {r.stderr}{r.stdout}")
         return r
@@ -159,8 +160,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-@pytest.fixture
-def real_fleet() -> Iterator[RealFleet]:
+@contextmanager
+def running_fleet(extra_env: Mapping[str, str] | None = None) -> Iterator[RealFleet]:
+    """A controller and an agent as processes; ``extra_env`` is added to their environment and the CLI's."""
     reason = libvirt_reason()
     if reason:
         pytest.skip(reason)
@@ -175,7 +177,7 @@ def real_fleet() -> Iterator[RealFleet]:
     chost, ahost, user = root / "controller-host", root / "agent-host", root / "user"
     for d in (chost, ahost, user):
         d.mkdir(mode=0o755)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     _bootstrap_pki(chost, user, env)
     (chost / "controller.yaml").write_text(
         yaml.safe_dump(
@@ -184,6 +186,7 @@ def real_fleet() -> Iterator[RealFleet]:
                 "tls_dir": str(chost / "tls"),
                 "ca_dir": str(chost / "ca"),
                 "enroll_listen": f"127.0.0.1:{eport}",
+                "metrics_listen": "127.0.0.1:0",  # never the default port: a dev fleet may hold it
                 "database_url": f"sqlite:///{chost / 'fleet.db'}",
                 "heartbeat_timeout_seconds": 5,
             }
@@ -197,6 +200,7 @@ def real_fleet() -> Iterator[RealFleet]:
                 "listen": agent,
                 "controller": controller,
                 "tls_dir": str(ahost / "tls"),
+                "metrics_listen": "127.0.0.1:0",
                 "libvirt_uri": "qemu:///system",
                 "domain_type": "auto",
                 "state_dir": str(ahost / "state"),
@@ -244,3 +248,9 @@ def real_fleet() -> Iterator[RealFleet]:
         subprocess.run(["bash", "-c", leftover], capture_output=True, check=False)
         if os.environ.get("CLONEBOX_KEEP_E2E") != "1":
             shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def real_fleet() -> Iterator[RealFleet]:
+    with running_fleet() as fleet:
+        yield fleet

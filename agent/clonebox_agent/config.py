@@ -7,6 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from clonebox_core.telemetry.logging import LogLevel
+from clonebox_core.telemetry.tracing import TracingConfig
+
 
 def _short_hostname() -> str:
     return socket.gethostname().split(".")[0].lower()
@@ -37,6 +40,9 @@ class AgentConfig(BaseModel):
     tls_dir: str = ""
     #: plaintext gRPC instead of mTLS: refused unless every address is loopback
     insecure: bool = False
+    #: Prometheus endpoint (HTTPS, client certificates from the fleet CA; plain HTTP on loopback when
+    #: insecure); port 0 picks a free one, "" disables it. Distinct from the controller's 9464 default
+    metrics_listen: str = "127.0.0.1:9465"
     #: one-time token from 'clonebox host add': used to obtain the first certificate when tls_dir is empty
     join_token: str = ""
     #: which adapter: libvirt (real or test driver, by uri) or the in-memory fake
@@ -59,3 +65,7 @@ class AgentConfig(BaseModel):
     event_history: int = Field(10_000, ge=100)
     heartbeat_interval_seconds: float = Field(2.0, gt=0)
     log_level: str = "INFO"
+    #: per-logger levels over log_level, e.g. {"clonebox_agent.adapters.libvirt": "DEBUG", "sqlalchemy": "WARNING"}
+    log_levels: dict[str, LogLevel] = Field(default_factory=dict)
+    #: OpenTelemetry export (OTEL_* environment variables apply too; nothing is exported unless configured)
+    tracing: TracingConfig = TracingConfig()

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import signal
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,15 +23,16 @@ from clonebox.controller.v1 import host_service_pb2, host_service_pb2_grpc
 from clonebox_agent.app.service import AgentService
 from clonebox_agent.config import AgentConfig
 from clonebox_agent.credentials import enroll, renew_forever
+from clonebox_agent.grpc.audit import AgentAuditObserver
 from clonebox_agent.grpc.servicer import AgentServicer
 from clonebox_agent.journal.store import Journal
 from clonebox_agent.ports import Hypervisor
+from clonebox_core.audit.chain import Head
 from clonebox_core.config import load_config
 from clonebox_core.errors import CloneboxError, InvalidArgument
-from clonebox_core.logs import setup_logging
-from clonebox_core.model import Resources
+from clonebox_core.model import Resources, VmState
 from clonebox_core.names import check_dns_label
-from clonebox_core.rpc import convert
+from clonebox_core.rpc import convert, convert_audit
 from clonebox_core.rpc.auth import Authorizer
 from clonebox_core.rpc.server import (
     ServerHandle,
@@ -43,6 +45,18 @@ from clonebox_core.rpc.server import (
 )
 from clonebox_core.rpc.tls import TlsFiles
 from clonebox_core.security.identity import Identity, Kind
+from clonebox_core.telemetry.logging import setup_logging
+from clonebox_core.telemetry.metrics import Metrics
+from clonebox_core.telemetry.metrics_server import (
+    MetricsServer,
+    check_metrics_listen,
+    rpc_method_paths,
+    start_metrics_server,
+)
+from clonebox_core.telemetry.tracing import init_tracing, shutdown_tracing
+
+#: audit events per Connect message (the controller refuses larger batches)
+MAX_AUDIT_BATCH = 100
 
 log = logging.getLogger("clonebox_agent")
 
@@ -72,6 +86,7 @@ class Agent:
 
     def __init__(self, config: AgentConfig, hypervisor: Hypervisor | None = None) -> None:
         check_dns_label("name", config.name)
+        check_metrics_listen(config.metrics_listen, config.insecure)
         self.config = config
         self._needs_enrolment = bool(
             config.join_token and config.tls_dir and not TlsFiles.in_folder(Path(config.tls_dir), "agent").exists()
@@ -81,6 +96,8 @@ class Agent:
         self.trust_domain = trust_domain_of(self.transport)
         self.journal = Journal(Path(config.state_dir) / "journal.db")
         self._revoked = self.journal.revoked()
+        #: ids of forwarded audit events not yet acknowledged (one batch in flight per session)
+        self._audit_in_flight: set[str] = set()
         self.service = AgentService(
             config.name,
             hypervisor if hypervisor is not None else build_hypervisor(config),
@@ -90,6 +107,9 @@ class Agent:
             event_history=config.event_history,
             cpu_allocation_ratio=config.cpu_allocation_ratio,
         )
+        self.metrics = Metrics()
+        self.metrics.track_vms(self._vm_counts)
+        self.metrics_server: MetricsServer | None = None
         self.server: ServerHandle | None = None
         self._session: asyncio.Task[None] | None = None
         self._renewal: asyncio.Task[None] | None = None
@@ -129,7 +149,15 @@ class Agent:
             [(agent_pb2_grpc.add_AgentServiceServicer_to_server, AgentServicer(self.service), SERVICE_NAME)],
             self.transport,
             authorizer,
+            observers=[
+                self.metrics.rpc_observer(rpc_method_paths([SERVICE_NAME])),
+                AgentAuditObserver(self.journal, self.config.name),
+            ],
         )
+        if self.config.metrics_listen:
+            self.metrics_server = start_metrics_server(
+                self.config.metrics_listen, self.metrics.registry, self.transport
+            )
         await self._refresh_serving()
         if self.config.controller:
             self._session = asyncio.create_task(self._controller_session(), name="controller-session")
@@ -150,8 +178,15 @@ class Agent:
                 await self._session
         if self.server is not None:
             await self.server.stop()
+        if self.metrics_server is not None:
+            await self.metrics_server.aclose()
         await self.service.close()
         self.journal.close()
+
+    def _vm_counts(self) -> Counter[VmState]:
+        # clonebox_vms{state}: the agent's last known view (kept current by lifecycle events), not a
+        # libvirt call per scrape. Runs on the scrape thread: list() copies the values under the GIL.
+        return Counter(vm.state for vm in list(self.service._known.values()))
 
     def _is_revoked(self, identity: Identity) -> bool:
         return f"{identity.serial:x}" in self._revoked
@@ -173,22 +208,49 @@ class Agent:
 
     async def _messages(self) -> AsyncIterator[host_service_pb2.ConnectRequest]:
         info = await self.service.host_info()
-        yield host_service_pb2.ConnectRequest(
-            registration=host_service_pb2.Registration(
-                name=info.name,
-                address=self.address,
-                capacity=convert.resources_to_proto(info.capacity),
-                allocatable=convert.resources_to_proto(info.allocatable),
-                hypervisor=convert.hypervisor_to_proto(info.hypervisor),
-                revision=convert.revision_to_proto(self.service.events.revision),
-            )
+        registration = host_service_pb2.Registration(
+            name=info.name,
+            address=self.address,
+            capacity=convert.resources_to_proto(info.capacity),
+            allocatable=convert.resources_to_proto(info.allocatable),
+            hypervisor=convert.hypervisor_to_proto(info.hypervisor),
+            revision=convert.revision_to_proto(self.service.events.revision),
         )
+        witness = await asyncio.to_thread(self.journal.audit_witness)
+        if witness is not None:
+            registration.audit_head.CopyFrom(convert_audit.head_to_pb(Head(*witness)))
+        yield host_service_pb2.ConnectRequest(registration=registration)
+        self._audit_in_flight = set()
         while True:
+            batch = await self._outbox_batch()
+            if batch is not None:
+                yield batch
             await asyncio.sleep(self.config.heartbeat_interval_seconds)
             serving, reason = await self._refresh_serving()
             yield host_service_pb2.ConnectRequest(
                 heartbeat=host_service_pb2.Heartbeat(serving=serving, not_serving_reason=reason)
             )
+
+    async def _outbox_batch(self) -> host_service_pb2.ConnectRequest | None:
+        """The next outbox events to forward, unless a batch is still waiting for its acknowledgement."""
+        if self._audit_in_flight:
+            return None
+        events = await asyncio.to_thread(self.journal.pending_events, MAX_AUDIT_BATCH)
+        if not events:
+            return None
+        self._audit_in_flight = {e.id for e in events}
+        batch = host_service_pb2.AuditBatch(events=[convert_audit.event_to_pb(e) for e in events])
+        return host_service_pb2.ConnectRequest(audit=batch)
+
+    async def _on_session_reply(self, resp: host_service_pb2.ConnectResponse) -> None:
+        self._apply_revocations(set(resp.revoked_serials))
+        if resp.acked_audit_event_ids:
+            acked = list(resp.acked_audit_event_ids)
+            await asyncio.to_thread(self.journal.ack_events, acked)
+            self._audit_in_flight.difference_update(acked)
+        head = convert_audit.head_from_pb(resp.audit_head) if resp.HasField("audit_head") else None
+        if head is not None and head.seq > 0:
+            await asyncio.to_thread(self.journal.set_audit_witness, head.seq, head.mac)
 
     async def _controller_session(self) -> None:
         # reconnect forever with capped backoff: the controller may restart or be upgraded
@@ -201,7 +263,7 @@ class Agent:
                 stub = host_service_pb2_grpc.HostServiceStub(channel)
                 async for resp in stub.Connect(self._messages()):
                     backoff = 0.5
-                    self._apply_revocations(set(resp.revoked_serials))
+                    await self._on_session_reply(resp)
             except grpc.aio.AioRpcError as exc:
                 log.warning("controller session to %s ended: %s", self.config.controller, exc.details())
             finally:
@@ -229,10 +291,14 @@ def run(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         config = load_config(AgentConfig, args.config, "CLONEBOX_AGENT_")
-        setup_logging("clonebox-agent", config.log_level)
-        asyncio.run(serve(config))
+        setup_logging("clonebox-agent", config.log_level, config.log_levels)
+        init_tracing("clonebox-agent", config.tracing)
+        try:
+            asyncio.run(serve(config))
+        finally:
+            shutdown_tracing(timeout=5.0)
     except CloneboxError as exc:
-        print(f"clonebox-agent: {exc}", file=sys.stderr)
+        sys.stderr.write(f"clonebox-agent: {exc}\n")
         sys.exit(2)
     except KeyboardInterrupt:
         pass

@@ -6,37 +6,108 @@ root command class catches every CloneboxError a command raises and hands it to 
 the one place that prints errors and picks exit codes; ``run()`` is the console-script entry point.
 
 Global options: ``--controller`` (where), ``--tls-dir`` (this client's certificate, see
-``clonebox_cli.credentials``), ``--insecure`` (plaintext, loopback only) and ``--output``.
+``clonebox_cli.credentials``), ``--insecure`` (plaintext, loopback only), ``--output`` and ``--trace``.
+
+Tracing: every command is one trace. The root command class opens the root span (``clonebox vm
+create``) around the whole command; the gRPC channel carries its context to the controller (W3C
+``traceparent``), which carries it on to the agent. Spans are exported only when the ``OTEL_EXPORTER_OTLP_*``
+variables name a collector, and are flushed before the CLI exits (waiting at most ``_FLUSH_SECONDS``).
+``--trace`` prints the trace id on stderr (``{"trace_id": ...}`` with ``-o json``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 
-from clonebox_cli import credentials, dev, errors, host, operation, pki, vm
+from clonebox_cli import audit, credentials, dev, errors, host, operation, pki, vm
 from clonebox_cli.context import DEFAULT_CONTROLLER, Settings
 from clonebox_cli.output import OutputFormat
 from clonebox_core.errors import CloneboxError
 
+#: the longest the CLI waits, at exit, for its spans to reach the collector
+_FLUSH_SECONDS = 3.0
+
+
+def _command_path(group: Any, ctx: Any) -> list[str]:
+    """``["vm", "create"]`` for ``clonebox -o json vm create -f x.yaml`` (the subcommands, no options)."""
+    names: list[str] = []
+    command = group
+    for token in [*getattr(ctx, "_protected_args", ()), *ctx.args]:
+        get_command = getattr(command, "get_command", None)
+        if get_command is None or token.startswith("-"):
+            break
+        command = get_command(ctx, token)
+        if command is None:
+            break
+        names.append(token)
+    return names
+
+
+@contextmanager
+def _command_span(group: Any, ctx: Any) -> Iterator[Any]:
+    """The root span of this command's trace; prints its trace id (``--trace``) and flushes at the end."""
+    from opentelemetry.trace import SpanKind
+
+    from clonebox_core.telemetry.tracing import flush_tracing, init_tracing, span_ids
+
+    provider = init_tracing("clonebox")
+    name = " ".join(["clonebox", *_command_path(group, ctx)])
+    tracer = provider.get_tracer("clonebox_cli")
+    span: Any = None
+    try:
+        with tracer.start_as_current_span(
+            name, kind=SpanKind.CLIENT, record_exception=False, set_status_on_exception=False
+        ) as span:
+            span.set_attribute("clonebox.command", name)
+            yield span
+    finally:
+        ids = span_ids(span) if span is not None else None
+        if ctx.params.get("trace"):
+            trace_id = ids[0] if ids else ""
+            if ctx.params.get("output") == OutputFormat.json:
+                sys.stderr.write(json.dumps({"trace_id": trace_id}) + "\n")
+            else:
+                sys.stderr.write(f"trace id: {trace_id or '(tracing is disabled)'}\n")
+        flush_tracing(_FLUSH_SECONDS, provider)
+
+
+def _fail(span: Any, code: int, description: str) -> None:
+    from opentelemetry.trace import Status, StatusCode
+
+    span.set_attribute("process.exit.code", code)
+    if code != 0:
+        span.set_status(Status(StatusCode.ERROR, description))
+
 
 class _RootGroup(TyperGroup):
-    """Maps errors escaping any subcommand to a one-line message and an exit code."""
+    """Maps errors escaping any subcommand to a one-line message and an exit code; one trace per command."""
 
     def invoke(self, ctx: Any) -> Any:
-        try:
-            return super().invoke(ctx)
-        except CloneboxError as err:
-            raise typer.Exit(errors.report(err)) from None
-        except (typer.Exit, typer.Abort, typer.TyperException, KeyboardInterrupt):
-            raise  # typer's own control flow: usage errors (2), --help, Ctrl-C (130)
-        except Exception as exc:
-            raise typer.Exit(errors.report_unexpected(exc)) from None
+        with _command_span(self, ctx) as span:
+            try:
+                return super().invoke(ctx)
+            except CloneboxError as err:
+                code = errors.report(err)
+                _fail(span, code, f"{err.code} {err.reason}")
+                raise typer.Exit(code) from None
+            except (typer.Exit, typer.Abort, typer.TyperException, KeyboardInterrupt) as exc:
+                # typer's own control flow: usage errors (2), --help, Ctrl-C (130)
+                exit_code = getattr(exc, "exit_code", 1)
+                _fail(span, exit_code if isinstance(exit_code, int) else 1, type(exc).__name__)
+                raise
+            except Exception as exc:
+                code = errors.report_unexpected(exc)
+                _fail(span, code, type(exc).__name__)
+                raise typer.Exit(code) from None
 
 
 app = typer.Typer(
@@ -51,6 +122,7 @@ app.add_typer(host.app, name="host")
 app.add_typer(vm.app, name="vm")
 app.add_typer(operation.app, name="operation")
 app.add_typer(pki.app, name="pki")
+app.add_typer(audit.app, name="audit")
 app.add_typer(dev.app, name="dev")
 
 
@@ -110,6 +182,13 @@ def main(
     ] = OutputFormat.table,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    trace: Annotated[
+        bool,
+        typer.Option(
+            "--trace",
+            help="Print this command's trace id on stderr (spans go to the collector named by OTEL_EXPORTER_OTLP_*).",
+        ),
     ] = False,
 ) -> None:
     """CloneBox fleet CLI."""

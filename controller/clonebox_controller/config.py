@@ -4,6 +4,25 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from clonebox_core.telemetry.logging import LogLevel
+from clonebox_core.telemetry.tracing import TracingConfig
+
+
+class AuditConfig(BaseModel):
+    """Where the audit chain's HMAC keys and its outside-the-database head witness live."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: key id -> key file (hex or raw, mode 0600); more than one when keys were rotated
+    keys: dict[str, str] = Field(default_factory=dict)
+    #: id of the key that signs new records (must be in ``keys``)
+    current_key: str = ""
+    #: with no ``keys``: this file is created with a random key on first start (mode 0600);
+    #: "" = ``audit.key`` beside the database (SQLite) or in the working directory
+    key_file: str = ""
+    #: append-only file holding the chain head outside the database ("" = ``audit-head.log`` beside the key)
+    head_file: str = ""
+
 
 class ControllerConfig(BaseModel):
     """Everything a controller needs to run."""
@@ -15,6 +34,9 @@ class ControllerConfig(BaseModel):
     tls_dir: str = ""
     #: plaintext gRPC instead of mTLS: refused unless the listen address is loopback
     insecure: bool = False
+    #: Prometheus endpoint (HTTPS, client certificates from the fleet CA; plain HTTP on loopback when
+    #: insecure); port 0 picks a free one, "" disables it
+    metrics_listen: str = "127.0.0.1:9464"
     #: the issuing CA ('clonebox pki init'); needed for enrolment, renewal, revocation
     ca_dir: str = ""
     #: TLS port without client certificates where new hosts enrol with a join token ("" disables)
@@ -32,3 +54,9 @@ class ControllerConfig(BaseModel):
     #: default graceful stop timeout passed to agents
     stop_timeout_seconds: int = Field(60, ge=1, le=3600)
     log_level: str = "INFO"
+    #: per-logger levels over log_level, e.g. {"clonebox_agent.adapters.libvirt": "DEBUG", "sqlalchemy": "WARNING"}
+    log_levels: dict[str, LogLevel] = Field(default_factory=dict)
+    #: the audit log's keys and head witness
+    audit: AuditConfig = AuditConfig()
+    #: OpenTelemetry export (OTEL_* environment variables apply too; nothing is exported unless configured)
+    tracing: TracingConfig = TracingConfig()

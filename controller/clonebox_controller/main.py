@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from clonebox.controller.v1 import (
+    audit_service_pb2,
+    audit_service_pb2_grpc,
     host_service_pb2,
     host_service_pb2_grpc,
     operation_service_pb2,
@@ -25,11 +27,13 @@ from clonebox.controller.v1 import (
 )
 
 from clonebox_controller.agents.pool import GrpcAgentGateway
+from clonebox_controller.app.audit import AuditLog
 from clonebox_controller.app.hosts import HostRegistry
 from clonebox_controller.app.operations import OperationQueries
 from clonebox_controller.app.pki import PkiManager
 from clonebox_controller.app.vms import VmManager
 from clonebox_controller.config import ControllerConfig
+from clonebox_controller.grpc.audit import AuditCallObserver, AuditServicer
 from clonebox_controller.grpc.servicers import (
     EnrollmentServicer,
     HostServicer,
@@ -38,9 +42,10 @@ from clonebox_controller.grpc.servicers import (
     VmServicer,
 )
 from clonebox_controller.store import Store
+from clonebox_core.audit.chain import Keyring, ensure_key_file
+from clonebox_core.audit.headfile import HeadFile
 from clonebox_core.config import load_config
 from clonebox_core.errors import CloneboxError
-from clonebox_core.logs import setup_logging
 from clonebox_core.rpc.auth import Authorizer
 from clonebox_core.rpc.server import (
     ServerHandle,
@@ -51,12 +56,43 @@ from clonebox_core.rpc.server import (
 )
 from clonebox_core.rpc.tls import TlsFiles, install
 from clonebox_core.security.pki import CertificateAuthority, cert_pem, key_pem
+from clonebox_core.telemetry.logging import setup_logging
+from clonebox_core.telemetry.metrics import Metrics
+from clonebox_core.telemetry.metrics_server import (
+    MetricsServer,
+    check_metrics_listen,
+    rpc_method_paths,
+    start_metrics_server,
+)
+from clonebox_core.telemetry.tracing import init_tracing, shutdown_tracing
 
 log = logging.getLogger("clonebox_controller")
 
 
 def _service(module: object, name: str) -> str:
     return module.DESCRIPTOR.services_by_name[name].full_name  # type: ignore[attr-defined, no-any-return]
+
+
+def audit_setup(config: ControllerConfig) -> tuple[Keyring, HeadFile]:
+    """The audit keyring and head file the configuration names (a key is created on first start if none is)."""
+    audit = config.audit
+    if audit.keys:
+        keyring = Keyring.from_key_files(audit.keys, audit.current_key or sorted(audit.keys)[-1])
+        default_dir = Path(next(iter(audit.keys.values()))).parent
+    else:
+        default_dir = _state_dir(config.database_url)
+        key_path = Path(audit.key_file) if audit.key_file else default_dir / "audit.key"
+        keyring = Keyring({"k1": ensure_key_file(key_path)}, "k1")
+        default_dir = key_path.parent
+    head_path = Path(audit.head_file) if audit.head_file else default_dir / "audit-head.log"
+    return keyring, HeadFile(head_path)
+
+
+def _state_dir(database_url: str) -> Path:
+    prefix = "sqlite:///"
+    if database_url.startswith(prefix) and database_url[len(prefix) :] not in ("", ":memory:"):
+        return Path(database_url[len(prefix) :]).parent
+    return Path.cwd()
 
 
 class Controller:
@@ -66,7 +102,20 @@ class Controller:
         self.config = config
         self.transport = make_transport(config.tls_dir, "controller", config.insecure)
         self.trust_domain = trust_domain_of(self.transport)
-        self.store = Store.open(config.database_url)
+        check_metrics_listen(config.metrics_listen, config.insecure)
+        self.metrics = Metrics()
+        keyring, head_file = audit_setup(config)
+        self.store = Store.open(
+            config.database_url,
+            audit_keyring=keyring,
+            audit_head_file=head_file,
+            on_audit_append=lambda seconds: self.metrics.observe_audit_append("sql", seconds),
+        )
+        self.audit = AuditLog(self.store, keyring, head_file.latest)
+        # gauges computed at scrape time (on the scrape thread) with one grouped query each
+        self.metrics.track_vms(self.store.count_vms_by_state)
+        self.metrics.track_hosts(self.store.count_hosts_by_state)
+        self.metrics_server: MetricsServer | None = None
         self.gateway = GrpcAgentGateway(self.transport, self.trust_domain)
         self.pki: PkiManager | None = None
         if config.ca_dir:
@@ -84,7 +133,12 @@ class Controller:
             heartbeat_timeout=config.heartbeat_timeout_seconds,
             heartbeat_interval=config.heartbeat_interval_seconds,
         )
-        self.vms = VmManager(self.store, self.hosts, stop_timeout_seconds=config.stop_timeout_seconds)
+        self.vms = VmManager(
+            self.store,
+            self.hosts,
+            stop_timeout_seconds=config.stop_timeout_seconds,
+            observe_operation=self.metrics.observe_operation,
+        )
         self.operations = OperationQueries(self.store)
         self.server: ServerHandle | None = None
 
@@ -103,12 +157,25 @@ class Controller:
             authorizer = Authorizer(self.trust_domain, self.pki.is_revoked if self.pki else lambda _i: False)
         if self.pki is not None:
             await self.pki.start()
+        rpc_metrics = self.metrics.rpc_observer(
+            rpc_method_paths(
+                [
+                    _service(host_service_pb2, "HostService"),
+                    _service(pki_service_pb2, "PkiService"),
+                    _service(vm_service_pb2, "VmService"),
+                    _service(operation_service_pb2, "OperationService"),
+                    _service(audit_service_pb2, "AuditService"),
+                    _service(pki_service_pb2, "EnrollmentService"),
+                ]
+            )
+        )
+        audit_observer = AuditCallObserver(self.audit)
         self.server = await start_server(
             self.config.listen,
             [
                 (
                     host_service_pb2_grpc.add_HostServiceServicer_to_server,
-                    HostServicer(self.hosts, self.store, self.vms, self.pki),
+                    HostServicer(self.hosts, self.store, self.vms, self.pki, self.audit),
                     _service(host_service_pb2, "HostService"),
                 ),
                 (
@@ -126,9 +193,15 @@ class Controller:
                     OperationServicer(self.operations),
                     _service(operation_service_pb2, "OperationService"),
                 ),
+                (
+                    audit_service_pb2_grpc.add_AuditServiceServicer_to_server,
+                    AuditServicer(self.audit),
+                    _service(audit_service_pb2, "AuditService"),
+                ),
             ],
             self.transport,
             authorizer,
+            observers=[rpc_metrics, audit_observer],
         )
         if self.pki is not None and self.config.enroll_listen and self.transport.tls is not None:
             self.enroll_server = await start_server(
@@ -142,12 +215,17 @@ class Controller:
                 ],
                 self.transport,
                 client_auth=False,
+                observers=[rpc_metrics, audit_observer],
             )
             # tokens carry the bound address (the config may ask for port 0)
             enroll_host, _ = split_host_port(self.config.enroll_listen)
             self.pki.enroll_address = self.config.enroll_advertise or f"{enroll_host}:{self.enroll_server.port}"
         if self.pki is not None and self.transport.tls is not None:
             self._renewal = asyncio.create_task(self._renew_own_certificate(self.transport.tls), name="renewal")
+        if self.config.metrics_listen:
+            self.metrics_server = start_metrics_server(
+                self.config.metrics_listen, self.metrics.registry, self.transport
+            )
         await self.vms.resume()
         log.info("controller listening on %s", self.address)
 
@@ -174,6 +252,8 @@ class Controller:
             await self.pki.close()
         if self.server is not None:
             await self.server.stop()
+        if self.metrics_server is not None:
+            await self.metrics_server.aclose()
         await self.vms.close()
         await self.hosts.close()
         await self.gateway.close()
@@ -199,10 +279,14 @@ def run(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         config = load_config(ControllerConfig, args.config, "CLONEBOX_CONTROLLER_")
-        setup_logging("clonebox-controller", config.log_level)
-        asyncio.run(serve(config))
+        setup_logging("clonebox-controller", config.log_level, config.log_levels)
+        init_tracing("clonebox-controller", config.tracing)
+        try:
+            asyncio.run(serve(config))
+        finally:
+            shutdown_tracing(timeout=5.0)
     except CloneboxError as exc:
-        print(f"clonebox-controller: {exc}", file=sys.stderr)
+        sys.stderr.write(f"clonebox-controller: {exc}\n")
         sys.exit(2)
     except KeyboardInterrupt:
         pass

@@ -10,6 +10,8 @@ import enum
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from clonebox_core.secret import Secret
+
 
 class VmState(enum.Enum):
     """Lifecycle state of a VM (mirrors ``clonebox.type.v1.VmState``)."""
@@ -106,11 +108,16 @@ class SharedFolder:
 
 @dataclass(frozen=True)
 class CloudInit:
-    """Raw NoCloud inputs."""
+    """Raw NoCloud inputs. ``user_data`` can carry passwords and keys: it is a :class:`Secret`."""
 
-    user_data: str = ""
+    user_data: Secret = field(default_factory=lambda: Secret(""))
     meta_data: str = ""
     network_config: str = ""
+
+    def __post_init__(self) -> None:
+        # a plain string (older callers, tests) is wrapped, so the field is a Secret whatever was passed
+        if not isinstance(self.user_data, Secret):
+            object.__setattr__(self, "user_data", Secret(self.user_data))
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ from clonebox_core.model import (
     SharedFolder,
     VmSpec,
 )
+from clonebox_core.secret import Secret
 from clonebox_core.units import format_size, parse_size
 from clonebox_core.validate import MAX_DISK_MIB, MAX_MEMORY_MIB, MIN_MEMORY_MIB, validate_spec
 from clonebox_core.yamlsafe import find_node, line_of, load_yaml_safely, located_error, scrub
@@ -224,7 +225,7 @@ def _to_model(doc: _SpecV1) -> VmSpec:
         network=network,
         shared_folders=tuple(SharedFolder(f.host_path, f.tag, f.read_only) for f in doc.shared_folders or ()),
         cloud_init=(
-            CloudInit(doc.cloud_init.user_data, doc.cloud_init.meta_data, doc.cloud_init.network_config)
+            CloudInit(Secret(doc.cloud_init.user_data), doc.cloud_init.meta_data, doc.cloud_init.network_config)
             if doc.cloud_init is not None
             else None
         ),
@@ -524,7 +525,7 @@ def dump_spec(spec: VmSpec) -> str:
         doc["cloud_init"] = {
             key: text
             for key, text in (
-                ("user_data", ci.user_data),
+                ("user_data", ci.user_data.reveal()),  # writing the spec file back is a use of the value
                 ("meta_data", ci.meta_data),
                 ("network_config", ci.network_config),
             )

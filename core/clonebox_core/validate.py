@@ -83,8 +83,9 @@ def validate_spec(spec: VmSpec, prefix: str = "spec") -> VmSpec:
         tags.add(sf.tag)
     if spec.cloud_init is not None:
         ci = spec.cloud_init
-        for name in ("user_data", "meta_data", "network_config"):
-            if len(getattr(ci, name).encode()) > MAX_CLOUD_INIT_BYTES:
+        texts = {"user_data": ci.user_data.reveal(), "meta_data": ci.meta_data, "network_config": ci.network_config}
+        for name, text in texts.items():
+            if len(text.encode()) > MAX_CLOUD_INIT_BYTES:
                 raise invalid_field(f"{prefix}.cloud_init.{name}", "larger than 1 MiB")
     for key, value in spec.labels:
         if not _LABEL_KEY.fullmatch(key):

@@ -321,7 +321,7 @@ async def test_every_file_made_carries_the_owner_mark(h: Harness) -> None:
     assert os.getxattr(seed, OWNER_XATTR) == spec.name.encode()
     files = read_seed_iso(await asyncio.to_thread(_read, seed))
     assert files["volume_id"] == b"cidata"
-    assert files["user-data"] == spec.cloud_init.user_data.encode()  # type: ignore[union-attr]
+    assert files["user-data"] == spec.cloud_init.user_data.reveal().encode()  # type: ignore[union-attr]
     assert files["network-config"] == b"version: 2\n"
     assert b"local-hostname: " + spec.name.encode() in files["meta-data"]
 

@@ -123,6 +123,7 @@ class Fleet:
             storage_dir=str(self.tmp / f"agent-{name}" / "storage"),
             reserve={"vcpus": 0, "memory_mib": 0, "disk_mib": 0},
             heartbeat_interval_seconds=0.2,
+            metrics_listen=kw.pop("metrics_listen", "127.0.0.1:0"),  # never the default port: tests run in parallel
             stop_timeout_seconds=kw.pop("stop_timeout_seconds", 5),
             **kw,
         )
@@ -149,6 +150,7 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
         tls_dir=str(pki.folder("controller", "ctl")),
         ca_dir=str(tmp_path / "pki" / "ca"),
         enroll_listen="127.0.0.1:0",
+        metrics_listen="127.0.0.1:0",
         database_url=f"sqlite:///{tmp_path / 'fleet.db'}",
         heartbeat_timeout_seconds=1.0,
         heartbeat_interval_seconds=0.2,

@@ -32,7 +32,8 @@ def default_meta_data(instance_id: str, hostname: str) -> str:
 def seed_files(cloud_init: CloudInit, *, instance_id: str, hostname: str) -> dict[str, bytes]:
     """Return the files of the seed, by their NoCloud names."""
     files = {
-        "user-data": cloud_init.user_data.encode(),
+        # the one place the agent needs the value: the bytes of the seed the guest reads
+        "user-data": cloud_init.user_data.reveal().encode(),
         "meta-data": (cloud_init.meta_data or default_meta_data(instance_id, hostname)).encode(),
     }
     if cloud_init.network_config:

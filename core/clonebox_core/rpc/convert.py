@@ -14,6 +14,7 @@ from google.rpc import status_pb2
 
 from clonebox_core import errors, model
 from clonebox_core.rpc.status import error_from_status_proto, to_status_proto
+from clonebox_core.secret import Secret
 
 
 def ts_to_proto(value: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -79,7 +80,7 @@ def spec_to_proto(s: model.VmSpec) -> vm_pb2.VmSpec:
     if s.cloud_init is not None:
         out.cloud_init.CopyFrom(
             vm_pb2.CloudInit(
-                user_data=s.cloud_init.user_data,
+                user_data=s.cloud_init.user_data.reveal(),
                 meta_data=s.cloud_init.meta_data,
                 network_config=s.cloud_init.network_config,
             )
@@ -103,7 +104,7 @@ def spec_from_proto(m: vm_pb2.VmSpec) -> model.VmSpec:
         network=model.NetworkSpec(mode, m.network.libvirt_network or "default"),
         shared_folders=tuple(model.SharedFolder(f.host_path, f.tag, f.read_only) for f in m.shared_folders),
         cloud_init=(
-            model.CloudInit(m.cloud_init.user_data, m.cloud_init.meta_data, m.cloud_init.network_config)
+            model.CloudInit(Secret(m.cloud_init.user_data), m.cloud_init.meta_data, m.cloud_init.network_config)
             if m.HasField("cloud_init")
             else None
         ),

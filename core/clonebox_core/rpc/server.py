@@ -3,6 +3,11 @@
 Every server and channel uses mTLS with the fleet's CA, except when ``insecure`` is asked for
 explicitly, which is allowed only on loopback addresses. Every server gets the guard interceptor
 (authentication, the policy table, error mapping), ``grpc.health.v1`` and server reflection.
+
+Tracing: every server has OpenTelemetry's aio server interceptor *outside* the guard (so the guard's log
+lines and observers run inside the server span, whose parent comes from the caller's W3C ``traceparent``
+metadata), and every channel has the matching client interceptors, which put the current context into
+that metadata. Health checks and reflection are not traced (``UNTRACED_SERVICES``).
 """
 
 from __future__ import annotations
@@ -17,11 +22,15 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, client_interceptor
+from opentelemetry.instrumentation.grpc.filters import any_of, negate, service_prefix
+from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
 
 from clonebox_core.errors import InvalidArgument
 from clonebox_core.rpc.auth import Authorizer
 from clonebox_core.rpc.status import CallObserver, ErrorInterceptor
 from clonebox_core.rpc.tls import TlsFiles, channel_credentials, server_credentials, server_only_credentials
+from clonebox_core.telemetry.tracing import UNTRACED_SERVICES, TracingObserver
 
 #: the largest message either side accepts; per-RPC request limits are tighter (see status.py)
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -36,6 +45,19 @@ _KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
 ]
+
+
+#: which calls get spans: everything but health checks and reflection
+_TRACED = negate(any_of(*(service_prefix(s) for s in UNTRACED_SERVICES)))
+
+
+def _aio_client_interceptors() -> list[Any]:
+    # the global TracerProvider, looked up per span (init_tracing may run after a channel is built)
+    return list(aio_client_interceptors(filter_=_TRACED))  # type: ignore[no-untyped-call]
+
+
+def _server_interceptor() -> Any:
+    return aio_server_interceptor(filter_=_TRACED)  # type: ignore[no-untyped-call]
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -146,7 +168,9 @@ async def start_server(
         authorizer = None  # the enrolment port: the join token authenticates, inside the RPC
     elif authorizer is None:
         authorizer = Authorizer(transport.tls.identity().trust_domain)
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(authorizer, observers)], options=_KEEPALIVE_OPTIONS)
+    # the first interceptor is the outermost: the span exists before the guard runs and ends after it
+    guard = ErrorInterceptor(authorizer, [*observers, TracingObserver()])
+    server = grpc.aio.server(interceptors=[_server_interceptor(), guard], options=_KEEPALIVE_OPTIONS)
     names: list[str] = []
     for add, servicer, name in registrations:
         add(servicer, server)
@@ -180,9 +204,12 @@ def aio_channel(target: str, transport: Transport, server_name: str | None = Non
     """An asyncio client channel to ``target`` (daemon to daemon), verifying ``server_name``."""
     if transport.tls is None:
         require_loopback(target)
-        return grpc.aio.insecure_channel(target, options=_KEEPALIVE_OPTIONS)
+        return grpc.aio.insecure_channel(target, options=_KEEPALIVE_OPTIONS, interceptors=_aio_client_interceptors())
     return grpc.aio.secure_channel(
-        target, channel_credentials(transport.tls), options=_KEEPALIVE_OPTIONS + _name_override(server_name)
+        target,
+        channel_credentials(transport.tls),
+        options=_KEEPALIVE_OPTIONS + _name_override(server_name),
+        interceptors=_aio_client_interceptors(),
     )
 
 
@@ -192,14 +219,20 @@ def bootstrap_channel(target: str, ca_pem: bytes, server_name: str) -> grpc.aio.
     Used once by a new host to enrol (it has a join token and the CA, not yet a certificate).
     """
     creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
-    return grpc.aio.secure_channel(target, creds, options=_KEEPALIVE_OPTIONS + _name_override(server_name))
+    return grpc.aio.secure_channel(
+        target, creds, options=_KEEPALIVE_OPTIONS + _name_override(server_name), interceptors=_aio_client_interceptors()
+    )
 
 
 def sync_channel(target: str, transport: Transport, server_name: str | None = None) -> grpc.Channel:
     """A blocking client channel to ``target`` (the CLI), verifying ``server_name``."""
     if transport.tls is None:
         require_loopback(target)
-        return grpc.insecure_channel(target, options=_KEEPALIVE_OPTIONS)
-    return grpc.secure_channel(
-        target, channel_credentials(transport.tls), options=_KEEPALIVE_OPTIONS + _name_override(server_name)
-    )
+        channel = grpc.insecure_channel(target, options=_KEEPALIVE_OPTIONS)
+    else:
+        channel = grpc.secure_channel(
+            target, channel_credentials(transport.tls), options=_KEEPALIVE_OPTIONS + _name_override(server_name)
+        )
+    interceptor = client_interceptor(filter_=_TRACED)  # type: ignore[no-untyped-call]
+    traced: grpc.Channel = intercept_channel(channel, interceptor)  # type: ignore[no-untyped-call]
+    return traced

@@ -31,6 +31,7 @@ from clonebox_core.errors import (
 from clonebox_core.rpc.auth import Authorizer
 from clonebox_core.security.identity import CALLER, Identity
 from clonebox_core.security.policy import authorize, max_request_bytes
+from clonebox_core.telemetry.logging import bind_call
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,8 @@ class _Guard:
         self._observers = observers
 
     def _admit(self, method: str, request: Any, context: Any) -> Identity | None:
+        # log lines of this call (and of the tasks it starts) carry its request id and resource name
+        bind_call(method, request)
         # the caller is known (and set) before authorization, so a refused call is still attributed
         if self._auth is None:
             _check_size(method, request)

@@ -88,15 +88,15 @@ def test_log_lines_name_the_caller() -> None:
     import json
     import logging
 
-    from clonebox_core.logs import JsonFormatter
     from clonebox_core.security.identity import CALLER
+    from clonebox_core.telemetry.logging import make_formatter
 
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "created %s", ("vm",), None)
-    fmt = JsonFormatter("test")
-    assert "caller" not in json.loads(fmt.format(record))
+    fmt = make_formatter("test", as_json=True)
+    assert "actor" not in json.loads(fmt.format(record))
     token = CALLER.set(make_identity("clonebox.test", "user", "alice", "operator"))
     try:
         line = json.loads(fmt.format(record))
     finally:
         CALLER.reset(token)
-    assert line["caller"] == "spiffe://clonebox.test/user/operator/alice" and line["msg"] == "created vm"
+    assert line["actor"] == "spiffe://clonebox.test/user/operator/alice" and line["event"] == "created vm"

@@ -1,5 +1,10 @@
 """
-One libvirt connection per adapter, reopened after libvirtd restarts, with call counting.
+One libvirt connection per adapter, reopened after libvirtd restarts, with call counting and tracing.
+
+Every libvirt call made through a ``Counted`` object is counted by name and runs inside a CLIENT span
+named after the libvirt C API (``virDomainDefineXML``, ``virConnectGetAllDomainStats``...) with the
+domain, pool or volume name as attributes. The spans are children of whatever span is current on the
+calling thread: the adapter runs its worker functions in a copy of the caller's context.
 
 libvirt delivers events, keepalives and close notifications only through a registered event loop
 implementation; it must be registered once per process before the first connection opens, and some
@@ -16,10 +21,13 @@ from collections.abc import Callable
 from typing import Any
 
 import libvirt
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from clonebox_agent.adapters.libvirt.errors import unavailable
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("clonebox_agent.adapters.libvirt")
 
 _event_lock = threading.Lock()
 # the one libvirt event thread of this process (a list, so no ``global`` statement is needed)
@@ -62,6 +70,75 @@ _WRAPPED_TYPES: tuple[type, ...] = tuple(
 )
 
 
+# C API names where the binding's method name does not give it by the prefix rule below
+_C_NAMES: dict[tuple[str, str], str] = {
+    ("virConnect", "lookupByName"): "virDomainLookupByName",
+    ("virConnect", "lookupByUUIDString"): "virDomainLookupByUUIDString",
+    ("virConnect", "defineXML"): "virDomainDefineXML",
+    ("virConnect", "createXML"): "virDomainCreateXML",
+    ("virConnect", "storagePoolLookupByName"): "virStoragePoolLookupByName",
+    ("virConnect", "storagePoolDefineXML"): "virStoragePoolDefineXML",
+    ("virConnect", "networkLookupByName"): "virNetworkLookupByName",
+    ("virConnect", "newStream"): "virStreamNew",
+    ("virConnect", "getInfo"): "virNodeGetInfo",
+    ("virConnect", "close"): "virConnectClose",
+    ("virDomain", "state"): "virDomainGetState",
+    ("virDomain", "info"): "virDomainGetInfo",
+    ("virDomain", "XMLDesc"): "virDomainGetXMLDesc",
+    ("virDomain", "metadata"): "virDomainGetMetadata",
+    ("virStoragePool", "XMLDesc"): "virStoragePoolGetXMLDesc",
+    ("virStoragePool", "info"): "virStoragePoolGetInfo",
+    ("virStoragePool", "createXML"): "virStorageVolCreateXML",
+    ("virStoragePool", "storageVolLookupByName"): "virStorageVolLookupByName",
+    ("virStorageVol", "path"): "virStorageVolGetPath",
+    ("virStorageVol", "info"): "virStorageVolGetInfo",
+}
+# span attribute for the name of what a C API function acts on, by its prefix
+_NAME_ATTRIBUTE = {
+    "virDomain": "libvirt.domain",
+    "virStoragePool": "libvirt.pool",
+    "virStorageVol": "libvirt.volume",
+    "virNetwork": "libvirt.network",
+}
+
+
+def c_api_name(kind: str, method: str) -> str:
+    """The libvirt C function behind method ``method`` of binding class ``kind``.
+
+    ``("virConnect", "listAllDomains")`` -> ``virConnectListAllDomains``.
+    """
+    return _C_NAMES.get((kind, method)) or kind + method[:1].upper() + method[1:]
+
+
+def _target_attributes(kind: str, obj: Any, api: str, args: tuple[Any, ...]) -> dict[str, str]:
+    # only names the binding holds locally or the caller passed: never an extra libvirt round trip
+    if kind in _NAME_ATTRIBUTE and kind == api[: len(kind)]:
+        return {_NAME_ATTRIBUTE[kind]: str(obj.name())}
+    if api.endswith("LookupByName") and args and isinstance(args[0], str):
+        for prefix, attribute in _NAME_ATTRIBUTE.items():
+            if api.startswith(prefix):
+                return {attribute: args[0]}
+    if kind == "virStoragePool" and api.startswith("virStorageVol"):
+        return {"libvirt.pool": str(obj.name())}
+    return {}
+
+
+def traced_call(kind: str, obj: Any, method: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn`` (the binding's ``obj.method``) inside a span named after its C API function."""
+    api = c_api_name(kind, method)
+    with tracer.start_as_current_span(api, kind=SpanKind.CLIENT) as span:
+        recording = span.is_recording()
+        named = False
+        if recording:
+            attributes = _target_attributes(kind, obj, api, args)
+            named = bool(attributes)
+            span.set_attributes({"rpc.system": "libvirt", **attributes})
+        result = fn(*args, **kwargs)
+        if recording and not named and type(result).__name__ == "virDomain":
+            span.set_attribute("libvirt.domain", str(result.name()))  # defineXML: the name is in the XML
+        return result
+
+
 class Counted:
     """
     A libvirt object whose method calls are counted by name (objects it returns are counted too).
@@ -86,10 +163,11 @@ class Counted:
         if name in _LOCAL_METHODS or name.startswith("_") or not callable(attr):
             return attr
         counter = self._counter
+        obj = self._obj
 
         def call(*args: Any, **kwargs: Any) -> Any:
             counter[name] += 1
-            return _wrap(attr(*args, **kwargs), counter)
+            return _wrap(traced_call(type(obj).__name__, obj, name, attr, *args, **kwargs), counter)
 
         return call
 
@@ -131,7 +209,9 @@ class Connection:
                 return self._wrapped
             self._drop_locked()
             try:
-                raw = libvirt.open(self.uri)
+                with tracer.start_as_current_span("virConnectOpen", kind=SpanKind.CLIENT) as span:
+                    span.set_attribute("libvirt.uri", self.uri)
+                    raw = libvirt.open(self.uri)
             except libvirt.libvirtError as exc:
                 raise unavailable(self.uri, exc) from None
             self._raw = raw

@@ -23,6 +23,7 @@ from clonebox_core.model import (
     SharedFolder,
     VmSpec,
 )
+from clonebox_core.secret import Secret
 
 #: XML namespace of CloneBox's domain metadata
 NAMESPACE = "https://clonebox.dev/xmlns/agent/1"
@@ -88,6 +89,9 @@ def spec_to_json(spec: VmSpec) -> str:
     """Stable JSON of a spec (enums by name)."""
     data = asdict(spec)
     data["network"]["mode"] = spec.network.mode.name
+    if spec.cloud_init is not None:
+        # the domain's metadata keeps the spec it was created from (as before): reveal only here
+        data["cloud_init"]["user_data"] = spec.cloud_init.user_data.reveal()
     return json.dumps({"version": SPEC_VERSION, "spec": data}, sort_keys=True, separators=(",", ":"))
 
 
@@ -111,7 +115,7 @@ def spec_from_json(text: str) -> VmSpec:
             libvirt_network=net.get("libvirt_network", "default"),
         ),
         shared_folders=tuple(SharedFolder(**x) for x in d.get("shared_folders", ())),
-        cloud_init=CloudInit(**ci) if ci is not None else None,
+        cloud_init=CloudInit(**{**ci, "user_data": Secret(ci.get("user_data", ""))}) if ci is not None else None,
         labels=tuple((k, v) for k, v in d.get("labels", ())),
     )
 

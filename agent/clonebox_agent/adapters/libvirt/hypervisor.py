@@ -11,9 +11,10 @@ Layout of what it makes (``storage_dir`` must be traversable by the QEMU user, s
 
 Every file and folder carries ``user.clonebox.owner=<vm>``; the domain carries ``<cb:owner>`` metadata.
 
-Every libvirt call runs on the adapter's own thread pool, never on the event loop. Each public method
-is one worker-thread function, so a cancelled caller cannot interrupt a create half way: the worker
-finishes or rolls back on its own.
+Every libvirt call runs on the adapter's own thread pool, never on the event loop (``_run``, the one
+place; in a copy of the caller's context, so libvirt spans and log lines belong to the RPC that caused
+them). Each public method is one worker-thread function, so a cancelled caller cannot interrupt a
+create half way: the worker finishes or rolls back on its own.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import contextvars
 import functools
 import hashlib
 import ipaddress
@@ -280,7 +282,10 @@ class LibvirtHypervisor:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+            # in a copy of the caller's context: libvirt spans are children of the RPC's span, and log
+            # lines of the worker carry the call's trace id, request id and actor
+            context = contextvars.copy_context()
+            return await loop.run_in_executor(self._executor, functools.partial(context.run, fn, *args))
         except CloneboxError:
             raise
         except libvirt.libvirtError as exc:

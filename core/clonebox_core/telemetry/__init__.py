@@ -1,0 +1,1 @@
+"""Telemetry of the daemons: traces, structured logs and Prometheus metrics."""
