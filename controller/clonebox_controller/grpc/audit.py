@@ -5,10 +5,11 @@ from __future__ import annotations
 import base64
 import dataclasses
 from collections.abc import AsyncIterator
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 from clonebox.controller.v1 import audit_service_pb2, audit_service_pb2_grpc
+from google.protobuf import timestamp_pb2
 
 from clonebox_controller.app.audit import AuditLog
 from clonebox_core.audit.chain import AuditFilter
@@ -21,6 +22,8 @@ from clonebox_core.security.policy import audit_action
 Ctx: TypeAlias = Any
 
 MAX_PAGE = 1000
+#: sequence numbers are 64-bit signed integers in the database
+MAX_SEQ = 2**63 - 1
 
 #: which request field names the resource of each kind of action
 _RESOURCE_FIELDS: dict[str, tuple[str, str]] = {
@@ -44,7 +47,7 @@ def resource_of(action: str, request: Any) -> str:
         value = str(getattr(request, name, "") or "")
         if value:
             break
-    if not value and kind == "vm" and request is not None and request.HasField("spec"):
+    if not value and kind == "vm" and request is not None and "spec" in request.DESCRIPTOR.fields_by_name:
         value = request.spec.name
     return f"{collection}/{value[:128]}" if value else collection
 
@@ -76,11 +79,20 @@ class AuditCallObserver:
         await self._audit.record([event])
 
 
+def _time(ts: timestamp_pb2.Timestamp, field: str) -> datetime:
+    try:
+        return ts.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError, OSError):
+        raise InvalidArgument(
+            f"{field}: not a valid time (years 1..9999)", reason="INVALID_FIELD", metadata={"field": field}
+        ) from None
+
+
 def _filter(msg: audit_service_pb2.AuditFilter) -> AuditFilter:
     outcome = convert_audit.outcome_from_pb(msg.outcome)
     return AuditFilter(
-        since=msg.since.ToDatetime(tzinfo=UTC) if msg.HasField("since") else None,
-        until=msg.until.ToDatetime(tzinfo=UTC) if msg.HasField("until") else None,
+        since=_time(msg.since, "filter.since") if msg.HasField("since") else None,
+        until=_time(msg.until, "filter.until") if msg.HasField("until") else None,
         actor=msg.actor,
         action=msg.action,
         resource=msg.resource,
@@ -96,7 +108,7 @@ def _decode_token(token: str) -> int:
     try:
         text = base64.urlsafe_b64decode(token.encode()).decode()
         prefix, _, seq = text.partition(":")
-        if prefix == "audit" and seq.isdigit() and _encode_token(int(seq)) == token:
+        if prefix == "audit" and seq.isdigit() and int(seq) <= MAX_SEQ and _encode_token(int(seq)) == token:
             return int(seq)
     except (ValueError, UnicodeDecodeError):
         pass
@@ -145,6 +157,10 @@ class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
         self, request: audit_service_pb2.WatchAuditRequest, context: Ctx
     ) -> AsyncIterator[audit_service_pb2.WatchAuditResponse]:
         """See the proto."""
+        if request.after_seq > MAX_SEQ:
+            raise InvalidArgument(
+                f"after_seq: at most {MAX_SEQ}", reason="INVALID_FIELD", metadata={"field": "after_seq"}
+            )
         async for record in self._audit.watch(_filter(request.filter), request.after_seq):
             yield audit_service_pb2.WatchAuditResponse(record=convert_audit.record_to_pb(record))
 
@@ -169,7 +185,7 @@ class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
         self, request: audit_service_pb2.ExportAuditRequest, context: Ctx
     ) -> AsyncIterator[audit_service_pb2.ExportAuditResponse]:
         """See the proto."""
-        before = request.before.ToDatetime(tzinfo=UTC) if request.HasField("before") else None
+        before = _time(request.before, "before") if request.HasField("before") else None
         start, records = await self._audit.export(before)
         first = True
         for record in records:

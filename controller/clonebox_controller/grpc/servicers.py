@@ -50,9 +50,17 @@ def _agent_events(batch: host_service_pb2.AuditBatch) -> list[AuditEvent]:
             f"audit.events: at most {MAX_AUDIT_BATCH} events per message", reason="AUDIT_BATCH_TOO_LARGE"
         )
     try:
-        return [convert_audit.event_from_pb(e) for e in batch.events]
+        events = [convert_audit.event_from_pb(e) for e in batch.events]
     except ValueError as exc:
         raise InvalidArgument(f"audit.events: {exc}", reason="INVALID_AUDIT_EVENT") from None
+    for event in events:
+        # the chain's columns are bounded: refuse rather than let the database cut or fail
+        if len(event.id) > 64 or len(event.action) > 64 or len(event.trace_id) > 32 or len(event.details) > 32:
+            raise InvalidArgument(
+                "audit.events: id and action are at most 64 characters, trace_id 32, details 32 entries",
+                reason="INVALID_AUDIT_EVENT",
+            )
+    return events
 
 
 class HostServicer(host_service_pb2_grpc.HostServiceServicer):

@@ -54,9 +54,13 @@ def event_from_pb(msg: audit_pb2.AuditEvent) -> AuditEvent:
     outcome = outcome_from_pb(msg.outcome)
     if not msg.id or not msg.action or outcome is None:
         raise ValueError("audit event needs an id, an action and an outcome")
+    try:
+        when = msg.time.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError, OSError):
+        raise ValueError("audit event time is out of range") from None
     return AuditEvent(
         id=msg.id,
-        time=msg.time.ToDatetime(tzinfo=UTC),
+        time=when,
         actor=msg.actor,
         action=msg.action,
         resource=msg.resource,
@@ -98,4 +102,5 @@ def head_from_pb(msg: audit_pb2.AuditHead) -> Head | None:
         mac = bytes.fromhex(msg.mac)
     except ValueError:
         return None
-    return Head(msg.seq, mac) if len(mac) == 32 else None
+    # sequence numbers are 64-bit signed in the database
+    return Head(msg.seq, mac) if len(mac) == 32 and msg.seq < 2**63 else None

@@ -13,7 +13,7 @@ that metadata. Health checks and reflection are not traced (``UNTRACED_SERVICES`
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,12 +52,52 @@ _TRACED = negate(any_of(*(service_prefix(s) for s in UNTRACED_SERVICES)))
 
 
 def _aio_client_interceptors() -> list[Any]:
-    # the global TracerProvider, looked up per span (init_tracing may run after a channel is built)
-    return list(aio_client_interceptors(filter_=_TRACED))  # type: ignore[no-untyped-call]
+    # the global TracerProvider, looked up per span (init_tracing may run after a channel is built).
+    # Client-streaming calls (only the agent's long-lived Connect session) are left out: the
+    # instrumentation wraps the request iterator in a generator that gRPC abandons while it runs
+    # when the server ends the call early, and asyncio then logs errors; a session-long span says
+    # nothing anyway.
+    streaming = (grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor)
+    return [
+        i
+        for i in aio_client_interceptors(filter_=_TRACED)  # type: ignore[no-untyped-call]
+        if not isinstance(i, streaming)
+    ]
 
 
 def _server_interceptor() -> Any:
-    return aio_server_interceptor(filter_=_TRACED)  # type: ignore[no-untyped-call]
+    return _TracingInterceptor()
+
+
+class _TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpcio has no stubs
+    """Server spans: OpenTelemetry's interceptor for unary responses; the guard opens them for streams.
+
+    The instrumentation attaches the span's context around a streaming handler's ``yield`` and detaches
+    it when the generator closes; a client that cancels a stream makes gRPC close the generator from
+    another context, the detach fails and OpenTelemetry logs an error on every cancelled watch. The
+    guard (``rpc/status.py``) therefore opens the span of a streamed response itself, in the generator
+    it already runs, and never detaches a context across a ``yield``.
+    """
+
+    def __init__(self) -> None:
+        self._otel = aio_server_interceptor(filter_=_TRACED)  # type: ignore[no-untyped-call]
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        """Trace the call unless it is a health check or reflection."""
+        handler = await continuation(handler_call_details)
+        if handler is None or not _TRACED(handler_call_details):
+            return handler
+        if handler.unary_stream or handler.stream_stream:
+            return handler
+
+        async def known(_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+            return handler
+
+        return await self._otel.intercept_service(known, handler_call_details)
 
 
 def split_host_port(address: str) -> tuple[str, int]:

@@ -32,6 +32,7 @@ from clonebox_core.rpc.auth import Authorizer
 from clonebox_core.security.identity import CALLER, Identity
 from clonebox_core.security.policy import authorize, max_request_bytes
 from clonebox_core.telemetry.logging import bind_call
+from clonebox_core.telemetry.tracing import start_stream_span
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +252,7 @@ class _Guard:
             started = time.perf_counter()
             CALLER.set(None)
             failure: CloneboxError | None = None
+            span = start_stream_span(method, context.invocation_metadata() or ())
             try:
                 # streams are long-lived (watches, agent sessions): they hold no concurrency slot
                 self._admit(method, request, context)
@@ -265,6 +267,8 @@ class _Guard:
                 failure = _internal(method, exc)
             finally:
                 await self._report(method, request, started, failure)
+                if span is not None:
+                    span.end()
             if failure is not None:
                 await _abort(context, failure)
 

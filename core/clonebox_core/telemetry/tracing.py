@@ -25,12 +25,13 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry import trace
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
@@ -214,3 +215,25 @@ _GRPC_CODES = {
     "DATA_LOSS": 15,
     "UNAUTHENTICATED": 16,
 }
+
+
+def start_stream_span(method: str, metadata: Iterable[tuple[str, Any]]) -> Span | None:
+    """Open the server span of a streamed-response call and make it current for the call's task.
+
+    Returns None for untraced services (health, reflection). The context is attached and never
+    detached: the call's task ends with the call, and detaching after a ``yield`` fails when gRPC
+    closes the stream from another context (a client cancelling a watch). The caller ends the span.
+    """
+    full = method.lstrip("/")
+    service, _, name = full.rpartition("/")
+    if service.startswith(UNTRACED_SERVICES):
+        return None
+    parent = propagate.extract({k: v for k, v in metadata if isinstance(v, str)})
+    span = trace.get_tracer("clonebox_core.rpc").start_span(
+        full,
+        context=parent,
+        kind=SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+    )
+    otel_context.attach(trace.set_span_in_context(span, parent))
+    return span
