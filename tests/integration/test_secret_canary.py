@@ -104,9 +104,10 @@ async def test_a_canary_in_user_data_appears_only_where_it_must(
     assert any(r.event.request_id == "bad" for r in records)  # ...and so was the rejected one
     exported = [r async for r in audit.ExportAudit(audit_service_pb2.ExportAuditRequest())]
 
-    metrics = generate_latest(fleet.controller.metrics.registry).decode() + generate_latest(
-        fleet.agents["h1"].metrics.registry
-    ).decode()
+    metrics = (
+        generate_latest(fleet.controller.metrics.registry).decode()
+        + generate_latest(fleet.agents["h1"].metrics.registry).decode()
+    )
 
     places = {
         "logs": logs.getvalue(),
