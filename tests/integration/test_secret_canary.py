@@ -5,21 +5,19 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Iterator
+from typing import cast
 
 import grpc
 import grpc.aio
 import pytest
 from clonebox.controller.v1 import audit_service_pb2, audit_service_pb2_grpc, vm_service_pb2
 from clonebox.type.v1 import vm_pb2
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import generate_latest
 
 from clonebox_core.model import Resources
 from clonebox_core.telemetry.logging import make_formatter
-from clonebox_core.telemetry.tracing import init_tracing
+from tests.conftest import memory_span_exporter
 from tests.integration.conftest import Fleet
 from tests.integration.test_fleet import create
 
@@ -31,12 +29,7 @@ SMALL = Resources(vcpus=4, memory_mib=4096, disk_mib=100_000)
 
 @pytest.fixture
 def spans() -> Iterator[InMemorySpanExporter]:
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = init_tracing("clonebox-test")
-    assert isinstance(provider, TracerProvider)
-    memory = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
+    memory = cast(InMemorySpanExporter, memory_span_exporter())
     yield memory
     memory.shutdown()
 

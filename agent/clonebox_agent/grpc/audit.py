@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from clonebox_agent.journal.store import Journal
-from clonebox_core.audit.event import new_event, outcome_of_code
+from clonebox_core.audit.event import failed_call_event
 from clonebox_core.rpc.status import CallRecord
 from clonebox_core.security.policy import audit_action
 
@@ -38,15 +38,8 @@ class AgentAuditObserver:
         action = audit_action(record.method)
         if action is None or record.code == "OK":
             return
-        request = record.request
-        name = _vm_name(request)
-        event = new_event(
-            action,
-            f"hosts/{self._host}/vms/{name}" if name else f"hosts/{self._host}",
-            outcome_of_code(record.code),
-            request_id=str(getattr(request, "request_id", "") or "")[:128],
-            reason=record.reason or record.code,
-            origin=f"agent/{self._host}",
-            details={"code": record.code},
-        )
+        name = _vm_name(record.request)
+        resource = f"hosts/{self._host}/vms/{name}" if name else f"hosts/{self._host}"
+        origin = f"agent/{self._host}"
+        event = failed_call_event(action, resource, record.code, record.reason, record.request, origin)
         await asyncio.to_thread(self._journal.add_events, [event])

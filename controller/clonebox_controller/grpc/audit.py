@@ -13,7 +13,7 @@ from google.protobuf import timestamp_pb2
 
 from clonebox_controller.app.audit import AuditLog
 from clonebox_core.audit.chain import AuditFilter
-from clonebox_core.audit.event import new_event, outcome_of_code
+from clonebox_core.audit.event import failed_call_event
 from clonebox_core.errors import InvalidArgument
 from clonebox_core.rpc import convert_audit
 from clonebox_core.rpc.status import CallRecord
@@ -67,15 +67,8 @@ class AuditCallObserver:
         action = audit_action(record.method)
         if action is None or record.code == "OK":
             return
-        request = record.request
-        event = new_event(
-            action,
-            resource_of(action, request),
-            outcome_of_code(record.code),
-            request_id=str(getattr(request, "request_id", "") or "")[:128],
-            reason=record.reason or record.code,
-            details={"code": record.code},
-        )
+        resource = resource_of(action, record.request)
+        event = failed_call_event(action, resource, record.code, record.reason, record.request, "controller")
         await self._audit.record([event])
 
 

@@ -10,9 +10,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from opentelemetry import trace
-
 from clonebox_core.security.identity import current_caller
+from clonebox_core.telemetry.tracing import span_ids
 
 #: actor of changes nobody asked for over an RPC (recovery, the operation runner after a restart)
 SYSTEM_ACTOR = "system"
@@ -127,8 +126,8 @@ class AuditEvent:
 
 def current_trace_id() -> str:
     """Hex trace id of the active span ("" outside traces)."""
-    ctx = trace.get_current_span().get_span_context()
-    return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+    ids = span_ids()
+    return ids[0] if ids else ""
 
 
 def current_actor() -> str:
@@ -170,4 +169,17 @@ def new_event(
         reason=reason,
         origin=origin,
         details=_clean_details(details),
+    )
+
+
+def failed_call_event(action: str, resource: str, code: str, reason: str, request: object, origin: str) -> AuditEvent:
+    """The record of a mutation call that ended with gRPC status ``code`` (rejected or failed)."""
+    return new_event(
+        action,
+        resource,
+        outcome_of_code(code),
+        request_id=str(getattr(request, "request_id", "") or "")[:128],
+        reason=reason or code,
+        origin=origin,
+        details={"code": code},
     )

@@ -118,14 +118,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def require_loopback(address: str) -> None:
-    """Plaintext (``insecure``) gRPC is allowed on loopback only."""
+def require_loopback(address: str, *, field: str = "address", what: str = "gRPC (--insecure)") -> None:
+    """Plaintext (``insecure``) is allowed on loopback only: gRPC, and the metrics endpoint (``what``)."""
     host, _ = split_host_port(address)
     if not is_loopback(host):
         raise InvalidArgument(
-            f"address {address!r}: plaintext gRPC (--insecure) is only allowed on loopback "
+            f"{field} {address!r}: plaintext {what} is only allowed on loopback "
             "(127.0.0.1, [::1], localhost); configure TLS files for anything else",
             reason="PLAINTEXT_NOT_LOOPBACK",
+            metadata={"field": field} if field != "address" else {},
         )
 
 

@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import MetricsHandler
 
 from clonebox_core.errors import FailedPrecondition, InvalidArgument
-from clonebox_core.rpc.server import Transport, is_loopback, split_host_port
+from clonebox_core.rpc.server import Transport, require_loopback, split_host_port
 from clonebox_core.rpc.tls import TlsFiles
 
 log = logging.getLogger(__name__)
@@ -66,14 +66,7 @@ def rpc_method_paths(service_names: Iterable[str]) -> list[str]:
 
 def require_loopback_metrics(address: str) -> None:
     """Plaintext (``insecure``) metrics are allowed on loopback only, like plaintext gRPC."""
-    host, _ = split_host_port(address)
-    if not is_loopback(host):
-        raise InvalidArgument(
-            f"metrics_listen {address!r}: plaintext metrics (insecure) are only allowed on loopback "
-            "(127.0.0.1, [::1], localhost); configure TLS files for anything else",
-            reason="PLAINTEXT_NOT_LOOPBACK",
-            metadata={"field": "metrics_listen"},
-        )
+    require_loopback(address, field="metrics_listen", what="metrics (insecure)")
 
 
 def check_metrics_listen(address: str, insecure: bool) -> None:

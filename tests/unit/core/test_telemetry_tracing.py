@@ -12,7 +12,7 @@ import io
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import grpc.aio
@@ -20,8 +20,7 @@ import pytest
 from clonebox.controller.v1 import vm_service_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -29,6 +28,7 @@ from clonebox_core.errors import NotFound
 from clonebox_core.rpc.server import ServerHandle, Transport, aio_channel, start_server, sync_channel
 from clonebox_core.telemetry.logging import make_formatter
 from clonebox_core.telemetry.tracing import export_endpoint, init_tracing, shutdown_tracing, span_ids
+from tests.conftest import memory_span_exporter
 
 pytestmark = pytest.mark.unit
 
@@ -38,12 +38,7 @@ Req = vm_service_pb2.GetVmRequest
 
 @pytest.fixture(scope="module")
 def exporter() -> Iterator[InMemorySpanExporter]:
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = init_tracing("clonebox-test")
-    assert isinstance(provider, TracerProvider)
-    memory = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
+    memory = cast(InMemorySpanExporter, memory_span_exporter())
     yield memory
     memory.shutdown()
 
