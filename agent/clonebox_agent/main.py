@@ -94,7 +94,11 @@ class Agent:
         # until enrolment has produced the files, the transport is built in start()
         self.transport = Transport(None, insecure=True) if self._needs_enrolment else self._load_transport()
         self.trust_domain = trust_domain_of(self.transport)
-        self.journal = Journal(Path(config.state_dir) / "journal.db")
+        self.metrics = Metrics()
+        self.journal = Journal(
+            Path(config.state_dir) / "journal.db",
+            on_audit_append=lambda seconds: self.metrics.observe_audit_append("outbox", seconds),
+        )
         self._revoked = self.journal.revoked()
         #: ids of forwarded audit events not yet acknowledged (one batch in flight per session)
         self._audit_in_flight: set[str] = set()
@@ -107,7 +111,6 @@ class Agent:
             event_history=config.event_history,
             cpu_allocation_ratio=config.cpu_allocation_ratio,
         )
-        self.metrics = Metrics()
         self.metrics.track_vms(self._vm_counts)
         self.metrics_server: MetricsServer | None = None
         self.server: ServerHandle | None = None

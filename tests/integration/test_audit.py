@@ -17,6 +17,7 @@ from clonebox.controller.v1 import (
     vm_service_pb2_grpc,
 )
 from clonebox.type.v1 import audit_pb2, vm_pb2
+from prometheus_client import generate_latest
 
 from clonebox_agent.main import Agent
 from clonebox_controller.main import Controller
@@ -69,6 +70,18 @@ async def test_a_create_is_recorded_by_controller_and_agent_with_the_caller(flee
     assert one.event == accepted and len(one.mac) == 64
     verdict = await audit_stub(fleet).VerifyAudit(audit_service_pb2.VerifyAuditRequest())
     assert verdict.ok and verdict.checked >= 3 and "the head file" in verdict.witnesses
+    # audit write latency is measured on both sides
+    controller_metrics = generate_latest(fleet.controller.metrics.registry).decode()
+    agent_metrics = generate_latest(fleet.agents["h1"].metrics.registry).decode()
+    assert _count(controller_metrics, 'clonebox_audit_append_seconds_count{store="sql"}') >= 2
+    assert _count(agent_metrics, 'clonebox_audit_append_seconds_count{store="outbox"}') >= 1
+
+
+def _count(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{series} not exported")
 
 
 async def test_refused_and_invalid_mutations_are_recorded_with_their_reason(fleet: Fleet) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,9 @@ CREATE TABLE IF NOT EXISTS audit_outbox (
 class Journal:
     """Small synchronous SQLite journal; calls are short and guarded by one lock."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, on_audit_append: Callable[[float], None] | None = None) -> None:
+        """Open (or create) the journal at ``path``; ``on_audit_append`` hears each outbox write's seconds."""
+        self._on_audit_append = on_audit_append
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
@@ -75,6 +79,7 @@ class Journal:
 
         Both land in one transaction: an answered request always has its event in the outbox.
         """
+        started = time.perf_counter()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -89,12 +94,15 @@ class Journal:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+        if audit is not None:
+            self._appended(started)
 
     def _add_event(self, event: AuditEvent) -> None:
         self._db.execute("INSERT OR IGNORE INTO audit_outbox(id, event) VALUES(?, ?)", (event.id, event.dumps()))
 
     def add_events(self, events: list[AuditEvent]) -> None:
         """Put events in the outbox (durably) on their own."""
+        started = time.perf_counter()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -104,6 +112,11 @@ class Journal:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+        self._appended(started)
+
+    def _appended(self, started: float) -> None:
+        if self._on_audit_append is not None:
+            self._on_audit_append(time.perf_counter() - started)
 
     def pending_events(self, limit: int = 100) -> list[AuditEvent]:
         """The oldest events not yet acknowledged by the controller."""
