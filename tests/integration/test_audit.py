@@ -233,3 +233,28 @@ async def test_an_agent_restarted_while_the_controller_is_down_delivers_its_outb
     assert witness is not None and witness[0] >= max(r.seq for r in recs)
     verdict = await audit_stub(fleet).VerifyAudit(audit_service_pb2.VerifyAuditRequest())
     assert verdict.ok, verdict.problem
+
+
+def test_forwarded_batches_are_checked_event_by_event() -> None:
+    from clonebox.controller.v1 import host_service_pb2
+    from google.protobuf import timestamp_pb2
+
+    from clonebox_controller.grpc.servicers import MAX_AUDIT_BATCH, _agent_events
+
+    now = timestamp_pb2.Timestamp()
+    now.GetCurrentTime()
+    good = audit_pb2.AuditEvent(
+        id="e1", time=now, action="vm.delete", resource="hosts/h1/vms/a", outcome=audit_pb2.AUDIT_OUTCOME_SUCCEEDED
+    )
+    bad = audit_pb2.AuditEvent(id="e2", action="vm.delete", outcome=99)  # an outcome that does not exist
+    long_id = audit_pb2.AuditEvent(id="x" * 65, action="vm.start", outcome=audit_pb2.AUDIT_OUTCOME_SUCCEEDED)
+    events, acks = _agent_events("h1", host_service_pb2.AuditBatch(events=[good, bad, long_id]))
+    assert acks == ["e1", "e2", "x" * 65]  # nothing comes back forever...
+    assert events[0].id == "e1" and events[0].action == "vm.delete"
+    # ...and nothing malformed is dropped silently: it is replaced by a record saying so
+    assert [(e.action, e.reason, e.details["event_id"]) for e in events[1:]] == [
+        ("audit.malformed_event", "INVALID_AUDIT_EVENT", "e2"),
+        ("audit.malformed_event", "INVALID_AUDIT_EVENT", "x" * 64),
+    ]
+    many = host_service_pb2.AuditBatch(events=[good] * (MAX_AUDIT_BATCH + 5))
+    assert len(_agent_events("h1", many)[1]) == MAX_AUDIT_BATCH

@@ -60,14 +60,12 @@ class AuditLog:
         self._appended.set()
         return head
 
-    async def from_agent(self, host: str, events: Sequence[AuditEvent]) -> list[str]:
-        """Append events an agent forwarded; returns the ids now durably in the chain (to acknowledge).
+    async def from_agent(self, host: str, events: Sequence[AuditEvent]) -> None:
+        """Append events an agent forwarded (durably, before they are acknowledged).
 
         The origin is set from the authenticated session, so an agent cannot speak for another.
         """
-        stamped = [e.with_origin(f"agent/{host}") for e in events]
-        await self.record(stamped)
-        return [e.id for e in stamped]
+        await self.record([e.with_origin(f"agent/{host}") for e in events])
 
     async def head(self) -> Head:
         """The chain head as the database records it."""

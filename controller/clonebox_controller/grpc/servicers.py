@@ -44,23 +44,34 @@ _MAX_PAGE = 1000
 MAX_AUDIT_BATCH = 100
 
 
-def _agent_events(batch: host_service_pb2.AuditBatch) -> list[AuditEvent]:
-    if len(batch.events) > MAX_AUDIT_BATCH:
-        raise InvalidArgument(
-            f"audit.events: at most {MAX_AUDIT_BATCH} events per message", reason="AUDIT_BATCH_TOO_LARGE"
-        )
-    try:
-        events = [convert_audit.event_from_pb(e) for e in batch.events]
-    except ValueError as exc:
-        raise InvalidArgument(f"audit.events: {exc}", reason="INVALID_AUDIT_EVENT") from None
-    for event in events:
-        # the chain's columns are bounded: refuse rather than let the database cut or fail
-        if len(event.id) > 64 or len(event.action) > 64 or len(event.trace_id) > 32 or len(event.details) > 32:
-            raise InvalidArgument(
-                "audit.events: id and action are at most 64 characters, trace_id 32, details 32 entries",
+def _agent_events(host: str, batch: host_service_pb2.AuditBatch) -> tuple[list[AuditEvent], list[str]]:
+    """The events to append for a forwarded batch, and the ids to acknowledge.
+
+    A malformed event (from a buggy agent) must neither end the session nor come back forever: it is
+    replaced by a record saying so (``audit.malformed_event``, with what was wrong) and acknowledged.
+    Events past ``MAX_AUDIT_BATCH`` are left unacknowledged; the agent sends them again.
+    """
+    events: list[AuditEvent] = []
+    acks: list[str] = []
+    for msg in list(batch.events)[:MAX_AUDIT_BATCH]:
+        try:
+            event = convert_audit.event_from_pb(msg)
+            # the chain's columns are bounded: refuse rather than let the database cut or fail
+            if len(event.id) > 64 or len(event.action) > 64 or len(event.trace_id) > 32 or len(event.details) > 32:
+                raise ValueError("id and action are at most 64 characters, trace_id 32, details 32 entries")
+        except ValueError as exc:
+            log.warning("agent %s forwarded a malformed audit event: %s", host, exc)
+            event = new_event(
+                "audit.malformed_event",
+                f"hosts/{host}",
+                Outcome.REJECTED,
                 reason="INVALID_AUDIT_EVENT",
+                actor=f"agent/{host}",
+                details={"error": str(exc), "event_id": msg.id[:64]},
             )
-    return events
+        events.append(event)
+        acks.append(msg.id)
+    return events, acks
 
 
 class HostServicer(host_service_pb2_grpc.HostServiceServicer):
@@ -132,9 +143,9 @@ class HostServicer(host_service_pb2_grpc.HostServiceServicer):
                     )
                     yield await self._session_reply(host)
                 elif msg.HasField("audit") and self._audit is not None:
-                    events = _agent_events(msg.audit)
-                    acked = await self._audit.from_agent(reg.name, events)
-                    yield await self._session_reply(host, acked)
+                    events, acks = _agent_events(reg.name, msg.audit)
+                    await self._audit.from_agent(reg.name, events)
+                    yield await self._session_reply(host, acks)
         finally:
             await self._registry.disconnected(reg.name, session)
 
