@@ -12,7 +12,7 @@ import logging
 import signal
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -20,6 +20,7 @@ import grpc.aio
 from clonebox.agent.v1 import agent_pb2, agent_pb2_grpc
 from clonebox.controller.v1 import host_service_pb2, host_service_pb2_grpc
 
+from clonebox_agent import faultinject
 from clonebox_agent.app.service import AgentService
 from clonebox_agent.config import AgentConfig
 from clonebox_agent.credentials import enroll, renew_forever
@@ -63,12 +64,14 @@ log = logging.getLogger("clonebox_agent")
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 
 
-def build_hypervisor(config: AgentConfig) -> Hypervisor:
-    """The adapter the config asks for."""
+def build_hypervisor(config: AgentConfig, step_hook: Callable[[str], None] | None = None) -> Hypervisor:
+    """The adapter the config asks for (``step_hook``: the fault-injection hook, see ``faultinject``)."""
     if config.hypervisor == "fake":
         from clonebox_agent.adapters.fake import FakeHypervisor
 
-        return FakeHypervisor(host_name=config.name, storage_dir=config.storage_dir, image_dirs=config.image_dirs)
+        return FakeHypervisor(
+            host_name=config.name, storage_dir=config.storage_dir, image_dirs=config.image_dirs, step_hook=step_hook
+        )
     from clonebox_agent.adapters.libvirt import LibvirtHypervisor
 
     return LibvirtHypervisor(
@@ -78,6 +81,7 @@ def build_hypervisor(config: AgentConfig) -> Hypervisor:
         domain_type=config.domain_type,
         # several agents may share one libvirtd (tests, benchmarks, dev): each lists only its own domains
         owner=config.name,
+        step_hook=step_hook,
     )
 
 
@@ -102,14 +106,16 @@ class Agent:
         self._revoked = self.journal.revoked()
         #: ids of forwarded audit events not yet acknowledged (one batch in flight per session)
         self._audit_in_flight: set[str] = set()
+        step_hook = faultinject.hook_from_env()
         self.service = AgentService(
             config.name,
-            hypervisor if hypervisor is not None else build_hypervisor(config),
+            hypervisor if hypervisor is not None else build_hypervisor(config, step_hook),
             self.journal,
             reserve=Resources(config.reserve.vcpus, config.reserve.memory_mib, config.reserve.disk_mib),
             stop_timeout_seconds=config.stop_timeout_seconds,
             event_history=config.event_history,
             cpu_allocation_ratio=config.cpu_allocation_ratio,
+            step_hook=step_hook,
         )
         self.metrics.track_vms(self._vm_counts)
         self.metrics_server: MetricsServer | None = None

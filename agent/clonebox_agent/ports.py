@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import builtins
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -72,6 +72,51 @@ class HypervisorEvent:
 EventSink = Callable[[HypervisorEvent], None]
 
 
+class StepState(enum.StrEnum):
+    """Where one step of a transaction stands."""
+
+    PLANNED = "planned"  # recorded with its undo, about to act (a crash here leaves at most an orphan)
+    DONE = "done"  # acted; the identity of what it made is recorded
+    UNDONE = "undone"  # rolled back (or there was nothing of it to remove)
+    UNDO_FAILED = "undo_failed"  # the undo raised; the artifact may remain (the sweep reports it)
+
+
+@dataclass(frozen=True)
+class TxnStep:
+    """One step of a journaled transaction: how to undo it, and what it made."""
+
+    n: int
+    name: str
+    undo: Mapping[str, str]
+    identity: Mapping[str, str] | None
+    state: StepState
+
+
+class StepLog(Protocol):
+    """Where an adapter records each step of a multi-artifact change, before and after it acts.
+
+    Calls are synchronous (adapters call them from their worker threads) and durable when they
+    return: ``planned`` before the step acts, ``made`` right after, with the identity (inode, volume
+    key, domain UUID) that undo checks, so that undo never removes something it did not make.
+    """
+
+    def planned(self, name: str, undo: Mapping[str, str]) -> int:
+        """Record step ``name`` with how to undo it; returns its number."""
+        ...
+
+    def made(self, n: int, identity: Mapping[str, str]) -> None:
+        """Record what step ``n`` made."""
+        ...
+
+    def undone(self, n: int, ok: bool) -> None:
+        """Record that step ``n`` was rolled back (``ok``) or that its undo failed."""
+        ...
+
+    def steps(self) -> list[TxnStep]:
+        """Every step recorded so far, in order."""
+        ...
+
+
 class Hypervisor(Protocol):
     """Everything the agent's use cases need from a hypervisor.
 
@@ -98,11 +143,28 @@ class Hypervisor(Protocol):
         """Capacity and hypervisor details; ``serving=False`` (not an exception) when it is down."""
         ...
 
-    async def create(self, spec: VmSpec, *, start: bool) -> DomainRecord:
+    async def create(self, spec: VmSpec, *, start: bool, steps: StepLog | None = None) -> DomainRecord:
         """Make disks, seed ISO and domain, and start it when asked.
 
-        All or nothing: on any failure everything made so far is removed before the error is raised.
-        Raises AlreadyExists when a domain of that name exists.
+        Every artifact is a step recorded in ``steps`` (an in-memory log when None) before and after it
+        is made. All or nothing: on any failure the recorded steps are undone in reverse order (with
+        ``undo_step``) before the error is raised. Raises AlreadyExists when a domain of that name exists.
+        """
+        ...
+
+    async def orphans(self, keep: Iterable[str] = ()) -> dict[str, builtins.list[str]]:
+        """Owned volumes and files of VMs without a domain (except those in ``keep``), by VM name.
+
+        Such leftovers come from a crash between making files and defining the domain; ``delete(vm)``
+        removes them.
+        """
+        ...
+
+    async def undo_step(self, undo: Mapping[str, str], identity: Mapping[str, str] | None) -> str:
+        """Remove what one recorded step made, only if it is still the same artifact.
+
+        Returns what was removed ("" when nothing was: already gone, never made, or replaced by
+        something else, which is left alone). Used by rollback after an error and by crash recovery.
         """
         ...
 

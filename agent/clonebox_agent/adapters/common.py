@@ -10,14 +10,19 @@ Pieces both hypervisor adapters share, so the fake and libvirt cannot drift apar
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from clonebox_agent.ports import Capability
+from clonebox_agent.ports import Capability, StepLog, StepState, TxnStep
 from clonebox_core.errors import InvalidArgument
+
+_log = logging.getLogger(__name__)
 
 #: what real QEMU on a local libvirtd declares (and so, by default, the fake)
 QEMU_CAPABILITIES: frozenset[Capability] = frozenset(Capability)
@@ -172,6 +177,23 @@ class Inventory:
         """Tell whether nothing is owned."""
         return not (self.domains or self.volumes or self.files)
 
+    def orphans(self, prefix: str, keep: Iterable[str] = ()) -> dict[str, list[str]]:
+        """Volumes and marked files of VMs that have no domain (and are not in ``keep``), by VM name.
+
+        ``prefix`` is the adapter's domain name prefix. A volume belongs to the VM its name starts with
+        (``{prefix}{vm}.``); a file to the VM its mark names.
+        """
+        live = {d.removeprefix(prefix) for d in self.domains if d.startswith(prefix)} | set(keep)
+        out: dict[str, list[str]] = {}
+        for volume in self.volumes:
+            vm = volume.removeprefix(prefix).split(".", 1)[0]
+            if volume.startswith(prefix) and vm not in live:
+                out.setdefault(vm, []).append(volume)
+        for path, vm in self.files:
+            if vm not in live:
+                out.setdefault(vm, []).append(path)
+        return out
+
 
 def marked_files(root: str) -> tuple[tuple[str, str], ...]:
     """(path, owner) of every marked path under ``root``."""
@@ -185,3 +207,74 @@ def marked_files(root: str) -> tuple[tuple[str, str], ...]:
             if owner is not None:
                 out.append((path, owner))
     return tuple(sorted(out))
+
+
+#: a random value written on each file or folder a step makes: inode numbers are reused once a file is
+#: deleted, so (device, inode) alone could match a newer file at the same path
+NONCE_XATTR = "user.clonebox.nonce"
+
+
+def stamp_identity(path: str) -> dict[str, str]:
+    """Give what a step just made at ``path`` a fresh identity, and return it."""
+    os.setxattr(path, NONCE_XATTR, uuid.uuid4().hex.encode(), follow_symlinks=False)
+    return file_identity(path)
+
+
+def file_identity(path: str) -> dict[str, str]:
+    """The identity of the file or folder at ``path`` ({} when there is none)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return {}
+    try:
+        nonce = os.getxattr(path, NONCE_XATTR, follow_symlinks=False).decode()
+    except OSError:
+        nonce = ""
+    return {"dev": str(st.st_dev), "inode": str(st.st_ino), "nonce": nonce}
+
+
+class MemoryStepLog:
+    """A ``StepLog`` kept in memory: rollback after an error without a journal (tests, direct adapter use)."""
+
+    def __init__(self) -> None:
+        self._steps: list[TxnStep] = []
+
+    def planned(self, name: str, undo: Mapping[str, str]) -> int:
+        """See ``StepLog``."""
+        self._steps.append(TxnStep(len(self._steps) + 1, name, dict(undo), None, StepState.PLANNED))
+        return len(self._steps)
+
+    def made(self, n: int, identity: Mapping[str, str]) -> None:
+        """See ``StepLog``."""
+        self._steps[n - 1] = dataclasses.replace(self._steps[n - 1], identity=dict(identity), state=StepState.DONE)
+
+    def undone(self, n: int, ok: bool) -> None:
+        """See ``StepLog``."""
+        state = StepState.UNDONE if ok else StepState.UNDO_FAILED
+        self._steps[n - 1] = dataclasses.replace(self._steps[n - 1], state=state)
+
+    def steps(self) -> list[TxnStep]:
+        """See ``StepLog``."""
+        return list(self._steps)
+
+
+def roll_back(log: StepLog, undo: Callable[[Mapping[str, str], Mapping[str, str] | None], str], vm: str) -> list[str]:
+    """Undo the steps of ``log`` in reverse order (blocking); what was removed.
+
+    A step that was only planned made nothing (its action raised); an undo that raises is recorded as
+    failed and the others still run, so one stuck artifact never keeps the rest behind.
+    """
+    removed: list[str] = []
+    for step in reversed(log.steps()):
+        if step.state not in (StepState.PLANNED, StepState.DONE):
+            continue
+        try:
+            what = undo(step.undo, step.identity) if step.state == StepState.DONE else ""
+        except Exception:
+            _log.exception("rollback of step %s of %s failed", step.name, vm)
+            log.undone(step.n, False)
+            continue
+        if what:
+            removed.append(what)
+        log.undone(step.n, True)
+    return removed

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import uuid as uuidlib
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -35,7 +35,7 @@ from clonebox_agent.adapters import common
 from clonebox_agent.adapters.common import QEMU_CAPABILITIES, Fault, Faults, Inventory, StepHook
 from clonebox_agent.adapters.images import resolve_spec
 from clonebox_agent.adapters.seediso import build_seed_iso
-from clonebox_agent.ports import Capability, DomainRecord, EventKind, EventSink, HypervisorEvent
+from clonebox_agent.ports import Capability, DomainRecord, EventKind, EventSink, HypervisorEvent, StepLog
 from clonebox_core.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from clonebox_core.model import (
     HostInfo,
@@ -203,8 +203,8 @@ class FakeHypervisor:
         allocatable = Resources(max(room.vcpus, 0), max(room.memory_mib, 0), max(room.disk_mib, 0))
         return HostInfo(self.host_name, self.capacity, allocatable, hv)
 
-    async def create(self, spec: VmSpec, *, start: bool) -> DomainRecord:
-        """Validate, make files, define, start; everything made is removed again on any failure."""
+    async def create(self, spec: VmSpec, *, start: bool, steps: StepLog | None = None) -> DomainRecord:
+        """Validate, make files, define, start; every step logged; all removed again on any failure."""
         await self._enter("create")
         resolved = resolve_spec(spec, self.image_dirs)
         await self._step("create:validated")
@@ -213,27 +213,29 @@ class FakeHypervisor:
                 f"VM {spec.name} already exists", reason="VM_ALREADY_EXISTS", metadata={"vm": spec.name}
             )
         domain = self.name_prefix + spec.name
-        undo: builtins.list[Callable[[], object]] = []
+        log = steps or common.MemoryStepLog()
         # claimed before the first await, so a concurrent create of the name fails fast and touches nothing
         self._creating.add(spec.name)
         try:
             if self._host_files:
                 folder = common.vm_dir(self.storage_dir, domain)
+                n = log.planned("folder", {"kind": "folder", "path": folder})
                 os.makedirs(folder, mode=0o755)
-                undo.append(lambda: shutil.rmtree(folder, ignore_errors=True))
+                log.made(n, common.stamp_identity(folder))
                 common.mark_owned(folder, spec.name)
+            await self._step("create:folder")
             for disk, base in zip(spec.disks, resolved.base_images, strict=True):
                 content = f"fake qcow2 overlay on {base}\n" if base else f"fake blank qcow2 {disk.size_mib} MiB\n"
                 name = common.volume_name(domain, disk.name)
-                self._make_volume(name, spec.name, content.encode())
-                undo.append(lambda name=name: self._delete_volume(name))  # type: ignore[misc]
+                n = log.planned(f"disk:{disk.name}", {"kind": "volume", "name": name})
+                log.made(n, self._make_volume(name, spec.name, content.encode()))
             await self._step("create:disks")
             vm_uuid = str(uuidlib.uuid4())
             if spec.cloud_init is not None:
                 iso = build_seed_iso(spec.cloud_init, instance_id=f"iid-{vm_uuid}", hostname=spec.name)
                 name = common.seed_volume_name(domain)
-                self._make_volume(name, spec.name, iso)
-                undo.append(lambda name=name: self._delete_volume(name))  # type: ignore[misc]
+                n = log.planned("seed", {"kind": "volume", "name": name})
+                log.made(n, self._make_volume(name, spec.name, iso))
             await self._step("create:seed")
             self._counter += 1
             dom = _Domain(
@@ -246,17 +248,18 @@ class FakeHypervisor:
                     os.path.join(common.vm_dir(self.storage_dir, domain), "console.log") if self._host_files else None
                 ),
             )
+            n = log.planned("define", {"kind": "domain", "name": domain})
             self._domains[spec.name] = dom
             self._emit(spec.name, EventKind.DEFINED, VmState.STOPPED, "added")
-            undo.append(lambda: self._undefine(dom))
+            log.made(n, {"uuid": vm_uuid})
             await self._step("create:define")
             if start:
-                undo.append(lambda: self._force_off(dom))
+                n = log.planned("start", {"kind": "running", "name": domain})
                 self._boot(dom)
+                log.made(n, {"uuid": vm_uuid})
                 await self._step("create:start")
         except BaseException:
-            for action in reversed(undo):
-                action()
+            common.roll_back(log, self._undo_sync, spec.name)
             raise
         finally:
             self._creating.discard(spec.name)
@@ -338,6 +341,11 @@ class FakeHypervisor:
         source = "agent" if Capability.GUEST_AGENT in self._caps else "lease"
         return (IpAddress("eth0", f"192.0.2.{10 + dom.index % 240}", 24, source),)
 
+    async def orphans(self, keep: Iterable[str] = ()) -> dict[str, builtins.list[str]]:
+        """See ``Hypervisor.orphans``."""
+        inventory = await self.inventory()
+        return inventory.orphans(self.name_prefix, keep)
+
     async def inventory(self) -> Inventory:
         """Domains, volumes and marked files the fake owns."""
         files = common.marked_files(self.storage_dir) if self._host_files else ()
@@ -396,7 +404,44 @@ class FakeHypervisor:
         shutil.rmtree(folder)
         return [*removed, folder]
 
-    def _make_volume(self, name: str, vm: str, content: bytes) -> None:
+    async def undo_step(self, undo: Mapping[str, str], identity: Mapping[str, str] | None) -> str:
+        """See ``Hypervisor.undo_step``."""
+        await self._enter("undo_step")
+        return self._undo_sync(undo, identity)
+
+    def _undo_sync(self, undo: Mapping[str, str], identity: Mapping[str, str] | None) -> str:
+        if identity is None:
+            return ""
+        kind = undo.get("kind")
+        if kind == "folder":
+            path = undo["path"]
+            if common.file_identity(path) != dict(identity):
+                return ""
+            shutil.rmtree(path, ignore_errors=True)
+            return path
+        if kind == "volume":
+            found = self._volumes.get(undo["name"])
+            if found is None or self._volume_identity(found) != dict(identity):
+                return ""
+            return self._delete_volume(undo["name"]) or ""
+        if kind in ("domain", "running"):
+            vm = undo["name"].removeprefix(self.name_prefix)
+            dom = self._domains.get(vm)
+            if dom is None or dom.uuid != identity.get("uuid"):
+                return ""
+            self._force_off(dom)
+            if kind == "running":
+                return f"{undo['name']} (stopped)"
+            self._undefine(dom)
+            return undo["name"]
+        raise ValueError(f"unknown undo kind {kind!r}")
+
+    def _volume_identity(self, path: str, *, stamp: bool = False) -> dict[str, str]:
+        if not self._host_files:
+            return {"key": path}
+        return {"key": path, **(common.stamp_identity(path) if stamp else common.file_identity(path))}
+
+    def _make_volume(self, name: str, vm: str, content: bytes) -> dict[str, str]:
         if name in self._volumes:
             raise AlreadyExists(f"volume {name} already exists", reason="VOLUME_ALREADY_EXISTS", metadata={"vm": vm})
         path = os.path.join(common.pool_dir(self.storage_dir), name) if self._host_files else f"/fake/pool/{name}"
@@ -406,6 +451,7 @@ class FakeHypervisor:
                 f.write(content)
             common.mark_owned(path, vm)
         self._volumes[name] = path
+        return self._volume_identity(path, stamp=True)
 
     def _delete_volume(self, name: str) -> str | None:
         path = self._volumes.pop(name, None)

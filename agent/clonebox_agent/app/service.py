@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from clonebox_agent.app.events import EventLog, VmEvent, VmEventType
-from clonebox_agent.journal.store import Journal
+from clonebox_agent.app.recovery import Recovery, Rollback
+from clonebox_agent.journal.store import Journal, JournalStepLog, TxnState
 from clonebox_agent.ports import DomainRecord, EventKind, Hypervisor, HypervisorEvent
-from clonebox_core.audit.event import Outcome, new_event
+from clonebox_core.audit.event import AuditEvent, Outcome, new_event
 from clonebox_core.errors import AlreadyExists, CloneboxError, InvalidArgument, NotFound
 from clonebox_core.model import HostInfo, Resources, Revision, Vm, VmSpec, VmState
 from clonebox_core.names import check_dns_label
@@ -46,6 +48,12 @@ def _audit_details(outcome: dict[str, object]) -> dict[str, object]:
     return details
 
 
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, CloneboxError):
+        return f"{exc.code} {exc.reason}: {exc.message}"
+    return f"{type(exc).__name__}: {exc}"
+
+
 class AgentService:
     """VM lifecycle on one host."""
 
@@ -59,7 +67,13 @@ class AgentService:
         stop_timeout_seconds: int,
         event_history: int = 10_000,
         cpu_allocation_ratio: float = 1.0,
+        step_hook: Callable[[str], None] | None = None,
     ) -> None:
+        """``step_hook`` sees the service's own named steps (``create:commit``); fault tests use it."""
+        self._step_hook = step_hook
+        self.recovery = Recovery(journal, hypervisor, host_name)
+        #: what recovery rolled back when this service started
+        self.recovered: list[Rollback] = []
         self.host_name = host_name
         self._hv = hypervisor
         self._journal = journal
@@ -78,6 +92,8 @@ class AgentService:
         """Connect the hypervisor, learn the current VMs, and start consuming its events."""
         await self._hv.open(self._event_queue.put_nowait)
         try:
+            # before anything is served: transactions a crash cut short are rolled back first
+            self.recovered = await self.recovery.roll_back_open()
             for record in await self._hv.list():
                 self._known[record.name] = self._to_vm(record)
         except CloneboxError as exc:
@@ -147,11 +163,34 @@ class AgentService:
                         reason="VM_ALREADY_EXISTS",
                     )
                 vm = self._to_vm(existing)
+                await self._remember(request_id, "create", spec.name, {})
             else:
-                vm = self._to_vm(await self._hv.create(spec, start=start))
+                vm = self._to_vm(await self._create_transaction(spec, request_id, start))
             self._known[vm.name] = vm
-            await self._remember(request_id, "create", spec.name, {})
             return vm
+
+    async def _create_transaction(self, spec: VmSpec, request_id: str, start: bool) -> DomainRecord:
+        """Create as a journaled transaction: committed with the request's outcome, or rolled back."""
+        txn_id = uuid.uuid4().hex
+        await asyncio.to_thread(self._journal.begin_txn, txn_id, "vm.create", spec.name, request_id)
+        steps = JournalStepLog(self._journal, txn_id)
+        try:
+            record = await self._hv.create(spec, start=start, steps=steps)
+        except BaseException as exc:
+            # the adapter has undone its steps already; the transaction keeps the error
+            await asyncio.to_thread(self._journal.finish_txn, txn_id, TxnState.ROLLED_BACK, _describe(exc))
+            raise
+        try:
+            if self._step_hook is not None:
+                self._step_hook("create:commit")
+            event = self._event("create", spec.name, request_id, {"transaction": txn_id})
+            outcome: tuple[str, str, str, dict[str, object]] = (request_id, "create", spec.name, {})
+            await asyncio.to_thread(self._journal.finish_txn, txn_id, TxnState.COMMITTED, outcome=outcome, audit=event)
+        except BaseException as exc:
+            # made, but not on record: take it all back rather than leave a VM no record explains
+            await self.recovery.roll_back(txn_id, error=_describe(exc))
+            raise
+        return record
 
     async def start_vm(self, name: str, *, request_id: str) -> Vm:
         """Start a stopped VM; a running one is returned as it is."""
@@ -220,17 +259,20 @@ class AgentService:
             )
         return outcome
 
-    async def _remember(self, request_id: str, method: str, target: str, outcome: dict[str, object]) -> None:
-        # the outcome and its audit event are one journal transaction: if the event cannot be
-        # written, the call fails (the change is retried under the same request id)
-        event = new_event(
+    def _event(self, method: str, target: str, request_id: str, details: dict[str, object]) -> AuditEvent:
+        return new_event(
             f"vm.{method}",
             f"hosts/{self.host_name}/vms/{target}",
             Outcome.SUCCEEDED,
             request_id=request_id,
             origin=f"agent/{self.host_name}",
-            details=_audit_details(outcome),
+            details=details,
         )
+
+    async def _remember(self, request_id: str, method: str, target: str, outcome: dict[str, object]) -> None:
+        # the outcome and its audit event are one journal transaction: if the event cannot be
+        # written, the call fails (the change is retried under the same request id)
+        event = self._event(method, target, request_id, _audit_details(outcome))
         await asyncio.to_thread(self._journal.record, request_id, method, target, outcome, event)
 
     async def _wait_stopped(self, name: str, timeout: float) -> bool:

@@ -3,20 +3,79 @@
 SQLite with ``synchronous=FULL`` so that an answered request survives a kill -9: a retry after a crash
 finds its outcome instead of doing the work twice. Audit events wait in the outbox, written in the
 same transaction as the change they record, until the controller acknowledges them (at least once,
-de-duplicated by event id on the controller). Later steps add in-flight transactions here.
+de-duplicated by event id on the controller).
+
+Transactions: every change that makes several artifacts records each step with how to undo it before
+it acts and what it made right after (``txns``/``txn_steps``); a transaction ends committed (in the
+same SQLite transaction as its request's outcome) or rolled back with its error. Unfinished ones are
+rolled back when the agent starts (``clonebox_agent.app.recovery``).
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clonebox_agent.ports import StepState, TxnStep
 from clonebox_core.audit.event import AuditEvent
+
+_TXN_COLUMNS = "id, kind, target, request_id, state, error, created_at, finished_at"
+
+
+class TxnState(enum.StrEnum):
+    """Where a journaled transaction stands."""
+
+    OPEN = "open"
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled_back"
+
+
+@dataclass(frozen=True)
+class Txn:
+    """A journaled transaction and its steps."""
+
+    id: str
+    kind: str
+    target: str
+    request_id: str
+    state: TxnState
+    error: str
+    created: str
+    finished: str
+    steps: tuple[TxnStep, ...]
+
+
+class JournalStepLog:
+    """The ``StepLog`` of one journaled transaction: every call is durable when it returns."""
+
+    def __init__(self, journal: Journal, txn_id: str) -> None:
+        self._journal = journal
+        self.txn_id = txn_id
+
+    def planned(self, name: str, undo: Mapping[str, str]) -> int:
+        """See ``StepLog``."""
+        return self._journal.plan_step(self.txn_id, name, undo)
+
+    def made(self, n: int, identity: Mapping[str, str]) -> None:
+        """See ``StepLog``."""
+        self._journal.step_made(self.txn_id, n, identity)
+
+    def undone(self, n: int, ok: bool) -> None:
+        """See ``StepLog``."""
+        self._journal.step_undone(self.txn_id, n, ok)
+
+    def steps(self) -> list[TxnStep]:
+        """See ``StepLog``."""
+        txn = self._journal.txn(self.txn_id)
+        return list(txn.steps) if txn is not None else []
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -27,6 +86,26 @@ CREATE TABLE IF NOT EXISTS requests (
   target TEXT NOT NULL,
   outcome TEXT NOT NULL,
   created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now'))
+);
+CREATE TABLE IF NOT EXISTS txns (
+  id TEXT PRIMARY KEY,
+  kind TEXT NOT NULL,
+  target TEXT NOT NULL,
+  request_id TEXT NOT NULL,
+  state TEXT NOT NULL,
+  error TEXT NOT NULL DEFAULT '',
+  created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')),
+  finished_at TEXT
+);
+CREATE INDEX IF NOT EXISTS txns_state ON txns(state);
+CREATE TABLE IF NOT EXISTS txn_steps (
+  txn_id TEXT NOT NULL REFERENCES txns(id),
+  n INTEGER NOT NULL,
+  name TEXT NOT NULL,
+  undo TEXT NOT NULL,
+  identity TEXT,
+  state TEXT NOT NULL,
+  PRIMARY KEY (txn_id, n)
 );
 CREATE TABLE IF NOT EXISTS audit_outbox (
   n INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -162,6 +241,127 @@ class Journal:
             self._db.execute("DELETE FROM revoked")
             self._db.executemany("INSERT INTO revoked(serial) VALUES(?)", [(s,) for s in sorted(serials)])
             self._db.execute("COMMIT")
+
+    # ---- transactions ------------------------------------------------------------------------------
+
+    def begin_txn(self, txn_id: str, kind: str, target: str, request_id: str) -> None:
+        """Open transaction ``txn_id`` (durable when this returns)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO txns(id, kind, target, request_id, state) VALUES(?,?,?,?,?)",
+                (txn_id, kind, target, request_id, TxnState.OPEN),
+            )
+
+    def plan_step(self, txn_id: str, name: str, undo: Mapping[str, str]) -> int:
+        """Record the next step of ``txn_id`` with how to undo it; its number."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT COALESCE(MAX(n), 0) + 1 FROM txn_steps WHERE txn_id=?", (txn_id,))
+                n = int(row.fetchone()[0])
+                self._db.execute(
+                    "INSERT INTO txn_steps(txn_id, n, name, undo, state) VALUES(?,?,?,?,?)",
+                    (txn_id, n, name, json.dumps(dict(undo), sort_keys=True), StepState.PLANNED),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return n
+
+    def step_made(self, txn_id: str, n: int, identity: Mapping[str, str]) -> None:
+        """Record what step ``n`` made."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE txn_steps SET identity=?, state=? WHERE txn_id=? AND n=?",
+                (json.dumps(dict(identity), sort_keys=True), StepState.DONE, txn_id, n),
+            )
+
+    def step_undone(self, txn_id: str, n: int, ok: bool) -> None:
+        """Record the rollback of step ``n``."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE txn_steps SET state=? WHERE txn_id=? AND n=?",
+                (StepState.UNDONE if ok else StepState.UNDO_FAILED, txn_id, n),
+            )
+
+    def finish_txn(
+        self,
+        txn_id: str,
+        state: TxnState,
+        error: str = "",
+        *,
+        outcome: tuple[str, str, str, dict[str, Any]] | None = None,
+        audit: AuditEvent | None = None,
+    ) -> None:
+        """End ``txn_id`` as committed or rolled back, with the request's outcome and audit event, atomically.
+
+        ``outcome`` is ``(request_id, method, target, outcome)``: a committed create and the answer a
+        retry gets are one SQLite transaction, so a crash never separates them.
+        """
+        started = time.perf_counter()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "UPDATE txns SET state=?, error=?, finished_at=strftime('%Y-%m-%dT%H:%M:%fZ','now') WHERE id=?",
+                    (state, error, txn_id),
+                )
+                if outcome is not None and outcome[0]:
+                    request_id, method, target, result = outcome
+                    self._db.execute(
+                        "INSERT OR IGNORE INTO requests(request_id, method, target, outcome) VALUES(?,?,?,?)",
+                        (request_id, method, target, json.dumps(result)),
+                    )
+                if audit is not None:
+                    self._add_event(audit)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        if audit is not None:
+            self._appended(started)
+
+    def txn(self, txn_id: str) -> Txn | None:
+        """One transaction with its steps."""
+        with self._lock:
+            row = self._db.execute(f"SELECT {_TXN_COLUMNS} FROM txns WHERE id=?", (txn_id,)).fetchone()
+            return None if row is None else self._txn(row)
+
+    def txns(self, *, state: TxnState | None = None, limit: int = 100) -> list[Txn]:
+        """Transactions, newest first (only those in ``state`` when given)."""
+        where, args = ("WHERE state=?", (state,)) if state is not None else ("", ())
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_TXN_COLUMNS} FROM txns {where} ORDER BY created_at DESC, rowid DESC LIMIT ?",
+                (*args, limit),
+            ).fetchall()
+            return [self._txn(r) for r in rows]
+
+    def _txn(self, row: tuple[Any, ...]) -> Txn:
+        steps = [
+            TxnStep(
+                n=int(n),
+                name=str(name),
+                undo=json.loads(undo),
+                identity=json.loads(identity) if identity else None,
+                state=StepState(state),
+            )
+            for n, name, undo, identity, state in self._db.execute(
+                "SELECT n, name, undo, identity, state FROM txn_steps WHERE txn_id=? ORDER BY n", (row[0],)
+            )
+        ]
+        return Txn(
+            id=str(row[0]),
+            kind=str(row[1]),
+            target=str(row[2]),
+            request_id=str(row[3]),
+            state=TxnState(row[4]),
+            error=str(row[5]),
+            created=str(row[6]),
+            finished=str(row[7] or ""),
+            steps=tuple(steps),
+        )
 
     def close(self) -> None:
         """Close the database."""

@@ -34,7 +34,7 @@ import threading
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -64,7 +64,7 @@ from clonebox_agent.adapters.libvirt.errors import (
 from clonebox_agent.adapters.libvirt.events import lifecycle, vm_state
 from clonebox_agent.adapters.libvirt.kvmprobe import choose_domain_type
 from clonebox_agent.adapters.seediso import build_seed_iso
-from clonebox_agent.ports import Capability, DomainRecord, EventKind, EventSink, HypervisorEvent
+from clonebox_agent.ports import Capability, DomainRecord, EventKind, EventSink, HypervisorEvent, StepLog
 from clonebox_core.errors import AlreadyExists, CloneboxError, FailedPrecondition, NotFound, Unavailable
 from clonebox_core.model import (
     HostInfo,
@@ -212,10 +212,14 @@ class LibvirtHypervisor:
         """Capacity (host CPUs and memory, pool size) and hypervisor details; never raises when down."""
         return await self._run(self._host_info_sync)
 
-    async def create(self, spec: VmSpec, *, start: bool) -> DomainRecord:
-        """Make disks, seed ISO, folder and domain, start it when asked; all or nothing."""
+    async def create(self, spec: VmSpec, *, start: bool, steps: StepLog | None = None) -> DomainRecord:
+        """Make folder, disks, seed ISO and domain, start it when asked; every step logged; all or nothing."""
         await self._checkpoint("create")
-        return await self._run(self._create_sync, spec, start)
+        return await self._run(self._create_sync, spec, start, steps or common.MemoryStepLog())
+
+    async def undo_step(self, undo: Mapping[str, str], identity: Mapping[str, str] | None) -> str:
+        """See ``Hypervisor.undo_step``."""
+        return await self._run(self._undo_sync, undo, identity)
 
     async def get(self, name: str) -> DomainRecord:
         """One owned domain."""
@@ -258,6 +262,11 @@ class LibvirtHypervisor:
         return await self._run(self._addresses_sync, name)
 
     # ---- beyond the port -----------------------------------------------------------------------
+
+    async def orphans(self, keep: Iterable[str] = ()) -> dict[str, builtins.list[str]]:
+        """See ``Hypervisor.orphans``."""
+        inventory = await self._run(self._inventory_sync)
+        return inventory.orphans(self.name_prefix, keep)
 
     async def inventory(self) -> Inventory:
         """Everything this adapter owns: domains, volumes in its pool, marked files in storage_dir."""
@@ -463,7 +472,7 @@ class LibvirtHypervisor:
 
     # ---- create --------------------------------------------------------------------------------
 
-    def _create_sync(self, spec: VmSpec, start: bool) -> DomainRecord:
+    def _create_sync(self, spec: VmSpec, start: bool, log: StepLog) -> DomainRecord:
         resolved = resolve_spec(spec, self.image_dirs)
         self._step("create:validated")
         with self._creating_lock:
@@ -475,12 +484,12 @@ class LibvirtHypervisor:
                 )
             self._creating.add(spec.name)
         try:
-            return self._create_claimed(resolved, start)
+            return self._create_claimed(resolved, start, log)
         finally:
             with self._creating_lock:
                 self._creating.discard(spec.name)
 
-    def _create_claimed(self, resolved: ResolvedSpec, start: bool) -> DomainRecord:
+    def _create_claimed(self, resolved: ResolvedSpec, start: bool, log: StepLog) -> DomainRecord:
         spec = resolved.spec
         domain = self.domain_name(spec.name)
         conn = self._conn.get()
@@ -495,47 +504,45 @@ class LibvirtHypervisor:
             )
         # known before libvirt can report its first event
         self._owned.add(domain)
-        undo: builtins.list[Callable[[], object]] = []
         try:
-            return self._create_steps(conn, resolved, domain, start, undo)
+            return self._create_steps(conn, resolved, domain, start, log)
         except BaseException as exc:
-            for action in reversed(undo):
-                try:
-                    action()
-                except Exception:
-                    log.exception("rollback step failed while creating %s", spec.name)
+            common.roll_back(log, self._undo_sync, spec.name)
             if isinstance(exc, libvirt.libvirtError):
                 raise self._error(exc, spec.name, "create") from None
             raise
 
-    def _create_steps(
-        self, conn: Any, resolved: ResolvedSpec, domain: str, start: bool, undo: builtins.list[Callable[[], object]]
-    ) -> DomainRecord:
+    def _create_steps(self, conn: Any, resolved: ResolvedSpec, domain: str, start: bool, log: StepLog) -> DomainRecord:
         spec = resolved.spec
         vm = spec.name
         host_files = Capability.HOST_FILES in self._caps
         console_log = None
         if host_files:
             folder = common.vm_dir(self.storage_dir, domain)
+            n = log.planned("folder", {"kind": "folder", "path": folder})
             try:
                 os.makedirs(folder, mode=0o755)
             except FileExistsError:
-                # a concurrent create of the same name got here first (or a crash left it: delete cleans it)
+                # a concurrent create of the same name got here first (or a crash left it: the sweep or
+                # delete cleans it); the folder is not ours to remove
                 raise AlreadyExists(
                     f"VM {vm} already exists (its folder {folder} does)",
                     reason="VM_ALREADY_EXISTS",
                     metadata={"vm": vm},
                 ) from None
-            undo.append(functools.partial(shutil.rmtree, folder, True))
+            log.made(n, common.stamp_identity(folder))
             self._mark(folder, vm)
             console_log = os.path.join(folder, "console.log")
+        self._step("create:folder")
 
         pool = self._pool(conn)
         disks: builtins.list[domxml.Disk] = []
-        for i in range(len(spec.disks)):
+        for i, disk in enumerate(spec.disks):
+            name = common.volume_name(domain, disk.name)
+            n = log.planned(f"disk:{disk.name}", {"kind": "volume", "name": name})
             vol = self._make_disk(pool, domain, vm, i, resolved)
-            undo.append(functools.partial(self._delete_volume, vol))
             path = str(vol.path())
+            log.made(n, self._volume_identity(vol, path, stamp=True))
             self._mark(path, vm)
             disks.append(domxml.Disk(path, domxml.virtio_target(i)))
         self._step("create:disks")
@@ -543,9 +550,10 @@ class LibvirtHypervisor:
         vm_uuid = str(uuidlib.uuid4())
         if spec.cloud_init is not None:
             data = build_seed_iso(spec.cloud_init, instance_id=f"iid-{vm_uuid}", hostname=vm)
+            n = log.planned("seed", {"kind": "volume", "name": common.seed_volume_name(domain)})
             vol = self._make_seed(conn, pool, domain, vm, data)
-            undo.append(functools.partial(self._delete_volume, vol))
             path = str(vol.path())
+            log.made(n, self._volume_identity(vol, path, stamp=True))
             self._mark(path, vm)
             disks.append(domxml.Disk(path, _SEED_TARGET, format="raw", cdrom=True))
         self._step("create:seed")
@@ -569,26 +577,76 @@ class LibvirtHypervisor:
             ),
             console_log=console_log,
         )
+        n = log.planned("define", {"kind": "domain", "name": domain})
         try:
             dom = conn.defineXML(domxml.domain_xml(cfg))
         except libvirt.libvirtError as exc:
             raise self._error(exc, vm, "define") from None
-        undo.append(functools.partial(self._undefine_quietly, dom))
+        log.made(n, {"uuid": vm_uuid})
         with self._meta_lock:
             self._meta[vm_uuid] = cfg.owner
         self._step("create:define")
 
         if start:
             # destroy before undefine on rollback (undo runs in reverse)
-            undo.append(functools.partial(self._destroy_quietly, dom))
+            n = log.planned("start", {"kind": "running", "name": domain})
             try:
                 dom.create()
             except libvirt.libvirtError as exc:
                 raise start_failed(exc, uri=self.uri, vm=vm) from None
+            log.made(n, {"uuid": vm_uuid})
             self._mark_console_log(domain, vm)
             self._step("create:start")
         state, reason = dom.state()
         return self._record(dom, cfg.owner, state, reason)
+
+    def _volume_identity(self, vol: Any, path: str, *, stamp: bool = False) -> dict[str, str]:
+        identity = {"key": str(vol.key())}
+        if Capability.HOST_FILES in self._caps:
+            # a dir pool's key is the path: the file's own identity tells a replaced file from ours
+            identity.update(common.stamp_identity(path) if stamp else common.file_identity(path))
+        return identity
+
+    def _undo_sync(self, undo: Mapping[str, str], identity: Mapping[str, str] | None) -> str:
+        """Remove what one step made if it is still the same artifact; what was removed ("" if nothing)."""
+        if identity is None:
+            return ""
+        kind = undo.get("kind")
+        if kind == "folder":
+            path = undo["path"]
+            if common.file_identity(path) == dict(identity):
+                shutil.rmtree(path, ignore_errors=True)
+                return path
+            return ""
+        conn = self._conn.get()
+        if kind == "volume":
+            try:
+                vol = self._pool(conn).storageVolLookupByName(undo["name"])
+            except libvirt.libvirtError as exc:
+                if is_code(exc, "VIR_ERR_NO_STORAGE_VOL"):
+                    return ""
+                raise
+            path = str(vol.path())
+            if self._volume_identity(vol, path) != dict(identity):
+                return ""
+            return self._delete_volume(vol) or ""
+        if kind in ("domain", "running"):
+            try:
+                dom = conn.lookupByName(undo["name"])
+            except libvirt.libvirtError as exc:
+                if is_code(exc, "VIR_ERR_NO_DOMAIN"):
+                    return ""
+                raise
+            if str(dom.UUIDString()) != identity.get("uuid"):
+                return ""
+            self._destroy_quietly(dom)
+            if kind == "running":
+                return f"{undo['name']} (stopped)"
+            self._undefine_quietly(dom)
+            with self._meta_lock:
+                self._meta.pop(identity["uuid"], None)
+            return undo["name"]
+        raise ValueError(f"unknown undo kind {kind!r}")
 
     def _mark_console_log(self, domain: str, vm: str) -> None:
         # virtlogd creates the log when the domain starts, so it is marked after each start
