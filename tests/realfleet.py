@@ -73,9 +73,12 @@ class RealFleet:
     procs: dict[str, subprocess.Popen[bytes]]
     env: dict[str, str]
 
-    def start_agent(self, join_token: str = "") -> None:
+    def start_agent(self, join_token: str = "", extra_env: Mapping[str, str] | None = None) -> None:
+        """Start the agent and wait until it serves; ``extra_env`` goes to this agent process only."""
         args = [sys.executable, "-m", "clonebox_agent.main", "--config", str(self.root / "agent-host" / "agent.yaml")]
-        env = {**self.env, "CLONEBOX_AGENT_JOIN_TOKEN": join_token} if join_token else self.env
+        env = {**self.env, **(extra_env or {})}
+        if join_token:
+            env["CLONEBOX_AGENT_JOIN_TOKEN"] = join_token
         self.procs["agent"] = _start(args, self.root / "agent.log", env, append=True)
         # the agent serves only the controller: check its health as the controller would
         controller_tls = TlsFiles.in_folder(self.root / "controller-host" / "tls", "controller")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from clonebox_core.model import HostInfo, IpAddress, VmSpec, VmState
+from clonebox_core.model import HostInfo, IpAddress, TransactionStep, VmSpec, VmState
 
 
 class Capability(enum.StrEnum):
@@ -72,24 +72,8 @@ class HypervisorEvent:
 EventSink = Callable[[HypervisorEvent], None]
 
 
-class StepState(enum.StrEnum):
-    """Where one step of a transaction stands."""
-
-    PLANNED = "planned"  # recorded with its undo, about to act (a crash here leaves at most an orphan)
-    DONE = "done"  # acted; the identity of what it made is recorded
-    UNDONE = "undone"  # rolled back (or there was nothing of it to remove)
-    UNDO_FAILED = "undo_failed"  # the undo raised; the artifact may remain (the sweep reports it)
-
-
-@dataclass(frozen=True)
-class TxnStep:
-    """One step of a journaled transaction: how to undo it, and what it made."""
-
-    n: int
-    name: str
-    undo: Mapping[str, str]
-    identity: Mapping[str, str] | None
-    state: StepState
+#: steps and their states are part of the core model (they travel to the controller and the CLI)
+TxnStep = TransactionStep
 
 
 class StepLog(Protocol):

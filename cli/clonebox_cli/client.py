@@ -22,6 +22,7 @@ from clonebox.controller.v1 import (
     host_service_pb2_grpc,
     operation_service_pb2_grpc,
     pki_service_pb2_grpc,
+    recovery_service_pb2_grpc,
     vm_service_pb2_grpc,
 )
 
@@ -73,6 +74,7 @@ class ControllerClient:
         self._operations: Any = None
         self._pki: Any = None
         self._audit: Any = None
+        self._recovery: Any = None
         #: a call on this client reached the server (later connection losses are outages, not handshakes)
         self._reached = False
 
@@ -120,6 +122,13 @@ class ControllerClient:
         if self._audit is None:
             self._audit = audit_service_pb2_grpc.AuditServiceStub(self._ensure())
         return self._audit  # type: ignore[no-any-return]
+
+    @property
+    def recovery(self) -> recovery_service_pb2_grpc.RecoveryServiceStub:
+        """RecoveryService stub."""
+        if self._recovery is None:
+            self._recovery = recovery_service_pb2_grpc.RecoveryServiceStub(self._ensure())
+        return self._recovery  # type: ignore[no-any-return]
 
     def translate(self, exc: grpc.RpcError) -> CloneboxError:
         """Map a failed call to its CloneboxError; say what to do when the controller is unreachable."""
@@ -192,7 +201,7 @@ class ControllerClient:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
-            self._hosts = self._vms = self._operations = self._pki = self._audit = None
+            self._hosts = self._vms = self._operations = self._pki = self._audit = self._recovery = None
             self._reached = False
 
     def __enter__(self) -> ControllerClient:

@@ -28,7 +28,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from clonebox_cli import audit, credentials, dev, errors, host, operation, pki, vm
+from clonebox_cli import audit, credentials, dev, errors, host, operation, pki, recover, vm
 from clonebox_cli.context import DEFAULT_CONTROLLER, Settings
 from clonebox_cli.output import OutputFormat
 from clonebox_core.errors import CloneboxError
@@ -123,6 +123,7 @@ app.add_typer(vm.app, name="vm")
 app.add_typer(operation.app, name="operation")
 app.add_typer(pki.app, name="pki")
 app.add_typer(audit.app, name="audit")
+app.add_typer(recover.app, name="recover")
 app.add_typer(dev.app, name="dev")
 
 

@@ -22,6 +22,8 @@ from clonebox.controller.v1 import (
     operation_service_pb2_grpc,
     pki_service_pb2,
     pki_service_pb2_grpc,
+    recovery_service_pb2,
+    recovery_service_pb2_grpc,
     vm_service_pb2,
     vm_service_pb2_grpc,
 )
@@ -31,9 +33,11 @@ from clonebox_controller.app.audit import AuditLog
 from clonebox_controller.app.hosts import HostRegistry
 from clonebox_controller.app.operations import OperationQueries
 from clonebox_controller.app.pki import PkiManager
+from clonebox_controller.app.recovery import RecoveryManager
 from clonebox_controller.app.vms import VmManager
 from clonebox_controller.config import ControllerConfig
 from clonebox_controller.grpc.audit import AuditCallObserver, AuditServicer
+from clonebox_controller.grpc.recovery import RecoveryServicer
 from clonebox_controller.grpc.servicers import (
     EnrollmentServicer,
     HostServicer,
@@ -140,6 +144,7 @@ class Controller:
             observe_operation=self.metrics.observe_operation,
         )
         self.operations = OperationQueries(self.store)
+        self.recovery = RecoveryManager(self.store, self.hosts)
         self.server: ServerHandle | None = None
 
     @property
@@ -165,6 +170,7 @@ class Controller:
                     _service(vm_service_pb2, "VmService"),
                     _service(operation_service_pb2, "OperationService"),
                     _service(audit_service_pb2, "AuditService"),
+                    _service(recovery_service_pb2, "RecoveryService"),
                     _service(pki_service_pb2, "EnrollmentService"),
                 ]
             )
@@ -197,6 +203,11 @@ class Controller:
                     audit_service_pb2_grpc.add_AuditServiceServicer_to_server,
                     AuditServicer(self.audit),
                     _service(audit_service_pb2, "AuditService"),
+                ),
+                (
+                    recovery_service_pb2_grpc.add_RecoveryServiceServicer_to_server,
+                    RecoveryServicer(self.recovery),
+                    _service(recovery_service_pb2, "RecoveryService"),
                 ),
             ],
             self.transport,

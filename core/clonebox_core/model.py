@@ -7,6 +7,7 @@ YAML spec file in ``clonebox_core.spec``. Sizes are MiB throughout.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -238,3 +239,57 @@ class Operation:
     update_time: datetime | None = None
     #: inputs the operation needs to run or resume (e.g. stop timeout)
     params: dict[str, str] = field(default_factory=dict)
+
+
+class StepState(enum.StrEnum):
+    """Where one step of a journaled transaction stands."""
+
+    PLANNED = "planned"  # recorded with its undo, about to act (a crash here leaves at most an orphan)
+    DONE = "done"  # acted; the identity of what it made is recorded
+    UNDONE = "undone"  # rolled back (or there was nothing of it to remove)
+    UNDO_FAILED = "undo_failed"  # the undo raised; the artifact may remain (the sweep reports it)
+
+
+@dataclass(frozen=True)
+class TransactionStep:
+    """One step of a journaled transaction: how to undo it, and what it made."""
+
+    n: int
+    name: str
+    undo: Mapping[str, str]
+    identity: Mapping[str, str] | None
+    state: StepState
+
+
+class TransactionState(enum.StrEnum):
+    """Where a journaled multi-step change stands."""
+
+    OPEN = "open"
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled_back"
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """A journaled multi-step change on an agent (``host`` is filled in when it leaves the agent)."""
+
+    id: str
+    kind: str
+    target: str
+    request_id: str
+    state: TransactionState
+    error: str = ""
+    created: datetime | None = None
+    finished: datetime | None = None
+    steps: tuple[TransactionStep, ...] = ()
+    host: str = ""
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """What a VM without a domain left behind on a host, and whether the sweep removed it."""
+
+    host: str
+    vm: str
+    paths: tuple[str, ...]
+    removed: bool = False

@@ -42,6 +42,7 @@ SERVICES = {
         "clonebox.controller.v1.OperationService",
         "clonebox.controller.v1.PkiService",
         "clonebox.controller.v1.AuditService",
+        "clonebox.controller.v1.RecoveryService",
     ],
 }
 

@@ -19,8 +19,9 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from clonebox_agent.ports import Capability, StepLog, StepState, TxnStep
+from clonebox_agent.ports import Capability, StepLog, TxnStep
 from clonebox_core.errors import InvalidArgument
+from clonebox_core.model import StepState
 
 _log = logging.getLogger(__name__)
 

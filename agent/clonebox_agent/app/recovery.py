@@ -16,9 +16,10 @@ import logging
 from dataclasses import dataclass, field
 
 from clonebox_agent.journal.store import Journal, JournalStepLog, TxnState
-from clonebox_agent.ports import Hypervisor, StepState
+from clonebox_agent.ports import Hypervisor
 from clonebox_core.audit.event import SYSTEM_ACTOR, Outcome, new_event
 from clonebox_core.errors import CloneboxError
+from clonebox_core.model import StepState
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,17 @@ from clonebox_agent.journal.store import Journal, JournalStepLog, TxnState
 from clonebox_agent.ports import DomainRecord, EventKind, Hypervisor, HypervisorEvent
 from clonebox_core.audit.event import AuditEvent, Outcome, new_event
 from clonebox_core.errors import AlreadyExists, CloneboxError, InvalidArgument, NotFound
-from clonebox_core.model import HostInfo, Resources, Revision, Vm, VmSpec, VmState
+from clonebox_core.model import (
+    HostInfo,
+    Orphan,
+    Resources,
+    Revision,
+    Transaction,
+    TransactionState,
+    Vm,
+    VmSpec,
+    VmState,
+)
 from clonebox_core.names import check_dns_label
 from clonebox_core.validate import validate_spec
 
@@ -239,6 +249,36 @@ class AgentService:
                 removed = []
             await self._remember(request_id, "delete", name, {"removed": removed})
             return removed
+
+    # ---- recovery ------------------------------------------------------------------------------
+
+    async def transactions(self, *, include_committed: bool = False, limit: int = 100) -> list[Transaction]:
+        """Recent journaled transactions, newest first (open and rolled back unless committed are asked for)."""
+        found = await asyncio.to_thread(self._journal.txns, limit=limit if include_committed else 10_000)
+        kept = [t for t in found if include_committed or t.state != TransactionState.COMMITTED][:limit]
+        return [replace(t, host=self.host_name) for t in kept]
+
+    async def recover(self, *, sweep: bool) -> tuple[list[Transaction], list[Orphan]]:
+        """Roll back open transactions not in progress, then report (or with ``sweep`` remove) orphans.
+
+        Transactions of VMs whose lock is held are running right now, not interrupted: they are left.
+        """
+        busy = {name for name, lock in self._locks.items() if lock.locked()}
+        rolled: list[Transaction] = []
+        for txn in await asyncio.to_thread(self._journal.txns, state=TransactionState.OPEN, limit=10_000):
+            if txn.target in busy:
+                continue
+            async with self._lock(txn.target):
+                if await self.recovery.roll_back(txn.id) is not None:
+                    done = await asyncio.to_thread(self._journal.txn, txn.id)
+                    if done is not None:
+                        rolled.append(replace(done, host=self.host_name))
+        report = await self.recovery.sweep(remove=sweep)
+        orphans = [
+            Orphan(self.host_name, vm, tuple(report.removed.get(vm, paths)), vm in report.removed)
+            for vm, paths in sorted(report.orphans.items())
+        ]
+        return rolled, orphans
 
     # ---- internals -----------------------------------------------------------------------------
 

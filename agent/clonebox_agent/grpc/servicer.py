@@ -48,6 +48,22 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         vm = await self._svc.start_vm(request.name, request_id=request.request_id)
         return agent_pb2.StartVmResponse(vm=convert.vm_to_proto(vm))
 
+    async def ListTransactions(
+        self, request: agent_pb2.ListTransactionsRequest, context: Ctx
+    ) -> agent_pb2.ListTransactionsResponse:
+        """See the proto."""
+        size = min(request.page_size or 100, 1000)
+        found = await self._svc.transactions(include_committed=request.include_committed, limit=size)
+        return agent_pb2.ListTransactionsResponse(transactions=[convert.transaction_to_proto(t) for t in found])
+
+    async def Recover(self, request: agent_pb2.RecoverRequest, context: Ctx) -> agent_pb2.RecoverResponse:
+        """See the proto."""
+        rolled, orphans = await self._svc.recover(sweep=request.sweep)
+        return agent_pb2.RecoverResponse(
+            rolled_back=[convert.transaction_to_proto(t) for t in rolled],
+            orphans=[convert.orphan_to_proto(o) for o in orphans],
+        )
+
     async def StopVm(self, request: agent_pb2.StopVmRequest, context: Ctx) -> agent_pb2.StopVmResponse:
         """See the proto."""
         result = await self._svc.stop(

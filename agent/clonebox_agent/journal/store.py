@@ -13,43 +13,29 @@ rolled back when the agent starts (``clonebox_agent.app.recovery``).
 
 from __future__ import annotations
 
-import enum
 import json
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from clonebox_agent.ports import StepState, TxnStep
+from clonebox_agent.ports import TxnStep
 from clonebox_core.audit.event import AuditEvent
+from clonebox_core.model import StepState, Transaction, TransactionState
 
 _TXN_COLUMNS = "id, kind, target, request_id, state, error, created_at, finished_at"
 
 
-class TxnState(enum.StrEnum):
-    """Where a journaled transaction stands."""
-
-    OPEN = "open"
-    COMMITTED = "committed"
-    ROLLED_BACK = "rolled_back"
+#: the journal's transactions are the core model's (they travel to the controller and the CLI)
+TxnState = TransactionState
+Txn = Transaction
 
 
-@dataclass(frozen=True)
-class Txn:
-    """A journaled transaction and its steps."""
-
-    id: str
-    kind: str
-    target: str
-    request_id: str
-    state: TxnState
-    error: str
-    created: str
-    finished: str
-    steps: tuple[TxnStep, ...]
+def _time(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
 
 
 class JournalStepLog:
@@ -358,8 +344,8 @@ class Journal:
             request_id=str(row[3]),
             state=TxnState(row[4]),
             error=str(row[5]),
-            created=str(row[6]),
-            finished=str(row[7] or ""),
+            created=_time(row[6]),
+            finished=_time(row[7]),
             steps=tuple(steps),
         )
 

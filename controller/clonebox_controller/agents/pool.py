@@ -11,7 +11,7 @@ import grpc
 import grpc.aio
 from clonebox.agent.v1 import agent_pb2, agent_pb2_grpc
 
-from clonebox_core.model import Revision, Vm, VmSpec
+from clonebox_core.model import Orphan, Revision, Transaction, Vm, VmSpec
 from clonebox_core.rpc import convert
 from clonebox_core.rpc.server import Transport, aio_channel
 from clonebox_core.rpc.status import error_from_rpc
@@ -88,6 +88,21 @@ class GrpcAgentClient:
         req = agent_pb2.DeleteVmRequest(name=name, request_id=request_id)
         resp = await self._call(lambda: self._stub.DeleteVm(req, timeout=_LONG_TIMEOUT))
         return list(resp.removed_paths)
+
+    async def list_transactions(self, include_committed: bool, limit: int) -> list[Transaction]:
+        """ListTransactions."""
+        req = agent_pb2.ListTransactionsRequest(include_committed=include_committed, page_size=limit)
+        resp = await self._call(lambda: self._stub.ListTransactions(req, timeout=_SHORT_TIMEOUT))
+        return [convert.transaction_from_proto(t) for t in resp.transactions]
+
+    async def recover(self, sweep: bool, request_id: str) -> tuple[list[Transaction], list[Orphan]]:
+        """Recover."""
+        req = agent_pb2.RecoverRequest(sweep=sweep, request_id=request_id)
+        resp = await self._call(lambda: self._stub.Recover(req, timeout=_LONG_TIMEOUT))
+        return (
+            [convert.transaction_from_proto(t) for t in resp.rolled_back],
+            [convert.orphan_from_proto(o) for o in resp.orphans],
+        )
 
     async def watch_vms(self, after: Revision | None) -> AsyncIterator[WatchEvent]:
         """WatchVms; raises FailedPrecondition(REVISION_EXPIRED) when the agent wants a re-list."""

@@ -20,8 +20,10 @@ from clonebox_core.model import (
     HypervisorInfo,
     IpAddress,
     Operation,
+    Orphan,
     Resources,
     Revision,
+    Transaction,
     Vm,
     VmSpec,
     VmState,
@@ -127,6 +129,8 @@ class AgentClient(Protocol):
     async def stop_vm(self, name: str, request_id: str, timeout_seconds: int, force: bool) -> Vm: ...
     async def delete_vm(self, name: str, request_id: str) -> list[str]: ...
     def watch_vms(self, after: Revision | None) -> AsyncIterator[AgentEvent]: ...
+    async def list_transactions(self, include_committed: bool, limit: int) -> list[Transaction]: ...
+    async def recover(self, sweep: bool, request_id: str) -> tuple[list[Transaction], list[Orphan]]: ...
     async def close(self) -> None: ...
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from clonebox.type.v1 import host_pb2, operation_pb2, resources_pb2, vm_pb2
+from clonebox.type.v1 import host_pb2, operation_pb2, recovery_pb2, resources_pb2, vm_pb2
 from google.protobuf import timestamp_pb2
 from google.rpc import status_pb2
 
@@ -240,3 +240,70 @@ def operation_error(m: operation_pb2.Operation) -> errors.CloneboxError | None:
     status = status_pb2.Status()
     status.CopyFrom(m.error)
     return error_from_status_proto(status)
+
+
+_TXN_STATE_TO_PB = {
+    model.TransactionState.OPEN: recovery_pb2.TRANSACTION_STATE_OPEN,
+    model.TransactionState.COMMITTED: recovery_pb2.TRANSACTION_STATE_COMMITTED,
+    model.TransactionState.ROLLED_BACK: recovery_pb2.TRANSACTION_STATE_ROLLED_BACK,
+}
+_TXN_STATE_FROM_PB = {v: k for k, v in _TXN_STATE_TO_PB.items()}
+
+
+def transaction_to_proto(txn: model.Transaction) -> recovery_pb2.Transaction:
+    """``Transaction`` -> message."""
+    msg = recovery_pb2.Transaction(
+        id=txn.id,
+        host=txn.host,
+        kind=txn.kind,
+        target=txn.target,
+        request_id=txn.request_id,
+        state=_TXN_STATE_TO_PB[txn.state],
+        error=txn.error,
+        steps=[
+            recovery_pb2.TransactionStep(
+                n=s.n, name=s.name, state=str(s.state), undo=dict(s.undo), identity=dict(s.identity or {})
+            )
+            for s in txn.steps
+        ],
+    )
+    for field_name, value in (("create_time", txn.created), ("finish_time", txn.finished)):
+        stamp = ts_to_proto(value)
+        if stamp is not None:
+            getattr(msg, field_name).CopyFrom(stamp)
+    return msg
+
+
+def transaction_from_proto(msg: recovery_pb2.Transaction) -> model.Transaction:
+    """Message -> ``Transaction`` (an unknown state reads as open: it needs a look)."""
+    return model.Transaction(
+        id=msg.id,
+        host=msg.host,
+        kind=msg.kind,
+        target=msg.target,
+        request_id=msg.request_id,
+        state=_TXN_STATE_FROM_PB.get(msg.state, model.TransactionState.OPEN),
+        error=msg.error,
+        created=ts_from_proto(msg.create_time, msg.HasField("create_time")),
+        finished=ts_from_proto(msg.finish_time, msg.HasField("finish_time")),
+        steps=tuple(
+            model.TransactionStep(
+                s.n,
+                s.name,
+                dict(s.undo),
+                dict(s.identity) or None,
+                model.StepState(s.state) if s.state in set(model.StepState) else model.StepState.UNDO_FAILED,
+            )
+            for s in msg.steps
+        ),
+    )
+
+
+def orphan_to_proto(orphan: model.Orphan) -> recovery_pb2.Orphan:
+    """``Orphan`` -> message."""
+    return recovery_pb2.Orphan(host=orphan.host, vm=orphan.vm, paths=list(orphan.paths), removed=orphan.removed)
+
+
+def orphan_from_proto(msg: recovery_pb2.Orphan) -> model.Orphan:
+    """Message -> ``Orphan``."""
+    return model.Orphan(msg.host, msg.vm, tuple(msg.paths), msg.removed)

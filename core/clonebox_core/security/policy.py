@@ -25,12 +25,24 @@ _VM = "/clonebox.controller.v1.VmService/"
 _OP = "/clonebox.controller.v1.OperationService/"
 _PKI = "/clonebox.controller.v1.PkiService/"
 _AUDIT = "/clonebox.controller.v1.AuditService/"
+_RECOVERY = "/clonebox.controller.v1.RecoveryService/"
 
 POLICY: Mapping[str, frozenset[str]] = {
     # agents accept only the controller (peer agents arrive with transfers)
     **{
         _AGENT + m: CONTROLLER
-        for m in ("GetHostInfo", "CreateVm", "GetVm", "ListVms", "StartVm", "StopVm", "DeleteVm", "WatchVms")
+        for m in (
+            "GetHostInfo",
+            "CreateVm",
+            "GetVm",
+            "ListVms",
+            "StartVm",
+            "StopVm",
+            "DeleteVm",
+            "WatchVms",
+            "ListTransactions",
+            "Recover",
+        )
     },
     # the controller accepts agents only on the agent-facing session
     _HOST + "Connect": AGENTS,
@@ -62,6 +74,10 @@ POLICY: Mapping[str, frozenset[str]] = {
     _AUDIT + "VerifyAudit": VIEWERS,
     _AUDIT + "ExportAudit": ADMINS,
     _AUDIT + "ArchiveAudit": ADMINS,
+    # recovery: viewers see journaled transactions; rolling back and sweeping is for admins
+    _RECOVERY + "ListRecoveries": VIEWERS,
+    _RECOVERY + "GetRecovery": VIEWERS,
+    _RECOVERY + "RunRecovery": ADMINS,
     # standard services: any authenticated peer may ask for health and reflection
     "/grpc.health.v1.Health/Check": EVERYONE,
     "/grpc.health.v1.Health/Watch": EVERYONE,
@@ -89,6 +105,8 @@ AUDIT_ACTIONS: Mapping[str, str] = {
     _AGENT + "StartVm": "vm.start",
     _AGENT + "StopVm": "vm.stop",
     _AGENT + "DeleteVm": "vm.delete",
+    _AGENT + "Recover": "recovery.run",
+    _RECOVERY + "RunRecovery": "recovery.run",
 }
 
 

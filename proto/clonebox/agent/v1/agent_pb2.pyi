@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from clonebox.type.v1 import host_pb2 as _host_pb2
+from clonebox.type.v1 import recovery_pb2 as _recovery_pb2
 from clonebox.type.v1 import resources_pb2 as _resources_pb2
 from clonebox.type.v1 import vm_pb2 as _vm_pb2
 from collections import abc as _abc
@@ -495,3 +496,109 @@ class WatchVmsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchVmsResponse: _TypeAlias = WatchVmsResponse  # noqa: Y015
+
+@_typing.final
+class ListTransactionsRequest(_message.Message):
+    """ListTransactionsRequest lists transactions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INCLUDE_COMMITTED_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    include_committed: _builtins.bool
+    """Include committed ones (by default only open and rolled back)."""
+    page_size: _builtins.int
+    """Maximum number (default 100, at most 1000)."""
+    def __init__(
+        self,
+        *,
+        include_committed: _builtins.bool = ...,
+        page_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_committed", b"include_committed", "page_size", b"page_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTransactionsRequest: _TypeAlias = ListTransactionsRequest  # noqa: Y015
+
+@_typing.final
+class ListTransactionsResponse(_message.Message):
+    """ListTransactionsResponse returns transactions, newest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def transactions(self) -> _containers.RepeatedCompositeFieldContainer[_recovery_pb2.Transaction]:
+        """The transactions."""
+
+    def __init__(
+        self,
+        *,
+        transactions: _abc.Iterable[_recovery_pb2.Transaction] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["transactions", b"transactions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTransactionsResponse: _TypeAlias = ListTransactionsResponse  # noqa: Y015
+
+@_typing.final
+class RecoverRequest(_message.Message):
+    """RecoverRequest asks for recovery now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SWEEP_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    sweep: _builtins.bool
+    """Also remove orphaned leftovers (otherwise they are only reported)."""
+    request_id: _builtins.str
+    """Client request id."""
+    def __init__(
+        self,
+        *,
+        sweep: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "sweep", b"sweep"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecoverRequest: _TypeAlias = RecoverRequest  # noqa: Y015
+
+@_typing.final
+class RecoverResponse(_message.Message):
+    """RecoverResponse reports what recovery did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLED_BACK_FIELD_NUMBER: _builtins.int
+    ORPHANS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rolled_back(self) -> _containers.RepeatedCompositeFieldContainer[_recovery_pb2.Transaction]:
+        """Transactions rolled back now (open ones a crash left behind)."""
+
+    @_builtins.property
+    def orphans(self) -> _containers.RepeatedCompositeFieldContainer[_recovery_pb2.Orphan]:
+        """Leftovers of VMs without a domain (removed when sweep was asked)."""
+
+    def __init__(
+        self,
+        *,
+        rolled_back: _abc.Iterable[_recovery_pb2.Transaction] | None = ...,
+        orphans: _abc.Iterable[_recovery_pb2.Orphan] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["orphans", b"orphans", "rolled_back", b"rolled_back"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecoverResponse: _TypeAlias = RecoverResponse  # noqa: Y015

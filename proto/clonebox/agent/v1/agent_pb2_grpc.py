@@ -75,6 +75,16 @@ class AgentServiceStub:
                 request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.WatchVmsRequest.SerializeToString,
                 response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.WatchVmsResponse.FromString,
                 _registered_method=True)
+        self.ListTransactions = channel.unary_unary(
+                '/clonebox.agent.v1.AgentService/ListTransactions',
+                request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ListTransactionsRequest.SerializeToString,
+                response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ListTransactionsResponse.FromString,
+                _registered_method=True)
+        self.Recover = channel.unary_unary(
+                '/clonebox.agent.v1.AgentService/Recover',
+                request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.RecoverRequest.SerializeToString,
+                response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.RecoverResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -137,6 +147,20 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTransactions(self, request, context):
+        """ListTransactions lists recent journaled transactions, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Recover(self, request, context):
+        """Recover rolls back open transactions and reports (or with sweep removes) orphaned leftovers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +203,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.WatchVms,
                     request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.WatchVmsRequest.FromString,
                     response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.WatchVmsResponse.SerializeToString,
+            ),
+            'ListTransactions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTransactions,
+                    request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ListTransactionsRequest.FromString,
+                    response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ListTransactionsResponse.SerializeToString,
+            ),
+            'Recover': grpc.unary_unary_rpc_method_handler(
+                    servicer.Recover,
+                    request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.RecoverRequest.FromString,
+                    response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.RecoverResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +432,60 @@ class AgentService:
             '/clonebox.agent.v1.AgentService/WatchVms',
             clonebox_dot_agent_dot_v1_dot_agent__pb2.WatchVmsRequest.SerializeToString,
             clonebox_dot_agent_dot_v1_dot_agent__pb2.WatchVmsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTransactions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clonebox.agent.v1.AgentService/ListTransactions',
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.ListTransactionsRequest.SerializeToString,
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.ListTransactionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Recover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clonebox.agent.v1.AgentService/Recover',
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.RecoverRequest.SerializeToString,
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.RecoverResponse.FromString,
             options,
             channel_credentials,
             insecure,

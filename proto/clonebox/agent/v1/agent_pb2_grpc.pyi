@@ -49,6 +49,10 @@ class AgentServiceStub:
     """DeleteVm stops the VM and removes every disk, seed and file the agent made for it."""
     WatchVms: _grpc.UnaryStreamMultiCallable[_agent_pb2.WatchVmsRequest, _agent_pb2.WatchVmsResponse]
     """WatchVms streams lifecycle events, resumable from a revision."""
+    ListTransactions: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ListTransactionsRequest, _agent_pb2.ListTransactionsResponse]
+    """ListTransactions lists recent journaled transactions, newest first."""
+    Recover: _grpc.UnaryUnaryMultiCallable[_agent_pb2.RecoverRequest, _agent_pb2.RecoverResponse]
+    """Recover rolls back open transactions and reports (or with sweep removes) orphaned leftovers."""
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -71,6 +75,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """DeleteVm stops the VM and removes every disk, seed and file the agent made for it."""
     WatchVms: _aio.UnaryStreamMultiCallable[_agent_pb2.WatchVmsRequest, _agent_pb2.WatchVmsResponse]  # type: ignore[assignment]
     """WatchVms streams lifecycle events, resumable from a revision."""
+    ListTransactions: _aio.UnaryUnaryMultiCallable[_agent_pb2.ListTransactionsRequest, _agent_pb2.ListTransactionsResponse]  # type: ignore[assignment]
+    """ListTransactions lists recent journaled transactions, newest first."""
+    Recover: _aio.UnaryUnaryMultiCallable[_agent_pb2.RecoverRequest, _agent_pb2.RecoverResponse]  # type: ignore[assignment]
+    """Recover rolls back open transactions and reports (or with sweep removes) orphaned leftovers."""
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService runs on every hypervisor host and is the only code that touches libvirt."""
@@ -138,5 +146,21 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.WatchVmsResponse], _abc.AsyncIterator[_agent_pb2.WatchVmsResponse]]:
         """WatchVms streams lifecycle events, resumable from a revision."""
+
+    @_abc_1.abstractmethod
+    def ListTransactions(
+        self,
+        request: _agent_pb2.ListTransactionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ListTransactionsResponse, _abc.Awaitable[_agent_pb2.ListTransactionsResponse]]:
+        """ListTransactions lists recent journaled transactions, newest first."""
+
+    @_abc_1.abstractmethod
+    def Recover(
+        self,
+        request: _agent_pb2.RecoverRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.RecoverResponse, _abc.Awaitable[_agent_pb2.RecoverResponse]]:
+        """Recover rolls back open transactions and reports (or with sweep removes) orphaned leftovers."""
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
