@@ -194,17 +194,19 @@ async def test_delete_leaves_nothing_behind(h: Harness) -> None:
 
 
 @pytest.mark.parametrize(
-    ("base_image", "reason"),
+    ("base_image", "error", "reason"),
     [
-        ("/etc/hostname", "IMAGE_OUTSIDE_IMAGE_DIRS"),
-        ("escape.qcow2", "IMAGE_OUTSIDE_IMAGE_DIRS"),  # a symlink inside pointing outside
-        ("missing.qcow2", "IMAGE_NOT_FOUND"),
+        ("/etc/hostname", InvalidArgument, "IMAGE_OUTSIDE_IMAGE_DIRS"),
+        ("escape.qcow2", InvalidArgument, "IMAGE_OUTSIDE_IMAGE_DIRS"),  # a symlink inside pointing outside
+        ("missing.qcow2", FailedPrecondition, "IMAGE_NOT_FOUND"),  # pre-flight: this host lacks it
     ],
 )
-async def test_create_rejects_bad_base_image_and_makes_nothing(h: Harness, base_image: str, reason: str) -> None:
+async def test_create_rejects_bad_base_image_and_makes_nothing(
+    h: Harness, base_image: str, error: type[Exception], reason: str
+) -> None:
     before = await h.hv.inventory()
     spec = h.spec(disks=(DiskSpec("root", base_image="base.qcow2"), DiskSpec("bad", base_image=base_image)))
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(error) as err:
         await h.hv.create(spec, start=True)
     assert err.value.reason == reason
     assert err.value.metadata["field"] == "spec.disks[1].base_image"
@@ -217,7 +219,7 @@ async def test_create_rejects_kernel_outside_image_dirs(h: Harness) -> None:
         await h.hv.create(spec, start=True)
     assert (err.value.reason, err.value.metadata["field"]) == ("IMAGE_OUTSIDE_IMAGE_DIRS", "spec.kernel_boot.kernel")
     spec = h.spec(kernel_boot=KernelBoot(kernel="vmlinuz", initrd="no-initrd.img"))
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(FailedPrecondition) as err:
         await h.hv.create(spec, start=True)
     assert (err.value.reason, err.value.metadata["field"]) == ("IMAGE_NOT_FOUND", "spec.kernel_boot.initrd")
     assert (await h.hv.inventory()).is_empty()

@@ -20,10 +20,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from clonebox_agent.ports import Capability, StepLog, TxnStep
-from clonebox_core.errors import InvalidArgument
+from clonebox_core.errors import FailedPrecondition, InvalidArgument
 from clonebox_core.model import StepState
 
 _log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
 
 #: what real QEMU on a local libvirtd declares (and so, by default, the fake)
 QEMU_CAPABILITIES: frozenset[Capability] = frozenset(Capability)
@@ -279,3 +281,23 @@ def roll_back(log: StepLog, undo: Callable[[Mapping[str, str], Mapping[str, str]
             removed.append(what)
         log.undone(step.n, True)
     return removed
+
+
+def check_room(folder: str, need_bytes: int, vm: str) -> None:
+    """Pre-flight: FailedPrecondition POOL_FULL unless ``folder``'s file system has ``need_bytes`` free.
+
+    Disks are thin (qcow2), but a VM may fill them: the room checked is their full virtual size, so a
+    host never accepts VMs that cannot all grow to the size they were promised.
+    """
+    try:
+        st = os.statvfs(folder)
+    except FileNotFoundError:
+        return  # the pool folder is made on first use; its parent file system is checked then
+    free = st.f_bavail * st.f_frsize
+    if free < need_bytes:
+        raise FailedPrecondition(
+            f"VM {vm} needs {need_bytes // MIB} MiB for its disks but the storage pool at {folder} has "
+            f"{free // MIB} MiB free; free space or give the disks smaller sizes",
+            reason="POOL_FULL",
+            metadata={"vm": vm, "need_mib": str(need_bytes // MIB), "free_mib": str(free // MIB)},
+        )

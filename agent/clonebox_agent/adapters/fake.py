@@ -212,6 +212,9 @@ class FakeHypervisor:
             raise AlreadyExists(
                 f"VM {spec.name} already exists", reason="VM_ALREADY_EXISTS", metadata={"vm": spec.name}
             )
+        if self._host_files:
+            need = sum(d.size_mib for d in spec.disks) * common.MIB
+            common.check_room(common.pool_dir(self.storage_dir), need, spec.name)
         domain = self.name_prefix + spec.name
         log = steps or common.MemoryStepLog()
         # claimed before the first await, so a concurrent create of the name fails fast and touches nothing

@@ -17,7 +17,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from clonebox_core.errors import InvalidArgument, invalid_field
+from clonebox_core.errors import FailedPrecondition, InvalidArgument, invalid_field
 from clonebox_core.model import VmSpec
 from clonebox_core.validate import validate_spec
 
@@ -54,7 +54,7 @@ def resolve_image(field: str, path: str, image_dirs: Sequence[str]) -> str:
     Resolve ``path`` inside one of ``image_dirs`` or raise InvalidArgument naming ``field``.
 
     IMAGE_OUTSIDE_IMAGE_DIRS when the real path (after symlinks and '..') is outside every image dir,
-    IMAGE_NOT_FOUND when it is inside but is not an existing regular file.
+    FailedPrecondition IMAGE_NOT_FOUND when it is inside but is not an existing regular file.
     """
     roots = [os.path.realpath(d) for d in image_dirs]
     if not roots:
@@ -79,7 +79,12 @@ def resolve_image(field: str, path: str, image_dirs: Sequence[str]) -> str:
                 return real
         if escaped or not any(_inside(os.path.realpath(os.path.join(r, path)), r) for r in roots):
             raise outside
-    raise invalid_field(field, f"{path!r} does not exist or is not a regular file", reason="IMAGE_NOT_FOUND")
+    # the spec may be right and this host not ready for it (the image is copied later): a precondition
+    raise FailedPrecondition(
+        f"{field}: {path!r} does not exist or is not a regular file in this host's image_dirs",
+        reason="IMAGE_NOT_FOUND",
+        metadata={"field": field},
+    )
 
 
 def _outside_error(field: str, path: str, roots: Sequence[str]) -> InvalidArgument:

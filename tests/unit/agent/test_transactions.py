@@ -15,9 +15,8 @@ from clonebox_agent.adapters.fake import FakeHypervisor
 from clonebox_agent.app.service import AgentService
 from clonebox_agent.faultinject import hook_from_env, parse
 from clonebox_agent.journal.store import Journal, TxnState
-from clonebox_agent.ports import StepState
 from clonebox_core import errors
-from clonebox_core.model import CloudInit, DiskSpec, Resources, VmSpec
+from clonebox_core.model import CloudInit, DiskSpec, Resources, StepState, VmSpec
 
 SPEC = VmSpec(
     name="web",
@@ -224,3 +223,19 @@ def test_journal_keeps_steps_in_order_with_their_undo(tmp_path: Path) -> None:
     assert txn.steps[0].undo == {"kind": "folder", "path": "/x"} and json.dumps(txn.steps[0].identity)
     assert b == 2 and [t.id for t in j.txns(state=TxnState.OPEN)] == ["t1"]
     j.close()
+
+
+async def test_preflight_refuses_a_vm_the_pool_cannot_hold_and_makes_nothing(
+    tmp_path: Path, fake: FakeHypervisor
+) -> None:
+    svc = await make(tmp_path, fake)
+    await svc.create(VmSpec(name="small", disks=(DiskSpec("root", size_mib=1),)), request_id="r0")  # pool exists
+    huge = VmSpec(name="huge", disks=(DiskSpec("root", size_mib=60 * 2**20),))  # 60 TiB: valid, but no room
+    before = await fake.inventory()
+    with pytest.raises(errors.FailedPrecondition) as err:
+        await svc.create(huge, request_id="r1")
+    assert err.value.reason == "POOL_FULL" and "free space" in err.value.message
+    assert await fake.inventory() == before
+    [rolled, _committed] = svc._journal.txns()
+    assert rolled.state == TxnState.ROLLED_BACK and rolled.steps == () and "POOL_FULL" in rolled.error
+    await svc.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from clonebox_agent.adapters.images import image_info, resolve_image, resolve_spec, sniff_image
-from clonebox_core.errors import InvalidArgument
+from clonebox_core.errors import FailedPrecondition, InvalidArgument
 from clonebox_core.model import DiskSpec, KernelBoot, SharedFolder, VmSpec
 
 
@@ -34,8 +34,11 @@ def dirs(tmp_path: Path) -> tuple[str, str, str]:
 
 
 def _reason(field: str, path: str, roots: list[str]) -> str:
-    with pytest.raises(InvalidArgument) as err:
+    # a path outside the image dirs is a bad spec; a missing image is this host's precondition
+    with pytest.raises((InvalidArgument, FailedPrecondition)) as err:
         resolve_image(field, path, roots)
+    expected = FailedPrecondition if err.value.reason == "IMAGE_NOT_FOUND" else InvalidArgument
+    assert isinstance(err.value, expected)
     assert err.value.metadata["field"] == field
     return err.value.reason
 

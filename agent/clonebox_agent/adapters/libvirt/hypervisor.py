@@ -502,6 +502,8 @@ class LibvirtHypervisor:
             raise AlreadyExists(
                 f"VM {spec.name} already exists", reason="VM_ALREADY_EXISTS", metadata={"vm": spec.name}
             )
+        if Capability.HOST_FILES in self._caps:
+            common.check_room(common.pool_dir(self.storage_dir), self._disk_bytes(resolved), spec.name)
         # known before libvirt can report its first event
         self._owned.add(domain)
         try:
@@ -599,6 +601,14 @@ class LibvirtHypervisor:
             self._step("create:start")
         state, reason = dom.state()
         return self._record(dom, cfg.owner, state, reason)
+
+    @staticmethod
+    def _disk_bytes(resolved: ResolvedSpec) -> int:
+        """Virtual size of every disk the VM gets (an overlay is never smaller than its base)."""
+        total = 0
+        for disk, base in zip(resolved.spec.disks, resolved.base_images, strict=True):
+            total += max(disk.size_mib * MiB, image_info(base).virtual_size if base is not None else 0)
+        return total
 
     def _volume_identity(self, vol: Any, path: str, *, stamp: bool = False) -> dict[str, str]:
         identity = {"key": str(vol.key())}
