@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from clonebox_core.model import HostInfo, IpAddress, TransactionStep, VmSpec, VmState
+from clonebox_core.model import CreatePlan, HostInfo, IpAddress, TransactionStep, VmSpec, VmState
 
 
 class Capability(enum.StrEnum):
@@ -134,6 +134,10 @@ class Hypervisor(Protocol):
         is made. All or nothing: on any failure the recorded steps are undone in reverse order (with
         ``undo_step``) before the error is raised. Raises AlreadyExists when a domain of that name exists.
         """
+        ...
+
+    async def plan_create(self, spec: VmSpec, *, start: bool) -> CreatePlan:
+        """What ``create`` would do (steps and domain XML), with the same checks; nothing is made."""
         ...
 
     async def orphans(self, keep: Iterable[str] = ()) -> dict[str, builtins.list[str]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import sys
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from clonebox.controller.v1 import vm_service_pb2 as vms_pb2
@@ -111,18 +111,39 @@ def create(
     wait: WaitOpt = True,
     timeout: TimeoutOpt = None,
     request_id: RequestIdOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the steps and the domain XML; reserve and make nothing.")
+    ] = False,
 ) -> None:
     """Create a VM from a spec file (see examples/)."""
     s = settings(ctx)
     spec = _load_spec(file)  # before any RPC: a bad file is reported with its line number, offline
     client = s.client()
-    request = vms_pb2.CreateVmRequest(spec=spec_to_proto(spec), host=host, request_id=_new_request_id(request_id))
-    op = client.call(client.vms.CreateVm, request).operation
+    request = vms_pb2.CreateVmRequest(
+        spec=spec_to_proto(spec), host=host, request_id=_new_request_id(request_id), dry_run=dry_run
+    )
+    response = client.call(client.vms.CreateVm, request)
+    if dry_run:
+        _print_plan(s.json, response.plan)
+        return
+    op = response.operation
     if not wait:
         print_started(op, s.json)
         return
     op = wait_and_check(client, op, timeout)
     _print_vm(s, _final_vm(client, op, spec.name))
+
+
+def _print_plan(as_json: bool, plan: Any) -> None:
+    if as_json:
+        output.emit_json(output.message_dict(plan))
+        return
+    typer.echo(f"dry run: nothing was reserved or made. On host {plan.host} the create would:")
+    for i, step in enumerate(plan.steps, 1):
+        typer.echo(f"  {i}. {step}")
+    if plan.domain_xml:
+        typer.echo("\ndomain XML:")
+        typer.echo(plan.domain_xml)
 
 
 @app.command("validate")

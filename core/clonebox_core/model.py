@@ -293,3 +293,12 @@ class Orphan:
     vm: str
     paths: tuple[str, ...]
     removed: bool = False
+
+
+@dataclass(frozen=True)
+class CreatePlan:
+    """What a create would do (``--dry-run``): the steps in order and the domain XML, nothing made."""
+
+    steps: tuple[str, ...]
+    domain_xml: str
+    host: str = ""

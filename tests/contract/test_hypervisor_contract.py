@@ -337,3 +337,21 @@ async def test_concurrent_creates_of_one_name_make_one_vm(h: Harness) -> None:
     assert all(isinstance(e, AlreadyExists) for e in errors), errors
     inventory = (await h.hv.inventory()).for_vm(spec.name, h.hv.domain_name(spec.name))
     assert len(inventory.volumes) == 1
+
+
+async def test_plan_create_shows_the_steps_and_makes_nothing(h: Harness) -> None:
+    secret = "plan-canary-5e1f"
+    spec = h.spec(cloud_init=CloudInit(user_data=f"#cloud-config\npassword: {secret}\n"))
+    before = await h.hv.inventory()
+    plan = await h.hv.plan_create(spec, start=True)
+    assert await h.hv.inventory() == before
+    names = [step.split(":", 1)[0] for step in plan.steps]
+    assert [n for n in names if n != "folder"] == ["disk", "seed", "define", "start", "commit"]
+    assert secret not in "\n".join(plan.steps) + plan.domain_xml
+    if plan.domain_xml:  # the libvirt adapters show the XML they would define
+        assert f"<name>{h.hv.domain_name(spec.name)}</name>" in plan.domain_xml
+    # the same pre-flight as a create: an existing name is refused
+    await h.hv.create(spec, start=False)
+    with pytest.raises(AlreadyExists):
+        await h.hv.plan_create(spec, start=True)
+    await h.hv.delete(spec.name)

@@ -116,3 +116,28 @@ async def test_cli_list_show_run(fleet: Fleet) -> None:
     code, out, _ = await cli("-o", "json", "recover", "list", "--all")
     states = {t["id"]: t["state"] for t in json.loads(out)["transactions"]}
     assert states[txn_id] == "rolled_back"
+
+    spec_file = fleet.tmp / "dry.yaml"
+    spec_file.write_text("version: 1\nname: dry-1\nmemory: 64MiB\ndisks:\n  - name: root\n    size: 16MiB\n")
+    code, out, err = await cli("vm", "create", "-f", str(spec_file), "--dry-run")
+    assert code == 0, err
+    assert "dry run: nothing was reserved or made. On host h1" in out and "disk:root" in out
+    code, out, _ = await cli("-o", "json", "vm", "list")
+    assert "dry-1" not in [v["name"] for v in json.loads(out)["vms"]]
+
+
+async def test_dry_run_places_and_plans_but_reserves_and_makes_nothing(fleet: Fleet) -> None:
+    from clonebox.controller.v1 import host_service_pb2, vm_service_pb2
+
+    await fleet.add_agent("h1", SMALL)
+    resp = await fleet.vms.CreateVm(vm_service_pb2.CreateVmRequest(spec=spec("dry-1"), dry_run=True))
+    assert not resp.HasField("operation") and resp.plan.host == "h1"
+    assert [s.split(":", 1)[0] for s in resp.plan.steps] == ["folder", "disk", "define", "start", "commit"]
+    listed = await fleet.vms.ListVms(vm_service_pb2.ListVmsRequest())
+    assert list(listed.vms) == []
+    host = (await fleet.hosts.GetHost(host_service_pb2.GetHostRequest(name="h1"))).host
+    assert host.allocated.memory_mib == 0 and (await fleet.fakes["h1"].inventory()).is_empty()
+    # the same checks as a real create: too big for any host is refused before anything
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await fleet.vms.CreateVm(vm_service_pb2.CreateVmRequest(spec=spec("dry-2", memory=1 << 20), dry_run=True))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

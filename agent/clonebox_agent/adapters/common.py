@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 from clonebox_agent.ports import Capability, StepLog, TxnStep
 from clonebox_core.errors import FailedPrecondition, InvalidArgument
-from clonebox_core.model import StepState
+from clonebox_core.model import StepState, VmSpec
+from clonebox_core.secret import MASK, Secret
 
 _log = logging.getLogger(__name__)
 
@@ -301,3 +302,10 @@ def check_room(folder: str, need_bytes: int, vm: str) -> None:
             reason="POOL_FULL",
             metadata={"vm": vm, "need_mib": str(need_bytes // MIB), "free_mib": str(free // MIB)},
         )
+
+
+def redacted_spec(spec: VmSpec) -> VmSpec:
+    """``spec`` with its user-data masked: what a dry run may show (the XML's metadata carries the spec)."""
+    if spec.cloud_init is None or not spec.cloud_init.user_data:
+        return spec
+    return dataclasses.replace(spec, cloud_init=dataclasses.replace(spec.cloud_init, user_data=Secret(MASK)))

@@ -38,6 +38,7 @@ from clonebox_agent.adapters.seediso import build_seed_iso
 from clonebox_agent.ports import Capability, DomainRecord, EventKind, EventSink, HypervisorEvent, StepLog
 from clonebox_core.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from clonebox_core.model import (
+    CreatePlan,
     HostInfo,
     HypervisorInfo,
     IpAddress,
@@ -406,6 +407,25 @@ class FakeHypervisor:
         removed = [os.path.join(dp, f) for dp, _dn, fns in os.walk(folder) for f in fns]
         shutil.rmtree(folder)
         return [*removed, folder]
+
+    async def plan_create(self, spec: VmSpec, *, start: bool) -> CreatePlan:
+        """See ``Hypervisor.plan_create`` (the fake has no domain XML to show)."""
+        await self._enter("plan_create")
+        resolve_spec(spec, self.image_dirs)
+        if spec.name in self._domains:
+            raise AlreadyExists(
+                f"VM {spec.name} already exists", reason="VM_ALREADY_EXISTS", metadata={"vm": spec.name}
+            )
+        domain = self.name_prefix + spec.name
+        steps = ["folder: make its folder"] if self._host_files else []
+        steps += [f"disk:{d.name}: make volume {common.volume_name(domain, d.name)}" for d in spec.disks]
+        if spec.cloud_init is not None:
+            steps.append(f"seed: make volume {common.seed_volume_name(domain)}")
+        steps.append(f"define: define domain {domain}")
+        if start:
+            steps.append(f"start: start {domain}")
+        steps.append("commit: record the transaction and the request's outcome in the journal")
+        return CreatePlan(tuple(steps), "")
 
     async def undo_step(self, undo: Mapping[str, str], identity: Mapping[str, str] | None) -> str:
         """See ``Hypervisor.undo_step``."""

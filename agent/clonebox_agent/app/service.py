@@ -22,6 +22,7 @@ from clonebox_agent.ports import DomainRecord, EventKind, Hypervisor, Hypervisor
 from clonebox_core.audit.event import AuditEvent, Outcome, new_event
 from clonebox_core.errors import AlreadyExists, CloneboxError, InvalidArgument, NotFound
 from clonebox_core.model import (
+    CreatePlan,
     HostInfo,
     Orphan,
     Resources,
@@ -201,6 +202,12 @@ class AgentService:
             await self.recovery.roll_back(txn_id, error=_describe(exc))
             raise
         return record
+
+    async def plan_create(self, spec: VmSpec, *, start: bool = True) -> CreatePlan:
+        """The steps and domain XML a create of ``spec`` would use, after the same checks; nothing is made."""
+        validate_spec(spec)
+        plan = await self._hv.plan_create(spec, start=start)
+        return replace(plan, host=self.host_name)
 
     async def start_vm(self, name: str, *, request_id: str) -> Vm:
         """Start a stopped VM; a running one is returned as it is."""

@@ -27,9 +27,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     async def CreateVm(self, request: agent_pb2.CreateVmRequest, context: Ctx) -> agent_pb2.CreateVmResponse:
         """See the proto."""
-        vm = await self._svc.create(
-            convert.spec_from_proto(request.spec), request_id=request.request_id, start=request.start
-        )
+        spec = convert.spec_from_proto(request.spec)
+        if request.dry_run:
+            plan = await self._svc.plan_create(spec, start=request.start)
+            return agent_pb2.CreateVmResponse(plan=convert.plan_to_proto(plan))
+        vm = await self._svc.create(spec, request_id=request.request_id, start=request.start)
         return agent_pb2.CreateVmResponse(vm=convert.vm_to_proto(vm))
 
     async def GetVm(self, request: agent_pb2.GetVmRequest, context: Ctx) -> agent_pb2.GetVmResponse:

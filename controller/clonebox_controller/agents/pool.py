@@ -11,7 +11,7 @@ import grpc
 import grpc.aio
 from clonebox.agent.v1 import agent_pb2, agent_pb2_grpc
 
-from clonebox_core.model import Orphan, Revision, Transaction, Vm, VmSpec
+from clonebox_core.model import CreatePlan, Orphan, Revision, Transaction, Vm, VmSpec
 from clonebox_core.rpc import convert
 from clonebox_core.rpc.server import Transport, aio_channel
 from clonebox_core.rpc.status import error_from_rpc
@@ -60,6 +60,12 @@ class GrpcAgentClient:
         req = agent_pb2.CreateVmRequest(spec=convert.spec_to_proto(spec), request_id=request_id, start=True)
         resp = await self._call(lambda: self._stub.CreateVm(req, timeout=_LONG_TIMEOUT))
         return convert.vm_from_proto(resp.vm)
+
+    async def plan_create(self, spec: VmSpec) -> CreatePlan:
+        """CreateVm with dry_run: the agent's steps and domain XML."""
+        req = agent_pb2.CreateVmRequest(spec=convert.spec_to_proto(spec), start=True, dry_run=True)
+        resp = await self._call(lambda: self._stub.CreateVm(req, timeout=_SHORT_TIMEOUT))
+        return convert.plan_from_proto(resp.plan)
 
     async def get_vm(self, name: str) -> Vm:
         """GetVm."""

@@ -18,7 +18,7 @@ from clonebox_controller.app.hosts import HostRegistry
 from clonebox_controller.app.ports import FleetStore
 from clonebox_core.audit.event import SYSTEM_ACTOR, AuditEvent, Outcome, current_actor, new_event
 from clonebox_core.errors import CloneboxError, Internal, NotFound, Unavailable
-from clonebox_core.model import Operation, Vm, VmSpec, VmState
+from clonebox_core.model import CreatePlan, Operation, Vm, VmSpec, VmState
 from clonebox_core.names import check_dns_label
 from clonebox_core.validate import validate_spec
 
@@ -117,6 +117,15 @@ class VmManager:
         return await asyncio.to_thread(self._store.list_vms, host, state, labels, page_size, page_token)
 
     # ---- mutations ---------------------------------------------------------------------------
+
+    async def plan_create(self, spec: VmSpec, host: str | None) -> CreatePlan:
+        """What a create would do: validation, placement and the agent's steps and XML; nothing reserved or made."""
+        validate_spec(spec)
+        if host:
+            check_dns_label("host", host)
+        chosen = await asyncio.to_thread(self._store.place, spec, host or None)
+        target = await asyncio.to_thread(self._store.get_host, chosen)
+        return await self._agent_call(lambda: self._hosts.client_for(target).plan_create(spec))
 
     async def create(self, spec: VmSpec, host: str | None, request_id: str) -> Operation:
         """Reserve room on a host and create the VM there."""

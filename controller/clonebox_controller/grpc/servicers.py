@@ -290,7 +290,11 @@ class VmServicer(vm_service_pb2_grpc.VmServiceServicer):
 
     async def CreateVm(self, request: vm_service_pb2.CreateVmRequest, context: Ctx) -> vm_service_pb2.CreateVmResponse:
         """See the proto."""
-        op = await self._vms.create(convert.spec_from_proto(request.spec), request.host or None, request.request_id)
+        spec = convert.spec_from_proto(request.spec)
+        if request.dry_run:
+            plan = await self._vms.plan_create(spec, request.host or None)
+            return vm_service_pb2.CreateVmResponse(plan=convert.plan_to_proto(plan))
+        op = await self._vms.create(spec, request.host or None, request.request_id)
         return vm_service_pb2.CreateVmResponse(operation=convert.operation_to_proto(op))
 
     async def GetVm(self, request: vm_service_pb2.GetVmRequest, context: Ctx) -> vm_service_pb2.GetVmResponse:

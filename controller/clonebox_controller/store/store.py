@@ -623,33 +623,8 @@ class Store:
                 replay = self._replay(session, op)
                 if replay is not None:
                     return replay
-            if session.get(VmRow, spec.name) is not None:
-                raise AlreadyExists(
-                    f"VM {spec.name!r} already exists",
-                    reason="VM_ALREADY_EXISTS",
-                    metadata={"vm": spec.name},
-                )
+            chosen = self._place(session, spec, host, lock=True)
             need = spec.resources()
-            query = select(HostRow).order_by(HostRow.name).with_for_update()
-            if host is not None:
-                query = query.where(HostRow.name == host)
-            rows = list(session.execute(query).scalars())
-            # read reservations only now, with the host rows locked, so they cannot change under us
-            allocations = self._allocations(session, [r.name for r in rows])
-            candidates = [
-                placement.Candidate(
-                    name=r.name,
-                    state=HostState[r.state],
-                    cordoned=r.cordoned,
-                    allocatable=self._allocatable(r),
-                    reserved=allocations.get(r.name, (Resources(), 0))[0],
-                )
-                for r in rows
-            ]
-            if host is not None:
-                chosen = placement.check_named(candidates[0] if candidates else None, host, need)
-            else:
-                chosen = placement.choose(candidates, need)
 
             now = self._now()
             vm_row = VmRow(
@@ -677,6 +652,40 @@ class Store:
             return self._op_model(op_row), self._vm_model(vm_row)
 
         return self._run(tx, write=True, retry_integrity=True)
+
+    def place(self, spec: VmSpec, host: str | None) -> str:
+        """The host ``reserve_vm`` would choose now, reserving nothing (for dry runs); same errors."""
+        return self._run(lambda session: self._place(session, spec, host, lock=False), write=False)
+
+    def _place(self, session: Session, spec: VmSpec, host: str | None, *, lock: bool) -> str:
+        if session.get(VmRow, spec.name) is not None:
+            raise AlreadyExists(
+                f"VM {spec.name!r} already exists",
+                reason="VM_ALREADY_EXISTS",
+                metadata={"vm": spec.name},
+            )
+        need = spec.resources()
+        query = select(HostRow).order_by(HostRow.name)
+        if lock:
+            query = query.with_for_update()
+        if host is not None:
+            query = query.where(HostRow.name == host)
+        rows = list(session.execute(query).scalars())
+        # read reservations only now, with the host rows locked, so they cannot change under us
+        allocations = self._allocations(session, [r.name for r in rows])
+        candidates = [
+            placement.Candidate(
+                name=r.name,
+                state=HostState[r.state],
+                cordoned=r.cordoned,
+                allocatable=self._allocatable(r),
+                reserved=allocations.get(r.name, (Resources(), 0))[0],
+            )
+            for r in rows
+        ]
+        if host is not None:
+            return placement.check_named(candidates[0] if candidates else None, host, need)
+        return placement.choose(candidates, need)
 
     def _replay(self, session: Session, op: Operation) -> tuple[Operation, Vm | None] | None:
         existing = self._check_request_id(session, op)

@@ -307,3 +307,13 @@ def orphan_to_proto(orphan: model.Orphan) -> recovery_pb2.Orphan:
 def orphan_from_proto(msg: recovery_pb2.Orphan) -> model.Orphan:
     """Message -> ``Orphan``."""
     return model.Orphan(msg.host, msg.vm, tuple(msg.paths), msg.removed)
+
+
+def plan_to_proto(plan: model.CreatePlan) -> vm_pb2.CreatePlan:
+    """``CreatePlan`` -> message."""
+    return vm_pb2.CreatePlan(host=plan.host, steps=list(plan.steps), domain_xml=plan.domain_xml)
+
+
+def plan_from_proto(msg: vm_pb2.CreatePlan) -> model.CreatePlan:
+    """Message -> ``CreatePlan``."""
+    return model.CreatePlan(tuple(msg.steps), msg.domain_xml, msg.host)

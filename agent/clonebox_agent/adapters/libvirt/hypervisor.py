@@ -67,6 +67,7 @@ from clonebox_agent.adapters.seediso import build_seed_iso
 from clonebox_agent.ports import Capability, DomainRecord, EventKind, EventSink, HypervisorEvent, StepLog
 from clonebox_core.errors import AlreadyExists, CloneboxError, FailedPrecondition, NotFound, Unavailable
 from clonebox_core.model import (
+    CreatePlan,
     HostInfo,
     HypervisorInfo,
     IpAddress,
@@ -560,25 +561,7 @@ class LibvirtHypervisor:
             disks.append(domxml.Disk(path, _SEED_TARGET, format="raw", cdrom=True))
         self._step("create:seed")
 
-        created = datetime.now(UTC).replace(microsecond=0)
-        cfg = domxml.DomainConfig(
-            name=domain,
-            uuid=vm_uuid,
-            domain_type=self._domain_type or "qemu",
-            vcpus=spec.vcpus,
-            memory_mib=spec.memory_mib,
-            owner=domxml.OwnerMetadata(agent=self.owner, vm=vm, spec=spec, created=created),
-            disks=tuple(disks),
-            kernel=resolved.kernel,
-            initrd=resolved.initrd,
-            cmdline=spec.kernel_boot.cmdline if spec.kernel_boot is not None else "",
-            network=spec.network.libvirt_network if spec.network.mode == NetworkMode.LIBVIRT else None,
-            filesystems=tuple(
-                domxml.Filesystem(src, sf.tag, sf.read_only)
-                for src, sf in zip(resolved.shared_folders, spec.shared_folders, strict=True)
-            ),
-            console_log=console_log,
-        )
+        cfg = self._domain_config(resolved, domain, vm_uuid, disks, console_log)
         n = log.planned("define", {"kind": "domain", "name": domain})
         try:
             dom = conn.defineXML(domxml.domain_xml(cfg))
@@ -601,6 +584,82 @@ class LibvirtHypervisor:
             self._step("create:start")
         state, reason = dom.state()
         return self._record(dom, cfg.owner, state, reason)
+
+    def _domain_config(
+        self,
+        resolved: ResolvedSpec,
+        domain: str,
+        vm_uuid: str,
+        disks: Sequence[domxml.Disk],
+        console_log: str | None,
+    ) -> domxml.DomainConfig:
+        """The one description of the domain a create defines (and a dry run shows)."""
+        spec = resolved.spec
+        return domxml.DomainConfig(
+            name=domain,
+            uuid=vm_uuid,
+            domain_type=self._domain_type or "qemu",
+            vcpus=spec.vcpus,
+            memory_mib=spec.memory_mib,
+            owner=domxml.OwnerMetadata(
+                agent=self.owner, vm=spec.name, spec=spec, created=datetime.now(UTC).replace(microsecond=0)
+            ),
+            disks=tuple(disks),
+            kernel=resolved.kernel,
+            initrd=resolved.initrd,
+            cmdline=spec.kernel_boot.cmdline if spec.kernel_boot is not None else "",
+            network=spec.network.libvirt_network if spec.network.mode == NetworkMode.LIBVIRT else None,
+            filesystems=tuple(
+                domxml.Filesystem(src, sf.tag, sf.read_only)
+                for src, sf in zip(resolved.shared_folders, spec.shared_folders, strict=True)
+            ),
+            console_log=console_log,
+        )
+
+    async def plan_create(self, spec: VmSpec, *, start: bool) -> CreatePlan:
+        """See ``Hypervisor.plan_create``."""
+        return await self._run(self._plan_sync, spec, start)
+
+    def _plan_sync(self, spec: VmSpec, start: bool) -> CreatePlan:
+        # the same resolution and pre-flight as a create; user-data never appears in what is shown
+        resolved = resolve_spec(common.redacted_spec(spec), self.image_dirs)
+        domain = self.domain_name(spec.name)
+        conn = self._conn.get()
+        try:
+            conn.lookupByName(domain)
+        except libvirt.libvirtError as exc:
+            if not is_code(exc, "VIR_ERR_NO_DOMAIN"):
+                raise self._error(exc, spec.name, "look up") from None
+        else:
+            raise AlreadyExists(
+                f"VM {spec.name} already exists", reason="VM_ALREADY_EXISTS", metadata={"vm": spec.name}
+            )
+        host_files = Capability.HOST_FILES in self._caps
+        if host_files:
+            common.check_room(common.pool_dir(self.storage_dir), self._disk_bytes(resolved), spec.name)
+        pool_path = common.pool_dir(self.storage_dir)
+        steps: builtins.list[str] = []
+        console_log = None
+        if host_files:
+            folder = common.vm_dir(self.storage_dir, domain)
+            steps.append(f"folder: make {folder}")
+            console_log = os.path.join(folder, "console.log")
+        disks: builtins.list[domxml.Disk] = []
+        for i, (disk, base) in enumerate(zip(spec.disks, resolved.base_images, strict=True)):
+            path = os.path.join(pool_path, common.volume_name(domain, disk.name))
+            what = f"qcow2 overlay on {base}" if base else f"blank qcow2 of {disk.size_mib} MiB"
+            steps.append(f"disk:{disk.name}: make volume {path} ({what})")
+            disks.append(domxml.Disk(path, domxml.virtio_target(i)))
+        if spec.cloud_init is not None:
+            path = os.path.join(pool_path, common.seed_volume_name(domain))
+            steps.append(f"seed: make the cloud-init NoCloud ISO {path}")
+            disks.append(domxml.Disk(path, _SEED_TARGET, format="raw", cdrom=True))
+        steps.append(f"define: define domain {domain} (XML below)")
+        if start:
+            steps.append(f"start: start {domain}")
+        steps.append("commit: record the transaction and the request's outcome in the journal")
+        cfg = self._domain_config(resolved, domain, str(uuidlib.uuid4()), disks, console_log)
+        return CreatePlan(tuple(steps), domxml.domain_xml(cfg))
 
     @staticmethod
     def _disk_bytes(resolved: ResolvedSpec) -> int:

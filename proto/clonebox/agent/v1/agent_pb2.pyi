@@ -131,10 +131,13 @@ class CreateVmRequest(_message.Message):
     SPEC_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     START_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Client request id; a retry with the same id returns the same result."""
     start: _builtins.bool
     """Start the VM after defining it."""
+    dry_run: _builtins.bool
+    """Only plan: return the steps and the domain XML, make nothing."""
     @_builtins.property
     def spec(self) -> _vm_pb2.VmSpec:
         """Desired VM."""
@@ -145,10 +148,11 @@ class CreateVmRequest(_message.Message):
         spec: _vm_pb2.VmSpec | None = ...,
         request_id: _builtins.str = ...,
         start: _builtins.bool = ...,
+        dry_run: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "spec", b"spec", "start", b"start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "request_id", b"request_id", "spec", b"spec", "start", b"start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -161,18 +165,24 @@ class CreateVmResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VM_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def vm(self) -> _vm_pb2.Vm:
         """The VM."""
+
+    @_builtins.property
+    def plan(self) -> _vm_pb2.CreatePlan:
+        """The plan, for a dry run (vm is then unset)."""
 
     def __init__(
         self,
         *,
         vm: _vm_pb2.Vm | None = ...,
+        plan: _vm_pb2.CreatePlan | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan", "vm", b"vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

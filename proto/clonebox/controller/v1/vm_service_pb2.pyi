@@ -29,10 +29,13 @@ class CreateVmRequest(_message.Message):
     SPEC_FIELD_NUMBER: _builtins.int
     HOST_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
     host: _builtins.str
     """Place on this host instead of letting the controller choose."""
     request_id: _builtins.str
     """Client request id; a retry with the same id returns the same operation."""
+    dry_run: _builtins.bool
+    """Only plan: validate, place and return the steps and domain XML; nothing is reserved or made."""
     @_builtins.property
     def spec(self) -> _vm_pb2.VmSpec:
         """Desired VM."""
@@ -43,10 +46,11 @@ class CreateVmRequest(_message.Message):
         spec: _vm_pb2.VmSpec | None = ...,
         host: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "request_id", b"request_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "host", b"host", "request_id", b"request_id", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -59,18 +63,24 @@ class CreateVmResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OPERATION_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def operation(self) -> _operation_pb2.Operation:
         """The operation creating the VM."""
+
+    @_builtins.property
+    def plan(self) -> _vm_pb2.CreatePlan:
+        """The plan, for a dry run (operation is then unset)."""
 
     def __init__(
         self,
         *,
         operation: _operation_pb2.Operation | None = ...,
+        plan: _vm_pb2.CreatePlan | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation", "plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation", "plan", b"plan"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

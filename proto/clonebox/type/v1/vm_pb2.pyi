@@ -423,3 +423,35 @@ class Vm(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Vm: _TypeAlias = Vm  # noqa: Y015
+
+@_typing.final
+class CreatePlan(_message.Message):
+    """CreatePlan is what a create would do, from a dry run: nothing is made."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    DOMAIN_XML_FIELD_NUMBER: _builtins.int
+    host: _builtins.str
+    """Host placement chose (or the host asked for)."""
+    domain_xml: _builtins.str
+    """The libvirt domain XML that would be defined."""
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The steps, in order, each with what it would make."""
+
+    def __init__(
+        self,
+        *,
+        host: _builtins.str = ...,
+        steps: _abc.Iterable[_builtins.str] | None = ...,
+        domain_xml: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain_xml", b"domain_xml", "host", b"host", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatePlan: _TypeAlias = CreatePlan  # noqa: Y015
