@@ -13,11 +13,12 @@ rolled back when the agent starts (``clonebox_agent.app.recovery``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -116,15 +117,13 @@ class Journal:
 
     def next_epoch(self) -> int:
         """Start a new event epoch: persisted, strictly greater than every earlier one."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._write():
             row = self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
             epoch = int(row[0]) + 1 if row else 1
             self._db.execute(
                 "INSERT INTO meta(key, value) VALUES('epoch', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                 (str(epoch),),
             )
-            self._db.execute("COMMIT")
             return epoch
 
     def outcome(self, request_id: str) -> tuple[str, str, dict[str, Any]] | None:
@@ -145,20 +144,14 @@ class Journal:
         Both land in one transaction: an answered request always has its event in the outbox.
         """
         started = time.perf_counter()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                if request_id:
-                    self._db.execute(
-                        "INSERT OR IGNORE INTO requests(request_id, method, target, outcome) VALUES(?,?,?,?)",
-                        (request_id, method, target, json.dumps(outcome)),
-                    )
-                if audit is not None:
-                    self._add_event(audit)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._write():
+            if request_id:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO requests(request_id, method, target, outcome) VALUES(?,?,?,?)",
+                    (request_id, method, target, json.dumps(outcome)),
+                )
+            if audit is not None:
+                self._add_event(audit)
         if audit is not None:
             self._appended(started)
 
@@ -168,15 +161,9 @@ class Journal:
     def add_events(self, events: list[AuditEvent]) -> None:
         """Put events in the outbox (durably) on their own."""
         started = time.perf_counter()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for event in events:
-                    self._add_event(event)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._write():
+            for event in events:
+                self._add_event(event)
         self._appended(started)
 
     def _appended(self, started: float) -> None:
@@ -222,11 +209,9 @@ class Journal:
 
     def set_revoked(self, serials: set[str]) -> None:
         """Replace the deny list (it survives restarts, so a revoked identity stays refused offline)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._write():
             self._db.execute("DELETE FROM revoked")
             self._db.executemany("INSERT INTO revoked(serial) VALUES(?)", [(s,) for s in sorted(serials)])
-            self._db.execute("COMMIT")
 
     # ---- transactions ------------------------------------------------------------------------------
 
@@ -240,19 +225,13 @@ class Journal:
 
     def plan_step(self, txn_id: str, name: str, undo: Mapping[str, str]) -> int:
         """Record the next step of ``txn_id`` with how to undo it; its number."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute("SELECT COALESCE(MAX(n), 0) + 1 FROM txn_steps WHERE txn_id=?", (txn_id,))
-                n = int(row.fetchone()[0])
-                self._db.execute(
-                    "INSERT INTO txn_steps(txn_id, n, name, undo, state) VALUES(?,?,?,?,?)",
-                    (txn_id, n, name, json.dumps(dict(undo), sort_keys=True), StepState.PLANNED),
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._write():
+            row = self._db.execute("SELECT COALESCE(MAX(n), 0) + 1 FROM txn_steps WHERE txn_id=?", (txn_id,))
+            n = int(row.fetchone()[0])
+            self._db.execute(
+                "INSERT INTO txn_steps(txn_id, n, name, undo, state) VALUES(?,?,?,?,?)",
+                (txn_id, n, name, json.dumps(dict(undo), sort_keys=True), StepState.PLANNED),
+            )
         return n
 
     def step_made(self, txn_id: str, n: int, identity: Mapping[str, str]) -> None:
@@ -286,25 +265,19 @@ class Journal:
         retry gets are one SQLite transaction, so a crash never separates them.
         """
         started = time.perf_counter()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+        with self._write():
+            self._db.execute(
+                "UPDATE txns SET state=?, error=?, finished_at=strftime('%Y-%m-%dT%H:%M:%fZ','now') WHERE id=?",
+                (state, error, txn_id),
+            )
+            if outcome is not None and outcome[0]:
+                request_id, method, target, result = outcome
                 self._db.execute(
-                    "UPDATE txns SET state=?, error=?, finished_at=strftime('%Y-%m-%dT%H:%M:%fZ','now') WHERE id=?",
-                    (state, error, txn_id),
+                    "INSERT OR IGNORE INTO requests(request_id, method, target, outcome) VALUES(?,?,?,?)",
+                    (request_id, method, target, json.dumps(result)),
                 )
-                if outcome is not None and outcome[0]:
-                    request_id, method, target, result = outcome
-                    self._db.execute(
-                        "INSERT OR IGNORE INTO requests(request_id, method, target, outcome) VALUES(?,?,?,?)",
-                        (request_id, method, target, json.dumps(result)),
-                    )
-                if audit is not None:
-                    self._add_event(audit)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            if audit is not None:
+                self._add_event(audit)
         if audit is not None:
             self._appended(started)
 
@@ -348,6 +321,18 @@ class Journal:
             finished=_time(row[7]),
             steps=tuple(steps),
         )
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        """One write transaction (``BEGIN IMMEDIATE`` … COMMIT, or ROLLBACK on any error) under the lock."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         """Close the database."""
