@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_audit
 import bench_create_ready
 import bench_getvm
+import bench_journal
 import bench_listvms
 import bench_mtls
 import bench_tracing
@@ -41,6 +42,7 @@ BENCHMARKS: dict[str, tuple[str, Runner]] = {
     "mtls": ("controller GetVm over mTLS vs plaintext, and the cost of a new connection", bench_mtls.run),
     "audit": ("audit appends per second on SQLite and PostgreSQL vs plain inserts", bench_audit.run),
     "tracing": ("controller GetVm with OTLP trace export vs tracing off, over mTLS", bench_tracing.run),
+    "journal": ("VM create with the agent's journal vs without it, on real libvirt", bench_journal.run),
 }
 
 

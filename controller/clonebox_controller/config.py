@@ -51,6 +51,8 @@ class ControllerConfig(BaseModel):
     heartbeat_timeout_seconds: float = Field(10.0, gt=0)
     #: heartbeat interval asked of agents
     heartbeat_interval_seconds: float = Field(2.0, gt=0)
+    #: how long an operation keeps retrying an agent it cannot reach (a crashed agent restarting)
+    agent_retry_seconds: float = Field(60.0, ge=0, le=3600)
     #: default graceful stop timeout passed to agents
     stop_timeout_seconds: int = Field(60, ge=1, le=3600)
     log_level: str = "INFO"

@@ -142,6 +142,7 @@ class Controller:
             self.hosts,
             stop_timeout_seconds=config.stop_timeout_seconds,
             observe_operation=self.metrics.observe_operation,
+            agent_retry_seconds=config.agent_retry_seconds,
         )
         self.operations = OperationQueries(self.store)
         self.recovery = RecoveryManager(self.store, self.hosts)

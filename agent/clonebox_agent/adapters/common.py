@@ -194,7 +194,8 @@ class Inventory:
             if volume.startswith(prefix) and vm not in live:
                 out.setdefault(vm, []).append(volume)
         for path, vm in self.files:
-            if vm not in live:
+            # a volume's file is the same leftover as the volume: name it once
+            if vm not in live and os.path.basename(path) not in out.get(vm, []):
                 out.setdefault(vm, []).append(path)
         return out
 

@@ -96,6 +96,8 @@ class AgentService:
         self._known: dict[str, Vm] = {}
         self._event_queue: asyncio.Queue[HypervisorEvent] = asyncio.Queue()
         self._event_task: asyncio.Task[None] | None = None
+        #: creates that outlive a cancelled caller (strong references: asyncio keeps only weak ones)
+        self._background: set[asyncio.Task[Vm]] = set()
 
     # ---- lifecycle of the service itself -------------------------------------------------------
 
@@ -113,7 +115,10 @@ class AgentService:
         self._event_task = asyncio.create_task(self._consume_events(), name="hypervisor-events")
 
     async def close(self) -> None:
-        """Stop consuming events, end watches and disconnect."""
+        """Let running creates finish (bounded), stop consuming events, end watches and disconnect."""
+        if self._background:
+            # what does not finish in time is rolled back by recovery at the next start
+            await asyncio.wait(set(self._background), timeout=30)
         if self._event_task is not None:
             self._event_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -158,8 +163,18 @@ class AgentService:
     # ---- mutations -----------------------------------------------------------------------------
 
     async def create(self, spec: VmSpec, *, request_id: str, start: bool = True) -> Vm:
-        """Create (and start) a VM. A retry with the same request id, or the same name and spec, returns it."""
+        """Create (and start) a VM. A retry with the same request id, or the same name and spec, returns it.
+
+        Once started, a create runs to its end (commit or rollback) even if the caller goes away: a
+        cancelled RPC must never leave a VM made behind a "rolled back" record. The retry finds it.
+        """
         validate_spec(spec)
+        task = asyncio.create_task(self._create_locked(spec, request_id, start), name=f"create-{spec.name}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return await asyncio.shield(task)
+
+    async def _create_locked(self, spec: VmSpec, request_id: str, start: bool) -> Vm:
         async with self._lock(spec.name):
             if request_id and await self._replay(request_id, "create", spec.name) is not None:
                 return await self.get(spec.name)

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_AGENT_RETRIES = 4
+#: longest pause between two attempts to reach an agent that is down
+_MAX_RETRY_DELAY = 5.0
 
 
 def new_operation(kind: str, target: str, request_id: str, params: dict[str, str] | None = None) -> Operation:
@@ -65,8 +66,14 @@ class VmManager:
         *,
         stop_timeout_seconds: int,
         observe_operation: Callable[[str, str, float], None] | None = None,
+        agent_retry_seconds: float = 60.0,
     ) -> None:
-        """``observe_operation(kind, outcome, seconds)`` hears how long each finished operation took."""
+        """``observe_operation(kind, outcome, seconds)`` hears how long each finished operation took.
+
+        ``agent_retry_seconds``: how long an operation keeps retrying an agent that cannot be reached
+        (an agent restarting after a crash rolls back first, then answers the retry).
+        """
+        self._agent_retry_seconds = agent_retry_seconds
         self._store = store
         self._observe_operation = observe_operation
         self._hosts = hosts
@@ -125,7 +132,8 @@ class VmManager:
             check_dns_label("host", host)
         chosen = await asyncio.to_thread(self._store.place, spec, host or None)
         target = await asyncio.to_thread(self._store.get_host, chosen)
-        return await self._agent_call(lambda: self._hosts.client_for(target).plan_create(spec))
+        # a dry run is a question: one attempt, no waiting for an agent that is down
+        return await self._hosts.client_for(target).plan_create(spec)
 
     async def create(self, spec: VmSpec, host: str | None, request_id: str) -> Operation:
         """Reserve room on a host and create the VM there."""
@@ -212,16 +220,17 @@ class VmManager:
 
     async def _agent_call(self, call: Callable[[], Awaitable[T]]) -> T:
         # retries are safe: every agent mutation carries the operation id as its request id
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._agent_retry_seconds
         delay = 0.5
-        for attempt in range(_AGENT_RETRIES):
+        while True:
             try:
                 return await call()
             except Unavailable:
-                if attempt == _AGENT_RETRIES - 1:
+                if loop.time() + delay > deadline:
                     raise
                 await asyncio.sleep(delay)
-                delay *= 2
-        raise AssertionError("unreachable")
+                delay = min(delay * 2, _MAX_RETRY_DELAY)
 
     async def _do_create(self, op: Operation, name: str) -> Vm | None:
         vm = await asyncio.to_thread(self._store.get_vm, name)
