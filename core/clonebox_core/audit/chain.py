@@ -15,14 +15,14 @@ import hashlib
 import hmac
 import json
 import os
-import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from clonebox_core.audit.event import AuditEvent
-from clonebox_core.errors import FailedPrecondition, InvalidArgument
+from clonebox_core.errors import InvalidArgument
+from clonebox_core.secrets.providers import read_private_file
 
 #: the MAC before the first record (and the version tag of the canonical form)
 GENESIS_MAC = bytes(32)
@@ -103,20 +103,8 @@ class Keyring:
 
 
 def read_key_file(path: Path, field: str) -> bytes:
-    """A key from ``path``; refuses files that group or others can read."""
-    try:
-        st = path.stat()
-    except OSError as exc:
-        raise FailedPrecondition(
-            f"{field}: cannot read {path}: {exc.strerror}", reason="AUDIT_KEY_MISSING", metadata={"field": field}
-        ) from None
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        raise FailedPrecondition(
-            f"{field}: {path} is readable by group or others; chmod 600 it",
-            reason="AUDIT_KEY_EXPOSED",
-            metadata={"field": field},
-        )
-    raw = path.read_bytes().strip()
+    """A key from ``path`` (hex or raw); refuses files that group or others can access."""
+    raw = read_private_file(path, what=f"{field}: key file").strip()
     try:
         return bytes.fromhex(raw.decode())
     except (UnicodeDecodeError, ValueError):

@@ -99,7 +99,7 @@ def test_key_files_must_be_private(tmp_path: Path) -> None:
     os.chmod(path, 0o644)
     with pytest.raises(FailedPrecondition, match="chmod 600"):
         read_key_file(path, "audit.keys.k1")
-    with pytest.raises(FailedPrecondition, match="cannot read"):
+    with pytest.raises(FailedPrecondition, match="does not exist"):
         read_key_file(tmp_path / "missing", "audit.keys.k1")
 
 
