@@ -165,7 +165,10 @@ class Agent:
         )
         if self.config.metrics_listen:
             self.metrics_server = start_metrics_server(
-                self.config.metrics_listen, self.metrics.registry, self.transport
+                self.config.metrics_listen,
+                self.metrics.registry,
+                self.transport,
+                is_revoked=lambda serial: format(serial, "x") in self._revoked,
             )
         await self._refresh_serving()
         if self.config.controller:

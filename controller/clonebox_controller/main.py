@@ -235,8 +235,12 @@ class Controller:
         if self.pki is not None and self.transport.tls is not None:
             self._renewal = asyncio.create_task(self._renew_own_certificate(self.transport.tls), name="renewal")
         if self.config.metrics_listen:
+            pki = self.pki
             self.metrics_server = start_metrics_server(
-                self.config.metrics_listen, self.metrics.registry, self.transport
+                self.config.metrics_listen,
+                self.metrics.registry,
+                self.transport,
+                is_revoked=(lambda serial: format(serial, "x") in pki.revoked) if pki is not None else None,
             )
         await self.vms.resume()
         log.info("controller listening on %s", self.address)

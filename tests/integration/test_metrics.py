@@ -239,3 +239,19 @@ async def test_metrics_can_be_disabled(tmp_path: Path) -> None:
         assert controller.metrics_server is None
     finally:
         await controller.stop()
+
+
+async def test_a_revoked_scraper_is_refused(fleet: Fleet) -> None:
+    from clonebox.controller.v1 import pki_service_pb2, pki_service_pb2_grpc
+
+    ca = fleet.pki.root / "ca" / "ca.crt"
+    server = fleet.controller.metrics_server
+    assert server is not None
+    scraper = TlsFiles.in_folder(fleet.pki.folder("user", "old-prometheus", "viewer"), "user")
+    assert "clonebox_rpc_requests_total" in await scrape(server, ca, scraper)
+    pki = pki_service_pb2_grpc.PkiServiceStub(fleet.channel)
+    await pki.RevokeCertificate(pki_service_pb2.RevokeCertificateRequest(name="old-prometheus"))
+    # the handshake completes (the CA signed it), then the endpoint drops the revoked peer
+    with pytest.raises((*HANDSHAKE_FAILED, http.client.HTTPException, OSError)):
+        await asyncio.to_thread(_get, server, _client_context(ca, scraper))
+    assert "clonebox_rpc_requests_total" in await scrape(server, ca, user_tls(fleet.pki))

@@ -26,6 +26,7 @@ from http.server import ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlparse
 
+from cryptography import x509
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
@@ -160,6 +161,8 @@ class _HttpServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], family: socket.AddressFamily, handler: type[_Handler]) -> None:
         self.address_family = family
         self.contexts: ReloadingContext | None = None
+        #: the deny list, by certificate serial: a revoked scraper is refused like on the gRPC ports
+        self.is_revoked: Callable[[int], bool] | None = None
         super().__init__(address, handler)
 
     def server_bind(self) -> None:
@@ -185,7 +188,17 @@ class _HttpServer(ThreadingHTTPServer):
                 log.debug("metrics endpoint: TLS handshake with %s failed: %s", client_address, exc)
                 self.shutdown_request(request)
                 return
+            if self.is_revoked is not None and self._revoked_peer(request):
+                log.warning("metrics endpoint: refused %s: its certificate is revoked", client_address)
+                self.shutdown_request(request)
+                return
         super().process_request_thread(request, client_address)
+
+    def _revoked_peer(self, request: ssl.SSLSocket) -> bool:
+        der = request.getpeercert(binary_form=True)
+        if der is None or self.is_revoked is None:
+            return False
+        return self.is_revoked(x509.load_der_x509_certificate(der).serial_number)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("metrics endpoint: request from %s failed", client_address, exc_info=True)
@@ -239,10 +252,16 @@ def _bind_address(host: str, port: int) -> tuple[socket.AddressFamily, tuple[str
     return family, (str(sockaddr[0]), port)
 
 
-def start_metrics_server(address: str, registry: CollectorRegistry, transport: Transport) -> MetricsServer:
+def start_metrics_server(
+    address: str,
+    registry: CollectorRegistry,
+    transport: Transport,
+    is_revoked: Callable[[int], bool] | None = None,
+) -> MetricsServer:
     """Serve ``registry`` on ``address`` (``HOST:PORT``; port 0 picks one): HTTPS with mTLS, or loopback HTTP.
 
     Uses the daemon's own transport: its TLS files, or ``insecure`` (then only loopback is accepted).
+    ``is_revoked(serial)`` is the daemon's deny list: a scraper whose certificate is on it is refused.
     """
     host, port = split_host_port(address)
     contexts: ReloadingContext | None = None
@@ -261,6 +280,7 @@ def start_metrics_server(address: str, registry: CollectorRegistry, transport: T
             metadata={"field": "metrics_listen"},
         ) from None
     httpd.contexts = contexts
+    httpd.is_revoked = is_revoked
     thread = threading.Thread(
         target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name=f"metrics-{httpd.server_address[1]}"
     )
