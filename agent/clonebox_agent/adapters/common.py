@@ -14,6 +14,7 @@ import dataclasses
 import errno
 import logging
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -236,6 +237,14 @@ def file_identity(path: str) -> dict[str, str]:
     except OSError:
         nonce = ""
     return {"dev": str(st.st_dev), "inode": str(st.st_ino), "nonce": nonce}
+
+
+def undo_folder(path: str, identity: Mapping[str, str]) -> str:
+    """Remove the folder a step made, if it is still that folder; what was removed ("" if nothing)."""
+    if file_identity(path) != dict(identity):
+        return ""
+    shutil.rmtree(path, ignore_errors=True)
+    return path
 
 
 class MemoryStepLog:

@@ -437,11 +437,7 @@ class FakeHypervisor:
             return ""
         kind = undo.get("kind")
         if kind == "folder":
-            path = undo["path"]
-            if common.file_identity(path) != dict(identity):
-                return ""
-            shutil.rmtree(path, ignore_errors=True)
-            return path
+            return common.undo_folder(undo["path"], identity)
         if kind == "volume":
             found = self._volumes.get(undo["name"])
             if found is None or self._volume_identity(found) != dict(identity):

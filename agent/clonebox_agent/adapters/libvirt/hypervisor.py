@@ -682,11 +682,7 @@ class LibvirtHypervisor:
             return ""
         kind = undo.get("kind")
         if kind == "folder":
-            path = undo["path"]
-            if common.file_identity(path) == dict(identity):
-                shutil.rmtree(path, ignore_errors=True)
-                return path
-            return ""
+            return common.undo_folder(undo["path"], identity)
         conn = self._conn.get()
         if kind == "volume":
             try:
