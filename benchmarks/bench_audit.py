@@ -34,7 +34,6 @@ reach it. When no PostgreSQL server binaries are found only SQLite runs, and a n
 from __future__ import annotations
 
 import contextlib
-import glob
 import itertools
 import os
 import shutil
@@ -43,12 +42,14 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import BenchResult, Options, Ratio, Table, free_port, percentile
+from common import BenchResult, Options, Ratio, Table, percentile
+
+from tests import pgcluster
 
 THREADS = 4
 WARMUP = 20
@@ -66,78 +67,14 @@ CASES = (BASELINE, CHAINED, HEADFILE, BASELINE_MT, CHAINED_MT)
 # ---- a private PostgreSQL cluster ----------------------------------------------------------------
 
 
-def _pg_bindir() -> Path | None:
-    """Directory with ``initdb`` and ``pg_ctl`` (as tests/unit/store/conftest.py finds it)."""
-    override = os.environ.get("CLONEBOX_PG_BINDIR")
-    candidates = [override] if override else []
-    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "initdb").exists() and (Path(candidate) / "pg_ctl").exists():
-            return Path(candidate)
-    initdb = shutil.which("initdb")
-    return Path(initdb).parent if initdb and shutil.which("pg_ctl") else None
-
-
 def _pg_missing() -> str:
     """Why a private PostgreSQL cluster cannot be started here ("" when it can)."""
-    if _pg_bindir() is None:
-        return "PostgreSQL server binaries (initdb, pg_ctl) not found"
-    if os.geteuid() == 0 and shutil.which("runuser") is None:
-        return "running as root without runuser: cannot start PostgreSQL as 'postgres'"
-    return ""
+    return pgcluster.missing()
 
 
-@contextlib.contextmanager
-def _postgres() -> Iterator[str]:
-    """Start a throwaway cluster and yield a SQLAlchemy URL of an empty database on it.
-
-    RuntimeError when it cannot start; the cluster and its folder are removed afterwards.
-    """
-    import psycopg
-
-    bindir = _pg_bindir()
-    if bindir is None or _pg_missing():
-        raise RuntimeError(f"cannot start PostgreSQL: {_pg_missing()}")
-    # PostgreSQL refuses to run as root: run the server binaries as the postgres user
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    base = Path(tempfile.mkdtemp(prefix="clonebox-bench-pg-"))
-    data, sockets, log = base / "data", base / "sock", base / "server.log"
-    sockets.mkdir()
-    if as_user:
-        shutil.chown(base, "postgres", "postgres")
-        shutil.chown(sockets, "postgres", "postgres")
-    port = free_port()
-    started = False
-    try:
-        try:
-            subprocess.run(
-                [*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-                check=True,
-                capture_output=True,
-                timeout=120,
-            )
-            # server defaults otherwise: fsync and synchronous_commit stay on, as in production
-            options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={sockets}"
-            ctl = [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "60"]
-            started = True
-            subprocess.run([*as_user, *ctl, "start"], check=True, capture_output=True, timeout=90)
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-            details = (exc.stderr or b"").decode(errors="replace")
-            if log.exists():
-                details += log.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"could not start the benchmark PostgreSQL cluster: {details}") from exc
-        with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True) as conn:
-            conn.execute("CREATE DATABASE clonebox_bench")
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/clonebox_bench"
-    finally:
-        if started:
-            subprocess.run(
-                [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
-                check=False,
-                capture_output=True,
-                timeout=90,
-            )
-        shutil.rmtree(base, ignore_errors=True)
+def _postgres() -> contextlib.AbstractContextManager[str]:
+    """A throwaway cluster with the server's default durability (every commit waits for its fsync)."""
+    return pgcluster.cluster("clonebox_bench", durable=True)
 
 
 # ---- the plain table and the events --------------------------------------------------------------

@@ -25,6 +25,8 @@ from typing import Any
 
 # the benchmark modules import each other as top-level modules
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the repository root too: benchmarks share test helpers (tests/pgcluster.py)
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 import bench_audit
 import bench_create_ready
