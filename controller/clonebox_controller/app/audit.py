@@ -28,6 +28,8 @@ from .ports import FleetStore
 _CHUNK = 1000
 #: how often a watch looks for records other controller processes appended
 WATCH_POLL_SECONDS = 0.5
+#: how old a head handed to agents as their witness copy may be
+HEAD_MAX_AGE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class AuditLog:
         self._keyring = keyring
         self._head_witness = head_witness
         self._appended = asyncio.Event()
+        #: (loop time, head): every agent's heartbeat reply carries the head; one read a second serves them all
+        self._head: tuple[float, Head] | None = None
 
     # ------------------------------------------------------------------ writing
 
@@ -58,18 +62,27 @@ class AuditLog:
         """Append events in their own transaction (raises when they cannot be written)."""
         head = await asyncio.to_thread(self._store.append_audit, list(events))
         self._appended.set()
+        self._head = (asyncio.get_running_loop().time(), head)
         return head
 
-    async def from_agent(self, host: str, events: Sequence[AuditEvent]) -> None:
-        """Append events an agent forwarded (durably, before they are acknowledged).
+    async def from_agent(self, host: str, events: Sequence[AuditEvent]) -> Head:
+        """Append events an agent forwarded (durably, before they are acknowledged); the new head.
 
         The origin is set from the authenticated session, so an agent cannot speak for another.
         """
-        await self.record([e.with_origin(f"agent/{host}") for e in events])
+        return await self.record([e.with_origin(f"agent/{host}") for e in events])
 
-    async def head(self) -> Head:
-        """The chain head as the database records it."""
+    async def head(self, *, fresh: bool = False) -> Head:
+        """The chain head as the database records it.
+
+        Unless ``fresh``, it may be up to ``HEAD_MAX_AGE_SECONDS`` old (enough for agents' witness
+        copies: mutations append in their own transactions, and other controllers append too).
+        """
+        now = asyncio.get_running_loop().time()
+        if not fresh and self._head is not None and now - self._head[0] < HEAD_MAX_AGE_SECONDS:
+            return self._head[1]
         state = await asyncio.to_thread(self._store.audit_chain_state)
+        self._head = (now, state.head)
         return state.head
 
     async def witness(self, host: str, head: Head) -> None:
@@ -92,7 +105,7 @@ class AuditLog:
 
     async def watch(self, query: AuditFilter, after_seq: int) -> AsyncIterator[ChainRecord]:
         """Records appended after ``after_seq`` (0 = from the current head on), as they arrive."""
-        last = after_seq or (await self.head()).seq
+        last = after_seq or (await self.head(fresh=True)).seq
         while True:
             self._appended.clear()
             batch = await self.query(replace(query, after_seq=last, limit=_CHUNK, newest_first=False))
