@@ -126,6 +126,18 @@ class CallObserver(Protocol):
         """Called once per call, after the handler ended and before the status is sent."""
 
 
+def _failure(method: str, exc: Exception, context: Any) -> CloneboxError:
+    """What a handler's exception means for the caller (and for observers: metrics, the audit log)."""
+    if isinstance(exc, CloneboxError):
+        return exc
+    if isinstance(exc, grpc.aio.AbortError):
+        # the handler aborted with its own status: report that code, not a made-up one
+        code = context.code()
+        name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+        return CLASS_BY_CODE.get(name, Internal)(str(context.details() or ""), reason=name)
+    return _internal(method, exc)
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpcio has no stubs
     """Guards every call: authentication, authorization, the caller in ``CALLER``, mapped errors.
 
@@ -230,13 +242,10 @@ class _Guard:
                     return await behavior(request, context)
                 with self._auth.slot(identity):  # type: ignore[union-attr]  # set when identity is
                     return await behavior(request, context)
-            except grpc.aio.AbortError:
-                failure = Internal("aborted by the handler")
-                raise
-            except CloneboxError as err:
-                failure = err
             except Exception as exc:
-                failure = _internal(method, exc)
+                failure = _failure(method, exc, context)
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
             finally:
                 await self._report(method, request, started, failure)
             if failure is not None:
@@ -258,13 +267,10 @@ class _Guard:
                 self._admit(method, request, context)
                 async for item in behavior(request, context):
                     yield item
-            except grpc.aio.AbortError:
-                failure = Internal("aborted by the handler")
-                raise
-            except CloneboxError as err:
-                failure = err
             except Exception as exc:
-                failure = _internal(method, exc)
+                failure = _failure(method, exc, context)
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
             finally:
                 await self._report(method, request, started, failure)
                 if span is not None:
