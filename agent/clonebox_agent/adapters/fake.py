@@ -217,31 +217,29 @@ class FakeHypervisor:
             need = sum(d.size_mib for d in spec.disks) * common.MIB
             common.check_room(common.pool_dir(self.storage_dir), need, spec.name)
         domain = self.name_prefix + spec.name
-        # a journal's step log fsyncs on every call: its writes go to a worker thread, as in the
-        # libvirt adapter (the rare rollback path below stays on the loop with the fake's own state)
         log = steps or common.MemoryStepLog()
         # claimed before the first await, so a concurrent create of the name fails fast and touches nothing
         self._creating.add(spec.name)
         try:
             if self._host_files:
                 folder = common.vm_dir(self.storage_dir, domain)
-                n = await asyncio.to_thread(log.planned, "folder", {"kind": "folder", "path": folder})
+                n = log.planned("folder", {"kind": "folder", "path": folder})
                 os.makedirs(folder, mode=0o755)
-                await asyncio.to_thread(log.made, n, common.stamp_identity(folder))
+                log.made(n, common.stamp_identity(folder))
                 common.mark_owned(folder, spec.name)
             await self._step("create:folder")
             for disk, base in zip(spec.disks, resolved.base_images, strict=True):
                 content = f"fake qcow2 overlay on {base}\n" if base else f"fake blank qcow2 {disk.size_mib} MiB\n"
                 name = common.volume_name(domain, disk.name)
-                n = await asyncio.to_thread(log.planned, f"disk:{disk.name}", {"kind": "volume", "name": name})
-                await asyncio.to_thread(log.made, n, self._make_volume(name, spec.name, content.encode()))
+                n = log.planned(f"disk:{disk.name}", {"kind": "volume", "name": name})
+                log.made(n, self._make_volume(name, spec.name, content.encode()))
             await self._step("create:disks")
             vm_uuid = str(uuidlib.uuid4())
             if spec.cloud_init is not None:
                 iso = build_seed_iso(spec.cloud_init, instance_id=f"iid-{vm_uuid}", hostname=spec.name)
                 name = common.seed_volume_name(domain)
-                n = await asyncio.to_thread(log.planned, "seed", {"kind": "volume", "name": name})
-                await asyncio.to_thread(log.made, n, self._make_volume(name, spec.name, iso))
+                n = log.planned("seed", {"kind": "volume", "name": name})
+                log.made(n, self._make_volume(name, spec.name, iso))
             await self._step("create:seed")
             self._counter += 1
             dom = _Domain(
@@ -254,15 +252,15 @@ class FakeHypervisor:
                     os.path.join(common.vm_dir(self.storage_dir, domain), "console.log") if self._host_files else None
                 ),
             )
-            n = await asyncio.to_thread(log.planned, "define", {"kind": "domain", "name": domain})
+            n = log.planned("define", {"kind": "domain", "name": domain})
             self._domains[spec.name] = dom
             self._emit(spec.name, EventKind.DEFINED, VmState.STOPPED, "added")
-            await asyncio.to_thread(log.made, n, {"uuid": vm_uuid})
+            log.made(n, {"uuid": vm_uuid})
             await self._step("create:define")
             if start:
-                n = await asyncio.to_thread(log.planned, "start", {"kind": "running", "name": domain})
+                n = log.planned("start", {"kind": "running", "name": domain})
                 self._boot(dom)
-                await asyncio.to_thread(log.made, n, {"uuid": vm_uuid})
+                log.made(n, {"uuid": vm_uuid})
                 await self._step("create:start")
         except BaseException:
             common.roll_back(log, self._undo_sync, spec.name)
