@@ -434,6 +434,7 @@ def test_controller_killed_while_waiting_on_create(fleet: RealFleet) -> None:
     assert [v["uuid"] for v in fleet_vms(fleet, vm)] == [op["result"]["vm"]["uuid"]]
     assert open_txns(fleet) == 0
     print(f"\ncontroller killed mid-create: agent transactions {[t[2:] for t in txns_of(fleet, vm)]}")
+    wait_host_ready(fleet)  # on a loaded machine the new session may still be settling
     fleet.cli("vm", "delete", vm, "--wait")
     assert_clean(fleet, vm)
 
