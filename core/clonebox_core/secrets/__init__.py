@@ -13,6 +13,10 @@ from clonebox_core.secrets.providers import (
     SecretProvider,
     SecretRef,
     SecretResolver,
+    SopsProvider,
+    UnconfiguredProvider,
+    VaultProvider,
+    default_resolver,
     secret_access_event,
 )
 
@@ -23,6 +27,10 @@ __all__ = [
     "SecretProvider",
     "SecretRef",
     "SecretResolver",
+    "SopsProvider",
+    "UnconfiguredProvider",
+    "VaultProvider",
+    "default_resolver",
     "one_time_password",
     "secret_access_event",
     "sha512_crypt",

@@ -10,7 +10,7 @@ import pyrage  # type: ignore[import-untyped]
 import pytest
 
 from clonebox_core.audit.event import AuditEvent, Outcome
-from clonebox_core.errors import CloneboxError, FailedPrecondition, InvalidArgument
+from clonebox_core.errors import FailedPrecondition, InvalidArgument
 from clonebox_core.secret import Secret
 from clonebox_core.secrets import (
     AgeProvider,
@@ -21,6 +21,7 @@ from clonebox_core.secrets import (
     SecretResolver,
     secret_access_event,
 )
+from tests.unit.secrets.leaks import assert_hidden
 
 pytestmark = pytest.mark.unit
 
@@ -29,17 +30,7 @@ CANARY = "CANARY-6b1f-s3cr3t-value"
 
 def no_canary(*things: object) -> None:
     """None of ``things`` shows the canary in str, repr, args or metadata."""
-    for thing in things:
-        texts = [str(thing), repr(thing)]
-        if isinstance(thing, BaseException):
-            texts += [repr(a) for a in thing.args]
-            chained = thing.__cause__ or thing.__context__
-            if chained is not None:
-                texts += [str(chained), repr(chained)]
-        if isinstance(thing, CloneboxError):
-            texts += [repr(thing.metadata), thing.reason]
-        for text in texts:
-            assert CANARY not in text, text
+    assert_hidden((CANARY,), *things)
 
 
 def write(path: Path, data: str | bytes, mode: int = 0o600) -> Path:
@@ -106,9 +97,12 @@ def test_unknown_scheme_names_field_and_known_schemes_not_the_text(tmp_path: Pat
 
 
 @pytest.mark.parametrize("text", ["sops:secrets.yaml#db.password", "vault:secret/web#password"])
-def test_planned_schemes_say_not_supported_yet(tmp_path: Path, text: str) -> None:
-    with pytest.raises(InvalidArgument, match="not supported yet") as info:
+def test_known_scheme_without_provider_says_not_configured(tmp_path: Path, text: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
         resolver(tmp_path).resolve(text)
+    scheme = text.partition(":")[0]
+    assert f"no provider for '{scheme}:' secret references is configured here" in info.value.message
+    assert "configured providers: env, file" in info.value.message
     assert info.value.reason == "UNKNOWN_SECRET_PROVIDER"
 
 
@@ -186,6 +180,17 @@ def test_file_relative_to_base_dir(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     write(tmp_path / "sub" / "pw", CANARY)
     assert resolver(tmp_path).resolve("file:sub/pw").reveal() == CANARY
+
+
+def test_file_tilde_is_the_home_of_the_requester(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # what clonebox config migrate writes: file:~/.config/clonebox/secrets/NAME.password
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "secrets").mkdir(parents=True)
+    write(tmp_path / "home" / "secrets" / "vm.password", CANARY)
+    assert resolver(tmp_path / "elsewhere").resolve("file:~/secrets/vm.password").reveal() == CANARY
+    # only a leading "~/" is special: "x~/y" is a relative path under the base folder
+    with pytest.raises(FailedPrecondition):
+        resolver(tmp_path).resolve("file:x~/secrets/vm.password")
 
 
 @pytest.mark.parametrize(
