@@ -56,6 +56,10 @@ class AgentConfig(BaseModel):
     storage_dir: str = "/var/lib/clonebox/agent/storage"
     #: base images, kernels and initrds must lie inside one of these
     image_dirs: list[str] = Field(default_factory=lambda: ["/var/lib/clonebox/images"])
+    #: shared folders (host paths of this host) must lie inside one of these; empty: no sharing at all
+    shared_roots: list[str] = Field(default_factory=list)
+    #: how often the agent asks guests with ``detach_seed_after_boot`` whether cloud-init is done
+    seed_poll_seconds: float = Field(5.0, gt=0, le=3600)
     reserve: ReserveConfig = ReserveConfig()
     #: vCPUs offered per host CPU: guests rarely keep every vCPU busy, so CPU is overcommitted (memory never is)
     cpu_allocation_ratio: float = Field(4.0, ge=1.0, le=64.0)

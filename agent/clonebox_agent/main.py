@@ -21,6 +21,7 @@ from clonebox.agent.v1 import agent_pb2, agent_pb2_grpc
 from clonebox.controller.v1 import host_service_pb2, host_service_pb2_grpc
 
 from clonebox_agent import faultinject
+from clonebox_agent.app.keystore import KeyStore
 from clonebox_agent.app.service import AgentService
 from clonebox_agent.config import AgentConfig
 from clonebox_agent.credentials import enroll, renew_forever
@@ -70,7 +71,11 @@ def build_hypervisor(config: AgentConfig, step_hook: Callable[[str], None] | Non
         from clonebox_agent.adapters.fake import FakeHypervisor
 
         return FakeHypervisor(
-            host_name=config.name, storage_dir=config.storage_dir, image_dirs=config.image_dirs, step_hook=step_hook
+            host_name=config.name,
+            storage_dir=config.storage_dir,
+            image_dirs=config.image_dirs,
+            shared_roots=config.shared_roots,
+            step_hook=step_hook,
         )
     from clonebox_agent.adapters.libvirt import LibvirtHypervisor
 
@@ -78,6 +83,7 @@ def build_hypervisor(config: AgentConfig, step_hook: Callable[[str], None] | Non
         uri=config.libvirt_uri,
         storage_dir=Path(config.storage_dir),
         image_dirs=[Path(p) for p in config.image_dirs],
+        shared_roots=config.shared_roots,
         domain_type=config.domain_type,
         # several agents may share one libvirtd (tests, benchmarks, dev): each lists only its own domains
         owner=config.name,
@@ -116,6 +122,8 @@ class Agent:
             event_history=config.event_history,
             cpu_allocation_ratio=config.cpu_allocation_ratio,
             step_hook=step_hook,
+            keys=KeyStore(Path(config.state_dir) / "ssh-keys"),
+            seed_poll_seconds=config.seed_poll_seconds,
         )
         self.metrics.track_vms(self._vm_counts)
         self.metrics_server: MetricsServer | None = None

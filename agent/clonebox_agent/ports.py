@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import builtins
 import enum
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -72,6 +72,15 @@ class HypervisorEvent:
 EventSink = Callable[[HypervisorEvent], None]
 
 
+@dataclass(frozen=True)
+class GuestExecResult:
+    """What a program run inside the guest (through qemu-ga) returned."""
+
+    exit_code: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+
+
 #: steps and their states are part of the core model (they travel to the controller and the CLI)
 TxnStep = TransactionStep
 
@@ -127,8 +136,13 @@ class Hypervisor(Protocol):
         """Capacity and hypervisor details; ``serving=False`` (not an exception) when it is down."""
         ...
 
-    async def create(self, spec: VmSpec, *, start: bool, steps: StepLog | None = None) -> DomainRecord:
+    async def create(
+        self, spec: VmSpec, *, start: bool, steps: StepLog | None = None, ssh_public_key: str = ""
+    ) -> DomainRecord:
         """Make disks, seed ISO and domain, and start it when asked.
+
+        ``ssh_public_key`` is the public half of the per-VM key the agent generated for a version-2 spec
+        that names no key; it goes into the rendered user-data (never into the domain's metadata).
 
         Every artifact is a step recorded in ``steps`` (an in-memory log when None) before and after it
         is made. All or nothing: on any failure the recorded steps are undone in reverse order (with
@@ -182,4 +196,28 @@ class Hypervisor(Protocol):
 
     async def addresses(self, name: str) -> tuple[IpAddress, ...]:
         """Guest addresses (guest agent first, then DHCP leases); empty when unknown."""
+        ...
+
+    async def guest_exec(
+        self, name: str, argv: Sequence[str], *, stdin: bytes = b"", timeout: float = 30.0
+    ) -> GuestExecResult:
+        """
+        Run ``argv`` inside the guest through qemu-ga and wait for it (at most ``timeout`` seconds).
+
+        FailedPrecondition ``GUEST_AGENT_UNAVAILABLE`` when the VM is not running or its agent does not
+        answer; DeadlineExceeded ``GUEST_EXEC_TIMEOUT`` when the program outlives ``timeout``.
+        """
+        ...
+
+    async def guest_file_exists(self, name: str, path: str) -> bool:
+        """Whether ``path`` exists in the guest (qemu-ga guest-file-open); errors as ``guest_exec``."""
+        ...
+
+    async def detach_seed(self, name: str) -> builtins.list[str]:
+        """
+        Take the cloud-init seed away.
+
+        Ejected from the running domain, removed from its persistent definition, its volume deleted.
+        Returns the removed paths (empty when there was no seed).
+        """
         ...

@@ -28,7 +28,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from clonebox_cli import audit, credentials, dev, errors, host, operation, pki, recover, vm
+from clonebox_cli import audit, config, credentials, dev, errors, host, operation, pki, recover, secret, vm
 from clonebox_cli.context import DEFAULT_CONTROLLER, Settings
 from clonebox_cli.output import OutputFormat
 from clonebox_core.errors import CloneboxError
@@ -125,6 +125,8 @@ app.add_typer(pki.app, name="pki")
 app.add_typer(audit.app, name="audit")
 app.add_typer(recover.app, name="recover")
 app.add_typer(dev.app, name="dev")
+app.add_typer(config.app, name="config")
+app.add_typer(secret.app, name="secret")
 
 
 def _default_tls_dir(dev_controller: bool) -> str:

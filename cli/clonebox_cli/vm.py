@@ -9,8 +9,10 @@ RPC that never reached the controller with the same id, and re-running a command
 from __future__ import annotations
 
 import enum
+import json
 import sys
 import uuid
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -24,6 +26,7 @@ from clonebox_cli.operation import TimeoutOpt, print_started, wait_and_check
 from clonebox_core.errors import InvalidArgument
 from clonebox_core.model import VmSpec
 from clonebox_core.rpc.convert import spec_to_proto, vm_from_proto
+from clonebox_core.secret import Secret
 from clonebox_core.units import format_size
 
 app = typer.Typer(help="Create and manage VMs.", no_args_is_help=True)
@@ -57,15 +60,10 @@ def _parse_labels(values: list[str] | None) -> dict[str, str]:
     return labels
 
 
-def _load_spec(path: str) -> VmSpec:
-    """Load the spec file at ``path``, or standard input for ``-``."""
-    if path == "-":
-        from clonebox_core.spec import load_spec_text  # pydantic models cost ~0.15 s: load on use
-
-        return load_spec_text(sys.stdin.read(), "<stdin>")
-    from clonebox_core.spec import load_spec_file
-
-    return load_spec_file(path)
+def _warn(s: Settings, warnings: tuple[str, ...]) -> None:
+    for text in warnings:
+        # stderr, so that -o json keeps stdout one document
+        typer.echo(json.dumps({"warning": text}) if s.json else f"warning: {text}", err=True)
 
 
 def _new_request_id(given: str | None) -> str:
@@ -98,6 +96,19 @@ RequestIdOpt = Annotated[
     ),
 ]
 NameArg = Annotated[str, typer.Argument(metavar="NAME", help="VM name.")]
+ImageOpt = Annotated[
+    str | None,
+    typer.Option("--image", metavar="NAME", help="CloneBox v1 files: base image (in the agent's image folders)."),
+]
+DropOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--drop",
+        metavar="SETTING",
+        help="CloneBox v1 files: drop a setting that cannot be honoured "
+        "(gui, network_mode, paths, app_data_paths; repeatable).",
+    ),
+]
 
 
 @app.command("create")
@@ -114,10 +125,23 @@ def create(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the steps and the domain XML; reserve and make nothing.")
     ] = False,
+    image: ImageOpt = None,
+    drop: DropOpt = None,
 ) -> None:
-    """Create a VM from a spec file (see examples/)."""
+    """
+    Create a VM from a spec file (see examples/), or from a CloneBox v1 .clonebox.yaml (migrated in memory).
+
+    SSH keys and the password reference are resolved here, on this machine; the request carries only
+    public keys and a password hash. A one-time password is printed once, after the VM is created.
+    """
+    from clonebox_cli.specinput import load_for_create, prepare
+
     s = settings(ctx)
-    spec = _load_spec(file)  # before any RPC: a bad file is reported with its line number, offline
+    # before any RPC: a bad file is reported with its line number, offline
+    loaded = load_for_create(file, image=image, drop=frozenset(drop or ()))
+    prepared = prepare(loaded)
+    _warn(s, prepared.warnings)
+    spec = prepared.spec
     client = s.client()
     request = vms_pb2.CreateVmRequest(
         spec=spec_to_proto(spec), host=host, request_id=_new_request_id(request_id), dry_run=dry_run
@@ -129,9 +153,31 @@ def create(
     op = response.operation
     if not wait:
         print_started(op, s.json)
+        _show_one_time_password(s, spec, prepared.one_time_password)
         return
     op = wait_and_check(client, op, timeout)
-    _print_vm(s, _final_vm(client, op, spec.name))
+    vm = _final_vm(client, op, spec.name)
+    if s.json and prepared.one_time_password is not None:
+        doc = output.message_dict(vm)
+        # shown once, to the requester only: it is stored nowhere (the VM has only its hash)
+        doc["one_time_password"] = prepared.one_time_password.reveal()
+        output.emit_json(doc)
+        return
+    _print_vm(s, vm)
+    _show_one_time_password(s, spec, prepared.one_time_password)
+
+
+def _show_one_time_password(s: Settings, spec: VmSpec, otp: Secret | None) -> None:
+    if otp is None or spec.auth is None:
+        return
+    if s.json:
+        output.emit_json({"vm": spec.name, "user": spec.auth.user, "one_time_password": otp.reveal()})
+        return
+    typer.echo(
+        f"one-time password for {spec.auth.user}@{spec.name}: {otp.reveal()}\n"
+        "  shown only now and stored nowhere; the first login must set a new password",
+        err=True,
+    )
 
 
 def _print_plan(as_json: bool, plan: Any) -> None:
@@ -153,8 +199,12 @@ def validate(
     file: Annotated[str, typer.Option("--file", "-f", metavar="SPEC.yaml", help="VM spec file ('-' for stdin).")],
 ) -> None:
     """Check a spec file without contacting the controller; prints the spec as the controller would get it."""
+    from clonebox_cli.specinput import load_for_create
+
     s = settings(ctx)
-    spec = _load_spec(file)
+    loaded = load_for_create(file)
+    _warn(s, loaded.warnings)
+    spec = loaded.spec
     if s.json:
         output.emit_json(output.message_dict(spec_to_proto(spec)))
         return
@@ -304,3 +354,34 @@ def delete(
         output.emit_json(output.message_dict(op))
     else:
         typer.echo(f"vm {name} deleted")
+
+
+@app.command("ssh-key")
+def ssh_key(
+    ctx: typer.Context,
+    name: NameArg,
+    *,
+    out: Annotated[
+        str | None,
+        typer.Option("--output-file", "-O", metavar="FILE", help="Write the key to FILE (0600), not stdout."),
+    ] = None,
+) -> None:
+    """Print the private SSH key the agent generated for a VM (operators; every read is audited)."""
+    s = settings(ctx)
+    client = s.client()
+    response: vms_pb2.GetVmSshKeyResponse = client.call(client.vms.GetVmSshKey, vms_pb2.GetVmSshKeyRequest(name=name))
+    if out is not None:
+        from clonebox_core.secrets.sshkeys import write_private_key
+
+        write_private_key(Path(out), Secret(response.private_key))
+        if s.json:
+            output.emit_json({"vm": name, "user": response.user, "host": response.host, "file": out})
+        else:
+            typer.echo(f"wrote {out} (0600): ssh -i {out} {response.user}@<address of {name}>", err=True)
+        return
+    if s.json:
+        output.emit_json(
+            {"vm": name, "user": response.user, "host": response.host, "private_key": response.private_key}
+        )
+        return
+    sys.stdout.write(response.private_key)

@@ -98,27 +98,102 @@ class NetworkSpec:
     libvirt_network: str = "default"
 
 
+class ShareDriver(enum.Enum):
+    """How a shared folder reaches the guest."""
+
+    NINE_P = 1
+    VIRTIOFS = 2
+
+
 @dataclass(frozen=True)
 class SharedFolder:
-    """A host folder shared into the guest over virtio-9p."""
+    """A host folder (on the agent's host) shared into the guest, mounted at ``mount`` when given."""
 
     host_path: str
     tag: str
     read_only: bool = False
+    mount: str = ""
+    driver: ShareDriver = ShareDriver.NINE_P
 
 
 @dataclass(frozen=True)
 class CloudInit:
-    """Raw NoCloud inputs. ``user_data`` can carry passwords and keys: it is a :class:`Secret`."""
+    """
+    NoCloud inputs. ``user_data`` can carry passwords and keys: it is a :class:`Secret`.
+
+    With a spec of version 2, ``user_data`` is extra cloud-config merged into what the agent renders
+    from ``auth`` and ``provision``; ``detach_seed_after_boot`` makes the agent detach and delete the
+    seed once the guest reports cloud-init done.
+    """
 
     user_data: Secret = field(default_factory=lambda: Secret(""))
     meta_data: str = ""
     network_config: str = ""
+    detach_seed_after_boot: bool = False
 
     def __post_init__(self) -> None:
         # a plain string (older callers, tests) is wrapped, so the field is a Secret whatever was passed
         if not isinstance(self.user_data, Secret):
             object.__setattr__(self, "user_data", Secret(self.user_data))
+
+
+class AuthMethod(enum.Enum):
+    """How the guest user logs in (mirrors ``clonebox.type.v1.AuthMethod``)."""
+
+    SSH_KEY = 1
+    PASSWORD = 2
+    BOTH = 3
+    ONE_TIME_PASSWORD = 4
+
+    @property
+    def uses_password(self) -> bool:
+        """Whether this method sets a password (and so enables SSH password login)."""
+        return self is not AuthMethod.SSH_KEY
+
+    @property
+    def uses_keys(self) -> bool:
+        """Whether this method installs SSH public keys."""
+        return self in (AuthMethod.SSH_KEY, AuthMethod.BOTH)
+
+
+@dataclass(frozen=True)
+class Auth:
+    """
+    The guest's login user.
+
+    The spec file names key sources and a password *reference*; the CLI resolves them on the
+    requester's machine, so a request carries only public keys (``ssh_authorized_keys``) and a
+    SHA-512-crypt hash (``password_hash``), never a password. ``secret_refs`` names the references
+    that were resolved (for the audit log, never values). With no key at all the agent generates a
+    per-VM ed25519 key pair.
+    """
+
+    user: str = "clonebox"
+    method: AuthMethod = AuthMethod.SSH_KEY
+    ssh_keys: tuple[str, ...] = ()
+    password: str = ""
+    ssh_authorized_keys: tuple[str, ...] = ()
+    password_hash: Secret = field(default_factory=lambda: Secret(""))
+    secret_refs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.password_hash, Secret):
+            object.__setattr__(self, "password_hash", Secret(self.password_hash))
+
+    @property
+    def needs_generated_key(self) -> bool:
+        """Whether the agent must generate a key pair (a key method, and no key given)."""
+        return self.method.uses_keys and not self.ssh_authorized_keys
+
+
+@dataclass(frozen=True)
+class Provision:
+    """What cloud-init installs and runs on first boot."""
+
+    packages: tuple[str, ...] = ()
+    snap_packages: tuple[str, ...] = ()
+    services: tuple[str, ...] = ()
+    post_commands: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -134,6 +209,18 @@ class VmSpec:
     shared_folders: tuple[SharedFolder, ...] = ()
     cloud_init: CloudInit | None = None
     labels: tuple[tuple[str, str], ...] = ()
+    auth: Auth | None = None
+    provision: Provision | None = None
+
+    @property
+    def renders_user_data(self) -> bool:
+        """True for a version-2 spec: the agent renders user-data from ``auth`` and ``provision``."""
+        return self.auth is not None
+
+    @property
+    def has_seed(self) -> bool:
+        """Whether the VM gets a cloud-init NoCloud seed."""
+        return self.cloud_init is not None or self.auth is not None
 
     def resources(self) -> Resources:
         """What placement reserves for this VM (disk counts each disk's virtual size)."""

@@ -17,12 +17,28 @@ Format (version 1)::
       initrd: testguest/initrd.img
       cmdline: console=ttyS0 quiet
     network: {mode: libvirt, libvirt_network: default}   # or {mode: none}; default libvirt/default
-    shared_folders: [{host_path: /srv/x, tag: x, read_only: true}]
+    shared_folders: [{host_path: /srv/x, tag: x, read_only: true}]   # on the agent's host, in shared_roots
     cloud_init:                    # NoCloud inputs; each a string, or a mapping that is dumped as YAML
       user_data: "#cloud-config\\n..."   # a mapping becomes "#cloud-config" + the mapping
       meta_data: ""
       network_config: ""
     labels: {app: demo}
+
+Version 2 has the same fields plus a login user and first-boot provisioning, which the agent renders
+into cloud-init user-data (``clonebox_core.cloudinit``)::
+
+    version: 2
+    auth:                          # optional; default: user clonebox, ssh_key with a generated key
+      user: dev
+      method: ssh_key              # ssh_key | password | both | one_time_password
+      ssh_keys: [~/.ssh/id_ed25519.pub, github:octocat, "ssh-ed25519 AAAA... me@host"]
+      password: env:VM_PASSWORD    # a secret reference (never the password; never quoted in errors)
+    provision: {packages: [git], snap_packages: [], services: [docker], post_commands: ["..."]}
+    shared_folders: [{host_path: /srv/x, mount: /mnt/x, driver: 9p, read_only: true}]   # tag derived
+    cloud_init:
+      detach_seed_after_boot: true
+      user_data: {timezone: UTC}   # extra cloud-config (a mapping), merged; may not set passwords
+      network_config: {version: 2, ethernets: {eth0: {dhcp4: true}}}
 
 ``load_spec_file`` / ``load_spec_text`` return a validated ``clonebox_core.model.VmSpec``. Every problem
 is an ``InvalidArgument`` with a one-line message naming the file, the line, the field and the fix::
@@ -46,24 +62,30 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from pydantic_core import ErrorDetails
 
+from clonebox_core.cloudinit import check_extra_user_data
 from clonebox_core.errors import InvalidArgument
 from clonebox_core.model import (
+    Auth,
+    AuthMethod,
     CloudInit,
     DiskSpec,
     KernelBoot,
     NetworkMode,
     NetworkSpec,
+    Provision,
     SharedFolder,
+    ShareDriver,
     VmSpec,
 )
 from clonebox_core.secret import Secret
+from clonebox_core.secrets.providers import KNOWN_SCHEMES, SecretRef
 from clonebox_core.units import format_size, parse_size
 from clonebox_core.validate import MAX_DISK_MIB, MAX_MEMORY_MIB, MIN_MEMORY_MIB, validate_spec
 from clonebox_core.yamlsafe import find_node, line_of, load_yaml_safely, located_error, scrub
@@ -80,14 +102,15 @@ __all__ = [
     "parse_size",
 ]
 
-#: the only spec format version this code reads
-SPEC_VERSION = 1
+#: the newest spec format version (1 is still read: raw cloud-init, no auth)
+SPEC_VERSION = 2
+SPEC_VERSIONS = (1, 2)
 #: reason carried by every spec error
 REASON = "SPEC_INVALID"
 #: three cloud-init documents of at most 1 MiB each, plus the rest of the spec
 MAX_SPEC_BYTES = 4 * 1024 * 1024
 #: ``cloud_init`` may carry passwords and tokens: no error message quotes anything inside it
-SECRET_PATHS: tuple[tuple[str, ...], ...] = (("cloud_init",),)
+SECRET_PATHS: tuple[tuple[str, ...], ...] = (("cloud_init",), ("auth", "password"))
 #: characters of a value that an error message may quote
 _SHOWN_CHARS = 40
 
@@ -170,17 +193,77 @@ class _CloudInit(_Strict):
     network_config: CloudText = ""
 
 
-class _SpecV1(_Strict):
-    version: Literal[1]
+class _SpecBase(_Strict):
+    """The fields both versions share (each version adds its own)."""
+
     name: str
     vcpus: int = 1
     memory: MemoryMiB = 512
     disks: list[_Disk] | None = None
     kernel_boot: _KernelBoot | None = None
     network: _Network | None = None
+    labels: dict[str, str] | None = None
+
+
+class _SpecV1(_SpecBase):
+    version: Literal[1]
     shared_folders: list[_SharedFolder] | None = None
     cloud_init: _CloudInit | None = None
-    labels: dict[str, str] | None = None
+
+
+class _Auth(_Strict):
+    user: str = "clonebox"
+    method: Literal["ssh_key", "password", "both", "one_time_password"] = "ssh_key"
+    ssh_keys: list[str] | None = None
+    password: str | None = None
+
+
+class _Provision(_Strict):
+    packages: list[str] | None = None
+    snap_packages: list[str] | None = None
+    services: list[str] | None = None
+    post_commands: list[str] | None = None
+
+
+class _SharedFolderV2(_Strict):
+    host_path: str
+    mount: str | None = None
+    tag: str | None = None
+    read_only: bool = False
+    driver: Literal["9p", "virtiofs"] = "9p"
+
+
+class _CloudInitV2(_Strict):
+    user_data: UserData = ""
+    meta_data: CloudText = ""
+    network_config: CloudText = ""
+    detach_seed_after_boot: bool = False
+
+
+class _SpecV2(_SpecBase):
+    version: Literal[2]
+    auth: _Auth | None = None
+    provision: _Provision | None = None
+    shared_folders: list[_SharedFolderV2] | None = None
+    cloud_init: _CloudInitV2 | None = None
+
+
+#: top-level fields in the order of the docs and examples (for "known fields" hints)
+_TOP_LEVEL_ORDER = (
+    "version",
+    "name",
+    "vcpus",
+    "memory",
+    "disks",
+    "kernel_boot",
+    "network",
+    "auth",
+    "provision",
+    "shared_folders",
+    "cloud_init",
+    "labels",
+)
+_SCHEMAS: dict[int, type[_SpecV1] | type[_SpecV2]] = {1: _SpecV1, 2: _SpecV2}
 
 
 # core field names -> spec file field names (validate_spec speaks the model's names)
@@ -199,7 +282,55 @@ class _ProblemError(Exception):
         self.at_key = at_key
 
 
-def _to_model(doc: _SpecV1) -> VmSpec:
+def _tag_for(folder: _SharedFolderV2, taken: set[str]) -> str:
+    """A 9p/virtiofs tag from the folder's guest (or host) path's last part, unique in the spec."""
+    base = PurePosixPath(folder.mount or folder.host_path).name or "share"
+    tag = re.sub(r"[^A-Za-z0-9_-]+", "-", base).strip("-")[:28] or "share"
+    candidate, n = tag, 2
+    while candidate in taken:
+        candidate, n = f"{tag}-{n}", n + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _folders_v2(folders: list[_SharedFolderV2]) -> tuple[SharedFolder, ...]:
+    taken = {f.tag for f in folders if f.tag}
+    return tuple(
+        SharedFolder(
+            f.host_path,
+            f.tag or _tag_for(f, taken),
+            f.read_only,
+            f.mount or "",
+            ShareDriver.VIRTIOFS if f.driver == "virtiofs" else ShareDriver.NINE_P,
+        )
+        for f in folders
+    )
+
+
+def _auth_v2(doc: _Auth | None) -> Auth:
+    if doc is None:
+        return Auth()
+    if doc.password is not None:
+        # parsed here so a literal password typed where a reference belongs is refused, never quoted
+        try:
+            ref = SecretRef.parse(doc.password, field="auth.password")
+            if ref.scheme not in KNOWN_SCHEMES:
+                raise InvalidArgument("unknown scheme")  # 'pass:word' is a password with a colon, not a ref
+        except InvalidArgument:
+            raise _ProblemError(
+                ("auth", "password"),
+                "must be a secret reference such as env:VM_PASSWORD, file:PATH, age:FILE, sops:FILE#KEY or "
+                "vault:MOUNT/PATH#KEY, never the password itself (the value is not shown)",
+            ) from None
+    return Auth(
+        user=doc.user,
+        method=AuthMethod[doc.method.upper()],
+        ssh_keys=tuple(doc.ssh_keys or ()),
+        password=doc.password or "",
+    )
+
+
+def _to_model(doc: _SpecV1 | _SpecV2) -> VmSpec:
     network = NetworkSpec()
     if doc.network is not None:
         if doc.network.mode == "none":
@@ -223,13 +354,33 @@ def _to_model(doc: _SpecV1) -> VmSpec:
             else None
         ),
         network=network,
-        shared_folders=tuple(SharedFolder(f.host_path, f.tag, f.read_only) for f in doc.shared_folders or ()),
+        shared_folders=(
+            _folders_v2(doc.shared_folders or [])
+            if isinstance(doc, _SpecV2)
+            else tuple(SharedFolder(f.host_path, f.tag, f.read_only) for f in doc.shared_folders or ())
+        ),
         cloud_init=(
-            CloudInit(Secret(doc.cloud_init.user_data), doc.cloud_init.meta_data, doc.cloud_init.network_config)
+            CloudInit(
+                Secret(doc.cloud_init.user_data),
+                doc.cloud_init.meta_data,
+                doc.cloud_init.network_config,
+                isinstance(doc.cloud_init, _CloudInitV2) and doc.cloud_init.detach_seed_after_boot,
+            )
             if doc.cloud_init is not None
             else None
         ),
         labels=tuple(sorted((doc.labels or {}).items())),
+        auth=_auth_v2(doc.auth) if isinstance(doc, _SpecV2) else None,
+        provision=(
+            Provision(
+                tuple(doc.provision.packages or ()),
+                tuple(doc.provision.snap_packages or ()),
+                tuple(doc.provision.services or ()),
+                tuple(doc.provision.post_commands or ()),
+            )
+            if isinstance(doc, _SpecV2) and doc.provision is not None
+            else None
+        ),
     )
 
 
@@ -277,9 +428,9 @@ def _is_secret(loc: Sequence[str | int]) -> bool:
     return any(tuple(loc[: len(p)]) == p for p in SECRET_PATHS)
 
 
-def _fields_of(loc: Loc) -> list[str]:
+def _fields_of(loc: Loc, schema: type[BaseModel] = _SpecV2) -> list[str]:
     """Known field names of the schema object at ``loc`` (for 'did you mean')."""
-    model: type[BaseModel] = _SpecV1
+    model: type[BaseModel] = schema
     for part in loc:
         if isinstance(part, int):
             continue
@@ -288,6 +439,9 @@ def _fields_of(loc: Loc) -> list[str]:
         if inner is None:
             return []
         model = inner
+    if issubclass(model, _SpecBase):
+        # the order a spec file is written in, not the order of the schema classes
+        return sorted(model.model_fields, key=_TOP_LEVEL_ORDER.index)
     return list(model.model_fields)
 
 
@@ -301,8 +455,8 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _unknown_field_hint(loc: Loc) -> str:
-    known = _fields_of(loc[:-1])
+def _unknown_field_hint(loc: Loc, schema: type[BaseModel]) -> str:
+    known = _fields_of(loc[:-1], schema)
     close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
     if close:
         return f"unknown field (did you mean '{close[0]}'?)"
@@ -315,7 +469,9 @@ def _quote_hint(value: object) -> str:
     return " (put it in quotes)" if isinstance(value, int | float | bool) or value is None else ""
 
 
-def _pydantic_problem(err: ErrorDetails, root: yaml.Node | None) -> tuple[Loc, str, bool, bool]:
+def _pydantic_problem(
+    err: ErrorDetails, root: yaml.Node | None, schema: type[BaseModel]
+) -> tuple[Loc, str, bool, bool]:
     """(location, message, blame the key, blame the parent) for one pydantic error."""
     loc: Loc = tuple(err["loc"])
     kind, value = err["type"], err.get("input")
@@ -328,7 +484,10 @@ def _pydantic_problem(err: ErrorDetails, root: yaml.Node | None) -> tuple[Loc, s
     if kind == "missing":
         return loc, f"{path}: required but missing: add '{loc[-1]}: ...'", False, True
     if kind == "extra_forbidden":
-        return loc, f"{path}: {_unknown_field_hint(loc)}", True, False
+        hint = _unknown_field_hint(loc, schema)
+        if schema is _SpecV1 and loc and str(loc[-1]) in _fields_of(loc[:-1], _SpecV2):
+            hint = f"'{loc[-1]}' needs 'version: 2'"
+        return loc, f"{path}: {hint}", True, False
     if kind == "string_type":
         return loc, f"{path}: expected a string, got {shown}{_quote_hint(value)}", at_key, False
     if kind in ("int_type", "int_parsing", "int_from_float"):
@@ -341,7 +500,7 @@ def _pydantic_problem(err: ErrorDetails, root: yaml.Node | None) -> tuple[Loc, s
     if kind == "list_type":
         return loc, f"{path}: expected a list ('- item' lines), got {shown}", False, False
     if kind in ("dict_type", "model_type", "model_attributes_type"):
-        fields = _fields_of(loc)
+        fields = _fields_of(loc, schema)
         hint = f" with {', '.join(fields)}" if fields else ""
         return loc, f"{path}: expected a mapping{hint}, got {shown}", False, False
     if kind == "value_error":
@@ -404,25 +563,26 @@ def _load(content: str | bytes, source_name: str) -> VmSpec:
         raise _fail(
             source_name,
             line_of(root, ("vm",), at_key=True),
-            "this looks like a CloneBox project file (.clonebox.yaml with a 'vm:' section), not a fleet "
-            f"VM spec: write 'version: {SPEC_VERSION}', 'name:', 'vcpus:', 'memory:' at the top level",
+            "this looks like a CloneBox v1 project file (.clonebox.yaml with a 'vm:' section), not a fleet "
+            "VM spec: convert it with 'clonebox config migrate FILE -o NEW.yaml'",
         )
     if "version" not in data:
         raise _fail(source_name, line_of(root, ()), f"version: required but missing: add 'version: {SPEC_VERSION}'")
     version = data["version"]
-    if isinstance(version, bool) or version != SPEC_VERSION:
+    if isinstance(version, bool) or version not in SPEC_VERSIONS:
         raise _fail(
             source_name,
             line_of(root, ("version",)),
-            f"version: {_describe(version)} is not supported: this clonebox reads version {SPEC_VERSION}",
+            f"version: {_describe(version)} is not supported: this clonebox reads versions 1 and {SPEC_VERSION}",
             "version",
         )
+    schema = _SCHEMAS[int(version)]
     try:
-        doc = _SpecV1.model_validate(data)
+        doc = schema.model_validate(data)
     except ValidationError as exc:
         found = []
         for err in exc.errors():
-            loc, message, at_key, parent = _pydantic_problem(err, root)
+            loc, message, at_key, parent = _pydantic_problem(err, root, schema)
             found.append((line_of(root, loc, at_key=at_key, parent=parent), message, _path_text(loc, root)))
         found.sort(key=lambda item: item[0])  # report the first problem as the file reads
         line, message, field = found[0]
@@ -430,7 +590,10 @@ def _load(content: str | bytes, source_name: str) -> VmSpec:
         raise _fail(source_name, line, message + more, field) from None
     try:
         spec = _to_model(doc)
-        return validate_spec(spec, prefix="spec")
+        validate_spec(spec, prefix="spec")
+        if spec.auth is not None:
+            check_extra_user_data(spec, prefix="spec")
+        return spec
     except _ProblemError as problem:
         raise _fail(
             source_name,
@@ -489,9 +652,15 @@ _Dumper.add_representer(str, _represent_str)
 
 
 def dump_spec(spec: VmSpec) -> str:
-    """Write ``spec`` as a spec file (version 1); ``load_spec_text(dump_spec(s)) == s`` for a valid ``s``."""
+    """
+    Write ``spec`` as a spec file; ``load_spec_text(dump_spec(s)) == s`` for a valid, unresolved ``s``.
+
+    A spec with ``auth`` is written as version 2 (key sources and the password reference; resolved keys
+    and hashes are request material, never file content), one without as version 1.
+    """
+    v2 = spec.auth is not None
     doc: dict[str, Any] = {
-        "version": SPEC_VERSION,
+        "version": 2 if v2 else 1,
         "name": spec.name,
         "vcpus": spec.vcpus,
         "memory": format_size(spec.memory_mib),
@@ -516,13 +685,37 @@ def dump_spec(spec: VmSpec) -> str:
         doc["network"] = {"mode": "none"}
     else:
         doc["network"] = {"mode": "libvirt", "libvirt_network": spec.network.libvirt_network}
+    if spec.auth is not None:
+        auth: dict[str, Any] = {"user": spec.auth.user, "method": spec.auth.method.name.lower()}
+        if spec.auth.ssh_keys:
+            auth["ssh_keys"] = list(spec.auth.ssh_keys)
+        if spec.auth.password:
+            auth["password"] = spec.auth.password
+        doc["auth"] = auth
+    if spec.provision is not None:
+        p = spec.provision
+        doc["provision"] = {
+            key: list(items)
+            for key, items in (
+                ("packages", p.packages),
+                ("snap_packages", p.snap_packages),
+                ("services", p.services),
+                ("post_commands", p.post_commands),
+            )
+        }
     if spec.shared_folders:
-        doc["shared_folders"] = [
-            {"host_path": f.host_path, "tag": f.tag, "read_only": f.read_only} for f in spec.shared_folders
-        ]
+        folders = []
+        for f in spec.shared_folders:
+            entry: dict[str, Any] = {"host_path": f.host_path, "tag": f.tag, "read_only": f.read_only}
+            if v2:
+                if f.mount:
+                    entry["mount"] = f.mount
+                entry["driver"] = "virtiofs" if f.driver is ShareDriver.VIRTIOFS else "9p"
+            folders.append(entry)
+        doc["shared_folders"] = folders
     if spec.cloud_init is not None:
         ci = spec.cloud_init
-        doc["cloud_init"] = {
+        cloud: dict[str, Any] = {
             key: text
             for key, text in (
                 ("user_data", ci.user_data.reveal()),  # writing the spec file back is a use of the value
@@ -531,6 +724,9 @@ def dump_spec(spec: VmSpec) -> str:
             )
             if text
         }
+        if v2 and ci.detach_seed_after_boot:
+            cloud["detach_seed_after_boot"] = True
+        doc["cloud_init"] = cloud
     if spec.labels:
         doc["labels"] = dict(spec.labels)
     return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from clonebox_core.errors import invalid_field
-from clonebox_core.model import VmSpec
+from clonebox_core.model import AuthMethod, ShareDriver, VmSpec
 from clonebox_core.names import check_dns_label
 
 MAX_VCPUS = 256
@@ -22,6 +22,20 @@ _TAG = re.compile(r"^[A-Za-z0-9_-]{1,31}$")  # 9p mount tags are at most 31 byte
 _LABEL_KEY = re.compile(r"^[a-z0-9]([a-z0-9._/-]{0,61}[a-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9._-]{0,63}$")
 _NET_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+#: a POSIX user name as useradd accepts it by default on Debian
+_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+#: SHA-512-crypt, as cloud-init's chpasswd takes it; anything else (a password pasted by mistake) is refused
+PASSWORD_HASH = re.compile(r"^\$6\$(rounds=[0-9]{1,9}\$)?[./0-9A-Za-z]{1,16}\$[./0-9A-Za-z]{86}$")
+PUBLIC_KEY = re.compile(
+    r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-ssh-ed25519@openssh\.com"
+    r"|sk-ecdsa-sha2-nistp256@openssh\.com) [A-Za-z0-9+/]+={0,3}( [^\x00-\x1f\x7f]*)?$"
+)
+_PACKAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+:=~_-]{0,127}$")
+_SNAP = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+_SERVICE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9@._:-]{0,127}$")
+_GUEST_PATH = re.compile(r"^/[^\x00-\x20\x7f]*$")
+MAX_PROVISION_ITEMS = 256
+MAX_COMMAND_CHARS = 4096
 
 
 def _check_path(field: str, value: str) -> None:
@@ -73,6 +87,7 @@ def validate_spec(spec: VmSpec, prefix: str = "spec") -> VmSpec:
             f"{spec.network.libvirt_network!r} is not a libvirt network name",
         )
     tags: set[str] = set()
+    mounts: set[str] = set()
     for i, sf in enumerate(spec.shared_folders):
         f = f"{prefix}.shared_folders[{i}]"
         _check_path(f"{f}.host_path", sf.host_path)
@@ -81,15 +96,95 @@ def validate_spec(spec: VmSpec, prefix: str = "spec") -> VmSpec:
         if not _TAG.fullmatch(sf.tag) or sf.tag in tags:
             raise invalid_field(f"{f}.tag", "must be unique, 1-31 of [A-Za-z0-9_-]")
         tags.add(sf.tag)
+        if sf.read_only and sf.driver is ShareDriver.VIRTIOFS:
+            raise invalid_field(f"{f}.read_only", "virtiofs shares cannot be read-only here (libvirt 9): use driver 9p")
+        if sf.mount:
+            _check_path(f"{f}.mount", sf.mount)
+            if not _GUEST_PATH.fullmatch(sf.mount) or sf.mount == "/":
+                raise invalid_field(f"{f}.mount", "must be an absolute guest path without spaces, not '/'")
+            if sf.mount in mounts:
+                raise invalid_field(f"{f}.mount", f"{sf.mount!r} is already the mount point of another folder")
+            mounts.add(sf.mount)
     if spec.cloud_init is not None:
         ci = spec.cloud_init
         texts = {"user_data": ci.user_data.reveal(), "meta_data": ci.meta_data, "network_config": ci.network_config}
         for name, text in texts.items():
             if len(text.encode()) > MAX_CLOUD_INIT_BYTES:
                 raise invalid_field(f"{prefix}.cloud_init.{name}", "larger than 1 MiB")
+    if spec.auth is not None:
+        _validate_auth(spec, f"{prefix}.auth")
+    if spec.provision is not None:
+        _validate_provision(spec, f"{prefix}.provision")
     for key, value in spec.labels:
         if not _LABEL_KEY.fullmatch(key):
             raise invalid_field(f"{prefix}.labels", f"label key {key!r}: use [a-z0-9._/-], max 63")
         if not _LABEL_VALUE.fullmatch(value):
             raise invalid_field(f"{prefix}.labels.{key}", f"label value {value!r}: use [A-Za-z0-9._-], max 63")
+    return spec
+
+
+def _validate_auth(spec: VmSpec, f: str) -> None:
+    auth = spec.auth
+    assert auth is not None
+    if not _USER.fullmatch(auth.user) or auth.user == "root":
+        raise invalid_field(f"{f}.user", f"{auth.user!r}: use a POSIX user name ([a-z_][a-z0-9_-]*, not root)")
+    if auth.password_hash and not PASSWORD_HASH.fullmatch(auth.password_hash.reveal()):
+        # never quote it: a client may have sent a password where the hash belongs
+        raise invalid_field(f"{f}.password_hash", "is not a SHA-512-crypt hash ($6$...): send a hash, never a password")
+    if auth.password_hash and not auth.method.uses_password:
+        raise invalid_field(f"{f}.password", f"method {auth.method.name.lower()} sets no password: remove it")
+    if auth.password and not auth.method.uses_password:
+        raise invalid_field(
+            f"{f}.password", f"method {auth.method.name.lower()} sets no password: remove it or use method: both"
+        )
+    if auth.method in (AuthMethod.PASSWORD, AuthMethod.BOTH) and not (auth.password or auth.password_hash):
+        raise invalid_field(
+            f"{f}.password",
+            f"method {auth.method.name.lower()} needs a password: give a secret reference such as env:VM_PASSWORD",
+        )
+    for i, line in enumerate(auth.ssh_authorized_keys):
+        if not PUBLIC_KEY.fullmatch(line):
+            raise invalid_field(f"{f}.ssh_authorized_keys[{i}]", "is not an OpenSSH public key line")
+    if (auth.ssh_keys or auth.ssh_authorized_keys) and not auth.method.uses_keys:
+        raise invalid_field(f"{f}.ssh_keys", f"method {auth.method.name.lower()} installs no SSH keys: remove them")
+    if len(auth.ssh_keys) > MAX_PROVISION_ITEMS or len(auth.ssh_authorized_keys) > MAX_PROVISION_ITEMS:
+        raise invalid_field(f"{f}.ssh_keys", f"at most {MAX_PROVISION_ITEMS} keys")
+
+
+def _validate_provision(spec: VmSpec, f: str) -> None:
+    prov = spec.provision
+    assert prov is not None
+    checks = (
+        ("packages", prov.packages, _PACKAGE, "a package name ([A-Za-z0-9.+:=~_-], optionally pkg=version)"),
+        ("snap_packages", prov.snap_packages, _SNAP, "a snap name ([a-z0-9-])"),
+        ("services", prov.services, _SERVICE, "a systemd unit name"),
+    )
+    for name, items, pattern, what in checks:
+        if len(items) > MAX_PROVISION_ITEMS:
+            raise invalid_field(f"{f}.{name}", f"at most {MAX_PROVISION_ITEMS} entries")
+        for i, item in enumerate(items):
+            if not pattern.fullmatch(item):
+                raise invalid_field(f"{f}.{name}[{i}]", f"{item[:40]!r} is not {what}")
+    if len(prov.post_commands) > MAX_PROVISION_ITEMS:
+        raise invalid_field(f"{f}.post_commands", f"at most {MAX_PROVISION_ITEMS} commands")
+    for i, cmd in enumerate(prov.post_commands):
+        if not cmd.strip() or "\x00" in cmd or len(cmd) > MAX_COMMAND_CHARS:
+            raise invalid_field(f"{f}.post_commands[{i}]", f"a non-empty command of at most {MAX_COMMAND_CHARS} chars")
+
+
+def validate_resolved(spec: VmSpec, prefix: str = "spec") -> VmSpec:
+    """
+    ``validate_spec`` plus what a create request must carry: for the password methods, the hash.
+
+    The spec file names a password *reference*; the client resolves it and sends only the hash, so a
+    server receiving a reference without a hash tells the caller to resolve it first.
+    """
+    validate_spec(spec, prefix)
+    auth = spec.auth
+    if auth is not None and auth.method.uses_password and not auth.password_hash:
+        raise invalid_field(
+            f"{prefix}.auth.password_hash",
+            f"method {auth.method.name.lower()} needs the password's SHA-512-crypt hash: "
+            "clonebox vm create resolves auth.password and sends only the hash",
+        )
     return spec

@@ -15,6 +15,8 @@ PKGS=(
   postgresql
   # xattr tools for checking ownership marks
   attr
+  # `cloud-init schema` checks every user-data CloneBox renders; ssh-keygen checks generated keys
+  cloud-init openssh-client
 )
 
 missing=()

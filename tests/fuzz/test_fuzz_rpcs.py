@@ -11,6 +11,11 @@ import asyncio
 import os
 from pathlib import Path
 
+# Hypothesis imports its random strategy lazily, inside the worker thread that draws, and pytest
+# rewrites that import (hypothesis is a pytest plugin). CPython 3.11.7's ast.parse is not thread-safe
+# (gh-106905: "AST constructor recursion depth mismatch" when another thread parses at the same time),
+# so the import happens here, once, on the main thread.
+import hypothesis.strategies._internal.random  # noqa: F401
 import pytest
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import grp
 import logging
 import os
 import shutil
@@ -71,6 +72,28 @@ def vm_dir(storage_dir: str, domain: str) -> str:
         # the use cases validate names first; this keeps a bug there from reaching rmtree
         raise InvalidArgument(f"name: {domain[:64]!r} is not a VM name", reason="INVALID_NAME")
     return os.path.join(storage_dir, VMS_SUBDIR, domain)
+
+
+#: the group QEMU runs as on Debian (libvirt's qemu.conf default there)
+QEMU_GROUP = "libvirt-qemu"
+
+
+def restrict_to_qemu(path: str) -> None:
+    """
+    Make ``path`` a 0710 root:libvirt-qemu folder.
+
+    QEMU's user can reach files inside (which libvirt hands to it per domain) but cannot list it;
+    nobody else can enter. Where the group does not exist (QEMU under another name), the folder is
+    0711 (enter, never list).
+    """
+    try:
+        gid = grp.getgrnam(QEMU_GROUP).gr_gid
+    except KeyError:
+        os.chmod(path, 0o711)
+        return
+    if os.geteuid() == 0:
+        os.chown(path, 0, gid)
+        os.chmod(path, 0o710)
 
 
 def pool_dir(storage_dir: str) -> str:

@@ -27,15 +27,23 @@ import shutil
 import tempfile
 import uuid as uuidlib
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from clonebox_agent.adapters import common
 from clonebox_agent.adapters.common import QEMU_CAPABILITIES, Fault, Faults, Inventory, StepHook
 from clonebox_agent.adapters.images import resolve_spec
-from clonebox_agent.adapters.seediso import build_seed_iso
-from clonebox_agent.ports import Capability, DomainRecord, EventKind, EventSink, HypervisorEvent, StepLog
+from clonebox_agent.adapters.seediso import build_seed_iso, seed_cloud_init
+from clonebox_agent.ports import (
+    Capability,
+    DomainRecord,
+    EventKind,
+    EventSink,
+    GuestExecResult,
+    HypervisorEvent,
+    StepLog,
+)
 from clonebox_core.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from clonebox_core.model import (
     CreatePlan,
@@ -80,6 +88,7 @@ class FakeHypervisor:
         capabilities: frozenset[Capability] | None = None,
         storage_dir: str | os.PathLike[str] | None = None,
         image_dirs: Sequence[str | os.PathLike[str]] = (),
+        shared_roots: Sequence[str | os.PathLike[str]] | None = None,
         name_prefix: str = "cb-",
         networks: Mapping[str, bool] | None = None,
         fail_on: Mapping[str, BaseException | Fault] | None = None,
@@ -96,6 +105,7 @@ class FakeHypervisor:
         self._storage_dir = os.path.abspath(storage_dir) if storage_dir else None
         self._own_storage = storage_dir is None
         self.image_dirs = tuple(os.path.abspath(d) for d in image_dirs)
+        self.shared_roots = None if shared_roots is None else tuple(os.path.abspath(d) for d in shared_roots)
         self.name_prefix = name_prefix
         #: libvirt networks by name -> active
         self.networks: dict[str, bool] = dict(networks) if networks is not None else {"default": True}
@@ -114,6 +124,12 @@ class FakeHypervisor:
         self._serving = True
         self._not_serving_reason = ""
         self._counter = 0
+        #: files that exist inside each guest, by VM name (``guest_file_exists``); tests add to it
+        self.guest_files: dict[str, set[str]] = {}
+        #: every guest_exec as (vm, argv, stdin)
+        self.guest_execs: builtins.list[tuple[str, tuple[str, ...], bytes]] = []
+        #: answers guest_exec (default: exit 0, no output)
+        self.guest_exec_handler: Callable[[str, tuple[str, ...], bytes], GuestExecResult] | None = None
 
     # ---- scripting -----------------------------------------------------------------------------
 
@@ -204,10 +220,12 @@ class FakeHypervisor:
         allocatable = Resources(max(room.vcpus, 0), max(room.memory_mib, 0), max(room.disk_mib, 0))
         return HostInfo(self.host_name, self.capacity, allocatable, hv)
 
-    async def create(self, spec: VmSpec, *, start: bool, steps: StepLog | None = None) -> DomainRecord:
+    async def create(
+        self, spec: VmSpec, *, start: bool, steps: StepLog | None = None, ssh_public_key: str = ""
+    ) -> DomainRecord:
         """Validate, make files, define, start; every step logged; all removed again on any failure."""
         await self._enter("create")
-        resolved = resolve_spec(spec, self.image_dirs)
+        resolved = resolve_spec(spec, self.image_dirs, self.shared_roots)
         await self._step("create:validated")
         if spec.name in self._domains or spec.name in self._creating:
             raise AlreadyExists(
@@ -235,8 +253,9 @@ class FakeHypervisor:
                 log.made(n, self._make_volume(name, spec.name, content.encode()))
             await self._step("create:disks")
             vm_uuid = str(uuidlib.uuid4())
-            if spec.cloud_init is not None:
-                iso = build_seed_iso(spec.cloud_init, instance_id=f"iid-{vm_uuid}", hostname=spec.name)
+            if spec.has_seed:
+                seed = seed_cloud_init(spec, ssh_public_key=ssh_public_key)
+                iso = build_seed_iso(seed, instance_id=f"iid-{vm_uuid}", hostname=spec.name)
                 name = common.seed_volume_name(domain)
                 n = log.planned("seed", {"kind": "volume", "name": name})
                 log.made(n, self._make_volume(name, spec.name, iso))
@@ -345,6 +364,37 @@ class FakeHypervisor:
         source = "agent" if Capability.GUEST_AGENT in self._caps else "lease"
         return (IpAddress("eth0", f"192.0.2.{10 + dom.index % 240}", 24, source),)
 
+    def _guest(self, name: str) -> _Domain:
+        dom = self._domain(name)
+        if dom.state != VmState.RUNNING or Capability.GUEST_AGENT not in self._caps:
+            raise FailedPrecondition(
+                f"VM {name} is not running: its guest agent cannot be reached", reason="GUEST_AGENT_UNAVAILABLE"
+            )
+        return dom
+
+    async def guest_exec(
+        self, name: str, argv: Sequence[str], *, stdin: bytes = b"", timeout: float = 30.0
+    ) -> GuestExecResult:
+        """See ``Hypervisor.guest_exec``: recorded in ``guest_execs``, answered by ``guest_exec_handler``."""
+        await self._enter("guest_exec")
+        self._guest(name)
+        call = (name, tuple(argv), stdin)
+        self.guest_execs.append(call)
+        return self.guest_exec_handler(*call) if self.guest_exec_handler is not None else GuestExecResult(0)
+
+    async def guest_file_exists(self, name: str, path: str) -> bool:
+        """See ``Hypervisor.guest_file_exists`` (the files in ``guest_files``)."""
+        await self._enter("guest_file_exists")
+        self._guest(name)
+        return path in self.guest_files.get(name, set())
+
+    async def detach_seed(self, name: str) -> builtins.list[str]:
+        """See ``Hypervisor.detach_seed``."""
+        await self._enter("detach_seed")
+        self._domain(name)
+        gone = self._delete_volume(common.seed_volume_name(self.domain_name(name)))
+        return [gone] if gone is not None else []
+
     async def orphans(self, keep: Iterable[str] = ()) -> dict[str, builtins.list[str]]:
         """See ``Hypervisor.orphans``."""
         inventory = await self.inventory()
@@ -411,7 +461,7 @@ class FakeHypervisor:
     async def plan_create(self, spec: VmSpec, *, start: bool) -> CreatePlan:
         """See ``Hypervisor.plan_create`` (the fake has no domain XML to show)."""
         await self._enter("plan_create")
-        resolve_spec(spec, self.image_dirs)
+        resolve_spec(spec, self.image_dirs, self.shared_roots)
         if spec.name in self._domains:
             raise AlreadyExists(
                 f"VM {spec.name} already exists", reason="VM_ALREADY_EXISTS", metadata={"vm": spec.name}
@@ -419,7 +469,7 @@ class FakeHypervisor:
         domain = self.name_prefix + spec.name
         steps = ["folder: make its folder"] if self._host_files else []
         steps += [f"disk:{d.name}: make volume {common.volume_name(domain, d.name)}" for d in spec.disks]
-        if spec.cloud_init is not None:
+        if spec.has_seed:
             steps.append(f"seed: make volume {common.seed_volume_name(domain)}")
         steps.append(f"define: define domain {domain}")
         if start:

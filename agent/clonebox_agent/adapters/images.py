@@ -95,8 +95,13 @@ def _outside_error(field: str, path: str, roots: Sequence[str]) -> InvalidArgume
     )
 
 
-def resolve_spec(spec: VmSpec, image_dirs: Sequence[str]) -> ResolvedSpec:
-    """Validate ``spec`` (core rules, then host files) and resolve its paths."""
+def resolve_spec(spec: VmSpec, image_dirs: Sequence[str], shared_roots: Sequence[str] | None = None) -> ResolvedSpec:
+    """
+    Validate ``spec`` (core rules, then host files) and resolve its paths.
+
+    ``shared_roots`` (None: no restriction): every shared folder must resolve, symlinks followed, to
+    a folder inside one of them; all that do not are named in one error.
+    """
     validate_spec(spec)
     bases: list[str | None] = []
     for i, disk in enumerate(spec.disks):
@@ -118,6 +123,22 @@ def resolve_spec(spec: VmSpec, image_dirs: Sequence[str]) -> ResolvedSpec:
                 reason="SHARED_FOLDER_NOT_FOUND",
             )
         shared.append(real)
+    if shared_roots is not None:
+        outside = [
+            f"shared_folders[{i}].host_path {sf.host_path!r}"
+            for i, (sf, real) in enumerate(zip(spec.shared_folders, shared, strict=True))
+            if not any(
+                os.path.commonpath([real, os.path.realpath(root)]) == os.path.realpath(root) for root in shared_roots
+            )
+        ]
+        if outside:
+            roots = ", ".join(shared_roots) if shared_roots else "none configured"
+            raise InvalidArgument(
+                f"not under this agent's shared_roots ({roots}): {'; '.join(outside)}; "
+                "share folders inside a shared root (agent config shared_roots) or drop them",
+                reason="SHARED_FOLDER_NOT_ALLOWED",
+                metadata={"field": "spec.shared_folders"},
+            )
     return ResolvedSpec(spec, tuple(bases), kernel, initrd, tuple(shared))
 
 

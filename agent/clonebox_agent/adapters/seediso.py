@@ -12,7 +12,8 @@ import io
 
 import pycdlib
 
-from clonebox_core.model import CloudInit
+from clonebox_core.cloudinit import render_user_data
+from clonebox_core.model import CloudInit, VmSpec
 
 VOLUME_ID = "cidata"
 
@@ -27,6 +28,24 @@ _FILES = (
 def default_meta_data(instance_id: str, hostname: str) -> str:
     """meta-data used when the spec gives none. Both values are DNS-label-safe, so no YAML quoting."""
     return f"instance-id: {instance_id}\nlocal-hostname: {hostname}\n"
+
+
+def seed_cloud_init(spec: VmSpec, *, ssh_public_key: str = "") -> CloudInit:
+    """
+    The NoCloud inputs of ``spec``'s seed.
+
+    As given for a version-1 spec; for version 2 the user-data is rendered from ``auth`` and
+    ``provision`` (``ssh_public_key``: the per-VM generated key, if any).
+    """
+    given = spec.cloud_init or CloudInit()
+    if spec.auth is None:
+        return given
+    return CloudInit(
+        render_user_data(spec, generated_key=ssh_public_key),
+        given.meta_data,
+        given.network_config,
+        given.detach_seed_after_boot,
+    )
 
 
 def seed_files(cloud_init: CloudInit, *, instance_id: str, hostname: str) -> dict[str, bytes]:

@@ -16,11 +16,20 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from clonebox_agent.app.events import EventLog, VmEvent, VmEventType
+from clonebox_agent.app.keystore import KeyStore
 from clonebox_agent.app.recovery import Recovery, Rollback
 from clonebox_agent.journal.store import Journal, JournalStepLog, TxnState
 from clonebox_agent.ports import DomainRecord, EventKind, Hypervisor, HypervisorEvent
+from clonebox_core import specjson
 from clonebox_core.audit.event import AuditEvent, Outcome, new_event
-from clonebox_core.errors import AlreadyExists, CloneboxError, InvalidArgument, NotFound
+from clonebox_core.errors import (
+    AlreadyExists,
+    CloneboxError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    invalid_field,
+)
 from clonebox_core.model import (
     CreatePlan,
     HostInfo,
@@ -34,7 +43,9 @@ from clonebox_core.model import (
     VmState,
 )
 from clonebox_core.names import check_dns_label
-from clonebox_core.validate import validate_spec
+from clonebox_core.secret import Secret
+from clonebox_core.secrets.providers import SecretRef, secret_access_event
+from clonebox_core.validate import PASSWORD_HASH, PUBLIC_KEY, validate_resolved
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +70,30 @@ def _audit_details(outcome: dict[str, object]) -> dict[str, object]:
     return details
 
 
+_NO_SECRET = Secret("")
+#: replaces the user's authorized_keys with standard input, atomically; "$1" is the user. POSIX sh and
+#: awk only (busybox guests have no getent)
+_SET_KEYS = """set -eu
+u="$1"
+home=$(awk -F: -v u="$u" '$1 == u { print $6 }' /etc/passwd)
+[ -n "$home" ] || { echo "no user $u in /etc/passwd" >&2; exit 3; }
+umask 077
+mkdir -p "$home/.ssh"
+cat > "$home/.ssh/authorized_keys.clonebox-new"
+chown "$u" "$home/.ssh" "$home/.ssh/authorized_keys.clonebox-new"
+chmod 700 "$home/.ssh"
+chmod 600 "$home/.ssh/authorized_keys.clonebox-new"
+mv -f "$home/.ssh/authorized_keys.clonebox-new" "$home/.ssh/authorized_keys"
+"""
+
+#: cloud-init writes this when every stage has run (``cloud-init status --wait`` waits for it)
+CLOUD_INIT_DONE = "/run/cloud-init/result.json"
+
+
+def _detaches_seed(spec: VmSpec) -> bool:
+    return spec.cloud_init is not None and spec.cloud_init.detach_seed_after_boot
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, CloneboxError):
         return f"{exc.code} {exc.reason}: {exc.message}"
@@ -79,9 +114,22 @@ class AgentService:
         event_history: int = 10_000,
         cpu_allocation_ratio: float = 1.0,
         step_hook: Callable[[str], None] | None = None,
+        keys: KeyStore | None = None,
+        seed_poll_seconds: float = 5.0,
     ) -> None:
-        """``step_hook`` sees the service's own named steps (``create:commit``); fault tests use it."""
+        """
+        ``step_hook`` sees the service's own named steps (``create:commit``); fault tests use it.
+
+        ``keys`` keeps the SSH key pairs generated for version-2 specs that name no key (without it,
+        such a spec is refused).
+        """
         self._step_hook = step_hook
+        self._keys = keys
+        #: VMs whose seed goes once cloud-init reports done (``cloud_init.detach_seed_after_boot``)
+        self._seed_pending: set[str] = set()
+        self._seed_poll = seed_poll_seconds
+        self._seed_wake = asyncio.Event()
+        self._seed_task: asyncio.Task[None] | None = None
         self.recovery = Recovery(journal, hypervisor, host_name)
         #: what recovery rolled back when this service started
         self.recovered: list[Rollback] = []
@@ -109,20 +157,28 @@ class AgentService:
             self.recovered = await self.recovery.roll_back_open()
             for record in await self._hv.list():
                 self._known[record.name] = self._to_vm(record)
+                if _detaches_seed(record.spec):
+                    self._seed_pending.add(record.name)  # detach_seed is a no-op once it is gone
+            if self._keys is not None:
+                # keys of creates a crash cut short (rolled back above) or of VMs deleted behind our back
+                for path in await asyncio.to_thread(self._keys.sweep, list(self._known)):
+                    log.info("removed generated SSH key of a VM that does not exist: %s", path)
         except CloneboxError as exc:
             # the agent still starts (and reports NOT_SERVING) when libvirt is down
             log.warning("initial listing failed: %s", exc)
         self._event_task = asyncio.create_task(self._consume_events(), name="hypervisor-events")
+        self._seed_task = asyncio.create_task(self._watch_seeds(), name="seed-detach")
 
     async def close(self) -> None:
         """Let running creates finish (bounded), stop consuming events, end watches and disconnect."""
         if self._background:
             # what does not finish in time is rolled back by recovery at the next start
             await asyncio.wait(set(self._background), timeout=30)
-        if self._event_task is not None:
-            self._event_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._event_task
+        for task in (self._event_task, self._seed_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self.events.close()
         await self._hv.close()
 
@@ -168,7 +224,7 @@ class AgentService:
         Once started, a create runs to its end (commit or rollback) even if the caller goes away: a
         cancelled RPC must never leave a VM made behind a "rolled back" record. The retry finds it.
         """
-        validate_spec(spec)
+        validate_resolved(spec)
         task = asyncio.create_task(self._create_locked(spec, request_id, start), name=f"create-{spec.name}")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -183,7 +239,7 @@ class AgentService:
             except NotFound:
                 existing = None
             if existing is not None:
-                if existing.spec != spec:
+                if not specjson.matches_at_rest(existing.spec, spec):
                     raise AlreadyExists(
                         f"VM {spec.name!r} exists on host {self.host_name} with a different spec",
                         reason="VM_ALREADY_EXISTS",
@@ -193,6 +249,9 @@ class AgentService:
             else:
                 vm = self._to_vm(await self._create_transaction(spec, request_id, start))
             self._known[vm.name] = vm
+            if _detaches_seed(spec):
+                self._seed_pending.add(vm.name)
+                self._seed_wake.set()
             return vm
 
     async def _create_transaction(self, spec: VmSpec, request_id: str, start: bool) -> DomainRecord:
@@ -200,10 +259,12 @@ class AgentService:
         txn_id = uuid.uuid4().hex
         await asyncio.to_thread(self._journal.begin_txn, txn_id, "vm.create", spec.name, request_id)
         steps = JournalStepLog(self._journal, txn_id)
+        public_key = await self._generate_key(spec)
         try:
-            record = await self._hv.create(spec, start=start, steps=steps)
+            record = await self._hv.create(spec, start=start, steps=steps, ssh_public_key=public_key)
         except BaseException as exc:
             # the adapter has undone its steps already; the transaction keeps the error
+            await self._drop_key(spec.name, public_key)
             await asyncio.to_thread(self._journal.finish_txn, txn_id, TxnState.ROLLED_BACK, _describe(exc))
             raise
         try:
@@ -215,12 +276,50 @@ class AgentService:
         except BaseException as exc:
             # made, but not on record: take it all back rather than leave a VM no record explains
             await self.recovery.roll_back(txn_id, error=_describe(exc))
+            await self._drop_key(spec.name, public_key)
             raise
         return record
 
+    async def _generate_key(self, spec: VmSpec) -> str:
+        """The public key of a new per-VM key pair when ``spec`` names no key ('' otherwise)."""
+        if spec.auth is None or not spec.auth.needs_generated_key:
+            return ""
+        if self._keys is None:
+            raise FailedPrecondition(
+                f"VM {spec.name}: its spec names no SSH key and this agent keeps no generated keys",
+                reason="SSH_KEY_STORE_MISSING",
+                metadata={"vm": spec.name},
+            )
+        return await asyncio.to_thread(self._keys.generate, spec.name)
+
+    async def _drop_key(self, name: str, public_key: str) -> None:
+        if public_key and self._keys is not None:
+            await asyncio.to_thread(self._keys.remove, name)
+
+    async def ssh_key(self, name: str, *, actor: str = "") -> Secret:
+        """
+        The private key generated for ``name``; each read is a ``secret.access`` audit event.
+
+        The event is in the journal outbox before the key is returned: a read that cannot be audited
+        does not happen.
+        """
+        check_dns_label("name", name)
+        if self._keys is None:
+            raise NotFound(f"VM {name} has no generated SSH key", reason="SSH_KEY_NOT_FOUND", metadata={"vm": name})
+        key = await asyncio.to_thread(self._keys.read, name)
+        event = secret_access_event(
+            SecretRef("generated-ssh-key", name),
+            provider="agent-keystore",
+            resource=f"hosts/{self.host_name}/vms/{name}",
+            actor=actor or None,
+            origin=f"agent/{self.host_name}",
+        )
+        await asyncio.to_thread(self._journal.add_events, [event])
+        return key
+
     async def plan_create(self, spec: VmSpec, *, start: bool = True) -> CreatePlan:
         """The steps and domain XML a create of ``spec`` would use, after the same checks; nothing is made."""
-        validate_spec(spec)
+        validate_resolved(spec)
         plan = await self._hv.plan_create(spec, start=start)
         return replace(plan, host=self.host_name)
 
@@ -269,6 +368,9 @@ class AgentService:
                 if not request_id:
                     raise
                 removed = []
+            if self._keys is not None and (key_path := await asyncio.to_thread(self._keys.remove, name)):
+                removed.append(key_path)
+            self._seed_pending.discard(name)
             await self._remember(request_id, "delete", name, {"removed": removed})
             return removed
 
@@ -301,6 +403,122 @@ class AgentService:
             for vm, paths in sorted(report.orphans.items())
         ]
         return rolled, orphans
+
+    # ---- secret rotation -----------------------------------------------------------------------
+
+    async def rotate_secret(
+        self,
+        name: str,
+        *,
+        request_id: str,
+        password_hash: Secret = _NO_SECRET,
+        expire_password: bool = False,
+        keys: tuple[str, ...] = (),
+        replace_keys: bool = False,
+    ) -> tuple[str, list[str]]:
+        """
+        Set a new password hash and/or key set for the VM's login user, inside the running guest.
+
+        Through qemu-ga: ``chpasswd -e`` reads ``user:HASH`` on its standard input (never a command
+        line, which other guest processes can read), ``passwd --expire`` for a one-time password, and
+        the user's ``authorized_keys`` is replaced atomically. Returns the user and what changed.
+        """
+        check_dns_label("name", name)
+        hash_text = password_hash.reveal()
+        if hash_text and not PASSWORD_HASH.fullmatch(hash_text):
+            raise invalid_field("password_hash", "is not a SHA-512-crypt hash ($6$...): send a hash, never a password")
+        for i, line in enumerate(keys):
+            if not PUBLIC_KEY.fullmatch(line):
+                raise invalid_field(f"ssh_authorized_keys[{i}]", "is not an OpenSSH public key line")
+        if not hash_text and not replace_keys:
+            raise invalid_field("password_hash", "nothing to rotate: give a password hash or a key set")
+        if expire_password and not hash_text:
+            raise invalid_field("expire_password", "expires the new password: give password_hash too")
+        async with self._lock(name):
+            if request_id and (done := await self._replay(request_id, "rotate_secret", name)) is not None:
+                changed_before = done.get("changed", [])
+                return str(done.get("user", "")), [str(c) for c in changed_before] if isinstance(
+                    changed_before, list
+                ) else []
+            record = await self._hv.get(name)
+            auth = record.spec.auth
+            if auth is None:
+                raise FailedPrecondition(
+                    f"VM {name} has no login user managed by clonebox (a version 1 spec): nothing to rotate",
+                    reason="NO_MANAGED_LOGIN",
+                    metadata={"vm": name},
+                )
+            changed: list[str] = []
+            if hash_text:
+                await self._guest_run(
+                    name, ["chpasswd", "-e"], f"{auth.user}:{hash_text}\n".encode(), "set the password"
+                )
+                if expire_password:
+                    await self._guest_run(name, ["passwd", "--expire", auth.user], b"", "expire the password")
+                changed.append("password")
+            if replace_keys:
+                stdin = "".join(f"{line}\n" for line in keys).encode()
+                await self._guest_run(
+                    name, ["/bin/sh", "-c", _SET_KEYS, "clonebox-rotate", auth.user], stdin, "set the keys"
+                )
+                changed.append("keys")
+            await self._remember(request_id, "rotate_secret", name, {"user": auth.user, "changed": changed})
+            return auth.user, changed
+
+    async def _guest_run(self, name: str, argv: list[str], stdin: bytes, what: str) -> None:
+        result = await self._hv.guest_exec(name, argv, stdin=stdin, timeout=60)
+        if result.exit_code != 0:
+            # stderr of these tools names users and lines, never what they read; keep it short anyway
+            detail = result.stderr.decode(errors="replace").strip().splitlines()[:1]
+            raise FailedPrecondition(
+                f"VM {name}: could not {what} in the guest ({argv[0]} exited {result.exit_code}"
+                + (f": {detail[0][:200]}" if detail else "")
+                + ")",
+                reason="GUEST_COMMAND_FAILED",
+                metadata={"vm": name},
+            )
+
+    # ---- the cloud-init seed -------------------------------------------------------------------
+
+    async def _watch_seeds(self) -> None:
+        """Detach and delete seeds of ``detach_seed_after_boot`` VMs once their guest says cloud-init is done."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._seed_wake.wait(), timeout=self._seed_poll)
+            self._seed_wake.clear()
+            for name in sorted(self._seed_pending):
+                try:
+                    await self.detach_seed_when_done(name)
+                except CloneboxError as exc:
+                    log.info("seed of %s not detached yet: %s", name, exc.message)
+                except Exception:
+                    log.exception("seed watcher: unexpected error for %s", name)
+
+    async def detach_seed_when_done(self, name: str) -> list[str] | None:
+        """
+        Detach ``name``'s seed if its guest reports cloud-init done.
+
+        Returns the removed paths, or None when cloud-init is not done yet (or the guest agent does
+        not answer: the watcher asks again).
+        """
+        async with self._lock(name):
+            if name not in self._seed_pending:
+                return None
+            try:
+                done = await self._hv.guest_file_exists(name, CLOUD_INIT_DONE)
+            except NotFound:
+                self._seed_pending.discard(name)
+                return None
+            except FailedPrecondition:
+                return None  # not running, or qemu-ga not up yet
+            if not done:
+                return None
+            removed = await self._hv.detach_seed(name)
+            event = self._event("seed_detach", name, "", {"removed": removed})
+            await asyncio.to_thread(self._journal.add_events, [event])
+            self._seed_pending.discard(name)
+            log.info("cloud-init done on %s: seed detached and deleted (%s)", name, ", ".join(removed) or "none left")
+            return removed
 
     # ---- internals -----------------------------------------------------------------------------
 

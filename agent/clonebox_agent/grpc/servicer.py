@@ -10,6 +10,7 @@ from clonebox.agent.v1 import agent_pb2, agent_pb2_grpc
 from clonebox_agent.app.service import AgentService
 from clonebox_agent.grpc.convert import event_to_proto, host_info_to_proto
 from clonebox_core.rpc import convert
+from clonebox_core.secret import Secret
 
 #: grpcio ships no type stubs, so the servicer context is untyped
 Ctx: TypeAlias = Any
@@ -37,6 +38,28 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def GetVm(self, request: agent_pb2.GetVmRequest, context: Ctx) -> agent_pb2.GetVmResponse:
         """See the proto."""
         return agent_pb2.GetVmResponse(vm=convert.vm_to_proto(await self._svc.get(request.name)))
+
+    async def GetSshKey(self, request: agent_pb2.GetSshKeyRequest, context: Ctx) -> agent_pb2.GetSshKeyResponse:
+        """See the proto."""
+        vm = await self._svc.get(request.name)
+        key = await self._svc.ssh_key(request.name, actor=request.actor)
+        user = vm.spec.auth.user if vm.spec.auth is not None else ""
+        # the one place the key is put on the wire (mTLS, to the controller only; the read is audited)
+        return agent_pb2.GetSshKeyResponse(private_key=key.reveal(), user=user)
+
+    async def RotateSecret(
+        self, request: agent_pb2.RotateSecretRequest, context: Ctx
+    ) -> agent_pb2.RotateSecretResponse:
+        """See the proto."""
+        user, changed = await self._svc.rotate_secret(
+            request.name,
+            request_id=request.request_id,
+            password_hash=Secret(request.password_hash),
+            expire_password=request.expire_password,
+            keys=tuple(request.ssh_authorized_keys),
+            replace_keys=request.replace_keys,
+        )
+        return agent_pb2.RotateSecretResponse(user=user, changed=changed)
 
     async def ListVms(self, request: agent_pb2.ListVmsRequest, context: Ctx) -> agent_pb2.ListVmsResponse:
         """See the proto."""

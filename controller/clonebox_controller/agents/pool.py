@@ -15,6 +15,7 @@ from clonebox_core.model import CreatePlan, Orphan, Revision, Transaction, Vm, V
 from clonebox_core.rpc import convert
 from clonebox_core.rpc.server import Transport, aio_channel
 from clonebox_core.rpc.status import error_from_rpc
+from clonebox_core.secret import Secret
 
 T = TypeVar("T")
 
@@ -71,6 +72,27 @@ class GrpcAgentClient:
         """GetVm."""
         resp = await self._call(lambda: self._stub.GetVm(agent_pb2.GetVmRequest(name=name), timeout=_SHORT_TIMEOUT))
         return convert.vm_from_proto(resp.vm)
+
+    async def get_ssh_key(self, name: str, actor: str) -> tuple[Secret, str]:
+        """GetSshKey: the VM's generated private key and its guest user."""
+        req = agent_pb2.GetSshKeyRequest(name=name, actor=actor)
+        resp = await self._call(lambda: self._stub.GetSshKey(req, timeout=_SHORT_TIMEOUT))
+        return Secret(resp.private_key), resp.user
+
+    async def rotate_secret(
+        self, name: str, request_id: str, password_hash: Secret, expire: bool, keys: tuple[str, ...], replace_keys: bool
+    ) -> tuple[str, list[str]]:
+        """RotateSecret (guest commands can take a while: the long deadline)."""
+        req = agent_pb2.RotateSecretRequest(
+            name=name,
+            request_id=request_id,
+            password_hash=password_hash.reveal(),  # a hash, to the agent that sets it, over mTLS
+            expire_password=expire,
+            ssh_authorized_keys=keys,
+            replace_keys=replace_keys,
+        )
+        resp = await self._call(lambda: self._stub.RotateSecret(req, timeout=_LONG_TIMEOUT))
+        return resp.user, list(resp.changed)
 
     async def list_vms(self) -> tuple[list[Vm], Revision]:
         """ListVms."""

@@ -8,6 +8,7 @@ after a network blip or a controller restart never does the work twice.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -17,10 +18,13 @@ from typing import TypeVar
 from clonebox_controller.app.hosts import HostRegistry
 from clonebox_controller.app.ports import FleetStore
 from clonebox_core.audit.event import SYSTEM_ACTOR, AuditEvent, Outcome, current_actor, new_event
-from clonebox_core.errors import CloneboxError, Internal, NotFound, Unavailable
+from clonebox_core.errors import CloneboxError, FailedPrecondition, Internal, NotFound, Unavailable
 from clonebox_core.model import CreatePlan, Operation, Vm, VmSpec, VmState
 from clonebox_core.names import check_dns_label
-from clonebox_core.validate import validate_spec
+from clonebox_core.secret import Secret
+from clonebox_core.secrets.providers import SecretRef, secret_access_event
+from clonebox_core.security.identity import current_caller
+from clonebox_core.validate import validate_resolved
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +99,73 @@ class VmManager:
 
     # ---- queries -----------------------------------------------------------------------------
 
+    async def ssh_key(self, name: str) -> tuple[Secret, str, str]:
+        """
+        The private key the VM's agent generated for it, its guest user and host.
+
+        The agent records the read (``secret.access``, naming the caller) before it answers.
+        """
+        check_dns_label("name", name)
+        vm = await asyncio.to_thread(self._store.get_vm, name)
+        host = await asyncio.to_thread(self._store.get_host, vm.host)
+        caller = current_caller()
+        key, user = await self._hosts.client_for(host).get_ssh_key(name, caller.spiffe_id if caller else "")
+        return key, user, vm.host
+
+    async def rotate_secret(
+        self,
+        name: str,
+        request_id: str,
+        *,
+        password_hash: Secret,
+        expire: bool,
+        keys: tuple[str, ...],
+        replace_keys: bool,
+        secret_refs: tuple[str, ...],
+    ) -> tuple[str, list[str], str]:
+        """
+        Rotate the VM's login secrets in the guest, then record the new auth.
+
+        The new hash and keys are stored with the ``vm.rotate_secret`` and ``secret.access`` audit
+        events in one transaction. Returns the user, what changed and the host. A retry with the same
+        request id does not act twice on the agent.
+        """
+        check_dns_label("name", name)
+        refs = [SecretRef.parse(text, field=f"secret_refs[{i}]") for i, text in enumerate(secret_refs)]
+        vm = await asyncio.to_thread(self._store.get_vm, name)
+        if vm.spec.auth is None:
+            raise FailedPrecondition(
+                f"VM {name} has no login user managed by clonebox (a version 1 spec): nothing to rotate",
+                reason="NO_MANAGED_LOGIN",
+                metadata={"vm": name},
+            )
+        host = await asyncio.to_thread(self._store.get_host, vm.host)
+        user, changed = await self._hosts.client_for(host).rotate_secret(
+            name, request_id, password_hash, expire, keys, replace_keys
+        )
+        auth = vm.spec.auth
+        if "password" in changed:
+            auth = dataclasses.replace(auth, password_hash=password_hash, secret_refs=tuple(secret_refs))
+        if "keys" in changed:
+            auth = dataclasses.replace(auth, ssh_authorized_keys=keys)
+        events = [
+            new_event(
+                "vm.rotate_secret",
+                f"vms/{name}",
+                Outcome.SUCCEEDED,
+                request_id=request_id,
+                details={"host": vm.host, "user": user, "changed": ",".join(changed), "expire": expire},
+            ),
+            *(
+                secret_access_event(
+                    ref, resource=f"vms/{name}", request_id=request_id, details={"resolved_by": "client"}
+                )
+                for ref in refs
+            ),
+        ]
+        await asyncio.to_thread(self._store.update_vm_auth, name, auth, events)
+        return user, changed, vm.host
+
     async def get(self, name: str, *, live: bool = True) -> Vm:
         """A VM; with ``live`` its addresses and state are refreshed from its agent when reachable."""
         check_dns_label("name", name)
@@ -127,7 +198,7 @@ class VmManager:
 
     async def plan_create(self, spec: VmSpec, host: str | None) -> CreatePlan:
         """What a create would do: validation, placement and the agent's steps and XML; nothing reserved or made."""
-        validate_spec(spec)
+        validate_resolved(spec)
         if host:
             check_dns_label("host", host)
         chosen = await asyncio.to_thread(self._store.place, spec, host or None)
@@ -136,13 +207,18 @@ class VmManager:
         return await self._hosts.client_for(target).plan_create(spec)
 
     async def create(self, spec: VmSpec, host: str | None, request_id: str) -> Operation:
-        """Reserve room on a host and create the VM there."""
-        validate_spec(spec)
+        """
+        Reserve room on a host and create the VM there.
+
+        The references the client resolved for the request (``auth.secret_refs``) are recorded as
+        ``secret.access`` events, by the caller, in the same transaction as the acceptance.
+        """
+        validate_resolved(spec)
         if host:
             check_dns_label("host", host)
         op = new_operation("vm.create", f"vms/{spec.name}", request_id)
-        event = _accepted(op, host=host or "")
-        stored, _vm = await asyncio.to_thread(self._store.reserve_vm, spec, host or None, op, event)
+        events = [_accepted(op, host=host or ""), *_secret_accesses(spec, request_id)]
+        stored, _vm = await asyncio.to_thread(self._store.reserve_vm, spec, host or None, op, events)
         if stored.id == op.id:
             self._spawn(stored)
         return stored
@@ -319,3 +395,18 @@ class VmManager:
         )
         await asyncio.to_thread(self._store.append_audit, [done])
         return [v.name for v in running]
+
+
+#: secret.access events the controller records: the client resolved the reference on its machine
+_BY_CLIENT = {"resolved_by": "client"}
+
+
+def _secret_accesses(spec: VmSpec, request_id: str) -> list[AuditEvent]:
+    """One ``secret.access`` event per reference the client resolved for ``spec`` (names, never values)."""
+    if spec.auth is None:
+        return []
+    events = []
+    for i, text in enumerate(spec.auth.secret_refs):
+        ref = SecretRef.parse(text, field=f"spec.auth.secret_refs[{i}]")
+        events.append(secret_access_event(ref, resource=f"vms/{spec.name}", request_id=request_id, details=_BY_CLIENT))
+    return events

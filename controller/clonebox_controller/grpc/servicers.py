@@ -29,6 +29,7 @@ from clonebox_core.errors import FailedPrecondition, InvalidArgument, Permission
 from clonebox_core.model import Host, VmState
 from clonebox_core.names import check_dns_label
 from clonebox_core.rpc import convert, convert_audit
+from clonebox_core.secret import Secret
 from clonebox_core.security.identity import current_caller
 
 #: grpcio ships no type stubs, so the servicer context is untyped
@@ -300,6 +301,29 @@ class VmServicer(vm_service_pb2_grpc.VmServiceServicer):
     async def GetVm(self, request: vm_service_pb2.GetVmRequest, context: Ctx) -> vm_service_pb2.GetVmResponse:
         """See the proto."""
         return vm_service_pb2.GetVmResponse(vm=convert.vm_to_proto(await self._vms.get(request.name)))
+
+    async def RotateVmSecret(
+        self, request: vm_service_pb2.RotateVmSecretRequest, context: Ctx
+    ) -> vm_service_pb2.RotateVmSecretResponse:
+        """See the proto."""
+        user, changed, host = await self._vms.rotate_secret(
+            request.name,
+            request.request_id,
+            password_hash=Secret(request.password_hash),
+            expire=request.expire_password,
+            keys=tuple(request.ssh_authorized_keys),
+            replace_keys=request.replace_keys,
+            secret_refs=tuple(request.secret_refs),
+        )
+        return vm_service_pb2.RotateVmSecretResponse(user=user, changed=changed, host=host)
+
+    async def GetVmSshKey(
+        self, request: vm_service_pb2.GetVmSshKeyRequest, context: Ctx
+    ) -> vm_service_pb2.GetVmSshKeyResponse:
+        """See the proto."""
+        key, user, host = await self._vms.ssh_key(request.name)
+        # the one place the key is put on the wire to a user (mTLS; the agent audited the read)
+        return vm_service_pb2.GetVmSshKeyResponse(private_key=key.reveal(), user=user, host=host)
 
     async def ListVms(self, request: vm_service_pb2.ListVmsRequest, context: Ctx) -> vm_service_pb2.ListVmsResponse:
         """See the proto."""

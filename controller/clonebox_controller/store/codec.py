@@ -13,97 +13,20 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from clonebox_core.model import (
-    CloudInit,
-    DiskSpec,
-    HypervisorInfo,
-    IpAddress,
-    KernelBoot,
-    NetworkMode,
-    NetworkSpec,
-    SharedFolder,
-    Vm,
-    VmSpec,
-    VmState,
-)
-from clonebox_core.secret import Secret
+from clonebox_core import specjson
+from clonebox_core.model import HypervisorInfo, IpAddress, Vm, VmSpec, VmState
 
 JsonDict = dict[str, Any]
 
 
 def spec_to_json(spec: VmSpec) -> JsonDict:
-    """Encode a VmSpec as a JSON-able dict."""
-    return {
-        "name": spec.name,
-        "vcpus": spec.vcpus,
-        "memory_mib": spec.memory_mib,
-        "disks": [{"name": d.name, "base_image": d.base_image, "size_mib": d.size_mib} for d in spec.disks],
-        "kernel_boot": (
-            None
-            if spec.kernel_boot is None
-            else {
-                "kernel": spec.kernel_boot.kernel,
-                "initrd": spec.kernel_boot.initrd,
-                "cmdline": spec.kernel_boot.cmdline,
-            }
-        ),
-        "network": {
-            "mode": spec.network.mode.name,
-            "libvirt_network": spec.network.libvirt_network,
-        },
-        "shared_folders": [
-            {"host_path": f.host_path, "tag": f.tag, "read_only": f.read_only} for f in spec.shared_folders
-        ],
-        "cloud_init": (
-            None
-            if spec.cloud_init is None
-            else {
-                # stored as before: the store is where the spec is kept (reveal only here)
-                "user_data": spec.cloud_init.user_data.reveal(),
-                "meta_data": spec.cloud_init.meta_data,
-                "network_config": spec.cloud_init.network_config,
-            }
-        ),
-        # a list of pairs keeps the order the model defines (sorted) and survives JSON round trips
-        "labels": [[k, v] for k, v in spec.labels],
-    }
+    """Encode a VmSpec for the store's spec column: the store keeps what it must send again."""
+    return specjson.spec_to_dict(spec, secrets="keep")
 
 
 def spec_from_json(data: Mapping[str, Any]) -> VmSpec:
-    """Decode what :func:`spec_to_json` wrote."""
-    kb = data.get("kernel_boot")
-    ci = data.get("cloud_init")
-    net = data.get("network") or {}
-    return VmSpec(
-        name=str(data["name"]),
-        vcpus=int(data.get("vcpus", 1)),
-        memory_mib=int(data.get("memory_mib", 512)),
-        disks=tuple(
-            DiskSpec(str(d["name"]), str(d.get("base_image", "")), int(d.get("size_mib", 0)))
-            for d in data.get("disks", ())
-        ),
-        kernel_boot=(
-            None if kb is None else KernelBoot(str(kb["kernel"]), str(kb.get("initrd", "")), str(kb.get("cmdline", "")))
-        ),
-        network=NetworkSpec(
-            NetworkMode[str(net.get("mode", NetworkMode.LIBVIRT.name))],
-            str(net.get("libvirt_network", "default")),
-        ),
-        shared_folders=tuple(
-            SharedFolder(str(f["host_path"]), str(f["tag"]), bool(f.get("read_only", False)))
-            for f in data.get("shared_folders", ())
-        ),
-        cloud_init=(
-            None
-            if ci is None
-            else CloudInit(
-                Secret(str(ci.get("user_data", ""))),
-                str(ci.get("meta_data", "")),
-                str(ci.get("network_config", "")),
-            )
-        ),
-        labels=tuple((str(k), str(v)) for k, v in data.get("labels", ())),
-    )
+    """Decode what :func:`spec_to_json` (or :func:`vm_to_json`) wrote."""
+    return specjson.spec_from_dict(data)
 
 
 def addresses_to_json(addresses: Sequence[IpAddress]) -> list[JsonDict]:
@@ -164,7 +87,8 @@ def vm_to_json(vm: Vm) -> JsonDict:
         "name": vm.name,
         "host": vm.host,
         "state": vm.state.name,
-        "spec": spec_to_json(vm.spec),
+        # operation results and tombstones are read back by any viewer: secret fields as digests only
+        "spec": specjson.spec_to_dict(vm.spec, secrets="digest"),
         "uuid": vm.uuid,
         "addresses": addresses_to_json(vm.addresses),
         "create_time": _time_to_json(vm.create_time),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hmac
 import logging
 import os
@@ -57,6 +58,7 @@ from clonebox_core.errors import (
     Unauthenticated,
 )
 from clonebox_core.model import (
+    Auth,
     Host,
     HostState,
     HypervisorInfo,
@@ -593,7 +595,11 @@ class Store:
     # ------------------------------------------------------------------ placement
 
     def reserve_vm(
-        self, spec: VmSpec, host: str | None, op: Operation, audit: AuditEvent | None = None
+        self,
+        spec: VmSpec,
+        host: str | None,
+        op: Operation,
+        audit: AuditEvent | Sequence[AuditEvent] | None = None,
     ) -> tuple[Operation, Vm | None]:
         """
         Place ``spec`` and record the VM (PENDING, resources reserved) and ``op``, atomically.
@@ -845,6 +851,22 @@ class Store:
         row.revision = self._next_revision(session)
         session.flush()
         return True
+
+    def update_vm_auth(self, name: str, auth: Auth, audit: Sequence[AuditEvent]) -> Vm:
+        """Replace a VM's recorded login (after a rotation), with its audit events in the same transaction."""
+
+        def tx(session: Session) -> Vm:
+            self._lock_revision(session)
+            row = self._vm_row(session, name, lock=True)
+            spec = dataclasses.replace(codec.spec_from_json(row.spec), auth=auth)
+            row.spec = codec.spec_to_json(spec)
+            row.update_time = self._now()
+            row.revision = self._next_revision(session)
+            session.flush()
+            self._audit(session, audit)
+            return self._vm_model(row)
+
+        return self._run(tx, write=True)
 
     def release_vm(self, name: str) -> None:
         """Delete a VM's record, freeing its reservation; watchers see a tombstone. NotFound VM_NOT_FOUND."""

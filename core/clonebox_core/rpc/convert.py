@@ -57,8 +57,32 @@ _NETWORK_MODE_TO_PROTO = {
 }
 
 
-def spec_to_proto(s: model.VmSpec) -> vm_pb2.VmSpec:
-    """VmSpec -> proto."""
+_SHARE_DRIVER_TO_PROTO = {
+    model.ShareDriver.NINE_P: vm_pb2.SHARE_DRIVER_9P,
+    model.ShareDriver.VIRTIOFS: vm_pb2.SHARE_DRIVER_VIRTIOFS,
+}
+_AUTH_METHOD_TO_PROTO = {
+    model.AuthMethod.SSH_KEY: vm_pb2.AUTH_METHOD_SSH_KEY,
+    model.AuthMethod.PASSWORD: vm_pb2.AUTH_METHOD_PASSWORD,
+    model.AuthMethod.BOTH: vm_pb2.AUTH_METHOD_BOTH,
+    model.AuthMethod.ONE_TIME_PASSWORD: vm_pb2.AUTH_METHOD_ONE_TIME_PASSWORD,
+}
+_AUTH_METHOD_FROM_PROTO = {v: k for k, v in _AUTH_METHOD_TO_PROTO.items()}
+#: what replaces a secret field in a spec that is only shown (GetVm, ListVms, WatchVms)
+REDACTED = "<redacted>"
+
+
+def _shown(value: Secret, redact: bool) -> str:
+    return REDACTED if redact and value else value.reveal()
+
+
+def spec_to_proto(s: model.VmSpec, *, redact: bool = False) -> vm_pb2.VmSpec:
+    """
+    VmSpec -> proto.
+
+    ``redact`` masks user-data and the password hash: a spec sent back to readers (``Vm.spec``) never
+    carries them; only the create request that needs them does.
+    """
     out = vm_pb2.VmSpec(
         name=s.name,
         vcpus=s.vcpus,
@@ -69,10 +93,40 @@ def spec_to_proto(s: model.VmSpec) -> vm_pb2.VmSpec:
             libvirt_network=s.network.libvirt_network,
         ),
         shared_folders=[
-            vm_pb2.SharedFolder(host_path=f.host_path, tag=f.tag, read_only=f.read_only) for f in s.shared_folders
+            vm_pb2.SharedFolder(
+                host_path=f.host_path,
+                tag=f.tag,
+                read_only=f.read_only,
+                mount=f.mount,
+                driver=_SHARE_DRIVER_TO_PROTO[f.driver],
+            )
+            for f in s.shared_folders
         ],
         labels=dict(s.labels),
     )
+    if s.auth is not None:
+        a = s.auth
+        out.auth.CopyFrom(
+            vm_pb2.Auth(
+                user=a.user,
+                method=_AUTH_METHOD_TO_PROTO[a.method],
+                ssh_keys=a.ssh_keys,
+                password=a.password,
+                ssh_authorized_keys=a.ssh_authorized_keys,
+                password_hash=_shown(a.password_hash, redact),
+                secret_refs=a.secret_refs,
+            )
+        )
+    if s.provision is not None:
+        p = s.provision
+        out.provision.CopyFrom(
+            vm_pb2.Provision(
+                packages=p.packages,
+                snap_packages=p.snap_packages,
+                services=p.services,
+                post_commands=p.post_commands,
+            )
+        )
     if s.kernel_boot is not None:
         out.kernel_boot.CopyFrom(
             vm_pb2.KernelBoot(kernel=s.kernel_boot.kernel, initrd=s.kernel_boot.initrd, cmdline=s.kernel_boot.cmdline)
@@ -80,9 +134,10 @@ def spec_to_proto(s: model.VmSpec) -> vm_pb2.VmSpec:
     if s.cloud_init is not None:
         out.cloud_init.CopyFrom(
             vm_pb2.CloudInit(
-                user_data=s.cloud_init.user_data.reveal(),
+                user_data=_shown(s.cloud_init.user_data, redact),
                 meta_data=s.cloud_init.meta_data,
                 network_config=s.cloud_init.network_config,
+                detach_seed_after_boot=s.cloud_init.detach_seed_after_boot,
             )
         )
     return out
@@ -102,13 +157,50 @@ def spec_from_proto(m: vm_pb2.VmSpec) -> model.VmSpec:
             else None
         ),
         network=model.NetworkSpec(mode, m.network.libvirt_network or "default"),
-        shared_folders=tuple(model.SharedFolder(f.host_path, f.tag, f.read_only) for f in m.shared_folders),
+        shared_folders=tuple(
+            model.SharedFolder(
+                f.host_path,
+                f.tag,
+                f.read_only,
+                f.mount,
+                model.ShareDriver.VIRTIOFS if f.driver == vm_pb2.SHARE_DRIVER_VIRTIOFS else model.ShareDriver.NINE_P,
+            )
+            for f in m.shared_folders
+        ),
         cloud_init=(
-            model.CloudInit(Secret(m.cloud_init.user_data), m.cloud_init.meta_data, m.cloud_init.network_config)
+            model.CloudInit(
+                Secret(m.cloud_init.user_data),
+                m.cloud_init.meta_data,
+                m.cloud_init.network_config,
+                m.cloud_init.detach_seed_after_boot,
+            )
             if m.HasField("cloud_init")
             else None
         ),
         labels=tuple(sorted(m.labels.items())),
+        auth=(
+            model.Auth(
+                user=m.auth.user or "clonebox",
+                method=_AUTH_METHOD_FROM_PROTO.get(m.auth.method, model.AuthMethod.SSH_KEY),
+                ssh_keys=tuple(m.auth.ssh_keys),
+                password=m.auth.password,
+                ssh_authorized_keys=tuple(m.auth.ssh_authorized_keys),
+                password_hash=Secret(m.auth.password_hash),
+                secret_refs=tuple(m.auth.secret_refs),
+            )
+            if m.HasField("auth")
+            else None
+        ),
+        provision=(
+            model.Provision(
+                tuple(m.provision.packages),
+                tuple(m.provision.snap_packages),
+                tuple(m.provision.services),
+                tuple(m.provision.post_commands),
+            )
+            if m.HasField("provision")
+            else None
+        ),
     )
 
 
@@ -118,7 +210,7 @@ def vm_to_proto(v: model.Vm) -> vm_pb2.Vm:
         name=v.name,
         host=v.host,
         state=v.state.value,  # type: ignore[arg-type]  # the enums share numbers by construction
-        spec=spec_to_proto(v.spec),
+        spec=spec_to_proto(v.spec, redact=True),
         addresses=[
             vm_pb2.IpAddress(interface=a.interface, address=a.address, prefix=a.prefix, source=a.source)
             for a in v.addresses

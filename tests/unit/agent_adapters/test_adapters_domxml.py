@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import xml.etree.ElementTree as ET
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clonebox_agent.adapters.libvirt import domxml
+from clonebox_core import specjson
 from clonebox_core.model import (
     CloudInit,
     DiskSpec,
@@ -113,10 +115,18 @@ def test_domain_type_from_config(domain_type: str) -> None:
     assert ET.fromstring(domxml.domain_xml(_config(domain_type=domain_type))).get("type") == domain_type
 
 
-def test_metadata_round_trips_the_full_spec() -> None:
-    meta = domxml.parse_owner(domxml.domain_xml(_config()))
+def test_metadata_keeps_the_spec_with_secret_fields_as_digests() -> None:
+    text = domxml.domain_xml(_config())
+    meta = domxml.parse_owner(text)
     assert meta is not None
-    assert meta.spec == SPEC
+    assert SPEC.cloud_init is not None and SPEC.cloud_init.user_data
+    # anyone with read-only libvirt access reads the XML: the user-data is there only as its digest
+    assert SPEC.cloud_init.user_data.reveal() not in text
+    assert meta.spec != SPEC
+    assert meta.spec.cloud_init is not None
+    assert meta.spec.cloud_init.user_data.reveal() == specjson.secret_digest(SPEC.cloud_init.user_data)
+    assert specjson.matches_at_rest(meta.spec, SPEC)
+    assert not specjson.matches_at_rest(meta.spec, dataclasses.replace(SPEC, vcpus=SPEC.vcpus + 1))
     assert (meta.agent, meta.vm) == ("agent-a", "web-1")
     assert meta.created == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -126,7 +136,7 @@ def test_metadata_element_as_libvirt_returns_it() -> None:
     element = ET.tostring(domxml.owner_element(_config().owner), encoding="unicode")
     bare = element.replace(f' xmlns:cb="{domxml.NAMESPACE}"', "").replace("<cb:", "<").replace("</cb:", "</")
     meta = domxml.parse_owner(bare)
-    assert meta is not None and meta.spec == SPEC
+    assert meta is not None and specjson.matches_at_rest(meta.spec, SPEC)
 
 
 def test_domain_without_our_metadata_is_not_ours() -> None:
@@ -135,8 +145,9 @@ def test_domain_without_our_metadata_is_not_ours() -> None:
 
 
 def test_spec_json_round_trip_minimal_and_full() -> None:
-    for spec in (VmSpec(name="a"), SPEC):
-        assert domxml.spec_from_json(domxml.spec_to_json(spec)) == spec
+    assert domxml.spec_from_json(domxml.spec_to_json(VmSpec(name="a"))) == VmSpec(name="a")
+    # a spec with secret fields comes back with digests in their place
+    assert specjson.matches_at_rest(domxml.spec_from_json(domxml.spec_to_json(SPEC)), SPEC)
     with pytest.raises(ValueError, match="version"):
         domxml.spec_from_json('{"version": 99, "spec": {}}')
 

@@ -58,7 +58,7 @@ def test_each_class_raised_by_a_command_exits_with_its_code(
     def boom(*_: Any, **__: Any) -> None:
         raise cls("it went\nwrong", reason="TEST")
 
-    monkeypatch.setattr("clonebox_cli.vm._load_spec", boom)
+    monkeypatch.setattr("clonebox_cli.specinput.load_for_create", boom)
     result = runner.invoke(app, ["vm", "validate", "-f", "x.yaml"])
     assert result.exit_code == code
     assert result.stderr == "error: it went wrong\n"
@@ -69,7 +69,7 @@ def test_an_unexpected_exception_is_one_line_and_exit_12(monkeypatch: pytest.Mon
     def boom(*_: Any, **__: Any) -> None:
         raise RuntimeError("kaput")
 
-    monkeypatch.setattr("clonebox_cli.vm._load_spec", boom)
+    monkeypatch.setattr("clonebox_cli.specinput.load_for_create", boom)
     result = runner.invoke(app, ["vm", "validate", "-f", "x.yaml"])
     assert result.exit_code == 12
     assert result.stderr.strip() == (
@@ -82,7 +82,7 @@ def test_clonebox_debug_shows_the_traceback(monkeypatch: pytest.MonkeyPatch, run
     def boom(*_: Any, **__: Any) -> None:
         raise RuntimeError("kaput")
 
-    monkeypatch.setattr("clonebox_cli.vm._load_spec", boom)
+    monkeypatch.setattr("clonebox_cli.specinput.load_for_create", boom)
     monkeypatch.setenv("CLONEBOX_DEBUG", "1")
     result = runner.invoke(app, ["vm", "validate", "-f", "x.yaml"])
     assert result.exit_code == 12 and "Traceback" in result.stderr

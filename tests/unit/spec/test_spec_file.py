@@ -272,9 +272,9 @@ def test_several_problems_report_the_first_in_file_order() -> None:
 
 
 def test_version_is_required_and_checked_first() -> None:
-    assert spec_error("name: x\nbogus: 1\n").message == "tiny.yaml:1: version: required but missing: add 'version: 1'"
-    err = spec_error("name: x\nversion: 2\nbogus: 1\n")
-    assert err.message == "tiny.yaml:2: version: 2 is not supported: this clonebox reads version 1"
+    assert spec_error("name: x\nbogus: 1\n").message == "tiny.yaml:1: version: required but missing: add 'version: 2'"
+    err = spec_error("name: x\nversion: 3\nbogus: 1\n")
+    assert err.message == "tiny.yaml:2: version: 3 is not supported: this clonebox reads versions 1 and 2"
     assert "is not supported" in spec_error("version: '1'\nname: x\n").message
     assert "is not supported" in spec_error("version: true\nname: x\n").message
 
@@ -317,7 +317,8 @@ def test_document_shape_errors() -> None:
 
 def test_a_legacy_project_file_is_recognised() -> None:
     err = spec_error("version: '1'\nvm:\n  name: clone\n  ram_mb: 4096\n")
-    assert err.message.startswith("tiny.yaml:2: this looks like a CloneBox project file")
+    assert err.message.startswith("tiny.yaml:2: this looks like a CloneBox v1 project file")
+    assert "clonebox config migrate" in err.message
 
 
 def test_alias_bombs_stop_early() -> None:

@@ -3,33 +3,24 @@ Domain XML built from typed models with ElementTree, and the ownership metadata 
 
 Nothing here formats user input into XML text: every value goes through ElementTree, which escapes it.
 The ``<metadata>`` element ``cb:owner`` marks a domain as ours (``agent`` attribute) and records the
-VmSpec as JSON, so ``get``/``list`` return exactly the spec the VM was created from.
+VmSpec as JSON, so ``get``/``list`` return the spec the VM was created from (secret fields as digests).
 """
 
 from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-from clonebox_core.model import (
-    CloudInit,
-    DiskSpec,
-    KernelBoot,
-    NetworkMode,
-    NetworkSpec,
-    SharedFolder,
-    VmSpec,
-)
-from clonebox_core.secret import Secret
+from clonebox_core import specjson
+from clonebox_core.model import VmSpec
 
 #: XML namespace of CloneBox's domain metadata
 NAMESPACE = "https://clonebox.dev/xmlns/agent/1"
 NS_PREFIX = "cb"
-#: version of the JSON document in ``cb:spec``
-SPEC_VERSION = 1
+#: version of the JSON document in ``cb:spec`` (2: secret fields as digests, auth and provision)
+SPEC_VERSION = 2
 
 ET.register_namespace(NS_PREFIX, NAMESPACE)
 
@@ -46,11 +37,12 @@ class Disk:
 
 @dataclass(frozen=True)
 class Filesystem:
-    """A virtio-9p share."""
+    """A shared host folder: virtio-9p, or virtiofs (``virtiofs``)."""
 
     source: str
     tag: str
     read_only: bool = False
+    virtiofs: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,38 +78,23 @@ class DomainConfig:
 
 
 def spec_to_json(spec: VmSpec) -> str:
-    """Stable JSON of a spec (enums by name)."""
-    data = asdict(spec)
-    data["network"]["mode"] = spec.network.mode.name
-    if spec.cloud_init is not None:
-        # the domain's metadata keeps the spec it was created from (as before): reveal only here
-        data["cloud_init"]["user_data"] = spec.cloud_init.user_data.reveal()
+    """
+    Stable JSON of a spec for the domain's metadata.
+
+    Anyone with read-only libvirt access can read
+    it, so secret fields (user-data, the password hash) are written as digests, never as values.
+    """
+    data = specjson.spec_to_dict(spec, secrets="digest")
     return json.dumps({"version": SPEC_VERSION, "spec": data}, sort_keys=True, separators=(",", ":"))
 
 
 def spec_from_json(text: str) -> VmSpec:
-    """Inverse of ``spec_to_json``."""
+    """Inverse of ``spec_to_json`` (secret fields come back as their digests)."""
     doc = json.loads(text)
-    if doc.get("version") != SPEC_VERSION:
+    # version 1 (before secret fields became digests) has the same shape: domains made then still load
+    if doc.get("version") not in (1, SPEC_VERSION):
         raise ValueError(f"unknown spec document version {doc.get('version')!r}")
-    d: dict[str, Any] = doc["spec"]
-    kb = d.get("kernel_boot")
-    ci = d.get("cloud_init")
-    net = d.get("network") or {}
-    return VmSpec(
-        name=d["name"],
-        vcpus=d["vcpus"],
-        memory_mib=d["memory_mib"],
-        disks=tuple(DiskSpec(**x) for x in d.get("disks", ())),
-        kernel_boot=KernelBoot(**kb) if kb is not None else None,
-        network=NetworkSpec(
-            mode=NetworkMode[net.get("mode", "LIBVIRT")],
-            libvirt_network=net.get("libvirt_network", "default"),
-        ),
-        shared_folders=tuple(SharedFolder(**x) for x in d.get("shared_folders", ())),
-        cloud_init=CloudInit(**{**ci, "user_data": Secret(ci.get("user_data", ""))}) if ci is not None else None,
-        labels=tuple((k, v) for k, v in d.get("labels", ())),
-    )
+    return specjson.spec_from_dict(doc["spec"])
 
 
 # ---- building --------------------------------------------------------------------------------
@@ -148,6 +125,11 @@ def build_domain(cfg: DomainConfig) -> ET.Element:
     _sub(dom, "metadata").append(owner_element(cfg.owner))
     _sub(dom, "memory", str(cfg.memory_mib), unit="MiB")
     _sub(dom, "currentMemory", str(cfg.memory_mib), unit="MiB")
+    if any(fs.virtiofs for fs in cfg.filesystems):
+        # virtiofsd maps guest memory: it must be shared, file-backed memory
+        backing = _sub(dom, "memoryBacking")
+        _sub(backing, "source", type="memfd")
+        _sub(backing, "access", mode="shared")
     _sub(dom, "vcpu", str(cfg.vcpus), placement="static")
 
     os_el = _sub(dom, "os")
@@ -177,11 +159,16 @@ def build_domain(cfg: DomainConfig) -> ET.Element:
         _sub(iface, "source", network=cfg.network)
         _sub(iface, "model", type="virtio")
     for fs in cfg.filesystems:
-        # 'mapped' keeps guest-side ownership in xattrs, so QEMU never needs root on the host
-        el = _sub(devices, "filesystem", type="mount", accessmode="mapped")
+        if fs.virtiofs:
+            # virtiofsd runs per share; libvirt 9.0 has no read-only virtiofs, so the spec check refuses that
+            el = _sub(devices, "filesystem", type="mount", accessmode="passthrough")
+            _sub(el, "driver", type="virtiofs")
+        else:
+            # 'mapped' keeps guest-side ownership in xattrs, so QEMU never needs root on the host
+            el = _sub(devices, "filesystem", type="mount", accessmode="mapped")
         _sub(el, "source", dir=fs.source)
         _sub(el, "target", dir=fs.tag)
-        if fs.read_only:
+        if fs.read_only and not fs.virtiofs:
             _sub(el, "readonly")
     serial = _sub(devices, "serial", type="pty")
     if cfg.console_log is not None:
@@ -196,6 +183,17 @@ def build_domain(cfg: DomainConfig) -> ET.Element:
     rng = _sub(devices, "rng", model="virtio")
     _sub(rng, "backend", "/dev/urandom", model="random")
     return dom
+
+
+def cdrom_xml(path: str | None, target: str) -> str:
+    """A cdrom device as ``_disk`` writes it; ``path`` None: the drive without a medium (an eject)."""
+    el = ET.Element("disk", {"type": "file", "device": "cdrom"})
+    _sub(el, "driver", name="qemu", type="raw")
+    if path is not None:
+        _sub(el, "source", file=path)
+    _sub(el, "target", dev=target, bus="ide")
+    _sub(el, "readonly")
+    return ET.tostring(el, encoding="unicode")
 
 
 def _disk(devices: ET.Element, disk: Disk) -> None:

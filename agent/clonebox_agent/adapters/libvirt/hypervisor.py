@@ -20,17 +20,20 @@ create half way: the worker finishes or rolls back on its own.
 from __future__ import annotations
 
 import asyncio
+import base64
 import builtins
 import contextlib
 import contextvars
 import functools
 import hashlib
 import ipaddress
+import json
 import logging
 import os
 import shutil
 import socket
 import threading
+import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -41,6 +44,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import libvirt
+import libvirt_qemu
 
 from clonebox_agent.adapters import common
 from clonebox_agent.adapters.common import (
@@ -53,7 +57,7 @@ from clonebox_agent.adapters.common import (
 )
 from clonebox_agent.adapters.images import ResolvedSpec, image_info, resolve_spec
 from clonebox_agent.adapters.libvirt import domxml
-from clonebox_agent.adapters.libvirt.connection import Connection, ensure_event_loop
+from clonebox_agent.adapters.libvirt.connection import Connection, ensure_event_loop, traced_call
 from clonebox_agent.adapters.libvirt.errors import (
     is_code,
     is_connection_error,
@@ -63,9 +67,24 @@ from clonebox_agent.adapters.libvirt.errors import (
 )
 from clonebox_agent.adapters.libvirt.events import lifecycle, vm_state
 from clonebox_agent.adapters.libvirt.kvmprobe import choose_domain_type
-from clonebox_agent.adapters.seediso import build_seed_iso
-from clonebox_agent.ports import Capability, DomainRecord, EventKind, EventSink, HypervisorEvent, StepLog
-from clonebox_core.errors import AlreadyExists, CloneboxError, FailedPrecondition, NotFound, Unavailable
+from clonebox_agent.adapters.seediso import build_seed_iso, seed_cloud_init
+from clonebox_agent.ports import (
+    Capability,
+    DomainRecord,
+    EventKind,
+    EventSink,
+    GuestExecResult,
+    HypervisorEvent,
+    StepLog,
+)
+from clonebox_core.errors import (
+    AlreadyExists,
+    CloneboxError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    NotFound,
+    Unavailable,
+)
 from clonebox_core.model import (
     CreatePlan,
     HostInfo,
@@ -73,6 +92,7 @@ from clonebox_core.model import (
     IpAddress,
     NetworkMode,
     Resources,
+    ShareDriver,
     VmSpec,
 )
 
@@ -89,6 +109,10 @@ _UNDEFINE_FLAGS = (
     | getattr(libvirt, "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA", 0)
 )
 _SEED_TARGET = "hdc"
+
+
+class _GuestFileMissing(Exception):
+    """guest-file-open said the file does not exist."""
 
 
 def capabilities_for(uri: str) -> frozenset[Capability]:
@@ -111,6 +135,8 @@ class LibvirtHypervisor:
     ``uri``: ``qemu:///system`` in production, ``test:///default`` for fast tests.
     ``storage_dir``: where pool volumes and per-VM folders live (created when missing).
     ``image_dirs``: the only folders base images, kernels and initrds may come from.
+    ``shared_roots``: the only folders shared folders may lie in (None: anywhere; the agent passes its
+    configured list, empty by default, so a daemon shares nothing until the operator says where).
     ``domain_type``: ``auto`` (KVM only when a probe guest runs under it), ``kvm`` or ``qemu`` (TCG).
     ``name_prefix``: prepended to VM names to form libvirt domain names (keeps ours apart in virsh).
     ``owner``: recorded in each domain's metadata; only domains with this owner are listed, so several
@@ -126,6 +152,7 @@ class LibvirtHypervisor:
         storage_dir: str | os.PathLike[str],
         image_dirs: Sequence[str | os.PathLike[str]],
         *,
+        shared_roots: Sequence[str | os.PathLike[str]] | None = None,
         domain_type: str = "auto",
         name_prefix: str = "cb-",
         owner: str = "clonebox",
@@ -143,6 +170,7 @@ class LibvirtHypervisor:
         self.uri = uri
         self.storage_dir = os.path.abspath(storage_dir)
         self.image_dirs = tuple(os.path.abspath(d) for d in image_dirs)
+        self.shared_roots = None if shared_roots is None else tuple(os.path.abspath(d) for d in shared_roots)
         self.name_prefix = name_prefix
         self.owner = owner
         self.pool_name = pool_name or "clonebox-" + _slug(self.storage_dir)
@@ -213,10 +241,12 @@ class LibvirtHypervisor:
         """Capacity (host CPUs and memory, pool size) and hypervisor details; never raises when down."""
         return await self._run(self._host_info_sync)
 
-    async def create(self, spec: VmSpec, *, start: bool, steps: StepLog | None = None) -> DomainRecord:
+    async def create(
+        self, spec: VmSpec, *, start: bool, steps: StepLog | None = None, ssh_public_key: str = ""
+    ) -> DomainRecord:
         """Make folder, disks, seed ISO and domain, start it when asked; every step logged; all or nothing."""
         await self._checkpoint("create")
-        return await self._run(self._create_sync, spec, start, steps or common.MemoryStepLog())
+        return await self._run(self._create_sync, spec, start, steps or common.MemoryStepLog(), ssh_public_key)
 
     async def undo_step(self, undo: Mapping[str, str], identity: Mapping[str, str] | None) -> str:
         """See ``Hypervisor.undo_step``."""
@@ -261,6 +291,23 @@ class LibvirtHypervisor:
         """Addresses from qemu-ga, else DHCP leases; loopback skipped; empty when unknown."""
         await self._checkpoint("addresses")
         return await self._run(self._addresses_sync, name)
+
+    async def guest_exec(
+        self, name: str, argv: Sequence[str], *, stdin: bytes = b"", timeout: float = 30.0
+    ) -> GuestExecResult:
+        """See ``Hypervisor.guest_exec`` (guest-exec, then guest-exec-status until it exits)."""
+        await self._checkpoint("guest_exec")
+        return await self._run(self._guest_exec_sync, name, tuple(argv), stdin, timeout)
+
+    async def guest_file_exists(self, name: str, path: str) -> bool:
+        """See ``Hypervisor.guest_file_exists``."""
+        await self._checkpoint("guest_file_exists")
+        return await self._run(self._guest_file_exists_sync, name, path)
+
+    async def detach_seed(self, name: str) -> builtins.list[str]:
+        """See ``Hypervisor.detach_seed``."""
+        await self._checkpoint("detach_seed")
+        return await self._run(self._detach_seed_sync, name)
 
     # ---- beyond the port -----------------------------------------------------------------------
 
@@ -377,6 +424,8 @@ class LibvirtHypervisor:
             )
         if not pool.isActive():
             pool.create(0)
+        if Capability.HOST_FILES in self._caps:
+            common.restrict_to_qemu(path)
         # the test driver keeps no autostart state
         with contextlib.suppress(libvirt.libvirtError):
             pool.setAutostart(1)
@@ -393,12 +442,20 @@ class LibvirtHypervisor:
         # someone stopped or removed it behind our back
         return self._ensure_pool(conn)
 
-    def _volume_xml(self, name: str, capacity: int, fmt: str, backing: tuple[str, str] | None) -> str:
+    def _volume_xml(
+        self, name: str, capacity: int, fmt: str, backing: tuple[str, str] | None, *, private: bool = False
+    ) -> str:
         vol = ET.Element("volume")
         ET.SubElement(vol, "name").text = name
         ET.SubElement(vol, "capacity", {"unit": "bytes"}).text = str(capacity)
         target = ET.SubElement(vol, "target")
         ET.SubElement(target, "format", {"type": fmt})
+        if private:
+            # root-only; libvirt's DAC driver hands it to QEMU's user for as long as the domain runs
+            perms = ET.SubElement(target, "permissions")
+            ET.SubElement(perms, "mode").text = "0600"
+            ET.SubElement(perms, "owner").text = "0"
+            ET.SubElement(perms, "group").text = "0"
         if backing is not None:
             store = ET.SubElement(vol, "backingStore")
             ET.SubElement(store, "path").text = backing[0]
@@ -439,7 +496,7 @@ class LibvirtHypervisor:
 
     def _make_seed(self, conn: Any, pool: Any, domain: str, vm: str, data: bytes) -> Any:
         name = common.seed_volume_name(domain)
-        xml = self._volume_xml(name, len(data), "raw", None)
+        xml = self._volume_xml(name, len(data), "raw", None, private=True)
         vol = self._create_volume(pool, name, xml, vm, "create seed ISO of")
         try:
             if Capability.VOLUME_STREAMS in self._caps:
@@ -473,8 +530,8 @@ class LibvirtHypervisor:
 
     # ---- create --------------------------------------------------------------------------------
 
-    def _create_sync(self, spec: VmSpec, start: bool, log: StepLog) -> DomainRecord:
-        resolved = resolve_spec(spec, self.image_dirs)
+    def _create_sync(self, spec: VmSpec, start: bool, log: StepLog, ssh_public_key: str = "") -> DomainRecord:
+        resolved = resolve_spec(spec, self.image_dirs, self.shared_roots)
         self._step("create:validated")
         with self._creating_lock:
             if spec.name in self._creating:
@@ -485,12 +542,12 @@ class LibvirtHypervisor:
                 )
             self._creating.add(spec.name)
         try:
-            return self._create_claimed(resolved, start, log)
+            return self._create_claimed(resolved, start, log, ssh_public_key)
         finally:
             with self._creating_lock:
                 self._creating.discard(spec.name)
 
-    def _create_claimed(self, resolved: ResolvedSpec, start: bool, log: StepLog) -> DomainRecord:
+    def _create_claimed(self, resolved: ResolvedSpec, start: bool, log: StepLog, ssh_public_key: str) -> DomainRecord:
         spec = resolved.spec
         domain = self.domain_name(spec.name)
         conn = self._conn.get()
@@ -508,14 +565,16 @@ class LibvirtHypervisor:
         # known before libvirt can report its first event
         self._owned.add(domain)
         try:
-            return self._create_steps(conn, resolved, domain, start, log)
+            return self._create_steps(conn, resolved, domain, start, log, ssh_public_key)
         except BaseException as exc:
             common.roll_back(log, self._undo_sync, spec.name)
             if isinstance(exc, libvirt.libvirtError):
                 raise self._error(exc, spec.name, "create") from None
             raise
 
-    def _create_steps(self, conn: Any, resolved: ResolvedSpec, domain: str, start: bool, log: StepLog) -> DomainRecord:
+    def _create_steps(
+        self, conn: Any, resolved: ResolvedSpec, domain: str, start: bool, log: StepLog, ssh_public_key: str
+    ) -> DomainRecord:
         spec = resolved.spec
         vm = spec.name
         host_files = Capability.HOST_FILES in self._caps
@@ -551,8 +610,9 @@ class LibvirtHypervisor:
         self._step("create:disks")
 
         vm_uuid = str(uuidlib.uuid4())
-        if spec.cloud_init is not None:
-            data = build_seed_iso(spec.cloud_init, instance_id=f"iid-{vm_uuid}", hostname=vm)
+        if spec.has_seed:
+            seed = seed_cloud_init(spec, ssh_public_key=ssh_public_key)
+            data = build_seed_iso(seed, instance_id=f"iid-{vm_uuid}", hostname=vm)
             n = log.planned("seed", {"kind": "volume", "name": common.seed_volume_name(domain)})
             vol = self._make_seed(conn, pool, domain, vm, data)
             path = str(vol.path())
@@ -610,7 +670,7 @@ class LibvirtHypervisor:
             cmdline=spec.kernel_boot.cmdline if spec.kernel_boot is not None else "",
             network=spec.network.libvirt_network if spec.network.mode == NetworkMode.LIBVIRT else None,
             filesystems=tuple(
-                domxml.Filesystem(src, sf.tag, sf.read_only)
+                domxml.Filesystem(src, sf.tag, sf.read_only, virtiofs=sf.driver is ShareDriver.VIRTIOFS)
                 for src, sf in zip(resolved.shared_folders, spec.shared_folders, strict=True)
             ),
             console_log=console_log,
@@ -622,7 +682,7 @@ class LibvirtHypervisor:
 
     def _plan_sync(self, spec: VmSpec, start: bool) -> CreatePlan:
         # the same resolution and pre-flight as a create; user-data never appears in what is shown
-        resolved = resolve_spec(common.redacted_spec(spec), self.image_dirs)
+        resolved = resolve_spec(common.redacted_spec(spec), self.image_dirs, self.shared_roots)
         domain = self.domain_name(spec.name)
         conn = self._conn.get()
         try:
@@ -650,7 +710,7 @@ class LibvirtHypervisor:
             what = f"qcow2 overlay on {base}" if base else f"blank qcow2 of {disk.size_mib} MiB"
             steps.append(f"disk:{disk.name}: make volume {path} ({what})")
             disks.append(domxml.Disk(path, domxml.virtio_target(i)))
-        if spec.cloud_init is not None:
+        if spec.has_seed:
             path = os.path.join(pool_path, common.seed_volume_name(domain))
             steps.append(f"seed: make the cloud-init NoCloud ISO {path}")
             disks.append(domxml.Disk(path, _SEED_TARGET, format="raw", cdrom=True))
@@ -986,6 +1046,100 @@ class LibvirtHypervisor:
         if pool.isActive():
             pool.destroy()
         pool.undefine()
+
+    # ---- guest agent ---------------------------------------------------------------------------
+
+    def _agent_command(self, dom: Any, vm: str, command: str, arguments: Mapping[str, Any], timeout: int = 10) -> Any:
+        """One qemu-ga command; its ``return`` value. Errors name the VM, never the arguments (stdin)."""
+        raw = getattr(dom, "unwrapped", dom)
+        text = json.dumps({"execute": command, "arguments": dict(arguments)})
+        try:
+            answer = traced_call(
+                "virDomain", raw, "qemuAgentCommand", libvirt_qemu.qemuAgentCommand, raw, text, timeout, 0
+            )
+        except libvirt.libvirtError as exc:
+            if is_connection_error(exc):
+                raise self._error(exc, vm, command) from None
+            message = message_of(exc)
+            if command == "guest-file-open" and ("No such file" in message or "error code 2" in message):
+                raise _GuestFileMissing from None
+            raise FailedPrecondition(
+                f"VM {vm}: the guest agent did not answer {command}: {message}",
+                reason="GUEST_AGENT_UNAVAILABLE",
+                metadata={"vm": vm},
+            ) from None
+        return json.loads(answer).get("return")
+
+    def _running_domain(self, vm: str) -> Any:
+        dom, _meta = self._owned_domain(vm)
+        try:
+            active = dom.isActive()
+        except libvirt.libvirtError as exc:
+            raise self._error(exc, vm, "look up") from None
+        if not active:
+            raise FailedPrecondition(
+                f"VM {vm} is not running: its guest agent cannot be reached", reason="GUEST_AGENT_UNAVAILABLE"
+            )
+        return dom
+
+    def _guest_exec_sync(self, vm: str, argv: tuple[str, ...], stdin: bytes, timeout: float) -> GuestExecResult:
+        if not argv:
+            raise ValueError("guest_exec needs a program")
+        dom = self._running_domain(vm)
+        arguments: dict[str, Any] = {"path": argv[0], "arg": list(argv[1:]), "capture-output": True}
+        if stdin:
+            arguments["input-data"] = base64.b64encode(stdin).decode()
+        pid = self._agent_command(dom, vm, "guest-exec", arguments)["pid"]
+        deadline = time.monotonic() + timeout
+        delay = 0.02
+        while True:
+            status = self._agent_command(dom, vm, "guest-exec-status", {"pid": pid})
+            if status.get("exited"):
+                return GuestExecResult(
+                    int(status.get("exitcode", -int(status.get("signal", 0)) or 0)),
+                    base64.b64decode(status.get("out-data", "")),
+                    base64.b64decode(status.get("err-data", "")),
+                )
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded(
+                    f"VM {vm}: {argv[0]} did not finish within {timeout:g} s",
+                    reason="GUEST_EXEC_TIMEOUT",
+                    metadata={"vm": vm},
+                )
+            # polling qemu-ga is how guest-exec reports an end; back off to a tenth of a second
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    def _guest_file_exists_sync(self, vm: str, path: str) -> bool:
+        dom = self._running_domain(vm)
+        try:
+            handle = self._agent_command(dom, vm, "guest-file-open", {"path": path, "mode": "r"})
+        except _GuestFileMissing:
+            return False
+        self._agent_command(dom, vm, "guest-file-close", {"handle": handle})
+        return True
+
+    def _detach_seed_sync(self, vm: str) -> builtins.list[str]:
+        domain = self.domain_name(vm)
+        dom, _meta = self._owned_domain(vm)
+        conn = self._conn.get()
+        try:
+            vol = self._pool(conn).storageVolLookupByName(common.seed_volume_name(domain))
+            seed = str(vol.path())
+        except libvirt.libvirtError as exc:
+            if is_code(exc, "VIR_ERR_NO_STORAGE_VOL"):
+                return []
+            raise self._error(exc, vm, "look up the seed of") from None
+        try:
+            if dom.isActive() and seed in domxml.disk_sources(dom.XMLDesc(0)):
+                # IDE cdroms cannot be unplugged from a running guest: eject the medium instead
+                dom.updateDeviceFlags(domxml.cdrom_xml(None, _SEED_TARGET), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            if seed in domxml.disk_sources(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)):
+                dom.detachDeviceFlags(domxml.cdrom_xml(seed, _SEED_TARGET), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        except libvirt.libvirtError as exc:
+            raise self._error(exc, vm, "detach the seed of") from None
+        gone = self._delete_volume(vol)
+        return [gone] if gone is not None else []
 
     def _addresses_sync(self, vm: str) -> tuple[IpAddress, ...]:
         dom, _meta = self._owned_domain(vm)

@@ -235,6 +235,130 @@ class GetVmResponse(_message.Message):
 Global___GetVmResponse: _TypeAlias = GetVmResponse  # noqa: Y015
 
 @_typing.final
+class GetSshKeyRequest(_message.Message):
+    """GetSshKeyRequest names the VM whose generated key is wanted."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """VM name."""
+    actor: _builtins.str
+    """Identity (SPIFFE id) of the user the controller asks for; recorded in the audit event."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        actor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSshKeyRequest: _TypeAlias = GetSshKeyRequest  # noqa: Y015
+
+@_typing.final
+class GetSshKeyResponse(_message.Message):
+    """GetSshKeyResponse carries a private key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRIVATE_KEY_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    private_key: _builtins.str
+    """OpenSSH private key (ed25519)."""
+    user: _builtins.str
+    """The guest user the key logs in as."""
+    def __init__(
+        self,
+        *,
+        private_key: _builtins.str = ...,
+        user: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["private_key", b"private_key", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSshKeyResponse: _TypeAlias = GetSshKeyResponse  # noqa: Y015
+
+@_typing.final
+class RotateSecretRequest(_message.Message):
+    """RotateSecretRequest says what to set for the VM's login user."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PASSWORD_HASH_FIELD_NUMBER: _builtins.int
+    EXPIRE_PASSWORD_FIELD_NUMBER: _builtins.int
+    SSH_AUTHORIZED_KEYS_FIELD_NUMBER: _builtins.int
+    REPLACE_KEYS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """VM name."""
+    request_id: _builtins.str
+    """Client request id."""
+    password_hash: _builtins.str
+    """New SHA-512-crypt hash ("$6$..."); empty: the password is left alone."""
+    expire_password: _builtins.bool
+    """Expire the new password (a one-time password: the first login must change it)."""
+    replace_keys: _builtins.bool
+    """Replace the key set (with ssh_authorized_keys; an empty set removes every key)."""
+    @_builtins.property
+    def ssh_authorized_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """New authorized keys (replace the user's authorized_keys); empty with replace_keys false: left alone."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        password_hash: _builtins.str = ...,
+        expire_password: _builtins.bool = ...,
+        ssh_authorized_keys: _abc.Iterable[_builtins.str] | None = ...,
+        replace_keys: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_password", b"expire_password", "name", b"name", "password_hash", b"password_hash", "replace_keys", b"replace_keys", "request_id", b"request_id", "ssh_authorized_keys", b"ssh_authorized_keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateSecretRequest: _TypeAlias = RotateSecretRequest  # noqa: Y015
+
+@_typing.final
+class RotateSecretResponse(_message.Message):
+    """RotateSecretResponse says what was changed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    user: _builtins.str
+    """The guest user that was changed."""
+    @_builtins.property
+    def changed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"password", "keys", or both."""
+
+    def __init__(
+        self,
+        *,
+        user: _builtins.str = ...,
+        changed: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateSecretResponse: _TypeAlias = RotateSecretResponse  # noqa: Y015
+
+@_typing.final
 class ListVmsRequest(_message.Message):
     """ListVmsRequest lists VMs."""
 

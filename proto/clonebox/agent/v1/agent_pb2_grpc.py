@@ -50,6 +50,16 @@ class AgentServiceStub:
                 request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.GetVmRequest.SerializeToString,
                 response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.GetVmResponse.FromString,
                 _registered_method=True)
+        self.GetSshKey = channel.unary_unary(
+                '/clonebox.agent.v1.AgentService/GetSshKey',
+                request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.GetSshKeyRequest.SerializeToString,
+                response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.GetSshKeyResponse.FromString,
+                _registered_method=True)
+        self.RotateSecret = channel.unary_unary(
+                '/clonebox.agent.v1.AgentService/RotateSecret',
+                request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.RotateSecretRequest.SerializeToString,
+                response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.RotateSecretResponse.FromString,
+                _registered_method=True)
         self.ListVms = channel.unary_unary(
                 '/clonebox.agent.v1.AgentService/ListVms',
                 request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ListVmsRequest.SerializeToString,
@@ -107,6 +117,20 @@ class AgentServiceServicer:
 
     def GetVm(self, request, context):
         """GetVm returns one VM.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSshKey(self, request, context):
+        """GetSshKey returns the private SSH key the agent generated for a VM (audited as secret.access).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateSecret(self, request, context):
+        """RotateSecret sets a new password hash and/or SSH key set inside the running guest (qemu-ga).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -178,6 +202,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.GetVm,
                     request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.GetVmRequest.FromString,
                     response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.GetVmResponse.SerializeToString,
+            ),
+            'GetSshKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSshKey,
+                    request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.GetSshKeyRequest.FromString,
+                    response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.GetSshKeyResponse.SerializeToString,
+            ),
+            'RotateSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateSecret,
+                    request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.RotateSecretRequest.FromString,
+                    response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.RotateSecretResponse.SerializeToString,
             ),
             'ListVms': grpc.unary_unary_rpc_method_handler(
                     servicer.ListVms,
@@ -297,6 +331,60 @@ class AgentService:
             '/clonebox.agent.v1.AgentService/GetVm',
             clonebox_dot_agent_dot_v1_dot_agent__pb2.GetVmRequest.SerializeToString,
             clonebox_dot_agent_dot_v1_dot_agent__pb2.GetVmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSshKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clonebox.agent.v1.AgentService/GetSshKey',
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.GetSshKeyRequest.SerializeToString,
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.GetSshKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clonebox.agent.v1.AgentService/RotateSecret',
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.RotateSecretRequest.SerializeToString,
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.RotateSecretResponse.FromString,
             options,
             channel_credentials,
             insecure,

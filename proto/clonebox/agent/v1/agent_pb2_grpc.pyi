@@ -39,6 +39,10 @@ class AgentServiceStub:
     """CreateVm defines and starts a VM; idempotent under request_id and under name+spec."""
     GetVm: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GetVmRequest, _agent_pb2.GetVmResponse]
     """GetVm returns one VM."""
+    GetSshKey: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GetSshKeyRequest, _agent_pb2.GetSshKeyResponse]
+    """GetSshKey returns the private SSH key the agent generated for a VM (audited as secret.access)."""
+    RotateSecret: _grpc.UnaryUnaryMultiCallable[_agent_pb2.RotateSecretRequest, _agent_pb2.RotateSecretResponse]
+    """RotateSecret sets a new password hash and/or SSH key set inside the running guest (qemu-ga)."""
     ListVms: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ListVmsRequest, _agent_pb2.ListVmsResponse]
     """ListVms lists the VMs this agent owns with one bulk call."""
     StartVm: _grpc.UnaryUnaryMultiCallable[_agent_pb2.StartVmRequest, _agent_pb2.StartVmResponse]
@@ -65,6 +69,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """CreateVm defines and starts a VM; idempotent under request_id and under name+spec."""
     GetVm: _aio.UnaryUnaryMultiCallable[_agent_pb2.GetVmRequest, _agent_pb2.GetVmResponse]  # type: ignore[assignment]
     """GetVm returns one VM."""
+    GetSshKey: _aio.UnaryUnaryMultiCallable[_agent_pb2.GetSshKeyRequest, _agent_pb2.GetSshKeyResponse]  # type: ignore[assignment]
+    """GetSshKey returns the private SSH key the agent generated for a VM (audited as secret.access)."""
+    RotateSecret: _aio.UnaryUnaryMultiCallable[_agent_pb2.RotateSecretRequest, _agent_pb2.RotateSecretResponse]  # type: ignore[assignment]
+    """RotateSecret sets a new password hash and/or SSH key set inside the running guest (qemu-ga)."""
     ListVms: _aio.UnaryUnaryMultiCallable[_agent_pb2.ListVmsRequest, _agent_pb2.ListVmsResponse]  # type: ignore[assignment]
     """ListVms lists the VMs this agent owns with one bulk call."""
     StartVm: _aio.UnaryUnaryMultiCallable[_agent_pb2.StartVmRequest, _agent_pb2.StartVmResponse]  # type: ignore[assignment]
@@ -106,6 +114,22 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.GetVmResponse, _abc.Awaitable[_agent_pb2.GetVmResponse]]:
         """GetVm returns one VM."""
+
+    @_abc_1.abstractmethod
+    def GetSshKey(
+        self,
+        request: _agent_pb2.GetSshKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.GetSshKeyResponse, _abc.Awaitable[_agent_pb2.GetSshKeyResponse]]:
+        """GetSshKey returns the private SSH key the agent generated for a VM (audited as secret.access)."""
+
+    @_abc_1.abstractmethod
+    def RotateSecret(
+        self,
+        request: _agent_pb2.RotateSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.RotateSecretResponse, _abc.Awaitable[_agent_pb2.RotateSecretResponse]]:
+        """RotateSecret sets a new password hash and/or SSH key set inside the running guest (qemu-ga)."""
 
     @_abc_1.abstractmethod
     def ListVms(

@@ -26,7 +26,7 @@ from clonebox.type.v1 import operation_pb2 as clonebox_dot_type_dot_v1_dot_opera
 from clonebox.type.v1 import vm_pb2 as clonebox_dot_type_dot_v1_dot_vm__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'clonebox/controller/v1/vm_service.proto\x12\x16\x63lonebox.controller.v1\x1a clonebox/type/v1/operation.proto\x1a\x19\x63lonebox/type/v1/vm.proto\"l\n\x0f\x43reateVmRequest\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.clonebox.type.v1.VmSpec\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\"n\n\x10\x43reateVmResponse\x12.\n\toperation\x18\x01 \x01(\x0b\x32\x1b.clonebox.type.v1.Operation\x12*\n\x04plan\x18\x02 \x01(\x0b\x32\x1c.clonebox.type.v1.CreatePlan\"\x1c\n\x0cGetVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"1\n\rGetVmResponse\x12 \n\x02vm\x18\x01 \x01(\x0b\x32\x14.clonebox.type.v1.Vm\"\xe2\x01\n\x0eListVmsRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.clonebox.type.v1.VmState\x12\x42\n\x06labels\x18\x03 \x03(\x0b\x32\x32.clonebox.controller.v1.ListVmsRequest.LabelsEntry\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\x0fListVmsResponse\x12!\n\x03vms\x18\x01 \x03(\x0b\x32\x14.clonebox.type.v1.Vm\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x0eStartVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"A\n\x0fStartVmResponse\x12.\n\toperation\x18\x01 \x01(\x0b\x32\x1b.clonebox.type.v1.Operation\"Y\n\rStopVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\r\x12\r\n\x05\x66orce\x18\x04 \x01(\x08\"@\n\x0eStopVmResponse\x12.\n\toperation\x18\x01 \x01(\x0b\x32\x1b.clonebox.type.v1.Operation\"3\n\x0f\x44\x65leteVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"B\n\x10\x44\x65leteVmResponse\x12.\n\toperation\x18\x01 \x01(\x0b\x32\x1b.clonebox.type.v1.Operation\")\n\x0fWatchVmsRequest\x12\x16\n\x0e\x61\x66ter_revision\x18\x01 \x01(\x04\"W\n\x10WatchVmsResponse\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12 \n\x02vm\x18\x02 \x01(\x0b\x32\x14.clonebox.type.v1.Vm\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x08\x32\x91\x05\n\tVmService\x12]\n\x08\x43reateVm\x12\'.clonebox.controller.v1.CreateVmRequest\x1a(.clonebox.controller.v1.CreateVmResponse\x12T\n\x05GetVm\x12$.clonebox.controller.v1.GetVmRequest\x1a%.clonebox.controller.v1.GetVmResponse\x12Z\n\x07ListVms\x12&.clonebox.controller.v1.ListVmsRequest\x1a\'.clonebox.controller.v1.ListVmsResponse\x12Z\n\x07StartVm\x12&.clonebox.controller.v1.StartVmRequest\x1a\'.clonebox.controller.v1.StartVmResponse\x12W\n\x06StopVm\x12%.clonebox.controller.v1.StopVmRequest\x1a&.clonebox.controller.v1.StopVmResponse\x12]\n\x08\x44\x65leteVm\x12\'.clonebox.controller.v1.DeleteVmRequest\x1a(.clonebox.controller.v1.DeleteVmResponse\x12_\n\x08WatchVms\x12\'.clonebox.controller.v1.WatchVmsRequest\x1a(.clonebox.controller.v1.WatchVmsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'clonebox/controller/v1/vm_service.proto\x12\x16\x63lonebox.controller.v1\x1a clonebox/type/v1/operation.proto\x1a\x19\x63lonebox/type/v1/vm.proto\"l\n\x0f\x43reateVmRequest\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.clonebox.type.v1.VmSpec\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\"n\n\x10\x43reateVmResponse\x12.\n\toperation\x18\x01 \x01(\x0b\x32\x1b.clonebox.type.v1.Operation\x12*\n\x04plan\x18\x02 \x01(\x0b\x32\x1c.clonebox.type.v1.CreatePlan\"\x1c\n\x0cGetVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xb1\x01\n\x15RotateVmSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rpassword_hash\x18\x03 \x01(\t\x12\x17\n\x0f\x65xpire_password\x18\x04 \x01(\x08\x12\x1b\n\x13ssh_authorized_keys\x18\x05 \x03(\t\x12\x14\n\x0creplace_keys\x18\x06 \x01(\x08\x12\x13\n\x0bsecret_refs\x18\x07 \x03(\t\"E\n\x16RotateVmSecretResponse\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x02 \x03(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\"\"\n\x12GetVmSshKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"F\n\x13GetVmSshKeyResponse\x12\x13\n\x0bprivate_key\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\"1\n\rGetVmResponse\x12 \n\x02vm\x18\x01 \x01(\x0b\x32\x14.clonebox.type.v1.Vm\"\xe2\x01\n\x0eListVmsRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.clonebox.type.v1.VmState\x12\x42\n\x06labels\x18\x03 \x03(\x0b\x32\x32.clonebox.controller.v1.ListVmsRequest.LabelsEntry\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\x0fListVmsResponse\x12!\n\x03vms\x18\x01 \x03(\x0b\x32\x14.clonebox.type.v1.Vm\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x0eStartVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"A\n\x0fStartVmResponse\x12.\n\toperation\x18\x01 \x01(\x0b\x32\x1b.clonebox.type.v1.Operation\"Y\n\rStopVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\r\x12\r\n\x05\x66orce\x18\x04 \x01(\x08\"@\n\x0eStopVmResponse\x12.\n\toperation\x18\x01 \x01(\x0b\x32\x1b.clonebox.type.v1.Operation\"3\n\x0f\x44\x65leteVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"B\n\x10\x44\x65leteVmResponse\x12.\n\toperation\x18\x01 \x01(\x0b\x32\x1b.clonebox.type.v1.Operation\")\n\x0fWatchVmsRequest\x12\x16\n\x0e\x61\x66ter_revision\x18\x01 \x01(\x04\"W\n\x10WatchVmsResponse\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12 \n\x02vm\x18\x02 \x01(\x0b\x32\x14.clonebox.type.v1.Vm\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x08\x32\xea\x06\n\tVmService\x12]\n\x08\x43reateVm\x12\'.clonebox.controller.v1.CreateVmRequest\x1a(.clonebox.controller.v1.CreateVmResponse\x12T\n\x05GetVm\x12$.clonebox.controller.v1.GetVmRequest\x1a%.clonebox.controller.v1.GetVmResponse\x12o\n\x0eRotateVmSecret\x12-.clonebox.controller.v1.RotateVmSecretRequest\x1a..clonebox.controller.v1.RotateVmSecretResponse\x12\x66\n\x0bGetVmSshKey\x12*.clonebox.controller.v1.GetVmSshKeyRequest\x1a+.clonebox.controller.v1.GetVmSshKeyResponse\x12Z\n\x07ListVms\x12&.clonebox.controller.v1.ListVmsRequest\x1a\'.clonebox.controller.v1.ListVmsResponse\x12Z\n\x07StartVm\x12&.clonebox.controller.v1.StartVmRequest\x1a\'.clonebox.controller.v1.StartVmResponse\x12W\n\x06StopVm\x12%.clonebox.controller.v1.StopVmRequest\x1a&.clonebox.controller.v1.StopVmResponse\x12]\n\x08\x44\x65leteVm\x12\'.clonebox.controller.v1.DeleteVmRequest\x1a(.clonebox.controller.v1.DeleteVmResponse\x12_\n\x08WatchVms\x12\'.clonebox.controller.v1.WatchVmsRequest\x1a(.clonebox.controller.v1.WatchVmsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,30 +41,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEVMRESPONSE']._serialized_end=348
   _globals['_GETVMREQUEST']._serialized_start=350
   _globals['_GETVMREQUEST']._serialized_end=378
-  _globals['_GETVMRESPONSE']._serialized_start=380
-  _globals['_GETVMRESPONSE']._serialized_end=429
-  _globals['_LISTVMSREQUEST']._serialized_start=432
-  _globals['_LISTVMSREQUEST']._serialized_end=658
-  _globals['_LISTVMSREQUEST_LABELSENTRY']._serialized_start=613
-  _globals['_LISTVMSREQUEST_LABELSENTRY']._serialized_end=658
-  _globals['_LISTVMSRESPONSE']._serialized_start=660
-  _globals['_LISTVMSRESPONSE']._serialized_end=737
-  _globals['_STARTVMREQUEST']._serialized_start=739
-  _globals['_STARTVMREQUEST']._serialized_end=789
-  _globals['_STARTVMRESPONSE']._serialized_start=791
-  _globals['_STARTVMRESPONSE']._serialized_end=856
-  _globals['_STOPVMREQUEST']._serialized_start=858
-  _globals['_STOPVMREQUEST']._serialized_end=947
-  _globals['_STOPVMRESPONSE']._serialized_start=949
-  _globals['_STOPVMRESPONSE']._serialized_end=1013
-  _globals['_DELETEVMREQUEST']._serialized_start=1015
-  _globals['_DELETEVMREQUEST']._serialized_end=1066
-  _globals['_DELETEVMRESPONSE']._serialized_start=1068
-  _globals['_DELETEVMRESPONSE']._serialized_end=1134
-  _globals['_WATCHVMSREQUEST']._serialized_start=1136
-  _globals['_WATCHVMSREQUEST']._serialized_end=1177
-  _globals['_WATCHVMSRESPONSE']._serialized_start=1179
-  _globals['_WATCHVMSRESPONSE']._serialized_end=1266
-  _globals['_VMSERVICE']._serialized_start=1269
-  _globals['_VMSERVICE']._serialized_end=1926
+  _globals['_ROTATEVMSECRETREQUEST']._serialized_start=381
+  _globals['_ROTATEVMSECRETREQUEST']._serialized_end=558
+  _globals['_ROTATEVMSECRETRESPONSE']._serialized_start=560
+  _globals['_ROTATEVMSECRETRESPONSE']._serialized_end=629
+  _globals['_GETVMSSHKEYREQUEST']._serialized_start=631
+  _globals['_GETVMSSHKEYREQUEST']._serialized_end=665
+  _globals['_GETVMSSHKEYRESPONSE']._serialized_start=667
+  _globals['_GETVMSSHKEYRESPONSE']._serialized_end=737
+  _globals['_GETVMRESPONSE']._serialized_start=739
+  _globals['_GETVMRESPONSE']._serialized_end=788
+  _globals['_LISTVMSREQUEST']._serialized_start=791
+  _globals['_LISTVMSREQUEST']._serialized_end=1017
+  _globals['_LISTVMSREQUEST_LABELSENTRY']._serialized_start=972
+  _globals['_LISTVMSREQUEST_LABELSENTRY']._serialized_end=1017
+  _globals['_LISTVMSRESPONSE']._serialized_start=1019
+  _globals['_LISTVMSRESPONSE']._serialized_end=1096
+  _globals['_STARTVMREQUEST']._serialized_start=1098
+  _globals['_STARTVMREQUEST']._serialized_end=1148
+  _globals['_STARTVMRESPONSE']._serialized_start=1150
+  _globals['_STARTVMRESPONSE']._serialized_end=1215
+  _globals['_STOPVMREQUEST']._serialized_start=1217
+  _globals['_STOPVMREQUEST']._serialized_end=1306
+  _globals['_STOPVMRESPONSE']._serialized_start=1308
+  _globals['_STOPVMRESPONSE']._serialized_end=1372
+  _globals['_DELETEVMREQUEST']._serialized_start=1374
+  _globals['_DELETEVMREQUEST']._serialized_end=1425
+  _globals['_DELETEVMRESPONSE']._serialized_start=1427
+  _globals['_DELETEVMRESPONSE']._serialized_end=1493
+  _globals['_WATCHVMSREQUEST']._serialized_start=1495
+  _globals['_WATCHVMSREQUEST']._serialized_end=1536
+  _globals['_WATCHVMSRESPONSE']._serialized_start=1538
+  _globals['_WATCHVMSRESPONSE']._serialized_end=1625
+  _globals['_VMSERVICE']._serialized_start=1628
+  _globals['_VMSERVICE']._serialized_end=2502
 # @@protoc_insertion_point(module_scope)

@@ -109,6 +109,140 @@ class GetVmRequest(_message.Message):
 Global___GetVmRequest: _TypeAlias = GetVmRequest  # noqa: Y015
 
 @_typing.final
+class RotateVmSecretRequest(_message.Message):
+    """RotateVmSecretRequest carries only public material: the client resolves references and hashes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PASSWORD_HASH_FIELD_NUMBER: _builtins.int
+    EXPIRE_PASSWORD_FIELD_NUMBER: _builtins.int
+    SSH_AUTHORIZED_KEYS_FIELD_NUMBER: _builtins.int
+    REPLACE_KEYS_FIELD_NUMBER: _builtins.int
+    SECRET_REFS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """VM name."""
+    request_id: _builtins.str
+    """Client request id."""
+    password_hash: _builtins.str
+    """New SHA-512-crypt hash; empty leaves the password alone."""
+    expire_password: _builtins.bool
+    """Expire the new password (one-time password)."""
+    replace_keys: _builtins.bool
+    """Replace the key set with ssh_authorized_keys."""
+    @_builtins.property
+    def ssh_authorized_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """New authorized keys; used when replace_keys is set."""
+
+    @_builtins.property
+    def secret_refs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Secret references the client resolved (audited as secret.access; never values)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        password_hash: _builtins.str = ...,
+        expire_password: _builtins.bool = ...,
+        ssh_authorized_keys: _abc.Iterable[_builtins.str] | None = ...,
+        replace_keys: _builtins.bool = ...,
+        secret_refs: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_password", b"expire_password", "name", b"name", "password_hash", b"password_hash", "replace_keys", b"replace_keys", "request_id", b"request_id", "secret_refs", b"secret_refs", "ssh_authorized_keys", b"ssh_authorized_keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateVmSecretRequest: _TypeAlias = RotateVmSecretRequest  # noqa: Y015
+
+@_typing.final
+class RotateVmSecretResponse(_message.Message):
+    """RotateVmSecretResponse says what changed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    user: _builtins.str
+    """The guest user that was changed."""
+    host: _builtins.str
+    """Host the VM lives on."""
+    @_builtins.property
+    def changed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"password", "keys", or both."""
+
+    def __init__(
+        self,
+        *,
+        user: _builtins.str = ...,
+        changed: _abc.Iterable[_builtins.str] | None = ...,
+        host: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "host", b"host", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateVmSecretResponse: _TypeAlias = RotateVmSecretResponse  # noqa: Y015
+
+@_typing.final
+class GetVmSshKeyRequest(_message.Message):
+    """GetVmSshKeyRequest names a VM."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """VM name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetVmSshKeyRequest: _TypeAlias = GetVmSshKeyRequest  # noqa: Y015
+
+@_typing.final
+class GetVmSshKeyResponse(_message.Message):
+    """GetVmSshKeyResponse carries the VM's generated private key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRIVATE_KEY_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    private_key: _builtins.str
+    """OpenSSH private key (ed25519)."""
+    user: _builtins.str
+    """The guest user the key logs in as."""
+    host: _builtins.str
+    """Host the VM lives on."""
+    def __init__(
+        self,
+        *,
+        private_key: _builtins.str = ...,
+        user: _builtins.str = ...,
+        host: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "private_key", b"private_key", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetVmSshKeyResponse: _TypeAlias = GetVmSshKeyResponse  # noqa: Y015
+
+@_typing.final
 class GetVmResponse(_message.Message):
     """GetVmResponse returns a VM."""
 

@@ -45,6 +45,16 @@ class VmServiceStub:
                 request_serializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.GetVmRequest.SerializeToString,
                 response_deserializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.GetVmResponse.FromString,
                 _registered_method=True)
+        self.RotateVmSecret = channel.unary_unary(
+                '/clonebox.controller.v1.VmService/RotateVmSecret',
+                request_serializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.RotateVmSecretRequest.SerializeToString,
+                response_deserializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.RotateVmSecretResponse.FromString,
+                _registered_method=True)
+        self.GetVmSshKey = channel.unary_unary(
+                '/clonebox.controller.v1.VmService/GetVmSshKey',
+                request_serializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.GetVmSshKeyRequest.SerializeToString,
+                response_deserializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.GetVmSshKeyResponse.FromString,
+                _registered_method=True)
         self.ListVms = channel.unary_unary(
                 '/clonebox.controller.v1.VmService/ListVms',
                 request_serializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.ListVmsRequest.SerializeToString,
@@ -85,6 +95,20 @@ class VmServiceServicer:
 
     def GetVm(self, request, context):
         """GetVm returns one VM.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateVmSecret(self, request, context):
+        """RotateVmSecret sets a new password (hash) and/or SSH key set inside the running guest; audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetVmSshKey(self, request, context):
+        """GetVmSshKey returns the private SSH key the VM's agent generated for it (operators; audited).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,6 +161,16 @@ def add_VmServiceServicer_to_server(servicer, server):
                     servicer.GetVm,
                     request_deserializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.GetVmRequest.FromString,
                     response_serializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.GetVmResponse.SerializeToString,
+            ),
+            'RotateVmSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateVmSecret,
+                    request_deserializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.RotateVmSecretRequest.FromString,
+                    response_serializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.RotateVmSecretResponse.SerializeToString,
+            ),
+            'GetVmSshKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVmSshKey,
+                    request_deserializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.GetVmSshKeyRequest.FromString,
+                    response_serializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.GetVmSshKeyResponse.SerializeToString,
             ),
             'ListVms': grpc.unary_unary_rpc_method_handler(
                     servicer.ListVms,
@@ -219,6 +253,60 @@ class VmService:
             '/clonebox.controller.v1.VmService/GetVm',
             clonebox_dot_controller_dot_v1_dot_vm__service__pb2.GetVmRequest.SerializeToString,
             clonebox_dot_controller_dot_v1_dot_vm__service__pb2.GetVmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateVmSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clonebox.controller.v1.VmService/RotateVmSecret',
+            clonebox_dot_controller_dot_v1_dot_vm__service__pb2.RotateVmSecretRequest.SerializeToString,
+            clonebox_dot_controller_dot_v1_dot_vm__service__pb2.RotateVmSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVmSshKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clonebox.controller.v1.VmService/GetVmSshKey',
+            clonebox_dot_controller_dot_v1_dot_vm__service__pb2.GetVmSshKeyRequest.SerializeToString,
+            clonebox_dot_controller_dot_v1_dot_vm__service__pb2.GetVmSshKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

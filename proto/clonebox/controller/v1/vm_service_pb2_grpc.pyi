@@ -37,6 +37,10 @@ class VmServiceStub:
     """CreateVm places a VM on a host with room and creates it there. Returns an operation."""
     GetVm: _grpc.UnaryUnaryMultiCallable[_vm_service_pb2.GetVmRequest, _vm_service_pb2.GetVmResponse]
     """GetVm returns one VM."""
+    RotateVmSecret: _grpc.UnaryUnaryMultiCallable[_vm_service_pb2.RotateVmSecretRequest, _vm_service_pb2.RotateVmSecretResponse]
+    """RotateVmSecret sets a new password (hash) and/or SSH key set inside the running guest; audited."""
+    GetVmSshKey: _grpc.UnaryUnaryMultiCallable[_vm_service_pb2.GetVmSshKeyRequest, _vm_service_pb2.GetVmSshKeyResponse]
+    """GetVmSshKey returns the private SSH key the VM's agent generated for it (operators; audited)."""
     ListVms: _grpc.UnaryUnaryMultiCallable[_vm_service_pb2.ListVmsRequest, _vm_service_pb2.ListVmsResponse]
     """ListVms lists VMs across hosts with filters and pagination."""
     StartVm: _grpc.UnaryUnaryMultiCallable[_vm_service_pb2.StartVmRequest, _vm_service_pb2.StartVmResponse]
@@ -57,6 +61,10 @@ class VmServiceAsyncStub(VmServiceStub):
     """CreateVm places a VM on a host with room and creates it there. Returns an operation."""
     GetVm: _aio.UnaryUnaryMultiCallable[_vm_service_pb2.GetVmRequest, _vm_service_pb2.GetVmResponse]  # type: ignore[assignment]
     """GetVm returns one VM."""
+    RotateVmSecret: _aio.UnaryUnaryMultiCallable[_vm_service_pb2.RotateVmSecretRequest, _vm_service_pb2.RotateVmSecretResponse]  # type: ignore[assignment]
+    """RotateVmSecret sets a new password (hash) and/or SSH key set inside the running guest; audited."""
+    GetVmSshKey: _aio.UnaryUnaryMultiCallable[_vm_service_pb2.GetVmSshKeyRequest, _vm_service_pb2.GetVmSshKeyResponse]  # type: ignore[assignment]
+    """GetVmSshKey returns the private SSH key the VM's agent generated for it (operators; audited)."""
     ListVms: _aio.UnaryUnaryMultiCallable[_vm_service_pb2.ListVmsRequest, _vm_service_pb2.ListVmsResponse]  # type: ignore[assignment]
     """ListVms lists VMs across hosts with filters and pagination."""
     StartVm: _aio.UnaryUnaryMultiCallable[_vm_service_pb2.StartVmRequest, _vm_service_pb2.StartVmResponse]  # type: ignore[assignment]
@@ -86,6 +94,22 @@ class VmServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_vm_service_pb2.GetVmResponse, _abc.Awaitable[_vm_service_pb2.GetVmResponse]]:
         """GetVm returns one VM."""
+
+    @_abc_1.abstractmethod
+    def RotateVmSecret(
+        self,
+        request: _vm_service_pb2.RotateVmSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vm_service_pb2.RotateVmSecretResponse, _abc.Awaitable[_vm_service_pb2.RotateVmSecretResponse]]:
+        """RotateVmSecret sets a new password (hash) and/or SSH key set inside the running guest; audited."""
+
+    @_abc_1.abstractmethod
+    def GetVmSshKey(
+        self,
+        request: _vm_service_pb2.GetVmSshKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vm_service_pb2.GetVmSshKeyResponse, _abc.Awaitable[_vm_service_pb2.GetVmSshKeyResponse]]:
+        """GetVmSshKey returns the private SSH key the VM's agent generated for it (operators; audited)."""
 
     @_abc_1.abstractmethod
     def ListVms(

@@ -20,6 +20,38 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _AuthMethod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AuthMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuthMethod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AUTH_METHOD_UNSPECIFIED: _AuthMethod.ValueType  # 0
+    """Default: SSH keys only."""
+    AUTH_METHOD_SSH_KEY: _AuthMethod.ValueType  # 1
+    """SSH public keys only; SSH password login stays off."""
+    AUTH_METHOD_PASSWORD: _AuthMethod.ValueType  # 2
+    """A password only (SSH password login on)."""
+    AUTH_METHOD_BOTH: _AuthMethod.ValueType  # 3
+    """SSH keys and a password."""
+    AUTH_METHOD_ONE_TIME_PASSWORD: _AuthMethod.ValueType  # 4
+    """A random password shown once to the requester, expired at first login."""
+
+class AuthMethod(_AuthMethod, metaclass=_AuthMethodEnumTypeWrapper):
+    """AuthMethod says how the guest user logs in."""
+
+AUTH_METHOD_UNSPECIFIED: AuthMethod.ValueType  # 0
+"""Default: SSH keys only."""
+AUTH_METHOD_SSH_KEY: AuthMethod.ValueType  # 1
+"""SSH public keys only; SSH password login stays off."""
+AUTH_METHOD_PASSWORD: AuthMethod.ValueType  # 2
+"""A password only (SSH password login on)."""
+AUTH_METHOD_BOTH: AuthMethod.ValueType  # 3
+"""SSH keys and a password."""
+AUTH_METHOD_ONE_TIME_PASSWORD: AuthMethod.ValueType  # 4
+"""A random password shown once to the requester, expired at first login."""
+Global___AuthMethod: _TypeAlias = AuthMethod  # noqa: Y015
+
 class _NetworkMode:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -43,6 +75,30 @@ NETWORK_MODE_LIBVIRT: NetworkMode.ValueType  # 1
 NETWORK_MODE_NONE: NetworkMode.ValueType  # 2
 """No network interface at all."""
 Global___NetworkMode: _TypeAlias = NetworkMode  # noqa: Y015
+
+class _ShareDriver:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ShareDriverEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ShareDriver.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SHARE_DRIVER_UNSPECIFIED: _ShareDriver.ValueType  # 0
+    """Default: virtio-9p."""
+    SHARE_DRIVER_9P: _ShareDriver.ValueType  # 1
+    """virtio-9p (QEMU's built-in server)."""
+    SHARE_DRIVER_VIRTIOFS: _ShareDriver.ValueType  # 2
+    """virtiofs (virtiofsd; needs shared memory backing)."""
+
+class ShareDriver(_ShareDriver, metaclass=_ShareDriverEnumTypeWrapper):
+    """ShareDriver is how a shared folder reaches the guest."""
+
+SHARE_DRIVER_UNSPECIFIED: ShareDriver.ValueType  # 0
+"""Default: virtio-9p."""
+SHARE_DRIVER_9P: ShareDriver.ValueType  # 1
+"""virtio-9p (QEMU's built-in server)."""
+SHARE_DRIVER_VIRTIOFS: ShareDriver.ValueType  # 2
+"""virtiofs (virtiofsd; needs shared memory backing)."""
+Global___ShareDriver: _TypeAlias = ShareDriver  # noqa: Y015
 
 class _VmState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -131,6 +187,8 @@ class VmSpec(_message.Message):
     SHARED_FOLDERS_FIELD_NUMBER: _builtins.int
     CLOUD_INIT_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    AUTH_FIELD_NUMBER: _builtins.int
+    PROVISION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Fleet-unique name; a DNS label (lowercase letters, digits and '-', at most 63 characters)."""
     vcpus: _builtins.int
@@ -161,6 +219,14 @@ class VmSpec(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form labels used for filtering."""
 
+    @_builtins.property
+    def auth(self) -> Global___Auth:
+        """Guest login (spec version 2). When set, the agent renders user-data from auth and provision."""
+
+    @_builtins.property
+    def provision(self) -> Global___Provision:
+        """What cloud-init installs and runs on first boot (spec version 2)."""
+
     def __init__(
         self,
         *,
@@ -173,14 +239,112 @@ class VmSpec(_message.Message):
         shared_folders: _abc.Iterable[Global___SharedFolder] | None = ...,
         cloud_init: Global___CloudInit | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        auth: Global___Auth | None = ...,
+        provision: Global___Provision | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cloud_init", b"cloud_init", "kernel_boot", b"kernel_boot", "network", b"network"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "cloud_init", b"cloud_init", "kernel_boot", b"kernel_boot", "network", b"network", "provision", b"provision"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloud_init", b"cloud_init", "disks", b"disks", "kernel_boot", b"kernel_boot", "labels", b"labels", "memory_mib", b"memory_mib", "name", b"name", "network", b"network", "shared_folders", b"shared_folders", "vcpus", b"vcpus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "cloud_init", b"cloud_init", "disks", b"disks", "kernel_boot", b"kernel_boot", "labels", b"labels", "memory_mib", b"memory_mib", "name", b"name", "network", b"network", "provision", b"provision", "shared_folders", b"shared_folders", "vcpus", b"vcpus"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VmSpec: _TypeAlias = VmSpec  # noqa: Y015
+
+@_typing.final
+class Auth(_message.Message):
+    """Auth is the guest's login user. Requests carry only public keys and a password hash, never a password:
+    the client resolves key sources and secret references on the requester's machine.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    SSH_KEYS_FIELD_NUMBER: _builtins.int
+    PASSWORD_FIELD_NUMBER: _builtins.int
+    SSH_AUTHORIZED_KEYS_FIELD_NUMBER: _builtins.int
+    PASSWORD_HASH_FIELD_NUMBER: _builtins.int
+    SECRET_REFS_FIELD_NUMBER: _builtins.int
+    user: _builtins.str
+    """Guest user name (a POSIX user name)."""
+    method: Global___AuthMethod.ValueType
+    """How the user logs in."""
+    password: _builtins.str
+    """The password's secret reference as the spec file gave it (e.g. "env:VM_PASSWORD"): never a value."""
+    password_hash: _builtins.str
+    """SHA-512-crypt hash ("$6$...") of the password, for the password methods."""
+    @_builtins.property
+    def ssh_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Key sources as the spec file gave them (paths, github:USER, gitlab:USER, inline keys): informational."""
+
+    @_builtins.property
+    def ssh_authorized_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Resolved OpenSSH public key lines. Empty: the agent generates a per-VM ed25519 key pair."""
+
+    @_builtins.property
+    def secret_refs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Secret references the client resolved for this request (audited as secret.access; never values)."""
+
+    def __init__(
+        self,
+        *,
+        user: _builtins.str = ...,
+        method: Global___AuthMethod.ValueType = ...,
+        ssh_keys: _abc.Iterable[_builtins.str] | None = ...,
+        password: _builtins.str = ...,
+        ssh_authorized_keys: _abc.Iterable[_builtins.str] | None = ...,
+        password_hash: _builtins.str = ...,
+        secret_refs: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["method", b"method", "password", b"password", "password_hash", b"password_hash", "secret_refs", b"secret_refs", "ssh_authorized_keys", b"ssh_authorized_keys", "ssh_keys", b"ssh_keys", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Auth: _TypeAlias = Auth  # noqa: Y015
+
+@_typing.final
+class Provision(_message.Message):
+    """Provision lists what cloud-init installs and runs on first boot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PACKAGES_FIELD_NUMBER: _builtins.int
+    SNAP_PACKAGES_FIELD_NUMBER: _builtins.int
+    SERVICES_FIELD_NUMBER: _builtins.int
+    POST_COMMANDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def packages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Distribution packages to install."""
+
+    @_builtins.property
+    def snap_packages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Snap packages to install."""
+
+    @_builtins.property
+    def services(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """systemd services to enable and start."""
+
+    @_builtins.property
+    def post_commands(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Shell commands run once, in order, at the end of first boot."""
+
+    def __init__(
+        self,
+        *,
+        packages: _abc.Iterable[_builtins.str] | None = ...,
+        snap_packages: _abc.Iterable[_builtins.str] | None = ...,
+        services: _abc.Iterable[_builtins.str] | None = ...,
+        post_commands: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["packages", b"packages", "post_commands", b"post_commands", "services", b"services", "snap_packages", b"snap_packages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Provision: _TypeAlias = Provision  # noqa: Y015
 
 @_typing.final
 class DiskSpec(_message.Message):
@@ -277,22 +441,30 @@ class SharedFolder(_message.Message):
     HOST_PATH_FIELD_NUMBER: _builtins.int
     TAG_FIELD_NUMBER: _builtins.int
     READ_ONLY_FIELD_NUMBER: _builtins.int
+    MOUNT_FIELD_NUMBER: _builtins.int
+    DRIVER_FIELD_NUMBER: _builtins.int
     host_path: _builtins.str
     """Absolute host path."""
     tag: _builtins.str
     """Mount tag the guest uses (mount -t 9p TAG ...)."""
     read_only: _builtins.bool
     """Share read-only."""
+    mount: _builtins.str
+    """Absolute guest path where cloud-init mounts the share (empty: not mounted automatically)."""
+    driver: Global___ShareDriver.ValueType
+    """Transport: 9p (default) or virtiofs."""
     def __init__(
         self,
         *,
         host_path: _builtins.str = ...,
         tag: _builtins.str = ...,
         read_only: _builtins.bool = ...,
+        mount: _builtins.str = ...,
+        driver: Global___ShareDriver.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_path", b"host_path", "read_only", b"read_only", "tag", b"tag"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["driver", b"driver", "host_path", b"host_path", "mount", b"mount", "read_only", b"read_only", "tag", b"tag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -307,22 +479,26 @@ class CloudInit(_message.Message):
     USER_DATA_FIELD_NUMBER: _builtins.int
     META_DATA_FIELD_NUMBER: _builtins.int
     NETWORK_CONFIG_FIELD_NUMBER: _builtins.int
+    DETACH_SEED_AFTER_BOOT_FIELD_NUMBER: _builtins.int
     user_data: _builtins.str
     """user-data document (usually starts with "#cloud-config")."""
     meta_data: _builtins.str
     """meta-data document; the agent fills instance-id and local-hostname when empty."""
     network_config: _builtins.str
     """network-config document (optional)."""
+    detach_seed_after_boot: _builtins.bool
+    """Detach and delete the seed once the guest reports cloud-init done (through the guest agent)."""
     def __init__(
         self,
         *,
         user_data: _builtins.str = ...,
         meta_data: _builtins.str = ...,
         network_config: _builtins.str = ...,
+        detach_seed_after_boot: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["meta_data", b"meta_data", "network_config", b"network_config", "user_data", b"user_data"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detach_seed_after_boot", b"detach_seed_after_boot", "meta_data", b"meta_data", "network_config", b"network_config", "user_data", b"user_data"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
