@@ -150,6 +150,47 @@ def _disk(d: model.DiskSpec) -> str:
     return f"{d.name}: {base}" + (f" ({format_size(d.size_mib)})" if d.size_mib else "")
 
 
+def _share(f: model.SharedFolder) -> str:
+    where = f" at {f.mount}" if f.mount else ""
+    driver = " (virtiofs)" if f.driver is model.ShareDriver.VIRTIOFS else ""
+    return f"{f.host_path} -> {f.tag}{where}{driver}" + (" (read-only)" if f.read_only else "")
+
+
+def _login(auth: model.Auth | None) -> str:
+    if auth is None:
+        return "-"
+    method = auth.method.name.lower()
+    if auth.method.uses_keys:
+        keys = f"{len(auth.ssh_authorized_keys)} key(s)" if auth.ssh_authorized_keys else "generated key (vm ssh-key)"
+        method += f", {keys}"
+    if auth.password:
+        method += f", password from {auth.password}"
+    return f"{auth.user} ({method})"
+
+
+def _provision(prov: model.Provision | None) -> str:
+    if prov is None:
+        return "-"
+    parts = [
+        f"{len(items)} {what}"
+        for what, items in (
+            ("packages", prov.packages),
+            ("snaps", prov.snap_packages),
+            ("services", prov.services),
+            ("commands", prov.post_commands),
+        )
+        if items
+    ]
+    return ", ".join(parts) or "-"
+
+
+def _cloud_init(spec: model.VmSpec) -> str:
+    if not spec.has_seed:
+        return "no"
+    detach = spec.cloud_init is not None and spec.cloud_init.detach_seed_after_boot
+    return "seed attached" + (" until cloud-init is done" if detach else "")
+
+
 def vm_details(msg: vm_pb2.Vm) -> Table:
     """Every field of one VM."""
     vm = vm_from_proto(msg)
@@ -175,12 +216,11 @@ def vm_details(msg: vm_pb2.Vm) -> Table:
         ("Network", network),
         (
             "Shared folders",
-            "\n".join(
-                f"{f.host_path} -> {f.tag}" + (" (read-only)" if f.read_only else "") for f in spec.shared_folders
-            )
-            or "-",
+            "\n".join(_share(f) for f in spec.shared_folders) or "-",
         ),
-        ("Cloud-init", "yes" if spec.cloud_init is not None else "no"),
+        ("Login", _login(spec.auth)),
+        ("Provision", _provision(spec.provision)),
+        ("Cloud-init", _cloud_init(spec)),
         ("Labels", _labels(spec.labels)),
         (
             "Addresses",

@@ -37,6 +37,12 @@ for vm in tiny-a tiny-b; do
 done
 clonebox vm list
 
+say "tiny-b is a version-2 spec without a key: the agent generated one (operators only; the read is audited)"
+keyfile=$(mktemp -u /tmp/clonebox-demo-key.XXXXXX)
+clonebox vm ssh-key tiny-b -O "$keyfile"
+ssh-keygen -l -f "$keyfile"
+rm -f "$keyfile"
+
 say "stop both (graceful ACPI / guest-agent shutdown)"
 clonebox vm stop tiny-a --wait
 clonebox vm stop tiny-b --wait
