@@ -11,103 +11,29 @@ process under its own service name, and no health-check spans.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
-from concurrent import futures
-from dataclasses import dataclass, field
-from typing import Any
 
-import grpc
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
+from tests.e2e.otlp import CLIENT, SERVER, Receiver, Span, otlp_env, otlp_receiver
 from tests.realfleet import RealFleet, running_fleet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.libvirt]
 
-SERVER, CLIENT = 2, 3  # opentelemetry.proto.trace.v1.Span.SpanKind
 NEEDLE = "e2e-tracing-pass-5f0c"  # a password in the VM's user-data: must never reach a span
-
-
-@dataclass(frozen=True)
-class Span:
-    service: str
-    trace_id: str
-    span_id: str
-    parent_id: str
-    name: str
-    kind: int
-    attributes: dict[str, Any] = field(hash=False, compare=False)
-
-
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """Collects every ExportTraceServiceRequest it is sent."""
-
-    def __init__(self) -> None:
-        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
-        self._lock = threading.Lock()
-
-    def Export(self, request: Any, context: Any) -> Any:
-        with self._lock:
-            self.requests.append(request)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    def spans(self) -> list[Span]:
-        with self._lock:
-            requests = list(self.requests)
-        out = []
-        for request in requests:
-            for rs in request.resource_spans:
-                resource = {a.key: a.value.string_value for a in rs.resource.attributes}
-                for ss in rs.scope_spans:
-                    for s in ss.spans:
-                        attributes = {a.key: _value(a.value) for a in s.attributes}
-                        out.append(
-                            Span(
-                                resource.get("service.name", ""),
-                                s.trace_id.hex(),
-                                s.span_id.hex(),
-                                s.parent_span_id.hex(),
-                                s.name,
-                                s.kind,
-                                attributes,
-                            )
-                        )
-        return out
-
-    def raw(self) -> bytes:
-        with self._lock:
-            return b"".join(r.SerializeToString() for r in self.requests)
-
-
-def _value(v: Any) -> Any:
-    kind = v.WhichOneof("value")
-    return getattr(v, kind) if kind else None
 
 
 @pytest.fixture
 def receiver() -> Iterator[tuple[Receiver, int]]:
-    collector = Receiver()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield collector, port
-    finally:
-        server.stop(0)
+    with otlp_receiver() as found:
+        yield found
 
 
 @pytest.fixture
 def traced_fleet(receiver: tuple[Receiver, int]) -> Iterator[RealFleet]:
     _collector, port = receiver
-    env = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-        "OTEL_EXPORTER_OTLP_INSECURE": "true",
-        "OTEL_BSP_SCHEDULE_DELAY": "200",  # daemons send their spans within 0.2 s
-    }
-    with running_fleet(env) as fleet:
+    with running_fleet(otlp_env(port)) as fleet:
         yield fleet
 
 

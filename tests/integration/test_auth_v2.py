@@ -219,12 +219,17 @@ async def test_a_failed_guest_command_changes_no_record(fleet: Fleet) -> None:
     new_hash = sha512_crypt(Secret("another"))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await fleet.vms.RotateVmSecret(
-            vm_service_pb2.RotateVmSecretRequest(name="rot-2", request_id="rot-2-a", password_hash=new_hash)
+            vm_service_pb2.RotateVmSecretRequest(
+                name="rot-2", request_id="rot-2-a", password_hash=new_hash, secret_refs=["env:CB_PW_FAIL"]
+            )
         )
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_info(caught.value).reason == "GUEST_COMMAND_FAILED"
     assert new_hash not in (caught.value.details() or "")
     assert fleet.controller.store.get_vm("rot-2").spec.auth == before
+    # the client read the secret even though the guest refused it: that access is on record
+    refs = [r.event.details["ref"] for r in await audit_records(fleet, "secret.access")]  # type: ignore[attr-defined]
+    assert "env:CB_PW_FAIL" in refs
     # and a plain password where the hash belongs never reaches the guest
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await fleet.vms.RotateVmSecret(

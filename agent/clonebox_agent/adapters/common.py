@@ -83,17 +83,20 @@ def restrict_to_qemu(path: str) -> None:
     Make ``path`` a 0710 root:libvirt-qemu folder.
 
     QEMU's user can reach files inside (which libvirt hands to it per domain) but cannot list it;
-    nobody else can enter. Where the group does not exist (QEMU under another name), the folder is
-    0711 (enter, never list).
+    nobody else can enter. Where the group does not exist (QEMU under another name), or the agent is
+    not root and so cannot change the folder's group, the folder is 0711 (enter, never list).
     """
     try:
         gid = grp.getgrnam(QEMU_GROUP).gr_gid
     except KeyError:
         os.chmod(path, 0o711)
         return
-    if os.geteuid() == 0:
-        os.chown(path, 0, gid)
-        os.chmod(path, 0o710)
+    if os.geteuid() != 0:
+        # only root can hand the folder to QEMU's group: without it, enter-only is the private best
+        os.chmod(path, 0o711)
+        return
+    os.chown(path, 0, gid)
+    os.chmod(path, 0o710)
 
 
 def pool_dir(storage_dir: str) -> str:

@@ -140,9 +140,19 @@ class VmManager:
                 metadata={"vm": name},
             )
         host = await asyncio.to_thread(self._store.get_host, vm.host)
-        user, changed = await self._hosts.client_for(host).rotate_secret(
-            name, request_id, password_hash, expire, keys, replace_keys
-        )
+        accesses = [
+            secret_access_event(ref, resource=f"vms/{name}", request_id=request_id, details=_BY_CLIENT) for ref in refs
+        ]
+        try:
+            user, changed = await self._hosts.client_for(host).rotate_secret(
+                name, request_id, password_hash, expire, keys, replace_keys
+            )
+        except CloneboxError:
+            # the client read the secret whether or not the guest took it (the refusal itself is
+            # recorded by the guard's observer)
+            if accesses:
+                await asyncio.to_thread(self._store.append_audit, accesses)
+            raise
         auth = vm.spec.auth
         if "password" in changed:
             auth = dataclasses.replace(auth, password_hash=password_hash, secret_refs=tuple(secret_refs))
@@ -156,12 +166,7 @@ class VmManager:
                 request_id=request_id,
                 details={"host": vm.host, "user": user, "changed": ",".join(changed), "expire": expire},
             ),
-            *(
-                secret_access_event(
-                    ref, resource=f"vms/{name}", request_id=request_id, details={"resolved_by": "client"}
-                )
-                for ref in refs
-            ),
+            *accesses,
         ]
         await asyncio.to_thread(self._store.update_vm_auth, name, auth, events)
         return user, changed, vm.host

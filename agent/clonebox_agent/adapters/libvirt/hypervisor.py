@@ -1089,7 +1089,13 @@ class LibvirtHypervisor:
         arguments: dict[str, Any] = {"path": argv[0], "arg": list(argv[1:]), "capture-output": True}
         if stdin:
             arguments["input-data"] = base64.b64encode(stdin).decode()
-        pid = self._agent_command(dom, vm, "guest-exec", arguments)["pid"]
+        try:
+            pid = self._agent_command(dom, vm, "guest-exec", arguments)["pid"]
+        except FailedPrecondition as exc:
+            if "Failed to execute child process" not in exc.message:
+                raise
+            # qemu-ga answered: the program is not there. A shell would say exit 127, so do we
+            return GuestExecResult(127, b"", f"{argv[0]}: not found in the guest".encode())
         deadline = time.monotonic() + timeout
         delay = 0.02
         while True:
