@@ -28,8 +28,14 @@ hypervisor: install ## start virtlogd/libvirtd if none runs, build the test gues
 demo: hypervisor ## install, then run two tiny VMs end to end through CLI, controller, agent and libvirt
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash deploy/dev/demo.sh
 
-test: hypervisor ## install, then run every test suite
-	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+test: hypervisor ## install, then run every test suite but the minutes-long `full` ones (make test-full)
+	$(PY) -m pytest -q -rs -m "not full" $(PYTEST_ARGS)
+
+debian-guest: install ## build the Debian cloud-init guest image (mmdebstrap; cached)
+	bash deploy/testguest/debian/build.sh $(IMAGES)/debian-guest
+
+test-full: hypervisor debian-guest ## real cloud-init, SSH and network-config on a Debian guest (4-6 min under TCG)
+	$(PY) -m pytest -q -rs -m full $(PYTEST_ARGS)
 
 lint: install ## ruff, mypy --strict, import-linter, buf lint, generated-code drift
 	$(VENV)/bin/ruff check .
@@ -53,4 +59,4 @@ fuzz: install ## long fuzzing run (10,000+ cases per service)
 bench: hypervisor ## run the benchmarks (figures go to docs/benchmarks.md by hand)
 	$(PY) benchmarks/run.py
 
-.PHONY: help install hypervisor demo test lint gen check-gen bench
+.PHONY: help install hypervisor demo test debian-guest test-full lint gen check-gen bench

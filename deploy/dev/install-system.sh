@@ -17,6 +17,8 @@ PKGS=(
   attr
   # `cloud-init schema` checks every user-data CloneBox renders; ssh-keygen checks generated keys
   cloud-init openssh-client
+  # the Debian cloud-init test guest (deploy/testguest/debian) and real SSH logins into it
+  mmdebstrap lz4 sshpass
 )
 
 missing=()

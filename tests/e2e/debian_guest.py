@@ -27,7 +27,7 @@ from tests.realfleet import IMAGES, RealFleet
 IMAGE_SUBDIR = "debian-guest"
 IMAGE_DIR = IMAGES / IMAGE_SUBDIR
 IMAGE_FILES = ("root.qcow2", "vmlinuz", "initrd.img")
-BUILD_HINT = "run deploy/testguest/debian/build.sh (or make test-full)"
+BUILD_HINT = "run deploy/testguest/debian/build.sh or make test-full"
 #: libvirt's default network, where the guests get their addresses
 DEFAULT_NET = ipaddress.ip_network("192.168.122.0/24")
 #: kernel command line of the image (README.md there): ext4 root without partition table, eth0
@@ -97,7 +97,9 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval:
         if value is not None:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}" + (f" ({last_error})" if last_error else ""))
+            raise AssertionError(
+                f"timed out after {timeout:.0f}s waiting for {what}" + (f" ({last_error})" if last_error else "")
+            )
         time.sleep(interval)
 
 
@@ -137,8 +139,13 @@ class Guest:
         if arguments is not None:
             request["arguments"] = arguments
         r = virsh(
-            "qemu-agent-command", self.domain, "--timeout", str(timeout), json.dumps(request),
-            check=False, timeout=timeout + 30,
+            "qemu-agent-command",
+            self.domain,
+            "--timeout",
+            str(timeout),
+            json.dumps(request),
+            check=False,
+            timeout=timeout + 30,
         )
         if r.returncode != 0:
             raise GuestAgentError(f"{command}: {r.stderr.strip()}")
@@ -153,9 +160,7 @@ class Guest:
 
     def exec(self, argv: Sequence[str], timeout: float = 120) -> ExecResult:
         """Run ``argv`` in the guest (guest-exec) and wait for it to exit."""
-        pid = self.agent(
-            "guest-exec", {"path": argv[0], "arg": list(argv[1:]), "capture-output": True}
-        )["pid"]
+        pid = self.agent("guest-exec", {"path": argv[0], "arg": list(argv[1:]), "capture-output": True})["pid"]
 
         def exited() -> dict[str, Any] | None:
             status = self.agent("guest-exec-status", {"pid": pid})
@@ -190,9 +195,9 @@ class Guest:
         """cloud-init's /run/cloud-init/result.json (written when all stages are done), or None."""
         try:
             raw = self.read_file("/run/cloud-init/result.json")
-        except GuestAgentError:
-            return None
-        return None if raw is None else json.loads(raw)["v1"]
+            return None if raw is None else dict(json.loads(raw)["v1"])
+        except (GuestAgentError, subprocess.TimeoutExpired, ValueError, KeyError):
+            return None  # agent not up yet, or the file caught half written
 
     def diagnostics(self) -> str:
         """What to show when a check fails: cloud-init's view and the console log's tail."""
@@ -270,7 +275,9 @@ def ssh_key_login(key: Path, user: str, address: str, command: str = "true") -> 
     )  # fmt: skip
 
 
-def ssh_password_login(password: str, user: str, address: str, command: str = "true") -> subprocess.CompletedProcess[str]:
+def ssh_password_login(
+    password: str, user: str, address: str, command: str = "true"
+) -> subprocess.CompletedProcess[str]:
     """Password (or keyboard-interactive) authentication only, the password typed by sshpass."""
     env = {**os.environ, "SSHPASS": password}
     return subprocess.run(

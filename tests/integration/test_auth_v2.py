@@ -262,9 +262,17 @@ async def test_the_seed_is_detached_once_the_guest_reports_cloud_init_done(fleet
     # several polls while cloud-init is "running": the seed stays
     await eventually(lambda: _calls_at_least(fake, 3), what="the agent asking the guest a few times")
     assert await asyncio.to_thread(os.path.exists, path)
+    # cloud-init is done, but marking its instance as kept fails: the seed stays (a reboot without it
+    # would otherwise make cloud-init treat the VM as a new instance)
+    fake.guest_exec_handler = lambda vm, argv, stdin: GuestExecResult(1)
     fake.guest_files.setdefault("seed-1", set()).add(CLOUD_INIT_DONE)
+    await eventually(lambda: _execs_at_least(fake, 2), what="two attempts to mark the instance")
+    assert await asyncio.to_thread(os.path.exists, path)
+    fake.guest_exec_handler = None
     await eventually(lambda: _gone(path), what="the seed detached and deleted")
     assert seed not in fake._volumes
+    _vm, argv, _stdin = fake.guest_execs[-1]
+    assert argv[:2] == ("/bin/sh", "-c") and "manual-clean" in argv[2]
 
     async def audited() -> bool:
         return bool(await audit_records(fleet, "vm.seed_detach"))
@@ -274,6 +282,10 @@ async def test_the_seed_is_detached_once_the_guest_reports_cloud_init_done(fleet
 
 async def _calls_at_least(fake: object, n: int) -> bool:
     return bool(fake.calls["guest_file_exists"] >= n)  # type: ignore[attr-defined]
+
+
+async def _execs_at_least(fake: object, n: int) -> bool:
+    return len(fake.guest_execs) >= n  # type: ignore[attr-defined]
 
 
 async def _gone(path: str) -> bool:

@@ -86,6 +86,9 @@ chmod 600 "$home/.ssh/authorized_keys.clonebox-new"
 mv -f "$home/.ssh/authorized_keys.clonebox-new" "$home/.ssh/authorized_keys"
 """
 
+#: marks cloud-init's current instance as kept whatever datasource the next boot finds (no-op without it)
+_KEEP_INSTANCE = "[ ! -d /var/lib/cloud/instance ] || touch /var/lib/cloud/instance/manual-clean"
+
 #: cloud-init writes this when every stage has run (``cloud-init status --wait`` waits for it)
 CLOUD_INIT_DONE = "/run/cloud-init/result.json"
 
@@ -512,6 +515,12 @@ class AgentService:
             except FailedPrecondition:
                 return None  # not running, or qemu-ga not up yet
             if not done:
+                return None
+            # without the seed, cloud-init's next boot would fall back to its None datasource and treat
+            # the VM as a new instance (new host keys, the distro's default user): keep this instance
+            kept = await self._hv.guest_exec(name, ["/bin/sh", "-c", _KEEP_INSTANCE], timeout=30)
+            if kept.exit_code != 0:
+                log.warning("seed of %s kept: could not mark cloud-init's instance (exit %s)", name, kept.exit_code)
                 return None
             removed = await self._hv.detach_seed(name)
             event = self._event("seed_detach", name, "", {"removed": removed})
