@@ -84,24 +84,38 @@ def load_for_create(
     """
     from clonebox_core import v1import
     from clonebox_core.spec import MAX_SPEC_BYTES, REASON, load_spec_text
-    from clonebox_core.yamlsafe import load_yaml_safely
+    from clonebox_core.yamlsafe import YamlDocument, load_yaml_safely
 
     raw, source, base_dir = _read(path)
-    data, _root = load_yaml_safely(
-        raw, source, max_bytes=MAX_SPEC_BYTES, reason=REASON, secret_paths=(("cloud_init",), ("vm", "password"))
+    doc = load_yaml_safely(
+        raw, source, max_bytes=MAX_SPEC_BYTES, reason=REASON, secret_paths=(("cloud_init",), ("vm",))
     )
-    if allow_v1 and v1import.is_v1_document(data):
-        migration = v1import.migrate_v1(raw, source, mode="create", image=image, drop=drop)
+    if allow_v1 and v1import.is_v1_document(doc.data):
+        # shared folders are on the agent's host: every path is kept here and the agent that gets the
+        # VM checks them against its shared_roots (all offenders in one error, nothing created); a
+        # --drop of a folder group drops the whole group
+        groups = _FOLDER_GROUPS & drop
+        data = {k: v for k, v in doc.data.items() if k not in groups}
+        warnings = tuple(
+            f"{source}: {g}: dropped (--drop {g}): no host folder from it is shared" for g in sorted(groups)
+        )
+        migration = v1import.migrate_v1(
+            YamlDocument(data, doc.root), source, mode="create", image=image, drop=drop - groups, shared_roots=("/",)
+        )
         text = v1import.dump_v2_yaml(migration.document)
         spec = load_spec_text(text, f"{source} (migrated from CloneBox v1)")
-        # the migration's own warnings start with the deprecation notice
-        return LoadedSpec(spec, base_dir, migration.warnings)
+        # the migration's own warnings end with the deprecation notice
+        return LoadedSpec(spec, base_dir, (*warnings, *migration.warnings))
     if image is not None or drop:
         raise InvalidArgument(
             f"{source}: --image and --drop apply to CloneBox v1 files only; edit the spec instead",
             reason="INVALID_FLAG",
         )
     return LoadedSpec(load_spec_text(raw.decode("utf-8", errors="replace"), source), base_dir)
+
+
+#: v1 keys whose host folders are all dropped by ``--drop KEY``
+_FOLDER_GROUPS = frozenset({"paths", "app_data_paths"})
 
 
 def key_fetcher(environ: Mapping[str, str] | None = None) -> KeyFetcher:

@@ -103,3 +103,37 @@ def test_image_format_detection(tmp_path: Path) -> None:
     assert (sniff_image(str(qcow)).format, sniff_image(str(qcow)).virtual_size) == ("qcow2", 10 * 1024 * 1024)
     assert image_info(str(qcow)).format == "qcow2"
     assert image_info(str(raw)).format == "raw"
+
+
+def test_shared_folders_must_lie_under_the_shared_roots(tmp_path: Path) -> None:
+    root = tmp_path / "shares"
+    (root / "project").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "shares-sibling").mkdir()  # shares its name's prefix with the root, is not under it
+    # a symlink inside the root that points out of it is judged by where it points
+    (root / "escape").symlink_to(tmp_path / "outside")
+    inside = SharedFolder(str(root / "project"), "p")
+    spec = VmSpec(name="vm", disks=(DiskSpec("d", size_mib=1),), shared_folders=(inside,))
+    assert resolve_spec(spec, [], [str(root)]).shared_folders == (str(root / "project"),)
+    assert resolve_spec(spec, [], None).shared_folders == (str(root / "project"),)  # no restriction
+    bad = VmSpec(
+        name="vm",
+        disks=(DiskSpec("d", size_mib=1),),
+        shared_folders=(
+            inside,
+            SharedFolder(str(tmp_path / "outside"), "o"),
+            SharedFolder(str(root / "escape"), "e"),
+            SharedFolder(str(tmp_path / "shares-sibling"), "s"),
+        ),
+    )
+    with pytest.raises(InvalidArgument) as info:
+        resolve_spec(bad, [], [str(root)])
+    err = info.value
+    assert err.reason == "SHARED_FOLDER_NOT_ALLOWED" and err.metadata["field"] == "spec.shared_folders"
+    # every offender in one error, the allowed one not among them
+    for i in (1, 2, 3):
+        assert f"shared_folders[{i}]" in err.message
+    assert "shared_folders[0]" not in err.message
+    # no roots configured: nothing may be shared, and the message says so
+    with pytest.raises(InvalidArgument, match="none configured"):
+        resolve_spec(spec, [], [])

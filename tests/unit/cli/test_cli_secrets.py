@@ -118,10 +118,9 @@ def test_a_v1_file_lists_what_it_cannot_honour_then_creates_with_the_drops(
     workstation = str(V1_EXAMPLES / "workstation.clonebox.yaml")
     result = cli(runner, fake_controller, "vm", "create", "-f", workstation)
     assert result.exit_code == 2
-    for item in ("--drop gui", "--drop paths", "--drop app_data_paths"):
-        assert item in result.stderr
+    assert "--drop gui" in result.stderr and "vm.gui" in result.stderr
     assert not fake_controller.fleet.calls("CreateVm")
-    args = ["--drop", "gui", "--drop", "paths", "--drop", "app_data_paths", "--image", "testguest/data.qcow2"]
+    args = ["--drop", "gui", "--image", "testguest/data.qcow2"]
     result = cli(runner, fake_controller, "vm", "create", "-f", workstation, *args)
     assert result.exit_code == 0, result.output
     assert "deprecated" in result.stderr and "generated" in result.stderr
@@ -129,10 +128,19 @@ def test_a_v1_file_lists_what_it_cannot_honour_then_creates_with_the_drops(
     spec = request.spec
     assert (spec.name, spec.vcpus, spec.memory_mib) == ("clone-clonebox", 8, 8192)
     assert spec.disks[0].base_image == "testguest/data.qcow2"
-    assert spec.auth.user == "ubuntu" and spec.auth.password_hash == "" and not spec.shared_folders
+    assert spec.auth.user == "ubuntu" and spec.auth.password_hash == ""
     assert "firefox" in spec.provision.packages and "chromium" in spec.provision.snap_packages
     # v1's literal password ("ubuntu") becomes no password at all: key login with a generated key
     assert spec.auth.method == 1 and not spec.auth.ssh_authorized_keys
+    # the shared paths go to the agent, which checks them against its shared_roots
+    mounts = {f.host_path: f.mount for f in spec.shared_folders}
+    assert mounts["/home/tom/github"] == "/mnt/project1" and len(mounts) == 16
+    # --drop paths --drop app_data_paths leaves them out
+    result = cli(
+        runner, fake_controller, "vm", "create", "-f", workstation, *args, "--drop", "paths", "--drop", "app_data_paths"
+    )
+    assert result.exit_code == 0, result.output
+    assert not fake_controller.fleet.calls("CreateVm")[-1].spec.shared_folders
 
 
 def test_image_and_drop_are_for_v1_files_only(tmp_path: Path) -> None:
