@@ -152,7 +152,10 @@ rmdir "$ROOT"   # mmdebstrap wants to create it (or find it empty)
 
 include=$(IFS=,; echo "${PACKAGES[*]}")
 export SOURCE_DATE_EPOCH=$EPOCH
-# dpkg path-excludes keep documentation, manual pages and translations out of the image
+# dpkg path-excludes keep documentation, manual pages and translations out of the image.
+# --skip=cleanup/apt/lists: in root mode mmdebstrap 1.3.5's clean-up emptied the *host's*
+# /var/lib/apt/lists (seen here: the next apt-cache call found no packages); customize.sh empties
+# the image's lists instead
 mmdebstrap --mode=root --variant=apt --format=directory \
   --aptopt='APT::Install-Recommends "false"' \
   --aptopt='APT::Install-Suggests "false"' \
@@ -165,6 +168,7 @@ mmdebstrap --mode=root --variant=apt --format=directory \
   --dpkgopt='path-exclude=/usr/share/lintian/*' \
   --include="$include" \
   --skip=essential/unlink \
+  --skip=cleanup/apt/lists \
   --setup-hook='mkdir -p "$1"/var/cache/apt/archives/' \
   --setup-hook="sync-in $CACHE/debs /var/cache/apt/archives/" \
   --essential-hook="cp -rT --no-preserve=ownership '$HERE/guest' \"\$1\"" \
