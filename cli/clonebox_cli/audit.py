@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -26,6 +25,7 @@ from clonebox_cli import output
 from clonebox_cli.context import settings
 from clonebox_core.audit.event import Outcome
 from clonebox_core.errors import InvalidArgument
+from clonebox_core.units import parse_duration_ms
 
 app = typer.Typer(
     help="The tamper-evident audit log: who changed what, and proof nobody edited it.", no_args_is_help=True
@@ -34,16 +34,15 @@ app = typer.Typer(
 #: exit code of ``audit verify`` when the chain is not intact
 EXIT_CHAIN_BROKEN = 1
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_RELATIVE = re.compile(r"^(\d+)([smhdw])$")
-
 
 def parse_when(value: str, option: str, now: datetime | None = None) -> datetime:
     """``2h`` / ``30m`` / ``7d`` (that long ago) or an ISO 8601 time (UTC when no zone is given)."""
     text = value.strip()
-    match = _RELATIVE.match(text)
-    if match:
-        return (now or datetime.now(UTC)) - timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+    if text[-1:] in "smhdw" and text[:1].isdigit():
+        try:
+            return (now or datetime.now(UTC)) - timedelta(milliseconds=parse_duration_ms(text))
+        except ValueError:
+            pass  # not a duration after all: the ISO parse below gives the error
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:

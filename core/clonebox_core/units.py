@@ -66,3 +66,35 @@ def format_size(mib: int) -> str:
         if mib and mib % factor == 0:
             return f"{mib // factor}{unit}"
     return f"{mib}MiB"
+
+
+_MS_PER_UNIT = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 7 * 86_400_000}
+_DURATION = re.compile(r"^\s*(\d{1,9})\s*(ms|s|m|h|d|w)\s*$")
+
+
+def parse_duration_ms(value: object) -> int:
+    """
+    Parse a duration in whole milliseconds.
+
+    Accepts ``"500ms"``, ``"10s"``, ``"5m"``, ``"2h"``, ``"7d"``, ``"1w"``, or an int (seconds). Raises
+    ``ValueError`` quoting the input and saying how to fix it.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"{_brief(value)} is not a duration: use a number with a unit, e.g. '10s' or '500ms'")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{value} is negative: a duration is 0 or more")
+        return value * 1000
+    m = _DURATION.match(value)
+    if m is None:
+        raise ValueError(f"{_brief(value)} is not a duration: use a whole number with ms, s, m, h, d or w, e.g. '10s'")
+    return int(m.group(1)) * _MS_PER_UNIT[m.group(2)]
+
+
+def format_duration_ms(ms: int) -> str:
+    """Spell ``ms`` exactly and shortest: ``500ms``, ``10s``, ``5m``; ``parse_duration_ms`` reverses it."""
+    for unit in ("w", "d", "h", "m", "s"):
+        factor = _MS_PER_UNIT[unit]
+        if ms and ms % factor == 0:
+            return f"{ms // factor}{unit}"
+    return f"{ms}ms"

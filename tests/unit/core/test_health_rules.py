@@ -26,6 +26,7 @@ from clonebox_core.health import (
     overall_state,
     validate_probes,
 )
+from clonebox_core.units import format_duration_ms, parse_duration_ms
 
 H, D, U, K = HealthState.HEALTHY, HealthState.DEGRADED, HealthState.UNHEALTHY, HealthState.UNKNOWN
 P, W, F, N = Sample.PASS, Sample.WARN, Sample.FAIL, Sample.NO_DATA
@@ -166,3 +167,18 @@ def test_names_are_unique_and_the_count_is_bounded() -> None:
     many = [dataclasses.replace(GOOD[1], name=f"p{i}") for i in range(33)]
     with pytest.raises(InvalidArgument, match="at most 32"):
         validate_probes(many)
+
+
+@pytest.mark.parametrize(
+    ("text", "ms"),
+    [("500ms", 500), ("10s", 10_000), ("5m", 300_000), ("2h", 7_200_000), ("1d", 86_400_000), (3, 3000), (0, 0)],
+)
+def test_durations_parse_and_print_back(text: str | int, ms: int) -> None:
+    assert parse_duration_ms(text) == ms
+    assert parse_duration_ms(format_duration_ms(ms)) == ms if ms else format_duration_ms(0) == "0ms"
+
+
+@pytest.mark.parametrize("bad", ["10", "1.5s", "-1s", "10 sec", "", True, None, -1, [1]])
+def test_bad_durations_say_how_to_write_one(bad: object) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration_ms(bad)
