@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from clonebox_core.health import Probe
 from clonebox_core.secret import Secret
 
 
@@ -211,6 +212,7 @@ class VmSpec:
     labels: tuple[tuple[str, str], ...] = ()
     auth: Auth | None = None
     provision: Provision | None = None
+    health_checks: tuple[Probe, ...] = ()
 
     @property
     def renders_user_data(self) -> bool:

@@ -69,6 +69,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from pydantic_core import ErrorDetails
 
+from clonebox_core import health
 from clonebox_core.cloudinit import check_extra_user_data
 from clonebox_core.errors import InvalidArgument
 from clonebox_core.model import (
@@ -86,7 +87,7 @@ from clonebox_core.model import (
 )
 from clonebox_core.secret import Secret
 from clonebox_core.secrets.providers import KNOWN_SCHEMES, SecretRef
-from clonebox_core.units import format_size, parse_size
+from clonebox_core.units import format_duration_ms, format_size, parse_duration_ms, parse_size
 from clonebox_core.validate import MAX_DISK_MIB, MAX_MEMORY_MIB, MIN_MEMORY_MIB, validate_spec
 from clonebox_core.yamlsafe import find_node, line_of, load_yaml_safely, located_error, scrub
 
@@ -240,14 +241,87 @@ class _CloudInitV2(_Strict):
     detach_seed_after_boot: bool = False
 
 
+Duration = Annotated[int, BeforeValidator(parse_duration_ms)]
+Percent = Annotated[float, BeforeValidator(lambda v: float(v) if isinstance(v, int) and not isinstance(v, bool) else v)]
+
+
+class _HttpCheck(_Strict):
+    port: int = 80
+    path: str = "/"
+    scheme: Literal["http", "https"] = "http"
+    method: str = "GET"
+    expect_status: int | list[int] = 200
+    body_regex: str = ""
+    headers: dict[str, str] | None = None
+    tls_verify: bool = True
+
+
+class _TcpCheck(_Strict):
+    port: int
+
+
+class _CommandCheck(_Strict):
+    argv: list[str]
+    expect_exit: int = 0
+    output_regex: str = ""
+
+
+class _ScriptCheck(_Strict):
+    name: str
+    args: list[str] | None = None
+
+
+class _Band(_Strict):
+    warn: Percent
+    critical: Percent
+
+
+class _ResourceCheck(_Strict):
+    cpu: _Band | None = None
+    memory: _Band | None = None
+    disk: _Band | None = None
+
+
+class _FileCheck(_Strict):
+    path: str
+    regex: str = ""
+
+
+class _Action(_Strict):
+    action: Literal["none", "restart", "command"] = "none"
+    command: list[str] | None = None
+
+
+class _HealthCheck(_Strict):
+    name: str
+    type: Literal["http", "tcp", "command", "guest_agent", "script", "resource", "file"]
+    interval: Duration = 10_000
+    timeout: Duration = 2_000
+    initial_delay: Duration = 0
+    failure_threshold: int = 3
+    success_threshold: int = 1
+    critical: bool = True
+    http: _HttpCheck | None = None
+    tcp: _TcpCheck | None = None
+    command: _CommandCheck | None = None
+    script: _ScriptCheck | None = None
+    resource: _ResourceCheck | None = None
+    file: _FileCheck | None = None
+    on_failure: _Action | None = None
+    on_recovery: _Action | None = None
+
+
 class _SpecV2(_SpecBase):
     version: Literal[2]
     auth: _Auth | None = None
     provision: _Provision | None = None
     shared_folders: list[_SharedFolderV2] | None = None
     cloud_init: _CloudInitV2 | None = None
+    health_checks: list[_HealthCheck] | None = None
 
 
+#: fields a user may try in order to aim a probe somewhere else
+_HOST_WORDS = frozenset({"host", "hostname", "address", "ip", "url", "target"})
 #: top-level fields in the order of the docs and examples (for "known fields" hints)
 _TOP_LEVEL_ORDER = (
     "version",
@@ -261,6 +335,7 @@ _TOP_LEVEL_ORDER = (
     "provision",
     "shared_folders",
     "cloud_init",
+    "health_checks",
     "labels",
 )
 _SCHEMAS: dict[int, type[_SpecV1] | type[_SpecV2]] = {1: _SpecV1, 2: _SpecV2}
@@ -330,6 +405,63 @@ def _auth_v2(doc: _Auth | None) -> Auth:
     )
 
 
+def _band(doc: _Band | None) -> health.Band | None:
+    return None if doc is None else health.Band(doc.warn, doc.critical)
+
+
+def _action(doc: _Action | None) -> health.Action:
+    if doc is None:
+        return health.Action()
+    return health.Action(health.ActionKind(doc.action), tuple(doc.command or ()))
+
+
+def _probe(doc: _HealthCheck) -> health.Probe:
+    http = doc.http
+    if http is None and doc.type == "http":
+        http = _HttpCheck()
+    return health.Probe(
+        name=doc.name,
+        type=health.ProbeType(doc.type),
+        interval_ms=doc.interval,
+        timeout_ms=doc.timeout,
+        initial_delay_ms=doc.initial_delay,
+        failure_threshold=doc.failure_threshold,
+        success_threshold=doc.success_threshold,
+        critical=doc.critical,
+        http=(
+            None
+            if http is None
+            else health.HttpProbe(
+                port=http.port,
+                path=http.path,
+                scheme=http.scheme,
+                method=http.method,
+                expect_status=tuple(http.expect_status)
+                if isinstance(http.expect_status, list)
+                else (http.expect_status,),
+                body_regex=http.body_regex,
+                headers=tuple((http.headers or {}).items()),
+                tls_verify=http.tls_verify,
+            )
+        ),
+        tcp=None if doc.tcp is None else health.TcpProbe(doc.tcp.port),
+        command=(
+            None
+            if doc.command is None
+            else health.CommandProbe(tuple(doc.command.argv), doc.command.expect_exit, doc.command.output_regex)
+        ),
+        script=None if doc.script is None else health.ScriptProbe(doc.script.name, tuple(doc.script.args or ())),
+        resource=(
+            None
+            if doc.resource is None
+            else health.ResourceProbe(_band(doc.resource.cpu), _band(doc.resource.memory), _band(doc.resource.disk))
+        ),
+        file=None if doc.file is None else health.FileProbe(doc.file.path, doc.file.regex),
+        on_failure=_action(doc.on_failure),
+        on_recovery=_action(doc.on_recovery),
+    )
+
+
 def _to_model(doc: _SpecV1 | _SpecV2) -> VmSpec:
     network = NetworkSpec()
     if doc.network is not None:
@@ -381,6 +513,7 @@ def _to_model(doc: _SpecV1 | _SpecV2) -> VmSpec:
             if isinstance(doc, _SpecV2) and doc.provision is not None
             else None
         ),
+        health_checks=tuple(_probe(c) for c in doc.health_checks or ()) if isinstance(doc, _SpecV2) else (),
     )
 
 
@@ -485,6 +618,8 @@ def _pydantic_problem(
         return loc, f"{path}: required but missing: add '{loc[-1]}: ...'", False, True
     if kind == "extra_forbidden":
         hint = _unknown_field_hint(loc, schema)
+        if loc and loc[0] == "health_checks" and str(loc[-1]) in _HOST_WORDS:
+            hint = "probes never name a host: http and tcp probes reach only the VM's own addresses"
         if schema is _SpecV1 and loc and str(loc[-1]) in _fields_of(loc[:-1], _SpecV2):
             hint = f"'{loc[-1]}' needs 'version: 2'"
         return loc, f"{path}: {hint}", True, False
@@ -651,6 +786,53 @@ def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 _Dumper.add_representer(str, _represent_str)
 
 
+def _dump_probe(p: health.Probe) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "name": p.name,
+        "type": p.type.value,
+        "interval": format_duration_ms(p.interval_ms),
+        "timeout": format_duration_ms(p.timeout_ms),
+        "initial_delay": format_duration_ms(p.initial_delay_ms),
+        "failure_threshold": p.failure_threshold,
+        "success_threshold": p.success_threshold,
+        "critical": p.critical,
+    }
+    if p.http is not None:
+        h = p.http
+        out["http"] = {
+            "port": h.port,
+            "path": h.path,
+            "scheme": h.scheme,
+            "method": h.method,
+            "expect_status": list(h.expect_status),
+            "body_regex": h.body_regex,
+            "headers": dict(h.headers),
+            "tls_verify": h.tls_verify,
+        }
+    if p.tcp is not None:
+        out["tcp"] = {"port": p.tcp.port}
+    if p.command is not None:
+        out["command"] = {
+            "argv": list(p.command.argv),
+            "expect_exit": p.command.expect_exit,
+            "output_regex": p.command.output_regex,
+        }
+    if p.script is not None:
+        out["script"] = {"name": p.script.name, "args": list(p.script.args)}
+    if p.resource is not None:
+        out["resource"] = {
+            name: {"warn": band.warn, "critical": band.critical}
+            for name, band in (("cpu", p.resource.cpu), ("memory", p.resource.memory), ("disk", p.resource.disk))
+            if band is not None
+        }
+    if p.file is not None:
+        out["file"] = {"path": p.file.path, "regex": p.file.regex}
+    for key, action in (("on_failure", p.on_failure), ("on_recovery", p.on_recovery)):
+        if action.kind is not health.ActionKind.NONE:
+            out[key] = {"action": action.kind.value, **({"command": list(action.argv)} if action.argv else {})}
+    return out
+
+
 def dump_spec(spec: VmSpec) -> str:
     """
     Write ``spec`` as a spec file; ``load_spec_text(dump_spec(s)) == s`` for a valid, unresolved ``s``.
@@ -658,7 +840,7 @@ def dump_spec(spec: VmSpec) -> str:
     A spec with ``auth`` is written as version 2 (key sources and the password reference; resolved keys
     and hashes are request material, never file content), one without as version 1.
     """
-    v2 = spec.auth is not None
+    v2 = spec.auth is not None or bool(spec.health_checks)
     doc: dict[str, Any] = {
         "version": 2 if v2 else 1,
         "name": spec.name,
@@ -727,6 +909,8 @@ def dump_spec(spec: VmSpec) -> str:
         if v2 and ci.detach_seed_after_boot:
             cloud["detach_seed_after_boot"] = True
         doc["cloud_init"] = cloud
+    if spec.health_checks:
+        doc["health_checks"] = [_dump_probe(p) for p in spec.health_checks]
     if spec.labels:
         doc["labels"] = dict(spec.labels)
     return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)

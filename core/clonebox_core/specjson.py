@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from dataclasses import asdict
 from typing import Any, Literal
 
+from clonebox_core import health
 from clonebox_core.model import (
     Auth,
     AuthMethod,
@@ -98,6 +100,8 @@ def spec_to_dict(spec: VmSpec, *, secrets: SecretMode) -> JsonDict:
             "password_hash": _secret_out(a.password_hash, secrets),
             "secret_refs": list(a.secret_refs),
         }
+    if spec.health_checks:
+        out["health_checks"] = [_probe_to_dict(p) for p in spec.health_checks]
     if spec.provision is not None:
         p = spec.provision
         out["provision"] = {
@@ -107,6 +111,71 @@ def spec_to_dict(spec: VmSpec, *, secrets: SecretMode) -> JsonDict:
             "post_commands": list(p.post_commands),
         }
     return out
+
+
+def _probe_to_dict(p: health.Probe) -> JsonDict:
+    # dataclasses.asdict keeps the nesting; enums by value, tuples as lists (JSON)
+    data = asdict(p)
+    data["type"] = p.type.value
+    data["on_failure"] = {"kind": p.on_failure.kind.value, "argv": list(p.on_failure.argv)}
+    data["on_recovery"] = {"kind": p.on_recovery.kind.value, "argv": list(p.on_recovery.argv)}
+    return data
+
+
+def _probe_from_dict(d: Mapping[str, Any]) -> health.Probe:
+    def band(b: Mapping[str, Any] | None) -> health.Band | None:
+        return None if b is None else health.Band(float(b["warn"]), float(b["critical"]))
+
+    def action(a: Mapping[str, Any] | None) -> health.Action:
+        a = a or {}
+        return health.Action(health.ActionKind(str(a.get("kind", "none"))), _strs(a.get("argv")))
+
+    http, tcp, command, script, resource, file = (
+        d.get(k) for k in ("http", "tcp", "command", "script", "resource", "file")
+    )
+    return health.Probe(
+        name=str(d["name"]),
+        type=health.ProbeType(str(d["type"])),
+        interval_ms=int(d.get("interval_ms", 10_000)),
+        timeout_ms=int(d.get("timeout_ms", 2_000)),
+        initial_delay_ms=int(d.get("initial_delay_ms", 0)),
+        failure_threshold=int(d.get("failure_threshold", 3)),
+        success_threshold=int(d.get("success_threshold", 1)),
+        critical=bool(d.get("critical", True)),
+        http=(
+            None
+            if http is None
+            else health.HttpProbe(
+                port=int(http["port"]),
+                path=str(http["path"]),
+                scheme=str(http["scheme"]),
+                method=str(http["method"]),
+                expect_status=tuple(int(x) for x in http["expect_status"]),
+                body_regex=str(http.get("body_regex", "")),
+                headers=tuple((str(k), str(v)) for k, v in http.get("headers", ())),
+                tls_verify=bool(http.get("tls_verify", True)),
+            )
+        ),
+        tcp=None if tcp is None else health.TcpProbe(int(tcp["port"])),
+        command=(
+            None
+            if command is None
+            else health.CommandProbe(
+                _strs(command["argv"]), int(command.get("expect_exit", 0)), str(command.get("output_regex", ""))
+            )
+        ),
+        script=None if script is None else health.ScriptProbe(str(script["name"]), _strs(script.get("args"))),
+        resource=(
+            None
+            if resource is None
+            else health.ResourceProbe(
+                band(resource.get("cpu")), band(resource.get("memory")), band(resource.get("disk"))
+            )
+        ),
+        file=None if file is None else health.FileProbe(str(file["path"]), str(file.get("regex", ""))),
+        on_failure=action(d.get("on_failure")),
+        on_recovery=action(d.get("on_recovery")),
+    )
 
 
 def _strs(value: Any) -> tuple[str, ...]:
@@ -179,6 +248,7 @@ def spec_from_dict(data: Mapping[str, Any]) -> VmSpec:
                 _strs(prov.get("post_commands")),
             )
         ),
+        health_checks=tuple(_probe_from_dict(p) for p in data.get("health_checks", ())),
     )
 
 

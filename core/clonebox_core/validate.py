@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from clonebox_core.errors import invalid_field
+from clonebox_core.health import validate_probes
 from clonebox_core.model import AuthMethod, ShareDriver, VmSpec
 from clonebox_core.names import check_dns_label
 
@@ -115,6 +116,7 @@ def validate_spec(spec: VmSpec, prefix: str = "spec") -> VmSpec:
         _validate_auth(spec, f"{prefix}.auth")
     if spec.provision is not None:
         _validate_provision(spec, f"{prefix}.provision")
+    validate_probes(spec.health_checks, f"{prefix}.health_checks")
     for key, value in spec.labels:
         if not _LABEL_KEY.fullmatch(key):
             raise invalid_field(f"{prefix}.labels", f"label key {key!r}: use [a-z0-9._/-], max 63")

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from clonebox.type.v1 import host_pb2, operation_pb2, recovery_pb2, resources_pb2, vm_pb2
+from clonebox.type.v1 import health_pb2, host_pb2, operation_pb2, recovery_pb2, resources_pb2, vm_pb2
 from google.protobuf import timestamp_pb2
 from google.rpc import status_pb2
 
-from clonebox_core import errors, model
+from clonebox_core import errors, health, model
 from clonebox_core.rpc.status import error_from_status_proto, to_status_proto
 from clonebox_core.secret import Secret
 
@@ -76,6 +76,132 @@ def _shown(value: Secret, redact: bool) -> str:
     return REDACTED if redact and value else value.reveal()
 
 
+_CHECK_TYPE_TO_PROTO = {t: health_pb2.HealthCheckType.Value(f"HEALTH_CHECK_TYPE_{t.name}") for t in health.ProbeType}
+_CHECK_TYPE_FROM_PROTO = {v: k for k, v in _CHECK_TYPE_TO_PROTO.items()}
+_ACTION_TO_PROTO = {
+    health.ActionKind.NONE: health_pb2.CHECK_ACTION_KIND_UNSPECIFIED,
+    health.ActionKind.RESTART: health_pb2.CHECK_ACTION_KIND_RESTART,
+    health.ActionKind.COMMAND: health_pb2.CHECK_ACTION_KIND_COMMAND,
+}
+_ACTION_FROM_PROTO = {v: k for k, v in _ACTION_TO_PROTO.items()}
+
+
+def _band_to_proto(b: health.Band | None) -> health_pb2.PercentBand | None:
+    return None if b is None else health_pb2.PercentBand(warn=b.warn, critical=b.critical)
+
+
+def probe_to_proto(p: health.Probe) -> health_pb2.HealthCheck:
+    """Probe -> proto."""
+    out = health_pb2.HealthCheck(
+        name=p.name,
+        type=_CHECK_TYPE_TO_PROTO[p.type],
+        interval_ms=p.interval_ms,
+        timeout_ms=p.timeout_ms,
+        initial_delay_ms=p.initial_delay_ms,
+        failure_threshold=p.failure_threshold,
+        success_threshold=p.success_threshold,
+        critical=p.critical,
+        on_failure=health_pb2.CheckAction(kind=_ACTION_TO_PROTO[p.on_failure.kind], command=p.on_failure.argv),
+        on_recovery=health_pb2.CheckAction(kind=_ACTION_TO_PROTO[p.on_recovery.kind], command=p.on_recovery.argv),
+    )
+    if p.http is not None:
+        h = p.http
+        out.http.CopyFrom(
+            health_pb2.HttpCheck(
+                port=h.port,
+                path=h.path,
+                scheme=h.scheme,
+                method=h.method,
+                expect_status=h.expect_status,
+                body_regex=h.body_regex,
+                headers=dict(h.headers),
+                tls_verify=h.tls_verify,
+            )
+        )
+    if p.tcp is not None:
+        out.tcp.port = p.tcp.port
+    if p.command is not None:
+        out.command.CopyFrom(
+            health_pb2.CommandCheck(
+                argv=p.command.argv, expect_exit=p.command.expect_exit, output_regex=p.command.output_regex
+            )
+        )
+    if p.script is not None:
+        out.script.CopyFrom(health_pb2.ScriptCheck(name=p.script.name, args=p.script.args))
+    if p.resource is not None:
+        r = p.resource
+        out.resource.CopyFrom(
+            health_pb2.ResourceCheck(
+                cpu=_band_to_proto(r.cpu), memory=_band_to_proto(r.memory), disk=_band_to_proto(r.disk)
+            )
+        )
+    if p.file is not None:
+        out.file.CopyFrom(health_pb2.FileCheck(path=p.file.path, regex=p.file.regex))
+    return out
+
+
+def _band_from_proto(m: health_pb2.ResourceCheck, name: str) -> health.Band | None:
+    if not m.HasField(name):  # type: ignore[arg-type]  # one of the three band fields
+        return None
+    band: health_pb2.PercentBand = getattr(m, name)
+    return health.Band(band.warn, band.critical)
+
+
+def probe_from_proto(m: health_pb2.HealthCheck, field: str = "health_check") -> health.Probe:
+    """Proto -> Probe (InvalidArgument for an unknown type; the rest: ``health.validate_probes``)."""
+    kind = _CHECK_TYPE_FROM_PROTO.get(m.type)
+    if kind is None:
+        raise errors.invalid_field(f"{field}.type", f"{m.type} is not a health check type")
+    h = m.http
+    return health.Probe(
+        name=m.name,
+        type=kind,
+        interval_ms=m.interval_ms,
+        timeout_ms=m.timeout_ms,
+        initial_delay_ms=m.initial_delay_ms,
+        failure_threshold=m.failure_threshold,
+        success_threshold=m.success_threshold,
+        critical=m.critical if m.HasField("critical") else True,
+        http=(
+            health.HttpProbe(
+                port=h.port,
+                path=h.path,
+                scheme=h.scheme,
+                method=h.method,
+                expect_status=tuple(h.expect_status),
+                body_regex=h.body_regex,
+                headers=tuple(sorted(h.headers.items())),
+                tls_verify=h.tls_verify if h.HasField("tls_verify") else True,
+            )
+            if m.HasField("http")
+            else None
+        ),
+        tcp=health.TcpProbe(m.tcp.port) if m.HasField("tcp") else None,
+        command=(
+            health.CommandProbe(tuple(m.command.argv), m.command.expect_exit, m.command.output_regex)
+            if m.HasField("command")
+            else None
+        ),
+        script=health.ScriptProbe(m.script.name, tuple(m.script.args)) if m.HasField("script") else None,
+        resource=(
+            health.ResourceProbe(
+                _band_from_proto(m.resource, "cpu"),
+                _band_from_proto(m.resource, "memory"),
+                _band_from_proto(m.resource, "disk"),
+            )
+            if m.HasField("resource")
+            else None
+        ),
+        file=health.FileProbe(m.file.path, m.file.regex) if m.HasField("file") else None,
+        on_failure=health.Action(
+            _ACTION_FROM_PROTO.get(m.on_failure.kind, health.ActionKind.NONE), tuple(m.on_failure.command)
+        ),
+        on_recovery=health.Action(
+            _ACTION_FROM_PROTO.get(m.on_recovery.kind, health.ActionKind.NONE), tuple(m.on_recovery.command)
+        ),
+    )
+
+
 def spec_to_proto(s: model.VmSpec, *, redact: bool = False) -> vm_pb2.VmSpec:
     """
     VmSpec -> proto.
@@ -103,6 +229,7 @@ def spec_to_proto(s: model.VmSpec, *, redact: bool = False) -> vm_pb2.VmSpec:
             for f in s.shared_folders
         ],
         labels=dict(s.labels),
+        health_checks=[probe_to_proto(p) for p in s.health_checks],
     )
     if s.auth is not None:
         a = s.auth
@@ -201,6 +328,7 @@ def spec_from_proto(m: vm_pb2.VmSpec) -> model.VmSpec:
             if m.HasField("provision")
             else None
         ),
+        health_checks=tuple(probe_from_proto(p, f"spec.health_checks[{i}]") for i, p in enumerate(m.health_checks)),
     )
 
 

@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from clonebox.type.v1 import health_pb2 as _health_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -189,6 +190,7 @@ class VmSpec(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     AUTH_FIELD_NUMBER: _builtins.int
     PROVISION_FIELD_NUMBER: _builtins.int
+    HEALTH_CHECKS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Fleet-unique name; a DNS label (lowercase letters, digits and '-', at most 63 characters)."""
     vcpus: _builtins.int
@@ -227,6 +229,10 @@ class VmSpec(_message.Message):
     def provision(self) -> Global___Provision:
         """What cloud-init installs and runs on first boot (spec version 2)."""
 
+    @_builtins.property
+    def health_checks(self) -> _containers.RepeatedCompositeFieldContainer[_health_pb2.HealthCheck]:
+        """Health checks the agent runs for this VM (spec version 2)."""
+
     def __init__(
         self,
         *,
@@ -241,10 +247,11 @@ class VmSpec(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         auth: Global___Auth | None = ...,
         provision: Global___Provision | None = ...,
+        health_checks: _abc.Iterable[_health_pb2.HealthCheck] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "cloud_init", b"cloud_init", "kernel_boot", b"kernel_boot", "network", b"network", "provision", b"provision"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "cloud_init", b"cloud_init", "disks", b"disks", "kernel_boot", b"kernel_boot", "labels", b"labels", "memory_mib", b"memory_mib", "name", b"name", "network", b"network", "provision", b"provision", "shared_folders", b"shared_folders", "vcpus", b"vcpus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "cloud_init", b"cloud_init", "disks", b"disks", "health_checks", b"health_checks", "kernel_boot", b"kernel_boot", "labels", b"labels", "memory_mib", b"memory_mib", "name", b"name", "network", b"network", "provision", b"provision", "shared_folders", b"shared_folders", "vcpus", b"vcpus"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
