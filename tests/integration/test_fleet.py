@@ -393,3 +393,30 @@ async def test_watch_operation_reports_progress_until_done(fleet: Fleet) -> None
     assert any(not done for _, done in states), "progress before completion was streamed"
     progress = [p for p, _ in states]
     assert progress == sorted(progress)
+
+
+async def test_a_host_vm_shadowed_by_a_fleet_name_is_adopted_when_the_name_is_released(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", SMALL)
+    await fleet.add_agent("h2", SMALL)
+    await create(fleet, spec("dup"), request_id="dup-fleet", host="h2")
+    # the same name made directly on h1 (as a controller would): the fleet keeps its first placement
+    stub, ch = fleet.agent_stub("h1")
+    try:
+        await stub.CreateVm(agent_pb2.CreateVmRequest(spec=spec("dup"), request_id="dup-h1", start=False))
+    finally:
+        await ch.close()
+    got = (await fleet.vms.GetVm(vm_service_pb2.GetVmRequest(name="dup"))).vm
+    assert got.host == "h2"
+    op = (await fleet.vms.DeleteVm(vm_service_pb2.DeleteVmRequest(name="dup", request_id="dup-del"))).operation
+    done = (await fleet.ops.WaitOperation(operation_service_pb2.WaitOperationRequest(id=op.id))).operation
+    assert done.done and not done.HasField("error"), done
+
+    # h1's VM has no event to report (it stays stopped): the release alone makes the fleet adopt it
+    async def adopted() -> bool:
+        try:
+            vm = (await fleet.vms.GetVm(vm_service_pb2.GetVmRequest(name="dup"))).vm
+        except grpc.aio.AioRpcError:
+            return False
+        return vm.host == "h1" and vm.state == vm_pb2.VM_STATE_STOPPED
+
+    await eventually(adopted, what="h1's dup adopted by the fleet")

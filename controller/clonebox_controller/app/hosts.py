@@ -38,6 +38,8 @@ class HostRegistry:
         self._next_session = 0
         self._refreshers: dict[str, asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        #: the VM names each host reported, from its last listing and its events since
+        self._reported: dict[str, set[str]] = {}
 
     async def start(self) -> None:
         """Start the sweeper that marks silent hosts unreachable."""
@@ -135,6 +137,7 @@ class HostRegistry:
         while True:
             try:
                 vms, revision = await client.list_vms()
+                self._reported[host.name] = {vm.name for vm in vms}
                 changed = await asyncio.to_thread(self._store.reconcile_host, host.name, vms)
                 await asyncio.to_thread(self._store.set_agent_revision, host.name, revision.epoch, revision.sequence)
                 if changed:
@@ -156,7 +159,28 @@ class HostRegistry:
                 log.warning("sync of host %s: %s", host.name, exc)
                 await asyncio.sleep(1)
 
+    async def adopt_released(self, name: str) -> None:
+        """
+        After the fleet released ``name``, adopt a VM of that name another host reported.
+
+        Names are fleet-unique, so a host's VM whose name the fleet already used elsewhere was left
+        out ("left as is"); once that name is free it becomes the fleet's VM on the next listing. Without
+        this it would wait for its next lifecycle event, which a stopped VM may never have.
+        """
+        for host, names in list(self._reported.items()):
+            if name not in names:
+                continue
+            try:
+                await asyncio.to_thread(self._store.reconcile_host, host, await self._host_listing(host))
+            except CloneboxError as exc:
+                log.info("adopting %s from host %s: %s (the next listing will)", name, host, exc)
+
     async def _apply(self, host: str, vm: Vm, deleted: bool) -> None:
+        reported = self._reported.setdefault(host, set())
+        if deleted:
+            reported.discard(vm.name)
+        else:
+            reported.add(vm.name)
         try:
             current = await asyncio.to_thread(self._store.get_vm, vm.name)
         except NotFound:

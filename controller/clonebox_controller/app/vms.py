@@ -324,6 +324,7 @@ class VmManager:
         except CloneboxError:
             # the agent's create is all-or-nothing, so freeing the reservation leaves nothing behind
             await asyncio.to_thread(self._store.release_vm, name)
+            await self._hosts.adopt_released(name)
             raise
         await self._step(op, "running", 90)
         stored = await asyncio.to_thread(
@@ -368,6 +369,7 @@ class VmManager:
         await asyncio.to_thread(self._store.update_vm_observed, name, VmState.DELETING, None, None, "")
         await self._agent_call(lambda: client.delete_vm(name, op.id))
         await asyncio.to_thread(self._store.release_vm, name)
+        await self._hosts.adopt_released(name)
         return None
 
     async def drain(self, host: str, request_id: str, wait_seconds: float = 600.0) -> list[str]:
