@@ -151,27 +151,28 @@ def create(
         _print_plan(s.json, response.plan)
         return
     op = response.operation
+    otp = prepared.one_time_password
     if not wait:
+        if s.json and otp is not None:
+            # one JSON document on stdout: the operation, and the password shown this once
+            output.emit_json({**output.message_dict(op), "one_time_password": otp.reveal()})
+            return
         print_started(op, s.json)
-        _show_one_time_password(s, spec, prepared.one_time_password)
+        _show_one_time_password(s, spec, otp)
         return
     op = wait_and_check(client, op, timeout)
     vm = _final_vm(client, op, spec.name)
-    if s.json and prepared.one_time_password is not None:
-        doc = output.message_dict(vm)
+    if s.json and otp is not None:
         # shown once, to the requester only: it is stored nowhere (the VM has only its hash)
-        doc["one_time_password"] = prepared.one_time_password.reveal()
-        output.emit_json(doc)
+        output.emit_json({**output.message_dict(vm), "one_time_password": otp.reveal()})
         return
     _print_vm(s, vm)
-    _show_one_time_password(s, spec, prepared.one_time_password)
+    _show_one_time_password(s, spec, otp)
 
 
 def _show_one_time_password(s: Settings, spec: VmSpec, otp: Secret | None) -> None:
+    """The one-time password, once, on stderr (table output; JSON output carries it in its document)."""
     if otp is None or spec.auth is None:
-        return
-    if s.json:
-        output.emit_json({"vm": spec.name, "user": spec.auth.user, "one_time_password": otp.reveal()})
         return
     typer.echo(
         f"one-time password for {spec.auth.user}@{spec.name}: {otp.reveal()}\n"

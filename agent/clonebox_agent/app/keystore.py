@@ -15,10 +15,10 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from clonebox_core.errors import NotFound
+from clonebox_core.errors import FailedPrecondition, NotFound
 from clonebox_core.names import check_dns_label
 from clonebox_core.secret import Secret
-from clonebox_core.secrets.providers import read_private_file
+from clonebox_core.secrets.providers import REASON_NOT_FOUND, read_private_file
 from clonebox_core.secrets.sshkeys import generate_ed25519_keypair, write_private_key
 
 SUFFIX = ".ed25519"
@@ -52,14 +52,14 @@ class KeyStore:
         path = self._path(vm)
         try:
             data = read_private_file(path, what="generated SSH key")
-        except Exception:
-            if not path.exists():
-                raise NotFound(
-                    f"VM {vm} has no generated SSH key (its spec named its own keys, or it is not a version 2 VM)",
-                    reason="SSH_KEY_NOT_FOUND",
-                    metadata={"vm": vm},
-                ) from None
-            raise
+        except FailedPrecondition as exc:
+            if exc.reason != REASON_NOT_FOUND:
+                raise  # there but unreadable or no longer private: say so, not "no key"
+            raise NotFound(
+                f"VM {vm} has no generated SSH key (its spec named its own keys, or it is not a version 2 VM)",
+                reason="SSH_KEY_NOT_FOUND",
+                metadata={"vm": vm},
+            ) from None
         return Secret(data.decode())
 
     def has(self, vm: str) -> bool:

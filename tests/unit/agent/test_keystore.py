@@ -13,7 +13,7 @@ from clonebox_agent.adapters.fake import FakeHypervisor
 from clonebox_agent.app.keystore import KeyStore
 from clonebox_agent.app.service import AgentService
 from clonebox_agent.journal.store import Journal
-from clonebox_core.errors import InvalidArgument, NotFound
+from clonebox_core.errors import FailedPrecondition, InvalidArgument, NotFound
 from clonebox_core.model import Auth, DiskSpec, Resources, VmSpec
 
 
@@ -47,8 +47,9 @@ def test_a_key_file_others_can_read_is_refused(tmp_path: Path) -> None:
     store = KeyStore(tmp_path / "keys")
     store.generate("web")
     (tmp_path / "keys" / "web.ed25519").chmod(0o644)
-    with pytest.raises(Exception, match="group or others"):
+    with pytest.raises(FailedPrecondition, match="group or others") as info:
         store.read("web")
+    assert info.value.reason == "SECRET_FILE_INSECURE"  # not "no key": it is there, and exposed
 
 
 def test_sweep_removes_only_keys_of_vms_that_do_not_exist(tmp_path: Path) -> None:

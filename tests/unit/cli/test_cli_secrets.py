@@ -73,7 +73,11 @@ def test_a_one_time_password_is_shown_once_and_only_its_hash_is_sent(
     # with -o json it is a field of the one JSON document on stdout
     spec2 = write_spec(tmp_path, "auth: {user: dev, method: one_time_password}\n", "two.yaml")
     doc = as_json(cli(runner, fake_controller, "-o", "json", "vm", "create", "-f", str(spec2)))
-    assert len(doc["one_time_password"]) >= 16
+    assert len(doc["one_time_password"]) >= 16 and doc["name"] == "dev-1"
+    # --no-wait: still one JSON document, the operation with the password
+    spec3 = write_spec(tmp_path, "auth: {user: dev, method: one_time_password}\n", "three.yaml")
+    doc = as_json(cli(runner, fake_controller, "-o", "json", "vm", "create", "-f", str(spec3), "--no-wait"))
+    assert doc["kind"] == "vm.create" and len(doc["one_time_password"]) >= 16
 
 
 def test_key_files_are_relative_to_the_spec_and_sent_as_public_lines(
