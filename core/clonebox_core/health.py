@@ -32,6 +32,7 @@ import enum
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from clonebox_core.errors import invalid_field
 from clonebox_core.names import check_dns_label
@@ -39,18 +40,24 @@ from clonebox_core.names import check_dns_label
 __all__ = [
     "Action",
     "ActionKind",
+    "ActionRecord",
+    "Aggregate",
     "Band",
+    "CheckStatus",
     "CommandProbe",
     "FileProbe",
     "HealthState",
     "HttpProbe",
     "Probe",
+    "ProbeResult",
     "ProbeTracker",
     "ProbeType",
     "ResourceProbe",
     "Sample",
     "ScriptProbe",
     "TcpProbe",
+    "Transition",
+    "VmHealth",
     "overall_state",
     "validate_probes",
 ]
@@ -196,6 +203,96 @@ class Probe:
     file: FileProbe | None = None
     on_failure: Action = field(default_factory=Action)
     on_recovery: Action = field(default_factory=Action)
+
+
+# ------------------------------------------------------------------------------------ what is found
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """One run of one probe."""
+
+    check: str
+    sample: Sample
+    detail: str
+    time: datetime
+    duration_us: int = 0
+
+
+@dataclass(frozen=True)
+class CheckStatus:
+    """The current state of one probe of a VM."""
+
+    name: str
+    type: ProbeType
+    state: HealthState
+    critical: bool
+    consecutive_failures: int = 0
+    consecutive_successes: int = 0
+    last: ProbeResult | None = None
+    since: datetime | None = None
+    #: added by the agent (the default guest_agent probe), not by the spec
+    implicit: bool = False
+
+
+@dataclass(frozen=True)
+class VmHealth:
+    """The health of one VM: its overall state and each probe's."""
+
+    vm: str
+    host: str
+    state: HealthState
+    checks: tuple[CheckStatus, ...] = ()
+    since: datetime | None = None
+    updated: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A change of state of one probe, or of the VM (``check`` empty)."""
+
+    vm: str
+    host: str
+    check: str
+    from_state: HealthState
+    to_state: HealthState
+    time: datetime
+    detail: str = ""
+    #: order among the controller's stored transitions (0 before it is stored)
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """One minute of runs of one probe."""
+
+    vm: str
+    check: str
+    minute: datetime
+    passes: int = 0
+    warnings: int = 0
+    failures: int = 0
+    no_data: int = 0
+    duration_us_sum: int = 0
+    duration_us_max: int = 0
+
+    @property
+    def runs(self) -> int:
+        """Number of runs in the minute."""
+        return self.passes + self.warnings + self.failures + self.no_data
+
+
+@dataclass(frozen=True)
+class ActionRecord:
+    """An ``on_failure`` / ``on_recovery`` action the agent took, or held back."""
+
+    vm: str
+    check: str
+    trigger: str  # "on_failure" | "on_recovery"
+    kind: ActionKind
+    outcome: str  # "done" | "failed" | "suppressed"
+    detail: str
+    time: datetime
 
 
 # --------------------------------------------------------------------------------------- the rules

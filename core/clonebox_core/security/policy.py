@@ -26,6 +26,7 @@ _OP = "/clonebox.controller.v1.OperationService/"
 _PKI = "/clonebox.controller.v1.PkiService/"
 _AUDIT = "/clonebox.controller.v1.AuditService/"
 _RECOVERY = "/clonebox.controller.v1.RecoveryService/"
+_HEALTH = "/clonebox.controller.v1.HealthService/"
 
 POLICY: Mapping[str, frozenset[str]] = {
     # agents accept only the controller (peer agents arrive with transfers)
@@ -44,6 +45,8 @@ POLICY: Mapping[str, frozenset[str]] = {
             "WatchVms",
             "ListTransactions",
             "Recover",
+            "WatchHealth",
+            "CheckHealth",
         )
     },
     # the controller accepts agents only on the agent-facing session
@@ -83,6 +86,12 @@ POLICY: Mapping[str, frozenset[str]] = {
     _RECOVERY + "ListRecoveries": VIEWERS,
     _RECOVERY + "GetRecovery": VIEWERS,
     _RECOVERY + "RunRecovery": ADMINS,
+    # health: viewers see states and history; running a VM's probes now (commands in the guest) is for operators
+    _HEALTH + "GetVmHealth": VIEWERS,
+    _HEALTH + "ListHealth": VIEWERS,
+    _HEALTH + "WatchHealth": VIEWERS,
+    _HEALTH + "GetHealthHistory": VIEWERS,
+    _HEALTH + "CheckHealth": OPERATORS,
     # standard services: any authenticated peer may ask for health and reflection
     "/grpc.health.v1.Health/Check": EVERYONE,
     "/grpc.health.v1.Health/Watch": EVERYONE,

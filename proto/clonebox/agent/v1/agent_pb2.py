@@ -22,69 +22,78 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from clonebox.type.v1 import health_pb2 as clonebox_dot_type_dot_v1_dot_health__pb2
 from clonebox.type.v1 import host_pb2 as clonebox_dot_type_dot_v1_dot_host__pb2
 from clonebox.type.v1 import recovery_pb2 as clonebox_dot_type_dot_v1_dot_recovery__pb2
 from clonebox.type.v1 import resources_pb2 as clonebox_dot_type_dot_v1_dot_resources__pb2
 from clonebox.type.v1 import vm_pb2 as clonebox_dot_type_dot_v1_dot_vm__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63lonebox/agent/v1/agent.proto\x12\x11\x63lonebox.agent.v1\x1a\x1b\x63lonebox/type/v1/host.proto\x1a\x1f\x63lonebox/type/v1/recovery.proto\x1a clonebox/type/v1/resources.proto\x1a\x19\x63lonebox/type/v1/vm.proto\"\x14\n\x12GetHostInfoRequest\"\x95\x02\n\x13GetHostInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x08\x63\x61pacity\x18\x02 \x01(\x0b\x32\x1b.clonebox.type.v1.Resources\x12\x30\n\x0b\x61llocatable\x18\x03 \x01(\x0b\x32\x1b.clonebox.type.v1.Resources\x12\x34\n\nhypervisor\x18\x04 \x01(\x0b\x32 .clonebox.type.v1.HypervisorInfo\x12,\n\x08revision\x18\x05 \x01(\x0b\x32\x1a.clonebox.type.v1.Revision\x12\x0f\n\x07serving\x18\x06 \x01(\x08\x12\x1a\n\x12not_serving_reason\x18\x07 \x01(\t\"m\n\x0f\x43reateVmRequest\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.clonebox.type.v1.VmSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\x08\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\"`\n\x10\x43reateVmResponse\x12 \n\x02vm\x18\x01 \x01(\x0b\x32\x14.clonebox.type.v1.Vm\x12*\n\x04plan\x18\x02 \x01(\x0b\x32\x1c.clonebox.type.v1.CreatePlan\"\x1c\n\x0cGetVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"1\n\rGetVmResponse\x12 \n\x02vm\x18\x01 \x01(\x0b\x32\x14.clonebox.type.v1.Vm\"/\n\x10GetSshKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\"6\n\x11GetSshKeyResponse\x12\x13\n\x0bprivate_key\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\"\x9a\x01\n\x13RotateSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rpassword_hash\x18\x03 \x01(\t\x12\x17\n\x0f\x65xpire_password\x18\x04 \x01(\x08\x12\x1b\n\x13ssh_authorized_keys\x18\x05 \x03(\t\x12\x14\n\x0creplace_keys\x18\x06 \x01(\x08\"5\n\x14RotateSecretResponse\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x02 \x03(\t\"\x10\n\x0eListVmsRequest\"b\n\x0fListVmsResponse\x12!\n\x03vms\x18\x01 \x03(\x0b\x32\x14.clonebox.type.v1.Vm\x12,\n\x08revision\x18\x02 \x01(\x0b\x32\x1a.clonebox.type.v1.Revision\"2\n\x0eStartVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"3\n\x0fStartVmResponse\x12 \n\x02vm\x18\x01 \x01(\x0b\x32\x14.clonebox.type.v1.Vm\"Y\n\rStopVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\r\x12\r\n\x05\x66orce\x18\x04 \x01(\x08\"B\n\x0eStopVmResponse\x12 \n\x02vm\x18\x01 \x01(\x0b\x32\x14.clonebox.type.v1.Vm\x12\x0e\n\x06\x66orced\x18\x02 \x01(\x08\"3\n\x0f\x44\x65leteVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\")\n\x10\x44\x65leteVmResponse\x12\x15\n\rremoved_paths\x18\x01 \x03(\t\"<\n\x0fWatchVmsRequest\x12)\n\x05\x61\x66ter\x18\x01 \x01(\x0b\x32\x1a.clonebox.type.v1.Revision\"\xa0\x01\n\x10WatchVmsResponse\x12,\n\x08revision\x18\x01 \x01(\x0b\x32\x1a.clonebox.type.v1.Revision\x12,\n\x04type\x18\x02 \x01(\x0e\x32\x1e.clonebox.agent.v1.VmEventType\x12 \n\x02vm\x18\x03 \x01(\x0b\x32\x14.clonebox.type.v1.Vm\x12\x0e\n\x06reason\x18\x04 \x01(\t\"G\n\x17ListTransactionsRequest\x12\x19\n\x11include_committed\x18\x01 \x01(\x08\x12\x11\n\tpage_size\x18\x02 \x01(\r\"O\n\x18ListTransactionsResponse\x12\x33\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x1d.clonebox.type.v1.Transaction\"3\n\x0eRecoverRequest\x12\r\n\x05sweep\x18\x01 \x01(\x08\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"p\n\x0fRecoverResponse\x12\x32\n\x0brolled_back\x18\x01 \x03(\x0b\x32\x1d.clonebox.type.v1.Transaction\x12)\n\x07orphans\x18\x02 \x03(\x0b\x32\x18.clonebox.type.v1.Orphan*|\n\x0bVmEventType\x12\x1d\n\x19VM_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13VM_EVENT_TYPE_ADDED\x10\x01\x12\x1a\n\x16VM_EVENT_TYPE_MODIFIED\x10\x02\x12\x19\n\x15VM_EVENT_TYPE_DELETED\x10\x03\x32\xa4\x08\n\x0c\x41gentService\x12\\\n\x0bGetHostInfo\x12%.clonebox.agent.v1.GetHostInfoRequest\x1a&.clonebox.agent.v1.GetHostInfoResponse\x12S\n\x08\x43reateVm\x12\".clonebox.agent.v1.CreateVmRequest\x1a#.clonebox.agent.v1.CreateVmResponse\x12J\n\x05GetVm\x12\x1f.clonebox.agent.v1.GetVmRequest\x1a .clonebox.agent.v1.GetVmResponse\x12V\n\tGetSshKey\x12#.clonebox.agent.v1.GetSshKeyRequest\x1a$.clonebox.agent.v1.GetSshKeyResponse\x12_\n\x0cRotateSecret\x12&.clonebox.agent.v1.RotateSecretRequest\x1a\'.clonebox.agent.v1.RotateSecretResponse\x12P\n\x07ListVms\x12!.clonebox.agent.v1.ListVmsRequest\x1a\".clonebox.agent.v1.ListVmsResponse\x12P\n\x07StartVm\x12!.clonebox.agent.v1.StartVmRequest\x1a\".clonebox.agent.v1.StartVmResponse\x12M\n\x06StopVm\x12 .clonebox.agent.v1.StopVmRequest\x1a!.clonebox.agent.v1.StopVmResponse\x12S\n\x08\x44\x65leteVm\x12\".clonebox.agent.v1.DeleteVmRequest\x1a#.clonebox.agent.v1.DeleteVmResponse\x12U\n\x08WatchVms\x12\".clonebox.agent.v1.WatchVmsRequest\x1a#.clonebox.agent.v1.WatchVmsResponse0\x01\x12k\n\x10ListTransactions\x12*.clonebox.agent.v1.ListTransactionsRequest\x1a+.clonebox.agent.v1.ListTransactionsResponse\x12P\n\x07Recover\x12!.clonebox.agent.v1.RecoverRequest\x1a\".clonebox.agent.v1.RecoverResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63lonebox/agent/v1/agent.proto\x12\x11\x63lonebox.agent.v1\x1a\x1d\x63lonebox/type/v1/health.proto\x1a\x1b\x63lonebox/type/v1/host.proto\x1a\x1f\x63lonebox/type/v1/recovery.proto\x1a clonebox/type/v1/resources.proto\x1a\x19\x63lonebox/type/v1/vm.proto\"\x14\n\x12GetHostInfoRequest\"\x95\x02\n\x13GetHostInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x08\x63\x61pacity\x18\x02 \x01(\x0b\x32\x1b.clonebox.type.v1.Resources\x12\x30\n\x0b\x61llocatable\x18\x03 \x01(\x0b\x32\x1b.clonebox.type.v1.Resources\x12\x34\n\nhypervisor\x18\x04 \x01(\x0b\x32 .clonebox.type.v1.HypervisorInfo\x12,\n\x08revision\x18\x05 \x01(\x0b\x32\x1a.clonebox.type.v1.Revision\x12\x0f\n\x07serving\x18\x06 \x01(\x08\x12\x1a\n\x12not_serving_reason\x18\x07 \x01(\t\"m\n\x0f\x43reateVmRequest\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.clonebox.type.v1.VmSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\x08\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\"`\n\x10\x43reateVmResponse\x12 \n\x02vm\x18\x01 \x01(\x0b\x32\x14.clonebox.type.v1.Vm\x12*\n\x04plan\x18\x02 \x01(\x0b\x32\x1c.clonebox.type.v1.CreatePlan\"\x1c\n\x0cGetVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"1\n\rGetVmResponse\x12 \n\x02vm\x18\x01 \x01(\x0b\x32\x14.clonebox.type.v1.Vm\"/\n\x10GetSshKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\"6\n\x11GetSshKeyResponse\x12\x13\n\x0bprivate_key\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\"\x9a\x01\n\x13RotateSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rpassword_hash\x18\x03 \x01(\t\x12\x17\n\x0f\x65xpire_password\x18\x04 \x01(\x08\x12\x1b\n\x13ssh_authorized_keys\x18\x05 \x03(\t\x12\x14\n\x0creplace_keys\x18\x06 \x01(\x08\"5\n\x14RotateSecretResponse\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x02 \x03(\t\"\x10\n\x0eListVmsRequest\"b\n\x0fListVmsResponse\x12!\n\x03vms\x18\x01 \x03(\x0b\x32\x14.clonebox.type.v1.Vm\x12,\n\x08revision\x18\x02 \x01(\x0b\x32\x1a.clonebox.type.v1.Revision\"2\n\x0eStartVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"3\n\x0fStartVmResponse\x12 \n\x02vm\x18\x01 \x01(\x0b\x32\x14.clonebox.type.v1.Vm\"Y\n\rStopVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\r\x12\r\n\x05\x66orce\x18\x04 \x01(\x08\"B\n\x0eStopVmResponse\x12 \n\x02vm\x18\x01 \x01(\x0b\x32\x14.clonebox.type.v1.Vm\x12\x0e\n\x06\x66orced\x18\x02 \x01(\x08\"3\n\x0f\x44\x65leteVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\")\n\x10\x44\x65leteVmResponse\x12\x15\n\rremoved_paths\x18\x01 \x03(\t\"<\n\x0fWatchVmsRequest\x12)\n\x05\x61\x66ter\x18\x01 \x01(\x0b\x32\x1a.clonebox.type.v1.Revision\"\xa0\x01\n\x10WatchVmsResponse\x12,\n\x08revision\x18\x01 \x01(\x0b\x32\x1a.clonebox.type.v1.Revision\x12,\n\x04type\x18\x02 \x01(\x0e\x32\x1e.clonebox.agent.v1.VmEventType\x12 \n\x02vm\x18\x03 \x01(\x0b\x32\x14.clonebox.type.v1.Vm\x12\x0e\n\x06reason\x18\x04 \x01(\t\"G\n\x17ListTransactionsRequest\x12\x19\n\x11include_committed\x18\x01 \x01(\x08\x12\x11\n\tpage_size\x18\x02 \x01(\r\"O\n\x18ListTransactionsResponse\x12\x33\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x1d.clonebox.type.v1.Transaction\"3\n\x0eRecoverRequest\x12\r\n\x05sweep\x18\x01 \x01(\x08\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"p\n\x0fRecoverResponse\x12\x32\n\x0brolled_back\x18\x01 \x03(\x0b\x32\x1d.clonebox.type.v1.Transaction\x12)\n\x07orphans\x18\x02 \x03(\x0b\x32\x18.clonebox.type.v1.Orphan\"\x14\n\x12WatchHealthRequest\"\x89\x02\n\x13WatchHealthResponse\x12*\n\x06health\x18\x01 \x01(\x0b\x32\x1a.clonebox.type.v1.VmHealth\x12\x37\n\x0btransitions\x18\x02 \x03(\x0b\x32\".clonebox.type.v1.HealthTransition\x12\x35\n\naggregates\x18\x03 \x03(\x0b\x32!.clonebox.type.v1.HealthAggregate\x12\x35\n\x07\x61\x63tions\x18\x04 \x03(\x0b\x32$.clonebox.type.v1.HealthActionRecord\x12\x0f\n\x07removed\x18\x05 \x01(\x08\x12\x0e\n\x06synced\x18\x06 \x01(\x08\"1\n\x12\x43heckHealthRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63heck\x18\x02 \x01(\t\"q\n\x13\x43heckHealthResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.clonebox.type.v1.ProbeResult\x12*\n\x06health\x18\x02 \x01(\x0b\x32\x1a.clonebox.type.v1.VmHealth*|\n\x0bVmEventType\x12\x1d\n\x19VM_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13VM_EVENT_TYPE_ADDED\x10\x01\x12\x1a\n\x16VM_EVENT_TYPE_MODIFIED\x10\x02\x12\x19\n\x15VM_EVENT_TYPE_DELETED\x10\x03\x32\xe2\t\n\x0c\x41gentService\x12\\\n\x0bGetHostInfo\x12%.clonebox.agent.v1.GetHostInfoRequest\x1a&.clonebox.agent.v1.GetHostInfoResponse\x12S\n\x08\x43reateVm\x12\".clonebox.agent.v1.CreateVmRequest\x1a#.clonebox.agent.v1.CreateVmResponse\x12J\n\x05GetVm\x12\x1f.clonebox.agent.v1.GetVmRequest\x1a .clonebox.agent.v1.GetVmResponse\x12V\n\tGetSshKey\x12#.clonebox.agent.v1.GetSshKeyRequest\x1a$.clonebox.agent.v1.GetSshKeyResponse\x12_\n\x0cRotateSecret\x12&.clonebox.agent.v1.RotateSecretRequest\x1a\'.clonebox.agent.v1.RotateSecretResponse\x12P\n\x07ListVms\x12!.clonebox.agent.v1.ListVmsRequest\x1a\".clonebox.agent.v1.ListVmsResponse\x12P\n\x07StartVm\x12!.clonebox.agent.v1.StartVmRequest\x1a\".clonebox.agent.v1.StartVmResponse\x12M\n\x06StopVm\x12 .clonebox.agent.v1.StopVmRequest\x1a!.clonebox.agent.v1.StopVmResponse\x12S\n\x08\x44\x65leteVm\x12\".clonebox.agent.v1.DeleteVmRequest\x1a#.clonebox.agent.v1.DeleteVmResponse\x12U\n\x08WatchVms\x12\".clonebox.agent.v1.WatchVmsRequest\x1a#.clonebox.agent.v1.WatchVmsResponse0\x01\x12k\n\x10ListTransactions\x12*.clonebox.agent.v1.ListTransactionsRequest\x1a+.clonebox.agent.v1.ListTransactionsResponse\x12P\n\x07Recover\x12!.clonebox.agent.v1.RecoverRequest\x1a\".clonebox.agent.v1.RecoverResponse\x12^\n\x0bWatchHealth\x12%.clonebox.agent.v1.WatchHealthRequest\x1a&.clonebox.agent.v1.WatchHealthResponse0\x01\x12\\\n\x0b\x43heckHealth\x12%.clonebox.agent.v1.CheckHealthRequest\x1a&.clonebox.agent.v1.CheckHealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clonebox.agent.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VMEVENTTYPE']._serialized_start=2108
-  _globals['_VMEVENTTYPE']._serialized_end=2232
-  _globals['_GETHOSTINFOREQUEST']._serialized_start=175
-  _globals['_GETHOSTINFOREQUEST']._serialized_end=195
-  _globals['_GETHOSTINFORESPONSE']._serialized_start=198
-  _globals['_GETHOSTINFORESPONSE']._serialized_end=475
-  _globals['_CREATEVMREQUEST']._serialized_start=477
-  _globals['_CREATEVMREQUEST']._serialized_end=586
-  _globals['_CREATEVMRESPONSE']._serialized_start=588
-  _globals['_CREATEVMRESPONSE']._serialized_end=684
-  _globals['_GETVMREQUEST']._serialized_start=686
-  _globals['_GETVMREQUEST']._serialized_end=714
-  _globals['_GETVMRESPONSE']._serialized_start=716
-  _globals['_GETVMRESPONSE']._serialized_end=765
-  _globals['_GETSSHKEYREQUEST']._serialized_start=767
-  _globals['_GETSSHKEYREQUEST']._serialized_end=814
-  _globals['_GETSSHKEYRESPONSE']._serialized_start=816
-  _globals['_GETSSHKEYRESPONSE']._serialized_end=870
-  _globals['_ROTATESECRETREQUEST']._serialized_start=873
-  _globals['_ROTATESECRETREQUEST']._serialized_end=1027
-  _globals['_ROTATESECRETRESPONSE']._serialized_start=1029
-  _globals['_ROTATESECRETRESPONSE']._serialized_end=1082
-  _globals['_LISTVMSREQUEST']._serialized_start=1084
-  _globals['_LISTVMSREQUEST']._serialized_end=1100
-  _globals['_LISTVMSRESPONSE']._serialized_start=1102
-  _globals['_LISTVMSRESPONSE']._serialized_end=1200
-  _globals['_STARTVMREQUEST']._serialized_start=1202
-  _globals['_STARTVMREQUEST']._serialized_end=1252
-  _globals['_STARTVMRESPONSE']._serialized_start=1254
-  _globals['_STARTVMRESPONSE']._serialized_end=1305
-  _globals['_STOPVMREQUEST']._serialized_start=1307
-  _globals['_STOPVMREQUEST']._serialized_end=1396
-  _globals['_STOPVMRESPONSE']._serialized_start=1398
-  _globals['_STOPVMRESPONSE']._serialized_end=1464
-  _globals['_DELETEVMREQUEST']._serialized_start=1466
-  _globals['_DELETEVMREQUEST']._serialized_end=1517
-  _globals['_DELETEVMRESPONSE']._serialized_start=1519
-  _globals['_DELETEVMRESPONSE']._serialized_end=1560
-  _globals['_WATCHVMSREQUEST']._serialized_start=1562
-  _globals['_WATCHVMSREQUEST']._serialized_end=1622
-  _globals['_WATCHVMSRESPONSE']._serialized_start=1625
-  _globals['_WATCHVMSRESPONSE']._serialized_end=1785
-  _globals['_LISTTRANSACTIONSREQUEST']._serialized_start=1787
-  _globals['_LISTTRANSACTIONSREQUEST']._serialized_end=1858
-  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_start=1860
-  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_end=1939
-  _globals['_RECOVERREQUEST']._serialized_start=1941
-  _globals['_RECOVERREQUEST']._serialized_end=1992
-  _globals['_RECOVERRESPONSE']._serialized_start=1994
-  _globals['_RECOVERRESPONSE']._serialized_end=2106
-  _globals['_AGENTSERVICE']._serialized_start=2235
-  _globals['_AGENTSERVICE']._serialized_end=3295
+  _globals['_VMEVENTTYPE']._serialized_start=2595
+  _globals['_VMEVENTTYPE']._serialized_end=2719
+  _globals['_GETHOSTINFOREQUEST']._serialized_start=206
+  _globals['_GETHOSTINFOREQUEST']._serialized_end=226
+  _globals['_GETHOSTINFORESPONSE']._serialized_start=229
+  _globals['_GETHOSTINFORESPONSE']._serialized_end=506
+  _globals['_CREATEVMREQUEST']._serialized_start=508
+  _globals['_CREATEVMREQUEST']._serialized_end=617
+  _globals['_CREATEVMRESPONSE']._serialized_start=619
+  _globals['_CREATEVMRESPONSE']._serialized_end=715
+  _globals['_GETVMREQUEST']._serialized_start=717
+  _globals['_GETVMREQUEST']._serialized_end=745
+  _globals['_GETVMRESPONSE']._serialized_start=747
+  _globals['_GETVMRESPONSE']._serialized_end=796
+  _globals['_GETSSHKEYREQUEST']._serialized_start=798
+  _globals['_GETSSHKEYREQUEST']._serialized_end=845
+  _globals['_GETSSHKEYRESPONSE']._serialized_start=847
+  _globals['_GETSSHKEYRESPONSE']._serialized_end=901
+  _globals['_ROTATESECRETREQUEST']._serialized_start=904
+  _globals['_ROTATESECRETREQUEST']._serialized_end=1058
+  _globals['_ROTATESECRETRESPONSE']._serialized_start=1060
+  _globals['_ROTATESECRETRESPONSE']._serialized_end=1113
+  _globals['_LISTVMSREQUEST']._serialized_start=1115
+  _globals['_LISTVMSREQUEST']._serialized_end=1131
+  _globals['_LISTVMSRESPONSE']._serialized_start=1133
+  _globals['_LISTVMSRESPONSE']._serialized_end=1231
+  _globals['_STARTVMREQUEST']._serialized_start=1233
+  _globals['_STARTVMREQUEST']._serialized_end=1283
+  _globals['_STARTVMRESPONSE']._serialized_start=1285
+  _globals['_STARTVMRESPONSE']._serialized_end=1336
+  _globals['_STOPVMREQUEST']._serialized_start=1338
+  _globals['_STOPVMREQUEST']._serialized_end=1427
+  _globals['_STOPVMRESPONSE']._serialized_start=1429
+  _globals['_STOPVMRESPONSE']._serialized_end=1495
+  _globals['_DELETEVMREQUEST']._serialized_start=1497
+  _globals['_DELETEVMREQUEST']._serialized_end=1548
+  _globals['_DELETEVMRESPONSE']._serialized_start=1550
+  _globals['_DELETEVMRESPONSE']._serialized_end=1591
+  _globals['_WATCHVMSREQUEST']._serialized_start=1593
+  _globals['_WATCHVMSREQUEST']._serialized_end=1653
+  _globals['_WATCHVMSRESPONSE']._serialized_start=1656
+  _globals['_WATCHVMSRESPONSE']._serialized_end=1816
+  _globals['_LISTTRANSACTIONSREQUEST']._serialized_start=1818
+  _globals['_LISTTRANSACTIONSREQUEST']._serialized_end=1889
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_start=1891
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_end=1970
+  _globals['_RECOVERREQUEST']._serialized_start=1972
+  _globals['_RECOVERREQUEST']._serialized_end=2023
+  _globals['_RECOVERRESPONSE']._serialized_start=2025
+  _globals['_RECOVERRESPONSE']._serialized_end=2137
+  _globals['_WATCHHEALTHREQUEST']._serialized_start=2139
+  _globals['_WATCHHEALTHREQUEST']._serialized_end=2159
+  _globals['_WATCHHEALTHRESPONSE']._serialized_start=2162
+  _globals['_WATCHHEALTHRESPONSE']._serialized_end=2427
+  _globals['_CHECKHEALTHREQUEST']._serialized_start=2429
+  _globals['_CHECKHEALTHREQUEST']._serialized_end=2478
+  _globals['_CHECKHEALTHRESPONSE']._serialized_start=2480
+  _globals['_CHECKHEALTHRESPONSE']._serialized_end=2593
+  _globals['_AGENTSERVICE']._serialized_start=2722
+  _globals['_AGENTSERVICE']._serialized_end=3972
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from clonebox.type.v1 import health_pb2 as _health_pb2
 from clonebox.type.v1 import host_pb2 as _host_pb2
 from clonebox.type.v1 import recovery_pb2 as _recovery_pb2
 from clonebox.type.v1 import resources_pb2 as _resources_pb2
@@ -736,3 +737,126 @@ class RecoverResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecoverResponse: _TypeAlias = RecoverResponse  # noqa: Y015
+
+@_typing.final
+class WatchHealthRequest(_message.Message):
+    """WatchHealthRequest starts a health stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchHealthRequest: _TypeAlias = WatchHealthRequest  # noqa: Y015
+
+@_typing.final
+class WatchHealthResponse(_message.Message):
+    """WatchHealthResponse is one update of one VM's health."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEALTH_FIELD_NUMBER: _builtins.int
+    TRANSITIONS_FIELD_NUMBER: _builtins.int
+    AGGREGATES_FIELD_NUMBER: _builtins.int
+    ACTIONS_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    SYNCED_FIELD_NUMBER: _builtins.int
+    removed: _builtins.bool
+    """The VM is gone (deleted, or no longer ours)."""
+    synced: _builtins.bool
+    """Set on the one message that ends the initial snapshot (no health in it)."""
+    @_builtins.property
+    def health(self) -> _health_pb2.VmHealth:
+        """The VM's health after this update (for removed: its last health)."""
+
+    @_builtins.property
+    def transitions(self) -> _containers.RepeatedCompositeFieldContainer[_health_pb2.HealthTransition]:
+        """State changes that led to it, oldest first (empty in the snapshot)."""
+
+    @_builtins.property
+    def aggregates(self) -> _containers.RepeatedCompositeFieldContainer[_health_pb2.HealthAggregate]:
+        """Minutes of runs that closed since the last update."""
+
+    @_builtins.property
+    def actions(self) -> _containers.RepeatedCompositeFieldContainer[_health_pb2.HealthActionRecord]:
+        """Actions taken since the last update."""
+
+    def __init__(
+        self,
+        *,
+        health: _health_pb2.VmHealth | None = ...,
+        transitions: _abc.Iterable[_health_pb2.HealthTransition] | None = ...,
+        aggregates: _abc.Iterable[_health_pb2.HealthAggregate] | None = ...,
+        actions: _abc.Iterable[_health_pb2.HealthActionRecord] | None = ...,
+        removed: _builtins.bool = ...,
+        synced: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["health", b"health"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "aggregates", b"aggregates", "health", b"health", "removed", b"removed", "synced", b"synced", "transitions", b"transitions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchHealthResponse: _TypeAlias = WatchHealthResponse  # noqa: Y015
+
+@_typing.final
+class CheckHealthRequest(_message.Message):
+    """CheckHealthRequest runs checks now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CHECK_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """VM name."""
+    check: _builtins.str
+    """Only this check (empty: all)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        check: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckHealthRequest: _TypeAlias = CheckHealthRequest  # noqa: Y015
+
+@_typing.final
+class CheckHealthResponse(_message.Message):
+    """CheckHealthResponse reports the runs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[_health_pb2.ProbeResult]:
+        """One result per check run."""
+
+    @_builtins.property
+    def health(self) -> _health_pb2.VmHealth:
+        """The VM's health as the schedule has it (unchanged by these runs)."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[_health_pb2.ProbeResult] | None = ...,
+        health: _health_pb2.VmHealth | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["health", b"health"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["health", b"health", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckHealthResponse: _TypeAlias = CheckHealthResponse  # noqa: Y015

@@ -95,6 +95,16 @@ class AgentServiceStub:
                 request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.RecoverRequest.SerializeToString,
                 response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.RecoverResponse.FromString,
                 _registered_method=True)
+        self.WatchHealth = channel.unary_stream(
+                '/clonebox.agent.v1.AgentService/WatchHealth',
+                request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.WatchHealthRequest.SerializeToString,
+                response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.WatchHealthResponse.FromString,
+                _registered_method=True)
+        self.CheckHealth = channel.unary_unary(
+                '/clonebox.agent.v1.AgentService/CheckHealth',
+                request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.CheckHealthRequest.SerializeToString,
+                response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.CheckHealthResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -185,6 +195,20 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchHealth(self, request, context):
+        """WatchHealth streams the health of every VM: a snapshot, then changes, actions and minute aggregates.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckHealth(self, request, context):
+        """CheckHealth runs a VM's checks once now and reports (it does not count toward thresholds).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -247,6 +271,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Recover,
                     request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.RecoverRequest.FromString,
                     response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.RecoverResponse.SerializeToString,
+            ),
+            'WatchHealth': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchHealth,
+                    request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.WatchHealthRequest.FromString,
+                    response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.WatchHealthResponse.SerializeToString,
+            ),
+            'CheckHealth': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckHealth,
+                    request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.CheckHealthRequest.FromString,
+                    response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.CheckHealthResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -574,6 +608,60 @@ class AgentService:
             '/clonebox.agent.v1.AgentService/Recover',
             clonebox_dot_agent_dot_v1_dot_agent__pb2.RecoverRequest.SerializeToString,
             clonebox_dot_agent_dot_v1_dot_agent__pb2.RecoverResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchHealth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/clonebox.agent.v1.AgentService/WatchHealth',
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.WatchHealthRequest.SerializeToString,
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.WatchHealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckHealth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clonebox.agent.v1.AgentService/CheckHealth',
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.CheckHealthRequest.SerializeToString,
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.CheckHealthResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,10 @@ class AgentServiceStub:
     """ListTransactions lists recent journaled transactions, newest first."""
     Recover: _grpc.UnaryUnaryMultiCallable[_agent_pb2.RecoverRequest, _agent_pb2.RecoverResponse]
     """Recover rolls back open transactions and reports (or with sweep removes) orphaned leftovers."""
+    WatchHealth: _grpc.UnaryStreamMultiCallable[_agent_pb2.WatchHealthRequest, _agent_pb2.WatchHealthResponse]
+    """WatchHealth streams the health of every VM: a snapshot, then changes, actions and minute aggregates."""
+    CheckHealth: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CheckHealthRequest, _agent_pb2.CheckHealthResponse]
+    """CheckHealth runs a VM's checks once now and reports (it does not count toward thresholds)."""
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -87,6 +91,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """ListTransactions lists recent journaled transactions, newest first."""
     Recover: _aio.UnaryUnaryMultiCallable[_agent_pb2.RecoverRequest, _agent_pb2.RecoverResponse]  # type: ignore[assignment]
     """Recover rolls back open transactions and reports (or with sweep removes) orphaned leftovers."""
+    WatchHealth: _aio.UnaryStreamMultiCallable[_agent_pb2.WatchHealthRequest, _agent_pb2.WatchHealthResponse]  # type: ignore[assignment]
+    """WatchHealth streams the health of every VM: a snapshot, then changes, actions and minute aggregates."""
+    CheckHealth: _aio.UnaryUnaryMultiCallable[_agent_pb2.CheckHealthRequest, _agent_pb2.CheckHealthResponse]  # type: ignore[assignment]
+    """CheckHealth runs a VM's checks once now and reports (it does not count toward thresholds)."""
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService runs on every hypervisor host and is the only code that touches libvirt."""
@@ -186,5 +194,21 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.RecoverResponse, _abc.Awaitable[_agent_pb2.RecoverResponse]]:
         """Recover rolls back open transactions and reports (or with sweep removes) orphaned leftovers."""
+
+    @_abc_1.abstractmethod
+    def WatchHealth(
+        self,
+        request: _agent_pb2.WatchHealthRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.WatchHealthResponse], _abc.AsyncIterator[_agent_pb2.WatchHealthResponse]]:
+        """WatchHealth streams the health of every VM: a snapshot, then changes, actions and minute aggregates."""
+
+    @_abc_1.abstractmethod
+    def CheckHealth(
+        self,
+        request: _agent_pb2.CheckHealthRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.CheckHealthResponse, _abc.Awaitable[_agent_pb2.CheckHealthResponse]]:
+        """CheckHealth runs a VM's checks once now and reports (it does not count toward thresholds)."""
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

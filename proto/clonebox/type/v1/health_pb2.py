@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63lonebox/type/v1/health.proto\x12\x10\x63lonebox.type.v1\"\xe2\x04\n\x0bHealthCheck\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x04type\x18\x02 \x01(\x0e\x32!.clonebox.type.v1.HealthCheckType\x12\x13\n\x0binterval_ms\x18\x03 \x01(\r\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\x12\x18\n\x10initial_delay_ms\x18\x05 \x01(\r\x12\x19\n\x11\x66\x61ilure_threshold\x18\x06 \x01(\r\x12\x19\n\x11success_threshold\x18\x07 \x01(\r\x12\x15\n\x08\x63ritical\x18\x08 \x01(\x08H\x00\x88\x01\x01\x12)\n\x04http\x18\t \x01(\x0b\x32\x1b.clonebox.type.v1.HttpCheck\x12\'\n\x03tcp\x18\n \x01(\x0b\x32\x1a.clonebox.type.v1.TcpCheck\x12/\n\x07\x63ommand\x18\x0b \x01(\x0b\x32\x1e.clonebox.type.v1.CommandCheck\x12-\n\x06script\x18\x0c \x01(\x0b\x32\x1d.clonebox.type.v1.ScriptCheck\x12\x31\n\x08resource\x18\r \x01(\x0b\x32\x1f.clonebox.type.v1.ResourceCheck\x12)\n\x04\x66ile\x18\x0e \x01(\x0b\x32\x1b.clonebox.type.v1.FileCheck\x12\x31\n\non_failure\x18\x0f \x01(\x0b\x32\x1d.clonebox.type.v1.CheckAction\x12\x32\n\x0bon_recovery\x18\x10 \x01(\x0b\x32\x1d.clonebox.type.v1.CheckActionB\x0b\n\t_critical\"\x85\x02\n\tHttpCheck\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06scheme\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x15\n\rexpect_status\x18\x05 \x03(\r\x12\x12\n\nbody_regex\x18\x06 \x01(\t\x12\x39\n\x07headers\x18\x07 \x03(\x0b\x32(.clonebox.type.v1.HttpCheck.HeadersEntry\x12\x17\n\ntls_verify\x18\x08 \x01(\x08H\x00\x88\x01\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\r\n\x0b_tls_verify\"\x18\n\x08TcpCheck\x12\x0c\n\x04port\x18\x01 \x01(\r\"G\n\x0c\x43ommandCheck\x12\x0c\n\x04\x61rgv\x18\x01 \x03(\t\x12\x13\n\x0b\x65xpect_exit\x18\x02 \x01(\x05\x12\x14\n\x0coutput_regex\x18\x03 \x01(\t\")\n\x0bScriptCheck\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\t\"-\n\x0bPercentBand\x12\x0c\n\x04warn\x18\x01 \x01(\x01\x12\x10\n\x08\x63ritical\x18\x02 \x01(\x01\"\x97\x01\n\rResourceCheck\x12*\n\x03\x63pu\x18\x01 \x01(\x0b\x32\x1d.clonebox.type.v1.PercentBand\x12-\n\x06memory\x18\x02 \x01(\x0b\x32\x1d.clonebox.type.v1.PercentBand\x12+\n\x04\x64isk\x18\x03 \x01(\x0b\x32\x1d.clonebox.type.v1.PercentBand\"(\n\tFileCheck\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05regex\x18\x02 \x01(\t\"O\n\x0b\x43heckAction\x12/\n\x04kind\x18\x01 \x01(\x0e\x32!.clonebox.type.v1.CheckActionKind\x12\x0f\n\x07\x63ommand\x18\x02 \x03(\t*\x87\x02\n\x0fHealthCheckType\x12!\n\x1dHEALTH_CHECK_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n\x16HEALTH_CHECK_TYPE_HTTP\x10\x01\x12\x19\n\x15HEALTH_CHECK_TYPE_TCP\x10\x02\x12\x1d\n\x19HEALTH_CHECK_TYPE_COMMAND\x10\x03\x12!\n\x1dHEALTH_CHECK_TYPE_GUEST_AGENT\x10\x04\x12\x1c\n\x18HEALTH_CHECK_TYPE_SCRIPT\x10\x05\x12\x1e\n\x1aHEALTH_CHECK_TYPE_RESOURCE\x10\x06\x12\x1a\n\x16HEALTH_CHECK_TYPE_FILE\x10\x07*r\n\x0f\x43heckActionKind\x12!\n\x1d\x43HECK_ACTION_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43HECK_ACTION_KIND_RESTART\x10\x01\x12\x1d\n\x19\x43HECK_ACTION_KIND_COMMAND\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63lonebox/type/v1/health.proto\x12\x10\x63lonebox.type.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe2\x04\n\x0bHealthCheck\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x04type\x18\x02 \x01(\x0e\x32!.clonebox.type.v1.HealthCheckType\x12\x13\n\x0binterval_ms\x18\x03 \x01(\r\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\x12\x18\n\x10initial_delay_ms\x18\x05 \x01(\r\x12\x19\n\x11\x66\x61ilure_threshold\x18\x06 \x01(\r\x12\x19\n\x11success_threshold\x18\x07 \x01(\r\x12\x15\n\x08\x63ritical\x18\x08 \x01(\x08H\x00\x88\x01\x01\x12)\n\x04http\x18\t \x01(\x0b\x32\x1b.clonebox.type.v1.HttpCheck\x12\'\n\x03tcp\x18\n \x01(\x0b\x32\x1a.clonebox.type.v1.TcpCheck\x12/\n\x07\x63ommand\x18\x0b \x01(\x0b\x32\x1e.clonebox.type.v1.CommandCheck\x12-\n\x06script\x18\x0c \x01(\x0b\x32\x1d.clonebox.type.v1.ScriptCheck\x12\x31\n\x08resource\x18\r \x01(\x0b\x32\x1f.clonebox.type.v1.ResourceCheck\x12)\n\x04\x66ile\x18\x0e \x01(\x0b\x32\x1b.clonebox.type.v1.FileCheck\x12\x31\n\non_failure\x18\x0f \x01(\x0b\x32\x1d.clonebox.type.v1.CheckAction\x12\x32\n\x0bon_recovery\x18\x10 \x01(\x0b\x32\x1d.clonebox.type.v1.CheckActionB\x0b\n\t_critical\"\x85\x02\n\tHttpCheck\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06scheme\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x15\n\rexpect_status\x18\x05 \x03(\r\x12\x12\n\nbody_regex\x18\x06 \x01(\t\x12\x39\n\x07headers\x18\x07 \x03(\x0b\x32(.clonebox.type.v1.HttpCheck.HeadersEntry\x12\x17\n\ntls_verify\x18\x08 \x01(\x08H\x00\x88\x01\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\r\n\x0b_tls_verify\"\x18\n\x08TcpCheck\x12\x0c\n\x04port\x18\x01 \x01(\r\"G\n\x0c\x43ommandCheck\x12\x0c\n\x04\x61rgv\x18\x01 \x03(\t\x12\x13\n\x0b\x65xpect_exit\x18\x02 \x01(\x05\x12\x14\n\x0coutput_regex\x18\x03 \x01(\t\")\n\x0bScriptCheck\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\t\"-\n\x0bPercentBand\x12\x0c\n\x04warn\x18\x01 \x01(\x01\x12\x10\n\x08\x63ritical\x18\x02 \x01(\x01\"\x97\x01\n\rResourceCheck\x12*\n\x03\x63pu\x18\x01 \x01(\x0b\x32\x1d.clonebox.type.v1.PercentBand\x12-\n\x06memory\x18\x02 \x01(\x0b\x32\x1d.clonebox.type.v1.PercentBand\x12+\n\x04\x64isk\x18\x03 \x01(\x0b\x32\x1d.clonebox.type.v1.PercentBand\"(\n\tFileCheck\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05regex\x18\x02 \x01(\t\"O\n\x0b\x43heckAction\x12/\n\x04kind\x18\x01 \x01(\x0e\x32!.clonebox.type.v1.CheckActionKind\x12\x0f\n\x07\x63ommand\x18\x02 \x03(\t\"\x9a\x01\n\x0bProbeResult\x12\r\n\x05\x63heck\x18\x01 \x01(\t\x12-\n\x06sample\x18\x02 \x01(\x0e\x32\x1d.clonebox.type.v1.ProbeSample\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64uration_us\x18\x05 \x01(\x04\"\xb3\x02\n\x0b\x43heckStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x04type\x18\x02 \x01(\x0e\x32!.clonebox.type.v1.HealthCheckType\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.clonebox.type.v1.HealthState\x12\x10\n\x08\x63ritical\x18\x04 \x01(\x08\x12\x1c\n\x14\x63onsecutive_failures\x18\x05 \x01(\r\x12\x1d\n\x15\x63onsecutive_successes\x18\x06 \x01(\r\x12+\n\x04last\x18\x07 \x01(\x0b\x32\x1d.clonebox.type.v1.ProbeResult\x12)\n\x05since\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08implicit\x18\t \x01(\x08\"\xd9\x01\n\x08VmHealth\x12\n\n\x02vm\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.clonebox.type.v1.HealthState\x12-\n\x06\x63hecks\x18\x04 \x03(\x0b\x32\x1d.clonebox.type.v1.CheckStatus\x12)\n\x05since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07updated\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe6\x01\n\x10HealthTransition\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\n\n\x02vm\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\r\n\x05\x63heck\x18\x04 \x01(\t\x12\x31\n\nfrom_state\x18\x05 \x01(\x0e\x32\x1d.clonebox.type.v1.HealthState\x12/\n\x08to_state\x18\x06 \x01(\x0e\x32\x1d.clonebox.type.v1.HealthState\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x64\x65tail\x18\x08 \x01(\t\"\xcf\x01\n\x0fHealthAggregate\x12\n\n\x02vm\x18\x01 \x01(\t\x12\r\n\x05\x63heck\x18\x02 \x01(\t\x12*\n\x06minute\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06passes\x18\x04 \x01(\r\x12\x10\n\x08warnings\x18\x05 \x01(\r\x12\x10\n\x08\x66\x61ilures\x18\x06 \x01(\r\x12\x0f\n\x07no_data\x18\x07 \x01(\r\x12\x17\n\x0f\x64uration_us_sum\x18\x08 \x01(\x04\x12\x17\n\x0f\x64uration_us_max\x18\t \x01(\x04\"\xbc\x01\n\x12HealthActionRecord\x12\n\n\x02vm\x18\x01 \x01(\t\x12\r\n\x05\x63heck\x18\x02 \x01(\t\x12\x0f\n\x07trigger\x18\x03 \x01(\t\x12/\n\x04kind\x18\x04 \x01(\x0e\x32!.clonebox.type.v1.CheckActionKind\x12\x0f\n\x07outcome\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x87\x02\n\x0fHealthCheckType\x12!\n\x1dHEALTH_CHECK_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n\x16HEALTH_CHECK_TYPE_HTTP\x10\x01\x12\x19\n\x15HEALTH_CHECK_TYPE_TCP\x10\x02\x12\x1d\n\x19HEALTH_CHECK_TYPE_COMMAND\x10\x03\x12!\n\x1dHEALTH_CHECK_TYPE_GUEST_AGENT\x10\x04\x12\x1c\n\x18HEALTH_CHECK_TYPE_SCRIPT\x10\x05\x12\x1e\n\x1aHEALTH_CHECK_TYPE_RESOURCE\x10\x06\x12\x1a\n\x16HEALTH_CHECK_TYPE_FILE\x10\x07*r\n\x0f\x43heckActionKind\x12!\n\x1d\x43HECK_ACTION_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43HECK_ACTION_KIND_RESTART\x10\x01\x12\x1d\n\x19\x43HECK_ACTION_KIND_COMMAND\x10\x02*\x96\x01\n\x0bHealthState\x12\x1c\n\x18HEALTH_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14HEALTH_STATE_UNKNOWN\x10\x01\x12\x18\n\x14HEALTH_STATE_HEALTHY\x10\x02\x12\x19\n\x15HEALTH_STATE_DEGRADED\x10\x03\x12\x1a\n\x16HEALTH_STATE_UNHEALTHY\x10\x04*\x8a\x01\n\x0bProbeSample\x12\x1c\n\x18PROBE_SAMPLE_UNSPECIFIED\x10\x00\x12\x15\n\x11PROBE_SAMPLE_PASS\x10\x01\x12\x15\n\x11PROBE_SAMPLE_WARN\x10\x02\x12\x15\n\x11PROBE_SAMPLE_FAIL\x10\x03\x12\x18\n\x14PROBE_SAMPLE_NO_DATA\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,28 +34,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HTTPCHECK_HEADERSENTRY']._loaded_options = None
   _globals['_HTTPCHECK_HEADERSENTRY']._serialized_options = b'8\001'
-  _globals['_HEALTHCHECKTYPE']._serialized_start=1395
-  _globals['_HEALTHCHECKTYPE']._serialized_end=1658
-  _globals['_CHECKACTIONKIND']._serialized_start=1660
-  _globals['_CHECKACTIONKIND']._serialized_end=1774
-  _globals['_HEALTHCHECK']._serialized_start=52
-  _globals['_HEALTHCHECK']._serialized_end=662
-  _globals['_HTTPCHECK']._serialized_start=665
-  _globals['_HTTPCHECK']._serialized_end=926
-  _globals['_HTTPCHECK_HEADERSENTRY']._serialized_start=865
-  _globals['_HTTPCHECK_HEADERSENTRY']._serialized_end=911
-  _globals['_TCPCHECK']._serialized_start=928
-  _globals['_TCPCHECK']._serialized_end=952
-  _globals['_COMMANDCHECK']._serialized_start=954
-  _globals['_COMMANDCHECK']._serialized_end=1025
-  _globals['_SCRIPTCHECK']._serialized_start=1027
-  _globals['_SCRIPTCHECK']._serialized_end=1068
-  _globals['_PERCENTBAND']._serialized_start=1070
-  _globals['_PERCENTBAND']._serialized_end=1115
-  _globals['_RESOURCECHECK']._serialized_start=1118
-  _globals['_RESOURCECHECK']._serialized_end=1269
-  _globals['_FILECHECK']._serialized_start=1271
-  _globals['_FILECHECK']._serialized_end=1311
-  _globals['_CHECKACTION']._serialized_start=1313
-  _globals['_CHECKACTION']._serialized_end=1392
+  _globals['_HEALTHCHECKTYPE']._serialized_start=2749
+  _globals['_HEALTHCHECKTYPE']._serialized_end=3012
+  _globals['_CHECKACTIONKIND']._serialized_start=3014
+  _globals['_CHECKACTIONKIND']._serialized_end=3128
+  _globals['_HEALTHSTATE']._serialized_start=3131
+  _globals['_HEALTHSTATE']._serialized_end=3281
+  _globals['_PROBESAMPLE']._serialized_start=3284
+  _globals['_PROBESAMPLE']._serialized_end=3422
+  _globals['_HEALTHCHECK']._serialized_start=85
+  _globals['_HEALTHCHECK']._serialized_end=695
+  _globals['_HTTPCHECK']._serialized_start=698
+  _globals['_HTTPCHECK']._serialized_end=959
+  _globals['_HTTPCHECK_HEADERSENTRY']._serialized_start=898
+  _globals['_HTTPCHECK_HEADERSENTRY']._serialized_end=944
+  _globals['_TCPCHECK']._serialized_start=961
+  _globals['_TCPCHECK']._serialized_end=985
+  _globals['_COMMANDCHECK']._serialized_start=987
+  _globals['_COMMANDCHECK']._serialized_end=1058
+  _globals['_SCRIPTCHECK']._serialized_start=1060
+  _globals['_SCRIPTCHECK']._serialized_end=1101
+  _globals['_PERCENTBAND']._serialized_start=1103
+  _globals['_PERCENTBAND']._serialized_end=1148
+  _globals['_RESOURCECHECK']._serialized_start=1151
+  _globals['_RESOURCECHECK']._serialized_end=1302
+  _globals['_FILECHECK']._serialized_start=1304
+  _globals['_FILECHECK']._serialized_end=1344
+  _globals['_CHECKACTION']._serialized_start=1346
+  _globals['_CHECKACTION']._serialized_end=1425
+  _globals['_PROBERESULT']._serialized_start=1428
+  _globals['_PROBERESULT']._serialized_end=1582
+  _globals['_CHECKSTATUS']._serialized_start=1585
+  _globals['_CHECKSTATUS']._serialized_end=1892
+  _globals['_VMHEALTH']._serialized_start=1895
+  _globals['_VMHEALTH']._serialized_end=2112
+  _globals['_HEALTHTRANSITION']._serialized_start=2115
+  _globals['_HEALTHTRANSITION']._serialized_end=2345
+  _globals['_HEALTHAGGREGATE']._serialized_start=2348
+  _globals['_HEALTHAGGREGATE']._serialized_end=2555
+  _globals['_HEALTHACTIONRECORD']._serialized_start=2558
+  _globals['_HEALTHACTIONRECORD']._serialized_end=2746
 # @@protoc_insertion_point(module_scope)

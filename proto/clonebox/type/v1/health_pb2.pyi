@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -86,6 +87,70 @@ CHECK_ACTION_KIND_RESTART: CheckActionKind.ValueType  # 1
 CHECK_ACTION_KIND_COMMAND: CheckActionKind.ValueType  # 2
 """Run a command inside the guest."""
 Global___CheckActionKind: _TypeAlias = CheckActionKind  # noqa: Y015
+
+class _HealthState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _HealthStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HealthState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    HEALTH_STATE_UNSPECIFIED: _HealthState.ValueType  # 0
+    """Not set."""
+    HEALTH_STATE_UNKNOWN: _HealthState.ValueType  # 1
+    """Not judged yet, or nothing to judge (statistics unavailable, VM not running)."""
+    HEALTH_STATE_HEALTHY: _HealthState.ValueType  # 2
+    """Passing."""
+    HEALTH_STATE_DEGRADED: _HealthState.ValueType  # 3
+    """Failing below the threshold after being healthy, warning, or a non-critical check unhealthy."""
+    HEALTH_STATE_UNHEALTHY: _HealthState.ValueType  # 4
+    """Failed failure_threshold times in a row (a critical check makes the whole VM unhealthy)."""
+
+class HealthState(_HealthState, metaclass=_HealthStateEnumTypeWrapper):
+    """HealthState is the state of one check or of a whole VM (rules in docs/health.md)."""
+
+HEALTH_STATE_UNSPECIFIED: HealthState.ValueType  # 0
+"""Not set."""
+HEALTH_STATE_UNKNOWN: HealthState.ValueType  # 1
+"""Not judged yet, or nothing to judge (statistics unavailable, VM not running)."""
+HEALTH_STATE_HEALTHY: HealthState.ValueType  # 2
+"""Passing."""
+HEALTH_STATE_DEGRADED: HealthState.ValueType  # 3
+"""Failing below the threshold after being healthy, warning, or a non-critical check unhealthy."""
+HEALTH_STATE_UNHEALTHY: HealthState.ValueType  # 4
+"""Failed failure_threshold times in a row (a critical check makes the whole VM unhealthy)."""
+Global___HealthState: _TypeAlias = HealthState  # noqa: Y015
+
+class _ProbeSample:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ProbeSampleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ProbeSample.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PROBE_SAMPLE_UNSPECIFIED: _ProbeSample.ValueType  # 0
+    """Not set."""
+    PROBE_SAMPLE_PASS: _ProbeSample.ValueType  # 1
+    """Passed."""
+    PROBE_SAMPLE_WARN: _ProbeSample.ValueType  # 2
+    """In a resource check's warning band."""
+    PROBE_SAMPLE_FAIL: _ProbeSample.ValueType  # 3
+    """Failed."""
+    PROBE_SAMPLE_NO_DATA: _ProbeSample.ValueType  # 4
+    """Nothing to judge (e.g. statistics unavailable)."""
+
+class ProbeSample(_ProbeSample, metaclass=_ProbeSampleEnumTypeWrapper):
+    """ProbeSample is what one run of a check found."""
+
+PROBE_SAMPLE_UNSPECIFIED: ProbeSample.ValueType  # 0
+"""Not set."""
+PROBE_SAMPLE_PASS: ProbeSample.ValueType  # 1
+"""Passed."""
+PROBE_SAMPLE_WARN: ProbeSample.ValueType  # 2
+"""In a resource check's warning band."""
+PROBE_SAMPLE_FAIL: ProbeSample.ValueType  # 3
+"""Failed."""
+PROBE_SAMPLE_NO_DATA: ProbeSample.ValueType  # 4
+"""Nothing to judge (e.g. statistics unavailable)."""
+Global___ProbeSample: _TypeAlias = ProbeSample  # noqa: Y015
 
 @_typing.final
 class HealthCheck(_message.Message):
@@ -460,3 +525,305 @@ class CheckAction(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CheckAction: _TypeAlias = CheckAction  # noqa: Y015
+
+@_typing.final
+class ProbeResult(_message.Message):
+    """ProbeResult is one run of one check."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECK_FIELD_NUMBER: _builtins.int
+    SAMPLE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    DURATION_US_FIELD_NUMBER: _builtins.int
+    check: _builtins.str
+    """Check name."""
+    sample: Global___ProbeSample.ValueType
+    """What it found."""
+    detail: _builtins.str
+    """Human-readable detail, e.g. "HTTP 200", "connection refused", "cpu 12%"."""
+    duration_us: _builtins.int
+    """How long it took, microseconds."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the run started."""
+
+    def __init__(
+        self,
+        *,
+        check: _builtins.str = ...,
+        sample: Global___ProbeSample.ValueType = ...,
+        detail: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        duration_us: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "detail", b"detail", "duration_us", b"duration_us", "sample", b"sample", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeResult: _TypeAlias = ProbeResult  # noqa: Y015
+
+@_typing.final
+class CheckStatus(_message.Message):
+    """CheckStatus is the current state of one check of a VM."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CRITICAL_FIELD_NUMBER: _builtins.int
+    CONSECUTIVE_FAILURES_FIELD_NUMBER: _builtins.int
+    CONSECUTIVE_SUCCESSES_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    IMPLICIT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Check name."""
+    type: Global___HealthCheckType.ValueType
+    """Check type."""
+    state: Global___HealthState.ValueType
+    """State by the rules."""
+    critical: _builtins.bool
+    """Whether an unhealthy state makes the VM unhealthy."""
+    consecutive_failures: _builtins.int
+    """Consecutive failed runs."""
+    consecutive_successes: _builtins.int
+    """Consecutive passed runs."""
+    implicit: _builtins.bool
+    """Whether the agent added it (the default guest_agent check), not the spec."""
+    @_builtins.property
+    def last(self) -> Global___ProbeResult:
+        """The latest run."""
+
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """When the check entered its state."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        type: Global___HealthCheckType.ValueType = ...,
+        state: Global___HealthState.ValueType = ...,
+        critical: _builtins.bool = ...,
+        consecutive_failures: _builtins.int = ...,
+        consecutive_successes: _builtins.int = ...,
+        last: Global___ProbeResult | None = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        implicit: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last", b"last", "since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consecutive_failures", b"consecutive_failures", "consecutive_successes", b"consecutive_successes", "critical", b"critical", "implicit", b"implicit", "last", b"last", "name", b"name", "since", b"since", "state", b"state", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckStatus: _TypeAlias = CheckStatus  # noqa: Y015
+
+@_typing.final
+class VmHealth(_message.Message):
+    """VmHealth is the health of one VM."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    UPDATED_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    """VM name."""
+    host: _builtins.str
+    """Host that runs its probes."""
+    state: Global___HealthState.ValueType
+    """Overall state."""
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckStatus]:
+        """Each check."""
+
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """When the VM entered its overall state."""
+
+    @_builtins.property
+    def updated(self) -> _timestamp_pb2.Timestamp:
+        """When any check last ran."""
+
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+        host: _builtins.str = ...,
+        state: Global___HealthState.ValueType = ...,
+        checks: _abc.Iterable[Global___CheckStatus] | None = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        updated: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "updated", b"updated"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "host", b"host", "since", b"since", "state", b"state", "updated", b"updated", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VmHealth: _TypeAlias = VmHealth  # noqa: Y015
+
+@_typing.final
+class HealthTransition(_message.Message):
+    """HealthTransition is a change of state of a check, or of the VM (check empty)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    VM_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    CHECK_FIELD_NUMBER: _builtins.int
+    FROM_STATE_FIELD_NUMBER: _builtins.int
+    TO_STATE_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """Order among the controller's stored transitions (0 on an agent's stream)."""
+    vm: _builtins.str
+    """VM name."""
+    host: _builtins.str
+    """Host."""
+    check: _builtins.str
+    """Check name; empty for the VM's overall state."""
+    from_state: Global___HealthState.ValueType
+    """State before."""
+    to_state: Global___HealthState.ValueType
+    """State after."""
+    detail: _builtins.str
+    """The run that caused it (its detail), or why (e.g. "vm stopped")."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When."""
+
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        vm: _builtins.str = ...,
+        host: _builtins.str = ...,
+        check: _builtins.str = ...,
+        from_state: Global___HealthState.ValueType = ...,
+        to_state: Global___HealthState.ValueType = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "detail", b"detail", "from_state", b"from_state", "host", b"host", "seq", b"seq", "time", b"time", "to_state", b"to_state", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HealthTransition: _TypeAlias = HealthTransition  # noqa: Y015
+
+@_typing.final
+class HealthAggregate(_message.Message):
+    """HealthAggregate sums one minute of runs of one check."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    CHECK_FIELD_NUMBER: _builtins.int
+    MINUTE_FIELD_NUMBER: _builtins.int
+    PASSES_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    NO_DATA_FIELD_NUMBER: _builtins.int
+    DURATION_US_SUM_FIELD_NUMBER: _builtins.int
+    DURATION_US_MAX_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    """VM name."""
+    check: _builtins.str
+    """Check name."""
+    passes: _builtins.int
+    """Passed runs."""
+    warnings: _builtins.int
+    """Warning runs."""
+    failures: _builtins.int
+    """Failed runs."""
+    no_data: _builtins.int
+    """Runs with nothing to judge."""
+    duration_us_sum: _builtins.int
+    """Sum of run durations, microseconds (mean = sum / runs)."""
+    duration_us_max: _builtins.int
+    """Longest run, microseconds."""
+    @_builtins.property
+    def minute(self) -> _timestamp_pb2.Timestamp:
+        """Start of the minute (UTC, whole minute)."""
+
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+        check: _builtins.str = ...,
+        minute: _timestamp_pb2.Timestamp | None = ...,
+        passes: _builtins.int = ...,
+        warnings: _builtins.int = ...,
+        failures: _builtins.int = ...,
+        no_data: _builtins.int = ...,
+        duration_us_sum: _builtins.int = ...,
+        duration_us_max: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["minute", b"minute"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "duration_us_max", b"duration_us_max", "duration_us_sum", b"duration_us_sum", "failures", b"failures", "minute", b"minute", "no_data", b"no_data", "passes", b"passes", "vm", b"vm", "warnings", b"warnings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HealthAggregate: _TypeAlias = HealthAggregate  # noqa: Y015
+
+@_typing.final
+class HealthActionRecord(_message.Message):
+    """HealthActionRecord is an on_failure / on_recovery action the agent took (or held back)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    CHECK_FIELD_NUMBER: _builtins.int
+    TRIGGER_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    """VM name."""
+    check: _builtins.str
+    """Check whose transition triggered it."""
+    trigger: _builtins.str
+    """"on_failure" or "on_recovery"."""
+    kind: Global___CheckActionKind.ValueType
+    """What it does."""
+    outcome: _builtins.str
+    """"done", "failed", or "suppressed" (back-off or restart cap)."""
+    detail: _builtins.str
+    """Detail (exit code, error, or why it was held back)."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When."""
+
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+        check: _builtins.str = ...,
+        trigger: _builtins.str = ...,
+        kind: Global___CheckActionKind.ValueType = ...,
+        outcome: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "detail", b"detail", "kind", b"kind", "outcome", b"outcome", "time", b"time", "trigger", b"trigger", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HealthActionRecord: _TypeAlias = HealthActionRecord  # noqa: Y015
