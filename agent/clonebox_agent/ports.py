@@ -81,6 +81,46 @@ class GuestExecResult:
     stderr: bytes = b""
 
 
+@dataclass(frozen=True)
+class DomainStats:
+    """One running domain's counters from the bulk statistics call (None: the hypervisor has no such figure).
+
+    CPU use is a rate: the health runner divides the ``cpu_time_ns`` difference of two samples by the
+    ``sampled_at`` difference (seconds, monotonic) and ``vcpus``. Memory use inside the guest needs the
+    balloon driver's statistics: ``(memory_available_kib - memory_unused_kib) / memory_available_kib``.
+    """
+
+    name: str
+    sampled_at: float
+    vcpus: int
+    cpu_time_ns: int | None = None
+    memory_available_kib: int | None = None
+    memory_unused_kib: int | None = None
+
+
+@dataclass(frozen=True)
+class GuestFilesystem:
+    """A mounted filesystem inside the guest, as qemu-ga reports it."""
+
+    mountpoint: str
+    fstype: str
+    used_bytes: int
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class ProbeTarget:
+    """An address of a VM that probe traffic may go to, and the host interface it goes through.
+
+    Only addresses inside the subnet of an active libvirt network the VM is attached to, whose bridge is
+    up on this host, are targets: probe traffic never leaves the machine. ``interface`` is that bridge
+    (the probe socket is bound to it); the fake adapter's loopback targets have ``interface == ""``.
+    """
+
+    address: str
+    interface: str
+
+
 #: steps and their states are part of the core model (they travel to the controller and the CLI)
 TxnStep = TransactionStep
 
@@ -211,6 +251,30 @@ class Hypervisor(Protocol):
 
     async def guest_file_exists(self, name: str, path: str) -> bool:
         """Whether ``path`` exists in the guest (qemu-ga guest-file-open); errors as ``guest_exec``."""
+        ...
+
+    async def guest_ping(self, name: str) -> None:
+        """qemu-ga answers ``guest-ping``; FailedPrecondition ``GUEST_AGENT_UNAVAILABLE`` when it does not."""
+        ...
+
+    async def guest_file_read(self, name: str, path: str, max_bytes: int) -> bytes | None:
+        """The first ``max_bytes`` of a guest file (None when it does not exist); errors as ``guest_exec``."""
+        ...
+
+    async def guest_filesystems(self, name: str) -> tuple[GuestFilesystem, ...]:
+        """Mounted filesystems with their use (qemu-ga ``guest-get-fsinfo``); errors as ``guest_exec``."""
+        ...
+
+    async def domain_stats(self) -> dict[str, DomainStats]:
+        """Counters of every running owned domain, by name, from ONE bulk call (never a call per VM).
+
+        A hypervisor without statistics (libvirt's test driver) returns an empty mapping: resource
+        probes then have no data.
+        """
+        ...
+
+    async def probe_targets(self, name: str) -> tuple[ProbeTarget, ...]:
+        """The VM's addresses that probes may reach (see ``ProbeTarget``); empty when none is known."""
         ...
 
     async def detach_seed(self, name: str) -> builtins.list[str]:
