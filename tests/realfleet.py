@@ -84,6 +84,17 @@ class RealFleet:
         controller_tls = TlsFiles.in_folder(self.root / "controller-host" / "tls", "controller")
         wait_serving(self.agent, self.root / "agent.log", controller_tls, f"{self.host}.agent.e2e.test", timeout=120)
 
+    def restart_controller(self) -> None:
+        """SIGKILL the controller and start it again on the same address and database; wait until it serves."""
+        proc = self.procs.pop("controller")
+        proc.kill()
+        proc.wait()
+        chost = self.root / "controller-host"
+        args = [sys.executable, "-m", "clonebox_controller.main", "--config", str(chost / "controller.yaml")]
+        self.procs["controller"] = _start(args, self.root / "controller.log", self.env, append=True)
+        user_tls = TlsFiles.in_folder(self.root / "user" / "tls", "user")
+        wait_serving(self.controller, self.root / "controller.log", user_tls, "controller.e2e.test")
+
     def kill_agent(self) -> None:
         """SIGKILL: no cleanup, no goodbye to the controller."""
         proc = self.procs.pop("agent")
@@ -164,8 +175,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def running_fleet(extra_env: Mapping[str, str] | None = None) -> Iterator[RealFleet]:
-    """A controller and an agent as processes; ``extra_env`` is added to their environment and the CLI's."""
+def running_fleet(
+    extra_env: Mapping[str, str] | None = None, agent_extra: Mapping[str, Any] | None = None
+) -> Iterator[RealFleet]:
+    """A controller and an agent as processes; ``extra_env`` is added to their environment and the CLI's.
+
+    ``agent_extra`` adds (or overrides) keys of the agent's config file.
+    """
     reason = libvirt_reason()
     if reason:
         pytest.skip(reason)
@@ -211,6 +227,7 @@ def running_fleet(extra_env: Mapping[str, str] | None = None) -> Iterator[RealFl
                 "image_dirs": [str(IMAGES)],
                 "heartbeat_interval_seconds": 1,
                 "stop_timeout_seconds": 30,
+                **(agent_extra or {}),
             }
         )
     )

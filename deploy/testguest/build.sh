@@ -24,7 +24,7 @@ DATA_SIZE=64M
 # depends=); crc32c_generic is only a *soft* dependency of ext4/jbd2 (crypto-crc32c, needed for
 # metadata_csum), so it has to be named. evdev gives busybox acpid the /dev/input/event* it reads.
 # virtio_console comes first because /init starts qemu-ga as soon as it is loaded.
-MODULES=(virtio_pci virtio_console virtio_blk virtio_net crc32c_generic ext4 button evdev)
+MODULES=(virtio_pci virtio_console virtio_blk virtio_net virtio_balloon crc32c_generic ext4 button evdev)
 # Fixed timestamps/UUID make identical inputs give byte-identical outputs (stable SHA256SUMS).
 # Not 0: mke2fs treats E2FSPROGS_FAKE_TIME=0 as unset.
 EPOCH=946684800

@@ -16,7 +16,7 @@ import pytest
 
 from clonebox_agent.adapters.common import CREATE_STEPS, OWNER_XATTR, Fault, owner_of
 from clonebox_agent.adapters.seediso import read_seed_iso
-from clonebox_agent.ports import Capability, EventKind
+from clonebox_agent.ports import Capability, DomainStats, EventKind
 from clonebox_core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from clonebox_core.model import (
     CloudInit,
@@ -112,7 +112,10 @@ async def test_create_twice_already_exists(h: Harness) -> None:
     assert (again.uuid, again.spec, again.state) == (first.uuid, spec, VmState.STOPPED)
 
 
-@pytest.mark.parametrize("method", ["get", "start", "shutdown", "destroy", "delete", "addresses"])
+@pytest.mark.parametrize(
+    "method",
+    ["get", "start", "shutdown", "destroy", "delete", "addresses", "guest_ping", "guest_filesystems", "probe_targets"],
+)
 async def test_unknown_vm_not_found(h: Harness, method: str) -> None:
     with pytest.raises(NotFound) as err:
         await getattr(h.hv, method)("no-such-vm")
@@ -169,6 +172,42 @@ async def test_guest_answers_then_honours_shutdown(h: Harness) -> None:
     assert ev.state == VmState.STOPPED
     assert (await h.hv.get(spec.name)).state == VmState.STOPPED
     assert await h.hv.addresses(spec.name) == ()
+
+
+async def test_guest_calls_on_a_stopped_vm_fail_and_it_has_no_probe_targets(h: Harness) -> None:
+    spec = h.spec(network=NetworkSpec(mode=NetworkMode.LIBVIRT, libvirt_network="default"))
+    await h.hv.create(spec, start=False)
+    for call in (
+        h.hv.guest_ping(spec.name),
+        h.hv.guest_file_read(spec.name, "/etc/hostname", 64),
+        h.hv.guest_filesystems(spec.name),
+    ):
+        with pytest.raises(FailedPrecondition) as err:
+            await call
+        assert err.value.reason == "GUEST_AGENT_UNAVAILABLE"
+    assert await h.hv.probe_targets(spec.name) == ()
+
+
+@pytest.mark.requires(Capability.GUEST_AGENT)
+async def test_guest_agent_health_calls(h: Harness) -> None:
+    spec = h.guest_spec()
+    await h.hv.create(spec, start=True)
+
+    async def pings() -> bool:
+        try:
+            await h.hv.guest_ping(spec.name)
+        except FailedPrecondition:
+            return False
+        return True
+
+    await h.wait_until(pings, 120 if h.real else 5, "the guest agent to answer guest-ping")
+    assert await h.hv.guest_file_read(spec.name, "/no/such/file-of-the-contract", 64) is None
+    filesystems = await h.hv.guest_filesystems(spec.name)
+    assert isinstance(filesystems, tuple)
+    for fs in filesystems:
+        assert fs.mountpoint and 0 <= fs.used_bytes <= fs.total_bytes
+    # network mode none: nothing that probes could reach
+    assert await h.hv.probe_targets(spec.name) == ()
 
 
 # ---- delete and cleanup -------------------------------------------------------------------------
@@ -296,6 +335,37 @@ async def test_list_is_one_bulk_call(h: Harness) -> None:
         listed = await h.hv.list()
         assert sorted(r.name for r in listed) == sorted(names)
         assert sum(h.hv.calls.values()) == 1, dict(h.hv.calls)
+
+
+async def test_domain_stats_are_one_bulk_call_for_running_vms(h: Harness) -> None:
+    running = []
+    for _ in range(2):
+        spec = h.spec()
+        await h.hv.create(spec, start=True)
+        running.append(spec.name)
+    stopped = h.spec()
+    await h.hv.create(stopped, start=False)
+    if h.kind == "fake":
+        # the fake reports scripted counters; those of a stopped VM must not come back
+        for n, name in enumerate([*running, stopped.name]):
+            h.hv.domain_counters[name] = DomainStats(name, time.monotonic(), 1, 10**9 * (n + 1), 65536, 32768)
+    await h.hv.list()  # learn ownership of new domains once
+    await h.hv.domain_stats()
+    h.hv.calls.clear()
+    stats = await h.hv.domain_stats()
+    assert sum(h.hv.calls.values()) == 1, dict(h.hv.calls)
+    assert isinstance(stats, dict)
+    # a hypervisor without statistics (the test driver) has no data, never data about other VMs
+    assert set(stats) <= set(running)
+    if Capability.REAL_STATS in h.capabilities:
+        assert set(stats) == set(running)
+        for name, sample in stats.items():
+            assert sample.name == name and sample.vcpus == 1
+            assert sample.cpu_time_ns is not None and sample.cpu_time_ns >= 0
+        later = await h.hv.domain_stats()
+        assert all(later[n].sampled_at >= stats[n].sampled_at for n in running)
+    await h.hv.destroy(running[0])
+    assert running[0] not in await h.hv.domain_stats()
 
 
 async def test_host_info(h: Harness) -> None:

@@ -31,7 +31,7 @@ import sys
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,6 +47,7 @@ from clonebox_agent.adapters.seediso import read_seed_iso
 from clonebox_core.secret import Secret
 from clonebox_core.secrets.passwords import sha512_crypt
 from clonebox_core.secrets.sshkeys import generate_ed25519_keypair
+from tests.e2e.guestagent import eventually, guest_sh, qga, wait_guest_agent
 from tests.e2e.otlp import Receiver, otlp_env, otlp_receiver
 from tests.realfleet import RealFleet, running_fleet
 from tests.unit.secrets.fake_vault import FakeVault
@@ -56,8 +57,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.libvirt]
 ADMIN = "spiffe://e2e.test/user/admin/ops"  # the user certificate realfleet issues
 QEMU_USER = "libvirt-qemu"
 PROVIDERS = ("env", "file", "age", "sops", "vault")
-#: bounds of every wait (the tiny guest boots under TCG: qemu-ga answers after ~10-20 s)
-GUEST_AGENT_SECONDS = 180.0
+#: bounds of every wait
 SPANS_SECONDS = 60.0
 AUDIT_SECONDS = 30.0
 SEED_DETACH_SECONDS = 60.0
@@ -66,18 +66,6 @@ T = TypeVar("T")
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-
-
-def eventually(probe: Callable[[], T | None], seconds: float, what: str, interval: float = 0.2) -> T:
-    """Poll ``probe`` until it returns something truthy, at most ``seconds``; fail naming ``what``."""
-    deadline = time.monotonic() + seconds
-    while True:
-        found = probe()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {seconds:g} s")
-        time.sleep(interval)
 
 
 def virsh(*args: str) -> str:
@@ -97,58 +85,6 @@ def disk_sources(domain_xml: str) -> list[str]:
     """Files of the domain's disks (disks and cdroms; an ejected cdrom has none)."""
     root = ET.fromstring(domain_xml)
     return [src.get("file", "") for src in root.findall("./devices/disk/source") if src.get("file")]
-
-
-class GuestAgentError(Exception):
-    """qemu-ga refused a command or did not answer."""
-
-
-def qga(domain: str, command: str, arguments: Mapping[str, Any] | None = None, timeout: int = 10) -> Any:
-    """One qemu-ga command through libvirt (``virsh qemu-agent-command``); its ``return`` value."""
-    payload: dict[str, Any] = {"execute": command}
-    if arguments is not None:
-        payload["arguments"] = dict(arguments)
-    r = subprocess.run(
-        ["virsh", "-c", "qemu:///system", "qemu-agent-command", "--timeout", str(timeout), domain, json.dumps(payload)],
-        capture_output=True,
-        text=True,
-        timeout=timeout + 30,
-        check=False,
-    )
-    if r.returncode != 0:
-        raise GuestAgentError(r.stderr.strip())
-    return json.loads(r.stdout)["return"]
-
-
-def wait_guest_agent(domain: str) -> float:
-    """Wait until qemu-ga in the guest answers; seconds it took."""
-    start = time.monotonic()
-
-    def ping() -> bool:
-        try:
-            qga(domain, "guest-ping", timeout=5)
-        except GuestAgentError:
-            return False
-        return True
-
-    eventually(ping, GUEST_AGENT_SECONDS, f"qemu-ga of {domain} answering guest-ping", interval=1.0)
-    return time.monotonic() - start
-
-
-def guest_sh(domain: str, script: str, timeout: float = 30.0) -> tuple[int, bytes, bytes]:
-    """Run ``/bin/sh -c script`` in the guest (guest-exec, then guest-exec-status until it exits)."""
-    pid = qga(domain, "guest-exec", {"path": "/bin/sh", "arg": ["-c", script], "capture-output": True})["pid"]
-
-    def status() -> dict[str, Any] | None:
-        answer: dict[str, Any] = qga(domain, "guest-exec-status", {"pid": pid})
-        return answer if answer.get("exited") else None
-
-    done = eventually(status, timeout, f"guest command {script!r} in {domain}", interval=0.1)
-    return (
-        int(done.get("exitcode", -1)),
-        base64.b64decode(done.get("out-data", "")),
-        base64.b64decode(done.get("err-data", "")),
-    )
 
 
 def write_private(path: Path, data: bytes) -> Path:

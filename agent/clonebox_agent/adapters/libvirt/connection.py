@@ -86,6 +86,7 @@ _C_NAMES: dict[tuple[str, str], str] = {
     ("virDomain", "info"): "virDomainGetInfo",
     ("virDomain", "XMLDesc"): "virDomainGetXMLDesc",
     ("virDomain", "metadata"): "virDomainGetMetadata",
+    ("virNetwork", "XMLDesc"): "virNetworkGetXMLDesc",
     ("virStoragePool", "XMLDesc"): "virStoragePoolGetXMLDesc",
     ("virStoragePool", "info"): "virStoragePoolGetInfo",
     ("virStoragePool", "createXML"): "virStorageVolCreateXML",

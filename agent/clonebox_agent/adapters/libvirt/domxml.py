@@ -22,6 +22,9 @@ NS_PREFIX = "cb"
 #: version of the JSON document in ``cb:spec`` (2: secret fields as digests, auth and provision)
 SPEC_VERSION = 2
 
+#: seconds between the guest balloon driver's memory statistics updates
+BALLOON_STATS_PERIOD = 5
+
 ET.register_namespace(NS_PREFIX, NAMESPACE)
 
 
@@ -182,6 +185,10 @@ def build_domain(cfg: DomainConfig) -> ET.Element:
     # guests block at boot waiting for entropy without it
     rng = _sub(devices, "rng", model="virtio")
     _sub(rng, "backend", "/dev/urandom", model="random")
+    # the guest's balloon driver reports memory in use only when asked to at a period: resource probes
+    # read it (balloon.available/unused) from the bulk statistics call
+    balloon = _sub(devices, "memballoon", model="virtio")
+    _sub(balloon, "stats", period=str(BALLOON_STATS_PERIOD))
     return dom
 
 

@@ -79,6 +79,11 @@ def is_code(err: BaseException, name: str) -> bool:
     return code_of(err) == _const(name)
 
 
+def is_unsupported(err: BaseException) -> bool:
+    """Tell whether ``err`` says the driver does not implement the call (or one of its flags)."""
+    return code_of(err) in _UNSUPPORTED
+
+
 def is_connection_error(err: BaseException) -> bool:
     """Tell whether ``err`` says the connection to libvirtd is broken (reconnect, retry later)."""
     if not isinstance(err, libvirt.libvirtError):

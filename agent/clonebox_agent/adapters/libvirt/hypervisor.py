@@ -56,11 +56,12 @@ from clonebox_agent.adapters.common import (
     StepHook,
 )
 from clonebox_agent.adapters.images import ResolvedSpec, image_info, resolve_spec
-from clonebox_agent.adapters.libvirt import domxml
+from clonebox_agent.adapters.libvirt import domxml, health
 from clonebox_agent.adapters.libvirt.connection import Connection, ensure_event_loop, traced_call
 from clonebox_agent.adapters.libvirt.errors import (
     is_code,
     is_connection_error,
+    is_unsupported,
     message_of,
     start_failed,
     to_clonebox,
@@ -71,10 +72,13 @@ from clonebox_agent.adapters.seediso import build_seed_iso, seed_cloud_init
 from clonebox_agent.ports import (
     Capability,
     DomainRecord,
+    DomainStats,
     EventKind,
     EventSink,
     GuestExecResult,
+    GuestFilesystem,
     HypervisorEvent,
+    ProbeTarget,
     StepLog,
 )
 from clonebox_core.errors import (
@@ -94,6 +98,7 @@ from clonebox_core.model import (
     Resources,
     ShareDriver,
     VmSpec,
+    VmState,
 )
 
 log = logging.getLogger(__name__)
@@ -109,6 +114,15 @@ _UNDEFINE_FLAGS = (
     | getattr(libvirt, "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA", 0)
 )
 _SEED_TARGET = "hdc"
+#: what resource probes need, for every running domain in one ``getAllDomainStats`` call
+_STATS_GROUPS = (
+    libvirt.VIR_DOMAIN_STATS_STATE
+    | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
+    | libvirt.VIR_DOMAIN_STATS_BALLOON
+    | libvirt.VIR_DOMAIN_STATS_VCPU
+)
+#: qemu-ga's answer travels base64-encoded in one libvirt RPC message (a few MiB at most): read in chunks
+_GUEST_READ_CHUNK = 1024 * 1024
 
 
 class _GuestFileMissing(Exception):
@@ -201,6 +215,10 @@ class LibvirtHypervisor:
         self._creating_lock = threading.Lock()
         self._raw_events: asyncio.Queue[tuple[str, int, int]] | None = None
         self._event_task: asyncio.Task[None] | None = None
+        #: where ``probe_targets`` reads whether a bridge is up (``<root>/class/net/<bridge>/flags``)
+        self.sysfs_root = "/sys"
+        # "this driver has no statistics" is logged once, not on every resource probe
+        self._no_stats_logged = False
 
     # ---- Hypervisor port -----------------------------------------------------------------------
 
@@ -303,6 +321,41 @@ class LibvirtHypervisor:
         """See ``Hypervisor.guest_file_exists``."""
         await self._checkpoint("guest_file_exists")
         return await self._run(self._guest_file_exists_sync, name, path)
+
+    async def guest_ping(self, name: str) -> None:
+        """See ``Hypervisor.guest_ping`` (qemu-ga ``guest-ping``)."""
+        await self._checkpoint("guest_ping")
+        await self._run(self._guest_ping_sync, name)
+
+    async def guest_file_read(self, name: str, path: str, max_bytes: int) -> bytes | None:
+        """See ``Hypervisor.guest_file_read`` (guest-file-open, -read until ``max_bytes`` or EOF, -close)."""
+        if max_bytes < 0:
+            raise ValueError("max_bytes must not be negative")
+        await self._checkpoint("guest_file_read")
+        return await self._run(self._guest_file_read_sync, name, path, max_bytes)
+
+    async def guest_filesystems(self, name: str) -> tuple[GuestFilesystem, ...]:
+        """See ``Hypervisor.guest_filesystems`` (qemu-ga ``guest-get-fsinfo``)."""
+        await self._checkpoint("guest_filesystems")
+        return await self._run(self._guest_filesystems_sync, name)
+
+    async def domain_stats(self) -> dict[str, DomainStats]:
+        """See ``Hypervisor.domain_stats``: one ``getAllDomainStats`` call for every running domain.
+
+        Empty on a driver without statistics (the test driver): it either rejects the call or answers
+        with the state group only.
+        """
+        await self._checkpoint("domain_stats")
+        return await self._run(self._domain_stats_sync)
+
+    async def probe_targets(self, name: str) -> tuple[ProbeTarget, ...]:
+        """See ``Hypervisor.probe_targets``: addresses in an active attached network whose bridge is up.
+
+        Empty unless libvirtd runs on this host: the bridges are checked in this host's sysfs, which
+        says nothing about a remote host's bridges or the test driver's make-believe networks.
+        """
+        await self._checkpoint("probe_targets")
+        return await self._run(self._probe_targets_sync, name)
 
     async def detach_seed(self, name: str) -> builtins.list[str]:
         """See ``Hypervisor.detach_seed``."""
@@ -1125,6 +1178,45 @@ class LibvirtHypervisor:
         self._agent_command(dom, vm, "guest-file-close", {"handle": handle})
         return True
 
+    def _guest_ping_sync(self, vm: str) -> None:
+        dom = self._running_domain(vm)
+        self._agent_command(dom, vm, "guest-ping", {})
+
+    def _guest_file_read_sync(self, vm: str, path: str, max_bytes: int) -> bytes | None:
+        dom = self._running_domain(vm)
+        try:
+            handle = self._agent_command(dom, vm, "guest-file-open", {"path": path, "mode": "r"})
+        except _GuestFileMissing:
+            return None
+        try:
+            data = self._guest_read_handle(dom, vm, handle, max_bytes)
+        except BaseException:
+            # qemu-ga keeps at most a few open handles: close this one, but report the read's failure
+            # rather than the close's (a dead agent fails both)
+            with contextlib.suppress(CloneboxError):
+                self._agent_command(dom, vm, "guest-file-close", {"handle": handle})
+            raise
+        self._agent_command(dom, vm, "guest-file-close", {"handle": handle})
+        return data
+
+    def _guest_read_handle(self, dom: Any, vm: str, handle: int, max_bytes: int) -> bytes:
+        chunks: builtins.list[bytes] = []
+        left = max_bytes
+        while left > 0:
+            answer = self._agent_command(
+                dom, vm, "guest-file-read", {"handle": handle, "count": min(left, _GUEST_READ_CHUNK)}
+            )
+            data = base64.b64decode(answer.get("buf-b64", ""))
+            chunks.append(data[:left])
+            left -= len(data)
+            if answer.get("eof") or not data:
+                break
+        return b"".join(chunks)
+
+    def _guest_filesystems_sync(self, vm: str) -> tuple[GuestFilesystem, ...]:
+        dom = self._running_domain(vm)
+        return health.filesystems_from_fsinfo(self._agent_command(dom, vm, "guest-get-fsinfo", {}))
+
     def _detach_seed_sync(self, vm: str) -> builtins.list[str]:
         domain = self.domain_name(vm)
         dom, _meta = self._owned_domain(vm)
@@ -1151,6 +1243,10 @@ class LibvirtHypervisor:
         dom, _meta = self._owned_domain(vm)
         if not _active(dom):
             return ()
+        return self._domain_addresses(dom, vm)
+
+    def _domain_addresses(self, dom: Any, vm: str) -> tuple[IpAddress, ...]:
+        """Addresses of a running domain: qemu-ga's when it answers, else the DHCP leases."""
         sources: builtins.list[tuple[int, str]] = []
         if Capability.GUEST_AGENT in self._caps:
             sources.append((libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT, "agent"))
@@ -1166,6 +1262,68 @@ class LibvirtHypervisor:
             if found:
                 return found
         return ()
+
+    # ---- health probes -------------------------------------------------------------------------
+
+    def _domain_stats_sync(self) -> dict[str, DomainStats]:
+        conn = self._conn.get()
+        try:
+            records = conn.getAllDomainStats(_STATS_GROUPS, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE)
+        except libvirt.libvirtError as exc:
+            if not is_unsupported(exc):
+                raise  # mapped by _run (a lost connection becomes HYPERVISOR_UNAVAILABLE)
+            self._no_statistics(message_of(exc))
+            return {}
+        sampled_at = time.monotonic()
+        out: dict[str, DomainStats] = {}
+        for dom, stats in records:
+            if not str(dom.name()).startswith(self.name_prefix):
+                continue
+            meta = self._owner_meta(dom)
+            if meta is None:
+                continue
+            # ACTIVE also covers paused domains, whose counters stand still: not "running"
+            state, _word = vm_state(int(stats.get("state.state", 0)), int(stats.get("state.reason", 0)))
+            if state != VmState.RUNNING:
+                continue
+            if not health.has_statistics(stats):
+                self._no_statistics("it reports no CPU or vCPU figures")
+                continue
+            out[meta.vm] = health.domain_stats_from(meta.vm, stats, sampled_at, meta.spec.vcpus)
+        return out
+
+    def _no_statistics(self, why: str) -> None:
+        if not self._no_stats_logged:
+            self._no_stats_logged = True
+            log.debug("libvirt at %s has no domain statistics (%s): resource probes get no data", self.uri, why)
+
+    def _probe_targets_sync(self, vm: str) -> tuple[ProbeTarget, ...]:
+        dom, _meta = self._owned_domain(vm)
+        if Capability.HOST_FILES not in self._caps or not _active(dom):
+            return ()
+        try:
+            networks = health.attached_networks(dom.XMLDesc(0))
+        except libvirt.libvirtError as exc:
+            if is_code(exc, "VIR_ERR_NO_DOMAIN"):
+                return ()  # removed meanwhile
+            raise self._error(exc, vm, "read the interfaces of") from None
+        if not networks:
+            return ()
+        addresses = self._domain_addresses(dom, vm)
+        if not addresses:
+            return ()
+        conn = self._conn.get()
+        active_xmls: builtins.list[str] = []
+        for network in networks:
+            try:
+                net = conn.networkLookupByName(network)
+                if net.isActive():
+                    active_xmls.append(str(net.XMLDesc(0)))
+            except libvirt.libvirtError as exc:
+                if is_code(exc, "VIR_ERR_NO_NETWORK"):
+                    continue  # undefined since the VM started: nothing of it can be reached
+                raise self._error(exc, vm, f"look up network {network} of") from None
+        return health.probe_targets((a.address for a in addresses), active_xmls, self.sysfs_root)
 
     # ---- events --------------------------------------------------------------------------------
 
