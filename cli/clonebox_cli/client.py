@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import grpc
 from clonebox.controller.v1 import (
     audit_service_pb2_grpc,
+    health_service_pb2_grpc,
     host_service_pb2_grpc,
     operation_service_pb2_grpc,
     pki_service_pb2_grpc,
@@ -51,7 +52,7 @@ def controller_server_name(transport: Transport) -> str | None:
 
 
 class ControllerClient:
-    """A blocking client of the controller's Host, Vm, Operation and Pki services."""
+    """A blocking client of the controller's services (Host, Vm, Operation, Pki, Audit, Recovery, Health)."""
 
     def __init__(
         self,
@@ -75,6 +76,7 @@ class ControllerClient:
         self._pki: Any = None
         self._audit: Any = None
         self._recovery: Any = None
+        self._health: Any = None
         #: a call on this client reached the server (later connection losses are outages, not handshakes)
         self._reached = False
 
@@ -129,6 +131,13 @@ class ControllerClient:
         if self._recovery is None:
             self._recovery = recovery_service_pb2_grpc.RecoveryServiceStub(self._ensure())
         return self._recovery  # type: ignore[no-any-return]
+
+    @property
+    def health(self) -> health_service_pb2_grpc.HealthServiceStub:
+        """HealthService stub."""
+        if self._health is None:
+            self._health = health_service_pb2_grpc.HealthServiceStub(self._ensure())
+        return self._health  # type: ignore[no-any-return]
 
     def translate(self, exc: grpc.RpcError) -> CloneboxError:
         """Map a failed call to its CloneboxError; say what to do when the controller is unreachable."""
@@ -202,6 +211,7 @@ class ControllerClient:
             self._channel.close()
             self._channel = None
             self._hosts = self._vms = self._operations = self._pki = self._audit = self._recovery = None
+            self._health = None
             self._reached = False
 
     def __enter__(self) -> ControllerClient:

@@ -99,6 +99,21 @@ def _when(value: datetime | None) -> str:
     return f"{value.isoformat(timespec='seconds')} ({_age(value)} ago)"
 
 
+def age(when: datetime | None, now: datetime | None = None) -> str:
+    """How long ago ``when`` was, shortest: ``42s``, ``5m``, ``3h``, ``2d`` (``-`` when unset)."""
+    return _age(when, now)
+
+
+def timestamp(msg: Message, field: str) -> datetime | None:
+    """The UTC time in a message's Timestamp ``field``, or None when it is unset."""
+    return _ts(msg, field)
+
+
+def when(value: datetime | None) -> str:
+    """An ISO time with its age: ``2026-11-26T10:00:00+00:00 (5m ago)`` (``-`` when unset)."""
+    return _when(value)
+
+
 def _state(value: enum.Enum) -> str:
     return value.name.lower().replace("_", "-")
 

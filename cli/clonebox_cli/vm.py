@@ -22,6 +22,7 @@ from clonebox.type.v1 import operation_pb2, vm_pb2
 from clonebox_cli import output
 from clonebox_cli.client import ControllerClient
 from clonebox_cli.context import Settings, settings
+from clonebox_cli.health import health_dict, health_section, vm_health
 from clonebox_cli.operation import TimeoutOpt, print_started, wait_and_check
 from clonebox_core.errors import InvalidArgument
 from clonebox_core.model import VmSpec
@@ -260,7 +261,13 @@ def show(
     name: NameArg,
     as_spec: Annotated[bool, typer.Option("--spec", help="Print the VM's spec as a spec file instead.")] = False,
 ) -> None:
-    """Show one VM."""
+    """
+    Show one VM, with its health (overall state, since when, each check's state and last detail).
+
+    When the controller cannot report health (an older controller without the HealthService, or the
+    health is unavailable right now) the VM is still shown, with "health: unavailable (REASON)"; in
+    -o json the "health" key then holds {"unavailable": REASON, "message": ...} instead of the health.
+    """
     s = settings(ctx)
     client = s.client()
     vm = client.call(client.vms.GetVm, vms_pb2.GetVmRequest(name=name)).vm
@@ -269,7 +276,21 @@ def show(
 
         typer.echo(dump_spec(vm_from_proto(vm).spec), nl=False)
         return
-    _print_vm(s, vm)
+    found, problem = vm_health(client, name)
+    if s.json:
+        shown: dict[str, Any] = (
+            health_dict(found)
+            if found is not None
+            else {"unavailable": problem.reason if problem else "", "message": problem.message if problem else ""}
+        )
+        output.emit_json({**output.message_dict(vm), "health": shown})
+        return
+    console = output.console()
+    console.print(output.vm_details(vm))
+    if found is not None:
+        console.print(health_section(found))
+    else:
+        console.print(f"health: unavailable ({problem.reason if problem else 'UNKNOWN'})")
 
 
 def _finish_power(

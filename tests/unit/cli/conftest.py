@@ -10,6 +10,9 @@ behaviours, chosen by VM name:
 * ``fail-*``: the create operation ends with RESOURCE_EXHAUSTED (HOST_CAPACITY_EXCEEDED);
 * ``slow-*``: the create operation never finishes (for ``--timeout``);
 * ``--host sick``: CreateVm fails at once with FAILED_PRECONDITION (HOST_NOT_SERVING).
+
+FakeHealthService answers from ``FakeFleet.health`` (and ``check_results``, ``histories``); its
+WatchHealth plays ``FakeFleet.watch_sessions``, one scripted session per call (see ``WatchStep``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import Any
 import grpc
 import pytest
 from clonebox.controller.v1 import (
+    health_service_pb2,
+    health_service_pb2_grpc,
     host_service_pb2,
     host_service_pb2_grpc,
     operation_service_pb2,
@@ -35,7 +40,7 @@ from clonebox.controller.v1 import (
     vm_service_pb2,
     vm_service_pb2_grpc,
 )
-from clonebox.type.v1 import host_pb2, operation_pb2, resources_pb2, vm_pb2
+from clonebox.type.v1 import health_pb2, host_pb2, operation_pb2, resources_pb2, vm_pb2
 from cryptography import x509
 from grpc_status import rpc_status
 from typer.testing import CliRunner
@@ -63,6 +68,13 @@ def abort(context: grpc.ServicerContext, err: CloneboxError) -> None:
     context.abort_with_status(rpc_status.to_status(to_status_proto(err)))
 
 
+#: one step of a scripted WatchHealth session: a message to send, an error to end the call with, an
+#: event to set (to tell the test where the stream is), or HOLD (keep the stream open until cancelled);
+#: a session that runs out of steps ends the stream normally
+WatchStep = Any
+HOLD = "hold"
+
+
 @dataclass
 class FakeFleet:
     """State shared by the fake servicers."""
@@ -80,6 +92,18 @@ class FakeFleet:
     revoked: set[str] = field(default_factory=set)
     #: when set, RenewCertificate fails with it
     renew_error: CloneboxError | None = None
+    #: health by VM name (FakeHealthService)
+    health: dict[str, health_pb2.VmHealth] = field(default_factory=dict)
+    #: what CheckHealth reports for a VM
+    check_results: dict[str, list[health_pb2.ProbeResult]] = field(default_factory=dict)
+    #: what GetHealthHistory returns for a VM
+    histories: dict[str, health_service_pb2.GetHealthHistoryResponse] = field(default_factory=dict)
+    #: one scripted session per WatchHealth call (see WatchStep); none left: hold the stream open
+    watch_sessions: list[list[WatchStep]] = field(default_factory=list)
+    #: when set, GetVmHealth fails with it
+    health_error: CloneboxError | None = None
+    #: GetVmHealth answers UNIMPLEMENTED, like a controller without the HealthService
+    health_unimplemented: bool = False
 
     def record(self, method: str, request: Any) -> None:
         with self.lock:
@@ -387,6 +411,70 @@ class FakeOperationService(operation_service_pb2_grpc.OperationServiceServicer):
         return operation_service_pb2.ListOperationsResponse(operations=ops[: request.page_size or 50])
 
 
+class FakeHealthService(health_service_pb2_grpc.HealthServiceServicer):
+    """HealthService over the fake fleet; WatchHealth plays the fleet's scripted sessions."""
+
+    def __init__(self, fleet: FakeFleet) -> None:
+        self.fleet = fleet
+
+    def _known(self, name: str, context: grpc.ServicerContext) -> None:
+        if name not in self.fleet.vms and name not in self.fleet.health:
+            abort(context, NotFound(f"vm {name} not found", reason="VM_NOT_FOUND"))
+
+    def GetVmHealth(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.fleet.record("GetVmHealth", request)
+        if self.fleet.health_unimplemented:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        if self.fleet.health_error is not None:
+            abort(context, self.fleet.health_error)
+        self._known(request.name, context)
+        health = self.fleet.health.get(request.name)
+        if health is None:  # no report yet, as on the real controller
+            health = health_pb2.VmHealth(vm=request.name, state=health_pb2.HEALTH_STATE_UNKNOWN)
+        return health_service_pb2.GetVmHealthResponse(health=health)
+
+    def ListHealth(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.fleet.record("ListHealth", request)
+        found = [
+            h
+            for name, h in sorted(self.fleet.health.items())
+            if (not request.names or name in request.names) and (not request.states or h.state in request.states)
+        ]
+        return health_service_pb2.ListHealthResponse(health=found)
+
+    def CheckHealth(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.fleet.record("CheckHealth", request)
+        self._known(request.name, context)
+        results = [
+            r for r in self.fleet.check_results.get(request.name, []) if not request.check or r.check == request.check
+        ]
+        if request.check and not results:
+            abort(context, NotFound(f"vm {request.name} has no check {request.check}", reason="CHECK_NOT_FOUND"))
+        health = self.fleet.health.get(request.name, health_pb2.VmHealth(vm=request.name))
+        return health_service_pb2.CheckHealthResponse(results=results, health=health)
+
+    def GetHealthHistory(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.fleet.record("GetHealthHistory", request)
+        self._known(request.name, context)
+        return self.fleet.histories.get(request.name, health_service_pb2.GetHealthHistoryResponse())
+
+    def WatchHealth(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        self.fleet.record("WatchHealth", request)
+        with self.fleet.lock:
+            steps = self.fleet.watch_sessions.pop(0) if self.fleet.watch_sessions else [HOLD]
+        for step in steps:
+            if isinstance(step, CloneboxError):
+                abort(context, step)
+            elif isinstance(step, threading.Event):
+                step.set()
+            elif step == HOLD:
+                while context.is_active():
+                    time.sleep(0.02)
+                return
+            else:
+                yield step
+
+
 @dataclass
 class ThrowawayPki:
     """A throwaway CA in tmp_path and TLS folders issued from it (or from another CA)."""
@@ -440,8 +528,8 @@ class FakeController:
     tls_dir: Path
 
 
-def serve_fake(fleet: FakeFleet, pki: ThrowawayPki, *, tls: bool = True) -> tuple[grpc.Server, int]:
-    """Start the fake controller's services; mTLS with a controller certificate from the test CA."""
+def serve_fake(fleet: FakeFleet, pki: ThrowawayPki, *, tls: bool = True, port: int = 0) -> tuple[grpc.Server, int]:
+    """Start the fake controller's services (on ``port``, 0: a free one); mTLS with a certificate from the test CA."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     hosts = FakeHostService(fleet)
     hosts.ca = pki.ca
@@ -449,13 +537,14 @@ def serve_fake(fleet: FakeFleet, pki: ThrowawayPki, *, tls: bool = True) -> tupl
     vm_service_pb2_grpc.add_VmServiceServicer_to_server(FakeVmService(fleet), server)
     operation_service_pb2_grpc.add_OperationServiceServicer_to_server(FakeOperationService(fleet), server)
     pki_service_pb2_grpc.add_PkiServiceServicer_to_server(FakePkiService(fleet, pki.ca), server)
+    health_service_pb2_grpc.add_HealthServiceServicer_to_server(FakeHealthService(fleet), server)
     if tls:
         folder = pki.root / "controller-tls"
         if not folder.exists():
             pki.folder("controller-tls", "controller", "main", None)
-        port = server.add_secure_port("127.0.0.1:0", server_credentials(TlsFiles.in_folder(folder, "controller")))
+        port = server.add_secure_port(f"127.0.0.1:{port}", server_credentials(TlsFiles.in_folder(folder, "controller")))
     else:
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     return server, port
 
