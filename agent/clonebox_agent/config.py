@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import re
 import socket
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from clonebox_core.telemetry.logging import LogLevel
 from clonebox_core.telemetry.tracing import TracingConfig
+
+#: a POSIX portable user name (what useradd accepts)
+_USER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
 
 
 def _short_hostname() -> str:
@@ -73,3 +78,32 @@ class AgentConfig(BaseModel):
     log_levels: dict[str, LogLevel] = Field(default_factory=dict)
     #: OpenTelemetry export (OTEL_* environment variables apply too; nothing is exported unless configured)
     tracing: TracingConfig = TracingConfig()
+    #: folder of host executables that ``script`` health checks may name (root-owned, writable by root
+    #: only); empty: script checks are refused
+    probe_scripts_dir: str = ""
+    #: the user (and its primary group) script checks run as, when the agent runs as root
+    probe_user: str = "nobody"
+    #: health probe runs at the same time, at most (over every VM)
+    probe_concurrency: int = Field(64, ge=1, le=4096)
+    #: wait before a health restart of a VM that was restarted before in the window, doubling each time
+    health_restart_backoff_seconds: float = Field(10.0, ge=0, le=3600)
+    #: health restarts of one VM per window, at most (0: health checks never restart VMs)
+    health_max_restarts: int = Field(3, ge=0, le=100)
+    #: the window health_max_restarts counts in
+    health_restart_window_seconds: float = Field(600.0, gt=0, le=7 * 86400)
+
+    @field_validator("probe_scripts_dir")
+    @classmethod
+    def _scripts_dir_absolute(cls, value: str) -> str:
+        if value and not os.path.isabs(value):
+            raise ValueError(f"must be an absolute path (got {value!r}); empty disables script checks")
+        return os.path.normpath(value) if value else value
+
+    @field_validator("probe_user")
+    @classmethod
+    def _probe_user_name(cls, value: str) -> str:
+        if not _USER_NAME.fullmatch(value):
+            raise ValueError("must be a user name such as nobody")
+        if value == "root":
+            raise ValueError("script checks never run as root: name an unprivileged user")
+        return value

@@ -21,7 +21,9 @@ from clonebox.agent.v1 import agent_pb2, agent_pb2_grpc
 from clonebox.controller.v1 import host_service_pb2, host_service_pb2_grpc
 
 from clonebox_agent import faultinject
+from clonebox_agent.app.health import HealthMonitor, HealthSettings
 from clonebox_agent.app.keystore import KeyStore
+from clonebox_agent.app.probes import ScriptPolicy, ScriptRunner
 from clonebox_agent.app.service import AgentService
 from clonebox_agent.config import AgentConfig
 from clonebox_agent.credentials import enroll, renew_forever
@@ -113,9 +115,12 @@ class Agent:
         #: ids of forwarded audit events not yet acknowledged (one batch in flight per session)
         self._audit_in_flight: set[str] = set()
         step_hook = faultinject.hook_from_env()
+        hv = hypervisor if hypervisor is not None else build_hypervisor(config, step_hook)
+        # script checks run host executables: only from a root-owned folder, refused when none is set
+        scripts = ScriptPolicy(config.probe_scripts_dir) if config.probe_scripts_dir else None
         self.service = AgentService(
             config.name,
-            hypervisor if hypervisor is not None else build_hypervisor(config, step_hook),
+            hv,
             self.journal,
             reserve=Resources(config.reserve.vcpus, config.reserve.memory_mib, config.reserve.disk_mib),
             stop_timeout_seconds=config.stop_timeout_seconds,
@@ -124,6 +129,18 @@ class Agent:
             step_hook=step_hook,
             keys=KeyStore(Path(config.state_dir) / "ssh-keys"),
             seed_poll_seconds=config.seed_poll_seconds,
+            scripts=scripts,
+        )
+        self.health = HealthMonitor(
+            self.service,
+            hv,
+            settings=HealthSettings(
+                probe_concurrency=config.probe_concurrency,
+                restart_backoff_seconds=config.health_restart_backoff_seconds,
+                max_restarts=config.health_max_restarts,
+                restart_window_seconds=config.health_restart_window_seconds,
+            ),
+            scripts=ScriptRunner(scripts, config.probe_user) if scripts is not None else None,
         )
         self.metrics.track_vms(self._vm_counts)
         self.metrics_server: MetricsServer | None = None
@@ -160,10 +177,17 @@ class Agent:
             self.trust_domain = trust_domain_of(self.transport)
             self._needs_enrolment = False
         await self.service.start()
+        await self.health.start()
         authorizer = Authorizer(self.trust_domain, self._is_revoked) if self.trust_domain else None
         self.server = await start_server(
             self.config.listen,
-            [(agent_pb2_grpc.add_AgentServiceServicer_to_server, AgentServicer(self.service), SERVICE_NAME)],
+            [
+                (
+                    agent_pb2_grpc.add_AgentServiceServicer_to_server,
+                    AgentServicer(self.service, self.health),
+                    SERVICE_NAME,
+                )
+            ],
             self.transport,
             authorizer,
             observers=[
@@ -185,6 +209,9 @@ class Agent:
                 self._renewal = asyncio.create_task(
                     renew_forever(self.transport, self.config.controller), name="renewal"
                 )
+        else:
+            # standalone: no heartbeat refreshes grpc.health, so a loop of its own does
+            self._session = asyncio.create_task(self._follow_serving(), name="serving")
         log.info("agent %s listening on %s", self.config.name, self.address)
 
     async def stop(self) -> None:
@@ -200,6 +227,7 @@ class Agent:
             await self.server.stop()
         if self.metrics_server is not None:
             await self.metrics_server.aclose()
+        await self.health.close()
         await self.service.close()
         self.journal.close()
 
@@ -225,6 +253,14 @@ class Agent:
         if self.server is not None:
             await self.server.set_serving(info.serving)
         return info.serving, info.not_serving_reason
+
+    async def _follow_serving(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval_seconds)
+            try:
+                await self._refresh_serving()
+            except Exception:
+                log.exception("could not refresh the serving status")
 
     async def _messages(self) -> AsyncIterator[host_service_pb2.ConnectRequest]:
         info = await self.service.host_info()

@@ -14,7 +14,10 @@ Scripting:
 - ``delays={"start": 0.5}``: sleep at a method's entry or a step;
 - ``ignore_shutdown=True``: the guest ignores ACPI and the guest agent (only destroy stops it);
 - ``external_destroy/undefine/crash``, ``guest_poweroff``: changes made behind the agent's back;
-- ``set_network(name, active)``, ``set_serving(False, reason)``: a missing network, libvirtd down.
+- ``set_network(name, active)``, ``set_serving(False, reason)``: a missing network, libvirtd down;
+- health probes: ``guest_agent_down`` (qemu-ga does not answer), ``guest_file_contents`` (guest files and
+  their bytes), ``guest_fs`` (``guest_filesystems``), ``domain_counters`` (``domain_stats``) and
+  ``probe_addresses`` (``probe_targets``: loopback addresses of a test server, no bridge).
 """
 
 from __future__ import annotations
@@ -38,10 +41,13 @@ from clonebox_agent.adapters.seediso import build_seed_iso, seed_cloud_init
 from clonebox_agent.ports import (
     Capability,
     DomainRecord,
+    DomainStats,
     EventKind,
     EventSink,
     GuestExecResult,
+    GuestFilesystem,
     HypervisorEvent,
+    ProbeTarget,
     StepLog,
 )
 from clonebox_core.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
@@ -130,6 +136,16 @@ class FakeHypervisor:
         self.guest_execs: builtins.list[tuple[str, tuple[str, ...], bytes]] = []
         #: answers guest_exec (default: exit 0, no output)
         self.guest_exec_handler: Callable[[str, tuple[str, ...], bytes], GuestExecResult] | None = None
+        #: VMs whose qemu-ga does not answer (guest_ping and the other guest calls fail)
+        self.guest_agent_down: set[str] = set()
+        #: guest file contents by VM name and path (``guest_file_read``; ``guest_files`` read as b"")
+        self.guest_file_contents: dict[str, dict[str, bytes]] = {}
+        #: mounted guest filesystems by VM name (``guest_filesystems``)
+        self.guest_fs: dict[str, tuple[GuestFilesystem, ...]] = {}
+        #: counters by VM name (``domain_stats`` returns those of running domains)
+        self.domain_counters: dict[str, DomainStats] = {}
+        #: probe addresses by VM name (``probe_targets``, while running; no bridge, so no interface)
+        self.probe_addresses: dict[str, tuple[str, ...]] = {}
 
     # ---- scripting -----------------------------------------------------------------------------
 
@@ -370,6 +386,8 @@ class FakeHypervisor:
             raise FailedPrecondition(
                 f"VM {name} is not running: its guest agent cannot be reached", reason="GUEST_AGENT_UNAVAILABLE"
             )
+        if name in self.guest_agent_down:
+            raise FailedPrecondition(f"the guest agent of VM {name} does not answer", reason="GUEST_AGENT_UNAVAILABLE")
         return dom
 
     async def guest_exec(
@@ -387,6 +405,45 @@ class FakeHypervisor:
         await self._enter("guest_file_exists")
         self._guest(name)
         return path in self.guest_files.get(name, set())
+
+    async def guest_ping(self, name: str) -> None:
+        """See ``Hypervisor.guest_ping`` (fails for VMs in ``guest_agent_down``)."""
+        await self._enter("guest_ping")
+        self._guest(name)
+
+    async def guest_file_read(self, name: str, path: str, max_bytes: int) -> bytes | None:
+        """See ``Hypervisor.guest_file_read`` (``guest_file_contents``, then ``guest_files`` as empty)."""
+        await self._enter("guest_file_read")
+        self._guest(name)
+        content = self.guest_file_contents.get(name, {}).get(path)
+        if content is not None:
+            return content[: max(max_bytes, 0)]
+        return b"" if path in self.guest_files.get(name, set()) else None
+
+    async def guest_filesystems(self, name: str) -> tuple[GuestFilesystem, ...]:
+        """See ``Hypervisor.guest_filesystems`` (``guest_fs``)."""
+        await self._enter("guest_filesystems")
+        self._guest(name)
+        return self.guest_fs.get(name, ())
+
+    async def domain_stats(self) -> dict[str, DomainStats]:
+        """See ``Hypervisor.domain_stats``: ``domain_counters`` of running domains; {} without REAL_STATS."""
+        await self._enter("domain_stats")
+        if Capability.REAL_STATS not in self._caps:
+            return {}
+        return {
+            vm: stats
+            for vm, stats in self.domain_counters.items()
+            if (dom := self._domains.get(vm)) is not None and dom.state == VmState.RUNNING
+        }
+
+    async def probe_targets(self, name: str) -> tuple[ProbeTarget, ...]:
+        """See ``Hypervisor.probe_targets``: ``probe_addresses`` while running (loopback: no interface)."""
+        await self._enter("probe_targets")
+        dom = self._domain(name)
+        if dom.state != VmState.RUNNING:
+            return ()
+        return tuple(ProbeTarget(addr, interface="") for addr in self.probe_addresses.get(name, ()))
 
     async def detach_seed(self, name: str) -> builtins.list[str]:
         """See ``Hypervisor.detach_seed``."""

@@ -17,11 +17,12 @@ from datetime import UTC, datetime
 
 from clonebox_agent.app.events import EventLog, VmEvent, VmEventType
 from clonebox_agent.app.keystore import KeyStore
+from clonebox_agent.app.probes import ScriptPolicy, check_script_probes
 from clonebox_agent.app.recovery import Recovery, Rollback
 from clonebox_agent.journal.store import Journal, JournalStepLog, TxnState
 from clonebox_agent.ports import DomainRecord, EventKind, Hypervisor, HypervisorEvent
 from clonebox_core import specjson
-from clonebox_core.audit.event import AuditEvent, Outcome, new_event
+from clonebox_core.audit.event import SYSTEM_ACTOR, AuditEvent, Outcome, new_event
 from clonebox_core.errors import (
     AlreadyExists,
     CloneboxError,
@@ -119,13 +120,16 @@ class AgentService:
         step_hook: Callable[[str], None] | None = None,
         keys: KeyStore | None = None,
         seed_poll_seconds: float = 5.0,
+        scripts: ScriptPolicy | None = None,
     ) -> None:
         """
         ``step_hook`` sees the service's own named steps (``create:commit``); fault tests use it.
 
         ``keys`` keeps the SSH key pairs generated for version-2 specs that name no key (without it,
-        such a spec is refused).
+        such a spec is refused). ``scripts`` says which host executables ``script`` health checks may
+        name (without it, the agent has no ``probe_scripts_dir`` and such checks are refused).
         """
+        self._scripts = scripts
         self._step_hook = step_hook
         self._keys = keys
         #: VMs whose seed goes once cloud-init reports done (``cloud_init.detach_seed_after_boot``)
@@ -227,11 +231,17 @@ class AgentService:
         Once started, a create runs to its end (commit or rollback) even if the caller goes away: a
         cancelled RPC must never leave a VM made behind a "rolled back" record. The retry finds it.
         """
-        validate_resolved(spec)
+        self._check_spec(spec)
         task = asyncio.create_task(self._create_locked(spec, request_id, start), name=f"create-{spec.name}")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return await asyncio.shield(task)
+
+    def _check_spec(self, spec: VmSpec) -> None:
+        """The checks of a spec that need this agent's settings and files, before anything is made."""
+        validate_resolved(spec)
+        # a script check names an executable of this host: it must exist now, not fail at every run
+        check_script_probes(self._scripts, spec.health_checks)
 
     async def _create_locked(self, spec: VmSpec, request_id: str, start: bool) -> Vm:
         async with self._lock(spec.name):
@@ -322,20 +332,22 @@ class AgentService:
 
     async def plan_create(self, spec: VmSpec, *, start: bool = True) -> CreatePlan:
         """The steps and domain XML a create of ``spec`` would use, after the same checks; nothing is made."""
-        validate_resolved(spec)
+        self._check_spec(spec)
         plan = await self._hv.plan_create(spec, start=start)
         return replace(plan, host=self.host_name)
 
-    async def start_vm(self, name: str, *, request_id: str) -> Vm:
-        """Start a stopped VM; a running one is returned as it is."""
+    async def start_vm(self, name: str, *, request_id: str, actor: str | None = None) -> Vm:
+        """Start a stopped VM; a running one is returned as it is (``actor``: who, outside an RPC)."""
         check_dns_label("name", name)
         async with self._lock(name):
             vm = self._to_vm(await self._hv.start(name))
-            await self._remember(request_id, "start", name, {})
+            await self._remember(request_id, "start", name, {}, actor=actor)
             return vm
 
-    async def stop(self, name: str, *, request_id: str, timeout_seconds: int = 0, force: bool = False) -> StopResult:
-        """Graceful shutdown, forced off after the timeout (or at once with ``force``)."""
+    async def stop(
+        self, name: str, *, request_id: str, timeout_seconds: int = 0, force: bool = False, actor: str | None = None
+    ) -> StopResult:
+        """Graceful shutdown, forced off after the timeout (or at once with ``force``; ``actor`` as in start_vm)."""
         check_dns_label("name", name)
         timeout = timeout_seconds or self._stop_timeout
         async with self._lock(name):
@@ -354,7 +366,7 @@ class AgentService:
                         await self._hv.destroy(name)
                         forced = True
             vm = self._to_vm(await self._hv.get(name))
-            await self._remember(request_id, "stop", name, {"forced": forced})
+            await self._remember(request_id, "stop", name, {"forced": forced}, actor=actor)
             return StopResult(vm, forced)
 
     async def delete(self, name: str, *, request_id: str) -> list[str]:
@@ -481,6 +493,26 @@ class AgentService:
                 metadata={"vm": name},
             )
 
+    # ---- health ------------------------------------------------------------------------------
+
+    async def record_health_action(
+        self, name: str, check: str, trigger: str, kind: str, outcome: str, detail: str
+    ) -> None:
+        """Audit an action the health monitor took or held back (``vm.health_action``, actor ``system``).
+
+        ``detail`` is the monitor's own text (never a command's output).
+        """
+        result = {"done": Outcome.SUCCEEDED, "failed": Outcome.FAILED}.get(outcome, Outcome.REJECTED)
+        details: dict[str, object] = {
+            "check": check,
+            "trigger": trigger,
+            "kind": kind,
+            "outcome": outcome,
+            "detail": detail,
+        }
+        event = self._event("health_action", name, "", details, outcome=result, actor=SYSTEM_ACTOR)
+        await asyncio.to_thread(self._journal.add_events, [event])
+
     # ---- the cloud-init seed -------------------------------------------------------------------
 
     async def _watch_seeds(self) -> None:
@@ -548,20 +580,32 @@ class AgentService:
             )
         return outcome
 
-    def _event(self, method: str, target: str, request_id: str, details: dict[str, object]) -> AuditEvent:
+    def _event(
+        self,
+        method: str,
+        target: str,
+        request_id: str,
+        details: dict[str, object],
+        *,
+        outcome: Outcome = Outcome.SUCCEEDED,
+        actor: str | None = None,
+    ) -> AuditEvent:
         return new_event(
             f"vm.{method}",
             f"hosts/{self.host_name}/vms/{target}",
-            Outcome.SUCCEEDED,
+            outcome,
             request_id=request_id,
             origin=f"agent/{self.host_name}",
             details=details,
+            actor=actor,
         )
 
-    async def _remember(self, request_id: str, method: str, target: str, outcome: dict[str, object]) -> None:
+    async def _remember(
+        self, request_id: str, method: str, target: str, outcome: dict[str, object], *, actor: str | None = None
+    ) -> None:
         # the outcome and its audit event are one journal transaction: if the event cannot be
         # written, the call fails (the change is retried under the same request id)
-        event = self._event(method, target, request_id, _audit_details(outcome))
+        event = self._event(method, target, request_id, _audit_details(outcome), actor=actor)
         await asyncio.to_thread(self._journal.record, request_id, method, target, outcome, event)
 
     async def _wait_stopped(self, name: str, timeout: float) -> bool:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from clonebox.agent.v1 import agent_pb2
 
 from clonebox_agent.app.events import VmEvent
+from clonebox_agent.app.health import HealthUpdate
+from clonebox_core.health import ProbeResult, VmHealth
 from clonebox_core.model import HostInfo, Revision
-from clonebox_core.rpc import convert
+from clonebox_core.rpc import convert, convert_health
 
 
 def host_info_to_proto(info: HostInfo, revision: Revision) -> agent_pb2.GetHostInfoResponse:
@@ -29,4 +31,26 @@ def event_to_proto(event: VmEvent) -> agent_pb2.WatchVmsResponse:
         type=event.type.value,  # type: ignore[arg-type]  # enums share numbers by construction
         vm=convert.vm_to_proto(event.vm),
         reason=event.reason,
+    )
+
+
+def health_update_to_proto(update: HealthUpdate) -> agent_pb2.WatchHealthResponse:
+    """HealthUpdate -> WatchHealthResponse (the ``synced`` marker carries no health)."""
+    msg = agent_pb2.WatchHealthResponse(
+        transitions=[convert_health.transition_to_proto(t) for t in update.transitions],
+        aggregates=[convert_health.aggregate_to_proto(a) for a in update.aggregates],
+        actions=[convert_health.action_to_proto(a) for a in update.actions],
+        removed=update.removed,
+        synced=update.synced,
+    )
+    if update.health is not None:
+        msg.health.CopyFrom(convert_health.vm_health_to_proto(update.health))
+    return msg
+
+
+def check_health_to_proto(results: list[ProbeResult], health: VmHealth) -> agent_pb2.CheckHealthResponse:
+    """CheckHealth results -> CheckHealthResponse."""
+    return agent_pb2.CheckHealthResponse(
+        results=[convert_health.result_to_proto(r) for r in results],
+        health=convert_health.vm_health_to_proto(health),
     )

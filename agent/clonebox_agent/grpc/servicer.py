@@ -7,8 +7,15 @@ from typing import Any, TypeAlias
 
 from clonebox.agent.v1 import agent_pb2, agent_pb2_grpc
 
+from clonebox_agent.app.health import HealthMonitor
 from clonebox_agent.app.service import AgentService
-from clonebox_agent.grpc.convert import event_to_proto, host_info_to_proto
+from clonebox_agent.grpc.convert import (
+    check_health_to_proto,
+    event_to_proto,
+    health_update_to_proto,
+    host_info_to_proto,
+)
+from clonebox_core.errors import FailedPrecondition
 from clonebox_core.rpc import convert
 from clonebox_core.secret import Secret
 
@@ -19,8 +26,15 @@ Ctx: TypeAlias = Any
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     """Thin adapter from gRPC to ``AgentService``; errors are mapped by the shared interceptor."""
 
-    def __init__(self, service: AgentService) -> None:
+    def __init__(self, service: AgentService, health: HealthMonitor | None = None) -> None:
+        """``health`` answers WatchHealth and CheckHealth (without it they fail with FAILED_PRECONDITION)."""
         self._svc = service
+        self._health = health
+
+    def _monitor(self) -> HealthMonitor:
+        if self._health is None:
+            raise FailedPrecondition("this agent runs no health checks", reason="HEALTH_DISABLED")
+        return self._health
 
     async def GetHostInfo(self, request: agent_pb2.GetHostInfoRequest, context: Ctx) -> agent_pb2.GetHostInfoResponse:
         """See the proto."""
@@ -111,3 +125,15 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         after = convert.revision_from_proto(request.after) if request.HasField("after") else None
         async for event in self._svc.watch(after):
             yield event_to_proto(event)
+
+    async def WatchHealth(
+        self, request: agent_pb2.WatchHealthRequest, context: Ctx
+    ) -> AsyncIterator[agent_pb2.WatchHealthResponse]:
+        """See the proto."""
+        async for update in self._monitor().watch():
+            yield health_update_to_proto(update)
+
+    async def CheckHealth(self, request: agent_pb2.CheckHealthRequest, context: Ctx) -> agent_pb2.CheckHealthResponse:
+        """See the proto."""
+        results, health = await self._monitor().check_now(request.name, request.check)
+        return check_health_to_proto(results, health)
