@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import heapq
 import logging
 import math
 import random
@@ -87,6 +88,8 @@ ACTION_COMMAND_TIMEOUT = 30.0
 _CLOSE_WAIT = 30.0
 #: the background loop wakes at least this often (closes minute aggregates, notices schedule changes)
 _MAX_SLEEP = 5.0
+#: how often finished minutes of checks that ran no more are looked for (a scan of every check)
+_CLOSE_MINUTES_EVERY = 1.0
 
 
 class Clock(Protocol):
@@ -278,6 +281,10 @@ class HealthMonitor:
         self._vms: dict[str, _Vm] = {}
         self._watchers: set[_Watcher] = set()
         self._wake = asyncio.Event()
+        #: planned runs (due, tie-breaker, vm, check); entries go stale instead of being removed
+        self._due: list[tuple[float, int, _Vm, _Check]] = []
+        self._planned = 0
+        self._minutes_closed_at = -math.inf
         self._tasks: set[asyncio.Task[None]] = set()
         #: restarts past their point of no return (see _restart)
         self._critical: set[asyncio.Task[str]] = set()
@@ -408,31 +415,40 @@ class HealthMonitor:
         """
         now = self._clock.monotonic()
         started: list[asyncio.Task[None]] = []
-        for vm in list(self._vms.values()):
-            if not vm.running:
-                continue
-            for check in vm.checks.values():
-                due = check.next_due
-                if due is None or due > now:
-                    continue
-                interval = check.probe.interval_ms / 1000
-                # the next tick on the grid after now: missed ticks are skipped, not made up
-                check.next_due = due + (math.floor((now - due) / interval) + 1) * interval
-                if check.task is not None and not check.task.done():
-                    continue  # the previous run still runs (bounded by its timeout): skip this tick
-                task = asyncio.create_task(self._scheduled_run(vm, check, vm.generation), name=f"probe-{vm.name}")
-                check.task = task
-                started.append(task)
-        self._close_minutes()
+        # a heap of planned runs: each wake-up costs O(due · log n), not a scan of every check of every VM
+        # (500 VMs with 3 checks each at 1 s wake the loop ~1500 times a second)
+        while self._due and self._due[0][0] <= now:
+            due, _n, vm, check = heapq.heappop(self._due)
+            if check.next_due != due or not vm.running or self._vms.get(vm.name) is not vm:
+                continue  # stale entry: rescheduled, stopped or removed since it was planned
+            interval = check.probe.interval_ms / 1000
+            # the next tick on the grid after now: missed ticks are skipped, not made up
+            self._plan(vm, check, due + (math.floor((now - due) / interval) + 1) * interval)
+            if check.task is not None and not check.task.done():
+                continue  # the previous run still runs (bounded by its timeout): skip this tick
+            task = asyncio.create_task(self._scheduled_run(vm, check, vm.generation), name=f"probe-{vm.name}")
+            check.task = task
+            started.append(task)
+        if now - self._minutes_closed_at >= _CLOSE_MINUTES_EVERY:
+            self._minutes_closed_at = now
+            self._close_minutes()
         if wait and started:
             await asyncio.gather(*started, return_exceptions=True)
         return len(started)
 
     def next_due(self) -> float | None:
         """Monotonic time of the next planned run (None when nothing is scheduled)."""
-        dues = [c.next_due for vm in self._vms.values() if vm.running for c in vm.checks.values()]
-        found = [d for d in dues if d is not None]
-        return min(found) if found else None
+        while self._due:
+            due, _n, vm, check = self._due[0]
+            if check.next_due == due and vm.running and self._vms.get(vm.name) is vm:
+                return due
+            heapq.heappop(self._due)  # stale
+        return None
+
+    def _plan(self, vm: _Vm, check: _Check, due: float) -> None:
+        check.next_due = due
+        self._planned += 1
+        heapq.heappush(self._due, (due, self._planned, vm, check))
 
     async def _run_forever(self) -> None:
         while True:
@@ -455,7 +471,7 @@ class HealthMonitor:
         now = self._clock.monotonic()
         for check in vm.checks.values():
             interval = check.probe.interval_ms / 1000
-            check.next_due = now + check.probe.initial_delay_ms / 1000 + self._rng.uniform(0, interval)
+            self._plan(vm, check, now + check.probe.initial_delay_ms / 1000 + self._rng.uniform(0, interval))
         self._update_sampler()
         self._wake.set()
 
