@@ -24,6 +24,23 @@ class AuditConfig(BaseModel):
     head_file: str = ""
 
 
+class HealthConfig(BaseModel):
+    """How long health history is kept, and how far a watcher may fall behind."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: state changes of checks and VMs (watchers resume within this window)
+    transition_retention_days: float = Field(30.0, gt=0, le=3660)
+    #: per-minute sums of probe runs
+    minute_retention_days: float = Field(7.0, gt=0, le=3660)
+    #: actions agents took (restarts, commands)
+    action_retention_days: float = Field(30.0, gt=0, le=3660)
+    #: how often old history is pruned
+    prune_interval_seconds: float = Field(3600.0, gt=0, le=7 * 86400)
+    #: live updates a health watcher may fall behind by before its stream ends (it then resumes)
+    watch_queue: int = Field(1000, ge=1, le=1_000_000)
+
+
 class ControllerConfig(BaseModel):
     """Everything a controller needs to run."""
 
@@ -60,5 +77,7 @@ class ControllerConfig(BaseModel):
     log_levels: dict[str, LogLevel] = Field(default_factory=dict)
     #: the audit log's keys and head witness
     audit: AuditConfig = AuditConfig()
+    #: health history retention and watch settings
+    health: HealthConfig = HealthConfig()
     #: OpenTelemetry export (OTEL_* environment variables apply too; nothing is exported unless configured)
     tracing: TracingConfig = TracingConfig()

@@ -10,12 +10,14 @@ import asyncio
 import logging
 import signal
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from clonebox.controller.v1 import (
     audit_service_pb2,
     audit_service_pb2_grpc,
+    health_service_pb2,
+    health_service_pb2_grpc,
     host_service_pb2,
     host_service_pb2_grpc,
     operation_service_pb2,
@@ -30,6 +32,7 @@ from clonebox.controller.v1 import (
 
 from clonebox_controller.agents.pool import GrpcAgentGateway
 from clonebox_controller.app.audit import AuditLog
+from clonebox_controller.app.health import HealthHub, HealthSettings
 from clonebox_controller.app.hosts import HostRegistry
 from clonebox_controller.app.operations import OperationQueries
 from clonebox_controller.app.pki import PkiManager
@@ -37,6 +40,7 @@ from clonebox_controller.app.recovery import RecoveryManager
 from clonebox_controller.app.vms import VmManager
 from clonebox_controller.config import ControllerConfig
 from clonebox_controller.grpc.audit import AuditCallObserver, AuditServicer
+from clonebox_controller.grpc.health import HealthServicer
 from clonebox_controller.grpc.recovery import RecoveryServicer
 from clonebox_controller.grpc.servicers import (
     EnrollmentServicer,
@@ -146,6 +150,21 @@ class Controller:
         )
         self.operations = OperationQueries(self.store)
         self.recovery = RecoveryManager(self.store, self.hosts)
+        hc = config.health
+        # follows every agent session the registry reports (it registers itself as a listener)
+        self.health = HealthHub(
+            self.store,
+            self.store,
+            self.hosts,
+            HealthSettings(
+                transition_retention=timedelta(days=hc.transition_retention_days),
+                minute_retention=timedelta(days=hc.minute_retention_days),
+                action_retention=timedelta(days=hc.action_retention_days),
+                prune_interval_seconds=hc.prune_interval_seconds,
+                unreachable_check_seconds=max(config.heartbeat_timeout_seconds, 1.0),
+                watch_queue=hc.watch_queue,
+            ),
+        )
         self.server: ServerHandle | None = None
 
     @property
@@ -158,6 +177,7 @@ class Controller:
     async def start(self) -> None:
         """Start serving and resume unfinished operations."""
         await self.hosts.start()
+        await self.health.start()
         authorizer = None
         if self.transport.tls is not None:
             authorizer = Authorizer(self.trust_domain, self.pki.is_revoked if self.pki else lambda _i: False)
@@ -172,6 +192,7 @@ class Controller:
                     _service(operation_service_pb2, "OperationService"),
                     _service(audit_service_pb2, "AuditService"),
                     _service(recovery_service_pb2, "RecoveryService"),
+                    _service(health_service_pb2, "HealthService"),
                     _service(pki_service_pb2, "EnrollmentService"),
                 ]
             )
@@ -209,6 +230,11 @@ class Controller:
                     recovery_service_pb2_grpc.add_RecoveryServiceServicer_to_server,
                     RecoveryServicer(self.recovery),
                     _service(recovery_service_pb2, "RecoveryService"),
+                ),
+                (
+                    health_service_pb2_grpc.add_HealthServiceServicer_to_server,
+                    HealthServicer(self.health),
+                    _service(health_service_pb2, "HealthService"),
                 ),
             ],
             self.transport,
@@ -259,6 +285,8 @@ class Controller:
 
     async def stop(self) -> None:
         """Stop serving and background work."""
+        # first: the sessions the server ends below are the controller's doing, not unreachable agents
+        await self.health.close()
         if self._renewal is not None:
             self._renewal.cancel()
             await asyncio.gather(self._renewal, return_exceptions=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -11,19 +12,23 @@ import grpc
 import grpc.aio
 from clonebox.agent.v1 import agent_pb2, agent_pb2_grpc
 
+from clonebox_core.health import ActionRecord, Aggregate, ProbeResult, Transition, VmHealth
 from clonebox_core.model import CreatePlan, Orphan, Revision, Transaction, Vm, VmSpec
-from clonebox_core.rpc import convert
+from clonebox_core.rpc import convert, convert_health
 from clonebox_core.rpc.server import Transport, aio_channel
 from clonebox_core.rpc.status import error_from_rpc
 from clonebox_core.secret import Secret
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: unary calls to an agent; CreateVm and StopVm may take minutes (image copy, graceful stop)
 #: how often the gateway looks for renewed certificate files
 _STAMP_CHECK_SECONDS = 1.0
 _SHORT_TIMEOUT = 30.0
 _LONG_TIMEOUT = 3700.0
+#: CheckHealth runs probes now; a probe's timeout is shorter than its interval, usually seconds
+_CHECK_TIMEOUT = 120.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,33 @@ class WatchEvent:
     revision: Revision
     deleted: bool
     vm: Vm
+
+
+@dataclass(frozen=True)
+class HealthUpdate:
+    """One message of an agent's WatchHealth stream as the controller consumes it."""
+
+    health: VmHealth | None
+    transitions: tuple[Transition, ...] = ()
+    aggregates: tuple[Aggregate, ...] = ()
+    actions: tuple[ActionRecord, ...] = ()
+    removed: bool = False
+    synced: bool = False
+
+
+def health_update_from_proto(m: agent_pb2.WatchHealthResponse) -> HealthUpdate:
+    """Proto -> HealthUpdate (ValueError for a timestamp out of range)."""
+    try:
+        return HealthUpdate(
+            health=convert_health.vm_health_from_proto(m.health) if m.HasField("health") else None,
+            transitions=tuple(convert_health.transition_from_proto(t) for t in m.transitions),
+            aggregates=tuple(convert_health.aggregate_from_proto(a) for a in m.aggregates),
+            actions=tuple(convert_health.action_from_proto(a) for a in m.actions),
+            removed=m.removed,
+            synced=m.synced,
+        )
+    except (OverflowError, OSError) as exc:
+        raise ValueError(f"bad timestamp: {exc}") from None
 
 
 class GrpcAgentClient:
@@ -149,6 +181,31 @@ class GrpcAgentClient:
             raise error_from_rpc(exc, target=f"agent {self.host} at {self.address}") from None
         finally:
             call.cancel()
+
+    async def watch_health(self) -> AsyncIterator[HealthUpdate]:
+        """WatchHealth: a snapshot of every VM's health, ``synced``, then updates (errors mapped back)."""
+        call = self._stub.WatchHealth(agent_pb2.WatchHealthRequest())
+        try:
+            async for msg in call:
+                try:
+                    update = health_update_from_proto(msg)
+                except ValueError as exc:
+                    # one bad message from a buggy agent must not end the stream (it would come back
+                    # with every snapshot): leave it out
+                    log.warning("agent %s sent a health update that cannot be read (%s); skipped", self.host, exc)
+                    continue
+                yield update
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, target=f"agent {self.host} at {self.address}") from None
+        finally:
+            call.cancel()
+
+    async def check_health(self, name: str, check: str) -> tuple[list[ProbeResult], VmHealth | None]:
+        """CheckHealth: run a VM's checks now (each probe may use its whole timeout)."""
+        req = agent_pb2.CheckHealthRequest(name=name, check=check)
+        resp = await self._call(lambda: self._stub.CheckHealth(req, timeout=_CHECK_TIMEOUT))
+        health = convert_health.vm_health_from_proto(resp.health) if resp.HasField("health") else None
+        return [convert_health.result_from_proto(r) for r in resp.results], health
 
     async def close(self) -> None:
         """Close the channel."""

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from clonebox_controller.app.ports import AgentClient, AgentGateway, FleetStore
 from clonebox_core.errors import CloneboxError, FailedPrecondition, NotFound
@@ -20,6 +21,18 @@ log = logging.getLogger(__name__)
 
 _ADDRESS_REFRESH_SECONDS = 2.0
 _ADDRESS_REFRESH_TRIES = 60
+
+
+class SessionListener(Protocol):
+    """Hears when an agent's session starts and ends (e.g. to follow more of the agent's streams)."""
+
+    def host_connected(self, host: Host) -> None:
+        """A session of ``host`` is live (called again for every new session)."""
+        ...
+
+    def host_disconnected(self, name: str) -> None:
+        """The live session of ``name`` ended."""
+        ...
 
 
 class HostRegistry:
@@ -40,6 +53,15 @@ class HostRegistry:
         self._sweeper: asyncio.Task[None] | None = None
         #: the VM names each host reported, from its last listing and its events since
         self._reported: dict[str, set[str]] = {}
+        self._listeners: list[SessionListener] = []
+
+    def add_listener(self, listener: SessionListener) -> None:
+        """Tell ``listener`` about every agent session that starts or ends from now on."""
+        self._listeners.append(listener)
+
+    def _connected(self, host: Host) -> None:
+        for listener in self._listeners:
+            listener.host_connected(host)
 
     async def start(self) -> None:
         """Start the sweeper that marks silent hosts unreachable."""
@@ -82,6 +104,7 @@ class HostRegistry:
         self._sync_tasks[name] = asyncio.create_task(self._sync(host), name=f"sync-{name}")
         self._next_session += 1
         self._sessions[name] = self._next_session
+        self._connected(host)
         log.info("host %s registered at %s (epoch %s)", name, address, epoch)
         return host, self._next_session
 
@@ -91,6 +114,7 @@ class HostRegistry:
         if name not in self._sessions:
             self._sessions[name] = session
             self._sync_tasks[name] = asyncio.create_task(self._sync(host), name=f"sync-{name}")
+            self._connected(host)
         return host
 
     async def disconnected(self, name: str, session: int) -> None:
@@ -101,6 +125,8 @@ class HostRegistry:
         task = self._sync_tasks.pop(name, None)
         if task is not None:
             task.cancel()
+        for listener in self._listeners:
+            listener.host_disconnected(name)
         with contextlib.suppress(NotFound):
             await asyncio.to_thread(self._store.set_host_state, name, HostState.UNREACHABLE)
         log.warning("host %s disconnected", name)

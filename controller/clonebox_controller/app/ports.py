@@ -14,6 +14,7 @@ from typing import Protocol
 from clonebox_core.audit.chain import AuditFilter, ChainRecord, ChainState, Head
 from clonebox_core.audit.event import AuditEvent
 from clonebox_core.errors import CloneboxError
+from clonebox_core.health import ActionRecord, Aggregate, HealthState, ProbeResult, Transition, VmHealth
 from clonebox_core.model import (
     Auth,
     CreatePlan,
@@ -105,6 +106,79 @@ class FleetStore(Protocol):
     def record_audit_witness(self, source: str, head: Head) -> None: ...
 
 
+class HealthStore(Protocol):
+    """Stored health: current health per VM, transitions by seq, minute aggregates, actions (see the Store)."""
+
+    def apply_health_update(
+        self,
+        host: str,
+        health: VmHealth | None,
+        transitions: Sequence[Transition] = (),
+        aggregates: Sequence[Aggregate] = (),
+        actions: Sequence[ActionRecord] = (),
+        removed: Sequence[str] = (),
+    ) -> list[Transition]: ...
+    def mark_health_unknown(self, host: str, detail: str) -> list[tuple[VmHealth, Transition | None]]: ...
+    def get_health(self, vm: str) -> VmHealth | None: ...
+    def list_health(
+        self,
+        names: Sequence[str] | None = None,
+        states: Sequence[HealthState] | None = None,
+        host: str | None = None,
+    ) -> list[VmHealth]: ...
+    def health_snapshot(
+        self, names: Sequence[str] | None = None, states: Sequence[HealthState] | None = None
+    ) -> tuple[list[VmHealth], int]: ...
+    def health_transitions_after(
+        self,
+        seq: int,
+        names: Sequence[str] | None = None,
+        states: Sequence[HealthState] | None = None,
+        limit: int = 1000,
+    ) -> list[Transition]: ...
+    def health_history(
+        self, vm: str, since: datetime, check: str = "", limit: int = 1000
+    ) -> tuple[list[Transition], list[Aggregate], list[ActionRecord]]: ...
+    def health_seq_range(self) -> tuple[int, int]: ...
+    def prune_health(
+        self, transitions_before: datetime, minutes_before: datetime, actions_before: datetime
+    ) -> tuple[int, int, int]: ...
+
+
+class AgentHealthUpdate(Protocol):
+    """One message of an agent's WatchHealth stream."""
+
+    @property
+    def health(self) -> VmHealth | None:
+        """The VM's health after the update (None only on the ``synced`` marker)."""
+        ...
+
+    @property
+    def transitions(self) -> Sequence[Transition]:
+        """State changes that led to it, oldest first."""
+        ...
+
+    @property
+    def aggregates(self) -> Sequence[Aggregate]:
+        """Closed minutes of runs."""
+        ...
+
+    @property
+    def actions(self) -> Sequence[ActionRecord]:
+        """Actions taken."""
+        ...
+
+    @property
+    def removed(self) -> bool:
+        """The VM is gone."""
+        ...
+
+    @property
+    def synced(self) -> bool:
+        """The initial snapshot is complete."""
+        ...
+
+
 class AgentEvent(Protocol):
     """One lifecycle event from an agent."""
 
@@ -141,6 +215,8 @@ class AgentClient(Protocol):
     def watch_vms(self, after: Revision | None) -> AsyncIterator[AgentEvent]: ...
     async def list_transactions(self, include_committed: bool, limit: int) -> list[Transaction]: ...
     async def recover(self, sweep: bool, request_id: str) -> tuple[list[Transaction], list[Orphan]]: ...
+    def watch_health(self) -> AsyncIterator[AgentHealthUpdate]: ...
+    async def check_health(self, name: str, check: str) -> tuple[list[ProbeResult], VmHealth | None]: ...
     async def close(self) -> None: ...
 
 

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from clonebox_core import specjson
+from clonebox_core.health import CheckStatus, HealthState, ProbeResult, ProbeType, Sample, VmHealth
 from clonebox_core.model import HypervisorInfo, IpAddress, Vm, VmSpec, VmState
 
 JsonDict = dict[str, Any]
@@ -109,4 +110,81 @@ def vm_from_json(data: Mapping[str, Any]) -> Vm:
         create_time=_time_from_json(data.get("create_time")),
         update_time=_time_from_json(data.get("update_time")),
         state_reason=str(data.get("state_reason", "")),
+    )
+
+
+# ------------------------------------------------------------------------------------------ health
+# enums by member name, as in every other column of the store
+
+
+def _result_to_json(r: ProbeResult) -> JsonDict:
+    return {
+        "check": r.check,
+        "sample": r.sample.name,
+        "detail": r.detail,
+        "time": _time_to_json(r.time),
+        "duration_us": r.duration_us,
+    }
+
+
+def _result_from_json(data: Mapping[str, Any], when: datetime) -> ProbeResult:
+    return ProbeResult(
+        check=str(data.get("check", "")),
+        sample=Sample[str(data.get("sample", Sample.NO_DATA.name))],
+        detail=str(data.get("detail", "")),
+        time=_time_from_json(data.get("time")) or when,
+        duration_us=int(data.get("duration_us", 0)),
+    )
+
+
+def _check_to_json(c: CheckStatus) -> JsonDict:
+    return {
+        "name": c.name,
+        "type": c.type.name,
+        "state": c.state.name,
+        "critical": c.critical,
+        "consecutive_failures": c.consecutive_failures,
+        "consecutive_successes": c.consecutive_successes,
+        "last": None if c.last is None else _result_to_json(c.last),
+        "since": _time_to_json(c.since),
+        "implicit": c.implicit,
+    }
+
+
+def _check_from_json(data: Mapping[str, Any], when: datetime) -> CheckStatus:
+    last = data.get("last")
+    return CheckStatus(
+        name=str(data["name"]),
+        type=ProbeType[str(data.get("type", ProbeType.GUEST_AGENT.name))],
+        state=HealthState[str(data.get("state", HealthState.UNKNOWN.name))],
+        critical=bool(data.get("critical", True)),
+        consecutive_failures=int(data.get("consecutive_failures", 0)),
+        consecutive_successes=int(data.get("consecutive_successes", 0)),
+        last=None if not last else _result_from_json(last, when),
+        since=_time_from_json(data.get("since")),
+        implicit=bool(data.get("implicit", False)),
+    )
+
+
+def vm_health_to_json(h: VmHealth) -> JsonDict:
+    """Encode a VmHealth for the ``health_current.document`` column."""
+    return {
+        "vm": h.vm,
+        "host": h.host,
+        "state": h.state.name,
+        "checks": [_check_to_json(c) for c in h.checks],
+        "since": _time_to_json(h.since),
+        "updated": _time_to_json(h.updated),
+    }
+
+
+def vm_health_from_json(data: Mapping[str, Any], when: datetime) -> VmHealth:
+    """Decode what :func:`vm_health_to_json` wrote (``when`` stands in for a probe result's missing time)."""
+    return VmHealth(
+        vm=str(data["vm"]),
+        host=str(data.get("host", "")),
+        state=HealthState[str(data.get("state", HealthState.UNKNOWN.name))],
+        checks=tuple(_check_from_json(c, when) for c in data.get("checks", ())),
+        since=_time_from_json(data.get("since")),
+        updated=_time_from_json(data.get("updated")),
     )

@@ -57,6 +57,7 @@ from clonebox_core.errors import (
     NotFound,
     Unauthenticated,
 )
+from clonebox_core.health import ActionRecord, Aggregate, HealthState, Transition, VmHealth
 from clonebox_core.model import (
     Auth,
     Host,
@@ -73,6 +74,7 @@ from clonebox_core.model import (
 
 from . import audit as audit_store
 from . import codec, placement
+from . import health as health_store
 from .engine import WRITE_OPTION, create_store_engine, upgrade_to_head
 from .tables import (
     FLEET_REVISION_ROW_ID,
@@ -1298,3 +1300,90 @@ class Store:
     def record_audit_witness(self, source: str, head: Head) -> None:
         """Keep the chain head an agent reports holding."""
         self._run(lambda s: audit_store.record_witness(s, source, head, self._now()), write=True)
+
+    # ------------------------------------------------------------------ health
+
+    def apply_health_update(
+        self,
+        host: str,
+        health: VmHealth | None,
+        transitions: Sequence[Transition] = (),
+        aggregates: Sequence[Aggregate] = (),
+        actions: Sequence[ActionRecord] = (),
+        removed: Sequence[str] = (),
+    ) -> list[Transition]:
+        """Store one update from ``host``'s agent in one transaction; the stored transitions with their seq.
+
+        ``health`` replaces the VM's current health (its host and its transitions' host are set to
+        ``host``: an agent speaks for its own host only); a change of the VM's state without a VM-level
+        transition gets one. ``aggregates`` replace rows of the same (vm, check, minute); ``actions``
+        already stored are skipped; ``removed`` names VMs whose current health is dropped (history stays).
+        """
+        return self._run(
+            lambda s: health_store.apply_update(
+                s, host, health, transitions, aggregates, actions, removed, self._now()
+            ),
+            write=True,
+        )
+
+    def mark_health_unknown(self, host: str, detail: str) -> list[tuple[VmHealth, Transition | None]]:
+        """Every VM of ``host`` becomes UNKNOWN (with a VM-level transition carrying ``detail``)."""
+        return self._run(lambda s: health_store.mark_unknown(s, host, detail, self._now()), write=True)
+
+    def get_health(self, vm: str) -> VmHealth | None:
+        """The current health of ``vm`` (None before any report)."""
+        return self._run(lambda s: health_store.get_current(s, vm), write=False)
+
+    def list_health(
+        self,
+        names: Sequence[str] | None = None,
+        states: Sequence[HealthState] | None = None,
+        host: str | None = None,
+    ) -> list[VmHealth]:
+        """Current health by VM name, filtered by names, states and host when given."""
+        return self._run(lambda s: health_store.list_current(s, names, states, host), write=False)
+
+    def health_snapshot(
+        self, names: Sequence[str] | None = None, states: Sequence[HealthState] | None = None
+    ) -> tuple[list[VmHealth], int]:
+        """Current health (filtered) and the highest transition seq, from one consistent read."""
+        return self._run(lambda s: (health_store.list_current(s, names, states), health_store.max_seq(s)), write=False)
+
+    def health_transitions_after(
+        self,
+        seq: int,
+        names: Sequence[str] | None = None,
+        states: Sequence[HealthState] | None = None,
+        limit: int = 1000,
+    ) -> list[Transition]:
+        """Stored transitions with a seq above ``seq``, oldest first (``states`` matches from or to)."""
+        return self._run(lambda s: health_store.transitions_after(s, seq, names, states, limit), write=False)
+
+    def health_history(
+        self, vm: str, since: datetime, check: str = "", limit: int = 1000
+    ) -> tuple[list[Transition], list[Aggregate], list[ActionRecord]]:
+        """Transitions (the newest ``limit``), minute aggregates and actions of ``vm`` since ``since``."""
+        return self._run(lambda s: health_store.history(s, vm, since, check, limit), write=False)
+
+    def health_seq_range(self) -> tuple[int, int]:
+        """(lowest, highest) transition seq still stored; (0, 0) when none ever was."""
+        return self._run(lambda s: (health_store.min_seq(s), health_store.max_seq(s)), write=False)
+
+    def health_max_seq(self) -> int:
+        """The highest stored transition seq (0 when none ever was)."""
+        return self._run(health_store.max_seq, write=False)
+
+    def health_min_retained_seq(self) -> int:
+        """The lowest transition seq still stored (0 when none ever was)."""
+        return self._run(health_store.min_seq, write=False)
+
+    def prune_health(
+        self, transitions_before: datetime, minutes_before: datetime, actions_before: datetime
+    ) -> tuple[int, int, int]:
+        """Drop transitions, minute aggregates and actions older than their cut-offs; how many of each.
+
+        The newest transition always stays, so seq never restarts and resume points stay comparable.
+        """
+        return self._run(
+            lambda s: health_store.prune(s, transitions_before, minutes_before, actions_before), write=True
+        )

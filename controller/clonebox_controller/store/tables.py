@@ -31,6 +31,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -297,3 +298,88 @@ class AuditWitnessRow(Base):
     seq: Mapped[int] = mapped_column(BigInteger)
     mac: Mapped[str] = mapped_column(String(64))
     report_time: Mapped[datetime]
+
+
+# ------------------------------------------------------------------------------------------ health
+
+#: BIGINT on PostgreSQL; SQLite only auto-numbers an ``INTEGER PRIMARY KEY`` (the rowid)
+AutoBigInteger = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class HealthCurrentRow(Base):
+    """The latest reported health of one VM (the whole ``VmHealth`` as a JSON document)."""
+
+    __tablename__ = "health_current"
+
+    vm: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    host: Mapped[str] = mapped_column(String(NAME_LENGTH), index=True)
+    #: HealthState member name (the document has it too; this column is for filters)
+    state: Mapped[str] = mapped_column(String(16))
+    document: Mapped[dict[str, Any]] = mapped_column(Json)
+    updated_at: Mapped[datetime]
+
+
+class HealthTransitionRow(Base):
+    """
+    A change of state of a probe, or of a whole VM (``check`` empty).
+
+    ``seq`` orders transitions for resumable watches. ``AUTOINCREMENT`` on SQLite so a number is never
+    handed out twice; pruning also always keeps the newest row, so the retained rows are one
+    contiguous range of seq and "older than the oldest kept" means "possibly pruned".
+    """
+
+    __tablename__ = "health_transitions"
+    __table_args__ = (
+        Index("ix_health_transitions_vm_time", "vm", "time"),
+        {"sqlite_autoincrement": True},
+    )
+
+    seq: Mapped[int] = mapped_column(AutoBigInteger, primary_key=True, autoincrement=True)
+    vm: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    host: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    check: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    #: HealthState member names
+    from_state: Mapped[str] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    time: Mapped[datetime] = mapped_column(index=True)
+    detail: Mapped[str] = mapped_column(Text)
+
+
+class HealthMinuteRow(Base):
+    """One closed minute of runs of one probe; the same key arriving again replaces the row."""
+
+    __tablename__ = "health_minutes"
+
+    vm: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    check: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    minute: Mapped[datetime] = mapped_column(primary_key=True, index=True)
+    passes: Mapped[int] = mapped_column(Integer)
+    warnings: Mapped[int] = mapped_column(Integer)
+    failures: Mapped[int] = mapped_column(Integer)
+    no_data: Mapped[int] = mapped_column(Integer)
+    duration_us_sum: Mapped[int] = mapped_column(BigInteger)
+    duration_us_max: Mapped[int] = mapped_column(BigInteger)
+
+
+class HealthActionRow(Base):
+    """An ``on_failure``/``on_recovery`` action an agent took (or held back)."""
+
+    __tablename__ = "health_actions"
+    __table_args__ = (
+        Index("ix_health_actions_vm_time", "vm", "time"),
+        # an agent that re-sends an action after a reconnect must not record it twice
+        UniqueConstraint("vm", "check", "trigger", "time", name="uq_health_actions_vm_check_trigger_time"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(AutoBigInteger, primary_key=True, autoincrement=True)
+    vm: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    check: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    #: "on_failure" | "on_recovery"
+    trigger: Mapped[str] = mapped_column(String(16))
+    #: ActionKind member name
+    kind: Mapped[str] = mapped_column(String(16))
+    #: "done" | "failed" | "suppressed"
+    outcome: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[str] = mapped_column(Text)
+    time: Mapped[datetime] = mapped_column(index=True)

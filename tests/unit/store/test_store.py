@@ -65,7 +65,7 @@ class FakeClock:
 
 
 #: newest migration; bump with every new file in store/migrations/versions
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 
 
 @pytest.fixture
