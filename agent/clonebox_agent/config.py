@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from clonebox_core.telemetry.logging import LogLevel
 from clonebox_core.telemetry.tracing import TracingConfig
@@ -91,6 +92,11 @@ class AgentConfig(BaseModel):
     health_max_restarts: int = Field(3, ge=0, le=100)
     #: the window health_max_restarts counts in
     health_restart_window_seconds: float = Field(600.0, gt=0, le=7 * 86400)
+    #: hypervisor: fake only (benchmarks, demos): a loopback IPv4 network such as 127.77.0.0/16; each running
+    #: VM's http/tcp health probes then go to address index + 1 of it, where a test server can answer
+    #: (index: the fake's counter of creates and boots, so each boot has its own address, not consecutive
+    #: ones). Empty: the fake's VMs have no probe address
+    fake_probe_network: str = ""
 
     @field_validator("probe_scripts_dir")
     @classmethod
@@ -98,6 +104,24 @@ class AgentConfig(BaseModel):
         if value and not os.path.isabs(value):
             raise ValueError(f"must be an absolute path (got {value!r}); empty disables script checks")
         return os.path.normpath(value) if value else value
+
+    @field_validator("fake_probe_network")
+    @classmethod
+    def _fake_probe_network(cls, value: str, info: ValidationInfo) -> str:
+        if not value:
+            return value
+        # hypervisor is declared earlier, so it is validated (and in info.data) by now
+        if info.data.get("hypervisor") != "fake":
+            raise ValueError("only with hypervisor: fake (a real hypervisor reports its VMs' addresses itself)")
+        try:
+            network = ipaddress.IPv4Network(value)
+        except ValueError:
+            raise ValueError("must be an IPv4 network such as 127.77.0.0/16 (no host bits set)") from None
+        if not network.is_loopback:
+            raise ValueError("must be a loopback network inside 127.0.0.0/8: fake probes never leave this machine")
+        if network.prefixlen > 30:
+            raise ValueError("must have room for VM addresses: a prefix of /30 or shorter")
+        return str(network)
 
     @field_validator("probe_user")
     @classmethod

@@ -78,6 +78,7 @@ def build_hypervisor(config: AgentConfig, step_hook: Callable[[str], None] | Non
             image_dirs=config.image_dirs,
             shared_roots=config.shared_roots,
             step_hook=step_hook,
+            probe_network=config.fake_probe_network,
         )
     from clonebox_agent.adapters.libvirt import LibvirtHypervisor
 

@@ -17,7 +17,9 @@ Scripting:
 - ``set_network(name, active)``, ``set_serving(False, reason)``: a missing network, libvirtd down;
 - health probes: ``guest_agent_down`` (qemu-ga does not answer), ``guest_file_contents`` (guest files and
   their bytes), ``guest_fs`` (``guest_filesystems``), ``domain_counters`` (``domain_stats``) and
-  ``probe_addresses`` (``probe_targets``: loopback addresses of a test server, no bridge).
+  ``probe_addresses`` (``probe_targets``: loopback addresses of a test server, no bridge);
+  ``probe_network`` (the agent's ``fake_probe_network``) gives every running VM without
+  ``probe_addresses`` one loopback address of its own, ``network[index + 1]`` (for benchmarks).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import ipaddress
 import os
 import shutil
 import tempfile
@@ -103,7 +106,9 @@ class FakeHypervisor:
         ignore_shutdown: bool = False,
         shutdown_delay: float = 0.05,
         domain_type: str = "qemu",
+        probe_network: str = "",
     ) -> None:
+        """``probe_network``: a loopback IPv4 network such as ``127.77.0.0/16`` (see ``probe_targets``)."""
         self.host_name = host_name
         self.capacity = capacity
         self.reserve = reserve
@@ -146,6 +151,11 @@ class FakeHypervisor:
         self.domain_counters: dict[str, DomainStats] = {}
         #: probe addresses by VM name (``probe_targets``, while running; no bridge, so no interface)
         self.probe_addresses: dict[str, tuple[str, ...]] = {}
+        #: VMs not in ``probe_addresses`` probe at ``network[index + 1]`` of this network (None: no address)
+        self.probe_network = ipaddress.IPv4Network(probe_network) if probe_network else None
+        if self.probe_network is not None and not self.probe_network.is_loopback:
+            # probe traffic of the fake must never leave the machine
+            raise ValueError(f"probe_network {probe_network} is not a loopback network (127.0.0.0/8)")
 
     # ---- scripting -----------------------------------------------------------------------------
 
@@ -438,12 +448,24 @@ class FakeHypervisor:
         }
 
     async def probe_targets(self, name: str) -> tuple[ProbeTarget, ...]:
-        """See ``Hypervisor.probe_targets``: ``probe_addresses`` while running (loopback: no interface)."""
+        """See ``Hypervisor.probe_targets``: the addresses while running (loopback: no interface).
+
+        ``probe_addresses[name]`` when set; otherwise, with ``probe_network``, ``network[index + 1]``, where
+        ``index`` is the domain's index (the fake counts every create and every boot: a create + start of
+        the first VM gives index 2; a new boot gets a new index, so a restarted VM moves to a new address).
+        An index past the network's last host address gives no address, never one another VM has.
+        """
         await self._enter("probe_targets")
         dom = self._domain(name)
         if dom.state != VmState.RUNNING:
             return ()
-        return tuple(ProbeTarget(addr, interface="") for addr in self.probe_addresses.get(name, ()))
+        addresses = self.probe_addresses.get(name)
+        if addresses is None and self.probe_network is not None:
+            # + 1: the network address itself is never a VM's; the broadcast address neither
+            offset = dom.index + 1
+            last = self.probe_network.num_addresses - 2
+            addresses = (str(self.probe_network[offset]),) if 0 < offset <= last else ()
+        return tuple(ProbeTarget(addr, interface="") for addr in addresses or ())
 
     async def detach_seed(self, name: str) -> builtins.list[str]:
         """See ``Hypervisor.detach_seed``."""

@@ -210,6 +210,10 @@ class _Check:
     minute: _Minute | None = None
     #: reached UNHEALTHY since it was last HEALTHY (on_recovery fires only then)
     was_unhealthy: bool = False
+    #: passed at least once since the VM (re)started: only then does an on_failure restart fire (a VM
+    #: that is still booting fails its checks; restarting it then would loop, as a liveness probe
+    #: without a startup probe does in Kubernetes)
+    armed: bool = False
     #: its restart was held back by the cap: tried again at a later failure once the window has room
     restart_held: bool = False
 
@@ -554,6 +558,8 @@ class HealthMonitor:
         check.last = result
         vm.updated = result.time
         transitions: list[Transition] = []
+        if result.sample is Sample.PASS:
+            check.armed = True
         if after is not HealthState.UNHEALTHY:
             check.restart_held = False
         elif before is HealthState.UNHEALTHY and check.restart_held and self._restart_room(vm):
@@ -567,7 +573,8 @@ class HealthMonitor:
             )
             if after is HealthState.UNHEALTHY:
                 check.was_unhealthy = True
-                self._act(vm, check, "on_failure", check.probe.on_failure)
+                if check.armed or check.probe.on_failure.kind is not ActionKind.RESTART:
+                    self._act(vm, check, "on_failure", check.probe.on_failure)
             elif after is HealthState.HEALTHY and before in (HealthState.DEGRADED, HealthState.UNHEALTHY):
                 if check.was_unhealthy:
                     self._act(vm, check, "on_recovery", check.probe.on_recovery)
@@ -685,6 +692,7 @@ class HealthMonitor:
             before = check.tracker.state
             p = check.probe
             check.tracker = ProbeTracker(p.failure_threshold, p.success_threshold)
+            check.armed = False
             check.next_due = None
             check.last = None if running else ProbeResult(p.name, Sample.NO_DATA, NOT_RUNNING, now)
             if before is not HealthState.UNKNOWN:

@@ -314,10 +314,30 @@ def failing(**kw: Any) -> Probe:
 
 
 async def fail_until_unhealthy(e: Any) -> None:
+    """Pass once (that arms on_failure: a VM still booting is not restarted), then fail until unhealthy."""
+    e.fake.guest_agent_down.discard("web")
     await e.tick(0)
+    e.fake.guest_agent_down.add("web")
+    await e.tick(1)
     await e.tick(1)
     assert state(e, check="ga") is H.UNHEALTHY
     await e.mon.wait_actions()
+
+
+async def test_failures_before_the_first_pass_since_start_fire_no_action(env_factory: Any) -> None:
+    e = await env_factory(settings=HealthSettings(restart_backoff_seconds=0))
+    c = Collector(e.mon)
+    await c.settle()
+    await e.create("web", failing())
+    e.fake.guest_agent_down.add("web")
+    for _ in range(5):
+        await e.tick(1)
+    await e.mon.wait_actions()
+    assert state(e, check="ga") is H.UNHEALTHY  # reported as it is ...
+    assert e.fake.calls["destroy"] == 0  # ... but a VM that never came up is not restarted in a loop
+    await c.settle()
+    assert c.actions() == []
+    await c.close()
 
 
 async def test_restart_action_goes_through_the_service_is_audited_and_capped(env_factory: Any) -> None:
@@ -377,8 +397,8 @@ async def test_restart_back_off_doubles_within_the_window(env_factory: Any) -> N
     for _ in range(3):
         await fail_until_unhealthy(e)
     assert e.fake.calls["destroy"] == 3
-    # simulated waits: 10s after the first restart (less the 1s the check took), then 20s
-    assert e.clock.sleeps == [pytest.approx(9.0), pytest.approx(19.0)]
+    # simulated waits: 10s after the first restart (less the 2s the check took), then 20s
+    assert e.clock.sleeps == [pytest.approx(8.0), pytest.approx(18.0)]
 
 
 async def test_restart_window_expires(env_factory: Any) -> None:
