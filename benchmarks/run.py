@@ -3,7 +3,8 @@ Entry point of ``make bench``: run the benchmarks and print figures with same-ru
 
     .venv/bin/python benchmarks/run.py                    # all of them, full counts
     .venv/bin/python benchmarks/run.py --quick            # smoke run, small counts (a few minutes at most)
-    .venv/bin/python benchmarks/run.py --only getvm       # one of: getvm, listvms, create_ready, mtls
+    .venv/bin/python benchmarks/run.py --only getvm       # one of: getvm, listvms, create_ready, mtls, tracing,
+                                                          # audit, journal, health
     .venv/bin/python benchmarks/run.py --json out.json    # also write every figure as JSON
 
 Nothing here fails on a slow figure: a missed goal is printed, and the exit code is 0 unless a
@@ -31,6 +32,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 import bench_audit
 import bench_create_ready
 import bench_getvm
+import bench_health
 import bench_journal
 import bench_listvms
 import bench_mtls
@@ -45,6 +47,7 @@ BENCHMARKS: dict[str, tuple[str, Runner]] = {
     "audit": ("audit appends per second on SQLite and PostgreSQL vs plain inserts", bench_audit.run),
     "tracing": ("controller GetVm with OTLP trace export vs tracing off, over mTLS", bench_tracing.run),
     "journal": ("VM create with the agent's journal vs without it, on real libvirt", bench_journal.run),
+    "health": ("agent CPU for 500 VMs x 3 probes at 1 s, and change -> health watch delay", bench_health.run),
 }
 
 
@@ -53,8 +56,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", choices=sorted(BENCHMARKS), action="append", help="run only this one (repeatable)")
     p.add_argument("--quick", action="store_true", help="smoke run with small counts")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--calls", type=int, help="getvm: calls per cell (default 5000, quick 500)")
-    p.add_argument("--domains", type=int, help="listvms: domains to define (default 1000)")
+    p.add_argument(
+        "--calls", type=int, help="getvm: calls per cell (default 5000, quick 500); health: VMs flipped (50, quick 20)"
+    )
+    p.add_argument("--domains", type=int, help="listvms: domains to define (default 1000); health: VMs (default 500)")
     p.add_argument("--repetitions", type=int, help="create_ready: timed runs of each kind (default 5, quick 1)")
     p.add_argument(
         "--kernel",
@@ -62,7 +67,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         choices=["vmlinuz", "vmlinux"],
         help="create_ready: test guest kernel (vmlinux skips the bzImage's own decompression under TCG)",
     )
-    p.add_argument("--keep", action="store_true", help="create_ready: keep the run folder (logs) afterwards")
+    p.add_argument("--keep", action="store_true", help="create_ready, health: keep the run folder (logs) afterwards")
     return p.parse_args(argv)
 
 
