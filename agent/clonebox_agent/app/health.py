@@ -90,6 +90,8 @@ _CLOSE_WAIT = 30.0
 _MAX_SLEEP = 5.0
 #: how often finished minutes of checks that ran no more are looked for (a scan of every check)
 _CLOSE_MINUTES_EVERY = 1.0
+#: closed minutes per update (a batch of 1000 is ~80 KiB on the wire)
+_AGGREGATES_PER_UPDATE = 1000
 
 
 class Clock(Protocol):
@@ -134,8 +136,9 @@ class HealthSettings:
     restart_window_seconds: float = 600.0
     #: the VM list is read again this often even when lifecycle events flow
     resync_seconds: float = 60.0
-    #: updates a watcher may fall behind by before its stream ends (it then re-syncs)
-    watch_queue: int = 1000
+    #: updates a watcher may fall behind by before its stream ends (it then re-syncs); a host's VMs
+    #: starting together send one update each
+    watch_queue: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -143,8 +146,9 @@ class HealthUpdate:
     """One message of :meth:`HealthMonitor.watch`.
 
     The snapshot has one update per VM (``health`` only), then one with ``synced``; later updates carry
-    the VM's current health with the transitions, closed minute aggregates and actions since the last
-    update of that VM, or ``removed`` when the VM left.
+    the VM's current health with the transitions and actions since the last update of that VM, or
+    ``removed`` when the VM left; closed minute aggregates of any VMs travel in batches of their own
+    (``health`` None), at most once a second.
     """
 
     health: VmHealth | None = None
@@ -289,6 +293,8 @@ class HealthMonitor:
         self._due: list[tuple[float, int, _Vm, _Check]] = []
         self._planned = 0
         self._minutes_closed_at = -math.inf
+        #: minute aggregates closed since the last batch was sent
+        self._closed: list[Aggregate] = []
         self._tasks: set[asyncio.Task[None]] = set()
         #: restarts past their point of no return (see _restart)
         self._critical: set[asyncio.Task[str]] = set()
@@ -552,7 +558,7 @@ class HealthMonitor:
         )
 
     def _observe(self, vm: _Vm, check: _Check, result: ProbeResult) -> None:
-        aggregates = self._aggregate(vm, check, result)
+        self._aggregate(vm, check, result)
         before = check.tracker.state
         after = check.tracker.observe(result.sample)
         check.last = result
@@ -580,8 +586,8 @@ class HealthMonitor:
                     self._act(vm, check, "on_recovery", check.probe.on_recovery)
                 check.was_unhealthy = False
         transitions += self._overall(vm, result.time)
-        if transitions or aggregates:
-            self._publish(vm, transitions=transitions, aggregates=aggregates)
+        if transitions:
+            self._publish(vm, transitions=transitions)
 
     def _overall(self, vm: _Vm, when: datetime) -> list[Transition]:
         state = overall_state((c.tracker.state, c.probe.critical) for c in vm.checks.values())
@@ -592,22 +598,21 @@ class HealthMonitor:
         detail = "every check healthy" if not worst else "checks not healthy: " + ", ".join(worst)
         return [Transition(vm.name, self.host, "", before, state, when, detail)]
 
-    def _aggregate(self, vm: _Vm, check: _Check, result: ProbeResult) -> list[Aggregate]:
+    def _aggregate(self, vm: _Vm, check: _Check, result: ProbeResult) -> None:
         minute = _minute(result.time)
-        closed: list[Aggregate] = []
         if check.minute is not None and check.minute.minute < minute:
-            closed.append(check.minute.close(vm.name, check.probe.name))
+            # sent with the next batch (_close_minutes), not on its own: at a minute's turn every
+            # check of every VM closes one, and one update each would flood the stream
+            self._closed.append(check.minute.close(vm.name, check.probe.name))
             check.minute = None
         if check.minute is None:
             check.minute = _Minute(minute)
         check.minute.add(result)
-        return closed
 
     def _close_minutes(self) -> None:
-        """Close minute aggregates whose minute is over (each is emitted once)."""
+        """Close minute aggregates whose minute is over (each is emitted once), in batched updates."""
         current = _minute(self._clock.now())
         for vm in list(self._vms.values()):
-            closed: list[Aggregate] = []
             for check in vm.checks.values():
                 # a run in flight still counts in its minute: close that one after it lands
                 if (
@@ -615,10 +620,11 @@ class HealthMonitor:
                     and check.minute.minute < current
                     and (check.task is None or check.task.done())
                 ):
-                    closed.append(check.minute.close(vm.name, check.probe.name))
+                    self._closed.append(check.minute.close(vm.name, check.probe.name))
                     check.minute = None
-            if closed:
-                self._publish(vm, aggregates=closed)
+        closed, self._closed = self._closed, []
+        for i in range(0, len(closed), _AGGREGATES_PER_UPDATE):
+            self._publish_aggregates(closed[i : i + _AGGREGATES_PER_UPDATE])
 
     # ---- lifecycle of VMs ----------------------------------------------------------------------
 
@@ -661,15 +667,14 @@ class HealthMonitor:
         if vm is None:
             return
         vm.generation += 1
-        closed = []
         for check in vm.checks.values():
             if check.task is not None:
                 check.task.cancel()
             if check.minute is not None:
-                closed.append(check.minute.close(vm.name, check.probe.name))
+                self._closed.append(check.minute.close(vm.name, check.probe.name))
         self._cpu.forget(name)
         self._update_sampler()
-        self._publish(vm, aggregates=closed, removed=True)
+        self._publish(vm, removed=True)
 
     def _reconcile(self, vms: Sequence[Vm]) -> None:
         for v in vms:
@@ -843,7 +848,14 @@ class HealthMonitor:
     ) -> None:
         if not self._watchers:
             return
-        update = HealthUpdate(self._health(vm), tuple(transitions), tuple(aggregates), tuple(actions), removed)
+        self._send(HealthUpdate(self._health(vm), tuple(transitions), tuple(aggregates), tuple(actions), removed))
+
+    def _publish_aggregates(self, aggregates: Sequence[Aggregate]) -> None:
+        """Closed minutes of any VMs in one update without a health (nothing a watcher shows changed)."""
+        if self._watchers and aggregates:
+            self._send(HealthUpdate(aggregates=tuple(aggregates)))
+
+    def _send(self, update: HealthUpdate) -> None:
         for w in list(self._watchers):
             try:
                 w.queue.put_nowait(update)

@@ -304,6 +304,22 @@ async def test_minute_aggregates_close_once_when_the_minute_rolls_over(env: Any,
     await watch.settle()
     aggs = [a for u in watch.updates for a in u.aggregates]
     assert [(a.minute.minute, a.passes, a.failures, a.runs) for a in aggs] == [(0, 2, 1, 3), (1, 0, 1, 1)]
+    # closed minutes travel in batches of their own, never with a VM's health
+    assert all(u.health is None for u in watch.updates if u.aggregates)
+
+
+async def test_closed_minutes_of_many_vms_are_one_update(env: Any, watch: Collector) -> None:
+    for n in range(20):
+        await env.create(f"vm{n}", ga(), Probe("ga2", ProbeType.GUEST_AGENT, interval_ms=1000, timeout_ms=500))
+    await env.tick(0)  # 12:00:00, every check runs once
+    await watch.settle()
+    before = len(watch.updates)
+    await env.tick(60)  # 12:01:00: 40 minutes close at once ...
+    await env.tick(1)  # ... and go out with the next batch (at most one a second)
+    await watch.settle()
+    batches = [u for u in watch.updates[before:] if u.aggregates]
+    assert len(batches) == 1 and len(batches[0].aggregates) == 40, [len(u.aggregates) for u in batches]
+    assert {a.vm for a in batches[0].aggregates} == {f"vm{n}" for n in range(20)}
 
 
 # ------------------------------------------------------------------------------------------ actions
