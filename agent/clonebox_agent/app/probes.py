@@ -162,13 +162,13 @@ def judge_http(p: HttpProbe, response: bytes) -> Finding:
 
 async def _http_one(p: HttpProbe, target: ProbeTarget) -> Finding:
     sock = await _connect(target, p.port)
-    tls: ssl.SSLContext | None = _tls_context(p.tls_verify) if p.scheme == "https" else None
-    kwargs: dict[str, Any] = {}
-    if tls is not None:
-        # "" turns hostname checking off; when verifying, the VM's address is the name to check
-        kwargs = {"ssl": tls, "server_hostname": target.address.split("%", 1)[0] if p.tls_verify else ""}
+    if p.scheme != "https":
+        return judge_http(p, await _exchange_plain(sock, http_request(p, target), target, p.port))
+    tls = _tls_context(p.tls_verify)
+    # "" turns hostname checking off; when verifying, the VM's address is the name to check
+    server_hostname = target.address.split("%", 1)[0] if p.tls_verify else ""
     try:
-        reader, writer = await asyncio.open_connection(sock=sock, **kwargs)
+        reader, writer = await asyncio.open_connection(sock=sock, ssl=tls, server_hostname=server_hostname)
     except ssl.SSLCertVerificationError as exc:
         sock.close()
         raise ProbeFailure(f"TLS certificate not accepted: {exc.verify_message or exc.reason}") from None
@@ -190,6 +190,28 @@ async def _http_one(p: HttpProbe, target: ProbeTarget) -> Finding:
         # abort, not close: a probe does not wait for a TLS close_notify or a lingering peer
         writer.transport.abort()
     return judge_http(p, data)
+
+
+async def _exchange_plain(sock: socket.socket, request: bytes, target: ProbeTarget, port: int) -> bytes:
+    """Send ``request`` and read the response (at most MAX_READ) on a connected non-blocking socket.
+
+    Plain HTTP goes straight through the loop's socket calls: no transport, protocol and stream objects
+    per probe (they were most of the agent's CPU per run at 1500 probes a second).
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_sendall(sock, request)
+        data = b""
+        while len(data) < MAX_READ:
+            chunk = await loop.sock_recv(sock, MAX_READ - len(data))
+            if not chunk:
+                break
+            data += chunk
+        return data
+    except OSError as exc:
+        raise ProbeFailure(f"{_display(target.address)}:{port}: {_os_reason(exc)}") from None
+    finally:
+        sock.close()
 
 
 async def _each_target(targets: Sequence[ProbeTarget], one: Callable[[ProbeTarget], Awaitable[Finding]]) -> Finding:
