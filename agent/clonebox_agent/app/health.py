@@ -27,7 +27,7 @@ import logging
 import math
 import random
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -295,6 +295,8 @@ class HealthMonitor:
         self._minutes_closed_at = -math.inf
         #: minute aggregates closed since the last batch was sent
         self._closed: list[Aggregate] = []
+        #: interval (ms) -> how many resource probes have it: the sampler's cache age follows the shortest
+        self._resource_intervals: Counter[int] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
         #: restarts past their point of no return (see _restart)
         self._critical: set[asyncio.Task[str]] = set()
@@ -482,18 +484,21 @@ class HealthMonitor:
         for check in vm.checks.values():
             interval = check.probe.interval_ms / 1000
             self._plan(vm, check, now + check.probe.initial_delay_ms / 1000 + self._rng.uniform(0, interval))
-        self._update_sampler()
         self._wake.set()
 
-    def _update_sampler(self) -> None:
-        intervals = [
-            c.probe.interval_ms / 1000
-            for vm in self._vms.values()
-            for c in vm.checks.values()
-            if c.probe.type is ProbeType.RESOURCE
-        ]
-        # every resource probe still sees a figure at most half its interval old
-        self.sampler.min_age = min(intervals) / 2 if intervals else 0.0
+    def _track_resources(self, vm: _Vm, delta: int) -> None:
+        """Count ``vm``'s resource probe intervals in (+1) or out (-1); O(its checks), not O(every check)."""
+        changed = False
+        for c in vm.checks.values():
+            if c.probe.type is ProbeType.RESOURCE:
+                self._resource_intervals[c.probe.interval_ms] += delta
+                if self._resource_intervals[c.probe.interval_ms] <= 0:
+                    del self._resource_intervals[c.probe.interval_ms]
+                changed = True
+        if changed:
+            # every resource probe still sees a figure at most half its interval old
+            shortest = min(self._resource_intervals, default=0)
+            self.sampler.min_age = shortest / 2000
 
     async def _scheduled_run(self, vm: _Vm, check: _Check, generation: int) -> None:
         result = await self._run_probe(vm.name, check.probe, live=True)
@@ -658,7 +663,7 @@ class HealthMonitor:
         if vm is None:
             vm = self._new_vm(v.name, probes)
             self._vms[v.name] = vm
-            self._update_sampler()
+            self._track_resources(vm, +1)
             self._publish(vm)
         self._set_running(vm, v.state == VmState.RUNNING)
 
@@ -673,7 +678,7 @@ class HealthMonitor:
             if check.minute is not None:
                 self._closed.append(check.minute.close(vm.name, check.probe.name))
         self._cpu.forget(name)
-        self._update_sampler()
+        self._track_resources(vm, -1)
         self._publish(vm, removed=True)
 
     def _reconcile(self, vms: Sequence[Vm]) -> None:
