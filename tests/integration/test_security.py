@@ -43,6 +43,8 @@ SERVICES = {
         "clonebox.controller.v1.PkiService",
         "clonebox.controller.v1.AuditService",
         "clonebox.controller.v1.RecoveryService",
+        "clonebox.controller.v1.HealthService",
+        "clonebox.controller.v1.SnapshotService",
     ],
 }
 

@@ -119,9 +119,13 @@ def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 WEB_OK = vm_health("web", HEALTHY, check("http", HEALTHY, detail="HTTP 200"), check("db", HEALTHY, detail="ok"))
-WEB_SICK = vm_health(
-    "web", UNHEALTHY, check("http", HEALTHY, detail="HTTP 200"), check("db", UNHEALTHY, 3, "connection refused")
-)
+
+
+def web_sick() -> health_pb2.VmHealth:
+    """Made per test: its ``since`` is five minutes before *now*, whenever the test runs."""
+    return vm_health(
+        "web", UNHEALTHY, check("http", HEALTHY, detail="HTTP 200"), check("db", UNHEALTHY, 3, "connection refused")
+    )
 
 
 # ---------------------------------------------------------------------------------------------- check
@@ -129,7 +133,7 @@ WEB_SICK = vm_health(
 
 def test_check_table_exits_1_when_a_run_failed(runner: CliRunner, fake_controller: FakeController) -> None:
     fleet = fake_controller.fleet
-    fleet.health["web"] = WEB_SICK
+    fleet.health["web"] = web_sick()
     fleet.check_results["web"] = [
         result("http", health_pb2.PROBE_SAMPLE_PASS, "HTTP 200", 12_300),
         result("db", health_pb2.PROBE_SAMPLE_FAIL, "connection refused", 2_000_000),
@@ -148,7 +152,7 @@ def test_check_table_exits_1_when_a_run_failed(runner: CliRunner, fake_controlle
 
 def test_check_json_is_one_document_and_keeps_the_exit_code(runner: CliRunner, fake_controller: FakeController) -> None:
     fleet = fake_controller.fleet
-    fleet.health["web"] = WEB_SICK
+    fleet.health["web"] = web_sick()
     fleet.check_results["web"] = [
         result("http", health_pb2.PROBE_SAMPLE_PASS, "HTTP 200"),
         result("db", health_pb2.PROBE_SAMPLE_FAIL, "connection refused"),
@@ -199,7 +203,7 @@ def test_check_unknown_vm_exits_3(runner: CliRunner, fake_controller: FakeContro
 
 def test_list_table_json_and_state_filter(runner: CliRunner, fake_controller: FakeController) -> None:
     fleet = fake_controller.fleet
-    fleet.health["web"] = WEB_SICK
+    fleet.health["web"] = web_sick()
     fleet.health["api"] = vm_health("api", HEALTHY, check("http", HEALTHY))
     out = cli(runner, fake_controller, "health", "list")
     assert out.exit_code == 0, out.output
@@ -317,7 +321,7 @@ def test_history_empty(runner: CliRunner, fake_controller: FakeController) -> No
 
 
 def test_vm_show_has_a_health_section(runner: CliRunner, fake_controller: FakeController) -> None:
-    fake_controller.fleet.health["web"] = WEB_SICK
+    fake_controller.fleet.health["web"] = web_sick()
     out = cli(runner, fake_controller, "vm", "show", "web")
     assert out.exit_code == 0, out.output
     assert "health: unhealthy since" in out.stdout
@@ -376,9 +380,9 @@ def test_watch_snapshot_then_updates_as_json_lines(runner: CliRunner, fake_contr
             snapshot(WEB_OK),
             snapshot(vm_health("api", HEALTHY)),
             synced(4),
-            update(WEB_SICK, transition(5), transition(6, chk="")),
+            update(web_sick(), transition(5), transition(6, chk="")),
             update(WEB_OK, transition(7, old=UNHEALTHY, new=HEALTHY)),
-            update(WEB_SICK, transition(8)),  # not read: --count 2
+            update(web_sick(), transition(8)),  # not read: --count 2
             HOLD,
         ]
     ]
@@ -399,7 +403,7 @@ def test_watch_snapshot_then_updates_as_json_lines(runner: CliRunner, fake_contr
 
 
 def test_watch_table_mode_on_a_pipe_prints_json_lines(runner: CliRunner, fake_controller: FakeController) -> None:
-    fake_controller.fleet.watch_sessions = [[snapshot(WEB_OK), synced(0), update(WEB_SICK, transition(1))]]
+    fake_controller.fleet.watch_sessions = [[snapshot(WEB_OK), synced(0), update(web_sick(), transition(1))]]
     out = cli(runner, fake_controller, "health", "watch", "--count", "1")
     assert out.exit_code == 0, out.output
     assert [line["seq"] for line in json_lines(out)] == [0, 0, 1]
@@ -410,7 +414,7 @@ def test_watch_on_a_terminal_redraws_a_table(
 ) -> None:
     monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: treat the captured stdout as a terminal
     fake_controller.fleet.watch_sessions = [
-        [snapshot(WEB_OK), snapshot(vm_health("api", HEALTHY)), synced(0), update(WEB_SICK, transition(1))]
+        [snapshot(WEB_OK), snapshot(vm_health("api", HEALTHY)), synced(0), update(web_sick(), transition(1))]
     ]
     out = cli(runner, fake_controller, "health", "watch", "--count", "1")
     assert out.exit_code == 0, out.output
@@ -422,7 +426,7 @@ def test_watch_on_a_terminal_redraws_a_table(
 
 def test_watch_view_drops_vms_that_leave_the_chosen_states() -> None:
     view = health_module.WatchView(states=frozenset({HealthState.UNHEALTHY}))
-    view.apply(snapshot(WEB_SICK))
+    view.apply(snapshot(web_sick()))
     view.apply(update(vm_health("api", UNHEALTHY), transition(3, vm="api")))
     view.apply(update(WEB_OK, transition(4, old=UNHEALTHY, new=HEALTHY)))
     view.apply(hs_pb2.WatchHealthResponse(health=vm_health("gone", UNHEALTHY), removed=True))
@@ -439,8 +443,8 @@ def test_watch_reconnects_after_a_controller_restart_and_resumes_after_the_last_
     fleet = FakeFleet()
     fleet.add_vm("web")
     fleet.watch_sessions = [
-        [snapshot(WEB_OK), synced(4), update(WEB_SICK, transition(7)), HOLD],
-        [snapshot(WEB_SICK), replay(transition(8, chk="http")), synced(8), update(WEB_OK, transition(9))],
+        [snapshot(WEB_OK), synced(4), update(web_sick(), transition(7)), HOLD],
+        [snapshot(web_sick()), replay(transition(8, chk="http")), synced(8), update(WEB_OK, transition(9))],
     ]
     server, port = serve_fake(fleet, test_pki)
     servers = [server]
@@ -481,9 +485,9 @@ def test_watch_revision_expired_starts_again_from_a_snapshot(
 ) -> None:
     fleet = fake_controller.fleet
     fleet.watch_sessions = [
-        [snapshot(WEB_OK), synced(4), update(WEB_SICK, transition(5))],  # then the stream ends
+        [snapshot(WEB_OK), synced(4), update(web_sick(), transition(5))],  # then the stream ends
         [FailedPrecondition("seq 5 is older than the stored transitions", reason="REVISION_EXPIRED")],
-        [snapshot(WEB_SICK), synced(12), update(WEB_OK, transition(12, old=UNHEALTHY, new=HEALTHY))],
+        [snapshot(web_sick()), synced(12), update(WEB_OK, transition(12, old=UNHEALTHY, new=HEALTHY))],
     ]
     out = cli(runner, fake_controller, "health", "watch", "--count", "2")
     assert out.exit_code == 0, out.output
@@ -498,8 +502,8 @@ def test_watch_queue_overflow_resumes_after_the_last_seq(
     fleet = fake_controller.fleet
     overflow = FailedPrecondition("watch queue overflowed: reading too slowly", reason="WATCH_QUEUE_OVERFLOW")
     fleet.watch_sessions = [
-        [snapshot(WEB_OK), synced(2), update(WEB_SICK, transition(3)), overflow],
-        [snapshot(WEB_SICK), replay(transition(4)), synced(5), update(WEB_OK, transition(6))],
+        [snapshot(WEB_OK), synced(2), update(web_sick(), transition(3)), overflow],
+        [snapshot(web_sick()), replay(transition(4)), synced(5), update(WEB_OK, transition(6))],
     ]
     out = cli(runner, fake_controller, "health", "watch", "--count", "3")
     assert out.exit_code == 0, out.output
@@ -542,7 +546,7 @@ def test_watch_bad_timeout_names_the_option(runner: CliRunner, fake_controller: 
 def test_watch_ctrl_c_exits_0(
     runner: CliRunner, fake_controller: FakeController, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fake_controller.fleet.watch_sessions = [[snapshot(WEB_OK), synced(0), update(WEB_SICK, transition(1)), HOLD]]
+    fake_controller.fleet.watch_sessions = [[snapshot(WEB_OK), synced(0), update(web_sick(), transition(1)), HOLD]]
 
     def interrupt(response: hs_pb2.WatchHealthResponse) -> str:
         if response.transitions:
