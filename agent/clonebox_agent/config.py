@@ -92,6 +92,11 @@ class AgentConfig(BaseModel):
     health_max_restarts: int = Field(3, ge=0, le=100)
     #: the window health_max_restarts counts in
     health_restart_window_seconds: float = Field(600.0, gt=0, le=7 * 86400)
+    #: how often the agent applies each VM's snapshot retention policy (deletions audited as snapshot.prune)
+    snapshot_prune_interval_seconds: float = Field(3600.0, ge=1, le=7 * 86400)
+    #: largest virtual disk size an imported snapshot may have, bytes (default 1 TiB); a qcow2 of a huge
+    #: virtual size is tiny on the wire but may fill the pool as the guest writes
+    max_import_virtual_bytes: int = Field(1 << 40, ge=1 << 20, le=1 << 50)
     #: hypervisor: fake only (benchmarks, demos): a loopback IPv4 network such as 127.77.0.0/16; each running
     #: VM's http/tcp health probes then go to address index + 1 of it, where a test server can answer
     #: (index: the fake's counter of creates and boots, so each boot has its own address, not consecutive

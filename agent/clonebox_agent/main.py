@@ -25,6 +25,7 @@ from clonebox_agent.app.health import HealthMonitor, HealthSettings
 from clonebox_agent.app.keystore import KeyStore
 from clonebox_agent.app.probes import ScriptPolicy, ScriptRunner
 from clonebox_agent.app.service import AgentService
+from clonebox_agent.app.snapshots import SnapshotManager, SnapshotSettings
 from clonebox_agent.config import AgentConfig
 from clonebox_agent.credentials import enroll, renew_forever
 from clonebox_agent.grpc.audit import AgentAuditObserver
@@ -132,6 +133,16 @@ class Agent:
             seed_poll_seconds=config.seed_poll_seconds,
             scripts=scripts,
         )
+        self.snapshots = SnapshotManager(
+            self.service,
+            hv,
+            SnapshotSettings(
+                storage_dir=config.storage_dir,
+                prune_interval_seconds=config.snapshot_prune_interval_seconds,
+                max_import_virtual_bytes=config.max_import_virtual_bytes,
+            ),
+            step_hook=step_hook,
+        )
         self.health = HealthMonitor(
             self.service,
             hv,
@@ -178,6 +189,7 @@ class Agent:
             self.trust_domain = trust_domain_of(self.transport)
             self._needs_enrolment = False
         await self.service.start()
+        await self.snapshots.start()
         await self.health.start()
         authorizer = Authorizer(self.trust_domain, self._is_revoked) if self.trust_domain else None
         self.server = await start_server(
@@ -185,7 +197,7 @@ class Agent:
             [
                 (
                     agent_pb2_grpc.add_AgentServiceServicer_to_server,
-                    AgentServicer(self.service, self.health),
+                    AgentServicer(self.service, self.health, self.snapshots),
                     SERVICE_NAME,
                 )
             ],
@@ -229,6 +241,7 @@ class Agent:
         if self.metrics_server is not None:
             await self.metrics_server.aclose()
         await self.health.close()
+        await self.snapshots.close()
         await self.service.close()
         self.journal.close()
 

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Protocol
 
 from clonebox_core.model import CreatePlan, HostInfo, IpAddress, TransactionStep, VmSpec, VmState
+from clonebox_core.snapshots import SnapshotKind
 
 
 class Capability(enum.StrEnum):
@@ -119,6 +120,30 @@ class ProbeTarget:
 
     address: str
     interface: str
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    """A snapshot as the hypervisor keeps it (the agent adds description, tags, creator from its journal)."""
+
+    name: str
+    kind: SnapshotKind
+    create_time: datetime
+    vm_state: VmState
+    has_memory: bool
+    parent: str
+    current: bool
+    size_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class DiskImage:
+    """A flattened, self-contained qcow2 image of one disk (no backing file), in a file the caller removes."""
+
+    disk: str
+    path: str
+    virtual_size_bytes: int
+    image_bytes: int
 
 
 #: steps and their states are part of the core model (they travel to the controller and the CLI)
@@ -275,6 +300,56 @@ class Hypervisor(Protocol):
 
     async def probe_targets(self, name: str) -> tuple[ProbeTarget, ...]:
         """The VM's addresses that probes may reach (see ``ProbeTarget``); empty when none is known."""
+        ...
+
+    # ---- snapshots ------------------------------------------------------------------------------
+
+    async def create_snapshot(
+        self, name: str, snapshot: str, *, kind: SnapshotKind, quiesce: bool = False, steps: StepLog | None = None
+    ) -> SnapshotRecord:
+        """Take snapshot ``snapshot`` of VM ``name``.
+
+        INTERNAL: disks (and memory when running) inside the qcow2 files. EXTERNAL: disk-only overlays,
+        guest filesystems frozen through qemu-ga when ``quiesce`` (FailedPrecondition
+        ``GUEST_AGENT_UNAVAILABLE`` when it does not answer). A memory snapshot of a VM with a 9p or
+        virtiofs share is refused with FailedPrecondition ``SNAPSHOT_BLOCKED_BY_SHARED_FOLDER``;
+        AlreadyExists ``SNAPSHOT_ALREADY_EXISTS`` for a taken name. Files it makes are steps in ``steps``.
+        """
+        ...
+
+    async def list_snapshots(self, name: str) -> builtins.list[SnapshotRecord]:
+        """The VM's snapshots, oldest first."""
+        ...
+
+    async def revert_snapshot(self, name: str, snapshot: str, *, start: bool, steps: StepLog | None = None) -> None:
+        """Return the VM's disks (and memory, for an internal snapshot with memory) to ``snapshot``.
+
+        The VM runs afterwards when ``start`` and is stopped otherwise. External snapshots are restored by
+        the adapter itself where libvirt cannot (before 9.9): stop, a new overlay on the snapshot's image,
+        swap it into the persistent definition, start; the old overlay is removed only at the end. A
+        shared base image is never written. NotFound ``SNAPSHOT_NOT_FOUND`` for an unknown name.
+        """
+        ...
+
+    async def delete_snapshot(self, name: str, snapshot: str, *, children: bool = False) -> builtins.list[str]:
+        """Delete ``snapshot`` (and its descendants when ``children``); returns the deleted names.
+
+        Deleting an external snapshot merges its overlay into its image (the data stays in the VM).
+        """
+        ...
+
+    async def export_disks(self, name: str, snapshot: str, workdir: str) -> builtins.list[DiskImage]:
+        """Each disk of the VM as it was at ``snapshot``, flattened into a standalone qcow2 in ``workdir``."""
+        ...
+
+    async def import_disks(
+        self, spec: VmSpec, images: Mapping[str, str], *, steps: StepLog | None = None
+    ) -> DomainRecord:
+        """Define a stopped VM from ``spec`` whose disks are the checked qcow2 files ``images`` (by disk name).
+
+        The files are moved into the agent's storage (they must have no backing file and no external data
+        file; the caller checked). All or nothing like ``create``.
+        """
         ...
 
     async def detach_seed(self, name: str) -> builtins.list[str]:

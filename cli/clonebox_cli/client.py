@@ -12,7 +12,7 @@ becomes ``TlsHandshakeFailed`` (exit 13) with the reason (see ``clonebox_cli.cre
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -24,6 +24,7 @@ from clonebox.controller.v1 import (
     operation_service_pb2_grpc,
     pki_service_pb2_grpc,
     recovery_service_pb2_grpc,
+    snapshot_service_pb2_grpc,
     vm_service_pb2_grpc,
 )
 
@@ -52,7 +53,7 @@ def controller_server_name(transport: Transport) -> str | None:
 
 
 class ControllerClient:
-    """A blocking client of the controller's services (Host, Vm, Operation, Pki, Audit, Recovery, Health)."""
+    """A blocking client of the controller's services (Host, Vm, Operation, Pki, Audit, Recovery, Health, Snapshot)."""
 
     def __init__(
         self,
@@ -77,6 +78,7 @@ class ControllerClient:
         self._audit: Any = None
         self._recovery: Any = None
         self._health: Any = None
+        self._snapshots: Any = None
         #: a call on this client reached the server (later connection losses are outages, not handshakes)
         self._reached = False
 
@@ -138,6 +140,13 @@ class ControllerClient:
         if self._health is None:
             self._health = health_service_pb2_grpc.HealthServiceStub(self._ensure())
         return self._health  # type: ignore[no-any-return]
+
+    @property
+    def snapshots(self) -> snapshot_service_pb2_grpc.SnapshotServiceStub:
+        """SnapshotService stub."""
+        if self._snapshots is None:
+            self._snapshots = snapshot_service_pb2_grpc.SnapshotServiceStub(self._ensure())
+        return self._snapshots  # type: ignore[no-any-return]
 
     def translate(self, exc: grpc.RpcError) -> CloneboxError:
         """Map a failed call to its CloneboxError; say what to do when the controller is unreachable."""
@@ -205,13 +214,56 @@ class ControllerClient:
             if cancel is not None:
                 cancel()
 
+    def send_stream(self, method: Any, requests: Iterable[Req], *, timeout: float | None = None) -> Any:
+        """
+        Call a client-streaming ``method`` with ``requests`` (read lazily, as gRPC sends them).
+
+        Never retried: the requests are consumed. When iterating ``requests`` raises, the call is
+        *cancelled* - not half-closed - so the server discards what it received instead of judging a
+        stream that merely ended early; that exception is then raised here.
+        """
+        failure: list[BaseException] = []
+        holder: list[Any] = []
+
+        def guarded() -> Iterator[Req]:
+            try:
+                yield from requests
+            except Exception as exc:  # raised again below, on the caller's thread
+                failure.append(exc)
+                # cancel before this generator returns: returning would half-close the stream
+                deadline = time.monotonic() + 5.0
+                while not holder and time.monotonic() < deadline:
+                    time.sleep(0.001)  # the caller is storing the future this very moment
+                if holder:
+                    holder[0].cancel()
+
+        future = method.future(guarded(), timeout=timeout)
+        holder.append(future)
+        if failure:  # the iterator failed before the future existed
+            future.cancel()
+        try:
+            response = future.result()
+        except grpc.FutureCancelledError:
+            if failure:
+                raise failure[0] from None
+            raise
+        except grpc.RpcError as exc:
+            if failure:
+                raise failure[0] from None
+            raise self.translate(exc) from None
+        except BaseException:
+            future.cancel()  # Ctrl-C: the server must not keep a half-sent import
+            raise
+        self._reached = True
+        return response
+
     def close(self) -> None:
         """Close the channel (idempotent)."""
         if self._channel is not None:
             self._channel.close()
             self._channel = None
             self._hosts = self._vms = self._operations = self._pki = self._audit = self._recovery = None
-            self._health = None
+            self._health = self._snapshots = None
             self._reached = False
 
     def __enter__(self) -> ControllerClient:

@@ -101,9 +101,38 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+#: what to do next, for reasons where the server's message alone leaves the user guessing
+HINTS: dict[str, str] = {
+    "SNAPSHOT_BLOCKED_BY_SHARED_FOLDER": "the VM has shared folders, so QEMU cannot save its memory: "
+    "take a disk-only snapshot with --disk-only --quiesce (shared folder contents are never in a snapshot)",
+    "VM_HAS_SNAPSHOTS": "delete them with 'clonebox snapshot delete VM NAME', or delete the VM together with "
+    "them: 'clonebox vm delete NAME --with-snapshots' (add --keep-export FILE to keep the newest as a file)",
+    "SNAPSHOT_NOT_FOUND": "list the VM's snapshots with 'clonebox snapshot list VM'",
+    "ARCHIVE_NEEDS_PASSPHRASE": "pass --passphrase REF (e.g. env:VAR or file:PATH) naming the export's passphrase",
+    "ARCHIVE_WRONG_KEY": "check what the --passphrase reference points at",
+    "ARCHIVE_NOT_ENCRYPTED": "leave out --passphrase",
+    "SNAPSHOT_ALREADY_EXISTS": "snapshot names are unique per VM: pick another name, or leave it out",
+}
+#: the hint for every ``ARCHIVE_*`` reason not in HINTS (problems with an export file)
+ARCHIVE_HINT = "the file is not a complete, intact CloneBox export: nothing was imported; export the snapshot again"
+
+
+def hint_for(reason: str) -> str:
+    """The hint printed after an error with ``reason`` ("" when there is none)."""
+    if reason in HINTS:
+        return HINTS[reason]
+    if reason.startswith("ARCHIVE_"):
+        return ARCHIVE_HINT
+    return ""
+
+
 def report(err: CloneboxError) -> int:
-    """Print ``err`` as one line on stderr and return its exit code."""
-    typer.echo(f"error: {one_line(err.message) or err.reason}", err=True)
+    """Print ``err`` as one line on stderr (with a hint for some reasons) and return its exit code."""
+    line = f"error: {one_line(err.message) or err.reason}"
+    hint = hint_for(err.reason)
+    if hint:
+        line += f" (hint: {hint})"
+    typer.echo(line, err=True)
     return exit_code(err)
 
 

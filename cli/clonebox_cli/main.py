@@ -1,9 +1,10 @@
 """
 ``clonebox``: the fleet CLI, a client of the controller only.
 
-One typer app with a command group per module (``host``, ``vm``, ``operation``, ``pki``, ``health``, ``dev``, ...). The
-root command class catches every CloneboxError a command raises and hands it to ``clonebox_cli.errors``,
-the one place that prints errors and picks exit codes; ``run()`` is the console-script entry point.
+One typer app with a command group per module (``host``, ``vm``, ``snapshot``, ``operation``, ``pki``,
+``health``, ``dev``, ...). The root command class catches every CloneboxError a command raises and hands
+it to ``clonebox_cli.errors``, the one place that prints errors and picks exit codes; ``run()`` is the
+console-script entry point.
 
 Global options: ``--controller`` (where), ``--tls-dir`` (this client's certificate, see
 ``clonebox_cli.credentials``), ``--insecure`` (plaintext, loopback only), ``--output`` and ``--trace``.
@@ -28,7 +29,21 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from clonebox_cli import audit, config, credentials, dev, errors, health, host, operation, pki, recover, secret, vm
+from clonebox_cli import (
+    audit,
+    config,
+    credentials,
+    dev,
+    errors,
+    health,
+    host,
+    operation,
+    pki,
+    recover,
+    secret,
+    snapshot,
+    vm,
+)
 from clonebox_cli.context import DEFAULT_CONTROLLER, Settings
 from clonebox_cli.output import OutputFormat
 from clonebox_core.errors import CloneboxError
@@ -124,6 +139,7 @@ app.add_typer(operation.app, name="operation")
 app.add_typer(pki.app, name="pki")
 app.add_typer(audit.app, name="audit")
 app.add_typer(health.app, name="health")
+app.add_typer(snapshot.app, name="snapshot")
 app.add_typer(recover.app, name="recover")
 app.add_typer(dev.app, name="dev")
 app.add_typer(config.app, name="config")

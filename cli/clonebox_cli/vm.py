@@ -24,7 +24,7 @@ from clonebox_cli.client import ControllerClient
 from clonebox_cli.context import Settings, settings
 from clonebox_cli.health import health_dict, health_section, vm_health
 from clonebox_cli.operation import TimeoutOpt, print_started, wait_and_check
-from clonebox_core.errors import InvalidArgument
+from clonebox_core.errors import FailedPrecondition, InvalidArgument
 from clonebox_core.model import VmSpec
 from clonebox_core.rpc.convert import spec_to_proto, vm_from_proto
 from clonebox_core.secret import Secret
@@ -362,11 +362,45 @@ def delete(
     wait: WaitOpt = True,
     timeout: TimeoutOpt = None,
     request_id: RequestIdOpt = None,
+    with_snapshots: Annotated[
+        bool,
+        typer.Option(
+            "--with-snapshots", help="Also delete the VM's snapshots (a VM with snapshots is refused without)."
+        ),
+    ] = False,
+    keep_export: Annotated[
+        str | None,
+        typer.Option(
+            "--keep-export",
+            metavar="FILE",
+            help="First export the VM's newest snapshot to FILE (unencrypted), then delete with its snapshots.",
+        ),
+    ] = None,
 ) -> None:
-    """Delete a VM and everything made for it (no prompt, so scripts can use it)."""
+    """
+    Delete a VM and everything made for it (no prompt, so scripts can use it).
+
+    A VM that has snapshots is refused unless --with-snapshots. --keep-export FILE keeps something:
+    it exports the VM's newest snapshot (not the state since then: take a snapshot first if that
+    matters) to FILE exactly like 'clonebox snapshot export', and deletes the VM with its snapshots
+    only once FILE is complete. Bring it back with 'clonebox snapshot import FILE'.
+    """
     s = settings(ctx)
     client = s.client()
-    request = vms_pb2.DeleteVmRequest(name=name, request_id=_new_request_id(request_id))
+    if keep_export is not None:
+        from clonebox_cli.snapshot import export_to_file, list_snapshots, newest_snapshot
+
+        newest = newest_snapshot(list_snapshots(client, name))
+        if newest is None:
+            raise FailedPrecondition(
+                f"vm {name} has no snapshot to export: take one first ('clonebox snapshot create {name}'), "
+                "or delete without --keep-export",
+                reason="NO_SNAPSHOT_TO_EXPORT",
+            )
+        done = export_to_file(client, name, newest.name, Path(keep_export), passphrase=None, force=False)
+        typer.echo(f"exported snapshot {newest.name} of vm {name} to {done.file} (sha256 {done.sha256})", err=True)
+        with_snapshots = True
+    request = vms_pb2.DeleteVmRequest(name=name, request_id=_new_request_id(request_id), with_snapshots=with_snapshots)
     op = client.call(client.vms.DeleteVm, request).operation
     if not wait:
         print_started(op, s.json)

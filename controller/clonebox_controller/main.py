@@ -26,6 +26,8 @@ from clonebox.controller.v1 import (
     pki_service_pb2_grpc,
     recovery_service_pb2,
     recovery_service_pb2_grpc,
+    snapshot_service_pb2,
+    snapshot_service_pb2_grpc,
     vm_service_pb2,
     vm_service_pb2_grpc,
 )
@@ -37,6 +39,7 @@ from clonebox_controller.app.hosts import HostRegistry
 from clonebox_controller.app.operations import OperationQueries
 from clonebox_controller.app.pki import PkiManager
 from clonebox_controller.app.recovery import RecoveryManager
+from clonebox_controller.app.snapshots import SnapshotManager
 from clonebox_controller.app.vms import VmManager
 from clonebox_controller.config import ControllerConfig
 from clonebox_controller.grpc.audit import AuditCallObserver, AuditServicer
@@ -49,6 +52,7 @@ from clonebox_controller.grpc.servicers import (
     PkiServicer,
     VmServicer,
 )
+from clonebox_controller.grpc.snapshots import SnapshotServicer
 from clonebox_controller.store import Store
 from clonebox_core.audit.chain import Keyring, ensure_key_file
 from clonebox_core.audit.headfile import HeadFile
@@ -150,6 +154,7 @@ class Controller:
         )
         self.operations = OperationQueries(self.store)
         self.recovery = RecoveryManager(self.store, self.hosts)
+        self.snapshots = SnapshotManager(self.store, self.hosts)
         hc = config.health
         # follows every agent session the registry reports (it registers itself as a listener)
         self.health = HealthHub(
@@ -193,6 +198,7 @@ class Controller:
                     _service(audit_service_pb2, "AuditService"),
                     _service(recovery_service_pb2, "RecoveryService"),
                     _service(health_service_pb2, "HealthService"),
+                    _service(snapshot_service_pb2, "SnapshotService"),
                     _service(pki_service_pb2, "EnrollmentService"),
                 ]
             )
@@ -235,6 +241,11 @@ class Controller:
                     health_service_pb2_grpc.add_HealthServiceServicer_to_server,
                     HealthServicer(self.health),
                     _service(health_service_pb2, "HealthService"),
+                ),
+                (
+                    snapshot_service_pb2_grpc.add_SnapshotServiceServicer_to_server,
+                    SnapshotServicer(self.snapshots),
+                    _service(snapshot_service_pb2, "SnapshotService"),
                 ),
             ],
             self.transport,

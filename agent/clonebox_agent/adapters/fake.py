@@ -20,6 +20,12 @@ Scripting:
   ``probe_addresses`` (``probe_targets``: loopback addresses of a test server, no bridge);
   ``probe_network`` (the agent's ``fake_probe_network``) gives every running VM without
   ``probe_addresses`` one loopback address of its own, ``network[index + 1]`` (for benchmarks).
+- snapshots: a tree per VM (the parent of a new snapshot is the current one; create and revert move
+  ``current``); ``disk_state[vm]`` is a token standing for the disks' contents: tests set it, snapshots
+  save it and a revert puts the saved one back, so a use-case test can see that a restore restored.
+  ``export_disks`` writes a real (empty) qcow2 per disk with ``qemu-img``; ``import_disks`` defines a
+  stopped VM on the given files (moved into the pool). Named steps: ``snapshot:taken``,
+  ``import:disks``, ``import:define``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import builtins
 import contextlib
 import ipaddress
 import os
+import secrets
 import shutil
 import tempfile
 import uuid as uuidlib
@@ -43,6 +50,7 @@ from clonebox_agent.adapters.images import resolve_spec
 from clonebox_agent.adapters.seediso import build_seed_iso, seed_cloud_init
 from clonebox_agent.ports import (
     Capability,
+    DiskImage,
     DomainRecord,
     DomainStats,
     EventKind,
@@ -51,9 +59,17 @@ from clonebox_agent.ports import (
     GuestFilesystem,
     HypervisorEvent,
     ProbeTarget,
+    SnapshotRecord,
     StepLog,
 )
-from clonebox_core.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+from clonebox_core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    NotFound,
+    Unavailable,
+    invalid_field,
+)
 from clonebox_core.model import (
     CreatePlan,
     HostInfo,
@@ -64,6 +80,27 @@ from clonebox_core.model import (
     VmSpec,
     VmState,
 )
+from clonebox_core.names import check_dns_label
+from clonebox_core.snapshots import SnapshotKind
+
+#: qemu-img, for the real qcow2 files of ``export_disks``
+QEMU_IMG = "qemu-img"
+
+
+@dataclass
+class _Snap:
+    """One snapshot of the fake: its place in the tree and the disk contents (token) it saved."""
+
+    name: str
+    kind: SnapshotKind
+    created: datetime
+    vm_state: VmState
+    has_memory: bool
+    parent: str
+    disk_state: str
+    size_bytes: int
+    #: identity for undo: a snapshot re-made under the same name is not the one a step recorded
+    nonce: str
 
 
 @dataclass
@@ -149,6 +186,11 @@ class FakeHypervisor:
         self.guest_fs: dict[str, tuple[GuestFilesystem, ...]] = {}
         #: counters by VM name (``domain_stats`` returns those of running domains)
         self.domain_counters: dict[str, DomainStats] = {}
+        #: a token for each VM's disk contents: tests set it; snapshots save it and revert restores it
+        self.disk_state: dict[str, str] = {}
+        #: snapshots by VM, oldest first (dicts keep insertion order), and each VM's current snapshot
+        self._snapshots: dict[str, dict[str, _Snap]] = {}
+        self._current: dict[str, str] = {}
         #: probe addresses by VM name (``probe_targets``, while running; no bridge, so no interface)
         self.probe_addresses: dict[str, tuple[str, ...]] = {}
         #: VMs not in ``probe_addresses`` probe at ``network[index + 1]`` of this network (None: no address)
@@ -377,7 +419,12 @@ class FakeHypervisor:
         ]
         await self._step("delete:volumes")
         removed += self._remove_folder(domain)
-        if dom is None and not removed:
+        # snapshot metadata lives with the domain (libvirt refuses to undefine a domain that has
+        # snapshots unless told to drop their metadata; delete always does)
+        had_snapshots = bool(self._snapshots.pop(name, None))
+        self._current.pop(name, None)
+        self.disk_state.pop(name, None)
+        if dom is None and not removed and not had_snapshots:
             raise NotFound(f"VM {name} not found", reason="VM_NOT_FOUND", metadata={"vm": name})
         return removed
 
@@ -466,6 +513,209 @@ class FakeHypervisor:
             last = self.probe_network.num_addresses - 2
             addresses = (str(self.probe_network[offset]),) if 0 < offset <= last else ()
         return tuple(ProbeTarget(addr, interface="") for addr in addresses or ())
+
+    # ---- snapshots -----------------------------------------------------------------------------
+
+    async def create_snapshot(
+        self, name: str, snapshot: str, *, kind: SnapshotKind, quiesce: bool = False, steps: StepLog | None = None
+    ) -> SnapshotRecord:
+        """See ``Hypervisor.create_snapshot``: the same refusals as libvirt + QEMU, one step ``snapshot:NAME``."""
+        await self._enter("create_snapshot")
+        dom = self._domain(name)
+        check_dns_label("snapshot", snapshot)
+        snaps = self._snapshots.setdefault(name, {})
+        if snapshot in snaps:
+            raise AlreadyExists(
+                f"VM {name} already has a snapshot {snapshot}",
+                reason="SNAPSHOT_ALREADY_EXISTS",
+                metadata={"vm": name, "snapshot": snapshot},
+            )
+        live = dom.state in (VmState.RUNNING, VmState.PAUSED)
+        if kind == SnapshotKind.INTERNAL and live and dom.spec.shared_folders:
+            # QEMU cannot save the memory of a guest with a 9p or virtiofs share
+            raise FailedPrecondition(
+                f"VM {name} is running with shared folders: QEMU cannot save its memory; take a disk-only "
+                "snapshot instead (--disk-only --quiesce), or stop the VM first",
+                reason="SNAPSHOT_BLOCKED_BY_SHARED_FOLDER",
+                metadata={"vm": name},
+            )
+        if quiesce:
+            if kind != SnapshotKind.EXTERNAL:
+                # libvirt quiesces only disk-only snapshots
+                raise invalid_field("quiesce", "only for disk-only (external) snapshots")
+            self._guest(name)  # FailedPrecondition GUEST_AGENT_UNAVAILABLE: stopped, no qemu-ga, or silent
+        has_memory = kind == SnapshotKind.INTERNAL and live
+        disks = max(len(dom.spec.disks), 1) * common.MIB
+        snap = _Snap(
+            name=snapshot,
+            kind=kind,
+            created=datetime.now(UTC),
+            vm_state=dom.state,
+            has_memory=has_memory,
+            parent=self._current.get(name, ""),
+            disk_state=self.disk_state.get(name, ""),
+            size_bytes=disks + (dom.spec.memory_mib * common.MIB if has_memory else 0),
+            nonce=secrets.token_hex(8),
+        )
+        log = steps or common.MemoryStepLog()
+        n = log.planned(f"snapshot:{snapshot}", {"kind": "snapshot", "vm": name, "name": snapshot})
+        snaps[snapshot] = snap
+        self._current[name] = snapshot
+        log.made(n, {"nonce": snap.nonce})
+        try:
+            await self._step("snapshot:taken")
+        except BaseException:
+            common.roll_back(log, self._undo_sync, name)
+            raise
+        return self._snapshot_record(name, snap)
+
+    async def list_snapshots(self, name: str) -> builtins.list[SnapshotRecord]:
+        """See ``Hypervisor.list_snapshots`` (oldest first)."""
+        await self._enter("list_snapshots")
+        self._domain(name)
+        return [self._snapshot_record(name, s) for s in self._snapshots.get(name, {}).values()]
+
+    async def revert_snapshot(self, name: str, snapshot: str, *, start: bool, steps: StepLog | None = None) -> None:
+        """See ``Hypervisor.revert_snapshot``: the disk token comes back; running afterwards only when ``start``."""
+        await self._enter("revert_snapshot")
+        dom = self._domain(name)
+        snap = self._snapshot(name, snapshot)
+        self._force_off(dom)
+        await self._step("revert:stopped")
+        self.disk_state[name] = snap.disk_state
+        self._current[name] = snapshot
+        if start:
+            self._boot(dom)
+
+    async def delete_snapshot(self, name: str, snapshot: str, *, children: bool = False) -> builtins.list[str]:
+        """See ``Hypervisor.delete_snapshot``: one (its children move up to its parent) or the whole subtree."""
+        await self._enter("delete_snapshot")
+        self._domain(name)
+        self._snapshot(name, snapshot)
+        doomed = [snapshot, *self._descendants(name, snapshot)] if children else [snapshot]
+        snaps = self._snapshots[name]
+        # the subtree is deleted leaves first, so the current snapshot climbs to the root's parent
+        for victim in reversed(doomed):
+            self._drop_snapshot(name, snaps[victim])
+        return doomed
+
+    async def export_disks(self, name: str, snapshot: str, workdir: str) -> builtins.list[DiskImage]:
+        """See ``Hypervisor.export_disks``: an empty qcow2 of each disk's size, made by ``qemu-img``."""
+        await self._enter("export_disks")
+        dom = self._domain(name)
+        self._snapshot(name, snapshot)
+        images: builtins.list[DiskImage] = []
+        for disk in dom.spec.disks:
+            # a disk on a base image takes its size from the image; the fake says 16 MiB
+            size = (disk.size_mib or 16) * common.MIB
+            path = os.path.join(workdir, f"{disk.name}.qcow2")
+            await _qemu_img("create", "-q", "-f", "qcow2", path, str(size))
+            stat = await asyncio.to_thread(os.stat, path)
+            images.append(DiskImage(disk.name, path, size, stat.st_size))
+        await self._step("export:disks")
+        return images
+
+    async def import_disks(
+        self, spec: VmSpec, images: Mapping[str, str], *, steps: StepLog | None = None
+    ) -> DomainRecord:
+        """See ``Hypervisor.import_disks``: folder, one volume per moved image, a stopped domain; all or nothing."""
+        await self._enter("import_disks")
+        if spec.name in self._domains or spec.name in self._creating:
+            raise AlreadyExists(
+                f"VM {spec.name} already exists", reason="VM_ALREADY_EXISTS", metadata={"vm": spec.name}
+            )
+        if set(images) != {d.name for d in spec.disks}:
+            raise invalid_field("images", f"must name exactly the disks of the spec ({len(spec.disks)})")
+        domain = self.name_prefix + spec.name
+        log = steps or common.MemoryStepLog()
+        self._creating.add(spec.name)
+        try:
+            if self._host_files:
+                folder = common.vm_dir(self.storage_dir, domain)
+                n = log.planned("folder", {"kind": "folder", "path": folder})
+                os.makedirs(folder, mode=0o755)
+                log.made(n, common.stamp_identity(folder))
+                common.mark_owned(folder, spec.name)
+            for disk in spec.disks:
+                volume = common.volume_name(domain, disk.name)
+                n = log.planned(f"disk:{disk.name}", {"kind": "volume", "name": volume})
+                log.made(n, self._adopt_volume(volume, spec.name, images[disk.name]))
+            await self._step("import:disks")
+            self._counter += 1
+            dom = _Domain(spec.name, str(uuidlib.uuid4()), spec, datetime.now(UTC).replace(microsecond=0))
+            dom.index = self._counter
+            n = log.planned("define", {"kind": "domain", "name": domain})
+            self._domains[spec.name] = dom
+            self._emit(spec.name, EventKind.DEFINED, VmState.STOPPED, "added")
+            log.made(n, {"uuid": dom.uuid})
+            await self._step("import:define")
+        except BaseException:
+            common.roll_back(log, self._undo_sync, spec.name)
+            raise
+        finally:
+            self._creating.discard(spec.name)
+        return self._record(dom)
+
+    def _snapshot(self, name: str, snapshot: str) -> _Snap:
+        snap = self._snapshots.get(name, {}).get(snapshot)
+        if snap is None:
+            raise NotFound(
+                f"VM {name} has no snapshot {snapshot}",
+                reason="SNAPSHOT_NOT_FOUND",
+                metadata={"vm": name, "snapshot": snapshot},
+            )
+        return snap
+
+    def _snapshot_record(self, name: str, snap: _Snap) -> SnapshotRecord:
+        return SnapshotRecord(
+            name=snap.name,
+            kind=snap.kind,
+            create_time=snap.created,
+            vm_state=snap.vm_state,
+            has_memory=snap.has_memory,
+            parent=snap.parent,
+            current=self._current.get(name) == snap.name,
+            size_bytes=snap.size_bytes,
+        )
+
+    def _descendants(self, name: str, snapshot: str) -> builtins.list[str]:
+        """Descendants of ``snapshot``, oldest first."""
+        found: set[str] = {snapshot}
+        out: builtins.list[str] = []
+        for s in self._snapshots.get(name, {}).values():  # parents are always older than their children
+            if s.parent in found:
+                found.add(s.name)
+                out.append(s.name)
+        return out
+
+    def _drop_snapshot(self, name: str, snap: _Snap) -> None:
+        """Remove one snapshot as libvirt does: its children move up to its parent, and so does current."""
+        snaps = self._snapshots.get(name, {})
+        snaps.pop(snap.name, None)
+        for other in snaps.values():
+            if other.parent == snap.name:
+                other.parent = snap.parent
+        if self._current.get(name) == snap.name:
+            if snap.parent:
+                self._current[name] = snap.parent
+            else:
+                self._current.pop(name, None)
+
+    def _adopt_volume(self, name: str, vm: str, source: str) -> dict[str, str]:
+        """Move the file ``source`` into the pool as volume ``name`` (owner-marked)."""
+        if name in self._volumes:
+            raise AlreadyExists(f"volume {name} already exists", reason="VOLUME_ALREADY_EXISTS", metadata={"vm": vm})
+        if not self._host_files:
+            self._volumes[name] = f"/fake/pool/{name}"
+            return self._volume_identity(self._volumes[name], stamp=True)
+        path = os.path.join(common.pool_dir(self.storage_dir), name)
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        if os.path.lexists(path):
+            raise AlreadyExists(f"volume {name} already exists", reason="VOLUME_ALREADY_EXISTS", metadata={"vm": vm})
+        shutil.move(source, path)
+        common.mark_owned(path, vm)
+        self._volumes[name] = path
+        return self._volume_identity(path, stamp=True)
 
     async def detach_seed(self, name: str) -> builtins.list[str]:
         """See ``Hypervisor.detach_seed``."""
@@ -572,6 +822,13 @@ class FakeHypervisor:
             if found is None or self._volume_identity(found) != dict(identity):
                 return ""
             return self._delete_volume(undo["name"]) or ""
+        if kind == "snapshot":
+            snaps = self._snapshots.get(undo["vm"], {})
+            snap = snaps.get(undo["name"])
+            if snap is None or snap.nonce != identity.get("nonce"):
+                return ""
+            self._drop_snapshot(undo["vm"], snap)
+            return f"snapshot {undo['vm']}/{undo['name']}"
         if kind in ("domain", "running"):
             vm = undo["name"].removeprefix(self.name_prefix)
             dom = self._domains.get(vm)
@@ -662,3 +919,13 @@ class FakeHypervisor:
         event = HypervisorEvent(name, kind, state, detail)
         # after the call that caused it returns, on the loop: as libvirt's event thread delivers them
         loop.call_soon_threadsafe(sink, event)
+
+
+async def _qemu_img(*args: str) -> None:
+    """Run ``qemu-img`` (Internal with its error output when it fails)."""
+    proc = await asyncio.create_subprocess_exec(
+        QEMU_IMG, *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise Internal(f"qemu-img {args[0]} failed: {err.decode(errors='replace').strip()[:300]}")

@@ -68,6 +68,9 @@ def _audit_details(outcome: dict[str, object]) -> dict[str, object]:
     removed = outcome.get("removed")
     if isinstance(removed, list):
         details["removed_files"] = len(removed)
+    snapshots = outcome.get("snapshots")
+    if isinstance(snapshots, list):
+        details["snapshots"] = ", ".join(str(s) for s in snapshots)
     return details
 
 
@@ -369,8 +372,12 @@ class AgentService:
             await self._remember(request_id, "stop", name, {"forced": forced}, actor=actor)
             return StopResult(vm, forced)
 
-    async def delete(self, name: str, *, request_id: str) -> list[str]:
-        """Delete a VM and every file made for it. Deleting a VM that is already gone is a success."""
+    async def delete(self, name: str, *, request_id: str, with_snapshots: bool = False) -> list[str]:
+        """Delete a VM and every file made for it. Deleting a VM that is already gone is a success.
+
+        A VM with snapshots is refused (FailedPrecondition ``VM_HAS_SNAPSHOTS``) unless ``with_snapshots``:
+        snapshots are often the only copy of an earlier state, so losing them takes an explicit yes.
+        """
         # names become paths in the adapters: never let one climb out of the storage folder
         check_dns_label("name", name)
         async with self._lock(name):
@@ -378,6 +385,19 @@ class AgentService:
                 removed_before = done.get("removed", [])
                 return [str(p) for p in removed_before] if isinstance(removed_before, list) else []
             try:
+                snapshots = [s.name for s in await self._hv.list_snapshots(name)]
+            except NotFound:
+                snapshots = []
+            if snapshots and not with_snapshots:
+                shown = ", ".join(snapshots[:5]) + (", ..." if len(snapshots) > 5 else "")
+                raise FailedPrecondition(
+                    f"VM {name} has {len(snapshots)} snapshot(s) ({shown}): delete them with the VM "
+                    "(--with-snapshots), or export the one to keep first (--keep-export)",
+                    reason="VM_HAS_SNAPSHOTS",
+                    metadata={"vm": name, "snapshots": str(len(snapshots))},
+                )
+            try:
+                # the adapter's delete drops the snapshots (and their metadata) with the domain
                 removed = await self._hv.delete(name)
             except NotFound:
                 if not request_id:
@@ -386,8 +406,24 @@ class AgentService:
             if self._keys is not None and (key_path := await asyncio.to_thread(self._keys.remove, name)):
                 removed.append(key_path)
             self._seed_pending.discard(name)
-            await self._remember(request_id, "delete", name, {"removed": removed})
+            outcome: dict[str, object] = {"removed": removed}
+            if snapshots:
+                outcome["snapshots"] = snapshots
+            event = self._event("delete", name, request_id, _audit_details(outcome))
+            # the journal's snapshot rows and policy go in the same transaction as the outcome
+            await asyncio.to_thread(
+                self._journal.record, request_id, "delete", name, outcome, event, forget_snapshots=(name, None)
+            )
             return removed
+
+    def vm_lock(self, name: str) -> asyncio.Lock:
+        """The lock that serializes changes of VM ``name`` (snapshot use cases share it with lifecycle ones)."""
+        return self._lock(name)
+
+    @property
+    def journal(self) -> Journal:
+        """The agent's journal (the snapshot use cases keep their records in it too)."""
+        return self._journal
 
     # ---- recovery ------------------------------------------------------------------------------
 

@@ -12,7 +12,8 @@ from clonebox_core.security.policy import audit_action
 
 
 def _vm_name(request: Any) -> str:
-    name = str(getattr(request, "name", "") or "")
+    # snapshot requests name their VM in ``vm`` (their ``name`` is the snapshot's)
+    name = str(getattr(request, "vm", "") or getattr(request, "name", "") or "")
     if (
         not name
         and request is not None

@@ -9,15 +9,17 @@ from clonebox.agent.v1 import agent_pb2, agent_pb2_grpc
 
 from clonebox_agent.app.health import HealthMonitor
 from clonebox_agent.app.service import AgentService
+from clonebox_agent.app.snapshots import SnapshotManager
 from clonebox_agent.grpc.convert import (
     check_health_to_proto,
     event_to_proto,
     health_update_to_proto,
     host_info_to_proto,
 )
-from clonebox_core.errors import FailedPrecondition
-from clonebox_core.rpc import convert
+from clonebox_core.errors import FailedPrecondition, InvalidArgument
+from clonebox_core.rpc import convert, convert_snapshot
 from clonebox_core.secret import Secret
+from clonebox_core.snapshots import ImagePart
 
 #: grpcio ships no type stubs, so the servicer context is untyped
 Ctx: TypeAlias = Any
@@ -26,10 +28,18 @@ Ctx: TypeAlias = Any
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     """Thin adapter from gRPC to ``AgentService``; errors are mapped by the shared interceptor."""
 
-    def __init__(self, service: AgentService, health: HealthMonitor | None = None) -> None:
-        """``health`` answers WatchHealth and CheckHealth (without it they fail with FAILED_PRECONDITION)."""
+    def __init__(
+        self, service: AgentService, health: HealthMonitor | None = None, snapshots: SnapshotManager | None = None
+    ) -> None:
+        """``health`` answers WatchHealth/CheckHealth, ``snapshots`` the snapshot RPCs (else FAILED_PRECONDITION)."""
         self._svc = service
         self._health = health
+        self._snapshots = snapshots
+
+    def _snaps(self) -> SnapshotManager:
+        if self._snapshots is None:
+            raise FailedPrecondition("this agent manages no snapshots", reason="SNAPSHOTS_DISABLED")
+        return self._snapshots
 
     def _monitor(self) -> HealthMonitor:
         if self._health is None:
@@ -115,7 +125,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     async def DeleteVm(self, request: agent_pb2.DeleteVmRequest, context: Ctx) -> agent_pb2.DeleteVmResponse:
         """See the proto."""
-        removed = await self._svc.delete(request.name, request_id=request.request_id)
+        removed = await self._svc.delete(
+            request.name, request_id=request.request_id, with_snapshots=request.with_snapshots
+        )
         return agent_pb2.DeleteVmResponse(removed_paths=removed)
 
     async def WatchVms(
@@ -137,3 +149,102 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         """See the proto."""
         results, health = await self._monitor().check_now(request.name, request.check)
         return check_health_to_proto(results, health)
+
+    # ---- snapshots -------------------------------------------------------------------------------
+
+    async def CreateSnapshot(
+        self, request: agent_pb2.CreateSnapshotRequest, context: Ctx
+    ) -> agent_pb2.CreateSnapshotResponse:
+        """See the proto."""
+        snap = await self._snaps().create(
+            request.vm,
+            name=request.name,
+            description=request.description,
+            tags=dict(request.tags),
+            kind=convert_snapshot.kind_from_proto(request.kind),
+            quiesce=request.quiesce,
+            request_id=request.request_id,
+            creator=request.creator,
+        )
+        return agent_pb2.CreateSnapshotResponse(snapshot=convert_snapshot.snapshot_to_proto(snap))
+
+    async def ListSnapshots(
+        self, request: agent_pb2.ListSnapshotsRequest, context: Ctx
+    ) -> agent_pb2.ListSnapshotsResponse:
+        """See the proto."""
+        snaps = await self._snaps().list(request.vm)
+        policy = await self._snaps().policy(request.vm)
+        return agent_pb2.ListSnapshotsResponse(
+            snapshots=[convert_snapshot.snapshot_to_proto(s) for s in snaps],
+            policy=convert_snapshot.policy_to_proto(policy),
+        )
+
+    async def RestoreSnapshot(
+        self, request: agent_pb2.RestoreSnapshotRequest, context: Ctx
+    ) -> agent_pb2.RestoreSnapshotResponse:
+        """See the proto."""
+        vm, backup = await self._snaps().restore(
+            request.vm,
+            request.name,
+            no_start=request.no_start,
+            no_backup=request.no_backup,
+            request_id=request.request_id,
+            creator=request.creator,
+        )
+        out = agent_pb2.RestoreSnapshotResponse(vm=convert.vm_to_proto(vm))
+        if backup is not None:
+            out.backup.CopyFrom(convert_snapshot.snapshot_to_proto(backup))
+        return out
+
+    async def DeleteSnapshot(
+        self, request: agent_pb2.DeleteSnapshotRequest, context: Ctx
+    ) -> agent_pb2.DeleteSnapshotResponse:
+        """See the proto."""
+        deleted = await self._snaps().delete(
+            request.vm, request.name, children=request.children, request_id=request.request_id
+        )
+        return agent_pb2.DeleteSnapshotResponse(deleted=deleted)
+
+    async def SetSnapshotPolicy(
+        self, request: agent_pb2.SetSnapshotPolicyRequest, context: Ctx
+    ) -> agent_pb2.SetSnapshotPolicyResponse:
+        """See the proto."""
+        policy = await self._snaps().set_policy(
+            request.vm, convert_snapshot.policy_from_proto(request.policy), request_id=request.request_id
+        )
+        return agent_pb2.SetSnapshotPolicyResponse(policy=convert_snapshot.policy_to_proto(policy))
+
+    async def PruneSnapshots(
+        self, request: agent_pb2.PruneSnapshotsRequest, context: Ctx
+    ) -> agent_pb2.PruneSnapshotsResponse:
+        """See the proto."""
+        decisions = await self._snaps().prune(request.vm, dry_run=request.dry_run, request_id=request.request_id)
+        return agent_pb2.PruneSnapshotsResponse(decisions=[convert_snapshot.decision_to_proto(d) for d in decisions])
+
+    async def ExportSnapshot(
+        self, request: agent_pb2.ExportSnapshotRequest, context: Ctx
+    ) -> AsyncIterator[agent_pb2.ExportSnapshotResponse]:
+        """See the proto."""
+        parts = self._snaps().export(request.vm, request.name)
+        try:
+            async for part in parts:
+                yield agent_pb2.ExportSnapshotResponse(part=convert_snapshot.part_to_proto(part))
+        finally:
+            # a cancelled RPC must remove the temporary images now, not when the generator is collected
+            await parts.aclose()
+
+    async def ImportSnapshot(
+        self, request_iterator: AsyncIterator[agent_pb2.ImportSnapshotRequest], context: Ctx
+    ) -> agent_pb2.ImportSnapshotResponse:
+        """See the proto."""
+        vm = await self._snaps().import_(_parts(request_iterator))
+        return agent_pb2.ImportSnapshotResponse(vm=convert.vm_to_proto(vm))
+
+
+async def _parts(requests: AsyncIterator[agent_pb2.ImportSnapshotRequest]) -> AsyncIterator[ImagePart]:
+    """The import stream's parts as models; an empty part is refused."""
+    async for request in requests:
+        part = convert_snapshot.part_from_proto(request.part)
+        if part is None:
+            raise InvalidArgument("import: a message without a part", reason="IMPORT_BAD_PART")
+        yield part

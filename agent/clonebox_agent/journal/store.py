@@ -9,6 +9,11 @@ Transactions: every change that makes several artifacts records each step with h
 it acts and what it made right after (``txns``/``txn_steps``); a transaction ends committed (in the
 same SQLite transaction as its request's outcome) or rolled back with its error. Unfinished ones are
 rolled back when the agent starts (``clonebox_agent.app.recovery``).
+
+Snapshots: the hypervisor keeps the snapshots themselves; the journal keeps what it cannot (description,
+tags, creator, automatic + reason) in ``snapshot_meta``, written in the same SQLite transaction that
+commits the snapshot's create, and each VM's retention policy in ``snapshot_policies``. New tables are
+added with ``CREATE TABLE IF NOT EXISTS``, so an older journal gains them when it is opened.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +32,7 @@ from typing import Any
 from clonebox_agent.ports import TxnStep
 from clonebox_core.audit.event import AuditEvent
 from clonebox_core.model import StepState, Transaction, TransactionState
+from clonebox_core.snapshots import SnapshotPolicy
 
 _TXN_COLUMNS = "id, kind, target, request_id, state, error, created_at, finished_at"
 
@@ -33,6 +40,20 @@ _TXN_COLUMNS = "id, kind, target, request_id, state, error, created_at, finished
 #: the journal's transactions are the core model's (they travel to the controller and the CLI)
 TxnState = TransactionState
 Txn = Transaction
+
+
+@dataclass(frozen=True)
+class SnapshotMeta:
+    """What the journal knows about a snapshot beyond what the hypervisor keeps."""
+
+    vm: str
+    name: str
+    description: str = ""
+    tags: Mapping[str, str] = field(default_factory=dict)
+    creator: str = ""
+    automatic: bool = False
+    reason: str = ""
+    quiesced: bool = False
 
 
 def _time(text: str | None) -> datetime | None:
@@ -94,6 +115,22 @@ CREATE TABLE IF NOT EXISTS txn_steps (
   state TEXT NOT NULL,
   PRIMARY KEY (txn_id, n)
 );
+CREATE TABLE IF NOT EXISTS snapshot_meta (
+  vm TEXT NOT NULL,
+  name TEXT NOT NULL,
+  description TEXT NOT NULL DEFAULT '',
+  tags TEXT NOT NULL DEFAULT '{}',
+  creator TEXT NOT NULL DEFAULT '',
+  automatic INTEGER NOT NULL DEFAULT 0,
+  reason TEXT NOT NULL DEFAULT '',
+  quiesced INTEGER NOT NULL DEFAULT 0,
+  created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')),
+  PRIMARY KEY (vm, name)
+);
+CREATE TABLE IF NOT EXISTS snapshot_policies (
+  vm TEXT PRIMARY KEY,
+  policy TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit_outbox (
   n INTEGER PRIMARY KEY AUTOINCREMENT,
   id TEXT NOT NULL UNIQUE,
@@ -137,14 +174,25 @@ class Journal:
         return str(row[0]), str(row[1]), json.loads(row[2])
 
     def record(
-        self, request_id: str, method: str, target: str, outcome: dict[str, Any], audit: AuditEvent | None = None
+        self,
+        request_id: str,
+        method: str,
+        target: str,
+        outcome: dict[str, Any],
+        audit: AuditEvent | None = None,
+        *,
+        forget_snapshots: tuple[str, Sequence[str] | None] | None = None,
     ) -> None:
         """Remember that ``request_id`` finished with ``outcome`` (first record wins), with its audit event.
 
         Both land in one transaction: an answered request always has its event in the outbox.
+        ``forget_snapshots`` = (vm, names) drops those snapshots' metadata in the same transaction (names
+        None: every snapshot of the VM, and its policy).
         """
         started = time.perf_counter()
         with self._write():
+            if forget_snapshots is not None:
+                self._forget_snapshots(*forget_snapshots)
             if request_id:
                 self._db.execute(
                     "INSERT OR IGNORE INTO requests(request_id, method, target, outcome) VALUES(?,?,?,?)",
@@ -258,14 +306,31 @@ class Journal:
         *,
         outcome: tuple[str, str, str, dict[str, Any]] | None = None,
         audit: AuditEvent | None = None,
+        snapshot: SnapshotMeta | None = None,
     ) -> None:
         """End ``txn_id`` as committed or rolled back, with the request's outcome and audit event, atomically.
 
         ``outcome`` is ``(request_id, method, target, outcome)``: a committed create and the answer a
-        retry gets are one SQLite transaction, so a crash never separates them.
+        retry gets are one SQLite transaction, so a crash never separates them. ``snapshot``: the
+        metadata of the snapshot a committed ``snapshot.create`` took, in the same transaction.
         """
         started = time.perf_counter()
         with self._write():
+            if snapshot is not None:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO snapshot_meta(vm, name, description, tags, creator, automatic, reason, "
+                    "quiesced) VALUES(?,?,?,?,?,?,?,?)",
+                    (
+                        snapshot.vm,
+                        snapshot.name,
+                        snapshot.description,
+                        json.dumps(dict(snapshot.tags), sort_keys=True),
+                        snapshot.creator,
+                        int(snapshot.automatic),
+                        snapshot.reason,
+                        int(snapshot.quiesced),
+                    ),
+                )
             self._db.execute(
                 "UPDATE txns SET state=?, error=?, finished_at=strftime('%Y-%m-%dT%H:%M:%fZ','now') WHERE id=?",
                 (state, error, txn_id),
@@ -321,6 +386,70 @@ class Journal:
             finished=_time(row[7]),
             steps=tuple(steps),
         )
+
+    # ---- snapshots -------------------------------------------------------------------------------
+
+    def snapshot_meta(self, vm: str) -> dict[str, SnapshotMeta]:
+        """The journal's metadata of ``vm``'s snapshots, by name."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT name, description, tags, creator, automatic, reason, quiesced FROM snapshot_meta WHERE vm=?",
+                (vm,),
+            ).fetchall()
+        return {
+            str(r[0]): SnapshotMeta(
+                vm, str(r[0]), str(r[1]), json.loads(r[2]), str(r[3]), bool(r[4]), str(r[5]), bool(r[6])
+            )
+            for r in rows
+        }
+
+    def forget_snapshots(self, vm: str, names: Sequence[str] | None = None) -> None:
+        """Drop the metadata of ``names`` (None: every snapshot of ``vm``, and its retention policy)."""
+        with self._write():
+            self._forget_snapshots(vm, names)
+
+    def _forget_snapshots(self, vm: str, names: Sequence[str] | None) -> None:
+        if names is None:
+            self._db.execute("DELETE FROM snapshot_meta WHERE vm=?", (vm,))
+            self._db.execute("DELETE FROM snapshot_policies WHERE vm=?", (vm,))
+        else:
+            self._db.executemany("DELETE FROM snapshot_meta WHERE vm=? AND name=?", [(vm, n) for n in names])
+
+    def snapshot_policy(self, vm: str) -> SnapshotPolicy:
+        """``vm``'s retention policy (an empty one when none is set)."""
+        with self._lock:
+            row = self._db.execute("SELECT policy FROM snapshot_policies WHERE vm=?", (vm,)).fetchone()
+        return SnapshotPolicy(**json.loads(row[0])) if row else SnapshotPolicy()
+
+    def snapshot_policies(self) -> dict[str, SnapshotPolicy]:
+        """Every VM's retention policy that is not empty, by VM."""
+        with self._lock:
+            rows = self._db.execute("SELECT vm, policy FROM snapshot_policies ORDER BY vm").fetchall()
+        return {str(r[0]): SnapshotPolicy(**json.loads(r[1])) for r in rows}
+
+    def set_snapshot_policy(
+        self, vm: str, policy: SnapshotPolicy, request_id: str = "", audit: AuditEvent | None = None
+    ) -> None:
+        """Store ``vm``'s policy (an empty one removes it) with the request's outcome and audit event."""
+        started = time.perf_counter()
+        with self._write():
+            if policy.empty:
+                self._db.execute("DELETE FROM snapshot_policies WHERE vm=?", (vm,))
+            else:
+                self._db.execute(
+                    "INSERT INTO snapshot_policies(vm, policy) VALUES(?, ?) "
+                    "ON CONFLICT(vm) DO UPDATE SET policy=excluded.policy",
+                    (vm, json.dumps(asdict(policy), sort_keys=True)),
+                )
+            if request_id:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO requests(request_id, method, target, outcome) VALUES(?,?,?,?)",
+                    (request_id, "snapshot_policy", vm, json.dumps(asdict(policy))),
+                )
+            if audit is not None:
+                self._add_event(audit)
+        if audit is not None:
+            self._appended(started)
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -11,13 +12,22 @@ from typing import TypeVar
 import grpc
 import grpc.aio
 from clonebox.agent.v1 import agent_pb2, agent_pb2_grpc
+from clonebox.type.v1 import snapshot_pb2
 
 from clonebox_core.health import ActionRecord, Aggregate, ProbeResult, Transition, VmHealth
 from clonebox_core.model import CreatePlan, Orphan, Revision, Transaction, Vm, VmSpec
 from clonebox_core.rpc import convert, convert_health
+from clonebox_core.rpc.convert_snapshot import (
+    decision_from_proto,
+    kind_to_proto,
+    policy_from_proto,
+    policy_to_proto,
+    snapshot_from_proto,
+)
 from clonebox_core.rpc.server import Transport, aio_channel
 from clonebox_core.rpc.status import error_from_rpc
 from clonebox_core.secret import Secret
+from clonebox_core.snapshots import PruneDecision, Snapshot, SnapshotKind, SnapshotPolicy
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -143,9 +153,9 @@ class GrpcAgentClient:
         resp = await self._call(lambda: self._stub.StopVm(req, timeout=_LONG_TIMEOUT))
         return convert.vm_from_proto(resp.vm)
 
-    async def delete_vm(self, name: str, request_id: str) -> list[str]:
-        """DeleteVm."""
-        req = agent_pb2.DeleteVmRequest(name=name, request_id=request_id)
+    async def delete_vm(self, name: str, request_id: str, with_snapshots: bool = False) -> list[str]:
+        """DeleteVm (the agent refuses a VM with snapshots unless ``with_snapshots``)."""
+        req = agent_pb2.DeleteVmRequest(name=name, request_id=request_id, with_snapshots=with_snapshots)
         resp = await self._call(lambda: self._stub.DeleteVm(req, timeout=_LONG_TIMEOUT))
         return list(resp.removed_paths)
 
@@ -206,6 +216,121 @@ class GrpcAgentClient:
         resp = await self._call(lambda: self._stub.CheckHealth(req, timeout=_CHECK_TIMEOUT))
         health = convert_health.vm_health_from_proto(resp.health) if resp.HasField("health") else None
         return [convert_health.result_from_proto(r) for r in resp.results], health
+
+    # ---- snapshots ----------------------------------------------------------------------------
+
+    async def create_snapshot(
+        self,
+        vm: str,
+        name: str,
+        *,
+        description: str,
+        tags: dict[str, str],
+        kind: SnapshotKind | None,
+        quiesce: bool,
+        request_id: str,
+        creator: str,
+    ) -> Snapshot:
+        """CreateSnapshot (a memory snapshot of a big guest takes a while: the long deadline)."""
+        req = agent_pb2.CreateSnapshotRequest(
+            vm=vm,
+            name=name,
+            description=description,
+            tags=tags,
+            kind=kind_to_proto(kind),
+            quiesce=quiesce,
+            request_id=request_id,
+            creator=creator,
+        )
+        resp = await self._call(lambda: self._stub.CreateSnapshot(req, timeout=_LONG_TIMEOUT))
+        return snapshot_from_proto(resp.snapshot)
+
+    async def list_snapshots(self, vm: str) -> tuple[list[Snapshot], SnapshotPolicy]:
+        """ListSnapshots."""
+        req = agent_pb2.ListSnapshotsRequest(vm=vm)
+        resp = await self._call(lambda: self._stub.ListSnapshots(req, timeout=_SHORT_TIMEOUT))
+        return [snapshot_from_proto(s) for s in resp.snapshots], policy_from_proto(resp.policy)
+
+    async def restore_snapshot(
+        self, vm: str, name: str, *, no_start: bool, no_backup: bool, request_id: str, creator: str
+    ) -> tuple[Vm, Snapshot | None]:
+        """RestoreSnapshot."""
+        req = agent_pb2.RestoreSnapshotRequest(
+            vm=vm, name=name, no_start=no_start, no_backup=no_backup, request_id=request_id, creator=creator
+        )
+        resp = await self._call(lambda: self._stub.RestoreSnapshot(req, timeout=_LONG_TIMEOUT))
+        backup = snapshot_from_proto(resp.backup) if resp.HasField("backup") else None
+        return convert.vm_from_proto(resp.vm), backup
+
+    async def delete_snapshot(self, vm: str, name: str, *, children: bool, request_id: str) -> list[str]:
+        """DeleteSnapshot (merging an external snapshot's overlay can take a while)."""
+        req = agent_pb2.DeleteSnapshotRequest(vm=vm, name=name, children=children, request_id=request_id)
+        resp = await self._call(lambda: self._stub.DeleteSnapshot(req, timeout=_LONG_TIMEOUT))
+        return list(resp.deleted)
+
+    async def set_snapshot_policy(self, vm: str, policy: SnapshotPolicy, request_id: str) -> SnapshotPolicy:
+        """SetSnapshotPolicy."""
+        req = agent_pb2.SetSnapshotPolicyRequest(vm=vm, policy=policy_to_proto(policy), request_id=request_id)
+        resp = await self._call(lambda: self._stub.SetSnapshotPolicy(req, timeout=_SHORT_TIMEOUT))
+        return policy_from_proto(resp.policy)
+
+    async def prune_snapshots(self, vm: str, *, dry_run: bool, request_id: str) -> list[PruneDecision]:
+        """PruneSnapshots."""
+        req = agent_pb2.PruneSnapshotsRequest(vm=vm, dry_run=dry_run, request_id=request_id)
+        resp = await self._call(lambda: self._stub.PruneSnapshots(req, timeout=_LONG_TIMEOUT))
+        return [decision_from_proto(d) for d in resp.decisions]
+
+    async def export_snapshot(self, vm: str, name: str) -> AsyncIterator[snapshot_pb2.SnapshotImagePart]:
+        """ExportSnapshot: the parts as the agent sends them, one at a time (gRPC flow control paces it)."""
+        # no deadline: an export of a large disk over a slow link may take hours; the caller's
+        # cancellation (its client went away) ends the call through ``finally``
+        call = self._stub.ExportSnapshot(agent_pb2.ExportSnapshotRequest(vm=vm, name=name))
+        try:
+            async for msg in call:
+                yield msg.part
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, target=f"agent {self.host} at {self.address}") from None
+        finally:
+            call.cancel()
+
+    async def import_snapshot(self, header: object, request_id: str, rest: AsyncIterator[object]) -> Vm:
+        """ImportSnapshot: the header (request id replaced, host cleared), then ``rest``, pumped as read."""
+        if not isinstance(header, snapshot_pb2.SnapshotImagePart):
+            raise TypeError(f"import header is a {type(header).__name__}, not a SnapshotImagePart")
+        first = snapshot_pb2.SnapshotImagePart()
+        first.CopyFrom(header)
+        first.header.request_id = request_id
+        first.header.host = ""  # the placement is made; the agent is the place
+        failure: list[BaseException] = []
+
+        async def requests() -> AsyncIterator[agent_pb2.ImportSnapshotRequest]:
+            yield agent_pb2.ImportSnapshotRequest(part=first)
+            try:
+                async for part in rest:
+                    if not isinstance(part, snapshot_pb2.SnapshotImagePart):
+                        raise TypeError(f"import part is a {type(part).__name__}, not a SnapshotImagePart")
+                    yield agent_pb2.ImportSnapshotRequest(part=part)
+            except Exception as exc:
+                # the sender failed: cancel, never half-close, so the agent discards what it received
+                # instead of judging a stream that merely ended early
+                failure.append(exc)
+                call.cancel()
+
+        call = self._stub.ImportSnapshot(requests())
+        try:
+            resp = await call
+        except grpc.aio.AioRpcError as exc:
+            if failure:
+                raise failure[0] from None
+            raise error_from_rpc(exc, target=f"agent {self.host} at {self.address}") from None
+        except asyncio.CancelledError:
+            if failure:
+                raise failure[0] from None
+            raise
+        finally:
+            if not call.done():
+                call.cancel()
+        return convert.vm_from_proto(resp.vm)
 
     async def close(self) -> None:
         """Close the channel."""

@@ -18,7 +18,7 @@ from typing import TypeVar
 from clonebox_controller.app.hosts import HostRegistry
 from clonebox_controller.app.ports import FleetStore
 from clonebox_core.audit.event import SYSTEM_ACTOR, AuditEvent, Outcome, current_actor, new_event
-from clonebox_core.errors import CloneboxError, FailedPrecondition, Internal, NotFound, Unavailable
+from clonebox_core.errors import Aborted, CloneboxError, FailedPrecondition, Internal, NotFound, Unavailable
 from clonebox_core.model import CreatePlan, Operation, Vm, VmSpec, VmState
 from clonebox_core.names import check_dns_label
 from clonebox_core.secret import Secret
@@ -237,9 +237,33 @@ class VmManager:
         params = {"timeout_seconds": str(timeout_seconds or self._stop_timeout), "force": "1" if force else ""}
         return await self._begin("vm.stop", name, request_id, params)
 
-    async def delete(self, name: str, request_id: str) -> Operation:
-        """Delete a VM and free its reservation."""
-        return await self._begin("vm.delete", name, request_id)
+    async def delete(self, name: str, request_id: str, with_snapshots: bool = False) -> Operation:
+        """
+        Delete a VM and free its reservation; with ``with_snapshots`` its snapshots go too.
+
+        A VM that has snapshots is refused at once (FailedPrecondition VM_HAS_SNAPSHOTS) unless
+        ``with_snapshots``, so the user learns before an operation is recorded; the agent checks
+        again when it deletes (the snapshots may appear in between).
+        """
+        if not with_snapshots:
+            await self._refuse_if_snapshots(name)
+        return await self._begin("vm.delete", name, request_id, {"with_snapshots": "1" if with_snapshots else ""})
+
+    async def _refuse_if_snapshots(self, name: str) -> None:
+        check_dns_label("name", name)
+        vm = await asyncio.to_thread(self._store.get_vm, name)
+        try:
+            host = await asyncio.to_thread(self._store.get_host, vm.host)
+            snapshots, _policy = await self._hosts.client_for(host).list_snapshots(name)
+        except CloneboxError:
+            return  # no answer (agent down, VM not made yet, an older agent): the agent decides
+        if snapshots:
+            raise FailedPrecondition(
+                f"VM {name} has {len(snapshots)} snapshot(s); delete them first, or delete the VM with its "
+                "snapshots (clonebox vm delete --with-snapshots)",
+                reason="VM_HAS_SNAPSHOTS",
+                metadata={"vm": name, "snapshots": str(len(snapshots))},
+            )
 
     # ---- internals ---------------------------------------------------------------------------
 
@@ -283,6 +307,8 @@ class VmManager:
             "vm.start": self._do_start,
             "vm.stop": self._do_stop,
             "vm.delete": self._do_delete,
+            # an import's stream died with the controller process; see what the agent kept
+            "snapshot.import": self._do_import_interrupted,
         }
         try:
             result = await runners[op.kind](op, name)
@@ -366,11 +392,44 @@ class VmManager:
         host = await asyncio.to_thread(self._store.get_host, vm.host)
         client = self._hosts.client_for(host)
         await self._step(op, f"deleting on host {vm.host}", 30)
+        with_snapshots = bool(op.params.get("with_snapshots"))
         await asyncio.to_thread(self._store.update_vm_observed, name, VmState.DELETING, None, None, "")
-        await self._agent_call(lambda: client.delete_vm(name, op.id))
+        try:
+            await self._agent_call(lambda: client.delete_vm(name, op.id, with_snapshots))
+        except FailedPrecondition:
+            # refused before anything was removed (e.g. VM_HAS_SNAPSHOTS): the VM is as it was, and a
+            # DELETING record would hide its events from the fleet view
+            await asyncio.to_thread(self._store.update_vm_observed, name, vm.state, None, None, vm.state_reason)
+            raise
         await asyncio.to_thread(self._store.release_vm, name)
         await self._hosts.adopt_released(name)
         return None
+
+    async def _do_import_interrupted(self, op: Operation, name: str) -> Vm | None:
+        """
+        Finish an import whose controller process ended mid-stream.
+
+        The stream to the agent ended with the process, so the agent either committed the VM before
+        that or kept nothing: record the VM, or release the reservation.
+        """
+        try:
+            vm = await asyncio.to_thread(self._store.get_vm, name)
+        except NotFound:
+            raise Aborted(f"import of {name} was interrupted; nothing was kept", reason="IMPORT_INTERRUPTED") from None
+        host = await asyncio.to_thread(self._store.get_host, vm.host)
+        client = self._hosts.client_for(host)
+        try:
+            found = await self._agent_call(lambda: client.get_vm(name))
+        except NotFound:
+            await asyncio.to_thread(self._store.release_vm, name)
+            await self._hosts.adopt_released(name)
+            raise Aborted(
+                f"import of {name} was interrupted by a controller restart; nothing was kept (import it again)",
+                reason="IMPORT_INTERRUPTED",
+            ) from None
+        return await asyncio.to_thread(
+            self._store.update_vm_observed, name, found.state, found.uuid, found.addresses, found.state_reason
+        )
 
     async def drain(self, host: str, request_id: str, wait_seconds: float = 600.0) -> list[str]:
         """Cordon ``host`` and stop every VM running on it; returns the names stopped."""

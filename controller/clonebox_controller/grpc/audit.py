@@ -28,6 +28,8 @@ MAX_SEQ = 2**63 - 1
 #: which request field names the resource of each kind of action
 _RESOURCE_FIELDS: dict[str, tuple[str, str]] = {
     "vm": ("vms", "name"),
+    # snapshot requests name their VM in ``vm`` (an import's stream has no single request to read)
+    "snapshot": ("vms", "vm"),
     "host": ("hosts", "name"),
     "certificate": ("certificates", "serial"),
     "audit": ("audit", ""),

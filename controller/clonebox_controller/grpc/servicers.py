@@ -360,7 +360,7 @@ class VmServicer(vm_service_pb2_grpc.VmServiceServicer):
 
     async def DeleteVm(self, request: vm_service_pb2.DeleteVmRequest, context: Ctx) -> vm_service_pb2.DeleteVmResponse:
         """See the proto."""
-        op = await self._vms.delete(request.name, request.request_id)
+        op = await self._vms.delete(request.name, request.request_id, request.with_snapshots)
         return vm_service_pb2.DeleteVmResponse(operation=convert.operation_to_proto(op))
 
     async def WatchVms(

@@ -27,6 +27,7 @@ _PKI = "/clonebox.controller.v1.PkiService/"
 _AUDIT = "/clonebox.controller.v1.AuditService/"
 _RECOVERY = "/clonebox.controller.v1.RecoveryService/"
 _HEALTH = "/clonebox.controller.v1.HealthService/"
+_SNAPSHOT = "/clonebox.controller.v1.SnapshotService/"
 
 POLICY: Mapping[str, frozenset[str]] = {
     # agents accept only the controller (peer agents arrive with transfers)
@@ -47,6 +48,14 @@ POLICY: Mapping[str, frozenset[str]] = {
             "Recover",
             "WatchHealth",
             "CheckHealth",
+            "CreateSnapshot",
+            "ListSnapshots",
+            "RestoreSnapshot",
+            "DeleteSnapshot",
+            "SetSnapshotPolicy",
+            "PruneSnapshots",
+            "ExportSnapshot",
+            "ImportSnapshot",
         )
     },
     # the controller accepts agents only on the agent-facing session
@@ -92,6 +101,15 @@ POLICY: Mapping[str, frozenset[str]] = {
     _HEALTH + "WatchHealth": VIEWERS,
     _HEALTH + "GetHealthHistory": VIEWERS,
     _HEALTH + "CheckHealth": OPERATORS,
+    # snapshots: viewers list them; changing them, and reading or writing disk contents, is for operators
+    _SNAPSHOT + "ListSnapshots": VIEWERS,
+    _SNAPSHOT + "CreateSnapshot": OPERATORS,
+    _SNAPSHOT + "RestoreSnapshot": OPERATORS,
+    _SNAPSHOT + "DeleteSnapshot": OPERATORS,
+    _SNAPSHOT + "SetSnapshotPolicy": OPERATORS,
+    _SNAPSHOT + "PruneSnapshots": OPERATORS,
+    _SNAPSHOT + "ExportSnapshot": OPERATORS,
+    _SNAPSHOT + "ImportSnapshot": OPERATORS,
     # standard services: any authenticated peer may ask for health and reflection
     "/grpc.health.v1.Health/Check": EVERYONE,
     "/grpc.health.v1.Health/Watch": EVERYONE,
@@ -123,6 +141,20 @@ AUDIT_ACTIONS: Mapping[str, str] = {
     _AGENT + "RotateSecret": "vm.rotate_secret",
     _AGENT + "Recover": "recovery.run",
     _RECOVERY + "RunRecovery": "recovery.run",
+    _SNAPSHOT + "CreateSnapshot": "snapshot.create",
+    _SNAPSHOT + "RestoreSnapshot": "snapshot.restore",
+    _SNAPSHOT + "DeleteSnapshot": "snapshot.delete",
+    _SNAPSHOT + "SetSnapshotPolicy": "snapshot.policy",
+    _SNAPSHOT + "PruneSnapshots": "snapshot.prune",
+    _SNAPSHOT + "ExportSnapshot": "snapshot.export",
+    _SNAPSHOT + "ImportSnapshot": "snapshot.import",
+    _AGENT + "CreateSnapshot": "snapshot.create",
+    _AGENT + "RestoreSnapshot": "snapshot.restore",
+    _AGENT + "DeleteSnapshot": "snapshot.delete",
+    _AGENT + "SetSnapshotPolicy": "snapshot.policy",
+    _AGENT + "PruneSnapshots": "snapshot.prune",
+    _AGENT + "ExportSnapshot": "snapshot.export",
+    _AGENT + "ImportSnapshot": "snapshot.import",
 }
 
 
@@ -137,6 +169,9 @@ MAX_REQUEST_BYTES: Mapping[str, int] = {
     # three cloud-init documents of up to 1 MiB each, plus the rest of the spec
     _AGENT + "CreateVm": 4 * 1024 * 1024,
     _VM + "CreateVm": 4 * 1024 * 1024,
+    # each message of an import stream carries up to 1 MiB of image
+    _AGENT + "ImportSnapshot": 2 * 1024 * 1024,
+    _SNAPSHOT + "ImportSnapshot": 2 * 1024 * 1024,
 }
 
 

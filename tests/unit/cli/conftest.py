@@ -11,12 +11,16 @@ behaviours, chosen by VM name:
 * ``slow-*``: the create operation never finishes (for ``--timeout``);
 * ``--host sick``: CreateVm fails at once with FAILED_PRECONDITION (HOST_NOT_SERVING).
 
+FakeSnapshotService keeps ``FakeFleet.snapshots`` (VMs named ``shared-*`` refuse memory snapshots),
+streams ``export_image`` as one disk, and records every import in ``FakeFleet.imports``.
+
 FakeHealthService answers from ``FakeFleet.health`` (and ``check_results``, ``histories``); its
 WatchHealth plays ``FakeFleet.watch_sessions``, one scripted session per call (see ``WatchStep``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Iterator
@@ -37,15 +41,18 @@ from clonebox.controller.v1 import (
     operation_service_pb2_grpc,
     pki_service_pb2,
     pki_service_pb2_grpc,
+    snapshot_service_pb2,
+    snapshot_service_pb2_grpc,
     vm_service_pb2,
     vm_service_pb2_grpc,
 )
-from clonebox.type.v1 import health_pb2, host_pb2, operation_pb2, resources_pb2, vm_pb2
+from clonebox.type.v1 import health_pb2, host_pb2, operation_pb2, resources_pb2, snapshot_pb2, vm_pb2
 from cryptography import x509
 from grpc_status import rpc_status
 from typer.testing import CliRunner
 
 from clonebox_core.errors import (
+    AlreadyExists,
     CloneboxError,
     FailedPrecondition,
     InvalidArgument,
@@ -104,6 +111,16 @@ class FakeFleet:
     health_error: CloneboxError | None = None
     #: GetVmHealth answers UNIMPLEMENTED, like a controller without the HealthService
     health_unimplemented: bool = False
+    #: snapshots by VM, oldest first (FakeSnapshotService)
+    snapshots: dict[str, list[snapshot_pb2.Snapshot]] = field(default_factory=dict)
+    #: retention policy by VM
+    policies: dict[str, snapshot_pb2.SnapshotPolicy] = field(default_factory=dict)
+    #: disk image bytes an export streams (one disk, "root")
+    export_image: bytes = b"clonebox-disk-image " * 4096
+    #: when set, ExportSnapshot fails with it after the header and one chunk
+    export_error: CloneboxError | None = None
+    #: every ImportSnapshot call: the parts received and whether the stream ended with a trailer
+    imports: list[FakeImport] = field(default_factory=list)
 
     def record(self, method: str, request: Any) -> None:
         with self.lock:
@@ -143,6 +160,36 @@ class FakeFleet:
         vm.create_time.GetCurrentTime()
         self.vms[name] = vm
         return vm
+
+
+@dataclass
+class FakeImport:
+    """What FakeSnapshotService.ImportSnapshot received in one call."""
+
+    parts: list[snapshot_pb2.SnapshotImagePart] = field(default_factory=list)
+    saw_trailer: bool = False
+    #: the stream ended by cancellation or error rather than a clean half-close
+    aborted: bool = False
+
+
+def make_snapshot(
+    vm: str, name: str, parent: str = "", *, current: bool = False, size: int = 3 * 1024 * 1024, **kw: Any
+) -> snapshot_pb2.Snapshot:
+    """A snapshot as an agent would report it."""
+    snap = snapshot_pb2.Snapshot(
+        name=name,
+        vm=vm,
+        kind=kw.pop("kind", snapshot_pb2.SNAPSHOT_KIND_INTERNAL),
+        vm_state=vm_pb2.VM_STATE_RUNNING,
+        has_memory=kw.pop("has_memory", True),
+        size_bytes=size,
+        parent=parent,
+        current=current,
+        creator="spiffe://clonebox.local/user/tester/admin",
+        **kw,
+    )
+    snap.create_time.GetCurrentTime()
+    return snap
 
 
 def make_host(name: str, state: int = host_pb2.HOST_STATE_READY) -> host_pb2.Host:
@@ -475,6 +522,165 @@ class FakeHealthService(health_service_pb2_grpc.HealthServiceServicer):
                 yield step
 
 
+class FakeSnapshotService(snapshot_service_pb2_grpc.SnapshotServiceServicer):
+    """SnapshotService over ``FakeFleet.snapshots``; VMs named ``shared-*`` have shared folders."""
+
+    def __init__(self, fleet: FakeFleet) -> None:
+        self.fleet = fleet
+
+    def _vm(self, name: str, context: grpc.ServicerContext) -> list[snapshot_pb2.Snapshot]:
+        if name not in self.fleet.vms:
+            abort(context, NotFound(f"vm {name} not found", reason="VM_NOT_FOUND"))
+        return self.fleet.snapshots.setdefault(name, [])
+
+    def _snap(self, vm: str, name: str, context: grpc.ServicerContext) -> snapshot_pb2.Snapshot:
+        for snap in self._vm(vm, context):
+            if snap.name == name:
+                return snap
+        abort(context, NotFound(f"vm {vm} has no snapshot {name!r}", reason="SNAPSHOT_NOT_FOUND"))
+        raise AssertionError
+
+    def CreateSnapshot(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.fleet.record("CreateSnapshot", request)
+        snaps = self._vm(request.vm, context)
+        if request.vm.startswith("shared-") and request.kind != snapshot_pb2.SNAPSHOT_KIND_EXTERNAL:
+            abort(
+                context,
+                FailedPrecondition(
+                    f"vm {request.vm} has shared folders: QEMU cannot save its memory",
+                    reason="SNAPSHOT_BLOCKED_BY_SHARED_FOLDER",
+                ),
+            )
+        name = request.name or f"auto-{len(snaps)}"
+        if any(x.name == name for x in snaps):
+            abort(context, AlreadyExists(f"snapshot {name} exists", reason="SNAPSHOT_ALREADY_EXISTS"))
+        parent = next((x.name for x in snaps if x.current), "")
+        for x in snaps:
+            x.current = False
+        external = request.kind == snapshot_pb2.SNAPSHOT_KIND_EXTERNAL
+        snap = make_snapshot(
+            request.vm,
+            name,
+            parent,
+            current=True,
+            description=request.description,
+            tags=dict(request.tags),
+            kind=request.kind or snapshot_pb2.SNAPSHOT_KIND_INTERNAL,
+            has_memory=not external,
+            quiesced=request.quiesce,
+        )
+        snaps.append(snap)
+        return snapshot_service_pb2.CreateSnapshotResponse(snapshot=snap)
+
+    def ListSnapshots(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.fleet.record("ListSnapshots", request)
+        snaps = self._vm(request.vm, context)
+        policy = self.fleet.policies.get(request.vm, snapshot_pb2.SnapshotPolicy())
+        return snapshot_service_pb2.ListSnapshotsResponse(snapshots=snaps, policy=policy)
+
+    def RestoreSnapshot(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.fleet.record("RestoreSnapshot", request)
+        target = self._snap(request.vm, request.name, context)
+        snaps = self.fleet.snapshots[request.vm]
+        out = snapshot_service_pb2.RestoreSnapshotResponse()
+        if not request.no_backup:
+            backup = make_snapshot(request.vm, f"pre-restore-{len(snaps)}", automatic=True, reason="before restore")
+            snaps.append(backup)
+            out.backup.CopyFrom(backup)
+        for x in snaps:
+            x.current = x.name == target.name
+        vm = self.fleet.vms[request.vm]
+        vm.state = vm_pb2.VM_STATE_STOPPED if request.no_start else vm_pb2.VM_STATE_RUNNING
+        out.vm.CopyFrom(vm)
+        return out
+
+    def DeleteSnapshot(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.fleet.record("DeleteSnapshot", request)
+        target = self._snap(request.vm, request.name, context)
+        snaps = self.fleet.snapshots[request.vm]
+        gone = {target.name}
+        if request.children:
+            changed = True
+            while changed:
+                changed = False
+                for x in snaps:
+                    if x.parent in gone and x.name not in gone:
+                        gone.add(x.name)
+                        changed = True
+        self.fleet.snapshots[request.vm] = [x for x in snaps if x.name not in gone]
+        return snapshot_service_pb2.DeleteSnapshotResponse(deleted=[x.name for x in snaps if x.name in gone])
+
+    def SetSnapshotPolicy(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.fleet.record("SetSnapshotPolicy", request)
+        self._vm(request.vm, context)
+        self.fleet.policies[request.vm] = request.policy
+        return snapshot_service_pb2.SetSnapshotPolicyResponse(policy=request.policy)
+
+    def PruneSnapshots(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.fleet.record("PruneSnapshots", request)
+        snaps = self._vm(request.vm, context)
+        keep_last = self.fleet.policies.get(request.vm, snapshot_pb2.SnapshotPolicy()).keep_last
+        kept = {x.name for x in snaps[-keep_last:]} if keep_last else {x.name for x in snaps}
+        decisions = [
+            snapshot_pb2.PruneDecision(
+                name=x.name,
+                keep=x.name in kept or x.current,
+                reason=f"keep_last {keep_last}" if x.name in kept else "current" if x.current else "beyond keep_last",
+            )
+            for x in snaps
+        ]
+        if not request.dry_run:
+            self.fleet.snapshots[request.vm] = [x for x, d in zip(snaps, decisions, strict=True) if d.keep]
+        return snapshot_service_pb2.PruneSnapshotsResponse(decisions=decisions)
+
+    def export_parts(self, vm: str, snap: snapshot_pb2.Snapshot) -> list[snapshot_pb2.SnapshotImagePart]:
+        """The parts of an export of ``snap``: header, 64 KiB chunks of ``export_image``, trailer."""
+        image = self.fleet.export_image
+        header = snapshot_pb2.SnapshotImageHeader(
+            snapshot=snap,
+            spec=self.fleet.vms[vm].spec,
+            disks=[snapshot_pb2.SnapshotDisk(name="root", virtual_size_bytes=1 << 30, image_bytes=len(image))],
+        )
+        parts = [snapshot_pb2.SnapshotImagePart(header=header)]
+        step = 64 * 1024
+        for offset in range(0, len(image), step):
+            chunk = snapshot_pb2.SnapshotImageChunk(disk=0, offset=offset, data=image[offset : offset + step])
+            parts.append(snapshot_pb2.SnapshotImagePart(chunk=chunk))
+        trailer = snapshot_pb2.SnapshotImageTrailer(sha256=[hashlib.sha256(image).hexdigest()])
+        parts.append(snapshot_pb2.SnapshotImagePart(trailer=trailer))
+        return parts
+
+    def ExportSnapshot(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        self.fleet.record("ExportSnapshot", request)
+        snap = self._snap(request.vm, request.name, context)
+        for i, part in enumerate(self.export_parts(request.vm, snap)):
+            if i == 2 and self.fleet.export_error is not None:
+                abort(context, self.fleet.export_error)
+            yield snapshot_service_pb2.ExportSnapshotResponse(part=part)
+
+    def ImportSnapshot(self, request_iterator: Any, context: grpc.ServicerContext) -> Any:
+        got = FakeImport()
+        try:
+            for message in request_iterator:
+                got.parts.append(message.part)
+                if message.part.WhichOneof("part") == "trailer":
+                    got.saw_trailer = True
+        except Exception:
+            got.aborted = True
+            raise
+        finally:
+            with self.fleet.lock:
+                self.fleet.imports.append(got)
+        if not got.saw_trailer:
+            abort(context, InvalidArgument("the import stream ended without a trailer", reason="IMPORT_INCOMPLETE"))
+        header = got.parts[0].header
+        name = header.spec.name
+        if name in self.fleet.vms:
+            abort(context, AlreadyExists(f"VM {name!r} already exists", reason="VM_ALREADY_EXISTS"))
+        vm = self.fleet.add_vm(name, host=header.host or "local", state=vm_pb2.VM_STATE_STOPPED)
+        return snapshot_service_pb2.ImportSnapshotResponse(vm=vm)
+
+
 @dataclass
 class ThrowawayPki:
     """A throwaway CA in tmp_path and TLS folders issued from it (or from another CA)."""
@@ -538,6 +744,7 @@ def serve_fake(fleet: FakeFleet, pki: ThrowawayPki, *, tls: bool = True, port: i
     operation_service_pb2_grpc.add_OperationServiceServicer_to_server(FakeOperationService(fleet), server)
     pki_service_pb2_grpc.add_PkiServiceServicer_to_server(FakePkiService(fleet, pki.ca), server)
     health_service_pb2_grpc.add_HealthServiceServicer_to_server(FakeHealthService(fleet), server)
+    snapshot_service_pb2_grpc.add_SnapshotServiceServicer_to_server(FakeSnapshotService(fleet), server)
     if tls:
         folder = pki.root / "controller-tls"
         if not folder.exists():

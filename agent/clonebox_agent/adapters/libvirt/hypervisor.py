@@ -24,6 +24,8 @@ import base64
 import builtins
 import contextlib
 import contextvars
+import dataclasses
+import errno
 import functools
 import hashlib
 import ipaddress
@@ -56,7 +58,7 @@ from clonebox_agent.adapters.common import (
     StepHook,
 )
 from clonebox_agent.adapters.images import ResolvedSpec, image_info, resolve_spec
-from clonebox_agent.adapters.libvirt import domxml, health
+from clonebox_agent.adapters.libvirt import domxml, health, snapshots
 from clonebox_agent.adapters.libvirt.connection import Connection, ensure_event_loop, traced_call
 from clonebox_agent.adapters.libvirt.errors import (
     is_code,
@@ -71,6 +73,7 @@ from clonebox_agent.adapters.libvirt.kvmprobe import choose_domain_type
 from clonebox_agent.adapters.seediso import build_seed_iso, seed_cloud_init
 from clonebox_agent.ports import (
     Capability,
+    DiskImage,
     DomainRecord,
     DomainStats,
     EventKind,
@@ -79,6 +82,7 @@ from clonebox_agent.ports import (
     GuestFilesystem,
     HypervisorEvent,
     ProbeTarget,
+    SnapshotRecord,
     StepLog,
 )
 from clonebox_core.errors import (
@@ -86,8 +90,10 @@ from clonebox_core.errors import (
     CloneboxError,
     DeadlineExceeded,
     FailedPrecondition,
+    Internal,
     NotFound,
     Unavailable,
+    invalid_field,
 )
 from clonebox_core.model import (
     CreatePlan,
@@ -100,6 +106,8 @@ from clonebox_core.model import (
     VmSpec,
     VmState,
 )
+from clonebox_core.names import check_dns_label
+from clonebox_core.snapshots import SnapshotKind
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +121,8 @@ _UNDEFINE_FLAGS = (
     | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
     | getattr(libvirt, "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA", 0)
 )
+#: what every driver with snapshots accepts (the test driver rejects the NVRAM and checkpoint flags)
+_UNDEFINE_FLAGS_MINIMAL = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
 _SEED_TARGET = "hdc"
 #: what resource probes need, for every running domain in one ``getAllDomainStats`` call
 _STATS_GROUPS = (
@@ -361,6 +371,41 @@ class LibvirtHypervisor:
         """See ``Hypervisor.detach_seed``."""
         await self._checkpoint("detach_seed")
         return await self._run(self._detach_seed_sync, name)
+
+    async def create_snapshot(
+        self, name: str, snapshot: str, *, kind: SnapshotKind, quiesce: bool = False, steps: StepLog | None = None
+    ) -> SnapshotRecord:
+        """See ``Hypervisor.create_snapshot`` (step ``snapshot:NAME``, and ``overlay:DISK`` when external)."""
+        await self._checkpoint("create_snapshot")
+        log = steps or common.MemoryStepLog()
+        return await self._run(self._create_snapshot_sync, name, snapshot, kind, quiesce, log)
+
+    async def list_snapshots(self, name: str) -> builtins.list[SnapshotRecord]:
+        """See ``Hypervisor.list_snapshots`` (oldest first; a parent before its children)."""
+        await self._checkpoint("list_snapshots")
+        return await self._run(self._list_snapshots_sync, name)
+
+    async def revert_snapshot(self, name: str, snapshot: str, *, start: bool, steps: StepLog | None = None) -> None:
+        """See ``Hypervisor.revert_snapshot`` (external: a journaled overlay swap, since libvirt 9.0 cannot)."""
+        await self._checkpoint("revert_snapshot")
+        await self._run(self._revert_snapshot_sync, name, snapshot, start, steps or common.MemoryStepLog())
+
+    async def delete_snapshot(self, name: str, snapshot: str, *, children: bool = False) -> builtins.list[str]:
+        """See ``Hypervisor.delete_snapshot``; returns the deleted names, the snapshot first."""
+        await self._checkpoint("delete_snapshot")
+        return await self._run(self._delete_snapshot_sync, name, snapshot, children)
+
+    async def export_disks(self, name: str, snapshot: str, workdir: str) -> builtins.list[DiskImage]:
+        """See ``Hypervisor.export_disks`` (``qemu-img convert``: the source images are only read)."""
+        await self._checkpoint("export_disks")
+        return await self._run(self._export_disks_sync, name, snapshot, workdir)
+
+    async def import_disks(
+        self, spec: VmSpec, images: Mapping[str, str], *, steps: StepLog | None = None
+    ) -> DomainRecord:
+        """See ``Hypervisor.import_disks`` (folder, one volume per image, the domain: steps like ``create``)."""
+        await self._checkpoint("import_disks")
+        return await self._run(self._import_disks_sync, spec, dict(images), steps or common.MemoryStepLog())
 
     # ---- beyond the port -----------------------------------------------------------------------
 
@@ -824,6 +869,10 @@ class LibvirtHypervisor:
             with self._meta_lock:
                 self._meta.pop(identity["uuid"], None)
             return undo["name"]
+        if kind == "snapshot":
+            return self._undo_snapshot(undo, identity)
+        if kind == "disk-sources":
+            return self._undo_sources(undo, identity)
         raise ValueError(f"unknown undo kind {kind!r}")
 
     def _mark_console_log(self, domain: str, vm: str) -> None:
@@ -852,9 +901,10 @@ class LibvirtHypervisor:
         try:
             dom.undefineFlags(_UNDEFINE_FLAGS)
         except libvirt.libvirtError as exc:
-            # drivers without NVRAM/checkpoint support reject the flags
+            # drivers without NVRAM/checkpoint support reject the flags; snapshot metadata must still go
+            # (plain undefine refuses a domain that has snapshots)
             if is_code(exc, "VIR_ERR_NO_SUPPORT") or is_code(exc, "VIR_ERR_INVALID_ARG"):
-                dom.undefine()
+                dom.undefineFlags(_UNDEFINE_FLAGS_MINIMAL)
             else:
                 raise
 
@@ -1099,6 +1149,657 @@ class LibvirtHypervisor:
         if pool.isActive():
             pool.destroy()
         pool.undefine()
+
+    # ---- snapshots -----------------------------------------------------------------------------
+
+    def _snapshot_not_found(self, vm: str, snapshot: str) -> NotFound:
+        return NotFound(
+            f"VM {vm} has no snapshot {snapshot}",
+            reason="SNAPSHOT_NOT_FOUND",
+            metadata={"vm": vm, "snapshot": snapshot},
+        )
+
+    def _find_snapshot(self, dom: Any, vm: str, snapshot: str) -> tuple[Any, snapshots.SnapshotInfo]:
+        """The libvirt snapshot and what its XML says; NotFound SNAPSHOT_NOT_FOUND when there is none."""
+        try:
+            snap = dom.snapshotLookupByName(snapshot, 0)
+            return snap, snapshots.parse_snapshot(snap.getXMLDesc(0))
+        except libvirt.libvirtError as exc:
+            if is_code(exc, "VIR_ERR_NO_DOMAIN_SNAPSHOT"):
+                raise self._snapshot_not_found(vm, snapshot) from None
+            raise self._error(exc, vm, f"look up snapshot {snapshot} of") from None
+
+    def _all_snapshots(self, dom: Any, vm: str) -> dict[str, tuple[Any, snapshots.SnapshotInfo]]:
+        try:
+            return {str(s.getName()): (s, snapshots.parse_snapshot(s.getXMLDesc(0))) for s in dom.listAllSnapshots(0)}
+        except libvirt.libvirtError as exc:
+            raise self._error(exc, vm, "list the snapshots of") from None
+
+    def _current_snapshot(self, dom: Any) -> str:
+        try:
+            return str(dom.snapshotCurrent(0).getName())
+        except libvirt.libvirtError as exc:
+            if is_code(exc, "VIR_ERR_NO_DOMAIN_SNAPSHOT"):
+                return ""
+            raise
+
+    def _domain_disks(self, dom: Any, *, live: bool) -> builtins.list[snapshots.DomainDisk]:
+        return snapshots.domain_disks(dom.XMLDesc(0 if live else libvirt.VIR_DOMAIN_XML_INACTIVE))
+
+    @staticmethod
+    def _disk_names(meta: domxml.OwnerMetadata) -> dict[str, str]:
+        """Spec disk name by target device: ``create`` gives the i-th disk the i-th virtio target."""
+        return {domxml.virtio_target(i): d.name for i, d in enumerate(meta.spec.disks)}
+
+    def _snapshot_record(
+        self, info: snapshots.SnapshotInfo, current: str, disks: Sequence[snapshots.DomainDisk]
+    ) -> SnapshotRecord:
+        return SnapshotRecord(
+            name=info.name,
+            kind=info.kind,
+            create_time=info.create_time,
+            vm_state=info.vm_state,
+            has_memory=info.has_memory,
+            parent=info.parent,
+            current=info.name == current,
+            size_bytes=self._snapshot_size(info, disks),
+        )
+
+    def _snapshot_size(self, info: snapshots.SnapshotInfo, disks: Sequence[snapshots.DomainDisk]) -> int:
+        """Approximate bytes a snapshot holds: its saved memory (internal) or its frozen files (external)."""
+        if Capability.HOST_FILES not in self._caps:
+            return 0
+        try:
+            if info.kind == SnapshotKind.EXTERNAL:
+                return sum(snapshots.allocated_bytes(path) for path in info.frozen.values())
+            return sum(
+                snapshots.internal_snapshot_sizes(d.source).get(info.name, 0) for d in snapshots.snapshot_disks(disks)
+            )
+        except CloneboxError:
+            return 0  # a size is a hint: an unreadable image must not hide the snapshot
+
+    def _create_snapshot_sync(
+        self, vm: str, snapshot: str, kind: SnapshotKind, quiesce: bool, log: StepLog
+    ) -> SnapshotRecord:
+        check_dns_label("snapshot", snapshot)
+        if quiesce and kind != SnapshotKind.EXTERNAL:
+            # libvirt freezes guest filesystems only for disk-only snapshots
+            raise invalid_field("quiesce", "only for disk-only (external) snapshots")
+        dom, meta = self._owned_domain(vm)
+        try:
+            live = bool(dom.isActive())
+            xml = dom.XMLDesc(0 if live else libvirt.VIR_DOMAIN_XML_INACTIVE)
+        except libvirt.libvirtError as exc:
+            raise self._error(exc, vm, "snapshot") from None
+        existing = self._all_snapshots(dom, vm)
+        if snapshot in existing:
+            raise AlreadyExists(
+                f"VM {vm} already has a snapshot {snapshot}",
+                reason="SNAPSHOT_ALREADY_EXISTS",
+                metadata={"vm": vm, "snapshot": snapshot},
+            )
+        kinds = {info.kind for _snap, info in existing.values()}
+        if kinds and kind not in kinds:
+            # an internal snapshot lives in the file that was active when it was taken; once overlays
+            # move the active file, libvirt 9.0 can no longer revert one (and merging would destroy it)
+            raise FailedPrecondition(
+                f"VM {vm} has {kinds.pop().value} snapshots: it cannot also take {kind.value} ones; delete them first",
+                reason="SNAPSHOT_KIND_CONFLICT",
+                metadata={"vm": vm, "snapshot": snapshot},
+            )
+        disks = snapshots.domain_disks(xml)
+        if kind == SnapshotKind.INTERNAL:
+            if live and snapshots.has_filesystem_share(xml):
+                # QEMU refuses to migrate (save) a guest with a 9p/virtiofs export mounted; checked here so
+                # the answer does not depend on whether the guest mounted the share yet
+                raise FailedPrecondition(
+                    f"VM {vm} is running with shared folders: QEMU cannot save its memory; take a disk-only "
+                    "snapshot instead (--disk-only --quiesce), or stop the VM first",
+                    reason="SNAPSHOT_BLOCKED_BY_SHARED_FOLDER",
+                    metadata={"vm": vm, "snapshot": snapshot},
+                )
+            sxml = snapshots.internal_snapshot_xml(snapshot, disks, memory=live)
+            return self._take_snapshot(dom, vm, snapshot, sxml, 0, log, disks)
+        if Capability.HOST_FILES not in self._caps:
+            raise FailedPrecondition(
+                f"external snapshots need the hypervisor's files on this host ({self.uri})",
+                reason="HYPERVISOR_UNSUPPORTED",
+                metadata={"vm": vm},
+            )
+        flags = (
+            libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
+            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+        )
+        if quiesce:
+            if not live:
+                raise FailedPrecondition(
+                    f"VM {vm} is not running: its filesystems cannot be quiesced",
+                    reason="GUEST_AGENT_UNAVAILABLE",
+                    metadata={"vm": vm},
+                )
+            # ask qemu-ga first: a silent agent fails here, before any overlay is made
+            self._agent_command(dom, vm, "guest-ping", {}, timeout=5)
+            flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE
+        try:
+            return self._external_snapshot(dom, meta, vm, snapshot, disks, flags, log)
+        except BaseException:
+            common.roll_back(log, self._undo_sync, vm)
+            raise
+
+    def _take_snapshot(
+        self,
+        dom: Any,
+        vm: str,
+        snapshot: str,
+        sxml: str,
+        flags: int,
+        log: StepLog,
+        disks: Sequence[snapshots.DomainDisk],
+    ) -> SnapshotRecord:
+        """``snapshotCreateXML`` as one step; rolled back when a later scripted step fails."""
+        n = log.planned(f"snapshot:{snapshot}", {"kind": "snapshot", "vm": vm, "name": snapshot})
+        try:
+            snap = dom.snapshotCreateXML(sxml, flags)
+            info = snapshots.parse_snapshot(snap.getXMLDesc(0))
+            log.made(n, {"uuid": str(dom.UUIDString()), "created": info.created_epoch})
+        except libvirt.libvirtError as exc:
+            if flags & libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE and (
+                is_code(exc, "VIR_ERR_AGENT_UNRESPONSIVE") or "agent" in message_of(exc).lower()
+            ):
+                raise FailedPrecondition(
+                    f"VM {vm}: the guest agent could not freeze the filesystems: {message_of(exc)}",
+                    reason="GUEST_AGENT_UNAVAILABLE",
+                    metadata={"vm": vm},
+                ) from None
+            if is_code(exc, "VIR_ERR_OPERATION_FAILED") and "already exists" in message_of(exc):
+                raise AlreadyExists(
+                    f"VM {vm} already has a snapshot {snapshot}",
+                    reason="SNAPSHOT_ALREADY_EXISTS",
+                    metadata={"vm": vm, "snapshot": snapshot},
+                ) from None
+            raise self._error(exc, vm, f"take snapshot {snapshot} of") from None
+        try:
+            self._step("snapshot:taken")
+        except BaseException:
+            common.roll_back(log, self._undo_sync, vm)
+            raise
+        return self._snapshot_record(info, snapshot, disks)
+
+    def _list_snapshots_sync(self, vm: str) -> builtins.list[SnapshotRecord]:
+        dom, _meta = self._owned_domain(vm)
+        found = self._all_snapshots(dom, vm)
+        try:
+            current = self._current_snapshot(dom)
+            disks = self._domain_disks(dom, live=False)
+        except libvirt.libvirtError as exc:
+            raise self._error(exc, vm, "list the snapshots of") from None
+        infos = snapshots.order_oldest_first([info for _snap, info in found.values()])
+        return [self._snapshot_record(info, current, disks) for info in infos]
+
+    def _revert_snapshot_sync(self, vm: str, snapshot: str, start: bool, log: StepLog) -> None:
+        dom, meta = self._owned_domain(vm)
+        snap, info = self._find_snapshot(dom, vm, snapshot)
+        if info.kind == SnapshotKind.EXTERNAL:
+            self._revert_external(dom, meta, vm, snap, info, start, log)
+            return
+        # RUNNING boots a disk-only snapshot or resumes a memory one; a memory snapshot reverted for a
+        # stopped VM is loaded paused (the guest never runs a cycle on the restored disks) and then ended
+        if start:
+            flags = libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING
+        elif info.has_memory:
+            flags = libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED
+        else:
+            flags = 0
+        try:
+            try:
+                dom.revertToSnapshot(snap, flags)
+            except libvirt.libvirtError as exc:
+                if not is_code(exc, "VIR_ERR_SNAPSHOT_REVERT_RISKY"):
+                    raise
+                # e.g. a running VM back to a snapshot whose config differs: the caller asked for it
+                dom.revertToSnapshot(snap, flags | libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_FORCE)
+            if not start:
+                self._destroy_quietly(dom)
+            elif not dom.isActive():
+                # libvirt's test driver ends a domain reverted to a shut-off snapshot despite RUNNING
+                try:
+                    dom.create()
+                except libvirt.libvirtError as exc:
+                    raise start_failed(exc, uri=self.uri, vm=vm) from None
+            elif dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                dom.resume()
+        except libvirt.libvirtError as exc:
+            raise self._error(exc, vm, f"revert to snapshot {snapshot}:") from None
+        if start:
+            self._mark_console_log(self.domain_name(vm), vm)
+
+    def _delete_snapshot_sync(self, vm: str, snapshot: str, children: bool) -> builtins.list[str]:
+        dom, meta = self._owned_domain(vm)
+        snap, info = self._find_snapshot(dom, vm, snapshot)
+        doomed = [snapshot]
+        if children:
+            try:
+                below = [
+                    snapshots.parse_snapshot(c.getXMLDesc(0))
+                    for c in snap.listAllChildren(libvirt.VIR_DOMAIN_SNAPSHOT_LIST_DESCENDANTS)
+                ]
+            except libvirt.libvirtError as exc:
+                raise self._error(exc, vm, f"list the children of snapshot {snapshot} of") from None
+            doomed += [i.name for i in snapshots.order_oldest_first(below)]
+        if info.kind == SnapshotKind.EXTERNAL:
+            # leaves first: each merge sees the chain as the snapshots above it left it
+            for name in reversed(doomed):
+                victim, victim_info = self._find_snapshot(dom, vm, name)
+                self._delete_external(dom, meta, vm, victim, victim_info)
+            return doomed
+        try:
+            snap.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN if children else 0)
+        except libvirt.libvirtError as exc:
+            if is_code(exc, "VIR_ERR_NO_DOMAIN_SNAPSHOT"):
+                raise self._snapshot_not_found(vm, snapshot) from None
+            raise self._error(exc, vm, f"delete snapshot {snapshot} of") from None
+        return doomed
+
+    def _export_disks_sync(self, vm: str, snapshot: str, workdir: str) -> builtins.list[DiskImage]:
+        dom, meta = self._owned_domain(vm)
+        _snap, info = self._find_snapshot(dom, vm, snapshot)
+        if Capability.HOST_FILES not in self._caps:
+            raise FailedPrecondition(
+                f"exporting disks needs the hypervisor's files on this host ({self.uri})",
+                reason="HYPERVISOR_UNSUPPORTED",
+                metadata={"vm": vm},
+            )
+        try:
+            live = bool(dom.isActive())
+            disks = {d.target: d for d in snapshots.snapshot_disks(self._domain_disks(dom, live=live))}
+        except libvirt.libvirtError as exc:
+            raise self._error(exc, vm, "export") from None
+        out: builtins.list[DiskImage] = []
+        try:
+            for target, disk_name in self._disk_names(meta).items():
+                disk = disks.get(target)
+                if disk is None:
+                    continue
+                dest = os.path.join(workdir, f"{disk_name}.qcow2")
+                if info.kind == SnapshotKind.EXTERNAL:
+                    # the frozen file holds the disk as it was; converting it flattens its backing chain
+                    source = info.frozen.get(target)
+                    if source is None:
+                        continue
+                    snapshots.convert_flat(source, dest)
+                else:
+                    snapshots.convert_flat(disk.source, dest, snapshot=snapshot)
+                written = snapshots.image_json(dest, force_share=False)
+                out.append(DiskImage(disk_name, dest, int(written["virtual-size"]), os.stat(dest).st_size))
+            self._step("export:disks")
+        except BaseException:
+            for image in out:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(image.path)
+            raise
+        return out
+
+    # ---- import --------------------------------------------------------------------------------
+
+    def _import_disks_sync(self, spec: VmSpec, images: dict[str, str], log: StepLog) -> DomainRecord:
+        if Capability.HOST_FILES not in self._caps:
+            raise FailedPrecondition(
+                f"importing disks needs the hypervisor's files on this host ({self.uri})",
+                reason="HYPERVISOR_UNSUPPORTED",
+                metadata={"vm": spec.name},
+            )
+        # a taken name is refused before the files are looked at (and again once the name is claimed)
+        self._refuse_existing(spec.name)
+        if set(images) != {d.name for d in spec.disks}:
+            raise invalid_field("images", f"must name exactly the disks of the spec ({len(spec.disks)})")
+        sizes: dict[str, int] = {}
+        for disk_name, path in images.items():
+            # the caller checked the files; checked again because QEMU would follow a backing file anywhere
+            found = snapshots.image_json(path, force_share=False)
+            if found.get("format") != "qcow2" or found.get("backing-filename") or found.get("data-file"):
+                raise invalid_field(
+                    f"images.{disk_name}", "must be a standalone qcow2 (no backing or external data file)"
+                )
+            sizes[disk_name] = int(found["virtual-size"])
+        # the disks are the given files, so a base image of the spec need not exist on this host; the
+        # kernel, initrd and shared folders are still resolved and checked like a create's
+        local = dataclasses.replace(
+            spec,
+            disks=tuple(
+                dataclasses.replace(d, base_image="", size_mib=max(1, -(-sizes[d.name] // MiB))) for d in spec.disks
+            ),
+        )
+        resolved = dataclasses.replace(resolve_spec(local, self.image_dirs, self.shared_roots), spec=spec)
+        with self._creating_lock:
+            if spec.name in self._creating:
+                raise AlreadyExists(
+                    f"VM {spec.name} already exists (being created)",
+                    reason="VM_ALREADY_EXISTS",
+                    metadata={"vm": spec.name},
+                )
+            self._creating.add(spec.name)
+        try:
+            domain = self.domain_name(spec.name)
+            conn = self._refuse_existing(spec.name)
+            self._owned.add(domain)
+            try:
+                return self._import_steps(conn, resolved, domain, images, log)
+            except BaseException as exc:
+                common.roll_back(log, self._undo_sync, spec.name)
+                if isinstance(exc, libvirt.libvirtError):
+                    raise self._error(exc, spec.name, "import") from None
+                raise
+        finally:
+            with self._creating_lock:
+                self._creating.discard(spec.name)
+
+    def _refuse_existing(self, vm: str) -> Any:
+        """AlreadyExists VM_ALREADY_EXISTS when a domain of that name exists; the connection otherwise."""
+        conn = self._conn.get()
+        try:
+            conn.lookupByName(self.domain_name(vm))
+        except libvirt.libvirtError as exc:
+            if not is_code(exc, "VIR_ERR_NO_DOMAIN"):
+                raise self._error(exc, vm, "look up") from None
+            return conn
+        raise AlreadyExists(f"VM {vm} already exists", reason="VM_ALREADY_EXISTS", metadata={"vm": vm})
+
+    def _import_steps(
+        self, conn: Any, resolved: ResolvedSpec, domain: str, images: Mapping[str, str], log: StepLog
+    ) -> DomainRecord:
+        spec = resolved.spec
+        vm = spec.name
+        folder = common.vm_dir(self.storage_dir, domain)
+        n = log.planned("folder", {"kind": "folder", "path": folder})
+        try:
+            os.makedirs(folder, mode=0o755)
+        except FileExistsError:
+            raise AlreadyExists(
+                f"VM {vm} already exists (its folder {folder} does)", reason="VM_ALREADY_EXISTS", metadata={"vm": vm}
+            ) from None
+        log.made(n, common.stamp_identity(folder))
+        self._mark(folder, vm)
+        pool = self._pool(conn)
+        disks: builtins.list[domxml.Disk] = []
+        for i, disk in enumerate(spec.disks):
+            name = common.volume_name(domain, disk.name)
+            n = log.planned(f"disk:{disk.name}", {"kind": "volume", "name": name})
+            path = os.path.join(common.pool_dir(self.storage_dir), name)
+            _adopt_file(images[disk.name], path)
+            identity = common.stamp_identity(path)
+            try:
+                pool.refresh(0)
+                vol = pool.storageVolLookupByName(name)
+            except libvirt.libvirtError:
+                # the file is ours: undo must still find it, by its file identity
+                log.made(n, {"key": path, **identity})
+                raise
+            log.made(n, {"key": str(vol.key()), **identity})
+            self._mark(path, vm)
+            disks.append(domxml.Disk(path, domxml.virtio_target(i)))
+        self._step("import:disks")
+        vm_uuid = str(uuidlib.uuid4())
+        cfg = self._domain_config(resolved, domain, vm_uuid, disks, os.path.join(folder, "console.log"))
+        n = log.planned("define", {"kind": "domain", "name": domain})
+        try:
+            dom = conn.defineXML(domxml.domain_xml(cfg))
+        except libvirt.libvirtError as exc:
+            raise self._error(exc, vm, "define") from None
+        log.made(n, {"uuid": vm_uuid})
+        with self._meta_lock:
+            self._meta[vm_uuid] = cfg.owner
+        self._step("import:define")
+        state, reason = dom.state()
+        return self._record(dom, cfg.owner, state, reason)
+
+    # ---- external snapshots --------------------------------------------------------------------
+
+    def _new_overlay(self, pool: Any, domain: str, vm: str, disk: str, tag: str, backing: str, log: StepLog) -> str:
+        """A qcow2 overlay volume on ``backing`` (one step ``overlay:DISK``); its path."""
+        name = f"{common.volume_prefix(domain)}{disk}.{tag}-{uuidlib.uuid4().hex[:6]}.qcow2"
+        capacity = int(snapshots.image_json(backing)["virtual-size"])
+        n = log.planned(f"overlay:{disk}", {"kind": "volume", "name": name})
+        xml = self._volume_xml(name, capacity, "qcow2", (backing, "qcow2"))
+        vol = self._create_volume(pool, name, xml, vm, f"create an overlay of disk {disk} of")
+        path = str(vol.path())
+        log.made(n, self._volume_identity(vol, path, stamp=True))
+        self._mark(path, vm)
+        return path
+
+    def _external_snapshot(
+        self,
+        dom: Any,
+        meta: domxml.OwnerMetadata,
+        vm: str,
+        snapshot: str,
+        disks: Sequence[snapshots.DomainDisk],
+        flags: int,
+        log: StepLog,
+    ) -> SnapshotRecord:
+        """Overlays made by us (marked, stepped), then libvirt switches the disks onto them (REUSE_EXT)."""
+        domain = self.domain_name(vm)
+        names = self._disk_names(meta)
+        pool = self._pool(self._conn.get())
+        overlays: dict[str, str] = {}
+        frozen: dict[str, str] = {}
+        for disk in snapshots.snapshot_disks(disks):
+            overlays[disk.target] = self._new_overlay(
+                pool, domain, vm, names.get(disk.target, disk.target), snapshot, disk.source, log
+            )
+            frozen[disk.target] = disk.source
+        sxml = snapshots.external_snapshot_xml(snapshot, disks, overlays, frozen)
+        return self._take_snapshot(dom, vm, snapshot, sxml, flags, log, disks)
+
+    def _frozen_elsewhere(self, dom: Any, vm: str, skip: str) -> set[str]:
+        """Files frozen by snapshots other than ``skip``: they hold those snapshots and are never dropped."""
+        return {
+            path
+            for name, (_snap, info) in self._all_snapshots(dom, vm).items()
+            if name != skip
+            for path in info.frozen.values()
+        }
+
+    def _drop_overlay(self, path: str, vm: str) -> str | None:
+        """Delete a file the adapter made for ``vm`` in its pool; anything else is left alone."""
+        pool_path = common.pool_dir(self.storage_dir)
+        if os.path.dirname(os.path.abspath(path)) != pool_path or common.owner_of(path) != vm:
+            log.warning("%s is not an overlay of %s in the pool: left alone", path, vm)
+            return None
+        try:
+            vol = self._pool(self._conn.get()).storageVolLookupByName(os.path.basename(path))
+        except libvirt.libvirtError as exc:
+            if is_code(exc, "VIR_ERR_NO_STORAGE_VOL"):
+                return None
+            raise
+        return self._delete_volume(vol)
+
+    def _redefine_sources(self, dom: Any, sources: Mapping[str, str]) -> None:
+        """Point disks (by target) of the persistent definition at other files."""
+        xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        self._conn.get().defineXML(snapshots.with_disk_sources(xml, sources))
+
+    def _revert_external(
+        self,
+        dom: Any,
+        meta: domxml.OwnerMetadata,
+        vm: str,
+        snap: Any,
+        info: snapshots.SnapshotInfo,
+        start: bool,
+        journal: StepLog,
+    ) -> None:
+        """Libvirt 9.0 cannot revert an external snapshot: stop, new overlays on the frozen files, swap, start.
+
+        The old overlays go last, once nothing can fail any more; until then a rollback puts the old
+        files back (the guest's memory cannot come back: it was stopped).
+        """
+        domain = self.domain_name(vm)
+        names = self._disk_names(meta)
+        try:
+            self._destroy_quietly(dom)
+            self._step("revert:stopped")
+            old = {d.target: d.source for d in self._domain_disks(dom, live=False) if d.target in info.frozen}
+            pool = self._pool(self._conn.get())
+            new: dict[str, str] = {}
+            for target, frozen in sorted(info.frozen.items()):
+                new[target] = self._new_overlay(pool, domain, vm, names.get(target, target), info.name, frozen, journal)
+            n = journal.planned(
+                "swap", {"kind": "disk-sources", "vm": vm, "name": domain, "sources": json.dumps(old, sort_keys=True)}
+            )
+            self._redefine_sources(dom, new)
+            journal.made(n, {"uuid": str(dom.UUIDString()), "sources": json.dumps(new, sort_keys=True)})
+            # libvirt's notion of the current snapshot moves too: a new snapshot's parent is this one
+            dom.snapshotCreateXML(
+                snap.getXMLDesc(0),
+                libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT,
+            )
+            self._step("revert:swapped")
+            if start:
+                try:
+                    dom.create()
+                except libvirt.libvirtError as exc:
+                    raise start_failed(exc, uri=self.uri, vm=vm) from None
+                self._mark_console_log(domain, vm)
+        except BaseException as exc:
+            common.roll_back(journal, self._undo_sync, vm)
+            if isinstance(exc, libvirt.libvirtError):
+                raise self._error(exc, vm, f"revert to snapshot {info.name}:") from None
+            raise
+        keep = self._frozen_elsewhere(dom, vm, "")
+        for path in old.values():
+            if path not in keep and path not in new.values():
+                try:
+                    self._drop_overlay(path, vm)
+                except libvirt.libvirtError:
+                    # the revert is done; a leftover overlay is removed with the VM
+                    log.warning("could not remove the old overlay %s of %s", path, vm, exc_info=True)
+
+    def _delete_external(
+        self, dom: Any, meta: domxml.OwnerMetadata, vm: str, snap: Any, info: snapshots.SnapshotInfo
+    ) -> None:
+        """Merge one external snapshot's frozen files away, then drop its libvirt metadata.
+
+        For each disk, the frozen file ``I`` either has only the active file above it (merged down into
+        ``I``: ``qemu-img commit`` stopped, an active ``blockCommit`` + pivot running), nothing above it
+        (deleted), or other snapshots' files above it (their chains get ``I``'s data with a safe
+        ``qemu-img rebase``, then ``I`` goes; only while the VM is stopped, since a running QEMU holds
+        them). A file in the image dirs (a shared base) is never written: frozen files are always ours.
+        """
+        try:
+            live = bool(dom.isActive())
+            active = {d.target: d.source for d in self._domain_disks(dom, live=live)}
+        except libvirt.libvirtError as exc:
+            raise self._error(exc, vm, f"delete snapshot {info.name} of") from None
+        others = self._all_snapshots(dom, vm)
+        others.pop(info.name, None)
+        for target, image in sorted(info.frozen.items()):
+            if self._in_image_dirs(image):
+                raise Internal(f"snapshot {info.name} of {vm} names a shared image {image}: left alone")
+            candidates = {active.get(target, "")} | {
+                o.frozen[target] for _s, o in others.values() if target in o.frozen
+            }
+            children = sorted(c for c in candidates if c and c != image and snapshots.backing_of(c) == image)
+            current = active.get(target, "")
+            try:
+                if children == [current]:
+                    self._commit_active(dom, vm, target, current, image, live)
+                    self._drop_overlay(current, vm)
+                elif not children:
+                    if image != current:
+                        self._drop_overlay(image, vm)
+                else:
+                    if live:
+                        raise FailedPrecondition(
+                            f"snapshot {info.name} of VM {vm} holds data later snapshots need: stop the VM to "
+                            "delete it, or delete the later snapshots first",
+                            reason="SNAPSHOT_IN_USE",
+                            metadata={"vm": vm, "snapshot": info.name},
+                        )
+                    below = snapshots.backing_of(image)
+                    for child in children:
+                        fmt = snapshots.image_json(below)["format"] if below else "qcow2"
+                        snapshots.qemu_img("rebase", "-q", "-f", "qcow2", "-F", str(fmt), "-b", below, child)
+                    self._drop_overlay(image, vm)
+            except libvirt.libvirtError as exc:
+                raise self._error(exc, vm, f"merge snapshot {info.name} of") from None
+        try:
+            snap.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+        except libvirt.libvirtError as exc:
+            raise self._error(exc, vm, f"delete snapshot {info.name} of") from None
+
+    def _commit_active(self, dom: Any, vm: str, target: str, top: str, base: str, live: bool) -> None:
+        """Merge the active file ``top`` into its backing ``base`` and make ``base`` the disk's file."""
+        if not live:
+            snapshots.qemu_img("commit", "-q", "-f", "qcow2", top)
+            self._redefine_sources(dom, {target: base})
+            return
+        # always with an explicit base: a commit without one would write the deepest (shared) image
+        dom.blockCommit(target, base, top, 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE)
+        deadline = time.monotonic() + 3600
+        while True:
+            try:
+                dom.blockJobAbort(target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+                break
+            except libvirt.libvirtError as exc:
+                # the job is not ready (not yet mirrored) until its first pass is done
+                if time.monotonic() > deadline or (
+                    not is_code(exc, "VIR_ERR_BLOCK_COPY_ACTIVE") and not (is_code(exc, "VIR_ERR_OPERATION_INVALID"))
+                ):
+                    raise
+                time.sleep(0.1)
+        while dom.blockJobInfo(target, 0):
+            time.sleep(0.05)
+        # libvirt updates the live chain; the persistent definition must name the merged file too
+        self._redefine_sources(dom, {target: base})
+
+    def _in_image_dirs(self, path: str) -> bool:
+        real = os.path.realpath(path)
+        return any(os.path.commonpath([real, os.path.realpath(d)]) == os.path.realpath(d) for d in self.image_dirs)
+
+    def _undo_snapshot(self, undo: Mapping[str, str], identity: Mapping[str, str]) -> str:
+        """Delete the snapshot a step took, if it is still that one (same domain, same creation time)."""
+        vm = undo["vm"]
+        try:
+            dom = self._conn.get().lookupByName(self.domain_name(vm))
+        except libvirt.libvirtError as exc:
+            if is_code(exc, "VIR_ERR_NO_DOMAIN"):
+                return ""
+            raise
+        if str(dom.UUIDString()) != identity.get("uuid"):
+            return ""
+        meta = self._owner_meta(dom)
+        if meta is None:
+            return ""
+        try:
+            snap, info = self._find_snapshot(dom, vm, undo["name"])
+        except NotFound:
+            return ""
+        if info.created_epoch != identity.get("created"):
+            return ""
+        if info.kind == SnapshotKind.EXTERNAL:
+            self._delete_external(dom, meta, vm, snap, info)
+        else:
+            snap.delete(0)
+        return f"snapshot {vm}/{undo['name']}"
+
+    def _undo_sources(self, undo: Mapping[str, str], identity: Mapping[str, str]) -> str:
+        """Point the disks back at the files they had, if they still have the ones the step gave them."""
+        try:
+            dom = self._conn.get().lookupByName(undo["name"])
+        except libvirt.libvirtError as exc:
+            if is_code(exc, "VIR_ERR_NO_DOMAIN"):
+                return ""
+            raise
+        if str(dom.UUIDString()) != identity.get("uuid"):
+            return ""
+        new = json.loads(identity.get("sources", "{}"))
+        now = {d.target: d.source for d in self._domain_disks(dom, live=False)}
+        if any(now.get(t) != p for t, p in new.items()):
+            return ""
+        self._destroy_quietly(dom)
+        self._redefine_sources(dom, json.loads(undo["sources"]))
+        return f"{undo['name']} (disks back on their files)"
 
     # ---- guest agent ---------------------------------------------------------------------------
 
@@ -1385,6 +2086,36 @@ def _addresses(ifaces: Mapping[str, Any], source: str) -> tuple[IpAddress, ...]:
                 continue
             out.append(IpAddress(iface, text, int(addr.get("prefix", 0)), source))
     return tuple(out)
+
+
+def _adopt_file(source: str, dest: str) -> None:
+    """Move ``source`` to ``dest`` (never over an existing file), root-only like the pool's volumes.
+
+    A hard link then unlink is a move that cannot replace ``dest``; across file systems the copy goes to
+    a temporary name in the destination folder first, so ``dest`` never exists half written.
+    """
+    try:
+        os.link(source, dest)
+    except FileExistsError:
+        raise AlreadyExists(f"volume {os.path.basename(dest)} already exists", reason="VOLUME_ALREADY_EXISTS") from None
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        tmp = f"{dest}.{uuidlib.uuid4().hex[:8]}.part"
+        try:
+            shutil.copyfile(source, tmp)
+            os.link(tmp, dest)
+        except FileExistsError:
+            raise AlreadyExists(
+                f"volume {os.path.basename(dest)} already exists", reason="VOLUME_ALREADY_EXISTS"
+            ) from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    if os.geteuid() == 0:
+        os.chown(dest, 0, 0)
+    os.chmod(dest, 0o600)
+    os.unlink(source)
 
 
 def _version(number: int) -> str:

@@ -7,6 +7,7 @@ from clonebox.type.v1 import health_pb2 as _health_pb2
 from clonebox.type.v1 import host_pb2 as _host_pb2
 from clonebox.type.v1 import recovery_pb2 as _recovery_pb2
 from clonebox.type.v1 import resources_pb2 as _resources_pb2
+from clonebox.type.v1 import snapshot_pb2 as _snapshot_pb2
 from clonebox.type.v1 import vm_pb2 as _vm_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
@@ -526,19 +527,23 @@ class DeleteVmRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WITH_SNAPSHOTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """VM name."""
     request_id: _builtins.str
     """Client request id."""
+    with_snapshots: _builtins.bool
+    """Also delete its snapshots (a VM that has snapshots is not deleted without it)."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        with_snapshots: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "request_id", b"request_id", "with_snapshots", b"with_snapshots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -860,3 +865,489 @@ class CheckHealthResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CheckHealthResponse: _TypeAlias = CheckHealthResponse  # noqa: Y015
+
+@_typing.final
+class CreateSnapshotRequest(_message.Message):
+    """CreateSnapshotRequest takes a snapshot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TagsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    VM_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    QUIESCE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CREATOR_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    """VM name."""
+    name: _builtins.str
+    """Snapshot name (DNS label; empty: a name from the time)."""
+    description: _builtins.str
+    """Free text."""
+    kind: _snapshot_pb2.SnapshotKind.ValueType
+    """Internal (default) or external (disk only)."""
+    quiesce: _builtins.bool
+    """Freeze the guest's filesystems through qemu-ga while taking it (external only)."""
+    request_id: _builtins.str
+    """Client request id."""
+    creator: _builtins.str
+    """Who asked (the controller passes the caller's identity)."""
+    @_builtins.property
+    def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels."""
+
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        kind: _snapshot_pb2.SnapshotKind.ValueType = ...,
+        quiesce: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+        creator: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["creator", b"creator", "description", b"description", "kind", b"kind", "name", b"name", "quiesce", b"quiesce", "request_id", b"request_id", "tags", b"tags", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateSnapshotRequest: _TypeAlias = CreateSnapshotRequest  # noqa: Y015
+
+@_typing.final
+class CreateSnapshotResponse(_message.Message):
+    """CreateSnapshotResponse returns the snapshot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def snapshot(self) -> _snapshot_pb2.Snapshot:
+        """The new snapshot."""
+
+    def __init__(
+        self,
+        *,
+        snapshot: _snapshot_pb2.Snapshot | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["snapshot", b"snapshot"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["snapshot", b"snapshot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateSnapshotResponse: _TypeAlias = CreateSnapshotResponse  # noqa: Y015
+
+@_typing.final
+class ListSnapshotsRequest(_message.Message):
+    """ListSnapshotsRequest names a VM."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    """VM name."""
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSnapshotsRequest: _TypeAlias = ListSnapshotsRequest  # noqa: Y015
+
+@_typing.final
+class ListSnapshotsResponse(_message.Message):
+    """ListSnapshotsResponse returns its snapshots, oldest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOTS_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def snapshots(self) -> _containers.RepeatedCompositeFieldContainer[_snapshot_pb2.Snapshot]:
+        """Snapshots."""
+
+    @_builtins.property
+    def policy(self) -> _snapshot_pb2.SnapshotPolicy:
+        """The VM's retention policy."""
+
+    def __init__(
+        self,
+        *,
+        snapshots: _abc.Iterable[_snapshot_pb2.Snapshot] | None = ...,
+        policy: _snapshot_pb2.SnapshotPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy", "snapshots", b"snapshots"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSnapshotsResponse: _TypeAlias = ListSnapshotsResponse  # noqa: Y015
+
+@_typing.final
+class RestoreSnapshotRequest(_message.Message):
+    """RestoreSnapshotRequest returns a VM to a snapshot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    NO_START_FIELD_NUMBER: _builtins.int
+    NO_BACKUP_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CREATOR_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    """VM name."""
+    name: _builtins.str
+    """Snapshot name."""
+    no_start: _builtins.bool
+    """Leave the VM stopped afterwards (by default a running VM stays running)."""
+    no_backup: _builtins.bool
+    """Do not take a backup snapshot of the current state first."""
+    request_id: _builtins.str
+    """Client request id."""
+    creator: _builtins.str
+    """Who asked."""
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+        name: _builtins.str = ...,
+        no_start: _builtins.bool = ...,
+        no_backup: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+        creator: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["creator", b"creator", "name", b"name", "no_backup", b"no_backup", "no_start", b"no_start", "request_id", b"request_id", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreSnapshotRequest: _TypeAlias = RestoreSnapshotRequest  # noqa: Y015
+
+@_typing.final
+class RestoreSnapshotResponse(_message.Message):
+    """RestoreSnapshotResponse reports the restore."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    BACKUP_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def vm(self) -> _vm_pb2.Vm:
+        """The VM afterwards."""
+
+    @_builtins.property
+    def backup(self) -> _snapshot_pb2.Snapshot:
+        """The backup snapshot taken first (unset with no_backup)."""
+
+    def __init__(
+        self,
+        *,
+        vm: _vm_pb2.Vm | None = ...,
+        backup: _snapshot_pb2.Snapshot | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup", "vm", b"vm"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreSnapshotResponse: _TypeAlias = RestoreSnapshotResponse  # noqa: Y015
+
+@_typing.final
+class DeleteSnapshotRequest(_message.Message):
+    """DeleteSnapshotRequest deletes snapshots."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    CHILDREN_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    """VM name."""
+    name: _builtins.str
+    """Snapshot name."""
+    children: _builtins.bool
+    """Also delete its descendants."""
+    request_id: _builtins.str
+    """Client request id."""
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+        name: _builtins.str = ...,
+        children: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "name", b"name", "request_id", b"request_id", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteSnapshotRequest: _TypeAlias = DeleteSnapshotRequest  # noqa: Y015
+
+@_typing.final
+class DeleteSnapshotResponse(_message.Message):
+    """DeleteSnapshotResponse names what was deleted."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deleted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Deleted snapshots."""
+
+    def __init__(
+        self,
+        *,
+        deleted: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteSnapshotResponse: _TypeAlias = DeleteSnapshotResponse  # noqa: Y015
+
+@_typing.final
+class SetSnapshotPolicyRequest(_message.Message):
+    """SetSnapshotPolicyRequest sets a retention policy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    """VM name."""
+    request_id: _builtins.str
+    """Client request id."""
+    @_builtins.property
+    def policy(self) -> _snapshot_pb2.SnapshotPolicy:
+        """The policy (all zero: none)."""
+
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+        policy: _snapshot_pb2.SnapshotPolicy | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy", "request_id", b"request_id", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSnapshotPolicyRequest: _TypeAlias = SetSnapshotPolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetSnapshotPolicyResponse(_message.Message):
+    """SetSnapshotPolicyResponse returns the policy in force."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> _snapshot_pb2.SnapshotPolicy:
+        """The policy."""
+
+    def __init__(
+        self,
+        *,
+        policy: _snapshot_pb2.SnapshotPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSnapshotPolicyResponse: _TypeAlias = SetSnapshotPolicyResponse  # noqa: Y015
+
+@_typing.final
+class PruneSnapshotsRequest(_message.Message):
+    """PruneSnapshotsRequest applies retention."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    """VM name."""
+    dry_run: _builtins.bool
+    """Only report."""
+    request_id: _builtins.str
+    """Client request id."""
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "request_id", b"request_id", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PruneSnapshotsRequest: _TypeAlias = PruneSnapshotsRequest  # noqa: Y015
+
+@_typing.final
+class PruneSnapshotsResponse(_message.Message):
+    """PruneSnapshotsResponse reports each snapshot's fate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedCompositeFieldContainer[_snapshot_pb2.PruneDecision]:
+        """One per snapshot."""
+
+    def __init__(
+        self,
+        *,
+        decisions: _abc.Iterable[_snapshot_pb2.PruneDecision] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PruneSnapshotsResponse: _TypeAlias = PruneSnapshotsResponse  # noqa: Y015
+
+@_typing.final
+class ExportSnapshotRequest(_message.Message):
+    """ExportSnapshotRequest selects what to export."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    """VM name."""
+    name: _builtins.str
+    """Snapshot name."""
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportSnapshotRequest: _TypeAlias = ExportSnapshotRequest  # noqa: Y015
+
+@_typing.final
+class ExportSnapshotResponse(_message.Message):
+    """ExportSnapshotResponse is one part of the export: the header, a chunk, or the trailer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PART_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def part(self) -> _snapshot_pb2.SnapshotImagePart:
+        """The part."""
+
+    def __init__(
+        self,
+        *,
+        part: _snapshot_pb2.SnapshotImagePart | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportSnapshotResponse: _TypeAlias = ExportSnapshotResponse  # noqa: Y015
+
+@_typing.final
+class ImportSnapshotRequest(_message.Message):
+    """ImportSnapshotRequest is one part of the import: the header first, then chunks, then the trailer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PART_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def part(self) -> _snapshot_pb2.SnapshotImagePart:
+        """The part."""
+
+    def __init__(
+        self,
+        *,
+        part: _snapshot_pb2.SnapshotImagePart | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportSnapshotRequest: _TypeAlias = ImportSnapshotRequest  # noqa: Y015
+
+@_typing.final
+class ImportSnapshotResponse(_message.Message):
+    """ImportSnapshotResponse returns the VM made."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def vm(self) -> _vm_pb2.Vm:
+        """The new, stopped VM."""
+
+    def __init__(
+        self,
+        *,
+        vm: _vm_pb2.Vm | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportSnapshotResponse: _TypeAlias = ImportSnapshotResponse  # noqa: Y015

@@ -105,6 +105,46 @@ class AgentServiceStub:
                 request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.CheckHealthRequest.SerializeToString,
                 response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.CheckHealthResponse.FromString,
                 _registered_method=True)
+        self.CreateSnapshot = channel.unary_unary(
+                '/clonebox.agent.v1.AgentService/CreateSnapshot',
+                request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.CreateSnapshotRequest.SerializeToString,
+                response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.CreateSnapshotResponse.FromString,
+                _registered_method=True)
+        self.ListSnapshots = channel.unary_unary(
+                '/clonebox.agent.v1.AgentService/ListSnapshots',
+                request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ListSnapshotsRequest.SerializeToString,
+                response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ListSnapshotsResponse.FromString,
+                _registered_method=True)
+        self.RestoreSnapshot = channel.unary_unary(
+                '/clonebox.agent.v1.AgentService/RestoreSnapshot',
+                request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.RestoreSnapshotRequest.SerializeToString,
+                response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.RestoreSnapshotResponse.FromString,
+                _registered_method=True)
+        self.DeleteSnapshot = channel.unary_unary(
+                '/clonebox.agent.v1.AgentService/DeleteSnapshot',
+                request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.DeleteSnapshotRequest.SerializeToString,
+                response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.DeleteSnapshotResponse.FromString,
+                _registered_method=True)
+        self.SetSnapshotPolicy = channel.unary_unary(
+                '/clonebox.agent.v1.AgentService/SetSnapshotPolicy',
+                request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.SetSnapshotPolicyRequest.SerializeToString,
+                response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.SetSnapshotPolicyResponse.FromString,
+                _registered_method=True)
+        self.PruneSnapshots = channel.unary_unary(
+                '/clonebox.agent.v1.AgentService/PruneSnapshots',
+                request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.PruneSnapshotsRequest.SerializeToString,
+                response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.PruneSnapshotsResponse.FromString,
+                _registered_method=True)
+        self.ExportSnapshot = channel.unary_stream(
+                '/clonebox.agent.v1.AgentService/ExportSnapshot',
+                request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ExportSnapshotRequest.SerializeToString,
+                response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ExportSnapshotResponse.FromString,
+                _registered_method=True)
+        self.ImportSnapshot = channel.stream_unary(
+                '/clonebox.agent.v1.AgentService/ImportSnapshot',
+                request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ImportSnapshotRequest.SerializeToString,
+                response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ImportSnapshotResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -209,6 +249,62 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSnapshot(self, request, context):
+        """CreateSnapshot takes a snapshot of a VM (a journaled transaction; idempotent by request id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSnapshots(self, request, context):
+        """ListSnapshots returns a VM's snapshots with their tree relations.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreSnapshot(self, request, context):
+        """RestoreSnapshot returns a VM to a snapshot (a backup snapshot first, unless asked not to).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSnapshot(self, request, context):
+        """DeleteSnapshot deletes one snapshot, or it and its descendants.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetSnapshotPolicy(self, request, context):
+        """SetSnapshotPolicy sets a VM's retention policy (applied by the agent's scheduler).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PruneSnapshots(self, request, context):
+        """PruneSnapshots applies the retention policy now (or only says what it would delete).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportSnapshot(self, request, context):
+        """ExportSnapshot streams the disks at a snapshot, flattened (no backing chain), with metadata.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportSnapshot(self, request_iterator, context):
+        """ImportSnapshot makes a stopped VM from an export stream; nothing is kept unless all of it checks out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -281,6 +377,46 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.CheckHealth,
                     request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.CheckHealthRequest.FromString,
                     response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.CheckHealthResponse.SerializeToString,
+            ),
+            'CreateSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSnapshot,
+                    request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.CreateSnapshotRequest.FromString,
+                    response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.CreateSnapshotResponse.SerializeToString,
+            ),
+            'ListSnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSnapshots,
+                    request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ListSnapshotsRequest.FromString,
+                    response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ListSnapshotsResponse.SerializeToString,
+            ),
+            'RestoreSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreSnapshot,
+                    request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.RestoreSnapshotRequest.FromString,
+                    response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.RestoreSnapshotResponse.SerializeToString,
+            ),
+            'DeleteSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSnapshot,
+                    request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.DeleteSnapshotRequest.FromString,
+                    response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.DeleteSnapshotResponse.SerializeToString,
+            ),
+            'SetSnapshotPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSnapshotPolicy,
+                    request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.SetSnapshotPolicyRequest.FromString,
+                    response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.SetSnapshotPolicyResponse.SerializeToString,
+            ),
+            'PruneSnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.PruneSnapshots,
+                    request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.PruneSnapshotsRequest.FromString,
+                    response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.PruneSnapshotsResponse.SerializeToString,
+            ),
+            'ExportSnapshot': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportSnapshot,
+                    request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ExportSnapshotRequest.FromString,
+                    response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ExportSnapshotResponse.SerializeToString,
+            ),
+            'ImportSnapshot': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportSnapshot,
+                    request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ImportSnapshotRequest.FromString,
+                    response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ImportSnapshotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -662,6 +798,222 @@ class AgentService:
             '/clonebox.agent.v1.AgentService/CheckHealth',
             clonebox_dot_agent_dot_v1_dot_agent__pb2.CheckHealthRequest.SerializeToString,
             clonebox_dot_agent_dot_v1_dot_agent__pb2.CheckHealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clonebox.agent.v1.AgentService/CreateSnapshot',
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.CreateSnapshotRequest.SerializeToString,
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.CreateSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clonebox.agent.v1.AgentService/ListSnapshots',
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.ListSnapshotsRequest.SerializeToString,
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.ListSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clonebox.agent.v1.AgentService/RestoreSnapshot',
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.RestoreSnapshotRequest.SerializeToString,
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.RestoreSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clonebox.agent.v1.AgentService/DeleteSnapshot',
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.DeleteSnapshotRequest.SerializeToString,
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.DeleteSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSnapshotPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clonebox.agent.v1.AgentService/SetSnapshotPolicy',
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.SetSnapshotPolicyRequest.SerializeToString,
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.SetSnapshotPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PruneSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clonebox.agent.v1.AgentService/PruneSnapshots',
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.PruneSnapshotsRequest.SerializeToString,
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.PruneSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/clonebox.agent.v1.AgentService/ExportSnapshot',
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.ExportSnapshotRequest.SerializeToString,
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.ExportSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSnapshot(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/clonebox.agent.v1.AgentService/ImportSnapshot',
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.ImportSnapshotRequest.SerializeToString,
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.ImportSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

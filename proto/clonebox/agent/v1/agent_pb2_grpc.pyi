@@ -61,6 +61,22 @@ class AgentServiceStub:
     """WatchHealth streams the health of every VM: a snapshot, then changes, actions and minute aggregates."""
     CheckHealth: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CheckHealthRequest, _agent_pb2.CheckHealthResponse]
     """CheckHealth runs a VM's checks once now and reports (it does not count toward thresholds)."""
+    CreateSnapshot: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CreateSnapshotRequest, _agent_pb2.CreateSnapshotResponse]
+    """CreateSnapshot takes a snapshot of a VM (a journaled transaction; idempotent by request id)."""
+    ListSnapshots: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ListSnapshotsRequest, _agent_pb2.ListSnapshotsResponse]
+    """ListSnapshots returns a VM's snapshots with their tree relations."""
+    RestoreSnapshot: _grpc.UnaryUnaryMultiCallable[_agent_pb2.RestoreSnapshotRequest, _agent_pb2.RestoreSnapshotResponse]
+    """RestoreSnapshot returns a VM to a snapshot (a backup snapshot first, unless asked not to)."""
+    DeleteSnapshot: _grpc.UnaryUnaryMultiCallable[_agent_pb2.DeleteSnapshotRequest, _agent_pb2.DeleteSnapshotResponse]
+    """DeleteSnapshot deletes one snapshot, or it and its descendants."""
+    SetSnapshotPolicy: _grpc.UnaryUnaryMultiCallable[_agent_pb2.SetSnapshotPolicyRequest, _agent_pb2.SetSnapshotPolicyResponse]
+    """SetSnapshotPolicy sets a VM's retention policy (applied by the agent's scheduler)."""
+    PruneSnapshots: _grpc.UnaryUnaryMultiCallable[_agent_pb2.PruneSnapshotsRequest, _agent_pb2.PruneSnapshotsResponse]
+    """PruneSnapshots applies the retention policy now (or only says what it would delete)."""
+    ExportSnapshot: _grpc.UnaryStreamMultiCallable[_agent_pb2.ExportSnapshotRequest, _agent_pb2.ExportSnapshotResponse]
+    """ExportSnapshot streams the disks at a snapshot, flattened (no backing chain), with metadata."""
+    ImportSnapshot: _grpc.StreamUnaryMultiCallable[_agent_pb2.ImportSnapshotRequest, _agent_pb2.ImportSnapshotResponse]
+    """ImportSnapshot makes a stopped VM from an export stream; nothing is kept unless all of it checks out."""
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -95,6 +111,22 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """WatchHealth streams the health of every VM: a snapshot, then changes, actions and minute aggregates."""
     CheckHealth: _aio.UnaryUnaryMultiCallable[_agent_pb2.CheckHealthRequest, _agent_pb2.CheckHealthResponse]  # type: ignore[assignment]
     """CheckHealth runs a VM's checks once now and reports (it does not count toward thresholds)."""
+    CreateSnapshot: _aio.UnaryUnaryMultiCallable[_agent_pb2.CreateSnapshotRequest, _agent_pb2.CreateSnapshotResponse]  # type: ignore[assignment]
+    """CreateSnapshot takes a snapshot of a VM (a journaled transaction; idempotent by request id)."""
+    ListSnapshots: _aio.UnaryUnaryMultiCallable[_agent_pb2.ListSnapshotsRequest, _agent_pb2.ListSnapshotsResponse]  # type: ignore[assignment]
+    """ListSnapshots returns a VM's snapshots with their tree relations."""
+    RestoreSnapshot: _aio.UnaryUnaryMultiCallable[_agent_pb2.RestoreSnapshotRequest, _agent_pb2.RestoreSnapshotResponse]  # type: ignore[assignment]
+    """RestoreSnapshot returns a VM to a snapshot (a backup snapshot first, unless asked not to)."""
+    DeleteSnapshot: _aio.UnaryUnaryMultiCallable[_agent_pb2.DeleteSnapshotRequest, _agent_pb2.DeleteSnapshotResponse]  # type: ignore[assignment]
+    """DeleteSnapshot deletes one snapshot, or it and its descendants."""
+    SetSnapshotPolicy: _aio.UnaryUnaryMultiCallable[_agent_pb2.SetSnapshotPolicyRequest, _agent_pb2.SetSnapshotPolicyResponse]  # type: ignore[assignment]
+    """SetSnapshotPolicy sets a VM's retention policy (applied by the agent's scheduler)."""
+    PruneSnapshots: _aio.UnaryUnaryMultiCallable[_agent_pb2.PruneSnapshotsRequest, _agent_pb2.PruneSnapshotsResponse]  # type: ignore[assignment]
+    """PruneSnapshots applies the retention policy now (or only says what it would delete)."""
+    ExportSnapshot: _aio.UnaryStreamMultiCallable[_agent_pb2.ExportSnapshotRequest, _agent_pb2.ExportSnapshotResponse]  # type: ignore[assignment]
+    """ExportSnapshot streams the disks at a snapshot, flattened (no backing chain), with metadata."""
+    ImportSnapshot: _aio.StreamUnaryMultiCallable[_agent_pb2.ImportSnapshotRequest, _agent_pb2.ImportSnapshotResponse]  # type: ignore[assignment]
+    """ImportSnapshot makes a stopped VM from an export stream; nothing is kept unless all of it checks out."""
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService runs on every hypervisor host and is the only code that touches libvirt."""
@@ -210,5 +242,69 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.CheckHealthResponse, _abc.Awaitable[_agent_pb2.CheckHealthResponse]]:
         """CheckHealth runs a VM's checks once now and reports (it does not count toward thresholds)."""
+
+    @_abc_1.abstractmethod
+    def CreateSnapshot(
+        self,
+        request: _agent_pb2.CreateSnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.CreateSnapshotResponse, _abc.Awaitable[_agent_pb2.CreateSnapshotResponse]]:
+        """CreateSnapshot takes a snapshot of a VM (a journaled transaction; idempotent by request id)."""
+
+    @_abc_1.abstractmethod
+    def ListSnapshots(
+        self,
+        request: _agent_pb2.ListSnapshotsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ListSnapshotsResponse, _abc.Awaitable[_agent_pb2.ListSnapshotsResponse]]:
+        """ListSnapshots returns a VM's snapshots with their tree relations."""
+
+    @_abc_1.abstractmethod
+    def RestoreSnapshot(
+        self,
+        request: _agent_pb2.RestoreSnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.RestoreSnapshotResponse, _abc.Awaitable[_agent_pb2.RestoreSnapshotResponse]]:
+        """RestoreSnapshot returns a VM to a snapshot (a backup snapshot first, unless asked not to)."""
+
+    @_abc_1.abstractmethod
+    def DeleteSnapshot(
+        self,
+        request: _agent_pb2.DeleteSnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.DeleteSnapshotResponse, _abc.Awaitable[_agent_pb2.DeleteSnapshotResponse]]:
+        """DeleteSnapshot deletes one snapshot, or it and its descendants."""
+
+    @_abc_1.abstractmethod
+    def SetSnapshotPolicy(
+        self,
+        request: _agent_pb2.SetSnapshotPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.SetSnapshotPolicyResponse, _abc.Awaitable[_agent_pb2.SetSnapshotPolicyResponse]]:
+        """SetSnapshotPolicy sets a VM's retention policy (applied by the agent's scheduler)."""
+
+    @_abc_1.abstractmethod
+    def PruneSnapshots(
+        self,
+        request: _agent_pb2.PruneSnapshotsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.PruneSnapshotsResponse, _abc.Awaitable[_agent_pb2.PruneSnapshotsResponse]]:
+        """PruneSnapshots applies the retention policy now (or only says what it would delete)."""
+
+    @_abc_1.abstractmethod
+    def ExportSnapshot(
+        self,
+        request: _agent_pb2.ExportSnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.ExportSnapshotResponse], _abc.AsyncIterator[_agent_pb2.ExportSnapshotResponse]]:
+        """ExportSnapshot streams the disks at a snapshot, flattened (no backing chain), with metadata."""
+
+    @_abc_1.abstractmethod
+    def ImportSnapshot(
+        self,
+        request_iterator: _MaybeAsyncIterator[_agent_pb2.ImportSnapshotRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ImportSnapshotResponse, _abc.Awaitable[_agent_pb2.ImportSnapshotResponse]]:
+        """ImportSnapshot makes a stopped VM from an export stream; nothing is kept unless all of it checks out."""
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
