@@ -29,7 +29,7 @@ demo: hypervisor ## install, then run two tiny VMs end to end through CLI, contr
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash deploy/dev/demo.sh
 
 test: hypervisor ## install, then run every test suite but the minutes-long `full` ones (make test-full)
-	$(PY) -m pytest -q -rs -m "not full" $(PYTEST_ARGS)
+	CLONEBOX_FUZZ_EXAMPLES=$${CLONEBOX_FUZZ_EXAMPLES:-250} $(PY) -m pytest -q -rs --durations=25 -m "not full" $(PYTEST_ARGS)
 
 debian-guest: install ## build the Debian cloud-init guest image (mmdebstrap; cached)
 	bash deploy/testguest/debian/build.sh $(IMAGES)/debian-guest
