@@ -4,7 +4,7 @@ Entry point of ``make bench``: run the benchmarks and print figures with same-ru
     .venv/bin/python benchmarks/run.py                    # all of them, full counts
     .venv/bin/python benchmarks/run.py --quick            # smoke run, small counts (a few minutes at most)
     .venv/bin/python benchmarks/run.py --only getvm       # one of: getvm, listvms, create_ready, mtls, tracing,
-                                                          # audit, journal, health
+                                                          # audit, journal, health, snapshots
     .venv/bin/python benchmarks/run.py --json out.json    # also write every figure as JSON
 
 Nothing here fails on a slow figure: a missed goal is printed, and the exit code is 0 unless a
@@ -36,6 +36,7 @@ import bench_health
 import bench_journal
 import bench_listvms
 import bench_mtls
+import bench_snapshots
 import bench_tracing
 from common import BenchResult, Options, Runner, load_average, machine_info
 
@@ -48,6 +49,10 @@ BENCHMARKS: dict[str, tuple[str, Runner]] = {
     "tracing": ("controller GetVm with OTLP trace export vs tracing off, over mTLS", bench_tracing.run),
     "journal": ("VM create with the agent's journal vs without it, on real libvirt", bench_journal.run),
     "health": ("agent CPU for 500 VMs x 3 probes at 1 s, and change -> health watch delay", bench_health.run),
+    "snapshots": (
+        "snapshot create/restore vs raw libvirt calls, export/import vs qemu-img convert + zstd",
+        bench_snapshots.run,
+    ),
 }
 
 
@@ -60,14 +65,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--calls", type=int, help="getvm: calls per cell (default 5000, quick 500); health: VMs flipped (50, quick 20)"
     )
     p.add_argument("--domains", type=int, help="listvms: domains to define (default 1000); health: VMs (default 500)")
-    p.add_argument("--repetitions", type=int, help="create_ready: timed runs of each kind (default 5, quick 1)")
+    p.add_argument(
+        "--repetitions",
+        type=int,
+        help="create_ready: timed runs of each kind (default 5, quick 1); snapshots: create/restore runs (10, quick 3)",
+    )
     p.add_argument(
         "--kernel",
         default="vmlinuz",
         choices=["vmlinuz", "vmlinux"],
         help="create_ready: test guest kernel (vmlinux skips the bzImage's own decompression under TCG)",
     )
-    p.add_argument("--keep", action="store_true", help="create_ready, health: keep the run folder (logs) afterwards")
+    p.add_argument(
+        "--keep", action="store_true", help="create_ready, health, snapshots: keep the run folder (logs) afterwards"
+    )
     return p.parse_args(argv)
 
 
