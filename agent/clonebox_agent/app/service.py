@@ -602,6 +602,10 @@ class AgentService:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
+    async def replay(self, request_id: str, method: str, target: str) -> dict[str, object] | None:
+        """The recorded outcome of ``request_id`` (None when new); REQUEST_ID_REUSED for another change."""
+        return await self._replay(request_id, method, target)
+
     async def _replay(self, request_id: str, method: str, target: str) -> dict[str, object] | None:
         # the journal is synchronous SQLite (fsync on write): keep it off the event loop
         found = await asyncio.to_thread(self._journal.outcome, request_id)

@@ -632,17 +632,8 @@ class SnapshotManager:
     # ---- internals ---------------------------------------------------------------------------------
 
     async def _replay(self, request_id: str, method: str, target: str) -> dict[str, object] | None:
-        found = await asyncio.to_thread(self._journal.outcome, request_id)
-        if found is None:
-            return None
-        m, t, outcome = found
-        if (m, t) != (method, target):
-            raise InvalidArgument(
-                f"request_id {request_id!r} was already used for {m} of {t!r}",
-                reason="REQUEST_ID_REUSED",
-                metadata={"field": "request_id"},
-            )
-        return outcome
+        # one request-id rule for every mutation of the agent: the service's
+        return await self._svc.replay(request_id, method, target)
 
     def _event(
         self,
