@@ -261,7 +261,7 @@ def running_fleet(
         # anything a failed test left behind on libvirt is removed here, never left running
         leftover = (
             f"V='virsh -c qemu:///system'; for d in $($V list --all --name | grep -e '{host}'); do "
-            "$V destroy $d; $V undefine $d --nvram; done; "
+            "$V destroy $d; $V undefine $d --nvram --snapshots-metadata; done; "
             "for p in $($V pool-list --all --name | grep '^clonebox-'); do "
             f"if $V pool-dumpxml $p | grep -q '{root}'; then $V pool-destroy $p; $V pool-undefine $p; fi; done"
         )

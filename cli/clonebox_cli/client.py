@@ -23,10 +23,12 @@ from clonebox.controller.v1 import (
     host_service_pb2_grpc,
     operation_service_pb2_grpc,
     pki_service_pb2_grpc,
+    plan_service_pb2_grpc,
     recovery_service_pb2_grpc,
     snapshot_service_pb2_grpc,
     vm_service_pb2_grpc,
 )
+from grpc_status import rpc_status
 
 from clonebox_cli.credentials import Peer, handshake_failure
 from clonebox_core.errors import CloneboxError, Unavailable
@@ -79,6 +81,7 @@ class ControllerClient:
         self._recovery: Any = None
         self._health: Any = None
         self._snapshots: Any = None
+        self._plans: Any = None
         #: a call on this client reached the server (later connection losses are outages, not handshakes)
         self._reached = False
 
@@ -148,10 +151,19 @@ class ControllerClient:
             self._snapshots = snapshot_service_pb2_grpc.SnapshotServiceStub(self._ensure())
         return self._snapshots  # type: ignore[no-any-return]
 
+    @property
+    def plans(self) -> plan_service_pb2_grpc.PlanServiceStub:
+        """PlanService stub."""
+        if self._plans is None:
+            self._plans = plan_service_pb2_grpc.PlanServiceStub(self._ensure())
+        return self._plans  # type: ignore[no-any-return]
+
     def translate(self, exc: grpc.RpcError) -> CloneboxError:
         """Map a failed call to its CloneboxError; say what to do when the controller is unreachable."""
         err = error_from_rpc(exc, target=self.address)
-        if isinstance(err, Unavailable) and err.reason == _UNREACHABLE:
+        # only a call that never got a CloneBox status failed on the way to the controller; an UNREACHABLE
+        # with a status is the controller's own answer (one of its agents went away)
+        if isinstance(err, Unavailable) and err.reason == _UNREACHABLE and rpc_status.from_call(exc) is None:
             details = exc.details() if hasattr(exc, "details") else str(exc)
             details = details or ""
             if not self._reached:
@@ -264,6 +276,7 @@ class ControllerClient:
             self._channel = None
             self._hosts = self._vms = self._operations = self._pki = self._audit = self._recovery = None
             self._health = self._snapshots = None
+            self._plans = None
             self._reached = False
 
     def __enter__(self) -> ControllerClient:

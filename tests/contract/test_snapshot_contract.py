@@ -245,3 +245,40 @@ async def test_external_snapshots_revert_and_delete(h: Harness) -> None:
     assert await h.hv.list_snapshots(spec.name) == []
     await h.hv.start(spec.name)
     assert (await h.hv.get(spec.name)).state == VmState.RUNNING
+
+
+async def test_a_vms_snapshots_are_all_one_kind(h: Harness) -> None:
+    spec = h.spec()
+    await h.hv.create(spec, start=False)
+    await h.hv.create_snapshot(spec.name, "s1", kind=INTERNAL)
+    with pytest.raises(FailedPrecondition) as err:
+        await h.hv.create_snapshot(spec.name, "e1", kind=EXTERNAL)
+    assert err.value.reason == "SNAPSHOT_KIND_CONFLICT" and "internal" in err.value.message
+    assert await _names(h, spec.name) == ["s1"]
+
+
+@pytest.mark.requires(Capability.HOST_FILES)
+async def test_an_external_revert_is_stepped_and_a_failure_puts_everything_back(h: Harness) -> None:
+    spec = h.spec()
+    await h.hv.create(spec, start=True)
+    await h.hv.create_snapshot(spec.name, "e1", kind=EXTERNAL)
+    await h.hv.create_snapshot(spec.name, "e2", kind=EXTERNAL)
+    volumes = (await h.hv.inventory()).volumes
+    h.hv.faults.fail_on["revert:swapped"] = Fault(Internal("injected"))
+    log = MemoryStepLog()
+    with pytest.raises(Internal):
+        await h.hv.revert_snapshot(spec.name, "e1", start=True, steps=log)
+    # the disks, the current snapshot, the files and the running state are as they were
+    assert (await h.hv.get(spec.name)).state == VmState.RUNNING
+    assert [(s.name, s.current) for s in await h.hv.list_snapshots(spec.name)] == [("e1", False), ("e2", True)]
+    assert (await h.hv.inventory()).volumes == volumes
+    assert {"stop", "swap"} <= {s.name for s in log.steps()}
+    assert all(s.state == StepState.UNDONE for s in log.steps())
+    # without the fault it is done, and the commit point is its last step
+    log = MemoryStepLog()
+    await h.hv.revert_snapshot(spec.name, "e1", start=True, steps=log)
+    assert log.steps()[-1].name == "retire" and all(s.state == StepState.DONE for s in log.steps())
+    assert (await h.hv.get(spec.name)).state == VmState.RUNNING
+    assert [(s.name, s.current) for s in await h.hv.list_snapshots(spec.name)] == [("e1", True), ("e2", False)]
+    # one overlay replaced by another: the superseded one is gone, e2's frozen file stays
+    assert len((await h.hv.inventory()).volumes) == len(volumes)

@@ -25,6 +25,7 @@ from clonebox_agent.ports import Capability, StepLog, TxnStep
 from clonebox_core.errors import FailedPrecondition, InvalidArgument
 from clonebox_core.model import StepState, VmSpec
 from clonebox_core.secret import MASK, Secret
+from clonebox_core.snapshots import SnapshotKind
 
 _log = logging.getLogger(__name__)
 
@@ -345,3 +346,18 @@ def redacted_spec(spec: VmSpec) -> VmSpec:
     if spec.cloud_init is None or not spec.cloud_init.user_data:
         return spec
     return dataclasses.replace(spec, cloud_init=dataclasses.replace(spec.cloud_init, user_data=Secret(MASK)))
+
+
+def check_snapshot_kind(vm: str, snapshot: str, kind: SnapshotKind, existing: Iterable[SnapshotKind]) -> None:
+    """FailedPrecondition SNAPSHOT_KIND_CONFLICT unless ``kind`` is the kind of the VM's ``existing`` snapshots.
+
+    An internal snapshot lives in the file that was active when it was taken; once overlays move the
+    active file, libvirt 9.0 can no longer revert one (and merging would destroy it).
+    """
+    kinds = set(existing)
+    if kinds and kind not in kinds:
+        raise FailedPrecondition(
+            f"VM {vm} has {kinds.pop().value} snapshots: it cannot also take {kind.value} ones; delete them first",
+            reason="SNAPSHOT_KIND_CONFLICT",
+            metadata={"vm": vm, "snapshot": snapshot},
+        )

@@ -530,6 +530,7 @@ class FakeHypervisor:
                 reason="SNAPSHOT_ALREADY_EXISTS",
                 metadata={"vm": name, "snapshot": snapshot},
             )
+        common.check_snapshot_kind(name, snapshot, kind, (s.kind for s in snaps.values()))
         live = dom.state in (VmState.RUNNING, VmState.PAUSED)
         if kind == SnapshotKind.INTERNAL and live and dom.spec.shared_folders:
             # QEMU cannot save the memory of a guest with a 9p or virtiofs share
@@ -576,16 +577,39 @@ class FakeHypervisor:
         return [self._snapshot_record(name, s) for s in self._snapshots.get(name, {}).values()]
 
     async def revert_snapshot(self, name: str, snapshot: str, *, start: bool, steps: StepLog | None = None) -> None:
-        """See ``Hypervisor.revert_snapshot``: the disk token comes back; running afterwards only when ``start``."""
+        """See ``Hypervisor.revert_snapshot``: the disk token comes back; running afterwards only when ``start``.
+
+        The same steps as libvirt's external revert: ``stop``, ``swap`` (the token and the current
+        snapshot), ``retire`` (the commit point), with faults at ``revert:stopped`` and ``revert:swapped``.
+        """
         await self._enter("revert_snapshot")
         dom = self._domain(name)
         snap = self._snapshot(name, snapshot)
-        self._force_off(dom)
-        await self._step("revert:stopped")
-        self.disk_state[name] = snap.disk_state
-        self._current[name] = snapshot
-        if start:
-            self._boot(dom)
+        log = steps or common.MemoryStepLog()
+        try:
+            if dom.state != VmState.STOPPED:
+                n = log.planned("stop", {"kind": "stopped", "name": self.name_prefix + name})
+                self._force_off(dom)
+                log.made(n, {"uuid": dom.uuid})
+            await self._step("revert:stopped")
+            undo = {
+                "kind": "disk-state",
+                "vm": name,
+                "state": self.disk_state.get(name, ""),
+                "current": self._current.get(name, ""),
+            }
+            n = log.planned("swap", undo)
+            self.disk_state[name] = snap.disk_state
+            self._current[name] = snapshot
+            log.made(n, {"uuid": dom.uuid, "state": snap.disk_state})
+            await self._step("revert:swapped")
+            if start:
+                self._boot(dom)
+            n = log.planned("retire", {"kind": "retire", "vm": name, "paths": "[]"})
+            log.made(n, {"uuid": dom.uuid})
+        except BaseException:
+            common.roll_back(log, self._undo_sync, name)
+            raise
 
     async def delete_snapshot(self, name: str, snapshot: str, *, children: bool = False) -> builtins.list[str]:
         """See ``Hypervisor.delete_snapshot``: one (its children move up to its parent) or the whole subtree."""
@@ -839,6 +863,24 @@ class FakeHypervisor:
                 return f"{undo['name']} (stopped)"
             self._undefine(dom)
             return undo["name"]
+        if kind == "stopped":
+            dom = self._domains.get(undo["name"].removeprefix(self.name_prefix))
+            if dom is None or dom.uuid != identity.get("uuid") or dom.state != VmState.STOPPED:
+                return ""
+            self._boot(dom)
+            return f"{undo['name']} (started again)"
+        if kind == "disk-state":
+            vm = undo["vm"]
+            dom = self._domains.get(vm)
+            if dom is None or dom.uuid != identity.get("uuid") or self.disk_state.get(vm, "") != identity.get("state"):
+                return ""
+            self._force_off(dom)
+            self.disk_state[vm] = undo["state"]
+            if undo["current"] and undo["current"] in self._snapshots.get(vm, {}):
+                self._current[vm] = undo["current"]
+            return f"{self.name_prefix}{vm} (disks back on their files)"
+        if kind == "retire":
+            return ""  # the fake's disks are tokens: a revert supersedes no file
         raise ValueError(f"unknown undo kind {kind!r}")
 
     def _volume_identity(self, path: str, *, stamp: bool = False) -> dict[str, str]:

@@ -19,9 +19,12 @@ from clonebox_agent.journal.store import Journal, JournalStepLog, TxnState
 from clonebox_agent.ports import Hypervisor
 from clonebox_core.audit.event import SYSTEM_ACTOR, Outcome, new_event
 from clonebox_core.errors import CloneboxError
-from clonebox_core.model import StepState
+from clonebox_core.model import StepState, Transaction
 
 log = logging.getLogger(__name__)
+
+#: the undo kind of a step that marks a transaction's commit point: recovery finishes it, never undoes it
+COMMIT_POINT = "retire"
 
 #: the error a transaction cut short by a crash is closed with
 INTERRUPTED = "interrupted: the agent stopped during the transaction; rolled back at the next start"
@@ -36,6 +39,8 @@ class Rollback:
     target: str
     removed: tuple[str, ...]
     failed_steps: tuple[str, ...] = ()
+    #: finished (past its commit point) rather than undone
+    forward: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,10 +69,16 @@ class Recovery:
         return done
 
     async def roll_back(self, txn_id: str, error: str = INTERRUPTED) -> Rollback | None:
-        """Undo one open transaction's done steps in reverse and close it as rolled back with ``error`` (audited)."""
+        """Undo one open transaction's done steps in reverse and close it as rolled back with ``error`` (audited).
+
+        A transaction that reached its commit point (a ``retire`` step) is finished instead: see
+        ``roll_forward``.
+        """
         txn = await asyncio.to_thread(self._journal.txn, txn_id)
         if txn is None or txn.state != TxnState.OPEN:
             return None
+        if any(step.undo.get("kind") == COMMIT_POINT for step in txn.steps):
+            return await self._roll_forward(txn, error)
         steps = JournalStepLog(self._journal, txn.id)
         removed: list[str] = []
         failed: list[str] = []
@@ -106,6 +117,45 @@ class Recovery:
         await asyncio.to_thread(self._journal.finish_txn, txn.id, TxnState.ROLLED_BACK, error, audit=event)
         log.warning("rolled back interrupted %s of %s: removed %s", txn.kind, txn.target, removed or "nothing")
         return Rollback(txn.id, txn.kind, txn.target, tuple(removed), tuple(failed))
+
+    async def _roll_forward(self, txn: Transaction, error: str) -> Rollback:
+        """Finish a transaction cut short after its commit point: remove what it superseded, close it committed.
+
+        Its change is in place (a revert's disks are swapped): undoing it would throw away a finished
+        result, and the files it superseded are exactly what the ``retire`` step lists.
+        """
+        removed: list[str] = []
+        failed: list[str] = []
+        for step in txn.steps:
+            if step.undo.get("kind") != COMMIT_POINT:
+                continue
+            try:
+                what = await self._hv.undo_step(step.undo, dict(step.identity or {}))
+            except CloneboxError as exc:
+                log.error("recovery of %s: finishing step %s failed: %s", txn.id, step.name, exc)
+                failed.append(step.name)
+                continue
+            if what:
+                removed.append(what)
+        event = new_event(
+            "recovery.rollforward",
+            f"hosts/{self._host}/vms/{txn.target}",
+            Outcome.PARTLY_FAILED if failed else Outcome.SUCCEEDED,
+            request_id=txn.request_id,
+            reason="FINISH_FAILED" if failed else "",
+            actor=SYSTEM_ACTOR,
+            origin=f"agent/{self._host}",
+            details={
+                "transaction": txn.id,
+                "kind": txn.kind,
+                "removed": ", ".join(removed),
+                "failed_steps": ", ".join(failed),
+                "cut_short_by": error,
+            },
+        )
+        await asyncio.to_thread(self._journal.finish_txn, txn.id, TxnState.COMMITTED, audit=event)
+        log.warning("finished interrupted %s of %s past its commit point: removed %s", txn.kind, txn.target, removed)
+        return Rollback(txn.id, txn.kind, txn.target, tuple(removed), tuple(failed), forward=True)
 
     async def sweep(self, remove: bool) -> SweepReport:
         """List (and with ``remove`` delete) owned leftovers that no domain or open transaction explains."""

@@ -288,7 +288,7 @@ class SnapshotManager:
                 before = str(done.get("backup", ""))
                 return await self._svc.get(vm), (await self._one(vm, before) if before else None)
             record = await self._hv.get(vm)
-            existing = {s.name for s in await self._hv.list_snapshots(vm)}
+            existing = {s.name: s.kind for s in await self._hv.list_snapshots(vm)}
             if name not in existing:
                 raise NotFound(
                     f"VM {vm} has no snapshot {name}",
@@ -298,17 +298,47 @@ class SnapshotManager:
             running = record.state in (VmState.RUNNING, VmState.PAUSED)
             backup: Snapshot | None = None
             if not no_backup:
-                backup_name = self._free_name("pre-restore", existing)
-                # QEMU cannot save the memory of a running VM with shared folders: back it up disk-only
-                kind = SnapshotKind.EXTERNAL if running and record.spec.shared_folders else SnapshotKind.INTERNAL
-                meta = SnapshotMeta(vm, backup_name, "", {}, SYSTEM_ACTOR, True, f"before restore of {name}")
-                backup = await self._create_locked(vm, backup_name, kind, False, "", meta)
-            await self._hv.revert_snapshot(vm, name, start=running and not no_start)
-            outcome: dict[str, object] = {"snapshot": name, "backup": backup.name if backup else ""}
-            details = {"backup": outcome["backup"], "started": running and not no_start}
-            event = self._event("snapshot.restore", vm, name, request_id, details, actor=creator or None)
-            await asyncio.to_thread(self._journal.record, request_id, "snapshot_restore", vm, outcome, event)
+                backup = await self._backup(vm, name, running and bool(record.spec.shared_folders), existing)
+            start = running and not no_start
+            txn_id = uuid.uuid4().hex
+            await asyncio.to_thread(self._journal.begin_txn, txn_id, "snapshot.restore", vm, request_id)
+            try:
+                await self._hv.revert_snapshot(vm, name, start=start, steps=JournalStepLog(self._journal, txn_id))
+                if self._step_hook is not None:
+                    self._step_hook("restore:commit")
+                outcome: dict[str, object] = {"snapshot": name, "backup": backup.name if backup else ""}
+                details = {"transaction": txn_id, "backup": outcome["backup"], "started": start}
+                event = self._event("snapshot.restore", vm, name, request_id, details, actor=creator or None)
+                await asyncio.to_thread(
+                    self._journal.finish_txn,
+                    txn_id,
+                    TxnState.COMMITTED,
+                    outcome=(request_id, "snapshot_restore", vm, outcome),
+                    audit=event,
+                )
+            except BaseException as exc:
+                # before the commit point the adapter has put the disks back; past it recovery finishes it
+                await self._svc.recovery.roll_back(txn_id, error=_describe(exc))
+                raise
             return await self._svc.get(vm), backup
+
+    async def _backup(self, vm: str, name: str, running_shared: bool, existing: dict[str, SnapshotKind]) -> Snapshot:
+        """The automatic snapshot taken before a restore: of the kind the VM's snapshots already have.
+
+        A VM's snapshots are all one kind (``SNAPSHOT_KIND_CONFLICT``). An internal backup of a running VM
+        with shared folders is impossible (QEMU cannot save its memory): refused with what to do instead.
+        """
+        kind = existing[name]
+        if kind == SnapshotKind.INTERNAL and running_shared:
+            raise FailedPrecondition(
+                f"VM {vm} is running with shared folders and its snapshots are internal: QEMU cannot save "
+                "its memory for the backup; restore with --no-backup, or stop the VM first",
+                reason="SNAPSHOT_BLOCKED_BY_SHARED_FOLDER",
+                metadata={"vm": vm, "snapshot": name},
+            )
+        backup_name = self._free_name("pre-restore", set(existing))
+        meta = SnapshotMeta(vm, backup_name, "", {}, SYSTEM_ACTOR, True, f"before restore of {name}")
+        return await self._create_locked(vm, backup_name, kind, False, "", meta)
 
     def _free_name(self, prefix: str, taken: set[str]) -> str:
         base = self._clock().astimezone(UTC).strftime(f"{prefix}-%Y%m%d-%H%M%S")

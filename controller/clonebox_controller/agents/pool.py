@@ -14,6 +14,7 @@ import grpc.aio
 from clonebox.agent.v1 import agent_pb2, agent_pb2_grpc
 from clonebox.type.v1 import snapshot_pb2
 
+from clonebox_core.errors import CloneboxError, Unavailable
 from clonebox_core.health import ActionRecord, Aggregate, ProbeResult, Transition, VmHealth
 from clonebox_core.model import CreatePlan, Orphan, Revision, Transaction, Vm, VmSpec
 from clonebox_core.rpc import convert, convert_health
@@ -92,11 +93,21 @@ class GrpcAgentClient:
         self.stamp = stamp
         self._stub = agent_pb2_grpc.AgentServiceStub(self._channel)
 
+    def _error(self, exc: grpc.aio.AioRpcError) -> CloneboxError:
+        """The agent's own error, or AGENT_UNREACHABLE naming the host when the call never got an answer.
+
+        Passed on to a client as is, a bare UNREACHABLE would read as the client's own connection failing.
+        """
+        err = error_from_rpc(exc, target=f"agent {self.host} at {self.address}")
+        if isinstance(err, Unavailable) and err.reason == "UNREACHABLE":
+            return Unavailable(err.message, reason="AGENT_UNREACHABLE", metadata={"host": self.host})
+        return err
+
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
         try:
             return await fn()
         except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, target=f"agent {self.host} at {self.address}") from None
+            raise self._error(exc) from None
 
     async def create_vm(self, spec: VmSpec, request_id: str) -> Vm:
         """CreateVm (and start)."""
@@ -188,7 +199,7 @@ class GrpcAgentClient:
                     convert.vm_from_proto(ev.vm),
                 )
         except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, target=f"agent {self.host} at {self.address}") from None
+            raise self._error(exc) from None
         finally:
             call.cancel()
 
@@ -206,7 +217,7 @@ class GrpcAgentClient:
                     continue
                 yield update
         except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, target=f"agent {self.host} at {self.address}") from None
+            raise self._error(exc) from None
         finally:
             call.cancel()
 
@@ -289,7 +300,7 @@ class GrpcAgentClient:
             async for msg in call:
                 yield msg.part
         except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, target=f"agent {self.host} at {self.address}") from None
+            raise self._error(exc) from None
         finally:
             call.cancel()
 
@@ -322,7 +333,7 @@ class GrpcAgentClient:
         except grpc.aio.AioRpcError as exc:
             if failure:
                 raise failure[0] from None
-            raise error_from_rpc(exc, target=f"agent {self.host} at {self.address}") from None
+            raise self._error(exc) from None
         except asyncio.CancelledError:
             if failure:
                 raise failure[0] from None

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from clonebox_controller.app.hosts import HostRegistry
 from clonebox_controller.app.ports import AgentClient, FleetStore, ImagePart
+from clonebox_controller.app.uncancelled import to_thread_uncancelled
 from clonebox_controller.app.vms import new_operation
 from clonebox_core.audit.event import Outcome, current_actor, new_event
 from clonebox_core.errors import CLASS_BY_CODE, Aborted, AlreadyExists, CloneboxError, Internal, NotFound
@@ -193,10 +194,18 @@ class SnapshotManager:
             request_id=header.request_id,
             details={"operation": op.id, "host": header.host},
         )
-        stored, reserved = await asyncio.to_thread(self._store.reserve_vm, spec, header.host or None, op, [accepted])
+        (stored, reserved), cancelled = await to_thread_uncancelled(
+            self._store.reserve_vm, spec, header.host or None, op, [accepted]
+        )
         if stored.id != op.id:
+            if cancelled:
+                raise asyncio.CancelledError
             return self._replayed(stored, reserved)
         assert reserved is not None  # a fresh reservation always has its record
+        if cancelled:
+            # the client went away while the name was being reserved: nothing will come, release it
+            await self._abandon(stored, spec.name, _as_error(asyncio.CancelledError()))
+            raise asyncio.CancelledError
         # from here the VM holds a reservation: every way out records the VM or releases it
         try:
             await asyncio.to_thread(self._store.update_vm_observed, spec.name, VmState.CREATING, None, None, "")

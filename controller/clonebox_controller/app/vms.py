@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from clonebox_controller.app.hosts import HostRegistry
 from clonebox_controller.app.ports import FleetStore
+from clonebox_controller.app.uncancelled import to_thread_uncancelled
 from clonebox_core.audit.event import SYSTEM_ACTOR, AuditEvent, Outcome, current_actor, new_event
 from clonebox_core.errors import Aborted, CloneboxError, FailedPrecondition, Internal, NotFound, Unavailable
 from clonebox_core.model import CreatePlan, Operation, Vm, VmSpec, VmState
@@ -223,9 +224,12 @@ class VmManager:
             check_dns_label("host", host)
         op = new_operation("vm.create", f"vms/{spec.name}", request_id)
         events = [_accepted(op, host=host or ""), *_secret_accesses(spec, request_id)]
-        stored, _vm = await asyncio.to_thread(self._store.reserve_vm, spec, host or None, op, events)
+        (stored, _vm), cancelled = await to_thread_uncancelled(self._store.reserve_vm, spec, host or None, op, events)
         if stored.id == op.id:
+            # accepted: the create goes on even when the client went away meanwhile (a retry finds it)
             self._spawn(stored)
+        if cancelled:
+            raise asyncio.CancelledError
         return stored
 
     async def start(self, name: str, request_id: str) -> Operation:

@@ -53,8 +53,8 @@ async def test_tree_parent_is_current_and_current_moves(fake: FakeHypervisor) ->
     b = await fake.create_snapshot("web", "b", kind=INTERNAL)
     assert (a.parent, b.parent, a.has_memory, a.vm_state) == ("", "a", True, VmState.RUNNING)
     await fake.revert_snapshot("web", "a", start=True)
-    c = await fake.create_snapshot("web", "c", kind=EXTERNAL)
-    assert c.parent == "a" and not c.has_memory
+    c = await fake.create_snapshot("web", "c", kind=INTERNAL)
+    assert c.parent == "a" and c.has_memory
     listed = await fake.list_snapshots("web")
     assert [(s.name, s.parent, s.current) for s in listed] == [("a", "", False), ("b", "a", False), ("c", "a", True)]
 
@@ -87,8 +87,9 @@ async def test_refusals(fake: FakeHypervisor, tmp_path: Path) -> None:
     with pytest.raises(NotFound) as vm:
         await fake.list_snapshots("nope")
     assert vm.value.reason == "VM_NOT_FOUND"
-    # a stopped VM with a share takes internal snapshots (no memory to save)
+    # a stopped VM with a share takes internal snapshots (no memory to save), once its external ones are gone
     await fake.destroy("shared")
+    await fake.delete_snapshot("shared", "a")
     with pytest.raises(InvalidArgument):
         await fake.create_snapshot("shared", "b", kind=INTERNAL, quiesce=True)
     await fake.create_snapshot("shared", "c", kind=INTERNAL)

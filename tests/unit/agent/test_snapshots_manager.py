@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import sqlite3
 import subprocess
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, replace
@@ -253,6 +254,107 @@ async def test_restore_backup_of_running_vm_with_share_is_disk_only(env: Env, tm
     await env.mgr.create("web", name="base", kind=SnapshotKind.EXTERNAL)
     _, backup = await env.mgr.restore("web", "base")
     assert backup is not None and backup.kind == SnapshotKind.EXTERNAL
+
+
+async def test_restore_backup_takes_the_kind_of_the_vms_snapshots(env: Env) -> None:
+    # a VM without shared folders whose snapshots are external: an internal backup would be a kind conflict
+    await vm(env)
+    await env.mgr.create("web", name="base", kind=SnapshotKind.EXTERNAL)
+    _, backup = await env.mgr.restore("web", "base")
+    assert backup is not None and backup.kind == SnapshotKind.EXTERNAL
+    # and one with internal snapshots keeps internal ones
+    await vm(env, "db")
+    await env.mgr.create("db", name="base")
+    _, backup = await env.mgr.restore("db", "base")
+    assert backup is not None and backup.kind == SnapshotKind.INTERNAL and backup.has_memory
+
+
+async def test_restore_refuses_an_impossible_backup_and_changes_nothing(env: Env, tmp_path: Path) -> None:
+    # internal snapshots taken while stopped; running with a shared folder QEMU cannot save the memory
+    await vm(env, start=False, shared=tmp_path)
+    env.fake.disk_state["web"] = "v1"
+    await env.mgr.create("web", name="base")
+    env.fake.disk_state["web"] = "v2"
+    await env.svc.start_vm("web", request_id="")
+    with pytest.raises(FailedPrecondition) as info:
+        await env.mgr.restore("web", "base")
+    assert info.value.reason == "SNAPSHOT_BLOCKED_BY_SHARED_FOLDER" and "--no-backup" in info.value.message
+    assert env.fake.disk_state["web"] == "v2" and [s.name for s in await env.mgr.list("web")] == ["base"]
+    assert (await env.svc.get("web")).state == VmState.RUNNING
+    # without a backup it restores
+    restored, backup = await env.mgr.restore("web", "base", no_backup=True)
+    assert backup is None and env.fake.disk_state["web"] == "v1" and restored.state == VmState.RUNNING
+
+
+async def test_restore_is_a_journaled_transaction_with_a_commit_point(env: Env) -> None:
+    await vm(env)
+    await env.mgr.create("web", name="base")
+    await env.mgr.restore("web", "base", no_backup=True, request_id="r1")
+    txn = next(t for t in env.journal.txns() if t.kind == "snapshot.restore")
+    assert txn.state == TxnState.COMMITTED and txn.request_id == "r1"
+    assert [s.name for s in txn.steps] == ["stop", "swap", "retire"]
+    assert env.events("snapshot.restore")[0].details["transaction"] == txn.id
+
+
+async def test_a_failed_revert_is_rolled_back_and_the_vm_runs_again(env: Env) -> None:
+    await vm(env)
+    env.fake.disk_state["web"] = "v1"
+    await env.mgr.create("web", name="base")
+    await env.mgr.create("web", name="later")
+    env.fake.disk_state["web"] = "v2"
+    env.fake.faults.fail_on["revert:swapped"] = Fault(Internal("injected"))
+    with pytest.raises(Internal):
+        await env.mgr.restore("web", "base", no_backup=True)
+    assert env.fake.disk_state["web"] == "v2" and (await env.svc.get("web")).state == VmState.RUNNING
+    assert [s.name for s in await env.mgr.list("web") if s.current] == ["later"]
+    txn = next(t for t in env.journal.txns() if t.kind == "snapshot.restore")
+    assert txn.state == TxnState.ROLLED_BACK and "injected" in txn.error
+    assert all(s.state.value == "undone" for s in txn.steps) and not env.events("snapshot.restore")
+
+
+def _cut_short(db: Path, txn_id: str, *, drop_from: str = "") -> None:
+    """What a SIGKILL leaves: the transaction open; with ``drop_from`` the steps from that one on never ran."""
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE txns SET state='open' WHERE id=?", (txn_id,))
+        if drop_from:
+            (n,) = conn.execute("SELECT n FROM txn_steps WHERE txn_id=? AND name=?", (txn_id, drop_from)).fetchone()
+            conn.execute("DELETE FROM txn_steps WHERE txn_id=? AND n>=?", (txn_id, n))
+
+
+async def test_recovery_undoes_a_restore_cut_short_before_its_commit_point(env: Env, tmp_path: Path) -> None:
+    await vm(env)
+    env.fake.disk_state["web"] = "v1"
+    await env.mgr.create("web", name="base")
+    await env.mgr.create("web", name="later")
+    env.fake.disk_state["web"] = "v2"
+    txn_id = "t-restore"
+    env.journal.begin_txn(txn_id, "snapshot.restore", "web", "r9")
+    await env.fake.revert_snapshot("web", "base", start=False, steps=JournalStepLog(env.journal, txn_id))
+    _cut_short(tmp_path / "journal.db", txn_id, drop_from="retire")  # killed after the swap, stopped
+    [rolled] = await env.svc.recovery.roll_back_open()
+    assert rolled.txn_id == txn_id and not rolled.forward
+    assert env.fake.disk_state["web"] == "v2" and (await env.svc.get("web")).state == VmState.RUNNING
+    assert [s.name for s in await env.mgr.list("web") if s.current] == ["later"]
+    assert env.journal.txn(txn_id).state == TxnState.ROLLED_BACK  # type: ignore[union-attr]
+    assert env.events("recovery.rollback")
+
+
+async def test_recovery_finishes_a_restore_cut_short_after_its_commit_point(env: Env, tmp_path: Path) -> None:
+    await vm(env)
+    env.fake.disk_state["web"] = "v1"
+    await env.mgr.create("web", name="base")
+    env.fake.disk_state["web"] = "v2"
+    txn_id = "t-restore"
+    env.journal.begin_txn(txn_id, "snapshot.restore", "web", "r9")
+    await env.fake.revert_snapshot("web", "base", start=True, steps=JournalStepLog(env.journal, txn_id))
+    _cut_short(tmp_path / "journal.db", txn_id)  # killed between the commit point and the journal's commit
+    [done] = await env.svc.recovery.roll_back_open()
+    assert done.txn_id == txn_id and done.forward
+    assert env.fake.disk_state["web"] == "v1" and (await env.svc.get("web")).state == VmState.RUNNING
+    assert env.journal.txn(txn_id).state == TxnState.COMMITTED  # type: ignore[union-attr]
+    [ev] = env.events("recovery.rollforward")
+    assert ev.details["transaction"] == txn_id and ev.request_id == "r9" and ev.actor == "system"
+    assert not env.events("recovery.rollback")
 
 
 async def test_restore_holds_the_vm_lock(env: Env) -> None:

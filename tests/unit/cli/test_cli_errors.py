@@ -7,13 +7,19 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import grpc
 import pytest
 from clonebox.type.v1 import operation_pb2
+from grpc_status import rpc_status
 from typer.testing import CliRunner
 
 from clonebox_cli import errors, main, operation, output
+from clonebox_cli.client import ControllerClient
 from clonebox_cli.main import app
 from clonebox_core import errors as core_errors
+from clonebox_core.rpc.server import Transport
+from clonebox_core.rpc.status import to_status_proto
+from clonebox_core.rpc.tls import TlsFiles
 
 if TYPE_CHECKING:
     from .conftest import FakeController
@@ -189,3 +195,41 @@ def test_operation_status_words() -> None:
 )
 def test_human_size(mib: int, text: str) -> None:
     assert output.human_size(mib) == text
+
+
+class _FailedCall(grpc.RpcError):
+    """A failed call as grpc hands it to the CLI (code, details, trailing metadata); a fake of grpc's own."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailing: tuple[tuple[str, Any], ...] = ()) -> None:
+        self._code, self._details, self._trailing = code, details, trailing
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[tuple[str, Any], ...]:
+        return self._trailing
+
+
+def _client() -> ControllerClient:
+    tls = TlsFiles(Path("/nonexistent/ca.crt"), Path("/nonexistent/user.crt"), Path("/nonexistent/user.key"))
+    return ControllerClient("127.0.0.1:7443", Transport(tls))
+
+
+def test_an_unreachable_agent_forwarded_by_the_controller_is_not_a_certificate_problem() -> None:
+    # the controller answered with its own status: one of its agents went away ("Socket closed")
+    forwarded = core_errors.Unavailable("cannot reach agent h1 at 10.0.0.2:7444: Socket closed", reason="UNREACHABLE")
+    status = rpc_status.to_status(to_status_proto(forwarded))
+    call = _FailedCall(status.code, status.details, tuple(status.trailing_metadata))
+    err = _client().translate(call)
+    assert isinstance(err, core_errors.Unavailable) and err.message == forwarded.message
+    assert "certificate" not in err.message and "cannot reach controller" not in err.message
+
+
+def test_a_connection_closed_before_any_answer_is_still_a_rejected_certificate() -> None:
+    err = _client().translate(_FailedCall(grpc.StatusCode.UNAVAILABLE, "Socket closed"))
+    assert "rejected this client's certificate" in err.message
+    err = _client().translate(_FailedCall(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses"))
+    assert isinstance(err, core_errors.Unavailable) and "cannot reach controller at 127.0.0.1:7443" in err.message

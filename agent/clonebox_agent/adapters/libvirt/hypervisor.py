@@ -873,6 +873,11 @@ class LibvirtHypervisor:
             return self._undo_snapshot(undo, identity)
         if kind == "disk-sources":
             return self._undo_sources(undo, identity)
+        if kind == "stopped":
+            return self._undo_stop(undo, identity)
+        if kind == "retire":
+            # the commit point of a revert: undoing it means finishing it
+            return self._retire(undo["vm"], json.loads(undo["paths"]))
         raise ValueError(f"unknown undo kind {kind!r}")
 
     def _mark_console_log(self, domain: str, vm: str) -> None:
@@ -1238,15 +1243,7 @@ class LibvirtHypervisor:
                 reason="SNAPSHOT_ALREADY_EXISTS",
                 metadata={"vm": vm, "snapshot": snapshot},
             )
-        kinds = {info.kind for _snap, info in existing.values()}
-        if kinds and kind not in kinds:
-            # an internal snapshot lives in the file that was active when it was taken; once overlays
-            # move the active file, libvirt 9.0 can no longer revert one (and merging would destroy it)
-            raise FailedPrecondition(
-                f"VM {vm} has {kinds.pop().value} snapshots: it cannot also take {kind.value} ones; delete them first",
-                reason="SNAPSHOT_KIND_CONFLICT",
-                metadata={"vm": vm, "snapshot": snapshot},
-            )
+        common.check_snapshot_kind(vm, snapshot, kind, (info.kind for _snap, info in existing.values()))
         disks = snapshots.domain_disks(xml)
         if kind == SnapshotKind.INTERNAL:
             if live and snapshots.has_filesystem_share(xml):
@@ -1371,6 +1368,9 @@ class LibvirtHypervisor:
                 dom.resume()
         except libvirt.libvirtError as exc:
             raise self._error(exc, vm, f"revert to snapshot {snapshot}:") from None
+        # one libvirt call, nothing to undo or to remove: the commit point says it was done
+        n = log.planned("retire", {"kind": "retire", "vm": vm, "paths": "[]"})
+        log.made(n, {"uuid": str(dom.UUIDString())})
         if start:
             self._mark_console_log(self.domain_name(vm), vm)
 
@@ -1631,29 +1631,36 @@ class LibvirtHypervisor:
     ) -> None:
         """Libvirt 9.0 cannot revert an external snapshot: stop, new overlays on the frozen files, swap, start.
 
-        The old overlays go last, once nothing can fail any more; until then a rollback puts the old
-        files back (the guest's memory cannot come back: it was stopped).
+        Steps: ``stop`` (undo: start again), ``overlay:DISK`` (undo: delete), ``swap`` (undo: the old files
+        and the old current snapshot back), then ``retire``, the commit point: from there the revert is
+        done, and the superseded overlays are removed (by recovery too, which rolls a transaction with a
+        ``retire`` step forward). Before it a rollback puts everything back, except the guest's memory.
         """
         domain = self.domain_name(vm)
         names = self._disk_names(meta)
         try:
-            self._destroy_quietly(dom)
+            if dom.isActive():
+                n = journal.planned("stop", {"kind": "stopped", "name": domain})
+                self._destroy_quietly(dom)
+                journal.made(n, {"uuid": str(dom.UUIDString())})
             self._step("revert:stopped")
             old = {d.target: d.source for d in self._domain_disks(dom, live=False) if d.target in info.frozen}
             pool = self._pool(self._conn.get())
             new: dict[str, str] = {}
             for target, frozen in sorted(info.frozen.items()):
                 new[target] = self._new_overlay(pool, domain, vm, names.get(target, target), info.name, frozen, journal)
-            n = journal.planned(
-                "swap", {"kind": "disk-sources", "vm": vm, "name": domain, "sources": json.dumps(old, sort_keys=True)}
-            )
+            undo = {
+                "kind": "disk-sources",
+                "vm": vm,
+                "name": domain,
+                "sources": json.dumps(old, sort_keys=True),
+                "current": self._current_snapshot(dom),
+            }
+            n = journal.planned("swap", undo)
             self._redefine_sources(dom, new)
-            journal.made(n, {"uuid": str(dom.UUIDString()), "sources": json.dumps(new, sort_keys=True)})
             # libvirt's notion of the current snapshot moves too: a new snapshot's parent is this one
-            dom.snapshotCreateXML(
-                snap.getXMLDesc(0),
-                libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT,
-            )
+            self._make_current(dom, snap)
+            journal.made(n, {"uuid": str(dom.UUIDString()), "sources": json.dumps(new, sort_keys=True)})
             self._step("revert:swapped")
             if start:
                 try:
@@ -1661,19 +1668,45 @@ class LibvirtHypervisor:
                 except libvirt.libvirtError as exc:
                     raise start_failed(exc, uri=self.uri, vm=vm) from None
                 self._mark_console_log(domain, vm)
+            keep = self._frozen_elsewhere(dom, vm, "") | set(new.values())
+            superseded = sorted(p for p in old.values() if p not in keep)
+            n = journal.planned("retire", {"kind": "retire", "vm": vm, "paths": json.dumps(superseded)})
+            journal.made(n, {"uuid": str(dom.UUIDString())})
         except BaseException as exc:
             common.roll_back(journal, self._undo_sync, vm)
             if isinstance(exc, libvirt.libvirtError):
                 raise self._error(exc, vm, f"revert to snapshot {info.name}:") from None
             raise
-        keep = self._frozen_elsewhere(dom, vm, "")
-        for path in old.values():
-            if path not in keep and path not in new.values():
-                try:
-                    self._drop_overlay(path, vm)
-                except libvirt.libvirtError:
-                    # the revert is done; a leftover overlay is removed with the VM
-                    log.warning("could not remove the old overlay %s of %s", path, vm, exc_info=True)
+        self._step("revert:retire")
+        self._retire(vm, superseded)
+
+    @staticmethod
+    def _make_current(dom: Any, snap: Any) -> None:
+        dom.snapshotCreateXML(
+            snap.getXMLDesc(0),
+            libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT,
+        )
+
+    def _retire(self, vm: str, paths: Sequence[str]) -> str:
+        """Remove the overlays a revert superseded, except any that the domain or a snapshot uses again."""
+        if not paths:
+            return ""
+        try:
+            dom, _meta = self._owned_domain(vm)
+        except NotFound:
+            return ""
+        used = self._frozen_elsewhere(dom, vm, "") | {d.source for d in self._domain_disks(dom, live=False)}
+        removed = []
+        for path in paths:
+            if path in used:
+                continue
+            try:
+                if self._drop_overlay(path, vm):
+                    removed.append(path)
+            except libvirt.libvirtError:
+                # the revert is done; a leftover overlay is removed with the VM
+                log.warning("could not remove the old overlay %s of %s", path, vm, exc_info=True)
+        return ", ".join(removed)
 
     def _delete_external(
         self, dom: Any, meta: domxml.OwnerMetadata, vm: str, snap: Any, info: snapshots.SnapshotInfo
@@ -1799,7 +1832,25 @@ class LibvirtHypervisor:
             return ""
         self._destroy_quietly(dom)
         self._redefine_sources(dom, json.loads(undo["sources"]))
+        if undo.get("current"):
+            try:
+                self._make_current(dom, dom.snapshotLookupByName(undo["current"], 0))
+            except libvirt.libvirtError:
+                log.warning("could not make %s current again for %s", undo["current"], undo["name"], exc_info=True)
         return f"{undo['name']} (disks back on their files)"
+
+    def _undo_stop(self, undo: Mapping[str, str], identity: Mapping[str, str]) -> str:
+        """Start a domain a step stopped, if it is still that domain and still stopped."""
+        try:
+            dom = self._conn.get().lookupByName(undo["name"])
+        except libvirt.libvirtError as exc:
+            if is_code(exc, "VIR_ERR_NO_DOMAIN"):
+                return ""
+            raise
+        if str(dom.UUIDString()) != identity.get("uuid") or dom.isActive():
+            return ""
+        dom.create()
+        return f"{undo['name']} (started again)"
 
     # ---- guest agent ---------------------------------------------------------------------------
 
