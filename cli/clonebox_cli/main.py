@@ -39,6 +39,7 @@ from clonebox_cli import (
     host,
     operation,
     pki,
+    plan,
     recover,
     secret,
     snapshot,
@@ -144,6 +145,11 @@ app.add_typer(recover.app, name="recover")
 app.add_typer(dev.app, name="dev")
 app.add_typer(config.app, name="config")
 app.add_typer(secret.app, name="secret")
+app.add_typer(plan.app, name="plan")
+# multi-VM plans: the everyday verbs are top-level, like docker compose's
+app.command("up")(plan.up)
+app.command("down")(plan.down)
+app.command("ps")(plan.ps)
 
 
 def _default_tls_dir(dev_controller: bool) -> str:

@@ -41,6 +41,20 @@ class HealthConfig(BaseModel):
     watch_queue: int = Field(1000, ge=1, le=1_000_000)
 
 
+class PlansConfig(BaseModel):
+    """How the plan engine leases and follows runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: a run this controller executes stays leased to it this long without a renewal (renewed every third of
+    #: it); when the controller dies, another one resumes the run after at most this long
+    lease_seconds: float = Field(30.0, ge=1, le=3600)
+    #: how often a run looks at the state and health of the VMs it waits for
+    poll_seconds: float = Field(0.2, ge=0.01, le=60)
+    #: how often a plan watch re-reads its run (runs executed by another controller sharing the store)
+    watch_poll_seconds: float = Field(1.0, ge=0.05, le=60)
+
+
 class ControllerConfig(BaseModel):
     """Everything a controller needs to run."""
 
@@ -79,5 +93,7 @@ class ControllerConfig(BaseModel):
     audit: AuditConfig = AuditConfig()
     #: health history retention and watch settings
     health: HealthConfig = HealthConfig()
+    #: multi-VM plan runs: leases and polling
+    plans: PlansConfig = PlansConfig()
     #: OpenTelemetry export (OTEL_* environment variables apply too; nothing is exported unless configured)
     tracing: TracingConfig = TracingConfig()

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from clonebox.controller.v1 import (
     operation_service_pb2_grpc,
     pki_service_pb2,
     pki_service_pb2_grpc,
+    plan_service_pb2,
+    plan_service_pb2_grpc,
     recovery_service_pb2,
     recovery_service_pb2_grpc,
     snapshot_service_pb2,
@@ -38,12 +42,14 @@ from clonebox_controller.app.health import HealthHub, HealthSettings
 from clonebox_controller.app.hosts import HostRegistry
 from clonebox_controller.app.operations import OperationQueries
 from clonebox_controller.app.pki import PkiManager
+from clonebox_controller.app.plans import PlacementNeed, PlanEngine, PlanSettings
 from clonebox_controller.app.recovery import RecoveryManager
 from clonebox_controller.app.snapshots import SnapshotManager
 from clonebox_controller.app.vms import VmManager
 from clonebox_controller.config import ControllerConfig
 from clonebox_controller.grpc.audit import AuditCallObserver, AuditServicer
 from clonebox_controller.grpc.health import HealthServicer
+from clonebox_controller.grpc.plans import PlanServicer
 from clonebox_controller.grpc.recovery import RecoveryServicer
 from clonebox_controller.grpc.servicers import (
     EnrollmentServicer,
@@ -53,11 +59,12 @@ from clonebox_controller.grpc.servicers import (
     VmServicer,
 )
 from clonebox_controller.grpc.snapshots import SnapshotServicer
-from clonebox_controller.store import Store
+from clonebox_controller.store import Store, placement
 from clonebox_core.audit.chain import Keyring, ensure_key_file
 from clonebox_core.audit.headfile import HeadFile
 from clonebox_core.config import load_config
 from clonebox_core.errors import CloneboxError
+from clonebox_core.model import Host
 from clonebox_core.rpc.auth import Authorizer
 from clonebox_core.rpc.server import (
     ServerHandle,
@@ -105,6 +112,29 @@ def _state_dir(database_url: str) -> Path:
     if database_url.startswith(prefix) and database_url[len(prefix) :] not in ("", ":memory:"):
         return Path(database_url[len(prefix) :]).parent
     return Path.cwd()
+
+
+def place_plan(hosts: Sequence[Host], needs: Sequence[PlacementNeed]) -> list[tuple[str, CloneboxError]]:
+    """
+    Place every VM of a plan on a snapshot of ``hosts`` with the store's placement policy, reserving as it goes.
+
+    The plan engine's all-or-nothing capacity check: the VMs that do not fit, each with the error
+    placement gives for it (the real placement happens again, VM by VM, when the run creates them).
+    """
+    candidates = {h.name: placement.Candidate(h.name, h.state, h.cordoned, h.allocatable, h.allocated) for h in hosts}
+    problems: list[tuple[str, CloneboxError]] = []
+    for need in needs:
+        try:
+            if need.host:
+                chosen = placement.check_named(candidates.get(need.host), need.host, need.resources)
+            else:
+                chosen = placement.choose(list(candidates.values()), need.resources)
+        except CloneboxError as err:
+            problems.append((need.vm, err))
+            continue
+        c = candidates[chosen]
+        candidates[chosen] = dataclasses.replace(c, reserved=c.reserved + need.resources)
+    return problems
 
 
 class Controller:
@@ -170,6 +200,18 @@ class Controller:
                 watch_queue=hc.watch_queue,
             ),
         )
+        pc = config.plans
+        self.plans = PlanEngine(
+            self.store,
+            self.vms,
+            self.health,
+            place_plan,
+            PlanSettings(
+                lease_seconds=pc.lease_seconds,
+                poll_seconds=pc.poll_seconds,
+                watch_poll_seconds=pc.watch_poll_seconds,
+            ),
+        )
         self.server: ServerHandle | None = None
 
     @property
@@ -199,6 +241,7 @@ class Controller:
                     _service(recovery_service_pb2, "RecoveryService"),
                     _service(health_service_pb2, "HealthService"),
                     _service(snapshot_service_pb2, "SnapshotService"),
+                    _service(plan_service_pb2, "PlanService"),
                     _service(pki_service_pb2, "EnrollmentService"),
                 ]
             )
@@ -247,6 +290,11 @@ class Controller:
                     SnapshotServicer(self.snapshots),
                     _service(snapshot_service_pb2, "SnapshotService"),
                 ),
+                (
+                    plan_service_pb2_grpc.add_PlanServiceServicer_to_server,
+                    PlanServicer(self.plans),
+                    _service(plan_service_pb2, "PlanService"),
+                ),
             ],
             self.transport,
             authorizer,
@@ -280,6 +328,8 @@ class Controller:
                 is_revoked=(lambda serial: format(serial, "x") in pki.revoked) if pki is not None else None,
             )
         await self.vms.resume()
+        # after the operations resume: a resumed run replays its VM operations by request id
+        await self.plans.start()
         log.info("controller listening on %s", self.address)
 
     async def _renew_own_certificate(self, tls: TlsFiles) -> None:
@@ -296,6 +346,9 @@ class Controller:
 
     async def stop(self) -> None:
         """Stop serving and background work."""
+        # runs stop first (they would start new VM operations) and release their leases: they resume on
+        # the next start, here or on another controller
+        await self.plans.close()
         # first: the sessions the server ends below are the controller's doing, not unreachable agents
         await self.health.close()
         if self._renewal is not None:

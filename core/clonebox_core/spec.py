@@ -55,15 +55,21 @@ other values are quoted at most 40 characters long.
 Line numbers come from the YAML node tree (composed once, then constructed from the same nodes), so
 pydantic's error locations and ``validate_spec``'s ``metadata['field']`` can both be mapped back to the
 line the user has to edit.
+
+A spec may also sit inside another document (a VM written inline in a plan file, see
+``clonebox_core.planfile``): ``spec_from_data`` / ``spec_problems`` validate an already parsed mapping and
+report each problem at the line and path where it was written (``vms.db.memory``), also when the mapping
+was assembled from several places (``SpecOrigin``: the VM, its template, the plan's defaults).
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping, Sequence
+import types
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
@@ -89,18 +95,30 @@ from clonebox_core.secret import Secret
 from clonebox_core.secrets.providers import KNOWN_SCHEMES, SecretRef
 from clonebox_core.units import format_duration_ms, format_size, parse_duration_ms, parse_size
 from clonebox_core.validate import MAX_DISK_MIB, MAX_MEMORY_MIB, MIN_MEMORY_MIB, validate_spec
-from clonebox_core.yamlsafe import find_node, line_of, load_yaml_safely, located_error, scrub
+from clonebox_core.yamlsafe import find_node, line_of, load_yaml_safely, located_error, node_line, scrub
 
 __all__ = [
     "MAX_SPEC_BYTES",
     "REASON",
     "SECRET_PATHS",
+    "SPEC_FIELDS",
     "SPEC_VERSION",
+    "Duration",
+    "SpecOrigin",
+    "SpecProblem",
+    "document_problem",
     "dump_spec",
     "format_size",
     "load_spec_file",
     "load_spec_text",
+    "model_problem",
     "parse_size",
+    "problem_at",
+    "problem_error",
+    "read_spec_bytes",
+    "schema_problems",
+    "spec_from_data",
+    "spec_problems",
 ]
 
 #: the newest spec format version (1 is still read: raw cloud-init, no auth)
@@ -339,6 +357,8 @@ _TOP_LEVEL_ORDER = (
     "labels",
 )
 _SCHEMAS: dict[int, type[_SpecV1] | type[_SpecV2]] = {1: _SpecV1, 2: _SpecV2}
+#: the top-level fields of a version-2 spec, in the order the docs write them
+SPEC_FIELDS: tuple[str, ...] = _TOP_LEVEL_ORDER
 
 
 # core field names -> spec file field names (validate_spec speaks the model's names)
@@ -563,28 +583,49 @@ def _is_secret(loc: Sequence[str | int]) -> bool:
 
 def _fields_of(loc: Loc, schema: type[BaseModel] = _SpecV2) -> list[str]:
     """Known field names of the schema object at ``loc`` (for 'did you mean')."""
-    model: type[BaseModel] = schema
+    annotation: Any = schema
     for part in loc:
-        if isinstance(part, int):
-            continue
-        annotation = model.model_fields[str(part)].annotation if str(part) in model.model_fields else None
-        inner = _model_in(annotation)
-        if inner is None:
+        annotation = _step(annotation, part)
+        if annotation is None:
             return []
-        model = inner
+    model = _model_in(annotation)
+    if model is None:
+        return []
     if issubclass(model, _SpecBase):
         # the order a spec file is written in, not the order of the schema classes
         return sorted(model.model_fields, key=_TOP_LEVEL_ORDER.index)
     return list(model.model_fields)
 
 
+def _step(annotation: Any, part: str | int) -> Any:
+    """The annotation of ``part`` inside a value of ``annotation`` (None when there is none)."""
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        for arg in get_args(annotation):
+            found = _step(arg, part)
+            if found is not None:
+                return found
+        return None
+    if origin is list and isinstance(part, int):
+        return get_args(annotation)[0]
+    if origin is dict:
+        return get_args(annotation)[1]  # any key: the value's type
+    model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    if model is not None and str(part) in model.model_fields:
+        return model.model_fields[str(part)].annotation
+    return None
+
+
 def _model_in(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _model_in(arg)
-        if found is not None:
-            return found
+    # through optionals and lists (a list of disks is described by a disk's fields), not into a dict's
+    # values: a mapping of names is not the mapping its values are
+    if get_origin(annotation) in (Union, types.UnionType, list):
+        for arg in get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
     return None
 
 
@@ -603,53 +644,136 @@ def _quote_hint(value: object) -> str:
 
 
 def _pydantic_problem(
-    err: ErrorDetails, root: yaml.Node | None, schema: type[BaseModel]
+    err: ErrorDetails, schema: type[BaseModel], is_secret: Callable[[Loc], bool]
 ) -> tuple[Loc, str, bool, bool]:
-    """(location, message, blame the key, blame the parent) for one pydantic error."""
+    """(location, what is wrong, blame the key, blame the parent) for one pydantic error."""
     loc: Loc = tuple(err["loc"])
     kind, value = err["type"], err.get("input")
     at_key = False
     if loc and loc[-1] == "[key]":  # dict key errors: pydantic appends a marker after the key
         loc, at_key = loc[:-1], True
-    path = _path_text(loc, root)
-    secret = _is_secret(loc)
+    secret = is_secret(loc)
     shown = _describe(value, secret=secret)
     if kind == "missing":
-        return loc, f"{path}: required but missing: add '{loc[-1]}: ...'", False, True
+        return loc, f"required but missing: add '{loc[-1]}: ...'", False, True
     if kind == "extra_forbidden":
         hint = _unknown_field_hint(loc, schema)
         if loc and loc[0] == "health_checks" and str(loc[-1]) in _HOST_WORDS:
             hint = "probes never name a host: http and tcp probes reach only the VM's own addresses"
         if schema is _SpecV1 and loc and str(loc[-1]) in _fields_of(loc[:-1], _SpecV2):
             hint = f"'{loc[-1]}' needs 'version: 2'"
-        return loc, f"{path}: {hint}", True, False
+        return loc, hint, True, False
     if kind == "string_type":
-        return loc, f"{path}: expected a string, got {shown}{_quote_hint(value)}", at_key, False
+        return loc, f"expected a string, got {shown}{_quote_hint(value)}", at_key, False
     if kind in ("int_type", "int_parsing", "int_from_float"):
-        return loc, f"{path}: expected a whole number, got {shown}", at_key, False
+        return loc, f"expected a whole number, got {shown}", at_key, False
     if kind == "bool_type":
-        return loc, f"{path}: expected true or false, got {shown}", at_key, False
+        return loc, f"expected true or false, got {shown}", at_key, False
     if kind == "literal_error":
         expected = (err.get("ctx") or {}).get("expected", "")
-        return loc, f"{path}: {shown} is not allowed: use {expected}", at_key, False
+        return loc, f"{shown} is not allowed: use {expected}", at_key, False
     if kind == "list_type":
-        return loc, f"{path}: expected a list ('- item' lines), got {shown}", False, False
+        return loc, f"expected a list ('- item' lines), got {shown}", False, False
     if kind in ("dict_type", "model_type", "model_attributes_type"):
         fields = _fields_of(loc, schema)
         hint = f" with {', '.join(fields)}" if fields else ""
-        return loc, f"{path}: expected a mapping{hint}, got {shown}", False, False
+        return loc, f"expected a mapping{hint}, got {shown}", False, False
     if kind == "value_error":
         problem = str((err.get("ctx") or {}).get("error", err["msg"]))
-        return loc, f"{path}: {scrub(problem, hide=secret, limit=_SHOWN_CHARS)}", False, False
+        return loc, scrub(problem, hide=secret, limit=_SHOWN_CHARS), False, False
     problem = scrub(err["msg"], hide=secret, limit=_SHOWN_CHARS)
-    return loc, f"{path}: {problem[:1].lower()}{problem[1:]}", at_key, False
+    return loc, f"{problem[:1].lower()}{problem[1:]}", at_key, False
 
 
 # --------------------------------------------------------------------------------------- the loader
 
 
-def _fail(source: str, line: int, message: str, field: str = "") -> InvalidArgument:
-    return located_error(source, line, message, reason=REASON, field=field)
+class SpecOrigin(NamedTuple):
+    """
+    Where (part of) a spec mapping was written, so that its errors name that file, line and path.
+
+    ``prefix`` is where the spec mapping sits in ``root``: ``()`` for a spec file, ``("vms", "db")``
+    for a VM written inline in a plan file.
+    """
+
+    source: str
+    root: yaml.Node | None
+    prefix: Loc = ()
+
+
+class SpecProblem(NamedTuple):
+    """One problem: the file and line to edit, ``path: what and the fix``, and the path alone."""
+
+    source: str
+    line: int
+    message: str
+    field: str
+
+
+def _locate(origins: Sequence[SpecOrigin], loc: Loc, *, at_key: bool, parent: bool) -> tuple[str, int, str]:
+    """(source, line, path) of the spec value at ``loc``; see :func:`problem_at`."""
+    target = loc[:-1] if parent else loc
+    best: tuple[int, SpecOrigin] | None = None
+    for origin in origins:
+        if origin.root is None:
+            continue
+        full = (*origin.prefix, *target)
+        node, key_node, matched = find_node(origin.root, full)
+        if matched == len(full):
+            line = node_line(key_node) if at_key and key_node is not None else node_line(node)
+            return origin.source, line, _path_text((*origin.prefix, *loc), origin.root)
+        if matched >= len(origin.prefix) and (best is None or matched - len(origin.prefix) > best[0]):
+            best = (matched - len(origin.prefix), origin)
+    chosen = best[1] if best is not None else origins[0]
+    line = line_of(chosen.root, (*chosen.prefix, *target))
+    return chosen.source, line, _path_text((*chosen.prefix, *loc), chosen.root)
+
+
+def problem_at(
+    origins: Sequence[SpecOrigin], loc: Loc, what: str, *, at_key: bool = False, parent: bool = False
+) -> SpecProblem:
+    """
+    A problem with the spec value at ``loc``, reported where it was written: ``path: what``.
+
+    A spec mapping may be assembled from several places (a plan's VM over its template over the plan's
+    defaults): ``origins`` lists them, the one that wins first. The first origin that has all of ``loc``
+    written is blamed; when none has (a value that is missing, or one the loader made up) the origin
+    that has most of it, the first one on a tie. ``at_key`` blames the key instead of the value (unknown
+    fields); ``parent`` blames the mapping a missing field belongs in.
+    """
+    source, line, path = _locate(origins, loc, at_key=at_key, parent=parent)
+    return SpecProblem(source, line, f"{path}: {what}", path)
+
+
+def schema_problems(
+    exc: ValidationError,
+    schema: type[BaseModel],
+    origins: Sequence[SpecOrigin],
+    *,
+    is_secret: Callable[[Loc], bool] | None = None,
+) -> list[SpecProblem]:
+    """
+    The problems of a pydantic ``ValidationError`` against ``schema``, first in file order.
+
+    ``is_secret`` tells which locations hold values no message may quote (default: the spec's
+    ``SECRET_PATHS``). Shared with the plan file loader, so both speak the same words.
+    """
+    secret = is_secret or _is_secret
+    found: list[tuple[int, int, SpecProblem]] = []
+    for err in exc.errors():
+        loc, what, at_key, parent = _pydantic_problem(err, schema, secret)
+        problem = problem_at(origins, loc, what, at_key=at_key, parent=parent)
+        rank = next((i for i, o in enumerate(origins) if o.source == problem.source), 0)
+        found.append((rank, problem.line, problem))
+    found.sort(key=lambda item: (item[0], item[1]))  # the first problem as the files read
+    return [problem for _, _, problem in found]
+
+
+def problem_error(problems: Sequence[SpecProblem], reason: str = REASON) -> InvalidArgument:
+    """The first of ``problems`` as one located InvalidArgument, with ``(and N more problems)``."""
+    first, rest = problems[0], len(problems) - 1
+    more = f" (and {rest} more problem{'s' if rest > 1 else ''})" if rest else ""
+    return located_error(first.source, first.line, first.message + more, reason=reason, field=first.field)
 
 
 def _field_to_loc(field: str) -> Loc:
@@ -675,6 +799,108 @@ def _field_to_loc(field: str) -> Loc:
     return tuple(loc)
 
 
+def model_problem(exc: InvalidArgument, origins: Sequence[SpecOrigin]) -> SpecProblem:
+    """
+    Locate a model-level error in the spec's files.
+
+    ``validate_spec`` and ``check_extra_user_data`` name the field as ``spec.disks[0].size_mib``; the
+    values they quote are shortened, and none from cloud_init is shown.
+    """
+    field = exc.metadata.get("field", "")
+    message = exc.message
+    if field and message.startswith(f"{field}: "):
+        message = message[len(field) + 2 :]
+    loc = _field_to_loc(field) if field else ()
+    # validate_spec quotes whole values ('../etc/shadow'): keep them short, and none from cloud_init
+    return problem_at(origins, loc, scrub(message, hide=_is_secret(loc), limit=_SHOWN_CHARS))
+
+
+def spec_problems(data: Mapping[str, Any], origins: Sequence[SpecOrigin]) -> tuple[VmSpec | None, list[SpecProblem]]:
+    """
+    Validate an already parsed spec mapping (with ``version`` and ``name``): the spec, or its problems.
+
+    ``origins`` say where the mapping was written (see :func:`problem_at`); the problems are first in file
+    order: every schema problem, or else the first semantic one (``validate_spec``).
+    """
+    if "version" not in data:
+        return None, [
+            problem_at(origins, ("version",), f"required but missing: add 'version: {SPEC_VERSION}'", parent=True)
+        ]
+    version = data["version"]
+    if isinstance(version, bool) or version not in SPEC_VERSIONS:
+        return None, [
+            problem_at(
+                origins,
+                ("version",),
+                f"{_describe(version)} is not supported: this clonebox reads versions 1 and {SPEC_VERSION}",
+            )
+        ]
+    schema = _SCHEMAS[int(version)]
+    try:
+        doc = schema.model_validate(data)
+    except ValidationError as exc:
+        return None, schema_problems(exc, schema, origins)
+    try:
+        spec = _to_model(doc)
+        validate_spec(spec, prefix="spec")
+        if spec.auth is not None:
+            check_extra_user_data(spec, prefix="spec")
+    except _ProblemError as problem:
+        return None, [problem_at(origins, problem.loc, problem.message, at_key=problem.at_key)]
+    except InvalidArgument as exc:
+        return None, [model_problem(exc, origins)]
+    return spec, []
+
+
+def spec_from_data(
+    data: Mapping[str, Any],
+    root: yaml.Node | None,
+    source_name: str,
+    loc_prefix: Loc = (),
+    *,
+    reason: str = REASON,
+    fallbacks: Sequence[SpecOrigin] = (),
+) -> VmSpec:
+    """
+    Validate a spec given as an already parsed mapping whose values were read from ``root``.
+
+    Errors are reported like a spec file's, at ``source_name``'s lines and with paths starting at
+    ``loc_prefix`` (``vms.db.memory`` for a VM written inside a plan file); ``fallbacks`` are the other
+    places parts of the mapping came from (see :func:`problem_at`). Raises ``InvalidArgument`` (``reason``).
+    """
+    spec, problems = spec_problems(data, [SpecOrigin(source_name, root, loc_prefix), *fallbacks])
+    if problems or spec is None:
+        raise problem_error(problems, reason)
+    return spec
+
+
+def document_problem(data: Any, root: yaml.Node | None, source_name: str) -> SpecProblem | None:
+    """What makes a parsed document no spec at all (empty, not a mapping, a CloneBox v1 project file)."""
+    if data is None:
+        return SpecProblem(source_name, 1, "the file is empty: a VM spec starts with 'version: 1' and 'name: ...'", "")
+    if not isinstance(data, Mapping):
+        return SpecProblem(
+            source_name,
+            line_of(root, ()),
+            # a whole document that is not a mapping may be a token file given by mistake: never quote it
+            f"expected a mapping of fields (version, name, ...), got {_describe(data, secret=True)}",
+            "",
+        )
+    if "vm" in data and "name" not in data:
+        return SpecProblem(
+            source_name,
+            line_of(root, ("vm",), at_key=True),
+            "this looks like a CloneBox v1 project file (.clonebox.yaml with a 'vm:' section), not a fleet "
+            "VM spec: convert it with 'clonebox config migrate FILE -o NEW.yaml'",
+            "",
+        )
+    if "version" not in data:
+        return SpecProblem(
+            source_name, line_of(root, ()), f"version: required but missing: add 'version: {SPEC_VERSION}'", ""
+        )
+    return None
+
+
 def load_spec_text(text: str, source_name: str = "<spec>") -> VmSpec:
     """Parse and validate a spec document; ``source_name`` is used in error messages."""
     return _load(text, source_name)
@@ -685,90 +911,39 @@ def _load(content: str | bytes, source_name: str) -> VmSpec:
     data, root = load_yaml_safely(
         content, source_name, max_bytes=MAX_SPEC_BYTES, reason=REASON, secret_paths=SECRET_PATHS
     )
-    if data is None:
-        raise _fail(source_name, 1, "the file is empty: a VM spec starts with 'version: 1' and 'name: ...'")
-    if not isinstance(data, Mapping):
-        raise _fail(
-            source_name,
-            line_of(root, ()),
-            # a whole document that is not a mapping may be a token file given by mistake: never quote it
-            f"expected a mapping of fields (version, name, ...), got {_describe(data, secret=True)}",
-        )
-    if "vm" in data and "name" not in data:
-        raise _fail(
-            source_name,
-            line_of(root, ("vm",), at_key=True),
-            "this looks like a CloneBox v1 project file (.clonebox.yaml with a 'vm:' section), not a fleet "
-            "VM spec: convert it with 'clonebox config migrate FILE -o NEW.yaml'",
-        )
-    if "version" not in data:
-        raise _fail(source_name, line_of(root, ()), f"version: required but missing: add 'version: {SPEC_VERSION}'")
-    version = data["version"]
-    if isinstance(version, bool) or version not in SPEC_VERSIONS:
-        raise _fail(
-            source_name,
-            line_of(root, ("version",)),
-            f"version: {_describe(version)} is not supported: this clonebox reads versions 1 and {SPEC_VERSION}",
-            "version",
-        )
-    schema = _SCHEMAS[int(version)]
+    problem = document_problem(data, root, source_name)
+    if problem is not None:
+        raise problem_error([problem])
+    return spec_from_data(data, root, source_name)
+
+
+def read_spec_bytes(path: str | Path, *, reason: str = REASON, what: str = "a VM spec (see examples/)") -> bytes:
+    """
+    The bytes of the file at ``path``, at most one more than ``MAX_SPEC_BYTES`` (enough to refuse it).
+
+    Raises InvalidArgument (``reason``, metadata ``file``) for a missing file, a folder, or a read error.
+    """
+    source = str(path)
     try:
-        doc = schema.model_validate(data)
-    except ValidationError as exc:
-        found = []
-        for err in exc.errors():
-            loc, message, at_key, parent = _pydantic_problem(err, root, schema)
-            found.append((line_of(root, loc, at_key=at_key, parent=parent), message, _path_text(loc, root)))
-        found.sort(key=lambda item: item[0])  # report the first problem as the file reads
-        line, message, field = found[0]
-        more = f" (and {len(found) - 1} more problem{'s' if len(found) > 2 else ''})" if len(found) > 1 else ""
-        raise _fail(source_name, line, message + more, field) from None
-    try:
-        spec = _to_model(doc)
-        validate_spec(spec, prefix="spec")
-        if spec.auth is not None:
-            check_extra_user_data(spec, prefix="spec")
-        return spec
-    except _ProblemError as problem:
-        raise _fail(
-            source_name,
-            line_of(root, problem.loc, at_key=problem.at_key),
-            f"{_path_text(problem.loc)}: {problem.message}",
-            _path_text(problem.loc),
+        with Path(path).open("rb") as f:
+            return f.read(MAX_SPEC_BYTES + 1)
+    except FileNotFoundError:
+        raise InvalidArgument(
+            f"{source}: no such file: give the path of {what}", reason=reason, metadata={"file": source}
         ) from None
-    except InvalidArgument as exc:
-        field = exc.metadata.get("field", "")
-        message = exc.message
-        if field and message.startswith(f"{field}: "):
-            message = message[len(field) + 2 :]
-        loc = _field_to_loc(field) if field else ()
-        path = _path_text(loc)
-        # validate_spec quotes whole values ('../etc/shadow'): keep them short, and none from cloud_init
-        message = scrub(message, hide=_is_secret(loc), limit=_SHOWN_CHARS)
-        raise _fail(source_name, line_of(root, loc), f"{path}: {message}", path) from None
+    except IsADirectoryError:
+        raise InvalidArgument(
+            f"{source}: is a directory, not a spec file", reason=reason, metadata={"file": source}
+        ) from None
+    except OSError as exc:
+        raise InvalidArgument(
+            f"{source}: cannot read: {exc.strerror}", reason=reason, metadata={"file": source}
+        ) from None
 
 
 def load_spec_file(path: str | Path) -> VmSpec:
     """Read and validate the spec file at ``path``."""
-    source = str(path)
-    try:
-        with Path(path).open("rb") as f:
-            raw = f.read(MAX_SPEC_BYTES + 1)  # one byte more than allowed is enough to refuse it
-    except FileNotFoundError:
-        raise InvalidArgument(
-            f"{source}: no such file: give the path of a VM spec (see examples/)",
-            reason=REASON,
-            metadata={"file": source},
-        ) from None
-    except IsADirectoryError:
-        raise InvalidArgument(
-            f"{source}: is a directory, not a spec file", reason=REASON, metadata={"file": source}
-        ) from None
-    except OSError as exc:
-        raise InvalidArgument(
-            f"{source}: cannot read: {exc.strerror}", reason=REASON, metadata={"file": source}
-        ) from None
-    return _load(raw, source)
+    return _load(read_spec_bytes(path), str(path))
 
 
 # ---------------------------------------------------------------------------------------- the writer

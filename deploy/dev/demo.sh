@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The main job end to end: a local controller and agent on real libvirt, two tiny VMs from examples/,
-# shown running with their guest addresses, then stopped and deleted, and the audit log of all of it
-# listed and verified. Exits non-zero on any failure.
+# The main job end to end: a local controller and agent on real libvirt, then a three-VM stack
+# (examples/stack: db -> api -> web, each started only when what it needs is healthy) brought up
+# with `clonebox up`, shown with its health, and taken down in reverse order; a single VM's life
+# through the VM commands; and the audit log of all of it listed and verified. Exits non-zero on
+# any failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
+PLAN=examples/stack/clonebox-compose.yaml
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 cleanup() {
   # leave nothing behind even when a step fails
-  clonebox vm delete tiny-a --wait >/dev/null 2>&1 || true
+  clonebox down stack >/dev/null 2>&1 || true
   clonebox vm delete tiny-b --wait >/dev/null 2>&1 || true
   clonebox dev down >/dev/null 2>&1 || true
 }
@@ -21,35 +24,32 @@ clonebox dev status
 say "hosts"
 clonebox host list
 
-say "create two tiny VMs from examples/"
-clonebox vm create -f examples/tiny-a.yaml --wait
+say "the stack: check the plan file (graph, names, capacity), then what 'up' would do"
+clonebox plan validate -f "$PLAN"
+clonebox up -f "$PLAN" --dry-run
+
+say "clonebox up: db, then api once db is healthy, then web once api can reach db by name"
+clonebox up -f "$PLAN"
+
+say "the stack's VMs, their health, and the plan's history"
+clonebox ps stack
+clonebox health list
+clonebox plan history stack
+
+say "applying the same file again changes nothing"
+clonebox up -f "$PLAN"
+
+say "clonebox down: web, api, then db"
+clonebox down stack
+clonebox ps stack
+
+say "one VM through the VM commands: a version-2 spec without a key gets a generated one"
 clonebox vm create -f examples/tiny-b.yaml --wait
-
-say "wait for guest addresses (qemu-ga inside the guest reports them)"
-for vm in tiny-a tiny-b; do
-  for _ in $(seq 1 60); do
-    addr=$(clonebox -o json vm show "$vm" | python3 -c 'import json,sys; a=json.load(sys.stdin).get("addresses",[]); print(a[0]["address"] if a else "")')
-    [ -n "$addr" ] && break
-    sleep 1
-  done
-  [ -n "$addr" ] || { echo "demo: $vm reported no address within 60 s" >&2; exit 1; }
-  echo "$vm: $addr"
-done
-clonebox vm list
-
-say "tiny-b is a version-2 spec without a key: the agent generated one (operators only; the read is audited)"
 keyfile=$(mktemp -u /tmp/clonebox-demo-key.XXXXXX)
 clonebox vm ssh-key tiny-b -O "$keyfile"
 ssh-keygen -l -f "$keyfile"
 rm -f "$keyfile"
-
-say "stop both (graceful ACPI / guest-agent shutdown)"
-clonebox vm stop tiny-a --wait
 clonebox vm stop tiny-b --wait
-clonebox vm list
-
-say "delete both"
-clonebox vm delete tiny-a --wait
 clonebox vm delete tiny-b --wait
 clonebox vm list
 

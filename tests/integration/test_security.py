@@ -45,6 +45,7 @@ SERVICES = {
         "clonebox.controller.v1.RecoveryService",
         "clonebox.controller.v1.HealthService",
         "clonebox.controller.v1.SnapshotService",
+        "clonebox.controller.v1.PlanService",
     ],
 }
 

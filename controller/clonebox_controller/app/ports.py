@@ -31,6 +31,7 @@ from clonebox_core.model import (
     VmSpec,
     VmState,
 )
+from clonebox_core.plan import Plan, PlanRun, RunState, VmStatus
 from clonebox_core.secret import Secret
 from clonebox_core.snapshots import PruneDecision, Snapshot, SnapshotKind, SnapshotPolicy
 
@@ -148,6 +149,78 @@ class HealthStore(Protocol):
     def prune_health(
         self, transitions_before: datetime, minutes_before: datetime, actions_before: datetime
     ) -> tuple[int, int, int]: ...
+
+
+class PlanStore(Protocol):
+    """Plan revisions and runs (``clonebox_controller.store``). Concurrency control is the database's.
+
+    Errors: NotFound ``PLAN_NOT_FOUND`` / ``PLAN_RUN_NOT_FOUND``; Aborted ``PLAN_RUN_IN_PROGRESS`` when a
+    run is created while another run of the same plan is not done.
+    """
+
+    def save_plan_revision(self, plan: Plan, audit: AuditEvent | None = None) -> tuple[Plan, bool]:
+        """Store ``plan`` as its next revision unless its digest equals the current one's.
+
+        Returns the stored plan (revision, digest, create_time set) and whether a revision was added
+        (nothing is written for an equal digest). A destroyed plan becomes current again.
+        """
+        ...
+
+    def get_plan(self, name: str, revision: int = 0) -> Plan:
+        """The current revision (or ``revision``) of a plan; NotFound PLAN_NOT_FOUND."""
+        ...
+
+    def list_plans(self, include_destroyed: bool = False) -> list[Plan]:
+        """Current revisions of every plan, by name."""
+        ...
+
+    def mark_plan_destroyed(self, name: str, destroyed: bool = True) -> None:
+        """After a finished destroy the plan is listed no more (its revisions and runs are kept)."""
+        ...
+
+    def create_run(self, run: PlanRun, audit: AuditEvent | None = None) -> tuple[PlanRun, bool]:
+        """Insert ``run`` (with its VM rows) and True.
+
+        With a request id already used for this plan: the existing run and False. Aborted
+        PLAN_RUN_IN_PROGRESS when another run of the plan is not done.
+        """
+        ...
+
+    def update_run(
+        self,
+        run_id: str,
+        *,
+        state: RunState | None = None,
+        error: str | None = None,
+        vms: Sequence[VmStatus] = (),
+        audit: AuditEvent | None = None,
+    ) -> PlanRun:
+        """Change a run's state/error and replace the rows of ``vms`` (by service); version + 1, one transaction."""
+        ...
+
+    def get_run(self, run_id: str) -> PlanRun:
+        """A run; NotFound PLAN_RUN_NOT_FOUND."""
+        ...
+
+    def list_runs(self, plan: str, limit: int = 50) -> list[PlanRun]:
+        """A plan's runs, newest first."""
+        ...
+
+    def latest_run(self, plan: str) -> PlanRun | None:
+        """A plan's newest run."""
+        ...
+
+    def claim_runs(self, owner: str, lease_seconds: float) -> list[PlanRun]:
+        """Unfinished runs whose lease is free, expired or already ``owner``'s, now leased to ``owner``.
+
+        A controller calls it at start and then periodically (renewing its own leases): a run whose
+        controller died is taken over once its lease expires, and never by two controllers at once.
+        """
+        ...
+
+    def release_run(self, run_id: str, owner: str) -> None:
+        """Give up ``owner``'s lease (at shutdown, so another controller may resume it at once)."""
+        ...
 
 
 class AgentHealthUpdate(Protocol):

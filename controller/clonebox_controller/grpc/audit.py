@@ -31,6 +31,8 @@ _RESOURCE_FIELDS: dict[str, tuple[str, str]] = {
     # snapshot requests name their VM in ``vm`` (an import's stream has no single request to read)
     "snapshot": ("vms", "vm"),
     "host": ("hosts", "name"),
+    # DestroyPlan names the plan in ``name``; ApplyPlan carries it in ``plan.name`` (see resource_of)
+    "plan": ("plans", "name"),
     "certificate": ("certificates", "serial"),
     "audit": ("audit", ""),
 }
@@ -51,6 +53,8 @@ def resource_of(action: str, request: Any) -> str:
             break
     if not value and kind == "vm" and request is not None and "spec" in request.DESCRIPTOR.fields_by_name:
         value = request.spec.name
+    if not value and kind == "plan" and request is not None and "plan" in request.DESCRIPTOR.fields_by_name:
+        value = request.plan.name
     return f"{collection}/{value[:128]}" if value else collection
 
 

@@ -15,6 +15,9 @@ follows to stay deadlock-free:
 2. host rows, in name order (``SELECT ... FOR UPDATE``),
 3. VM and operation rows.
 
+Plan transactions (``plans.py``) take none of those: the plan row, then run rows, then (when they
+write an audit record) the ``audit_head`` row.
+
 Deadlocks and serialization failures that happen anyway (for example with a foreign transaction)
 are retried with jittered back-off.
 """
@@ -31,7 +34,7 @@ import random
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Self, TypeVar
 
 from sqlalchemy import (
@@ -71,10 +74,12 @@ from clonebox_core.model import (
     VmSpec,
     VmState,
 )
+from clonebox_core.plan import Plan, PlanRun, RunState, VmStatus
 
 from . import audit as audit_store
 from . import codec, placement
 from . import health as health_store
+from . import plans as plans_store
 from .engine import WRITE_OPTION, create_store_engine, upgrade_to_head
 from .tables import (
     FLEET_REVISION_ROW_ID,
@@ -1387,3 +1392,133 @@ class Store:
         return self._run(
             lambda s: health_store.prune(s, transitions_before, minutes_before, actions_before), write=True
         )
+
+    # ------------------------------------------------------------------ plans
+
+    def save_plan_revision(self, plan: Plan, audit: AuditEvent | None = None) -> tuple[Plan, bool]:
+        """Store ``plan`` as its next revision unless its digest equals the current revision's.
+
+        Returns ``plan`` with revision, digest and create_time of the revision now current, and whether
+        one was added. An unchanged plan writes nothing (not even ``audit``); a destroyed plan saved
+        again becomes current as a new revision. Revision numbers never repeat or skip, whichever
+        controllers save at once (the plan row is locked, see ``plans.py``).
+        """
+        bare, body, digest = plans_store.encode_plan(plan)
+
+        def tx(session: Session) -> tuple[Plan, bool]:
+            stored, added = plans_store.save_revision(session, bare, body, digest, self._now())
+            if added:
+                self._audit(session, audit)
+            return stored, added
+
+        return self._run(tx, write=True)
+
+    def get_plan(self, name: str, revision: int = 0) -> Plan:
+        """The current revision (or ``revision``) of a plan; NotFound PLAN_NOT_FOUND.
+
+        A destroyed plan is returned too (its history stays readable); :meth:`is_plan_destroyed` tells.
+        """
+        return self._run(lambda s: plans_store.get_plan(s, name, revision), write=False)
+
+    def is_plan_destroyed(self, name: str) -> bool:
+        """Whether a finished destroy marked the plan destroyed; NotFound PLAN_NOT_FOUND."""
+        return self._run(lambda s: plans_store.is_destroyed(s, name), write=False)
+
+    def list_plans(self, include_destroyed: bool = False) -> list[Plan]:
+        """Current revisions of every plan, by name (destroyed ones only with ``include_destroyed``)."""
+        return self._run(lambda s: plans_store.list_plans(s, include_destroyed), write=False)
+
+    def mark_plan_destroyed(self, name: str, destroyed: bool = True) -> None:
+        """After a finished destroy the plan is listed no more (its revisions and runs are kept)."""
+        self._run(lambda s: plans_store.mark_destroyed(s, name, destroyed, self._now()), write=True)
+
+    def create_run(
+        self,
+        run: PlanRun,
+        audit: AuditEvent | None = None,
+        *,
+        owner: str = "",
+        lease_seconds: float = 0.0,
+    ) -> tuple[PlanRun, bool]:
+        """Insert ``run`` (with its VM rows, version 1, times set to now) and True.
+
+        With a request id already used for this plan: the existing run and False (no audit record).
+        NotFound PLAN_NOT_FOUND for an unknown plan; Aborted PLAN_RUN_IN_PROGRESS (metadata ``plan``,
+        ``run``) when another run of the plan is not done; AlreadyExists PLAN_RUN_ALREADY_EXISTS for a
+        reused run id. ``owner`` (with ``lease_seconds`` > 0) leases the new run to the creating
+        controller in the same transaction, so another controller's :meth:`claim_runs` cannot take it
+        before the creator's first claim.
+        """
+        if owner and lease_seconds <= 0:
+            raise ValueError("a run created with an owner needs a positive lease_seconds")
+
+        def tx(session: Session) -> tuple[PlanRun, bool]:
+            now = self._now()
+            until = now + timedelta(seconds=lease_seconds) if owner else None
+            stored, created = plans_store.create_run(session, run, now, owner, until)
+            if created:
+                self._audit(session, audit)
+            return stored, created
+
+        return self._run(tx, write=True)
+
+    def update_run(
+        self,
+        run_id: str,
+        *,
+        state: RunState | None = None,
+        error: str | None = None,
+        vms: Sequence[VmStatus] = (),
+        audit: AuditEvent | None = None,
+    ) -> PlanRun:
+        """Change a run's state/error and upsert the rows of ``vms`` (by service); version + 1, one transaction.
+
+        New services are appended after the run's existing VMs, which keep their order. ``audit`` is
+        written in the same transaction. NotFound PLAN_RUN_NOT_FOUND.
+        """
+
+        def tx(session: Session) -> PlanRun:
+            updated = plans_store.update_run(session, run_id, state, error, vms, self._now())
+            self._audit(session, audit)
+            return updated
+
+        return self._run(tx, write=True)
+
+    def get_run(self, run_id: str) -> PlanRun:
+        """A run with its VMs; NotFound PLAN_RUN_NOT_FOUND."""
+        return self._run(lambda s: plans_store.get_run(s, run_id), write=False)
+
+    def list_runs(self, plan: str, limit: int = 50) -> list[PlanRun]:
+        """A plan's runs, newest first, at most ``limit`` (capped at 1000); empty for an unknown plan."""
+        return self._run(lambda s: plans_store.list_runs(s, plan, limit), write=False)
+
+    def latest_run(self, plan: str) -> PlanRun | None:
+        """A plan's newest run (None when it has none)."""
+        runs = self._run(lambda s: plans_store.list_runs(s, plan, 1), write=False)
+        return runs[0] if runs else None
+
+    def claim_runs(self, owner: str, lease_seconds: float) -> list[PlanRun]:
+        """Unfinished runs whose lease is free, expired or already ``owner``'s, now leased to ``owner``.
+
+        Oldest first. Renews ``owner``'s own leases; two controllers never get the same run (see
+        ``plans.py``).
+        """
+        if not owner or lease_seconds <= 0:
+            raise ValueError("claim_runs needs an owner and a positive lease_seconds")
+
+        def tx(session: Session) -> list[PlanRun]:
+            now = self._now()
+            return plans_store.claim_runs(session, owner, now, now + timedelta(seconds=lease_seconds))
+
+        return self._run(tx, write=True)
+
+    def release_run(self, run_id: str, owner: str) -> None:
+        """Give up ``owner``'s lease (at shutdown, so another controller may resume it at once).
+
+        A no-op when ``owner`` does not hold it (taken over after expiry, or an unknown run).
+        """
+        self._run(lambda s: plans_store.release_run(s, run_id, owner), write=True)
+
+    def plan_run_lease(self, run_id: str) -> tuple[str, datetime | None]:
+        """``(owner, lease_until)`` of a run, owner "" when free (diagnostics); NotFound PLAN_RUN_NOT_FOUND."""
+        return self._run(lambda s: plans_store.run_lease(s, run_id), write=False)

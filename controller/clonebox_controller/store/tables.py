@@ -383,3 +383,86 @@ class HealthActionRow(Base):
     outcome: Mapped[str] = mapped_column(String(16))
     detail: Mapped[str] = mapped_column(Text)
     time: Mapped[datetime] = mapped_column(index=True)
+
+
+# ------------------------------------------------------------------------------------------- plans
+
+
+class PlanRow(Base):
+    """A plan: which of its revisions is current, and whether it was destroyed."""
+
+    __tablename__ = "plans"
+
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    current_revision: Mapped[int] = mapped_column(Integer)
+    #: a finished destroy hides the plan from listings; revisions and runs stay for history
+    destroyed: Mapped[bool] = mapped_column(Boolean, default=False)
+    update_time: Mapped[datetime]
+
+
+class PlanRevisionRow(Base):
+    """One stored revision of a plan (``body`` is ``clonebox_core.plan.plan_to_dict``)."""
+
+    __tablename__ = "plan_revisions"
+
+    plan: Mapped[str] = mapped_column(String(NAME_LENGTH), ForeignKey("plans.name"), primary_key=True)
+    revision: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    #: ``clonebox_core.plan.plan_digest``: an apply of an unchanged plan adds no revision
+    digest: Mapped[str] = mapped_column(String(128))
+    source: Mapped[str] = mapped_column(Text)
+    body: Mapped[dict[str, Any]] = mapped_column(Json)
+    create_time: Mapped[datetime]
+
+
+class PlanRunRow(Base):
+    """One apply ("up") or destroy ("down") of a plan, leased by the controller that executes it."""
+
+    __tablename__ = "plan_runs"
+    __table_args__ = (
+        # list_runs / latest_run: a plan's runs newest first
+        Index("ix_plan_runs_plan_create_time", "plan", "create_time"),
+        # a retried request finds its run; NULL (no request id) may repeat on both backends
+        UniqueConstraint("plan", "request_id", name="uq_plan_runs_plan_request_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    plan: Mapped[str] = mapped_column(String(NAME_LENGTH), ForeignKey("plans.name"))
+    revision: Mapped[int] = mapped_column(Integer)
+    #: "up" | "down"
+    action: Mapped[str] = mapped_column(String(16))
+    #: RunState member name
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    error: Mapped[str] = mapped_column(Text, default="")
+    #: NULL when the client sent none
+    request_id: Mapped[str | None] = mapped_column(String(128))
+    #: PlanRun.options (allow_replace, with_snapshots)
+    options: Mapped[dict[str, Any]] = mapped_column(Json)
+    #: grows by one with every change (watchers compare it)
+    version: Mapped[int] = mapped_column(BigInteger)
+    #: the controller executing the run, until ``lease_until`` (NULL: free to claim)
+    owner: Mapped[str | None] = mapped_column(String(255))
+    lease_until: Mapped[datetime | None]
+    create_time: Mapped[datetime]
+    update_time: Mapped[datetime]
+
+
+class PlanRunVmRow(Base):
+    """One VM's progress in a run; ``position`` keeps the order the run was created with."""
+
+    __tablename__ = "plan_run_vms"
+
+    run_id: Mapped[str] = mapped_column(String(64), ForeignKey("plan_runs.id", ondelete="CASCADE"), primary_key=True)
+    service: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)
+    vm: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    #: VmRunState member name
+    state: Mapped[str] = mapped_column(String(16))
+    step: Mapped[str] = mapped_column(Text, default="")
+    error: Mapped[str] = mapped_column(Text, default="")
+    failed_probe: Mapped[str] = mapped_column(Text, default="")
+    host: Mapped[str] = mapped_column(String(NAME_LENGTH), default="")
+    #: ChangeKind member name
+    change: Mapped[str] = mapped_column(String(16))
+    #: this run created the VM (a rollback removes exactly these)
+    created: Mapped[bool] = mapped_column(Boolean, default=False)
+    update_time: Mapped[datetime]

@@ -28,6 +28,7 @@ _AUDIT = "/clonebox.controller.v1.AuditService/"
 _RECOVERY = "/clonebox.controller.v1.RecoveryService/"
 _HEALTH = "/clonebox.controller.v1.HealthService/"
 _SNAPSHOT = "/clonebox.controller.v1.SnapshotService/"
+_PLAN = "/clonebox.controller.v1.PlanService/"
 
 POLICY: Mapping[str, frozenset[str]] = {
     # agents accept only the controller (peer agents arrive with transfers)
@@ -110,6 +111,16 @@ POLICY: Mapping[str, frozenset[str]] = {
     _SNAPSHOT + "PruneSnapshots": OPERATORS,
     _SNAPSHOT + "ExportSnapshot": OPERATORS,
     _SNAPSHOT + "ImportSnapshot": OPERATORS,
+    # plans: viewers read plans, diffs and runs (specs redacted); applying and destroying creates and
+    # deletes VMs, so it is for the role that may do that
+    _PLAN + "ValidatePlan": VIEWERS,
+    _PLAN + "DiffPlan": VIEWERS,
+    _PLAN + "GetPlan": VIEWERS,
+    _PLAN + "ListPlans": VIEWERS,
+    _PLAN + "ListPlanRuns": VIEWERS,
+    _PLAN + "WatchPlan": VIEWERS,
+    _PLAN + "ApplyPlan": OPERATORS,
+    _PLAN + "DestroyPlan": OPERATORS,
     # standard services: any authenticated peer may ask for health and reflection
     "/grpc.health.v1.Health/Check": EVERYONE,
     "/grpc.health.v1.Health/Watch": EVERYONE,
@@ -155,6 +166,8 @@ AUDIT_ACTIONS: Mapping[str, str] = {
     _AGENT + "PruneSnapshots": "snapshot.prune",
     _AGENT + "ExportSnapshot": "snapshot.export",
     _AGENT + "ImportSnapshot": "snapshot.import",
+    _PLAN + "ApplyPlan": "plan.apply",
+    _PLAN + "DestroyPlan": "plan.destroy",
 }
 
 
@@ -172,6 +185,10 @@ MAX_REQUEST_BYTES: Mapping[str, int] = {
     # each message of an import stream carries up to 1 MiB of image
     _AGENT + "ImportSnapshot": 2 * 1024 * 1024,
     _SNAPSHOT + "ImportSnapshot": 2 * 1024 * 1024,
+    # a whole plan: up to 500 VM specs (the gRPC message limit, 8 MiB, bounds it further)
+    _PLAN + "ValidatePlan": 8 * 1024 * 1024,
+    _PLAN + "DiffPlan": 8 * 1024 * 1024,
+    _PLAN + "ApplyPlan": 8 * 1024 * 1024,
 }
 
 

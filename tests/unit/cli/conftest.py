@@ -16,6 +16,13 @@ streams ``export_image`` as one disk, and records every import in ``FakeFleet.im
 
 FakeHealthService answers from ``FakeFleet.health`` (and ``check_results``, ``histories``); its
 WatchHealth plays ``FakeFleet.watch_sessions``, one scripted session per call (see ``WatchStep``).
+
+FakePlanService keeps ``FakeFleet.plans`` (revisions) and ``plan_runs``; ApplyPlan and DestroyPlan work out
+the whole run at once and WatchPlan plays its versions (``run_scripts``), one VM change per version. Scripted
+behaviours: a service named ``fail-*`` fails its health gate (probe ``FAIL_PROBE``), then the run rolls back
+what it created (or stops FAILED when the plan says leave); a plan that needs more memory than host
+``local`` has free is RESOURCE_EXHAUSTED; ``plan_unreachable`` ApplyPlan/DestroyPlan calls fail as if the
+controller had not been reached (after recording the request); ``plan_watch_cuts`` cuts WatchPlan calls.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -41,12 +48,14 @@ from clonebox.controller.v1 import (
     operation_service_pb2_grpc,
     pki_service_pb2,
     pki_service_pb2_grpc,
+    plan_service_pb2,
+    plan_service_pb2_grpc,
     snapshot_service_pb2,
     snapshot_service_pb2_grpc,
     vm_service_pb2,
     vm_service_pb2_grpc,
 )
-from clonebox.type.v1 import health_pb2, host_pb2, operation_pb2, resources_pb2, snapshot_pb2, vm_pb2
+from clonebox.type.v1 import health_pb2, host_pb2, operation_pb2, plan_pb2, resources_pb2, snapshot_pb2, vm_pb2
 from cryptography import x509
 from grpc_status import rpc_status
 from typer.testing import CliRunner
@@ -121,6 +130,19 @@ class FakeFleet:
     export_error: CloneboxError | None = None
     #: every ImportSnapshot call: the parts received and whether the stream ended with a trailer
     imports: list[FakeImport] = field(default_factory=list)
+    #: plan revisions by plan name, oldest first (FakePlanService)
+    plans: dict[str, list[plan_pb2.Plan]] = field(default_factory=dict)
+    #: every plan run by id, as it stands now, in the order the runs started
+    plan_runs: dict[str, plan_pb2.PlanRun] = field(default_factory=dict)
+    #: run id -> the versions WatchPlan has still to play, in order
+    run_scripts: dict[str, list[plan_pb2.PlanRun]] = field(default_factory=dict)
+    #: request id -> run id (ApplyPlan and DestroyPlan are idempotent by request id)
+    runs_by_request_id: dict[str, str] = field(default_factory=dict)
+    #: this many ApplyPlan/DestroyPlan calls fail with a bare UNAVAILABLE, as a call that never reached the
+    #: controller does (the client retries those); each is recorded first, so tests see every attempt
+    plan_unreachable: int = 0
+    #: one entry per WatchPlan call: that call ends with a bare UNAVAILABLE after sending this many messages
+    plan_watch_cuts: list[int] = field(default_factory=list)
 
     def record(self, method: str, request: Any) -> None:
         with self.lock:
@@ -681,6 +703,358 @@ class FakeSnapshotService(snapshot_service_pb2_grpc.SnapshotServiceServicer):
         return snapshot_service_pb2.ImportSnapshotResponse(vm=vm)
 
 
+#: the health check a ``fail-*`` service of a plan fails in FakePlanService's runs, and what it reports
+FAIL_PROBE = "ready"
+FAIL_ERROR = "GET http://10.0.0.5:8080/ready: connection refused (3 failures in a row)"
+#: where each run FakePlanService makes starts (a run's versions are one second apart after it)
+RUN_T0 = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
+
+
+def plan_levels(plan: plan_pb2.Plan) -> list[list[str]]:
+    """The plan's services by dependency level (Kahn), file order inside a level; InvalidArgument on a cycle."""
+    deps = {v.service: [d.service for d in v.depends_on] for v in plan.vms}
+    out: list[list[str]] = []
+    placed: set[str] = set()
+    waiting = [v.service for v in plan.vms]
+    while waiting:
+        level = [s for s in waiting if all(d in placed for d in deps[s])]
+        if not level:
+            raise InvalidArgument(f"dependency cycle among {', '.join(waiting)}", reason="PLAN_CYCLE")
+        out.append(level)
+        placed.update(level)
+        waiting = [s for s in waiting if s not in placed]
+    return out
+
+
+#: how FakePlanService classifies a changed spec field (anything else is a replace)
+_IN_PLACE = {"labels", "health_checks"}
+_RESTART = {"vcpus", "memory_mib"}
+
+
+class FakePlanService(plan_service_pb2_grpc.PlanServiceServicer):
+    """PlanService over ``FakeFleet.plans`` and ``plan_runs`` (see the module doc for the scripted behaviours)."""
+
+    def __init__(self, fleet: FakeFleet) -> None:
+        self.fleet = fleet
+
+    # ---------------------------------------------------------------------------------------- helpers
+
+    def _unreachable(self, context: grpc.ServicerContext) -> None:
+        with self.fleet.lock:
+            fail = self.fleet.plan_unreachable > 0
+            self.fleet.plan_unreachable -= 1 if fail else 0
+        if fail:
+            # no CloneBox status, and gRPC's words for a controller that is not listening (yet): to the client
+            # this call never reached the controller, so it is retried
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:7100: "
+                "Failed to connect to remote host: Connection refused",
+            )
+
+    def _levels(self, plan: plan_pb2.Plan, context: grpc.ServicerContext) -> list[list[str]]:
+        try:
+            return plan_levels(plan)
+        except InvalidArgument as err:
+            abort(context, err)
+            raise
+
+    def _fits(self, plan: plan_pb2.Plan, context: grpc.ServicerContext) -> None:
+        host = self.fleet.hosts["local"]
+        free = host.allocatable.memory_mib - host.allocated.memory_mib
+        need = sum(v.spec.memory_mib for v in plan.vms if v.spec.name not in self.fleet.vms)
+        if need > free:
+            abort(
+                context,
+                ResourceExhausted(
+                    f"plan {plan.name} needs {need} MiB of memory more and the fleet has {free} MiB free: "
+                    "nothing was created",
+                    reason="PLAN_CAPACITY_EXCEEDED",
+                ),
+            )
+
+    def _current(self, name: str) -> plan_pb2.Plan | None:
+        revisions = self.fleet.plans.get(name)
+        return revisions[-1] if revisions else None
+
+    def _known(self, name: str, context: grpc.ServicerContext) -> plan_pb2.Plan:
+        current = self._current(name)
+        if current is None:
+            abort(context, NotFound(f"plan {name} not found", reason="PLAN_NOT_FOUND"))
+            raise AssertionError
+        return current
+
+    def _changes(self, plan: plan_pb2.Plan, context: grpc.ServicerContext) -> list[plan_pb2.VmChange]:
+        current = self._current(plan.name)
+        before = {v.service: v for v in current.vms} if current is not None else {}
+        out = []
+        for level in self._levels(plan, context):
+            for service in level:
+                vm = next(v for v in plan.vms if v.service == service)
+                change = plan_pb2.VmChange(service=service, vm=vm.spec.name, kind=plan_pb2.CHANGE_KIND_CREATE)
+                old = before.get(service)
+                if old is not None and vm.spec.name in self.fleet.vms:
+                    fields = sorted(
+                        f.name
+                        for f in vm_pb2.VmSpec.DESCRIPTOR.fields
+                        if getattr(old.spec, f.name) != getattr(vm.spec, f.name)
+                    )
+                    change.fields.extend(fields)
+                    if not fields:
+                        change.kind = plan_pb2.CHANGE_KIND_NONE
+                    elif set(fields) <= _IN_PLACE:
+                        change.kind = plan_pb2.CHANGE_KIND_IN_PLACE
+                    elif set(fields) <= _IN_PLACE | _RESTART:
+                        change.kind = plan_pb2.CHANGE_KIND_RESTART
+                    else:
+                        change.kind = plan_pb2.CHANGE_KIND_REPLACE
+                out.append(change)
+        kept = {v.service for v in plan.vms}
+        for service, old in reversed(before.items()):
+            if service not in kept and old.spec.name in self.fleet.vms:
+                out.append(plan_pb2.VmChange(service=service, vm=old.spec.name, kind=plan_pb2.CHANGE_KIND_REMOVE))
+        return out
+
+    def _store(self, plan: plan_pb2.Plan) -> plan_pb2.Plan:
+        """The plan as a revision: a new one when it differs from the current one."""
+        current = self._current(plan.name)
+        if current is not None:
+            same = plan_pb2.Plan()
+            same.CopyFrom(plan)
+            same.revision, same.digest = current.revision, current.digest
+            same.create_time.CopyFrom(current.create_time)
+            if same == current:
+                return current
+        stored = plan_pb2.Plan()
+        stored.CopyFrom(plan)
+        stored.revision = (current.revision if current is not None else 0) + 1
+        stored.digest = "sha256:" + hashlib.sha256(plan.SerializeToString(deterministic=True)).hexdigest()
+        stored.create_time.FromDatetime(RUN_T0)
+        self.fleet.plans.setdefault(plan.name, []).append(stored)
+        return stored
+
+    def _start(
+        self, plan: plan_pb2.Plan, action: str, request_id: str, statuses: list[plan_pb2.PlanVmStatus]
+    ) -> tuple[plan_pb2.PlanRun, Callable[..., plan_pb2.PlanRun]]:
+        """A new run at version 1, and ``step(**changes)`` that records each later version in its script."""
+        with self.fleet.lock:
+            self.fleet.counter += 1
+            run_id = f"run-{self.fleet.counter}"
+        run = plan_pb2.PlanRun(
+            id=run_id,
+            plan=plan.name,
+            revision=plan.revision,
+            action=action,
+            state=plan_pb2.PLAN_RUN_STATE_RUNNING,
+            vms=statuses,
+            request_id=request_id,
+            version=1,
+        )
+        run.create_time.FromDatetime(RUN_T0)
+        run.update_time.FromDatetime(RUN_T0)
+        self.fleet.plan_runs[run_id] = run
+        if request_id:
+            self.fleet.runs_by_request_id[request_id] = run_id
+        script: list[plan_pb2.PlanRun] = []
+        self.fleet.run_scripts[run_id] = script
+        latest = run
+
+        def step(vm: str = "", **changes: Any) -> plan_pb2.PlanRun:
+            nonlocal latest
+            nxt = plan_pb2.PlanRun()
+            nxt.CopyFrom(latest)
+            nxt.version += 1
+            nxt.update_time.FromDatetime(RUN_T0 + timedelta(seconds=nxt.version - 1))
+            target: Any = nxt
+            if vm:
+                target = next(v for v in nxt.vms if v.vm == vm)
+            for key, value in changes.items():
+                setattr(target, key, value)
+            nxt.done = nxt.state in (
+                plan_pb2.PLAN_RUN_STATE_SUCCEEDED,
+                plan_pb2.PLAN_RUN_STATE_FAILED,
+                plan_pb2.PLAN_RUN_STATE_ROLLED_BACK,
+            )
+            script.append(nxt)
+            latest = nxt
+            return nxt
+
+        return run, step
+
+    def _add_vm(self, plan: plan_pb2.Plan, vm: plan_pb2.PlanVm) -> None:
+        labels = {**vm.spec.labels, "clonebox.plan": plan.name, "clonebox.service": vm.service}
+        self.fleet.add_vm(vm.spec.name, host=vm.host or "local", labels=labels)
+
+    # -------------------------------------------------------------------------------------------- rpcs
+
+    def ValidatePlan(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.fleet.record("ValidatePlan", request)
+        levels = self._levels(request.plan, context)
+        self._fits(request.plan, context)
+        return plan_service_pb2.ValidatePlanResponse(
+            levels=[plan_service_pb2.PlanLevel(services=level) for level in levels],
+            changes=self._changes(request.plan, context),
+        )
+
+    def DiffPlan(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.fleet.record("DiffPlan", request)
+        current = self._current(request.plan.name)
+        return plan_service_pb2.DiffPlanResponse(
+            changes=self._changes(request.plan, context), current_revision=current.revision if current else 0
+        )
+
+    def ApplyPlan(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.fleet.record("ApplyPlan", request)
+        self._unreachable(context)
+        if request.request_id in self.fleet.runs_by_request_id:  # idempotent retry
+            return plan_service_pb2.ApplyPlanResponse(
+                run=self.fleet.plan_runs[self.fleet.runs_by_request_id[request.request_id]]
+            )
+        self._fits(request.plan, context)
+        changes = self._changes(request.plan, context)
+        replaced = [c.vm for c in changes if c.kind == plan_pb2.CHANGE_KIND_REPLACE]
+        if replaced and not request.allow_replace:
+            abort(
+                context,
+                FailedPrecondition(
+                    f"applying plan {request.plan.name} replaces {', '.join(replaced)}: allow it with allow_replace",
+                    reason="PLAN_REPLACE_NOT_ALLOWED",
+                ),
+            )
+        plan = self._store(request.plan)
+        by_vm = {v.spec.name: v for v in plan.vms}
+        statuses = [
+            plan_pb2.PlanVmStatus(
+                service=c.service, vm=c.vm, state=plan_pb2.PLAN_VM_STATE_PENDING, change=c.kind, step="waiting"
+            )
+            for c in changes
+            if c.kind != plan_pb2.CHANGE_KIND_REMOVE
+        ]
+        run, step = self._start(plan, "up", request.request_id, statuses)
+        made: list[str] = []
+        touched: set[str] = set()
+        failed = ""
+        for level in plan_levels(plan):
+            for service in level:
+                vm = next(v for v in plan.vms if v.service == service)
+                name = vm.spec.name
+                touched.add(name)
+                kind = next(c.kind for c in changes if c.vm == name)
+                if kind == plan_pb2.CHANGE_KIND_NONE:
+                    step(name, state=plan_pb2.PLAN_VM_STATE_READY, step="unchanged", host=vm.host or "local")
+                    continue
+                step(name, state=plan_pb2.PLAN_VM_STATE_CREATING, step="creating", host=vm.host or "local")
+                made.append(name)
+                step(name, state=plan_pb2.PLAN_VM_STATE_WAITING, step="waiting for health checks", created=True)
+                if service.startswith("fail-"):
+                    step(name, state=plan_pb2.PLAN_VM_STATE_FAILED, step="", error=FAIL_ERROR, failed_probe=FAIL_PROBE)
+                    failed = name
+                    break
+                step(name, state=plan_pb2.PLAN_VM_STATE_READY, step="")
+            if failed:
+                break
+        if failed:
+            # what never started because a VM failed first
+            for status in statuses:
+                if status.vm not in touched:
+                    step(status.vm, state=plan_pb2.PLAN_VM_STATE_SKIPPED, step="")
+        if not failed:
+            for name in made:
+                self._add_vm(plan, by_vm[name])
+            step(state=plan_pb2.PLAN_RUN_STATE_SUCCEEDED)
+        elif plan.on_failure == plan_pb2.FAILURE_POLICY_LEAVE:
+            for name in made:
+                self._add_vm(plan, by_vm[name])
+            step(state=plan_pb2.PLAN_RUN_STATE_FAILED, error=f"vm {failed} failed")
+        else:
+            step(state=plan_pb2.PLAN_RUN_STATE_ROLLING_BACK, error=f"vm {failed} failed")
+            for name in reversed(made):
+                step(name, state=plan_pb2.PLAN_VM_STATE_DELETING, step="rolling back")
+                step(name, state=plan_pb2.PLAN_VM_STATE_DELETED, step="")
+            step(state=plan_pb2.PLAN_RUN_STATE_ROLLED_BACK)
+        return plan_service_pb2.ApplyPlanResponse(run=run)
+
+    def DestroyPlan(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.fleet.record("DestroyPlan", request)
+        self._unreachable(context)
+        if request.request_id in self.fleet.runs_by_request_id:
+            return plan_service_pb2.DestroyPlanResponse(
+                run=self.fleet.plan_runs[self.fleet.runs_by_request_id[request.request_id]]
+            )
+        plan = self._known(request.name, context)
+        order = [s for level in plan_levels(plan) for s in level]
+        names = {v.service: v.spec.name for v in plan.vms}
+        statuses = [
+            plan_pb2.PlanVmStatus(service=s, vm=names[s], state=plan_pb2.PLAN_VM_STATE_PENDING, step="waiting")
+            for s in reversed(order)
+        ]
+        run, step = self._start(plan, "down", request.request_id, statuses)
+        for status in statuses:
+            name = status.vm
+            if name not in self.fleet.vms:
+                step(name, state=plan_pb2.PLAN_VM_STATE_DELETED, step="already gone")
+                continue
+            step(name, state=plan_pb2.PLAN_VM_STATE_DELETING, step="deleting")
+            snaps = self.fleet.snapshots.get(name, [])
+            if snaps and not request.with_snapshots:
+                error = f"vm {name} has {len(snaps)} snapshot(s): delete them, or pass with_snapshots"
+                step(name, state=plan_pb2.PLAN_VM_STATE_FAILED, step="", error=error)
+                step(state=plan_pb2.PLAN_RUN_STATE_FAILED, error=f"vm {name} failed")
+                return plan_service_pb2.DestroyPlanResponse(run=run)
+            del self.fleet.vms[name]
+            self.fleet.snapshots.pop(name, None)
+            step(name, state=plan_pb2.PLAN_VM_STATE_DELETED, step="")
+        step(state=plan_pb2.PLAN_RUN_STATE_SUCCEEDED)
+        return plan_service_pb2.DestroyPlanResponse(run=run)
+
+    def _latest_run(self, plan: str) -> plan_pb2.PlanRun | None:
+        runs = [r for r in self.fleet.plan_runs.values() if r.plan == plan]
+        return runs[-1] if runs else None
+
+    def _entry(self, plan: plan_pb2.Plan) -> plan_service_pb2.GetPlanResponse:
+        return plan_service_pb2.GetPlanResponse(plan=plan, last_run=self._latest_run(plan.name))
+
+    def GetPlan(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.fleet.record("GetPlan", request)
+        return self._entry(self._known(request.name, context))
+
+    def ListPlans(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.fleet.record("ListPlans", request)
+        return plan_service_pb2.ListPlansResponse(
+            plans=[self._entry(revisions[-1]) for _, revisions in sorted(self.fleet.plans.items())]
+        )
+
+    def ListPlanRuns(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.fleet.record("ListPlanRuns", request)
+        self._known(request.name, context)
+        runs = [r for r in reversed(self.fleet.plan_runs.values()) if r.plan == request.name]
+        return plan_service_pb2.ListPlanRunsResponse(runs=runs[: request.limit or 50])
+
+    def WatchPlan(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        self.fleet.record("WatchPlan", request)
+        run = self.fleet.plan_runs.get(request.run_id) if request.run_id else self._latest_run(request.plan)
+        if run is None:
+            what = f"run {request.run_id}" if request.run_id else f"plan {request.plan} has no run"
+            abort(context, NotFound(f"{what} not found", reason="PLAN_RUN_NOT_FOUND"))
+            raise AssertionError
+        with self.fleet.lock:
+            cut = self.fleet.plan_watch_cuts.pop(0) if self.fleet.plan_watch_cuts else None
+        sent = 0
+        if run.version > request.after_version:
+            yield plan_service_pb2.WatchPlanResponse(run=run)
+            sent += 1
+        script = self.fleet.run_scripts.get(run.id, [])
+        while script:
+            if cut is not None and sent >= cut:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "Connection reset by peer")
+            run.CopyFrom(script.pop(0))
+            if run.version > request.after_version:
+                yield plan_service_pb2.WatchPlanResponse(run=run)
+                sent += 1
+        while not run.done and context.is_active():  # a run that never finishes: keep the stream open
+            time.sleep(0.05)
+
+
 @dataclass
 class ThrowawayPki:
     """A throwaway CA in tmp_path and TLS folders issued from it (or from another CA)."""
@@ -745,6 +1119,7 @@ def serve_fake(fleet: FakeFleet, pki: ThrowawayPki, *, tls: bool = True, port: i
     pki_service_pb2_grpc.add_PkiServiceServicer_to_server(FakePkiService(fleet, pki.ca), server)
     health_service_pb2_grpc.add_HealthServiceServicer_to_server(FakeHealthService(fleet), server)
     snapshot_service_pb2_grpc.add_SnapshotServiceServicer_to_server(FakeSnapshotService(fleet), server)
+    plan_service_pb2_grpc.add_PlanServiceServicer_to_server(FakePlanService(fleet), server)
     if tls:
         folder = pki.root / "controller-tls"
         if not folder.exists():

@@ -63,3 +63,23 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     server: PostgresServer = request.getfixturevalue("postgres_server")
     server.reset()
     return server.url
+
+
+def migrate_to(store_url: str, revision: str, *, down: bool = False) -> set[str]:
+    """Upgrade (or with ``down`` downgrade) the store at ``store_url`` to ``revision``; its tables then."""
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from clonebox_controller.store.engine import alembic_config, create_store_engine, current_revision
+
+    cfg = alembic_config()
+    engine = create_store_engine(store_url)
+    try:
+        with engine.connect() as conn:
+            cfg.attributes["connection"] = conn
+            (command.downgrade if down else command.upgrade)(cfg, revision)
+            conn.commit()
+        assert current_revision(engine) == revision
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()

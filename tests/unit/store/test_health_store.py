@@ -7,12 +7,11 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from alembic import command
 from sqlalchemy import inspect
 from sqlalchemy.exc import IntegrityError
 
 from clonebox_controller.store import Store
-from clonebox_controller.store.engine import alembic_config, create_store_engine, current_revision
+from clonebox_controller.store.engine import current_revision
 from clonebox_core.health import (
     ActionKind,
     ActionRecord,
@@ -26,6 +25,7 @@ from clonebox_core.health import (
     VmHealth,
 )
 from clonebox_core.model import HypervisorInfo, Resources
+from tests.unit.store.conftest import migrate_to
 
 H = HealthState
 T0 = datetime(2030, 1, 2, 3, 4, 0, tzinfo=UTC)
@@ -233,23 +233,13 @@ def test_prune_keeps_the_newest_transition_and_seq_never_restarts(store: Store) 
 
 
 def test_upgrade_from_0003_keeps_data(store_url: str) -> None:
-    engine = create_store_engine(store_url)
-    try:
-        cfg = alembic_config()
-        with engine.connect() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "0003")
-            conn.commit()
-        assert current_revision(engine) == "0003"
-        assert "health_current" not in inspect(engine).get_table_names()
-    finally:
-        engine.dispose()
+    assert "health_current" not in migrate_to(store_url, "0003")
     # a 0003 database with a host in it
     with Store.open(store_url, migrate=False) as old:
         r = Resources(2, 2048, 10_000)
         old.upsert_host_registration("h1", "h1:7000", r, r, HypervisorInfo(uri="test:///default"), 1)
     with Store.open(store_url) as new:
-        assert current_revision(new.engine) == "0004"
+        assert current_revision(new.engine) == "0005"
         assert {"health_current", "health_transitions", "health_minutes", "health_actions"} <= set(
             inspect(new.engine).get_table_names()
         )
@@ -257,14 +247,6 @@ def test_upgrade_from_0003_keeps_data(store_url: str) -> None:
         [first] = new.apply_health_update("h1", health("web-1", H.HEALTHY))
         assert first.seq == 1
     # and back down, and up again
-    engine = create_store_engine(store_url)
-    try:
-        with engine.connect() as conn:
-            cfg.attributes["connection"] = conn
-            command.downgrade(cfg, "0003")
-            conn.commit()
-        assert "health_transitions" not in inspect(engine).get_table_names()
-    finally:
-        engine.dispose()
+    assert "health_transitions" not in migrate_to(store_url, "0003", down=True)
     with Store.open(store_url) as again:
         assert again.health_max_seq() == 0 and [h.name for h in again.list_hosts()] == ["h1"]

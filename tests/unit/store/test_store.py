@@ -65,7 +65,7 @@ class FakeClock:
 
 
 #: newest migration; bump with every new file in store/migrations/versions
-HEAD_REVISION = "0004"
+HEAD_REVISION = "0005"
 
 
 @pytest.fixture

@@ -1,0 +1,1152 @@
+"""Multi-VM plans: validate, diff, apply and destroy a plan, and run it in the background.
+
+An apply stores the plan as a revision (when it differs), records a *run* with one row per VM in
+dependency order, and executes it: every service waits only for its own dependencies' conditions
+(``started``, ``healthy``, ``completed``), independent services start in parallel, at most
+``update.max_parallel`` VM creates/replaces at once. A failed VM marks its dependents SKIPPED, nothing
+new starts, and the run rolls back (deletes exactly the VMs it created, dependents first) or is left
+for debugging. A destroy is a run too ("down"): the plan's VMs deleted in reverse dependency order.
+
+Every VM change goes to the store (``PlanStore.update_run``) before anything depends on it, so a
+watcher sees it and a controller that dies mid-run can be replaced: runs are leased
+(``claim_runs``), and whoever holds the lease resumes a run from its stored rows. Each VM create,
+start and delete a run makes carries a request id derived from (run, service, action), so a resumed
+run replays what was already sent instead of doing it twice.
+
+VM work goes through ``VmManager`` (operations, reservations, audit) and health through ``HealthHub``:
+the engine adds ordering, gates and rollback, nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+from clonebox_controller.app.ports import FleetStore, PlanStore
+from clonebox_controller.app.vms import VmManager
+from clonebox_core.audit.event import SYSTEM_ACTOR, AuditEvent, Outcome, current_actor, new_event
+from clonebox_core.errors import (
+    Aborted,
+    AlreadyExists,
+    CloneboxError,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    invalid_field,
+)
+from clonebox_core.health import CheckStatus, HealthState, VmHealth
+from clonebox_core.model import Host, Operation, Resources, Vm, VmSpec, VmState
+from clonebox_core.names import check_dns_label
+from clonebox_core.plan import (
+    LABEL_PLAN,
+    LABEL_SERVICE,
+    ChangeKind,
+    Condition,
+    FailurePolicy,
+    Plan,
+    PlanRun,
+    RunState,
+    VmChange,
+    VmRunState,
+    VmStatus,
+    check_plan,
+    levels,
+    vm_name,
+)
+from clonebox_core.plan import diff as plan_diff
+from clonebox_core.validate import validate_resolved
+
+log = logging.getLogger(__name__)
+
+#: run actions
+UP = "up"
+DOWN = "down"
+#: run options (``PlanRun.options``)
+ALLOW_REPLACE = "allow_replace"
+WITH_SNAPSHOTS = "with_snapshots"
+#: runs a request-id lookup looks through before the store's own check answers
+_REQUEST_LOOKBACK = 50
+#: VMs listed per store call
+_PAGE = 1000
+#: an execution that crashed on an unexpected error is retried this often before the run fails
+_MAX_ATTEMPTS = 3
+#: VM deletes a run has in flight at once, whatever max_parallel says. Two deletes on one host that
+#: overlap can leave the fleet view with a ghost of one of them: the host registry's reconcile after a
+#: delete lists the host, and a VM whose release commits between that listing and the reconcile is
+#: adopted again, then marked FAILED "vanished from host" (clonebox_controller.app.hosts). Until that is
+#: fixed there, a run deletes one VM at a time so that "rollback leaves nothing" holds in the fleet view.
+_DELETE_PARALLEL = 1
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """Engine timing (``ControllerConfig.plans``)."""
+
+    #: how long a claimed run stays this controller's without a renewal; renewed every third of it
+    lease_seconds: float = 30.0
+    #: how often a run looks at its VMs' state and health, and at operations it waits for
+    poll_seconds: float = 0.2
+    #: how often a watch re-reads its run from the store (runs executed by another controller)
+    watch_poll_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
+class PlacementNeed:
+    """One VM an apply would create: its name, what it reserves and its host hint ("" for any)."""
+
+    vm: str
+    resources: Resources
+    host: str = ""
+
+
+class Placer(Protocol):
+    """Placement of many VMs at once over a snapshot of the hosts (the store's placement policy).
+
+    Returns, for each need that does not fit, the VM name and the error placement gave for it. Each
+    need that fits reserves its resources for the needs after it, so the answer is all or nothing.
+    """
+
+    def __call__(self, hosts: Sequence[Host], needs: Sequence[PlacementNeed]) -> list[tuple[str, CloneboxError]]:
+        """The needs that do not fit, with placement's error for each."""
+        ...
+
+
+class HealthReader(Protocol):
+    """What the engine reads from ``HealthHub``."""
+
+    async def get(self, name: str) -> VmHealth:
+        """One VM's current health (UNKNOWN before any report); NotFound VM_NOT_FOUND."""
+        ...
+
+
+class EngineStore(FleetStore, PlanStore, Protocol):
+    """The store as the engine uses it: fleet and plans (one ``Store``)."""
+
+    def create_run(
+        self,
+        run: PlanRun,
+        audit: AuditEvent | None = None,
+        *,
+        owner: str = "",
+        lease_seconds: float = 0.0,
+    ) -> tuple[PlanRun, bool]:
+        """``PlanStore.create_run``; with ``owner`` the new run is leased to it in the same transaction."""
+        ...
+
+
+@dataclass(frozen=True)
+class Validation:
+    """What a plan would do: its dependency levels, each VM's change and the revision compared to."""
+
+    plan: Plan
+    levels: list[list[str]]
+    changes: list[VmChange]
+    current: Plan | None
+
+
+def run_request_id(run_id: str, service: str, action: str) -> str:
+    """The request id of one VM mutation of a run: a resumed run replays it instead of acting twice."""
+    return f"plan-run/{run_id}/{service}/{action}"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _seconds(ms: int) -> str:
+    return f"{ms / 1000:g}s"
+
+
+def with_plan_labels(plan: Plan) -> Plan:
+    """``plan`` with the labels every plan VM carries (``clonebox.plan``, ``clonebox.service``) set.
+
+    A spec that sets one of them to something else is refused: the engine tells its VMs from other
+    VMs by them.
+    """
+    vms = []
+    for v in plan.vms:
+        labels = dict(v.spec.labels)
+        for key, value in ((LABEL_PLAN, plan.name), (LABEL_SERVICE, v.service)):
+            if labels.get(key, value) != value:
+                raise invalid_field(
+                    f"vms.{v.service}.spec.labels",
+                    f"label {key}={labels[key]!r} is set by clonebox to {value!r}: remove it from the spec",
+                    reason="PLAN_INVALID",
+                )
+            labels[key] = value
+        if labels != dict(v.spec.labels):
+            vms.append(dataclasses.replace(v, spec=dataclasses.replace(v.spec, labels=tuple(labels.items()))))
+        else:
+            vms.append(v)
+    return dataclasses.replace(plan, vms=tuple(vms))
+
+
+class PlanEngine:
+    """The plan use cases, and the executor of the runs this controller holds the lease of."""
+
+    def __init__(
+        self,
+        store: EngineStore,
+        vms: VmManager,
+        health: HealthReader,
+        placer: Placer,
+        settings: PlanSettings | None = None,
+        *,
+        owner: str = "",
+    ) -> None:
+        """``owner``: this process's lease holder id (default: a fresh random one)."""
+        self._store = store
+        self._vms = vms
+        self._health = health
+        self._placer = placer
+        self.settings = settings or PlanSettings()
+        self.owner = owner or f"controller-{uuid.uuid4().hex[:12]}"
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        #: by run id: the plan as applied in this process (a resumed run reads it from the store)
+        self._applied: dict[str, Plan] = {}
+        self._claim_lock = asyncio.Lock()
+        self._claimer: asyncio.Task[None] | None = None
+        #: replaced on every run update; watchers wait on the current one
+        self._changed = asyncio.Event()
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Claim unfinished runs (resuming them) now and every third of the lease from now on."""
+        await self.claim_once()
+        self._claimer = asyncio.create_task(self._claim_forever(), name="plan-claims")
+
+    async def close(self) -> None:
+        """Stop executing: cancel run tasks and give up their leases (the runs stay RUNNING, resumable)."""
+        self._closed = True
+        if self._claimer is not None:
+            self._claimer.cancel()
+            await asyncio.gather(self._claimer, return_exceptions=True)
+        tasks = dict(self._tasks)
+        for t in tasks.values():
+            t.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        for run_id in tasks:
+            try:
+                await asyncio.to_thread(self._store.release_run, run_id, self.owner)
+            except CloneboxError as err:
+                log.warning("could not release plan run %s: %s", run_id, err)
+        self._notify()
+
+    async def _claim_forever(self) -> None:
+        while True:
+            await asyncio.sleep(max(self.settings.lease_seconds / 3, 0.05))
+            try:
+                await self.claim_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # the database may be briefly away: the next round renews (the lease outlives two misses)
+                log.exception("claiming plan runs failed")
+
+    async def claim_once(self) -> list[str]:
+        """Claim (or renew) runs; start the ones not executing here, stop the ones whose lease was lost.
+
+        Returns the ids of the runs this controller holds now.
+        """
+        async with self._claim_lock:
+            if self._closed:
+                return []
+            # only runs executing before the claim can have lost their lease: one spawned meanwhile (an
+            # apply, its run leased at creation) may simply be newer than what the claim read
+            before = dict(self._tasks)
+            runs = await asyncio.to_thread(self._store.claim_runs, self.owner, self.settings.lease_seconds)
+            held = {r.id for r in runs}
+            for run_id, task in before.items():
+                if run_id not in held and not task.done():
+                    # another controller holds it now (our renewals were too late): it executes it
+                    log.warning("lost the lease of plan run %s; stopping here", run_id)
+                    task.cancel()
+            for run in runs:
+                self._spawn(run, SYSTEM_ACTOR)
+            return sorted(held)
+
+    def _spawn(self, run: PlanRun, actor: str) -> None:
+        if run.id in self._tasks or run.done or self._closed:
+            return
+        task = asyncio.create_task(self._execute(run.id, actor), name=f"plan-run-{run.id}")
+        self._tasks[run.id] = task
+        task.add_done_callback(lambda _t: self._forget(run.id))
+
+    def _forget(self, run_id: str) -> None:
+        self._tasks.pop(run_id, None)
+        self._applied.pop(run_id, None)
+
+    def running(self) -> list[str]:
+        """Ids of the runs executing in this process."""
+        return sorted(self._tasks)
+
+    # ------------------------------------------------------------------ validation
+
+    async def validate(self, plan: Plan, *, replacing: bool = False) -> Validation:
+        """
+        Check ``plan`` against the fleet; nothing is made.
+
+        Graph and names (``check_plan``), each spec, each host hint, VM names not taken by VMs outside
+        this plan (AlreadyExists VM_ALREADY_EXISTS), and room for every VM the apply would create, all
+        at once (ResourceExhausted PLAN_CAPACITY_EXCEEDED naming each VM that does not fit).
+        ``replacing``: count IN_PLACE and RESTART changes as replaces (an apply with allow_replace).
+        """
+        plan = with_plan_labels(plan)
+        plan_levels = check_plan(plan)
+        for v in plan.vms:
+            validate_resolved(v.spec, prefix=f"vms.{v.service}.spec")
+        hosts = await asyncio.to_thread(self._store.list_hosts)
+        known = {h.name for h in hosts}
+        for v in plan.vms:
+            if v.host and v.host not in known:
+                raise NotFound(
+                    f"vms.{v.service}.host: host {v.host!r} is not registered "
+                    f"(hosts: {', '.join(sorted(known)) or 'none'}): fix the hint or remove it",
+                    reason="HOST_NOT_FOUND",
+                    metadata={"field": f"vms.{v.service}.host", "host": v.host, "service": v.service},
+                )
+        existing = await self._existing(plan)
+        current = await self._current(plan.name)
+        changes = plan_diff(current, plan, {name: vm.spec for name, vm in existing.items()})
+        await self._check_capacity(plan, changes, existing, hosts, replacing)
+        return Validation(plan, plan_levels, changes, current)
+
+    async def _existing(self, plan: Plan) -> dict[str, Vm]:
+        """The plan's VMs that exist: by label, and by name (refusing a VM of the same name not of this plan)."""
+        found: dict[str, Vm] = {}
+        token = ""
+        while True:
+            page, token = await asyncio.to_thread(
+                self._store.list_vms, None, None, {LABEL_PLAN: plan.name}, _PAGE, token
+            )
+            found.update((vm.name, vm) for vm in page)
+            if not token:
+                break
+        for v in plan.vms:
+            name = vm_name(plan.name, v.service)
+            if name in found:
+                continue
+            try:
+                other = await asyncio.to_thread(self._store.get_vm, name)
+            except NotFound:
+                continue
+            raise AlreadyExists(
+                f"VM {name} (service {v.service}) already exists and is not part of plan {plan.name} (it has no "
+                f"label {LABEL_PLAN}={plan.name}): delete or rename that VM, or rename the service",
+                reason="VM_ALREADY_EXISTS",
+                metadata={"vm": name, "service": v.service, "host": other.host},
+            )
+        return found
+
+    async def _current(self, name: str) -> Plan | None:
+        try:
+            return await asyncio.to_thread(self._store.get_plan, name)
+        except NotFound:
+            return None
+
+    async def _check_capacity(
+        self,
+        plan: Plan,
+        changes: Sequence[VmChange],
+        existing: Mapping[str, Vm],
+        hosts: Sequence[Host],
+        replacing: bool,
+    ) -> None:
+        replaced = {ChangeKind.REPLACE} | ({ChangeKind.IN_PLACE, ChangeKind.RESTART} if replacing else set())
+        freed: dict[str, Resources] = {}
+        needs: list[PlacementNeed] = []
+        for c in changes:
+            if c.kind is ChangeKind.CREATE or c.kind in replaced:
+                v = plan.vm(c.service)
+                needs.append(PlacementNeed(c.vm, v.spec.resources(), v.host))
+            if c.kind in replaced and c.vm in existing:
+                # a replace deletes the old VM before it creates the new one: its room is free again
+                old = existing[c.vm]
+                freed[old.host] = freed.get(old.host, Resources()) + old.spec.resources()
+        if not needs:
+            return
+        adjusted = [dataclasses.replace(h, allocated=h.allocated - freed.get(h.name, Resources())) for h in hosts]
+        problems = self._placer(adjusted, needs)
+        if not problems:
+            return
+        names = [vm for vm, _err in problems]
+        detail = "; ".join(f"{vm}: {err.message}" for vm, err in problems)
+        if all(isinstance(err, ResourceExhausted) for _vm, err in problems):
+            raise ResourceExhausted(
+                f"plan {plan.name} does not fit: {len(problems)} of the {len(needs)} VMs it would create have no "
+                f"room ({detail}); nothing was created: free capacity, add hosts or make the VMs smaller",
+                reason="PLAN_CAPACITY_EXCEEDED",
+                metadata={"plan": plan.name, "vms": ",".join(names)},
+            )
+        vm, err = next((vm, e) for vm, e in problems if not isinstance(e, ResourceExhausted))
+        raise type(err)(f"{vm}: {err.message}; nothing was created", reason=err.reason, metadata=err.metadata)
+
+    # ------------------------------------------------------------------ use cases
+
+    async def diff(self, plan: Plan) -> tuple[list[VmChange], int]:
+        """What applying ``plan`` would change, and the revision it is compared to (0: none)."""
+        v = await self.validate(plan)
+        return v.changes, v.current.revision if v.current is not None else 0
+
+    async def apply(self, plan: Plan, allow_replace: bool, request_id: str) -> PlanRun:
+        """
+        Store ``plan`` as a revision (when it differs) and start a run that brings it up; the run as it started.
+
+        Idempotent by ``request_id``. Refused before anything is done: FailedPrecondition
+        PLAN_REPLACE_NOT_ALLOWED (a VM must be re-created and ``allow_replace`` is off),
+        PLAN_UPDATE_UNSUPPORTED (an in-place or restart change: not supported yet, ``allow_replace``
+        replaces such VMs instead); Aborted PLAN_RUN_IN_PROGRESS; every error of :meth:`validate`.
+        """
+        if request_id:
+            found = await self._run_by_request(plan.name, request_id, UP)
+            if found is not None:
+                return found
+        v = await self.validate(plan, replacing=allow_replace)
+        if not allow_replace:
+            self._refuse_changes(v)
+        await self._refuse_if_running(plan.name)
+        stored, _added = await asyncio.to_thread(self._store.save_plan_revision, v.plan)
+        rows = [
+            VmStatus(
+                c.service,
+                c.vm,
+                change=ChangeKind.REPLACE if c.kind in (ChangeKind.IN_PLACE, ChangeKind.RESTART) else c.kind,
+                step="pending",
+            )
+            for c in v.changes
+        ]
+        run = PlanRun(
+            id=uuid.uuid4().hex[:16],
+            plan=plan.name,
+            revision=stored.revision,
+            action=UP,
+            state=RunState.RUNNING,
+            vms=tuple(rows),
+            request_id=request_id,
+            options={ALLOW_REPLACE: allow_replace},
+        )
+        accepted = new_event(
+            "plan.apply",
+            f"plans/{plan.name}",
+            Outcome.ACCEPTED,
+            request_id=request_id,
+            details={
+                "run": run.id,
+                "revision": stored.revision,
+                "changes": _summary(v.changes),
+                "allow_replace": allow_replace,
+            },
+        )
+        # kept before the run exists: a claim may start executing it as soon as it is stored
+        self._applied[run.id] = dataclasses.replace(v.plan, revision=stored.revision)
+        try:
+            created_run, created = await asyncio.to_thread(
+                lambda: self._store.create_run(
+                    run, accepted, owner=self.owner, lease_seconds=self.settings.lease_seconds
+                )
+            )
+        except BaseException:
+            self._applied.pop(run.id, None)
+            raise
+        if not created:
+            self._applied.pop(run.id, None)  # a replay: the stored run is an earlier one
+        else:
+            self._notify()
+            # leased to us in the same transaction: execute it in the caller's context (audit actor)
+            self._spawn(created_run, current_actor())
+        return created_run
+
+    def _refuse_changes(self, v: Validation) -> None:
+        replace = [c for c in v.changes if c.kind is ChangeKind.REPLACE]
+        if replace:
+            listed = "; ".join(f"{c.vm} ({', '.join(c.fields)})" for c in replace)
+            raise FailedPrecondition(
+                f"applying plan {v.plan.name} would delete and re-create {len(replace)} VM(s), losing their disks: "
+                f"{listed}; nothing was done: apply with --allow-replace to replace them",
+                reason="PLAN_REPLACE_NOT_ALLOWED",
+                metadata={"plan": v.plan.name, "vms": ",".join(c.vm for c in replace)},
+            )
+        updates = [c for c in v.changes if c.kind in (ChangeKind.IN_PLACE, ChangeKind.RESTART)]
+        if updates:
+            listed = "; ".join(f"{c.vm} ({', '.join(c.fields)})" for c in updates)
+            raise FailedPrecondition(
+                f"plan {v.plan.name} changes {listed}: changing these fields on an existing VM needs the "
+                "agent's update support, which is not there yet; nothing was done: apply with --allow-replace "
+                "to replace these VMs instead (their disks are re-created)",
+                reason="PLAN_UPDATE_UNSUPPORTED",
+                metadata={"plan": v.plan.name, "vms": ",".join(c.vm for c in updates)},
+            )
+
+    async def _refuse_if_running(self, name: str) -> None:
+        # checked before a revision is saved, so a refused apply does not leave a revision nobody applied
+        # (the store checks again, atomically, when it creates the run)
+        latest = await asyncio.to_thread(self._store.latest_run, name)
+        if latest is not None and not latest.done:
+            raise Aborted(
+                f"plan {name} has a run in progress ({latest.action} {latest.id}, {latest.state.value}): wait for "
+                "it to finish (clonebox plan show) and try again",
+                reason="PLAN_RUN_IN_PROGRESS",
+                metadata={"plan": name, "run": latest.id},
+            )
+
+    async def _run_by_request(self, plan: str, request_id: str, action: str) -> PlanRun | None:
+        for run in await asyncio.to_thread(self._store.list_runs, plan, _REQUEST_LOOKBACK):
+            if run.request_id == request_id:
+                if run.action != action:
+                    raise AlreadyExists(
+                        f"request id {request_id!r} was already used for the {run.action} run {run.id} of plan "
+                        f"{plan}; use a new request id for a different request",
+                        reason="REQUEST_ID_REUSED",
+                        metadata={"plan": plan, "run": run.id},
+                    )
+                return run
+        return None
+
+    async def destroy(self, name: str, with_snapshots: bool, request_id: str) -> PlanRun:
+        """
+        Start a run that deletes the plan's VMs in reverse dependency order; the run as it started.
+
+        Idempotent by ``request_id``; a plan with no VM left succeeds at once. NotFound PLAN_NOT_FOUND;
+        Aborted PLAN_RUN_IN_PROGRESS.
+        """
+        check_dns_label("name", name)
+        plan = await asyncio.to_thread(self._store.get_plan, name)
+        if request_id:
+            found = await self._run_by_request(name, request_id, DOWN)
+            if found is not None:
+                return found
+        await self._refuse_if_running(name)
+        existing: dict[str, Vm] = {}
+        token = ""
+        while True:
+            page, token = await asyncio.to_thread(self._store.list_vms, None, None, {LABEL_PLAN: name}, _PAGE, token)
+            existing.update((vm.name, vm) for vm in page)
+            if not token:
+                break
+        rows: list[VmStatus] = []
+        in_plan = {vm_name(name, v.service) for v in plan.vms}
+        # VMs labelled for the plan that its current revision no longer names go first (nothing waits for them)
+        for vm in sorted(existing.values(), key=lambda x: x.name):
+            if vm.name not in in_plan:
+                service = vm.spec.label_dict().get(LABEL_SERVICE) or vm.name
+                rows.append(VmStatus(service, vm.name, change=ChangeKind.REMOVE, host=vm.host, step="pending"))
+        for service in reversed([s for level in levels(plan) for s in level]):
+            vm_ = existing.get(vm_name(name, service))
+            if vm_ is not None:
+                rows.append(VmStatus(service, vm_.name, change=ChangeKind.REMOVE, host=vm_.host, step="pending"))
+        run = PlanRun(
+            id=uuid.uuid4().hex[:16],
+            plan=name,
+            revision=plan.revision,
+            action=DOWN,
+            state=RunState.RUNNING if rows else RunState.SUCCEEDED,
+            vms=tuple(rows),
+            request_id=request_id,
+            options={WITH_SNAPSHOTS: with_snapshots},
+        )
+        accepted = new_event(
+            "plan.destroy",
+            f"plans/{name}",
+            Outcome.ACCEPTED,
+            request_id=request_id,
+            details={"run": run.id, "revision": plan.revision, "vms": len(rows), "with_snapshots": with_snapshots},
+        )
+        created_run, created = await asyncio.to_thread(
+            lambda: self._store.create_run(run, accepted, owner=self.owner, lease_seconds=self.settings.lease_seconds)
+        )
+        if not created:
+            return created_run
+        if not rows:
+            # nothing left to delete: done at once
+            await asyncio.to_thread(self._store.mark_plan_destroyed, name)
+            done = new_event(
+                "plan.destroy",
+                f"plans/{name}",
+                Outcome.SUCCEEDED,
+                request_id=request_id,
+                details={"run": run.id, "vms": 0},
+            )
+            await asyncio.to_thread(self._store.append_audit, [done])
+            await asyncio.to_thread(self._store.release_run, created_run.id, self.owner)
+            self._notify()
+            return created_run
+        self._notify()
+        self._spawn(created_run, current_actor())
+        return created_run
+
+    # ------------------------------------------------------------------ reads
+
+    async def get(self, name: str) -> tuple[Plan, PlanRun | None]:
+        """A plan's current revision and its latest run; NotFound PLAN_NOT_FOUND."""
+        check_dns_label("name", name)
+        plan = await asyncio.to_thread(self._store.get_plan, name)
+        return plan, await asyncio.to_thread(self._store.latest_run, name)
+
+    async def list_plans(self) -> list[tuple[Plan, PlanRun | None]]:
+        """Every plan (destroyed ones left out) with its latest run, by name."""
+        plans = await asyncio.to_thread(self._store.list_plans)
+        return [(p, await asyncio.to_thread(self._store.latest_run, p.name)) for p in plans]
+
+    async def runs(self, name: str, limit: int = 50) -> list[PlanRun]:
+        """A plan's runs, newest first; NotFound PLAN_NOT_FOUND for an unknown plan."""
+        check_dns_label("name", name)
+        await asyncio.to_thread(self._store.get_plan, name)
+        return await asyncio.to_thread(self._store.list_runs, name, limit)
+
+    async def watch(self, run_id: str = "", plan: str = "", after_version: int = 0) -> AsyncIterator[PlanRun]:
+        """
+        The run each time its version grows past ``after_version``, ending after a done run.
+
+        ``run_id`` empty: the latest run of ``plan`` (NotFound PLAN_RUN_NOT_FOUND when it has none).
+        Runs executed here wake the watch at once; the store is re-read every ``watch_poll_seconds``
+        too, so a run executed by another controller is followed as well.
+        """
+        if not run_id:
+            check_dns_label("plan", plan)
+            latest = await asyncio.to_thread(self._store.latest_run, plan)
+            if latest is None:
+                raise NotFound(
+                    f"plan {plan!r} has no runs: apply it first (clonebox up)",
+                    reason="PLAN_RUN_NOT_FOUND",
+                    metadata={"plan": plan},
+                )
+            run_id = latest.id
+        last = after_version
+        while True:
+            changed = self._changed
+            run = await asyncio.to_thread(self._store.get_run, run_id)
+            if run.version > last:
+                last = run.version
+                yield run
+            if run.done:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout=self.settings.watch_poll_seconds)
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    # ------------------------------------------------------------------ execution
+
+    async def _execute(self, run_id: str, actor: str) -> None:
+        for attempt in range(1, _MAX_ATTEMPTS + 1):
+            try:
+                run = await asyncio.to_thread(self._store.get_run, run_id)
+                if run.done:
+                    return
+                plan = await self._plan_of(run)
+                execution = _Execution(self, run, plan, actor)
+                await execution.run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("plan run %s crashed (attempt %d of %d)", run_id, attempt, _MAX_ATTEMPTS)
+                if attempt == _MAX_ATTEMPTS:
+                    await self._crashed(run_id, actor, exc)
+                    return
+                await asyncio.sleep(self.settings.poll_seconds * 10)
+
+    async def _crashed(self, run_id: str, actor: str, exc: Exception) -> None:
+        try:
+            run = await asyncio.to_thread(self._store.get_run, run_id)
+            message = f"the plan run crashed: {exc}" if isinstance(exc, CloneboxError) else "the plan run crashed"
+            event = _end_event(run, Outcome.FAILED, message, actor, "INTERNAL")
+            await asyncio.to_thread(
+                lambda: self._store.update_run(run_id, state=RunState.FAILED, error=message, audit=event)
+            )
+            self._notify()
+        except Exception:
+            log.exception("could not record the crash of plan run %s", run_id)
+
+    async def _plan_of(self, run: PlanRun) -> Plan:
+        applied = self._applied.get(run.id)
+        if applied is not None:
+            return applied
+        return await asyncio.to_thread(self._store.get_plan, run.plan, run.revision)
+
+    # ---- steps the execution uses (kept here: they talk to the store and the VM use cases)
+
+    async def _wait_operation(self, op: Operation) -> Operation:
+        while not op.done:
+            await asyncio.sleep(self.settings.poll_seconds)
+            op = await asyncio.to_thread(self._store.get_operation, op.id)
+        return op
+
+
+def _summary(changes: Iterable[VmChange]) -> str:
+    counts: dict[str, int] = {}
+    for c in changes:
+        counts[c.kind.value] = counts.get(c.kind.value, 0) + 1
+    return ",".join(f"{k}={n}" for k, n in sorted(counts.items()))
+
+
+def _end_event(run: PlanRun, outcome: Outcome, error: str, actor: str, reason: str = "") -> AuditEvent:
+    action = "plan.apply" if run.action == UP else "plan.destroy"
+    details: dict[str, object] = {"run": run.id, "revision": run.revision}
+    if error:
+        details["error"] = error
+    return new_event(
+        action,
+        f"plans/{run.plan}",
+        outcome,
+        request_id=run.request_id,
+        reason=reason,
+        details=details,
+        actor=actor,
+    )
+
+
+class _StepFailed(Exception):
+    """One VM of a run failed: why, and the health check that failed it (if one did)."""
+
+    def __init__(self, message: str, probe: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.probe = probe
+
+
+def _op_failed(op: Operation, what: str) -> _StepFailed:
+    return _StepFailed(f"{what} failed: {op.error_message or op.error_reason or 'unknown error'}")
+
+
+_CONDITION_WORDS = {
+    Condition.STARTED: "to start",
+    Condition.HEALTHY: "to be healthy",
+    Condition.COMPLETED: "to complete",
+}
+
+
+class _Execution:
+    """One run being executed: the rows in memory, written through to the store on every change."""
+
+    def __init__(self, engine: PlanEngine, run: PlanRun, plan: Plan, actor: str) -> None:
+        self.e = engine
+        self.store = engine._store
+        self.run_ = run
+        self.plan = plan
+        self.actor = actor
+        self.status: dict[str, VmStatus] = {s.service: s for s in run.vms}
+        self.order = [s.service for s in run.vms]
+        self.specs = {v.service: v for v in plan.vms}
+        #: conditions each service reached (dependents waiting for one of them may start)
+        self.reached: dict[str, set[Condition]] = {s: set() for s in self.order}
+        #: (service, error, probe) of the first VM that failed
+        self.failure: tuple[str, str, str] | None = None
+        self.sem = asyncio.Semaphore(max(1, plan.update.max_parallel))
+        self.changed = asyncio.Event()
+        #: rows changed and not yet written, and the lock that makes writes one at a time
+        self.pending: dict[str, VmStatus] = {}
+        self.write_lock = asyncio.Lock()
+        self.delete_sem = asyncio.Semaphore(_DELETE_PARALLEL)
+        #: who waits for whom, and how: service -> [(dependent, condition)]
+        self.users: dict[str, list[tuple[str, Condition]]] = {}
+        for v in plan.vms:
+            for d in v.depends_on:
+                self.users.setdefault(d.service, []).append((v.service, d.condition))
+
+    # ---- bookkeeping
+
+    def _poke(self) -> None:
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
+
+    async def _save(self, service: str, **changes: object) -> None:
+        """Change one VM's row; returns once it is stored (so nothing acts on a change a watcher cannot see)."""
+        row = dataclasses.replace(self.status[service], update_time=_now(), **changes)  # type: ignore[arg-type]
+        self.status[service] = row
+        self.pending[service] = row
+        await self._write()
+
+    async def _write(
+        self, state: RunState | None = None, error: str | None = None, audit: AuditEvent | None = None
+    ) -> None:
+        # one write at a time per run; rows changed while one is in flight go together in the next, so
+        # 50 VMs changing at once cost a few transactions, not 50 (the store is shared with heartbeats)
+        async with self.write_lock:
+            if not self.pending and state is None:
+                return  # an earlier write took this caller's rows
+            rows, self.pending = list(self.pending.values()), {}
+            await asyncio.to_thread(
+                lambda: self.store.update_run(self.run_.id, state=state, error=error, vms=rows, audit=audit)
+            )
+        self.e._notify()
+
+    async def _finish_run(self, state: RunState, error: str = "") -> None:
+        outcome = Outcome.SUCCEEDED if state is RunState.SUCCEEDED else Outcome.FAILED
+        event = _end_event(self.run_, outcome, error, self.actor, "" if outcome is Outcome.SUCCEEDED else "PLAN_FAILED")
+        await self._write(state, error, event)
+
+    async def _set_state(self, state: RunState, error: str) -> None:
+        await self._write(state, error)
+
+    def _needs(self, service: str) -> set[Condition]:
+        """The conditions this service must reach: what its dependents wait for, or running (and healthy)."""
+        needed = {c for _user, c in self.users.get(service, ())}
+        if needed:
+            return needed
+        spec = self.specs[service].spec
+        return {Condition.STARTED, Condition.HEALTHY} if spec.health_checks else {Condition.STARTED}
+
+    def _failure_text(self) -> str:
+        if self.failure is None:
+            return ""
+        service, error, probe = self.failure
+        name = self.status[service].vm
+        where = f"{name} (health check {probe})" if probe else name
+        return f"{where}: {error}"
+
+    # ---- the run
+
+    async def run(self) -> None:
+        """Execute (or resume) the run to its end."""
+        if self.run_.action == DOWN:
+            await self._down()
+            return
+        if self.run_.state is RunState.ROLLING_BACK:
+            await self._rollback()
+            return
+        up = [s for s in self.order if self.status[s].change is not ChangeKind.REMOVE and s in self.specs]
+        removals = [s for s in self.order if self.status[s].change is ChangeKind.REMOVE]
+        for s in up:
+            row = self.status[s]
+            if row.state is VmRunState.READY:
+                self.reached[s] = set(Condition)
+            elif row.state is VmRunState.FAILED and self.failure is None:
+                # failed before a controller restart: the run is failing
+                self.failure = (s, row.error, row.failed_probe)
+        todo = [s for s in up if self.status[s].state not in (VmRunState.READY, VmRunState.SKIPPED, VmRunState.FAILED)]
+        await asyncio.gather(*(self._service(s) for s in todo))
+        if self.failure is None:
+            # services the plan dropped, one by one in the stored order (reverse dependency order of the
+            # revision they came from, whose graph this run does not have)
+            for s in removals:
+                done = self.status[s].state is VmRunState.DELETED
+                if not done and not await self._delete(s, "remove", with_snapshots=False):
+                    break
+        if self.failure is None:
+            await self._finish_run(RunState.SUCCEEDED)
+            return
+        if self.plan.on_failure is FailurePolicy.ROLLBACK:
+            await self._rollback()
+        else:
+            await self._finish_run(RunState.FAILED, f"{self._failure_text()}; left as it is (on_failure: leave)")
+
+    async def _fail(self, service: str, error: str, probe: str = "") -> None:
+        await self._save(service, state=VmRunState.FAILED, error=error, failed_probe=probe, step="failed")
+        if self.failure is None:
+            self.failure = (service, error, probe)
+        self._poke()
+
+    async def _service(self, service: str) -> None:
+        try:
+            row = self.status[service]
+            if row.state is VmRunState.PENDING and not await self._wait_dependencies(service):
+                return
+            if self.status[service].state in (VmRunState.PENDING, VmRunState.CREATING):
+                await self._make(service)
+            if self.failure is not None:
+                if self.status[service].state is not VmRunState.FAILED:
+                    # made, but the run is failing: stop waiting for it (a rollback deletes it anyway)
+                    await self._save(service, step=f"not waited for: {self.status[self.failure[0]].vm} failed")
+                return
+            await self._await_goal(service)
+        except _StepFailed as failed:
+            await self._fail(service, failed.message, failed.probe)
+        except CloneboxError as err:
+            await self._fail(service, err.message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("plan run %s: service %s crashed", self.run_.id, service)
+            await self._fail(service, f"internal error: {type(exc).__name__}")
+
+    async def _wait_dependencies(self, service: str) -> bool:
+        deps = self.specs[service].depends_on
+        while True:
+            changed = self.changed
+            if self.failure is not None:
+                failed = self.failure[0]
+                if failed in _upstream(self.plan, service):
+                    step = f"skipped: depends on {self.status[failed].vm}, which failed"
+                else:
+                    step = f"not started: {self.status[failed].vm} failed"
+                await self._save(service, state=VmRunState.SKIPPED, step=step)
+                return False
+            unmet = [d for d in deps if d.condition not in self.reached[d.service]]
+            if not unmet:
+                return True
+            step = "waiting for " + ", ".join(f"{d.service} {_CONDITION_WORDS[d.condition]}" for d in unmet)
+            if step != self.status[service].step:
+                await self._save(service, step=step)
+                continue  # the save took a moment: look again before sleeping
+            await changed.wait()
+
+    async def _make(self, service: str) -> None:
+        """Create, replace or check one VM (creates and replaces bounded by max_parallel)."""
+        change = self.status[service].change
+        if change is ChangeKind.NONE:
+            await self._ensure_running(service)
+            return
+        async with self.sem:
+            if self.failure is not None and self.status[service].state is VmRunState.PENDING:
+                await self._save(service, state=VmRunState.SKIPPED, step=f"not started: {self._failed_vm()} failed")
+                return
+            if change is ChangeKind.REPLACE:
+                await self._save(service, state=VmRunState.CREATING, step="deleting the old VM (replace)")
+                if not await self._delete_vm(service, "replace-delete", with_snapshots=False):
+                    raise _StepFailed("deleting the old VM failed")
+            await self._create(service)
+
+    def _failed_vm(self) -> str:
+        return self.status[self.failure[0]].vm if self.failure is not None else ""
+
+    async def _create(self, service: str) -> None:
+        pv = self.specs[service]
+        name = self.status[service].vm
+        await self._save(service, state=VmRunState.CREATING, step="creating")
+        op = await self.e._vms.create(pv.spec, pv.host or None, run_request_id(self.run_.id, service, "create"))
+        host = ""
+        # NotFound: the create already failed and released its reservation; the operation says why
+        with contextlib.suppress(NotFound):
+            host = (await asyncio.to_thread(self.store.get_vm, name)).host
+        await self._save(service, created=True, host=host, step=f"creating on host {host}" if host else "creating")
+        done = await self.e._wait_operation(op)
+        if done.error_code:
+            raise _op_failed(done, f"creating {name}")
+        await self._save(service, state=VmRunState.WAITING, step="created")
+
+    async def _ensure_running(self, service: str) -> None:
+        name = self.status[service].vm
+        try:
+            vm = await asyncio.to_thread(self.store.get_vm, name)
+        except NotFound:
+            raise _StepFailed(f"VM {name} no longer exists: apply the plan again to create it") from None
+        needs = self._needs(service)
+        stopped = vm.state in (VmState.STOPPED, VmState.CRASHED)
+        if stopped and needs != {Condition.COMPLETED}:
+            async with self.sem:
+                await self._save(service, state=VmRunState.CREATING, step="starting", host=vm.host)
+                op = await self.e._vms.start(name, run_request_id(self.run_.id, service, "start"))
+                done = await self.e._wait_operation(op)
+                if done.error_code:
+                    raise _op_failed(done, f"starting {name}")
+        await self._save(service, state=VmRunState.WAITING, step="checking", host=vm.host)
+
+    async def _await_goal(self, service: str) -> None:
+        """Wait until the VM meets every condition it must (see ``_needs``), or fail it at the deadline."""
+        row = self.status[service]
+        name = row.vm
+        needs = self._needs(service)
+        update = self.plan.update
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + update.healthy_deadline_ms / 1000
+        healthy_since: float | None = None
+        # a VM this run did not create may have run and stopped before (a finished one-shot job)
+        ran = row.change is ChangeKind.NONE
+        health: VmHealth | None = None
+        while True:
+            try:
+                vm = await asyncio.to_thread(self.store.get_vm, name)
+            except NotFound:
+                raise _StepFailed(f"VM {name} disappeared while the plan waited for it") from None
+            reached: set[Condition] = set()
+            if vm.state is VmState.RUNNING:
+                ran = True
+                reached.add(Condition.STARTED)
+            if ran and vm.state is VmState.STOPPED:
+                reached |= {Condition.STARTED, Condition.COMPLETED}
+            step = ""
+            if Condition.HEALTHY in needs and Condition.HEALTHY not in self.reached[service]:
+                try:
+                    health = await self.e._health.get(name)
+                except NotFound:
+                    health = None
+                if health is not None and health.state is HealthState.HEALTHY and vm.state is VmState.RUNNING:
+                    healthy_since = healthy_since if healthy_since is not None else time.monotonic()
+                    held = (time.monotonic() - healthy_since) * 1000
+                    if held >= update.min_healthy_time_ms:
+                        reached.add(Condition.HEALTHY)
+                    else:
+                        step = f"healthy, must stay so for {_seconds(update.min_healthy_time_ms)}"
+                else:
+                    healthy_since = None
+                    step = _health_step(health, self.specs[service].spec)
+            new = reached - self.reached[service]
+            if needs <= self.reached[service] | reached:
+                # READY is stored before dependents are released: a watcher never sees one start early
+                await self._save(service, state=VmRunState.READY, step="ready", host=vm.host)
+                self.reached[service] |= reached | needs
+                self._poke()
+                return
+            if new:
+                self.reached[service] |= new
+                self._poke()
+            if vm.state is VmState.FAILED:
+                # only FAILED is final: a stopped or crashed VM may be restarted by its health actions
+                why = f": {vm.state_reason}" if vm.state_reason else ""
+                raise _StepFailed(f"VM {name} failed{why}")
+            if loop.time() >= deadline:
+                raise self._deadline_error(vm, needs - self.reached[service], health, update.healthy_deadline_ms)
+            if not step:
+                missing = needs - self.reached[service]
+                step = "waiting for it " + " and ".join(_CONDITION_WORDS[c] for c in sorted(missing, key=_order))
+            if step != self.status[service].step or self.status[service].state is not VmRunState.WAITING:
+                await self._save(service, state=VmRunState.WAITING, step=step, host=vm.host)
+            await asyncio.sleep(self.e.settings.poll_seconds)
+
+    def _deadline_error(
+        self, vm: Vm, missing: set[Condition], health: VmHealth | None, deadline_ms: int
+    ) -> _StepFailed:
+        within = _seconds(deadline_ms)
+        name = vm.name
+        if Condition.HEALTHY in missing:
+            check = _failing_check(health)
+            if check is not None:
+                detail = f" ({check.last.detail})" if check.last is not None and check.last.detail else ""
+                return _StepFailed(
+                    f"{name} did not become healthy within {within}: health check {check.name} is "
+                    f"{check.state.value}{detail}",
+                    probe=check.name,
+                )
+            state = health.state.value if health is not None else "unknown"
+            return _StepFailed(f"{name} did not become healthy within {within} (health {state}, no check reported)")
+        if Condition.COMPLETED in missing:
+            return _StepFailed(f"{name} did not complete (run and stop) within {within}; it is {vm.state.name.lower()}")
+        return _StepFailed(f"{name} was not running within {within}; it is {vm.state.name.lower()}")
+
+    # ---- deletions
+
+    async def _delete(self, service: str, action: str, *, with_snapshots: bool) -> bool:
+        """Delete one VM of the run as its own step (DELETING, then DELETED); False (and FAILED) when it failed."""
+        await self._save(service, state=VmRunState.DELETING, step="deleting")
+        try:
+            ok = await self._delete_vm(service, action, with_snapshots=with_snapshots)
+        except _StepFailed as failed:
+            await self._fail(service, failed.message)
+            return False
+        except CloneboxError as err:
+            await self._fail(service, err.message)
+            return False
+        if ok:
+            await self._save(service, state=VmRunState.DELETED, step="deleted")
+        return ok
+
+    async def _delete_vm(self, service: str, action: str, *, with_snapshots: bool) -> bool:
+        """Delete the VM of ``service`` and wait; True when it is gone (or was already)."""
+        name = self.status[service].vm
+        async with self.delete_sem:
+            try:
+                op = await self.e._vms.delete(name, run_request_id(self.run_.id, service, action), with_snapshots)
+            except NotFound:
+                return True  # gone already (deleted by this step before a restart, or never made)
+            done = await self.e._wait_operation(op)
+        if done.error_code and done.error_reason != "VM_NOT_FOUND":
+            raise _op_failed(done, f"deleting {name}")
+        return True
+
+    async def _delete_in_reverse(self, services: Sequence[str], action: str, *, with_snapshots: bool) -> list[str]:
+        """
+        Delete the VMs of ``services``, dependents first: each waits until its dependents among them are gone.
+
+        Parallel within ``max_parallel``. A VM whose dependent could not be deleted is kept (SKIPPED).
+        Returns the services whose VMs are left.
+        """
+        targets = set(services)
+        users = {s: [u for u, _c in self.users.get(s, ()) if u in targets] for s in services}
+        finished = {s: asyncio.Event() for s in services}
+        left: list[str] = []
+
+        async def one(service: str) -> None:
+            try:
+                for user in users[service]:
+                    await finished[user].wait()
+                kept = [u for u in users[service] if u in left]
+                if kept:
+                    await self._save(
+                        service,
+                        state=VmRunState.SKIPPED,
+                        step=f"kept: {', '.join(self.status[u].vm for u in kept)} could not be deleted",
+                    )
+                    left.append(service)
+                    return
+                async with self.sem:
+                    if not await self._delete(service, action, with_snapshots=with_snapshots):
+                        left.append(service)
+            finally:
+                finished[service].set()
+
+        await asyncio.gather(*(one(s) for s in services))
+        return [s for s in services if s in left]
+
+    async def _rollback(self) -> None:
+        error = self.run_.error if self.run_.state is RunState.ROLLING_BACK else self._failure_text()
+        if not error:
+            error = self._failure_text() or "a VM failed"
+        if self.run_.state is not RunState.ROLLING_BACK:
+            await self._set_state(RunState.ROLLING_BACK, error)
+        created = [s for s in self.order if self.status[s].created and self.status[s].state is not VmRunState.DELETED]
+        left = await self._delete_in_reverse(created, "rollback", with_snapshots=False)
+        if left:
+            names = ", ".join(self.status[s].vm for s in left)
+            await self._finish_run(RunState.FAILED, f"{error}; the rollback could not delete {names}")
+            return
+        await self._finish_run(RunState.ROLLED_BACK, f"{error}; rolled back ({len(created)} VM(s) deleted)")
+
+    async def _down(self) -> None:
+        with_snapshots = bool(self.run_.options.get(WITH_SNAPSHOTS))
+        todo = [s for s in self.order if self.status[s].state not in (VmRunState.DELETED,)]
+        left = await self._delete_in_reverse(todo, "destroy", with_snapshots=with_snapshots)
+        if left:
+            failed = [s for s in left if self.status[s].state is VmRunState.FAILED]
+            detail = "; ".join(f"{self.status[s].vm}: {self.status[s].error}" for s in failed)
+            kept = ", ".join(self.status[s].vm for s in left)
+            await self._finish_run(RunState.FAILED, f"could not delete every VM ({detail}); left: {kept}")
+            return
+        await asyncio.to_thread(self.store.mark_plan_destroyed, self.run_.plan)
+        await self._finish_run(RunState.SUCCEEDED)
+
+
+def _order(c: Condition) -> int:
+    return list(Condition).index(c)
+
+
+def _upstream(plan: Plan, service: str) -> set[str]:
+    """Every service ``service`` depends on, directly or through others."""
+    found: set[str] = set()
+    todo = [d.service for d in plan.vm(service).depends_on]
+    while todo:
+        s = todo.pop()
+        if s not in found:
+            found.add(s)
+            todo.extend(d.service for d in plan.vm(s).depends_on)
+    return found
+
+
+def _failing_check(health: VmHealth | None) -> CheckStatus | None:
+    """The check to blame for a VM not being healthy: a critical one first."""
+    if health is None:
+        return None
+    bad = [c for c in health.checks if c.state is not HealthState.HEALTHY]
+    critical = [c for c in bad if c.critical]
+    found = critical or bad
+    return found[0] if found else None
+
+
+def _health_step(health: VmHealth | None, spec: VmSpec) -> str:
+    check = _failing_check(health)
+    if check is None:
+        return "waiting for its first health report"
+    threshold = next((p.success_threshold for p in spec.health_checks if p.name == check.name), 1)
+    return f"waiting for health check {check.name} ({check.consecutive_successes}/{threshold} passing)"

@@ -1,0 +1,129 @@
+"""``clonebox up`` / ``down`` of examples/stack (db -> api -> web) on real libvirt, controller and agent processes.
+
+The plan file is the example's, renamed for this run (its VMs carry the fleet's host prefix, so a
+failed run's leftovers are cleaned up with the fleet). api's health check runs ``wget http://<db VM>/``
+inside api through qemu-ga: it passes only when the guest resolves db's name through the network's DNS.
+
+Order is asserted on the run's own sequence of versions (``up -o json`` prints one run per version),
+never on the clock.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.e2e.guestagent import guest_sh
+from tests.realfleet import RealFleet, running_fleet
+
+pytestmark = [pytest.mark.e2e, pytest.mark.libvirt]
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "stack" / "clonebox-compose.yaml"
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[RealFleet]:
+    with running_fleet() as f:
+        yield f
+
+
+def plan_file(fleet: RealFleet, name: str, *, broken_api: bool = False) -> Path:
+    """The example under another plan name; with ``broken_api`` api's check can never pass."""
+    text = EXAMPLE.read_text().replace("stack-", f"{name}-")
+    doc: dict[str, Any] = yaml.safe_load(text)
+    doc["name"] = name
+    if broken_api:
+        doc["vms"]["api"]["health_checks"] = [
+            {"name": "never", "type": "command", "interval": "2s", "timeout": "1s", "command": {"argv": ["false"]}}
+        ]
+        doc["update"]["healthy_deadline"] = "45s"
+    path = fleet.root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def run_versions(stdout: str) -> list[dict[str, Any]]:
+    """Every run version ``up``/``down -o json`` printed, in order."""
+    return [json.loads(line) for line in stdout.splitlines() if line.strip().startswith("{")]
+
+
+def first_version(runs: list[dict[str, Any]], service: str, states: set[str]) -> int:
+    """The index of the first printed version in which ``service`` is in one of ``states``."""
+    for i, run in enumerate(runs):
+        for vm in run.get("vms", []):
+            if vm["service"] == service and vm.get("state") in states:
+                return i
+    raise AssertionError(f"{service} never reached {states}: {runs[-1] if runs else 'no output'}")
+
+
+def fleet_vms(fleet: RealFleet) -> dict[str, str]:
+    return {v["name"]: v.get("state", "") for v in fleet.cli_json("vm", "list")["vms"]}
+
+
+STARTED = {"PLAN_VM_STATE_CREATING", "PLAN_VM_STATE_WAITING", "PLAN_VM_STATE_READY"}
+
+
+def test_up_in_dependency_order_behind_health_gates_then_down(fleet: RealFleet) -> None:
+    name = f"{fleet.host}-st"
+    vms = {s: f"{name}-{s}" for s in ("db", "api", "web")}
+    path = plan_file(fleet, name)
+    try:
+        up = fleet.cli("-o", "json", "up", "-f", str(path), timeout=600)
+        runs = run_versions(up.stdout)
+        final = runs[-1]
+        assert final["state"] == "PLAN_RUN_STATE_SUCCEEDED", final
+        assert {v["service"]: v["state"] for v in final["vms"]} == dict.fromkeys(vms, "PLAN_VM_STATE_READY")
+        # each one started only once what it needs was healthy
+        assert first_version(runs, "db", {"PLAN_VM_STATE_READY"}) < first_version(runs, "api", STARTED)
+        assert first_version(runs, "api", {"PLAN_VM_STATE_READY"}) < first_version(runs, "web", STARTED)
+
+        # api reached db by its name (what its health check did), and so can we from inside api
+        code, out, _err = guest_sh(f"cb-{vms['api']}", f"wget -q -O - http://{vms['db']}/")
+        assert code == 0 and vms["db"].encode() in out
+        health = {h["vm"]: h for h in fleet.cli_json("health", "list")["vms"] if h["vm"] in vms.values()}
+        assert {h["state"] for h in health.values()} == {"HEALTH_STATE_HEALTHY"}, health
+        ps = {row["vm"]: row for row in fleet.cli_json("ps", name)["vms"]}
+        assert set(ps) == set(vms.values()) and {r["state"] for r in ps.values()} == {"VM_STATE_RUNNING"}, ps
+
+        # the same file again: the same revision, nothing created
+        again = run_versions(fleet.cli("-o", "json", "up", "-f", str(path), timeout=300).stdout)[-1]
+        assert again["state"] == "PLAN_RUN_STATE_SUCCEEDED" and again["revision"] == final["revision"], again
+        assert {v.get("change", "CHANGE_KIND_NONE") for v in again["vms"]} == {"CHANGE_KIND_NONE"}, again
+        history = fleet.cli_json("plan", "history", name)["runs"]
+        assert [r["action"] for r in history] == ["up", "up"]
+
+        down = run_versions(fleet.cli("-o", "json", "down", name, timeout=600).stdout)
+        assert down[-1]["state"] == "PLAN_RUN_STATE_SUCCEEDED", down[-1]
+        # reverse order: a VM goes only after everything that depends on it is gone
+        deleted = {"PLAN_VM_STATE_DELETED"}
+        deleting = {"PLAN_VM_STATE_DELETING", "PLAN_VM_STATE_DELETED"}
+        assert first_version(down, "web", deleted) < first_version(down, "api", deleting)
+        assert first_version(down, "api", deleted) < first_version(down, "db", deleting)
+        assert not set(vms.values()) & set(fleet_vms(fleet))
+    finally:
+        fleet.cli("down", name, "--with-snapshots", check=False, timeout=600)
+
+
+def test_a_vm_that_never_turns_healthy_rolls_the_stack_back(fleet: RealFleet) -> None:
+    name = f"{fleet.host}-br"
+    path = plan_file(fleet, name, broken_api=True)
+    try:
+        r = fleet.cli("up", "-f", str(path), check=False, timeout=600)
+        assert r.returncode != 0, r.stdout
+        assert "Traceback" not in r.stderr + r.stdout
+        # the failure names the VM and the probe that failed
+        assert f"{name}-api" in r.stderr and "never" in r.stderr, r.stderr
+        runs = fleet.cli_json("plan", "history", name)["runs"]
+        assert runs[0]["state"] == "PLAN_RUN_STATE_ROLLED_BACK", runs[0]
+        by_service = {v["service"]: v for v in runs[0]["vms"]}
+        assert by_service["web"]["state"] == "PLAN_VM_STATE_SKIPPED", by_service
+        assert by_service["api"]["failed_probe"] == "never", by_service
+        # nothing of the stack is left
+        assert not {n for n in fleet_vms(fleet) if n.startswith(f"{name}-")}
+    finally:
+        fleet.cli("down", name, "--with-snapshots", check=False, timeout=600)

@@ -1,0 +1,565 @@
+"""The controller's PlanService and plan engine through the real in-process fleet.
+
+A real controller (SQLite store) and real agents on the fake hypervisor, over mTLS. Health gates use a
+``file`` probe: the fake guest has the file once the test puts it in ``FakeHypervisor.guest_files``. A
+failure is injected into one VM by giving it a base image the agent refuses (no image_dirs on a fake
+host), so it fails at its create, on the agent, after the plan was accepted.
+
+No test asserts on the clock: order is read from what the controller recorded (operations, run
+snapshots of WatchPlan), and every wait is bounded so that a bug fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections import Counter
+from collections.abc import Sequence
+
+import grpc
+import grpc.aio
+import pytest
+from clonebox.controller.v1 import plan_service_pb2 as pb
+from clonebox.controller.v1 import plan_service_pb2_grpc as pb_grpc
+from clonebox.controller.v1 import vm_service_pb2
+from clonebox.type.v1 import plan_pb2
+from google.protobuf import descriptor_pool
+
+from clonebox_controller.app.plans import PlanEngine, PlanSettings
+from clonebox_controller.main import place_plan
+from clonebox_core.health import FileProbe, Probe, ProbeType
+from clonebox_core.model import DiskSpec, Resources, VmSpec
+from clonebox_core.plan import (
+    LABEL_PLAN,
+    ChangeKind,
+    Condition,
+    Dependency,
+    FailurePolicy,
+    Plan,
+    PlanRun,
+    PlanVm,
+    RunState,
+    UpdatePolicy,
+    VmRunState,
+    dependents,
+    vm_name,
+)
+from clonebox_core.rpc.convert_plan import plan_to_proto, run_from_proto
+from clonebox_core.rpc.server import aio_channel
+from tests.integration.conftest import TRUST_DOMAIN, Fleet, eventually
+from tests.integration.test_fleet import create, error_info, spec
+from tests.integration.test_security import PRINCIPALS, _call
+
+pytestmark = pytest.mark.integration
+
+ROOMY = Resources(vcpus=64, memory_mib=64 * 1024, disk_mib=1024 * 1024)
+#: a bound on each wait (a bug fails the test instead of hanging it; never a speed assertion)
+WAIT = 60.0
+READY_FILE = "/run/ready"
+
+
+# ---- building plans ----------------------------------------------------------------------------------
+
+
+def ready_probe() -> Probe:
+    """A file probe that passes once the guest has READY_FILE (the fake's guest_files)."""
+    return Probe(
+        "ready", ProbeType.FILE, interval_ms=500, timeout_ms=400, failure_threshold=1, file=FileProbe(READY_FILE)
+    )
+
+
+def service(
+    plan: str,
+    name: str,
+    *deps: str | tuple[str, Condition],
+    memory: int = 64,
+    disk: int = 16,
+    probe: bool = False,
+    broken: bool = False,
+    host: str = "",
+) -> PlanVm:
+    """One service; ``broken`` gives it a base image the fake agent refuses, so its create fails."""
+    disks = (DiskSpec("root", base_image="missing/base.qcow2"),) if broken else (DiskSpec("root", size_mib=disk),)
+    vm_spec = VmSpec(
+        vm_name(plan, name),
+        vcpus=1,
+        memory_mib=memory,
+        disks=disks,
+        health_checks=(ready_probe(),) if probe else (),
+    )
+    depends = tuple(Dependency(d) if isinstance(d, str) else Dependency(*d) for d in deps)
+    return PlanVm(name, vm_spec, depends, host)
+
+
+def make_plan(
+    name: str,
+    vms: Sequence[PlanVm],
+    *,
+    max_parallel: int = 4,
+    deadline_ms: int = 30_000,
+    on_failure: FailurePolicy = FailurePolicy.ROLLBACK,
+) -> Plan:
+    return Plan(
+        name,
+        tuple(vms),
+        update=UpdatePolicy(max_parallel=max_parallel, healthy_deadline_ms=deadline_ms),
+        on_failure=on_failure,
+    )
+
+
+def stack(name: str = "stack", *, db_memory: int = 64, db_disk: int = 16) -> Plan:
+    """db -> api (db healthy) -> web (api started)."""
+    return make_plan(
+        name,
+        [
+            service(name, "db", memory=db_memory, disk=db_disk, probe=True),
+            service(name, "api", ("db", Condition.HEALTHY)),
+            service(name, "web", "api"),
+        ],
+    )
+
+
+def layered(name: str, *, depth: int = 5, width: int = 10, broken: str = "") -> Plan:
+    """``depth`` levels of ``width`` services; each depends on two of the level before (started)."""
+    vms = []
+    for level in range(depth):
+        for i in range(width):
+            svc = f"l{level}-{i}"
+            deps = () if level == 0 else (f"l{level - 1}-{i}", f"l{level - 1}-{(i + 1) % width}")
+            vms.append(service(name, svc, *deps, memory=16, disk=1, broken=svc == broken))
+    return make_plan(name, vms, max_parallel=8)
+
+
+# ---- talking to the controller ---------------------------------------------------------------------
+
+
+def stub(fleet: Fleet, channel: grpc.aio.Channel | None = None) -> pb_grpc.PlanServiceStub:
+    return pb_grpc.PlanServiceStub(channel or fleet.channel)
+
+
+async def apply(fleet: Fleet, plan: Plan, request_id: str = "", allow_replace: bool = False) -> PlanRun:
+    resp = await stub(fleet).ApplyPlan(
+        pb.ApplyPlanRequest(plan=plan_to_proto(plan), request_id=request_id, allow_replace=allow_replace)
+    )
+    return run_from_proto(resp.run)
+
+
+async def watch(fleet: Fleet, run_id: str, after: int = 0) -> list[PlanRun]:
+    """Every run snapshot WatchPlan sends until the run is done."""
+
+    async def collect() -> list[PlanRun]:
+        call = stub(fleet).WatchPlan(pb.WatchPlanRequest(run_id=run_id, after_version=after))
+        return [run_from_proto(r.run) async for r in call]
+
+    return await asyncio.wait_for(collect(), WAIT)
+
+
+async def run_of(fleet: Fleet, plan: str) -> PlanRun:
+    resp = await stub(fleet).GetPlan(pb.GetPlanRequest(name=plan))
+    assert resp.HasField("last_run")
+    return run_from_proto(resp.last_run)
+
+
+def row(run: PlanRun, service_name: str) -> VmRunState:
+    return next(v.state for v in run.vms if v.service == service_name)
+
+
+async def vm_names(fleet: Fleet, plan: str = "") -> list[str]:
+    labels = {LABEL_PLAN: plan} if plan else {}
+    resp = await fleet.vms.ListVms(vm_service_pb2.ListVmsRequest(labels=labels, page_size=1000))
+    return sorted(v.name for v in resp.vms)
+
+
+def ops(fleet: Fleet, kind: str) -> list[str]:
+    """Targets of the controller's operations of ``kind``, oldest first."""
+    found = [o for o in fleet.controller.store.list_operations(limit=1000) if o.kind == kind]
+    found.sort(key=lambda o: (o.create_time, o.id))
+    return [o.target.removeprefix("vms/") for o in found]
+
+
+async def on_hypervisor(fleet: Fleet, host: str) -> list[str]:
+    """Names of the VMs the fake hypervisor of ``host`` has (what the fleet view should agree with)."""
+    return sorted(r.spec.name for r in await fleet.fakes[host].list())
+
+
+async def rpc_error(call: object) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call  # type: ignore[misc]
+    return err.value
+
+
+# ---- bring-up in order, behind a health gate --------------------------------------------------------
+
+
+async def test_stack_comes_up_in_dependency_order_behind_a_health_gate(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    plan = stack()
+    valid = await stub(fleet).ValidatePlan(pb.ValidatePlanRequest(plan=plan_to_proto(plan)))
+    assert [list(level.services) for level in valid.levels] == [["db"], ["api"], ["web"]]
+    assert [c.kind for c in valid.changes] == [plan_pb2.CHANGE_KIND_CREATE] * 3
+    assert await vm_names(fleet) == []  # validation made nothing
+
+    started = await apply(fleet, plan, request_id="up-1")
+    assert started.state is RunState.RUNNING and started.revision == 1
+    assert [v.service for v in started.vms] == ["db", "api", "web"]
+    watcher = asyncio.create_task(watch(fleet, started.id))
+
+    async def db_waits_for_health() -> bool:
+        return row(await run_of(fleet, "stack"), "db") is VmRunState.WAITING
+
+    await eventually(db_waits_for_health, WAIT, "db created and waiting for its health check")
+    # the gate holds: api is not created while db is not healthy
+    run = await run_of(fleet, "stack")
+    assert row(run, "api") is VmRunState.PENDING and "db to be healthy" in run.vms[1].step
+    assert ops(fleet, "vm.create") == ["stack-db"]
+
+    fleet.fakes["h1"].guest_files["stack-db"] = {READY_FILE}
+    snapshots = await watcher
+    final = snapshots[-1]
+    assert final.state is RunState.SUCCEEDED, final
+    assert [v.state for v in final.vms] == [VmRunState.READY] * 3
+    assert all(v.created and v.host == "h1" for v in final.vms)
+    assert ops(fleet, "vm.create") == ["stack-db", "stack-api", "stack-web"]
+    # every snapshot: versions grow, and no service started before its dependency met its condition
+    versions = [s.version for s in snapshots]
+    assert versions == sorted(set(versions))
+    for s in snapshots:
+        if row(s, "api") is not VmRunState.PENDING:
+            assert row(s, "db") is VmRunState.READY, s
+        if row(s, "web") is not VmRunState.PENDING:
+            assert row(s, "api") in (VmRunState.WAITING, VmRunState.READY), s
+    assert [s.state for s in snapshots][-1] is RunState.SUCCEEDED
+    assert all(s.state is RunState.RUNNING for s in snapshots[:-1])
+    assert await vm_names(fleet, "stack") == ["stack-api", "stack-db", "stack-web"]
+
+    got = await stub(fleet).GetPlan(pb.GetPlanRequest(name="stack"))
+    assert got.plan.revision == 1 and got.plan.digest and got.last_run.id == started.id
+    listed = await stub(fleet).ListPlans(pb.ListPlansRequest())
+    assert [p.plan.name for p in listed.plans] == ["stack"]
+    runs = await stub(fleet).ListPlanRuns(pb.ListPlanRunsRequest(name="stack"))
+    assert [r.id for r in runs.runs] == [started.id]
+    # a watch after the end sends the final state once (after_version 0) and nothing after it
+    again = await watch(fleet, started.id)
+    assert [r.version for r in again] == [final.version]
+    assert await watch(fleet, started.id, after=final.version) == []
+
+
+async def test_unhealthy_dependency_fails_naming_the_probe_and_rolls_back(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    plan = dataclasses.replace(stack(), update=UpdatePolicy(healthy_deadline_ms=2000))
+    started = await apply(fleet, plan)
+    final = (await watch(fleet, started.id))[-1]
+    assert final.state is RunState.ROLLED_BACK, final
+    db = final.vms[0]
+    assert db.state is VmRunState.DELETED and db.failed_probe == "ready"
+    assert "stack-db" in final.error and "ready" in final.error
+    assert [row(final, s) for s in ("api", "web")] == [VmRunState.SKIPPED, VmRunState.SKIPPED]
+    assert await vm_names(fleet) == []
+
+
+async def test_leave_policy_keeps_what_was_made(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    plan = make_plan(
+        "keep",
+        [service("keep", "a"), service("keep", "b", "a", broken=True), service("keep", "c", "b")],
+        on_failure=FailurePolicy.LEAVE,
+    )
+    final = (await watch(fleet, (await apply(fleet, plan)).id))[-1]
+    assert final.state is RunState.FAILED
+    assert [v.state for v in final.vms] == [VmRunState.READY, VmRunState.FAILED, VmRunState.SKIPPED]
+    assert "keep-b" in final.error
+    assert await vm_names(fleet) == ["keep-a"]
+
+
+# ---- 50 VMs, a failure at each level ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("level", range(5))
+async def test_fifty_vm_plan_rolls_back_a_failure_at_any_level(fleet: Fleet, level: int) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    broken = f"l{level}-3"
+    plan = layered("big", broken=broken)
+    started = await apply(fleet, plan)
+    assert len(started.vms) == 50
+    snapshots = await watch(fleet, started.id)
+    final = snapshots[-1]
+    assert final.state is RunState.ROLLED_BACK, final.error
+    assert "big-" + broken in final.error
+    failed = [v for v in final.vms if v.error]
+    assert [v.service for v in failed] == [broken]
+    # nothing of the plan is left, and exactly what was created was deleted
+    assert await vm_names(fleet) == []
+    assert await on_hypervisor(fleet, "h1") == []
+    assert sorted(ops(fleet, "vm.delete")) == sorted(v.vm for v in final.vms if v.created and v.service != broken)
+    assert all(v.state in (VmRunState.DELETED, VmRunState.SKIPPED) for v in final.vms)
+    # the broken VM's dependents never started (nor did anything else still waiting when it failed)
+    assert all(row(final, s) is VmRunState.SKIPPED for s in dependents(plan, broken))
+    assert not any(v.created for v in final.vms if v.state is VmRunState.SKIPPED)
+    assert RunState.ROLLING_BACK in {s.state for s in snapshots}
+    creates = ops(fleet, "vm.create")
+    assert len(creates) == len(set(creates))
+
+
+# ---- refused before anything is made ----------------------------------------------------------------
+
+
+def cyclic() -> Plan:
+    return make_plan("cyc", [service("cyc", "a", "c"), service("cyc", "b", "a"), service("cyc", "c", "b")])
+
+
+def unknown_dependency() -> Plan:
+    return make_plan("unk", [service("unk", "a"), service("unk", "b", "nope")])
+
+
+def too_big() -> Plan:
+    # 3 x 3 GiB on a host with 8 GiB: each fits alone, the whole plan does not
+    return make_plan("big", [service("big", f"s{i}", memory=3 * 1024) for i in range(3)])
+
+
+@pytest.mark.parametrize(
+    ("build", "code", "reason", "named"),
+    [
+        (cyclic, grpc.StatusCode.INVALID_ARGUMENT, "PLAN_CYCLE", "a -> c -> b -> a"),
+        (unknown_dependency, grpc.StatusCode.INVALID_ARGUMENT, "PLAN_UNKNOWN_DEPENDENCY", "'nope'"),
+        (too_big, grpc.StatusCode.RESOURCE_EXHAUSTED, "PLAN_CAPACITY_EXCEEDED", "big-s2"),
+    ],
+)
+async def test_invalid_plans_are_rejected_with_nothing_created(
+    fleet: Fleet, build: object, code: grpc.StatusCode, reason: str, named: str
+) -> None:
+    await fleet.add_agent("h1", Resources(vcpus=8, memory_mib=8 * 1024, disk_mib=100_000))
+    plan: Plan = build()  # type: ignore[operator]
+    for call in (
+        stub(fleet).ValidatePlan(pb.ValidatePlanRequest(plan=plan_to_proto(plan))),
+        stub(fleet).ApplyPlan(pb.ApplyPlanRequest(plan=plan_to_proto(plan), request_id="r")),
+    ):
+        err = await rpc_error(call)
+        assert err.code() == code and error_info(err).reason == reason, err.details()
+        assert named in (err.details() or "")
+    assert await vm_names(fleet) == [] and ops(fleet, "vm.create") == []
+    # not even a revision was stored
+    err = await rpc_error(stub(fleet).GetPlan(pb.GetPlanRequest(name=plan.name)))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_vm_name_taken_outside_the_plan_is_refused(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    await create(fleet, spec("stack-api"))
+    err = await rpc_error(stub(fleet).ApplyPlan(pb.ApplyPlanRequest(plan=plan_to_proto(stack()))))
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS and "stack-api" in (err.details() or "")
+    assert ops(fleet, "vm.create") == ["stack-api"]
+
+
+async def test_unknown_host_hint_is_refused(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    plan = make_plan("hint", [service("hint", "a", host="nowhere")])
+    err = await rpc_error(stub(fleet).ValidatePlan(pb.ValidatePlanRequest(plan=plan_to_proto(plan))))
+    assert err.code() == grpc.StatusCode.NOT_FOUND and error_info(err).reason == "HOST_NOT_FOUND"
+    assert "nowhere" in (err.details() or "")
+
+
+# ---- re-apply, replace, idempotency, concurrency -----------------------------------------------------
+
+
+async def _up(fleet: Fleet, plan: Plan, **kw: object) -> PlanRun:
+    run = await apply(fleet, plan, **kw)  # type: ignore[arg-type]
+    final = (await watch(fleet, run.id))[-1]
+    assert final.state is RunState.SUCCEEDED, final.error
+    return final
+
+
+def ungated(name: str = "stack", *, db_memory: int = 64, db_disk: int = 16) -> Plan:
+    """db -> api -> web, started gates only."""
+    return make_plan(
+        name,
+        [
+            service(name, "db", memory=db_memory, disk=db_disk),
+            service(name, "api", "db"),
+            service(name, "web", "api"),
+        ],
+    )
+
+
+async def test_reapplying_the_same_plan_changes_nothing(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    first = await _up(fleet, ungated())
+    diff = await stub(fleet).DiffPlan(pb.DiffPlanRequest(plan=plan_to_proto(ungated())))
+    assert diff.current_revision == 1
+    assert [c.kind for c in diff.changes] == [plan_pb2.CHANGE_KIND_NONE] * 3
+    second = await _up(fleet, ungated())
+    assert second.id != first.id and second.revision == 1
+    assert [v.change for v in second.vms] == [ChangeKind.NONE] * 3
+    assert not any(v.created for v in second.vms)
+    assert ops(fleet, "vm.create") == ["stack-db", "stack-api", "stack-web"]
+
+
+async def test_replace_needs_allow_replace(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    await _up(fleet, ungated())
+    bigger_disk = ungated(db_disk=32)
+    diff = await stub(fleet).DiffPlan(pb.DiffPlanRequest(plan=plan_to_proto(bigger_disk)))
+    assert next((c.service, c.kind, list(c.fields)) for c in diff.changes) == (
+        "db",
+        plan_pb2.CHANGE_KIND_REPLACE,
+        ["disks"],
+    )
+    err = await rpc_error(stub(fleet).ApplyPlan(pb.ApplyPlanRequest(plan=plan_to_proto(bigger_disk))))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(err).reason == "PLAN_REPLACE_NOT_ALLOWED"
+    assert "stack-db" in (err.details() or "") and "disks" in (err.details() or "")
+    assert ops(fleet, "vm.delete") == []
+    assert (await stub(fleet).GetPlan(pb.GetPlanRequest(name="stack"))).plan.revision == 1
+
+    final = await _up(fleet, bigger_disk, allow_replace=True)
+    assert final.revision == 2
+    assert [(v.service, v.change, v.created) for v in final.vms] == [
+        ("db", ChangeKind.REPLACE, True),
+        ("api", ChangeKind.NONE, False),
+        ("web", ChangeKind.NONE, False),
+    ]
+    assert ops(fleet, "vm.delete") == ["stack-db"]
+    vm = (await fleet.vms.GetVm(vm_service_pb2.GetVmRequest(name="stack-db"))).vm
+    assert vm.spec.disks[0].size_mib == 32
+
+
+async def test_in_place_and_restart_changes_are_refused_for_now(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    await _up(fleet, ungated())
+    more_memory = ungated(db_memory=128)
+    err = await rpc_error(stub(fleet).ApplyPlan(pb.ApplyPlanRequest(plan=plan_to_proto(more_memory))))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(err).reason == "PLAN_UPDATE_UNSUPPORTED"
+    assert "memory_mib" in (err.details() or "") and "--allow-replace" in (err.details() or "")
+    final = await _up(fleet, more_memory, allow_replace=True)
+    assert final.vms[0].change is ChangeKind.REPLACE
+    vm = (await fleet.vms.GetVm(vm_service_pb2.GetVmRequest(name="stack-db"))).vm
+    assert vm.spec.memory_mib == 128
+
+
+async def test_apply_is_idempotent_by_request_id(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    first = await apply(fleet, ungated(), request_id="same")
+    again = await apply(fleet, ungated(), request_id="same")
+    assert again.id == first.id
+    final = (await watch(fleet, first.id))[-1]
+    assert final.state is RunState.SUCCEEDED
+    after = await apply(fleet, ungated(), request_id="same")
+    assert after.id == first.id and after.done
+    runs = await stub(fleet).ListPlanRuns(pb.ListPlanRunsRequest(name="stack"))
+    assert [r.id for r in runs.runs] == [first.id]
+    assert ops(fleet, "vm.create") == ["stack-db", "stack-api", "stack-web"]
+
+
+async def test_a_second_apply_while_one_runs_is_aborted(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    first = await apply(fleet, stack())  # waits at db's health gate until the file appears
+
+    async def waiting() -> bool:
+        return row(await run_of(fleet, "stack"), "db") is VmRunState.WAITING
+
+    await eventually(waiting, WAIT, "db waiting for its health")
+    err = await rpc_error(stub(fleet).ApplyPlan(pb.ApplyPlanRequest(plan=plan_to_proto(stack()), request_id="2nd")))
+    assert err.code() == grpc.StatusCode.ABORTED and error_info(err).reason == "PLAN_RUN_IN_PROGRESS"
+    assert first.id in (err.details() or "")
+    err = await rpc_error(stub(fleet).DestroyPlan(pb.DestroyPlanRequest(name="stack", request_id="d")))
+    assert err.code() == grpc.StatusCode.ABORTED
+    fleet.fakes["h1"].guest_files["stack-db"] = {READY_FILE}
+    assert (await watch(fleet, first.id))[-1].state is RunState.SUCCEEDED
+
+
+# ---- destroy ----------------------------------------------------------------------------------------
+
+
+async def test_destroy_deletes_in_reverse_dependency_order(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    await _up(fleet, ungated())
+    resp = await stub(fleet).DestroyPlan(pb.DestroyPlanRequest(name="stack", request_id="down-1"))
+    down = run_from_proto(resp.run)
+    assert down.action == "down" and [v.service for v in down.vms] == ["web", "api", "db"]
+    again = run_from_proto(
+        (await stub(fleet).DestroyPlan(pb.DestroyPlanRequest(name="stack", request_id="down-1"))).run
+    )
+    assert again.id == down.id
+    snapshots = await watch(fleet, down.id)
+    assert snapshots[-1].state is RunState.SUCCEEDED, snapshots[-1].error
+    assert ops(fleet, "vm.delete") == ["stack-web", "stack-api", "stack-db"]
+    for s in snapshots:
+        if row(s, "db") is not VmRunState.PENDING:
+            assert row(s, "api") is VmRunState.DELETED, s
+        if row(s, "api") is not VmRunState.PENDING:
+            assert row(s, "web") is VmRunState.DELETED, s
+    assert await vm_names(fleet) == []
+    assert list((await stub(fleet).ListPlans(pb.ListPlansRequest())).plans) == []
+    # nothing left: a second destroy succeeds at once
+    empty = run_from_proto((await stub(fleet).DestroyPlan(pb.DestroyPlanRequest(name="stack", request_id="x"))).run)
+    assert empty.state is RunState.SUCCEEDED and empty.vms == ()
+    err = await rpc_error(stub(fleet).DestroyPlan(pb.DestroyPlanRequest(name="nosuch")))
+    assert err.code() == grpc.StatusCode.NOT_FOUND and error_info(err).reason == "PLAN_NOT_FOUND"
+
+
+# ---- resume after the engine stops mid-run ----------------------------------------------------------
+
+
+async def test_a_run_stopped_mid_way_is_resumed_without_duplicates(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    fleet.fakes["h1"].faults.delays["create"] = 0.3  # slow creates, so the stop lands mid-run
+    plan = make_plan(
+        "res",
+        [service("res", f"a{i}") for i in range(4)] + [service("res", f"b{i}", f"a{i}") for i in range(4)],
+        max_parallel=2,
+    )
+    started = await apply(fleet, plan)
+    old = fleet.controller.plans
+
+    async def some_made() -> bool:
+        run = await run_of(fleet, "res")
+        return sum(v.state is VmRunState.READY for v in run.vms) >= 2
+
+    await eventually(some_made, WAIT, "two VMs ready")
+    await old.close()
+    stopped = fleet.controller.store.get_run(started.id)
+    assert stopped.state is RunState.RUNNING and not all(v.state is VmRunState.READY for v in stopped.vms)
+
+    ctl = fleet.controller
+    new = PlanEngine(ctl.store, ctl.vms, ctl.health, place_plan, PlanSettings(lease_seconds=5, poll_seconds=0.05))
+    await new.start()
+    try:
+        assert started.id in new.running()
+
+        async def done() -> bool:
+            return ctl.store.get_run(started.id).done
+
+        await eventually(done, WAIT, "the resumed run to finish")
+        final = ctl.store.get_run(started.id)
+        assert final.state is RunState.SUCCEEDED, final.error
+        creates = Counter(ops(fleet, "vm.create"))
+        assert sorted(creates) == sorted(v.vm for v in final.vms) and set(creates.values()) == {1}
+        assert fleet.fakes["h1"].calls["create"] == 8
+    finally:
+        await new.close()
+
+
+# ---- authorization ----------------------------------------------------------------------------------
+
+
+async def test_plan_service_policy_for_every_principal(fleet: Fleet) -> None:
+    from clonebox_core.security.policy import POLICY
+
+    await fleet.add_agent("h1", ROOMY)
+    svc = descriptor_pool.Default().FindServiceByName("clonebox.controller.v1.PlanService")
+    mismatches = []
+    for kind, role in PRINCIPALS:
+        principal = role or kind
+        transport = fleet.pki.transport(kind, f"walk-{principal}", role)
+        channel = aio_channel(fleet.controller.address, transport, f"controller.{TRUST_DOMAIN}")
+        try:
+            for m in svc.methods:
+                method = f"/{svc.full_name}/{m.name}"
+                code = await _call(channel, method, m)
+                allowed = principal in POLICY[method]
+                denied = code == grpc.StatusCode.PERMISSION_DENIED
+                if allowed == denied or code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+                    mismatches.append((principal, method, code.name))
+        finally:
+            await channel.close()
+    assert mismatches == []

@@ -1,0 +1,552 @@
+"""Plan storage (revisions, runs, leases), run unchanged on SQLite and on PostgreSQL (``store_url``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+
+import pytest
+from sqlalchemy import inspect
+
+from clonebox_controller.store import Store
+from clonebox_controller.store.engine import current_revision
+from clonebox_core.audit.chain import AuditFilter
+from clonebox_core.audit.event import AuditEvent, Outcome, new_event
+from clonebox_core.errors import Aborted, AlreadyExists, NotFound
+from clonebox_core.model import CloudInit, DiskSpec, HypervisorInfo, Resources, VmSpec
+from clonebox_core.plan import (
+    ChangeKind,
+    Condition,
+    Dependency,
+    FailurePolicy,
+    Plan,
+    PlanRun,
+    PlanVm,
+    RunState,
+    UpdatePolicy,
+    VmRunState,
+    VmStatus,
+)
+from clonebox_core.secret import Secret
+from tests.unit.store.conftest import migrate_to
+
+T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+R = TypeVar("R")
+
+
+class Clock:
+    """A settable aware-UTC clock."""
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> datetime:
+        self.now += timedelta(seconds=seconds)
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(store_url: str, clock: Clock) -> Iterator[Store]:
+    with Store.open(store_url, clock=clock) as s:
+        yield s
+
+
+def make_plan(name: str = "shop", vcpus: int = 1, services: tuple[str, ...] = ("db", "web")) -> Plan:
+    """A plan whose services each have a VM named ``<plan>-<service>``; later ones depend on the first."""
+    vms = tuple(
+        PlanVm(
+            service=service,
+            spec=VmSpec(f"{name}-{service}", vcpus=vcpus, memory_mib=512, disks=(DiskSpec("root", size_mib=1024),)),
+            depends_on=() if i == 0 else (Dependency(services[0], Condition.HEALTHY),),
+        )
+        for i, service in enumerate(services)
+    )
+    return Plan(
+        name=name,
+        vms=vms,
+        update=UpdatePolicy(max_parallel=2),
+        on_failure=FailurePolicy.ROLLBACK,
+        source=f"# {name}\n",
+    )
+
+
+def status(plan: str, service: str, state: VmRunState = VmRunState.PENDING, **kw: object) -> VmStatus:
+    return VmStatus(service=service, vm=f"{plan}-{service}", state=state, **kw)  # type: ignore[arg-type]
+
+
+def make_run(
+    run_id: str,
+    plan: str = "shop",
+    revision: int = 1,
+    request_id: str = "",
+    services: tuple[str, ...] = ("db", "web"),
+    action: str = "up",
+) -> PlanRun:
+    return PlanRun(
+        id=run_id,
+        plan=plan,
+        revision=revision,
+        action=action,
+        state=RunState.RUNNING,
+        vms=tuple(status(plan, s, change=ChangeKind.CREATE) for s in services),
+        request_id=request_id,
+        options={"allow_replace": True},
+    )
+
+
+def audit_event(action: str, resource: str) -> AuditEvent:
+    return new_event(action, resource, Outcome.SUCCEEDED, actor="spiffe://t/user/admin/alice")
+
+
+def audit_actions(store: Store) -> list[str]:
+    return [r.event.action for r in store.list_audit(AuditFilter(limit=1000))]
+
+
+def in_threads(n: int, fn: Callable[[int], R]) -> list[R]:
+    """Run ``fn(0..n-1)`` in n threads started together; their results (re-raising the first error)."""
+    barrier = threading.Barrier(n)
+    results: list[R | None] = [None] * n
+    errors: list[BaseException] = []
+
+    def body(i: int) -> None:
+        try:
+            barrier.wait()
+            results[i] = fn(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    if errors:
+        raise errors[0]
+    return [r for r in results if r is not None]
+
+
+# ------------------------------------------------------------------------------------ revisions
+
+
+def test_revisions_are_numbered_and_an_equal_digest_writes_nothing(store: Store, clock: Clock) -> None:
+    first, added = store.save_plan_revision(make_plan(), audit_event("plan.apply", "plans/shop"))
+    assert added and first.revision == 1 and first.create_time == T0 and first.digest
+    assert first.vms == make_plan().vms and first.source == "# shop\n"
+
+    clock.advance(60)
+    same, added = store.save_plan_revision(make_plan(), audit_event("plan.apply", "plans/shop"))
+    assert not added
+    assert (same.revision, same.digest, same.create_time) == (1, first.digest, T0)
+    # a plan read back from the store and saved again is the same plan, whatever revision it carries
+    again, added = store.save_plan_revision(store.get_plan("shop"))
+    assert not added and again.revision == 1
+    assert audit_actions(store) == ["plan.apply"]  # the no-ops wrote no audit record either
+
+    second, added = store.save_plan_revision(make_plan(vcpus=2))
+    assert added and second.revision == 2 and second.create_time == clock.now and second.digest != first.digest
+    current = store.get_plan("shop")
+    assert current.revision == 2 and current.vms[0].spec.vcpus == 2 and current.create_time == clock.now
+    old = store.get_plan("shop", 1)
+    assert old.revision == 1 and old.vms[0].spec.vcpus == 1 and old.digest == first.digest
+    assert old.vms[1].depends_on == (Dependency("db", Condition.HEALTHY),)
+    assert old.update == UpdatePolicy(max_parallel=2)
+    # going back to revision 1's content is a change too: a new revision, not a rewind
+    third, added = store.save_plan_revision(make_plan())
+    assert added and third.revision == 3 and third.digest == first.digest
+
+
+def test_get_of_a_missing_plan_or_revision_is_not_found(store: Store) -> None:
+    with pytest.raises(NotFound) as missing:
+        store.get_plan("nope")
+    assert missing.value.reason == "PLAN_NOT_FOUND" and missing.value.metadata == {"plan": "nope"}
+    assert "nope" in missing.value.message
+    store.save_plan_revision(make_plan())
+    with pytest.raises(NotFound) as no_revision:
+        store.get_plan("shop", 7)
+    assert no_revision.value.reason == "PLAN_NOT_FOUND"
+    assert no_revision.value.metadata == {"plan": "shop", "revision": "7"}
+    assert "7" in no_revision.value.message
+    with pytest.raises(NotFound):
+        store.mark_plan_destroyed("nope")
+    with pytest.raises(NotFound):
+        store.is_plan_destroyed("nope")
+
+
+def test_list_plans_shows_current_revisions_by_name(store: Store) -> None:
+    assert store.list_plans() == []
+    store.save_plan_revision(make_plan("web"))
+    store.save_plan_revision(make_plan("api"))
+    store.save_plan_revision(make_plan("web", vcpus=3))
+    listed = store.list_plans()
+    assert [(p.name, p.revision) for p in listed] == [("api", 1), ("web", 2)]
+    assert listed[1].vms[0].spec.vcpus == 3
+
+
+def test_a_destroyed_plan_is_hidden_kept_and_current_again_when_saved(store: Store, clock: Clock) -> None:
+    store.save_plan_revision(make_plan("api"))
+    store.save_plan_revision(make_plan())
+    store.mark_plan_destroyed("shop")
+    assert store.is_plan_destroyed("shop")
+    assert [p.name for p in store.list_plans()] == ["api"]
+    assert [p.name for p in store.list_plans(include_destroyed=True)] == ["api", "shop"]
+    # still readable: the engine and `clonebox` show a destroyed plan's history
+    assert store.get_plan("shop").revision == 1
+
+    clock.advance(5)
+    again, added = store.save_plan_revision(make_plan())  # same content, but it was destroyed
+    assert added and again.revision == 2 and again.create_time == clock.now
+    assert not store.is_plan_destroyed("shop")
+    assert [p.name for p in store.list_plans()] == ["api", "shop"]
+    # un-marking is possible too (a destroy that failed half-way leaves the plan current)
+    store.mark_plan_destroyed("shop")
+    store.mark_plan_destroyed("shop", destroyed=False)
+    assert not store.is_plan_destroyed("shop")
+
+
+def test_concurrent_saves_never_share_or_skip_a_revision(store_url: str, clock: Clock) -> None:
+    per_thread = 8
+    with Store.open(store_url, clock=clock) as a, Store.open(store_url, clock=clock) as b:
+        stores = (a, b)
+
+        def save(i: int) -> list[int]:
+            # every save is new content (vcpus differ), and the first one of each thread races to
+            # create the plan
+            return [
+                stores[i].save_plan_revision(make_plan(vcpus=100 * (i + 1) + k))[0].revision for k in range(per_thread)
+            ]
+
+        revisions = in_threads(2, save)
+        everything = sorted(revisions[0] + revisions[1])
+        assert everything == list(range(1, 2 * per_thread + 1))
+        assert all(r == sorted(r) for r in revisions)
+        assert a.get_plan("shop").revision == 2 * per_thread
+
+
+# ----------------------------------------------------------------------------------------- runs
+
+
+def test_create_run_stores_the_run_with_its_vms(store: Store, clock: Clock) -> None:
+    store.save_plan_revision(make_plan())
+    clock.advance(1)
+    run, created = store.create_run(make_run("run-1", request_id="req-1"), audit_event("plan.apply", "plans/shop"))
+    assert created and run.version == 1 and run.create_time == run.update_time == clock.now
+    assert run.state is RunState.RUNNING and run.options == {"allow_replace": True} and run.request_id == "req-1"
+    assert [(v.service, v.vm, v.change, v.update_time) for v in run.vms] == [
+        ("db", "shop-db", ChangeKind.CREATE, clock.now),
+        ("web", "shop-web", ChangeKind.CREATE, clock.now),
+    ]
+    assert store.get_run("run-1") == run
+    assert audit_actions(store) == ["plan.apply"]
+    with pytest.raises(NotFound) as missing:
+        store.get_run("run-2")
+    assert missing.value.reason == "PLAN_RUN_NOT_FOUND" and missing.value.metadata == {"run": "run-2"}
+    with pytest.raises(NotFound) as no_plan:
+        store.create_run(make_run("run-3", plan="nope"))
+    assert no_plan.value.reason == "PLAN_NOT_FOUND"
+
+
+def test_create_run_is_idempotent_by_request_id(store: Store, clock: Clock) -> None:
+    store.save_plan_revision(make_plan())
+    store.save_plan_revision(make_plan("other"))
+    first, created = store.create_run(make_run("run-1", request_id="req-1"))
+    assert created
+    clock.advance(1)
+    # a retry (new run id, same request id) gets the first run back, even while it runs
+    again, created = store.create_run(make_run("run-2", request_id="req-1"))
+    assert not created and again == first
+    store.update_run("run-1", state=RunState.SUCCEEDED)
+    again, created = store.create_run(make_run("run-2", request_id="req-1"))
+    assert not created and again.id == "run-1" and again.state is RunState.SUCCEEDED
+    # request ids are per plan
+    other, created = store.create_run(make_run("run-3", plan="other", request_id="req-1"))
+    assert created and other.plan == "other"
+    # runs without a request id never match each other
+    _, created = store.create_run(make_run("run-4"))
+    assert created
+    store.update_run("run-4", state=RunState.FAILED)
+    _, created = store.create_run(make_run("run-5"))
+    assert created
+    assert [r.id for r in store.list_runs("shop")] == ["run-5", "run-4", "run-1"]
+    store.update_run("run-5", state=RunState.SUCCEEDED)
+    with pytest.raises(AlreadyExists) as dup:
+        store.create_run(make_run("run-5"))
+    assert dup.value.reason == "PLAN_RUN_ALREADY_EXISTS"
+
+
+@pytest.mark.parametrize("blocking", [RunState.RUNNING, RunState.ROLLING_BACK])
+def test_a_second_run_while_one_is_unfinished_is_aborted(store: Store, blocking: RunState) -> None:
+    store.save_plan_revision(make_plan())
+    store.save_plan_revision(make_plan("other"))
+    store.create_run(make_run("run-1"))
+    store.update_run("run-1", state=blocking)
+    with pytest.raises(Aborted) as busy:
+        store.create_run(make_run("run-2", action="down"), audit_event("plan.destroy", "plans/shop"))
+    assert busy.value.reason == "PLAN_RUN_IN_PROGRESS"
+    assert busy.value.metadata == {"plan": "shop", "run": "run-1"}
+    assert "run-1" in busy.value.message and "wait" in busy.value.message and "watch" in busy.value.message
+    assert audit_actions(store) == []  # refused: nothing written
+    with pytest.raises(NotFound):
+        store.get_run("run-2")
+    # another plan is not blocked
+    assert store.create_run(make_run("run-3", plan="other"))[1]
+    for final in (RunState.ROLLED_BACK, RunState.FAILED, RunState.SUCCEEDED):
+        store.update_run("run-1", state=final)
+        run, created = store.create_run(make_run(f"run-after-{final.value}"))
+        assert created
+        store.update_run(run.id, state=RunState.SUCCEEDED)
+
+
+def test_update_run_bumps_the_version_and_upserts_vm_rows_in_order(store: Store, clock: Clock) -> None:
+    store.save_plan_revision(make_plan())
+    created_at = clock.now
+    store.create_run(make_run("run-1", services=("db", "web", "cache")))
+
+    clock.advance(10)
+    t1 = clock.now
+    run = store.update_run(
+        "run-1",
+        vms=[
+            status("shop", "web", VmRunState.CREATING, step="define", host="h1", change=ChangeKind.CREATE),
+        ],
+    )
+    assert run.version == 2 and run.update_time == t1 and run.create_time == created_at
+    assert run.state is RunState.RUNNING and run.error == ""
+    assert [v.service for v in run.vms] == ["db", "web", "cache"]
+    web = run.vms[1]
+    assert (web.state, web.step, web.host, web.update_time) == (VmRunState.CREATING, "define", "h1", t1)
+    assert run.vms[0].update_time == created_at  # rows not given are untouched
+
+    clock.advance(10)
+    t2 = clock.now
+    run = store.update_run(
+        "run-1",
+        state=RunState.ROLLING_BACK,
+        error="web failed its health check",
+        vms=[
+            status("shop", "web", VmRunState.FAILED, error="unhealthy", failed_probe="http", host="h1", created=True),
+            # a service the run had no row for yet goes after the others
+            status("shop", "extra", VmRunState.SKIPPED),
+            status("shop", "db", VmRunState.READY, host="h2", change=ChangeKind.NONE),
+        ],
+        audit=audit_event("plan.rollback", "plans/shop"),
+    )
+    assert run.version == 3 and run.state is RunState.ROLLING_BACK and run.error == "web failed its health check"
+    assert [v.service for v in run.vms] == ["db", "web", "cache", "extra"]
+    assert [v.update_time for v in run.vms] == [t2, t2, created_at, t2]
+    web = run.vms[1]
+    assert (web.state, web.failed_probe, web.error, web.created) == (VmRunState.FAILED, "http", "unhealthy", True)
+    assert run.vms[0].change is ChangeKind.NONE and run.vms[0].host == "h2"
+    assert store.get_run("run-1") == run
+    assert audit_actions(store) == ["plan.rollback"]
+
+    # neither state nor error given: both stay; the version still moves
+    clock.advance(1)
+    run = store.update_run("run-1")
+    assert run.version == 4 and run.state is RunState.ROLLING_BACK and run.error == "web failed its health check"
+    run = store.update_run("run-1", state=RunState.ROLLED_BACK, error="")
+    assert run.version == 5 and run.done and run.error == ""
+    with pytest.raises(NotFound) as missing:
+        store.update_run("nope", state=RunState.FAILED)
+    assert missing.value.reason == "PLAN_RUN_NOT_FOUND"
+
+
+def test_a_failed_update_changes_nothing(store: Store) -> None:
+    store.save_plan_revision(make_plan())
+    before, _ = store.create_run(make_run("run-1"))
+    # the audit append fails after the run's changes were flushed: all of it rolls back
+    bad = dataclasses.replace(audit_event("plan.apply", "plans/shop"), actor=None)  # type: ignore[arg-type]
+    with pytest.raises(Exception):  # noqa: B017  # the database's or the chain's own error
+        store.update_run("run-1", state=RunState.FAILED, vms=[status("shop", "db", VmRunState.FAILED)], audit=bad)
+    assert store.get_run("run-1") == before
+    assert audit_actions(store) == []
+
+
+def test_list_runs_is_newest_first_and_limited(store: Store, clock: Clock) -> None:
+    store.save_plan_revision(make_plan())
+    store.save_plan_revision(make_plan("other"))
+    assert store.list_runs("shop") == [] and store.latest_run("shop") is None
+    assert store.list_runs("nope") == [] and store.latest_run("nope") is None
+    for i in range(5):
+        clock.advance(1)
+        store.create_run(make_run(f"run-{i}"))
+        store.update_run(f"run-{i}", state=RunState.SUCCEEDED)
+    store.create_run(make_run("other-run", plan="other"))
+    assert [r.id for r in store.list_runs("shop")] == ["run-4", "run-3", "run-2", "run-1", "run-0"]
+    limited = store.list_runs("shop", limit=2)
+    assert [r.id for r in limited] == ["run-4", "run-3"]
+    assert [v.service for v in limited[1].vms] == ["db", "web"]
+    assert [r.id for r in store.list_runs("shop", limit=0)] == ["run-4"]
+    latest = store.latest_run("shop")
+    assert latest is not None and latest.id == "run-4" and latest.state is RunState.SUCCEEDED
+    other = store.latest_run("other")
+    assert other is not None and other.id == "other-run"
+
+
+# --------------------------------------------------------------------------------------- leases
+
+
+def test_claim_lease_expiry_and_release(store: Store, clock: Clock) -> None:
+    for name in ("a", "b", "c"):
+        store.save_plan_revision(make_plan(name))
+    store.create_run(make_run("run-a", plan="a"))
+    clock.advance(1)
+    store.create_run(make_run("run-b", plan="b"))
+    store.create_run(make_run("run-c", plan="c"))
+    store.update_run("run-c", state=RunState.SUCCEEDED)  # finished runs are never handed out
+
+    claimed = store.claim_runs("ctl-1", 30)
+    assert [r.id for r in claimed] == ["run-a", "run-b"]  # oldest first, with their VMs
+    assert [v.service for v in claimed[0].vms] == ["db", "web"]
+    assert store.plan_run_lease("run-a") == ("ctl-1", clock.now + timedelta(seconds=30))
+    assert store.claim_runs("ctl-2", 30) == []
+
+    clock.advance(20)
+    assert store.claim_runs("ctl-2", 30) == []
+    # the owner renews its own leases
+    assert [r.id for r in store.claim_runs("ctl-1", 30)] == ["run-a", "run-b"]
+    assert store.plan_run_lease("run-b") == ("ctl-1", clock.now + timedelta(seconds=30))
+    clock.advance(20)
+    assert store.claim_runs("ctl-2", 30) == []  # renewed 20 s ago: still ctl-1's
+
+    store.update_run("run-b", state=RunState.ROLLING_BACK)  # rolling back is unfinished: still leased
+    clock.advance(11)  # ctl-1 died: its leases expired
+    assert [r.id for r in store.claim_runs("ctl-2", 30)] == ["run-a", "run-b"]
+    assert store.claim_runs("ctl-1", 30) == []
+
+    store.release_run("run-a", "ctl-1")  # not ctl-1's any more: a no-op
+    assert store.plan_run_lease("run-a")[0] == "ctl-2"
+    store.release_run("run-a", "ctl-2")
+    store.release_run("nope", "ctl-2")  # an unknown run: nothing to give up
+    assert store.plan_run_lease("run-a") == ("", None)
+    # released: another controller may take it at once, before any expiry
+    assert [r.id for r in store.claim_runs("ctl-1", 30)] == ["run-a"]
+    store.update_run("run-b", state=RunState.ROLLED_BACK)
+    assert [r.id for r in store.claim_runs("ctl-2", 30)] == []
+    with pytest.raises(NotFound):
+        store.plan_run_lease("nope")
+    with pytest.raises(ValueError):
+        store.claim_runs("", 30)
+    with pytest.raises(ValueError):
+        store.claim_runs("ctl-1", 0)
+
+
+def test_a_run_created_with_an_owner_is_leased_at_once(store: Store, clock: Clock) -> None:
+    store.save_plan_revision(make_plan())
+    run, _ = store.create_run(make_run("run-1"), owner="ctl-1", lease_seconds=30)
+    assert store.plan_run_lease("run-1") == ("ctl-1", clock.now + timedelta(seconds=30))
+    assert store.claim_runs("ctl-2", 30) == []
+    assert [r.id for r in store.claim_runs("ctl-1", 30)] == [run.id]
+    with pytest.raises(ValueError):
+        store.create_run(make_run("run-2"), owner="ctl-1")
+
+
+def test_concurrent_claims_never_hand_a_run_to_two_controllers(store_url: str, clock: Clock) -> None:
+    with Store.open(store_url, clock=clock) as a, Store.open(store_url, clock=clock) as b:
+        stores = (a, b)
+        for round_ in range(4):
+            ids = set()
+            for p in range(6):
+                name = f"p{p}"
+                a.save_plan_revision(make_plan(name))
+                run, _ = a.create_run(make_run(f"r{round_}-{p}", plan=name))
+                ids.add(run.id)
+            got = in_threads(2, lambda i: {r.id for r in stores[i].claim_runs(f"ctl-{i}", 30)})
+            assert got[0] | got[1] == ids and not got[0] & got[1]
+            for run_id in ids:
+                a.update_run(run_id, state=RunState.SUCCEEDED)
+
+
+def test_concurrent_create_run_lets_one_through(store_url: str, clock: Clock) -> None:
+    with Store.open(store_url, clock=clock) as a, Store.open(store_url, clock=clock) as b:
+        stores = (a, b)
+        a.save_plan_revision(make_plan())
+        for round_ in range(4):
+            # different run ids, no request id: one is created, the other is refused
+            def create(i: int, round_: int = round_) -> str:
+                try:
+                    return "created" if stores[i].create_run(make_run(f"r{round_}-{i}"))[1] else "existing"
+                except Aborted:
+                    return "aborted"
+
+            assert sorted(in_threads(2, create)) == ["aborted", "created"]
+            running = a.latest_run("shop")
+            assert running is not None
+            a.update_run(running.id, state=RunState.SUCCEEDED)
+
+            # one request id sent twice: one run, returned to both
+            def retry(i: int, round_: int = round_) -> tuple[str, bool]:
+                run, created = stores[i].create_run(make_run(f"q{round_}-{i}", request_id=f"req-{round_}"))
+                return run.id, created
+
+            results = in_threads(2, retry)
+            assert results[0][0] == results[1][0] and sorted(c for _, c in results) == [False, True]
+            a.update_run(results[0][0], state=RunState.SUCCEEDED)
+
+
+# ----------------------------------------------------------------------------------- migrations
+
+
+def test_upgrade_from_0004_keeps_data(store_url: str) -> None:
+    assert "plans" not in migrate_to(store_url, "0004")
+    # a 0004 database with a host in it
+    with Store.open(store_url, migrate=False) as old:
+        r = Resources(2, 2048, 10_000)
+        old.upsert_host_registration("h1", "h1:7000", r, r, HypervisorInfo(uri="test:///default"), 1)
+    with Store.open(store_url) as new:
+        assert current_revision(new.engine) == "0005"
+        assert {"plans", "plan_revisions", "plan_runs", "plan_run_vms"} <= set(inspect(new.engine).get_table_names())
+        assert [h.name for h in new.list_hosts()] == ["h1"]
+        assert new.save_plan_revision(make_plan())[0].revision == 1
+        assert new.create_run(make_run("run-1"))[1]
+    # and back down, and up again
+    assert not {"plans", "plan_revisions", "plan_runs", "plan_run_vms"} & migrate_to(store_url, "0004", down=True)
+    with Store.open(store_url) as again:
+        assert again.list_plans() == [] and [h.name for h in again.list_hosts()] == ["h1"]
+
+
+def test_plan_body_round_trips_every_field(store: Store) -> None:
+    plan = dataclasses.replace(
+        make_plan(services=("db", "web", "worker")),
+        update=UpdatePolicy(max_parallel=1, min_healthy_time_ms=500, healthy_deadline_ms=9000, auto_revert=True),
+        on_failure=FailurePolicy.LEAVE,
+    )
+    plan = dataclasses.replace(plan, vms=(*plan.vms[:2], dataclasses.replace(plan.vms[2], host="h7")))
+    stored, _ = store.save_plan_revision(plan)
+    back = store.get_plan("shop")
+    assert back == stored
+    assert back.vms == plan.vms and back.update == plan.update and back.on_failure is FailurePolicy.LEAVE
+
+
+def secret_plan() -> Plan:
+    plan = make_plan()
+    cloud_init = CloudInit(Secret("#cloud-config\npassword: hunter2\n"))
+    db = dataclasses.replace(plan.vms[0], spec=dataclasses.replace(plan.vms[0].spec, cloud_init=cloud_init))
+    return dataclasses.replace(plan, vms=(db, plan.vms[1]))
+
+
+def test_stored_revisions_keep_what_a_resumed_run_needs(store: Store) -> None:
+    # like a VM create's operation: the user-data a resumed run boots the VM with (readers get plans redacted)
+    stored, _ = store.save_plan_revision(secret_plan())
+    back = store.get_plan("shop").vms[0].spec.cloud_init
+    assert back is not None and "hunter2" in back.user_data.reveal()
+    # the plan file read again is the same plan
+    assert store.save_plan_revision(secret_plan()) == (stored, False)
+
+
+def test_saving_a_read_back_plan_with_secrets_adds_no_revision(store: Store) -> None:
+    store.save_plan_revision(secret_plan())
+    back = store.get_plan("shop")
+    # the stored revision keeps what a resumed run needs to create the VMs
+    assert back.vms == secret_plan().vms
+    assert store.save_plan_revision(back)[1] is False
