@@ -162,9 +162,10 @@ class HostRegistry:
         client = self._gateway.client(host.name, host.address)
         while True:
             try:
+                listed_at = datetime.now(UTC)
                 vms, revision = await client.list_vms()
                 self._reported[host.name] = {vm.name for vm in vms}
-                changed = await asyncio.to_thread(self._store.reconcile_host, host.name, vms)
+                changed = await asyncio.to_thread(self._store.reconcile_host, host.name, vms, listed_at)
                 await asyncio.to_thread(self._store.set_agent_revision, host.name, revision.epoch, revision.sequence)
                 if changed:
                     log.info("host %s reconciled: %s", host.name, ", ".join(changed))
@@ -197,7 +198,7 @@ class HostRegistry:
             if name not in names:
                 continue
             try:
-                await asyncio.to_thread(self._store.reconcile_host, host, await self._host_listing(host))
+                await asyncio.to_thread(self._store.reconcile_host, host, *await self._host_listing(host))
             except CloneboxError as exc:
                 log.info("adopting %s from host %s: %s (the next listing will)", name, host, exc)
 
@@ -211,7 +212,7 @@ class HostRegistry:
             current = await asyncio.to_thread(self._store.get_vm, vm.name)
         except NotFound:
             if not deleted:
-                await asyncio.to_thread(self._store.reconcile_host, host, await self._host_listing(host))
+                await asyncio.to_thread(self._store.reconcile_host, host, *await self._host_listing(host))
             return
         if current.host != host or current.state in (VmState.PENDING, VmState.DELETING):
             # the running operation records the outcome; an event must not race it
@@ -226,10 +227,12 @@ class HostRegistry:
         )
         self.refresh_addresses(vm)
 
-    async def _host_listing(self, host: str) -> list[Vm]:
+    async def _host_listing(self, host: str) -> tuple[list[Vm], datetime]:
+        """The host's VMs, and when they were asked for (see ``reconcile_host``'s ``listed_at``)."""
         h = await asyncio.to_thread(self._store.get_host, host)
+        listed_at = datetime.now(UTC)
         vms, _ = await self.client_for(h).list_vms()
-        return vms
+        return vms, listed_at
 
     async def _sweep(self) -> None:
         while True:

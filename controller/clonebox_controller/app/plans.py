@@ -78,12 +78,6 @@ _REQUEST_LOOKBACK = 50
 _PAGE = 1000
 #: an execution that crashed on an unexpected error is retried this often before the run fails
 _MAX_ATTEMPTS = 3
-#: VM deletes a run has in flight at once, whatever max_parallel says. Two deletes on one host that
-#: overlap can leave the fleet view with a ghost of one of them: the host registry's reconcile after a
-#: delete lists the host, and a VM whose release commits between that listing and the reconcile is
-#: adopted again, then marked FAILED "vanished from host" (clonebox_controller.app.hosts). Until that is
-#: fixed there, a run deletes one VM at a time so that "rollback leaves nothing" holds in the fleet view.
-_DELETE_PARALLEL = 1
 
 
 @dataclass(frozen=True)
@@ -749,7 +743,8 @@ class _Execution:
         #: rows changed and not yet written, and the lock that makes writes one at a time
         self.pending: dict[str, VmStatus] = {}
         self.write_lock = asyncio.Lock()
-        self.delete_sem = asyncio.Semaphore(_DELETE_PARALLEL)
+        #: deletes have their own slots: a replace deletes while it holds a create slot
+        self.delete_sem = asyncio.Semaphore(max(1, plan.update.max_parallel))
         #: who waits for whom, and how: service -> [(dependent, condition)]
         self.users: dict[str, list[tuple[str, Condition]]] = {}
         for v in plan.vms:

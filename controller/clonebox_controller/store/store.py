@@ -43,6 +43,7 @@ from sqlalchemy import (
     delete,
     exists,
     func,
+    or_,
     select,
     update,
 )
@@ -966,9 +967,13 @@ class Store:
 
         return self._run(tx, write=False)
 
-    def reconcile_host(self, host: str, observed: list[Vm]) -> list[str]:
+    def reconcile_host(self, host: str, observed: list[Vm], listed_at: datetime | None = None) -> list[str]:
         """
         Align the store with a fresh, complete listing of ``host``'s VMs; return changed names.
+
+        ``listed_at`` is when the listing was asked for: a VM in it whose delete operation is still
+        running or ended after that moment was deleted after the agent answered, and is not adopted
+        again (otherwise two overlapping deletes on one host leave a ghost of one of them).
 
         * VMs in both: observed state, uuid, addresses and state reason are recorded.
         * VMs only the agent has: adopted (inserted with their spec's reservation) - the host runs
@@ -1001,6 +1006,20 @@ class Store:
                     )
                 ).scalars()
             )
+            deleted_since: set[str] = set()
+            if listed_at is not None:
+                deleted_since = {
+                    str(name)
+                    for name in session.execute(
+                        select(OperationRow.vm_name).where(
+                            OperationRow.kind == "vm.delete",
+                            OperationRow.error_code == "",
+                            or_(OperationRow.done.is_(False), OperationRow.update_time >= listed_at),
+                            OperationRow.vm_name.in_([n for n in seen if n not in known]),
+                        )
+                    ).scalars()
+                    if name
+                }
             now = self._now()
             for name in sorted(seen):
                 vm = seen[name]
@@ -1014,6 +1033,8 @@ class Store:
                         state_reason=vm.state_reason,
                     ):
                         changed.append(name)
+                elif name in deleted_since:
+                    _log.info("host %s listed VM %s before its delete ended: not adopted", host, name)
                 elif name in elsewhere:
                     _log.warning(
                         "host %s reports VM %s that the store places on %s; left as is",

@@ -614,6 +614,28 @@ def test_reconcile_host(store: Store) -> None:
         store.reconcile_host("nope", [])
 
 
+def test_reconcile_does_not_adopt_what_was_deleted_after_the_listing(store: Store, clock: FakeClock) -> None:
+    # two deletes overlap on one host: the listing for one was taken while the other VM still existed
+    register(store, "a")
+    for name in ("x", "y"):
+        store.reserve_vm(spec(name), "a", create_op(name))
+        store.finish_operation(f"op-{name}")
+    listed_at = clock.advance(1)
+    stale = [observed("x", "a")]  # the agent answered before it deleted x
+    clock.advance(1)
+    store.begin_operation(Operation(id="op-del-x", kind="vm.delete", target="vms/x"))
+    store.release_vm("x")
+    # the delete is still running, then it has ended after the listing: x is not adopted either way
+    assert store.reconcile_host("a", stale, listed_at) == ["y"]
+    store.finish_operation("op-del-x")
+    assert store.reconcile_host("a", stale, listed_at) == []
+    with pytest.raises(NotFound):
+        store.get_vm("x")
+    # a listing taken after the delete ended (x still there: a new VM of that name) is adopted as before
+    assert store.reconcile_host("a", stale, clock.advance(1)) == ["x"]
+    assert store.get_vm("x").host == "a"
+
+
 # ---------------------------------------------------------------------------- operations
 
 
