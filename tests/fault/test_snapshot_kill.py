@@ -350,10 +350,10 @@ def test_sigkill_during_import(fleet: RealFleet, vms: Vms, step: str) -> None:
 #: the revert before its commit point are rolled back: the backup goes, the disks and the running VM come
 #: back. At the commit point (``revert:retire``) and after it (``restore:commit``, before the journal
 #: records the outcome) recovery finishes the restore instead: the guest reads the snapshot's marker.
+#: (internal snapshot:commit and external revert:stopped passed too; they repeat paths the cases below take
+#: and the fake-hypervisor tests in tests/unit/agent/test_snapshots_manager.py cover, and CI time is dear)
 RESTORE_CASES = [
-    ("internal", "snapshot:commit", "two"),
     ("external", "snapshot:commit", "two"),
-    ("external", "revert:stopped", "two"),
     ("external", "revert:swapped", "two"),
     ("external", "revert:retire", "one"),
     ("internal", "restore:commit", "one"),
