@@ -1053,7 +1053,9 @@ def ps(
         return
     table = output.make_table("PLAN", "SERVICE", "VM", "STATE", "HEALTH", "HOST", "ADDRESS")
     for row in rows:
-        address = row.vm.addresses[0].address if row.vm.addresses else "-"
+        # one column: the address a user connects to (IPv4 when there is one, not a link-local IPv6)
+        found = [a.address for a in row.vm.addresses]
+        address = next((a for a in found if ":" not in a), found[0] if found else "-")
         table.add_row(
             row.plan, row.service, row.vm.name, vm_state_word(row.vm), row.health, row.vm.host or "-", address
         )

@@ -510,6 +510,10 @@ def test_ps(runner: CliRunner, fake_controller: FakeController, tmp_path: Path) 
     fleet = fake_controller.fleet
     fleet.health["stack-db"] = health_pb2.VmHealth(vm="stack-db", host="local", state=health_pb2.HEALTH_STATE_HEALTHY)
     fleet.vms["stack-api"].state = vm_pb2.VM_STATE_STOPPED
+    # a guest agent may list a link-local IPv6 address first: the column shows the IPv4 one
+    fleet.vms["stack-db"].addresses.insert(
+        0, vm_pb2.IpAddress(interface="eth0", address="fe80::1", prefix=64, source="agent")
+    )
     r = cli(runner, fake_controller, "ps")
     assert r.exit_code == 0, r.output
     lines = [line.split() for line in r.stdout.splitlines()]
@@ -530,7 +534,7 @@ def test_ps(runner: CliRunner, fake_controller: FakeController, tmp_path: Path) 
         "state": "running",
         "health": "healthy",
         "host": "local",
-        "addresses": ["10.0.0.5"],
+        "addresses": ["fe80::1", "10.0.0.5"],
     }
 
 
