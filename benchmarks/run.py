@@ -36,6 +36,7 @@ import bench_health
 import bench_journal
 import bench_listvms
 import bench_mtls
+import bench_plans
 import bench_snapshots
 import bench_tracing
 from common import BenchResult, Options, Runner, load_average, machine_info
@@ -52,6 +53,10 @@ BENCHMARKS: dict[str, tuple[str, Runner]] = {
     "snapshots": (
         "snapshot create/restore vs raw libvirt calls, export/import vs qemu-img convert + zstd",
         bench_snapshots.run,
+    ),
+    "plans": (
+        "a 50-VM plan of depth 5 (200 ms creates) vs its lower bound, and controller cost per VM",
+        bench_plans.run,
     ),
 }
 

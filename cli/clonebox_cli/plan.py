@@ -248,9 +248,7 @@ def changes_summary(changes: Sequence[VmChange]) -> str:
     ]
     text = ", ".join(parts) or "no VMs"
     if counts[ChangeKind.REPLACE]:
-        text += (
-            "\nreplace deletes and re-creates a VM (a snapshot is taken first): it needs 'clonebox up --allow-replace'"
-        )
+        text += "\nreplace deletes and re-creates a VM (its disks are NOT kept): it needs 'clonebox up --allow-replace'"
     return text
 
 
@@ -619,8 +617,8 @@ def up(
         bool,
         typer.Option(
             "--allow-replace",
-            help="Allow changes that delete and re-create VMs (disks, boot, network, cloud-init); a snapshot is "
-            "taken first.",
+            help="Allow changes that delete and re-create VMs (disks, boot, network, cloud-init); the old VM's "
+            "disks are not kept (export a snapshot first if you need them).",
         ),
     ] = False,
     request_id: RequestIdOpt = None,
@@ -781,8 +779,8 @@ def diff(ctx: typer.Context, *, file: FileOpt = None) -> None:
     Show what 'clonebox up' would change, VM by VM: none, create, in place, restart, replace, remove.
 
     "in place" leaves the guest running (labels, health checks); "restart" stops and starts it (vCPUs,
-    memory) and keeps its disks; "replace" deletes and re-creates it (disks, boot, network, cloud-init)
-    after a snapshot, and needs 'clonebox up --allow-replace'.
+    memory) and keeps its disks; "replace" deletes and re-creates it (disks, boot, network, cloud-init;
+    the old disks are not kept), and needs 'clonebox up --allow-replace'.
     """
     s = settings(ctx)
     plan, path = load_plan(file)
@@ -1054,8 +1052,8 @@ def ps(
     table = output.make_table("PLAN", "SERVICE", "VM", "STATE", "HEALTH", "HOST", "ADDRESS")
     for row in rows:
         # one column: the address a user connects to (IPv4 when there is one, not a link-local IPv6)
-        found = [a.address for a in row.vm.addresses]
-        address = next((a for a in found if ":" not in a), found[0] if found else "-")
+        addresses = [a.address for a in row.vm.addresses]
+        address = next((a for a in addresses if ":" not in a), addresses[0] if addresses else "-")
         table.add_row(
             row.plan, row.service, row.vm.name, vm_state_word(row.vm), row.health, row.vm.host or "-", address
         )
