@@ -282,3 +282,23 @@ async def test_an_external_revert_is_stepped_and_a_failure_puts_everything_back(
     assert [(s.name, s.current) for s in await h.hv.list_snapshots(spec.name)] == [("e1", True), ("e2", False)]
     # one overlay replaced by another: the superseded one is gone, e2's frozen file stays
     assert len((await h.hv.inventory()).volumes) == len(volumes)
+
+
+@pytest.mark.requires(Capability.HOST_FILES)
+async def test_deleting_a_middle_external_snapshot_of_a_stopped_vm_rebases_its_children(h: Harness) -> None:
+    # e1's frozen file has e2's frozen file above it (not the active one): the stopped-VM rebase path
+    spec = h.spec()
+    await h.hv.create(spec, start=False)
+    await h.hv.create_snapshot(spec.name, "e1", kind=EXTERNAL)
+    await h.hv.create_snapshot(spec.name, "e2", kind=EXTERNAL)
+    volumes = (await h.hv.inventory()).volumes
+    assert await h.hv.delete_snapshot(spec.name, "e1") == ["e1"]
+    listed = await h.hv.list_snapshots(spec.name)
+    assert [(s.name, s.parent) for s in listed] == [("e2", "")]
+    # a delete makes nothing; on libvirt e1's frozen image went into e2's and is gone (the fake has no files)
+    after = set((await h.hv.inventory()).volumes)
+    assert after <= set(volumes)
+    assert len(after) == len(volumes) - (1 if h.kind.startswith("libvirt") else 0)
+    # and the rest still forms a chain that boots
+    await h.hv.revert_snapshot(spec.name, "e2", start=True)
+    assert (await h.hv.get(spec.name)).state == VmState.RUNNING
