@@ -124,17 +124,6 @@ class HealthReader(Protocol):
 class EngineStore(FleetStore, PlanStore, Protocol):
     """The store as the engine uses it: fleet and plans (one ``Store``)."""
 
-    def create_run(
-        self,
-        run: PlanRun,
-        audit: AuditEvent | None = None,
-        *,
-        owner: str = "",
-        lease_seconds: float = 0.0,
-    ) -> tuple[PlanRun, bool]:
-        """``PlanStore.create_run``; with ``owner`` the new run is leased to it in the same transaction."""
-        ...
-
 
 @dataclass(frozen=True)
 class Validation:

@@ -178,8 +178,10 @@ class PlanStore(Protocol):
         """After a finished destroy the plan is listed no more (its revisions and runs are kept)."""
         ...
 
-    def create_run(self, run: PlanRun, audit: AuditEvent | None = None) -> tuple[PlanRun, bool]:
-        """Insert ``run`` (with its VM rows) and True.
+    def create_run(
+        self, run: PlanRun, audit: AuditEvent | None = None, *, owner: str = "", lease_seconds: float = 0.0
+    ) -> tuple[PlanRun, bool]:
+        """Insert ``run`` (with its VM rows) and True; with ``owner`` it is leased to it in the same transaction.
 
         With a request id already used for this plan: the existing run and False. Aborted
         PLAN_RUN_IN_PROGRESS when another run of the plan is not done.
