@@ -249,9 +249,13 @@ class VmManager:
         ``with_snapshots``, so the user learns before an operation is recorded; the agent checks
         again when it deletes (the snapshots may appear in between).
         """
+        check_dns_label("name", name)
         if not with_snapshots:
             await self._refuse_if_snapshots(name)
-        return await self._begin("vm.delete", name, request_id, {"with_snapshots": "1" if with_snapshots else ""})
+        vm = await asyncio.to_thread(self._store.get_vm, name)
+        # the host tells a later listing of that host that this VM is going (FleetStore.reconcile_host)
+        params = {"with_snapshots": "1" if with_snapshots else "", "host": vm.host}
+        return await self._begin("vm.delete", name, request_id, params)
 
     async def _refuse_if_snapshots(self, name: str) -> None:
         check_dns_label("name", name)

@@ -971,9 +971,10 @@ class Store:
         """
         Align the store with a fresh, complete listing of ``host``'s VMs; return changed names.
 
-        ``listed_at`` is when the listing was asked for: a VM in it whose delete operation is still
-        running or ended after that moment was deleted after the agent answered, and is not adopted
-        again (otherwise two overlapping deletes on one host leave a ghost of one of them).
+        ``listed_at`` is when the listing was asked for: a VM in it whose delete operation (of the VM
+        on this host) is still running or ended after that moment was deleted after the agent
+        answered, and is not adopted again (otherwise two overlapping deletes on one host leave a
+        ghost of one of them).
 
         * VMs in both: observed state, uuid, addresses and state reason are recorded.
         * VMs only the agent has: adopted (inserted with their spec's reservation) - the host runs
@@ -1010,15 +1011,16 @@ class Store:
             if listed_at is not None:
                 deleted_since = {
                     str(name)
-                    for name in session.execute(
-                        select(OperationRow.vm_name).where(
+                    for name, params in session.execute(
+                        select(OperationRow.vm_name, OperationRow.params).where(
                             OperationRow.kind == "vm.delete",
                             OperationRow.error_code == "",
                             or_(OperationRow.done.is_(False), OperationRow.update_time >= listed_at),
                             OperationRow.vm_name.in_([n for n in seen if n not in known]),
                         )
-                    ).scalars()
-                    if name
+                    )
+                    # only a delete of the VM on this host: a same-named VM elsewhere may be waiting for the name
+                    if name and (params or {}).get("host") == host
                 }
             now = self._now()
             for name in sorted(seen):

@@ -26,9 +26,19 @@ def ts_to_proto(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     return out
 
 
-def ts_from_proto(msg: timestamp_pb2.Timestamp, present: bool) -> datetime | None:
-    """A Timestamp as an aware UTC datetime, or None when the field was unset."""
-    return msg.ToDatetime(tzinfo=UTC) if present else None
+def ts_from_proto(msg: timestamp_pb2.Timestamp, present: bool, field: str = "timestamp") -> datetime | None:
+    """A Timestamp as an aware UTC datetime, or None when the field was unset.
+
+    A value outside years 1-9999 (or nanos outside 0..999,999,999) is InvalidArgument naming ``field``:
+    it came from a client, and must not become an INTERNAL error.
+    """
+    if not present:
+        return None
+    try:
+        return msg.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        shown = f"{msg.seconds} s + {msg.nanos} ns"
+        raise errors.invalid_field(field, f"{shown} is not a valid time (years 1-9999 only)") from None
 
 
 def resources_to_proto(r: model.Resources) -> resources_pb2.Resources:

@@ -124,7 +124,7 @@ def plan_from_proto(m: plan_pb2.Plan) -> Plan:
         source=m.source,
         revision=m.revision,
         digest=m.digest,
-        create_time=convert.ts_from_proto(m.create_time, m.HasField("create_time")),
+        create_time=convert.ts_from_proto(m.create_time, m.HasField("create_time"), "plan.create_time"),
     )
 
 

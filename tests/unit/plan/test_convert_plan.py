@@ -173,3 +173,18 @@ def test_run_options_stay_on_the_server() -> None:
 def test_unspecified_run_state_is_running() -> None:
     run = run_from_proto(plan_pb2.PlanRun(id="r", plan="stack"))
     assert run.state is RunState.RUNNING and not run.done and run.create_time is None
+
+
+def test_a_time_no_calendar_has_is_an_invalid_argument_naming_the_field() -> None:
+    # found by the RPC fuzzer: a client's create_time out of range was an INTERNAL error
+    from clonebox.type.v1 import plan_pb2
+
+    from clonebox_core.errors import InvalidArgument
+    from clonebox_core.rpc.convert_plan import plan_from_proto
+
+    for seconds, nanos in ((-(2**63), 0), (2**63 - 2, 0), (0, 2**31 - 2)):
+        m = plan_pb2.Plan(name="stack")
+        m.create_time.seconds, m.create_time.nanos = seconds, nanos
+        with pytest.raises(InvalidArgument) as err:
+            plan_from_proto(m)
+        assert err.value.metadata["field"] == "plan.create_time"

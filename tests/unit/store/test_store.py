@@ -623,7 +623,9 @@ def test_reconcile_does_not_adopt_what_was_deleted_after_the_listing(store: Stor
     listed_at = clock.advance(1)
     stale = [observed("x", "a")]  # the agent answered before it deleted x
     clock.advance(1)
-    store.begin_operation(Operation(id="op-del-x", kind="vm.delete", target="vms/x"))
+    # a delete of a same-named VM on another host does not hide this host's x
+    store.begin_operation(Operation(id="op-del-x-b", kind="vm.delete", target="vms/x", params={"host": "b"}))
+    store.begin_operation(Operation(id="op-del-x", kind="vm.delete", target="vms/x", params={"host": "a"}))
     store.release_vm("x")
     # the delete is still running, then it has ended after the listing: x is not adopted either way
     assert store.reconcile_host("a", stale, listed_at) == ["y"]
@@ -632,6 +634,7 @@ def test_reconcile_does_not_adopt_what_was_deleted_after_the_listing(store: Stor
     with pytest.raises(NotFound):
         store.get_vm("x")
     # a listing taken after the delete ended (x still there: a new VM of that name) is adopted as before
+    store.finish_operation("op-del-x-b")
     assert store.reconcile_host("a", stale, clock.advance(1)) == ["x"]
     assert store.get_vm("x").host == "a"
 
