@@ -269,8 +269,18 @@ class ControllerClient:
         self._reached = True
         return response
 
+    def reconnect(self) -> None:
+        """Drop the channel so the next call dials at once, with the same credentials.
+
+        Unlike ``close()`` it keeps knowing that this client reached the controller: a stream lost
+        after that (a quiet watch whose connection dropped) is an outage, never a rejected certificate.
+        """
+        reached = self._reached
+        self.close()
+        self._reached = reached
+
     def close(self) -> None:
-        """Close the channel (idempotent)."""
+        """Close the channel (idempotent); the next call dials again, as a first call (after a renewal)."""
         if self._channel is not None:
             self._channel.close()
             self._channel = None

@@ -442,7 +442,6 @@ class RunFollower:
         delay = _FIRST_BACKOFF
         #: when the current outage began (None: the last stream worked)
         failing_since: float | None = None
-        fresh = False
         while self.last is None or not self.last.done:
             last = self.last
             request = ps_pb2.WatchPlanRequest(
@@ -453,9 +452,6 @@ class RunFollower:
             received = 0
             opened = time.monotonic()
             try:
-                if fresh:
-                    self._reach(request.plan)
-                    fresh = False
                 for response in self.client.stream(self.client.plans.WatchPlan, request):
                     received += 1
                     self.connected = True
@@ -484,27 +480,10 @@ class RunFollower:
                 )
             self.notice(f"reconnecting… ({reason}; next try in {delay:.1f} s)")
             # a fresh channel dials at once (gRPC's own reconnect back-off could wait much longer)
-            self.client.close()
-            fresh = True
+            self.client.reconnect()
             time.sleep(delay)
             delay = min(delay * 2, _MAX_BACKOFF)
         return self.last
-
-    def _reach(self, plan: str) -> None:
-        """
-        One unary call on a fresh channel before its stream.
-
-        Closing the channel makes the client forget that it ever reached the controller, and then a stream
-        lost before its first message ("socket closed") would read as a rejected certificate. This call
-        shows a real handshake failure (TlsHandshakeFailed) or an outage (Unavailable); any answer at all,
-        an error included, proves the controller was reached.
-        """
-        try:
-            self.client.call(self.client.plans.GetPlan, ps_pb2.GetPlanRequest(name=plan), attempts=1)
-        except (Unavailable, DeadlineExceeded):
-            raise
-        except CloneboxError:
-            pass  # an answer: reached; the stream reports what matters
 
 
 def watch_hint(plan: str, run_id: str = "") -> str:

@@ -670,3 +670,16 @@ def test_changes_summary_words() -> None:
         "replace",
         "remove",
     ]
+
+
+def test_a_stream_lost_before_its_first_message_after_a_reconnect_is_an_outage(
+    runner: CliRunner, fake_controller: FakeController, tmp_path: Path, fast_backoff: None
+) -> None:
+    # the second watch ends at once ("connection reset"): the controller was reached before, so this is an
+    # outage to ride out, not a rejected certificate (the client keeps knowing that across reconnects)
+    fake_controller.fleet.plan_watch_cuts = [3, 0]
+    r = up(runner, fake_controller, write(tmp_path))
+    assert r.exit_code == 0, r.output
+    assert "certificate" not in r.stderr and r.stderr.count("reconnecting…") == 2
+    assert [c.after_version for c in fake_controller.fleet.calls("WatchPlan")] == [1, 4, 4]
+    assert fake_controller.fleet.calls("GetPlan") == []  # no extra call per reconnect
