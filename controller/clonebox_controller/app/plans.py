@@ -193,8 +193,6 @@ class PlanEngine:
         self.settings = settings or PlanSettings()
         self.owner = owner or f"controller-{uuid.uuid4().hex[:12]}"
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        #: by run id: the plan as applied in this process (a resumed run reads it from the store)
-        self._applied: dict[str, Plan] = {}
         self._claim_lock = asyncio.Lock()
         self._claimer: asyncio.Task[None] | None = None
         #: replaced on every run update; watchers wait on the current one
@@ -267,7 +265,6 @@ class PlanEngine:
 
     def _forget(self, run_id: str) -> None:
         self._tasks.pop(run_id, None)
-        self._applied.pop(run_id, None)
 
     def running(self) -> list[str]:
         """Ids of the runs executing in this process."""
@@ -430,20 +427,10 @@ class PlanEngine:
                 "allow_replace": allow_replace,
             },
         )
-        # kept before the run exists: a claim may start executing it as soon as it is stored
-        self._applied[run.id] = dataclasses.replace(v.plan, revision=stored.revision)
-        try:
-            created_run, created = await asyncio.to_thread(
-                lambda: self._store.create_run(
-                    run, accepted, owner=self.owner, lease_seconds=self.settings.lease_seconds
-                )
-            )
-        except BaseException:
-            self._applied.pop(run.id, None)
-            raise
-        if not created:
-            self._applied.pop(run.id, None)  # a replay: the stored run is an earlier one
-        else:
+        created_run, created = await asyncio.to_thread(
+            lambda: self._store.create_run(run, accepted, owner=self.owner, lease_seconds=self.settings.lease_seconds)
+        )
+        if created:
             self._notify()
             # leased to us in the same transaction: execute it in the caller's context (audit actor)
             self._spawn(created_run, current_actor())
@@ -654,9 +641,7 @@ class PlanEngine:
             log.exception("could not record the crash of plan run %s", run_id)
 
     async def _plan_of(self, run: PlanRun) -> Plan:
-        applied = self._applied.get(run.id)
-        if applied is not None:
-            return applied
+        # the stored revision keeps secret fields whole: the same plan in every controller process
         return await asyncio.to_thread(self._store.get_plan, run.plan, run.revision)
 
     # ---- steps the execution uses (kept here: they talk to the store and the VM use cases)
