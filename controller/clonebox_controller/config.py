@@ -53,6 +53,8 @@ class PlansConfig(BaseModel):
     poll_seconds: float = Field(0.2, ge=0.01, le=60)
     #: how often a plan watch re-reads its run (runs executed by another controller sharing the store)
     watch_poll_seconds: float = Field(1.0, ge=0.05, le=60)
+    #: a deletion by a rollback or a down keeps retrying this long while its host is unreachable
+    unreachable_retry_seconds: float = Field(120.0, ge=0, le=86400)
 
 
 class ControllerConfig(BaseModel):

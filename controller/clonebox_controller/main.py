@@ -210,6 +210,7 @@ class Controller:
                 lease_seconds=pc.lease_seconds,
                 poll_seconds=pc.poll_seconds,
                 watch_poll_seconds=pc.watch_poll_seconds,
+                unreachable_retry_seconds=pc.unreachable_retry_seconds,
             ),
         )
         self.server: ServerHandle | None = None

@@ -90,6 +90,8 @@ class PlanSettings:
     poll_seconds: float = 0.2
     #: how often a watch re-reads its run from the store (runs executed by another controller)
     watch_poll_seconds: float = 1.0
+    #: how long a deletion (rollback, down) keeps retrying while its host is unreachable
+    unreachable_retry_seconds: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -685,6 +687,10 @@ class _StepFailed(Exception):
         self.probe = probe
 
 
+#: operation failures that mean "the host did not answer", worth another try
+_UNREACHABLE = frozenset({"HOST_UNREACHABLE", "AGENT_UNREACHABLE"})
+
+
 def _op_failed(op: Operation, what: str) -> _StepFailed:
     return _StepFailed(f"{what} failed: {op.error_message or op.error_reason or 'unknown error'}")
 
@@ -1013,17 +1019,38 @@ class _Execution:
         return ok
 
     async def _delete_vm(self, service: str, action: str, *, with_snapshots: bool) -> bool:
-        """Delete the VM of ``service`` and wait; True when it is gone (or was already)."""
+        """
+        Delete the VM of ``service`` and wait; True when it is gone (or was already).
+
+        A host that missed a few heartbeats (a busy controller, a network blip) is not a reason to leave
+        a VM behind: the deletion is tried again with back-off for ``unreachable_retry_seconds``. Each try
+        has its own request id, numbered, so a resumed run replays the same tries instead of adding some.
+        """
         name = self.status[service].vm
-        async with self.delete_sem:
-            try:
-                op = await self.e._vms.delete(name, run_request_id(self.run_.id, service, action), with_snapshots)
-            except NotFound:
-                return True  # gone already (deleted by this step before a restart, or never made)
-            done = await self.e._wait_operation(op)
-        if done.error_code and done.error_reason != "VM_NOT_FOUND":
-            raise _op_failed(done, f"deleting {name}")
-        return True
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.e.settings.unreachable_retry_seconds
+        pause = 0.5
+        attempt = 0
+        while True:
+            request_id = run_request_id(self.run_.id, service, action if attempt == 0 else f"{action}~{attempt}")
+            async with self.delete_sem:
+                try:
+                    op = await self.e._vms.delete(name, request_id, with_snapshots)
+                except NotFound:
+                    return True  # gone already (deleted by this step before a restart, or never made)
+                done = await self.e._wait_operation(op)
+            if not done.error_code or done.error_reason == "VM_NOT_FOUND":
+                return True
+            if done.error_reason not in _UNREACHABLE or loop.time() + pause > give_up:
+                raise _op_failed(done, f"deleting {name}")
+            attempt += 1
+            await self._save(
+                service,
+                state=VmRunState.DELETING,
+                step=f"host unreachable, deleting again in {pause:g}s (try {attempt + 1})",
+            )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 10.0)
 
     async def _delete_in_reverse(self, services: Sequence[str], action: str, *, with_snapshots: bool) -> list[str]:
         """
