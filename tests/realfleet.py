@@ -262,6 +262,9 @@ def running_fleet(
         leftover = (
             f"V='virsh -c qemu:///system'; for d in $($V list --all --name | grep -e '{host}'); do "
             "$V destroy $d; $V undefine $d --nvram --snapshots-metadata; done; "
+            # managed networks this fleet's agent made (its name is the owner in the network's mark)
+            "for n in $($V net-list --all --name | grep '^cb-'); do "
+            f"if $V net-dumpxml $n | grep -q 'agent=\"{host}\"'; then $V net-destroy $n; $V net-undefine $n; fi; done; "
             "for p in $($V pool-list --all --name | grep '^clonebox-'); do "
             f"if $V pool-dumpxml $p | grep -q '{root}'; then $V pool-destroy $p; $V pool-undefine $p; fi; done"
         )

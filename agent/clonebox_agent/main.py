@@ -21,6 +21,7 @@ from clonebox.agent.v1 import agent_pb2, agent_pb2_grpc
 from clonebox.controller.v1 import host_service_pb2, host_service_pb2_grpc
 
 from clonebox_agent import faultinject
+from clonebox_agent.app.console import ConsoleReader
 from clonebox_agent.app.health import HealthMonitor, HealthSettings
 from clonebox_agent.app.keystore import KeyStore
 from clonebox_agent.app.probes import ScriptPolicy, ScriptRunner
@@ -143,6 +144,7 @@ class Agent:
             ),
             step_hook=step_hook,
         )
+        self.console = ConsoleReader(hv)
         self.health = HealthMonitor(
             self.service,
             hv,
@@ -197,7 +199,7 @@ class Agent:
             [
                 (
                     agent_pb2_grpc.add_AgentServiceServicer_to_server,
-                    AgentServicer(self.service, self.health, self.snapshots),
+                    AgentServicer(self.service, self.health, self.snapshots, self.console),
                     SERVICE_NAME,
                 )
             ],

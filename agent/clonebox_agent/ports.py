@@ -146,6 +146,10 @@ class DiskImage:
     image_bytes: int
 
 
+#: how ``Hypervisor.orphans`` names a managed network that no VM uses any more (``network:cb-shop``);
+#: ``Hypervisor.delete`` of such a name removes that network
+NETWORK_ORPHAN_PREFIX = "network:"
+
 #: steps and their states are part of the core model (they travel to the controller and the CLI)
 TxnStep = TransactionStep
 
@@ -212,6 +216,13 @@ class Hypervisor(Protocol):
         Every artifact is a step recorded in ``steps`` (an in-memory log when None) before and after it
         is made. All or nothing: on any failure the recorded steps are undone in reverse order (with
         ``undo_step``) before the error is raised. Raises AlreadyExists when a domain of that name exists.
+
+        A MANAGED network attachment makes the network when it is missing (step ``network-define``) and
+        adds the VM's DHCP and DNS host entries (step ``network-host``), before the domain is defined.
+        FailedPrecondition ``NETWORK_NOT_MANAGED`` (a network of that name not made by this adapter),
+        ``NETWORK_SUBNET_CONFLICT`` (it has another subnet), ``NETWORK_SUBNET_IN_USE`` (the subnet
+        overlaps a route of the host), ``NETWORK_ADDRESS_IN_USE``/``NETWORK_NAME_IN_USE`` (another VM on
+        it has the address or a DNS name).
         """
         ...
 
@@ -223,7 +234,9 @@ class Hypervisor(Protocol):
         """Owned volumes and files of VMs without a domain (except those in ``keep``), by VM name.
 
         Such leftovers come from a crash between making files and defining the domain; ``delete(vm)``
-        removes them.
+        removes them. A managed network the adapter made that no domain is attached to any more is
+        listed under ``NETWORK_ORPHAN_PREFIX + network`` (its description as the one entry);
+        ``delete`` of that key removes the network if it is still unused.
         """
         ...
 
@@ -233,6 +246,10 @@ class Hypervisor(Protocol):
         Returns what was removed ("" when nothing was: already gone, never made, or replaced by
         something else, which is left alone). Used by rollback after an error and by crash recovery.
         """
+        ...
+
+    def console_log_path(self, vm: str) -> str | None:
+        """Where ``vm``'s serial console log is kept on this host (None: this hypervisor keeps none)."""
         ...
 
     async def get(self, name: str) -> DomainRecord:
@@ -256,7 +273,11 @@ class Hypervisor(Protocol):
         ...
 
     async def delete(self, name: str) -> builtins.list[str]:
-        """Force off, undefine, and remove every file and volume made for it; returns removed paths."""
+        """Force off, undefine, and remove every file and volume made for it; returns removed paths.
+
+        A VM on a managed network loses its DHCP and DNS host entries, and the network goes when no
+        other domain is attached to it (only networks the adapter made). Idempotent under retry.
+        """
         ...
 
     async def addresses(self, name: str) -> tuple[IpAddress, ...]:

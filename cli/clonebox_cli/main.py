@@ -37,6 +37,7 @@ from clonebox_cli import (
     errors,
     health,
     host,
+    logs,
     operation,
     pki,
     plan,
@@ -150,6 +151,8 @@ app.add_typer(plan.app, name="plan")
 app.command("up")(plan.up)
 app.command("down")(plan.down)
 app.command("ps")(plan.ps)
+# a VM's serial console, like docker logs
+app.command("logs")(logs.logs)
 
 
 def _default_tls_dir(dev_controller: bool) -> str:

@@ -35,6 +35,8 @@ class NetworkMode(enum.Enum):
 
     LIBVIRT = 1
     NONE = 2
+    #: a network the agent makes for a group of VMs (a plan) and removes with its last VM
+    MANAGED = 3
 
 
 class HostState(enum.Enum):
@@ -97,6 +99,12 @@ class NetworkSpec:
 
     mode: NetworkMode = NetworkMode.LIBVIRT
     libvirt_network: str = "default"
+    #: MANAGED only: the network's IPv4 subnet in CIDR form; the host side has its first address
+    subnet: str = ""
+    #: MANAGED only: this VM's fixed IPv4 address inside ``subnet`` (a DHCP host entry)
+    address: str = ""
+    #: MANAGED only: names the network's DNS answers with ``address`` (e.g. a plan's service name)
+    dns_names: tuple[str, ...] = ()
 
 
 class ShareDriver(enum.Enum):

@@ -10,15 +10,16 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import ipaddress
 import itertools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from clonebox_core.errors import InvalidArgument
-from clonebox_core.model import VmSpec
+from clonebox_core.model import NetworkMode, NetworkSpec, VmSpec
 from clonebox_core.names import check_dns_label
 from clonebox_core.secret import Secret
 from clonebox_core.specjson import DIGEST_PREFIX, SecretMode, secret_digest, spec_from_dict, spec_to_dict
@@ -85,6 +86,17 @@ class PlanVm:
     depends_on: tuple[Dependency, ...] = ()
     #: placement hint: the host to place it on ("" lets the scheduler decide)
     host: str = ""
+    #: the plan network it is attached to (a name in ``Plan.networks``); "" keeps its own spec's network
+    network: str = ""
+
+
+@dataclass(frozen=True)
+class PlanNetwork:
+    """A network the plan makes (the agent creates it with its first VM and removes it with its last)."""
+
+    name: str
+    #: IPv4 subnet in CIDR form; "" until the controller picks one (a free /24 in ``PLAN_SUBNET_POOL``)
+    subnet: str = ""
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,7 @@ class Plan:
     revision: int = 0
     digest: str = ""
     create_time: datetime | None = None
+    networks: tuple[PlanNetwork, ...] = ()
 
     def vm(self, service: str) -> PlanVm:
         """The service named ``service`` (KeyError when the plan has none)."""
@@ -196,6 +209,15 @@ PLAN_UNKNOWN_DEPENDENCY = "PLAN_UNKNOWN_DEPENDENCY"
 PLAN_CYCLE = "PLAN_CYCLE"
 #: a service waits for another to be healthy, and that one has no health check to tell
 PLAN_NO_HEALTH_CHECK = "PLAN_NO_HEALTH_CHECK"
+#: a service is attached to a network the plan does not declare
+PLAN_UNKNOWN_NETWORK = "PLAN_UNKNOWN_NETWORK"
+#: no free subnet or address is left for a plan network
+PLAN_NETWORK_FULL = "PLAN_NETWORK_FULL"
+
+#: the plan network every plan has unless its file names others
+DEFAULT_NETWORK = "default"
+#: where the controller picks plan subnets (one /24 each) when the plan file gives none
+PLAN_SUBNET_POOL = ipaddress.IPv4Network("10.213.0.0/16")
 
 #: bounds of the update policy
 MAX_PARALLEL_LIMIT = 64
@@ -377,6 +399,7 @@ def check_plan(plan: Plan) -> list[list[str]]:
         if v.host:
             _dns_label(f"vms.{v.service}.host", v.host)
     check_update(plan.update)
+    _check_networks(plan)
     result = levels(plan)
     for v in plan.vms:
         for d in v.depends_on:
@@ -388,6 +411,139 @@ def check_plan(plan: Plan) -> list[list[str]]:
                     PLAN_NO_HEALTH_CHECK,
                 )
     return result
+
+
+# ----------------------------------------------------------------------------------------- networks
+
+
+def network_name(plan: str, network: str) -> str:
+    """The libvirt name of ``network`` of ``plan``: ``cb-<plan>`` for the default one, else ``cb-<plan>-<network>``."""
+    return f"cb-{plan}" if network == DEFAULT_NETWORK else f"cb-{plan}-{network}"
+
+
+def _check_networks(plan: Plan) -> None:
+    seen: dict[str, ipaddress.IPv4Network | None] = {}
+    for i, n in enumerate(plan.networks):
+        where = f"networks.{n.name}" if n.name else f"networks[{i}]"
+        _dns_label(where, n.name)
+        if n.name in seen:
+            raise _invalid(where, f"network {n.name} is declared twice")
+        if len(network_name(plan.name, n.name)) > 63:
+            raise _invalid(where, f"{network_name(plan.name, n.name)!r} is too long: shorten the plan or network name")
+        subnet = None
+        if n.subnet:
+            try:
+                subnet = ipaddress.IPv4Network(n.subnet)
+            except ValueError:
+                raise _invalid(f"{where}.subnet", f"{n.subnet!r} is not an IPv4 subnet in CIDR form") from None
+            if not 16 <= subnet.prefixlen <= 29 or not subnet.is_private:
+                raise _invalid(f"{where}.subnet", f"{n.subnet}: use a private subnet of /16 to /29")
+            for other, theirs in seen.items():
+                if theirs is not None and subnet.overlaps(theirs):
+                    raise _invalid(f"{where}.subnet", f"{subnet} overlaps {theirs} of network {other}")
+        seen[n.name] = subnet
+    for v in plan.vms:
+        if v.network and v.network not in seen:
+            raise _invalid(
+                f"vms.{v.service}.networks",
+                f"{v.service} is attached to network {v.network!r}, which the plan does not declare "
+                f"(networks: {', '.join(seen) or 'none'})",
+                PLAN_UNKNOWN_NETWORK,
+            )
+        if v.network and v.spec.network.mode is NetworkMode.NONE:
+            raise _invalid(f"vms.{v.service}.spec.network", "a VM on a plan network needs a network interface")
+
+
+def _guest_addresses(subnet: ipaddress.IPv4Network) -> Iterator[ipaddress.IPv4Address]:
+    """The addresses a guest may have: the first one after the network address is the host's."""
+    first, last = int(subnet.network_address) + 2, int(subnet.broadcast_address) - 1
+    return (ipaddress.IPv4Address(a) for a in range(first, last + 1))
+
+
+def _pick_subnet(plan: str, network: str, taken: Sequence[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
+    """A free /24 of ``PLAN_SUBNET_POOL``, starting at one derived from the names (stable for a plan)."""
+    blocks = list(PLAN_SUBNET_POOL.subnets(new_prefix=24))
+    start = int.from_bytes(hashlib.sha256(f"{plan}/{network}".encode()).digest()[:4], "big") % len(blocks)
+    for i in range(len(blocks)):
+        block = blocks[(start + i) % len(blocks)]
+        if not any(block.overlaps(t) for t in taken):
+            return block
+    raise InvalidArgument(
+        f"networks.{network}: every /24 of {PLAN_SUBNET_POOL} is taken by other plans: give this network a subnet",
+        reason=PLAN_NETWORK_FULL,
+        metadata={"field": f"networks.{network}"},
+    )
+
+
+def materialize_networks(plan: Plan, current: Plan | None, taken: Sequence[ipaddress.IPv4Network]) -> Plan:
+    """
+    ``plan`` with a subnet for each of its networks and, for each VM on one, its managed network attachment.
+
+    What ``current`` (the applied revision) had is kept: a network keeps its subnet when the file gives
+    none, a service keeps its address, so re-applying the same file changes nothing. Otherwise a
+    network gets a free /24 (none overlapping ``taken``: other plans' subnets) and a VM the lowest
+    free guest address. The DNS of the network answers a VM's service name and its VM name.
+    """
+    if not plan.networks:
+        return plan
+    before = {n.name: n.subnet for n in current.networks} if current is not None else {}
+    old_vms = {v.service: v for v in current.vms} if current is not None else {}
+    claimed = list(taken)
+    subnets: dict[str, ipaddress.IPv4Network] = {}
+    for n in plan.networks:  # given subnets first: a picked one must not take them
+        if n.subnet:
+            subnets[n.name] = ipaddress.IPv4Network(n.subnet)
+            claimed.append(subnets[n.name])
+    for n in plan.networks:
+        if n.name in subnets:
+            continue
+        had = before.get(n.name, "")
+        subnets[n.name] = ipaddress.IPv4Network(had) if had else _pick_subnet(plan.name, n.name, claimed)
+        claimed.append(subnets[n.name])
+    addresses: dict[str, ipaddress.IPv4Address] = {}
+    used: dict[str, set[ipaddress.IPv4Address]] = {n: set() for n in subnets}
+    for v in plan.vms:  # addresses the applied revision gave, where still valid
+        old = old_vms.get(v.service)
+        if not v.network or old is None or old.network != v.network or not old.spec.network.address:
+            continue
+        prior = ipaddress.IPv4Address(old.spec.network.address)
+        if prior in subnets[v.network] and prior not in used[v.network]:
+            addresses[v.service] = prior
+            used[v.network].add(prior)
+    vms: list[PlanVm] = []
+    for v in plan.vms:
+        if not v.network:
+            vms.append(v)
+            continue
+        kept = addresses.get(v.service)
+        if kept is not None:
+            address = kept
+        else:
+            free = (a for a in _guest_addresses(subnets[v.network]) if a not in used[v.network])
+            picked = next(free, None)
+            if picked is None:
+                raise _invalid(
+                    f"networks.{v.network}.subnet",
+                    f"{subnets[v.network]} has no address left for {v.service}: use a larger subnet",
+                    PLAN_NETWORK_FULL,
+                )
+            used[v.network].add(picked)
+            address = picked
+        attachment = NetworkSpec(
+            NetworkMode.MANAGED,
+            network_name(plan.name, v.network),
+            str(subnets[v.network]),
+            str(address),
+            (v.service, vm_name(plan.name, v.service)),
+        )
+        vms.append(dataclasses.replace(v, spec=dataclasses.replace(v.spec, network=attachment)))
+    networks = tuple(dataclasses.replace(n, subnet=str(subnets[n.name])) for n in plan.networks)
+    return dataclasses.replace(plan, vms=tuple(vms), networks=networks)
+
+
+def plan_subnets(plan: Plan) -> list[ipaddress.IPv4Network]:
+    """The subnets ``plan``'s networks have (those not picked yet are left out)."""
+    return [ipaddress.IPv4Network(n.subnet) for n in plan.networks if n.subnet]
 
 
 # -------------------------------------------------------------------------------------------- diffs
@@ -506,9 +662,11 @@ def plan_to_dict(plan: Plan, *, secrets: SecretMode = "digest") -> dict[str, Any
                 "spec": spec_to_dict(v.spec, secrets=secrets),
                 "depends_on": [{"service": d.service, "condition": d.condition.name} for d in v.depends_on],
                 "host": v.host,
+                "network": v.network,
             }
             for v in plan.vms
         ],
+        "networks": [{"name": n.name, "subnet": n.subnet} for n in plan.networks],
         "update": {
             "max_parallel": plan.update.max_parallel,
             "min_healthy_time_ms": plan.update.min_healthy_time_ms,
@@ -537,9 +695,11 @@ def plan_from_dict(d: Mapping[str, Any]) -> Plan:
                     for x in v.get("depends_on", ())
                 ),
                 host=str(v.get("host", "")),
+                network=str(v.get("network", "")),
             )
             for v in d.get("vms", ())
         ),
+        networks=tuple(PlanNetwork(str(n["name"]), str(n.get("subnet", ""))) for n in d.get("networks", ())),
         update=UpdatePolicy(
             max_parallel=int(update.get("max_parallel", DEFAULT_MAX_PARALLEL)),
             min_healthy_time_ms=int(update.get("min_healthy_time_ms", 0)),

@@ -66,6 +66,7 @@ from clonebox_core.names import is_dns_label
 from clonebox_core.plan import (
     DEFAULT_HEALTHY_DEADLINE_MS,
     DEFAULT_MAX_PARALLEL,
+    DEFAULT_NETWORK,
     LABEL_PLAN,
     LABEL_SERVICE,
     PLAN_INVALID,
@@ -75,6 +76,7 @@ from clonebox_core.plan import (
     Dependency,
     FailurePolicy,
     Plan,
+    PlanNetwork,
     PlanVm,
     UpdatePolicy,
     check_names,
@@ -122,15 +124,13 @@ TEMPLATE_PATH_ENV = "CLONEBOX_TEMPLATE_PATH"
 ENVIRONMENT_FILE = "/etc/environment"
 
 #: the plan keys of a service (everything else in it is a VM spec field)
-_PLAN_KEYS = ("config", "template", "depends_on", "environment", "placement")
+_PLAN_KEYS = ("config", "template", "depends_on", "environment", "placement", "networks")
 #: the VM spec fields a service (or ``defaults``) may give: the plan sets version and name
 _VM_FIELDS = tuple(f for f in SPEC_FIELDS if f not in ("version", "name"))
 _RESERVED_LABELS = (LABEL_PLAN, LABEL_SERVICE)
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _NOT_YET = {
-    "networks": "networks: not supported yet: plans use the network of each VM spec (network.libvirt_network); "
-    "per-plan networks with service-name DNS come in a later release",
     "volumes": "volumes: not supported yet: give each VM its disks (disks:) and shared folders (shared_folders:); "
     "volumes shared between a plan's VMs come in a later release",
 }
@@ -196,6 +196,10 @@ class _Placement(_Strict):
     host: str
 
 
+class _Network(_Strict):
+    subnet: str = ""
+
+
 class _Wait(_Strict):
     condition: Literal["started", "healthy", "completed"] = "started"
 
@@ -208,6 +212,7 @@ class _Service(_Strict):
     depends_on: Any = None
     environment: dict[str, str] | None = None
     placement: _Placement | None = None
+    networks: list[str] | None = None
     vcpus: Any = None
     memory: Any = None
     disks: Any = None
@@ -228,6 +233,7 @@ class _PlanDoc(_Strict):
     vms: dict[str, _Service | None]
     update: _Update | None = None
     on_failure: Literal["rollback", "leave"] = "rollback"
+    networks: dict[str, _Network | None] | None = None
 
 
 # --------------------------------------------------------------------------------------- the loader
@@ -324,12 +330,18 @@ class _Loader:
         defaults = doc.defaults or {}
         vms = [self.vm(name, s, defaults) for s in services]
         self.check()
+        declared = [PlanNetwork(n, (v or _Network()).subnet) for n, v in (doc.networks or {}).items()]
+        if any(v is not None and v.network == DEFAULT_NETWORK for v in vms) and DEFAULT_NETWORK not in {
+            n.name for n in declared
+        }:
+            declared.insert(0, PlanNetwork(DEFAULT_NETWORK))  # as in compose: implied when a service uses it
         plan = Plan(
             name=name,
             vms=tuple(v for v in vms if v is not None),
             update=update,
             on_failure=FailurePolicy(doc.on_failure),
             source=self.source,
+            networks=tuple(declared),
         )
         try:
             check_plan(plan)
@@ -643,7 +655,24 @@ class _Loader:
                 self.here((*at, "environment"), str(exc), at_key=True)
                 return None
         host = s.doc.placement.host if s.doc.placement is not None else ""
-        return PlanVm(s.name, spec, tuple(d for d, _, _ in s.deps), host)
+        return PlanVm(s.name, spec, tuple(d for d, _, _ in s.deps), host, self.network_of(s, "network" in data))
+
+    def network_of(self, s: _Draft, own_network: bool) -> str:
+        """
+        The plan network of service ``s``.
+
+        The one its ``networks:`` names, none for ``networks: []``, else the plan's default network
+        unless its VM spec sets a network of its own.
+        """
+        if s.doc.networks is None:
+            return "" if own_network else DEFAULT_NETWORK
+        if len(s.doc.networks) > 1:
+            self.here(
+                ("vms", s.name, "networks"),
+                f"{len(s.doc.networks)} networks: a VM is on one plan network for now (it has one interface)",
+            )
+            return ""
+        return s.doc.networks[0] if s.doc.networks else ""
 
     def config_file(self, given: str, at: Loc) -> _File | None:
         path = Path(given) if Path(given).is_absolute() else self.base_dir / given

@@ -72,7 +72,7 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, NamedTuple, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
 
 from clonebox_core import health
@@ -196,8 +196,12 @@ class _KernelBoot(_Strict):
 
 
 class _Network(_Strict):
-    mode: Literal["libvirt", "none"] = "libvirt"
+    mode: Literal["libvirt", "none", "managed"] = "libvirt"
     libvirt_network: str | None = None
+    # managed only (a network the agent makes; plans set these, validate.py checks them)
+    subnet: str = ""
+    address: str = ""
+    dns_names: list[str] = Field(default_factory=list)
 
 
 class _SharedFolder(_Strict):
@@ -493,6 +497,14 @@ def _to_model(doc: _SpecV1 | _SpecV2) -> VmSpec:
                     at_key=True,
                 )
             network = NetworkSpec(mode=NetworkMode.NONE)
+        elif doc.network.mode == "managed":
+            network = NetworkSpec(
+                NetworkMode.MANAGED,
+                doc.network.libvirt_network or "",
+                doc.network.subnet,
+                doc.network.address,
+                tuple(doc.network.dns_names),
+            )
         else:
             network = NetworkSpec(NetworkMode.LIBVIRT, doc.network.libvirt_network or "default")
     return VmSpec(
@@ -1040,6 +1052,14 @@ def dump_spec(spec: VmSpec) -> str:
         doc["kernel_boot"] = boot
     if spec.network.mode is NetworkMode.NONE:
         doc["network"] = {"mode": "none"}
+    elif spec.network.mode is NetworkMode.MANAGED:
+        doc["network"] = {
+            "mode": "managed",
+            "libvirt_network": spec.network.libvirt_network,
+            "subnet": spec.network.subnet,
+            "address": spec.network.address,
+            "dns_names": list(spec.network.dns_names),
+        }
     else:
         doc["network"] = {"mode": "libvirt", "libvirt_network": spec.network.libvirt_network}
     if spec.auth is not None:

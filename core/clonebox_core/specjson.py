@@ -65,7 +65,19 @@ def spec_to_dict(spec: VmSpec, *, secrets: SecretMode) -> JsonDict:
                 "cmdline": spec.kernel_boot.cmdline,
             }
         ),
-        "network": {"mode": spec.network.mode.name, "libvirt_network": spec.network.libvirt_network},
+        "network": {
+            "mode": spec.network.mode.name,
+            "libvirt_network": spec.network.libvirt_network,
+            **(
+                {
+                    "subnet": spec.network.subnet,
+                    "address": spec.network.address,
+                    "dns_names": list(spec.network.dns_names),
+                }
+                if spec.network.mode is NetworkMode.MANAGED
+                else {}
+            ),
+        },
         "shared_folders": [
             {
                 "host_path": f.host_path,
@@ -203,6 +215,9 @@ def spec_from_dict(data: Mapping[str, Any]) -> VmSpec:
         network=NetworkSpec(
             NetworkMode[str(net.get("mode", NetworkMode.LIBVIRT.name))],
             str(net.get("libvirt_network", "default")),
+            str(net.get("subnet", "")),
+            str(net.get("address", "")),
+            tuple(str(n) for n in net.get("dns_names", ())),
         ),
         shared_folders=tuple(
             SharedFolder(

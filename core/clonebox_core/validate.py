@@ -6,11 +6,12 @@ servers validate again because the API can be called without the CLI.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from clonebox_core.errors import invalid_field
 from clonebox_core.health import validate_probes
-from clonebox_core.model import AuthMethod, ShareDriver, VmSpec
+from clonebox_core.model import AuthMethod, NetworkMode, NetworkSpec, ShareDriver, VmSpec
 from clonebox_core.names import check_dns_label
 
 MAX_VCPUS = 256
@@ -23,6 +24,10 @@ _TAG = re.compile(r"^[A-Za-z0-9_-]{1,31}$")  # 9p mount tags are at most 31 byte
 _LABEL_KEY = re.compile(r"^[a-z0-9]([a-z0-9._/-]{0,61}[a-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9._-]{0,63}$")
 _NET_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+#: a managed network's name: what the agent may create and remove (never "default" or a network it did not make)
+MANAGED_NETWORK_PREFIX = "cb-"
+#: a managed network's bridge device name is derived from its name and must fit IFNAMSIZ (15)
+_MANAGED_NET_NAME = re.compile(r"^cb-[a-z0-9-]{1,60}$")
 #: a POSIX user name as useradd accepts it by default on Debian
 _USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 #: SHA-512-crypt, as cloud-init's chpasswd takes it; anything else (a password pasted by mistake) is refused
@@ -87,6 +92,7 @@ def validate_spec(spec: VmSpec, prefix: str = "spec") -> VmSpec:
             f"{prefix}.network.libvirt_network",
             f"{spec.network.libvirt_network!r} is not a libvirt network name",
         )
+    _check_network(f"{prefix}.network", spec.network)
     tags: set[str] = set()
     mounts: set[str] = set()
     for i, sf in enumerate(spec.shared_folders):
@@ -190,3 +196,38 @@ def validate_resolved(spec: VmSpec, prefix: str = "spec") -> VmSpec:
             "clonebox vm create resolves auth.password and sends only the hash",
         )
     return spec
+
+
+def _check_network(f: str, net: NetworkSpec) -> None:
+    """The fields of a managed network attachment; the other modes must leave them empty."""
+    if net.mode is not NetworkMode.MANAGED:
+        for field, value in (("subnet", net.subnet), ("address", net.address), ("dns_names", net.dns_names)):
+            if value:
+                raise invalid_field(f"{f}.{field}", "only for mode MANAGED (a network the agent makes)")
+        return
+    if not _MANAGED_NET_NAME.fullmatch(net.libvirt_network):
+        raise invalid_field(
+            f"{f}.libvirt_network",
+            f"{net.libvirt_network!r}: a managed network is named {MANAGED_NETWORK_PREFIX}<1-60 of a-z 0-9 ->",
+        )
+    try:
+        subnet = ipaddress.IPv4Network(net.subnet)
+    except ValueError:
+        why = f"{net.subnet!r} is not an IPv4 subnet in CIDR form (10.213.7.0/24)"
+        raise invalid_field(f"{f}.subnet", why) from None
+    if not 16 <= subnet.prefixlen <= 29 or not subnet.is_private:
+        raise invalid_field(f"{f}.subnet", f"{net.subnet}: use a private subnet of /16 to /29")
+    try:
+        address = ipaddress.IPv4Address(net.address)
+    except ValueError:
+        raise invalid_field(f"{f}.address", f"{net.address!r} is not an IPv4 address") from None
+    first, last = subnet.network_address + 2, subnet.broadcast_address - 1  # network+1 is the host's
+    if not first <= address <= last:
+        raise invalid_field(
+            f"{f}.address",
+            f"{address} is not a guest address of {subnet}: use {first} .. {last} (the first is the host's)",
+        )
+    if len(net.dns_names) > 16:
+        raise invalid_field(f"{f}.dns_names", "at most 16 names")
+    for i, name in enumerate(net.dns_names):
+        check_dns_label(f"{f}.dns_names[{i}]", name)

@@ -28,13 +28,17 @@ say "the stack: check the plan file (graph, names, capacity), then what 'up' wou
 clonebox plan validate -f "$PLAN"
 clonebox up -f "$PLAN" --dry-run
 
-say "clonebox up: db, then api once db is healthy, then web once api can reach db by name"
+say "clonebox up: db, then api once db is healthy, then web once api reaches db by its service name (plan network cb-stack)"
 clonebox up -f "$PLAN"
 
 say "the stack's VMs, their health, and the plan's history"
 clonebox ps stack
 clonebox health list
 clonebox plan history stack
+
+say "the last lines db's guest wrote on its serial console"
+clonebox logs stack-db --tail 400
+echo
 
 say "applying the same file again changes nothing"
 clonebox up -f "$PLAN"

@@ -2,7 +2,9 @@
 
 The plan file is the example's, renamed for this run (its VMs carry the fleet's host prefix, so a
 failed run's leftovers are cleaned up with the fleet). api's health check runs ``wget http://<db VM>/``
-inside api through qemu-ga: it passes only when the guest resolves db's name through the network's DNS.
+inside api through qemu-ga: it passes only when the guest resolves the bare service name ``db`` through
+the DNS of the plan's own network (libvirt network ``cb-<plan>``, made with the first VM, removed with
+the last).
 
 Order is asserted on the run's own sequence of versions (``up -o json`` prints one run per version),
 never on the clock.
@@ -10,7 +12,9 @@ never on the clock.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,7 @@ def plan_file(fleet: RealFleet, name: str, *, broken_api: bool = False) -> Path:
     text = EXAMPLE.read_text().replace("stack-", f"{name}-")
     doc: dict[str, Any] = yaml.safe_load(text)
     doc["name"] = name
+    del doc["networks"]  # the controller picks a free subnet: the example's pinned one may be a dev fleet's
     if broken_api:
         doc["vms"]["api"]["health_checks"] = [
             {"name": "never", "type": "command", "interval": "2s", "timeout": "1s", "command": {"argv": ["false"]}}
@@ -65,6 +70,13 @@ def state_in(run: dict[str, Any], service: str) -> str:
     return str(next(vm for vm in run["vms"] if vm["service"] == service).get("state", ""))
 
 
+def network_exists(name: str) -> bool:
+    listed = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "net-list", "--all", "--name"], capture_output=True, text=True, check=True
+    )
+    return name in listed.stdout.split()
+
+
 def fleet_vms(fleet: RealFleet) -> dict[str, str]:
     return {v["name"]: v.get("state", "") for v in fleet.cli_json("vm", "list")["vms"]}
 
@@ -88,9 +100,16 @@ def test_up_in_dependency_order_behind_health_gates_then_down(fleet: RealFleet) 
             seen = runs[first_version(runs, dependent, STARTED)]
             assert state_in(seen, dependency) == "PLAN_VM_STATE_READY", seen
 
-        # api reached db by its name (what its health check did), and so can we from inside api
-        code, out, _err = guest_sh(f"cb-{vms['api']}", f"wget -q -O - http://{vms['db']}/")
-        assert code == 0 and vms["db"].encode() in out
+        # api reached db by its service name (what its health check did), and so can we from inside api;
+        # every VM has the fixed address the controller gave it on the plan's subnet
+        for who in ("db", vms["db"]):
+            code, out, _err = guest_sh(f"cb-{vms['api']}", f"wget -q -O - http://{who}/")
+            assert code == 0 and vms["db"].encode() in out, (who, code, out)
+        plan = fleet.cli_json("plan", "show", name)["plan"]
+        subnet = ipaddress.IPv4Network(plan["networks"][0]["subnet"])
+        fixed = {v["service"]: v["spec"]["network"]["address"] for v in plan["vms"]}
+        assert len(set(fixed.values())) == 3 and all(ipaddress.IPv4Address(a) in subnet for a in fixed.values())
+        assert network_exists(f"cb-{name}")
         health = {h["vm"]: h for h in fleet.cli_json("health", "list")["health"] if h["vm"] in vms.values()}
         assert {h["state"] for h in health.values()} == {"HEALTH_STATE_HEALTHY"}, health
         ps = {row["vm"]: row for row in fleet.cli_json("ps", name)["vms"]}
@@ -112,6 +131,7 @@ def test_up_in_dependency_order_behind_health_gates_then_down(fleet: RealFleet) 
             seen = down[first_version(down, dependency, deleting)]
             assert state_in(seen, dependent) in deleted, seen
         assert not set(vms.values()) & set(fleet_vms(fleet))
+        assert not network_exists(f"cb-{name}")  # removed with its last VM
     finally:
         fleet.cli("down", name, "--with-snapshots", check=False, timeout=600)
 
@@ -130,7 +150,8 @@ def test_a_vm_that_never_turns_healthy_rolls_the_stack_back(fleet: RealFleet) ->
         by_service = {v["service"]: v for v in runs[0]["vms"]}
         assert by_service["web"]["state"] == "PLAN_VM_STATE_SKIPPED", by_service
         assert by_service["api"]["failed_probe"] == "never", by_service
-        # nothing of the stack is left
+        # nothing of the stack is left, its network neither
         assert not {n for n in fleet_vms(fleet) if n.startswith(f"{name}-")}
+        assert not network_exists(f"cb-{name}")
     finally:
         fleet.cli("down", name, "--with-snapshots", check=False, timeout=600)

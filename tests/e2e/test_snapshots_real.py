@@ -10,7 +10,7 @@ disk. Export files are opened here with ``read_archive`` and compared with the i
 
 One fleet (with a shared root, for the 9p VM) and four VMs serve the module: an internal one (restore,
 export/import, retention, delete), an external one, one with a shared folder (memory refused, external
-restore), and the imported copy.
+restore), and the imported copy. The external one also serves ``clonebox logs`` (its serial console).
 """
 
 from __future__ import annotations
@@ -575,3 +575,15 @@ def test_vm_delete_refuses_snapshots_and_with_snapshots_leaves_nothing(suite: Su
     assert journal_rows(fleet, "SELECT name FROM snapshot_meta WHERE vm=?", vm) == []
     assert journal_rows(fleet, "SELECT vm FROM snapshot_policies WHERE vm=?", vm) == []
     assert list((fleet.storage_dir / "exports").iterdir()) == []
+
+
+# ---- 8. the serial console ---------------------------------------------------------------------------
+
+
+def test_logs_show_what_the_guest_printed_on_its_serial_console(suite: Suite, plain_vm: str) -> None:
+    # the tiny guest's /init marks each stage on ttyS0 (deploy/testguest/guest/init), virtlogd keeps it in
+    # the VM's console.log, the agent reads it, the controller passes it on; piped, the bytes are the guest's
+    r = suite.fleet.cli("logs", plain_vm, "--tail", str(1024 * 1024))
+    assert "CLONEBOX-TESTGUEST INIT uptime=" in r.stdout, r.stdout[-2000:]
+    records = suite.fleet.cli_json("audit", "list", "--action", "vm.console_read")["records"]
+    assert any(rec["resource"] == f"vms/{plain_vm}" for rec in records), records

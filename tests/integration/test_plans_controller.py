@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 from collections import Counter
 from collections.abc import Sequence
 
@@ -28,7 +29,7 @@ from google.protobuf import descriptor_pool
 from clonebox_controller.app.plans import PlanEngine, PlanSettings
 from clonebox_controller.main import place_plan
 from clonebox_core.health import FileProbe, Probe, ProbeType
-from clonebox_core.model import DiskSpec, Resources, VmSpec
+from clonebox_core.model import DiskSpec, NetworkMode, NetworkSpec, Resources, VmSpec
 from clonebox_core.plan import (
     LABEL_PLAN,
     ChangeKind,
@@ -36,6 +37,7 @@ from clonebox_core.plan import (
     Dependency,
     FailurePolicy,
     Plan,
+    PlanNetwork,
     PlanRun,
     PlanVm,
     RunState,
@@ -44,7 +46,7 @@ from clonebox_core.plan import (
     dependents,
     vm_name,
 )
-from clonebox_core.rpc.convert_plan import plan_to_proto, run_from_proto
+from clonebox_core.rpc.convert_plan import plan_from_proto, plan_to_proto, run_from_proto
 from clonebox_core.rpc.server import aio_channel
 from tests.integration.conftest import TRUST_DOMAIN, Fleet, eventually
 from tests.integration.test_fleet import create, error_info, spec
@@ -549,6 +551,69 @@ async def test_down_gives_up_on_an_unreachable_host_after_the_retry_time(fleet: 
     assert row(final, "web") is VmRunState.FAILED
     assert row(final, "api") is VmRunState.SKIPPED and row(final, "db") is VmRunState.SKIPPED
     assert await vm_names(fleet) == ["stack-api", "stack-db", "stack-web"]
+
+
+# ---- plan networks -------------------------------------------------------------------------------------
+
+
+def networked(name: str = "net", *, hint: dict[str, str] | None = None) -> Plan:
+    """db -> api on the plan's default network (as the plan file makes every service by default)."""
+    hint = hint or {}
+    vms = [
+        dataclasses.replace(service(name, "db", host=hint.get("db", "")), network="default"),
+        dataclasses.replace(service(name, "api", "db", host=hint.get("api", "")), network="default"),
+    ]
+    return dataclasses.replace(make_plan(name, vms), networks=(PlanNetwork("default"),))
+
+
+async def stored_specs(fleet: Fleet, plan: str) -> dict[str, NetworkSpec]:
+    resp = await stub(fleet).GetPlan(pb.GetPlanRequest(name=plan))
+    stored = plan_from_proto(resp.plan)
+    return {v.service: v.spec.network for v in stored.vms}
+
+
+async def test_a_plan_network_puts_its_vms_on_one_host_with_fixed_addresses(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    await fleet.add_agent("h2", ROOMY)
+    first = await _up(fleet, networked())
+    assert len({v.host for v in first.vms}) == 1  # two roomy hosts, yet one host for the network
+    nets = await stored_specs(fleet, "net")
+    subnet = ipaddress.IPv4Network(nets["db"].subnet)
+    assert {n.libvirt_network for n in nets.values()} == {"cb-net"}
+    assert {n.mode for n in nets.values()} == {NetworkMode.MANAGED}
+    assert {ipaddress.IPv4Address(n.address) for n in nets.values()} <= set(subnet.hosts())
+    assert nets["db"].address != nets["api"].address and nets["db"].dns_names == ("db", "net-db")
+    host = first.vms[0].host
+    on_host = {r.spec.name: r.spec.network for r in await fleet.fakes[host].list()}
+    assert on_host == {"net-db": nets["db"], "net-api": nets["api"]}  # what the agent was asked to make
+    # the same plan again: same subnet, same addresses, no new revision, nothing to do
+    again = await _up(fleet, networked())
+    assert again.revision == first.revision and [v.change for v in again.vms] == [ChangeKind.NONE] * 2
+    assert await stored_specs(fleet, "net") == nets
+    # another plan gets a subnet of its own
+    await _up(fleet, networked("other"))
+    theirs = ipaddress.IPv4Network((await stored_specs(fleet, "other"))["db"].subnet)
+    assert not theirs.overlaps(subnet)
+
+
+async def test_a_plan_network_follows_a_hint_and_refuses_two_hosts(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    await fleet.add_agent("h2", ROOMY)
+    err = await rpc_error(apply(fleet, networked(hint={"db": "h1", "api": "h2"})))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and error_info(err).reason == "PLAN_INVALID"
+    assert "live on one host" in (err.details() or "")
+    assert await vm_names(fleet) == [] and list((await stub(fleet).ListPlans(pb.ListPlansRequest())).plans) == []
+    done = await _up(fleet, networked(hint={"api": "h2"}))
+    assert {v.host for v in done.vms} == {"h2"}
+
+
+async def test_an_unknown_plan_network_is_refused_before_anything_is_made(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    bad = dataclasses.replace(networked(), networks=(PlanNetwork("front"),))
+    err = await rpc_error(apply(fleet, bad))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and error_info(err).reason == "PLAN_UNKNOWN_NETWORK"
+    assert error_info(err).metadata["field"] == "vms.db.networks"
+    assert await vm_names(fleet) == []
 
 
 # ---- resume after the engine stops mid-run ----------------------------------------------------------

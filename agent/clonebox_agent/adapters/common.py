@@ -5,7 +5,9 @@ Pieces both hypervisor adapters share, so the fake and libvirt cannot drift apar
 - the ownership mark put on every file (the ``user.clonebox.owner`` extended attribute);
 - scripted faults and delays at named steps (the fake's ``fail_on``/``delays``; the libvirt adapter
   takes the same mapping so contract and fault tests can break both at the same step);
-- ``Inventory``: what an adapter has made, for leak checks and garbage collection.
+- ``Inventory``: what an adapter has made, for leak checks and garbage collection;
+- managed networks (``NetworkMode.MANAGED``): their names, host entries, the checks and errors both
+  adapters apply (the libvirt adapter keeps them in libvirt networks, the fake in memory).
 """
 
 from __future__ import annotations
@@ -13,17 +15,21 @@ from __future__ import annotations
 import dataclasses
 import errno
 import grp
+import hashlib
+import ipaddress
+import json
 import logging
 import os
+import secrets
 import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from clonebox_agent.ports import Capability, StepLog, TxnStep
+from clonebox_agent.ports import NETWORK_ORPHAN_PREFIX, Capability, StepLog, TxnStep
 from clonebox_core.errors import FailedPrecondition, InvalidArgument
-from clonebox_core.model import StepState, VmSpec
+from clonebox_core.model import NetworkMode, NetworkSpec, StepState, VmSpec
 from clonebox_core.secret import MASK, Secret
 from clonebox_core.snapshots import SnapshotKind
 
@@ -46,10 +52,11 @@ POOL_SUBDIR = "pool"
 VMS_SUBDIR = "vms"
 
 #: named steps of ``create`` at which a fault can be scripted; each runs after that stage is done
-#: (``create:start`` only when asked to start)
-CREATE_STEPS = ("create:validated", "create:disks", "create:seed", "create:define", "create:start")
-#: named steps of ``delete``
-DELETE_STEPS = ("delete:destroyed", "delete:undefined", "delete:volumes")
+#: (``create:start`` only when asked to start; ``create:network`` also when the VM has no managed network)
+CREATE_STEPS = ("create:validated", "create:disks", "create:seed", "create:network", "create:define", "create:start")
+#: named steps of ``delete`` (``delete:network``: the VM's host entries, and its managed network if it was
+#: the last VM on it, are gone)
+DELETE_STEPS = ("delete:destroyed", "delete:network", "delete:undefined", "delete:volumes")
 
 
 def volume_name(domain: str, disk: str) -> str:
@@ -73,6 +80,11 @@ def vm_dir(storage_dir: str, domain: str) -> str:
         # the use cases validate names first; this keeps a bug there from reaching rmtree
         raise InvalidArgument(f"name: {domain[:64]!r} is not a VM name", reason="INVALID_NAME")
     return os.path.join(storage_dir, VMS_SUBDIR, domain)
+
+
+def console_log_path(storage_dir: str, domain: str) -> str:
+    """Where a VM's serial console log is kept (virtlogd writes it; ``ReadConsole`` reads it)."""
+    return os.path.join(vm_dir(storage_dir, domain), "console.log")
 
 
 #: the group QEMU runs as on Debian (libvirt's qemu.conf default there)
@@ -196,6 +208,8 @@ class Inventory:
     domains: tuple[str, ...] = ()
     volumes: tuple[str, ...] = ()
     files: tuple[tuple[str, str], ...] = ()
+    #: managed networks this adapter made (shared by the VMs on them, so never part of ``for_vm``)
+    networks: tuple[str, ...] = ()
 
     def for_vm(self, vm: str, domain: str) -> Inventory:
         """Return the part that belongs to one VM (domain by name, volumes by prefix, files by mark)."""
@@ -207,7 +221,7 @@ class Inventory:
 
     def is_empty(self) -> bool:
         """Tell whether nothing is owned."""
-        return not (self.domains or self.volumes or self.files)
+        return not (self.domains or self.volumes or self.files or self.networks)
 
     def orphans(self, prefix: str, keep: Iterable[str] = ()) -> dict[str, list[str]]:
         """Volumes and marked files of VMs that have no domain (and are not in ``keep``), by VM name.
@@ -361,3 +375,252 @@ def check_snapshot_kind(vm: str, snapshot: str, kind: SnapshotKind, existing: It
             reason="SNAPSHOT_KIND_CONFLICT",
             metadata={"vm": vm, "snapshot": snapshot},
         )
+
+
+# ---- managed networks -------------------------------------------------------------------------
+#
+# A VM whose spec says ``network.mode: MANAGED`` is attached to a libvirt network that the adapter makes
+# for it (a plan's VMs share one): NAT, a bridge named after the network, the host on the subnet's first
+# address, DHCP on the subnet. Each VM adds a DHCP host entry (its MAC -> its fixed address, named after
+# its first DNS name) and a DNS host entry (its address -> all its DNS names); the network goes with the
+# last VM on it. Only networks carrying this adapter's ownership mark are ever changed or removed.
+
+#: prefix of the bridge of a managed network ("virbr" is libvirt's own)
+BRIDGE_PREFIX = "cbr-"
+#: Linux interface names are at most 15 characters
+MAX_BRIDGE_NAME = 15
+
+
+def bridge_name(network: str) -> str:
+    """The bridge of managed network ``network``: ``cbr-`` + 8 hex digits of a hash of its name (12 characters)."""
+    return BRIDGE_PREFIX + hashlib.sha256(network.encode()).hexdigest()[:8]
+
+
+def new_mac() -> str:
+    """A random MAC address in QEMU's ``52:54:00`` range, for a VM's interface on a managed network."""
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+
+
+@dataclass(frozen=True)
+class DhcpHost:
+    """A DHCP host entry of a network: the interface with ``mac`` always gets ``ip`` (and host name ``name``)."""
+
+    mac: str
+    ip: str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class DnsHost:
+    """A DNS host entry of a network: its DNS answers each of ``names`` with ``ip``."""
+
+    ip: str
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class NetworkState:
+    """A network as the managed-network code sees it (libvirt's network XML, or the fake's memory).
+
+    ``owner`` is the ownership mark (None: none, so not made by CloneBox); ``subnet`` the IPv4 subnet of
+    the host side in CIDR form ("" when the network has no IPv4 address).
+    """
+
+    name: str
+    uuid: str
+    owner: str | None
+    subnet: str
+    bridge: str
+    active: bool
+    dhcp_hosts: tuple[DhcpHost, ...] = ()
+    dns_hosts: tuple[DnsHost, ...] = ()
+
+
+def managed_network(spec: VmSpec) -> NetworkSpec | None:
+    """The VM's managed network attachment (None unless its network mode is MANAGED)."""
+    return spec.network if spec.network.mode is NetworkMode.MANAGED else None
+
+
+def host_address(subnet: str) -> ipaddress.IPv4Address:
+    """The host side's address on a managed network: the subnet's first address."""
+    return ipaddress.IPv4Network(subnet).network_address + 1
+
+
+def dhcp_range(subnet: str) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
+    """The guest addresses of a subnet (the second address to the last before broadcast), served by DHCP."""
+    net = ipaddress.IPv4Network(subnet)
+    return net.network_address + 2, net.broadcast_address - 1
+
+
+def host_entries(net: NetworkSpec, mac: str) -> tuple[DhcpHost, DnsHost | None]:
+    """The DHCP host entry (and DNS host entry, when the VM has DNS names) of a VM with interface ``mac``."""
+    dhcp = DhcpHost(mac, net.address, net.dns_names[0] if net.dns_names else "")
+    dns = DnsHost(net.address, tuple(net.dns_names)) if net.dns_names else None
+    return dhcp, dns
+
+
+def network_orphan_key(network: str) -> str:
+    """How ``orphans`` names a managed network without VMs (':' never occurs in a VM name)."""
+    return NETWORK_ORPHAN_PREFIX + network
+
+
+def network_not_managed(network: str, vm: str) -> FailedPrecondition:
+    """A network of that name exists but carries no ownership mark of this adapter."""
+    return FailedPrecondition(
+        f"libvirt network {network} exists but was not made by this CloneBox agent, so VM {vm} cannot use it "
+        f"as its managed network: give the plan's network another name, or remove {network} "
+        f"(virsh net-destroy {network}; virsh net-undefine {network})",
+        reason="NETWORK_NOT_MANAGED",
+        metadata={"vm": vm, "network": network},
+    )
+
+
+def network_subnet_conflict(network: str, existing: str, wanted: str, vm: str) -> FailedPrecondition:
+    """A managed network of that name exists with another subnet."""
+    return FailedPrecondition(
+        f"managed network {network} exists with subnet {existing or '(none)'}, but VM {vm} asks for subnet "
+        f"{wanted}: give it the network's subnet {existing}, or another network name",
+        reason="NETWORK_SUBNET_CONFLICT",
+        metadata={"vm": vm, "network": network, "subnet": wanted, "existing_subnet": existing},
+    )
+
+
+def network_subnet_in_use(network: str, subnet: str, holder: str, vm: str) -> FailedPrecondition:
+    """The subnet of a new managed network overlaps a route this host already has."""
+    return FailedPrecondition(
+        f"subnet {subnet} of managed network {network} (VM {vm}) is already in use on this host ({holder}): "
+        "choose another subnet for the network",
+        reason="NETWORK_SUBNET_IN_USE",
+        metadata={"vm": vm, "network": network, "subnet": subnet},
+    )
+
+
+def check_existing_network(state: NetworkState, net: NetworkSpec, owner: str, vm: str) -> None:
+    """Refuse a network: NETWORK_NOT_MANAGED without ``owner``'s mark, NETWORK_SUBNET_CONFLICT on another subnet."""
+    if state.owner != owner:
+        raise network_not_managed(state.name, vm)
+    wanted = ipaddress.IPv4Network(net.subnet)
+    if not state.subnet or ipaddress.IPv4Network(state.subnet) != wanted:
+        raise network_subnet_conflict(state.name, state.subnet, str(wanted), vm)
+
+
+#: an IPv4 route of this host: (destination, interface)
+Route = tuple[ipaddress.IPv4Network, str]
+
+
+def host_routes(path: str = "/proc/net/route") -> list[Route]:
+    """IPv4 routes of this host from ``/proc/net/route`` (hexadecimal, little-endian); [] when unreadable."""
+    try:
+        with open(path, encoding="ascii") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return []
+    routes: list[Route] = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        try:
+            dest = ipaddress.IPv4Address(int(fields[1], 16).to_bytes(4, "little"))
+            mask = ipaddress.IPv4Address(int(fields[7], 16).to_bytes(4, "little"))
+            routes.append((ipaddress.IPv4Network(f"{dest}/{mask}", strict=False), fields[0]))
+        except ValueError:
+            continue
+    return routes
+
+
+def overlapping_route(subnet: str, routes: Iterable[Route]) -> Route | None:
+    """The first route (other than a default route) whose destination overlaps ``subnet``."""
+    net = ipaddress.IPv4Network(subnet)
+    for dest, iface in routes:
+        if dest.prefixlen and dest.overlaps(net):
+            return dest, iface
+    return None
+
+
+def entries_to_replace(
+    state: NetworkState, dhcp: DhcpHost, dns: DnsHost | None, live_macs: Iterable[str], vm: str
+) -> tuple[list[DhcpHost], list[DnsHost]]:
+    """Which entries of ``state`` must go before ``dhcp``/``dns`` can be added; raises when a live one is in the way.
+
+    An entry is live when its MAC (a DNS entry: its address's DHCP entry's MAC) is on an interface of a
+    defined domain. Entries that clash (same MAC, address or name) but are not live were left by a create
+    that a crash cut short between the entry and its journal record: they are replaced. A live clash is
+    FailedPrecondition NETWORK_ADDRESS_IN_USE or NETWORK_NAME_IN_USE, naming the address or name.
+    Callers hold the network's lock, so no create of another VM is between its entry and its domain.
+    """
+    live = {m.lower() for m in live_macs}
+    live_ips = {h.ip for h in state.dhcp_hosts if h.mac.lower() in live}
+    stale_dhcp: list[DhcpHost] = []
+    for h in state.dhcp_hosts:
+        same_mac = h.mac.lower() == dhcp.mac.lower()
+        same_name = bool(dhcp.name) and h.name == dhcp.name
+        if not (same_mac or h.ip == dhcp.ip or same_name):
+            continue
+        if h.mac.lower() in live:
+            if h.ip == dhcp.ip or same_mac:
+                raise _address_in_use(state.name, dhcp.ip, vm)
+            raise _name_in_use(state.name, dhcp.name, vm)
+        stale_dhcp.append(h)
+    stale_dns: list[DnsHost] = []
+    wanted = set(dns.names) if dns is not None else set()
+    for d in state.dns_hosts:
+        shared = sorted(wanted & set(d.names))
+        if not (d.ip == dhcp.ip or shared):
+            continue
+        if d.ip in live_ips:
+            if d.ip == dhcp.ip:
+                raise _address_in_use(state.name, dhcp.ip, vm)
+            raise _name_in_use(state.name, shared[0], vm)
+        stale_dns.append(d)
+    return stale_dhcp, stale_dns
+
+
+def _address_in_use(network: str, address: str, vm: str) -> FailedPrecondition:
+    return _in_use(network, vm, "address", address, "give it a free address of the subnet")
+
+
+def _name_in_use(network: str, name: str, vm: str) -> FailedPrecondition:
+    return _in_use(network, vm, "name", name, "give it another name")
+
+
+def _in_use(network: str, vm: str, what: str, value: str, fix: str) -> FailedPrecondition:
+    label = "address" if what == "address" else "DNS name"
+    return FailedPrecondition(
+        f"{label} {value} on managed network {network} belongs to another VM, so VM {vm} cannot have it: {fix}",
+        reason=f"NETWORK_{what.upper()}_IN_USE",
+        metadata={"vm": vm, "network": network, what: value},
+    )
+
+
+def host_entry_undo(net: NetworkSpec, mac: str) -> dict[str, str]:
+    """How step ``network-host`` of a VM with interface ``mac`` is undone (the same record in both adapters)."""
+    return {
+        "kind": "network-host",
+        "network": net.libvirt_network,
+        "mac": mac,
+        "address": net.address,
+        "names": json.dumps(list(net.dns_names)),
+    }
+
+
+def describe_network(state: NetworkState) -> str:
+    """How a managed network appears in orphan reports and removal lists."""
+    return f"libvirt network {state.name} (bridge {state.bridge}, subnet {state.subnet or 'none'})"
+
+
+def entries_to_drop(
+    state: NetworkState, macs: Iterable[str], address: str, others_live: Iterable[str]
+) -> tuple[list[DhcpHost], list[DnsHost]]:
+    """The host entries of a VM (interfaces ``macs``, fixed ``address``) to remove from ``state``.
+
+    Its DHCP entries by MAC, and any other entry for ``address`` whose MAC is on no other domain (a
+    leftover); its DNS entry for ``address`` unless that address now belongs to another live VM (an entry
+    whose MAC is in ``others_live``), so a late undo never takes a newer VM's name away.
+    """
+    mine = {m.lower() for m in macs}
+    others = {m.lower() for m in others_live}
+    dhcp = [h for h in state.dhcp_hosts if h.mac.lower() in mine or (h.ip == address and h.mac.lower() not in others)]
+    held = any(h.ip == address and h.mac.lower() in others for h in state.dhcp_hosts)
+    dns = [] if held else [d for d in state.dns_hosts if d.ip == address]
+    return dhcp, dns

@@ -15,6 +15,11 @@ Scripting:
 - ``ignore_shutdown=True``: the guest ignores ACPI and the guest agent (only destroy stops it);
 - ``external_destroy/undefine/crash``, ``guest_poweroff``: changes made behind the agent's back;
 - ``set_network(name, active)``, ``set_serving(False, reason)``: a missing network, libvirtd down;
+- managed networks (``NetworkMode.MANAGED``): made with the first VM on one and removed with the last, with
+  each VM's DHCP and DNS host entries, the same steps, checks and errors as the libvirt adapter. Fake
+  state, read-only: ``managed_networks`` (name -> ``common.NetworkState``); a network added with
+  ``set_network`` carries no ownership mark (NETWORK_NOT_MANAGED); ``host_routes`` are the fake host's
+  routes (a new network's subnet overlapping one, or an active managed network's, is NETWORK_SUBNET_IN_USE);
 - health probes: ``guest_agent_down`` (qemu-ga does not answer), ``guest_file_contents`` (guest files and
   their bytes), ``guest_fs`` (``guest_filesystems``), ``domain_counters`` (``domain_stats``) and
   ``probe_addresses`` (``probe_targets``: loopback addresses of a test server, no bridge);
@@ -33,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import dataclasses
 import ipaddress
 import os
 import secrets
@@ -45,10 +51,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from clonebox_agent.adapters import common
-from clonebox_agent.adapters.common import QEMU_CAPABILITIES, Fault, Faults, Inventory, StepHook
+from clonebox_agent.adapters.common import (
+    QEMU_CAPABILITIES,
+    DhcpHost,
+    DnsHost,
+    Fault,
+    Faults,
+    Inventory,
+    NetworkState,
+    StepHook,
+)
 from clonebox_agent.adapters.images import resolve_spec
 from clonebox_agent.adapters.seediso import build_seed_iso, seed_cloud_init
 from clonebox_agent.ports import (
+    NETWORK_ORPHAN_PREFIX,
     Capability,
     DiskImage,
     DomainRecord,
@@ -76,6 +92,7 @@ from clonebox_core.model import (
     HypervisorInfo,
     IpAddress,
     NetworkMode,
+    NetworkSpec,
     Resources,
     VmSpec,
     VmState,
@@ -115,6 +132,8 @@ class _Domain:
     console_log: str | None = None
     index: int = 0
     shutdown_pending: bool = field(default=False)
+    #: the interface's MAC on a managed network ("" otherwise)
+    mac: str = ""
 
 
 class FakeHypervisor:
@@ -155,8 +174,15 @@ class FakeHypervisor:
         self.image_dirs = tuple(os.path.abspath(d) for d in image_dirs)
         self.shared_roots = None if shared_roots is None else tuple(os.path.abspath(d) for d in shared_roots)
         self.name_prefix = name_prefix
-        #: libvirt networks by name -> active
+        #: libvirt networks by name -> active (managed ones too)
         self.networks: dict[str, bool] = dict(networks) if networks is not None else {"default": True}
+        #: the ownership mark of the managed networks this fake makes (as the libvirt adapter's ``owner``)
+        self.owner = "clonebox"
+        #: the fake host's IPv4 routes (destination, interface): a new managed network may not overlap one
+        self.host_routes: builtins.list[common.Route] = []
+        # managed networks by name (``active`` lives in ``networks``); one lock each, as in the libvirt adapter
+        self._managed: dict[str, NetworkState] = {}
+        self._net_locks: dict[str, asyncio.Lock] = {}
         self.faults = Faults.of(fail_on, delays, step_hook)
         #: when True, shutdown requests are ignored like a guest without ACPI handling
         self.ignore_shutdown = ignore_shutdown
@@ -214,11 +240,20 @@ class FakeHypervisor:
         self._not_serving_reason = "" if serving else reason
 
     def set_network(self, name: str, active: bool | None) -> None:
-        """Add, (de)activate (``active`` bool) or remove (``None``) a libvirt network."""
+        """Add (without an ownership mark), (de)activate (``active`` bool) or remove (``None``) a libvirt network."""
         if active is None:
             self.networks.pop(name, None)
+            self._managed.pop(name, None)
         else:
             self.networks[name] = active
+
+    @property
+    def managed_networks(self) -> dict[str, NetworkState]:
+        """Fake state: the managed networks this fake made, by name (a copy; ``active`` as in ``networks``)."""
+        return {
+            name: dataclasses.replace(state, active=self.networks.get(name, False))
+            for name, state in sorted(self._managed.items())
+        }
 
     def external_destroy(self, name: str) -> None:
         """Simulate someone running ``virsh destroy``."""
@@ -302,6 +337,9 @@ class FakeHypervisor:
         if self._host_files:
             need = sum(d.size_mib for d in spec.disks) * common.MIB
             common.check_room(common.pool_dir(self.storage_dir), need, spec.name)
+        managed = common.managed_network(spec)
+        if managed is not None:
+            self._network_preflight(managed, spec.name)
         domain = self.name_prefix + spec.name
         log = steps or common.MemoryStepLog()
         # claimed before the first await, so a concurrent create of the name fails fast and touches nothing
@@ -328,22 +366,30 @@ class FakeHypervisor:
                 n = log.planned("seed", {"kind": "volume", "name": name})
                 log.made(n, self._make_volume(name, spec.name, iso))
             await self._step("create:seed")
-            self._counter += 1
-            dom = _Domain(
-                spec.name,
-                vm_uuid,
-                spec,
-                datetime.now(UTC).replace(microsecond=0),
-                index=self._counter,
-                console_log=(
-                    os.path.join(common.vm_dir(self.storage_dir, domain), "console.log") if self._host_files else None
-                ),
-            )
-            n = log.planned("define", {"kind": "domain", "name": domain})
-            self._domains[spec.name] = dom
-            self._emit(spec.name, EventKind.DEFINED, VmState.STOPPED, "added")
-            log.made(n, {"uuid": vm_uuid})
-            await self._step("create:define")
+            mac = ""
+            # held until the domain is defined, as in the libvirt adapter
+            lock = self._net_lock(managed.libvirt_network) if managed is not None else contextlib.nullcontext()
+            async with lock:
+                if managed is not None:
+                    mac = common.new_mac()
+                    self._ensure_network(managed, spec.name, log)
+                    self._add_host(managed, spec.name, mac, log)
+                await self._step("create:network")
+                self._counter += 1
+                dom = _Domain(
+                    spec.name,
+                    vm_uuid,
+                    spec,
+                    datetime.now(UTC).replace(microsecond=0),
+                    index=self._counter,
+                    console_log=(common.console_log_path(self.storage_dir, domain) if self._host_files else None),
+                    mac=mac,
+                )
+                n = log.planned("define", {"kind": "domain", "name": domain})
+                self._domains[spec.name] = dom
+                self._emit(spec.name, EventKind.DEFINED, VmState.STOPPED, "added")
+                log.made(n, {"uuid": vm_uuid})
+                await self._step("create:define")
             if start:
                 n = log.planned("start", {"kind": "running", "name": domain})
                 self._boot(dom)
@@ -402,15 +448,26 @@ class FakeHypervisor:
         await self._enter("delete")
         if not self._serving:
             raise self._unavailable()
+        if name.startswith(NETWORK_ORPHAN_PREFIX):
+            # an orphan the sweep found: a managed network no domain uses any more
+            return self._remove_orphan_network(name.removeprefix(NETWORK_ORPHAN_PREFIX))
         domain = self.name_prefix + name
         dom = self._domains.get(name)
+        released: builtins.list[str] = []
         if dom is not None:
             self._force_off(dom)
             await self._step("delete:destroyed")
-            if dom.vm in self._domains:
-                self._undefine(dom)
+            managed = common.managed_network(dom.spec)
+            # held through the undefine: a concurrent delete of another VM on it must see this one gone
+            lock = self._net_lock(managed.libvirt_network) if managed is not None else contextlib.nullcontext()
+            async with lock:
+                # before undefine: a retry after a failure still finds the domain, and with it the network
+                released = self._release_network(dom)
+                await self._step("delete:network")
+                if dom.vm in self._domains:
+                    self._undefine(dom)
             await self._step("delete:undefined")
-        removed = [
+        removed = released + [
             p
             for v in list(self._volumes)
             if v.startswith(common.volume_prefix(domain))
@@ -435,6 +492,10 @@ class FakeHypervisor:
         if dom.state != VmState.RUNNING or dom.spec.network.mode == NetworkMode.NONE:
             return ()
         source = "agent" if Capability.GUEST_AGENT in self._caps else "lease"
+        managed = common.managed_network(dom.spec)
+        if managed is not None:
+            # its DHCP host entry's address
+            return (IpAddress("eth0", managed.address, ipaddress.IPv4Network(managed.subnet).prefixlen, source),)
         return (IpAddress("eth0", f"192.0.2.{10 + dom.index % 240}", 24, source),)
 
     def _guest(self, name: str) -> _Domain:
@@ -749,16 +810,28 @@ class FakeHypervisor:
         return [gone] if gone is not None else []
 
     async def orphans(self, keep: Iterable[str] = ()) -> dict[str, builtins.list[str]]:
-        """See ``Hypervisor.orphans``."""
+        """See ``Hypervisor.orphans`` (managed networks no domain is attached to are listed too)."""
         inventory = await self.inventory()
-        return inventory.orphans(self.name_prefix, keep)
+        found = inventory.orphans(self.name_prefix, keep)
+        for name, state in self.managed_networks.items():
+            lock = self._net_locks.get(name)
+            if state.owner == self.owner and not self._users(name) and not (lock is not None and lock.locked()):
+                found[common.network_orphan_key(name)] = [common.describe_network(state)]
+        return found
 
     async def inventory(self) -> Inventory:
-        """Domains, volumes and marked files the fake owns."""
+        """Domains, volumes, marked files and managed networks the fake owns."""
         files = common.marked_files(self.storage_dir) if self._host_files else ()
         return Inventory(
-            tuple(self.name_prefix + n for n in sorted(self._domains)), tuple(sorted(self._volumes)), files
+            tuple(self.name_prefix + n for n in sorted(self._domains)),
+            tuple(sorted(self._volumes)),
+            files,
+            tuple(n for n, s in sorted(self._managed.items()) if s.owner == self.owner),
         )
+
+    def console_log_path(self, vm: str) -> str | None:
+        """Where ``vm``'s serial console log is (None without host files)."""
+        return common.console_log_path(self.storage_dir, self.domain_name(vm)) if self._host_files else None
 
     def domain_name(self, vm: str) -> str:
         """Hypervisor-side name of ``vm``."""
@@ -824,6 +897,12 @@ class FakeHypervisor:
         steps += [f"disk:{d.name}: make volume {common.volume_name(domain, d.name)}" for d in spec.disks]
         if spec.has_seed:
             steps.append(f"seed: make volume {common.seed_volume_name(domain)}")
+        managed = common.managed_network(spec)
+        if managed is not None:
+            self._network_preflight(managed, spec.name)
+            if managed.libvirt_network not in self.networks:
+                steps.append(f"network-define: define, start and autostart network {managed.libvirt_network}")
+            steps.append(f"network-host: add the DHCP and DNS host entries of {managed.address}")
         steps.append(f"define: define domain {domain}")
         if start:
             steps.append(f"start: start {domain}")
@@ -881,6 +960,19 @@ class FakeHypervisor:
             return f"{self.name_prefix}{vm} (disks back on their files)"
         if kind == "retire":
             return ""  # the fake's disks are tokens: a revert supersedes no file
+        if kind == "network":
+            state = self._managed.get(undo["name"])
+            if state is None or state.uuid != identity.get("uuid") or self._users(state.name):
+                return ""
+            return self._remove_network(state)
+        if kind == "network-host":
+            state = self._managed.get(undo["network"])
+            if state is None or state.uuid != identity.get("uuid"):
+                return ""
+            # the domain of this step is undone before it (reverse order): every attached one is another VM's
+            others = {m for macs in self._users(state.name).values() for m in macs}
+            dhcp, dns = common.entries_to_drop(state, [undo["mac"]], undo["address"], others)
+            return ", ".join(self._drop_entries(state.name, dhcp, dns))
         raise ValueError(f"unknown undo kind {kind!r}")
 
     def _volume_identity(self, path: str, *, stamp: bool = False) -> dict[str, str]:
@@ -909,7 +1001,7 @@ class FakeHypervisor:
 
     def _boot(self, dom: _Domain) -> None:
         spec = dom.spec
-        if spec.network.mode == NetworkMode.LIBVIRT:
+        if spec.network.mode != NetworkMode.NONE:
             net = spec.network.libvirt_network
             active = self.networks.get(net)
             # the messages libvirt gives for the same failures
@@ -932,6 +1024,119 @@ class FakeHypervisor:
         return FailedPrecondition(
             f"VM {dom.vm} failed to start: {message}", reason="DOMAIN_START_FAILED", metadata={"vm": dom.vm}
         )
+
+    # ---- managed networks ----------------------------------------------------------------------
+
+    async def network_state(self, name: str) -> NetworkState | None:
+        """Fake state: network ``name`` as the libvirt adapter's ``network_state`` reports it (None: none)."""
+        return self._existing_network(name)
+
+    def _net_lock(self, name: str) -> asyncio.Lock:
+        return self._net_locks.setdefault(name, asyncio.Lock())
+
+    def _users(self, network: str) -> dict[str, tuple[str, ...]]:
+        """Domains attached to ``network``: VM -> MACs (as the libvirt adapter reads domain XML)."""
+        return {
+            d.vm: (d.mac,)
+            for d in self._domains.values()
+            if d.spec.network.mode != NetworkMode.NONE and d.spec.network.libvirt_network == network
+        }
+
+    def _existing_network(self, name: str) -> NetworkState | None:
+        """The network ``name`` as the checks see it (one added by ``set_network`` has no mark and no subnet)."""
+        if name not in self.networks:
+            return None
+        state = self._managed.get(name) or NetworkState(name, "", None, "", "", False)
+        return dataclasses.replace(state, active=self.networks[name])
+
+    def _check_routes(self, net: NetworkSpec, vm: str) -> None:
+        routes = list(self.host_routes) + [
+            (ipaddress.IPv4Network(s.subnet), s.bridge)
+            for s in self._managed.values()
+            if s.name != net.libvirt_network and s.subnet and self.networks.get(s.name)
+        ]
+        hit = common.overlapping_route(net.subnet, routes)
+        if hit is not None:
+            raise common.network_subnet_in_use(
+                net.libvirt_network, net.subnet, f"route {hit[0]} on interface {hit[1]}", vm
+            )
+
+    def _network_preflight(self, net: NetworkSpec, vm: str) -> None:
+        state = self._existing_network(net.libvirt_network)
+        if state is not None:
+            common.check_existing_network(state, net, self.owner, vm)
+        if state is None or not state.active:
+            self._check_routes(net, vm)
+
+    def _ensure_network(self, net: NetworkSpec, vm: str, log: StepLog) -> None:
+        name = net.libvirt_network
+        state = self._existing_network(name)
+        if state is not None:
+            common.check_existing_network(state, net, self.owner, vm)
+            if not state.active:
+                self._check_routes(net, vm)
+                self.networks[name] = True
+            return
+        self._check_routes(net, vm)
+        n = log.planned("network-define", {"kind": "network", "name": name})
+        subnet = str(ipaddress.IPv4Network(net.subnet))
+        state = NetworkState(name, str(uuidlib.uuid4()), self.owner, subnet, common.bridge_name(name), True)
+        self._managed[name] = state
+        self.networks[name] = True
+        log.made(n, {"uuid": state.uuid})
+
+    def _add_host(self, net: NetworkSpec, vm: str, mac: str, log: StepLog) -> None:
+        name = net.libvirt_network
+        state = self._managed[name]
+        dhcp, dns = common.host_entries(net, mac)
+        live = {m for macs in self._users(name).values() for m in macs}
+        stale_dhcp, stale_dns = common.entries_to_replace(state, dhcp, dns, live, vm)
+        self._drop_entries(name, stale_dhcp, stale_dns)
+        n = log.planned("network-host", common.host_entry_undo(net, mac))
+        state = self._managed[name]
+        dns_hosts = (*state.dns_hosts, dns) if dns is not None else state.dns_hosts
+        self._managed[name] = dataclasses.replace(state, dhcp_hosts=(*state.dhcp_hosts, dhcp), dns_hosts=dns_hosts)
+        log.made(n, {"uuid": state.uuid})
+
+    def _drop_entries(self, name: str, dhcp: Iterable[DhcpHost], dns: Iterable[DnsHost]) -> builtins.list[str]:
+        state = self._managed[name]
+        gone_dhcp, gone_dns = list(dhcp), list(dns)
+        self._managed[name] = dataclasses.replace(
+            state,
+            dhcp_hosts=tuple(h for h in state.dhcp_hosts if h not in gone_dhcp),
+            dns_hosts=tuple(d for d in state.dns_hosts if d not in gone_dns),
+        )
+        return [f"DHCP host {h.mac} -> {h.ip} of network {name}" for h in gone_dhcp] + [
+            f"DNS host {d.ip} ({', '.join(d.names)}) of network {name}" for d in gone_dns
+        ]
+
+    def _remove_network(self, state: NetworkState) -> str:
+        self._managed.pop(state.name, None)
+        self.networks.pop(state.name, None)
+        return common.describe_network(state)
+
+    def _release_network(self, dom: _Domain) -> builtins.list[str]:
+        """The VM's host entries, and its managed network when no other domain is attached (idempotent)."""
+        managed = common.managed_network(dom.spec)
+        if managed is None:
+            return []
+        state = self._managed.get(managed.libvirt_network)
+        if state is None or state.owner != self.owner:
+            return []
+        others = {vm: macs for vm, macs in self._users(state.name).items() if vm != dom.vm}
+        others_live = {m for macs in others.values() for m in macs}
+        dhcp, dns = common.entries_to_drop(state, [dom.mac], managed.address, others_live)
+        removed = self._drop_entries(state.name, dhcp, dns)
+        if not others:
+            removed.append(self._remove_network(self._managed[state.name]))
+        return removed
+
+    def _remove_orphan_network(self, name: str) -> builtins.list[str]:
+        state = self._managed.get(name)
+        lock = self._net_locks.get(name)
+        if state is None or state.owner != self.owner or self._users(name) or (lock is not None and lock.locked()):
+            return []
+        return [self._remove_network(state)]
 
     def _force_off(self, dom: _Domain) -> None:
         if dom.state != VmState.STOPPED:

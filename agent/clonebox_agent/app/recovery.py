@@ -5,8 +5,9 @@ steps are undone in reverse order, each only if the artifact is still the one th
 recorded inode, volume key or domain UUID), and the transaction is closed as rolled back. A step that
 was only *planned* had not recorded what it made, so nothing is removed for it; whatever it left is
 found by the sweep, which lists owned volumes and files of VMs that have no domain and no open
-transaction, and removes them when asked. Every clean-up writes an audit event into the journal's
-outbox in the same SQLite transaction that closes the journal record.
+transaction (and managed networks no domain is attached to), and removes them when asked. Every
+clean-up writes an audit event into the journal's outbox in the same SQLite transaction that closes
+the journal record.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 from dataclasses import dataclass, field
 
 from clonebox_agent.journal.store import Journal, JournalStepLog, TxnState
-from clonebox_agent.ports import Hypervisor
+from clonebox_agent.ports import NETWORK_ORPHAN_PREFIX, Hypervisor
 from clonebox_core.audit.event import SYSTEM_ACTOR, Outcome, new_event
 from clonebox_core.errors import CloneboxError
 from clonebox_core.model import StepState, Transaction
@@ -166,9 +167,12 @@ class Recovery:
             for vm in sorted(orphans):
                 paths = await self._hv.delete(vm)
                 removed[vm] = paths
+                # a managed network no VM uses any more is a network, not a VM
+                network = vm.removeprefix(NETWORK_ORPHAN_PREFIX)
+                kind = "networks" if network != vm else "vms"
                 event = new_event(
                     "recovery.sweep",
-                    f"hosts/{self._host}/vms/{vm}",
+                    f"hosts/{self._host}/{kind}/{network}",
                     Outcome.SUCCEEDED,
                     origin=f"agent/{self._host}",
                     details={"removed": ", ".join(paths)},

@@ -7,6 +7,7 @@ from typing import Any, TypeAlias
 
 from clonebox.agent.v1 import agent_pb2, agent_pb2_grpc
 
+from clonebox_agent.app.console import ConsoleReader
 from clonebox_agent.app.health import HealthMonitor
 from clonebox_agent.app.service import AgentService
 from clonebox_agent.app.snapshots import SnapshotManager
@@ -29,12 +30,21 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     """Thin adapter from gRPC to ``AgentService``; errors are mapped by the shared interceptor."""
 
     def __init__(
-        self, service: AgentService, health: HealthMonitor | None = None, snapshots: SnapshotManager | None = None
+        self,
+        service: AgentService,
+        health: HealthMonitor | None = None,
+        snapshots: SnapshotManager | None = None,
+        console: ConsoleReader | None = None,
     ) -> None:
-        """``health`` answers WatchHealth/CheckHealth, ``snapshots`` the snapshot RPCs (else FAILED_PRECONDITION)."""
+        """
+        Serve the RPCs; the optional parts answer FAILED_PRECONDITION when they are not given.
+
+        ``health`` answers WatchHealth/CheckHealth, ``snapshots`` the snapshot RPCs, ``console`` ReadConsole.
+        """
         self._svc = service
         self._health = health
         self._snapshots = snapshots
+        self._console = console
 
     def _snaps(self) -> SnapshotManager:
         if self._snapshots is None:
@@ -70,6 +80,20 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         user = vm.spec.auth.user if vm.spec.auth is not None else ""
         # the one place the key is put on the wire (mTLS, to the controller only; the read is audited)
         return agent_pb2.GetSshKeyResponse(private_key=key.reveal(), user=user)
+
+    async def ReadConsole(
+        self, request: agent_pb2.ReadConsoleRequest, context: Ctx
+    ) -> AsyncIterator[agent_pb2.ReadConsoleResponse]:
+        """See the proto."""
+        if self._console is None:
+            raise FailedPrecondition("this agent reads no console logs", reason="CONSOLE_LOG_UNAVAILABLE")
+        chunks = self._console.read(request.name, tail_bytes=request.tail_bytes, follow=request.follow)
+        try:
+            async for chunk in chunks:
+                yield agent_pb2.ReadConsoleResponse(data=chunk.data, offset=chunk.offset)
+        finally:
+            # a cancelled follow must close the log file now, not when the generator is collected
+            await chunks.aclose()
 
     async def RotateSecret(
         self, request: agent_pb2.RotateSecretRequest, context: Ctx

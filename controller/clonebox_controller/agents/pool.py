@@ -52,6 +52,14 @@ class WatchEvent:
 
 
 @dataclass(frozen=True)
+class ConsoleChunk:
+    """One piece of a VM's serial console log as the controller passes it on."""
+
+    data: bytes
+    offset: int
+
+
+@dataclass(frozen=True)
 class HealthUpdate:
     """One message of an agent's WatchHealth stream as the controller consumes it."""
 
@@ -131,6 +139,18 @@ class GrpcAgentClient:
         req = agent_pb2.GetSshKeyRequest(name=name, actor=actor)
         resp = await self._call(lambda: self._stub.GetSshKey(req, timeout=_SHORT_TIMEOUT))
         return Secret(resp.private_key), resp.user
+
+    async def read_console(self, name: str, tail_bytes: int, follow: bool) -> AsyncIterator[ConsoleChunk]:
+        """ReadConsole: the log's pieces as the agent sends them (a follow has no deadline)."""
+        req = agent_pb2.ReadConsoleRequest(name=name, tail_bytes=tail_bytes, follow=follow)
+        call = self._stub.ReadConsole(req, timeout=None if follow else _SHORT_TIMEOUT)
+        try:
+            async for msg in call:
+                yield ConsoleChunk(msg.data, msg.offset)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        finally:
+            call.cancel()
 
     async def rotate_secret(
         self, name: str, request_id: str, password_hash: Secret, expire: bool, keys: tuple[str, ...], replace_keys: bool

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import time
 import uuid
@@ -53,12 +54,15 @@ from clonebox_core.plan import (
     FailurePolicy,
     Plan,
     PlanRun,
+    PlanVm,
     RunState,
     VmChange,
     VmRunState,
     VmStatus,
     check_plan,
     levels,
+    materialize_networks,
+    plan_subnets,
     vm_name,
 )
 from clonebox_core.plan import diff as plan_diff
@@ -285,6 +289,8 @@ class PlanEngine:
         """
         plan = with_plan_labels(plan)
         plan_levels = check_plan(plan)
+        current = await self._current(plan.name)
+        plan = materialize_networks(plan, current, await self._subnets_of_other_plans(plan.name))
         for v in plan.vms:
             validate_resolved(v.spec, prefix=f"vms.{v.service}.spec")
         hosts = await asyncio.to_thread(self._store.list_hosts)
@@ -298,10 +304,54 @@ class PlanEngine:
                     metadata={"field": f"vms.{v.service}.host", "host": v.host, "service": v.service},
                 )
         existing = await self._existing(plan)
-        current = await self._current(plan.name)
+        plan = self._pin_network_hosts(plan, existing, hosts)
         changes = plan_diff(current, plan, {name: vm.spec for name, vm in existing.items()})
         await self._check_capacity(plan, changes, existing, hosts, replacing)
         return Validation(plan, plan_levels, changes, current)
+
+    async def _subnets_of_other_plans(self, name: str) -> list[ipaddress.IPv4Network]:
+        plans = await asyncio.to_thread(self._store.list_plans)
+        return [subnet for p in plans if p.name != name for subnet in plan_subnets(p)]
+
+    def _pin_network_hosts(self, plan: Plan, existing: Mapping[str, Vm], hosts: Sequence[Host]) -> Plan:
+        """
+        ``plan`` with every VM of a plan network on one host (a libvirt network lives on one host).
+
+        The host is the one a VM of the network already runs on, else the one a placement hint names,
+        else the first host (most free memory first) where all the network's VMs fit. Refused
+        (InvalidArgument PLAN_INVALID) when the VMs or hints of one network name different hosts.
+        """
+        pinned: dict[str, str] = {}
+        for net in plan.networks:
+            members = [v for v in plan.vms if v.network == net.name]
+            if not members:
+                continue
+            running = sorted({existing[v.spec.name].host for v in members if v.spec.name in existing})
+            hinted = sorted({v.host for v in members if v.host})
+            if len(hinted) > 1 or (running and hinted and hinted != running[:1]):
+                where = next(v.service for v in members if v.host and v.host != (running or hinted)[0])
+                raise invalid_field(
+                    f"vms.{where}.host",
+                    f"the VMs of network {net.name} live on one host, but they are or would be on "
+                    f"{', '.join(sorted({*running, *hinted}))}: give them one placement host (or none)",
+                    reason="PLAN_INVALID",
+                )
+            host = (running or hinted or [""])[0] or self._host_for(members, hosts)
+            pinned.update((v.service, host) for v in members)
+        if not pinned:
+            return plan
+        return dataclasses.replace(
+            plan, vms=tuple(dataclasses.replace(v, host=pinned.get(v.service, v.host)) for v in plan.vms)
+        )
+
+    def _host_for(self, members: Sequence[PlanVm], hosts: Sequence[Host]) -> str:
+        """The first host, most free memory first, with room for all of ``members`` ("" when none has)."""
+        by_room = sorted(hosts, key=lambda h: (-(h.allocatable.memory_mib - h.allocated.memory_mib), h.name))
+        for h in by_room:
+            needs = [PlacementNeed(v.spec.name, v.spec.resources(), h.name) for v in members]
+            if not self._placer([h], needs):
+                return h.name
+        return ""  # the capacity check says which VMs do not fit
 
     async def _existing(self, plan: Plan) -> dict[str, Vm]:
         """The plan's VMs that exist: by label, and by name (refusing a VM of the same name not of this plan)."""

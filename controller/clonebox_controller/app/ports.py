@@ -278,6 +278,20 @@ class AgentEvent(Protocol):
         ...
 
 
+class AgentConsoleChunk(Protocol):
+    """One piece of a VM's serial console log from its agent."""
+
+    @property
+    def data(self) -> bytes:
+        """Raw bytes the guest wrote."""
+        ...
+
+    @property
+    def offset(self) -> int:
+        """Offset of the first byte in the log file."""
+        ...
+
+
 class AgentClient(Protocol):
     """The calls the controller makes to one agent; errors are ``clonebox_core.errors`` classes."""
 
@@ -285,6 +299,7 @@ class AgentClient(Protocol):
     async def plan_create(self, spec: VmSpec) -> CreatePlan: ...
     async def get_vm(self, name: str) -> Vm: ...
     async def get_ssh_key(self, name: str, actor: str) -> tuple[Secret, str]: ...
+    def read_console(self, name: str, tail_bytes: int, follow: bool) -> AsyncIterator[AgentConsoleChunk]: ...
     async def rotate_secret(
         self, name: str, request_id: str, password_hash: Secret, expire: bool, keys: tuple[str, ...], replace_keys: bool
     ) -> tuple[str, list[str]]: ...

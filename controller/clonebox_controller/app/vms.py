@@ -11,12 +11,12 @@ import asyncio
 import dataclasses
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TypeVar
 
 from clonebox_controller.app.hosts import HostRegistry
-from clonebox_controller.app.ports import FleetStore
+from clonebox_controller.app.ports import AgentConsoleChunk, FleetStore
 from clonebox_controller.app.uncancelled import to_thread_uncancelled
 from clonebox_core.audit.event import SYSTEM_ACTOR, AuditEvent, Outcome, current_actor, new_event
 from clonebox_core.errors import Aborted, CloneboxError, FailedPrecondition, Internal, NotFound, Unavailable
@@ -112,6 +112,34 @@ class VmManager:
         caller = current_caller()
         key, user = await self._hosts.client_for(host).get_ssh_key(name, caller.spiffe_id if caller else "")
         return key, user, vm.host
+
+    async def read_console(self, name: str, tail_bytes: int, follow: bool) -> AsyncGenerator[AgentConsoleChunk, None]:
+        """
+        The VM's serial console log from its agent: its last ``tail_bytes``, then with ``follow`` what follows.
+
+        ``tail_bytes`` 0 means the agent's default; a follow lasts until the caller stops or the VM is
+        deleted. A guest may print its secrets there, so each read is one ``vm.console_read`` audit event naming the
+        caller, appended once the agent has accepted the read (its first piece, or the end of an empty log)
+        and before any byte is passed on: a read that cannot be audited does not happen.
+        """
+        check_dns_label("name", name)
+        vm = await asyncio.to_thread(self._store.get_vm, name)  # NotFound VM_NOT_FOUND
+        host = await asyncio.to_thread(self._store.get_host, vm.host)
+        client = self._hosts.client_for(host)  # FailedPrecondition HOST_UNREACHABLE
+        audit = new_event(
+            "vm.console_read",
+            f"vms/{name}",
+            Outcome.SUCCEEDED,
+            details={"host": vm.host, "tail_bytes": tail_bytes, "follow": follow},
+        )
+        audited = False
+        async for chunk in client.read_console(name, tail_bytes, follow):
+            if not audited:
+                await asyncio.to_thread(self._store.append_audit, [audit])
+                audited = True
+            yield chunk
+        if not audited:
+            await asyncio.to_thread(self._store.append_audit, [audit])
 
     async def rotate_secret(
         self,

@@ -325,6 +325,18 @@ class VmServicer(vm_service_pb2_grpc.VmServiceServicer):
         # the one place the key is put on the wire to a user (mTLS; the agent audited the read)
         return vm_service_pb2.GetVmSshKeyResponse(private_key=key.reveal(), user=user, host=host)
 
+    async def ReadVmConsole(
+        self, request: vm_service_pb2.ReadVmConsoleRequest, context: Ctx
+    ) -> AsyncIterator[vm_service_pb2.ReadVmConsoleResponse]:
+        """See the proto: each piece is written before the next is read from the agent."""
+        chunks = self._vms.read_console(request.name, request.tail_bytes, request.follow)
+        try:
+            async for chunk in chunks:
+                yield vm_service_pb2.ReadVmConsoleResponse(data=chunk.data, offset=chunk.offset)
+        finally:
+            # a client that stops following must end the agent's stream now, not when this is collected
+            await chunks.aclose()
+
     async def ListVms(self, request: vm_service_pb2.ListVmsRequest, context: Ctx) -> vm_service_pb2.ListVmsResponse:
         """See the proto."""
         if request.page_size > _MAX_PAGE:

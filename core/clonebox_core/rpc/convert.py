@@ -64,7 +64,9 @@ def revision_from_proto(m: resources_pb2.Revision) -> model.Revision:
 _NETWORK_MODE_TO_PROTO = {
     model.NetworkMode.LIBVIRT: vm_pb2.NETWORK_MODE_LIBVIRT,
     model.NetworkMode.NONE: vm_pb2.NETWORK_MODE_NONE,
+    model.NetworkMode.MANAGED: vm_pb2.NETWORK_MODE_MANAGED,
 }
+_NETWORK_MODE_FROM_PROTO = {v: k for k, v in _NETWORK_MODE_TO_PROTO.items()}
 
 
 _SHARE_DRIVER_TO_PROTO = {
@@ -227,6 +229,9 @@ def spec_to_proto(s: model.VmSpec, *, redact: bool = False) -> vm_pb2.VmSpec:
         network=vm_pb2.NetworkSpec(
             mode=_NETWORK_MODE_TO_PROTO[s.network.mode],
             libvirt_network=s.network.libvirt_network,
+            subnet=s.network.subnet,
+            address=s.network.address,
+            dns_names=list(s.network.dns_names),
         ),
         shared_folders=[
             vm_pb2.SharedFolder(
@@ -282,7 +287,8 @@ def spec_to_proto(s: model.VmSpec, *, redact: bool = False) -> vm_pb2.VmSpec:
 
 def spec_from_proto(m: vm_pb2.VmSpec) -> model.VmSpec:
     """Proto -> VmSpec (no validation; see ``clonebox_core.validate``)."""
-    mode = model.NetworkMode.NONE if m.network.mode == vm_pb2.NETWORK_MODE_NONE else model.NetworkMode.LIBVIRT
+    # UNSPECIFIED (and a mode this build does not know) is the default: a libvirt network
+    mode = _NETWORK_MODE_FROM_PROTO.get(m.network.mode, model.NetworkMode.LIBVIRT)
     return model.VmSpec(
         name=m.name,
         vcpus=m.vcpus,
@@ -293,7 +299,13 @@ def spec_from_proto(m: vm_pb2.VmSpec) -> model.VmSpec:
             if m.HasField("kernel_boot")
             else None
         ),
-        network=model.NetworkSpec(mode, m.network.libvirt_network or "default"),
+        network=model.NetworkSpec(
+            mode,
+            m.network.libvirt_network or "default",
+            m.network.subnet,
+            m.network.address,
+            tuple(m.network.dns_names),
+        ),
         shared_folders=tuple(
             model.SharedFolder(
                 f.host_path,

@@ -17,6 +17,7 @@ from clonebox_core.plan import (
     Dependency,
     FailurePolicy,
     Plan,
+    PlanNetwork,
     PlanRun,
     PlanVm,
     RunState,
@@ -94,9 +95,11 @@ def plan_to_proto(plan: Plan, *, redact: bool = False) -> plan_pb2.Plan:
                     for d in v.depends_on
                 ],
                 host=v.host,
+                network=v.network,
             )
             for v in plan.vms
         ],
+        networks=[plan_pb2.PlanNetwork(name=n.name, subnet=n.subnet) for n in plan.networks],
         update=update_to_proto(plan.update),
         on_failure=_FAILURE_TO_PROTO[plan.on_failure],
         source=plan.source,
@@ -116,9 +119,11 @@ def plan_from_proto(m: plan_pb2.Plan) -> Plan:
                 spec=convert.spec_from_proto(v.spec),
                 depends_on=tuple(Dependency(d.service, condition_from_proto(d.condition)) for d in v.depends_on),
                 host=v.host,
+                network=v.network,
             )
             for v in m.vms
         ),
+        networks=tuple(PlanNetwork(n.name, n.subnet) for n in m.networks),
         update=update_from_proto(m.update),
         on_failure=_FAILURE_FROM_PROTO.get(m.on_failure, FailurePolicy.ROLLBACK),
         source=m.source,

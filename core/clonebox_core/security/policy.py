@@ -39,6 +39,7 @@ POLICY: Mapping[str, frozenset[str]] = {
             "CreateVm",
             "GetVm",
             "GetSshKey",
+            "ReadConsole",
             "RotateSecret",
             "ListVms",
             "StartVm",
@@ -73,6 +74,9 @@ POLICY: Mapping[str, frozenset[str]] = {
     _VM + "CreateVm": OPERATORS,
     # a private key is a login: operators only, and every read is a secret.access audit event
     _VM + "GetVmSshKey": OPERATORS,
+    # a guest's console can show what it prints of its secrets: operators only, every read a
+    # vm.console_read audit event
+    _VM + "ReadVmConsole": OPERATORS,
     _VM + "RotateVmSecret": OPERATORS,
     _VM + "StartVm": OPERATORS,
     _VM + "StopVm": OPERATORS,

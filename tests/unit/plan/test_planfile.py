@@ -298,7 +298,6 @@ def test_a_missing_vms_is_reported_with_the_typo_counted(stack: Path) -> None:
 @pytest.mark.parametrize(
     ("body", "marker", "field", "text"),
     [
-        ("networks: {front: {}}\nvms: {db: {" + BOOT + "}}\n", "networks", "networks", "per-plan networks"),
         ("vms:\n  db:\n    " + BOOT + "\n    volumes: [data]\n", "volumes", "vms.db.volumes", "not supported yet"),
         ("vms:\n  db:\n    " + BOOT + "\n    name: db1\n", "name: db1", "vms.db.name", "names its VMs itself"),
         ("vms:\n  db:\n    " + BOOT + "\n    version: 2\n", "version: 2", "vms.db.version", "version 2 specs"),
@@ -320,12 +319,75 @@ def test_refused_fields(stack: Path, body: str, marker: str, field: str, text: s
     assert text in err.message
 
 
-def test_networks_message_says_what_to_use(stack: Path) -> None:
-    err = refused(doc("networks: {}\nvms: {db: {" + BOOT + "}}\n"), stack)
-    assert err.message.endswith(
-        "networks: not supported yet: plans use the network of each VM spec (network.libvirt_network); "
-        "per-plan networks with service-name DNS come in a later release"
-    )
+def test_every_service_is_on_the_plans_default_network_unless_it_says_otherwise(stack: Path) -> None:
+    plan = load_plan_text(doc("vms:\n  db: {" + BOOT + "}\n  web: {" + BOOT + "}\n"), SOURCE, stack)
+    assert [n.name for n in plan.networks] == ["default"] and plan.networks[0].subnet == ""
+    assert [v.network for v in plan.vms] == ["default", "default"]
+
+
+def test_declared_networks_subnets_and_opting_out(stack: Path) -> None:
+    body = f"""\
+networks:
+  front: {{subnet: 10.50.1.0/24}}
+  back:
+vms:
+  db: {{{BOOT}, networks: [back]}}
+  web: {{{BOOT}, networks: [front]}}
+  tool: {{{BOOT}, networks: []}}
+  own: {{{BOOT}, network: {{mode: none}}}}
+"""
+    plan = load_plan_text(doc(body), SOURCE, stack)
+    assert [(n.name, n.subnet) for n in plan.networks] == [("front", "10.50.1.0/24"), ("back", "")]
+    assert {v.service: v.network for v in plan.vms} == {"db": "back", "web": "front", "tool": "", "own": ""}
+
+
+@pytest.mark.parametrize(
+    ("body", "marker", "field", "text", "reason"),
+    [
+        (
+            "vms:\n  db: {" + BOOT + ", networks: [nope]}\n",
+            "networks",
+            "vms.db.networks",
+            "network 'nope', which the plan does not declare",
+            "PLAN_UNKNOWN_NETWORK",
+        ),
+        (
+            "networks: {a: {}, b: {}}\nvms:\n  db: {" + BOOT + ", networks: [a, b]}\n",
+            "networks: [a",
+            "vms.db.networks",
+            "one plan network for now",
+            "PLAN_INVALID",
+        ),
+        (
+            "networks:\n  front: {subnet: 10.50.1.0}\nvms:\n  db: {" + BOOT + ", networks: [front]}\n",
+            "subnet",
+            "networks.front.subnet",
+            "/16 to /29",
+            "PLAN_INVALID",
+        ),
+        (
+            "networks:\n  a: {subnet: 10.50.0.0/16}\n  b: {subnet: 10.50.1.0/24}\nvms:\n  db: {" + BOOT + "}\n",
+            "subnet: 10.50.1",
+            "networks.b.subnet",
+            "overlaps 10.50.0.0/16 of network a",
+            "PLAN_INVALID",
+        ),
+        (
+            "vms:\n  db: {" + BOOT + ", networks: [default], network: {mode: none}}\n",
+            "network: {mode",
+            "vms.db.spec.network",
+            "needs a network interface",
+            "PLAN_INVALID",
+        ),
+    ],
+)
+def test_network_problems_name_line_and_field(
+    stack: Path, body: str, marker: str, field: str, text: str, reason: str
+) -> None:
+    err = refused(doc(body), stack, reason=reason)
+    assert err.metadata["field"] == field
+    assert err.metadata["line"] == line_of(doc(body), marker)
+    assert text in err.message
 
 
 def test_several_problems_are_counted_and_the_first_in_the_file_is_reported(stack: Path) -> None:

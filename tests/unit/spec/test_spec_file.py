@@ -222,7 +222,7 @@ def test_unknown_field_without_a_close_match_lists_the_known_ones() -> None:
         ),
         (
             "version: 1\nname: x\nkernel_boot: {kernel: k}\nnetwork: {mode: bridge}\n",
-            "tiny.yaml:4: network.mode: 'bridge' is not allowed: use 'libvirt' or 'none'",
+            "tiny.yaml:4: network.mode: 'bridge' is not allowed: use 'libvirt', 'none' or 'managed'",
         ),
         (
             "version: 1\nname: x\nkernel_boot: {kernel: k}\nnetwork:\n  mode: none\n  libvirt_network: default\n",

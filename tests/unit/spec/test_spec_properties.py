@@ -110,9 +110,19 @@ def specs(draw: st.DrawFn) -> VmSpec:
     if kernel is None and not disks:
         kernel = KernelBoot("vmlinuz")
     mode = draw(st.sampled_from(list(NetworkMode)))
-    network = NetworkSpec(
-        mode, "default" if mode is NetworkMode.NONE else draw(st.from_regex(r"\A[a-z0-9_.-]{1,10}\Z"))
-    )
+    if mode is NetworkMode.MANAGED:
+        third = draw(st.integers(min_value=0, max_value=255))
+        network = NetworkSpec(
+            mode,
+            "cb-" + draw(st.from_regex(r"\A[a-z0-9-]{1,10}\Z")),
+            f"10.213.{third}.0/24",
+            f"10.213.{third}.{draw(st.integers(min_value=2, max_value=254))}",
+            tuple(draw(st.lists(dns, max_size=3, unique=True))),
+        )
+    else:
+        network = NetworkSpec(
+            mode, "default" if mode is NetworkMode.NONE else draw(st.from_regex(r"\A[a-z0-9_.-]{1,10}\Z"))
+        )
     tags = draw(st.lists(st.from_regex(r"\A[A-Za-z0-9_-]{1,10}\Z"), max_size=3, unique=True))
     folders = tuple(SharedFolder("/" + draw(path), tag, draw(st.booleans())) for tag in tags)
     cloud = draw(st.one_of(st.none(), st.builds(CloudInit, doc_text, doc_text, doc_text)))

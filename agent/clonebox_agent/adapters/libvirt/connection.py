@@ -79,6 +79,7 @@ _C_NAMES: dict[tuple[str, str], str] = {
     ("virConnect", "storagePoolLookupByName"): "virStoragePoolLookupByName",
     ("virConnect", "storagePoolDefineXML"): "virStoragePoolDefineXML",
     ("virConnect", "networkLookupByName"): "virNetworkLookupByName",
+    ("virConnect", "networkDefineXML"): "virNetworkDefineXML",
     ("virConnect", "newStream"): "virStreamNew",
     ("virConnect", "getInfo"): "virNodeGetInfo",
     ("virConnect", "close"): "virConnectClose",

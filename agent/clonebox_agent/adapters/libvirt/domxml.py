@@ -73,6 +73,9 @@ class DomainConfig:
     initrd: str | None = None
     cmdline: str = ""
     network: str | None = None
+    #: the interface's MAC address (None: libvirt picks one); set for a managed network, whose DHCP host
+    #: entry must name it before the domain exists
+    mac: str | None = None
     filesystems: tuple[Filesystem, ...] = ()
     console_log: str | None = None
 
@@ -160,6 +163,8 @@ def build_domain(cfg: DomainConfig) -> ET.Element:
     if cfg.network is not None:
         iface = _sub(devices, "interface", type="network")
         _sub(iface, "source", network=cfg.network)
+        if cfg.mac is not None:
+            _sub(iface, "mac", address=cfg.mac)
         _sub(iface, "model", type="virtio")
     for fs in cfg.filesystems:
         if fs.virtiofs:

@@ -10,6 +10,9 @@ Layout of what it makes (``storage_dir`` must be traversable by the QEMU user, s
         console.log                   serial console log (virtlogd)
 
 Every file and folder carries ``user.clonebox.owner=<vm>``; the domain carries ``<cb:owner>`` metadata.
+A VM on a managed network (``NetworkMode.MANAGED``) shares a libvirt network ``cb-...`` carrying
+``<cb:network agent=...>`` metadata with the other VMs on it: made with the first of them, removed with
+the last (``networks.ManagedNetworks``; its XML in ``netxml``).
 
 Every libvirt call runs on the adapter's own thread pool, never on the event loop (``_run``, the one
 place; in a copy of the caller's context, so libvirt spans and log lines belong to the RPC that caused
@@ -58,7 +61,7 @@ from clonebox_agent.adapters.common import (
     StepHook,
 )
 from clonebox_agent.adapters.images import ResolvedSpec, image_info, resolve_spec
-from clonebox_agent.adapters.libvirt import domxml, health, snapshots
+from clonebox_agent.adapters.libvirt import domxml, health, netxml, snapshots
 from clonebox_agent.adapters.libvirt.connection import Connection, ensure_event_loop, traced_call
 from clonebox_agent.adapters.libvirt.errors import (
     is_code,
@@ -70,8 +73,10 @@ from clonebox_agent.adapters.libvirt.errors import (
 )
 from clonebox_agent.adapters.libvirt.events import lifecycle, vm_state
 from clonebox_agent.adapters.libvirt.kvmprobe import choose_domain_type
+from clonebox_agent.adapters.libvirt.networks import ManagedNetworks
 from clonebox_agent.adapters.seediso import build_seed_iso, seed_cloud_init
 from clonebox_agent.ports import (
+    NETWORK_ORPHAN_PREFIX,
     Capability,
     DiskImage,
     DomainRecord,
@@ -101,6 +106,7 @@ from clonebox_core.model import (
     HypervisorInfo,
     IpAddress,
     NetworkMode,
+    NetworkSpec,
     Resources,
     ShareDriver,
     VmSpec,
@@ -229,6 +235,10 @@ class LibvirtHypervisor:
         self.sysfs_root = "/sys"
         # "this driver has no statistics" is logged once, not on every resource probe
         self._no_stats_logged = False
+        #: managed networks; subnets this host already routes are refused only where libvirtd is local
+        self.network_manager = ManagedNetworks(
+            owner, check_routes=Capability.HOST_FILES in self._caps, error=self._error
+        )
 
     # ---- Hypervisor port -----------------------------------------------------------------------
 
@@ -410,17 +420,34 @@ class LibvirtHypervisor:
     # ---- beyond the port -----------------------------------------------------------------------
 
     async def orphans(self, keep: Iterable[str] = ()) -> dict[str, builtins.list[str]]:
-        """See ``Hypervisor.orphans``."""
+        """See ``Hypervisor.orphans`` (managed networks no domain is attached to are listed too)."""
         inventory = await self._run(self._inventory_sync)
-        return inventory.orphans(self.name_prefix, keep)
+        found = inventory.orphans(self.name_prefix, keep)
+        found.update(await self._run(lambda: self.network_manager.orphans(self._conn.get())))
+        return found
 
     async def inventory(self) -> Inventory:
-        """Everything this adapter owns: domains, volumes in its pool, marked files in storage_dir."""
+        """Everything this adapter owns: domains, volumes in its pool, marked files in storage_dir, managed networks."""
         return await self._run(self._inventory_sync)
+
+    async def network_state(self, name: str) -> common.NetworkState | None:
+        """What libvirt network ``name`` says (owner mark, subnet, host entries); None when there is none."""
+
+        def read() -> common.NetworkState | None:
+            found = self.network_manager.state(self._conn.get(), name)
+            return found[1] if found is not None else None
+
+        return await self._run(read)
 
     async def remove_pool(self) -> None:
         """Stop and undefine the (empty) storage pool; for uninstall and test teardown."""
         await self._run(self._remove_pool_sync)
+
+    def console_log_path(self, vm: str) -> str | None:
+        """Where ``vm``'s serial console log is (None without host files: the test driver)."""
+        if Capability.HOST_FILES not in self._caps:
+            return None
+        return common.console_log_path(self.storage_dir, self.domain_name(vm))
 
     def domain_name(self, vm: str) -> str:
         """Libvirt domain name of VM ``vm``."""
@@ -660,6 +687,12 @@ class LibvirtHypervisor:
             )
         if Capability.HOST_FILES in self._caps:
             common.check_room(common.pool_dir(self.storage_dir), self._disk_bytes(resolved), spec.name)
+        managed = common.managed_network(spec)
+        if managed is not None:
+            try:
+                self.network_manager.preflight(conn, managed, spec.name)
+            except libvirt.libvirtError as exc:
+                raise self._error(exc, spec.name, f"look up network {managed.libvirt_network} for") from None
         # known before libvirt can report its first event
         self._owned.add(domain)
         try:
@@ -692,7 +725,7 @@ class LibvirtHypervisor:
                 ) from None
             log.made(n, common.stamp_identity(folder))
             self._mark(folder, vm)
-            console_log = os.path.join(folder, "console.log")
+            console_log = common.console_log_path(self.storage_dir, domain)
         self._step("create:folder")
 
         pool = self._pool(conn)
@@ -719,16 +752,20 @@ class LibvirtHypervisor:
             disks.append(domxml.Disk(path, _SEED_TARGET, format="raw", cdrom=True))
         self._step("create:seed")
 
-        cfg = self._domain_config(resolved, domain, vm_uuid, disks, console_log)
-        n = log.planned("define", {"kind": "domain", "name": domain})
-        try:
-            dom = conn.defineXML(domxml.domain_xml(cfg))
-        except libvirt.libvirtError as exc:
-            raise self._error(exc, vm, "define") from None
-        log.made(n, {"uuid": vm_uuid})
-        with self._meta_lock:
-            self._meta[vm_uuid] = cfg.owner
-        self._step("create:define")
+        managed = common.managed_network(spec)
+        mac: str | None = None
+        # held until the domain is defined: under it, an entry whose MAC is on no domain is a leftover
+        lock = self.network_manager.lock(managed.libvirt_network) if managed is not None else contextlib.nullcontext()
+        with lock:
+            if managed is not None:
+                mac = common.new_mac()
+                network = self.network_manager.ensure(conn, managed, vm, log)
+                self.network_manager.add_host(conn, network, managed, vm, mac, log)
+            self._step("create:network")
+
+            cfg = self._domain_config(resolved, domain, vm_uuid, disks, console_log, mac=mac)
+            dom = self._define(conn, cfg, vm, log)
+            self._step("create:define")
 
         if start:
             # destroy before undefine on rollback (undo runs in reverse)
@@ -743,6 +780,18 @@ class LibvirtHypervisor:
         state, reason = dom.state()
         return self._record(dom, cfg.owner, state, reason)
 
+    def _define(self, conn: Any, cfg: domxml.DomainConfig, vm: str, log: StepLog) -> Any:
+        """Define the domain of ``cfg`` as step ``define`` (its undo: destroy + undefine); the new domain."""
+        n = log.planned("define", {"kind": "domain", "name": cfg.name})
+        try:
+            dom = conn.defineXML(domxml.domain_xml(cfg))
+        except libvirt.libvirtError as exc:
+            raise self._error(exc, vm, "define") from None
+        log.made(n, {"uuid": cfg.uuid})
+        with self._meta_lock:
+            self._meta[cfg.uuid] = cfg.owner
+        return dom
+
     def _domain_config(
         self,
         resolved: ResolvedSpec,
@@ -750,6 +799,8 @@ class LibvirtHypervisor:
         vm_uuid: str,
         disks: Sequence[domxml.Disk],
         console_log: str | None,
+        *,
+        mac: str | None = None,
     ) -> domxml.DomainConfig:
         """The one description of the domain a create defines (and a dry run shows)."""
         spec = resolved.spec
@@ -766,7 +817,8 @@ class LibvirtHypervisor:
             kernel=resolved.kernel,
             initrd=resolved.initrd,
             cmdline=spec.kernel_boot.cmdline if spec.kernel_boot is not None else "",
-            network=spec.network.libvirt_network if spec.network.mode == NetworkMode.LIBVIRT else None,
+            network=spec.network.libvirt_network if spec.network.mode != NetworkMode.NONE else None,
+            mac=mac,
             filesystems=tuple(
                 domxml.Filesystem(src, sf.tag, sf.read_only, virtiofs=sf.driver is ShareDriver.VIRTIOFS)
                 for src, sf in zip(resolved.shared_folders, spec.shared_folders, strict=True)
@@ -801,7 +853,7 @@ class LibvirtHypervisor:
         if host_files:
             folder = common.vm_dir(self.storage_dir, domain)
             steps.append(f"folder: make {folder}")
-            console_log = os.path.join(folder, "console.log")
+            console_log = common.console_log_path(self.storage_dir, domain)
         disks: builtins.list[domxml.Disk] = []
         for i, (disk, base) in enumerate(zip(spec.disks, resolved.base_images, strict=True)):
             path = os.path.join(pool_path, common.volume_name(domain, disk.name))
@@ -812,11 +864,23 @@ class LibvirtHypervisor:
             path = os.path.join(pool_path, common.seed_volume_name(domain))
             steps.append(f"seed: make the cloud-init NoCloud ISO {path}")
             disks.append(domxml.Disk(path, _SEED_TARGET, format="raw", cdrom=True))
+        managed = common.managed_network(spec)
+        mac: str | None = None
+        if managed is not None:
+            try:
+                self.network_manager.preflight(conn, managed, spec.name)
+                exists = self.network_manager.exists(conn, managed.libvirt_network)
+            except libvirt.libvirtError as exc:
+                raise self._error(exc, spec.name, f"look up network {managed.libvirt_network} for") from None
+            if not exists:
+                steps.append(self.network_manager.describe_define(managed))
+            mac = common.new_mac()
+            steps.append(_describe_host_entries(managed, mac))
         steps.append(f"define: define domain {domain} (XML below)")
         if start:
             steps.append(f"start: start {domain}")
         steps.append("commit: record the transaction and the request's outcome in the journal")
-        cfg = self._domain_config(resolved, domain, str(uuidlib.uuid4()), disks, console_log)
+        cfg = self._domain_config(resolved, domain, str(uuidlib.uuid4()), disks, console_log, mac=mac)
         return CreatePlan(tuple(steps), domxml.domain_xml(cfg))
 
     @staticmethod
@@ -878,12 +942,16 @@ class LibvirtHypervisor:
         if kind == "retire":
             # the commit point of a revert: undoing it means finishing it
             return self._retire(undo["vm"], json.loads(undo["paths"]))
+        if kind == "network":
+            return self.network_manager.undo_define(conn, undo, identity)
+        if kind == "network-host":
+            return self.network_manager.undo_host(conn, undo, identity)
         raise ValueError(f"unknown undo kind {kind!r}")
 
     def _mark_console_log(self, domain: str, vm: str) -> None:
         # virtlogd creates the log when the domain starts, so it is marked after each start
         if Capability.HOST_FILES in self._caps:
-            log_path = os.path.join(common.vm_dir(self.storage_dir, domain), "console.log")
+            log_path = common.console_log_path(self.storage_dir, domain)
             if os.path.exists(log_path):
                 self._mark(log_path, vm)
 
@@ -992,7 +1060,8 @@ class LibvirtHypervisor:
         files: tuple[tuple[str, str], ...] = ()
         if Capability.HOST_FILES in self._caps:
             files = common.marked_files(self.storage_dir)
-        return Inventory(domains, volumes, files)
+        networks = tuple(s.name for s in self.network_manager.owned(conn))
+        return Inventory(domains, volumes, files, networks)
 
     def _host_info_sync(self) -> HostInfo:
         caps = tuple(sorted(c.value for c in self._caps))
@@ -1085,12 +1154,16 @@ class LibvirtHypervisor:
             raise self._error(exc, vm, "destroy") from None
 
     def _delete_sync(self, vm: str) -> builtins.list[str]:
+        if vm.startswith(NETWORK_ORPHAN_PREFIX):
+            # an orphan the sweep found: a managed network no domain uses any more
+            return self.network_manager.remove_orphan(self._conn.get(), vm.removeprefix(NETWORK_ORPHAN_PREFIX))
         domain = self.domain_name(vm)
         conn = self._conn.get()
         removed: builtins.list[str] = []
         dom: Any = None
+        meta: domxml.OwnerMetadata | None = None
         try:
-            dom, _meta = self._owned_domain(vm)
+            dom, meta = self._owned_domain(vm)
         except NotFound:
             # no domain (or not ours): still clean leftovers carrying our naming and marks below
             try:
@@ -1103,7 +1176,15 @@ class LibvirtHypervisor:
             if dom is not None:
                 self._destroy_quietly(dom)
                 self._step("delete:destroyed")
-                self._undefine_quietly(dom)
+                managed = common.managed_network(meta.spec) if meta is not None else None
+                # held through the undefine: a concurrent delete of another VM on it must see this one gone
+                lock = self.network_manager.lock(managed.libvirt_network) if managed else contextlib.nullcontext()
+                with lock:
+                    # before undefine: a retry after a crash still finds the domain, and with it the network
+                    if managed is not None:
+                        removed += self._release_network(conn, dom, managed, vm)
+                    self._step("delete:network")
+                    self._undefine_quietly(dom)
                 self._step("delete:undefined")
             removed += self._delete_volumes(conn, domain, vm)
             self._step("delete:volumes")
@@ -1113,6 +1194,16 @@ class LibvirtHypervisor:
         if dom is None and not removed:
             raise NotFound(f"VM {vm} not found", reason="VM_NOT_FOUND", metadata={"vm": vm})
         return removed
+
+    def _release_network(self, conn: Any, dom: Any, managed: NetworkSpec, vm: str) -> builtins.list[str]:
+        """The VM's host entries on its managed network, and the network if no other domain uses it."""
+        try:
+            macs = netxml.interfaces_by_network(dom.XMLDesc(0)).get(managed.libvirt_network, ())
+        except libvirt.libvirtError as exc:
+            if not is_code(exc, "VIR_ERR_NO_DOMAIN"):
+                raise
+            macs = ()
+        return self.network_manager.release(conn, managed, str(dom.name()), macs, vm)
 
     def _delete_volumes(self, conn: Any, domain: str, vm: str) -> builtins.list[str]:
         removed = []
@@ -1540,15 +1631,8 @@ class LibvirtHypervisor:
             disks.append(domxml.Disk(path, domxml.virtio_target(i)))
         self._step("import:disks")
         vm_uuid = str(uuidlib.uuid4())
-        cfg = self._domain_config(resolved, domain, vm_uuid, disks, os.path.join(folder, "console.log"))
-        n = log.planned("define", {"kind": "domain", "name": domain})
-        try:
-            dom = conn.defineXML(domxml.domain_xml(cfg))
-        except libvirt.libvirtError as exc:
-            raise self._error(exc, vm, "define") from None
-        log.made(n, {"uuid": vm_uuid})
-        with self._meta_lock:
-            self._meta[vm_uuid] = cfg.owner
+        cfg = self._domain_config(resolved, domain, vm_uuid, disks, common.console_log_path(self.storage_dir, domain))
+        dom = self._define(conn, cfg, vm, log)
         self._step("import:define")
         state, reason = dom.state()
         return self._record(dom, cfg.owner, state, reason)
@@ -2167,6 +2251,15 @@ def _adopt_file(source: str, dest: str) -> None:
         os.chown(dest, 0, 0)
     os.chmod(dest, 0o600)
     os.unlink(source)
+
+
+def _describe_host_entries(net: NetworkSpec, mac: str) -> str:
+    """A dry run's step for the host entries of a VM on a managed network."""
+    dhcp, dns = common.host_entries(net, mac)
+    what = f"DHCP host {dhcp.mac} -> {dhcp.ip}" + (f" named {dhcp.name}" if dhcp.name else "")
+    if dns is not None:
+        what += f" and DNS host {dns.ip} -> {', '.join(dns.names)}"
+    return f"network-host: add {what} to network {net.libvirt_network}"
 
 
 def _version(number: int) -> str:

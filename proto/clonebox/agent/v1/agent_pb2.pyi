@@ -54,6 +54,62 @@ VM_EVENT_TYPE_DELETED: VmEventType.ValueType  # 3
 Global___VmEventType: _TypeAlias = VmEventType  # noqa: Y015
 
 @_typing.final
+class ReadConsoleRequest(_message.Message):
+    """ReadConsoleRequest says which VM's console log to read, and how much of it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TAIL_BYTES_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """VM name."""
+    tail_bytes: _builtins.int
+    """Start this many bytes before the end of the log; 0 means the agent's default (64 KiB)."""
+    follow: _builtins.bool
+    """Keep the stream open and send what the guest writes next, until the client cancels or the VM is deleted."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        tail_bytes: _builtins.int = ...,
+        follow: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "name", b"name", "tail_bytes", b"tail_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadConsoleRequest: _TypeAlias = ReadConsoleRequest  # noqa: Y015
+
+@_typing.final
+class ReadConsoleResponse(_message.Message):
+    """ReadConsoleResponse carries one piece of the console log."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """Raw bytes the guest wrote to its serial console (not necessarily UTF-8, not split on lines)."""
+    offset: _builtins.int
+    """Byte offset of data's first byte in the log file."""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadConsoleResponse: _TypeAlias = ReadConsoleResponse  # noqa: Y015
+
+@_typing.final
 class GetHostInfoRequest(_message.Message):
     """GetHostInfoRequest asks for host information."""
 

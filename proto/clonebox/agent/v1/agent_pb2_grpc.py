@@ -145,6 +145,11 @@ class AgentServiceStub:
                 request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ImportSnapshotRequest.SerializeToString,
                 response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ImportSnapshotResponse.FromString,
                 _registered_method=True)
+        self.ReadConsole = channel.unary_stream(
+                '/clonebox.agent.v1.AgentService/ReadConsole',
+                request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ReadConsoleRequest.SerializeToString,
+                response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ReadConsoleResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -305,6 +310,13 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadConsole(self, request, context):
+        """ReadConsole streams a VM's serial console log: its last bytes, then (with follow) what the guest writes next.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -417,6 +429,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ImportSnapshot,
                     request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ImportSnapshotRequest.FromString,
                     response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ImportSnapshotResponse.SerializeToString,
+            ),
+            'ReadConsole': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadConsole,
+                    request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ReadConsoleRequest.FromString,
+                    response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ReadConsoleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1014,6 +1031,33 @@ class AgentService:
             '/clonebox.agent.v1.AgentService/ImportSnapshot',
             clonebox_dot_agent_dot_v1_dot_agent__pb2.ImportSnapshotRequest.SerializeToString,
             clonebox_dot_agent_dot_v1_dot_agent__pb2.ImportSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadConsole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/clonebox.agent.v1.AgentService/ReadConsole',
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.ReadConsoleRequest.SerializeToString,
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.ReadConsoleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -77,6 +77,8 @@ class AgentServiceStub:
     """ExportSnapshot streams the disks at a snapshot, flattened (no backing chain), with metadata."""
     ImportSnapshot: _grpc.StreamUnaryMultiCallable[_agent_pb2.ImportSnapshotRequest, _agent_pb2.ImportSnapshotResponse]
     """ImportSnapshot makes a stopped VM from an export stream; nothing is kept unless all of it checks out."""
+    ReadConsole: _grpc.UnaryStreamMultiCallable[_agent_pb2.ReadConsoleRequest, _agent_pb2.ReadConsoleResponse]
+    """ReadConsole streams a VM's serial console log: its last bytes, then (with follow) what the guest writes next."""
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -127,6 +129,8 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """ExportSnapshot streams the disks at a snapshot, flattened (no backing chain), with metadata."""
     ImportSnapshot: _aio.StreamUnaryMultiCallable[_agent_pb2.ImportSnapshotRequest, _agent_pb2.ImportSnapshotResponse]  # type: ignore[assignment]
     """ImportSnapshot makes a stopped VM from an export stream; nothing is kept unless all of it checks out."""
+    ReadConsole: _aio.UnaryStreamMultiCallable[_agent_pb2.ReadConsoleRequest, _agent_pb2.ReadConsoleResponse]  # type: ignore[assignment]
+    """ReadConsole streams a VM's serial console log: its last bytes, then (with follow) what the guest writes next."""
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService runs on every hypervisor host and is the only code that touches libvirt."""
@@ -306,5 +310,13 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.ImportSnapshotResponse, _abc.Awaitable[_agent_pb2.ImportSnapshotResponse]]:
         """ImportSnapshot makes a stopped VM from an export stream; nothing is kept unless all of it checks out."""
+
+    @_abc_1.abstractmethod
+    def ReadConsole(
+        self,
+        request: _agent_pb2.ReadConsoleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.ReadConsoleResponse], _abc.AsyncIterator[_agent_pb2.ReadConsoleResponse]]:
+        """ReadConsole streams a VM's serial console log: its last bytes, then (with follow) what the guest writes next."""
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

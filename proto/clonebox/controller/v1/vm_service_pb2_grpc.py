@@ -80,6 +80,11 @@ class VmServiceStub:
                 request_serializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.WatchVmsRequest.SerializeToString,
                 response_deserializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.WatchVmsResponse.FromString,
                 _registered_method=True)
+        self.ReadVmConsole = channel.unary_stream(
+                '/clonebox.controller.v1.VmService/ReadVmConsole',
+                request_serializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.ReadVmConsoleRequest.SerializeToString,
+                response_deserializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.ReadVmConsoleResponse.FromString,
+                _registered_method=True)
 
 
 class VmServiceServicer:
@@ -149,6 +154,13 @@ class VmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadVmConsole(self, request, context):
+        """ReadVmConsole streams a VM's serial console log from its agent (operators and admins).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VmServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -196,6 +208,11 @@ def add_VmServiceServicer_to_server(servicer, server):
                     servicer.WatchVms,
                     request_deserializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.WatchVmsRequest.FromString,
                     response_serializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.WatchVmsResponse.SerializeToString,
+            ),
+            'ReadVmConsole': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadVmConsole,
+                    request_deserializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.ReadVmConsoleRequest.FromString,
+                    response_serializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.ReadVmConsoleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -442,6 +459,33 @@ class VmService:
             '/clonebox.controller.v1.VmService/WatchVms',
             clonebox_dot_controller_dot_v1_dot_vm__service__pb2.WatchVmsRequest.SerializeToString,
             clonebox_dot_controller_dot_v1_dot_vm__service__pb2.WatchVmsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadVmConsole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/clonebox.controller.v1.VmService/ReadVmConsole',
+            clonebox_dot_controller_dot_v1_dot_vm__service__pb2.ReadVmConsoleRequest.SerializeToString,
+            clonebox_dot_controller_dot_v1_dot_vm__service__pb2.ReadVmConsoleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,8 @@ class VmServiceStub:
     """DeleteVm deletes a VM and everything made for it. Returns an operation."""
     WatchVms: _grpc.UnaryStreamMultiCallable[_vm_service_pb2.WatchVmsRequest, _vm_service_pb2.WatchVmsResponse]
     """WatchVms streams fleet-wide VM changes."""
+    ReadVmConsole: _grpc.UnaryStreamMultiCallable[_vm_service_pb2.ReadVmConsoleRequest, _vm_service_pb2.ReadVmConsoleResponse]
+    """ReadVmConsole streams a VM's serial console log from its agent (operators and admins)."""
 
 @_typing.type_check_only
 class VmServiceAsyncStub(VmServiceStub):
@@ -75,6 +77,8 @@ class VmServiceAsyncStub(VmServiceStub):
     """DeleteVm deletes a VM and everything made for it. Returns an operation."""
     WatchVms: _aio.UnaryStreamMultiCallable[_vm_service_pb2.WatchVmsRequest, _vm_service_pb2.WatchVmsResponse]  # type: ignore[assignment]
     """WatchVms streams fleet-wide VM changes."""
+    ReadVmConsole: _aio.UnaryStreamMultiCallable[_vm_service_pb2.ReadVmConsoleRequest, _vm_service_pb2.ReadVmConsoleResponse]  # type: ignore[assignment]
+    """ReadVmConsole streams a VM's serial console log from its agent (operators and admins)."""
 
 class VmServiceServicer(metaclass=_abc_1.ABCMeta):
     """VmService manages VMs across the fleet."""
@@ -150,5 +154,13 @@ class VmServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_vm_service_pb2.WatchVmsResponse], _abc.AsyncIterator[_vm_service_pb2.WatchVmsResponse]]:
         """WatchVms streams fleet-wide VM changes."""
+
+    @_abc_1.abstractmethod
+    def ReadVmConsole(
+        self,
+        request: _vm_service_pb2.ReadVmConsoleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_vm_service_pb2.ReadVmConsoleResponse], _abc.AsyncIterator[_vm_service_pb2.ReadVmConsoleResponse]]:
+        """ReadVmConsole streams a VM's serial console log from its agent (operators and admins)."""
 
 def add_VmServiceServicer_to_server(servicer: VmServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

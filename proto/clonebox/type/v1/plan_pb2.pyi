@@ -267,10 +267,13 @@ class PlanVm(_message.Message):
     SPEC_FIELD_NUMBER: _builtins.int
     DEPENDS_ON_FIELD_NUMBER: _builtins.int
     HOST_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     """Service name (DNS label); the VM is named "<plan>-<service>"."""
     host: _builtins.str
     """Placement hint: the host to place it on (empty: the scheduler decides)."""
+    network: _builtins.str
+    """The plan network it is attached to (a name in Plan.networks); empty: the network of its own spec."""
     @_builtins.property
     def spec(self) -> _vm_pb2.VmSpec:
         """The VM's spec, resolved by the client (name "<plan>-<service>")."""
@@ -286,14 +289,43 @@ class PlanVm(_message.Message):
         spec: _vm_pb2.VmSpec | None = ...,
         depends_on: _abc.Iterable[Global___Dependency] | None = ...,
         host: _builtins.str = ...,
+        network: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["depends_on", b"depends_on", "host", b"host", "service", b"service", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["depends_on", b"depends_on", "host", b"host", "network", b"network", "service", b"service", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PlanVm: _TypeAlias = PlanVm  # noqa: Y015
+
+@_typing.final
+class PlanNetwork(_message.Message):
+    """PlanNetwork is a network the plan makes: the agent creates it with the first VM on it and removes it
+    with the last. Its DNS answers each attached service's name with that VM's fixed address.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SUBNET_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name within the plan (DNS label); the libvirt network is "cb-<plan>" for "default", else "cb-<plan>-<name>"."""
+    subnet: _builtins.str
+    """IPv4 subnet in CIDR form; empty in a request: the controller picks a free /24 in 10.213.0.0/16."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        subnet: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "subnet", b"subnet"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanNetwork: _TypeAlias = PlanNetwork  # noqa: Y015
 
 @_typing.final
 class Plan(_message.Message):
@@ -309,6 +341,7 @@ class Plan(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    NETWORKS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Plan name (DNS label); the resource name is "plans/{name}"."""
     on_failure: Global___FailurePolicy.ValueType
@@ -331,6 +364,10 @@ class Plan(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When this revision was stored."""
 
+    @_builtins.property
+    def networks(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlanNetwork]:
+        """Networks the plan makes; every VM on one of them is placed on the same host."""
+
     def __init__(
         self,
         *,
@@ -342,10 +379,11 @@ class Plan(_message.Message):
         revision: _builtins.int = ...,
         digest: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        networks: _abc.Iterable[Global___PlanNetwork] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "digest", b"digest", "name", b"name", "on_failure", b"on_failure", "revision", b"revision", "source", b"source", "update", b"update", "vms", b"vms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "digest", b"digest", "name", b"name", "networks", b"networks", "on_failure", b"on_failure", "revision", b"revision", "source", b"source", "update", b"update", "vms", b"vms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

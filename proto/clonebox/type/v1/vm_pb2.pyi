@@ -65,6 +65,10 @@ class _NetworkModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NetworkMo
     """Attach to the named libvirt network."""
     NETWORK_MODE_NONE: _NetworkMode.ValueType  # 2
     """No network interface at all."""
+    NETWORK_MODE_MANAGED: _NetworkMode.ValueType  # 3
+    """Attach to a network the agent makes (and removes with its last VM): libvirt_network on subnet, with a
+    fixed address and DNS names for this VM. Plans use it so that services find each other by name.
+    """
 
 class NetworkMode(_NetworkMode, metaclass=_NetworkModeEnumTypeWrapper):
     """NetworkMode says how the VM is attached to the network."""
@@ -75,6 +79,10 @@ NETWORK_MODE_LIBVIRT: NetworkMode.ValueType  # 1
 """Attach to the named libvirt network."""
 NETWORK_MODE_NONE: NetworkMode.ValueType  # 2
 """No network interface at all."""
+NETWORK_MODE_MANAGED: NetworkMode.ValueType  # 3
+"""Attach to a network the agent makes (and removes with its last VM): libvirt_network on subnet, with a
+fixed address and DNS names for this VM. Plans use it so that services find each other by name.
+"""
 Global___NetworkMode: _TypeAlias = NetworkMode  # noqa: Y015
 
 class _ShareDriver:
@@ -421,19 +429,33 @@ class NetworkSpec(_message.Message):
 
     MODE_FIELD_NUMBER: _builtins.int
     LIBVIRT_NETWORK_FIELD_NUMBER: _builtins.int
+    SUBNET_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    DNS_NAMES_FIELD_NUMBER: _builtins.int
     mode: Global___NetworkMode.ValueType
     """How the VM is attached."""
     libvirt_network: _builtins.str
-    """libvirt network name for NETWORK_MODE_LIBVIRT; empty means "default"."""
+    """libvirt network name for NETWORK_MODE_LIBVIRT (empty means "default") and NETWORK_MODE_MANAGED."""
+    subnet: _builtins.str
+    """NETWORK_MODE_MANAGED: the network's IPv4 subnet, CIDR ("10.213.7.0/24"); the host has its first address."""
+    address: _builtins.str
+    """NETWORK_MODE_MANAGED: this VM's fixed IPv4 address inside subnet (a DHCP host entry)."""
+    @_builtins.property
+    def dns_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """NETWORK_MODE_MANAGED: names the network's DNS answers with address (DNS labels, e.g. a plan's service)."""
+
     def __init__(
         self,
         *,
         mode: Global___NetworkMode.ValueType = ...,
         libvirt_network: _builtins.str = ...,
+        subnet: _builtins.str = ...,
+        address: _builtins.str = ...,
+        dns_names: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["libvirt_network", b"libvirt_network", "mode", b"mode"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "dns_names", b"dns_names", "libvirt_network", b"libvirt_network", "mode", b"mode", "subnet", b"subnet"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
