@@ -439,6 +439,75 @@ async def test_in_place_and_restart_changes_are_refused_for_now(fleet: Fleet) ->
     assert vm.spec.memory_mib == 128
 
 
+def reverting(plan: Plan, auto_revert: bool = True) -> Plan:
+    return dataclasses.replace(plan, update=dataclasses.replace(plan.update, auto_revert=auto_revert))
+
+
+def with_broken_api(plan: Plan) -> Plan:
+    """``plan`` whose api VM must be replaced by one whose create fails on the agent."""
+    broken = service(plan.name, "api", "db", broken=True)
+    return dataclasses.replace(plan, vms=tuple(broken if v.service == "api" else v for v in plan.vms))
+
+
+async def engine_done_with(fleet: Fleet, run_id: str) -> None:
+    """Wait until the engine's task for the run has ended (after its end, a revert would have been started)."""
+
+    async def gone() -> bool:
+        return run_id not in fleet.controller.plans.running()
+
+    await eventually(gone, timeout=WAIT, what=f"the engine to be done with run {run_id}")
+
+
+async def test_auto_revert_reapplies_the_revision_before_a_failed_one(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    good = reverting(ungated())
+    await _up(fleet, good)
+    failed_start = await apply(fleet, with_broken_api(good), allow_replace=True)
+    failed = (await watch(fleet, failed_start.id))[-1]
+    assert failed.state is RunState.ROLLED_BACK and failed.revision == 2, failed.error
+    # the replace deleted the old api; the revert run (revision 3: revision 1's content) brings it back
+
+    async def reverted() -> bool:
+        runs = (await stub(fleet).ListPlanRuns(pb.ListPlanRunsRequest(name="stack"))).runs
+        return len(runs) == 3 and all(run_from_proto(r).done for r in runs)
+
+    await eventually(reverted, timeout=WAIT, what="the revert run to finish")
+    runs = [run_from_proto(r) for r in (await stub(fleet).ListPlanRuns(pb.ListPlanRunsRequest(name="stack"))).runs]
+    revert = next(r for r in runs if r.revision == 3)
+    assert revert.state is RunState.SUCCEEDED, revert.error
+    assert revert.request_id == f"auto-revert/{failed.id}"
+    assert {v.service: v.change for v in revert.vms} == {
+        "db": ChangeKind.NONE,
+        "api": ChangeKind.CREATE,
+        "web": ChangeKind.NONE,
+    }
+    assert await vm_names(fleet) == ["stack-api", "stack-db", "stack-web"]
+    api = (await fleet.vms.GetVm(vm_service_pb2.GetVmRequest(name="stack-api"))).vm
+    assert not api.spec.disks[0].base_image  # revision 1's api, not the broken one
+    current = plan_from_proto((await stub(fleet).GetPlan(pb.GetPlanRequest(name="stack"))).plan)
+    assert current.revision == 3 and current.digest == fleet.controller.store.get_plan("stack", 1).digest
+
+
+async def test_without_auto_revert_a_failed_apply_stays_failed(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    good = reverting(ungated(), auto_revert=False)
+    await _up(fleet, good)
+    failed_start = await apply(fleet, with_broken_api(good), allow_replace=True)
+    failed = (await watch(fleet, failed_start.id))[-1]
+    assert failed.state is RunState.ROLLED_BACK
+    await engine_done_with(fleet, failed.id)
+    runs = (await stub(fleet).ListPlanRuns(pb.ListPlanRunsRequest(name="stack"))).runs
+    assert len(runs) == 2 and "stack-api" not in await vm_names(fleet)
+
+
+async def test_a_failed_first_revision_has_nothing_to_revert_to(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    first = await apply(fleet, reverting(with_broken_api(ungated())))
+    assert (await watch(fleet, first.id))[-1].state is RunState.ROLLED_BACK
+    await engine_done_with(fleet, first.id)
+    assert len((await stub(fleet).ListPlanRuns(pb.ListPlanRunsRequest(name="stack"))).runs) == 1
+
+
 async def test_apply_is_idempotent_by_request_id(fleet: Fleet) -> None:
     await fleet.add_agent("h1", ROOMY)
     first = await apply(fleet, ungated(), request_id="same")

@@ -76,6 +76,8 @@ DOWN = "down"
 #: run options (``PlanRun.options``)
 ALLOW_REPLACE = "allow_replace"
 WITH_SNAPSHOTS = "with_snapshots"
+#: the run re-applies the revision before a failed one (``auto_revert``); a revert is never reverted
+REVERT = "revert"
 #: runs a request-id lookup looks through before the store's own check answers
 _REQUEST_LOOKBACK = 50
 #: VMs listed per store call
@@ -430,7 +432,7 @@ class PlanEngine:
         v = await self.validate(plan)
         return v.changes, v.current.revision if v.current is not None else 0
 
-    async def apply(self, plan: Plan, allow_replace: bool, request_id: str) -> PlanRun:
+    async def apply(self, plan: Plan, allow_replace: bool, request_id: str, *, revert: bool = False) -> PlanRun:
         """
         Store ``plan`` as a revision (when it differs) and start a run that brings it up; the run as it started.
 
@@ -465,7 +467,7 @@ class PlanEngine:
             state=RunState.RUNNING,
             vms=tuple(rows),
             request_id=request_id,
-            options={ALLOW_REPLACE: allow_replace},
+            options={ALLOW_REPLACE: allow_replace, **({REVERT: True} if revert else {})},
         )
         accepted = new_event(
             "plan.apply",
@@ -670,6 +672,7 @@ class PlanEngine:
                 plan = await self._plan_of(run)
                 execution = _Execution(self, run, plan, actor)
                 await execution.run()
+                await self._revert_if_asked(run_id, plan)
                 return
             except asyncio.CancelledError:
                 raise
@@ -679,6 +682,29 @@ class PlanEngine:
                     await self._crashed(run_id, actor, exc)
                     return
                 await asyncio.sleep(self.settings.poll_seconds * 10)
+
+    async def _revert_if_asked(self, run_id: str, plan: Plan) -> None:
+        """
+        After a failed apply of a plan with ``auto_revert``: apply the revision before it again (Nomad's auto_revert).
+
+        The rollback has removed what the failed run made; the revert run brings back what the earlier
+        revision had (replaces allowed: that is what a revert is). Idempotent by a request id derived from
+        the failed run. Not for a first revision, a ``down``, or a run that is itself a revert. A
+        controller that dies between the two runs does not start the revert (``plan history`` shows it
+        missing; ``clonebox up`` of the earlier file does the same).
+        """
+        run = await asyncio.to_thread(self._store.get_run, run_id)
+        failed = run.state in (RunState.FAILED, RunState.ROLLED_BACK)
+        if run.action != UP or not failed or not plan.update.auto_revert or run.options.get(REVERT) or run.revision < 2:
+            return
+        target = run.revision - 1
+        try:
+            earlier = await asyncio.to_thread(self._store.get_plan, run.plan, target)
+            revert = await self.apply(earlier, True, f"auto-revert/{run.id}", revert=True)
+        except CloneboxError as err:
+            log.warning("plan %s: auto_revert to revision %d after run %s failed: %s", run.plan, target, run.id, err)
+            return
+        log.info("plan %s: run %s failed; revert run %s re-applies revision %d", run.plan, run.id, revert.id, target)
 
     async def _crashed(self, run_id: str, actor: str, exc: Exception) -> None:
         try:
