@@ -5,20 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from tests.realfleet import RealFleet, running_fleet
+from tests.realfleet import RealFleet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.libvirt]
-
-
-@pytest.fixture(scope="module")
-def real_fleet() -> Iterator[RealFleet]:
-    """One fleet for the module (each test removes what it made; a fleet takes ~11 s to start)."""
-    with running_fleet() as fleet:
-        yield fleet
 
 
 def owned_files(storage_dir: str) -> list[str]:
