@@ -24,6 +24,7 @@ from clonebox_core.names import check_dns_label
 from clonebox_core.secret import Secret
 from clonebox_core.specjson import DIGEST_PREFIX, SecretMode, secret_digest, spec_from_dict, spec_to_dict
 from clonebox_core.units import format_duration_ms
+from clonebox_core.validate import guest_range, managed_subnet
 
 #: at most this many VMs in one plan
 MAX_PLAN_VMS = 500
@@ -432,12 +433,7 @@ def _check_networks(plan: Plan) -> None:
             raise _invalid(where, f"{network_name(plan.name, n.name)!r} is too long: shorten the plan or network name")
         subnet = None
         if n.subnet:
-            try:
-                subnet = ipaddress.IPv4Network(n.subnet)
-            except ValueError:
-                raise _invalid(f"{where}.subnet", f"{n.subnet!r} is not an IPv4 subnet in CIDR form") from None
-            if not 16 <= subnet.prefixlen <= 29 or not subnet.is_private:
-                raise _invalid(f"{where}.subnet", f"{n.subnet}: use a private subnet of /16 to /29")
+            subnet = managed_subnet(f"{where}.subnet", n.subnet, reason=PLAN_INVALID)
             for other, theirs in seen.items():
                 if theirs is not None and subnet.overlaps(theirs):
                     raise _invalid(f"{where}.subnet", f"{subnet} overlaps {theirs} of network {other}")
@@ -455,9 +451,9 @@ def _check_networks(plan: Plan) -> None:
 
 
 def _guest_addresses(subnet: ipaddress.IPv4Network) -> Iterator[ipaddress.IPv4Address]:
-    """The addresses a guest may have: the first one after the network address is the host's."""
-    first, last = int(subnet.network_address) + 2, int(subnet.broadcast_address) - 1
-    return (ipaddress.IPv4Address(a) for a in range(first, last + 1))
+    """The addresses a guest may have, lowest first."""
+    first, last = guest_range(subnet)
+    return (ipaddress.IPv4Address(a) for a in range(int(first), int(last) + 1))
 
 
 def _pick_subnet(plan: str, network: str, taken: Sequence[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:

@@ -198,6 +198,23 @@ def validate_resolved(spec: VmSpec, prefix: str = "spec") -> VmSpec:
     return spec
 
 
+def managed_subnet(field: str, text: str, *, reason: str = "INVALID_FIELD") -> ipaddress.IPv4Network:
+    """``text`` as the subnet of a managed network (private, /16 to /29), else InvalidArgument naming ``field``."""
+    try:
+        subnet = ipaddress.IPv4Network(text)
+    except ValueError:
+        why = f"{text!r} is not an IPv4 subnet in CIDR form (10.213.7.0/24)"
+        raise invalid_field(field, why, reason=reason) from None
+    if not 16 <= subnet.prefixlen <= 29 or not subnet.is_private:
+        raise invalid_field(field, f"{text}: use a private subnet of /16 to /29", reason=reason)
+    return subnet
+
+
+def guest_range(subnet: ipaddress.IPv4Network) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
+    """The first and last guest address of a managed subnet: its first address is the host's."""
+    return subnet.network_address + 2, subnet.broadcast_address - 1
+
+
 def _check_network(f: str, net: NetworkSpec) -> None:
     """The fields of a managed network attachment; the other modes must leave them empty."""
     if net.mode is not NetworkMode.MANAGED:
@@ -210,18 +227,12 @@ def _check_network(f: str, net: NetworkSpec) -> None:
             f"{f}.libvirt_network",
             f"{net.libvirt_network!r}: a managed network is named {MANAGED_NETWORK_PREFIX}<1-60 of a-z 0-9 ->",
         )
-    try:
-        subnet = ipaddress.IPv4Network(net.subnet)
-    except ValueError:
-        why = f"{net.subnet!r} is not an IPv4 subnet in CIDR form (10.213.7.0/24)"
-        raise invalid_field(f"{f}.subnet", why) from None
-    if not 16 <= subnet.prefixlen <= 29 or not subnet.is_private:
-        raise invalid_field(f"{f}.subnet", f"{net.subnet}: use a private subnet of /16 to /29")
+    subnet = managed_subnet(f"{f}.subnet", net.subnet)
     try:
         address = ipaddress.IPv4Address(net.address)
     except ValueError:
         raise invalid_field(f"{f}.address", f"{net.address!r} is not an IPv4 address") from None
-    first, last = subnet.network_address + 2, subnet.broadcast_address - 1  # network+1 is the host's
+    first, last = guest_range(subnet)
     if not first <= address <= last:
         raise invalid_field(
             f"{f}.address",

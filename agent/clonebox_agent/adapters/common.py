@@ -32,6 +32,7 @@ from clonebox_core.errors import FailedPrecondition, InvalidArgument
 from clonebox_core.model import NetworkMode, NetworkSpec, StepState, VmSpec
 from clonebox_core.secret import MASK, Secret
 from clonebox_core.snapshots import SnapshotKind
+from clonebox_core.validate import guest_range
 
 _log = logging.getLogger(__name__)
 
@@ -447,9 +448,8 @@ def host_address(subnet: str) -> ipaddress.IPv4Address:
 
 
 def dhcp_range(subnet: str) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
-    """The guest addresses of a subnet (the second address to the last before broadcast), served by DHCP."""
-    net = ipaddress.IPv4Network(subnet)
-    return net.network_address + 2, net.broadcast_address - 1
+    """The guest addresses of a subnet (``validate.guest_range``), served by DHCP."""
+    return guest_range(ipaddress.IPv4Network(subnet))
 
 
 def host_entries(net: NetworkSpec, mac: str) -> tuple[DhcpHost, DnsHost | None]:
