@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Protocol
 
 from clonebox_core.model import CreatePlan, HostInfo, IpAddress, TransactionStep, VmSpec, VmState
+from clonebox_core.plan import UPDATABLE_FIELDS
 from clonebox_core.snapshots import SnapshotKind
 
 
@@ -153,6 +154,29 @@ NETWORK_ORPHAN_PREFIX = "network:"
 #: steps and their states are part of the core model (they travel to the controller and the CLI)
 TxnStep = TransactionStep
 
+#: the spec fields ``Hypervisor.update`` takes from a new spec (model names, sorted); every other field of
+#: a VM's kept spec stays as it is. Labels and health checks change in place, vCPUs and memory at the
+#: domain's next start (``clonebox_core.plan.classify``: IN_PLACE and RESTART)
+UPDATE_FIELDS = tuple(sorted(UPDATABLE_FIELDS))
+
+
+def stopped_undo(domain: str) -> dict[str, str]:
+    """The undo record of a step that stops domain ``domain``: start it again if it is still stopped.
+
+    Its identity is ``{"uuid": ...}``; the undo starts only that domain and only when it is stopped, so
+    the step may record its identity before it acts (a crash while the guest shuts down is then undone
+    too). Every adapter's ``undo_step`` knows it.
+    """
+    return {"kind": "stopped", "name": domain}
+
+
+def commit_point_undo(vm: str) -> dict[str, str]:
+    """The undo record of a transaction's commit point (``recovery.COMMIT_POINT``) that supersedes no file.
+
+    Recovery finishes a transaction that recorded it instead of undoing it; finishing removes nothing.
+    """
+    return {"kind": "retire", "vm": vm, "paths": "[]"}
+
 
 class StepLog(Protocol):
     """Where an adapter records each step of a multi-artifact change, before and after it acts.
@@ -252,6 +276,10 @@ class Hypervisor(Protocol):
         """Where ``vm``'s serial console log is kept on this host (None: this hypervisor keeps none)."""
         ...
 
+    def domain_name(self, vm: str) -> str:
+        """The hypervisor's name of VM ``vm`` (``cb-web``): what step undo records name (``stopped_undo``)."""
+        ...
+
     async def get(self, name: str) -> DomainRecord:
         """One owned domain (NotFound when absent or not ours)."""
         ...
@@ -262,6 +290,30 @@ class Hypervisor(Protocol):
 
     async def start(self, name: str) -> DomainRecord:
         """Start a defined domain; a running one is left alone."""
+        ...
+
+    async def update(self, name: str, spec: VmSpec, *, steps: StepLog | None = None) -> DomainRecord:
+        """Give VM ``name`` the labels, health checks, vCPUs and memory of ``spec`` (``UPDATE_FIELDS``); nothing else.
+
+        The VM's kept spec (what ``get``/``list`` return) becomes its current one with exactly those four
+        fields taken from ``spec``: every other field, secret digests included, stays as it was, byte for
+        byte (the caller has checked with ``clonebox_core.plan.classify`` that nothing else differs; the
+        other fields of ``spec`` are ignored). The guest is never touched:
+
+        - labels and health checks live only in the kept spec (libvirt: the domain's metadata, in the
+          persistent definition and, when the domain runs, in the live one too);
+        - vCPUs and memory change the persistent definition (libvirt: the domain is redefined from its
+          own inactive XML, so disks, MAC addresses, NVRAM and snapshots stay); a running domain keeps
+          the ones it booted with until it next starts (the caller restarts it when it should).
+
+        One step ``redefine`` in ``steps`` (an in-memory log when None). Its undo puts the previous four
+        values back; its identity (the domain UUID and the four new values) is recorded *before* it acts,
+        because the undo checks that the domain still has exactly those values and a crash during the
+        call must be undone too. The undo leaves a domain that already runs on the new vCPUs/memory (it
+        was restarted on the new definition: putting the old one back would make the kept spec lie about
+        the running guest). On a failure the adapter undoes its own step before raising (the other steps
+        of ``steps`` are the caller's). NotFound ``VM_NOT_FOUND``; emits no lifecycle event.
+        """
         ...
 
     async def shutdown(self, name: str) -> None:

@@ -46,8 +46,6 @@ app = typer.Typer(
 )
 
 _MIB = 1024 * 1024
-#: suffix of an export file being written
-PARTIAL_SUFFIX = ".partial"
 
 VmArg = Annotated[str, typer.Argument(metavar="VM", help="VM name.")]
 SnapArg = Annotated[str, typer.Argument(metavar="NAME", help="Snapshot name.")]
@@ -591,6 +589,8 @@ class Exported:
 
 def partial_path(out: Path) -> Path:
     """Where an export to ``out`` is written until it is complete."""
+    from clonebox_core.snapshot_archive import PARTIAL_SUFFIX
+
     return out.with_name(out.name + PARTIAL_SUFFIX)
 
 
@@ -604,7 +604,7 @@ def export_to_file(
     written as ``out.partial``, fsynced, then renamed; on any error (or Ctrl-C) the partial file is
     removed and ``out`` is untouched.
     """
-    from clonebox_core.snapshot_archive import write_archive
+    from clonebox_core.snapshot_archive import write_archive_file
 
     if out.exists() and not force:
         raise AlreadyExists(
@@ -612,18 +612,10 @@ def export_to_file(
         )
     if out.is_dir():
         raise InvalidArgument(f"{out} is a directory: give a file name", reason="INVALID_FLAG")
-    partial = partial_path(out)
     request = ss_pb2.ExportSnapshotRequest(vm=vm, name=name)
-    try:
-        with ByteProgress(f"export {vm}/{name}") as bar, open(partial, "wb") as f:
-            parts = (r.part for r in client.stream(client.snapshots.ExportSnapshot, request))
-            summary = write_archive(f, _counted(parts, bar), passphrase=passphrase)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, out)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    with ByteProgress(f"export {vm}/{name}") as bar:
+        parts = (r.part for r in client.stream(client.snapshots.ExportSnapshot, request))
+        summary = write_archive_file(out, _counted(parts, bar), passphrase=passphrase)
     return Exported(
         file=str(out),
         vm=vm,

@@ -1,5 +1,5 @@
 """
-``clonebox vm``: create VMs from spec files, list, show, start, stop and delete them.
+``clonebox vm``: create VMs from spec files, list, show, start, stop, update and delete them.
 
 Mutations carry a ``request_id`` (a fresh uuid4 unless ``--request-id`` is given); the client retries an
 RPC that never reached the controller with the same id, and re-running a command with the same
@@ -27,6 +27,7 @@ from clonebox_cli.operation import TimeoutOpt, print_started, wait_and_check
 from clonebox_core.errors import FailedPrecondition, InvalidArgument
 from clonebox_core.model import VmSpec
 from clonebox_core.rpc.convert import spec_to_proto, vm_from_proto
+from clonebox_core.rpc.convert_plan import change_kind_from_proto
 from clonebox_core.secret import Secret
 from clonebox_core.units import format_size
 
@@ -97,6 +98,10 @@ RequestIdOpt = Annotated[
     ),
 ]
 NameArg = Annotated[str, typer.Argument(metavar="NAME", help="VM name.")]
+GraceOpt = Annotated[
+    int,
+    typer.Option("--grace", min=0, max=3600, help="Seconds of graceful shutdown before forcing (0: default)."),
+]
 ImageOpt = Annotated[
     str | None,
     typer.Option("--image", metavar="NAME", help="CloneBox v1 files: base image (in the agent's image folders)."),
@@ -337,10 +342,7 @@ def stop(
     name: NameArg,
     wait: WaitOpt = True,
     timeout: TimeoutOpt = None,
-    grace: Annotated[
-        int,
-        typer.Option("--grace", min=0, max=3600, help="Seconds of graceful shutdown before forcing (0: default)."),
-    ] = 0,
+    grace: GraceOpt = 0,
     force: Annotated[bool, typer.Option("--force", help="Power off at once, skipping the graceful shutdown.")] = False,
     request_id: RequestIdOpt = None,
 ) -> None:
@@ -352,6 +354,61 @@ def stop(
     )
     op = client.call(client.vms.StopVm, request).operation
     _finish_power(s=s, client=client, op=op, name=name, wait=wait, timeout=timeout)
+
+
+_UPDATE_WORDS = {
+    "none": "nothing (no difference)",
+    "in_place": "in place (the guest is not touched)",
+    "restart": "with a restart (graceful shutdown, then start; disks kept)",
+}
+
+
+@app.command("update")
+def update(
+    ctx: typer.Context,
+    *,
+    file: Annotated[str, typer.Option("--file", "-f", metavar="SPEC.yaml", help="VM spec file ('-' for stdin).")],
+    wait: WaitOpt = True,
+    timeout: TimeoutOpt = None,
+    grace: GraceOpt = 0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what the update would take; change nothing.")] = False,
+    request_id: RequestIdOpt = None,
+) -> None:
+    """
+    Change an existing VM to its edited spec file without re-creating it; its disks stay.
+
+    Labels and health checks change in place; vCPUs and memory with a restart when the VM runs. Any
+    other change is refused (VM_UPDATE_NEEDS_REPLACE, naming the fields): that takes a new VM.
+    """
+    from clonebox_cli.specinput import load_for_create, prepare
+
+    s = settings(ctx)
+    prepared = prepare(load_for_create(file, image=None, drop=frozenset()))
+    _warn(s, prepared.warnings)
+    spec = prepared.spec
+    client = s.client()
+    request = vms_pb2.UpdateVmRequest(
+        spec=spec_to_proto(spec), request_id=_new_request_id(request_id), timeout_seconds=grace, dry_run=dry_run
+    )
+    response = client.call(client.vms.UpdateVm, request)
+    kind = change_kind_from_proto(response.kind).value
+    how = _UPDATE_WORDS.get(kind, kind) + (f" ({', '.join(response.fields)})" if response.fields else "")
+    if dry_run:
+        if s.json:
+            output.emit_json({"vm": spec.name, "change": kind, "fields": list(response.fields)})
+        else:
+            typer.echo(f"dry run: vm {spec.name} would change {how}; nothing was done")
+        return
+    op = response.operation
+    if not wait:
+        print_started(op, s.json)
+        return
+    op = wait_and_check(client, op, timeout)
+    vm = _final_vm(client, op, spec.name)
+    if s.json:
+        output.emit_json({**output.message_dict(vm), "change": kind, "fields": list(response.fields)})
+    else:
+        typer.echo(f"vm {vm.name} updated {how}; it is {vm_from_proto(vm).state.name.lower()} on {vm.host or '-'}")
 
 
 @app.command("delete")

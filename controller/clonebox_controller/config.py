@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from clonebox_core.telemetry.logging import LogLevel
@@ -55,6 +57,12 @@ class PlansConfig(BaseModel):
     watch_poll_seconds: float = Field(1.0, ge=0.05, le=60)
     #: a deletion by a rollback or a down keeps retrying this long while its host is unreachable
     unreachable_retry_seconds: float = Field(120.0, ge=0, le=86400)
+    #: export a VM to an archive file before a replace deletes it (the file is restorable with
+    #: 'clonebox snapshot import')
+    backup_before_replace: bool = True
+    #: where those files go, as <dir>/<plan>/<vm>/<run>.cbsnap; "" = a plan-backups folder beside
+    #: the SQLite database, else /var/lib/clonebox/controller/plan-backups
+    backup_dir: str = ""
 
 
 class ControllerConfig(BaseModel):
@@ -99,3 +107,16 @@ class ControllerConfig(BaseModel):
     plans: PlansConfig = PlansConfig()
     #: OpenTelemetry export (OTEL_* environment variables apply too; nothing is exported unless configured)
     tracing: TracingConfig = TracingConfig()
+
+
+def plan_backup_dir(config: ControllerConfig) -> str:
+    """Where replaces keep their backups ("" when ``plans.backup_before_replace`` is off)."""
+    plans = config.plans
+    if not plans.backup_before_replace:
+        return ""
+    if plans.backup_dir:
+        return plans.backup_dir
+    prefix = "sqlite:///"
+    if config.database_url.startswith(prefix) and len(config.database_url) > len(prefix):
+        return str(Path(config.database_url.removeprefix(prefix)).parent / "plan-backups")
+    return "/var/lib/clonebox/controller/plan-backups"

@@ -46,7 +46,7 @@ from clonebox_controller.app.plans import PlacementNeed, PlanEngine, PlanSetting
 from clonebox_controller.app.recovery import RecoveryManager
 from clonebox_controller.app.snapshots import SnapshotManager
 from clonebox_controller.app.vms import VmManager
-from clonebox_controller.config import ControllerConfig
+from clonebox_controller.config import ControllerConfig, plan_backup_dir
 from clonebox_controller.grpc.audit import AuditCallObserver, AuditServicer
 from clonebox_controller.grpc.health import HealthServicer
 from clonebox_controller.grpc.plans import PlanServicer
@@ -211,7 +211,9 @@ class Controller:
                 poll_seconds=pc.poll_seconds,
                 watch_poll_seconds=pc.watch_poll_seconds,
                 unreachable_retry_seconds=pc.unreachable_retry_seconds,
+                backup_dir=plan_backup_dir(config),
             ),
+            snapshots=self.snapshots,
         )
         self.server: ServerHandle | None = None
 

@@ -13,13 +13,13 @@ import hashlib
 import ipaddress
 import itertools
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from clonebox_core.errors import InvalidArgument
-from clonebox_core.model import NetworkMode, NetworkSpec, VmSpec
+from clonebox_core.errors import FailedPrecondition, InvalidArgument
+from clonebox_core.model import NetworkMode, NetworkSpec, Vm, VmSpec
 from clonebox_core.names import check_dns_label
 from clonebox_core.secret import Secret
 from clonebox_core.specjson import DIGEST_PREFIX, SecretMode, secret_digest, spec_from_dict, spec_to_dict
@@ -214,6 +214,8 @@ PLAN_NO_HEALTH_CHECK = "PLAN_NO_HEALTH_CHECK"
 PLAN_UNKNOWN_NETWORK = "PLAN_UNKNOWN_NETWORK"
 #: no free subnet or address is left for a plan network
 PLAN_NETWORK_FULL = "PLAN_NETWORK_FULL"
+#: a network whose VMs exist would get another subnet (the live libvirt network keeps its own)
+PLAN_NETWORK_SUBNET_CHANGE = "PLAN_NETWORK_SUBNET_CHANGE"
 
 #: the plan network every plan has unless its file names others
 DEFAULT_NETWORK = "default"
@@ -537,6 +539,35 @@ def materialize_networks(plan: Plan, current: Plan | None, taken: Sequence[ipadd
     return dataclasses.replace(plan, vms=tuple(vms), networks=networks)
 
 
+def check_subnet_changes(plan: Plan, current: Plan | None, existing: Collection[str]) -> None:
+    """
+    Refuse a materialized ``plan`` that moves a live network to another subnet.
+
+    A network of ``current`` (the applied revision) whose VMs still exist (their names in
+    ``existing``) is a live libvirt network with that subnet; giving it another one would make each of
+    its VMs a replace that the agent then refuses mid-run. FailedPrecondition
+    PLAN_NETWORK_SUBNET_CHANGE, before anything is done, says to take the plan down first.
+    """
+    if current is None:
+        return
+    before = {n.name: n.subnet for n in current.networks if n.subnet}
+    now = {n.name: n.subnet for n in plan.networks}
+    for name, old in sorted(before.items()):
+        new = now.get(name, "")
+        if not new or new == old:
+            continue
+        live = sorted(vm_name(current.name, v.service) for v in current.vms if v.network == name)
+        live = [n for n in live if n in existing]
+        if live:
+            raise FailedPrecondition(
+                f"networks.{name}.subnet: network {network_name(current.name, name)} is live on {old} with "
+                f"{', '.join(live)}; moving it to {new} needs the plan down first (clonebox down "
+                f"{current.name}, then up), or keep subnet {old}",
+                reason=PLAN_NETWORK_SUBNET_CHANGE,
+                metadata={"field": f"networks.{name}.subnet", "plan": current.name, "vms": ",".join(live)},
+            )
+
+
 def plan_subnets(plan: Plan) -> list[ipaddress.IPv4Network]:
     """The subnets ``plan``'s networks have (those not picked yet are left out)."""
     return [ipaddress.IPv4Network(n.subnet) for n in plan.networks if n.subnet]
@@ -602,6 +633,50 @@ def classify(current: VmSpec, new: VmSpec) -> tuple[ChangeKind, tuple[str, ...]]
         return ChangeKind.NONE, ()
     kind = max((_kind_of(f) for f in differ), key=_STRENGTH.index)
     return kind, tuple(sorted(differ))
+
+
+#: the spec fields an update changes without re-creating the VM (none of them holds a secret)
+UPDATABLE_FIELDS = _IN_PLACE_FIELDS | _RESTART_FIELDS
+
+
+def updated_spec(current: VmSpec, new: VmSpec) -> VmSpec:
+    """
+    The spec a VM keeps after an in-place or restart update from ``current`` to ``new``.
+
+    Only the fields such an update changes (labels, health checks, vCPUs, memory) come from ``new``;
+    everything else stays as ``current`` has it, secret fields and their digests included.
+    """
+    return dataclasses.replace(current, **{f: getattr(new, f) for f in sorted(UPDATABLE_FIELDS)})
+
+
+def needs_replace_error(name: str, fields: Sequence[str]) -> FailedPrecondition:
+    """
+    The refusal of an update (VM_UPDATE_NEEDS_REPLACE) some of whose fields only a re-create changes.
+
+    ``fields`` are all the fields that differ; the message and metadata name the ones at fault.
+    """
+    fields = [f for f in fields if _kind_of(f) is ChangeKind.REPLACE]
+    return FailedPrecondition(
+        f"VM {name}: {', '.join(fields)} cannot change without re-creating the VM (only labels, health_checks, "
+        "vcpus and memory_mib can); delete and create it again, or re-apply its plan with --allow-replace",
+        reason="VM_UPDATE_NEEDS_REPLACE",
+        metadata={"vm": name, "fields": ",".join(fields)},
+    )
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What an update of one VM took."""
+
+    vm: Vm
+    #: NONE, IN_PLACE or RESTART
+    kind: ChangeKind
+    #: the spec fields that differed (sorted model names)
+    fields: tuple[str, ...] = ()
+    #: the VM ran and was restarted to take the change
+    restarted: bool = False
+    #: that restart's graceful shutdown timed out and the VM was forced off
+    forced: bool = False
 
 
 def diff(current: Plan | None, new: Plan, existing: Mapping[str, VmSpec]) -> list[VmChange]:

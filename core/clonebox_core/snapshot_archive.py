@@ -26,6 +26,7 @@ import os
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any, BinaryIO, Final, cast
 
 import zstandard
@@ -490,6 +491,34 @@ def write_archive(
 
 
 # ------------------------------------------------------------------------------------------ reading
+
+
+#: an archive file being written has this suffix until it is complete
+PARTIAL_SUFFIX = ".partial"
+
+
+def write_archive_file(
+    out: Path, parts: Iterable[snapshot_pb2.SnapshotImagePart], *, passphrase: bytes | None = None, mode: int = 0o666
+) -> ArchiveSummary:
+    """
+    Write ``parts`` as the archive file ``out``, all or nothing.
+
+    The file is written as ``out.partial`` (created with ``mode``, less the umask), fsynced, then
+    renamed over ``out``; on any error (or an interrupt) the partial file is removed and ``out`` is
+    untouched.
+    """
+    partial = out.with_name(out.name + PARTIAL_SUFFIX)
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as f:
+            summary = write_archive(f, parts, passphrase=passphrase)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, out)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return summary
 
 
 class _Frames:

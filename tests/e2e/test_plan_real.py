@@ -52,6 +52,18 @@ def plan_file(fleet: RealFleet, name: str, *, broken_api: bool = False) -> Path:
     return path
 
 
+def edited(path: Path, **changes: dict[str, Any]) -> Path:
+    """A copy of the plan file ``path`` with each service's keys changed (nested dicts merged one level)."""
+    doc: dict[str, Any] = yaml.safe_load(path.read_text())
+    for service, keys in changes.items():
+        vm = doc["vms"][service]
+        for key, value in keys.items():
+            vm[key] = {**vm.get(key, {}), **value} if isinstance(value, dict) else value
+    out = path.with_name(f"{path.stem}-{'-'.join(changes)}.yaml")
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
 def run_versions(stdout: str) -> list[dict[str, Any]]:
     """Every run version ``up``/``down -o json`` printed, in order."""
     return [json.loads(line) for line in stdout.splitlines() if line.strip().startswith("{")]
@@ -121,6 +133,38 @@ def test_up_in_dependency_order_behind_health_gates_then_down(fleet: RealFleet) 
         assert {v.get("change", "CHANGE_KIND_NONE") for v in again["vms"]} == {"CHANGE_KIND_NONE"}, again
         history = fleet.cli_json("plan", "history", name)["runs"]
         assert [r["action"] for r in history] == ["up", "up"]
+
+        # more memory for db: the same VM restarted with it (no --allow-replace), not a new one
+        db_uuid = fleet.cli_json("vm", "show", vms["db"])["uuid"]
+        _code, boot_before, _ = guest_sh(f"cb-{vms['db']}", "cat /proc/sys/kernel/random/boot_id")
+        bigger = edited(path, db={"memory": "160MiB"})
+        resized = run_versions(fleet.cli("-o", "json", "up", "-f", str(bigger), timeout=600).stdout)[-1]
+        assert resized["state"] == "PLAN_RUN_STATE_SUCCEEDED", resized
+        changes = {v["service"]: v.get("change", "CHANGE_KIND_NONE") for v in resized["vms"]}
+        assert changes == {"db": "CHANGE_KIND_RESTART", "api": "CHANGE_KIND_NONE", "web": "CHANGE_KIND_NONE"}
+        assert fleet.cli_json("vm", "show", vms["db"])["uuid"] == db_uuid
+        _code, boot_after, _ = guest_sh(f"cb-{vms['db']}", "cat /proc/sys/kernel/random/boot_id")
+        assert boot_after.strip() and boot_after != boot_before  # the guest was restarted
+        dominfo = subprocess.run(
+            ["virsh", "-c", "qemu:///system", "dumpxml", "--inactive", f"cb-{vms['db']}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "<memory unit='KiB'>163840</memory>" in dominfo
+
+        # a new kernel command line for web is a replace: the old web is exported to a backup file first
+        cmdline = f"console=ttyS0 clonebox.hostname={vms['web']}"
+        replaced_file = edited(bigger, web={"kernel_boot": {"cmdline": cmdline}})
+        replaced = run_versions(
+            fleet.cli("-o", "json", "up", "-f", str(replaced_file), "--allow-replace", timeout=600).stdout
+        )[-1]
+        assert replaced["state"] == "PLAN_RUN_STATE_SUCCEEDED", replaced
+        web_row = next(v for v in replaced["vms"] if v["service"] == "web")
+        assert web_row["change"] == "CHANGE_KIND_REPLACE" and web_row["created"], web_row
+        backup = fleet.root / "controller-host" / "plan-backups" / name / vms["web"] / f"{replaced['id']}.cbsnap"
+        assert backup.stat().st_size > 0 and oct(backup.stat().st_mode & 0o777) == "0o600"
+        assert not fleet.cli_json("snapshot", "list", vms["web"])["snapshots"]
 
         down = run_versions(fleet.cli("-o", "json", "down", name, timeout=600).stdout)
         assert down[-1]["state"] == "PLAN_RUN_STATE_SUCCEEDED", down[-1]

@@ -14,21 +14,27 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
+import stat
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 import grpc.aio
 import pytest
 from clonebox.controller.v1 import plan_service_pb2 as pb
 from clonebox.controller.v1 import plan_service_pb2_grpc as pb_grpc
+from clonebox.controller.v1 import snapshot_service_pb2 as spb
+from clonebox.controller.v1 import snapshot_service_pb2_grpc as spb_grpc
 from clonebox.controller.v1 import vm_service_pb2
-from clonebox.type.v1 import plan_pb2
+from clonebox.type.v1 import plan_pb2, snapshot_pb2
 from google.protobuf import descriptor_pool
 
+from clonebox_agent.adapters.fake import FakeHypervisor
 from clonebox_controller.app.plans import PlanEngine, PlanSettings
 from clonebox_controller.main import place_plan
-from clonebox_core.health import FileProbe, Probe, ProbeType
+from clonebox_core.audit.chain import AuditFilter
+from clonebox_core.errors import Internal
+from clonebox_core.health import FileProbe, HealthState, Probe, ProbeType
 from clonebox_core.model import DiskSpec, NetworkMode, NetworkSpec, Resources, VmSpec
 from clonebox_core.plan import (
     LABEL_PLAN,
@@ -48,6 +54,7 @@ from clonebox_core.plan import (
 )
 from clonebox_core.rpc.convert_plan import plan_from_proto, plan_to_proto, run_from_proto
 from clonebox_core.rpc.server import aio_channel
+from clonebox_core.snapshot_archive import read_archive
 from tests.integration.conftest import TRUST_DOMAIN, Fleet, eventually
 from tests.integration.test_fleet import create, error_info, spec
 from tests.integration.test_security import PRINCIPALS, _call
@@ -424,19 +431,114 @@ async def test_replace_needs_allow_replace(fleet: Fleet) -> None:
     vm = (await fleet.vms.GetVm(vm_service_pb2.GetVmRequest(name="stack-db"))).vm
     assert vm.spec.disks[0].size_mib == 32
 
+    # the old VM was exported first, to a file only the controller reads, that imports as a VM again
+    backup = fleet.tmp / "plan-backups" / "stack" / "stack-db" / f"{final.id}.cbsnap"
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o600
+    assert stat.S_IMODE(backup.parent.stat().st_mode) == 0o700
+    assert not list(backup.parent.glob("*.partial"))
+    with backup.open("rb") as f:
+        parts = list(read_archive(f))
+    assert parts[0].header.spec.name == "stack-db" and parts[0].header.spec.disks[0].size_mib == 16
+    events = fleet.controller.store.list_audit(AuditFilter(action="plan.backup"))
+    assert [e.event.details["file"] for e in events] == [str(backup)]
+    # the backup's snapshot went with the old VM: the new one has none
+    assert not list((await snapshot_stub(fleet).ListSnapshots(spb.ListSnapshotsRequest(vm="stack-db"))).snapshots)
+    restored = (await snapshot_stub(fleet).ImportSnapshot(_import(parts, "stack-db-before"))).vm
+    assert restored.name == "stack-db-before" and restored.spec.disks[0].size_mib == 16
 
-async def test_in_place_and_restart_changes_are_refused_for_now(fleet: Fleet) -> None:
+
+async def _import(parts: list[snapshot_pb2.SnapshotImagePart], name: str) -> AsyncIterator[spb.ImportSnapshotRequest]:
+    for part in parts:
+        p = snapshot_pb2.SnapshotImagePart()
+        p.CopyFrom(part)
+        if p.WhichOneof("part") == "header":
+            p.header.spec.name = name
+            p.header.request_id = f"restore-{name}"
+        yield spb.ImportSnapshotRequest(part=p)
+
+
+def snapshot_stub(fleet: Fleet) -> spb_grpc.SnapshotServiceStub:
+    return spb_grpc.SnapshotServiceStub(fleet.channel)
+
+
+@pytest.mark.parametrize("where", ["file", "agent"])
+async def test_a_replace_whose_backup_fails_keeps_the_old_vm(fleet: Fleet, where: str) -> None:
+    faults = {"export_disks": Internal("injected: export failed")} if where == "agent" else {}
+    await fleet.add_agent("h1", ROOMY, fake=FakeHypervisor(host_name="h1", capacity=ROOMY, fail_on=faults))
+    await _up(fleet, ungated())
+    if where == "file":  # a file where the backup folder would be: the export cannot be written
+        (fleet.tmp / "plan-backups").write_text("not a folder")
+    run = await apply(fleet, ungated(db_disk=32), allow_replace=True)
+    final = (await watch(fleet, run.id))[-1]
+    assert final.state is RunState.ROLLED_BACK, final
+    assert "backup before replacing stack-db failed" in final.vms[0].error and "old VM is kept" in final.vms[0].error
+    assert ops(fleet, "vm.delete") == []
+    vm = (await fleet.vms.GetVm(vm_service_pb2.GetVmRequest(name="stack-db"))).vm
+    assert vm.spec.disks[0].size_mib == 16
+    assert not list((await snapshot_stub(fleet).ListSnapshots(spb.ListSnapshotsRequest(vm="stack-db"))).snapshots)
+
+
+async def test_a_memory_change_restarts_the_vm_and_keeps_it(fleet: Fleet) -> None:
     await fleet.add_agent("h1", ROOMY)
     await _up(fleet, ungated())
+    before = {r.spec.name: r.uuid for r in await fleet.fakes["h1"].list()}
     more_memory = ungated(db_memory=128)
-    err = await rpc_error(stub(fleet).ApplyPlan(pb.ApplyPlanRequest(plan=plan_to_proto(more_memory))))
-    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert error_info(err).reason == "PLAN_UPDATE_UNSUPPORTED"
-    assert "memory_mib" in (err.details() or "") and "--allow-replace" in (err.details() or "")
-    final = await _up(fleet, more_memory, allow_replace=True)
-    assert final.vms[0].change is ChangeKind.REPLACE
+    diff = await stub(fleet).DiffPlan(pb.DiffPlanRequest(plan=plan_to_proto(more_memory)))
+    assert [(c.vm, c.kind, list(c.fields)) for c in diff.changes[:1]] == [
+        (
+            "stack-db",
+            plan_pb2.CHANGE_KIND_RESTART,
+            ["memory_mib"],
+        )
+    ]
+    # no --allow-replace needed: the disks stay
+    final = await _up(fleet, more_memory)
+    assert [(v.service, v.change, v.created, v.state) for v in final.vms] == [
+        ("db", ChangeKind.RESTART, False, VmRunState.READY),
+        ("api", ChangeKind.NONE, False, VmRunState.READY),
+        ("web", ChangeKind.NONE, False, VmRunState.READY),
+    ]
+    assert ops(fleet, "vm.update") == ["stack-db"]
+    assert ops(fleet, "vm.delete") == [] and ops(fleet, "vm.create") == ["stack-db", "stack-api", "stack-web"]
+    after = {r.spec.name: r for r in await fleet.fakes["h1"].list()}
+    assert after["stack-db"].uuid == before["stack-db"] and after["stack-db"].spec.memory_mib == 128
     vm = (await fleet.vms.GetVm(vm_service_pb2.GetVmRequest(name="stack-db"))).vm
     assert vm.spec.memory_mib == 128
+    # applied again: nothing left to change
+    again = await _up(fleet, more_memory)
+    assert [v.change for v in again.vms] == [ChangeKind.NONE] * 3
+
+
+async def test_after_a_restart_only_fresh_health_opens_the_gate(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    fleet.fakes["h1"].guest_files["stack-db"] = {READY_FILE}
+    await _up(fleet, stack())
+    final = await _up(fleet, stack(db_memory=128))
+    assert (final.vms[0].service, final.vms[0].change) == ("db", ChangeKind.RESTART)
+    update = next(o for o in fleet.controller.store.list_operations(limit=100) if o.kind == "vm.update")
+    transitions, _aggregates, _actions = await fleet.controller.health.history(
+        "stack-db", update.create_time, check="", limit=100
+    )
+    assert update.create_time is not None
+    fresh = [
+        t for t in transitions if t.check == "" and t.to_state is HealthState.HEALTHY and t.time >= update.create_time
+    ]
+    assert fresh, transitions  # the restart took db through UNKNOWN and back to HEALTHY
+    db = final.vms[0]
+    assert db.update_time is not None and db.update_time >= fresh[0].time
+
+
+async def test_a_restart_growth_must_fit_on_the_vms_host(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", Resources(vcpus=8, memory_mib=512, disk_mib=1024 * 1024))
+    await fleet.add_agent("h2", ROOMY)
+    await _up(fleet, make_plan("solo", [service("solo", "db", memory=256, host="h1")]))
+    grown = make_plan("solo", [service("solo", "db", memory=1024, host="h1")])
+    err = await rpc_error(stub(fleet).ApplyPlan(pb.ApplyPlanRequest(plan=plan_to_proto(grown))))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_info(err).reason == "PLAN_CAPACITY_EXCEEDED" and "solo-db" in (err.details() or "")
+    assert ops(fleet, "vm.update") == []
+    vm = (await fleet.vms.GetVm(vm_service_pb2.GetVmRequest(name="solo-db"))).vm
+    assert vm.spec.memory_mib == 256 and vm.host == "h1"
 
 
 def reverting(plan: Plan, auto_revert: bool = True) -> Plan:
@@ -751,3 +853,22 @@ async def test_plan_service_policy_for_every_principal(fleet: Fleet) -> None:
         finally:
             await channel.close()
     assert mismatches == []
+
+
+async def test_moving_a_live_network_to_another_subnet_is_refused_until_down(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    pinned = dataclasses.replace(networked(), networks=(PlanNetwork("default", "10.213.40.0/24"),))
+    moved = dataclasses.replace(networked(), networks=(PlanNetwork("default", "10.213.41.0/24"),))
+    await _up(fleet, pinned)
+    err = await rpc_error(apply(fleet, moved))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(err).reason == "PLAN_NETWORK_SUBNET_CHANGE"
+    assert "clonebox down net" in (err.details() or "")
+    got = await stub(fleet).GetPlan(pb.GetPlanRequest(name="net"))
+    assert got.plan.revision == 1  # no revision was stored, no run started
+    assert ops(fleet, "vm.delete") == []
+    down = run_from_proto((await stub(fleet).DestroyPlan(pb.DestroyPlanRequest(name="net"))).run)
+    assert (await watch(fleet, down.id))[-1].state is RunState.SUCCEEDED
+    final = await _up(fleet, moved)
+    assert {(await stored_specs(fleet, "net"))["db"].subnet} == {"10.213.41.0/24"}
+    assert final.state is RunState.SUCCEEDED

@@ -26,8 +26,10 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from clonebox_agent.ports import NETWORK_ORPHAN_PREFIX, Capability, StepLog, TxnStep
+from clonebox_agent.ports import NETWORK_ORPHAN_PREFIX, UPDATE_FIELDS, Capability, StepLog, TxnStep
+from clonebox_core import specjson
 from clonebox_core.errors import FailedPrecondition, InvalidArgument
 from clonebox_core.model import NetworkMode, NetworkSpec, StepState, VmSpec
 from clonebox_core.secret import MASK, Secret
@@ -361,6 +363,62 @@ def redacted_spec(spec: VmSpec) -> VmSpec:
     if spec.cloud_init is None or not spec.cloud_init.user_data:
         return spec
     return dataclasses.replace(spec, cloud_init=dataclasses.replace(spec.cloud_init, user_data=Secret(MASK)))
+
+
+# ---- updates (``Hypervisor.update``) -----------------------------------------------------------------
+
+#: the one step of an update, and the undo kind that puts a domain's previous four values back
+UPDATE_STEP = "redefine"
+DEFINITION_UNDO = "definition"
+#: the named step of ``update`` at which a fault can be scripted: the new values are in the definition
+UPDATE_REDEFINED = "update:redefined"
+
+
+def update_fields(spec: VmSpec) -> dict[str, Any]:
+    """The ``UPDATE_FIELDS`` of ``spec`` in the JSON form a spec has at rest (none of them is secret).
+
+    ``health_checks`` is absent when there are none, as ``specjson`` writes it.
+    """
+    data = specjson.spec_to_dict(spec, secrets="digest")
+    return {k: data[k] for k in UPDATE_FIELDS if k in data}
+
+
+def fields_text(fields: Mapping[str, Any]) -> str:
+    """One stable text of ``update_fields`` (for step records: the undo's and the identity's)."""
+    return json.dumps(dict(fields), sort_keys=True, separators=(",", ":"))
+
+
+def patch_fields(data: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
+    """A spec's JSON form (``specjson``) with its ``UPDATE_FIELDS`` replaced by ``fields``; the rest as it is."""
+    out = dict(data)
+    for key in UPDATE_FIELDS:
+        if key in fields:
+            out[key] = fields[key]
+        else:
+            out.pop(key, None)
+    return out
+
+
+def with_fields(spec: VmSpec, fields: Mapping[str, Any]) -> VmSpec:
+    """``spec`` with its four updatable fields from ``fields`` (``update_fields`` form); every other field kept."""
+    parsed = specjson.spec_from_dict(patch_fields(specjson.spec_to_dict(spec, secrets="digest"), fields))
+    return dataclasses.replace(
+        spec,
+        health_checks=parsed.health_checks,
+        labels=parsed.labels,
+        memory_mib=parsed.memory_mib,
+        vcpus=parsed.vcpus,
+    )
+
+
+def definition_undo(vm: str, domain: str, old: Mapping[str, Any]) -> dict[str, str]:
+    """The undo record of an update's ``redefine`` step: the previous four values of ``vm``."""
+    return {"kind": DEFINITION_UNDO, "vm": vm, "name": domain, "fields": fields_text(old)}
+
+
+def resources_of(fields: Mapping[str, Any]) -> tuple[int, int]:
+    """(vCPUs, MiB) of an ``update_fields`` mapping."""
+    return int(fields["vcpus"]), int(fields["memory_mib"])
 
 
 def check_snapshot_kind(vm: str, snapshot: str, kind: SnapshotKind, existing: Iterable[SnapshotKind]) -> None:

@@ -31,6 +31,10 @@ Scripting:
   ``export_disks`` writes a real (empty) qcow2 per disk with ``qemu-img``; ``import_disks`` defines a
   stopped VM on the given files (moved into the pool). Named steps: ``snapshot:taken``,
   ``import:disks``, ``import:define``.
+- updates (``update``): the kept spec takes the new labels, health checks, vCPUs and memory; a running
+  domain keeps the vCPUs and memory it booted with until it boots again (``domain_resources``, as
+  libvirt's ``virDomainGetInfo``); every boot gives the guest a new boot id (``BOOT_ID_PATH``). Named
+  step: ``update:redefined``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import builtins
 import contextlib
 import dataclasses
 import ipaddress
+import json
 import os
 import secrets
 import shutil
@@ -94,6 +99,7 @@ from clonebox_core.model import (
     NetworkMode,
     NetworkSpec,
     Resources,
+    StepState,
     VmSpec,
     VmState,
 )
@@ -102,6 +108,8 @@ from clonebox_core.snapshots import SnapshotKind
 
 #: qemu-img, for the real qcow2 files of ``export_disks``
 QEMU_IMG = "qemu-img"
+#: a Linux guest's boot id: the fake's guests answer a new one after every boot (``guest_file_read``)
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
 
 @dataclass
@@ -134,6 +142,10 @@ class _Domain:
     shutdown_pending: bool = field(default=False)
     #: the interface's MAC on a managed network ("" otherwise)
     mac: str = ""
+    #: (vCPUs, MiB) the domain last booted with: what a running guest has (an update changes only ``spec``)
+    booted: tuple[int, int] | None = None
+    #: the guest kernel's boot id (``BOOT_ID_PATH``): new at every boot
+    boot_id: str = ""
 
 
 class FakeHypervisor:
@@ -443,6 +455,42 @@ class FakeHypervisor:
         await self._enter("destroy")
         self._force_off(self._domain(name))
 
+    async def update(self, name: str, spec: VmSpec, *, steps: StepLog | None = None) -> DomainRecord:
+        """See ``Hypervisor.update``: the kept spec takes the four fields; a running boot keeps its resources.
+
+        Step ``redefine`` (identity recorded before it acts, as the port says); fault at ``update:redefined``.
+        """
+        await self._enter("update")
+        dom = self._domain(name)
+        log = steps or common.MemoryStepLog()
+        old = common.update_fields(dom.spec)
+        # one round trip through the at-rest form, as the libvirt adapter's metadata makes it
+        new = common.update_fields(common.with_fields(dom.spec, common.update_fields(spec)))
+        n = log.planned(common.UPDATE_STEP, common.definition_undo(name, self.domain_name(name), old))
+        # before it acts (see the port): the undo checks that the domain has exactly these values
+        log.made(n, {"uuid": dom.uuid, "fields": common.fields_text(new)})
+        try:
+            dom.spec = common.with_fields(dom.spec, new)
+            await self._step(common.UPDATE_REDEFINED)
+        except BaseException:
+            # only this method's own step: the others in ``steps`` are the caller's
+            for step in log.steps():
+                if step.n == n and step.state == StepState.DONE:
+                    self._undo_sync(step.undo, step.identity)
+                    log.undone(n, True)
+            raise
+        return self._record(dom)
+
+    def domain_resources(self, name: str) -> tuple[int, int]:
+        """Fake state: (vCPUs, MiB) the domain has, as libvirt's ``virDomainGetInfo`` reports them.
+
+        Those of its running boot while it runs, else those of its (persistent) definition.
+        """
+        dom = self._domain(name)
+        if dom.state != VmState.STOPPED and dom.booted is not None:
+            return dom.booted
+        return dom.spec.vcpus, dom.spec.memory_mib
+
     async def delete(self, name: str) -> builtins.list[str]:
         """Force off, undefine, remove volumes and files; also cleans leftovers without a domain."""
         await self._enter("delete")
@@ -530,10 +578,12 @@ class FakeHypervisor:
         self._guest(name)
 
     async def guest_file_read(self, name: str, path: str, max_bytes: int) -> bytes | None:
-        """See ``Hypervisor.guest_file_read`` (``guest_file_contents``, then ``guest_files`` as empty)."""
+        """See ``Hypervisor.guest_file_read`` (``guest_file_contents``, the boot id, then ``guest_files`` as empty)."""
         await self._enter("guest_file_read")
-        self._guest(name)
+        dom = self._guest(name)
         content = self.guest_file_contents.get(name, {}).get(path)
+        if content is None and path == BOOT_ID_PATH:
+            content = f"{dom.boot_id}\n".encode()
         if content is not None:
             return content[: max(max_bytes, 0)]
         return b"" if path in self.guest_files.get(name, set()) else None
@@ -960,6 +1010,8 @@ class FakeHypervisor:
             return f"{self.name_prefix}{vm} (disks back on their files)"
         if kind == "retire":
             return ""  # the fake's disks are tokens: a revert supersedes no file
+        if kind == common.DEFINITION_UNDO:
+            return self._undo_definition(undo, identity)
         if kind == "network":
             state = self._managed.get(undo["name"])
             if state is None or state.uuid != identity.get("uuid") or self._users(state.name):
@@ -974,6 +1026,25 @@ class FakeHypervisor:
             dhcp, dns = common.entries_to_drop(state, [undo["mac"]], undo["address"], others)
             return ", ".join(self._drop_entries(state.name, dhcp, dns))
         raise ValueError(f"unknown undo kind {kind!r}")
+
+    def _undo_definition(self, undo: Mapping[str, str], identity: Mapping[str, str]) -> str:
+        """Put a domain's previous four values back, if it still has those the step gave it.
+
+        Left alone: another domain of the name, values changed since, and a domain running on the new
+        vCPUs/memory (it was restarted on the new definition, see ``Hypervisor.update``).
+        """
+        dom = self._domains.get(undo["vm"])
+        if dom is None or dom.uuid != identity.get("uuid"):
+            return ""
+        new = json.loads(identity.get("fields", "{}"))
+        if common.update_fields(dom.spec) != new:
+            return ""
+        old = json.loads(undo["fields"])
+        resources = common.resources_of(new)
+        if dom.state != VmState.STOPPED and resources != common.resources_of(old) and dom.booted == resources:
+            return ""
+        dom.spec = common.with_fields(dom.spec, old)
+        return f"{undo['name']} (definition back to its previous labels, health checks, vCPUs and memory)"
 
     def _volume_identity(self, path: str, *, stamp: bool = False) -> dict[str, str]:
         if not self._host_files:
@@ -1011,6 +1082,8 @@ class FakeHypervisor:
                 raise self._start_failed(dom, f"Requested operation is not valid: network '{net}' is not active")
         dom.state = VmState.RUNNING
         dom.reason = "booted"
+        dom.booted = (spec.vcpus, spec.memory_mib)
+        dom.boot_id = str(uuidlib.uuid4())
         self._counter += 1
         dom.index = self._counter
         if dom.console_log is not None:

@@ -14,13 +14,21 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Any
 
 from clonebox_agent.app.events import EventLog, VmEvent, VmEventType
 from clonebox_agent.app.keystore import KeyStore
 from clonebox_agent.app.probes import ScriptPolicy, check_script_probes
 from clonebox_agent.app.recovery import Recovery, Rollback
 from clonebox_agent.journal.store import Journal, JournalStepLog, TxnState
-from clonebox_agent.ports import DomainRecord, EventKind, Hypervisor, HypervisorEvent
+from clonebox_agent.ports import (
+    DomainRecord,
+    EventKind,
+    Hypervisor,
+    HypervisorEvent,
+    commit_point_undo,
+    stopped_undo,
+)
 from clonebox_core import specjson
 from clonebox_core.audit.event import SYSTEM_ACTOR, AuditEvent, Outcome, new_event
 from clonebox_core.errors import (
@@ -44,9 +52,10 @@ from clonebox_core.model import (
     VmState,
 )
 from clonebox_core.names import check_dns_label
+from clonebox_core.plan import ChangeKind, UpdateResult, classify, needs_replace_error
 from clonebox_core.secret import Secret
 from clonebox_core.secrets.providers import SecretRef, secret_access_event
-from clonebox_core.validate import PASSWORD_HASH, PUBLIC_KEY, validate_resolved
+from clonebox_core.validate import PASSWORD_HASH, PUBLIC_KEY, validate_resolved, validate_spec
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +70,19 @@ class StopResult:
     forced: bool
 
 
+#: the states in which a VM is off: a stop leaves it alone, an update only redefines it
+_OFF = (VmState.STOPPED, VmState.CRASHED)
+
+
 def _audit_details(outcome: dict[str, object]) -> dict[str, object]:
     details: dict[str, object] = {}
+    if "kind" in outcome:
+        details["change"] = outcome["kind"]
+    changed_fields = outcome.get("fields")
+    if isinstance(changed_fields, list):
+        details["fields"] = ",".join(str(f) for f in changed_fields)
+    if "restarted" in outcome:
+        details["restarted"] = outcome["restarted"]
     if "forced" in outcome:
         details["forced"] = outcome["forced"]
     removed = outcome.get("removed")
@@ -105,6 +125,11 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, CloneboxError):
         return f"{exc.code} {exc.reason}: {exc.message}"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _update_outcome(kind: ChangeKind, fields: tuple[str, ...], restarted: bool, forced: bool) -> dict[str, object]:
+    """What the journal keeps of an update's answer (a retry with its request id gets it back)."""
+    return {"kind": kind.value, "fields": list(fields), "restarted": restarted, "forced": forced}
 
 
 class AgentService:
@@ -154,8 +179,8 @@ class AgentService:
         self._known: dict[str, Vm] = {}
         self._event_queue: asyncio.Queue[HypervisorEvent] = asyncio.Queue()
         self._event_task: asyncio.Task[None] | None = None
-        #: creates that outlive a cancelled caller (strong references: asyncio keeps only weak ones)
-        self._background: set[asyncio.Task[Vm]] = set()
+        #: creates and updates that outlive a cancelled caller (strong references: asyncio keeps only weak ones)
+        self._background: set[asyncio.Task[Any]] = set()
 
     # ---- lifecycle of the service itself -------------------------------------------------------
 
@@ -356,21 +381,181 @@ class AgentService:
         async with self._lock(name):
             if request_id and (done := await self._replay(request_id, "stop", name)) is not None:
                 return StopResult(await self.get(name), bool(done.get("forced")))
-            record = await self._hv.get(name)
-            forced = False
-            if record.state not in (VmState.STOPPED, VmState.CRASHED):
-                if force:
-                    await self._hv.destroy(name)
-                    forced = True
-                else:
-                    await self._hv.shutdown(name)
-                    if not await self._wait_stopped(name, timeout):
-                        log.info("vm %s ignored shutdown for %ss; forcing off", name, timeout)
-                        await self._hv.destroy(name)
-                        forced = True
+            forced = await self._power_off(name, timeout, force=force)
             vm = self._to_vm(await self._hv.get(name))
             await self._remember(request_id, "stop", name, {"forced": forced}, actor=actor)
             return StopResult(vm, forced)
+
+    async def _power_off(self, name: str, timeout: float, *, force: bool = False) -> bool:
+        """Turn VM ``name`` off: ACPI/guest-agent shutdown, forced off after ``timeout`` s (at once with ``force``).
+
+        The one stop logic (``stop`` and the restart of an update). True when it was forced; a VM that is off
+        already is left alone. The caller holds the VM's lock.
+        """
+        record = await self._hv.get(name)
+        if record.state in _OFF:
+            return False
+        if not force:
+            await self._hv.shutdown(name)
+            if await self._wait_stopped(name, timeout):
+                return False
+            log.info("vm %s ignored shutdown for %ss; forcing off", name, timeout)
+        await self._hv.destroy(name)
+        return True
+
+    async def update(
+        self, spec: VmSpec, *, request_id: str, timeout_seconds: int = 0, dry_run: bool = False
+    ) -> UpdateResult:
+        """Change VM ``spec.name`` to ``spec`` without re-creating it; what it took.
+
+        The VM's kept spec is compared with ``spec`` (``clonebox_core.plan.classify``):
+
+        - NONE: the VM is returned as it is (an equal spec is a no-op);
+        - IN_PLACE (labels, health checks): only the kept spec changes, the guest is not touched;
+        - RESTART (vCPUs, memory): the definition is changed; a running VM is shut down gracefully (ACPI or
+          qemu-ga, forced off after ``timeout_seconds``, 0: the agent's stop timeout; the same logic as
+          ``stop``) and started again (``restarted``, ``forced``), a stopped one only redefined;
+        - REPLACE (anything else): FailedPrecondition ``VM_UPDATE_NEEDS_REPLACE`` naming the fields; nothing
+          changes.
+
+        The spec the VM keeps afterwards is its current one with only labels, health checks, vCPUs and
+        memory taken from ``spec`` (``ports.UPDATE_FIELDS``): stored secrets and digests, disks, addresses
+        and everything else stay as they were. The new values are validated as a create validates them
+        (InvalidArgument naming the field); vCPUs or memory beyond this host's are refused the same way.
+        ``dry_run``: classify and validate only. Idempotent under ``request_id`` (a retry returns the
+        recorded answer and does nothing) and under an equal spec. Holds the VM's lock, so it is serialized
+        with every other change of the VM (a snapshot restore included). A change ends with a ``MODIFIED``
+        VM event carrying the new spec (``WatchVms``, the health monitor's checks).
+
+        A change is a journaled transaction ``vm.update``; once started it runs to its end (commit or
+        rollback) even if the caller goes away. Its steps, and what recovery does after a crash at each
+        point (the VM ends with the old or the new definition, running again if it ran before):
+
+        1. ``stop`` (only when a RESTART finds the VM running), recorded before the shutdown (its undo
+           starts the domain again only if it is stopped): a crash while it shuts down or after it is off
+           -> started again on the old definition. A guest still in the middle of its shutdown when the
+           restarted agent recovers finishes it and stays off (nothing can tell that it would).
+        2. ``redefine`` (the adapter, see ``Hypervisor.update``): a crash after it -> the old values are put
+           back (and the VM started again by step 1's undo).
+        3. the start, then ``retire``, the commit point: a crash after it -> recovery finishes the
+           transaction (the VM runs on the new definition). Between the start and ``retire`` the rollback
+           keeps the new definition the guest already runs on (``redefine``'s undo leaves it).
+        4. the commit with the request's outcome and its ``vm.update`` audit event (one SQLite transaction).
+
+        After a crash the request's outcome is not recorded: a retry with the same request id runs again
+        and finds either the old spec (and does the change) or the new one (kind NONE). An error (not a
+        crash) rolls back the same way: e.g. a VM that does not start with the new values is put back on
+        the old ones and started again, and the error is raised.
+        """
+        # auth is compared by classify on its public parts and never changed by an update; its hash may
+        # come as the digest the agent keeps, which is not a hash a create would take
+        validate_spec(replace(spec, auth=None))
+        check_script_probes(self._scripts, spec.health_checks)
+        if dry_run:
+            async with self._lock(spec.name):
+                record = await self._hv.get(spec.name)
+                kind, fields = await self._classify_update(record, spec)
+                return UpdateResult(await self.get(spec.name), kind, fields)
+        task = asyncio.create_task(
+            self._update_locked(spec, request_id, timeout_seconds or self._stop_timeout), name=f"update-{spec.name}"
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return await asyncio.shield(task)
+
+    async def _update_locked(self, spec: VmSpec, request_id: str, timeout: float) -> UpdateResult:
+        name = spec.name
+        async with self._lock(name):
+            if request_id and (done := await self._replay(request_id, "update", name)) is not None:
+                fields_before = done.get("fields", [])
+                return UpdateResult(
+                    await self.get(name),
+                    ChangeKind(str(done.get("kind", ChangeKind.NONE.value))),
+                    tuple(str(f) for f in fields_before) if isinstance(fields_before, list) else (),
+                    bool(done.get("restarted")),
+                    bool(done.get("forced")),
+                )
+            record = await self._hv.get(name)
+            kind, fields = await self._classify_update(record, spec)
+            if kind is ChangeKind.NONE:
+                await self._remember(request_id, "update", name, _update_outcome(kind, fields, False, False))
+                return UpdateResult(await self.get(name), kind, fields)
+            restarted, forced = await self._update_transaction(record, spec, kind, fields, request_id, timeout)
+            vm = await self.get(name)
+            # the same kind of event a lifecycle change makes: watchers (the controller's fleet view) and the
+            # health monitor (which runs the checks of the spec it sees) take the new spec from it
+            self.events.append(VmEventType.MODIFIED, vm, "updated")
+            return UpdateResult(vm, kind, fields, restarted, forced)
+
+    async def _classify_update(self, record: DomainRecord, spec: VmSpec) -> tuple[ChangeKind, tuple[str, ...]]:
+        """What changing ``record`` to ``spec`` takes; REPLACE and values beyond this host are refused."""
+        kind, fields = classify(record.spec, spec)
+        if kind is ChangeKind.REPLACE:
+            raise needs_replace_error(spec.name, fields)
+        if kind is ChangeKind.RESTART:
+            info = await self._hv.host_info()
+            cpus, memory = info.capacity.vcpus, info.capacity.memory_mib
+            if "vcpus" in fields and cpus and spec.vcpus > cpus:
+                raise invalid_field(
+                    "spec.vcpus", f"{spec.vcpus} vCPUs is more than host {self.host_name} has ({cpus} CPUs)"
+                )
+            if "memory_mib" in fields and memory and spec.memory_mib > memory:
+                raise invalid_field(
+                    "spec.memory_mib",
+                    f"{spec.memory_mib} MiB is more memory than host {self.host_name} has ({memory} MiB)",
+                )
+        return kind, fields
+
+    async def _update_transaction(
+        self,
+        record: DomainRecord,
+        spec: VmSpec,
+        kind: ChangeKind,
+        fields: tuple[str, ...],
+        request_id: str,
+        timeout: float,
+    ) -> tuple[bool, bool]:
+        """The journaled change of ``update`` (see its steps there); (restarted, forced)."""
+        name = record.name
+        txn_id = uuid.uuid4().hex
+        await asyncio.to_thread(self._journal.begin_txn, txn_id, "vm.update", name, request_id)
+        steps = JournalStepLog(self._journal, txn_id)
+        restart = kind is ChangeKind.RESTART and record.state not in _OFF
+        forced = False
+        try:
+            if restart:
+                n = await asyncio.to_thread(steps.planned, "stop", stopped_undo(self._hv.domain_name(name)))
+                # before it acts: the undo starts only a stopped domain, so a crash mid-shutdown is undone too
+                await asyncio.to_thread(steps.made, n, {"uuid": record.uuid})
+                forced = await self._power_off(name, timeout)
+                self._hook("update:stopped")
+            await self._hv.update(name, spec, steps=steps)
+            if restart:
+                await self._hv.start(name)
+                self._hook("update:started")
+                n = await asyncio.to_thread(steps.planned, "retire", commit_point_undo(name))
+                await asyncio.to_thread(steps.made, n, {"uuid": record.uuid})
+            self._hook("update:commit")
+            outcome = _update_outcome(kind, fields, restart, forced)
+            details = {**_audit_details(outcome), "transaction": txn_id}
+            event = self._event("update", name, request_id, details)
+            await asyncio.to_thread(
+                self._journal.finish_txn,
+                txn_id,
+                TxnState.COMMITTED,
+                outcome=(request_id, "update", name, outcome),
+                audit=event,
+            )
+        except BaseException as exc:
+            # before the commit point the old definition comes back (and a stopped VM starts again); past it
+            # recovery finishes the transaction
+            await self.recovery.roll_back(txn_id, error=_describe(exc))
+            raise
+        return restart, forced
+
+    def _hook(self, step: str) -> None:
+        if self._step_hook is not None:
+            self._step_hook(step)
 
     async def delete(self, name: str, *, request_id: str, with_snapshots: bool = False) -> list[str]:
         """Delete a VM and every file made for it. Deleting a VM that is already gone is a success.

@@ -8,7 +8,9 @@ from clonebox_agent.app.events import VmEvent
 from clonebox_agent.app.health import HealthUpdate
 from clonebox_core.health import ProbeResult, VmHealth
 from clonebox_core.model import HostInfo, Revision
+from clonebox_core.plan import UpdateResult
 from clonebox_core.rpc import convert, convert_health
+from clonebox_core.rpc.convert_plan import change_kind_to_proto
 
 
 def host_info_to_proto(info: HostInfo, revision: Revision) -> agent_pb2.GetHostInfoResponse:
@@ -53,4 +55,15 @@ def check_health_to_proto(results: list[ProbeResult], health: VmHealth) -> agent
     return agent_pb2.CheckHealthResponse(
         results=[convert_health.result_to_proto(r) for r in results],
         health=convert_health.vm_health_to_proto(health),
+    )
+
+
+def update_to_proto(result: UpdateResult) -> agent_pb2.UpdateVmResponse:
+    """UpdateResult -> UpdateVmResponse (the VM's spec redacted, as every ``Vm`` sent out)."""
+    return agent_pb2.UpdateVmResponse(
+        vm=convert.vm_to_proto(result.vm),
+        kind=change_kind_to_proto(result.kind),
+        fields=list(result.fields),
+        restarted=result.restarted,
+        forced=result.forced,
     )

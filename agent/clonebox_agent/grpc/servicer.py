@@ -16,6 +16,7 @@ from clonebox_agent.grpc.convert import (
     event_to_proto,
     health_update_to_proto,
     host_info_to_proto,
+    update_to_proto,
 )
 from clonebox_core.errors import FailedPrecondition, InvalidArgument
 from clonebox_core.rpc import convert, convert_snapshot
@@ -146,6 +147,16 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             force=request.force,
         )
         return agent_pb2.StopVmResponse(vm=convert.vm_to_proto(result.vm), forced=result.forced)
+
+    async def UpdateVm(self, request: agent_pb2.UpdateVmRequest, context: Ctx) -> agent_pb2.UpdateVmResponse:
+        """See the proto."""
+        result = await self._svc.update(
+            convert.spec_from_proto(request.spec),
+            request_id=request.request_id,
+            timeout_seconds=request.timeout_seconds,
+            dry_run=request.dry_run,
+        )
+        return update_to_proto(result)
 
     async def DeleteVm(self, request: agent_pb2.DeleteVmRequest, context: Ctx) -> agent_pb2.DeleteVmResponse:
         """See the proto."""

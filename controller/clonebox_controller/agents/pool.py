@@ -17,7 +17,9 @@ from clonebox.type.v1 import snapshot_pb2
 from clonebox_core.errors import CloneboxError, Unavailable
 from clonebox_core.health import ActionRecord, Aggregate, ProbeResult, Transition, VmHealth
 from clonebox_core.model import CreatePlan, Orphan, Revision, Transaction, Vm, VmSpec
+from clonebox_core.plan import UpdateResult
 from clonebox_core.rpc import convert, convert_health
+from clonebox_core.rpc.convert_plan import change_kind_from_proto
 from clonebox_core.rpc.convert_snapshot import (
     decision_from_proto,
     kind_to_proto,
@@ -183,6 +185,20 @@ class GrpcAgentClient:
         req = agent_pb2.StopVmRequest(name=name, request_id=request_id, timeout_seconds=timeout_seconds, force=force)
         resp = await self._call(lambda: self._stub.StopVm(req, timeout=_LONG_TIMEOUT))
         return convert.vm_from_proto(resp.vm)
+
+    async def update_vm(self, spec: VmSpec, request_id: str, timeout_seconds: int) -> UpdateResult:
+        """UpdateVm (a restart's graceful shutdown can take minutes: the long deadline)."""
+        req = agent_pb2.UpdateVmRequest(
+            spec=convert.spec_to_proto(spec), request_id=request_id, timeout_seconds=timeout_seconds
+        )
+        resp = await self._call(lambda: self._stub.UpdateVm(req, timeout=_LONG_TIMEOUT))
+        return UpdateResult(
+            vm=convert.vm_from_proto(resp.vm),
+            kind=change_kind_from_proto(resp.kind),
+            fields=tuple(resp.fields),
+            restarted=resp.restarted,
+            forced=resp.forced,
+        )
 
     async def delete_vm(self, name: str, request_id: str, with_snapshots: bool = False) -> list[str]:
         """DeleteVm (the agent refuses a VM with snapshots unless ``with_snapshots``)."""

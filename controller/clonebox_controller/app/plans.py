@@ -26,12 +26,14 @@ import ipaddress
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
-from clonebox_controller.app.ports import FleetStore, PlanStore
+from clonebox_controller.app.ports import FleetStore, ImagePart, PlanStore
+from clonebox_controller.app.snapshots import SnapshotManager
 from clonebox_controller.app.vms import VmManager
 from clonebox_core.audit.event import SYSTEM_ACTOR, AuditEvent, Outcome, current_actor, new_event
 from clonebox_core.errors import (
@@ -60,12 +62,14 @@ from clonebox_core.plan import (
     VmRunState,
     VmStatus,
     check_plan,
+    check_subnet_changes,
     levels,
     materialize_networks,
     plan_subnets,
     vm_name,
 )
 from clonebox_core.plan import diff as plan_diff
+from clonebox_core.snapshot_archive import ArchiveSummary, write_archive_file
 from clonebox_core.validate import validate_resolved
 
 log = logging.getLogger(__name__)
@@ -98,6 +102,8 @@ class PlanSettings:
     watch_poll_seconds: float = 1.0
     #: how long a deletion (rollback, down) keeps retrying while its host is unreachable
     unreachable_retry_seconds: float = 120.0
+    #: where a replace keeps the export of the VM it replaces ("" or no snapshot manager: no backup)
+    backup_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,47 @@ class Validation:
     levels: list[list[str]]
     changes: list[VmChange]
     current: Plan | None
+
+
+def _private_dirs(folder: Path, top: Path) -> None:
+    """Make ``folder`` (under ``top``) with every new folder on the way only the controller's (0700)."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for d in (folder, *folder.parents):
+        if d == top.parent:
+            break
+        d.chmod(0o700)
+
+
+async def _write_export(parts: AsyncIterator[ImagePart], path: Path) -> ArchiveSummary:
+    """
+    Write an export stream as the archive file ``path`` (0600), all or nothing.
+
+    The archive writer is blocking: it runs in a worker thread and pulls each part from the stream
+    on the event loop, so the agent's stream is paced by the disk (nothing is buffered here).
+    """
+    loop = asyncio.get_running_loop()
+    stream = aiter(parts)
+
+    async def next_part() -> ImagePart:
+        return await anext(stream)
+
+    def pulled() -> Iterator[Any]:  # the parts are the wire's messages, passed on unread
+        while True:
+            try:
+                yield asyncio.run_coroutine_threadsafe(next_part(), loop).result()
+            except StopAsyncIteration:
+                return
+
+    try:
+        return await asyncio.to_thread(write_archive_file, path, pulled(), mode=0o600)
+    finally:
+        closing = getattr(stream, "aclose", None)
+        if closing is not None:
+            await closing()
+
+
+def _since_after(health: VmHealth, when: datetime) -> bool:
+    return health.since is not None and health.since >= when
 
 
 def run_request_id(run_id: str, service: str, action: str) -> str:
@@ -192,10 +239,16 @@ class PlanEngine:
         settings: PlanSettings | None = None,
         *,
         owner: str = "",
+        snapshots: SnapshotManager | None = None,
     ) -> None:
-        """``owner``: this process's lease holder id (default: a fresh random one)."""
+        """
+        ``owner``: this process's lease holder id (default: a fresh random one).
+
+        ``snapshots``: with it and ``settings.backup_dir``, a replace exports the old VM first.
+        """
         self._store = store
         self._vms = vms
+        self._snapshots = snapshots
         self._health = health
         self._placer = placer
         self.settings = settings or PlanSettings()
@@ -280,14 +333,14 @@ class PlanEngine:
 
     # ------------------------------------------------------------------ validation
 
-    async def validate(self, plan: Plan, *, replacing: bool = False) -> Validation:
+    async def validate(self, plan: Plan) -> Validation:
         """
         Check ``plan`` against the fleet; nothing is made.
 
         Graph and names (``check_plan``), each spec, each host hint, VM names not taken by VMs outside
         this plan (AlreadyExists VM_ALREADY_EXISTS), and room for every VM the apply would create, all
-        at once (ResourceExhausted PLAN_CAPACITY_EXCEEDED naming each VM that does not fit).
-        ``replacing``: count IN_PLACE and RESTART changes as replaces (an apply with allow_replace).
+        at once (ResourceExhausted PLAN_CAPACITY_EXCEEDED naming each VM that does not fit), growth of
+        VMs restarted with more vCPUs or memory included (on the host they run on).
         """
         plan = with_plan_labels(plan)
         plan_levels = check_plan(plan)
@@ -306,9 +359,10 @@ class PlanEngine:
                     metadata={"field": f"vms.{v.service}.host", "host": v.host, "service": v.service},
                 )
         existing = await self._existing(plan)
+        check_subnet_changes(plan, current, existing)
         plan = self._pin_network_hosts(plan, existing, hosts)
         changes = plan_diff(current, plan, {name: vm.spec for name, vm in existing.items()})
-        await self._check_capacity(plan, changes, existing, hosts, replacing)
+        await self._check_capacity(plan, changes, existing, hosts)
         return Validation(plan, plan_levels, changes, current)
 
     async def _subnets_of_other_plans(self, name: str) -> list[ipaddress.IPv4Network]:
@@ -394,16 +448,20 @@ class PlanEngine:
         changes: Sequence[VmChange],
         existing: Mapping[str, Vm],
         hosts: Sequence[Host],
-        replacing: bool,
     ) -> None:
-        replaced = {ChangeKind.REPLACE} | ({ChangeKind.IN_PLACE, ChangeKind.RESTART} if replacing else set())
         freed: dict[str, Resources] = {}
         needs: list[PlacementNeed] = []
         for c in changes:
-            if c.kind is ChangeKind.CREATE or c.kind in replaced:
+            if c.kind in (ChangeKind.CREATE, ChangeKind.REPLACE):
                 v = plan.vm(c.service)
                 needs.append(PlacementNeed(c.vm, v.spec.resources(), v.host))
-            if c.kind in replaced and c.vm in existing:
+            if c.kind is ChangeKind.RESTART and c.vm in existing:
+                # a restart keeps the VM where it is: only what it grows by must fit there
+                had, wants = existing[c.vm].spec.resources(), plan.vm(c.service).spec.resources()
+                growth = Resources(max(0, wants.vcpus - had.vcpus), max(0, wants.memory_mib - had.memory_mib), 0)
+                if growth != Resources():
+                    needs.append(PlacementNeed(c.vm, growth, existing[c.vm].host))
+            if c.kind is ChangeKind.REPLACE and c.vm in existing:
                 # a replace deletes the old VM before it creates the new one: its room is free again
                 old = existing[c.vm]
                 freed[old.host] = freed.get(old.host, Resources()) + old.spec.resources()
@@ -436,29 +494,21 @@ class PlanEngine:
         """
         Store ``plan`` as a revision (when it differs) and start a run that brings it up; the run as it started.
 
-        Idempotent by ``request_id``. Refused before anything is done: FailedPrecondition
-        PLAN_REPLACE_NOT_ALLOWED (a VM must be re-created and ``allow_replace`` is off),
-        PLAN_UPDATE_UNSUPPORTED (an in-place or restart change: not supported yet, ``allow_replace``
-        replaces such VMs instead); Aborted PLAN_RUN_IN_PROGRESS; every error of :meth:`validate`.
+        Idempotent by ``request_id``. In-place and restart changes update their VMs (disks kept; see
+        :meth:`VmManager.update`). Refused before anything is done: FailedPrecondition
+        PLAN_REPLACE_NOT_ALLOWED (a VM must be re-created and ``allow_replace`` is off); Aborted
+        PLAN_RUN_IN_PROGRESS; every error of :meth:`validate`.
         """
         if request_id:
             found = await self._run_by_request(plan.name, request_id, UP)
             if found is not None:
                 return found
-        v = await self.validate(plan, replacing=allow_replace)
+        v = await self.validate(plan)
         if not allow_replace:
             self._refuse_changes(v)
         await self._refuse_if_running(plan.name)
         stored, _added = await asyncio.to_thread(self._store.save_plan_revision, v.plan)
-        rows = [
-            VmStatus(
-                c.service,
-                c.vm,
-                change=ChangeKind.REPLACE if c.kind in (ChangeKind.IN_PLACE, ChangeKind.RESTART) else c.kind,
-                step="pending",
-            )
-            for c in v.changes
-        ]
+        rows = [VmStatus(c.service, c.vm, change=c.kind, step="pending") for c in v.changes]
         run = PlanRun(
             id=uuid.uuid4().hex[:16],
             plan=plan.name,
@@ -499,16 +549,6 @@ class PlanEngine:
                 f"{listed}; nothing was done: apply with --allow-replace to replace them",
                 reason="PLAN_REPLACE_NOT_ALLOWED",
                 metadata={"plan": v.plan.name, "vms": ",".join(c.vm for c in replace)},
-            )
-        updates = [c for c in v.changes if c.kind in (ChangeKind.IN_PLACE, ChangeKind.RESTART)]
-        if updates:
-            listed = "; ".join(f"{c.vm} ({', '.join(c.fields)})" for c in updates)
-            raise FailedPrecondition(
-                f"plan {v.plan.name} changes {listed}: changing these fields on an existing VM needs the "
-                "agent's update support, which is not there yet; nothing was done: apply with --allow-replace "
-                "to replace these VMs instead (their disks are re-created)",
-                reason="PLAN_UPDATE_UNSUPPORTED",
-                metadata={"plan": v.plan.name, "vms": ",".join(c.vm for c in updates)},
             )
 
     async def _refuse_if_running(self, name: str) -> None:
@@ -954,11 +994,74 @@ class _Execution:
             if self.failure is not None and self.status[service].state is VmRunState.PENDING:
                 await self._save(service, state=VmRunState.SKIPPED, step=f"not started: {self._failed_vm()} failed")
                 return
+            if change in (ChangeKind.IN_PLACE, ChangeKind.RESTART):
+                await self._update(service)
+                return
             if change is ChangeKind.REPLACE:
+                await self._back_up(service)
                 await self._save(service, state=VmRunState.CREATING, step="deleting the old VM (replace)")
                 if not await self._delete_vm(service, "replace-delete", with_snapshots=False):
                     raise _StepFailed("deleting the old VM failed")
             await self._create(service)
+
+    def backup_path(self, service: str) -> Path | None:
+        """Where this run keeps the export of ``service``'s VM before replacing it (None: no backups)."""
+        if self.e._snapshots is None or not self.e.settings.backup_dir:
+            return None
+        name = self.status[service].vm
+        return Path(self.e.settings.backup_dir) / self.plan.name / name / f"{self.run_.id}.cbsnap"
+
+    async def _back_up(self, service: str) -> None:
+        """
+        Export the VM a replace is about to delete to ``backup_path`` (snapshot, export, drop the snapshot).
+
+        Any failure fails the VM's step with the old VM as it was (its snapshot dropped again). A
+        resumed run whose file is there does not take it again. The file holds the disks in clear: it
+        is the controller's (0600, in 0700 folders), like its database.
+        """
+        path = self.backup_path(service)
+        snapshots = self.e._snapshots
+        if path is None or snapshots is None:
+            return
+        name = self.status[service].vm
+        snap = f"pre-replace-{self.run_.id}"
+
+        async def drop_snapshot() -> None:
+            with contextlib.suppress(NotFound):
+                await snapshots.delete(
+                    name, snap, children=False, request_id=run_request_id(self.run_.id, service, "backup-drop")
+                )
+
+        if not path.exists():
+            await self._save(service, state=VmRunState.CREATING, step="snapshot before replace")
+            try:
+                await asyncio.to_thread(_private_dirs, path.parent, Path(self.e.settings.backup_dir))
+                await snapshots.create(
+                    name,
+                    snap,
+                    description=f"taken by plan {self.plan.name} run {self.run_.id} before replacing the VM",
+                    tags={LABEL_PLAN: self.plan.name},
+                    kind=None,
+                    quiesce=False,
+                    request_id=run_request_id(self.run_.id, service, "backup-snapshot"),
+                )
+                await self._save(service, step=f"exporting the old VM to {path}")
+                summary = await _write_export(snapshots.export(name, snap), path)
+            except (CloneboxError, OSError) as err:
+                why = err.message if isinstance(err, CloneboxError) else f"{err.strerror or err}: {err.filename}"
+                with contextlib.suppress(CloneboxError):
+                    await drop_snapshot()
+                raise _StepFailed(f"the backup before replacing {name} failed ({why}); the old VM is kept") from None
+            event = new_event(
+                "plan.backup",
+                f"plans/{self.plan.name}",
+                Outcome.SUCCEEDED,
+                details={"run": self.run_.id, "vm": name, "file": str(path), "bytes": summary.file_bytes},
+                actor=self.actor,
+            )
+            await asyncio.to_thread(self.store.append_audit, [event])
+        # the VM goes now; its snapshot would stop the delete (VM_HAS_SNAPSHOTS), and the file has it all
+        await drop_snapshot()
 
     def _failed_vm(self) -> str:
         return self.status[self.failure[0]].vm if self.failure is not None else ""
@@ -977,6 +1080,34 @@ class _Execution:
         if done.error_code:
             raise _op_failed(done, f"creating {name}")
         await self._save(service, state=VmRunState.WAITING, step="created")
+
+    async def _update(self, service: str) -> None:
+        """Change an existing VM without re-creating it (labels, health checks; vCPUs, memory by a restart)."""
+        pv = self.specs[service]
+        name = self.status[service].vm
+        restart = self.status[service].change is ChangeKind.RESTART
+        step = "restarting with new resources" if restart else "updating"
+        await self._save(service, state=VmRunState.CREATING, step=step)
+        op, _kind, _fields = await self.e._vms.update(pv.spec, run_request_id(self.run_.id, service, "update"))
+        if op is None:  # only a dry run has none
+            raise _StepFailed(f"updating {name}: no operation was recorded")
+        host = ""
+        with contextlib.suppress(NotFound):
+            host = (await asyncio.to_thread(self.store.get_vm, name)).host
+        await self._save(service, host=host)
+        done = await self.e._wait_operation(op)
+        if done.error_code:
+            raise _op_failed(done, f"updating {name}")
+        await self._save(service, state=VmRunState.WAITING, step="restarted" if restart else "updated")
+
+    async def _restarted_at(self, service: str) -> datetime | None:
+        """When this run's restart of ``service`` began (None: the run did not restart it)."""
+        if self.status[service].change is not ChangeKind.RESTART:
+            return None
+        op = await asyncio.to_thread(
+            self.store.find_operation_by_request_id, run_request_id(self.run_.id, service, "update")
+        )
+        return op.create_time if op is not None else None
 
     async def _ensure_running(self, service: str) -> None:
         name = self.status[service].vm
@@ -1005,7 +1136,9 @@ class _Execution:
         deadline = loop.time() + update.healthy_deadline_ms / 1000
         healthy_since: float | None = None
         # a VM this run did not create may have run and stopped before (a finished one-shot job)
-        ran = row.change is ChangeKind.NONE
+        ran = row.change in (ChangeKind.NONE, ChangeKind.IN_PLACE, ChangeKind.RESTART)
+        # after a restart, health reported before it is stale: only a state reached since counts
+        restarted_at = await self._restarted_at(service)
         health: VmHealth | None = None
         while True:
             try:
@@ -1024,7 +1157,8 @@ class _Execution:
                     health = await self.e._health.get(name)
                 except NotFound:
                     health = None
-                if health is not None and health.state is HealthState.HEALTHY and vm.state is VmState.RUNNING:
+                fresh = restarted_at is None or (health is not None and _since_after(health, restarted_at))
+                if health is not None and health.state is HealthState.HEALTHY and vm.state is VmState.RUNNING and fresh:
                     healthy_since = healthy_since if healthy_since is not None else time.monotonic()
                     held = (time.monotonic() - healthy_since) * 1000
                     if held >= update.min_healthy_time_ms:

@@ -22,6 +22,7 @@ from clonebox_core.audit.event import SYSTEM_ACTOR, AuditEvent, Outcome, current
 from clonebox_core.errors import Aborted, CloneboxError, FailedPrecondition, Internal, NotFound, Unavailable
 from clonebox_core.model import CreatePlan, Operation, Vm, VmSpec, VmState
 from clonebox_core.names import check_dns_label
+from clonebox_core.plan import ChangeKind, classify, needs_replace_error, updated_spec
 from clonebox_core.secret import Secret
 from clonebox_core.secrets.providers import SecretRef, secret_access_event
 from clonebox_core.security.identity import current_caller
@@ -269,6 +270,39 @@ class VmManager:
         params = {"timeout_seconds": str(timeout_seconds or self._stop_timeout), "force": "1" if force else ""}
         return await self._begin("vm.stop", name, request_id, params)
 
+    async def update(
+        self, spec: VmSpec, request_id: str, timeout_seconds: int = 0, *, dry_run: bool = False
+    ) -> tuple[Operation | None, ChangeKind, tuple[str, ...]]:
+        """
+        Change a VM to ``spec`` on its host without re-creating it; returns the operation and what it takes.
+
+        Labels and health checks change in place; vCPUs and memory by redefining the domain and, when
+        the VM runs, a graceful restart (forced after ``timeout_seconds``); disks stay. Only those
+        fields are taken from ``spec`` (:func:`clonebox_core.plan.updated_spec`). Refused before
+        anything is recorded: any other difference (FailedPrecondition VM_UPDATE_NEEDS_REPLACE naming
+        the fields), growth the host has no room for (ResourceExhausted HOST_CAPACITY_EXCEEDED).
+        ``dry_run`` only classifies (the operation is then None). An equal spec still records an
+        operation, which changes nothing, so a caller can always wait on what it gets.
+        """
+        check_dns_label("name", spec.name)
+        validate_resolved(spec)
+        current = await asyncio.to_thread(self._store.get_vm, spec.name)
+        kind, fields = classify(current.spec, spec)
+        if kind is ChangeKind.REPLACE:
+            raise needs_replace_error(spec.name, fields)
+        if dry_run:
+            return None, kind, fields
+        params = {"timeout_seconds": str(timeout_seconds or self._stop_timeout)}
+        op = new_operation("vm.update", f"vms/{spec.name}", request_id, params)
+        merged = updated_spec(current.spec, spec)
+        event = _accepted(op, change=kind.value, fields=",".join(fields))
+        (stored, _vm), cancelled = await to_thread_uncancelled(self._store.reserve_update, merged, op, event)
+        if stored.id == op.id:
+            self._spawn(stored)
+        if cancelled:
+            raise asyncio.CancelledError
+        return stored, kind, fields
+
     async def delete(self, name: str, request_id: str, with_snapshots: bool = False) -> Operation:
         """
         Delete a VM and free its reservation; with ``with_snapshots`` its snapshots go too.
@@ -343,6 +377,7 @@ class VmManager:
             "vm.start": self._do_start,
             "vm.stop": self._do_stop,
             "vm.delete": self._do_delete,
+            "vm.update": self._do_update,
             # an import's stream died with the controller process; see what the agent kept
             "snapshot.import": self._do_import_interrupted,
         }
@@ -419,6 +454,32 @@ class VmManager:
         return await asyncio.to_thread(
             self._store.update_vm_observed, name, stopped.state, stopped.uuid, (), stopped.state_reason
         )
+
+    async def _do_update(self, op: Operation, name: str) -> Vm | None:
+        vm = await asyncio.to_thread(self._store.get_vm, name)
+        host = await asyncio.to_thread(self._store.get_host, vm.host)
+        client = self._hosts.client_for(host)
+        timeout = int(op.params.get("timeout_seconds") or self._stop_timeout)
+        await self._step(op, f"updating on host {vm.host}", 30)
+        try:
+            result = await self._agent_call(lambda: client.update_vm(vm.spec, op.id, timeout))
+        except CloneboxError:
+            # the agent's update is all-or-nothing: the VM kept its old spec, so the record does too
+            previous = op.params.get("previous_spec")
+            if previous:
+                await asyncio.to_thread(self._store.restore_spec, name, previous)
+            raise
+        await self._step(op, "restarted" if result.restarted else "updated", 90)
+        stored = await asyncio.to_thread(
+            self._store.update_vm_observed,
+            name,
+            result.vm.state,
+            result.vm.uuid,
+            result.vm.addresses,
+            result.vm.state_reason,
+        )
+        self._hosts.refresh_addresses(result.vm)
+        return stored or result.vm
 
     async def _do_delete(self, op: Operation, name: str) -> Vm | None:
         try:

@@ -29,6 +29,7 @@ from clonebox_core.errors import FailedPrecondition, InvalidArgument, Permission
 from clonebox_core.model import Host, VmState
 from clonebox_core.names import check_dns_label
 from clonebox_core.rpc import convert, convert_audit
+from clonebox_core.rpc.convert_plan import change_kind_to_proto
 from clonebox_core.secret import Secret
 from clonebox_core.security.identity import current_caller
 
@@ -369,6 +370,17 @@ class VmServicer(vm_service_pb2_grpc.VmServiceServicer):
         """See the proto."""
         op = await self._vms.stop(request.name, request.request_id, request.timeout_seconds, request.force)
         return vm_service_pb2.StopVmResponse(operation=convert.operation_to_proto(op))
+
+    async def UpdateVm(self, request: vm_service_pb2.UpdateVmRequest, context: Ctx) -> vm_service_pb2.UpdateVmResponse:
+        """See the proto."""
+        spec = convert.spec_from_proto(request.spec)
+        op, kind, fields = await self._vms.update(
+            spec, request.request_id, request.timeout_seconds, dry_run=request.dry_run
+        )
+        resp = vm_service_pb2.UpdateVmResponse(kind=change_kind_to_proto(kind), fields=fields)
+        if op is not None:
+            resp.operation.CopyFrom(convert.operation_to_proto(op))
+        return resp
 
     async def DeleteVm(self, request: vm_service_pb2.DeleteVmRequest, context: Ctx) -> vm_service_pb2.DeleteVmResponse:
         """See the proto."""

@@ -28,6 +28,7 @@ import base64
 import binascii
 import dataclasses
 import hmac
+import json
 import logging
 import os
 import random
@@ -59,6 +60,7 @@ from clonebox_core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unauthenticated,
 )
 from clonebox_core.health import ActionRecord, Aggregate, HealthState, Transition, VmHealth
@@ -75,7 +77,7 @@ from clonebox_core.model import (
     VmSpec,
     VmState,
 )
-from clonebox_core.plan import Plan, PlanRun, RunState, VmStatus
+from clonebox_core.plan import UPDATABLE_FIELDS, Plan, PlanRun, RunState, VmStatus
 
 from . import audit as audit_store
 from . import codec, placement
@@ -422,6 +424,7 @@ class Store:
 
     @staticmethod
     def _set_labels(session: Session, vm_name: str, labels: Iterable[tuple[str, str]]) -> None:
+        session.execute(delete(VmLabelRow).where(VmLabelRow.vm_name == vm_name))
         session.add_all(VmLabelRow(vm_name=vm_name, key=k, value=v) for k, v in dict(labels).items())
 
     # ------------------------------------------------------------------ hosts
@@ -624,19 +627,8 @@ class Store:
         HOST_CAPACITY_EXCEEDED (named host) or NO_HOST_FITS (with the reason per host).
         ``audit`` is appended to the audit chain in the same transaction (not on a replay).
         """
-        if op.request_id:
-            # fast path for client retries: no locks taken when the answer is already recorded
-            replay = self._run(lambda s: self._replay(s, op), write=False)
-            if replay is not None:
-                return replay
 
         def tx(session: Session) -> tuple[Operation, Vm | None]:
-            self._lock_revision(session)
-            if op.request_id:
-                # again under the lock: a concurrent retry may have committed meanwhile
-                replay = self._replay(session, op)
-                if replay is not None:
-                    return replay
             chosen = self._place(session, spec, host, lock=True)
             need = spec.resources()
 
@@ -665,7 +657,116 @@ class Store:
             self._audit(session, audit)
             return self._op_model(op_row), self._vm_model(vm_row)
 
+        return self._once_per_request(op, tx)
+
+    def reserve_update(
+        self,
+        spec: VmSpec,
+        op: Operation,
+        audit: AuditEvent | Sequence[AuditEvent] | None = None,
+    ) -> tuple[Operation, Vm | None]:
+        """
+        Record ``spec`` as the new spec of the existing VM ``spec.name`` and ``op`` updating it, atomically.
+
+        The reservation follows the spec. Growth (more vCPUs or memory than reserved) must fit in what
+        the VM's host has free besides the VM itself: ResourceExhausted HOST_CAPACITY_EXCEEDED names
+        the host and the shortfall. A shrink frees room at once. The previous values of the fields an
+        update changes (:data:`clonebox_core.plan.UPDATABLE_FIELDS`, none of them secret: operations
+        are readable by viewers) are kept in ``op.params["previous_spec"]`` so a failed update can put
+        them back (:meth:`restore_spec`).
+
+        Idempotent on ``op.request_id`` like :meth:`reserve_vm` (callers detect a replay by the id).
+        Errors: NotFound VM_NOT_FOUND; AlreadyExists REQUEST_ID_REUSED.
+        """
+
+        def tx(session: Session) -> tuple[Operation, Vm | None]:
+            row = self._vm_row(session, spec.name, lock=True)
+            if row.host is None:
+                raise FailedPrecondition(
+                    f"VM {spec.name!r} has no host (it is being deleted); wait for it to go, or create it again",
+                    reason="VM_NOT_PLACED",
+                    metadata={"vm": spec.name},
+                )
+            host = row.host
+            host_row = self._host_row(session, host, lock=True)
+            need = spec.resources()
+            held = Resources(row.reserved_vcpus, row.reserved_memory_mib, row.reserved_disk_mib)
+            growth = Resources(max(0, need.vcpus - held.vcpus), max(0, need.memory_mib - held.memory_mib), 0)
+            if growth != Resources():
+                allocated = self._allocations(session, [host]).get(host, (Resources(), 0))[0]
+                free = self._allocatable(host_row) - allocated
+                if not growth.fits_in(free):
+                    raise ResourceExhausted(
+                        f"host {host!r} has no room to grow VM {spec.name!r} to {placement.describe(need)}: "
+                        f"{placement.shortfall(growth, free)}; free room on the host or ask for less",
+                        reason="HOST_CAPACITY_EXCEEDED",
+                        metadata={"host": host, "vm": spec.name},
+                    )
+            previous = json.dumps({k: v for k, v in row.spec.items() if k in UPDATABLE_FIELDS}, sort_keys=True)
+            row.spec = codec.spec_to_json(spec)
+            row.reserved_vcpus, row.reserved_memory_mib = need.vcpus, need.memory_mib
+            row.update_time = self._now()
+            row.revision = self._next_revision(session)
+            self._set_labels(session, spec.name, spec.labels)
+            op_row = self._new_op_row(
+                dataclasses.replace(op, params={**op.params, "previous_spec": previous}), self._now(), vm_name=spec.name
+            )
+            session.add(op_row)
+            session.flush()
+            self._audit(session, audit)
+            return self._op_model(op_row), self._vm_model(row)
+
+        return self._once_per_request(op, tx)
+
+    def _once_per_request(
+        self, op: Operation, body: Callable[[Session], tuple[Operation, Vm | None]]
+    ) -> tuple[Operation, Vm | None]:
+        """
+        Run ``body`` in a write transaction under the revision lock, unless ``op.request_id`` was seen.
+
+        A seen request id returns what it recorded (the operation and the VM's record now), from a
+        read without locks first (the fast path of client retries), then again under the lock (a
+        concurrent retry may have committed meanwhile).
+        """
+        if op.request_id:
+            replay = self._run(lambda s: self._replay(s, op), write=False)
+            if replay is not None:
+                return replay
+
+        def tx(session: Session) -> tuple[Operation, Vm | None]:
+            self._lock_revision(session)
+            if op.request_id:
+                replay = self._replay(session, op)
+                if replay is not None:
+                    return replay
+            return body(session)
+
         return self._run(tx, write=True, retry_integrity=True)
+
+    def restore_spec(self, name: str, previous: str) -> Vm | None:
+        """
+        Put back the fields :meth:`reserve_update` replaced (the update failed), reservation included.
+
+        ``previous`` is what it kept in the operation's params. None when the VM is gone meanwhile.
+        """
+
+        def tx(session: Session) -> Vm | None:
+            self._lock_revision(session)
+            row = session.get(VmRow, name, with_for_update=True)
+            if row is None:
+                return None
+            kept = {k: v for k, v in row.spec.items() if k not in UPDATABLE_FIELDS}
+            spec = codec.spec_from_json({**kept, **json.loads(previous)})
+            need = spec.resources()
+            row.spec = codec.spec_to_json(spec)
+            row.reserved_vcpus, row.reserved_memory_mib = need.vcpus, need.memory_mib
+            row.update_time = self._now()
+            row.revision = self._next_revision(session)
+            self._set_labels(session, name, spec.labels)
+            session.flush()
+            return self._vm_model(row)
+
+        return self._run(tx, write=True)
 
     def place(self, spec: VmSpec, host: str | None) -> str:
         """The host ``reserve_vm`` would choose now, reserving nothing (for dry runs); same errors."""

@@ -133,14 +133,24 @@ def plan_from_proto(m: plan_pb2.Plan) -> Plan:
     )
 
 
+def change_kind_to_proto(k: ChangeKind) -> plan_pb2.ChangeKind.ValueType:
+    """ChangeKind -> proto enum value."""
+    return _CHANGE_TO_PROTO[k]
+
+
+def change_kind_from_proto(v: int) -> ChangeKind:
+    """Proto enum value -> ChangeKind (an unspecified or unknown value reads as NONE)."""
+    return _CHANGE_FROM_PROTO.get(plan_pb2.ChangeKind.ValueType(v), ChangeKind.NONE)
+
+
 def change_to_proto(c: VmChange) -> plan_pb2.VmChange:
     """VmChange -> proto."""
-    return plan_pb2.VmChange(service=c.service, vm=c.vm, kind=_CHANGE_TO_PROTO[c.kind], fields=list(c.fields))
+    return plan_pb2.VmChange(service=c.service, vm=c.vm, kind=change_kind_to_proto(c.kind), fields=list(c.fields))
 
 
 def change_from_proto(m: plan_pb2.VmChange) -> VmChange:
     """Proto -> VmChange (an unspecified kind reads as NONE)."""
-    return VmChange(m.service, m.vm, _CHANGE_FROM_PROTO.get(m.kind, ChangeKind.NONE), tuple(m.fields))
+    return VmChange(m.service, m.vm, change_kind_from_proto(m.kind), tuple(m.fields))
 
 
 def status_to_proto(s: VmStatus) -> plan_pb2.PlanVmStatus:

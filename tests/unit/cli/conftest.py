@@ -68,6 +68,9 @@ from clonebox_core.errors import (
     NotFound,
     ResourceExhausted,
 )
+from clonebox_core.plan import ChangeKind, classify, needs_replace_error
+from clonebox_core.rpc.convert import spec_from_proto
+from clonebox_core.rpc.convert_plan import change_kind_to_proto
 from clonebox_core.rpc.status import to_status_proto
 from clonebox_core.rpc.tls import TlsFiles, server_credentials
 from clonebox_core.security.identity import make_identity
@@ -435,6 +438,29 @@ class FakeVmService(vm_service_pb2_grpc.VmServiceServicer):
         return vm_service_pb2.StopVmResponse(
             operation=self._power("vm.stop", request, context, vm_pb2.VM_STATE_STOPPED)
         )
+
+    def UpdateVm(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Classifies with the real rule (clonebox_core.plan.classify) against the stored spec."""
+        self.fleet.record("UpdateVm", request)
+        vm = self.fleet.vms.get(request.spec.name)
+        if vm is None:
+            abort(context, NotFound(f"vm {request.spec.name} not found", reason="VM_NOT_FOUND"))
+            raise AssertionError
+        kind, fields = classify(spec_from_proto(vm.spec), spec_from_proto(request.spec))
+        if kind is ChangeKind.REPLACE:
+            abort(context, needs_replace_error(vm.name, fields))
+        resp = vm_service_pb2.UpdateVmResponse(kind=change_kind_to_proto(kind), fields=fields)
+        if request.dry_run:
+            return resp
+        op = self.fleet.new_operation("vm.update", f"vms/{vm.name}", request.request_id)
+        vm.spec.memory_mib, vm.spec.vcpus = request.spec.memory_mib, request.spec.vcpus
+        final = operation_pb2.Operation()
+        final.CopyFrom(op)
+        final.done, final.progress, final.step = True, 100, "done"
+        final.result.vm.CopyFrom(vm)
+        self.fleet.scripts[op.id] = [final]
+        resp.operation.CopyFrom(op)
+        return resp
 
     def DeleteVm(self, request: Any, context: grpc.ServicerContext) -> Any:
         self.fleet.record("DeleteVm", request)

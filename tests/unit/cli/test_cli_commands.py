@@ -327,6 +327,54 @@ def test_delete(runner: CliRunner, fake_controller: FakeController) -> None:
     assert "web" not in fake_controller.fleet.vms
 
 
+# ---------------------------------------------------------------------------------------------- update
+
+
+def _edited(tmp_path: Path, old: str, new: str) -> str:
+    spec = tmp_path / "tiny-a.yaml"
+    spec.write_text((EXAMPLES / "tiny-a.yaml").read_text().replace(old, new))
+    return str(spec)
+
+
+def test_update_restarts_with_more_memory(runner: CliRunner, fake_controller: FakeController, tmp_path: Path) -> None:
+    assert cli(runner, fake_controller, "vm", "create", "-f", TINY_A).exit_code == 0
+    edited = _edited(tmp_path, "memory: 128MiB", "memory: 256MiB")
+    result = cli(runner, fake_controller, "vm", "update", "-f", edited, "--grace", "7", "--request-id", "u1")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == (
+        "vm tiny-a updated with a restart (graceful shutdown, then start; disks kept) (memory_mib); "
+        "it is running on local"
+    )
+    (request,) = fake_controller.fleet.calls("UpdateVm")
+    assert (request.spec.memory_mib, request.timeout_seconds, request.request_id, request.dry_run) == (
+        256,
+        7,
+        "u1",
+        False,
+    )
+
+
+def test_update_dry_run_json_says_what_and_starts_nothing(
+    runner: CliRunner, fake_controller: FakeController, tmp_path: Path
+) -> None:
+    assert cli(runner, fake_controller, "vm", "create", "-f", TINY_A).exit_code == 0
+    edited = _edited(tmp_path, "app: demo", "app: other")
+    doc = as_json(cli(runner, fake_controller, "-o", "json", "vm", "update", "-f", edited, "--dry-run"))
+    assert doc == {"vm": "tiny-a", "change": "in_place", "fields": ["labels"]}
+    assert [o.kind for o in fake_controller.fleet.operations.values()] == ["vm.create"]
+
+
+def test_update_that_needs_a_new_vm_names_the_field(
+    runner: CliRunner, fake_controller: FakeController, tmp_path: Path
+) -> None:
+    assert cli(runner, fake_controller, "vm", "create", "-f", TINY_A).exit_code == 0
+    edited = _edited(tmp_path, "cmdline: console=ttyS0 quiet", "cmdline: console=ttyS0")
+    result = cli(runner, fake_controller, "vm", "update", "-f", edited)
+    assert result.exit_code == 5  # FailedPrecondition
+    line = error_line(result)
+    assert "kernel_boot cannot change without re-creating the VM" in line and "--allow-replace" in line
+
+
 def test_empty_request_id_is_refused(runner: CliRunner, fake_controller: FakeController) -> None:
     result = cli(runner, fake_controller, "vm", "start", "web", "--request-id", " ")
     assert result.exit_code == 2

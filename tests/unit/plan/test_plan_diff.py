@@ -31,9 +31,11 @@ from clonebox_core.plan import (
     VmChange,
     classify,
     diff,
+    needs_replace_error,
     plan_digest,
     plan_from_dict,
     plan_to_dict,
+    updated_spec,
 )
 from clonebox_core.secret import Secret
 from clonebox_core.secrets.passwords import sha512_crypt
@@ -142,6 +144,32 @@ def test_adding_or_removing_auth_replaces() -> None:
 
 
 # --------------------------------------------------------------------------------------------- diff
+
+
+def test_an_update_takes_only_the_updatable_fields_and_keeps_secrets_at_rest() -> None:
+    current = at_rest(BASE)
+    new = dataclasses.replace(
+        BASE,
+        vcpus=2,
+        memory_mib=256,
+        labels=(("app", "db"),),
+        health_checks=(PROBE,),
+        cloud_init=CloudInit(Secret("#cloud-config\nruncmd: [echo other]\n")),
+    )
+    kept = updated_spec(current, new)
+    assert (kept.vcpus, kept.memory_mib, kept.labels, kept.health_checks) == (2, 256, (("app", "db"),), (PROBE,))
+    # everything else is the current spec's, the digests of its secrets included
+    assert spec_to_dict(
+        dataclasses.replace(kept, vcpus=1, memory_mib=128, labels=BASE.labels, health_checks=()), secrets="keep"
+    ) == spec_to_dict(current, secrets="keep")
+    assert kept.cloud_init == current.cloud_init
+
+
+def test_needs_replace_names_only_the_fields_at_fault() -> None:
+    err = needs_replace_error("stack-db", ("disks", "labels", "memory_mib", "network"))
+    assert err.reason == "VM_UPDATE_NEEDS_REPLACE"
+    assert err.metadata == {"vm": "stack-db", "fields": "disks,network"}
+    assert err.message.startswith("VM stack-db: disks, network cannot change without re-creating the VM")
 
 
 def vm(service: str, *deps: str, **change: object) -> PlanVm:

@@ -7,7 +7,7 @@ import ipaddress
 
 import pytest
 
-from clonebox_core.errors import InvalidArgument
+from clonebox_core.errors import FailedPrecondition, InvalidArgument
 from clonebox_core.model import KernelBoot, NetworkMode, NetworkSpec, VmSpec
 from clonebox_core.plan import (
     PLAN_SUBNET_POOL,
@@ -15,6 +15,7 @@ from clonebox_core.plan import (
     PlanNetwork,
     PlanVm,
     check_plan,
+    check_subnet_changes,
     materialize_networks,
     network_name,
     plan_digest,
@@ -106,3 +107,18 @@ def test_check_plan_refuses_bad_networks(p: Plan, field: str, reason: str) -> No
     with pytest.raises(InvalidArgument) as err:
         check_plan(p)
     assert (err.value.metadata["field"], err.value.reason) == (field, reason)
+
+
+def test_moving_a_live_network_to_another_subnet_is_refused_before_anything() -> None:
+    first = materialize_networks(plan("db", "api", networks=(PlanNetwork("default", "10.213.5.0/24"),)), None, [])
+    moved = materialize_networks(plan("db", "api", networks=(PlanNetwork("default", "10.213.6.0/24"),)), first, [])
+    with pytest.raises(FailedPrecondition) as err:
+        check_subnet_changes(moved, first, {"shop-db", "shop-api"})
+    assert err.value.reason == "PLAN_NETWORK_SUBNET_CHANGE"
+    assert err.value.metadata["field"] == "networks.default.subnet"
+    assert err.value.metadata["vms"] == "shop-api,shop-db"
+    assert "clonebox down shop" in err.value.message and "10.213.5.0/24" in err.value.message
+    # only while its VMs exist: after a down, the same move is fine; so is keeping the subnet
+    check_subnet_changes(moved, first, set())
+    check_subnet_changes(materialize_networks(plan("db", "api"), first, []), first, {"shop-db", "shop-api"})
+    check_subnet_changes(moved, None, {"shop-db"})

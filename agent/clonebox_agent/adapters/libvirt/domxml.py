@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
+from clonebox_agent.adapters import common
 from clonebox_core import specjson
 from clonebox_core.model import VmSpec
 
@@ -113,14 +116,80 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
     return el
 
 
-def owner_element(meta: OwnerMetadata) -> ET.Element:
-    """Build the ``cb:owner`` element."""
+def owner_element(meta: OwnerMetadata, spec_text: str | None = None) -> ET.Element:
+    """Build the ``cb:owner`` element (``spec_text``: the ``cb:spec`` document as it is, else from ``meta.spec``)."""
+    el = ET.Element(f"{{{NAMESPACE}}}owner", _owner_attrs(meta))
+    _sub(el, f"{{{NAMESPACE}}}spec", spec_to_json(meta.spec) if spec_text is None else spec_text)
+    return el
+
+
+def owner_metadata_xml(meta: OwnerMetadata, spec_text: str) -> str:
+    """The ``owner`` element as ``virDomainSetMetadata`` takes it: unprefixed (libvirt puts it in ``NAMESPACE``)."""
+    el = ET.Element("owner", _owner_attrs(meta))
+    _sub(el, "spec", spec_text)
+    return ET.tostring(el, encoding="unicode")
+
+
+def _owner_attrs(meta: OwnerMetadata) -> dict[str, str]:
     attrs = {"agent": meta.agent, "vm": meta.vm}
     if meta.created is not None:
         attrs["created"] = meta.created.isoformat()
-    el = ET.Element(f"{{{NAMESPACE}}}owner", attrs)
-    _sub(el, f"{{{NAMESPACE}}}spec", spec_to_json(meta.spec))
-    return el
+    return attrs
+
+
+def patch_spec_text(text: str, fields: Mapping[str, Any]) -> str:
+    """The ``cb:spec`` document ``text`` with only the updatable fields from ``fields`` (see ``common.patch_fields``).
+
+    Every other field stays byte for byte as it was written (secret digests included): the document is
+    written again the way ``spec_to_json`` writes it, and its version is kept.
+    """
+    doc = json.loads(text)
+    doc["spec"] = common.patch_fields(doc["spec"], fields)
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+def resources(xml_text: str) -> tuple[int, int]:
+    """(vCPUs, MiB) a domain XML defines (``<vcpu>``, ``<memory>``)."""
+    root = ET.fromstring(xml_text)
+    vcpu = root.find("vcpu")
+    memory = root.find("memory")
+    if vcpu is None or memory is None or not vcpu.text or not memory.text:
+        raise ValueError("domain XML without <vcpu> or <memory>")
+    return int(vcpu.text), _mib(int(memory.text), memory.get("unit", "KiB"))
+
+
+_UNITS = {"b": 1, "bytes": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3}
+
+
+def _mib(value: int, unit: str) -> int:
+    return value * _UNITS.get(unit.lower(), 1024) // (1024 * 1024)
+
+
+def with_definition(xml_text: str, vcpus: int, memory_mib: int, owner: ET.Element) -> str:
+    """A domain XML with other vCPUs, memory (maximum and current) and ``cb:owner``; everything else as it was.
+
+    Meant for the inactive XML of a domain (``VIR_DOMAIN_XML_INACTIVE``): redefining from it keeps its disks,
+    interfaces (MAC addresses), NVRAM and what libvirt added itself.
+    """
+    root = ET.fromstring(xml_text)
+    vcpu = root.find("vcpu")
+    if vcpu is None:
+        vcpu = _sub(root, "vcpu", placement="static")
+    vcpu.text = str(vcpus)
+    vcpu.attrib.pop("current", None)  # fewer online vCPUs than defined: not something the agent makes
+    for tag in ("memory", "currentMemory"):
+        el = root.find(tag)
+        if el is None:
+            el = _sub(root, tag)
+        el.text = str(memory_mib * 1024)
+        el.set("unit", "KiB")
+    md = root.find("metadata")
+    if md is None:
+        md = _sub(root, "metadata")
+    for old in md.findall(f"{{{NAMESPACE}}}owner"):
+        md.remove(old)
+    md.append(owner)
+    return ET.tostring(root, encoding="unicode")
 
 
 def build_domain(cfg: DomainConfig) -> ET.Element:
@@ -242,6 +311,22 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
+def spec_text(xml_text: str) -> str | None:
+    """The ``cb:spec`` document of a whole domain XML or of the bare ``owner`` element (None: none)."""
+    owner = _owner_of(ET.fromstring(xml_text))
+    if owner is None:
+        return None
+    spec_el = next((c for c in owner if _local(c.tag) == "spec"), None)
+    return spec_el.text if spec_el is not None and spec_el.text else None
+
+
+def _owner_of(root: ET.Element) -> ET.Element | None:
+    if _local(root.tag) == "owner":
+        return root
+    md = root.find("metadata")
+    return md.find(f"{{{NAMESPACE}}}owner") if md is not None else None
+
+
 def parse_owner(xml_text: str) -> OwnerMetadata | None:
     """
     Ownership metadata from a whole domain XML or from the bare ``owner`` element.
@@ -249,14 +334,7 @@ def parse_owner(xml_text: str) -> OwnerMetadata | None:
     libvirt's metadata API returns the element without its namespace declaration, so names are
     matched by their local part once the element is known to be ours.
     """
-    root = ET.fromstring(xml_text)
-    owner: ET.Element | None = None
-    if _local(root.tag) == "owner":
-        owner = root
-    else:
-        md = root.find("metadata")
-        if md is not None:
-            owner = md.find(f"{{{NAMESPACE}}}owner")
+    owner = _owner_of(ET.fromstring(xml_text))
     if owner is None:
         return None
     spec_el = next((c for c in owner if _local(c.tag) == "spec"), None)

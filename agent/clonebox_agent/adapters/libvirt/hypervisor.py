@@ -109,6 +109,7 @@ from clonebox_core.model import (
     NetworkSpec,
     Resources,
     ShareDriver,
+    StepState,
     VmSpec,
     VmState,
 )
@@ -314,6 +315,11 @@ class LibvirtHypervisor:
         """Force off (a stopped domain is left alone)."""
         await self._checkpoint("destroy")
         await self._run(self._destroy_sync, name)
+
+    async def update(self, name: str, spec: VmSpec, *, steps: StepLog | None = None) -> DomainRecord:
+        """See ``Hypervisor.update``: metadata (persistent, and live when it runs); ``defineXML`` for vCPUs/memory."""
+        await self._checkpoint("update")
+        return await self._run(self._update_sync, name, spec, steps or common.MemoryStepLog())
 
     async def delete(self, name: str) -> builtins.list[str]:
         """
@@ -939,6 +945,8 @@ class LibvirtHypervisor:
             return self._undo_sources(undo, identity)
         if kind == "stopped":
             return self._undo_stop(undo, identity)
+        if kind == common.DEFINITION_UNDO:
+            return self._undo_definition(undo, identity)
         if kind == "retire":
             # the commit point of a revert: undoing it means finishing it
             return self._retire(undo["vm"], json.loads(undo["paths"]))
@@ -1152,6 +1160,118 @@ class LibvirtHypervisor:
             self._destroy_quietly(dom)
         except libvirt.libvirtError as exc:
             raise self._error(exc, vm, "destroy") from None
+
+    def _update_sync(self, vm: str, spec: VmSpec, steps: StepLog) -> DomainRecord:
+        dom, _meta = self._owned_domain(vm)
+        try:
+            if not dom.isPersistent():
+                raise FailedPrecondition(
+                    f"VM {vm} has no persistent definition (it was undefined behind the agent's back): "
+                    "nothing to update; delete it",
+                    reason="VM_NOT_PERSISTENT",
+                    metadata={"vm": vm},
+                )
+            current = self._persistent_owner(dom, vm)[0]
+        except libvirt.libvirtError as exc:
+            raise self._error(exc, vm, "look up") from None
+        old = common.update_fields(current.spec)
+        # one round trip through the at-rest form, so that the identity compares equal to what is read back
+        new = common.update_fields(common.with_fields(current.spec, common.update_fields(spec)))
+        n = steps.planned(common.UPDATE_STEP, common.definition_undo(vm, self.domain_name(vm), old))
+        # before it acts (see the port): the undo checks that the domain has exactly these values
+        steps.made(n, {"uuid": str(dom.UUIDString()), "fields": common.fields_text(new)})
+        try:
+            self._apply_fields(dom, vm, new)
+            self._step(common.UPDATE_REDEFINED)
+        except BaseException as exc:
+            for step in steps.steps():  # only this method's own step: the others are the caller's
+                if step.n == n and step.state == StepState.DONE:
+                    try:
+                        self._undo_sync(step.undo, step.identity)
+                        steps.undone(n, True)
+                    except Exception:
+                        log.exception("undo of the update of %s failed", vm)
+                        steps.undone(n, False)
+            if isinstance(exc, libvirt.libvirtError):
+                raise self._error(exc, vm, "update") from None
+            raise
+        return self._get_sync(vm)
+
+    def _persistent_owner(self, dom: Any, vm: str) -> tuple[domxml.OwnerMetadata, str, str]:
+        """The persistent definition's ownership metadata, its ``cb:spec`` text and the inactive XML itself."""
+        xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+        meta = domxml.parse_owner(xml)
+        text = domxml.spec_text(xml)
+        if meta is None or text is None or meta.agent != self.owner:
+            raise NotFound(f"VM {vm} not found", reason="VM_NOT_FOUND", metadata={"vm": vm})
+        return meta, text, xml
+
+    def _apply_fields(self, dom: Any, vm: str, fields: Mapping[str, Any]) -> None:
+        """Write the four updatable values into the domain.
+
+        ``cb:spec`` changes in those keys only and, if they differ, ``<vcpu>``/``<memory>`` of the persistent
+        definition (redefined from its own inactive XML). The live definition of a running domain gets the
+        new metadata only: its vCPUs and memory change when it next starts.
+        """
+        meta, text, inactive = self._persistent_owner(dom, vm)
+        new_text = domxml.patch_spec_text(text, fields)
+        new_meta = dataclasses.replace(meta, spec=domxml.spec_from_json(new_text))
+        vcpus, memory_mib = common.resources_of(fields)
+        active = bool(dom.isActive())
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE if active else 0
+        if domxml.resources(inactive) != (vcpus, memory_mib):
+            owner = domxml.owner_element(new_meta, new_text)
+            self._conn.get().defineXML(domxml.with_definition(inactive, vcpus, memory_mib, owner))
+        else:
+            flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        if flags:
+            dom.setMetadata(
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                domxml.owner_metadata_xml(new_meta, new_text),
+                domxml.NS_PREFIX,
+                domxml.NAMESPACE,
+                flags,
+            )
+        key = str(dom.UUIDString())
+        with self._meta_lock:
+            cached = self._meta.get(key)
+            # the cache keeps the form it had (a domain this process defined: the spec as given), changed in
+            # the same four fields, so that ``get`` answers alike before and after an update
+            self._meta[key] = (
+                new_meta
+                if cached is None
+                else dataclasses.replace(cached, spec=common.with_fields(cached.spec, fields))
+            )
+
+    def _undo_definition(self, undo: Mapping[str, str], identity: Mapping[str, str]) -> str:
+        """Put a domain's previous four values back, if it still has those the step gave it.
+
+        Left alone: another domain of the name, values changed since, and a domain running on the new
+        vCPUs/memory (it was restarted on the new definition, see ``Hypervisor.update``).
+        """
+        try:
+            dom = self._conn.get().lookupByName(undo["name"])
+        except libvirt.libvirtError as exc:
+            if is_code(exc, "VIR_ERR_NO_DOMAIN"):
+                return ""
+            raise
+        if str(dom.UUIDString()) != identity.get("uuid"):
+            return ""
+        try:
+            meta = self._persistent_owner(dom, undo["vm"])[0]
+        except NotFound:
+            return ""
+        new = json.loads(identity.get("fields", "{}"))
+        if common.update_fields(meta.spec) != new:
+            return ""
+        old = json.loads(undo["fields"])
+        resources = common.resources_of(new)
+        if dom.isActive() and resources != common.resources_of(old):
+            info = dom.info()  # state, max memory KiB, memory KiB, vCPUs, CPU time: of the running guest
+            if (int(info[3]), int(info[1]) // 1024) == resources:
+                return ""
+        self._apply_fields(dom, undo["vm"], old)
+        return f"{undo['name']} (definition back to its previous labels, health checks, vCPUs and memory)"
 
     def _delete_sync(self, vm: str) -> builtins.list[str]:
         if vm.startswith(NETWORK_ORPHAN_PREFIX):

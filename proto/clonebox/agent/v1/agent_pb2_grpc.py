@@ -75,6 +75,11 @@ class AgentServiceStub:
                 request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.StopVmRequest.SerializeToString,
                 response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.StopVmResponse.FromString,
                 _registered_method=True)
+        self.UpdateVm = channel.unary_unary(
+                '/clonebox.agent.v1.AgentService/UpdateVm',
+                request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.UpdateVmRequest.SerializeToString,
+                response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.UpdateVmResponse.FromString,
+                _registered_method=True)
         self.DeleteVm = channel.unary_unary(
                 '/clonebox.agent.v1.AgentService/DeleteVm',
                 request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.DeleteVmRequest.SerializeToString,
@@ -207,6 +212,16 @@ class AgentServiceServicer:
 
     def StopVm(self, request, context):
         """StopVm shuts the VM down gracefully and forces it off after the timeout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateVm(self, request, context):
+        """UpdateVm changes a VM to a new spec without re-creating it: labels and health checks in place,
+        vCPUs and memory by redefining the domain and, when it runs, a graceful restart (disks kept).
+        Any other difference is FAILED_PRECONDITION VM_UPDATE_NEEDS_REPLACE naming the fields; nothing
+        changes. Idempotent under request_id and under an equal spec.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -359,6 +374,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.StopVm,
                     request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.StopVmRequest.FromString,
                     response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.StopVmResponse.SerializeToString,
+            ),
+            'UpdateVm': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateVm,
+                    request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.UpdateVmRequest.FromString,
+                    response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.UpdateVmResponse.SerializeToString,
             ),
             'DeleteVm': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteVm,
@@ -653,6 +673,33 @@ class AgentService:
             '/clonebox.agent.v1.AgentService/StopVm',
             clonebox_dot_agent_dot_v1_dot_agent__pb2.StopVmRequest.SerializeToString,
             clonebox_dot_agent_dot_v1_dot_agent__pb2.StopVmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateVm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clonebox.agent.v1.AgentService/UpdateVm',
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.UpdateVmRequest.SerializeToString,
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.UpdateVmResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,12 @@ class AgentServiceStub:
     """StartVm starts a stopped VM."""
     StopVm: _grpc.UnaryUnaryMultiCallable[_agent_pb2.StopVmRequest, _agent_pb2.StopVmResponse]
     """StopVm shuts the VM down gracefully and forces it off after the timeout."""
+    UpdateVm: _grpc.UnaryUnaryMultiCallable[_agent_pb2.UpdateVmRequest, _agent_pb2.UpdateVmResponse]
+    """UpdateVm changes a VM to a new spec without re-creating it: labels and health checks in place,
+    vCPUs and memory by redefining the domain and, when it runs, a graceful restart (disks kept).
+    Any other difference is FAILED_PRECONDITION VM_UPDATE_NEEDS_REPLACE naming the fields; nothing
+    changes. Idempotent under request_id and under an equal spec.
+    """
     DeleteVm: _grpc.UnaryUnaryMultiCallable[_agent_pb2.DeleteVmRequest, _agent_pb2.DeleteVmResponse]
     """DeleteVm stops the VM and removes every disk, seed and file the agent made for it."""
     WatchVms: _grpc.UnaryStreamMultiCallable[_agent_pb2.WatchVmsRequest, _agent_pb2.WatchVmsResponse]
@@ -101,6 +107,12 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """StartVm starts a stopped VM."""
     StopVm: _aio.UnaryUnaryMultiCallable[_agent_pb2.StopVmRequest, _agent_pb2.StopVmResponse]  # type: ignore[assignment]
     """StopVm shuts the VM down gracefully and forces it off after the timeout."""
+    UpdateVm: _aio.UnaryUnaryMultiCallable[_agent_pb2.UpdateVmRequest, _agent_pb2.UpdateVmResponse]  # type: ignore[assignment]
+    """UpdateVm changes a VM to a new spec without re-creating it: labels and health checks in place,
+    vCPUs and memory by redefining the domain and, when it runs, a graceful restart (disks kept).
+    Any other difference is FAILED_PRECONDITION VM_UPDATE_NEEDS_REPLACE naming the fields; nothing
+    changes. Idempotent under request_id and under an equal spec.
+    """
     DeleteVm: _aio.UnaryUnaryMultiCallable[_agent_pb2.DeleteVmRequest, _agent_pb2.DeleteVmResponse]  # type: ignore[assignment]
     """DeleteVm stops the VM and removes every disk, seed and file the agent made for it."""
     WatchVms: _aio.UnaryStreamMultiCallable[_agent_pb2.WatchVmsRequest, _agent_pb2.WatchVmsResponse]  # type: ignore[assignment]
@@ -198,6 +210,18 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.StopVmResponse, _abc.Awaitable[_agent_pb2.StopVmResponse]]:
         """StopVm shuts the VM down gracefully and forces it off after the timeout."""
+
+    @_abc_1.abstractmethod
+    def UpdateVm(
+        self,
+        request: _agent_pb2.UpdateVmRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.UpdateVmResponse, _abc.Awaitable[_agent_pb2.UpdateVmResponse]]:
+        """UpdateVm changes a VM to a new spec without re-creating it: labels and health checks in place,
+        vCPUs and memory by redefining the domain and, when it runs, a graceful restart (disks kept).
+        Any other difference is FAILED_PRECONDITION VM_UPDATE_NEEDS_REPLACE naming the fields; nothing
+        changes. Idempotent under request_id and under an equal spec.
+        """
 
     @_abc_1.abstractmethod
     def DeleteVm(

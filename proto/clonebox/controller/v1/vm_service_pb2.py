@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from clonebox.type.v1 import operation_pb2 as clonebox_dot_type_dot_v1_dot_operation__pb2
+from clonebox.type.v1 import plan_pb2 as clonebox_dot_type_dot_v1_dot_plan__pb2
 from clonebox.type.v1 import vm_pb2 as clonebox_dot_type_dot_v1_dot_vm__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'clonebox/controller/v1/vm_service.proto\x12\x16\x63lonebox.controller.v1\x1a clonebox/type/v1/operation.proto\x1a\x19\x63lonebox/type/v1/vm.proto\"H\n\x14ReadVmConsoleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ntail_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"5\n\x15ReadVmConsoleResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"l\n\x0f\x43reateVmRequest\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.clonebox.type.v1.VmSpec\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\"n\n\x10\x43reateVmResponse\x12.\n\toperation\x18\x01 \x01(\x0b\x32\x1b.clonebox.type.v1.Operation\x12*\n\x04plan\x18\x02 \x01(\x0b\x32\x1c.clonebox.type.v1.CreatePlan\"\x1c\n\x0cGetVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xb1\x01\n\x15RotateVmSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rpassword_hash\x18\x03 \x01(\t\x12\x17\n\x0f\x65xpire_password\x18\x04 \x01(\x08\x12\x1b\n\x13ssh_authorized_keys\x18\x05 \x03(\t\x12\x14\n\x0creplace_keys\x18\x06 \x01(\x08\x12\x13\n\x0bsecret_refs\x18\x07 \x03(\t\"E\n\x16RotateVmSecretResponse\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x02 \x03(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\"\"\n\x12GetVmSshKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"F\n\x13GetVmSshKeyResponse\x12\x13\n\x0bprivate_key\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\"1\n\rGetVmResponse\x12 \n\x02vm\x18\x01 \x01(\x0b\x32\x14.clonebox.type.v1.Vm\"\xe2\x01\n\x0eListVmsRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.clonebox.type.v1.VmState\x12\x42\n\x06labels\x18\x03 \x03(\x0b\x32\x32.clonebox.controller.v1.ListVmsRequest.LabelsEntry\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\x0fListVmsResponse\x12!\n\x03vms\x18\x01 \x03(\x0b\x32\x14.clonebox.type.v1.Vm\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x0eStartVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"A\n\x0fStartVmResponse\x12.\n\toperation\x18\x01 \x01(\x0b\x32\x1b.clonebox.type.v1.Operation\"Y\n\rStopVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\r\x12\r\n\x05\x66orce\x18\x04 \x01(\x08\"@\n\x0eStopVmResponse\x12.\n\toperation\x18\x01 \x01(\x0b\x32\x1b.clonebox.type.v1.Operation\"K\n\x0f\x44\x65leteVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x16\n\x0ewith_snapshots\x18\x03 \x01(\x08\"B\n\x10\x44\x65leteVmResponse\x12.\n\toperation\x18\x01 \x01(\x0b\x32\x1b.clonebox.type.v1.Operation\")\n\x0fWatchVmsRequest\x12\x16\n\x0e\x61\x66ter_revision\x18\x01 \x01(\x04\"W\n\x10WatchVmsResponse\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12 \n\x02vm\x18\x02 \x01(\x0b\x32\x14.clonebox.type.v1.Vm\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x08\x32\xda\x07\n\tVmService\x12]\n\x08\x43reateVm\x12\'.clonebox.controller.v1.CreateVmRequest\x1a(.clonebox.controller.v1.CreateVmResponse\x12T\n\x05GetVm\x12$.clonebox.controller.v1.GetVmRequest\x1a%.clonebox.controller.v1.GetVmResponse\x12o\n\x0eRotateVmSecret\x12-.clonebox.controller.v1.RotateVmSecretRequest\x1a..clonebox.controller.v1.RotateVmSecretResponse\x12\x66\n\x0bGetVmSshKey\x12*.clonebox.controller.v1.GetVmSshKeyRequest\x1a+.clonebox.controller.v1.GetVmSshKeyResponse\x12Z\n\x07ListVms\x12&.clonebox.controller.v1.ListVmsRequest\x1a\'.clonebox.controller.v1.ListVmsResponse\x12Z\n\x07StartVm\x12&.clonebox.controller.v1.StartVmRequest\x1a\'.clonebox.controller.v1.StartVmResponse\x12W\n\x06StopVm\x12%.clonebox.controller.v1.StopVmRequest\x1a&.clonebox.controller.v1.StopVmResponse\x12]\n\x08\x44\x65leteVm\x12\'.clonebox.controller.v1.DeleteVmRequest\x1a(.clonebox.controller.v1.DeleteVmResponse\x12_\n\x08WatchVms\x12\'.clonebox.controller.v1.WatchVmsRequest\x1a(.clonebox.controller.v1.WatchVmsResponse0\x01\x12n\n\rReadVmConsole\x12,.clonebox.controller.v1.ReadVmConsoleRequest\x1a-.clonebox.controller.v1.ReadVmConsoleResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'clonebox/controller/v1/vm_service.proto\x12\x16\x63lonebox.controller.v1\x1a clonebox/type/v1/operation.proto\x1a\x1b\x63lonebox/type/v1/plan.proto\x1a\x19\x63lonebox/type/v1/vm.proto\"H\n\x14ReadVmConsoleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ntail_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"5\n\x15ReadVmConsoleResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"l\n\x0f\x43reateVmRequest\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.clonebox.type.v1.VmSpec\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\"n\n\x10\x43reateVmResponse\x12.\n\toperation\x18\x01 \x01(\x0b\x32\x1b.clonebox.type.v1.Operation\x12*\n\x04plan\x18\x02 \x01(\x0b\x32\x1c.clonebox.type.v1.CreatePlan\"\x1c\n\x0cGetVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xb1\x01\n\x15RotateVmSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rpassword_hash\x18\x03 \x01(\t\x12\x17\n\x0f\x65xpire_password\x18\x04 \x01(\x08\x12\x1b\n\x13ssh_authorized_keys\x18\x05 \x03(\t\x12\x14\n\x0creplace_keys\x18\x06 \x01(\x08\x12\x13\n\x0bsecret_refs\x18\x07 \x03(\t\"E\n\x16RotateVmSecretResponse\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x02 \x03(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\"\"\n\x12GetVmSshKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"F\n\x13GetVmSshKeyResponse\x12\x13\n\x0bprivate_key\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\"1\n\rGetVmResponse\x12 \n\x02vm\x18\x01 \x01(\x0b\x32\x14.clonebox.type.v1.Vm\"\xe2\x01\n\x0eListVmsRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.clonebox.type.v1.VmState\x12\x42\n\x06labels\x18\x03 \x03(\x0b\x32\x32.clonebox.controller.v1.ListVmsRequest.LabelsEntry\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\x0fListVmsResponse\x12!\n\x03vms\x18\x01 \x03(\x0b\x32\x14.clonebox.type.v1.Vm\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x0eStartVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"A\n\x0fStartVmResponse\x12.\n\toperation\x18\x01 \x01(\x0b\x32\x1b.clonebox.type.v1.Operation\"Y\n\rStopVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\r\x12\r\n\x05\x66orce\x18\x04 \x01(\x08\"@\n\x0eStopVmResponse\x12.\n\toperation\x18\x01 \x01(\x0b\x32\x1b.clonebox.type.v1.Operation\"w\n\x0fUpdateVmRequest\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.clonebox.type.v1.VmSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\r\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\"~\n\x10UpdateVmResponse\x12.\n\toperation\x18\x01 \x01(\x0b\x32\x1b.clonebox.type.v1.Operation\x12*\n\x04kind\x18\x02 \x01(\x0e\x32\x1c.clonebox.type.v1.ChangeKind\x12\x0e\n\x06\x66ields\x18\x03 \x03(\t\"K\n\x0f\x44\x65leteVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x16\n\x0ewith_snapshots\x18\x03 \x01(\x08\"B\n\x10\x44\x65leteVmResponse\x12.\n\toperation\x18\x01 \x01(\x0b\x32\x1b.clonebox.type.v1.Operation\")\n\x0fWatchVmsRequest\x12\x16\n\x0e\x61\x66ter_revision\x18\x01 \x01(\x04\"W\n\x10WatchVmsResponse\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12 \n\x02vm\x18\x02 \x01(\x0b\x32\x14.clonebox.type.v1.Vm\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x08\x32\xb9\x08\n\tVmService\x12]\n\x08\x43reateVm\x12\'.clonebox.controller.v1.CreateVmRequest\x1a(.clonebox.controller.v1.CreateVmResponse\x12T\n\x05GetVm\x12$.clonebox.controller.v1.GetVmRequest\x1a%.clonebox.controller.v1.GetVmResponse\x12o\n\x0eRotateVmSecret\x12-.clonebox.controller.v1.RotateVmSecretRequest\x1a..clonebox.controller.v1.RotateVmSecretResponse\x12\x66\n\x0bGetVmSshKey\x12*.clonebox.controller.v1.GetVmSshKeyRequest\x1a+.clonebox.controller.v1.GetVmSshKeyResponse\x12Z\n\x07ListVms\x12&.clonebox.controller.v1.ListVmsRequest\x1a\'.clonebox.controller.v1.ListVmsResponse\x12Z\n\x07StartVm\x12&.clonebox.controller.v1.StartVmRequest\x1a\'.clonebox.controller.v1.StartVmResponse\x12W\n\x06StopVm\x12%.clonebox.controller.v1.StopVmRequest\x1a&.clonebox.controller.v1.StopVmResponse\x12]\n\x08UpdateVm\x12\'.clonebox.controller.v1.UpdateVmRequest\x1a(.clonebox.controller.v1.UpdateVmResponse\x12]\n\x08\x44\x65leteVm\x12\'.clonebox.controller.v1.DeleteVmRequest\x1a(.clonebox.controller.v1.DeleteVmResponse\x12_\n\x08WatchVms\x12\'.clonebox.controller.v1.WatchVmsRequest\x1a(.clonebox.controller.v1.WatchVmsResponse0\x01\x12n\n\rReadVmConsole\x12,.clonebox.controller.v1.ReadVmConsoleRequest\x1a-.clonebox.controller.v1.ReadVmConsoleResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,48 +36,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LISTVMSREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_LISTVMSREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_READVMCONSOLEREQUEST']._serialized_start=128
-  _globals['_READVMCONSOLEREQUEST']._serialized_end=200
-  _globals['_READVMCONSOLERESPONSE']._serialized_start=202
-  _globals['_READVMCONSOLERESPONSE']._serialized_end=255
-  _globals['_CREATEVMREQUEST']._serialized_start=257
-  _globals['_CREATEVMREQUEST']._serialized_end=365
-  _globals['_CREATEVMRESPONSE']._serialized_start=367
-  _globals['_CREATEVMRESPONSE']._serialized_end=477
-  _globals['_GETVMREQUEST']._serialized_start=479
-  _globals['_GETVMREQUEST']._serialized_end=507
-  _globals['_ROTATEVMSECRETREQUEST']._serialized_start=510
-  _globals['_ROTATEVMSECRETREQUEST']._serialized_end=687
-  _globals['_ROTATEVMSECRETRESPONSE']._serialized_start=689
-  _globals['_ROTATEVMSECRETRESPONSE']._serialized_end=758
-  _globals['_GETVMSSHKEYREQUEST']._serialized_start=760
-  _globals['_GETVMSSHKEYREQUEST']._serialized_end=794
-  _globals['_GETVMSSHKEYRESPONSE']._serialized_start=796
-  _globals['_GETVMSSHKEYRESPONSE']._serialized_end=866
-  _globals['_GETVMRESPONSE']._serialized_start=868
-  _globals['_GETVMRESPONSE']._serialized_end=917
-  _globals['_LISTVMSREQUEST']._serialized_start=920
-  _globals['_LISTVMSREQUEST']._serialized_end=1146
-  _globals['_LISTVMSREQUEST_LABELSENTRY']._serialized_start=1101
-  _globals['_LISTVMSREQUEST_LABELSENTRY']._serialized_end=1146
-  _globals['_LISTVMSRESPONSE']._serialized_start=1148
-  _globals['_LISTVMSRESPONSE']._serialized_end=1225
-  _globals['_STARTVMREQUEST']._serialized_start=1227
-  _globals['_STARTVMREQUEST']._serialized_end=1277
-  _globals['_STARTVMRESPONSE']._serialized_start=1279
-  _globals['_STARTVMRESPONSE']._serialized_end=1344
-  _globals['_STOPVMREQUEST']._serialized_start=1346
-  _globals['_STOPVMREQUEST']._serialized_end=1435
-  _globals['_STOPVMRESPONSE']._serialized_start=1437
-  _globals['_STOPVMRESPONSE']._serialized_end=1501
-  _globals['_DELETEVMREQUEST']._serialized_start=1503
-  _globals['_DELETEVMREQUEST']._serialized_end=1578
-  _globals['_DELETEVMRESPONSE']._serialized_start=1580
-  _globals['_DELETEVMRESPONSE']._serialized_end=1646
-  _globals['_WATCHVMSREQUEST']._serialized_start=1648
-  _globals['_WATCHVMSREQUEST']._serialized_end=1689
-  _globals['_WATCHVMSRESPONSE']._serialized_start=1691
-  _globals['_WATCHVMSRESPONSE']._serialized_end=1778
-  _globals['_VMSERVICE']._serialized_start=1781
-  _globals['_VMSERVICE']._serialized_end=2767
+  _globals['_READVMCONSOLEREQUEST']._serialized_start=157
+  _globals['_READVMCONSOLEREQUEST']._serialized_end=229
+  _globals['_READVMCONSOLERESPONSE']._serialized_start=231
+  _globals['_READVMCONSOLERESPONSE']._serialized_end=284
+  _globals['_CREATEVMREQUEST']._serialized_start=286
+  _globals['_CREATEVMREQUEST']._serialized_end=394
+  _globals['_CREATEVMRESPONSE']._serialized_start=396
+  _globals['_CREATEVMRESPONSE']._serialized_end=506
+  _globals['_GETVMREQUEST']._serialized_start=508
+  _globals['_GETVMREQUEST']._serialized_end=536
+  _globals['_ROTATEVMSECRETREQUEST']._serialized_start=539
+  _globals['_ROTATEVMSECRETREQUEST']._serialized_end=716
+  _globals['_ROTATEVMSECRETRESPONSE']._serialized_start=718
+  _globals['_ROTATEVMSECRETRESPONSE']._serialized_end=787
+  _globals['_GETVMSSHKEYREQUEST']._serialized_start=789
+  _globals['_GETVMSSHKEYREQUEST']._serialized_end=823
+  _globals['_GETVMSSHKEYRESPONSE']._serialized_start=825
+  _globals['_GETVMSSHKEYRESPONSE']._serialized_end=895
+  _globals['_GETVMRESPONSE']._serialized_start=897
+  _globals['_GETVMRESPONSE']._serialized_end=946
+  _globals['_LISTVMSREQUEST']._serialized_start=949
+  _globals['_LISTVMSREQUEST']._serialized_end=1175
+  _globals['_LISTVMSREQUEST_LABELSENTRY']._serialized_start=1130
+  _globals['_LISTVMSREQUEST_LABELSENTRY']._serialized_end=1175
+  _globals['_LISTVMSRESPONSE']._serialized_start=1177
+  _globals['_LISTVMSRESPONSE']._serialized_end=1254
+  _globals['_STARTVMREQUEST']._serialized_start=1256
+  _globals['_STARTVMREQUEST']._serialized_end=1306
+  _globals['_STARTVMRESPONSE']._serialized_start=1308
+  _globals['_STARTVMRESPONSE']._serialized_end=1373
+  _globals['_STOPVMREQUEST']._serialized_start=1375
+  _globals['_STOPVMREQUEST']._serialized_end=1464
+  _globals['_STOPVMRESPONSE']._serialized_start=1466
+  _globals['_STOPVMRESPONSE']._serialized_end=1530
+  _globals['_UPDATEVMREQUEST']._serialized_start=1532
+  _globals['_UPDATEVMREQUEST']._serialized_end=1651
+  _globals['_UPDATEVMRESPONSE']._serialized_start=1653
+  _globals['_UPDATEVMRESPONSE']._serialized_end=1779
+  _globals['_DELETEVMREQUEST']._serialized_start=1781
+  _globals['_DELETEVMREQUEST']._serialized_end=1856
+  _globals['_DELETEVMRESPONSE']._serialized_start=1858
+  _globals['_DELETEVMRESPONSE']._serialized_end=1924
+  _globals['_WATCHVMSREQUEST']._serialized_start=1926
+  _globals['_WATCHVMSREQUEST']._serialized_end=1967
+  _globals['_WATCHVMSRESPONSE']._serialized_start=1969
+  _globals['_WATCHVMSRESPONSE']._serialized_end=2056
+  _globals['_VMSERVICE']._serialized_start=2059
+  _globals['_VMSERVICE']._serialized_end=3140
 # @@protoc_insertion_point(module_scope)

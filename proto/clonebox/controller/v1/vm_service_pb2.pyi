@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from clonebox.type.v1 import operation_pb2 as _operation_pb2
+from clonebox.type.v1 import plan_pb2 as _plan_pb2
 from clonebox.type.v1 import vm_pb2 as _vm_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
@@ -517,6 +518,76 @@ class StopVmResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StopVmResponse: _TypeAlias = StopVmResponse  # noqa: Y015
+
+@_typing.final
+class UpdateVmRequest(_message.Message):
+    """UpdateVmRequest changes a VM to a new spec."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPEC_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client request id; a retry with the same id returns the same operation."""
+    timeout_seconds: _builtins.int
+    """For a restart: seconds to wait for a graceful shutdown before forcing; 0 uses the default."""
+    dry_run: _builtins.bool
+    """Only classify: say what the update would take; no operation is recorded."""
+    @_builtins.property
+    def spec(self) -> _vm_pb2.VmSpec:
+        """The whole desired spec; spec.name names the VM."""
+
+    def __init__(
+        self,
+        *,
+        spec: _vm_pb2.VmSpec | None = ...,
+        request_id: _builtins.str = ...,
+        timeout_seconds: _builtins.int = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "request_id", b"request_id", "spec", b"spec", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateVmRequest: _TypeAlias = UpdateVmRequest  # noqa: Y015
+
+@_typing.final
+class UpdateVmResponse(_message.Message):
+    """UpdateVmResponse returns the operation, and what the update takes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    kind: _plan_pb2.ChangeKind.ValueType
+    """CHANGE_KIND_NONE, CHANGE_KIND_IN_PLACE or CHANGE_KIND_RESTART."""
+    @_builtins.property
+    def operation(self) -> _operation_pb2.Operation:
+        """The operation updating the VM (unset for a dry run)."""
+
+    @_builtins.property
+    def fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The spec fields that differ (model names, sorted)."""
+
+    def __init__(
+        self,
+        *,
+        operation: _operation_pb2.Operation | None = ...,
+        kind: _plan_pb2.ChangeKind.ValueType = ...,
+        fields: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "kind", b"kind", "operation", b"operation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateVmResponse: _TypeAlias = UpdateVmResponse  # noqa: Y015
 
 @_typing.final
 class DeleteVmRequest(_message.Message):

@@ -70,6 +70,11 @@ class VmServiceStub:
                 request_serializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.StopVmRequest.SerializeToString,
                 response_deserializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.StopVmResponse.FromString,
                 _registered_method=True)
+        self.UpdateVm = channel.unary_unary(
+                '/clonebox.controller.v1.VmService/UpdateVm',
+                request_serializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.UpdateVmRequest.SerializeToString,
+                response_deserializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.UpdateVmResponse.FromString,
+                _registered_method=True)
         self.DeleteVm = channel.unary_unary(
                 '/clonebox.controller.v1.VmService/DeleteVm',
                 request_serializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.DeleteVmRequest.SerializeToString,
@@ -140,6 +145,15 @@ class VmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateVm(self, request, context):
+        """UpdateVm changes a VM to a new spec on its host: labels and health checks in place, vCPUs and
+        memory with a graceful restart when it runs (disks kept; growth is checked against the host's
+        room). Anything else is FAILED_PRECONDITION VM_UPDATE_NEEDS_REPLACE. Returns an operation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteVm(self, request, context):
         """DeleteVm deletes a VM and everything made for it. Returns an operation.
         """
@@ -198,6 +212,11 @@ def add_VmServiceServicer_to_server(servicer, server):
                     servicer.StopVm,
                     request_deserializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.StopVmRequest.FromString,
                     response_serializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.StopVmResponse.SerializeToString,
+            ),
+            'UpdateVm': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateVm,
+                    request_deserializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.UpdateVmRequest.FromString,
+                    response_serializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.UpdateVmResponse.SerializeToString,
             ),
             'DeleteVm': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteVm,
@@ -405,6 +424,33 @@ class VmService:
             '/clonebox.controller.v1.VmService/StopVm',
             clonebox_dot_controller_dot_v1_dot_vm__service__pb2.StopVmRequest.SerializeToString,
             clonebox_dot_controller_dot_v1_dot_vm__service__pb2.StopVmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateVm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clonebox.controller.v1.VmService/UpdateVm',
+            clonebox_dot_controller_dot_v1_dot_vm__service__pb2.UpdateVmRequest.SerializeToString,
+            clonebox_dot_controller_dot_v1_dot_vm__service__pb2.UpdateVmResponse.FromString,
             options,
             channel_credentials,
             insecure,

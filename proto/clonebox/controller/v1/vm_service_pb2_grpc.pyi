@@ -47,6 +47,11 @@ class VmServiceStub:
     """StartVm starts a VM. Returns an operation."""
     StopVm: _grpc.UnaryUnaryMultiCallable[_vm_service_pb2.StopVmRequest, _vm_service_pb2.StopVmResponse]
     """StopVm stops a VM. Returns an operation."""
+    UpdateVm: _grpc.UnaryUnaryMultiCallable[_vm_service_pb2.UpdateVmRequest, _vm_service_pb2.UpdateVmResponse]
+    """UpdateVm changes a VM to a new spec on its host: labels and health checks in place, vCPUs and
+    memory with a graceful restart when it runs (disks kept; growth is checked against the host's
+    room). Anything else is FAILED_PRECONDITION VM_UPDATE_NEEDS_REPLACE. Returns an operation.
+    """
     DeleteVm: _grpc.UnaryUnaryMultiCallable[_vm_service_pb2.DeleteVmRequest, _vm_service_pb2.DeleteVmResponse]
     """DeleteVm deletes a VM and everything made for it. Returns an operation."""
     WatchVms: _grpc.UnaryStreamMultiCallable[_vm_service_pb2.WatchVmsRequest, _vm_service_pb2.WatchVmsResponse]
@@ -73,6 +78,11 @@ class VmServiceAsyncStub(VmServiceStub):
     """StartVm starts a VM. Returns an operation."""
     StopVm: _aio.UnaryUnaryMultiCallable[_vm_service_pb2.StopVmRequest, _vm_service_pb2.StopVmResponse]  # type: ignore[assignment]
     """StopVm stops a VM. Returns an operation."""
+    UpdateVm: _aio.UnaryUnaryMultiCallable[_vm_service_pb2.UpdateVmRequest, _vm_service_pb2.UpdateVmResponse]  # type: ignore[assignment]
+    """UpdateVm changes a VM to a new spec on its host: labels and health checks in place, vCPUs and
+    memory with a graceful restart when it runs (disks kept; growth is checked against the host's
+    room). Anything else is FAILED_PRECONDITION VM_UPDATE_NEEDS_REPLACE. Returns an operation.
+    """
     DeleteVm: _aio.UnaryUnaryMultiCallable[_vm_service_pb2.DeleteVmRequest, _vm_service_pb2.DeleteVmResponse]  # type: ignore[assignment]
     """DeleteVm deletes a VM and everything made for it. Returns an operation."""
     WatchVms: _aio.UnaryStreamMultiCallable[_vm_service_pb2.WatchVmsRequest, _vm_service_pb2.WatchVmsResponse]  # type: ignore[assignment]
@@ -138,6 +148,17 @@ class VmServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_vm_service_pb2.StopVmResponse, _abc.Awaitable[_vm_service_pb2.StopVmResponse]]:
         """StopVm stops a VM. Returns an operation."""
+
+    @_abc_1.abstractmethod
+    def UpdateVm(
+        self,
+        request: _vm_service_pb2.UpdateVmRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vm_service_pb2.UpdateVmResponse, _abc.Awaitable[_vm_service_pb2.UpdateVmResponse]]:
+        """UpdateVm changes a VM to a new spec on its host: labels and health checks in place, vCPUs and
+        memory with a graceful restart when it runs (disks kept; growth is checked against the host's
+        room). Anything else is FAILED_PRECONDITION VM_UPDATE_NEEDS_REPLACE. Returns an operation.
+        """
 
     @_abc_1.abstractmethod
     def DeleteVm(
