@@ -590,6 +590,33 @@ async def test_auto_revert_reapplies_the_revision_before_a_failed_one(fleet: Fle
     assert current.revision == 3 and current.digest == fleet.controller.store.get_plan("stack", 1).digest
 
 
+async def test_a_revert_the_controller_died_before_is_started_by_the_next_start(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    good = reverting(ungated())
+    await _up(fleet, good)
+    engine = fleet.controller.plans
+    real = PlanEngine._revert_if_asked
+
+    async def died_first(self: PlanEngine, run_id: str, plan: Plan) -> None:
+        return None  # the process ended between the failed run's end and its revert
+
+    monkeypatch.setattr(PlanEngine, "_revert_if_asked", died_first)
+    failed = (await watch(fleet, (await apply(fleet, with_broken_api(good), allow_replace=True)).id))[-1]
+    assert failed.state is RunState.ROLLED_BACK
+    await engine_done_with(fleet, failed.id)
+    assert len((await stub(fleet).ListPlanRuns(pb.ListPlanRunsRequest(name="stack"))).runs) == 2
+
+    monkeypatch.setattr(PlanEngine, "_revert_if_asked", real)
+    assert await engine.revert_missed() == ["stack"]  # what the next controller's start does
+    assert await engine.revert_missed() == []  # the revert is the last run now: not made twice
+    runs = [run_from_proto(r) for r in (await stub(fleet).ListPlanRuns(pb.ListPlanRunsRequest(name="stack"))).runs]
+    revert = next(r for r in runs if r.request_id == f"auto-revert/{failed.id}")
+    assert (await watch(fleet, revert.id))[-1].state is RunState.SUCCEEDED
+    assert await vm_names(fleet) == ["stack-api", "stack-db", "stack-web"]
+
+
 async def test_without_auto_revert_a_failed_apply_stays_failed(fleet: Fleet) -> None:
     await fleet.add_agent("h1", ROOMY)
     good = reverting(ungated(), auto_revert=False)

@@ -263,9 +263,33 @@ class PlanEngine:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Claim unfinished runs (resuming them) now and every third of the lease from now on."""
+        """
+        Claim unfinished runs (resuming them) now and every third of the lease from now on.
+
+        Also starts the ``auto_revert`` runs a previous process did not get to (:meth:`revert_missed`).
+        """
         await self.claim_once()
+        await self.revert_missed()
         self._claimer = asyncio.create_task(self._claim_forever(), name="plan-claims")
+
+    async def revert_missed(self) -> list[str]:
+        """
+        Start the revert of every plan whose last run is a failed apply that ``auto_revert`` should revert.
+
+        A controller that died between a failed run's end and its revert's start left none; the revert's
+        request id is derived from the failed run, so a revert that exists is not made twice (it is then
+        the plan's last run, and nothing is done). Returns the plans looked at that got a revert run.
+        """
+        started: list[str] = []
+        for plan in await asyncio.to_thread(self._store.list_plans):
+            latest = await asyncio.to_thread(self._store.latest_run, plan.name)
+            if latest is None or not latest.done:
+                continue
+            await self._revert_if_asked(latest.id, await self._plan_of(latest))
+            after = await asyncio.to_thread(self._store.latest_run, plan.name)
+            if after is not None and after.id != latest.id:
+                started.append(plan.name)
+        return started
 
     async def close(self) -> None:
         """Stop executing: cancel run tasks and give up their leases (the runs stay RUNNING, resumable)."""
@@ -730,8 +754,8 @@ class PlanEngine:
         The rollback has removed what the failed run made; the revert run brings back what the earlier
         revision had (replaces allowed: that is what a revert is). Idempotent by a request id derived from
         the failed run. Not for a first revision, a ``down``, or a run that is itself a revert. A
-        controller that dies between the two runs does not start the revert (``plan history`` shows it
-        missing; ``clonebox up`` of the earlier file does the same).
+        controller that dies between the two runs leaves it to the next controller's start
+        (:meth:`revert_missed`).
         """
         run = await asyncio.to_thread(self._store.get_run, run_id)
         failed = run.state in (RunState.FAILED, RunState.ROLLED_BACK)
