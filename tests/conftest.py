@@ -2,15 +2,75 @@
 
 With ``CLONEBOX_REQUIRE_ALL=1`` (set by ``.ci/run``) a skipped test fails the session: CI provides
 libvirtd, QEMU and PostgreSQL, so a skip there means a missing component, not an optional test.
+
+``--suite-part`` splits the suite in two halves that together are every test, for ``make test``:
+
+- ``parallel``: the unit, integration and fuzz tests that never touch libvirt (fake hypervisor, SQLite,
+  private PostgreSQL clusters, loopback ports picked by the kernel, pytest's tmp_path), safe to spread over
+  pytest-xdist workers (``-n 2``);
+- ``serial``: everything else (contract, e2e, fault, and the ``libvirt``-marked unit tests): real TCG guests
+  on the one libvirtd, CPU-heavy and timing-sensitive, one at a time.
+
+Under xdist every worker is its own process: a session fixture (such as the store tests' PostgreSQL cluster)
+exists once per worker. ``CLONEBOX_TEST_PG_URL`` (one shared server) gets a database per worker.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 _skipped: list[str] = []
+
+TESTS = Path(__file__).parent
+#: the tiers whose tests, but for the ``libvirt``-marked ones, may run in parallel
+PARALLEL_TIERS = frozenset({"unit", "integration", "fuzz"})
+SUITE_PARTS = ("all", "parallel", "serial")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--suite-part",
+        choices=SUITE_PARTS,
+        default="all",
+        help="parallel: the unit/integration/fuzz tests that never touch libvirt (safe under pytest-xdist); "
+        "serial: every other test; all (default): both",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    url = os.environ.get("CLONEBOX_TEST_PG_URL")
+    if worker and url:
+        # the store tests reset the public schema of that database: one database per worker
+        from tests import pgcluster
+
+        os.environ["CLONEBOX_TEST_PG_URL"] = pgcluster.worker_database(url, worker)
+
+
+def parallel_safe(item: pytest.Item) -> bool:
+    """True for a test of the ``parallel`` part (see the module's docstring)."""
+    try:
+        tier = item.path.resolve().relative_to(TESTS.resolve()).parts[0]
+    except ValueError:
+        return False
+    return tier in PARALLEL_TIERS and item.get_closest_marker("libvirt") is None
+
+
+@pytest.hookimpl(trylast=True)  # after the conftests that add markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    part = config.getoption("suite_part")
+    if part == "all":
+        return
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
+    for item in items:
+        (keep if parallel_safe(item) == (part == "parallel") else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

@@ -96,3 +96,20 @@ def cluster(database: str, *, durable: bool) -> Iterator[str]:
                 timeout=90,
             )
         shutil.rmtree(base, ignore_errors=True)
+
+
+def worker_database(url: str, worker: str) -> str:
+    """``url`` (a SQLAlchemy URL of a database) with the database renamed ``<name>_<worker>``, created if missing.
+
+    For pytest-xdist: tests that empty their database must not share it with another worker.
+    """
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    name = f"{parsed.database or 'postgres'}_{worker}"
+    dsn = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+            with contextlib.suppress(psycopg.errors.DuplicateDatabase):  # another run made it meanwhile
+                conn.execute(f'CREATE DATABASE "{name}"')
+    return parsed.set(database=name).render_as_string(hide_password=False)
