@@ -281,25 +281,26 @@ def _ed_raw() -> bytes:
     )
 
 
-@pytest.mark.parametrize(
-    ("line", "words"),
-    [
-        ("", "empty"),
-        ("ssh-ed25519", "no key data"),
-        ("ssh-ed25519 AAAA$$$$", "not base64"),
-        ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI", "base64"),  # bad padding
-        (f"ssh-rsa {b64(wire(b'ssh-ed25519', _ed_raw()))}", "'ssh-ed25519' key"),
-        (f"ssh-ed25519 {b64(wire(b'ssh-ed25519', _ed_raw())[:-5])}", "corrupt"),
-        (f"ssh-ed25519 {b64(wire(b'ssh-ed25519', _ed_raw()) + b'extra')}", "corrupt"),
-        (f"ssh-ed25519 {b64(wire(b'ssh-ed25519', _ed_raw()[:31]))}", "corrupt"),
-        ("ssh-ed25519 " + b64(b"\x00\x00\x01\x00ssh"), "truncated"),
-        ("hello world", "not an OpenSSH public key"),
-        (f"{ed25519_line()}\n{ed25519_line()}", "more than one line"),
-        ("---- BEGIN SSH2 PUBLIC KEY ----\nComment: x\nAAAA\n---- END SSH2 PUBLIC KEY ----", "more than one"),
-        ("---- BEGIN SSH2 PUBLIC KEY ---- AAAA", "ssh-keygen -i"),
-        ("ssh-ed25519 " + "A" * 20000, "longer than"),
-    ],
-)
+_MALFORMED = [
+    ("", "empty"),
+    ("ssh-ed25519", "no key data"),
+    ("ssh-ed25519 AAAA$$$$", "not base64"),
+    ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI", "base64"),  # bad padding
+    (f"ssh-rsa {b64(wire(b'ssh-ed25519', _ed_raw()))}", "'ssh-ed25519' key"),
+    (f"ssh-ed25519 {b64(wire(b'ssh-ed25519', _ed_raw())[:-5])}", "corrupt"),
+    (f"ssh-ed25519 {b64(wire(b'ssh-ed25519', _ed_raw()) + b'extra')}", "corrupt"),
+    (f"ssh-ed25519 {b64(wire(b'ssh-ed25519', _ed_raw()[:31]))}", "corrupt"),
+    ("ssh-ed25519 " + b64(b"\x00\x00\x01\x00ssh"), "truncated"),
+    ("hello world", "not an OpenSSH public key"),
+    (f"{ed25519_line()}\n{ed25519_line()}", "more than one line"),
+    ("---- BEGIN SSH2 PUBLIC KEY ----\nComment: x\nAAAA\n---- END SSH2 PUBLIC KEY ----", "more than one"),
+    ("---- BEGIN SSH2 PUBLIC KEY ---- AAAA", "ssh-keygen -i"),
+    ("ssh-ed25519 " + "A" * 20000, "longer than"),
+]
+
+
+# ids by position and expected words: the keys are generated at import, so differ between xdist workers
+@pytest.mark.parametrize(("line", "words"), _MALFORMED, ids=[f"{i}-{w}" for i, (_l, w) in enumerate(_MALFORMED)])
 def test_malformed_keys_are_refused(line: str, words: str) -> None:
     with pytest.raises(InvalidArgument) as info:
         parse_public_key(line, field="auth.ssh_keys[0]")
