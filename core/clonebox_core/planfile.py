@@ -677,7 +677,7 @@ class _Loader:
     def config_file(self, given: str, at: Loc) -> _File | None:
         path = Path(given) if Path(given).is_absolute() else self.base_dir / given
         found = self.read(
-            path, str(path), at, f"no such file {str(path)[:80]!r}: config: is relative to the plan file's folder"
+            path, str(path), at, f"no such file {_tail(str(path))!r}: config: is relative to the plan file's folder"
         )
         if found is None:
             return None
@@ -894,3 +894,8 @@ def load_plan_file(path: str | Path) -> Plan:
             f"{source}: cannot read: {exc.strerror}", reason=PLAN_INVALID, metadata={"file": source}
         ) from None
     return _Loader(source, file.parent).load(raw)
+
+
+def _tail(path: str, limit: int = 240) -> str:
+    """``path`` for a message: whole, or its last ``limit`` characters after an ellipsis (the file name stays)."""
+    return path if len(path) <= limit else "..." + path[-limit:]

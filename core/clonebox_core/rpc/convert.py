@@ -375,12 +375,20 @@ def vm_to_proto(v: model.Vm) -> vm_pb2.Vm:
     return out
 
 
+def vm_state_from_proto(value: int, field: str) -> model.VmState:
+    """A ``VmState`` enum value from the wire (InvalidArgument naming ``field`` for a value it does not have)."""
+    try:
+        return model.VmState(value)
+    except ValueError:
+        raise errors.invalid_field(field, f"{value} is not a VM state") from None
+
+
 def vm_from_proto(m: vm_pb2.Vm) -> model.Vm:
     """Proto -> Vm."""
     return model.Vm(
         name=m.name,
         host=m.host,
-        state=model.VmState(m.state),
+        state=vm_state_from_proto(m.state, "vm.state"),
         spec=spec_from_proto(m.spec),
         uuid=m.uuid,
         addresses=tuple(model.IpAddress(a.interface, a.address, a.prefix, a.source) for a in m.addresses),

@@ -76,7 +76,7 @@ def snapshot_from_proto(m: snapshot_pb2.Snapshot) -> Snapshot:
         vm=m.vm,
         kind=kind_from_proto(m.kind) or SnapshotKind.INTERNAL,
         create_time=created if created is not None else datetime.fromtimestamp(0, UTC),
-        vm_state=model.VmState(m.vm_state),
+        vm_state=convert.vm_state_from_proto(m.vm_state, "snapshot.vm_state"),
         has_memory=m.has_memory,
         quiesced=m.quiesced,
         description=m.description,

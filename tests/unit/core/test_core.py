@@ -102,3 +102,19 @@ def test_annotated_example_configs_load() -> None:
     agent = load_config(AgentConfig, ROOT / "deploy/config/agent.yaml", "CLONEBOX_AGENT_X_")
     controller = load_config(ControllerConfig, ROOT / "deploy/config/controller.yaml", "CLONEBOX_CONTROLLER_X_")
     assert agent.domain_type == "auto" and controller.database_url.startswith("sqlite:")
+
+
+@pytest.mark.parametrize("where", ["vm", "snapshot"])
+def test_a_vm_state_the_enum_does_not_have_is_an_invalid_argument_naming_the_field(where: str) -> None:
+    from clonebox.type.v1 import snapshot_pb2, vm_pb2
+
+    from clonebox_core.rpc.convert import vm_from_proto
+    from clonebox_core.rpc.convert_snapshot import snapshot_from_proto
+
+    with pytest.raises(errors.InvalidArgument) as err:
+        if where == "vm":
+            vm_from_proto(vm_pb2.Vm(name="a", state=102068))  # type: ignore[arg-type]
+        else:
+            snapshot_from_proto(snapshot_pb2.Snapshot(name="s", vm="a", vm_state=-2147483648))  # type: ignore[arg-type]
+    assert err.value.metadata["field"] == f"{where}.{'state' if where == 'vm' else 'vm_state'}"
+    assert "is not a VM state" in err.value.message
