@@ -717,6 +717,15 @@ class FakeSnapshotService(snapshot_service_pb2_grpc.SnapshotServiceServicer):
             got.aborted = True
             raise
         finally:
+            if not got.aborted and not got.saw_trailer:
+                # grpc's sync server can end the request iterator cleanly on a client cancel (its
+                # pending receive completes empty before the cancel is seen), so a stream without a
+                # trailer is judged by the call's state: a cancelled call turns inactive, a half-closed
+                # one stays active waiting for our answer
+                deadline = time.monotonic() + 5
+                while context.is_active() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                got.aborted = not context.is_active()
             with self.fleet.lock:
                 self.fleet.imports.append(got)
         if not got.saw_trailer:

@@ -340,11 +340,6 @@ def test_import_of_a_corrupted_file_cancels_the_stream(
     r = cli(runner, fake_controller, "snapshot", "import", str(out), "--as", "web-bad")
     assert r.exit_code == 2
     assert "nothing was imported" in error_line(r)
-    # the fake server notices the cancellation when its side of the call ends, which on a loaded
-    # machine can be just after the CLI has exited
-    deadline = time.monotonic() + 10
-    while not all(g.aborted for g in imports(fake_controller)) and time.monotonic() < deadline:
-        time.sleep(0.01)
     (got,) = imports(fake_controller)
     assert not got.saw_trailer and got.aborted
     assert "web-bad" not in fake_controller.fleet.vms
