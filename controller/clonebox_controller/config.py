@@ -51,8 +51,9 @@ class PlansConfig(BaseModel):
     #: a run this controller executes stays leased to it this long without a renewal (renewed every third of
     #: it); when the controller dies, another one resumes the run after at most this long
     lease_seconds: float = Field(30.0, ge=1, le=3600)
-    #: how often a run looks at the state and health of the VMs it waits for
-    poll_seconds: float = Field(0.2, ge=0.01, le=60)
+    #: how often a run re-reads the state and health of the VMs and the operations it waits for; changes this
+    #: controller commits wake it at once, so this paces only changes made by another controller
+    poll_seconds: float = Field(1.0, ge=0.01, le=60)
     #: how often a plan watch re-reads its run (runs executed by another controller sharing the store)
     watch_poll_seconds: float = Field(1.0, ge=0.05, le=60)
     #: a deletion by a rollback or a down keeps retrying this long while its host is unreachable

@@ -62,6 +62,7 @@ from clonebox_controller.grpc.snapshots import SnapshotServicer
 from clonebox_controller.store import Store, placement
 from clonebox_core.audit.chain import Keyring, ensure_key_file
 from clonebox_core.audit.headfile import HeadFile
+from clonebox_core.changes import ChangeFeed
 from clonebox_core.config import load_config
 from clonebox_core.errors import CloneboxError
 from clonebox_core.model import Host
@@ -147,11 +148,14 @@ class Controller:
         check_metrics_listen(config.metrics_listen, config.insecure)
         self.metrics = Metrics()
         keyring, head_file = audit_setup(config)
+        # the store announces committed VM, operation and health changes; waiters wake on them
+        self.changes = ChangeFeed()
         self.store = Store.open(
             config.database_url,
             audit_keyring=keyring,
             audit_head_file=head_file,
             on_audit_append=lambda seconds: self.metrics.observe_audit_append("sql", seconds),
+            on_change=self.changes.publish_threadsafe,
         )
         self.audit = AuditLog(self.store, keyring, head_file.latest)
         # gauges computed at scrape time (on the scrape thread) with one grouped query each
@@ -182,7 +186,7 @@ class Controller:
             observe_operation=self.metrics.observe_operation,
             agent_retry_seconds=config.agent_retry_seconds,
         )
-        self.operations = OperationQueries(self.store)
+        self.operations = OperationQueries(self.store, self.changes)
         self.recovery = RecoveryManager(self.store, self.hosts)
         self.snapshots = SnapshotManager(self.store, self.hosts)
         hc = config.health
@@ -214,6 +218,7 @@ class Controller:
                 backup_dir=plan_backup_dir(config),
             ),
             snapshots=self.snapshots,
+            changes=self.changes,
         )
         self.server: ServerHandle | None = None
 
@@ -226,6 +231,7 @@ class Controller:
 
     async def start(self) -> None:
         """Start serving and resume unfinished operations."""
+        self.changes.bind(asyncio.get_running_loop())
         await self.hosts.start()
         await self.health.start()
         authorizer = None

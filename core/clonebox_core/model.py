@@ -317,6 +317,15 @@ class Host:
 
 
 @dataclass(frozen=True)
+class HostEndpoint:
+    """What talking to a host's agent needs: its name, where it listens, and whether it is reachable."""
+
+    name: str
+    address: str
+    state: HostState
+
+
+@dataclass(frozen=True)
 class Operation:
     """A long-running mutation tracked by the controller."""
 

@@ -395,6 +395,28 @@ async def test_watch_operation_reports_progress_until_done(fleet: Fleet) -> None
     assert progress == sorted(progress)
 
 
+async def test_vms_made_on_a_host_directly_are_adopted_from_their_events(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", SMALL)
+    await create(fleet, spec("known"))
+    # made on the agent itself, not through the controller: the fleet learns of them only from the
+    # host's events, and a burst of them is reconciled by a listing of the host
+    stub, ch = fleet.agent_stub("h1")
+    try:
+        for n in ("direct-1", "direct-2", "direct-3"):
+            await stub.CreateVm(agent_pb2.CreateVmRequest(spec=spec(n, memory=64), request_id=f"r-{n}", start=True))
+    finally:
+        await ch.close()
+
+    async def adopted() -> bool:
+        vms = {v.name: v for v in (await fleet.vms.ListVms(vm_service_pb2.ListVmsRequest())).vms}
+        return all(vms.get(n) is not None and vms[n].host == "h1" for n in ("direct-1", "direct-2", "direct-3"))
+
+    await eventually(adopted, what="the VMs made on h1 directly to be adopted")
+    got = (await fleet.vms.GetVm(vm_service_pb2.GetVmRequest(name="direct-2"))).vm
+    assert got.state == vm_pb2.VM_STATE_RUNNING
+    assert (await fleet.vms.GetVm(vm_service_pb2.GetVmRequest(name="known"))).vm.host == "h1"
+
+
 async def test_a_host_vm_shadowed_by_a_fleet_name_is_adopted_when_the_name_is_released(fleet: Fleet) -> None:
     await fleet.add_agent("h1", SMALL)
     await fleet.add_agent("h2", SMALL)

@@ -253,6 +253,26 @@ async def test_stack_comes_up_in_dependency_order_behind_a_health_gate(fleet: Fl
     assert await watch(fleet, started.id, after=final.version) == []
 
 
+async def test_a_run_is_woken_by_the_changes_it_waits_for_not_by_its_poll(fleet: Fleet) -> None:
+    # with the poll an hour away, only the store's announcements (operation done, VM running, health
+    # healthy) can move the run: each gate opens when its change is committed
+    engine = fleet.controller.plans
+    engine.settings = dataclasses.replace(engine.settings, poll_seconds=3600)
+    await fleet.add_agent("h1", ROOMY)
+    started = await apply(fleet, stack("woken"))
+    watcher = asyncio.create_task(watch(fleet, started.id))
+
+    async def db_waits_for_health() -> bool:
+        return row(await run_of(fleet, "woken"), "db") is VmRunState.WAITING
+
+    await eventually(db_waits_for_health, WAIT, "db created and waiting for its health check")
+    fleet.fakes["h1"].guest_files["woken-db"] = {READY_FILE}
+    final = (await asyncio.wait_for(watcher, WAIT))[-1]
+    assert final.state is RunState.SUCCEEDED, final.error
+    assert [v.state for v in final.vms] == [VmRunState.READY] * 3
+    assert fleet.controller.changes.watched() == 0  # every watch was let go
+
+
 async def test_unhealthy_dependency_fails_naming_the_probe_and_rolls_back(fleet: Fleet) -> None:
     await fleet.add_agent("h1", ROOMY)
     plan = dataclasses.replace(stack(), update=UpdatePolicy(healthy_deadline_ms=2000))

@@ -421,7 +421,7 @@ class HealthHub:
         host_name = (await self._require_vms([name]))[name]
         if not host_name:
             raise FailedPrecondition(f"VM {name} is not on a host yet", reason="VM_NOT_PLACED", metadata={"vm": name})
-        host = await asyncio.to_thread(self._fleet.get_host, host_name)
+        host = await asyncio.to_thread(self._fleet.get_host_endpoint, host_name)
         if host.state == HostState.UNREACHABLE:
             raise Unavailable(
                 f"host {host_name} of VM {name} is unreachable", reason="HOST_UNREACHABLE", metadata={"host": host_name}

@@ -19,9 +19,16 @@ from typing import Protocol, TypeVar
 
 from clonebox_controller.app.ports import AgentClient, AgentGateway, FleetStore
 from clonebox_core.errors import CloneboxError, FailedPrecondition, NotFound
-from clonebox_core.model import Host, HostState, HypervisorInfo, Resources, Vm, VmState
+from clonebox_core.model import Host, HostEndpoint, HostState, HypervisorInfo, Resources, Vm, VmState
 
 log = logging.getLogger(__name__)
+
+#: how long a host's VM events may go without their sync position being stored: a restarted controller
+#: resumes from a position at most this old and replays the events since, which it applies idempotently
+_REVISION_SAVE_SECONDS = 1.0
+#: a VM event the fleet cannot place (a VM it does not know) asks for a listing of the host; the events of
+#: a burst (a VM deleted while its events were under way, a host making many VMs) share one listing
+_RECONCILE_DELAY_SECONDS = 0.5
 
 T = TypeVar("T")
 
@@ -56,6 +63,7 @@ class HostRegistry:
         self._sessions: dict[str, int] = {}
         self._next_session = 0
         self._refreshers: dict[str, asyncio.Task[None]] = {}
+        self._reconcilers: dict[str, asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         #: the VM names each host reported, from its last listing and its events since
         self._reported: dict[str, set[str]] = {}
@@ -79,7 +87,7 @@ class HostRegistry:
 
     async def close(self) -> None:
         """Cancel every background task."""
-        tasks = [*self._sync_tasks.values(), *self._refreshers.values()]
+        tasks = [*self._sync_tasks.values(), *self._refreshers.values(), *self._reconcilers.values()]
         if self._sweeper is not None:
             tasks.append(self._sweeper)
         for t in tasks:
@@ -92,7 +100,11 @@ class HostRegistry:
         call = functools.partial(ctx.run, fn, *args)
         return await asyncio.get_running_loop().run_in_executor(self._liveness, call)
 
-    def client_for(self, host: Host) -> AgentClient:
+    async def client(self, name: str) -> AgentClient:
+        """A client for host ``name`` if reachable (NotFound HOST_NOT_FOUND, FailedPrecondition HOST_UNREACHABLE)."""
+        return self.client_for(await asyncio.to_thread(self._store.get_host_endpoint, name))
+
+    def client_for(self, host: Host | HostEndpoint) -> AgentClient:
         """A client for a host that is currently reachable."""
         if host.state == HostState.UNREACHABLE:
             raise FailedPrecondition(
@@ -157,9 +169,8 @@ class HostRegistry:
         try:
             for _ in range(_ADDRESS_REFRESH_TRIES):
                 await asyncio.sleep(_ADDRESS_REFRESH_SECONDS)
-                host = await asyncio.to_thread(self._store.get_host, vm.host)
                 try:
-                    fresh = await self.client_for(host).get_vm(vm.name)
+                    fresh = await (await self.client(vm.host)).get_vm(vm.name)
                 except NotFound:
                     return
                 except CloneboxError:
@@ -176,6 +187,7 @@ class HostRegistry:
 
     async def _sync(self, host: Host) -> None:
         client = self._gateway.client(host.name, host.address)
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 listed_at = datetime.now(UTC)
@@ -187,11 +199,14 @@ class HostRegistry:
                     log.info("host %s reconciled: %s", host.name, ", ".join(changed))
                 for vm in vms:
                     self.refresh_addresses(vm)
+                saved_at = loop.time()
                 async for ev in client.watch_vms(revision):
                     await self._apply(host.name, ev.vm, ev.deleted)
-                    await asyncio.to_thread(
-                        self._store.set_agent_revision, host.name, ev.revision.epoch, ev.revision.sequence
-                    )
+                    if loop.time() - saved_at >= _REVISION_SAVE_SECONDS:
+                        await asyncio.to_thread(
+                            self._store.set_agent_revision, host.name, ev.revision.epoch, ev.revision.sequence
+                        )
+                        saved_at = loop.time()
             except FailedPrecondition as exc:
                 if exc.reason != "REVISION_EXPIRED":
                     log.warning("sync of host %s: %s", host.name, exc)
@@ -202,14 +217,19 @@ class HostRegistry:
                 log.warning("sync of host %s: %s", host.name, exc)
                 await asyncio.sleep(1)
 
-    async def adopt_released(self, name: str) -> None:
+    async def adopt_released(self, name: str, deleted_on: str = "") -> None:
         """
         After the fleet released ``name``, adopt a VM of that name another host reported.
 
         Names are fleet-unique, so a host's VM whose name the fleet already used elsewhere was left
         out ("left as is"); once that name is free it becomes the fleet's VM on the next listing. Without
         this it would wait for its next lifecycle event, which a stopped VM may never have.
+
+        ``deleted_on``: the host whose agent has just deleted the VM; what it reported of that name
+        before is gone, so it is not listed again for it.
         """
+        if deleted_on:
+            self._reported.get(deleted_on, set()).discard(name)
         for host, names in list(self._reported.items()):
             if name not in names:
                 continue
@@ -228,7 +248,7 @@ class HostRegistry:
             current = await asyncio.to_thread(self._store.get_vm, vm.name)
         except NotFound:
             if not deleted:
-                await asyncio.to_thread(self._store.reconcile_host, host, *await self._host_listing(host))
+                self._reconcile_soon(host)
             return
         if current.host != host or current.state in (VmState.PENDING, VmState.DELETING):
             # the running operation records the outcome; an event must not race it
@@ -243,11 +263,28 @@ class HostRegistry:
         )
         self.refresh_addresses(vm)
 
+    def _reconcile_soon(self, host: str) -> None:
+        """List ``host`` and reconcile the store with it shortly (one listing for a burst of asks)."""
+        if host not in self._reconcilers:
+            self._reconcilers[host] = asyncio.create_task(self._reconcile_later(host), name=f"reconcile-{host}")
+
+    async def _reconcile_later(self, host: str) -> None:
+        try:
+            await asyncio.sleep(_RECONCILE_DELAY_SECONDS)
+            # asks from here on need a listing that starts after them
+            self._reconcilers.pop(host, None)
+            await asyncio.to_thread(self._store.reconcile_host, host, *await self._host_listing(host))
+        except CloneboxError as exc:
+            log.info("reconciling host %s after an event about an unknown VM: %s", host, exc)
+        finally:
+            if self._reconcilers.get(host) is asyncio.current_task():
+                del self._reconcilers[host]
+
     async def _host_listing(self, host: str) -> tuple[list[Vm], datetime]:
         """The host's VMs, and when they were asked for (see ``reconcile_host``'s ``listed_at``)."""
-        h = await asyncio.to_thread(self._store.get_host, host)
+        client = await self.client(host)
         listed_at = datetime.now(UTC)
-        vms, _ = await self.client_for(h).list_vms()
+        vms, _ = await client.list_vms()
         return vms, listed_at
 
     async def _sweep(self) -> None:

@@ -36,6 +36,7 @@ from clonebox_controller.app.ports import FleetStore, ImagePart, PlanStore
 from clonebox_controller.app.snapshots import SnapshotManager
 from clonebox_controller.app.vms import VmManager
 from clonebox_core.audit.event import SYSTEM_ACTOR, AuditEvent, Outcome, current_actor, new_event
+from clonebox_core.changes import ChangeFeed, health_key, operation_key, vm_key
 from clonebox_core.errors import (
     Aborted,
     AlreadyExists,
@@ -96,8 +97,10 @@ class PlanSettings:
 
     #: how long a claimed run stays this controller's without a renewal; renewed every third of it
     lease_seconds: float = 30.0
-    #: how often a run looks at its VMs' state and health, and at operations it waits for
-    poll_seconds: float = 0.2
+    #: how often a run re-reads the state and health of its VMs and the operations it waits for; changes
+    #: committed by this process wake it at once (``ChangeFeed``), so this paces only what another
+    #: controller sharing the store changes
+    poll_seconds: float = 1.0
     #: how often a watch re-reads its run from the store (runs executed by another controller)
     watch_poll_seconds: float = 1.0
     #: how long a deletion (rollback, down) keeps retrying while its host is unreachable
@@ -240,9 +243,13 @@ class PlanEngine:
         *,
         owner: str = "",
         snapshots: SnapshotManager | None = None,
+        changes: ChangeFeed | None = None,
     ) -> None:
         """
         ``owner``: this process's lease holder id (default: a fresh random one).
+
+        ``changes``: the store's announcements of VM, operation and health changes, which wake a run at
+        once; without it a run sees changes at its next poll (``settings.poll_seconds``).
 
         ``snapshots``: with it and ``settings.backup_dir``, a replace exports the old VM first.
         """
@@ -250,6 +257,7 @@ class PlanEngine:
         self._vms = vms
         self._snapshots = snapshots
         self._health = health
+        self._changes = changes or ChangeFeed()
         self._placer = placer
         self.settings = settings or PlanSettings()
         self.owner = owner or f"controller-{uuid.uuid4().hex[:12]}"
@@ -790,8 +798,10 @@ class PlanEngine:
 
     async def _wait_operation(self, op: Operation) -> Operation:
         while not op.done:
-            await asyncio.sleep(self.settings.poll_seconds)
-            op = await asyncio.to_thread(self._store.get_operation, op.id)
+            with self._changes.watch(operation_key(op.id)) as change:
+                op = await asyncio.to_thread(self._store.get_operation, op.id)
+                if not op.done:
+                    await change.wait(self.settings.poll_seconds)
         return op
 
 
@@ -1165,55 +1175,66 @@ class _Execution:
         restarted_at = await self._restarted_at(service)
         health: VmHealth | None = None
         while True:
-            try:
-                vm = await asyncio.to_thread(self.store.get_vm, name)
-            except NotFound:
-                raise _StepFailed(f"VM {name} disappeared while the plan waited for it") from None
-            reached: set[Condition] = set()
-            if vm.state is VmState.RUNNING:
-                ran = True
-                reached.add(Condition.STARTED)
-            if ran and vm.state is VmState.STOPPED:
-                reached |= {Condition.STARTED, Condition.COMPLETED}
-            step = ""
-            if Condition.HEALTHY in needs and Condition.HEALTHY not in self.reached[service]:
+            # watch before reading: a change committed in between still wakes the wait below
+            with self.e._changes.watch(vm_key(name), health_key(name)) as change:
                 try:
-                    health = await self.e._health.get(name)
+                    vm = await asyncio.to_thread(self.store.get_vm, name)
                 except NotFound:
-                    health = None
-                fresh = restarted_at is None or (health is not None and _since_after(health, restarted_at))
-                if health is not None and health.state is HealthState.HEALTHY and vm.state is VmState.RUNNING and fresh:
-                    healthy_since = healthy_since if healthy_since is not None else time.monotonic()
-                    held = (time.monotonic() - healthy_since) * 1000
-                    if held >= update.min_healthy_time_ms:
-                        reached.add(Condition.HEALTHY)
+                    raise _StepFailed(f"VM {name} disappeared while the plan waited for it") from None
+                reached: set[Condition] = set()
+                if vm.state is VmState.RUNNING:
+                    ran = True
+                    reached.add(Condition.STARTED)
+                if ran and vm.state is VmState.STOPPED:
+                    reached |= {Condition.STARTED, Condition.COMPLETED}
+                step = ""
+                if Condition.HEALTHY in needs and Condition.HEALTHY not in self.reached[service]:
+                    try:
+                        health = await self.e._health.get(name)
+                    except NotFound:
+                        health = None
+                    fresh = restarted_at is None or (health is not None and _since_after(health, restarted_at))
+                    healthy = health is not None and health.state is HealthState.HEALTHY
+                    if healthy and vm.state is VmState.RUNNING and fresh:
+                        healthy_since = healthy_since if healthy_since is not None else time.monotonic()
+                        held = (time.monotonic() - healthy_since) * 1000
+                        if held >= update.min_healthy_time_ms:
+                            reached.add(Condition.HEALTHY)
+                        else:
+                            step = f"healthy, must stay so for {_seconds(update.min_healthy_time_ms)}"
                     else:
-                        step = f"healthy, must stay so for {_seconds(update.min_healthy_time_ms)}"
-                else:
-                    healthy_since = None
-                    step = _health_step(health, self.specs[service].spec)
-            new = reached - self.reached[service]
-            if needs <= self.reached[service] | reached:
-                # READY is stored before dependents are released: a watcher never sees one start early
-                await self._save(service, state=VmRunState.READY, step="ready", host=vm.host)
-                self.reached[service] |= reached | needs
-                self._poke()
-                return
-            if new:
-                self.reached[service] |= new
-                self._poke()
-            if vm.state is VmState.FAILED:
-                # only FAILED is final: a stopped or crashed VM may be restarted by its health actions
-                why = f": {vm.state_reason}" if vm.state_reason else ""
-                raise _StepFailed(f"VM {name} failed{why}")
-            if loop.time() >= deadline:
-                raise self._deadline_error(vm, needs - self.reached[service], health, update.healthy_deadline_ms)
-            if not step:
-                missing = needs - self.reached[service]
-                step = "waiting for it " + " and ".join(_CONDITION_WORDS[c] for c in sorted(missing, key=_order))
-            if step != self.status[service].step or self.status[service].state is not VmRunState.WAITING:
-                await self._save(service, state=VmRunState.WAITING, step=step, host=vm.host)
-            await asyncio.sleep(self.e.settings.poll_seconds)
+                        healthy_since = None
+                        step = _health_step(health, self.specs[service].spec)
+                new = reached - self.reached[service]
+                if needs <= self.reached[service] | reached:
+                    # READY is stored before dependents are released: a watcher never sees one start early
+                    await self._save(service, state=VmRunState.READY, step="ready", host=vm.host)
+                    self.reached[service] |= reached | needs
+                    self._poke()
+                    return
+                if new:
+                    self.reached[service] |= new
+                    self._poke()
+                if vm.state is VmState.FAILED:
+                    # only FAILED is final: a stopped or crashed VM may be restarted by its health actions
+                    why = f": {vm.state_reason}" if vm.state_reason else ""
+                    raise _StepFailed(f"VM {name} failed{why}")
+                if loop.time() >= deadline:
+                    raise self._deadline_error(vm, needs - self.reached[service], health, update.healthy_deadline_ms)
+                if not step:
+                    missing = needs - self.reached[service]
+                    step = "waiting for it " + " and ".join(_CONDITION_WORDS[c] for c in sorted(missing, key=_order))
+                if step != self.status[service].step or self.status[service].state is not VmRunState.WAITING:
+                    await self._save(service, state=VmRunState.WAITING, step=step, host=vm.host)
+                await change.wait(self._pause(deadline, healthy_since, update.min_healthy_time_ms))
+
+    def _pause(self, deadline: float, healthy_since: float | None, min_healthy_ms: int) -> float:
+        """How long ``_await_goal`` may sleep: a change wakes it sooner; a healthy hold's end, the deadline cut it."""
+        pause = self.e.settings.poll_seconds
+        if healthy_since is not None:
+            pause = min(pause, min_healthy_ms / 1000 - (time.monotonic() - healthy_since))
+        pause = min(pause, deadline - asyncio.get_running_loop().time())
+        return max(pause, 0.0)
 
     def _deadline_error(
         self, vm: Vm, missing: set[Condition], health: VmHealth | None, deadline_ms: int

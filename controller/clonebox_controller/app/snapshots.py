@@ -64,8 +64,7 @@ class SnapshotManager:
         """The client of the agent that has ``vm``, and the fleet's record of it."""
         check_dns_label("vm", vm)
         record = await asyncio.to_thread(self._store.get_vm, vm)  # NotFound VM_NOT_FOUND
-        host = await asyncio.to_thread(self._store.get_host, record.host)
-        return self._hosts.client_for(host), record
+        return await self._hosts.client(record.host), record
 
     async def _record(self, action: str, resource: str, request_id: str, **details: object) -> None:
         event = new_event(action, resource, Outcome.SUCCEEDED, request_id=request_id, details=details)
@@ -210,7 +209,7 @@ class SnapshotManager:
         try:
             await asyncio.to_thread(self._store.update_vm_observed, spec.name, VmState.CREATING, None, None, "")
             await asyncio.to_thread(self._store.update_operation, op.id, f"importing on host {reserved.host}", 20)
-            host = await asyncio.to_thread(self._store.get_host, reserved.host)
+            host = await asyncio.to_thread(self._store.get_host_endpoint, reserved.host)
             # the agent's request id is the operation id, as for CreateVm: a resumed or retried
             # import can never make the VM twice
             made = await self._hosts.client_for(host).import_snapshot(first, op.id, rest)

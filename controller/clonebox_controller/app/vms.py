@@ -109,9 +109,8 @@ class VmManager:
         """
         check_dns_label("name", name)
         vm = await asyncio.to_thread(self._store.get_vm, name)
-        host = await asyncio.to_thread(self._store.get_host, vm.host)
         caller = current_caller()
-        key, user = await self._hosts.client_for(host).get_ssh_key(name, caller.spiffe_id if caller else "")
+        key, user = await (await self._hosts.client(vm.host)).get_ssh_key(name, caller.spiffe_id if caller else "")
         return key, user, vm.host
 
     async def read_console(self, name: str, tail_bytes: int, follow: bool) -> AsyncGenerator[AgentConsoleChunk, None]:
@@ -125,8 +124,7 @@ class VmManager:
         """
         check_dns_label("name", name)
         vm = await asyncio.to_thread(self._store.get_vm, name)  # NotFound VM_NOT_FOUND
-        host = await asyncio.to_thread(self._store.get_host, vm.host)
-        client = self._hosts.client_for(host)  # FailedPrecondition HOST_UNREACHABLE
+        client = await self._hosts.client(vm.host)  # FailedPrecondition HOST_UNREACHABLE
         audit = new_event(
             "vm.console_read",
             f"vms/{name}",
@@ -169,7 +167,7 @@ class VmManager:
                 reason="NO_MANAGED_LOGIN",
                 metadata={"vm": name},
             )
-        host = await asyncio.to_thread(self._store.get_host, vm.host)
+        host = await asyncio.to_thread(self._store.get_host_endpoint, vm.host)
         accesses = [
             secret_access_event(ref, resource=f"vms/{name}", request_id=request_id, details=_BY_CLIENT) for ref in refs
         ]
@@ -208,8 +206,7 @@ class VmManager:
         if not live or vm.state in (VmState.PENDING, VmState.CREATING, VmState.DELETING):
             return vm
         try:
-            host = await asyncio.to_thread(self._store.get_host, vm.host)
-            fresh = await self._hosts.client_for(host).get_vm(name)
+            fresh = await (await self._hosts.client(vm.host)).get_vm(name)
         except CloneboxError:
             return vm  # the stored view is still the best answer
         observed = (fresh.state, fresh.uuid, fresh.addresses, fresh.state_reason)
@@ -237,9 +234,8 @@ class VmManager:
         if host:
             check_dns_label("host", host)
         chosen = await asyncio.to_thread(self._store.place, spec, host or None)
-        target = await asyncio.to_thread(self._store.get_host, chosen)
         # a dry run is a question: one attempt, no waiting for an agent that is down
-        return await self._hosts.client_for(target).plan_create(spec)
+        return await (await self._hosts.client(chosen)).plan_create(spec)
 
     async def create(self, spec: VmSpec, host: str | None, request_id: str) -> Operation:
         """
@@ -323,8 +319,7 @@ class VmManager:
         check_dns_label("name", name)
         vm = await asyncio.to_thread(self._store.get_vm, name)
         try:
-            host = await asyncio.to_thread(self._store.get_host, vm.host)
-            snapshots, _policy = await self._hosts.client_for(host).list_snapshots(name)
+            snapshots, _policy = await (await self._hosts.client(vm.host)).list_snapshots(name)
         except CloneboxError:
             return  # no answer (agent down, VM not made yet, an older agent): the agent decides
         if snapshots:
@@ -414,8 +409,7 @@ class VmManager:
         vm = await asyncio.to_thread(self._store.get_vm, name)
         await self._step(op, f"creating on host {vm.host}", 20)
         await asyncio.to_thread(self._store.update_vm_observed, name, VmState.CREATING, None, None, "")
-        host = await asyncio.to_thread(self._store.get_host, vm.host)
-        client = self._hosts.client_for(host)
+        client = await self._hosts.client(vm.host)
         try:
             created = await self._agent_call(lambda: client.create_vm(vm.spec, op.id))
         except CloneboxError:
@@ -432,8 +426,7 @@ class VmManager:
 
     async def _do_start(self, op: Operation, name: str) -> Vm | None:
         vm = await asyncio.to_thread(self._store.get_vm, name)
-        host = await asyncio.to_thread(self._store.get_host, vm.host)
-        client = self._hosts.client_for(host)
+        client = await self._hosts.client(vm.host)
         await self._step(op, f"starting on host {vm.host}", 30)
         started = await self._agent_call(lambda: client.start_vm(name, op.id))
         stored = await asyncio.to_thread(
@@ -444,8 +437,7 @@ class VmManager:
 
     async def _do_stop(self, op: Operation, name: str) -> Vm | None:
         vm = await asyncio.to_thread(self._store.get_vm, name)
-        host = await asyncio.to_thread(self._store.get_host, vm.host)
-        client = self._hosts.client_for(host)
+        client = await self._hosts.client(vm.host)
         timeout = int(op.params.get("timeout_seconds") or self._stop_timeout)
         force = bool(op.params.get("force"))
         await self._step(op, f"stopping (graceful for {timeout}s, then forced)" if not force else "forcing off", 30)
@@ -457,8 +449,7 @@ class VmManager:
 
     async def _do_update(self, op: Operation, name: str) -> Vm | None:
         vm = await asyncio.to_thread(self._store.get_vm, name)
-        host = await asyncio.to_thread(self._store.get_host, vm.host)
-        client = self._hosts.client_for(host)
+        client = await self._hosts.client(vm.host)
         timeout = int(op.params.get("timeout_seconds") or self._stop_timeout)
         await self._step(op, f"updating on host {vm.host}", 30)
         try:
@@ -486,8 +477,7 @@ class VmManager:
             vm = await asyncio.to_thread(self._store.get_vm, name)
         except NotFound:
             return None  # a resumed delete whose release already committed
-        host = await asyncio.to_thread(self._store.get_host, vm.host)
-        client = self._hosts.client_for(host)
+        client = await self._hosts.client(vm.host)
         await self._step(op, f"deleting on host {vm.host}", 30)
         with_snapshots = bool(op.params.get("with_snapshots"))
         await asyncio.to_thread(self._store.update_vm_observed, name, VmState.DELETING, None, None, "")
@@ -499,7 +489,7 @@ class VmManager:
             await asyncio.to_thread(self._store.update_vm_observed, name, vm.state, None, None, vm.state_reason)
             raise
         await asyncio.to_thread(self._store.release_vm, name)
-        await self._hosts.adopt_released(name)
+        await self._hosts.adopt_released(name, deleted_on=vm.host)
         return None
 
     async def _do_import_interrupted(self, op: Operation, name: str) -> Vm | None:
@@ -513,8 +503,7 @@ class VmManager:
             vm = await asyncio.to_thread(self._store.get_vm, name)
         except NotFound:
             raise Aborted(f"import of {name} was interrupted; nothing was kept", reason="IMPORT_INTERRUPTED") from None
-        host = await asyncio.to_thread(self._store.get_host, vm.host)
-        client = self._hosts.client_for(host)
+        client = await self._hosts.client(vm.host)
         try:
             found = await self._agent_call(lambda: client.get_vm(name))
         except NotFound:

@@ -54,6 +54,7 @@ from sqlalchemy.orm import Session
 from clonebox_core.audit.chain import AuditFilter, ChainRecord, ChainState, Head, Keyring
 from clonebox_core.audit.event import AuditEvent
 from clonebox_core.audit.headfile import HeadFile
+from clonebox_core.changes import ChangeKey, health_key, operation_key, vm_key
 from clonebox_core.errors import (
     AlreadyExists,
     CloneboxError,
@@ -67,6 +68,7 @@ from clonebox_core.health import ActionRecord, Aggregate, HealthState, Transitio
 from clonebox_core.model import (
     Auth,
     Host,
+    HostEndpoint,
     HostState,
     HypervisorInfo,
     IpAddress,
@@ -99,6 +101,8 @@ from .tables import (
 _log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+#: ``Session.info`` key of the records a transaction changed, announced after its commit (``on_change``)
+_CHANGES_INFO_KEY = "clonebox_changes"
 
 #: state_reason given to a VM the store has on a host but the host's agent no longer reports
 VANISHED_REASON = "vanished from host"
@@ -169,6 +173,7 @@ class Store:
         audit_keyring: Keyring | None = None,
         audit_head_file: HeadFile | None = None,
         on_audit_append: Callable[[float], None] | None = None,
+        on_change: Callable[[Iterable[ChangeKey]], None] | None = None,
     ) -> None:
         """
         Wrap an engine made by :func:`create_store_engine` whose schema is already at head.
@@ -180,9 +185,11 @@ class Store:
         ``audit_keyring`` signs audit records (without one a random per-process key is used, which
         suits tests only: the chain stops verifying after a restart); ``audit_head_file`` witnesses
         every new head outside the database; ``on_audit_append`` hears each appending transaction's
-        seconds (metrics).
+        seconds (metrics); ``on_change`` hears, after each commit and on the committing thread, the
+        records it changed that waiters watch (VMs, operations, health: ``clonebox_core.changes``).
         """
         self._engine = engine
+        self._on_change = on_change
         if audit_keyring is None:
             _log.warning("no audit key configured: using a random key for this process only")
             audit_keyring = Keyring({"ephemeral": os.urandom(32)}, "ephemeral")
@@ -213,6 +220,7 @@ class Store:
         audit_keyring: Keyring | None = None,
         audit_head_file: HeadFile | None = None,
         on_audit_append: Callable[[float], None] | None = None,
+        on_change: Callable[[Iterable[ChangeKey]], None] | None = None,
         **engine_kwargs: Any,
     ) -> Self:
         """Connect to ``url`` (``sqlite:///path`` or ``postgresql+psycopg://...``) and migrate to head."""
@@ -230,6 +238,7 @@ class Store:
             audit_keyring=audit_keyring,
             audit_head_file=audit_head_file,
             on_audit_append=on_audit_append,
+            on_change=on_change,
         )
 
     def close(self) -> None:
@@ -269,8 +278,11 @@ class Store:
                         session.connection(execution_options=self._write_options if write else self._read_options)
                         result = fn(session)
                     head = session.info.pop(audit_store.HEAD_INFO_KEY, None)
+                    changed = session.info.pop(_CHANGES_INFO_KEY, None)
                 if head is not None:
                     self._after_audit_commit(head, time.perf_counter() - started)
+                if changed and self._on_change is not None:
+                    self._on_change(changed)
                 return result
             except IntegrityError:
                 if not retry_integrity or integrity_retried:
@@ -309,6 +321,16 @@ class Store:
         session.execute(
             select(FleetRevisionRow.value).where(FleetRevisionRow.id == FLEET_REVISION_ROW_ID).with_for_update()
         )
+
+    @staticmethod
+    def _changed(session: Session, *keys: ChangeKey) -> None:
+        """Announce ``keys`` once this transaction commits (``on_change``; a rollback announces nothing)."""
+        session.info.setdefault(_CHANGES_INFO_KEY, set()).update(keys)
+
+    def _vm_revision(self, session: Session, name: str) -> int:
+        """The next fleet revision, for a change to VM ``name`` (announced after the commit)."""
+        self._changed(session, vm_key(name))
+        return self._next_revision(session)
 
     @staticmethod
     def _next_revision(session: Session) -> int:
@@ -540,6 +562,17 @@ class Store:
         """One host with its allocation; NotFound HOST_NOT_FOUND."""
         return self._run(lambda s: self._host_with_allocation(s, self._host_row(s, name)), write=False)
 
+    def get_host_endpoint(self, name: str) -> HostEndpoint:
+        """Where host ``name``'s agent listens and its state, without counting its VMs; NotFound HOST_NOT_FOUND."""
+
+        def tx(session: Session) -> HostEndpoint:
+            found = session.execute(select(HostRow.address, HostRow.state).where(HostRow.name == name)).one_or_none()
+            if found is None:
+                raise NotFound(f"host {name!r} is not registered", reason="HOST_NOT_FOUND", metadata={"host": name})
+            return HostEndpoint(name, found.address, HostState[found.state])
+
+        return self._run(tx, write=False)
+
     def list_hosts(self) -> list[Host]:
         """Every host, by name, with ``allocated`` = sum of its VMs' reservations and ``vm_count``."""
 
@@ -646,7 +679,7 @@ class Store:
                 create_time=now,
                 update_time=now,
                 state_reason="",
-                revision=self._next_revision(session),
+                revision=self._vm_revision(session, spec.name),
             )
             session.add(vm_row)
             session.flush()  # the VM row must exist before its labels (FK)
@@ -706,7 +739,7 @@ class Store:
             row.spec = codec.spec_to_json(spec)
             row.reserved_vcpus, row.reserved_memory_mib = need.vcpus, need.memory_mib
             row.update_time = self._now()
-            row.revision = self._next_revision(session)
+            row.revision = self._vm_revision(session, spec.name)
             self._set_labels(session, spec.name, spec.labels)
             op_row = self._new_op_row(
                 dataclasses.replace(op, params={**op.params, "previous_spec": previous}), self._now(), vm_name=spec.name
@@ -761,7 +794,7 @@ class Store:
             row.spec = codec.spec_to_json(spec)
             row.reserved_vcpus, row.reserved_memory_mib = need.vcpus, need.memory_mib
             row.update_time = self._now()
-            row.revision = self._next_revision(session)
+            row.revision = self._vm_revision(session, name)
             self._set_labels(session, name, spec.labels)
             session.flush()
             return self._vm_model(row)
@@ -957,7 +990,7 @@ class Store:
         for key, value in changes.items():
             setattr(row, key, value)
         row.update_time = self._now()
-        row.revision = self._next_revision(session)
+        row.revision = self._vm_revision(session, row.name)
         session.flush()
         return True
 
@@ -970,7 +1003,7 @@ class Store:
             spec = dataclasses.replace(codec.spec_from_json(row.spec), auth=auth)
             row.spec = codec.spec_to_json(spec)
             row.update_time = self._now()
-            row.revision = self._next_revision(session)
+            row.revision = self._vm_revision(session, name)
             session.flush()
             self._audit(session, audit)
             return self._vm_model(row)
@@ -984,7 +1017,7 @@ class Store:
             self._lock_revision(session)
             row = self._vm_row(session, name, lock=True)
             vm = self._vm_model(row)
-            revision = self._next_revision(session)
+            revision = self._vm_revision(session, name)
             session.add(
                 VmChangeRow(
                     revision=revision,
@@ -1161,7 +1194,7 @@ class Store:
                             create_time=vm.create_time or now,
                             update_time=now,
                             state_reason=vm.state_reason,
-                            revision=self._next_revision(session),
+                            revision=self._vm_revision(session, name),
                         )
                     )
                     session.flush()
@@ -1255,6 +1288,7 @@ class Store:
                 row.progress = progress
             row.update_time = self._now()
             session.flush()
+            self._changed(session, operation_key(op_id))
             return self._op_model(row)
 
         return self._run(tx, write=True)
@@ -1289,6 +1323,7 @@ class Store:
             row.update_time = self._now()
             session.flush()
             self._audit(session, audit)
+            self._changed(session, operation_key(op_id))
             return self._op_model(row)
 
         return self._run(tx, write=True)
@@ -1448,16 +1483,26 @@ class Store:
         transition gets one. ``aggregates`` replace rows of the same (vm, check, minute); ``actions``
         already stored are skipped; ``removed`` names VMs whose current health is dropped (history stays).
         """
-        return self._run(
-            lambda s: health_store.apply_update(
-                s, host, health, transitions, aggregates, actions, removed, self._now()
-            ),
-            write=True,
-        )
+
+        def tx(session: Session) -> list[Transition]:
+            stored = health_store.apply_update(
+                session, host, health, transitions, aggregates, actions, removed, self._now()
+            )
+            names = {t.vm for t in stored} | set(removed) | ({health.vm} if health is not None else set())
+            self._changed(session, *(health_key(vm) for vm in names))
+            return stored
+
+        return self._run(tx, write=True)
 
     def mark_health_unknown(self, host: str, detail: str) -> list[tuple[VmHealth, Transition | None]]:
         """Every VM of ``host`` becomes UNKNOWN (with a VM-level transition carrying ``detail``)."""
-        return self._run(lambda s: health_store.mark_unknown(s, host, detail, self._now()), write=True)
+
+        def tx(session: Session) -> list[tuple[VmHealth, Transition | None]]:
+            marked = health_store.mark_unknown(session, host, detail, self._now())
+            self._changed(session, *(health_key(h.vm) for h, _t in marked))
+            return marked
+
+        return self._run(tx, write=True)
 
     def get_health(self, vm: str) -> VmHealth | None:
         """The current health of ``vm`` (None before any report)."""
