@@ -265,6 +265,10 @@ class Vm:
     update_time: datetime | None = None
     state_reason: str = ""
 
+    def observed(self) -> tuple[VmState, str, tuple[IpAddress, ...], str]:
+        """What its host reports about the VM (state, uuid, addresses, state reason): equal means nothing to record."""
+        return (self.state, self.uuid, tuple(self.addresses), self.state_reason)
+
 
 @dataclass(frozen=True)
 class Revision:

@@ -258,9 +258,9 @@ class HostRegistry:
                 self._store.update_vm_observed, vm.name, VmState.FAILED, None, (), "vanished from host"
             )
             return
-        await asyncio.to_thread(
-            self._store.update_vm_observed, vm.name, vm.state, vm.uuid, vm.addresses, vm.state_reason
-        )
+        if vm.observed() != current.observed():
+            # most events repeat what the operation behind them has already recorded
+            await asyncio.to_thread(self._store.update_vm_observed, vm.name, *vm.observed())
         self.refresh_addresses(vm)
 
     def _reconcile_soon(self, host: str) -> None:

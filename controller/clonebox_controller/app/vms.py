@@ -209,10 +209,9 @@ class VmManager:
             fresh = await (await self._hosts.client(vm.host)).get_vm(name)
         except CloneboxError:
             return vm  # the stored view is still the best answer
-        observed = (fresh.state, fresh.uuid, fresh.addresses, fresh.state_reason)
-        if observed == (vm.state, vm.uuid, vm.addresses, vm.state_reason):
+        if fresh.observed() == vm.observed():
             return vm  # nothing changed: no write (a read must not cost a write transaction)
-        updated = await asyncio.to_thread(self._store.update_vm_observed, name, *observed)
+        updated = await asyncio.to_thread(self._store.update_vm_observed, name, *fresh.observed())
         return updated or vm
 
     async def list_vms(
