@@ -64,6 +64,8 @@ class PlansConfig(BaseModel):
     #: where those files go, as <dir>/<plan>/<vm>/<run>.cbsnap; "" = a plan-backups folder beside
     #: the SQLite database, else /var/lib/clonebox/controller/plan-backups
     backup_dir: str = ""
+    #: how many backup files to keep per VM, newest first (older ones are deleted after a new one is written)
+    backup_keep: int = Field(3, ge=1, le=1000)
 
 
 class ControllerConfig(BaseModel):

@@ -216,6 +216,7 @@ class Controller:
                 watch_poll_seconds=pc.watch_poll_seconds,
                 unreachable_retry_seconds=pc.unreachable_retry_seconds,
                 backup_dir=plan_backup_dir(config),
+                backup_keep=pc.backup_keep,
             ),
             snapshots=self.snapshots,
             changes=self.changes,

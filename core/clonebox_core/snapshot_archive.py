@@ -37,6 +37,8 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from google.protobuf.message import DecodeError
 
 from clonebox_core.errors import InvalidArgument, invalid_field
+from clonebox_core.model import VmSpec
+from clonebox_core.rpc.convert import spec_from_proto
 
 __all__ = [
     "ARCHIVE_CORRUPT",
@@ -714,3 +716,12 @@ def archive_info(inp: BinaryIO) -> ArchivePreamble:
     """Read only the preamble: format, compression, whether a passphrase is needed. Reads at most 64 KiB."""
     header = _read_header(_Input(inp))
     return ArchivePreamble(format=FORMAT, encrypted=header.encrypted, compression="zstd")
+
+
+def archive_vm_spec(first: snapshot_pb2.SnapshotImagePart) -> VmSpec:
+    """The VM an archive (or an import stream) makes, from its first part, which must be the header."""
+    if first.WhichOneof("part") != "header":
+        raise invalid_field("part", "the first part of an archive must be its header")
+    if not first.header.HasField("spec") or not first.header.spec.name:
+        raise invalid_field("part.header.spec", "the header carries no VM spec")
+    return spec_from_proto(first.header.spec)

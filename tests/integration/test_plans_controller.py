@@ -26,7 +26,7 @@ from clonebox.controller.v1 import plan_service_pb2_grpc as pb_grpc
 from clonebox.controller.v1 import snapshot_service_pb2 as spb
 from clonebox.controller.v1 import snapshot_service_pb2_grpc as spb_grpc
 from clonebox.controller.v1 import vm_service_pb2
-from clonebox.type.v1 import plan_pb2, snapshot_pb2
+from clonebox.type.v1 import plan_pb2, snapshot_pb2, vm_pb2
 from google.protobuf import descriptor_pool
 
 from clonebox_agent.adapters.fake import FakeHypervisor
@@ -606,8 +606,55 @@ async def test_auto_revert_reapplies_the_revision_before_a_failed_one(fleet: Fle
     assert await vm_names(fleet) == ["stack-api", "stack-db", "stack-web"]
     api = (await fleet.vms.GetVm(vm_service_pb2.GetVmRequest(name="stack-api"))).vm
     assert not api.spec.disks[0].base_image  # revision 1's api, not the broken one
+    # the revert re-made api from the backup the failed run took before replacing it (disks and all),
+    # not from scratch: one import, and no create after the failed run's
+    backup = fleet.tmp / "plan-backups" / "stack" / "stack-api" / f"{failed.id}.cbsnap"
+    assert backup.is_file()
+    assert ops(fleet, "snapshot.import") == ["stack-api"]
+    assert ops(fleet, "vm.create").count("stack-api") == 2  # revision 1's and the failed run's
+    assert api.state == vm_pb2.VM_STATE_RUNNING
+    assert next(v for v in revert.vms if v.service == "api").step == "ready"
     current = plan_from_proto((await stub(fleet).GetPlan(pb.GetPlanRequest(name="stack"))).plan)
     assert current.revision == 3 and current.digest == fleet.controller.store.get_plan("stack", 1).digest
+
+
+async def test_a_revert_whose_backup_is_damaged_fails_and_keeps_the_file(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    good = reverting(ungated())
+    await _up(fleet, good)
+    real = PlanEngine._revert_if_asked
+
+    async def later(self: PlanEngine, run_id: str, plan: Plan) -> None:
+        return None  # the revert is started below, once the backup is damaged
+
+    monkeypatch.setattr(PlanEngine, "_revert_if_asked", later)
+    failed = (await watch(fleet, (await apply(fleet, with_broken_api(good), allow_replace=True)).id))[-1]
+    assert failed.state is RunState.ROLLED_BACK
+    await engine_done_with(fleet, failed.id)
+    backup = fleet.tmp / "plan-backups" / "stack" / "stack-api" / f"{failed.id}.cbsnap"
+    backup.write_bytes(b"not an archive")
+    monkeypatch.setattr(PlanEngine, "_revert_if_asked", real)
+    assert await fleet.controller.plans.revert_missed() == ["stack"]
+    runs = [run_from_proto(r) for r in (await stub(fleet).ListPlanRuns(pb.ListPlanRunsRequest(name="stack"))).runs]
+    revert = next(r for r in runs if r.revision == 3)
+    final = (await watch(fleet, revert.id))[-1]
+    assert final.state is RunState.ROLLED_BACK
+    api = next(v for v in final.vms if v.service == "api")
+    assert "restoring stack-api from its backup" in api.error and "the file is kept" in api.error, api.error
+    assert backup.read_bytes() == b"not an archive"
+    assert ops(fleet, "snapshot.import") == []
+
+
+async def test_only_the_newest_backups_are_kept(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    fleet.controller.plans.settings = dataclasses.replace(fleet.controller.plans.settings, backup_keep=2)
+    runs = [await _up(fleet, ungated(db_disk=16))]
+    for size in (32, 48, 64):
+        runs.append(await _up(fleet, ungated(db_disk=size), allow_replace=True))
+    folder = fleet.tmp / "plan-backups" / "stack" / "stack-db"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{r.id}.cbsnap" for r in runs[-2:])
 
 
 async def test_a_revert_the_controller_died_before_is_started_by_the_next_start(

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from clonebox_controller.app.ports import FleetStore, ImagePart, PlanStore
-from clonebox_controller.app.snapshots import SnapshotManager
+from clonebox_controller.app.snapshots import ImportHeader, SnapshotManager
 from clonebox_controller.app.vms import VmManager
 from clonebox_core.audit.event import SYSTEM_ACTOR, AuditEvent, Outcome, current_actor, new_event
 from clonebox_core.changes import ChangeFeed, health_key, operation_key, vm_key
@@ -70,7 +70,7 @@ from clonebox_core.plan import (
     vm_name,
 )
 from clonebox_core.plan import diff as plan_diff
-from clonebox_core.snapshot_archive import ArchiveSummary, write_archive_file
+from clonebox_core.snapshot_archive import ArchiveSummary, archive_vm_spec, read_archive, write_archive_file
 from clonebox_core.validate import validate_resolved
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,10 @@ ALLOW_REPLACE = "allow_replace"
 WITH_SNAPSHOTS = "with_snapshots"
 #: the run re-applies the revision before a failed one (``auto_revert``); a revert is never reverted
 REVERT = "revert"
+#: a revert run's request id: this prefix and the failed run it reverts
+_REVERT_REQUEST = "auto-revert/"
+#: the file name ending of a replace's backup (``<backup_dir>/<plan>/<vm>/<run>.cbsnap``)
+BACKUP_SUFFIX = ".cbsnap"
 #: runs a request-id lookup looks through before the store's own check answers
 _REQUEST_LOOKBACK = 50
 #: VMs listed per store call
@@ -107,6 +111,8 @@ class PlanSettings:
     unreachable_retry_seconds: float = 120.0
     #: where a replace keeps the export of the VM it replaces ("" or no snapshot manager: no backup)
     backup_dir: str = ""
+    #: backup files kept per VM, newest first
+    backup_keep: int = 3
 
 
 @dataclass(frozen=True)
@@ -187,6 +193,17 @@ async def _write_export(parts: AsyncIterator[ImagePart], path: Path) -> ArchiveS
         closing = getattr(stream, "aclose", None)
         if closing is not None:
             await closing()
+
+
+def _prune_backups(folder: Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest backup files in ``folder``; the ones deleted."""
+    files = sorted(folder.glob(f"*{BACKUP_SUFFIX}"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    gone: list[Path] = []
+    for old in files[keep:]:
+        with contextlib.suppress(FileNotFoundError):
+            old.unlink()
+            gone.append(old)
+    return gone
 
 
 def _since_after(health: VmHealth, when: datetime) -> bool:
@@ -772,7 +789,7 @@ class PlanEngine:
         target = run.revision - 1
         try:
             earlier = await asyncio.to_thread(self._store.get_plan, run.plan, target)
-            revert = await self.apply(earlier, True, f"auto-revert/{run.id}", revert=True)
+            revert = await self.apply(earlier, True, f"{_REVERT_REQUEST}{run.id}", revert=True)
         except CloneboxError as err:
             log.warning("plan %s: auto_revert to revision %d after run %s failed: %s", run.plan, target, run.id, err)
             return
@@ -1042,8 +1059,58 @@ class _Execution:
         """Where this run keeps the export of ``service``'s VM before replacing it (None: no backups)."""
         if self.e._snapshots is None or not self.e.settings.backup_dir:
             return None
+        return self._backup_of(service, self.run_.id)
+
+    def _backup_of(self, service: str, run_id: str) -> Path | None:
+        if self.e._snapshots is None or not self.e.settings.backup_dir:
+            return None
         name = self.status[service].vm
-        return Path(self.e.settings.backup_dir) / self.plan.name / name / f"{self.run_.id}.cbsnap"
+        return Path(self.e.settings.backup_dir) / self.plan.name / name / f"{run_id}{BACKUP_SUFFIX}"
+
+    def _restore_source(self, service: str) -> Path | None:
+        """
+        In a revert run, the backup the reverted run took of ``service``'s VM before replacing it.
+
+        That file is the VM as the revision being re-applied had it, disks and all: a revert re-makes
+        the VM from it rather than from scratch. None: not a revert, or no such backup.
+        """
+        if not self.run_.options.get(REVERT) or not self.run_.request_id.startswith(_REVERT_REQUEST):
+            return None
+        path = self._backup_of(service, self.run_.request_id.removeprefix(_REVERT_REQUEST))
+        return path if path is not None and path.is_file() else None
+
+    async def _restore(self, service: str, path: Path) -> None:
+        """Make ``service``'s VM by importing ``path`` (a revert's backup), then start it."""
+        snapshots = self.e._snapshots
+        assert snapshots is not None  # _restore_source found a backup, which needs the manager
+        pv = self.specs[service]
+        name = self.status[service].vm
+        await self._save(service, state=VmRunState.CREATING, step=f"restoring from {path}")
+        try:
+            with await asyncio.to_thread(path.open, "rb") as f:
+                parts = await asyncio.to_thread(read_archive, f)
+                first = await asyncio.to_thread(next, parts)
+                spec = archive_vm_spec(first)
+                if spec.name != name:
+                    raise FailedPrecondition(
+                        f"the backup holds VM {spec.name}, not {name}", reason="PLAN_BACKUP_MISMATCH"
+                    )
+
+                async def rest() -> AsyncIterator[ImagePart]:
+                    while (part := await asyncio.to_thread(next, parts, None)) is not None:
+                        yield part
+
+                header = ImportHeader(spec, pv.host, run_request_id(self.run_.id, service, "restore"))
+                vm = await snapshots.import_(header, first, rest())
+        except (CloneboxError, OSError, StopIteration) as err:
+            why = err.message if isinstance(err, CloneboxError) else str(err) or "the file is empty"
+            raise _StepFailed(f"restoring {name} from its backup {path} failed ({why}); the file is kept") from None
+        await self._save(service, created=True, host=vm.host, step="restored; starting")
+        op = await self.e._vms.start(name, run_request_id(self.run_.id, service, "restore-start"))
+        done = await self.e._wait_operation(op)
+        if done.error_code:
+            raise _op_failed(done, f"starting the restored {name}")
+        await self._save(service, state=VmRunState.WAITING, step="restored from backup")
 
     async def _back_up(self, service: str) -> None:
         """
@@ -1094,6 +1161,9 @@ class _Execution:
                 actor=self.actor,
             )
             await asyncio.to_thread(self.store.append_audit, [event])
+            pruned = await asyncio.to_thread(_prune_backups, path.parent, self.e.settings.backup_keep)
+            if pruned:
+                log.info("plan %s: deleted older backups of %s: %s", self.plan.name, name, ", ".join(map(str, pruned)))
         # the VM goes now; its snapshot would stop the delete (VM_HAS_SNAPSHOTS), and the file has it all
         await drop_snapshot()
 
@@ -1101,6 +1171,10 @@ class _Execution:
         return self.status[self.failure[0]].vm if self.failure is not None else ""
 
     async def _create(self, service: str) -> None:
+        backup = self._restore_source(service)
+        if backup is not None:
+            await self._restore(service, backup)
+            return
         pv = self.specs[service]
         name = self.status[service].vm
         await self._save(service, state=VmRunState.CREATING, step="creating")

@@ -23,6 +23,7 @@ from clonebox_core.rpc.convert_snapshot import (
     policy_to_proto,
     snapshot_to_proto,
 )
+from clonebox_core.snapshot_archive import archive_vm_spec
 from clonebox_core.snapshots import SnapshotKind
 
 Ctx: TypeAlias = Any
@@ -115,12 +116,8 @@ class SnapshotServicer(pb_grpc.SnapshotServiceServicer):
             first = await anext(messages)
         except StopAsyncIteration:
             raise invalid_field("part", "empty import stream: the first message must be the header") from None
-        if first.part.WhichOneof("part") != "header":
-            raise invalid_field("part", "the first message of an import must be the header")
+        spec = archive_vm_spec(first.part)
         header = first.part.header
-        if not header.HasField("spec") or not header.spec.name:
-            raise invalid_field("part.header.spec", "the header carries no VM spec")
-        spec = convert.spec_from_proto(header.spec)
 
         async def rest() -> AsyncIterator[snapshot_pb2.SnapshotImagePart]:
             async for message in messages:
