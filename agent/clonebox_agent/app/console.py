@@ -17,7 +17,14 @@ Bounded: a request reads at most ``MAX_TAIL_BYTES`` of history, and one piece of
 - the stream ends when the VM is deleted (its log goes with its folder; also checked every
   ``exists_every`` polls, so a VM re-made under the same name ends it too).
 
-Offsets in the chunks are byte offsets in the file they were read from.
+Offsets in the chunks are byte offsets in the file they were read from. A client whose stream broke
+resumes with ``from_offset`` (the offset of its last chunk plus its length): the read starts at exactly
+that byte instead of ``tail_bytes`` before the end, and is not bounded by ``MAX_TAIL_BYTES`` (the bytes
+were written while the client was away, and it asked for all of them; memory stays bounded by the
+chunk size). An offset beyond the end means the file is not the one the client was reading (replaced,
+truncated, rotated, or the VM re-made under its name): the read starts at 0, and the first chunk's offset
+tells the client so. A rotation while the client was away is not seen (offsets name bytes of one file):
+what the old file held past ``from_offset`` is in ``console.log.0``, not in the stream.
 """
 
 from __future__ import annotations
@@ -70,6 +77,14 @@ def tail_bytes_of(requested: int) -> int:
     return min(requested or DEFAULT_TAIL_BYTES, MAX_TAIL_BYTES)
 
 
+def check_from_offset(from_offset: int | None) -> None:
+    """Refuse a negative resume offset (INVALID_ARGUMENT naming ``from_offset``); None means no resume."""
+    if from_offset is not None and from_offset < 0:
+        raise invalid_field(
+            "from_offset", f"{from_offset} is negative: give the offset of the next byte to read (0 or more)"
+        )
+
+
 class _LogFile:
     """The log file the reader has open and the offset of the next byte to send. Blocking: call in a thread."""
 
@@ -80,11 +95,13 @@ class _LogFile:
         self.ident: tuple[int, int] = (0, 0)
         self.offset = 0
 
-    def open(self, tail: int | None) -> int | None:
+    def open(self, tail: int | None, at: int | None = None) -> int | None:
         """
         Open the file now at the path, ``tail`` bytes before its end (None: at its start).
 
-        Returns its size at that moment, or None when there is no file (yet, or any more).
+        ``at`` (a resume) opens it at exactly that offset instead, or at its start when the file is shorter
+        (a file that short is not the one the offset was taken from). Returns the file's size at that
+        moment, or None when there is no file (yet, or any more).
         """
         try:
             # never through a link, never blocking on something that is not a file
@@ -99,7 +116,10 @@ class _LogFile:
             os.close(fd)
             raise self._unreadable("it is not a regular file")
         self.fd, self.ident = fd, (info.st_dev, info.st_ino)
-        self.offset = 0 if tail is None else max(0, info.st_size - tail)
+        if at is not None:
+            self.offset = at if at <= info.st_size else 0
+        else:
+            self.offset = 0 if tail is None else max(0, info.st_size - tail)
         return info.st_size
 
     def read(self, limit: int) -> ConsoleChunk | None:
@@ -163,16 +183,20 @@ class ConsoleReader:
         self._exists_every = max(1, exists_every)
         self._sleep = sleep
 
-    async def read(self, name: str, *, tail_bytes: int = 0, follow: bool = False) -> AsyncGenerator[ConsoleChunk, None]:
+    async def read(
+        self, name: str, *, tail_bytes: int = 0, follow: bool = False, from_offset: int | None = None
+    ) -> AsyncGenerator[ConsoleChunk, None]:
         """
         The last ``tail_bytes`` of ``name``'s log in chunks, then with ``follow`` what is written next.
 
-        ``tail_bytes`` 0 means ``DEFAULT_TAIL_BYTES``. A follow ends when the VM is deleted or the caller
-        stops. Without ``follow`` the stream ends at the end the file had when the request came (an empty stream
-        when there is no log yet).
+        ``tail_bytes`` 0 means ``DEFAULT_TAIL_BYTES``. ``from_offset`` (a resume) starts at exactly that
+        byte instead, or at 0 when it is beyond the end of the file. A follow ends when the VM is deleted or
+        the caller stops. Without ``follow`` the stream ends at the end the file had when the request came
+        (an empty stream when there is no log yet).
         """
         check_dns_label("name", name)
         tail = tail_bytes_of(tail_bytes)
+        check_from_offset(from_offset)
         record = await self._hv.get(name)  # NotFound VM_NOT_FOUND for a VM this agent does not own
         path = self._hv.console_log_path(name)
         if path is None:
@@ -183,7 +207,7 @@ class ConsoleReader:
             )
         log = _LogFile(path, name)
         try:
-            end = await asyncio.to_thread(log.open, tail)
+            end = await asyncio.to_thread(log.open, tail, from_offset)
             if not follow:
                 while end is not None and (chunk := await self._next(log, end - log.offset)) is not None:
                     yield chunk

@@ -88,7 +88,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         """See the proto."""
         if self._console is None:
             raise FailedPrecondition("this agent reads no console logs", reason="CONSOLE_LOG_UNAVAILABLE")
-        chunks = self._console.read(request.name, tail_bytes=request.tail_bytes, follow=request.follow)
+        from_offset = request.from_offset if request.HasField("from_offset") else None
+        chunks = self._console.read(
+            request.name, tail_bytes=request.tail_bytes, follow=request.follow, from_offset=from_offset
+        )
         try:
             async for chunk in chunks:
                 yield agent_pb2.ReadConsoleResponse(data=chunk.data, offset=chunk.offset)

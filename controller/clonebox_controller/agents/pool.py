@@ -142,9 +142,11 @@ class GrpcAgentClient:
         resp = await self._call(lambda: self._stub.GetSshKey(req, timeout=_SHORT_TIMEOUT))
         return Secret(resp.private_key), resp.user
 
-    async def read_console(self, name: str, tail_bytes: int, follow: bool) -> AsyncIterator[ConsoleChunk]:
-        """ReadConsole: the log's pieces as the agent sends them (a follow has no deadline)."""
-        req = agent_pb2.ReadConsoleRequest(name=name, tail_bytes=tail_bytes, follow=follow)
+    async def read_console(
+        self, name: str, tail_bytes: int, follow: bool, from_offset: int | None = None
+    ) -> AsyncIterator[ConsoleChunk]:
+        """ReadConsole: the log's pieces as the agent sends them (a follow has no deadline); from_offset resumes."""
+        req = agent_pb2.ReadConsoleRequest(name=name, tail_bytes=tail_bytes, follow=follow, from_offset=from_offset)
         call = self._stub.ReadConsole(req, timeout=None if follow else _SHORT_TIMEOUT)
         try:
             async for msg in call:

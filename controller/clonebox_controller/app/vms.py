@@ -113,14 +113,19 @@ class VmManager:
         key, user = await (await self._hosts.client(vm.host)).get_ssh_key(name, caller.spiffe_id if caller else "")
         return key, user, vm.host
 
-    async def read_console(self, name: str, tail_bytes: int, follow: bool) -> AsyncGenerator[AgentConsoleChunk, None]:
+    async def read_console(
+        self, name: str, tail_bytes: int, follow: bool, from_offset: int | None = None
+    ) -> AsyncGenerator[AgentConsoleChunk, None]:
         """
         The VM's serial console log from its agent: its last ``tail_bytes``, then with ``follow`` what follows.
 
-        ``tail_bytes`` 0 means the agent's default; a follow lasts until the caller stops or the VM is
-        deleted. A guest may print its secrets there, so each read is one ``vm.console_read`` audit event naming the
-        caller, appended once the agent has accepted the read (its first piece, or the end of an empty log)
-        and before any byte is passed on: a read that cannot be audited does not happen.
+        ``tail_bytes`` 0 means the agent's default; ``from_offset`` (a client resuming a broken stream) starts at
+        that byte instead (the agent checks it: negative is INVALID_ARGUMENT, beyond the end starts at 0). A
+        follow lasts until the caller stops or the VM is deleted. A guest may print its secrets there, so each
+        read is one ``vm.console_read`` audit event naming the caller, appended once the agent has accepted the
+        read (its first piece, or the end of an empty log) and before any byte is passed on: a read that cannot
+        be audited does not happen. A resumed read is a new read, audited again with ``from_offset`` in its
+        details.
         """
         check_dns_label("name", name)
         vm = await asyncio.to_thread(self._store.get_vm, name)  # NotFound VM_NOT_FOUND
@@ -129,10 +134,11 @@ class VmManager:
             "vm.console_read",
             f"vms/{name}",
             Outcome.SUCCEEDED,
-            details={"host": vm.host, "tail_bytes": tail_bytes, "follow": follow},
+            details={"host": vm.host, "tail_bytes": tail_bytes, "follow": follow}
+            | ({} if from_offset is None else {"from_offset": from_offset}),
         )
         audited = False
-        async for chunk in client.read_console(name, tail_bytes, follow):
+        async for chunk in client.read_console(name, tail_bytes, follow, from_offset):
             if not audited:
                 await asyncio.to_thread(self._store.append_audit, [audit])
                 audited = True

@@ -330,7 +330,8 @@ class VmServicer(vm_service_pb2_grpc.VmServiceServicer):
         self, request: vm_service_pb2.ReadVmConsoleRequest, context: Ctx
     ) -> AsyncIterator[vm_service_pb2.ReadVmConsoleResponse]:
         """See the proto: each piece is written before the next is read from the agent."""
-        chunks = self._vms.read_console(request.name, request.tail_bytes, request.follow)
+        from_offset = request.from_offset if request.HasField("from_offset") else None
+        chunks = self._vms.read_console(request.name, request.tail_bytes, request.follow, from_offset)
         try:
             async for chunk in chunks:
                 yield vm_service_pb2.ReadVmConsoleResponse(data=chunk.data, offset=chunk.offset)

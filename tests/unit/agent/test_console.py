@@ -367,3 +367,74 @@ async def test_follow_goes_on_while_the_hypervisor_does_not_answer(env: Env) -> 
     got = await collect(env.reader(sleep=script, exists_every=1).read("web", follow=True), count=2)
     assert got == [ConsoleChunk(BOOTED, 0), ConsoleChunk(b"still here\n", 21)]
     assert script.polls == 5
+
+
+# ---- resuming at an offset (from_offset) -------------------------------------------------------------
+
+
+async def test_from_offset_in_the_middle_starts_at_exactly_that_byte_whatever_the_tail(env: Env) -> None:
+    await env.create("web")
+    data = bytes(range(256)) * 10  # 2,560 bytes
+    env.log("web").write_bytes(data)
+    chunks = await collect(env.reader(chunk_bytes=1000).read("web", tail_bytes=10, from_offset=1234))
+    assert [(c.offset, len(c.data)) for c in chunks] == [(1234, 1000), (2234, 326)]
+    assert b"".join(c.data for c in chunks) == data[1234:]
+
+
+async def test_from_offset_is_not_bounded_by_the_history_limit(env: Env) -> None:
+    await env.create("web")
+    data = os.urandom(MAX_TAIL_BYTES + 4096)
+    env.log("web").write_bytes(data)
+    # a client that was away while more than MAX_TAIL_BYTES were written gets all of them
+    chunks = await collect(env.reader().read("web", from_offset=1))
+    assert b"".join(c.data for c in chunks) == data[1:]
+    assert chunks[0].offset == 1 and all(len(c.data) <= CHUNK_BYTES for c in chunks)
+
+
+async def test_from_offset_0_is_the_whole_log(env: Env) -> None:
+    await env.create("web")
+    assert await collect(env.reader().read("web", from_offset=0)) == [ConsoleChunk(BOOTED, 0)]
+
+
+async def test_from_offset_at_the_exact_end_sends_nothing_then_follows_from_there(env: Env) -> None:
+    await env.create("web")
+    log = env.log("web")
+    assert await collect(env.reader().read("web", from_offset=len(BOOTED))) == []
+    script = Script(append(log, b"after the break\n"))
+    got = await collect(env.reader(sleep=script).read("web", follow=True, from_offset=len(BOOTED)), count=1)
+    assert got == [ConsoleChunk(b"after the break\n", len(BOOTED))]
+    assert script.polls == 1  # nothing before the appended bytes, not even the booted line again
+
+
+async def test_from_offset_beyond_the_end_starts_at_0(env: Env) -> None:
+    await env.create("web")
+    log = env.log("web")
+    # the log the client was reading was longer: this one was replaced (VM re-made, log truncated)
+    assert await collect(env.reader().read("web", from_offset=len(BOOTED) + 1)) == [ConsoleChunk(BOOTED, 0)]
+    script = Script(append(log, b"next\n"))
+    got = await collect(env.reader(sleep=script).read("web", follow=True, from_offset=10_000), count=2)
+    assert got == [ConsoleChunk(BOOTED, 0), ConsoleChunk(b"next\n", len(BOOTED))]
+
+
+async def test_from_offset_while_there_is_no_log_yet_reads_the_new_log_from_its_start(env: Env) -> None:
+    await env.create("cold", start=False)
+    assert await collect(env.reader().read("cold", from_offset=5)) == []
+
+    async def start() -> None:
+        await env.svc.start_vm("cold", request_id="")
+
+    got = await collect(env.reader(sleep=Script(start)).read("cold", follow=True, from_offset=5), count=1)
+    assert got == [ConsoleChunk(BOOTED, 0)]
+
+
+@pytest.mark.parametrize("follow", [False, True])
+async def test_a_negative_from_offset_is_refused_naming_the_field_before_the_vm_is_looked_up(
+    env: Env, follow: bool
+) -> None:
+    await env.create("web")
+    gets = env.fake.calls["get"]
+    with pytest.raises(errors.InvalidArgument) as err:
+        await collect(env.reader().read("web", follow=follow, from_offset=-1))
+    assert err.value.metadata["field"] == "from_offset"
+    assert "from_offset" in err.value.message
+    assert env.fake.calls["get"] == gets

@@ -24,9 +24,19 @@ import pytest
 from clonebox.controller.v1 import vm_service_pb2
 from typer.testing import CliRunner, Result
 
-from clonebox_cli.logs import TerminalEscaper
+from clonebox_cli import logs as logs_module
+from clonebox_cli.errors import TlsHandshakeFailed
+from clonebox_cli.logs import RECONNECT_FOR, SETTLED_SECONDS, TerminalEscaper, retryable
 from clonebox_cli.main import app
-from clonebox_core.errors import NotFound, PermissionDenied
+from clonebox_core.errors import (
+    CloneboxError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 
 from .conftest import FakeController, FakeFleet, FakeVmService, ThrowawayPki, abort, make_host, serve_fake
 
@@ -48,12 +58,64 @@ SHOWN = (
 
 
 @dataclass
+class Break:
+    """
+    How one ReadVmConsole call ends: after sending ``after`` pieces, with ``error``.
+
+    Before the error: ``elapsed`` seconds pass on the test clock (the stream was open that long), ``append``
+    is added to the log and ``replace`` (when set) replaces the log, as the guest or a re-made VM would.
+    """
+
+    after: int
+    error: Any
+    append: list[bytes] = field(default_factory=list)
+    replace: list[bytes] | None = None
+    elapsed: float = 0.0
+
+
+@dataclass
+class Clock:
+    """The follow's clock and back-off sleep: time passes only when the CLI sleeps (or a Break says so)."""
+
+    now: float = 1000.0
+    sleeps: list[float] = field(default_factory=list)
+    interrupt_after: int | None = None
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        if self.interrupt_after is not None and len(self.sleeps) >= self.interrupt_after:
+            raise KeyboardInterrupt
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@dataclass
 class Consoles:
-    """The fake controller and what its ReadVmConsole serves: pieces by VM, or an error."""
+    """
+    The fake controller and what its ReadVmConsole serves: pieces by VM, or an error.
+
+    Like the agent, a call starts ``tail_bytes`` (default 64 KiB) before the end, or at ``from_offset``
+    (0 when beyond the end), and sends the log piece by piece with each piece's offset. ``breaks`` scripts
+    the calls in order (one entry per call; calls past the script are not broken); ``ends`` makes a follow
+    end by itself once it has sent everything (the VM was deleted).
+    """
 
     fc: FakeController
     pieces: dict[str, list[bytes]] = field(default_factory=dict)
     errors: dict[str, Any] = field(default_factory=dict)
+    breaks: list[Break | None] = field(default_factory=list)
+    ends: bool = False
+    served: int = 0
+    clock: Clock = field(default_factory=Clock)
+
+    def broke(self, name: str, brk: Break) -> None:
+        """What happens between the last piece sent and the error."""
+        self.clock.now += brk.elapsed
+        if brk.replace is not None:
+            self.pieces[name] = list(brk.replace)
+        self.pieces.setdefault(name, []).extend(brk.append)
 
 
 @pytest.fixture
@@ -68,13 +130,19 @@ def consoles(test_pki: ThrowawayPki, monkeypatch: pytest.MonkeyPatch) -> Iterato
         c = holder[0]
         if request.name in c.errors:
             abort(context, c.errors[request.name])
+        brk = c.breaks[c.served] if c.served < len(c.breaks) else None
+        c.served += 1
+        if brk is not None and brk.after == 0:
+            c.broke(request.name, brk)
+            abort(context, brk.error)
         if request.name not in c.pieces:
             abort(context, NotFound(f"VM {request.name} not found", reason="VM_NOT_FOUND"))
-        offset = 0
-        for data in c.pieces[request.name]:
+        for sent, (offset, data) in enumerate(_serve(c.pieces[request.name], request), start=1):
             yield vm_service_pb2.ReadVmConsoleResponse(data=data, offset=offset)
-            offset += len(data)
-        while request.follow and context.is_active():
+            if brk is not None and sent == brk.after:
+                c.broke(request.name, brk)  # the guest goes on writing while the client is away
+                abort(context, brk.error)
+        while request.follow and not c.ends and context.is_active():
             time.sleep(0.02)  # a follow stays open until the client goes away
 
     monkeypatch.setattr(FakeVmService, "ReadVmConsole", read_vm_console, raising=False)
@@ -82,9 +150,28 @@ def consoles(test_pki: ThrowawayPki, monkeypatch: pytest.MonkeyPatch) -> Iterato
     try:
         holder.append(Consoles(FakeController(f"127.0.0.1:{port}", fleet, test_pki, test_pki.root / "user")))
         holder[0].pieces["web"] = list(PIECES)
+        # in-process runs back off on the test's clock (processes, below, use the real one)
+        monkeypatch.setattr(logs_module, "_pause", holder[0].clock.sleep)
+        monkeypatch.setattr(logs_module, "_now", holder[0].clock.monotonic)
         yield holder[0]
     finally:
         server.stop(0)
+
+
+def _serve(pieces: list[bytes], request: Any) -> Iterator[tuple[int, bytes]]:
+    """The log's pieces (offset, data) from where the request starts, the first one cut at that point."""
+    size = sum(len(p) for p in pieces)
+    if request.HasField("from_offset"):
+        start = request.from_offset if request.from_offset <= size else 0
+    else:
+        start = max(0, size - (request.tail_bytes or 64 * 1024))
+    offset = 0
+    for data in pieces:
+        end = offset + len(data)
+        if end > start:
+            cut = max(0, start - offset)
+            yield offset + cut, data[cut:]
+        offset = end
 
 
 def cli(runner: CliRunner, c: Consoles, *args: str) -> Result:
@@ -236,3 +323,178 @@ def test_a_bad_tail_is_a_usage_error(runner: CliRunner, consoles: Consoles, tail
     r = cli(runner, consoles, "logs", "web", "--tail", tail)
     assert r.exit_code == 2, r.output
     assert consoles.fc.fleet.calls("ReadVmConsole") == []
+
+
+# ---- -f across broken streams ------------------------------------------------------------------------
+
+AGENT_GONE = Unavailable("agent h1 at 127.0.0.1:1 went away", reason="AGENT_UNREACHABLE")
+HOST_DOWN = FailedPrecondition("host h1 of VM web is unreachable", reason="HOST_UNREACHABLE")
+SLOW = DeadlineExceeded("no answer in time", reason="DEADLINE_EXCEEDED")
+
+
+def notes(r: Result) -> list[str]:
+    return r.stderr.strip().splitlines()
+
+
+def test_a_broken_follow_resumes_at_the_next_byte_and_prints_the_log_exactly_once(
+    runner: CliRunner, consoles: Consoles
+) -> None:
+    seen = len(PIECES[0]) + len(PIECES[1])
+    consoles.breaks = [
+        Break(2, AGENT_GONE, append=[b"written while away\n"]),  # the agent restarts after two pieces
+        Break(0, HOST_DOWN),  # its host is not connected yet
+        Break(1, SLOW, append=[b"and more\n"]),  # back for one piece, then a deadline
+    ]
+    consoles.ends = True  # the fourth stream ends by itself once it has sent everything: the VM is deleted
+    r = cli(runner, consoles, "logs", "web", "-f")
+    assert r.exit_code == 0, r.output
+    assert r.stdout_bytes == RAW + b"written while away\n" + b"and more\n"
+    reqs = consoles.fc.fleet.calls("ReadVmConsole")
+    assert [r.HasField("from_offset") for r in reqs] == [False, True, True, True]
+    assert [r.from_offset for r in reqs[1:]] == [seen, seen, seen + len(PIECES[2])]
+    assert all(r.follow and r.name == "web" for r in reqs)
+    # one note per break (not per attempt), each naming why
+    assert notes(r) == [
+        "logs: connection lost (AGENT_UNREACHABLE); reconnecting",
+        "logs: connection lost (DEADLINE_EXCEEDED); reconnecting",
+    ]
+    # 0.5 s, doubled while the outage lasts, and back to 0.5 s once a stream worked again
+    assert consoles.clock.sleeps == [0.5, 1.0, 0.5]
+
+
+def test_json_offsets_go_on_across_a_break(runner: CliRunner, consoles: Consoles) -> None:
+    consoles.pieces["web"] = [b"one\n", b"two\n"]
+    consoles.breaks = [Break(1, AGENT_GONE, append=[b"three\n"])]
+    consoles.ends = True
+    r = cli(runner, consoles, "-o", "json", "logs", "web", "-f")
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert lines == [
+        {"offset": 0, "data": "one\n"},
+        {"offset": 4, "data": "two\n"},
+        {"offset": 8, "data": "three\n"},
+    ]
+    (note,) = notes(r)
+    assert json.loads(note) == {"notice": "logs: connection lost (AGENT_UNREACHABLE); reconnecting"}
+
+
+def test_a_log_replaced_while_away_is_read_again_from_its_start_with_a_note(
+    runner: CliRunner, consoles: Consoles
+) -> None:
+    consoles.breaks = [Break(3, AGENT_GONE, replace=[b"new vm\n"])]
+    consoles.ends = True
+    r = cli(runner, consoles, "logs", "web", "-f")
+    assert r.exit_code == 0, r.output
+    assert r.stdout_bytes == b"".join(PIECES[:3]) + b"new vm\n"
+    assert consoles.fc.fleet.calls("ReadVmConsole")[1].from_offset == len(b"".join(PIECES[:3]))
+    assert len(notes(r)) == 2 and "shorter than offset" in notes(r)[1], r.stderr
+
+
+def test_a_vm_deleted_while_away_ends_the_follow_with_a_note_and_exit_0(runner: CliRunner, consoles: Consoles) -> None:
+    consoles.breaks = [Break(2, AGENT_GONE), Break(0, NotFound("VM web not found", reason="VM_NOT_FOUND"))]
+    r = cli(runner, consoles, "logs", "web", "-f")
+    assert r.exit_code == 0, r.output
+    assert r.stdout_bytes == PIECES[0] + PIECES[1]
+    assert notes(r) == ["logs: connection lost (AGENT_UNREACHABLE); reconnecting", "logs: VM web is gone; stopping"]
+    assert len(consoles.fc.fleet.calls("ReadVmConsole")) == 2
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (PermissionDenied("user viewer may not call ReadVmConsole", reason="ROLE_NOT_ALLOWED"), 7),
+        (Internal("internal error", reason="INTERNAL"), 12),
+        (FailedPrecondition("the console log cannot be read", reason="CONSOLE_LOG_UNREADABLE"), 5),
+    ],
+)
+def test_a_follow_that_fails_for_good_is_reported_as_before_without_reconnecting(
+    runner: CliRunner, consoles: Consoles, error: CloneboxError, code: int
+) -> None:
+    consoles.breaks = [Break(2, error)]
+    r = cli(runner, consoles, "logs", "web", "-f")
+    assert r.exit_code == code, r.output
+    assert r.stdout_bytes == PIECES[0] + PIECES[1]
+    (line,) = notes(r)
+    assert line.startswith("error: ") and error.message in line
+    assert len(consoles.fc.fleet.calls("ReadVmConsole")) == 1
+    assert consoles.clock.sleeps == []
+
+
+@pytest.mark.parametrize(("error", "code"), [(AGENT_GONE, 9), (HOST_DOWN, 5), (SLOW, 10)])
+def test_the_first_requests_errors_are_reported_at_once_even_with_follow(
+    runner: CliRunner, consoles: Consoles, error: CloneboxError, code: int
+) -> None:
+    consoles.breaks = [Break(0, error)]
+    r = cli(runner, consoles, "logs", "web", "-f")
+    assert r.exit_code == code, r.output
+    (line,) = notes(r)
+    assert line.startswith("error: ")
+    assert len(consoles.fc.fleet.calls("ReadVmConsole")) == 1
+    assert consoles.clock.sleeps == []
+
+
+def test_a_quiet_follow_that_had_worked_resumes_from_0(runner: CliRunner, consoles: Consoles) -> None:
+    # an empty log sends nothing; a stream that stayed open SETTLED_SECONDS had been accepted all the same
+    consoles.pieces["web"] = []
+    consoles.breaks = [Break(0, AGENT_GONE, elapsed=SETTLED_SECONDS, append=[b"first words\n"])]
+    consoles.ends = True
+    r = cli(runner, consoles, "logs", "web", "-f")
+    assert r.exit_code == 0, r.output
+    assert r.stdout_bytes == b"first words\n"
+    second = consoles.fc.fleet.calls("ReadVmConsole")[1]
+    assert second.HasField("from_offset") and second.from_offset == 0
+
+
+def test_a_follow_gives_up_after_reconnect_for_seconds_without_a_working_connection(
+    runner: CliRunner, consoles: Consoles
+) -> None:
+    consoles.breaks = [Break(2, AGENT_GONE), *[Break(0, HOST_DOWN)] * 200]
+    r = cli(runner, consoles, "logs", "web", "-f")
+    assert r.exit_code == 5, r.output  # the last error, with its usual exit code
+    assert r.stdout_bytes == PIECES[0] + PIECES[1]
+    lines = notes(r)
+    assert lines[0] == "logs: connection lost (AGENT_UNREACHABLE); reconnecting"
+    assert lines[1] == f"logs: no working connection for {RECONNECT_FOR:.0f} s; giving up"
+    assert lines[2].startswith("error: ") and "unreachable" in lines[2]
+    assert len(lines) == 3
+    sleeps = consoles.clock.sleeps
+    assert sleeps[:5] == [0.5, 1.0, 2.0, 4.0, 5.0] and max(sleeps) == 5.0
+    assert sum(sleeps[:-1]) < RECONNECT_FOR <= sum(sleeps)  # gave up at the first failure past the bound
+    assert len(consoles.fc.fleet.calls("ReadVmConsole")) == len(sleeps) + 1
+
+
+def test_ctrl_c_while_reconnecting_ends_quietly_with_exit_0(runner: CliRunner, consoles: Consoles) -> None:
+    consoles.breaks = [Break(2, AGENT_GONE), *[Break(0, HOST_DOWN)] * 10]
+    consoles.clock.interrupt_after = 2
+    r = cli(runner, consoles, "logs", "web", "-f")
+    assert r.exit_code == 0, r.output
+    assert r.stdout_bytes == PIECES[0] + PIECES[1]
+    assert notes(r) == ["logs: connection lost (AGENT_UNREACHABLE); reconnecting"]
+
+
+def test_without_follow_a_broken_stream_is_an_error_as_before(runner: CliRunner, consoles: Consoles) -> None:
+    consoles.breaks = [Break(2, AGENT_GONE)]
+    r = cli(runner, consoles, "logs", "web")
+    assert r.exit_code == 9, r.output
+    assert r.stdout_bytes == PIECES[0] + PIECES[1]
+    (line,) = notes(r)
+    assert line.startswith("error: ")
+    (req,) = consoles.fc.fleet.calls("ReadVmConsole")
+    assert not req.HasField("from_offset")
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (Unavailable("gone", reason="UNREACHABLE"), True),
+        (AGENT_GONE, True),
+        (SLOW, True),
+        (HOST_DOWN, True),
+        (TlsHandshakeFailed("rejected this client's certificate"), False),
+        (FailedPrecondition("no console", reason="CONSOLE_LOG_UNAVAILABLE"), False),
+        (NotFound("VM web not found", reason="VM_NOT_FOUND"), False),
+        (PermissionDenied("no", reason="ROLE_NOT_ALLOWED"), False),
+    ],
+)
+def test_what_a_follow_rides_out(error: CloneboxError, expected: bool) -> None:
+    assert retryable(error) is expected

@@ -63,24 +63,34 @@ class ReadConsoleRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     TAIL_BYTES_FIELD_NUMBER: _builtins.int
     FOLLOW_FIELD_NUMBER: _builtins.int
+    FROM_OFFSET_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """VM name."""
     tail_bytes: _builtins.int
     """Start this many bytes before the end of the log; 0 means the agent's default (64 KiB)."""
     follow: _builtins.bool
     """Keep the stream open and send what the guest writes next, until the client cancels or the VM is deleted."""
+    from_offset: _builtins.int
+    """Resume at this byte offset of the log (the offset of the last piece received plus its length) instead
+    of tail_bytes before the end; tail_bytes is then ignored and all of the log from there is sent. An
+    offset beyond the end of the log (it was replaced or truncated since, e.g. the VM was re-created)
+    starts at 0, and the first piece's offset shows it. Negative: INVALID_ARGUMENT naming from_offset.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         tail_bytes: _builtins.int = ...,
         follow: _builtins.bool = ...,
+        from_offset: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_from_offset", b"_from_offset", "from_offset", b"from_offset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "name", b"name", "tail_bytes", b"tail_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_from_offset", b"_from_offset", "follow", b"follow", "from_offset", b"from_offset", "name", b"name", "tail_bytes", b"tail_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__from_offset: _TypeAlias = _typing.Literal["from_offset"]  # noqa: Y015
+    _WhichOneofArgType__from_offset: _TypeAlias = _typing.Literal["_from_offset", b"_from_offset"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__from_offset) -> _WhichOneofReturnType__from_offset | None: ...
 
 Global___ReadConsoleRequest: _TypeAlias = ReadConsoleRequest  # noqa: Y015
 
