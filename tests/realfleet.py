@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -19,8 +20,11 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from clonebox.controller.v1 import host_service_pb2, vm_service_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from clonebox_cli.client import ControllerClient
+from clonebox_cli.output import message_dict
 from clonebox_core.rpc.server import Transport, sync_channel
 from clonebox_core.rpc.tls import TlsFiles
 
@@ -101,6 +105,32 @@ class RealFleet:
         proc.kill()
         proc.wait()
 
+    def api(self) -> ControllerClient:
+        """The controller's API in this process, as the admin user: for the tests' own polling of state.
+
+        What ``clonebox -o json host list`` / ``vm list`` print (``message_dict`` of the same replies), without
+        starting a CLI process (over a second each) per poll. Commands under test still go through ``cli``.
+        """
+        return ControllerClient(self.controller, Transport(TlsFiles.in_folder(self.root / "user" / "tls", "user")))
+
+    def host_ready(self) -> bool:
+        """The controller lists this fleet's host as READY."""
+        client = self.api()
+        try:
+            reply = client.call(client.hosts.ListHosts, host_service_pb2.ListHostsRequest())
+        finally:
+            client.close()
+        return any(h.name == self.host and message_dict(h).get("state") == "HOST_STATE_READY" for h in reply.hosts)
+
+    def vm_states(self) -> dict[str, str]:
+        """name -> state of every VM the controller lists (``vm list``'s ``state``, e.g. ``VM_STATE_RUNNING``)."""
+        client = self.api()
+        try:
+            reply = client.call(client.vms.ListVms, vm_service_pb2.ListVmsRequest(page_size=1000))
+        finally:
+            client.close()
+        return {v["name"]: v.get("state", "") for v in map(message_dict, reply.vms)}
+
     def cli(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         tls = str(self.root / "user" / "tls")
         cmd = [sys.executable, "-m", "clonebox_cli.main", "--controller", self.controller, "--tls-dir", tls, *args]
@@ -159,6 +189,32 @@ def _bootstrap_pki(chost: Path, user: Path, env: dict[str, str]) -> None:
             raise AssertionError(f"clonebox {' '.join(args)} exited {r.returncode}: {r.stderr}")
 
 
+#: the PKI ``_bootstrap_pki`` made once in this process (CA folder, controller and user TLS folders)
+_pki_template: list[Path] = []
+
+
+def _copy_pki(chost: Path, user: Path) -> None:
+    """Give a new fleet the session's PKI: made once (by the CLI, as an operator does), then copied.
+
+    Three ``clonebox pki`` processes cost seconds per fleet; every fleet still gets its own copy of the CA
+    folder (the controller issues the agent's certificate into it at enrolment), so no fleet sees another's.
+    """
+    if not _pki_template:
+        template = Path("/var/lib/clonebox/test") / f"pki-{uuid.uuid4().hex[:8]}"
+        (template / "controller-host").mkdir(parents=True, mode=0o755)
+        (template / "user").mkdir(mode=0o755)
+        atexit.register(shutil.rmtree, template, ignore_errors=True)
+        _bootstrap_pki(template / "controller-host", template / "user", {**os.environ})
+        _pki_template.append(template)
+    template = _pki_template[0]
+    for src, dst in (
+        (template / "controller-host" / "ca", chost / "ca"),
+        (template / "controller-host" / "tls", chost / "tls"),
+        (template / "user" / "tls", user / "tls"),
+    ):
+        shutil.copytree(src, dst)
+
+
 def _start(args: list[str], log: Path, env: dict[str, str], append: bool = False) -> subprocess.Popen[bytes]:
     with log.open("ab" if append else "wb") as out:
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -197,7 +253,7 @@ def running_fleet(
     for d in (chost, ahost, user):
         d.mkdir(mode=0o755)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-    _bootstrap_pki(chost, user, env)
+    _copy_pki(chost, user)
     (chost / "controller.yaml").write_text(
         yaml.safe_dump(
             {
@@ -248,10 +304,9 @@ def running_fleet(
         fleet.start_agent(join_token=token)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            hosts = fleet.cli_json("host", "list")["hosts"]
-            if any(h["name"] == host and h.get("state") == "HOST_STATE_READY" for h in hosts):
+            if fleet.host_ready():
                 break
-            time.sleep(0.3)
+            time.sleep(0.2)
         else:
             raise AssertionError(f"agent never registered: {(root / 'agent.log').read_text()[-3000:]}")
         yield fleet

@@ -46,6 +46,11 @@ TESTGUEST_DIR = os.environ.get("CLONEBOX_TESTGUEST_DIR", "/var/lib/clonebox/imag
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "contract: the Hypervisor contract suite, run against every adapter")
     config.addinivalue_line("markers", "requires(*capabilities): run only for adapters declaring these")
+    config.addinivalue_line(
+        "markers",
+        "not_on(*adapter_kinds): a case (pytest.param mark) those adapters do not run: deselected, never skipped; "
+        "only where that adapter would prove nothing another one does not",
+    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -58,13 +63,21 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("adapter_kind", kinds)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     here = os.path.dirname(__file__)
+    drop: list[pytest.Item] = []
     for item in items:
         if str(item.path).startswith(here):
             item.add_marker(pytest.mark.contract)
             if "libvirt" in item.name:
                 item.add_marker(pytest.mark.libvirt)
+            callspec = getattr(item, "callspec", None)
+            kind = callspec.params.get("adapter_kind") if callspec is not None else None
+            if any(kind in marker.args for marker in item.iter_markers("not_on")):
+                drop.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = [item for item in items if item not in drop]
 
 
 def _qemu_unreachable() -> str | None:

@@ -314,13 +314,21 @@ async def test_a_change_that_needs_a_replace_is_refused_and_changes_nothing(
     assert (await svc.update(replace(spec, labels=(("a", "b"),)), request_id="r1")).kind == ChangeKind.IN_PLACE
 
 
+#: a value out of its fixed range is refused by the spec's validation before the adapter is asked anything:
+#: real QEMU would repeat what the test driver shows (the same domain, not restarted), so it runs only the
+#: cases judged against the host's real size
+_NOT_ON_QEMU = pytest.mark.not_on("libvirt-qemu")
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        ({"vcpus": 0}, "spec.vcpus"),
-        ({"memory_mib": 8}, "spec.memory_mib"),
-        ({"labels": (("Bad Key", "x"),)}, "spec.labels"),
-        ({"health_checks": (replace(CHECK, interval_ms=10),)}, "spec.health_checks[0].interval"),
+        pytest.param({"vcpus": 0}, "spec.vcpus", marks=_NOT_ON_QEMU),
+        pytest.param({"memory_mib": 8}, "spec.memory_mib", marks=_NOT_ON_QEMU),
+        pytest.param({"labels": (("Bad Key", "x"),)}, "spec.labels", marks=_NOT_ON_QEMU),
+        pytest.param(
+            {"health_checks": (replace(CHECK, interval_ms=10),)}, "spec.health_checks[0].interval", marks=_NOT_ON_QEMU
+        ),
         ("beyond-host-cpus", "spec.vcpus"),
         ("beyond-host-memory", "spec.memory_mib"),
     ],

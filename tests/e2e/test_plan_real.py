@@ -46,7 +46,9 @@ def plan_file(fleet: RealFleet, name: str, *, broken_api: bool = False) -> Path:
         doc["vms"]["api"]["health_checks"] = [
             {"name": "never", "type": "command", "interval": "2s", "timeout": "1s", "command": {"argv": ["false"]}}
         ]
-        doc["update"]["healthy_deadline"] = "45s"
+        # per VM: db must still turn healthy within it (~15 s under TCG, twice that on a loaded machine);
+        # api fails at it, naming its check (unhealthy once its guest runs)
+        doc["update"]["healthy_deadline"] = "35s"
     path = fleet.root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path

@@ -5,12 +5,20 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 
 import pytest
 
-from tests.realfleet import RealFleet
+from tests.realfleet import RealFleet, running_fleet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.libvirt]
+
+
+@pytest.fixture(scope="module")
+def real_fleet() -> Iterator[RealFleet]:
+    """One fleet for the module: every test uses its own VM names and deletes what it made."""
+    with running_fleet() as fleet:
+        yield fleet
 
 
 def owned_files(storage_dir: str) -> list[str]:

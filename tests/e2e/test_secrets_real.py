@@ -296,11 +296,22 @@ def material(tmp_path: Path) -> Iterator[Material]:
         vault.stop()
 
 
-@pytest.fixture
-def traced() -> Iterator[tuple[RealFleet, Receiver]]:
-    """A fleet whose controller, agent and CLI export their spans to a real OTLP receiver."""
-    with otlp_receiver() as (collector, port), running_fleet(otlp_env(port)) as fleet:
+@pytest.fixture(scope="module")
+def shared_fleet() -> Iterator[tuple[RealFleet, Receiver]]:
+    """One fleet for the module (each test uses its own VM and canaries, and deletes its VM).
+
+    Its controller, agent and CLI export their spans to a real OTLP receiver, and its agent asks guests
+    every half second whether cloud-init is done (what the seed test needs; the others never detach a seed).
+    """
+    env = {"CLONEBOX_AGENT_SEED_POLL_SECONDS": "0.5"}
+    with otlp_receiver() as (collector, port), running_fleet({**otlp_env(port), **env}) as fleet:
         yield fleet, collector
+
+
+@pytest.fixture
+def traced(shared_fleet: tuple[RealFleet, Receiver]) -> tuple[RealFleet, Receiver]:
+    """A fleet whose controller, agent and CLI export their spans to a real OTLP receiver."""
+    return shared_fleet
 
 
 def _agent_span(collector: Receiver, name: str, domain: str) -> bool:
@@ -474,10 +485,9 @@ def scan_sources(fleet: RealFleet, collector: Receiver, cli: Cli, domain_names: 
 
 
 @pytest.fixture
-def seed_fleet() -> Iterator[RealFleet]:
+def seed_fleet(shared_fleet: tuple[RealFleet, Receiver]) -> RealFleet:
     """A fleet whose agent asks guests every half second whether cloud-init is done."""
-    with running_fleet({"CLONEBOX_AGENT_SEED_POLL_SECONDS": "0.5"}) as fleet:
-        yield fleet
+    return shared_fleet[0]
 
 
 def test_the_seed_is_private_and_detached_once_cloud_init_is_done(seed_fleet: RealFleet) -> None:
@@ -557,9 +567,9 @@ def test_the_seed_is_private_and_detached_once_cloud_init_is_done(seed_fleet: Re
 # ---- 3. the generated key, and rotation in the guest -------------------------------------------------
 
 
-def test_generated_key_and_rotation_in_the_real_guest(real_fleet: RealFleet, tmp_path: Path) -> None:
+def test_generated_key_and_rotation_in_the_real_guest(shared_fleet: tuple[RealFleet, Receiver], tmp_path: Path) -> None:
     """A generated key pair for a spec that names no key; new keys set in the guest; a clear password error."""
-    fleet = real_fleet
+    fleet = shared_fleet[0]
     canary = f"cb-canary-rotate-{uuid.uuid4().hex}"
     cli = Cli(fleet, {"CB_ROTATE_PW": canary})
     name = f"{fleet.host}-key"

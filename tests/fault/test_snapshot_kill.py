@@ -154,7 +154,7 @@ def open_txns(fleet: RealFleet) -> list[tuple[str, str]]:
 
 
 def fleet_vms(fleet: RealFleet) -> dict[str, str]:
-    return {v["name"]: v.get("state", "") for v in fleet.cli_json("vm", "list")["vms"]}
+    return fleet.vm_states()
 
 
 def snapshot_names(fleet: RealFleet, vm: str) -> set[str]:
@@ -165,11 +165,7 @@ def snapshot_names(fleet: RealFleet, vm: str) -> set[str]:
 
 
 def wait_host_ready(fleet: RealFleet, timeout: float = 60) -> None:
-    def ready() -> bool:
-        hosts = fleet.cli_json("host", "list")["hosts"]
-        return any(h["name"] == fleet.host and h.get("state") == "HOST_STATE_READY" for h in hosts)
-
-    eventually(ready, timeout, f"host {fleet.host} READY", interval=0.3)
+    eventually(fleet.host_ready, timeout, f"host {fleet.host} READY", interval=0.2)
 
 
 #: pids of agents started with a fault injection
