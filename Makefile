@@ -28,19 +28,21 @@ hypervisor: install ## start virtlogd/libvirtd if none runs, build the test gues
 demo: hypervisor ## install, then run two tiny VMs end to end through CLI, controller, agent and libvirt
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash deploy/dev/demo.sh
 
-# make test runs the suite in two parts that together are every test (tests/conftest.py: --suite-part):
-# the unit, integration and fuzz tests that never touch libvirt on TEST_WORKERS pytest-xdist workers, then
-# the real-libvirt tiers (contract, e2e, fault) one at a time. Fails if either part fails; a part that
-# PYTEST_ARGS leaves empty (exit 5) counts as passed unless both are empty.
+# make test runs the suite in three parts that together are every test (tests/conftest.py: --suite-part):
+# the unit, integration and fuzz tests that never touch libvirt on TEST_WORKERS pytest-xdist workers, the
+# Hypervisor contract suite on TEST_WORKERS workers a module each, then the real-fleet tiers (e2e, fault)
+# one at a time. Fails if any part fails; a part that PYTEST_ARGS leaves empty (exit 5) counts as passed
+# unless all are empty.
 TEST_WORKERS ?= 2
 PYTEST_RUN = CLONEBOX_FUZZ_EXAMPLES=$${CLONEBOX_FUZZ_EXAMPLES:-250} $(PY) -m pytest -q -rs --durations=25 -m "not full"
 
 test: hypervisor ## install, then run every test suite but the minutes-long `full` ones (make test-full)
 	$(PYTEST_RUN) -n $(TEST_WORKERS) --suite-part=parallel $(PYTEST_ARGS); p=$$?; \
+	  $(PYTEST_RUN) -n $(TEST_WORKERS) --dist loadfile --suite-part=contract $(PYTEST_ARGS); c=$$?; \
 	  $(PYTEST_RUN) --suite-part=serial $(PYTEST_ARGS); s=$$?; \
-	  echo "make test: parallel part exit $$p, serial part exit $$s"; \
-	  if [ $$p = 5 ] && [ $$s = 5 ]; then exit 5; fi; \
-	  for rc in $$p $$s; do if [ $$rc != 0 ] && [ $$rc != 5 ]; then exit $$rc; fi; done
+	  echo "make test: parallel part exit $$p, contract part exit $$c, serial part exit $$s"; \
+	  if [ $$p = 5 ] && [ $$c = 5 ] && [ $$s = 5 ]; then exit 5; fi; \
+	  for rc in $$p $$c $$s; do if [ $$rc != 0 ] && [ $$rc != 5 ]; then exit $$rc; fi; done
 
 debian-guest: install ## build the Debian cloud-init guest image (mmdebstrap; cached)
 	bash deploy/testguest/debian/build.sh $(IMAGES)/debian-guest

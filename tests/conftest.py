@@ -3,12 +3,15 @@
 With ``CLONEBOX_REQUIRE_ALL=1`` (set by ``.ci/run``) a skipped test fails the session: CI provides
 libvirtd, QEMU and PostgreSQL, so a skip there means a missing component, not an optional test.
 
-``--suite-part`` splits the suite in two halves that together are every test, for ``make test``:
+``--suite-part`` splits the suite in three parts that together are every test, for ``make test``:
 
 - ``parallel``: the unit, integration and fuzz tests that never touch libvirt (fake hypervisor, SQLite,
   private PostgreSQL clusters, loopback ports picked by the kernel, pytest's tmp_path), safe to spread over
   pytest-xdist workers (``-n 2``);
-- ``serial``: everything else (contract, e2e, fault, and the ``libvirt``-marked unit tests): real TCG guests
+- ``contract``: the Hypervisor contract suite (tests/contract): real libvirt, but every harness has its own
+  owner, pool and names, and no timing assertions, so its modules may run on two workers (``--dist
+  loadfile``: a module's cases stay on one worker, in order);
+- ``serial``: everything else (e2e, fault, and the ``libvirt``-marked unit tests): fleets of real TCG guests
   on the one libvirtd, CPU-heavy and timing-sensitive, one at a time.
 
 Under xdist every worker is its own process: a session fixture (such as the store tests' PostgreSQL cluster)
@@ -27,7 +30,7 @@ _skipped: list[str] = []
 TESTS = Path(__file__).parent
 #: the tiers whose tests, but for the ``libvirt``-marked ones, may run in parallel
 PARALLEL_TIERS = frozenset({"unit", "integration", "fuzz"})
-SUITE_PARTS = ("all", "parallel", "serial")
+SUITE_PARTS = ("all", "parallel", "contract", "serial")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -36,7 +39,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         choices=SUITE_PARTS,
         default="all",
         help="parallel: the unit/integration/fuzz tests that never touch libvirt (safe under pytest-xdist); "
-        "serial: every other test; all (default): both",
+        "contract: the Hypervisor contract suite; serial: every other test; all (default): every test",
     )
 
 
@@ -50,13 +53,15 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["CLONEBOX_TEST_PG_URL"] = pgcluster.worker_database(url, worker)
 
 
-def parallel_safe(item: pytest.Item) -> bool:
-    """True for a test of the ``parallel`` part (see the module's docstring)."""
+def suite_part(item: pytest.Item) -> str:
+    """The ``--suite-part`` a test belongs to (see the module's docstring)."""
     try:
         tier = item.path.resolve().relative_to(TESTS.resolve()).parts[0]
     except ValueError:
-        return False
-    return tier in PARALLEL_TIERS and item.get_closest_marker("libvirt") is None
+        return "serial"
+    if tier == "contract":
+        return "contract"
+    return "parallel" if tier in PARALLEL_TIERS and item.get_closest_marker("libvirt") is None else "serial"
 
 
 @pytest.hookimpl(trylast=True)  # after the conftests that add markers
@@ -67,7 +72,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     keep: list[pytest.Item] = []
     drop: list[pytest.Item] = []
     for item in items:
-        (keep if parallel_safe(item) == (part == "parallel") else drop).append(item)
+        (keep if suite_part(item) == part else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
