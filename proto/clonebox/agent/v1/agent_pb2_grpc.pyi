@@ -85,6 +85,17 @@ class AgentServiceStub:
     """ImportSnapshot makes a stopped VM from an export stream; nothing is kept unless all of it checks out."""
     ReadConsole: _grpc.UnaryStreamMultiCallable[_agent_pb2.ReadConsoleRequest, _agent_pb2.ReadConsoleResponse]
     """ReadConsole streams a VM's serial console log: its last bytes, then (with follow) what the guest writes next."""
+    CreateVolume: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CreateVolumeRequest, _agent_pb2.CreateVolumeResponse]
+    """CreateVolume makes a volume: a disk that VMs attach by name (DiskSpec.volume) and that outlives them.
+    Idempotent: an existing volume of the same size and shared flag is returned (its labels replaced);
+    a different size or flag is FAILED_PRECONDITION VOLUME_EXISTS_DIFFERENT naming the field.
+    """
+    DeleteVolume: _grpc.UnaryUnaryMultiCallable[_agent_pb2.DeleteVolumeRequest, _agent_pb2.DeleteVolumeResponse]
+    """DeleteVolume removes a volume and its data. FAILED_PRECONDITION VOLUME_IN_USE while a VM definition
+    attaches it (naming the VMs); NOT_FOUND VOLUME_NOT_FOUND when there is none (callers treat it as done).
+    """
+    ListVolumes: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ListVolumesRequest, _agent_pb2.ListVolumesResponse]
+    """ListVolumes lists this host's volumes with the VMs attaching each."""
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -143,6 +154,17 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """ImportSnapshot makes a stopped VM from an export stream; nothing is kept unless all of it checks out."""
     ReadConsole: _aio.UnaryStreamMultiCallable[_agent_pb2.ReadConsoleRequest, _agent_pb2.ReadConsoleResponse]  # type: ignore[assignment]
     """ReadConsole streams a VM's serial console log: its last bytes, then (with follow) what the guest writes next."""
+    CreateVolume: _aio.UnaryUnaryMultiCallable[_agent_pb2.CreateVolumeRequest, _agent_pb2.CreateVolumeResponse]  # type: ignore[assignment]
+    """CreateVolume makes a volume: a disk that VMs attach by name (DiskSpec.volume) and that outlives them.
+    Idempotent: an existing volume of the same size and shared flag is returned (its labels replaced);
+    a different size or flag is FAILED_PRECONDITION VOLUME_EXISTS_DIFFERENT naming the field.
+    """
+    DeleteVolume: _aio.UnaryUnaryMultiCallable[_agent_pb2.DeleteVolumeRequest, _agent_pb2.DeleteVolumeResponse]  # type: ignore[assignment]
+    """DeleteVolume removes a volume and its data. FAILED_PRECONDITION VOLUME_IN_USE while a VM definition
+    attaches it (naming the VMs); NOT_FOUND VOLUME_NOT_FOUND when there is none (callers treat it as done).
+    """
+    ListVolumes: _aio.UnaryUnaryMultiCallable[_agent_pb2.ListVolumesRequest, _agent_pb2.ListVolumesResponse]  # type: ignore[assignment]
+    """ListVolumes lists this host's volumes with the VMs attaching each."""
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService runs on every hypervisor host and is the only code that touches libvirt."""
@@ -342,5 +364,34 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.ReadConsoleResponse], _abc.AsyncIterator[_agent_pb2.ReadConsoleResponse]]:
         """ReadConsole streams a VM's serial console log: its last bytes, then (with follow) what the guest writes next."""
+
+    @_abc_1.abstractmethod
+    def CreateVolume(
+        self,
+        request: _agent_pb2.CreateVolumeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.CreateVolumeResponse, _abc.Awaitable[_agent_pb2.CreateVolumeResponse]]:
+        """CreateVolume makes a volume: a disk that VMs attach by name (DiskSpec.volume) and that outlives them.
+        Idempotent: an existing volume of the same size and shared flag is returned (its labels replaced);
+        a different size or flag is FAILED_PRECONDITION VOLUME_EXISTS_DIFFERENT naming the field.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteVolume(
+        self,
+        request: _agent_pb2.DeleteVolumeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.DeleteVolumeResponse, _abc.Awaitable[_agent_pb2.DeleteVolumeResponse]]:
+        """DeleteVolume removes a volume and its data. FAILED_PRECONDITION VOLUME_IN_USE while a VM definition
+        attaches it (naming the VMs); NOT_FOUND VOLUME_NOT_FOUND when there is none (callers treat it as done).
+        """
+
+    @_abc_1.abstractmethod
+    def ListVolumes(
+        self,
+        request: _agent_pb2.ListVolumesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ListVolumesResponse, _abc.Awaitable[_agent_pb2.ListVolumesResponse]]:
+        """ListVolumes lists this host's volumes with the VMs attaching each."""
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
