@@ -104,7 +104,7 @@ async def test_files_are_qcow2_or_raw_of_the_size(h: Harness) -> None:
         assert one is not None and one.endswith("vol.one.qcow2")
         assert many is not None and many.endswith("vol.many.raw")
         if h.real:
-            info = subprocess.run(["qemu-img", "info", "--output=json", one], capture_output=True, text=True, check=True)
+            info = _qemu_img_info(one)
             assert '"format": "qcow2"' in info.stdout and f'"virtual-size": {8 * MIB}' in info.stdout
             assert os.stat(many).st_size == 4 * MIB
     finally:
@@ -376,6 +376,15 @@ async def test_a_half_made_volume_is_invisible_and_replaced(h: Harness) -> None:
 # ---- real data (real QEMU) -----------------------------------------------------------------------------
 
 
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _qemu_img_info(path: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["qemu-img", "info", "--output=json", path], capture_output=True, text=True, check=True)
+
+
 def _qemu_io(path: str, command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["qemu-io", "-f", "qcow2", "-c", command, path], capture_output=True, text=True, timeout=60, check=False
@@ -391,8 +400,7 @@ async def test_data_written_to_a_volume_survives_its_vms(h: Harness) -> None:
     if h.real:
         written = _qemu_io(path, "write -P 0x5a 64k 64k")
         assert written.returncode == 0, written.stderr
-    with open(path, "rb") as f:
-        before = f.read()
+    before = _read(path)
     first = _with_volume(h, "data")
     await h.hv.create(first, start=True)  # QEMU opens the file (and relabels it) while the guest runs
     assert (await h.hv.get(first.name)).state == VmState.RUNNING
@@ -404,6 +412,5 @@ async def test_data_written_to_a_volume_survives_its_vms(h: Harness) -> None:
         read = _qemu_io(path, "read -P 0x5a 64k 64k")
         assert read.returncode == 0 and "verification failed" not in read.stdout, read.stdout + read.stderr
     else:
-        with open(path, "rb") as f:
-            assert f.read() == before
+        assert _read(path) == before
     await h.hv.delete_volume("data")
