@@ -127,6 +127,14 @@ async def test_create_is_idempotent_and_refuses_a_different_volume(h: Harness) -
     await h.hv.delete_volume("data")
 
 
+@pytest.mark.requires(Capability.HOST_FILES)
+async def test_a_volume_larger_than_the_pool_is_refused(h: Harness) -> None:
+    with pytest.raises(FailedPrecondition) as err:
+        await h.hv.create_volume("huge", 64 * 1024 * 1024)  # 64 TiB: the validation's maximum
+    assert (err.value.reason, err.value.metadata["volume"]) == ("POOL_FULL", "huge")
+    assert (await h.hv.inventory()).is_empty()
+
+
 @pytest.mark.parametrize(
     ("name", "size", "field"),
     [("data", 0, "size_mib"), ("Data_1", 8, "name"), ("", 8, "name"), ("../x", 8, "name")],

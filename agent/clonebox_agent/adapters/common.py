@@ -380,7 +380,7 @@ def roll_back(log: StepLog, undo: Callable[[Mapping[str, str], Mapping[str, str]
     return removed
 
 
-def check_room(folder: str, need_bytes: int, vm: str) -> None:
+def check_room(folder: str, need_bytes: int, vm: str, *, volume: str = "") -> None:
     """Pre-flight: FailedPrecondition POOL_FULL unless ``folder``'s file system has ``need_bytes`` free.
 
     Disks are thin (qcow2), but a VM may fill them: the room checked is their full virtual size, so a
@@ -391,6 +391,13 @@ def check_room(folder: str, need_bytes: int, vm: str) -> None:
     except FileNotFoundError:
         return  # the pool folder is made on first use; its parent file system is checked then
     free = st.f_bavail * st.f_frsize
+    if free < need_bytes and volume:
+        raise FailedPrecondition(
+            f"volume {volume} needs {need_bytes // MIB} MiB but the storage pool at {folder} has "
+            f"{free // MIB} MiB free; free space or give the volume a smaller size",
+            reason="POOL_FULL",
+            metadata={"volume": volume, "need_mib": str(need_bytes // MIB), "free_mib": str(free // MIB)},
+        )
     if free < need_bytes:
         raise FailedPrecondition(
             f"VM {vm} needs {need_bytes // MIB} MiB for its disks but the storage pool at {folder} has "

@@ -918,6 +918,8 @@ class FakeHypervisor:
         # a half-made volume (file without metadata: a create cut short) is replaced
         for file in common.agent_volume_files(name):
             self._remove_agent_file(file)
+        if self._host_files:
+            common.check_room(common.pool_dir(self.storage_dir), size_mib * common.MIB, "", volume=name)
         file = common.agent_volume_file(name, shared)
         kind = "raw" if shared else "qcow2"
         self._make_agent_file(file, f"fake {kind} volume {size_mib} MiB\n".encode())

@@ -704,7 +704,7 @@ class LibvirtHypervisor:
             # a half-made volume (its file without metadata: a create cut short) is replaced
             self._remove_volume_files(pool, name)
             if Capability.HOST_FILES in self._caps:
-                common.check_room(common.pool_dir(self.storage_dir), size_mib * MiB, f"volume {name}")
+                common.check_room(common.pool_dir(self.storage_dir), size_mib * MiB, "", volume=name)
             file = common.agent_volume_file(name, shared)
             xml = self._volume_xml(file, size_mib * MiB, "raw" if shared else "qcow2", None)
             try:
