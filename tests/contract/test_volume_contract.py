@@ -422,3 +422,44 @@ async def test_data_written_to_a_volume_survives_its_vms(h: Harness) -> None:
     else:
         assert _read(path) == before
     await h.hv.delete_volume("data")
+
+
+async def _guest(h: Harness, vm: str, script: str) -> str:
+    result = await h.hv.guest_exec(vm, ["/bin/sh", "-c", script], timeout=30)
+    assert result.exit_code == 0, result.stderr.decode(errors="replace")
+    return result.stdout.decode(errors="replace").strip()
+
+
+async def _guest_up(h: Harness, vm: str) -> bool:
+    try:
+        await h.hv.guest_ping(vm)
+    except FailedPrecondition:
+        return False
+    return True
+
+
+@pytest.mark.requires(Capability.GUEST_AGENT)
+async def test_a_guest_finds_the_volume_by_serial_and_its_data_reaches_the_next_guest(h: Harness) -> None:
+    """Written inside one guest (real QEMU: the test guest's busybox through qemu-ga), read inside the next."""
+    await h.hv.create_volume("data", 8)
+    first = h.guest_spec()
+    first = replace(first, disks=(*first.disks, DiskSpec("vol", volume="data")))
+    await h.hv.create(first, start=True)
+    if not h.real:
+        # the fake has no guest block devices: what it shows is the attachment, kept across VMs
+        await h.hv.delete(first.name)
+        second = replace(h.guest_spec(), disks=first.disks)
+        await h.hv.create(second, start=True)
+        assert [v.vms for v in await h.hv.list_volumes()] == [(second.name,)]
+        await _cleanup_volumes(h)
+        return
+    await h.wait_until(lambda: _guest_up(h, first.name), 120, "qemu-ga of the first guest")
+    # the root disk is vda, the volume vdb; the guest sees its serial (by-id links need udev, which it lacks)
+    assert await _guest(h, first.name, "cat /sys/block/vdb/serial") == "vol-data"
+    await _guest(h, first.name, "printf volume-kept-42 | dd of=/dev/vdb bs=512 conv=sync 2>/dev/null && sync")
+    await h.hv.delete(first.name)
+    second = replace(h.guest_spec(), disks=first.disks)
+    await h.hv.create(second, start=True)
+    await h.wait_until(lambda: _guest_up(h, second.name), 120, "qemu-ga of the second guest")
+    assert await _guest(h, second.name, "dd if=/dev/vdb bs=512 count=1 2>/dev/null | head -c 14") == "volume-kept-42"
+    await _cleanup_volumes(h)

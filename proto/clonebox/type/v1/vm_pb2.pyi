@@ -384,7 +384,8 @@ class DiskSpec(_message.Message):
     volume: _builtins.str
     """Name of an agent volume (made by AgentService.CreateVolume on the VM's host) to attach instead of
     making a disk; base_image and size_mib must then be empty. Deleting the VM detaches the volume and
-    keeps it. The guest sees it as /dev/disk/by-id/virtio-vol-NAME.
+    keeps it. The disk's serial is "vol-NAME": the guest finds it as /dev/disk/by-id/virtio-vol-NAME
+    (virtio passes the first 20 characters of a serial, so names of up to 16 characters appear whole).
     """
     def __init__(
         self,
