@@ -243,7 +243,8 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteVm(self, request, context):
-        """DeleteVm stops the VM and removes every disk, seed and file the agent made for it.
+        """DeleteVm stops the VM and removes every disk, seed and file the agent made for it; the volumes it
+        attaches (DiskSpec.volume) are detached and kept.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -285,7 +286,8 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateSnapshot(self, request, context):
-        """CreateSnapshot takes a snapshot of a VM (a journaled transaction; idempotent by request id).
+        """CreateSnapshot takes a snapshot of a VM (a journaled transaction; idempotent by request id). Snapshots
+        and exports cover a VM's own disks only: a VM that attaches volumes is refused (VM_HAS_VOLUMES).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -56,7 +56,9 @@ class AgentServiceStub:
     changes. Idempotent under request_id and under an equal spec.
     """
     DeleteVm: _grpc.UnaryUnaryMultiCallable[_agent_pb2.DeleteVmRequest, _agent_pb2.DeleteVmResponse]
-    """DeleteVm stops the VM and removes every disk, seed and file the agent made for it."""
+    """DeleteVm stops the VM and removes every disk, seed and file the agent made for it; the volumes it
+    attaches (DiskSpec.volume) are detached and kept.
+    """
     WatchVms: _grpc.UnaryStreamMultiCallable[_agent_pb2.WatchVmsRequest, _agent_pb2.WatchVmsResponse]
     """WatchVms streams lifecycle events, resumable from a revision."""
     ListTransactions: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ListTransactionsRequest, _agent_pb2.ListTransactionsResponse]
@@ -68,7 +70,9 @@ class AgentServiceStub:
     CheckHealth: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CheckHealthRequest, _agent_pb2.CheckHealthResponse]
     """CheckHealth runs a VM's checks once now and reports (it does not count toward thresholds)."""
     CreateSnapshot: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CreateSnapshotRequest, _agent_pb2.CreateSnapshotResponse]
-    """CreateSnapshot takes a snapshot of a VM (a journaled transaction; idempotent by request id)."""
+    """CreateSnapshot takes a snapshot of a VM (a journaled transaction; idempotent by request id). Snapshots
+    and exports cover a VM's own disks only: a VM that attaches volumes is refused (VM_HAS_VOLUMES).
+    """
     ListSnapshots: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ListSnapshotsRequest, _agent_pb2.ListSnapshotsResponse]
     """ListSnapshots returns a VM's snapshots with their tree relations."""
     RestoreSnapshot: _grpc.UnaryUnaryMultiCallable[_agent_pb2.RestoreSnapshotRequest, _agent_pb2.RestoreSnapshotResponse]
@@ -125,7 +129,9 @@ class AgentServiceAsyncStub(AgentServiceStub):
     changes. Idempotent under request_id and under an equal spec.
     """
     DeleteVm: _aio.UnaryUnaryMultiCallable[_agent_pb2.DeleteVmRequest, _agent_pb2.DeleteVmResponse]  # type: ignore[assignment]
-    """DeleteVm stops the VM and removes every disk, seed and file the agent made for it."""
+    """DeleteVm stops the VM and removes every disk, seed and file the agent made for it; the volumes it
+    attaches (DiskSpec.volume) are detached and kept.
+    """
     WatchVms: _aio.UnaryStreamMultiCallable[_agent_pb2.WatchVmsRequest, _agent_pb2.WatchVmsResponse]  # type: ignore[assignment]
     """WatchVms streams lifecycle events, resumable from a revision."""
     ListTransactions: _aio.UnaryUnaryMultiCallable[_agent_pb2.ListTransactionsRequest, _agent_pb2.ListTransactionsResponse]  # type: ignore[assignment]
@@ -137,7 +143,9 @@ class AgentServiceAsyncStub(AgentServiceStub):
     CheckHealth: _aio.UnaryUnaryMultiCallable[_agent_pb2.CheckHealthRequest, _agent_pb2.CheckHealthResponse]  # type: ignore[assignment]
     """CheckHealth runs a VM's checks once now and reports (it does not count toward thresholds)."""
     CreateSnapshot: _aio.UnaryUnaryMultiCallable[_agent_pb2.CreateSnapshotRequest, _agent_pb2.CreateSnapshotResponse]  # type: ignore[assignment]
-    """CreateSnapshot takes a snapshot of a VM (a journaled transaction; idempotent by request id)."""
+    """CreateSnapshot takes a snapshot of a VM (a journaled transaction; idempotent by request id). Snapshots
+    and exports cover a VM's own disks only: a VM that attaches volumes is refused (VM_HAS_VOLUMES).
+    """
     ListSnapshots: _aio.UnaryUnaryMultiCallable[_agent_pb2.ListSnapshotsRequest, _agent_pb2.ListSnapshotsResponse]  # type: ignore[assignment]
     """ListSnapshots returns a VM's snapshots with their tree relations."""
     RestoreSnapshot: _aio.UnaryUnaryMultiCallable[_agent_pb2.RestoreSnapshotRequest, _agent_pb2.RestoreSnapshotResponse]  # type: ignore[assignment]
@@ -251,7 +259,9 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.DeleteVmRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.DeleteVmResponse, _abc.Awaitable[_agent_pb2.DeleteVmResponse]]:
-        """DeleteVm stops the VM and removes every disk, seed and file the agent made for it."""
+        """DeleteVm stops the VM and removes every disk, seed and file the agent made for it; the volumes it
+        attaches (DiskSpec.volume) are detached and kept.
+        """
 
     @_abc_1.abstractmethod
     def WatchVms(
@@ -299,7 +309,9 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.CreateSnapshotRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.CreateSnapshotResponse, _abc.Awaitable[_agent_pb2.CreateSnapshotResponse]]:
-        """CreateSnapshot takes a snapshot of a VM (a journaled transaction; idempotent by request id)."""
+        """CreateSnapshot takes a snapshot of a VM (a journaled transaction; idempotent by request id). Snapshots
+        and exports cover a VM's own disks only: a VM that attaches volumes is refused (VM_HAS_VOLUMES).
+        """
 
     @_abc_1.abstractmethod
     def ListSnapshots(
