@@ -67,13 +67,22 @@ def storage() -> Iterator[str]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _run_child(storage: str, owner: str, pool: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CLONEBOX_FAULT_INJECTION": "create_volume:file=kill"}
+    return subprocess.run(
+        [sys.executable, "-c", CHILD, storage, owner, pool],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 async def test_a_kill_between_file_and_metadata_leaves_an_invisible_volume(storage: str) -> None:
     tag = uuid.uuid4().hex[:8]
     owner, pool = f"volume-kill-{tag}", f"clonebox-volume-kill-{tag}"
-    env = {**os.environ, "CLONEBOX_FAULT_INJECTION": "create_volume:file=kill"}
-    child = subprocess.run(
-        [sys.executable, "-c", CHILD, storage, owner, pool], env=env, capture_output=True, text=True, timeout=120
-    )
+    child = _run_child(storage, owner, pool)
     assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
     assert "not killed" not in child.stdout
 
