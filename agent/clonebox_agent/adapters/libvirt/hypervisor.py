@@ -707,10 +707,8 @@ class LibvirtHypervisor:
                 common.check_room(common.pool_dir(self.storage_dir), size_mib * MiB, "", volume=name)
             file = common.agent_volume_file(name, shared)
             xml = self._volume_xml(file, size_mib * MiB, "raw" if shared else "qcow2", None)
-            try:
-                self._create_volume(pool, file, xml, name, "create the file of volume")
-            except libvirt.libvirtError as exc:
-                raise self._error(exc, action=f"create volume {name}") from None
+            # libvirt's errors come back as CloneboxError (AlreadyExists for a foreign file of that name)
+            self._create_volume(pool, file, xml, name, "create the file of volume")
             self._step("create_volume:file")
             meta = common.VolumeMeta(name, size_mib, shared, labels, datetime.now(UTC).replace(microsecond=0))
             self.volume_store.write(meta)
