@@ -10,6 +10,7 @@ reads them back after two VMs attached it and were deleted.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import xml.etree.ElementTree as ET
@@ -228,6 +229,40 @@ async def test_a_single_writer_volume_is_in_use_by_its_vm(h: Harness) -> None:
         await h.hv.plan_create(second, start=False)
     assert await h.hv.inventory() == before
     await _cleanup_volumes(h)
+
+
+async def test_concurrent_creates_attach_a_single_writer_volume_once(h: Harness) -> None:
+    await h.hv.create_volume("data", 8)
+    specs = [_with_volume(h, "data") for _ in range(3)]
+    results = await asyncio.gather(*(h.hv.create(s, start=False) for s in specs), return_exceptions=True)
+    won = [s.name for s, r in zip(specs, results, strict=True) if not isinstance(r, BaseException)]
+    lost = [r for r in results if isinstance(r, BaseException)]
+    assert len(won) == 1, results
+    assert all(isinstance(r, FailedPrecondition) and r.reason == "VOLUME_IN_USE" for r in lost), lost
+    assert [r.name for r in await h.hv.list()] == won
+    assert [v.vms for v in await h.hv.list_volumes()] == [tuple(won)]
+    # the losers left nothing behind (their steps were rolled back)
+    assert await h.hv.orphans() == {}
+    await _cleanup_volumes(h)
+
+
+async def test_a_create_racing_a_volume_delete_ends_one_way_or_the_other(h: Harness) -> None:
+    await h.hv.create_volume("data", 8)
+    spec = _with_volume(h, "data")
+    made, deleted = await asyncio.gather(
+        h.hv.create(spec, start=False), h.hv.delete_volume("data"), return_exceptions=True
+    )
+    if isinstance(made, BaseException):
+        # the delete won: the create found no volume and undid its steps
+        assert isinstance(made, NotFound) and made.reason == "VOLUME_NOT_FOUND", made
+        assert not isinstance(deleted, BaseException)
+        assert await h.hv.list() == [] and await h.hv.list_volumes() == []
+    else:
+        # the create won: the delete was refused, the volume is attached
+        assert isinstance(deleted, FailedPrecondition) and deleted.reason == "VOLUME_IN_USE", deleted
+        assert [v.vms for v in await h.hv.list_volumes()] == [(spec.name,)]
+    await _cleanup_volumes(h)
+    assert (await h.hv.inventory()).is_empty()
 
 
 async def test_a_shared_volume_attaches_to_several_vms(h: Harness) -> None:
