@@ -3,7 +3,7 @@
 Set ``CLONEBOX_FAULT_INJECTION`` in the agent's environment to ``STEP=ACTION[,STEP=ACTION…]``, where
 STEP is a named step (``create:folder``, ``create:disks``, ``create:seed``, ``create:define``,
 ``create:start``, ``create:commit``, ``update:stopped``, ``update:redefined``, ``update:started``,
-``update:commit``, …) and ACTION is ``kill`` (the agent SIGKILLs itself when it
+``update:commit``, ``create_volume:file``, …) and ACTION is ``kill`` (the agent SIGKILLs itself when it
 reaches the step: a crash at exactly that point) or ``error`` (the step raises INTERNAL
 ``INJECTED_FAULT``). Unset or empty: no hook is installed at all, and nothing in the agent's code paths
 changes. The agent logs a warning at start when a hook is active.

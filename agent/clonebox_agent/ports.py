@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from clonebox_core.model import CreatePlan, HostInfo, IpAddress, TransactionStep, VmSpec, VmState
+from clonebox_core.model import CreatePlan, HostInfo, IpAddress, TransactionStep, VmSpec, VmState, Volume
 from clonebox_core.plan import UPDATABLE_FIELDS
 from clonebox_core.snapshots import SnapshotKind
 
@@ -241,6 +241,12 @@ class Hypervisor(Protocol):
         is made. All or nothing: on any failure the recorded steps are undone in reverse order (with
         ``undo_step``) before the error is raised. Raises AlreadyExists when a domain of that name exists.
 
+        A disk with ``volume`` set attaches that agent volume instead of making one (NotFound
+        ``VOLUME_NOT_FOUND`` naming ``spec.disks[i].volume`` when there is none; FailedPrecondition
+        ``VOLUME_IN_USE`` naming the VM when another defined domain attaches a volume that is not shared).
+        The disk gets serial ``vol-NAME``; a shared volume is raw, without host cache, ``<shareable/>``.
+        Volumes are never steps: a rollback and ``delete`` leave them.
+
         A MANAGED network attachment makes the network when it is missing (step ``network-define``) and
         adds the VM's DHCP and DNS host entries (step ``network-host``), before the domain is defined.
         FailedPrecondition ``NETWORK_NOT_MANAGED`` (a network of that name not made by this adapter),
@@ -327,6 +333,8 @@ class Hypervisor(Protocol):
     async def delete(self, name: str) -> builtins.list[str]:
         """Force off, undefine, and remove every file and volume made for it; returns removed paths.
 
+        Agent volumes it attaches (``DiskSpec.volume``) are detached with the definition and kept.
+
         A VM on a managed network loses its DHCP and DNS host entries, and the network goes when no
         other domain is attached to it (only networks the adapter made). Idempotent under retry.
         """
@@ -387,6 +395,8 @@ class Hypervisor(Protocol):
         ``GUEST_AGENT_UNAVAILABLE`` when it does not answer). A memory snapshot of a VM with a 9p or
         virtiofs share is refused with FailedPrecondition ``SNAPSHOT_BLOCKED_BY_SHARED_FOLDER``;
         AlreadyExists ``SNAPSHOT_ALREADY_EXISTS`` for a taken name. Files it makes are steps in ``steps``.
+        A VM that attaches agent volumes is refused with FailedPrecondition ``VM_HAS_VOLUMES``: snapshots
+        cover a VM's own disks only.
         """
         ...
 
@@ -412,7 +422,10 @@ class Hypervisor(Protocol):
         ...
 
     async def export_disks(self, name: str, snapshot: str, workdir: str) -> builtins.list[DiskImage]:
-        """Each disk of the VM as it was at ``snapshot``, flattened into a standalone qcow2 in ``workdir``."""
+        """Each disk of the VM as it was at ``snapshot``, flattened into a standalone qcow2 in ``workdir``.
+
+        FailedPrecondition ``VM_HAS_VOLUMES`` for a VM that attaches agent volumes (not part of an export).
+        """
         ...
 
     async def import_disks(
@@ -423,6 +436,33 @@ class Hypervisor(Protocol):
         The files are moved into the agent's storage (they must have no backing file and no external data
         file; the caller checked). All or nothing like ``create``.
         """
+        ...
+
+    # ---- volumes ----------------------------------------------------------------------------------
+
+    async def create_volume(
+        self, name: str, size_mib: int, *, shared: bool = False, labels: Mapping[str, str] | None = None
+    ) -> Volume:
+        """Make agent volume ``name``: a disk VMs attach by name (``DiskSpec.volume``) that outlives them.
+
+        A qcow2 file in the adapter's pool (raw when ``shared``: QEMU lets several guests write only a raw
+        file without host cache), and its metadata, written last, atomically, beside the pool (it survives
+        an agent restart). Idempotent: a volume of that name with the same size and shared flag is returned
+        with its labels replaced; another size or flag is FailedPrecondition ``VOLUME_EXISTS_DIFFERENT``
+        naming the field. A half-made volume (a file without metadata, after a crash) is replaced.
+        """
+        ...
+
+    async def delete_volume(self, name: str) -> builtins.list[str]:
+        """Remove volume ``name`` (metadata first, then its file); the removed paths.
+
+        FailedPrecondition ``VOLUME_IN_USE`` while a defined domain attaches it (naming the VMs); NotFound
+        ``VOLUME_NOT_FOUND`` when there is no such volume (a half-made one's file is removed all the same).
+        """
+        ...
+
+    async def list_volumes(self) -> builtins.list[Volume]:
+        """Every volume with metadata, by name, with the VMs whose definitions attach it (``Volume.vms``)."""
         ...
 
     async def detach_seed(self, name: str) -> builtins.list[str]:

@@ -77,11 +77,36 @@ class Resources:
 
 @dataclass(frozen=True)
 class DiskSpec:
-    """A qcow2 overlay on ``base_image`` or, with no base image, a blank qcow2 of ``size_mib``."""
+    """A qcow2 overlay on ``base_image``, a blank qcow2 of ``size_mib``, or the agent volume ``volume``.
+
+    A volume disk (``volume`` set) attaches a volume made by the agent's ``CreateVolume`` instead of
+    making a disk: ``base_image`` and ``size_mib`` stay empty, and deleting the VM keeps the volume.
+    """
 
     name: str
     base_image: str = ""
     size_mib: int = 0
+    volume: str = ""
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A disk on one agent's host that outlives the VMs attaching it (``DiskSpec.volume``).
+
+    ``shared``: several VM definitions may attach it at once (a raw file, no host cache, ``<shareable/>``);
+    otherwise one at a time (a qcow2 file). ``vms``: the VMs whose definitions attach it, sorted.
+    """
+
+    name: str
+    size_mib: int
+    shared: bool = False
+    labels: tuple[tuple[str, str], ...] = ()
+    vms: tuple[str, ...] = ()
+    create_time: datetime | None = None
+
+    def label_dict(self) -> dict[str, str]:
+        """Labels as a dict."""
+        return dict(self.labels)
 
 
 @dataclass(frozen=True)

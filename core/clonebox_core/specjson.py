@@ -49,13 +49,21 @@ def _secret_out(value: Secret, mode: SecretMode) -> str:
     return value.reveal() if mode == "keep" else secret_digest(value)
 
 
+def _disk_to_dict(d: DiskSpec) -> JsonDict:
+    # "volume" only when set: the at-rest form (and every digest of it) of a spec without volumes is unchanged
+    out: JsonDict = {"name": d.name, "base_image": d.base_image, "size_mib": d.size_mib}
+    if d.volume:
+        out["volume"] = d.volume
+    return out
+
+
 def spec_to_dict(spec: VmSpec, *, secrets: SecretMode) -> JsonDict:
     """Encode ``spec`` as a JSON-able dict; ``secrets`` says how secret fields are written."""
     out: JsonDict = {
         "name": spec.name,
         "vcpus": spec.vcpus,
         "memory_mib": spec.memory_mib,
-        "disks": [{"name": d.name, "base_image": d.base_image, "size_mib": d.size_mib} for d in spec.disks],
+        "disks": [_disk_to_dict(d) for d in spec.disks],
         "kernel_boot": (
             None
             if spec.kernel_boot is None
@@ -206,7 +214,7 @@ def spec_from_dict(data: Mapping[str, Any]) -> VmSpec:
         vcpus=int(data.get("vcpus", 1)),
         memory_mib=int(data.get("memory_mib", 512)),
         disks=tuple(
-            DiskSpec(str(d["name"]), str(d.get("base_image", "")), int(d.get("size_mib", 0)))
+            DiskSpec(str(d["name"]), str(d.get("base_image", "")), int(d.get("size_mib", 0)), str(d.get("volume", "")))
             for d in data.get("disks", ())
         ),
         kernel_boot=(

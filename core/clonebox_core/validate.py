@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 
 from clonebox_core.errors import invalid_field
 from clonebox_core.health import validate_probes
@@ -67,12 +68,16 @@ def validate_spec(spec: VmSpec, prefix: str = "spec") -> VmSpec:
     if len(spec.disks) > MAX_DISKS:
         raise invalid_field(f"{prefix}.disks", f"at most {MAX_DISKS} disks")
     seen: set[str] = set()
+    volumes: set[str] = set()
     for i, d in enumerate(spec.disks):
         f = f"{prefix}.disks[{i}]"
         check_dns_label(f"{f}.name", d.name)
         if d.name in seen:
             raise invalid_field(f"{f}.name", f"duplicate disk name {d.name!r}")
         seen.add(d.name)
+        if d.volume:
+            _check_volume_disk(f, d.volume, d.base_image, d.size_mib, volumes)
+            continue
         if not 0 <= d.size_mib <= MAX_DISK_MIB:
             raise invalid_field(f"{f}.size_mib", f"{d.size_mib} MiB is out of range: use 1 MiB .. 64 TiB")
         if d.base_image:
@@ -123,12 +128,39 @@ def validate_spec(spec: VmSpec, prefix: str = "spec") -> VmSpec:
     if spec.provision is not None:
         _validate_provision(spec, f"{prefix}.provision")
     validate_probes(spec.health_checks, f"{prefix}.health_checks")
-    for key, value in spec.labels:
-        if not _LABEL_KEY.fullmatch(key):
-            raise invalid_field(f"{prefix}.labels", f"label key {key!r}: use [a-z0-9._/-], max 63")
-        if not _LABEL_VALUE.fullmatch(value):
-            raise invalid_field(f"{prefix}.labels.{key}", f"label value {value!r}: use [A-Za-z0-9._-], max 63")
+    check_labels(f"{prefix}.labels", spec.labels)
     return spec
+
+
+def _check_volume_disk(f: str, volume: str, base_image: str, size_mib: int, seen: set[str]) -> None:
+    """A disk that attaches agent volume ``volume``: a DNS label, once per VM, nothing to make (no base, no size)."""
+    check_dns_label(f"{f}.volume", volume)
+    if base_image:
+        raise invalid_field(f"{f}.base_image", f"a volume disk (volume {volume!r}) has no base image: remove it")
+    if size_mib:
+        raise invalid_field(
+            f"{f}.size_mib", f"a volume disk (volume {volume!r}) has the volume's size (CreateVolume): remove it"
+        )
+    if volume in seen:
+        raise invalid_field(f"{f}.volume", f"volume {volume!r} is already attached by another disk of this VM")
+    seen.add(volume)
+
+
+def validate_volume(name: str, size_mib: int, labels: Iterable[tuple[str, str]] = ()) -> None:
+    """The fields of a new volume (``CreateVolume``): InvalidArgument naming the first bad one."""
+    check_dns_label("name", name)
+    if not 0 < size_mib <= MAX_DISK_MIB:
+        raise invalid_field("size_mib", f"{size_mib} MiB is out of range: use 1 MiB .. 64 TiB")
+    check_labels("labels", labels)
+
+
+def check_labels(f: str, labels: Iterable[tuple[str, str]]) -> None:
+    """Label keys and values (the rules of VM labels), InvalidArgument naming ``f`` or ``f.KEY``."""
+    for key, value in labels:
+        if not _LABEL_KEY.fullmatch(key):
+            raise invalid_field(f, f"label key {key!r}: use [a-z0-9._/-], max 63")
+        if not _LABEL_VALUE.fullmatch(value):
+            raise invalid_field(f"{f}.{key}", f"label value {value!r}: use [A-Za-z0-9._-], max 63")
 
 
 def _validate_auth(spec: VmSpec, f: str) -> None:

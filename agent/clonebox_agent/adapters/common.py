@@ -12,6 +12,7 @@ Pieces both hypervisor adapters share, so the fake and libvirt cannot drift apar
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import grp
@@ -26,11 +27,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from clonebox_agent.ports import NETWORK_ORPHAN_PREFIX, UPDATE_FIELDS, Capability, StepLog, TxnStep
 from clonebox_core import specjson
-from clonebox_core.errors import FailedPrecondition, InvalidArgument
+from clonebox_core.errors import FailedPrecondition, InvalidArgument, NotFound
 from clonebox_core.model import NetworkMode, NetworkSpec, StepState, VmSpec
 from clonebox_core.secret import MASK, Secret
 from clonebox_core.snapshots import SnapshotKind
@@ -60,6 +62,41 @@ CREATE_STEPS = ("create:validated", "create:disks", "create:seed", "create:netwo
 #: named steps of ``delete`` (``delete:network``: the VM's host entries, and its managed network if it was
 #: the last VM on it, are gone)
 DELETE_STEPS = ("delete:destroyed", "delete:network", "delete:undefined", "delete:volumes")
+
+
+#: sub-folder of ``storage_dir`` holding the metadata of agent volumes (``NAME.json``); kept out of the pool
+VOLUMES_SUBDIR = "volumes"
+#: pool files of agent volumes (``CreateVolume``) start with this. It is no DNS label and no domain name
+#: prefix, so a volume file never looks like a VM's disk (``volume_prefix``) to delete or the orphan sweep
+AGENT_VOLUME_PREFIX = "vol."
+#: prefix of an agent volume's disk serial: the guest finds it as /dev/disk/by-id/virtio-vol-NAME
+VOLUME_SERIAL_PREFIX = "vol-"
+
+
+def agent_volume_file(name: str, shared: bool) -> str:
+    """Pool file of agent volume ``name``: qcow2 for one writer, raw when shared (QEMU shares only raw)."""
+    return f"{AGENT_VOLUME_PREFIX}{name}.{'raw' if shared else 'qcow2'}"
+
+
+def agent_volume_files(name: str) -> tuple[str, str]:
+    """Both pool files agent volume ``name`` may have (a half-made one has no metadata saying which)."""
+    return agent_volume_file(name, False), agent_volume_file(name, True)
+
+
+def is_agent_volume_file(filename: str) -> bool:
+    """Whether a pool file name is an agent volume's (never a VM's disk, never an orphan)."""
+    return filename.startswith(AGENT_VOLUME_PREFIX)
+
+
+def volume_serial(name: str) -> str:
+    """The disk serial of agent volume ``name`` (QEMU hands a virtio guest its first 20 characters)."""
+    return VOLUME_SERIAL_PREFIX + name
+
+
+def check_name_prefix(name_prefix: str) -> None:
+    """ValueError for a domain name prefix under which agent volume files would look like a VM's disks."""
+    if not name_prefix or AGENT_VOLUME_PREFIX.startswith(name_prefix) or name_prefix.startswith(AGENT_VOLUME_PREFIX):
+        raise ValueError(f"name_prefix {name_prefix!r} must not be empty nor overlap {AGENT_VOLUME_PREFIX!r}")
 
 
 def volume_name(domain: str, disk: str) -> str:
@@ -213,18 +250,21 @@ class Inventory:
     files: tuple[tuple[str, str], ...] = ()
     #: managed networks this adapter made (shared by the VMs on them, so never part of ``for_vm``)
     networks: tuple[str, ...] = ()
+    #: agent volumes (``create_volume``) by name, their metadata or their pool file: they outlive VMs, so
+    #: they are never part of ``for_vm`` and never orphans
+    agent_volumes: tuple[str, ...] = ()
 
     def for_vm(self, vm: str, domain: str) -> Inventory:
         """Return the part that belongs to one VM (domain by name, volumes by prefix, files by mark)."""
         return Inventory(
             tuple(d for d in self.domains if d == domain),
-            tuple(v for v in self.volumes if v.startswith(volume_prefix(domain))),
+            tuple(v for v in self.volumes if v.startswith(volume_prefix(domain)) and not is_agent_volume_file(v)),
             tuple(f for f in self.files if f[1] == vm),
         )
 
     def is_empty(self) -> bool:
         """Tell whether nothing is owned."""
-        return not (self.domains or self.volumes or self.files or self.networks)
+        return not (self.domains or self.volumes or self.files or self.networks or self.agent_volumes)
 
     def orphans(self, prefix: str, keep: Iterable[str] = ()) -> dict[str, list[str]]:
         """Volumes and marked files of VMs that have no domain (and are not in ``keep``), by VM name.
@@ -235,6 +275,8 @@ class Inventory:
         live = {d.removeprefix(prefix) for d in self.domains if d.startswith(prefix)} | set(keep)
         out: dict[str, list[str]] = {}
         for volume in self.volumes:
+            if is_agent_volume_file(volume):
+                continue  # an agent volume outlives every VM: never a leftover
             vm = volume.removeprefix(prefix).split(".", 1)[0]
             if volume.startswith(prefix) and vm not in live:
                 out.setdefault(vm, []).append(volume)
@@ -338,7 +380,7 @@ def roll_back(log: StepLog, undo: Callable[[Mapping[str, str], Mapping[str, str]
     return removed
 
 
-def check_room(folder: str, need_bytes: int, vm: str) -> None:
+def check_room(folder: str, need_bytes: int, vm: str, *, volume: str = "") -> None:
     """Pre-flight: FailedPrecondition POOL_FULL unless ``folder``'s file system has ``need_bytes`` free.
 
     Disks are thin (qcow2), but a VM may fill them: the room checked is their full virtual size, so a
@@ -349,6 +391,13 @@ def check_room(folder: str, need_bytes: int, vm: str) -> None:
     except FileNotFoundError:
         return  # the pool folder is made on first use; its parent file system is checked then
     free = st.f_bavail * st.f_frsize
+    if free < need_bytes and volume:
+        raise FailedPrecondition(
+            f"volume {volume} needs {need_bytes // MIB} MiB but the storage pool at {folder} has "
+            f"{free // MIB} MiB free; free space or give the volume a smaller size",
+            reason="POOL_FULL",
+            metadata={"volume": volume, "need_mib": str(need_bytes // MIB), "free_mib": str(free // MIB)},
+        )
     if free < need_bytes:
         raise FailedPrecondition(
             f"VM {vm} needs {need_bytes // MIB} MiB for its disks but the storage pool at {folder} has "
@@ -682,3 +731,161 @@ def entries_to_drop(
     held = any(h.ip == address and h.mac.lower() in others for h in state.dhcp_hosts)
     dns = [] if held else [d for d in state.dns_hosts if d.ip == address]
     return dhcp, dns
+
+
+# ---- agent volumes (``Hypervisor.create_volume``) ------------------------------------------------------
+#
+# A volume is a pool file (``agent_volume_file``) plus a metadata file ``storage_dir/volumes/NAME.json``
+# (size, shared, labels, creation time). The metadata is written last, atomically (a temporary file,
+# fsync, rename, fsync of the folder), and removed first: a volume file without metadata is a half-made
+# (or half-deleted) volume, invisible to ``list_volumes``; a create of that name replaces it and a delete
+# removes it. Both adapters keep volumes this way, so an agent restart finds them.
+
+
+@dataclass(frozen=True)
+class VolumeMeta:
+    """What a volume's metadata file records."""
+
+    name: str
+    size_mib: int
+    shared: bool
+    labels: tuple[tuple[str, str], ...]
+    created: datetime
+
+
+class VolumeStore:
+    """The metadata files of agent volumes in one folder (made on first write)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def _path(self, name: str) -> str:
+        if not name or "/" in name or name.startswith(".") or "\x00" in name:
+            raise InvalidArgument(f"name: {name[:64]!r} is not a volume name", reason="INVALID_NAME")
+        return os.path.join(self.folder, f"{name}.json")
+
+    def read(self, name: str) -> VolumeMeta | None:
+        """The metadata of volume ``name`` (None: none, or unreadable, which the agent never writes)."""
+        try:
+            with open(self._path(name), encoding="utf-8") as f:
+                data = json.load(f)
+            return VolumeMeta(
+                name=str(data["name"]),
+                size_mib=int(data["size_mib"]),
+                shared=bool(data["shared"]),
+                labels=tuple(sorted((str(k), str(v)) for k, v in dict(data.get("labels") or {}).items())),
+                created=datetime.fromisoformat(str(data["created"])),
+            )
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            _log.warning("volume metadata %s is unreadable: the volume is not listed", self._path(name))
+            return None
+
+    def names(self) -> list[str]:
+        """Names of the volumes that have a metadata file, sorted."""
+        try:
+            entries = os.listdir(self.folder)
+        except FileNotFoundError:
+            return []
+        return sorted(e[: -len(".json")] for e in entries if e.endswith(".json") and not e.startswith("."))
+
+    def all(self) -> list[VolumeMeta]:
+        """Every readable volume's metadata, by name."""
+        return [m for n in self.names() if (m := self.read(n)) is not None]
+
+    def write(self, meta: VolumeMeta) -> None:
+        """Write ``meta`` atomically and durably (the last step of a create: the volume exists from here)."""
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        path = self._path(meta.name)
+        doc = {
+            "name": meta.name,
+            "size_mib": meta.size_mib,
+            "shared": meta.shared,
+            "labels": dict(meta.labels),
+            "created": meta.created.isoformat(),
+        }
+        tmp = os.path.join(self.folder, f".{meta.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "x", encoding="utf-8") as f:
+                json.dump(doc, f, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        _fsync_dir(self.folder)
+
+    def remove(self, name: str) -> bool:
+        """Remove volume ``name``'s metadata durably (the first step of a delete); whether there was any."""
+        try:
+            os.unlink(self._path(name))
+        except FileNotFoundError:
+            return False
+        _fsync_dir(self.folder)
+        return True
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def volume_not_found(name: str, field: str = "name") -> NotFound:
+    """NotFound VOLUME_NOT_FOUND naming the request field that named it."""
+    return NotFound(
+        f"volume {name} not found on this host: create it first (CreateVolume)",
+        reason="VOLUME_NOT_FOUND",
+        metadata={"volume": name, "field": field},
+    )
+
+
+def volume_in_use(name: str, vms: Iterable[str], wanted_by: str = "") -> FailedPrecondition:
+    """FailedPrecondition VOLUME_IN_USE: attached by the definitions of ``vms``."""
+    users = sorted(vms)
+    shown = ", ".join(users)
+    if wanted_by:
+        message = (
+            f"volume {name} is attached to VM {shown} and is not shared, so VM {wanted_by} cannot attach it too: "
+            "delete that VM first, or use a shared volume"
+        )
+    else:
+        message = f"volume {name} is attached to VM(s) {shown}: delete or replace them first"
+    return FailedPrecondition(message, reason="VOLUME_IN_USE", metadata={"volume": name, "vms": shown})
+
+
+def check_new_volume(existing: VolumeMeta, size_mib: int, shared: bool) -> None:
+    """FailedPrecondition VOLUME_EXISTS_DIFFERENT when ``existing`` has another size or shared flag."""
+    for name, have, want in (("size_mib", existing.size_mib, size_mib), ("shared", existing.shared, shared)):
+        if have != want:
+            raise FailedPrecondition(
+                f"volume {existing.name} exists with {name} {str(have).lower()}, not {str(want).lower()}: "
+                "give the same value, or delete the volume first (its data goes with it)",
+                reason="VOLUME_EXISTS_DIFFERENT",
+                metadata={"volume": existing.name, "field": name},
+            )
+
+
+def volume_users(records: Iterable[Any], name: str) -> tuple[str, ...]:
+    """Names of the domains (``DomainRecord``-like: ``name``, ``spec``) whose spec attaches volume ``name``."""
+    return tuple(sorted(r.name for r in records if any(d.volume == name for d in r.spec.disks)))
+
+
+def refuse_volumes(spec: VmSpec, what: str) -> None:
+    """FailedPrecondition VM_HAS_VOLUMES when the VM attaches agent volumes.
+
+    Snapshots, exports and imports cover a VM's own disks only.
+    """
+    names = [d.volume for d in spec.disks if d.volume]
+    if names:
+        raise FailedPrecondition(
+            f"VM {spec.name} attaches volume(s) {', '.join(names)}: {what} covers only a VM's own disks and would "
+            "leave the volumes' data out of step with them; stop the VM and copy the volumes' files, or move "
+            "that data to the VM's own disks",
+            reason="VM_HAS_VOLUMES",
+            metadata={"vm": spec.name, "volumes": ", ".join(names)},
+        )

@@ -102,9 +102,11 @@ from clonebox_core.model import (
     StepState,
     VmSpec,
     VmState,
+    Volume,
 )
 from clonebox_core.names import check_dns_label
 from clonebox_core.snapshots import SnapshotKind
+from clonebox_core.validate import validate_volume
 
 #: qemu-img, for the real qcow2 files of ``export_disks``
 QEMU_IMG = "qemu-img"
@@ -185,6 +187,7 @@ class FakeHypervisor:
         self._own_storage = storage_dir is None
         self.image_dirs = tuple(os.path.abspath(d) for d in image_dirs)
         self.shared_roots = None if shared_roots is None else tuple(os.path.abspath(d) for d in shared_roots)
+        common.check_name_prefix(name_prefix)
         self.name_prefix = name_prefix
         #: libvirt networks by name -> active (managed ones too)
         self.networks: dict[str, bool] = dict(networks) if networks is not None else {"default": True}
@@ -204,6 +207,8 @@ class FakeHypervisor:
         self.calls: Counter[str] = Counter()
         self._domains: dict[str, _Domain] = {}
         self._volumes: dict[str, str] = {}  # volume name -> path
+        #: pool files of agent volumes without host files (with them, the pool folder is the truth)
+        self._agent_files: set[str] = set()
         self._creating: set[str] = set()
         self._sink: EventSink | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -352,6 +357,7 @@ class FakeHypervisor:
         managed = common.managed_network(spec)
         if managed is not None:
             self._network_preflight(managed, spec.name)
+        self._check_volumes(spec)
         domain = self.name_prefix + spec.name
         log = steps or common.MemoryStepLog()
         # claimed before the first await, so a concurrent create of the name fails fast and touches nothing
@@ -365,6 +371,8 @@ class FakeHypervisor:
                 common.mark_owned(folder, spec.name)
             await self._step("create:folder")
             for disk, base in zip(spec.disks, resolved.base_images, strict=True):
+                if disk.volume:
+                    continue  # an agent volume is attached, never made (nor undone)
                 content = f"fake qcow2 overlay on {base}\n" if base else f"fake blank qcow2 {disk.size_mib} MiB\n"
                 name = common.volume_name(domain, disk.name)
                 n = log.planned(f"disk:{disk.name}", {"kind": "volume", "name": name})
@@ -398,6 +406,9 @@ class FakeHypervisor:
                     mac=mac,
                 )
                 n = log.planned("define", {"kind": "domain", "name": domain})
+                # again right before the define (no await in between): a volume may have been deleted, or
+                # attached by another create, since the first check
+                self._check_volumes(spec)
                 self._domains[spec.name] = dom
                 self._emit(spec.name, EventKind.DEFINED, VmState.STOPPED, "added")
                 log.made(n, {"uuid": vm_uuid})
@@ -634,6 +645,7 @@ class FakeHypervisor:
         await self._enter("create_snapshot")
         dom = self._domain(name)
         check_dns_label("snapshot", snapshot)
+        common.refuse_volumes(dom.spec, "a snapshot")
         snaps = self._snapshots.setdefault(name, {})
         if snapshot in snaps:
             raise AlreadyExists(
@@ -738,6 +750,7 @@ class FakeHypervisor:
         """See ``Hypervisor.export_disks``: an empty qcow2 of each disk's size, made by ``qemu-img``."""
         await self._enter("export_disks")
         dom = self._domain(name)
+        common.refuse_volumes(dom.spec, "an export")
         self._snapshot(name, snapshot)
         images: builtins.list[DiskImage] = []
         for disk in dom.spec.disks:
@@ -755,6 +768,7 @@ class FakeHypervisor:
     ) -> DomainRecord:
         """See ``Hypervisor.import_disks``: folder, one volume per moved image, a stopped domain; all or nothing."""
         await self._enter("import_disks")
+        common.refuse_volumes(spec, "an import")
         if spec.name in self._domains or spec.name in self._creating:
             raise AlreadyExists(
                 f"VM {spec.name} already exists", reason="VM_ALREADY_EXISTS", metadata={"vm": spec.name}
@@ -872,12 +886,140 @@ class FakeHypervisor:
     async def inventory(self) -> Inventory:
         """Domains, volumes, marked files and managed networks the fake owns."""
         files = common.marked_files(self.storage_dir) if self._host_files else ()
+        agent_files = [f for f in self._agent_volume_files() if f not in self._volumes]
         return Inventory(
             tuple(self.name_prefix + n for n in sorted(self._domains)),
-            tuple(sorted(self._volumes)),
+            tuple(sorted([*self._volumes, *agent_files])),
             files,
             tuple(n for n, s in sorted(self._managed.items()) if s.owner == self.owner),
+            tuple(self._volume_store.names()),
         )
+
+    # ---- agent volumes -------------------------------------------------------------------------
+
+    async def create_volume(
+        self, name: str, size_mib: int, *, shared: bool = False, labels: Mapping[str, str] | None = None
+    ) -> Volume:
+        """See ``Hypervisor.create_volume``: a placeholder file, then its metadata.
+
+        Named step ``create_volume:file``: the file is made, its metadata not yet (a half-made volume).
+        """
+        await self._enter("create_volume")
+        items = tuple(sorted((labels or {}).items()))
+        validate_volume(name, size_mib, items)
+        store = self._volume_store
+        existing = store.read(name)
+        if existing is not None:
+            common.check_new_volume(existing, size_mib, shared)
+            meta = dataclasses.replace(existing, labels=items)
+            if meta != existing:
+                store.write(meta)
+            return self._volume_model(meta)
+        # a half-made volume (file without metadata: a create cut short) is replaced
+        for file in common.agent_volume_files(name):
+            self._remove_agent_file(file)
+        if self._host_files:
+            common.check_room(common.pool_dir(self.storage_dir), size_mib * common.MIB, "", volume=name)
+        file = common.agent_volume_file(name, shared)
+        kind = "raw" if shared else "qcow2"
+        self._make_agent_file(file, f"fake {kind} volume {size_mib} MiB\n".encode())
+        await self._step("create_volume:file")
+        meta = common.VolumeMeta(name, size_mib, shared, items, datetime.now(UTC).replace(microsecond=0))
+        store.write(meta)
+        return self._volume_model(meta)
+
+    async def delete_volume(self, name: str) -> builtins.list[str]:
+        """See ``Hypervisor.delete_volume``."""
+        await self._enter("delete_volume")
+        check_dns_label("name", name)
+        store = self._volume_store
+        if store.read(name) is None:
+            for file in common.agent_volume_files(name):
+                self._remove_agent_file(file)
+            raise common.volume_not_found(name)
+        users = common.volume_users(self._records(), name)
+        if users:
+            raise common.volume_in_use(name, users)
+        store.remove(name)
+        removed = [store.folder + f"/{name}.json"]
+        for file in common.agent_volume_files(name):
+            gone = self._remove_agent_file(file)
+            if gone:
+                removed.append(gone)
+        return removed
+
+    async def list_volumes(self) -> builtins.list[Volume]:
+        """See ``Hypervisor.list_volumes``."""
+        await self._enter("list_volumes")
+        return [self._volume_model(m) for m in self._volume_store.all()]
+
+    @property
+    def _volume_store(self) -> common.VolumeStore:
+        return common.VolumeStore(os.path.join(self.storage_dir, common.VOLUMES_SUBDIR))
+
+    def _volume_model(self, meta: common.VolumeMeta) -> Volume:
+        return Volume(
+            meta.name,
+            meta.size_mib,
+            meta.shared,
+            meta.labels,
+            common.volume_users(self._records(), meta.name),
+            meta.created,
+        )
+
+    def agent_volume_path(self, name: str) -> str | None:
+        """Fake state: the file of volume ``name`` (None: no such volume)."""
+        meta = self._volume_store.read(name)
+        if meta is None:
+            return None
+        file = common.agent_volume_file(name, meta.shared)
+        return os.path.join(common.pool_dir(self.storage_dir), file) if self._host_files else f"/fake/pool/{file}"
+
+    def _agent_volume_files(self) -> builtins.list[str]:
+        if not self._host_files:
+            return sorted(self._agent_files)
+        try:
+            return sorted(f for f in os.listdir(common.pool_dir(self.storage_dir)) if common.is_agent_volume_file(f))
+        except FileNotFoundError:
+            return []
+
+    def _make_agent_file(self, file: str, content: bytes) -> None:
+        if not self._host_files:
+            self._agent_files.add(file)
+            return
+        path = os.path.join(common.pool_dir(self.storage_dir), file)
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        with open(path, "xb") as f:
+            f.write(content)
+
+    def _remove_agent_file(self, file: str) -> str | None:
+        if not self._host_files:
+            if file in self._agent_files:
+                self._agent_files.discard(file)
+                return f"/fake/pool/{file}"
+            return None
+        path = os.path.join(common.pool_dir(self.storage_dir), file)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return None
+        return path
+
+    def _records(self) -> builtins.list[DomainRecord]:
+        return [self._record(d) for d in self._domains.values()]
+
+    def _check_volumes(self, spec: VmSpec) -> None:
+        """Every volume the spec attaches exists, and one that is not shared is attached by no other domain."""
+        store = self._volume_store
+        for i, disk in enumerate(spec.disks):
+            if not disk.volume:
+                continue
+            meta = store.read(disk.volume)
+            if meta is None:
+                raise common.volume_not_found(disk.volume, f"spec.disks[{i}].volume")
+            others = [u for u in common.volume_users(self._records(), disk.volume) if u != spec.name]
+            if others and not meta.shared:
+                raise common.volume_in_use(disk.volume, others, wanted_by=spec.name)
 
     def console_log_path(self, vm: str) -> str | None:
         """Where ``vm``'s serial console log is (None without host files)."""
@@ -944,7 +1086,13 @@ class FakeHypervisor:
             )
         domain = self.name_prefix + spec.name
         steps = ["folder: make its folder"] if self._host_files else []
-        steps += [f"disk:{d.name}: make volume {common.volume_name(domain, d.name)}" for d in spec.disks]
+        self._check_volumes(spec)
+        steps += [
+            f"disk:{d.name}: attach volume {d.volume} (kept when the VM is deleted)"
+            if d.volume
+            else f"disk:{d.name}: make volume {common.volume_name(domain, d.name)}"
+            for d in spec.disks
+        ]
         if spec.has_seed:
             steps.append(f"seed: make volume {common.seed_volume_name(domain)}")
         managed = common.managed_network(spec)

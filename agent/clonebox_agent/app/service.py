@@ -50,12 +50,13 @@ from clonebox_core.model import (
     Vm,
     VmSpec,
     VmState,
+    Volume,
 )
 from clonebox_core.names import check_dns_label
 from clonebox_core.plan import ChangeKind, UpdateResult, classify, needs_replace_error
 from clonebox_core.secret import Secret
 from clonebox_core.secrets.providers import SecretRef, secret_access_event
-from clonebox_core.validate import PASSWORD_HASH, PUBLIC_KEY, validate_resolved, validate_spec
+from clonebox_core.validate import PASSWORD_HASH, PUBLIC_KEY, validate_resolved, validate_spec, validate_volume
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,8 @@ class AgentService:
         self._cpu_ratio = cpu_allocation_ratio
         self.events = EventLog(journal.next_epoch(), event_history)
         self._locks: dict[str, asyncio.Lock] = {}
+        #: serializes volume creates and deletes (the adapters check attachments against VM creates)
+        self._volume_lock = asyncio.Lock()
         self._known: dict[str, Vm] = {}
         self._event_queue: asyncio.Queue[HypervisorEvent] = asyncio.Queue()
         self._event_task: asyncio.Task[None] | None = None
@@ -600,6 +603,59 @@ class AgentService:
                 self._journal.record, request_id, "delete", name, outcome, event, forget_snapshots=(name, None)
             )
             return removed
+
+    # ---- volumes -------------------------------------------------------------------------------
+
+    async def create_volume(
+        self, name: str, size_mib: int, *, shared: bool = False, labels: dict[str, str] | None = None, request_id: str
+    ) -> Volume:
+        """Make volume ``name`` (see ``Hypervisor.create_volume``: idempotent by name, size and shared flag).
+
+        A retry with the same request id returns the volume as it is now. Audited as ``volume.create``.
+        """
+        items = tuple(sorted((labels or {}).items()))
+        validate_volume(name, size_mib, items)
+        async with self._volume_lock:
+            if request_id and await self._replay(request_id, "create_volume", name) is not None:
+                found = [v for v in await self._hv.list_volumes() if v.name == name]
+                if found:
+                    return found[0]
+            volume = await self._hv.create_volume(name, size_mib, shared=shared, labels=dict(items))
+            details: dict[str, object] = {"size_mib": size_mib, "shared": shared}
+            event = self._volume_event("create", name, request_id, details)
+            await asyncio.to_thread(self._journal.record, request_id, "create_volume", name, {}, event)
+            return volume
+
+    async def delete_volume(self, name: str, *, request_id: str) -> list[str]:
+        """Remove volume ``name`` and its data (VOLUME_IN_USE while a VM attaches it); audited as ``volume.delete``.
+
+        NotFound ``VOLUME_NOT_FOUND`` when there is none, also for a retry of a delete that was done: callers
+        treat it as done.
+        """
+        check_dns_label("name", name)
+        async with self._volume_lock:
+            if request_id and (done := await self._replay(request_id, "delete_volume", name)) is not None:
+                removed_before = done.get("removed", [])
+                return [str(p) for p in removed_before] if isinstance(removed_before, list) else []
+            removed = await self._hv.delete_volume(name)
+            event = self._volume_event("delete", name, request_id, {"removed_files": len(removed)})
+            outcome: dict[str, object] = {"removed": removed}
+            await asyncio.to_thread(self._journal.record, request_id, "delete_volume", name, outcome, event)
+            return removed
+
+    async def list_volumes(self) -> list[Volume]:
+        """The volumes of this host, by name, each with the VMs attaching it."""
+        return await self._hv.list_volumes()
+
+    def _volume_event(self, method: str, name: str, request_id: str, details: dict[str, object]) -> AuditEvent:
+        return new_event(
+            f"volume.{method}",
+            f"hosts/{self.host_name}/volumes/{name}",
+            Outcome.SUCCEEDED,
+            request_id=request_id,
+            origin=f"agent/{self.host_name}",
+            details=details,
+        )
 
     def vm_lock(self, name: str) -> asyncio.Lock:
         """The lock that serializes changes of VM ``name`` (snapshot use cases share it with lifecycle ones)."""

@@ -40,7 +40,9 @@ class AgentAuditObserver:
         if action is None or record.code == "OK":
             return
         name = _vm_name(record.request)
-        resource = f"hosts/{self._host}/vms/{name}" if name else f"hosts/{self._host}"
+        # a volume's requests name the volume (``volume.*``), every other mutation's a VM
+        kind = "volumes" if action.startswith("volume.") else "vms"
+        resource = f"hosts/{self._host}/{kind}/{name}" if name else f"hosts/{self._host}"
         origin = f"agent/{self._host}"
         event = failed_call_event(action, resource, record.code, record.reason, record.request, origin)
         await asyncio.to_thread(self._journal.add_events, [event])

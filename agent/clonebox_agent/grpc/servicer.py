@@ -188,6 +188,33 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         results, health = await self._monitor().check_now(request.name, request.check)
         return check_health_to_proto(results, health)
 
+    # ---- volumes ---------------------------------------------------------------------------------
+
+    async def CreateVolume(
+        self, request: agent_pb2.CreateVolumeRequest, context: Ctx
+    ) -> agent_pb2.CreateVolumeResponse:
+        """See the proto."""
+        volume = await self._svc.create_volume(
+            request.name,
+            request.size_mib,
+            shared=request.shared,
+            labels=dict(request.labels),
+            request_id=request.request_id,
+        )
+        return agent_pb2.CreateVolumeResponse(volume=convert.volume_to_proto(volume))
+
+    async def DeleteVolume(
+        self, request: agent_pb2.DeleteVolumeRequest, context: Ctx
+    ) -> agent_pb2.DeleteVolumeResponse:
+        """See the proto."""
+        await self._svc.delete_volume(request.name, request_id=request.request_id)
+        return agent_pb2.DeleteVolumeResponse()
+
+    async def ListVolumes(self, request: agent_pb2.ListVolumesRequest, context: Ctx) -> agent_pb2.ListVolumesResponse:
+        """See the proto."""
+        volumes = await self._svc.list_volumes()
+        return agent_pb2.ListVolumesResponse(volumes=[convert.volume_to_proto(v) for v in volumes])
+
     # ---- snapshots -------------------------------------------------------------------------------
 
     async def CreateSnapshot(

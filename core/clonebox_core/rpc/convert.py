@@ -225,7 +225,9 @@ def spec_to_proto(s: model.VmSpec, *, redact: bool = False) -> vm_pb2.VmSpec:
         name=s.name,
         vcpus=s.vcpus,
         memory_mib=s.memory_mib,
-        disks=[vm_pb2.DiskSpec(name=d.name, base_image=d.base_image, size_mib=d.size_mib) for d in s.disks],
+        disks=[
+            vm_pb2.DiskSpec(name=d.name, base_image=d.base_image, size_mib=d.size_mib, volume=d.volume) for d in s.disks
+        ],
         network=vm_pb2.NetworkSpec(
             mode=_NETWORK_MODE_TO_PROTO[s.network.mode],
             libvirt_network=s.network.libvirt_network,
@@ -293,7 +295,7 @@ def spec_from_proto(m: vm_pb2.VmSpec) -> model.VmSpec:
         name=m.name,
         vcpus=m.vcpus,
         memory_mib=m.memory_mib,
-        disks=tuple(model.DiskSpec(d.name, d.base_image, d.size_mib) for d in m.disks),
+        disks=tuple(model.DiskSpec(d.name, d.base_image, d.size_mib, d.volume) for d in m.disks),
         kernel_boot=(
             model.KernelBoot(m.kernel_boot.kernel, m.kernel_boot.initrd, m.kernel_boot.cmdline)
             if m.HasField("kernel_boot")
@@ -373,6 +375,26 @@ def vm_to_proto(v: model.Vm) -> vm_pb2.Vm:
     if (t := ts_to_proto(v.update_time)) is not None:
         out.update_time.CopyFrom(t)
     return out
+
+
+def volume_to_proto(v: model.Volume) -> vm_pb2.Volume:
+    """Volume -> proto."""
+    out = vm_pb2.Volume(name=v.name, size_mib=v.size_mib, shared=v.shared, labels=dict(v.labels), vms=list(v.vms))
+    if (t := ts_to_proto(v.create_time)) is not None:
+        out.create_time.CopyFrom(t)
+    return out
+
+
+def volume_from_proto(m: vm_pb2.Volume) -> model.Volume:
+    """Proto -> Volume."""
+    return model.Volume(
+        name=m.name,
+        size_mib=m.size_mib,
+        shared=m.shared,
+        labels=tuple(sorted(m.labels.items())),
+        vms=tuple(m.vms),
+        create_time=ts_from_proto(m.create_time, m.HasField("create_time"), "volume.create_time"),
+    )
 
 
 def vm_state_from_proto(value: int, field: str) -> model.VmState:

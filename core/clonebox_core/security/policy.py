@@ -59,6 +59,9 @@ POLICY: Mapping[str, frozenset[str]] = {
             "PruneSnapshots",
             "ExportSnapshot",
             "ImportSnapshot",
+            "CreateVolume",
+            "DeleteVolume",
+            "ListVolumes",
         )
     },
     # the controller accepts agents only on the agent-facing session
@@ -159,6 +162,8 @@ AUDIT_ACTIONS: Mapping[str, str] = {
     _AGENT + "DeleteVm": "vm.delete",
     _AGENT + "RotateSecret": "vm.rotate_secret",
     _AGENT + "Recover": "recovery.run",
+    _AGENT + "CreateVolume": "volume.create",
+    _AGENT + "DeleteVolume": "volume.delete",
     _RECOVERY + "RunRecovery": "recovery.run",
     _SNAPSHOT + "CreateSnapshot": "snapshot.create",
     _SNAPSHOT + "RestoreSnapshot": "snapshot.restore",

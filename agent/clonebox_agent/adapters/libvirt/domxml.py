@@ -39,6 +39,10 @@ class Disk:
     target: str
     format: str = "qcow2"
     cdrom: bool = False
+    #: the guest-visible serial (an agent volume's ``vol-NAME``: /dev/disk/by-id/virtio-vol-NAME)
+    serial: str = ""
+    #: several domains may attach the file at once (a shared volume: raw, ``cache="none"``)
+    shareable: bool = False
 
 
 @dataclass(frozen=True)
@@ -279,12 +283,20 @@ def cdrom_xml(path: str | None, target: str) -> str:
 
 def _disk(devices: ET.Element, disk: Disk) -> None:
     el = _sub(devices, "disk", type="file", device="cdrom" if disk.cdrom else "disk")
-    _sub(el, "driver", name="qemu", type=disk.format)
+    if disk.shareable:
+        # two guests writing one file: no host page cache may hold stale blocks of it
+        _sub(el, "driver", name="qemu", type=disk.format, cache="none")
+    else:
+        _sub(el, "driver", name="qemu", type=disk.format)
     _sub(el, "source", file=disk.path)
     # the default machine type (i440fx) has IDE but no virtio cdrom
     _sub(el, "target", dev=disk.target, bus="ide" if disk.cdrom else "virtio")
+    if disk.serial:
+        _sub(el, "serial", disk.serial)
     if disk.cdrom:
         _sub(el, "readonly")
+    if disk.shareable:
+        _sub(el, "shareable")
 
 
 def domain_xml(cfg: DomainConfig) -> str:

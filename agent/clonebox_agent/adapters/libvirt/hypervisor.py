@@ -112,9 +112,11 @@ from clonebox_core.model import (
     StepState,
     VmSpec,
     VmState,
+    Volume,
 )
 from clonebox_core.names import check_dns_label
 from clonebox_core.snapshots import SnapshotKind
+from clonebox_core.validate import validate_volume
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +204,7 @@ class LibvirtHypervisor:
         self.storage_dir = os.path.abspath(storage_dir)
         self.image_dirs = tuple(os.path.abspath(d) for d in image_dirs)
         self.shared_roots = None if shared_roots is None else tuple(os.path.abspath(d) for d in shared_roots)
+        common.check_name_prefix(name_prefix)
         self.name_prefix = name_prefix
         self.owner = owner
         self.pool_name = pool_name or "clonebox-" + _slug(self.storage_dir)
@@ -227,6 +230,10 @@ class LibvirtHypervisor:
         # ownership metadata by domain UUID (None: not ours); a domain's metadata never changes
         self._meta: dict[str, domxml.OwnerMetadata | None] = {}
         self._meta_lock = threading.Lock()
+        #: metadata of agent volumes (``create_volume``), beside the pool
+        self.volume_store = common.VolumeStore(os.path.join(self.storage_dir, common.VOLUMES_SUBDIR))
+        # held by volume creates and deletes, and by a VM create from its volume check through its define
+        self._volume_lock = threading.Lock()
         # names being created by this adapter: a concurrent create of one fails fast, touching nothing
         self._creating: set[str] = set()
         self._creating_lock = threading.Lock()
@@ -422,6 +429,26 @@ class LibvirtHypervisor:
         """See ``Hypervisor.import_disks`` (folder, one volume per image, the domain: steps like ``create``)."""
         await self._checkpoint("import_disks")
         return await self._run(self._import_disks_sync, spec, dict(images), steps or common.MemoryStepLog())
+
+    async def create_volume(
+        self, name: str, size_mib: int, *, shared: bool = False, labels: Mapping[str, str] | None = None
+    ) -> Volume:
+        """See ``Hypervisor.create_volume`` (a pool volume, then its metadata; named step ``create_volume:file``)."""
+        await self._checkpoint("create_volume")
+        items = tuple(sorted((labels or {}).items()))
+        validate_volume(name, size_mib, items)
+        return await self._run(self._create_volume_sync, name, size_mib, shared, items)
+
+    async def delete_volume(self, name: str) -> builtins.list[str]:
+        """See ``Hypervisor.delete_volume``."""
+        await self._checkpoint("delete_volume")
+        check_dns_label("name", name)
+        return await self._run(self._delete_volume_sync, name)
+
+    async def list_volumes(self) -> builtins.list[Volume]:
+        """See ``Hypervisor.list_volumes`` (one domain listing for the attachments)."""
+        await self._checkpoint("list_volumes")
+        return await self._run(self._list_volumes_sync)
 
     # ---- beyond the port -----------------------------------------------------------------------
 
@@ -659,6 +686,111 @@ class LibvirtHypervisor:
                 return None
             raise
 
+    # ---- agent volumes -------------------------------------------------------------------------
+
+    def _create_volume_sync(
+        self, name: str, size_mib: int, shared: bool, labels: tuple[tuple[str, str], ...]
+    ) -> Volume:
+        with self._volume_lock:
+            existing = self.volume_store.read(name)
+            if existing is not None:
+                common.check_new_volume(existing, size_mib, shared)
+                meta = dataclasses.replace(existing, labels=labels)
+                if meta != existing:
+                    self.volume_store.write(meta)
+                return self._volume_model(meta, self._list_sync())
+            conn = self._conn.get()
+            pool = self._pool(conn)
+            # a half-made volume (its file without metadata: a create cut short) is replaced
+            self._remove_volume_files(pool, name)
+            if Capability.HOST_FILES in self._caps:
+                common.check_room(common.pool_dir(self.storage_dir), size_mib * MiB, "", volume=name)
+            file = common.agent_volume_file(name, shared)
+            xml = self._volume_xml(file, size_mib * MiB, "raw" if shared else "qcow2", None)
+            # libvirt's errors come back as CloneboxError (AlreadyExists for a foreign file of that name)
+            self._create_volume(pool, file, xml, name, "create the file of volume")
+            self._step("create_volume:file")
+            meta = common.VolumeMeta(name, size_mib, shared, labels, datetime.now(UTC).replace(microsecond=0))
+            self.volume_store.write(meta)
+            return self._volume_model(meta, self._list_sync())
+
+    def _delete_volume_sync(self, name: str) -> builtins.list[str]:
+        with self._volume_lock:
+            conn = self._conn.get()
+            if self.volume_store.read(name) is None:
+                self._remove_volume_files(self._pool(conn), name)
+                raise common.volume_not_found(name)
+            users = common.volume_users(self._list_sync(), name)
+            if users:
+                raise common.volume_in_use(name, users)
+            # metadata first: from here the volume is gone; a crash before the file goes leaves a half-made one
+            self.volume_store.remove(name)
+            removed = [os.path.join(self.volume_store.folder, f"{name}.json")]
+            return removed + self._remove_volume_files(self._pool(conn), name)
+
+    def _list_volumes_sync(self) -> builtins.list[Volume]:
+        metas = self.volume_store.all()
+        records = self._list_sync() if metas else []
+        return [self._volume_model(m, records) for m in metas]
+
+    @staticmethod
+    def _volume_model(meta: common.VolumeMeta, records: Iterable[DomainRecord]) -> Volume:
+        return Volume(
+            meta.name, meta.size_mib, meta.shared, meta.labels, common.volume_users(records, meta.name), meta.created
+        )
+
+    def _remove_volume_files(self, pool: Any, name: str) -> builtins.list[str]:
+        removed = []
+        for file in common.agent_volume_files(name):
+            try:
+                vol = pool.storageVolLookupByName(file)
+            except libvirt.libvirtError as exc:
+                if is_code(exc, "VIR_ERR_NO_STORAGE_VOL"):
+                    continue
+                raise self._error(exc, action=f"look up the file of volume {name}") from None
+            try:
+                gone = self._delete_volume(vol)
+            except libvirt.libvirtError as exc:
+                raise self._error(exc, action=f"delete the file of volume {name}") from None
+            if gone is not None:
+                removed.append(gone)
+        return removed
+
+    def _attached_volumes(self, conn: Any, spec: VmSpec) -> dict[int, domxml.Disk]:
+        """The disks of the agent volumes ``spec`` attaches, by disk index; the checks of ``create``.
+
+        NotFound VOLUME_NOT_FOUND (naming ``spec.disks[i].volume``) for a volume without metadata or file,
+        FailedPrecondition VOLUME_IN_USE when another domain attaches a volume that is not shared.
+        """
+        wanted = [(i, d) for i, d in enumerate(spec.disks) if d.volume]
+        if not wanted:
+            return {}
+        records = self._list_sync()
+        pool = self._pool(conn)
+        out: dict[int, domxml.Disk] = {}
+        for i, disk in wanted:
+            field = f"spec.disks[{i}].volume"
+            meta = self.volume_store.read(disk.volume)
+            if meta is None:
+                raise common.volume_not_found(disk.volume, field)
+            try:
+                path = str(pool.storageVolLookupByName(common.agent_volume_file(disk.volume, meta.shared)).path())
+            except libvirt.libvirtError as exc:
+                if is_code(exc, "VIR_ERR_NO_STORAGE_VOL"):
+                    raise common.volume_not_found(disk.volume, field) from None
+                raise self._error(exc, spec.name, f"look up volume {disk.volume} for") from None
+            others = [u for u in common.volume_users(records, disk.volume) if u != spec.name]
+            if others and not meta.shared:
+                raise common.volume_in_use(disk.volume, others, wanted_by=spec.name)
+            out[i] = domxml.Disk(
+                path,
+                domxml.virtio_target(i),
+                format="raw" if meta.shared else "qcow2",
+                serial=common.volume_serial(disk.volume),
+                shareable=meta.shared,
+            )
+        return out
+
     # ---- create --------------------------------------------------------------------------------
 
     def _create_sync(self, spec: VmSpec, start: bool, log: StepLog, ssh_public_key: str = "") -> DomainRecord:
@@ -699,6 +831,7 @@ class LibvirtHypervisor:
                 self.network_manager.preflight(conn, managed, spec.name)
             except libvirt.libvirtError as exc:
                 raise self._error(exc, spec.name, f"look up network {managed.libvirt_network} for") from None
+        self._attached_volumes(conn, spec)
         # known before libvirt can report its first event
         self._owned.add(domain)
         try:
@@ -737,6 +870,10 @@ class LibvirtHypervisor:
         pool = self._pool(conn)
         disks: builtins.list[domxml.Disk] = []
         for i, disk in enumerate(spec.disks):
+            if disk.volume:
+                # an agent volume is attached, never made (nor undone): its disk is filled in at the define
+                disks.append(domxml.Disk("", domxml.virtio_target(i)))
+                continue
             name = common.volume_name(domain, disk.name)
             n = log.planned(f"disk:{disk.name}", {"kind": "volume", "name": name})
             vol = self._make_disk(pool, domain, vm, i, resolved)
@@ -769,8 +906,13 @@ class LibvirtHypervisor:
                 self.network_manager.add_host(conn, network, managed, vm, mac, log)
             self._step("create:network")
 
-            cfg = self._domain_config(resolved, domain, vm_uuid, disks, console_log, mac=mac)
-            dom = self._define(conn, cfg, vm, log)
+            # checked again under the lock and through the define: no volume create, delete or other VM's
+            # attach is between the check and the domain that attaches it
+            with self._volume_lock:
+                volumes = self._attached_volumes(conn, spec)
+                disks = [volumes.get(i, d) for i, d in enumerate(disks)]
+                cfg = self._domain_config(resolved, domain, vm_uuid, disks, console_log, mac=mac)
+                dom = self._define(conn, cfg, vm, log)
             self._step("create:define")
 
         if start:
@@ -861,7 +1003,14 @@ class LibvirtHypervisor:
             steps.append(f"folder: make {folder}")
             console_log = common.console_log_path(self.storage_dir, domain)
         disks: builtins.list[domxml.Disk] = []
+        volumes = self._attached_volumes(conn, spec)
         for i, (disk, base) in enumerate(zip(spec.disks, resolved.base_images, strict=True)):
+            if disk.volume:
+                attached = volumes[i]
+                what = "shared raw" if attached.shareable else "qcow2"
+                steps.append(f"disk:{disk.name}: attach volume {disk.volume} ({what}, {attached.path}; kept on delete)")
+                disks.append(attached)
+                continue
             path = os.path.join(pool_path, common.volume_name(domain, disk.name))
             what = f"qcow2 overlay on {base}" if base else f"blank qcow2 of {disk.size_mib} MiB"
             steps.append(f"disk:{disk.name}: make volume {path} ({what})")
@@ -1069,7 +1218,7 @@ class LibvirtHypervisor:
         if Capability.HOST_FILES in self._caps:
             files = common.marked_files(self.storage_dir)
         networks = tuple(s.name for s in self.network_manager.owned(conn))
-        return Inventory(domains, volumes, files, networks)
+        return Inventory(domains, volumes, files, networks, tuple(self.volume_store.names()))
 
     def _host_info_sync(self) -> HostInfo:
         caps = tuple(sorted(c.value for c in self._caps))
@@ -1329,7 +1478,7 @@ class LibvirtHypervisor:
         removed = []
         prefix = common.volume_prefix(domain)
         for vol in self._pool(conn).listAllVolumes(0):
-            if not str(vol.name()).startswith(prefix):
+            if not str(vol.name()).startswith(prefix) or common.is_agent_volume_file(str(vol.name())):
                 continue
             path = str(vol.path())
             owner = common.owner_of(path) if Capability.HOST_FILES in self._caps else None
@@ -1442,6 +1591,7 @@ class LibvirtHypervisor:
             # libvirt freezes guest filesystems only for disk-only snapshots
             raise invalid_field("quiesce", "only for disk-only (external) snapshots")
         dom, meta = self._owned_domain(vm)
+        common.refuse_volumes(meta.spec, "a snapshot")
         try:
             live = bool(dom.isActive())
             xml = dom.XMLDesc(0 if live else libvirt.VIR_DOMAIN_XML_INACTIVE)
@@ -1614,6 +1764,7 @@ class LibvirtHypervisor:
 
     def _export_disks_sync(self, vm: str, snapshot: str, workdir: str) -> builtins.list[DiskImage]:
         dom, meta = self._owned_domain(vm)
+        common.refuse_volumes(meta.spec, "an export")
         _snap, info = self._find_snapshot(dom, vm, snapshot)
         if Capability.HOST_FILES not in self._caps:
             raise FailedPrecondition(
@@ -1654,6 +1805,7 @@ class LibvirtHypervisor:
     # ---- import --------------------------------------------------------------------------------
 
     def _import_disks_sync(self, spec: VmSpec, images: dict[str, str], log: StepLog) -> DomainRecord:
+        common.refuse_volumes(spec, "an import")
         if Capability.HOST_FILES not in self._caps:
             raise FailedPrecondition(
                 f"importing disks needs the hypervisor's files on this host ({self.uri})",

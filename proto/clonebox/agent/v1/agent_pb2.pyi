@@ -55,6 +55,176 @@ VM_EVENT_TYPE_DELETED: VmEventType.ValueType  # 3
 Global___VmEventType: _TypeAlias = VmEventType  # noqa: Y015
 
 @_typing.final
+class CreateVolumeRequest(_message.Message):
+    """CreateVolumeRequest makes a volume."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_MIB_FIELD_NUMBER: _builtins.int
+    SHARED_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Volume name, unique on this host (a DNS label)."""
+    size_mib: _builtins.int
+    """Virtual size in MiB (more than 0)."""
+    shared: _builtins.bool
+    """Several VMs may attach it at once (raw, no host cache); the guests must coordinate their writes
+    (a cluster file system), or corrupt it.
+    """
+    request_id: _builtins.str
+    """Client request id."""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Free-form labels (replace the existing ones when the volume exists)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        size_mib: _builtins.int = ...,
+        shared: _builtins.bool = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "name", b"name", "request_id", b"request_id", "shared", b"shared", "size_mib", b"size_mib"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateVolumeRequest: _TypeAlias = CreateVolumeRequest  # noqa: Y015
+
+@_typing.final
+class CreateVolumeResponse(_message.Message):
+    """CreateVolumeResponse returns the volume."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def volume(self) -> _vm_pb2.Volume:
+        """The volume as it is now."""
+
+    def __init__(
+        self,
+        *,
+        volume: _vm_pb2.Volume | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["volume", b"volume"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateVolumeResponse: _TypeAlias = CreateVolumeResponse  # noqa: Y015
+
+@_typing.final
+class DeleteVolumeRequest(_message.Message):
+    """DeleteVolumeRequest deletes a volume."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Volume name."""
+    request_id: _builtins.str
+    """Client request id."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteVolumeRequest: _TypeAlias = DeleteVolumeRequest  # noqa: Y015
+
+@_typing.final
+class DeleteVolumeResponse(_message.Message):
+    """DeleteVolumeResponse confirms deletion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteVolumeResponse: _TypeAlias = DeleteVolumeResponse  # noqa: Y015
+
+@_typing.final
+class ListVolumesRequest(_message.Message):
+    """ListVolumesRequest lists volumes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListVolumesRequest: _TypeAlias = ListVolumesRequest  # noqa: Y015
+
+@_typing.final
+class ListVolumesResponse(_message.Message):
+    """ListVolumesResponse lists volumes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def volumes(self) -> _containers.RepeatedCompositeFieldContainer[_vm_pb2.Volume]:
+        """Every volume of this host, by name."""
+
+    def __init__(
+        self,
+        *,
+        volumes: _abc.Iterable[_vm_pb2.Volume] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["volumes", b"volumes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListVolumesResponse: _TypeAlias = ListVolumesResponse  # noqa: Y015
+
+@_typing.final
 class ReadConsoleRequest(_message.Message):
     """ReadConsoleRequest says which VM's console log to read, and how much of it."""
 

@@ -155,6 +155,21 @@ class AgentServiceStub:
                 request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ReadConsoleRequest.SerializeToString,
                 response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ReadConsoleResponse.FromString,
                 _registered_method=True)
+        self.CreateVolume = channel.unary_unary(
+                '/clonebox.agent.v1.AgentService/CreateVolume',
+                request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.CreateVolumeRequest.SerializeToString,
+                response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.CreateVolumeResponse.FromString,
+                _registered_method=True)
+        self.DeleteVolume = channel.unary_unary(
+                '/clonebox.agent.v1.AgentService/DeleteVolume',
+                request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.DeleteVolumeRequest.SerializeToString,
+                response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.DeleteVolumeResponse.FromString,
+                _registered_method=True)
+        self.ListVolumes = channel.unary_unary(
+                '/clonebox.agent.v1.AgentService/ListVolumes',
+                request_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ListVolumesRequest.SerializeToString,
+                response_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ListVolumesResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -228,7 +243,8 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteVm(self, request, context):
-        """DeleteVm stops the VM and removes every disk, seed and file the agent made for it.
+        """DeleteVm stops the VM and removes every disk, seed and file the agent made for it; the volumes it
+        attaches (DiskSpec.volume) are detached and kept.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -270,7 +286,8 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateSnapshot(self, request, context):
-        """CreateSnapshot takes a snapshot of a VM (a journaled transaction; idempotent by request id).
+        """CreateSnapshot takes a snapshot of a VM (a journaled transaction; idempotent by request id). Snapshots
+        and exports cover a VM's own disks only: a VM that attaches volumes is refused (VM_HAS_VOLUMES).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -327,6 +344,30 @@ class AgentServiceServicer:
 
     def ReadConsole(self, request, context):
         """ReadConsole streams a VM's serial console log: its last bytes, then (with follow) what the guest writes next.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateVolume(self, request, context):
+        """CreateVolume makes a volume: a disk that VMs attach by name (DiskSpec.volume) and that outlives them.
+        Idempotent: an existing volume of the same size and shared flag is returned (its labels replaced);
+        a different size or flag is FAILED_PRECONDITION VOLUME_EXISTS_DIFFERENT naming the field.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteVolume(self, request, context):
+        """DeleteVolume removes a volume and its data. FAILED_PRECONDITION VOLUME_IN_USE while a VM definition
+        attaches it (naming the VMs); NOT_FOUND VOLUME_NOT_FOUND when there is none (callers treat it as done).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListVolumes(self, request, context):
+        """ListVolumes lists this host's volumes with the VMs attaching each.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -454,6 +495,21 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ReadConsole,
                     request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ReadConsoleRequest.FromString,
                     response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ReadConsoleResponse.SerializeToString,
+            ),
+            'CreateVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateVolume,
+                    request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.CreateVolumeRequest.FromString,
+                    response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.CreateVolumeResponse.SerializeToString,
+            ),
+            'DeleteVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteVolume,
+                    request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.DeleteVolumeRequest.FromString,
+                    response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.DeleteVolumeResponse.SerializeToString,
+            ),
+            'ListVolumes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVolumes,
+                    request_deserializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ListVolumesRequest.FromString,
+                    response_serializer=clonebox_dot_agent_dot_v1_dot_agent__pb2.ListVolumesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1105,6 +1161,87 @@ class AgentService:
             '/clonebox.agent.v1.AgentService/ReadConsole',
             clonebox_dot_agent_dot_v1_dot_agent__pb2.ReadConsoleRequest.SerializeToString,
             clonebox_dot_agent_dot_v1_dot_agent__pb2.ReadConsoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clonebox.agent.v1.AgentService/CreateVolume',
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.CreateVolumeRequest.SerializeToString,
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.CreateVolumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clonebox.agent.v1.AgentService/DeleteVolume',
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.DeleteVolumeRequest.SerializeToString,
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.DeleteVolumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVolumes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clonebox.agent.v1.AgentService/ListVolumes',
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.ListVolumesRequest.SerializeToString,
+            clonebox_dot_agent_dot_v1_dot_agent__pb2.ListVolumesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,7 +56,9 @@ class AgentServiceStub:
     changes. Idempotent under request_id and under an equal spec.
     """
     DeleteVm: _grpc.UnaryUnaryMultiCallable[_agent_pb2.DeleteVmRequest, _agent_pb2.DeleteVmResponse]
-    """DeleteVm stops the VM and removes every disk, seed and file the agent made for it."""
+    """DeleteVm stops the VM and removes every disk, seed and file the agent made for it; the volumes it
+    attaches (DiskSpec.volume) are detached and kept.
+    """
     WatchVms: _grpc.UnaryStreamMultiCallable[_agent_pb2.WatchVmsRequest, _agent_pb2.WatchVmsResponse]
     """WatchVms streams lifecycle events, resumable from a revision."""
     ListTransactions: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ListTransactionsRequest, _agent_pb2.ListTransactionsResponse]
@@ -68,7 +70,9 @@ class AgentServiceStub:
     CheckHealth: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CheckHealthRequest, _agent_pb2.CheckHealthResponse]
     """CheckHealth runs a VM's checks once now and reports (it does not count toward thresholds)."""
     CreateSnapshot: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CreateSnapshotRequest, _agent_pb2.CreateSnapshotResponse]
-    """CreateSnapshot takes a snapshot of a VM (a journaled transaction; idempotent by request id)."""
+    """CreateSnapshot takes a snapshot of a VM (a journaled transaction; idempotent by request id). Snapshots
+    and exports cover a VM's own disks only: a VM that attaches volumes is refused (VM_HAS_VOLUMES).
+    """
     ListSnapshots: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ListSnapshotsRequest, _agent_pb2.ListSnapshotsResponse]
     """ListSnapshots returns a VM's snapshots with their tree relations."""
     RestoreSnapshot: _grpc.UnaryUnaryMultiCallable[_agent_pb2.RestoreSnapshotRequest, _agent_pb2.RestoreSnapshotResponse]
@@ -85,6 +89,17 @@ class AgentServiceStub:
     """ImportSnapshot makes a stopped VM from an export stream; nothing is kept unless all of it checks out."""
     ReadConsole: _grpc.UnaryStreamMultiCallable[_agent_pb2.ReadConsoleRequest, _agent_pb2.ReadConsoleResponse]
     """ReadConsole streams a VM's serial console log: its last bytes, then (with follow) what the guest writes next."""
+    CreateVolume: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CreateVolumeRequest, _agent_pb2.CreateVolumeResponse]
+    """CreateVolume makes a volume: a disk that VMs attach by name (DiskSpec.volume) and that outlives them.
+    Idempotent: an existing volume of the same size and shared flag is returned (its labels replaced);
+    a different size or flag is FAILED_PRECONDITION VOLUME_EXISTS_DIFFERENT naming the field.
+    """
+    DeleteVolume: _grpc.UnaryUnaryMultiCallable[_agent_pb2.DeleteVolumeRequest, _agent_pb2.DeleteVolumeResponse]
+    """DeleteVolume removes a volume and its data. FAILED_PRECONDITION VOLUME_IN_USE while a VM definition
+    attaches it (naming the VMs); NOT_FOUND VOLUME_NOT_FOUND when there is none (callers treat it as done).
+    """
+    ListVolumes: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ListVolumesRequest, _agent_pb2.ListVolumesResponse]
+    """ListVolumes lists this host's volumes with the VMs attaching each."""
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -114,7 +129,9 @@ class AgentServiceAsyncStub(AgentServiceStub):
     changes. Idempotent under request_id and under an equal spec.
     """
     DeleteVm: _aio.UnaryUnaryMultiCallable[_agent_pb2.DeleteVmRequest, _agent_pb2.DeleteVmResponse]  # type: ignore[assignment]
-    """DeleteVm stops the VM and removes every disk, seed and file the agent made for it."""
+    """DeleteVm stops the VM and removes every disk, seed and file the agent made for it; the volumes it
+    attaches (DiskSpec.volume) are detached and kept.
+    """
     WatchVms: _aio.UnaryStreamMultiCallable[_agent_pb2.WatchVmsRequest, _agent_pb2.WatchVmsResponse]  # type: ignore[assignment]
     """WatchVms streams lifecycle events, resumable from a revision."""
     ListTransactions: _aio.UnaryUnaryMultiCallable[_agent_pb2.ListTransactionsRequest, _agent_pb2.ListTransactionsResponse]  # type: ignore[assignment]
@@ -126,7 +143,9 @@ class AgentServiceAsyncStub(AgentServiceStub):
     CheckHealth: _aio.UnaryUnaryMultiCallable[_agent_pb2.CheckHealthRequest, _agent_pb2.CheckHealthResponse]  # type: ignore[assignment]
     """CheckHealth runs a VM's checks once now and reports (it does not count toward thresholds)."""
     CreateSnapshot: _aio.UnaryUnaryMultiCallable[_agent_pb2.CreateSnapshotRequest, _agent_pb2.CreateSnapshotResponse]  # type: ignore[assignment]
-    """CreateSnapshot takes a snapshot of a VM (a journaled transaction; idempotent by request id)."""
+    """CreateSnapshot takes a snapshot of a VM (a journaled transaction; idempotent by request id). Snapshots
+    and exports cover a VM's own disks only: a VM that attaches volumes is refused (VM_HAS_VOLUMES).
+    """
     ListSnapshots: _aio.UnaryUnaryMultiCallable[_agent_pb2.ListSnapshotsRequest, _agent_pb2.ListSnapshotsResponse]  # type: ignore[assignment]
     """ListSnapshots returns a VM's snapshots with their tree relations."""
     RestoreSnapshot: _aio.UnaryUnaryMultiCallable[_agent_pb2.RestoreSnapshotRequest, _agent_pb2.RestoreSnapshotResponse]  # type: ignore[assignment]
@@ -143,6 +162,17 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """ImportSnapshot makes a stopped VM from an export stream; nothing is kept unless all of it checks out."""
     ReadConsole: _aio.UnaryStreamMultiCallable[_agent_pb2.ReadConsoleRequest, _agent_pb2.ReadConsoleResponse]  # type: ignore[assignment]
     """ReadConsole streams a VM's serial console log: its last bytes, then (with follow) what the guest writes next."""
+    CreateVolume: _aio.UnaryUnaryMultiCallable[_agent_pb2.CreateVolumeRequest, _agent_pb2.CreateVolumeResponse]  # type: ignore[assignment]
+    """CreateVolume makes a volume: a disk that VMs attach by name (DiskSpec.volume) and that outlives them.
+    Idempotent: an existing volume of the same size and shared flag is returned (its labels replaced);
+    a different size or flag is FAILED_PRECONDITION VOLUME_EXISTS_DIFFERENT naming the field.
+    """
+    DeleteVolume: _aio.UnaryUnaryMultiCallable[_agent_pb2.DeleteVolumeRequest, _agent_pb2.DeleteVolumeResponse]  # type: ignore[assignment]
+    """DeleteVolume removes a volume and its data. FAILED_PRECONDITION VOLUME_IN_USE while a VM definition
+    attaches it (naming the VMs); NOT_FOUND VOLUME_NOT_FOUND when there is none (callers treat it as done).
+    """
+    ListVolumes: _aio.UnaryUnaryMultiCallable[_agent_pb2.ListVolumesRequest, _agent_pb2.ListVolumesResponse]  # type: ignore[assignment]
+    """ListVolumes lists this host's volumes with the VMs attaching each."""
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService runs on every hypervisor host and is the only code that touches libvirt."""
@@ -229,7 +259,9 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.DeleteVmRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.DeleteVmResponse, _abc.Awaitable[_agent_pb2.DeleteVmResponse]]:
-        """DeleteVm stops the VM and removes every disk, seed and file the agent made for it."""
+        """DeleteVm stops the VM and removes every disk, seed and file the agent made for it; the volumes it
+        attaches (DiskSpec.volume) are detached and kept.
+        """
 
     @_abc_1.abstractmethod
     def WatchVms(
@@ -277,7 +309,9 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.CreateSnapshotRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.CreateSnapshotResponse, _abc.Awaitable[_agent_pb2.CreateSnapshotResponse]]:
-        """CreateSnapshot takes a snapshot of a VM (a journaled transaction; idempotent by request id)."""
+        """CreateSnapshot takes a snapshot of a VM (a journaled transaction; idempotent by request id). Snapshots
+        and exports cover a VM's own disks only: a VM that attaches volumes is refused (VM_HAS_VOLUMES).
+        """
 
     @_abc_1.abstractmethod
     def ListSnapshots(
@@ -342,5 +376,34 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.ReadConsoleResponse], _abc.AsyncIterator[_agent_pb2.ReadConsoleResponse]]:
         """ReadConsole streams a VM's serial console log: its last bytes, then (with follow) what the guest writes next."""
+
+    @_abc_1.abstractmethod
+    def CreateVolume(
+        self,
+        request: _agent_pb2.CreateVolumeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.CreateVolumeResponse, _abc.Awaitable[_agent_pb2.CreateVolumeResponse]]:
+        """CreateVolume makes a volume: a disk that VMs attach by name (DiskSpec.volume) and that outlives them.
+        Idempotent: an existing volume of the same size and shared flag is returned (its labels replaced);
+        a different size or flag is FAILED_PRECONDITION VOLUME_EXISTS_DIFFERENT naming the field.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteVolume(
+        self,
+        request: _agent_pb2.DeleteVolumeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.DeleteVolumeResponse, _abc.Awaitable[_agent_pb2.DeleteVolumeResponse]]:
+        """DeleteVolume removes a volume and its data. FAILED_PRECONDITION VOLUME_IN_USE while a VM definition
+        attaches it (naming the VMs); NOT_FOUND VOLUME_NOT_FOUND when there is none (callers treat it as done).
+        """
+
+    @_abc_1.abstractmethod
+    def ListVolumes(
+        self,
+        request: _agent_pb2.ListVolumesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ListVolumesResponse, _abc.Awaitable[_agent_pb2.ListVolumesResponse]]:
+        """ListVolumes lists this host's volumes with the VMs attaching each."""
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -26,7 +26,7 @@ from clonebox.type.v1 import health_pb2 as clonebox_dot_type_dot_v1_dot_health__
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63lonebox/type/v1/vm.proto\x12\x10\x63lonebox.type.v1\x1a\x1d\x63lonebox/type/v1/health.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa1\x04\n\x06VmSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05vcpus\x18\x02 \x01(\r\x12\x12\n\nmemory_mib\x18\x03 \x01(\x04\x12)\n\x05\x64isks\x18\x04 \x03(\x0b\x32\x1a.clonebox.type.v1.DiskSpec\x12\x31\n\x0bkernel_boot\x18\x05 \x01(\x0b\x32\x1c.clonebox.type.v1.KernelBoot\x12.\n\x07network\x18\x06 \x01(\x0b\x32\x1d.clonebox.type.v1.NetworkSpec\x12\x36\n\x0eshared_folders\x18\x07 \x03(\x0b\x32\x1e.clonebox.type.v1.SharedFolder\x12/\n\ncloud_init\x18\x08 \x01(\x0b\x32\x1b.clonebox.type.v1.CloudInit\x12\x34\n\x06labels\x18\t \x03(\x0b\x32$.clonebox.type.v1.VmSpec.LabelsEntry\x12$\n\x04\x61uth\x18\n \x01(\x0b\x32\x16.clonebox.type.v1.Auth\x12.\n\tprovision\x18\x0b \x01(\x0b\x32\x1b.clonebox.type.v1.Provision\x12\x34\n\rhealth_checks\x18\x0c \x03(\x0b\x32\x1d.clonebox.type.v1.HealthCheck\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xaf\x01\n\x04\x41uth\x12\x0c\n\x04user\x18\x01 \x01(\t\x12,\n\x06method\x18\x02 \x01(\x0e\x32\x1c.clonebox.type.v1.AuthMethod\x12\x10\n\x08ssh_keys\x18\x03 \x03(\t\x12\x10\n\x08password\x18\x04 \x01(\t\x12\x1b\n\x13ssh_authorized_keys\x18\x05 \x03(\t\x12\x15\n\rpassword_hash\x18\x06 \x01(\t\x12\x13\n\x0bsecret_refs\x18\x07 \x03(\t\"]\n\tProvision\x12\x10\n\x08packages\x18\x01 \x03(\t\x12\x15\n\rsnap_packages\x18\x02 \x03(\t\x12\x10\n\x08services\x18\x03 \x03(\t\x12\x15\n\rpost_commands\x18\x04 \x03(\t\">\n\x08\x44iskSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nbase_image\x18\x02 \x01(\t\x12\x10\n\x08size_mib\x18\x03 \x01(\x04\"=\n\nKernelBoot\x12\x0e\n\x06kernel\x18\x01 \x01(\t\x12\x0e\n\x06initrd\x18\x02 \x01(\t\x12\x0f\n\x07\x63mdline\x18\x03 \x01(\t\"\x87\x01\n\x0bNetworkSpec\x12+\n\x04mode\x18\x01 \x01(\x0e\x32\x1d.clonebox.type.v1.NetworkMode\x12\x17\n\x0flibvirt_network\x18\x02 \x01(\t\x12\x0e\n\x06subnet\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x11\n\tdns_names\x18\x05 \x03(\t\"\x7f\n\x0cSharedFolder\x12\x11\n\thost_path\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x11\n\tread_only\x18\x03 \x01(\x08\x12\r\n\x05mount\x18\x04 \x01(\t\x12-\n\x06\x64river\x18\x05 \x01(\x0e\x32\x1d.clonebox.type.v1.ShareDriver\"i\n\tCloudInit\x12\x11\n\tuser_data\x18\x01 \x01(\t\x12\x11\n\tmeta_data\x18\x02 \x01(\t\x12\x16\n\x0enetwork_config\x18\x03 \x01(\t\x12\x1e\n\x16\x64\x65tach_seed_after_boot\x18\x04 \x01(\x08\"O\n\tIpAddress\x12\x11\n\tinterface\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\r\x12\x0e\n\x06source\x18\x04 \x01(\t\"\xa8\x02\n\x02Vm\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.clonebox.type.v1.VmState\x12&\n\x04spec\x18\x04 \x01(\x0b\x32\x18.clonebox.type.v1.VmSpec\x12.\n\taddresses\x18\x05 \x03(\x0b\x32\x1b.clonebox.type.v1.IpAddress\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04uuid\x18\x08 \x01(\t\x12\x14\n\x0cstate_reason\x18\t \x01(\t\"=\n\nCreatePlan\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x03(\t\x12\x12\n\ndomain_xml\x18\x03 \x01(\t*\x95\x01\n\nAuthMethod\x12\x1b\n\x17\x41UTH_METHOD_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41UTH_METHOD_SSH_KEY\x10\x01\x12\x18\n\x14\x41UTH_METHOD_PASSWORD\x10\x02\x12\x14\n\x10\x41UTH_METHOD_BOTH\x10\x03\x12!\n\x1d\x41UTH_METHOD_ONE_TIME_PASSWORD\x10\x04*v\n\x0bNetworkMode\x12\x1c\n\x18NETWORK_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14NETWORK_MODE_LIBVIRT\x10\x01\x12\x15\n\x11NETWORK_MODE_NONE\x10\x02\x12\x18\n\x14NETWORK_MODE_MANAGED\x10\x03*[\n\x0bShareDriver\x12\x1c\n\x18SHARE_DRIVER_UNSPECIFIED\x10\x00\x12\x13\n\x0fSHARE_DRIVER_9P\x10\x01\x12\x19\n\x15SHARE_DRIVER_VIRTIOFS\x10\x02*\xea\x01\n\x07VmState\x12\x18\n\x14VM_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10VM_STATE_PENDING\x10\x01\x12\x15\n\x11VM_STATE_CREATING\x10\x02\x12\x14\n\x10VM_STATE_RUNNING\x10\x03\x12\x13\n\x0fVM_STATE_PAUSED\x10\x04\x12\x15\n\x11VM_STATE_STOPPING\x10\x05\x12\x14\n\x10VM_STATE_STOPPED\x10\x06\x12\x14\n\x10VM_STATE_CRASHED\x10\x07\x12\x15\n\x11VM_STATE_DELETING\x10\x08\x12\x13\n\x0fVM_STATE_FAILED\x10\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63lonebox/type/v1/vm.proto\x12\x10\x63lonebox.type.v1\x1a\x1d\x63lonebox/type/v1/health.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa1\x04\n\x06VmSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05vcpus\x18\x02 \x01(\r\x12\x12\n\nmemory_mib\x18\x03 \x01(\x04\x12)\n\x05\x64isks\x18\x04 \x03(\x0b\x32\x1a.clonebox.type.v1.DiskSpec\x12\x31\n\x0bkernel_boot\x18\x05 \x01(\x0b\x32\x1c.clonebox.type.v1.KernelBoot\x12.\n\x07network\x18\x06 \x01(\x0b\x32\x1d.clonebox.type.v1.NetworkSpec\x12\x36\n\x0eshared_folders\x18\x07 \x03(\x0b\x32\x1e.clonebox.type.v1.SharedFolder\x12/\n\ncloud_init\x18\x08 \x01(\x0b\x32\x1b.clonebox.type.v1.CloudInit\x12\x34\n\x06labels\x18\t \x03(\x0b\x32$.clonebox.type.v1.VmSpec.LabelsEntry\x12$\n\x04\x61uth\x18\n \x01(\x0b\x32\x16.clonebox.type.v1.Auth\x12.\n\tprovision\x18\x0b \x01(\x0b\x32\x1b.clonebox.type.v1.Provision\x12\x34\n\rhealth_checks\x18\x0c \x03(\x0b\x32\x1d.clonebox.type.v1.HealthCheck\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xaf\x01\n\x04\x41uth\x12\x0c\n\x04user\x18\x01 \x01(\t\x12,\n\x06method\x18\x02 \x01(\x0e\x32\x1c.clonebox.type.v1.AuthMethod\x12\x10\n\x08ssh_keys\x18\x03 \x03(\t\x12\x10\n\x08password\x18\x04 \x01(\t\x12\x1b\n\x13ssh_authorized_keys\x18\x05 \x03(\t\x12\x15\n\rpassword_hash\x18\x06 \x01(\t\x12\x13\n\x0bsecret_refs\x18\x07 \x03(\t\"]\n\tProvision\x12\x10\n\x08packages\x18\x01 \x03(\t\x12\x15\n\rsnap_packages\x18\x02 \x03(\t\x12\x10\n\x08services\x18\x03 \x03(\t\x12\x15\n\rpost_commands\x18\x04 \x03(\t\"N\n\x08\x44iskSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nbase_image\x18\x02 \x01(\t\x12\x10\n\x08size_mib\x18\x03 \x01(\x04\x12\x0e\n\x06volume\x18\x04 \x01(\t\"=\n\nKernelBoot\x12\x0e\n\x06kernel\x18\x01 \x01(\t\x12\x0e\n\x06initrd\x18\x02 \x01(\t\x12\x0f\n\x07\x63mdline\x18\x03 \x01(\t\"\x87\x01\n\x0bNetworkSpec\x12+\n\x04mode\x18\x01 \x01(\x0e\x32\x1d.clonebox.type.v1.NetworkMode\x12\x17\n\x0flibvirt_network\x18\x02 \x01(\t\x12\x0e\n\x06subnet\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x11\n\tdns_names\x18\x05 \x03(\t\"\x7f\n\x0cSharedFolder\x12\x11\n\thost_path\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x11\n\tread_only\x18\x03 \x01(\x08\x12\r\n\x05mount\x18\x04 \x01(\t\x12-\n\x06\x64river\x18\x05 \x01(\x0e\x32\x1d.clonebox.type.v1.ShareDriver\"i\n\tCloudInit\x12\x11\n\tuser_data\x18\x01 \x01(\t\x12\x11\n\tmeta_data\x18\x02 \x01(\t\x12\x16\n\x0enetwork_config\x18\x03 \x01(\t\x12\x1e\n\x16\x64\x65tach_seed_after_boot\x18\x04 \x01(\x08\"O\n\tIpAddress\x12\x11\n\tinterface\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\r\x12\x0e\n\x06source\x18\x04 \x01(\t\"\xa8\x02\n\x02Vm\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.clonebox.type.v1.VmState\x12&\n\x04spec\x18\x04 \x01(\x0b\x32\x18.clonebox.type.v1.VmSpec\x12.\n\taddresses\x18\x05 \x03(\x0b\x32\x1b.clonebox.type.v1.IpAddress\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04uuid\x18\x08 \x01(\t\x12\x14\n\x0cstate_reason\x18\t \x01(\t\"\xdb\x01\n\x06Volume\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08size_mib\x18\x02 \x01(\x04\x12\x0e\n\x06shared\x18\x03 \x01(\x08\x12\x34\n\x06labels\x18\x04 \x03(\x0b\x32$.clonebox.type.v1.Volume.LabelsEntry\x12\x0b\n\x03vms\x18\x05 \x03(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\nCreatePlan\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x03(\t\x12\x12\n\ndomain_xml\x18\x03 \x01(\t*\x95\x01\n\nAuthMethod\x12\x1b\n\x17\x41UTH_METHOD_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41UTH_METHOD_SSH_KEY\x10\x01\x12\x18\n\x14\x41UTH_METHOD_PASSWORD\x10\x02\x12\x14\n\x10\x41UTH_METHOD_BOTH\x10\x03\x12!\n\x1d\x41UTH_METHOD_ONE_TIME_PASSWORD\x10\x04*v\n\x0bNetworkMode\x12\x1c\n\x18NETWORK_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14NETWORK_MODE_LIBVIRT\x10\x01\x12\x15\n\x11NETWORK_MODE_NONE\x10\x02\x12\x18\n\x14NETWORK_MODE_MANAGED\x10\x03*[\n\x0bShareDriver\x12\x1c\n\x18SHARE_DRIVER_UNSPECIFIED\x10\x00\x12\x13\n\x0fSHARE_DRIVER_9P\x10\x01\x12\x19\n\x15SHARE_DRIVER_VIRTIOFS\x10\x02*\xea\x01\n\x07VmState\x12\x18\n\x14VM_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10VM_STATE_PENDING\x10\x01\x12\x15\n\x11VM_STATE_CREATING\x10\x02\x12\x14\n\x10VM_STATE_RUNNING\x10\x03\x12\x13\n\x0fVM_STATE_PAUSED\x10\x04\x12\x15\n\x11VM_STATE_STOPPING\x10\x05\x12\x14\n\x10VM_STATE_STOPPED\x10\x06\x12\x14\n\x10VM_STATE_CRASHED\x10\x07\x12\x15\n\x11VM_STATE_DELETING\x10\x08\x12\x13\n\x0fVM_STATE_FAILED\x10\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,14 +35,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VMSPEC_LABELSENTRY']._loaded_options = None
   _globals['_VMSPEC_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_AUTHMETHOD']._serialized_start=1877
-  _globals['_AUTHMETHOD']._serialized_end=2026
-  _globals['_NETWORKMODE']._serialized_start=2028
-  _globals['_NETWORKMODE']._serialized_end=2146
-  _globals['_SHAREDRIVER']._serialized_start=2148
-  _globals['_SHAREDRIVER']._serialized_end=2239
-  _globals['_VMSTATE']._serialized_start=2242
-  _globals['_VMSTATE']._serialized_end=2476
+  _globals['_VOLUME_LABELSENTRY']._loaded_options = None
+  _globals['_VOLUME_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_AUTHMETHOD']._serialized_start=2115
+  _globals['_AUTHMETHOD']._serialized_end=2264
+  _globals['_NETWORKMODE']._serialized_start=2266
+  _globals['_NETWORKMODE']._serialized_end=2384
+  _globals['_SHAREDRIVER']._serialized_start=2386
+  _globals['_SHAREDRIVER']._serialized_end=2477
+  _globals['_VMSTATE']._serialized_start=2480
+  _globals['_VMSTATE']._serialized_end=2714
   _globals['_VMSPEC']._serialized_start=112
   _globals['_VMSPEC']._serialized_end=657
   _globals['_VMSPEC_LABELSENTRY']._serialized_start=612
@@ -52,19 +54,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROVISION']._serialized_start=837
   _globals['_PROVISION']._serialized_end=930
   _globals['_DISKSPEC']._serialized_start=932
-  _globals['_DISKSPEC']._serialized_end=994
-  _globals['_KERNELBOOT']._serialized_start=996
-  _globals['_KERNELBOOT']._serialized_end=1057
-  _globals['_NETWORKSPEC']._serialized_start=1060
-  _globals['_NETWORKSPEC']._serialized_end=1195
-  _globals['_SHAREDFOLDER']._serialized_start=1197
-  _globals['_SHAREDFOLDER']._serialized_end=1324
-  _globals['_CLOUDINIT']._serialized_start=1326
-  _globals['_CLOUDINIT']._serialized_end=1431
-  _globals['_IPADDRESS']._serialized_start=1433
-  _globals['_IPADDRESS']._serialized_end=1512
-  _globals['_VM']._serialized_start=1515
-  _globals['_VM']._serialized_end=1811
-  _globals['_CREATEPLAN']._serialized_start=1813
-  _globals['_CREATEPLAN']._serialized_end=1874
+  _globals['_DISKSPEC']._serialized_end=1010
+  _globals['_KERNELBOOT']._serialized_start=1012
+  _globals['_KERNELBOOT']._serialized_end=1073
+  _globals['_NETWORKSPEC']._serialized_start=1076
+  _globals['_NETWORKSPEC']._serialized_end=1211
+  _globals['_SHAREDFOLDER']._serialized_start=1213
+  _globals['_SHAREDFOLDER']._serialized_end=1340
+  _globals['_CLOUDINIT']._serialized_start=1342
+  _globals['_CLOUDINIT']._serialized_end=1447
+  _globals['_IPADDRESS']._serialized_start=1449
+  _globals['_IPADDRESS']._serialized_end=1528
+  _globals['_VM']._serialized_start=1531
+  _globals['_VM']._serialized_end=1827
+  _globals['_VOLUME']._serialized_start=1830
+  _globals['_VOLUME']._serialized_end=2049
+  _globals['_VOLUME_LABELSENTRY']._serialized_start=612
+  _globals['_VOLUME_LABELSENTRY']._serialized_end=657
+  _globals['_CREATEPLAN']._serialized_start=2051
+  _globals['_CREATEPLAN']._serialized_end=2112
 # @@protoc_insertion_point(module_scope)

@@ -363,29 +363,41 @@ Global___Provision: _TypeAlias = Provision  # noqa: Y015
 
 @_typing.final
 class DiskSpec(_message.Message):
-    """DiskSpec is one disk: a qcow2 overlay on a base image, or a blank qcow2 image."""
+    """DiskSpec is one disk: a qcow2 overlay on a base image, a blank qcow2 image, or an agent volume."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     BASE_IMAGE_FIELD_NUMBER: _builtins.int
     SIZE_MIB_FIELD_NUMBER: _builtins.int
+    VOLUME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Disk name, unique within the VM (a DNS label); used in file names."""
     base_image: _builtins.str
-    """Base image path; must lie inside one of the agent's image directories. Empty for a blank disk."""
+    """Base image path; must lie inside one of the agent's image directories. Empty for a blank disk
+    and for a volume disk.
+    """
     size_mib: _builtins.int
-    """Virtual size in MiB; 0 keeps the base image's size. Required for a blank disk."""
+    """Virtual size in MiB; 0 keeps the base image's size. Required for a blank disk; empty (0) for a
+    volume disk.
+    """
+    volume: _builtins.str
+    """Name of an agent volume (made by AgentService.CreateVolume on the VM's host) to attach instead of
+    making a disk; base_image and size_mib must then be empty. Deleting the VM detaches the volume and
+    keeps it. The disk's serial is "vol-NAME": the guest finds it as /dev/disk/by-id/virtio-vol-NAME
+    (virtio passes the first 20 characters of a serial, so names of up to 16 characters appear whole).
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         base_image: _builtins.str = ...,
         size_mib: _builtins.int = ...,
+        volume: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_image", b"base_image", "name", b"name", "size_mib", b"size_mib"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_image", b"base_image", "name", b"name", "size_mib", b"size_mib", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -628,6 +640,76 @@ class Vm(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Vm: _TypeAlias = Vm  # noqa: Y015
+
+@_typing.final
+class Volume(_message.Message):
+    """Volume is a disk on one agent's host that outlives the VMs attaching it (DiskSpec.volume)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_MIB_FIELD_NUMBER: _builtins.int
+    SHARED_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    VMS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Volume name, unique on its host (a DNS label)."""
+    size_mib: _builtins.int
+    """Virtual size in MiB."""
+    shared: _builtins.bool
+    """Several VMs may attach it at once (a raw file, no host cache, <shareable/>); otherwise one VM
+    definition at a time (a qcow2 file).
+    """
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Free-form labels."""
+
+    @_builtins.property
+    def vms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of the VMs whose definitions attach it, sorted."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Creation time."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        size_mib: _builtins.int = ...,
+        shared: _builtins.bool = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        vms: _abc.Iterable[_builtins.str] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "labels", b"labels", "name", b"name", "shared", b"shared", "size_mib", b"size_mib", "vms", b"vms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Volume: _TypeAlias = Volume  # noqa: Y015
 
 @_typing.final
 class CreatePlan(_message.Message):
