@@ -78,6 +78,7 @@ from clonebox_core.plan import (
     Plan,
     PlanNetwork,
     PlanVm,
+    PlanVolume,
     UpdatePolicy,
     check_names,
     check_plan,
@@ -93,6 +94,7 @@ from clonebox_core.spec import (
     Duration,
     SpecOrigin,
     SpecProblem,
+    VolumeMiB,
     document_problem,
     problem_at,
     schema_problems,
@@ -124,16 +126,14 @@ TEMPLATE_PATH_ENV = "CLONEBOX_TEMPLATE_PATH"
 ENVIRONMENT_FILE = "/etc/environment"
 
 #: the plan keys of a service (everything else in it is a VM spec field)
-_PLAN_KEYS = ("config", "template", "depends_on", "environment", "placement", "networks")
+_PLAN_KEYS = ("config", "template", "depends_on", "environment", "placement", "networks", "volumes")
 #: the VM spec fields a service (or ``defaults``) may give: the plan sets version and name
 _VM_FIELDS = tuple(f for f in SPEC_FIELDS if f not in ("version", "name"))
 _RESERVED_LABELS = (LABEL_PLAN, LABEL_SERVICE)
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_NOT_YET = {
-    "volumes": "volumes: not supported yet: give each VM its disks (disks:) and shared folders (shared_folders:); "
-    "volumes shared between a plan's VMs come in a later release",
-}
+#: keys a plan file may not use yet -> "key: why and what to do instead" (none at the moment)
+_NOT_YET: dict[str, str] = {}
 _CONDITIONS = {c.value: c for c in Condition}
 # libyaml when PyYAML has it: a plan of hundreds of VMs with environment re-writes as many user-data documents
 _YamlLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # both build plain types only
@@ -200,6 +200,11 @@ class _Network(_Strict):
     subnet: str = ""
 
 
+class _Volume(_Strict):
+    size: VolumeMiB
+    shared: bool = False
+
+
 class _Wait(_Strict):
     condition: Literal["started", "healthy", "completed"] = "started"
 
@@ -213,6 +218,7 @@ class _Service(_Strict):
     environment: dict[str, str] | None = None
     placement: _Placement | None = None
     networks: list[str] | None = None
+    volumes: list[str] | None = None
     vcpus: Any = None
     memory: Any = None
     disks: Any = None
@@ -234,6 +240,7 @@ class _PlanDoc(_Strict):
     update: _Update | None = None
     on_failure: Literal["rollback", "leave"] = "rollback"
     networks: dict[str, _Network | None] | None = None
+    volumes: dict[str, _Volume | None] | None = None
 
 
 # --------------------------------------------------------------------------------------- the loader
@@ -326,6 +333,9 @@ class _Loader:
         name = self.plan_name(doc)
         services = self.services(doc, name)
         update = UpdatePolicy() if doc.update is None else self.update(doc.update)
+        for volume, given in (doc.volumes or {}).items():
+            if given is None:
+                self.here(("volumes", volume), f"a volume needs a size: {volume}: {{size: 1GiB}}", at_key=True)
         self.check()
         defaults = doc.defaults or {}
         vms = [self.vm(name, s, defaults) for s in services]
@@ -342,6 +352,7 @@ class _Loader:
             on_failure=FailurePolicy(doc.on_failure),
             source=self.source,
             networks=tuple(declared),
+            volumes=tuple(PlanVolume(n, v.size, v.shared) for n, v in (doc.volumes or {}).items() if v is not None),
         )
         try:
             check_plan(plan)
@@ -482,6 +493,7 @@ class _Loader:
                     self.here(at, exc.message.split(": ", 1)[1], at_key=True)
             self.sources(service, sdoc, raw)
             self.environment(service, sdoc)
+            self.volume_uses(service, sdoc)
             self.reserved_labels(raw.get("labels"), at, self.origin)
             out.append(_Draft(service, raw, sdoc, self.dependencies(service, sdoc.depends_on)))
         if not self.problems and out:
@@ -532,6 +544,18 @@ class _Loader:
             elif any(c in value for c in "\n\r\x00"):
                 # the value is not shown: environment values may be credentials
                 self.here(loc, "the value has a line break or NUL: /etc/environment takes one line per variable")
+
+    def volume_uses(self, service: str, doc: _Service) -> None:
+        """A service's ``volumes:`` entries: plain volume names (``NAME:/path`` mounts are not supported yet)."""
+        for i, entry in enumerate(doc.volumes or ()):
+            if ":" in entry:
+                name = entry.split(":", 1)[0]
+                self.here(
+                    ("vms", service, "volumes", i),
+                    f"{entry[:60]!r}: mount paths (NAME:/path) are not supported yet: write the volume name alone "
+                    f"({name!r}); the guest finds the disk as /dev/disk/by-id/virtio-vol-<plan>-{name} (first 20 "
+                    "characters of the serial) and mounts it itself",
+                )
 
     def reserved_labels(self, labels: Any, at: Loc, origin: SpecOrigin, anchor: int = 0) -> None:
         if not isinstance(labels, Mapping):
@@ -655,7 +679,8 @@ class _Loader:
                 self.here((*at, "environment"), str(exc), at_key=True)
                 return None
         host = s.doc.placement.host if s.doc.placement is not None else ""
-        return PlanVm(s.name, spec, tuple(d for d, _, _ in s.deps), host, self.network_of(s, "network" in data))
+        network = self.network_of(s, "network" in data)
+        return PlanVm(s.name, spec, tuple(d for d, _, _ in s.deps), host, network, tuple(s.doc.volumes or ()))
 
     def network_of(self, s: _Draft, own_network: bool) -> str:
         """
@@ -780,6 +805,12 @@ class _Loader:
             loc = ("vms", parts[1], "placement", "host")
         elif parts[:1] == ["update"] and len(parts) == 2:
             loc = ("update", _MODEL_TO_FILE.get(parts[1], parts[1]))
+        elif parts[:1] == ["vms"] and parts[2:] == ["volumes"] and "index" in exc.metadata:
+            loc = ("vms", parts[1], "volumes", int(exc.metadata["index"]))
+        elif parts[:1] == ["volumes"] and len(parts) == 2:
+            at_key = True
+        elif parts[:1] == ["volumes"] and parts[2:] == ["size_mib"]:
+            loc = ("volumes", parts[1], "size")
         if exc.reason == PLAN_NO_HEALTH_CHECK and len(parts) == 3:
             # blame the condition that asks for health (only the mapping form of depends_on has one)
             bad = next(
