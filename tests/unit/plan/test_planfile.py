@@ -836,8 +836,7 @@ def test_bad_volume_entries_of_a_service(stack: Path, entry: str, text: str) -> 
 
 def test_a_disk_named_like_a_volume_disk_is_refused(stack: Path) -> None:
     body = (
-        "volumes:\n  data: {size: 1GiB}\nvms:\n  db:\n    disks: [{name: vol-data, size: 1GiB}]\n"
-        "    volumes: [data]\n"
+        "volumes:\n  data: {size: 1GiB}\nvms:\n  db:\n    disks: [{name: vol-data, size: 1GiB}]\n    volumes: [data]\n"
     )
     err = refused(doc(body), stack)
     assert err.metadata["field"] == "vms.db.volumes[0]"
