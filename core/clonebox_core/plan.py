@@ -608,6 +608,19 @@ def _volume_error(service: str, index: int, message: str, reason: str = PLAN_INV
     return InvalidArgument(f"{where}: {message}", reason=reason, metadata={"field": where, "index": str(index)})
 
 
+#: a virtio guest sees this many characters of a disk serial (QEMU passes no more)
+VIRTIO_SERIAL_CHARS = 20
+
+
+def volume_device(plan: str, volume: str) -> str:
+    """
+    Where the guest finds plan volume ``volume``: ``/dev/disk/by-id/virtio-`` and its serial's first 20 characters.
+
+    The agent gives a volume disk the serial ``vol-<agent volume>`` (``docs/operations.md``).
+    """
+    return "/dev/disk/by-id/virtio-" + (VOLUME_DISK_PREFIX + volume_name(plan, volume))[:VIRTIO_SERIAL_CHARS]
+
+
 def check_volumes(plan: Plan) -> None:
     """
     The plan's volumes and the services' use of them (part of :func:`check_plan`).

@@ -17,6 +17,7 @@ import ipaddress
 import stat
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -53,6 +54,7 @@ from clonebox_core.plan import (
     dependents,
     vm_name,
 )
+from clonebox_core.planfile import load_plan_text
 from clonebox_core.rpc.convert_plan import plan_from_proto, plan_to_proto, run_from_proto
 from clonebox_core.rpc.server import aio_channel
 from clonebox_core.snapshot_archive import read_archive
@@ -1142,3 +1144,19 @@ async def test_plan_volume_mistakes_are_refused_before_anything_is_made(fleet: F
     err = await rpc_error(apply(fleet, unknown))
     assert error_info(err).reason == "PLAN_UNKNOWN_VOLUME" and error_info(err).metadata["field"] == "vms.api.volumes"
     assert await vm_names(fleet) == [] and await volumes_on(fleet) == {}
+
+
+async def test_a_volume_mount_from_the_plan_file_reaches_the_agent(fleet: Fleet, tmp_path: Path) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    text = (
+        "version: 1\nname: mnt\ndefaults:\n  memory: 64MiB\n  disks: [{name: root, size: 16MiB}]\n"
+        "volumes:\n  data: {size: 64MiB}\nvms:\n  db:\n    volumes: ['data:/var/lib/db']\n"
+    )
+    plan = load_plan_text(text, "mnt.yaml", tmp_path)
+    await _up(fleet, plan)
+    (record,) = await fleet.fakes["h1"].list()
+    assert record.spec.disks[-1] == DiskSpec("vol-data", volume="mnt-data")
+    assert record.spec.cloud_init is not None
+    user_data = record.spec.cloud_init.user_data.reveal()
+    assert "/dev/disk/by-id/virtio-vol-mnt-data" in user_data and "/var/lib/db" in user_data
+    assert (await volumes_on(fleet))["mnt-data"][1].vms == ("mnt-db",)

@@ -821,13 +821,21 @@ def test_bad_volumes_are_refused_where_written(stack: Path, volumes: str, marker
 @pytest.mark.parametrize(
     ("entry", "text"),
     [
-        ('["data:/var/lib/db"]', "mount paths (NAME:/path) are not supported yet"),
+        ('["data:var/lib/db"]', "must be an absolute guest path"),
+        ('["data:/"]', "must be an absolute guest path"),
+        ('["data:/var/lib db"]', "must be an absolute guest path"),
+        ('["data:/mnt/a/../b"]', "must be an absolute guest path"),
+        ('["cache:/mnt/cache"]', "a mount formats it with ext4"),
+        ('["data:/mnt", "other:/mnt"]', "already the mount path"),
         ("[data, data]", "listed more than once"),
         ("data", "expected a list"),
     ],
 )
 def test_bad_volume_entries_of_a_service(stack: Path, entry: str, text: str) -> None:
-    body = f"volumes:\n  data: {{size: 1GiB}}\nvms:\n  db:\n    {BOOT}\n    volumes: {entry}\n"
+    body = (
+        "volumes:\n  data: {size: 1GiB}\n  other: {size: 1GiB}\n  cache: {size: 1GiB, shared: true}\n"
+        f"vms:\n  db:\n    {BOOT}\n    volumes: {entry}\n"
+    )
     err = refused(doc(body), stack)
     assert err.metadata["field"].startswith("vms.db.volumes"), err.message
     assert err.metadata["line"] == line_of(doc(body), "volumes: " + entry[:3])
@@ -841,3 +849,36 @@ def test_a_disk_named_like_a_volume_disk_is_refused(stack: Path) -> None:
     err = refused(doc(body), stack)
     assert err.metadata["field"] == "vms.db.volumes[0]"
     assert "'vol-data'" in err.message and "rename that disk" in err.message
+
+
+def test_a_mount_path_formats_the_blank_volume_and_mounts_it(stack: Path, tmp_path: Path) -> None:
+    from tests.unit.core.test_cloudinit_render import assert_valid_cloud_config
+
+    body = (
+        "volumes:\n  data: {size: 1GiB}\n  logs: {size: 1GiB}\n"
+        "vms:\n  db:\n    " + BOOT + "\n    cloud_init: {user_data: {mounts: [[tmpfs, /scratch, tmpfs]]}}\n"
+        '    volumes: ["data:/var/lib/db", logs]\n'
+    )
+    plan = load_plan_text(doc(body), SOURCE, stack)
+    db = plan.vm("db")
+    assert db.volumes == ("data", "logs")  # the names; the mount is in the user-data
+    assert db.spec.cloud_init is not None
+    text = db.spec.cloud_init.user_data.reveal()
+    cfg = yaml.safe_load(text)
+    device = "/dev/disk/by-id/virtio-vol-stack-data"
+    assert cfg["fs_setup"] == [{"device": device, "filesystem": "ext4", "partition": "none", "overwrite": False}]
+    assert cfg["mounts"] == [
+        ["tmpfs", "/scratch", "tmpfs"],  # the VM's own entry is kept, the volume's appended
+        [device, "/var/lib/db", "ext4", "defaults,nofail,x-systemd.device-timeout=30s", "0", "2"],
+    ]
+    assert_valid_cloud_config(text, tmp_path)
+
+
+def test_two_volumes_the_guest_cannot_tell_apart_cannot_both_be_mounted(stack: Path) -> None:
+    body = (
+        "volumes:\n  databases-one: {size: 1GiB}\n  databases-two: {size: 1GiB}\n"
+        "vms:\n  db:\n    " + BOOT + '\n    volumes: ["databases-one:/a", "databases-two:/b"]\n'
+    )
+    err = refused(doc(body), stack)
+    assert err.metadata["field"] == "vms.db.volumes[1]"
+    assert "/dev/disk/by-id/virtio-vol-stack-databases" in err.message and "rename one" in err.message
