@@ -516,8 +516,9 @@ class PlanEngine:
                 )
             host = base or self._host_for(members, hosts)
             pinned.update((v.service, host) for v in members)
-        if not pinned:
+        if not pinned and not plan.volumes:
             return plan
+        # a volume's host is the controller's to say (a request's is ignored): its users', else the recorded one
         volumes = []
         for vol in plan.volumes:
             used_by = users.get(vol.name, [])
