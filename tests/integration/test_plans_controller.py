@@ -1160,3 +1160,26 @@ async def test_a_volume_mount_from_the_plan_file_reaches_the_agent(fleet: Fleet,
     user_data = record.spec.cloud_init.user_data.reveal()
     assert "/dev/disk/by-id/virtio-vol-mnt-data" in user_data and "/var/lib/db" in user_data
     assert (await volumes_on(fleet))["mnt-data"][1].vms == ("mnt-db",)
+
+
+async def test_down_with_volumes_fails_naming_a_volume_another_vm_holds(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    await _up(fleet, with_volumes())
+    await down(fleet, "vols")
+    intruder = spec("intruder", memory=64)
+    intruder.disks.append(vm_pb2.DiskSpec(name="stolen", volume="vols-data"))
+    await create(fleet, intruder, host="h1")  # a VM outside the plan attaches the plan's volume
+    failed = await down(fleet, "vols", with_volumes=True)
+    assert failed.state is RunState.FAILED
+    assert "not every volume: volume vols-data on host h1:" in failed.error and "intruder" in failed.error
+    assert "clonebox down vols --volumes' again" in failed.error
+    assert set(await volumes_on(fleet)) == {"vols-data"}  # the other one went
+    await fleet.vms.DeleteVm(vm_service_pb2.DeleteVmRequest(name="intruder"))
+
+    async def intruder_gone() -> bool:
+        return (await volumes_on(fleet))["vols-data"][1].vms == ()
+
+    await eventually(intruder_gone, WAIT, "the intruder to let go of vols-data")
+    done = await down(fleet, "vols", with_volumes=True)
+    assert done.state is RunState.SUCCEEDED, done.error
+    assert await volumes_on(fleet) == {}

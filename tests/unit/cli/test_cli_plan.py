@@ -424,6 +424,15 @@ def test_down_of_a_plan_without_volumes_says_nothing_about_them(
     assert "volume" not in r.stdout
 
 
+def test_plan_show_lists_the_volumes(runner: CliRunner, fake_controller: FakeController, tmp_path: Path) -> None:
+    assert up(runner, fake_controller, write(tmp_path, VOLUMES)).exit_code == 0
+    r = runner.invoke(app, ["--controller", fake_controller.address, "plan", "show", "stack"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    rows = [line.split() for line in r.stdout.splitlines()]
+    assert ["VOLUME", "SIZE", "SHARED", "HOST", "USED", "BY"] in rows
+    assert ["data", "1GiB", "no", "-", "db"] in rows and ["cache", "64MiB", "yes", "-", "db,", "api"] in rows
+
+
 def test_down_help_explains_volumes(runner: CliRunner) -> None:
     r = runner.invoke(app, ["down", "--help"], env={"COLUMNS": "200"})
     assert r.exit_code == 0
