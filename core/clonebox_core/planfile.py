@@ -26,6 +26,10 @@ Format (version 1)::
                                                  # healthy or completed
         environment: {DB_HOST: stack-db}         # written to the guest's /etc/environment
         placement: {host: h1}                    # optional: the host to place it on
+        volumes: ["data:/var/lib/db", cache]     # plan volumes it attaches (NAME or NAME:/mount/path)
+    volumes:                    # disks that outlive the VMs: <plan>-<name> on the host of their VMs
+      data: {size: 1GiB}        # one service at most ...
+      cache: {size: 256MiB, shared: true}        # ... unless shared (the guests coordinate their writes)
     update: {max_parallel: 4, min_healthy_time: 10s, healthy_deadline: 5m, auto_revert: false}
     on_failure: rollback        # or leave
 
