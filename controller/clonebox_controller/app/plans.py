@@ -1284,6 +1284,16 @@ class _Execution:
                     f"no backup: {name} attaches volume(s) {', '.join(attached)}, which keep their data; "
                     "its own disks are not backed up"
                 )
+                # the step is overwritten by the next one: the audit record keeps that no backup was taken
+                event = new_event(
+                    "plan.backup",
+                    f"plans/{self.plan.name}",
+                    Outcome.REJECTED,
+                    reason="VM_HAS_VOLUMES",
+                    details={"run": self.run_.id, "vm": name, "volumes": ",".join(attached), "error": step},
+                    actor=self.actor,
+                )
+                await asyncio.to_thread(self.store.append_audit, [event])
                 await self._save(service, state=VmRunState.CREATING, step=step)
                 return
         snap = f"pre-replace-{self.run_.id}"
