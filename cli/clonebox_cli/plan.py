@@ -59,6 +59,8 @@ from clonebox_core.plan import (
     VmChange,
     VmRunState,
     VmStatus,
+    VolumeChange,
+    VolumeChangeKind,
 )
 from clonebox_core.units import format_duration_ms
 
@@ -252,11 +254,67 @@ def changes_summary(changes: Sequence[VmChange]) -> str:
     return text
 
 
-def _print_changes(changes: Sequence[VmChange]) -> None:
+def _print_changes(changes: Sequence[VmChange], volumes: Sequence[VolumeChange] = ()) -> None:
     console = output.console()
     if changes:
         console.print(changes_table(changes))
     console.print(changes_summary(changes))
+    if volumes:
+        console.print(volumes_table(volumes))
+        console.print(volumes_summary(volumes))
+
+
+def _volume_changes(msgs: Iterable[plan_pb2.VolumeChange]) -> list[VolumeChange]:
+    from clonebox_core.rpc.convert_plan import volume_change_from_proto
+
+    return [volume_change_from_proto(m) for m in msgs]
+
+
+_VOLUME_WORDS = {
+    VolumeChangeKind.CREATE: "create",
+    VolumeChangeKind.KEEP: "keep (data kept)",
+    VolumeChangeKind.DIFFERENT: "different: the run fails",
+    VolumeChangeKind.UNKNOWN: "unknown",
+}
+
+
+def volumes_table(volumes: Sequence[VolumeChange]) -> Table:
+    """One row per plan volume: VOLUME, AGENT VOLUME, HOST, SIZE, SHARED, USED BY, CHANGE (with why)."""
+    table = output.make_table("VOLUME", "AGENT VOLUME", "HOST", "SIZE", "SHARED", "USED BY", "CHANGE")
+    for v in volumes:
+        change = _VOLUME_WORDS[v.kind] + (f" ({v.detail})" if v.detail else "")
+        table.add_row(
+            v.name,
+            v.volume,
+            v.host or "-",
+            output.human_size(v.size_mib),
+            "yes" if v.shared else "no",
+            ", ".join(v.services) or "-",
+            change,
+        )
+    return table
+
+
+def volumes_summary(volumes: Sequence[VolumeChange]) -> str:
+    """``volumes: 1 to create, 1 kept``; a different one is said to fail the run, with the way out."""
+    counts = {kind: sum(1 for v in volumes if v.kind is kind) for kind in VolumeChangeKind}
+    parts = [
+        f"{counts[kind]} {label}"
+        for kind, label in (
+            (VolumeChangeKind.CREATE, "to create"),
+            (VolumeChangeKind.KEEP, "kept"),
+            (VolumeChangeKind.DIFFERENT, "different"),
+            (VolumeChangeKind.UNKNOWN, "unknown"),
+        )
+        if counts[kind]
+    ]
+    text = "volumes: " + ", ".join(parts)
+    if counts[VolumeChangeKind.DIFFERENT]:
+        text += (
+            "\na volume's size and sharing cannot change: keep them as they were, or delete the volume "
+            "and its data first ('clonebox down NAME --volumes')"
+        )
+    return text
 
 
 def _run(msg: plan_pb2.PlanRun) -> PlanRun:
@@ -641,7 +699,7 @@ def up(
             return
         typer.echo(f"dry run: nothing was applied. plan {plan.name} (current revision {diff.current_revision or '-'}):")
         _print_levels(levels)
-        _print_changes(_changes(diff.changes))
+        _print_changes(_changes(diff.changes), _volume_changes(diff.volumes))
         return
     # one id per invocation: the client's retries send this same request, so they find the same run
     request = ps_pb2.ApplyPlanRequest(plan=proto, allow_replace=allow_replace, request_id=_request_id(request_id))
@@ -663,6 +721,15 @@ def down(
         bool,
         typer.Option("--with-snapshots", help="Also delete VMs that have snapshots, with their snapshots."),
     ] = False,
+    volumes: Annotated[
+        bool,
+        typer.Option(
+            "--volumes",
+            "-v",
+            help="Also delete the plan's volumes, and the data on them, once its VMs are gone. "
+            "Without it the volumes are kept, and the next 'clonebox up' attaches them again.",
+        ),
+    ] = False,
     detach: DetachOpt = False,
     request_id: RequestIdOpt = None,
 ) -> None:
@@ -670,11 +737,14 @@ def down(
     Take a plan down: delete its VMs in reverse dependency order.
 
     The plan is named, or read from -f FILE (default clonebox-compose.yaml here). Progress is shown
-    as for 'clonebox up'. Exit code: 0 when every VM was removed, 1 when the run failed.
+    as for 'clonebox up'. The plan's volumes (volumes: in the plan file) are kept, data and all, for
+    the next 'clonebox up', unless --volumes deletes them after the VMs. Exit code: 0 when every VM
+    (and with --volumes every volume) was removed, 1 when the run failed.
 
     Examples:
       clonebox down
       clonebox down stack --with-snapshots
+      clonebox down stack --volumes
     """
     s = settings(ctx)
     if name is not None and file is not None:
@@ -682,9 +752,35 @@ def down(
     if name is None:
         name = load_plan(file)[0].name
     client = s.client()
-    request = ps_pb2.DestroyPlanRequest(name=name, with_snapshots=with_snapshots, request_id=_request_id(request_id))
+    request = ps_pb2.DestroyPlanRequest(
+        name=name, with_snapshots=with_snapshots, request_id=_request_id(request_id), with_volumes=volumes
+    )
     response: ps_pb2.DestroyPlanResponse = client.call(client.plans.DestroyPlan, request)
-    _follow_or_detach(s, client, response.run, detach)
+    if detach:
+        _started(s, response.run)
+        return
+    run = watch_run(s, client, response.run, plan=response.run.plan, connected=True)
+    finish(s, run)  # exits 1 unless the run succeeded
+    if not s.json:
+        _say_volumes(client, name, deleted=volumes)
+
+
+def _say_volumes(client: ControllerClient, name: str, *, deleted: bool) -> None:
+    """After a down: which volumes were kept (and how to delete them), or deleted."""
+    try:
+        plan: ps_pb2.GetPlanResponse = client.call(client.plans.GetPlan, ps_pb2.GetPlanRequest(name=name))
+    except CloneboxError:
+        return  # the run's own result is what matters; the volumes are in 'clonebox plan show'
+    names = [f"{v.name} ({name}-{v.name} on {v.host})" if v.host else v.name for v in plan.plan.volumes]
+    if not names:
+        return
+    if deleted:
+        typer.echo(f"volumes deleted with their data: {', '.join(names)}")
+    else:
+        typer.echo(
+            f"volumes kept with their data: {', '.join(names)}; the next 'clonebox up' attaches them again "
+            f"('clonebox down {name} --volumes' deletes them)"
+        )
 
 
 # ------------------------------------------------------------------------------------ plan commands
@@ -722,6 +818,8 @@ def validate(
     found = check_plan(plan)
     changes: list[VmChange] | None = None
     change_dicts: list[dict[str, Any]] | None = None
+    volume_changes: list[VolumeChange] = []
+    volume_dicts: list[dict[str, Any]] | None = None
     if not offline:
         proto, _ = _resolved_proto(s, plan, path)
         client = s.client()
@@ -730,7 +828,9 @@ def validate(
         )
         found = [list(level.services) for level in response.levels]
         changes = _changes(response.changes)
+        volume_changes = _volume_changes(response.volumes)
         change_dicts = [output.message_dict(c) for c in response.changes]
+        volume_dicts = [output.message_dict(v) for v in response.volumes]
     if s.json:
         output.emit_json(
             {
@@ -740,6 +840,7 @@ def validate(
                 "offline": offline,
                 "levels": found,
                 "changes": change_dicts,
+                "volumes": volume_dicts,
             }
         )
         return
@@ -749,7 +850,7 @@ def validate(
     if changes is None:
         typer.echo("offline: capacity and changes were not checked (leave out --offline to ask the controller)")
     else:
-        _print_changes(changes)
+        _print_changes(changes, volume_changes)
 
 
 @app.command("diff")
@@ -771,7 +872,7 @@ def diff(ctx: typer.Context, *, file: FileOpt = None) -> None:
         return
     current = f"revision {response.current_revision}" if response.current_revision else "nothing applied yet"
     typer.echo(f"plan {plan.name} compared to {current}:")
-    _print_changes(_changes(response.changes))
+    _print_changes(_changes(response.changes), _volume_changes(response.volumes))
 
 
 def _conditions(deps: Iterable[Any]) -> str:
@@ -826,7 +927,19 @@ def plan_details(response: ps_pb2.GetPlanResponse) -> RenderableType:
             output.human_size(vm.spec.memory_mib),
             ", ".join(p.name for p in vm.spec.health_checks) or "-",
         )
-    return Group(grid, Text(""), services)
+    if not plan.volumes:
+        return Group(grid, Text(""), services)
+    volumes = output.make_table("VOLUME", "SIZE", "SHARED", "HOST", "USED BY")
+    for vol in plan.volumes:
+        users = [v.service for v in plan.vms if vol.name in v.volumes]
+        volumes.add_row(
+            vol.name,
+            output.human_size(vol.size_mib),
+            "yes" if vol.shared else "no",
+            vol.host or "-",
+            ", ".join(users) or "-",
+        )
+    return Group(grid, Text(""), services, Text(""), volumes)
 
 
 def _plan_dict(response: ps_pb2.GetPlanResponse) -> dict[str, Any]:

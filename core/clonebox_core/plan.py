@@ -19,12 +19,12 @@ from datetime import datetime
 from typing import Any
 
 from clonebox_core.errors import FailedPrecondition, InvalidArgument
-from clonebox_core.model import NetworkMode, NetworkSpec, Vm, VmSpec
+from clonebox_core.model import DiskSpec, NetworkMode, NetworkSpec, Vm, VmSpec
 from clonebox_core.names import check_dns_label
 from clonebox_core.secret import Secret
 from clonebox_core.specjson import DIGEST_PREFIX, SecretMode, secret_digest, spec_from_dict, spec_to_dict
 from clonebox_core.units import format_duration_ms
-from clonebox_core.validate import guest_range, managed_subnet
+from clonebox_core.validate import MAX_DISK_MIB, guest_range, managed_subnet
 
 #: at most this many VMs in one plan
 MAX_PLAN_VMS = 500
@@ -89,6 +89,24 @@ class PlanVm:
     host: str = ""
     #: the plan network it is attached to (a name in ``Plan.networks``); "" keeps its own spec's network
     network: str = ""
+    #: the plan volumes (names in ``Plan.volumes``) its VM attaches, in the order written
+    volumes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PlanVolume:
+    """
+    A volume the plan keeps: a disk on one host that outlives the VMs attaching it (``docs/plans.md``).
+
+    The agent volume is named ``<plan>-<name>``; each service using it gets a disk attaching it.
+    """
+
+    name: str
+    size_mib: int
+    #: several services may attach it at once (the guests must coordinate their writes)
+    shared: bool = False
+    #: the host it lives on; "" until the controller places it (kept on every re-apply)
+    host: str = ""
 
 
 @dataclass(frozen=True)
@@ -113,6 +131,7 @@ class Plan:
     digest: str = ""
     create_time: datetime | None = None
     networks: tuple[PlanNetwork, ...] = ()
+    volumes: tuple[PlanVolume, ...] = ()
 
     def vm(self, service: str) -> PlanVm:
         """The service named ``service`` (KeyError when the plan has none)."""
@@ -130,6 +149,30 @@ class VmChange:
     vm: str
     kind: ChangeKind
     fields: tuple[str, ...] = ()
+
+
+class VolumeChangeKind(enum.Enum):
+    """What an apply does to one plan volume."""
+
+    CREATE = "create"
+    KEEP = "keep"
+    DIFFERENT = "different"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class VolumeChange:
+    """What an apply would do to one plan volume (``volume`` is the agent volume, ``<plan>-<name>``)."""
+
+    name: str
+    volume: str
+    host: str
+    size_mib: int
+    shared: bool
+    kind: VolumeChangeKind
+    #: for DIFFERENT: what the volume has; for UNKNOWN: why its host could not tell
+    detail: str = ""
+    services: tuple[str, ...] = ()
 
 
 class RunState(enum.Enum):
@@ -216,6 +259,10 @@ PLAN_UNKNOWN_NETWORK = "PLAN_UNKNOWN_NETWORK"
 PLAN_NETWORK_FULL = "PLAN_NETWORK_FULL"
 #: a network whose VMs exist would get another subnet (the live libvirt network keeps its own)
 PLAN_NETWORK_SUBNET_CHANGE = "PLAN_NETWORK_SUBNET_CHANGE"
+#: a service attaches a volume the plan does not declare
+PLAN_UNKNOWN_VOLUME = "PLAN_UNKNOWN_VOLUME"
+#: a volume that is not shared is attached by more than one service
+PLAN_VOLUME_NOT_SHARED = "PLAN_VOLUME_NOT_SHARED"
 
 #: the plan network every plan has unless its file names others
 DEFAULT_NETWORK = "default"
@@ -403,6 +450,7 @@ def check_plan(plan: Plan) -> list[list[str]]:
             _dns_label(f"vms.{v.service}.host", v.host)
     check_update(plan.update)
     _check_networks(plan)
+    check_volumes(plan)
     result = levels(plan)
     for v in plan.vms:
         for d in v.depends_on:
@@ -537,6 +585,147 @@ def materialize_networks(plan: Plan, current: Plan | None, taken: Sequence[ipadd
         vms.append(dataclasses.replace(v, spec=dataclasses.replace(v.spec, network=attachment)))
     networks = tuple(dataclasses.replace(n, subnet=str(subnets[n.name])) for n in plan.networks)
     return dataclasses.replace(plan, vms=tuple(vms), networks=networks)
+
+
+# ------------------------------------------------------------------------------------------ volumes
+
+#: the disk that attaches plan volume ``data`` to a VM is named ``vol-data``
+VOLUME_DISK_PREFIX = "vol-"
+
+
+def volume_name(plan: str, volume: str) -> str:
+    """The agent volume of plan volume ``volume``: ``<plan>-<volume>``."""
+    return f"{plan}-{volume}"
+
+
+def volume_disk_name(volume: str) -> str:
+    """The name of the disk attaching plan volume ``volume`` in each VM using it: ``vol-<volume>`` (a DNS label)."""
+    return (VOLUME_DISK_PREFIX + volume)[:MAX_VM_NAME].rstrip("-")
+
+
+def _volume_error(service: str, index: int, message: str, reason: str = PLAN_INVALID) -> InvalidArgument:
+    where = f"vms.{service}.volumes"
+    return InvalidArgument(f"{where}: {message}", reason=reason, metadata={"field": where, "index": str(index)})
+
+
+#: a virtio guest sees this many characters of a disk serial (QEMU passes no more)
+VIRTIO_SERIAL_CHARS = 20
+
+
+def volume_device(plan: str, volume: str) -> str:
+    """
+    Where the guest finds plan volume ``volume``: ``/dev/disk/by-id/virtio-`` and its serial's first 20 characters.
+
+    The agent gives a volume disk the serial ``vol-<agent volume>`` (``docs/operations.md``).
+    """
+    return "/dev/disk/by-id/virtio-" + (VOLUME_DISK_PREFIX + volume_name(plan, volume))[:VIRTIO_SERIAL_CHARS]
+
+
+def check_volumes(plan: Plan) -> None:
+    """
+    The plan's volumes and the services' use of them (part of :func:`check_plan`).
+
+    Each volume: a DNS label, declared once, ``<plan>-<volume>`` a DNS label too, 1 MiB .. 64 TiB. Each
+    service: only declared volumes (PLAN_UNKNOWN_VOLUME), each once, a volume disk in its spec only for
+    one of them, and no disk of its own named like a volume's disk. A volume that is not ``shared`` is
+    used by one service at most (PLAN_VOLUME_NOT_SHARED, naming the services). InvalidArgument with
+    ``metadata['field']`` (and ``index``, the position in the service's list, for a service's entry).
+    """
+    declared: dict[str, PlanVolume] = {}
+    for i, v in enumerate(plan.volumes):
+        where = f"volumes.{v.name}" if v.name else f"volumes[{i}]"
+        _dns_label(where, v.name)
+        if v.name in declared:
+            raise _invalid(where, f"volume {v.name} is declared twice")
+        agent = volume_name(plan.name, v.name)
+        if len(agent) > MAX_VM_NAME:
+            over = len(agent) - MAX_VM_NAME
+            raise _invalid(
+                where,
+                f"the agent volume {agent!r} (<plan>-<volume>) is {len(agent)} characters, {over} more than a DNS "
+                f"label allows ({MAX_VM_NAME}): shorten the volume name (or the plan name) by {over}",
+            )
+        if not 0 < v.size_mib <= MAX_DISK_MIB:
+            raise _invalid(f"{where}.size_mib", f"{v.size_mib} MiB is out of range: use 1 MiB .. 64 TiB")
+        if v.host:
+            _dns_label(f"{where}.host", v.host)
+        declared[v.name] = v
+    users: dict[str, list[str]] = {}
+    for pv in plan.vms:
+        wanted: set[str] = set()
+        own_disks = {d.name for d in pv.spec.disks if not d.volume}
+        for i, name in enumerate(pv.volumes):
+            if name in wanted:
+                raise _volume_error(pv.service, i, f"volume {name!r} is listed more than once: keep one")
+            if name not in declared:
+                raise _volume_error(
+                    pv.service,
+                    i,
+                    f"{pv.service} attaches volume {name!r}, which the plan does not declare "
+                    f"(volumes: {', '.join(declared) or 'none'}): add it under the top-level volumes:",
+                    PLAN_UNKNOWN_VOLUME,
+                )
+            if volume_disk_name(name) in own_disks:
+                raise _volume_error(
+                    pv.service,
+                    i,
+                    f"the disk attaching volume {name!r} is named {volume_disk_name(name)!r}, and the VM has a disk "
+                    "of that name already: rename that disk",
+                )
+            wanted.add(name)
+            users.setdefault(name, []).append(pv.service)
+        agents = {volume_name(plan.name, n) for n in wanted}
+        for i, d in enumerate(pv.spec.disks):
+            if d.volume and d.volume not in agents:
+                raise _invalid(
+                    f"vms.{pv.service}.spec.disks[{i}].volume",
+                    f"a plan's VM attaches the plan's own volumes only (volumes: of the plan and of the service); "
+                    f"{d.volume!r} is not one of {pv.service}'s",
+                )
+    for name, services in users.items():
+        if len(services) > 1 and not declared[name].shared:
+            second = plan.vm(services[1])
+            raise _volume_error(
+                second.service,
+                second.volumes.index(name),
+                f"volume {name} is used by {', '.join(services)}, but it is not shared: a volume has one writer "
+                f"unless it says 'shared: true' (volumes.{name}; the guests must then coordinate their writes), "
+                "or give each service a volume of its own",
+                PLAN_VOLUME_NOT_SHARED,
+            )
+
+
+def attach_volumes(plan: Plan) -> Plan:
+    """
+    ``plan`` with, in each service's VM spec, a disk attaching each of its volumes (after its own disks).
+
+    The disk of volume ``data`` is ``DiskSpec("vol-data", volume="<plan>-data")``. This is the one place
+    that turns a service's ``volumes`` into disks (the controller calls it with the network
+    attachments); a disk already there is kept, so a stored revision goes through unchanged.
+    """
+    if not plan.volumes:
+        return plan
+    vms: list[PlanVm] = []
+    for pv in plan.vms:
+        have = {d.volume for d in pv.spec.disks if d.volume}
+        extra = tuple(
+            DiskSpec(volume_disk_name(n), volume=volume_name(plan.name, n))
+            for n in pv.volumes
+            if volume_name(plan.name, n) not in have
+        )
+        vms.append(
+            dataclasses.replace(pv, spec=dataclasses.replace(pv.spec, disks=(*pv.spec.disks, *extra))) if extra else pv
+        )
+    return dataclasses.replace(plan, vms=tuple(vms))
+
+
+def volume_users(plan: Plan) -> dict[str, list[str]]:
+    """Plan volume -> the services attaching it, in plan order (volumes nobody uses map to [])."""
+    out: dict[str, list[str]] = {v.name: [] for v in plan.volumes}
+    for pv in plan.vms:
+        for n in pv.volumes:
+            out.setdefault(n, []).append(pv.service)
+    return out
 
 
 def check_subnet_changes(plan: Plan, current: Plan | None, existing: Collection[str]) -> None:
@@ -734,10 +923,21 @@ def plan_to_dict(plan: Plan, *, secrets: SecretMode = "digest") -> dict[str, Any
                 "depends_on": [{"service": d.service, "condition": d.condition.name} for d in v.depends_on],
                 "host": v.host,
                 "network": v.network,
+                # only when set: the stored form (and digest) of a plan without volumes is unchanged
+                **({"volumes": list(v.volumes)} if v.volumes else {}),
             }
             for v in plan.vms
         ],
         "networks": [{"name": n.name, "subnet": n.subnet} for n in plan.networks],
+        **(
+            {
+                "volumes": [
+                    {"name": v.name, "size_mib": v.size_mib, "shared": v.shared, "host": v.host} for v in plan.volumes
+                ]
+            }
+            if plan.volumes
+            else {}
+        ),
         "update": {
             "max_parallel": plan.update.max_parallel,
             "min_healthy_time_ms": plan.update.min_healthy_time_ms,
@@ -767,10 +967,15 @@ def plan_from_dict(d: Mapping[str, Any]) -> Plan:
                 ),
                 host=str(v.get("host", "")),
                 network=str(v.get("network", "")),
+                volumes=tuple(str(x) for x in v.get("volumes", ())),
             )
             for v in d.get("vms", ())
         ),
         networks=tuple(PlanNetwork(str(n["name"]), str(n.get("subnet", ""))) for n in d.get("networks", ())),
+        volumes=tuple(
+            PlanVolume(str(v["name"]), int(v["size_mib"]), bool(v.get("shared", False)), str(v.get("host", "")))
+            for v in d.get("volumes", ())
+        ),
         update=UpdatePolicy(
             max_parallel=int(update.get("max_parallel", DEFAULT_MAX_PARALLEL)),
             min_healthy_time_ms=int(update.get("min_healthy_time_ms", 0)),

@@ -26,6 +26,10 @@ Format (version 1)::
                                                  # healthy or completed
         environment: {DB_HOST: stack-db}         # written to the guest's /etc/environment
         placement: {host: h1}                    # optional: the host to place it on
+        volumes: ["data:/var/lib/db", cache]     # plan volumes it attaches (NAME or NAME:/mount/path)
+    volumes:                    # disks that outlive the VMs: <plan>-<name> on the host of their VMs
+      data: {size: 1GiB}        # one service at most ...
+      cache: {size: 256MiB, shared: true}        # ... unless shared (the guests coordinate their writes)
     update: {max_parallel: 4, min_healthy_time: 10s, healthy_deadline: 5m, auto_revert: false}
     on_failure: rollback        # or leave
 
@@ -78,12 +82,14 @@ from clonebox_core.plan import (
     Plan,
     PlanNetwork,
     PlanVm,
+    PlanVolume,
     UpdatePolicy,
     check_names,
     check_plan,
     check_update,
     levels,
     vm_name,
+    volume_device,
 )
 from clonebox_core.secret import Secret
 from clonebox_core.spec import (
@@ -93,6 +99,7 @@ from clonebox_core.spec import (
     Duration,
     SpecOrigin,
     SpecProblem,
+    VolumeMiB,
     document_problem,
     problem_at,
     schema_problems,
@@ -124,16 +131,20 @@ TEMPLATE_PATH_ENV = "CLONEBOX_TEMPLATE_PATH"
 ENVIRONMENT_FILE = "/etc/environment"
 
 #: the plan keys of a service (everything else in it is a VM spec field)
-_PLAN_KEYS = ("config", "template", "depends_on", "environment", "placement", "networks")
+_PLAN_KEYS = ("config", "template", "depends_on", "environment", "placement", "networks", "volumes")
 #: the VM spec fields a service (or ``defaults``) may give: the plan sets version and name
 _VM_FIELDS = tuple(f for f in SPEC_FIELDS if f not in ("version", "name"))
 _RESERVED_LABELS = (LABEL_PLAN, LABEL_SERVICE)
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: a guest path a volume is mounted at: absolute, printable, no blanks
+_GUEST_MOUNT = re.compile(r"/[^\x00-\x20\x7f]{0,4095}")
+#: how a mounted volume is formatted (only when it has no file system) and its fstab options: a missing
+#: volume must not stop the guest from booting
+VOLUME_FS = "ext4"
+VOLUME_MOUNT_OPTIONS = "defaults,nofail,x-systemd.device-timeout=30s"
 _TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_NOT_YET = {
-    "volumes": "volumes: not supported yet: give each VM its disks (disks:) and shared folders (shared_folders:); "
-    "volumes shared between a plan's VMs come in a later release",
-}
+#: keys a plan file may not use yet -> "key: why and what to do instead" (none at the moment)
+_NOT_YET: dict[str, str] = {}
 _CONDITIONS = {c.value: c for c in Condition}
 # libyaml when PyYAML has it: a plan of hundreds of VMs with environment re-writes as many user-data documents
 _YamlLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # both build plain types only
@@ -200,6 +211,11 @@ class _Network(_Strict):
     subnet: str = ""
 
 
+class _Volume(_Strict):
+    size: VolumeMiB
+    shared: bool = False
+
+
 class _Wait(_Strict):
     condition: Literal["started", "healthy", "completed"] = "started"
 
@@ -213,6 +229,7 @@ class _Service(_Strict):
     environment: dict[str, str] | None = None
     placement: _Placement | None = None
     networks: list[str] | None = None
+    volumes: list[str] | None = None
     vcpus: Any = None
     memory: Any = None
     disks: Any = None
@@ -234,6 +251,7 @@ class _PlanDoc(_Strict):
     update: _Update | None = None
     on_failure: Literal["rollback", "leave"] = "rollback"
     networks: dict[str, _Network | None] | None = None
+    volumes: dict[str, _Volume | None] | None = None
 
 
 # --------------------------------------------------------------------------------------- the loader
@@ -326,6 +344,9 @@ class _Loader:
         name = self.plan_name(doc)
         services = self.services(doc, name)
         update = UpdatePolicy() if doc.update is None else self.update(doc.update)
+        for volume, given in (doc.volumes or {}).items():
+            if given is None:
+                self.here(("volumes", volume), f"a volume needs a size: {volume}: {{size: 1GiB}}", at_key=True)
         self.check()
         defaults = doc.defaults or {}
         vms = [self.vm(name, s, defaults) for s in services]
@@ -342,6 +363,7 @@ class _Loader:
             on_failure=FailurePolicy(doc.on_failure),
             source=self.source,
             networks=tuple(declared),
+            volumes=tuple(PlanVolume(n, v.size, v.shared) for n, v in (doc.volumes or {}).items() if v is not None),
         )
         try:
             check_plan(plan)
@@ -482,6 +504,7 @@ class _Loader:
                     self.here(at, exc.message.split(": ", 1)[1], at_key=True)
             self.sources(service, sdoc, raw)
             self.environment(service, sdoc)
+            self.volume_uses(service, sdoc, doc.volumes or {}, name)
             self.reserved_labels(raw.get("labels"), at, self.origin)
             out.append(_Draft(service, raw, sdoc, self.dependencies(service, sdoc.depends_on)))
         if not self.problems and out:
@@ -532,6 +555,48 @@ class _Loader:
             elif any(c in value for c in "\n\r\x00"):
                 # the value is not shown: environment values may be credentials
                 self.here(loc, "the value has a line break or NUL: /etc/environment takes one line per variable")
+
+    def volume_uses(self, service: str, doc: _Service, declared: Mapping[str, _Volume | None], plan: str) -> None:
+        """
+        A service's ``volumes:`` entries: ``NAME`` or ``NAME:/path`` (formatted when blank and mounted there).
+
+        A mount needs an absolute guest path (not ``/``, no blanks), each path once, a volume that is not
+        shared (ext4 is not a cluster file system), and volume devices the guest can tell apart (the first
+        20 characters of the serials differ). The names themselves are checked with the plan.
+        """
+        paths: dict[str, int] = {}
+        devices: dict[str, str] = {}
+        for i, entry in enumerate(doc.volumes or ()):
+            name, colon, path = entry.partition(":")
+            if not colon:
+                continue
+            loc: Loc = ("vms", service, "volumes", i)
+            if not _GUEST_MOUNT.fullmatch(path) or path == "/" or "/../" in f"{path}/":
+                self.here(
+                    loc, f"{entry[:80]!r}: the mount path must be an absolute guest path, not '/', without blanks"
+                )
+                continue
+            if path in paths:
+                self.here(loc, f"{path[:60]!r} is already the mount path of another volume of {service}")
+                continue
+            paths[path] = i
+            given = declared.get(name)
+            if given is not None and given.shared:
+                self.here(
+                    loc,
+                    f"volume {name} is shared, and a mount formats it with ext4, which two guests cannot mount at "
+                    f"once: write {name!r} alone and mount it in the guest with a cluster file system",
+                )
+                continue
+            if is_dns_label(plan) and is_dns_label(name):
+                device = volume_device(plan, name)
+                if device in devices and devices[device] != name:
+                    self.here(
+                        loc,
+                        f"volumes {devices[device]} and {name} both appear as {device} in the guest (it sees the first "
+                        "20 characters of a disk serial): rename one so that they differ sooner",
+                    )
+                devices[device] = name
 
     def reserved_labels(self, labels: Any, at: Loc, origin: SpecOrigin, anchor: int = 0) -> None:
         if not isinstance(labels, Mapping):
@@ -654,8 +719,17 @@ class _Loader:
             except _EnvironmentError as exc:
                 self.here((*at, "environment"), str(exc), at_key=True)
                 return None
+        mounts = [entry.partition(":")[::2] for entry in s.doc.volumes or () if ":" in entry]
+        if mounts:
+            try:
+                spec = _with_volume_mounts(spec, [(volume_device(plan, n), path) for n, path in mounts])
+            except _EnvironmentError as exc:
+                self.here((*at, "volumes"), str(exc).replace("the variables", "the volume mounts"), at_key=True)
+                return None
         host = s.doc.placement.host if s.doc.placement is not None else ""
-        return PlanVm(s.name, spec, tuple(d for d, _, _ in s.deps), host, self.network_of(s, "network" in data))
+        network = self.network_of(s, "network" in data)
+        names = tuple(entry.partition(":")[0] for entry in s.doc.volumes or ())
+        return PlanVm(s.name, spec, tuple(d for d, _, _ in s.deps), host, network, names)
 
     def network_of(self, s: _Draft, own_network: bool) -> str:
         """
@@ -780,6 +854,12 @@ class _Loader:
             loc = ("vms", parts[1], "placement", "host")
         elif parts[:1] == ["update"] and len(parts) == 2:
             loc = ("update", _MODEL_TO_FILE.get(parts[1], parts[1]))
+        elif parts[:1] == ["vms"] and parts[2:] == ["volumes"] and "index" in exc.metadata:
+            loc = ("vms", parts[1], "volumes", int(exc.metadata["index"]))
+        elif parts[:1] == ["volumes"] and len(parts) == 2:
+            at_key = True
+        elif parts[:1] == ["volumes"] and parts[2:] == ["size_mib"]:
+            loc = ("volumes", parts[1], "size")
         if exc.reason == PLAN_NO_HEALTH_CHECK and len(parts) == 3:
             # blame the condition that asks for health (only the mapping form of depends_on has one)
             bad = next(
@@ -818,6 +898,56 @@ def _env_value(value: str) -> str:
     return f'"{value}"'
 
 
+def _with_volume_mounts(spec: VmSpec, mounts: list[tuple[str, str]]) -> VmSpec:
+    """
+    ``spec`` with cloud-init formatting each volume device when it is blank and mounting it at its path.
+
+    ``fs_setup`` with ``overwrite: false`` makes an ext4 file system on the whole device only when it has
+    none (the data of an earlier VM stays); ``mounts`` adds the fstab entry (``nofail``) and mounts it.
+    Raises _EnvironmentError as :func:`_with_environment` does for a user-data it cannot extend.
+    """
+    cfg = _user_config(spec)
+    for key in ("fs_setup", "mounts"):
+        if not isinstance(cfg.get(key, []), list):
+            raise _EnvironmentError(f"the VM's cloud_init.user_data has a {key} that is not a list")
+    setup = [
+        {"device": device, "filesystem": VOLUME_FS, "partition": "none", "overwrite": False} for device, _ in mounts
+    ]
+    fstab = [[device, path, VOLUME_FS, VOLUME_MOUNT_OPTIONS, "0", "2"] for device, path in mounts]
+    cfg["fs_setup"] = [*cfg.get("fs_setup", []), *setup]
+    cfg["mounts"] = [*cfg.get("mounts", []), *fstab]
+    return _set_user_config(spec, cfg, "the volume mounts")
+
+
+def _user_config(spec: VmSpec) -> dict[str, Any]:
+    """The VM's user-data as a cloud-config mapping ({} for none); _EnvironmentError when it is not one."""
+    text = spec.cloud_init.user_data.reveal() if spec.cloud_init is not None else ""
+    if not text.strip():
+        return {}
+    if not text.startswith(HEADER.strip()):
+        raise _EnvironmentError(
+            "the VM's cloud_init.user_data is not #cloud-config (a script?), so the variables cannot be "
+            "added to it: write them in the user-data yourself, or make it cloud-config"
+        )
+    try:
+        parsed = yaml.load(text, Loader=_YamlLoader)
+    except yaml.YAMLError:
+        # the user-data may hold credentials: say where, never what
+        raise _EnvironmentError("the VM's cloud_init.user_data is not valid YAML") from None
+    if parsed is not None and not isinstance(parsed, dict):
+        raise _EnvironmentError("the VM's cloud_init.user_data is not a mapping of cloud-config keys")
+    return dict(parsed or {})
+
+
+def _set_user_config(spec: VmSpec, cfg: Mapping[str, Any], what: str) -> VmSpec:
+    """``spec`` with ``cfg`` as its user-data (_EnvironmentError past the 1 MiB cloud-init limit)."""
+    rendered = HEADER + yaml.dump(dict(cfg), Dumper=_YamlDumper, sort_keys=False, default_flow_style=False, width=4096)
+    if len(rendered.encode()) > MAX_CLOUD_INIT_BYTES:
+        raise _EnvironmentError(f"with {what} added, cloud_init.user_data is larger than 1 MiB")
+    cloud = spec.cloud_init if spec.cloud_init is not None else CloudInit()
+    return dataclasses.replace(spec, cloud_init=dataclasses.replace(cloud, user_data=Secret(rendered)))
+
+
 def _with_environment(spec: VmSpec, env: Mapping[str, str]) -> VmSpec:
     """
     ``spec`` with ``env`` appended to the guest's /etc/environment through its cloud-init user-data.
@@ -829,22 +959,7 @@ def _with_environment(spec: VmSpec, env: Mapping[str, str]) -> VmSpec:
     """
     content = "".join(f"{key}={_env_value(value)}\n" for key, value in env.items())
     entry = {"path": ENVIRONMENT_FILE, "permissions": "0644", "owner": "root:root", "append": True, "content": content}
-    text = spec.cloud_init.user_data.reveal() if spec.cloud_init is not None else ""
-    cfg: dict[str, Any] = {}
-    if text.strip():
-        if not text.startswith(HEADER.strip()):
-            raise _EnvironmentError(
-                "the VM's cloud_init.user_data is not #cloud-config (a script?), so the variables cannot be "
-                "added to it: write them in the user-data yourself, or make it cloud-config"
-            )
-        try:
-            parsed = yaml.load(text, Loader=_YamlLoader)
-        except yaml.YAMLError:
-            # the user-data may hold credentials: say where, never what
-            raise _EnvironmentError("the VM's cloud_init.user_data is not valid YAML") from None
-        if parsed is not None and not isinstance(parsed, dict):
-            raise _EnvironmentError("the VM's cloud_init.user_data is not a mapping of cloud-config keys")
-        cfg = dict(parsed or {})
+    cfg = _user_config(spec)
     files = cfg.get("write_files", [])
     if not isinstance(files, list):
         raise _EnvironmentError("the VM's cloud_init.user_data has a write_files that is not a list")
@@ -854,11 +969,7 @@ def _with_environment(spec: VmSpec, env: Mapping[str, str]) -> VmSpec:
             "write_files entry"
         )
     cfg["write_files"] = [*files, entry]
-    rendered = HEADER + yaml.dump(cfg, Dumper=_YamlDumper, sort_keys=False, default_flow_style=False, width=4096)
-    if len(rendered.encode()) > MAX_CLOUD_INIT_BYTES:
-        raise _EnvironmentError("with the variables added, cloud_init.user_data is larger than 1 MiB")
-    cloud = spec.cloud_init if spec.cloud_init is not None else CloudInit()
-    return dataclasses.replace(spec, cloud_init=dataclasses.replace(cloud, user_data=Secret(rendered)))
+    return _set_user_config(spec, cfg, "the variables")
 
 
 # ------------------------------------------------------------------------------------------ the API

@@ -106,6 +106,7 @@ __all__ = [
     "Duration",
     "SpecOrigin",
     "SpecProblem",
+    "VolumeMiB",
     "document_problem",
     "dump_spec",
     "format_size",
@@ -179,6 +180,8 @@ class _Strict(BaseModel):
 
 MemoryMiB = Annotated[int, _ranged_size(MIN_MEMORY_MIB, MAX_MEMORY_MIB)]
 DiskMiB = Annotated[int, _ranged_size(1, MAX_DISK_MIB, " (leave size out to keep the base image's size)")]
+#: the size of a plan volume (``volumes:`` in a plan file): 1 MiB .. 64 TiB, written as disk sizes are
+VolumeMiB = Annotated[int, _ranged_size(1, MAX_DISK_MIB)]
 UserData = Annotated[str, _cloud_text("#cloud-config\n")]
 CloudText = Annotated[str, _cloud_text("")]
 

@@ -17,6 +17,7 @@ import ipaddress
 import stat
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -35,7 +36,7 @@ from clonebox_controller.main import place_plan
 from clonebox_core.audit.chain import AuditFilter
 from clonebox_core.errors import Internal
 from clonebox_core.health import FileProbe, HealthState, Probe, ProbeType
-from clonebox_core.model import DiskSpec, NetworkMode, NetworkSpec, Resources, VmSpec
+from clonebox_core.model import DiskSpec, NetworkMode, NetworkSpec, Resources, VmSpec, Volume
 from clonebox_core.plan import (
     LABEL_PLAN,
     ChangeKind,
@@ -46,12 +47,14 @@ from clonebox_core.plan import (
     PlanNetwork,
     PlanRun,
     PlanVm,
+    PlanVolume,
     RunState,
     UpdatePolicy,
     VmRunState,
     dependents,
     vm_name,
 )
+from clonebox_core.planfile import load_plan_text
 from clonebox_core.rpc.convert_plan import plan_from_proto, plan_to_proto, run_from_proto
 from clonebox_core.rpc.server import aio_channel
 from clonebox_core.snapshot_archive import read_archive
@@ -966,3 +969,220 @@ async def test_moving_a_live_network_to_another_subnet_is_refused_until_down(fle
     final = await _up(fleet, moved)
     assert {(await stored_specs(fleet, "net"))["db"].subnet} == {"10.213.41.0/24"}
     assert final.state is RunState.SUCCEEDED
+
+
+# ---- plan volumes -----------------------------------------------------------------------------------
+
+
+def with_volumes(name: str = "vols", *, data_mib: int = 64, db_disk: int = 16, broken_web: bool = False) -> Plan:
+    """db (single-writer volume ``data``) -> api, web (both on the shared volume ``cache``); no plan network."""
+    vms = [
+        dataclasses.replace(service(name, "db", disk=db_disk), volumes=("data",)),
+        dataclasses.replace(service(name, "api", "db"), volumes=("cache",)),
+        dataclasses.replace(service(name, "web", "db", broken=broken_web), volumes=("cache",)),
+    ]
+    volumes = (PlanVolume("data", data_mib), PlanVolume("cache", 32, shared=True))
+    return dataclasses.replace(make_plan(name, vms), volumes=volumes)
+
+
+async def volumes_on(fleet: Fleet) -> dict[str, tuple[str, Volume]]:
+    """Every agent volume of the fleet: name -> (host, the volume as its agent lists it)."""
+    found: dict[str, tuple[str, Volume]] = {}
+    for host, fake in fleet.fakes.items():
+        for vol in await fake.list_volumes():
+            found[vol.name] = (host, vol)
+    return found
+
+
+async def down(fleet: Fleet, name: str, *, with_volumes: bool = False) -> PlanRun:
+    resp = await stub(fleet).DestroyPlan(pb.DestroyPlanRequest(name=name, with_volumes=with_volumes))
+    return (await watch(fleet, resp.run.id))[-1]
+
+
+async def test_plan_volumes_are_made_on_their_users_host_and_attached(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    await fleet.add_agent("h2", ROOMY)
+    diff = await stub(fleet).DiffPlan(pb.DiffPlanRequest(plan=plan_to_proto(with_volumes())))
+    assert [(v.name, v.kind, list(v.services)) for v in diff.volumes] == [
+        ("data", plan_pb2.VOLUME_CHANGE_KIND_CREATE, ["db"]),
+        ("cache", plan_pb2.VOLUME_CHANGE_KIND_CREATE, ["api", "web"]),
+    ]
+    assert await volumes_on(fleet) == {}  # a diff makes nothing
+    run = await _up(fleet, with_volumes())
+    hosts = {v.service: v.host for v in run.vms}
+    assert hosts["api"] == hosts["web"]  # two roomy hosts, yet the users of one volume share a host
+    vols = await volumes_on(fleet)
+    assert set(vols) == {"vols-data", "vols-cache"}
+    data_host, data = vols["vols-data"]
+    cache_host, cache = vols["vols-cache"]
+    assert (data_host, data.size_mib, data.shared, data.vms) == (hosts["db"], 64, False, ("vols-db",))
+    assert (cache_host, cache.size_mib, cache.shared, cache.vms) == (hosts["api"], 32, True, ("vols-api", "vols-web"))
+    assert data.label_dict() == {LABEL_PLAN: "vols", "clonebox.volume": "data"}
+    # the VM specs the agent was asked for attach them as disks vol-<volume>
+    on_host = {r.spec.name: r.spec.disks for r in await fleet.fakes[hosts["api"]].list()}
+    assert on_host["vols-web"][-1] == DiskSpec("vol-cache", volume="vols-cache")
+    # the revision records where each volume lives; the same plan again changes nothing
+    stored = plan_from_proto((await stub(fleet).GetPlan(pb.GetPlanRequest(name="vols"))).plan)
+    assert {v.name: v.host for v in stored.volumes} == {"data": hosts["db"], "cache": hosts["api"]}
+    again = await stub(fleet).DiffPlan(pb.DiffPlanRequest(plan=plan_to_proto(with_volumes())))
+    assert [c.kind for c in again.changes] == [plan_pb2.CHANGE_KIND_NONE] * 3
+    assert [v.kind for v in again.volumes] == [plan_pb2.VOLUME_CHANGE_KIND_KEEP] * 2
+    assert (await _up(fleet, with_volumes())).revision == run.revision
+
+
+async def test_a_replace_keeps_the_volume_and_skips_the_backup(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    await _up(fleet, with_volumes())
+    before = (await volumes_on(fleet))["vols-data"][1]
+    old_uuid = (await fleet.vms.GetVm(vm_service_pb2.GetVmRequest(name="vols-db"))).vm.uuid
+    run = await apply(fleet, with_volumes(db_disk=32), allow_replace=True)
+    snapshots = await watch(fleet, run.id)
+    final = snapshots[-1]
+    assert final.state is RunState.SUCCEEDED, final.error
+    assert next(v for v in final.vms if v.service == "db").change is ChangeKind.REPLACE
+    # the step saying so may be overtaken before a watcher reads it; the audit record stays
+    (skipped,) = fleet.controller.store.list_audit(AuditFilter(action="plan.backup"))
+    assert skipped.event.outcome == "rejected" and skipped.event.reason == "VM_HAS_VOLUMES"
+    assert skipped.event.details["vm"] == "vols-db" and skipped.event.details["volumes"] == "vols-data"
+    assert str(skipped.event.details["error"]).startswith("no backup: vols-db attaches volume(s) vols-data")
+    assert not (fleet.tmp / "plan-backups" / "vols").exists()  # no export was tried
+    new = (await fleet.vms.GetVm(vm_service_pb2.GetVmRequest(name="vols-db"))).vm
+    assert new.uuid != old_uuid and new.spec.disks[0].size_mib == 32
+    after = (await volumes_on(fleet))["vols-data"][1]
+    # the same volume (made once: its creation time is kept), now attached by the new VM
+    assert after.create_time == before.create_time and after.vms == ("vols-db",)
+
+
+async def test_a_rollback_keeps_the_volumes(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    run = await apply(fleet, with_volumes(broken_web=True))
+    final = (await watch(fleet, run.id))[-1]
+    assert final.state is RunState.ROLLED_BACK, final
+    assert await vm_names(fleet, "vols") == []
+    vols = await volumes_on(fleet)
+    assert set(vols) == {"vols-data", "vols-cache"} and all(v.vms == () for _h, v in vols.values())
+
+
+async def test_down_keeps_the_volumes_and_down_with_volumes_deletes_them(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    await fleet.add_agent("h2", ROOMY)
+    first = await _up(fleet, with_volumes())
+    made = await volumes_on(fleet)
+    kept = await down(fleet, "vols")
+    assert kept.state is RunState.SUCCEEDED, kept.error
+    assert await vm_names(fleet) == []
+    left = await volumes_on(fleet)
+    assert set(left) == set(made) and all(v.vms == () for _h, v in left.values())
+    # up again: the same volumes, on the hosts they live on, attached again (their data with them)
+    second = await _up(fleet, with_volumes())
+    assert {v.service: v.host for v in second.vms} == {v.service: v.host for v in first.vms}
+    again = await volumes_on(fleet)
+    assert {n: (h, v.create_time) for n, (h, v) in again.items()} == {
+        n: (h, v.create_time) for n, (h, v) in made.items()
+    }
+    assert again["vols-data"][1].vms == ("vols-db",)
+    gone = await down(fleet, "vols", with_volumes=True)
+    assert gone.state is RunState.SUCCEEDED, gone.error
+    assert await vm_names(fleet) == [] and await volumes_on(fleet) == {}
+    assert list((await stub(fleet).ListPlans(pb.ListPlansRequest())).plans) == []
+    # nothing left at all: another down --volumes succeeds (a volume already gone counts as deleted)
+    assert (await down(fleet, "vols", with_volumes=True)).state is RunState.SUCCEEDED
+    # and after down --volumes, the next up is free to place the volumes anywhere again
+    third = await _up(fleet, with_volumes())
+    assert third.state is RunState.SUCCEEDED
+
+
+async def test_down_with_volumes_of_a_plan_without_vms_still_deletes_them(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    await _up(fleet, with_volumes())
+    await down(fleet, "vols")
+    assert set(await volumes_on(fleet)) == {"vols-data", "vols-cache"}
+    gone = await down(fleet, "vols", with_volumes=True)
+    assert gone.state is RunState.SUCCEEDED and gone.vms == ()
+    assert await volumes_on(fleet) == {}
+
+
+async def test_a_volume_of_another_size_fails_its_step_with_the_agents_reason(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    await _up(fleet, with_volumes())
+    await down(fleet, "vols")  # the volumes stay, with 64 MiB
+    bigger = with_volumes(data_mib=128)
+    diff = await stub(fleet).DiffPlan(pb.DiffPlanRequest(plan=plan_to_proto(bigger)))
+    data = next(v for v in diff.volumes if v.name == "data")
+    assert data.kind == plan_pb2.VOLUME_CHANGE_KIND_DIFFERENT and "size_mib 64" in data.detail
+    run = await apply(fleet, bigger)
+    final = (await watch(fleet, run.id))[-1]
+    assert final.state is RunState.ROLLED_BACK, final
+    db = next(v for v in final.vms if v.service == "db")
+    assert "volume vols-data exists with size_mib 64, not 128" in db.error  # the agent's words
+    assert "changing a volume's size or sharing is not supported" in db.error
+    assert await vm_names(fleet) == []
+    assert (await volumes_on(fleet))["vols-data"][1].size_mib == 64  # never touched
+
+
+async def test_a_hint_away_from_a_volumes_host_is_refused(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    await fleet.add_agent("h2", ROOMY)
+    run = await _up(fleet, with_volumes())
+    db_host = next(v.host for v in run.vms if v.service == "db")
+    other = "h2" if db_host == "h1" else "h1"
+    await down(fleet, "vols")
+    hinted = with_volumes()
+    hinted = dataclasses.replace(
+        hinted, vms=tuple(dataclasses.replace(v, host=other) if v.service == "db" else v for v in hinted.vms)
+    )
+    err = await rpc_error(apply(fleet, hinted))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and error_info(err).reason == "PLAN_INVALID"
+    assert f"its volumes are on {db_host}" in (err.details() or "")
+    assert error_info(err).metadata["field"] == "vms.db.host"
+
+
+async def test_plan_volume_mistakes_are_refused_before_anything_is_made(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    shared_twice = dataclasses.replace(with_volumes(), volumes=(PlanVolume("data", 64), PlanVolume("cache", 32)))
+    err = await rpc_error(apply(fleet, shared_twice))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and error_info(err).reason == "PLAN_VOLUME_NOT_SHARED"
+    assert "used by api, web" in (err.details() or "")
+    unknown = dataclasses.replace(with_volumes(), volumes=(PlanVolume("data", 64),))
+    err = await rpc_error(apply(fleet, unknown))
+    assert error_info(err).reason == "PLAN_UNKNOWN_VOLUME" and error_info(err).metadata["field"] == "vms.api.volumes"
+    assert await vm_names(fleet) == [] and await volumes_on(fleet) == {}
+
+
+async def test_a_volume_mount_from_the_plan_file_reaches_the_agent(fleet: Fleet, tmp_path: Path) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    text = (
+        "version: 1\nname: mnt\ndefaults:\n  memory: 64MiB\n  disks: [{name: root, size: 16MiB}]\n"
+        "volumes:\n  data: {size: 64MiB}\nvms:\n  db:\n    volumes: ['data:/var/lib/db']\n"
+    )
+    plan = load_plan_text(text, "mnt.yaml", tmp_path)
+    await _up(fleet, plan)
+    (record,) = await fleet.fakes["h1"].list()
+    assert record.spec.disks[-1] == DiskSpec("vol-data", volume="mnt-data")
+    assert record.spec.cloud_init is not None
+    user_data = record.spec.cloud_init.user_data.reveal()
+    assert "/dev/disk/by-id/virtio-vol-mnt-data" in user_data and "/var/lib/db" in user_data
+    assert (await volumes_on(fleet))["mnt-data"][1].vms == ("mnt-db",)
+
+
+async def test_down_with_volumes_fails_naming_a_volume_another_vm_holds(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    await _up(fleet, with_volumes())
+    await down(fleet, "vols")
+    intruder = spec("intruder", memory=64)
+    intruder.disks.append(vm_pb2.DiskSpec(name="stolen", volume="vols-data"))
+    await create(fleet, intruder, host="h1")  # a VM outside the plan attaches the plan's volume
+    failed = await down(fleet, "vols", with_volumes=True)
+    assert failed.state is RunState.FAILED
+    assert "not every volume: volume vols-data on host h1:" in failed.error and "intruder" in failed.error
+    assert "clonebox down vols --volumes' again" in failed.error
+    assert set(await volumes_on(fleet)) == {"vols-data"}  # the other one went
+    await fleet.vms.DeleteVm(vm_service_pb2.DeleteVmRequest(name="intruder"))
+
+    async def intruder_gone() -> bool:
+        return (await volumes_on(fleet))["vols-data"][1].vms == ()
+
+    await eventually(intruder_gone, WAIT, "the intruder to let go of vols-data")
+    done = await down(fleet, "vols", with_volumes=True)
+    assert done.state is RunState.SUCCEEDED, done.error
+    assert await volumes_on(fleet) == {}

@@ -16,7 +16,7 @@ from clonebox.type.v1 import snapshot_pb2
 
 from clonebox_core.errors import CloneboxError, Unavailable
 from clonebox_core.health import ActionRecord, Aggregate, ProbeResult, Transition, VmHealth
-from clonebox_core.model import CreatePlan, Orphan, Revision, Transaction, Vm, VmSpec
+from clonebox_core.model import CreatePlan, Orphan, Revision, Transaction, Vm, VmSpec, Volume
 from clonebox_core.plan import UpdateResult
 from clonebox_core.rpc import convert, convert_health
 from clonebox_core.rpc.convert_plan import change_kind_from_proto
@@ -380,6 +380,28 @@ class GrpcAgentClient:
             if not call.done():
                 call.cancel()
         return convert.vm_from_proto(resp.vm)
+
+    # ---- volumes ------------------------------------------------------------------------------
+
+    async def create_volume(
+        self, name: str, size_mib: int, shared: bool, labels: dict[str, str], request_id: str
+    ) -> Volume:
+        """CreateVolume (a large file is allocated: the long deadline)."""
+        req = agent_pb2.CreateVolumeRequest(
+            name=name, size_mib=size_mib, shared=shared, labels=labels, request_id=request_id
+        )
+        resp = await self._call(lambda: self._stub.CreateVolume(req, timeout=_LONG_TIMEOUT))
+        return convert.volume_from_proto(resp.volume)
+
+    async def delete_volume(self, name: str, request_id: str) -> None:
+        """DeleteVolume."""
+        req = agent_pb2.DeleteVolumeRequest(name=name, request_id=request_id)
+        await self._call(lambda: self._stub.DeleteVolume(req, timeout=_LONG_TIMEOUT))
+
+    async def list_volumes(self) -> list[Volume]:
+        """ListVolumes."""
+        resp = await self._call(lambda: self._stub.ListVolumes(agent_pb2.ListVolumesRequest(), timeout=_SHORT_TIMEOUT))
+        return [convert.volume_from_proto(v) for v in resp.volumes]
 
     async def close(self) -> None:
         """Close the channel."""

@@ -47,7 +47,7 @@ from clonebox_core.errors import (
     invalid_field,
 )
 from clonebox_core.health import CheckStatus, HealthState, VmHealth
-from clonebox_core.model import Host, Operation, Resources, Vm, VmSpec, VmState
+from clonebox_core.model import Host, HostState, Operation, Resources, Vm, VmSpec, VmState, Volume
 from clonebox_core.names import check_dns_label
 from clonebox_core.plan import (
     LABEL_PLAN,
@@ -62,12 +62,17 @@ from clonebox_core.plan import (
     VmChange,
     VmRunState,
     VmStatus,
+    VolumeChange,
+    VolumeChangeKind,
+    attach_volumes,
     check_plan,
     check_subnet_changes,
     levels,
     materialize_networks,
     plan_subnets,
     vm_name,
+    volume_name,
+    volume_users,
 )
 from clonebox_core.plan import diff as plan_diff
 from clonebox_core.snapshot_archive import ArchiveSummary, archive_vm_spec, read_archive, write_archive_file
@@ -81,6 +86,10 @@ DOWN = "down"
 #: run options (``PlanRun.options``)
 ALLOW_REPLACE = "allow_replace"
 WITH_SNAPSHOTS = "with_snapshots"
+#: a destroy that also deletes the plan's volumes (``clonebox down --volumes``)
+WITH_VOLUMES = "with_volumes"
+#: the label an agent volume carries with its name in the plan (beside ``clonebox.plan``)
+LABEL_VOLUME = "clonebox.volume"
 #: the run re-applies the revision before a failed one (``auto_revert``); a revert is never reverted
 REVERT = "revert"
 #: a revert run's request id: this prefix and the failed run it reverts
@@ -156,6 +165,8 @@ class Validation:
     levels: list[list[str]]
     changes: list[VmChange]
     current: Plan | None
+    #: what the apply would do to each volume a service uses (asked of the volumes' hosts)
+    volumes: list[VolumeChange] = dataclasses.field(default_factory=list)
 
 
 def _private_dirs(folder: Path, top: Path) -> None:
@@ -395,6 +406,7 @@ class PlanEngine:
         plan_levels = check_plan(plan)
         current = await self._current(plan.name)
         plan = materialize_networks(plan, current, await self._subnets_of_other_plans(plan.name))
+        plan = attach_volumes(plan)
         for v in plan.vms:
             validate_resolved(v.spec, prefix=f"vms.{v.service}.spec")
         hosts = await asyncio.to_thread(self._store.list_hosts)
@@ -409,45 +421,148 @@ class PlanEngine:
                 )
         existing = await self._existing(plan)
         check_subnet_changes(plan, current, existing)
-        plan = self._pin_network_hosts(plan, existing, hosts)
+        plan = self._pin_hosts(plan, existing, hosts, await self._volume_hosts(current))
         changes = plan_diff(current, plan, {name: vm.spec for name, vm in existing.items()})
         await self._check_capacity(plan, changes, existing, hosts)
-        return Validation(plan, plan_levels, changes, current)
+        return Validation(plan, plan_levels, changes, current, await self._volume_changes(plan))
 
     async def _subnets_of_other_plans(self, name: str) -> list[ipaddress.IPv4Network]:
         plans = await asyncio.to_thread(self._store.list_plans)
         return [subnet for p in plans if p.name != name for subnet in plan_subnets(p)]
 
-    def _pin_network_hosts(self, plan: Plan, existing: Mapping[str, Vm], hosts: Sequence[Host]) -> Plan:
+    async def _volume_hosts(self, current: Plan | None) -> dict[str, str]:
         """
-        ``plan`` with every VM of a plan network on one host (a libvirt network lives on one host).
+        Where the applied revision's volumes live (volume -> host): their data stays there.
 
-        The host is the one a VM of the network already runs on, else the one a placement hint names,
-        else the first host (most free memory first) where all the network's VMs fit. Refused
-        (InvalidArgument PLAN_INVALID) when the VMs or hints of one network name different hosts.
+        Empty after a ``down --volumes`` that succeeded (the volumes are gone, they may go anywhere).
         """
-        pinned: dict[str, str] = {}
+        if current is None or not current.volumes:
+            return {}
+        latest = await asyncio.to_thread(self._store.latest_run, current.name)
+        if (
+            latest is not None
+            and latest.action == DOWN
+            and latest.options.get(WITH_VOLUMES)
+            and latest.state is RunState.SUCCEEDED
+        ):
+            return {}
+        return {v.name: v.host for v in current.volumes if v.host}
+
+    def _pin_hosts(
+        self, plan: Plan, existing: Mapping[str, Vm], hosts: Sequence[Host], volume_hosts: Mapping[str, str]
+    ) -> Plan:
+        """
+        ``plan`` with the VMs that must share a host pinned to one, and each used volume's host recorded.
+
+        A libvirt network lives on one host, and so does a volume: the VMs of one plan network, and the
+        VMs attaching one volume (transitively: a group), go to one host. That is the host the group's
+        volumes already live on (the applied revision's), else the one a VM of the group runs on, else
+        the one a placement hint names, else the first host (most free memory first) where all of the
+        group fit. Refused (InvalidArgument PLAN_INVALID) when hints name two hosts, or a host other than
+        the one the group's VMs or volumes are on.
+        """
+        group: dict[str, str] = {v.service: v.service for v in plan.vms}
+
+        def root(s: str) -> str:
+            while group[s] != s:
+                group[s] = group[group[s]]
+                s = group[s]
+            return s
+
+        def join(members: Sequence[str]) -> None:
+            for other in members[1:]:
+                group[root(other)] = root(members[0])
+
         for net in plan.networks:
-            members = [v for v in plan.vms if v.network == net.name]
-            if not members:
-                continue
+            join([v.service for v in plan.vms if v.network == net.name])
+        users = volume_users(plan)
+        for services in users.values():
+            join(services)
+        groups: dict[str, list[PlanVm]] = {}
+        for v in plan.vms:
+            if v.network or v.volumes:
+                groups.setdefault(root(v.service), []).append(v)
+        pinned: dict[str, str] = {}
+        for members in groups.values():
+            nets = sorted({v.network for v in members if v.network})
+            vols = sorted({n for v in members for n in v.volumes})
             running = sorted({existing[v.spec.name].host for v in members if v.spec.name in existing})
             hinted = sorted({v.host for v in members if v.host})
-            if len(hinted) > 1 or (running and hinted and hinted != running[:1]):
-                where = next(v.service for v in members if v.host and v.host != (running or hinted)[0])
+            kept = sorted({volume_hosts[n] for n in vols if n in volume_hosts})
+            what = " and ".join(
+                part
+                for part in (
+                    f"network {', '.join(nets)}" if nets else "",
+                    f"volume {', '.join(vols)}" if vols else "",
+                )
+                if part
+            )
+            if len(kept) > 1:
                 raise invalid_field(
-                    f"vms.{where}.host",
-                    f"the VMs of network {net.name} live on one host, but they are or would be on "
-                    f"{', '.join(sorted({*running, *hinted}))}: give them one placement host (or none)",
+                    f"volumes.{vols[0]}",
+                    f"the VMs of {what} live on one host, but their volumes are on {', '.join(kept)}: give the "
+                    "services of volumes on different hosts no volume or network in common",
                     reason="PLAN_INVALID",
                 )
-            host = (running or hinted or [""])[0] or self._host_for(members, hosts)
+            base = (kept or running or hinted or [""])[0]
+            if len(hinted) > 1 or (base and hinted and hinted != [base]):
+                where = next(v.service for v in members if v.host and v.host != (base or hinted[0]))
+                held = f" (its volumes are on {kept[0]})" if kept else ""
+                raise invalid_field(
+                    f"vms.{where}.host",
+                    f"the VMs of {what} live on one host{held}, but they are or would be on "
+                    f"{', '.join(sorted({*kept, *running, *hinted}))}: give them one placement host (or none)",
+                    reason="PLAN_INVALID",
+                )
+            host = base or self._host_for(members, hosts)
             pinned.update((v.service, host) for v in members)
-        if not pinned:
+        if not pinned and not plan.volumes:
             return plan
+        # a volume's host is the controller's to say (a request's is ignored): its users', else the recorded one
+        volumes = []
+        for vol in plan.volumes:
+            used_by = users.get(vol.name, [])
+            host = pinned.get(used_by[0], "") if used_by else volume_hosts.get(vol.name, "")
+            volumes.append(dataclasses.replace(vol, host=host))
         return dataclasses.replace(
-            plan, vms=tuple(dataclasses.replace(v, host=pinned.get(v.service, v.host)) for v in plan.vms)
+            plan,
+            vms=tuple(dataclasses.replace(v, host=pinned.get(v.service, v.host)) for v in plan.vms),
+            volumes=tuple(volumes),
         )
+
+    async def _volume_changes(self, plan: Plan) -> list[VolumeChange]:
+        """What an apply would do to each volume a service uses, asking each volume's host what it has."""
+        out: list[VolumeChange] = []
+        listed: dict[str, list[Volume] | str] = {}
+        for vol, services in volume_users(plan).items():
+            if not services:
+                continue
+            v = next(x for x in plan.volumes if x.name == vol)
+            agent = volume_name(plan.name, vol)
+            change = VolumeChange(
+                vol, agent, v.host, v.size_mib, v.shared, VolumeChangeKind.UNKNOWN, "", tuple(services)
+            )
+            if not v.host:
+                out.append(dataclasses.replace(change, detail="no host: the plan does not fit"))
+                continue
+            if v.host not in listed:
+                try:
+                    listed[v.host] = await self._vms.list_volumes(v.host)
+                except CloneboxError as err:
+                    listed[v.host] = err.message
+            found = listed[v.host]
+            if isinstance(found, str):
+                out.append(dataclasses.replace(change, detail=f"host {v.host} did not answer: {found}"))
+                continue
+            have = next((x for x in found if x.name == agent), None)
+            if have is None:
+                out.append(dataclasses.replace(change, kind=VolumeChangeKind.CREATE))
+            elif have.size_mib == v.size_mib and have.shared == v.shared:
+                out.append(dataclasses.replace(change, kind=VolumeChangeKind.KEEP))
+            else:
+                detail = f"it has size_mib {have.size_mib}, shared {str(have.shared).lower()}: neither can change"
+                out.append(dataclasses.replace(change, kind=VolumeChangeKind.DIFFERENT, detail=detail))
+        return out
 
     def _host_for(self, members: Sequence[PlanVm], hosts: Sequence[Host]) -> str:
         """The first host, most free memory first, with room for all of ``members`` ("" when none has)."""
@@ -534,10 +649,10 @@ class PlanEngine:
 
     # ------------------------------------------------------------------ use cases
 
-    async def diff(self, plan: Plan) -> tuple[list[VmChange], int]:
-        """What applying ``plan`` would change, and the revision it is compared to (0: none)."""
+    async def diff(self, plan: Plan) -> tuple[list[VmChange], int, list[VolumeChange]]:
+        """What applying ``plan`` would change, the revision it is compared to (0: none), and its volumes."""
         v = await self.validate(plan)
-        return v.changes, v.current.revision if v.current is not None else 0
+        return v.changes, v.current.revision if v.current is not None else 0, v.volumes
 
     async def apply(self, plan: Plan, allow_replace: bool, request_id: str, *, revert: bool = False) -> PlanRun:
         """
@@ -625,12 +740,14 @@ class PlanEngine:
                 return run
         return None
 
-    async def destroy(self, name: str, with_snapshots: bool, request_id: str) -> PlanRun:
+    async def destroy(self, name: str, with_snapshots: bool, request_id: str, with_volumes: bool = False) -> PlanRun:
         """
         Start a run that deletes the plan's VMs in reverse dependency order; the run as it started.
 
-        Idempotent by ``request_id``; a plan with no VM left succeeds at once. NotFound PLAN_NOT_FOUND;
-        Aborted PLAN_RUN_IN_PROGRESS.
+        ``with_volumes``: then the plan's volumes too, once every VM is gone (their data with them);
+        without it they are kept for the next ``up``. Idempotent by ``request_id``; a plan with no VM
+        left (and no volumes to delete) succeeds at once. NotFound PLAN_NOT_FOUND; Aborted
+        PLAN_RUN_IN_PROGRESS.
         """
         check_dns_label("name", name)
         plan = await asyncio.to_thread(self._store.get_plan, name)
@@ -662,24 +779,30 @@ class PlanEngine:
             plan=name,
             revision=plan.revision,
             action=DOWN,
-            state=RunState.RUNNING if rows else RunState.SUCCEEDED,
+            state=RunState.RUNNING if rows or with_volumes else RunState.SUCCEEDED,
             vms=tuple(rows),
             request_id=request_id,
-            options={WITH_SNAPSHOTS: with_snapshots},
+            options={WITH_SNAPSHOTS: with_snapshots, **({WITH_VOLUMES: True} if with_volumes else {})},
         )
         accepted = new_event(
             "plan.destroy",
             f"plans/{name}",
             Outcome.ACCEPTED,
             request_id=request_id,
-            details={"run": run.id, "revision": plan.revision, "vms": len(rows), "with_snapshots": with_snapshots},
+            details={
+                "run": run.id,
+                "revision": plan.revision,
+                "vms": len(rows),
+                "with_snapshots": with_snapshots,
+                "with_volumes": with_volumes,
+            },
         )
         created_run, created = await asyncio.to_thread(
             lambda: self._store.create_run(run, accepted, owner=self.owner, lease_seconds=self.settings.lease_seconds)
         )
         if not created:
             return created_run
-        if not rows:
+        if not rows and not with_volumes:
             # nothing left to delete: done at once
             await asyncio.to_thread(self._store.mark_plan_destroyed, name)
             done = new_event(
@@ -1112,6 +1235,33 @@ class _Execution:
             raise _op_failed(done, f"starting the restored {name}")
         await self._save(service, state=VmRunState.WAITING, step="restored from backup")
 
+    async def _ensure_volumes(self, service: str) -> None:
+        """
+        Make each volume ``service`` attaches on its host, unless it is there already (its data is kept).
+
+        Idempotent (the agent returns an equal volume as it is; each call has a request id of this run);
+        a volume there with another size or sharing fails the step with the agent's reason.
+        """
+        pv = self.specs[service]
+        declared = {v.name: v for v in self.plan.volumes}
+        for name in pv.volumes:
+            vol = declared[name]
+            agent = volume_name(self.plan.name, name)
+            host = vol.host or pv.host
+            await self._save(service, state=VmRunState.CREATING, step=f"making volume {agent} on host {host}")
+            labels = {LABEL_PLAN: self.plan.name, LABEL_VOLUME: name}
+            request_id = run_request_id(self.run_.id, service, f"volume-{name}")
+            try:
+                await self.e._vms.create_volume(host, agent, vol.size_mib, vol.shared, labels, request_id)
+            except CloneboxError as err:
+                if err.reason == "VOLUME_EXISTS_DIFFERENT":
+                    raise _StepFailed(
+                        f"volume {agent} on host {host}: {err.message}; changing a volume's size or sharing is not "
+                        f"supported: keep volumes.{name} as it was, or remove the volume and its data first "
+                        f"('clonebox down {self.plan.name} --volumes', then up)"
+                    ) from None
+                raise _StepFailed(f"making volume {agent} on host {host} failed: {err.message}") from None
+
     async def _back_up(self, service: str) -> None:
         """
         Export the VM a replace is about to delete to ``backup_path`` (snapshot, export, drop the snapshot).
@@ -1125,6 +1275,27 @@ class _Execution:
         if path is None or snapshots is None:
             return
         name = self.status[service].vm
+        with contextlib.suppress(NotFound):
+            old = await asyncio.to_thread(self.store.get_vm, name)
+            attached = [d.volume for d in old.spec.disks if d.volume]
+            if attached:
+                # an export of a VM with volumes is refused (VM_HAS_VOLUMES); the volumes keep the data
+                step = (
+                    f"no backup: {name} attaches volume(s) {', '.join(attached)}, which keep their data; "
+                    "its own disks are not backed up"
+                )
+                # the step is overwritten by the next one: the audit record keeps that no backup was taken
+                event = new_event(
+                    "plan.backup",
+                    f"plans/{self.plan.name}",
+                    Outcome.REJECTED,
+                    reason="VM_HAS_VOLUMES",
+                    details={"run": self.run_.id, "vm": name, "volumes": ",".join(attached), "error": step},
+                    actor=self.actor,
+                )
+                await asyncio.to_thread(self.store.append_audit, [event])
+                await self._save(service, state=VmRunState.CREATING, step=step)
+                return
         snap = f"pre-replace-{self.run_.id}"
 
         async def drop_snapshot() -> None:
@@ -1177,6 +1348,7 @@ class _Execution:
             return
         pv = self.specs[service]
         name = self.status[service].vm
+        await self._ensure_volumes(service)
         await self._save(service, state=VmRunState.CREATING, step="creating")
         op = await self.e._vms.create(pv.spec, pv.host or None, run_request_id(self.run_.id, service, "create"))
         host = ""
@@ -1437,10 +1609,47 @@ class _Execution:
             failed = [s for s in left if self.status[s].state is VmRunState.FAILED]
             detail = "; ".join(f"{self.status[s].vm}: {self.status[s].error}" for s in failed)
             kept = ", ".join(self.status[s].vm for s in left)
-            await self._finish_run(RunState.FAILED, f"could not delete every VM ({detail}); left: {kept}")
+            volumes = "; the volumes were kept" if self.run_.options.get(WITH_VOLUMES) else ""
+            await self._finish_run(RunState.FAILED, f"could not delete every VM ({detail}); left: {kept}{volumes}")
             return
+        if self.run_.options.get(WITH_VOLUMES):
+            problems = await self._delete_volumes()
+            if problems:
+                await self._finish_run(
+                    RunState.FAILED,
+                    f"the VMs are deleted, but not every volume: {'; '.join(problems)}; run "
+                    f"'clonebox down {self.run_.plan} --volumes' again",
+                )
+                return
         await asyncio.to_thread(self.store.mark_plan_destroyed, self.run_.plan)
         await self._finish_run(RunState.SUCCEEDED)
+
+    async def _delete_volumes(self) -> list[str]:
+        """
+        Delete the plan's volumes (after its VMs); what could not be deleted, each with why.
+
+        The current revision's volumes on the host it records, and every volume labelled with the plan
+        on a reachable host (ones older revisions made). A volume that is gone already counts as deleted.
+        """
+        targets: dict[str, str] = {volume_name(self.plan.name, v.name): v.host for v in self.plan.volumes if v.host}
+        for host in await asyncio.to_thread(self.store.list_hosts):
+            if host.state is HostState.UNREACHABLE:
+                continue
+            try:
+                found = await self.e._vms.list_volumes(host.name)
+            except CloneboxError as err:
+                log.warning("plan %s: could not list the volumes of host %s: %s", self.plan.name, host.name, err)
+                continue
+            for vol in found:
+                if vol.label_dict().get(LABEL_PLAN) == self.plan.name:
+                    targets.setdefault(vol.name, host.name)
+        problems: list[str] = []
+        for agent, where in sorted(targets.items()):
+            try:
+                await self.e._vms.delete_volume(where, agent, run_request_id(self.run_.id, agent, "volume-delete"))
+            except CloneboxError as err:
+                problems.append(f"volume {agent} on host {where}: {err.message}")
+        return problems
 
 
 def _order(c: Condition) -> int:

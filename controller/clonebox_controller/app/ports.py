@@ -31,6 +31,7 @@ from clonebox_core.model import (
     Vm,
     VmSpec,
     VmState,
+    Volume,
 )
 from clonebox_core.plan import Plan, PlanRun, RunState, UpdateResult, VmStatus
 from clonebox_core.secret import Secret
@@ -347,6 +348,20 @@ class AgentClient(Protocol):
 
         If ``rest`` raises, the call is cancelled (the agent keeps nothing) and that error is raised.
         """
+        ...
+
+    async def create_volume(
+        self, name: str, size_mib: int, shared: bool, labels: dict[str, str], request_id: str
+    ) -> Volume:
+        """CreateVolume: idempotent by name, size and shared flag (FailedPrecondition VOLUME_EXISTS_DIFFERENT)."""
+        ...
+
+    async def delete_volume(self, name: str, request_id: str) -> None:
+        """DeleteVolume (NotFound VOLUME_NOT_FOUND when there is none; FailedPrecondition VOLUME_IN_USE)."""
+        ...
+
+    async def list_volumes(self) -> list[Volume]:
+        """ListVolumes: the host's volumes, each with the VMs attaching it."""
         ...
 
     async def close(self) -> None: ...

@@ -20,7 +20,7 @@ from clonebox_controller.app.ports import AgentConsoleChunk, FleetStore
 from clonebox_controller.app.uncancelled import to_thread_uncancelled
 from clonebox_core.audit.event import SYSTEM_ACTOR, AuditEvent, Outcome, current_actor, new_event
 from clonebox_core.errors import Aborted, CloneboxError, FailedPrecondition, Internal, NotFound, Unavailable
-from clonebox_core.model import CreatePlan, Operation, Vm, VmSpec, VmState
+from clonebox_core.model import CreatePlan, Operation, Vm, VmSpec, VmState, Volume
 from clonebox_core.names import check_dns_label
 from clonebox_core.plan import ChangeKind, classify, needs_replace_error, updated_spec
 from clonebox_core.secret import Secret
@@ -230,6 +230,34 @@ class VmManager:
     ) -> tuple[list[Vm], str]:
         """A page of VMs from the store."""
         return await asyncio.to_thread(self._store.list_vms, host, state, labels, page_size, page_token)
+
+    # ---- volumes (made and removed by plans, on the host their VMs are placed on) --------------
+
+    async def create_volume(
+        self, host: str, name: str, size_mib: int, shared: bool, labels: dict[str, str], request_id: str
+    ) -> Volume:
+        """
+        Make agent volume ``name`` on ``host`` (idempotent: an equal volume is returned as it is).
+
+        FailedPrecondition VOLUME_EXISTS_DIFFERENT (the agent's) when it exists with another size or
+        shared flag; HOST_UNREACHABLE; an unreachable agent is retried like an operation's call. The
+        agent audits it (``volume.create``).
+        """
+        client = await self._hosts.client(host)
+        return await self._agent_call(lambda: client.create_volume(name, size_mib, shared, labels, request_id))
+
+    async def delete_volume(self, host: str, name: str, request_id: str) -> bool:
+        """Remove agent volume ``name`` on ``host`` and its data; False when there was none (that counts as done)."""
+        client = await self._hosts.client(host)
+        try:
+            await self._agent_call(lambda: client.delete_volume(name, request_id))
+        except NotFound:
+            return False
+        return True
+
+    async def list_volumes(self, host: str) -> list[Volume]:
+        """The volumes of ``host`` (one attempt: a question, not a mutation)."""
+        return await (await self._hosts.client(host)).list_volumes()
 
     # ---- mutations ---------------------------------------------------------------------------
 

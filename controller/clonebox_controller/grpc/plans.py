@@ -16,7 +16,13 @@ from clonebox_controller.app.plans import PlanEngine
 from clonebox_core.errors import invalid_field
 from clonebox_core.names import check_dns_label
 from clonebox_core.plan import Plan, PlanRun
-from clonebox_core.rpc.convert_plan import change_to_proto, plan_from_proto, plan_to_proto, run_to_proto
+from clonebox_core.rpc.convert_plan import (
+    change_to_proto,
+    plan_from_proto,
+    plan_to_proto,
+    run_to_proto,
+    volume_change_to_proto,
+)
 
 Ctx: TypeAlias = Any
 
@@ -50,12 +56,17 @@ class PlanServicer(pb_grpc.PlanServiceServicer):
         return pb.ValidatePlanResponse(
             levels=[pb.PlanLevel(services=level) for level in v.levels],
             changes=[change_to_proto(c) for c in v.changes],
+            volumes=[volume_change_to_proto(c) for c in v.volumes],
         )
 
     async def DiffPlan(self, request: pb.DiffPlanRequest, context: Ctx) -> pb.DiffPlanResponse:
         """See the proto."""
-        changes, revision = await self._plans.diff(_plan(request))
-        return pb.DiffPlanResponse(changes=[change_to_proto(c) for c in changes], current_revision=revision)
+        changes, revision, volumes = await self._plans.diff(_plan(request))
+        return pb.DiffPlanResponse(
+            changes=[change_to_proto(c) for c in changes],
+            current_revision=revision,
+            volumes=[volume_change_to_proto(c) for c in volumes],
+        )
 
     async def ApplyPlan(self, request: pb.ApplyPlanRequest, context: Ctx) -> pb.ApplyPlanResponse:
         """See the proto."""
@@ -64,7 +75,9 @@ class PlanServicer(pb_grpc.PlanServiceServicer):
 
     async def DestroyPlan(self, request: pb.DestroyPlanRequest, context: Ctx) -> pb.DestroyPlanResponse:
         """See the proto."""
-        run = await self._plans.destroy(request.name, request.with_snapshots, request.request_id)
+        run = await self._plans.destroy(
+            request.name, request.with_snapshots, request.request_id, with_volumes=request.with_volumes
+        )
         return pb.DestroyPlanResponse(run=run_to_proto(run))
 
     async def GetPlan(self, request: pb.GetPlanRequest, context: Ctx) -> pb.GetPlanResponse:

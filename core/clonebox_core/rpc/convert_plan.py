@@ -20,11 +20,14 @@ from clonebox_core.plan import (
     PlanNetwork,
     PlanRun,
     PlanVm,
+    PlanVolume,
     RunState,
     UpdatePolicy,
     VmChange,
     VmRunState,
     VmStatus,
+    VolumeChange,
+    VolumeChangeKind,
 )
 from clonebox_core.rpc import convert
 
@@ -45,6 +48,8 @@ _RUN_STATE_TO_PROTO = {s: plan_pb2.PlanRunState.Value(f"PLAN_RUN_STATE_{s.name}"
 _RUN_STATE_FROM_PROTO = {v: k for k, v in _RUN_STATE_TO_PROTO.items()}
 _VM_STATE_TO_PROTO = {s: plan_pb2.PlanVmState.Value(f"PLAN_VM_STATE_{s.name}") for s in VmRunState}
 _VM_STATE_FROM_PROTO = {v: k for k, v in _VM_STATE_TO_PROTO.items()}
+_VOLUME_CHANGE_TO_PROTO = {k: plan_pb2.VolumeChangeKind.Value(f"VOLUME_CHANGE_KIND_{k.name}") for k in VolumeChangeKind}
+_VOLUME_CHANGE_FROM_PROTO = {v: k for k, v in _VOLUME_CHANGE_TO_PROTO.items()}
 
 
 def condition_to_proto(c: Condition) -> plan_pb2.DependencyCondition.ValueType:
@@ -96,10 +101,14 @@ def plan_to_proto(plan: Plan, *, redact: bool = False) -> plan_pb2.Plan:
                 ],
                 host=v.host,
                 network=v.network,
+                volumes=list(v.volumes),
             )
             for v in plan.vms
         ],
         networks=[plan_pb2.PlanNetwork(name=n.name, subnet=n.subnet) for n in plan.networks],
+        volumes=[
+            plan_pb2.PlanVolume(name=v.name, size_mib=v.size_mib, shared=v.shared, host=v.host) for v in plan.volumes
+        ],
         update=update_to_proto(plan.update),
         on_failure=_FAILURE_TO_PROTO[plan.on_failure],
         source=plan.source,
@@ -120,10 +129,12 @@ def plan_from_proto(m: plan_pb2.Plan) -> Plan:
                 depends_on=tuple(Dependency(d.service, condition_from_proto(d.condition)) for d in v.depends_on),
                 host=v.host,
                 network=v.network,
+                volumes=tuple(v.volumes),
             )
             for v in m.vms
         ),
         networks=tuple(PlanNetwork(n.name, n.subnet) for n in m.networks),
+        volumes=tuple(PlanVolume(v.name, v.size_mib, v.shared, v.host) for v in m.volumes),
         update=update_from_proto(m.update),
         on_failure=_FAILURE_FROM_PROTO.get(m.on_failure, FailurePolicy.ROLLBACK),
         source=m.source,
@@ -151,6 +162,34 @@ def change_to_proto(c: VmChange) -> plan_pb2.VmChange:
 def change_from_proto(m: plan_pb2.VmChange) -> VmChange:
     """Proto -> VmChange (an unspecified kind reads as NONE)."""
     return VmChange(m.service, m.vm, change_kind_from_proto(m.kind), tuple(m.fields))
+
+
+def volume_change_to_proto(c: VolumeChange) -> plan_pb2.VolumeChange:
+    """VolumeChange -> proto."""
+    return plan_pb2.VolumeChange(
+        name=c.name,
+        volume=c.volume,
+        host=c.host,
+        size_mib=c.size_mib,
+        shared=c.shared,
+        kind=_VOLUME_CHANGE_TO_PROTO[c.kind],
+        detail=c.detail,
+        services=list(c.services),
+    )
+
+
+def volume_change_from_proto(m: plan_pb2.VolumeChange) -> VolumeChange:
+    """Proto -> VolumeChange (an unspecified kind reads as UNKNOWN)."""
+    return VolumeChange(
+        name=m.name,
+        volume=m.volume,
+        host=m.host,
+        size_mib=m.size_mib,
+        shared=m.shared,
+        kind=_VOLUME_CHANGE_FROM_PROTO.get(m.kind, VolumeChangeKind.UNKNOWN),
+        detail=m.detail,
+        services=tuple(m.services),
+    )
 
 
 def status_to_proto(s: VmStatus) -> plan_pb2.PlanVmStatus:

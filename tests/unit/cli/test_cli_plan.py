@@ -15,7 +15,16 @@ from typer.testing import CliRunner, Result
 
 from clonebox_cli import plan as plan_module
 from clonebox_cli.main import app
-from clonebox_core.plan import ChangeKind, PlanRun, RunState, VmChange, VmRunState, VmStatus
+from clonebox_core.plan import (
+    ChangeKind,
+    PlanRun,
+    RunState,
+    VmChange,
+    VmRunState,
+    VmStatus,
+    VolumeChange,
+    VolumeChangeKind,
+)
 
 from .conftest import FAIL_ERROR, FAIL_PROBE, FakeFleet, FakeHealthService, make_host, make_snapshot, serve_fake
 
@@ -370,6 +379,81 @@ def test_down_name_and_file_together_is_a_usage_error(
     assert unknown.exit_code == 3 and "plan nope not found" in error_line(unknown)
 
 
+VOLUMES = STACK.replace(
+    "vms:\n  db:\n",
+    "volumes:\n  data: {size: 1GiB}\n  cache: {size: 64MiB, shared: true}\nvms:\n  db:\n    volumes: [data, cache]\n",
+).replace("  api:\n", "  api:\n    volumes: [cache]\n")
+
+
+def test_up_sends_the_plans_volumes(runner: CliRunner, fake_controller: FakeController, tmp_path: Path) -> None:
+    assert up(runner, fake_controller, write(tmp_path, VOLUMES)).exit_code == 0
+    (req,) = fake_controller.fleet.calls("ApplyPlan")
+    assert [(v.name, v.size_mib, v.shared) for v in req.plan.volumes] == [("data", 1024, False), ("cache", 64, True)]
+    assert [list(v.volumes) for v in req.plan.vms] == [["data", "cache"], ["cache"]]
+
+
+def test_down_keeps_volumes_and_says_so(runner: CliRunner, fake_controller: FakeController, tmp_path: Path) -> None:
+    assert up(runner, fake_controller, write(tmp_path, VOLUMES)).exit_code == 0
+    r = cli(runner, fake_controller, "down", "stack")
+    assert r.exit_code == 0, r.output
+    assert not fake_controller.fleet.calls("DestroyPlan")[-1].with_volumes
+    assert r.stdout.splitlines()[-2:] == [
+        "plan stack is down: 2 VM(s) removed (run run-2)",
+        "volumes kept with their data: data, cache; the next 'clonebox up' attaches them again "
+        "('clonebox down stack --volumes' deletes them)",
+    ]
+
+
+@pytest.mark.parametrize("flag", ["--volumes", "-v"])
+def test_down_volumes_asks_for_the_volumes_to_go(
+    runner: CliRunner, fake_controller: FakeController, tmp_path: Path, flag: str
+) -> None:
+    assert up(runner, fake_controller, write(tmp_path, VOLUMES)).exit_code == 0
+    r = cli(runner, fake_controller, "down", "stack", flag)
+    assert r.exit_code == 0, r.output
+    assert fake_controller.fleet.calls("DestroyPlan")[-1].with_volumes
+    assert r.stdout.splitlines()[-1] == "volumes deleted with their data: data, cache"
+
+
+def test_down_of_a_plan_without_volumes_says_nothing_about_them(
+    runner: CliRunner, fake_controller: FakeController, tmp_path: Path
+) -> None:
+    assert up(runner, fake_controller, write(tmp_path)).exit_code == 0
+    r = cli(runner, fake_controller, "down", "stack", "--volumes")
+    assert r.exit_code == 0, r.output
+    assert "volume" not in r.stdout
+
+
+def test_plan_show_lists_the_volumes(runner: CliRunner, fake_controller: FakeController, tmp_path: Path) -> None:
+    assert up(runner, fake_controller, write(tmp_path, VOLUMES)).exit_code == 0
+    r = runner.invoke(app, ["--controller", fake_controller.address, "plan", "show", "stack"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    rows = [line.split() for line in r.stdout.splitlines()]
+    assert ["VOLUME", "SIZE", "SHARED", "HOST", "USED", "BY"] in rows
+    assert ["data", "1GiB", "no", "-", "db"] in rows and ["cache", "64MiB", "yes", "-", "db,", "api"] in rows
+
+
+def test_down_help_explains_volumes(runner: CliRunner) -> None:
+    r = runner.invoke(app, ["down", "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0
+    assert "--volumes" in r.stdout and "Without it the volumes are kept" in r.stdout
+
+
+def test_volume_changes_render_with_the_way_out() -> None:
+    changes = [
+        VolumeChange(
+            "data", "stack-data", "h1", 1024, False, VolumeChangeKind.DIFFERENT, "it has size_mib 512", ("db",)
+        ),
+        VolumeChange("cache", "stack-cache", "h1", 64, True, VolumeChangeKind.CREATE, "", ("db", "api")),
+    ]
+    console = Console(file=io.StringIO(), width=200)
+    console.print(plan_module.volumes_table(changes))
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "different: the run fails (it has size_mib 512)" in text and "db, api" in text and "1GiB" in text
+    summary = plan_module.volumes_summary(changes)
+    assert summary.startswith("volumes: 1 to create, 1 different") and "clonebox down NAME --volumes" in summary
+
+
 # ---------------------------------------------------------------------------------------- plan validate
 
 
@@ -386,6 +470,7 @@ def test_validate_offline_asks_nobody(runner: CliRunner, fake_controller: FakeCo
         "offline": True,
         "levels": [["db"], ["api"]],
         "changes": None,
+        "volumes": None,
     }
     assert fake_controller.fleet.requests == []
 

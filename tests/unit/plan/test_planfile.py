@@ -15,9 +15,12 @@ from clonebox_core.plan import (
     PLAN_INVALID,
     PLAN_NO_HEALTH_CHECK,
     PLAN_UNKNOWN_DEPENDENCY,
+    PLAN_UNKNOWN_VOLUME,
+    PLAN_VOLUME_NOT_SHARED,
     Condition,
     Dependency,
     FailurePolicy,
+    PlanVolume,
     UpdatePolicy,
     levels,
 )
@@ -298,7 +301,7 @@ def test_a_missing_vms_is_reported_with_the_typo_counted(stack: Path) -> None:
 @pytest.mark.parametrize(
     ("body", "marker", "field", "text"),
     [
-        ("vms:\n  db:\n    " + BOOT + "\n    volumes: [data]\n", "volumes", "vms.db.volumes", "not supported yet"),
+        ("defaults: {volumes: [data]}\nvms: {db: {" + BOOT + "}}\n", "defaults", "defaults.volumes", "belongs to"),
         ("vms:\n  db:\n    " + BOOT + "\n    name: db1\n", "name: db1", "vms.db.name", "names its VMs itself"),
         ("vms:\n  db:\n    " + BOOT + "\n    version: 2\n", "version: 2", "vms.db.version", "version 2 specs"),
         (
@@ -746,3 +749,136 @@ def test_user_data_may_not_set_passwords_with_environment_either(stack: Path) ->
     err = refused(body, stack)
     assert err.metadata["field"] == "vms.db.cloud_init.user_data.chpasswd"
     assert err.metadata["line"] == line_of(body, "user_data") and SECRET not in err.message
+
+
+# ------------------------------------------------------------------------------------------- volumes
+
+VOLUMES = f"""\
+defaults:
+  {BOOT}
+volumes:
+  data: {{size: 1GiB}}
+  shared-cache: {{size: 256MiB, shared: true}}
+vms:
+  db:
+    volumes: [data]
+  api:
+    volumes: ["shared-cache"]
+  web:
+    volumes: ["shared-cache"]
+"""
+
+
+def test_volumes_are_read_with_their_users(stack: Path) -> None:
+    plan = load_plan_text(doc(VOLUMES), SOURCE, stack)
+    assert plan.volumes == (PlanVolume("data", 1024), PlanVolume("shared-cache", 256, shared=True))
+    assert [(v.service, v.volumes) for v in plan.vms] == [
+        ("db", ("data",)),
+        ("api", ("shared-cache",)),
+        ("web", ("shared-cache",)),
+    ]
+    # the disks are the controller's to add (attach_volumes), so the file's specs have none yet
+    assert all(not d.volume for v in plan.vms for d in v.spec.disks)
+
+
+def test_an_unknown_volume_is_refused_at_its_entry(stack: Path) -> None:
+    text = doc(VOLUMES.replace('api:\n    volumes: ["shared-cache"]', 'api:\n    volumes: ["cache"]'))
+    err = refused(text, stack, PLAN_UNKNOWN_VOLUME)
+    assert err.metadata["field"] == "vms.api.volumes[0]"
+    assert err.metadata["line"] == line_of(text, '["cache"]')
+    assert "'cache'" in err.message and "volumes: data, shared-cache" in err.message
+
+
+def test_a_single_writer_volume_used_twice_names_the_services_and_the_fix(stack: Path) -> None:
+    text = doc(VOLUMES.replace('web:\n    volumes: ["shared-cache"]', 'web:\n    volumes: ["shared-cache", data]'))
+    err = refused(text, stack, PLAN_VOLUME_NOT_SHARED)
+    assert err.metadata["field"] == "vms.web.volumes[1]"
+    assert err.metadata["line"] == line_of(text, '["shared-cache", data]')
+    assert "used by db, web" in err.message and "shared: true" in err.message
+
+
+@pytest.mark.parametrize(
+    ("volumes", "marker", "field", "text"),
+    [
+        ("data: {size: 0}", "data:", "volumes.data.size", "at least 1 MiB"),
+        ("data: {size: 1GB}", "data:", "volumes.data.size", "ambiguous"),
+        ("data: {}", "data:", "volumes.data.size", "missing"),
+        ("data:", "data:", "volumes.data", "needs a size"),
+        ("data: {size: 1GiB, shared: yes-please}", "data:", "volumes.data.shared", "expected true or false"),
+        ("data: {size: 1GiB, mode: rw}", "data:", "volumes.data.mode", "unknown field"),
+        ("Data_1: {size: 1GiB}", "Data_1", "volumes.Data_1", "DNS label"),
+        ("d" + "x" * 60 + ": {size: 1GiB}", "dxx", "volumes.d" + "x" * 60, "shorten the volume name"),
+    ],
+)
+def test_bad_volumes_are_refused_where_written(stack: Path, volumes: str, marker: str, field: str, text: str) -> None:
+    body = f"volumes:\n  {volumes}\nvms:\n  db: {{{BOOT}}}\n"
+    err = refused(doc(body), stack)
+    assert err.metadata["field"] == field, err.message
+    assert err.metadata["line"] == line_of(doc(body), marker)
+    assert text in err.message
+
+
+@pytest.mark.parametrize(
+    ("entry", "text"),
+    [
+        ('["data:var/lib/db"]', "must be an absolute guest path"),
+        ('["data:/"]', "must be an absolute guest path"),
+        ('["data:/var/lib db"]', "must be an absolute guest path"),
+        ('["data:/mnt/a/../b"]', "must be an absolute guest path"),
+        ('["cache:/mnt/cache"]', "a mount formats it with ext4"),
+        ('["data:/mnt", "other:/mnt"]', "already the mount path"),
+        ("[data, data]", "listed more than once"),
+        ("data", "expected a list"),
+    ],
+)
+def test_bad_volume_entries_of_a_service(stack: Path, entry: str, text: str) -> None:
+    body = (
+        "volumes:\n  data: {size: 1GiB}\n  other: {size: 1GiB}\n  cache: {size: 1GiB, shared: true}\n"
+        f"vms:\n  db:\n    {BOOT}\n    volumes: {entry}\n"
+    )
+    err = refused(doc(body), stack)
+    assert err.metadata["field"].startswith("vms.db.volumes"), err.message
+    assert err.metadata["line"] == line_of(doc(body), "volumes: " + entry[:3])
+    assert text.lower() in err.message.lower()
+
+
+def test_a_disk_named_like_a_volume_disk_is_refused(stack: Path) -> None:
+    body = (
+        "volumes:\n  data: {size: 1GiB}\nvms:\n  db:\n    disks: [{name: vol-data, size: 1GiB}]\n    volumes: [data]\n"
+    )
+    err = refused(doc(body), stack)
+    assert err.metadata["field"] == "vms.db.volumes[0]"
+    assert "'vol-data'" in err.message and "rename that disk" in err.message
+
+
+def test_a_mount_path_formats_the_blank_volume_and_mounts_it(stack: Path, tmp_path: Path) -> None:
+    from tests.unit.core.test_cloudinit_render import assert_valid_cloud_config
+
+    body = (
+        "volumes:\n  data: {size: 1GiB}\n  logs: {size: 1GiB}\n"
+        "vms:\n  db:\n    " + BOOT + "\n    cloud_init: {user_data: {mounts: [[tmpfs, /scratch, tmpfs]]}}\n"
+        '    volumes: ["data:/var/lib/db", logs]\n'
+    )
+    plan = load_plan_text(doc(body), SOURCE, stack)
+    db = plan.vm("db")
+    assert db.volumes == ("data", "logs")  # the names; the mount is in the user-data
+    assert db.spec.cloud_init is not None
+    text = db.spec.cloud_init.user_data.reveal()
+    cfg = yaml.safe_load(text)
+    device = "/dev/disk/by-id/virtio-vol-stack-data"
+    assert cfg["fs_setup"] == [{"device": device, "filesystem": "ext4", "partition": "none", "overwrite": False}]
+    assert cfg["mounts"] == [
+        ["tmpfs", "/scratch", "tmpfs"],  # the VM's own entry is kept, the volume's appended
+        [device, "/var/lib/db", "ext4", "defaults,nofail,x-systemd.device-timeout=30s", "0", "2"],
+    ]
+    assert_valid_cloud_config(text, tmp_path)
+
+
+def test_two_volumes_the_guest_cannot_tell_apart_cannot_both_be_mounted(stack: Path) -> None:
+    body = (
+        "volumes:\n  databases-one: {size: 1GiB}\n  databases-two: {size: 1GiB}\n"
+        "vms:\n  db:\n    " + BOOT + '\n    volumes: ["databases-one:/a", "databases-two:/b"]\n'
+    )
+    err = refused(doc(body), stack)
+    assert err.metadata["field"] == "vms.db.volumes[1]"
+    assert "/dev/disk/by-id/virtio-vol-stack-databases" in err.message and "rename one" in err.message

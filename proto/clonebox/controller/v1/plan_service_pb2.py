@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from clonebox.type.v1 import plan_pb2 as clonebox_dot_type_dot_v1_dot_plan__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)clonebox/controller/v1/plan_service.proto\x12\x16\x63lonebox.controller.v1\x1a\x1b\x63lonebox/type/v1/plan.proto\";\n\x13ValidatePlanRequest\x12$\n\x04plan\x18\x01 \x01(\x0b\x32\x16.clonebox.type.v1.Plan\"v\n\x14ValidatePlanResponse\x12\x31\n\x06levels\x18\x01 \x03(\x0b\x32!.clonebox.controller.v1.PlanLevel\x12+\n\x07\x63hanges\x18\x02 \x03(\x0b\x32\x1a.clonebox.type.v1.VmChange\"\x1d\n\tPlanLevel\x12\x10\n\x08services\x18\x01 \x03(\t\"7\n\x0f\x44iffPlanRequest\x12$\n\x04plan\x18\x01 \x01(\x0b\x32\x16.clonebox.type.v1.Plan\"Y\n\x10\x44iffPlanResponse\x12+\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1a.clonebox.type.v1.VmChange\x12\x18\n\x10\x63urrent_revision\x18\x02 \x01(\x04\"c\n\x10\x41pplyPlanRequest\x12$\n\x04plan\x18\x01 \x01(\x0b\x32\x16.clonebox.type.v1.Plan\x12\x15\n\rallow_replace\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\";\n\x11\x41pplyPlanResponse\x12&\n\x03run\x18\x01 \x01(\x0b\x32\x19.clonebox.type.v1.PlanRun\"N\n\x12\x44\x65stroyPlanRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0ewith_snapshots\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"=\n\x13\x44\x65stroyPlanResponse\x12&\n\x03run\x18\x01 \x01(\x0b\x32\x19.clonebox.type.v1.PlanRun\"\x1e\n\x0eGetPlanRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"d\n\x0fGetPlanResponse\x12$\n\x04plan\x18\x01 \x01(\x0b\x32\x16.clonebox.type.v1.Plan\x12+\n\x08last_run\x18\x02 \x01(\x0b\x32\x19.clonebox.type.v1.PlanRun\"\x12\n\x10ListPlansRequest\"K\n\x11ListPlansResponse\x12\x36\n\x05plans\x18\x01 \x03(\x0b\x32\'.clonebox.controller.v1.GetPlanResponse\"2\n\x13ListPlanRunsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"?\n\x14ListPlanRunsResponse\x12\'\n\x04runs\x18\x01 \x03(\x0b\x32\x19.clonebox.type.v1.PlanRun\"G\n\x10WatchPlanRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04plan\x18\x02 \x01(\t\x12\x15\n\rafter_version\x18\x03 \x01(\x04\";\n\x11WatchPlanResponse\x12&\n\x03run\x18\x01 \x01(\x0b\x32\x19.clonebox.type.v1.PlanRun2\xae\x06\n\x0bPlanService\x12i\n\x0cValidatePlan\x12+.clonebox.controller.v1.ValidatePlanRequest\x1a,.clonebox.controller.v1.ValidatePlanResponse\x12]\n\x08\x44iffPlan\x12\'.clonebox.controller.v1.DiffPlanRequest\x1a(.clonebox.controller.v1.DiffPlanResponse\x12`\n\tApplyPlan\x12(.clonebox.controller.v1.ApplyPlanRequest\x1a).clonebox.controller.v1.ApplyPlanResponse\x12\x66\n\x0b\x44\x65stroyPlan\x12*.clonebox.controller.v1.DestroyPlanRequest\x1a+.clonebox.controller.v1.DestroyPlanResponse\x12Z\n\x07GetPlan\x12&.clonebox.controller.v1.GetPlanRequest\x1a\'.clonebox.controller.v1.GetPlanResponse\x12`\n\tListPlans\x12(.clonebox.controller.v1.ListPlansRequest\x1a).clonebox.controller.v1.ListPlansResponse\x12i\n\x0cListPlanRuns\x12+.clonebox.controller.v1.ListPlanRunsRequest\x1a,.clonebox.controller.v1.ListPlanRunsResponse\x12\x62\n\tWatchPlan\x12(.clonebox.controller.v1.WatchPlanRequest\x1a).clonebox.controller.v1.WatchPlanResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)clonebox/controller/v1/plan_service.proto\x12\x16\x63lonebox.controller.v1\x1a\x1b\x63lonebox/type/v1/plan.proto\";\n\x13ValidatePlanRequest\x12$\n\x04plan\x18\x01 \x01(\x0b\x32\x16.clonebox.type.v1.Plan\"\xa7\x01\n\x14ValidatePlanResponse\x12\x31\n\x06levels\x18\x01 \x03(\x0b\x32!.clonebox.controller.v1.PlanLevel\x12+\n\x07\x63hanges\x18\x02 \x03(\x0b\x32\x1a.clonebox.type.v1.VmChange\x12/\n\x07volumes\x18\x03 \x03(\x0b\x32\x1e.clonebox.type.v1.VolumeChange\"\x1d\n\tPlanLevel\x12\x10\n\x08services\x18\x01 \x03(\t\"7\n\x0f\x44iffPlanRequest\x12$\n\x04plan\x18\x01 \x01(\x0b\x32\x16.clonebox.type.v1.Plan\"\x8a\x01\n\x10\x44iffPlanResponse\x12+\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1a.clonebox.type.v1.VmChange\x12\x18\n\x10\x63urrent_revision\x18\x02 \x01(\x04\x12/\n\x07volumes\x18\x03 \x03(\x0b\x32\x1e.clonebox.type.v1.VolumeChange\"c\n\x10\x41pplyPlanRequest\x12$\n\x04plan\x18\x01 \x01(\x0b\x32\x16.clonebox.type.v1.Plan\x12\x15\n\rallow_replace\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\";\n\x11\x41pplyPlanResponse\x12&\n\x03run\x18\x01 \x01(\x0b\x32\x19.clonebox.type.v1.PlanRun\"d\n\x12\x44\x65stroyPlanRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0ewith_snapshots\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x14\n\x0cwith_volumes\x18\x04 \x01(\x08\"=\n\x13\x44\x65stroyPlanResponse\x12&\n\x03run\x18\x01 \x01(\x0b\x32\x19.clonebox.type.v1.PlanRun\"\x1e\n\x0eGetPlanRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"d\n\x0fGetPlanResponse\x12$\n\x04plan\x18\x01 \x01(\x0b\x32\x16.clonebox.type.v1.Plan\x12+\n\x08last_run\x18\x02 \x01(\x0b\x32\x19.clonebox.type.v1.PlanRun\"\x12\n\x10ListPlansRequest\"K\n\x11ListPlansResponse\x12\x36\n\x05plans\x18\x01 \x03(\x0b\x32\'.clonebox.controller.v1.GetPlanResponse\"2\n\x13ListPlanRunsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"?\n\x14ListPlanRunsResponse\x12\'\n\x04runs\x18\x01 \x03(\x0b\x32\x19.clonebox.type.v1.PlanRun\"G\n\x10WatchPlanRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04plan\x18\x02 \x01(\t\x12\x15\n\rafter_version\x18\x03 \x01(\x04\";\n\x11WatchPlanResponse\x12&\n\x03run\x18\x01 \x01(\x0b\x32\x19.clonebox.type.v1.PlanRun2\xae\x06\n\x0bPlanService\x12i\n\x0cValidatePlan\x12+.clonebox.controller.v1.ValidatePlanRequest\x1a,.clonebox.controller.v1.ValidatePlanResponse\x12]\n\x08\x44iffPlan\x12\'.clonebox.controller.v1.DiffPlanRequest\x1a(.clonebox.controller.v1.DiffPlanResponse\x12`\n\tApplyPlan\x12(.clonebox.controller.v1.ApplyPlanRequest\x1a).clonebox.controller.v1.ApplyPlanResponse\x12\x66\n\x0b\x44\x65stroyPlan\x12*.clonebox.controller.v1.DestroyPlanRequest\x1a+.clonebox.controller.v1.DestroyPlanResponse\x12Z\n\x07GetPlan\x12&.clonebox.controller.v1.GetPlanRequest\x1a\'.clonebox.controller.v1.GetPlanResponse\x12`\n\tListPlans\x12(.clonebox.controller.v1.ListPlansRequest\x1a).clonebox.controller.v1.ListPlansResponse\x12i\n\x0cListPlanRuns\x12+.clonebox.controller.v1.ListPlanRunsRequest\x1a,.clonebox.controller.v1.ListPlanRunsResponse\x12\x62\n\tWatchPlan\x12(.clonebox.controller.v1.WatchPlanRequest\x1a).clonebox.controller.v1.WatchPlanResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,38 +34,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VALIDATEPLANREQUEST']._serialized_start=98
   _globals['_VALIDATEPLANREQUEST']._serialized_end=157
-  _globals['_VALIDATEPLANRESPONSE']._serialized_start=159
-  _globals['_VALIDATEPLANRESPONSE']._serialized_end=277
-  _globals['_PLANLEVEL']._serialized_start=279
-  _globals['_PLANLEVEL']._serialized_end=308
-  _globals['_DIFFPLANREQUEST']._serialized_start=310
-  _globals['_DIFFPLANREQUEST']._serialized_end=365
-  _globals['_DIFFPLANRESPONSE']._serialized_start=367
-  _globals['_DIFFPLANRESPONSE']._serialized_end=456
-  _globals['_APPLYPLANREQUEST']._serialized_start=458
-  _globals['_APPLYPLANREQUEST']._serialized_end=557
-  _globals['_APPLYPLANRESPONSE']._serialized_start=559
-  _globals['_APPLYPLANRESPONSE']._serialized_end=618
-  _globals['_DESTROYPLANREQUEST']._serialized_start=620
-  _globals['_DESTROYPLANREQUEST']._serialized_end=698
-  _globals['_DESTROYPLANRESPONSE']._serialized_start=700
-  _globals['_DESTROYPLANRESPONSE']._serialized_end=761
-  _globals['_GETPLANREQUEST']._serialized_start=763
-  _globals['_GETPLANREQUEST']._serialized_end=793
-  _globals['_GETPLANRESPONSE']._serialized_start=795
-  _globals['_GETPLANRESPONSE']._serialized_end=895
-  _globals['_LISTPLANSREQUEST']._serialized_start=897
-  _globals['_LISTPLANSREQUEST']._serialized_end=915
-  _globals['_LISTPLANSRESPONSE']._serialized_start=917
-  _globals['_LISTPLANSRESPONSE']._serialized_end=992
-  _globals['_LISTPLANRUNSREQUEST']._serialized_start=994
-  _globals['_LISTPLANRUNSREQUEST']._serialized_end=1044
-  _globals['_LISTPLANRUNSRESPONSE']._serialized_start=1046
-  _globals['_LISTPLANRUNSRESPONSE']._serialized_end=1109
-  _globals['_WATCHPLANREQUEST']._serialized_start=1111
-  _globals['_WATCHPLANREQUEST']._serialized_end=1182
-  _globals['_WATCHPLANRESPONSE']._serialized_start=1184
-  _globals['_WATCHPLANRESPONSE']._serialized_end=1243
-  _globals['_PLANSERVICE']._serialized_start=1246
-  _globals['_PLANSERVICE']._serialized_end=2060
+  _globals['_VALIDATEPLANRESPONSE']._serialized_start=160
+  _globals['_VALIDATEPLANRESPONSE']._serialized_end=327
+  _globals['_PLANLEVEL']._serialized_start=329
+  _globals['_PLANLEVEL']._serialized_end=358
+  _globals['_DIFFPLANREQUEST']._serialized_start=360
+  _globals['_DIFFPLANREQUEST']._serialized_end=415
+  _globals['_DIFFPLANRESPONSE']._serialized_start=418
+  _globals['_DIFFPLANRESPONSE']._serialized_end=556
+  _globals['_APPLYPLANREQUEST']._serialized_start=558
+  _globals['_APPLYPLANREQUEST']._serialized_end=657
+  _globals['_APPLYPLANRESPONSE']._serialized_start=659
+  _globals['_APPLYPLANRESPONSE']._serialized_end=718
+  _globals['_DESTROYPLANREQUEST']._serialized_start=720
+  _globals['_DESTROYPLANREQUEST']._serialized_end=820
+  _globals['_DESTROYPLANRESPONSE']._serialized_start=822
+  _globals['_DESTROYPLANRESPONSE']._serialized_end=883
+  _globals['_GETPLANREQUEST']._serialized_start=885
+  _globals['_GETPLANREQUEST']._serialized_end=915
+  _globals['_GETPLANRESPONSE']._serialized_start=917
+  _globals['_GETPLANRESPONSE']._serialized_end=1017
+  _globals['_LISTPLANSREQUEST']._serialized_start=1019
+  _globals['_LISTPLANSREQUEST']._serialized_end=1037
+  _globals['_LISTPLANSRESPONSE']._serialized_start=1039
+  _globals['_LISTPLANSRESPONSE']._serialized_end=1114
+  _globals['_LISTPLANRUNSREQUEST']._serialized_start=1116
+  _globals['_LISTPLANRUNSREQUEST']._serialized_end=1166
+  _globals['_LISTPLANRUNSRESPONSE']._serialized_start=1168
+  _globals['_LISTPLANRUNSRESPONSE']._serialized_end=1231
+  _globals['_WATCHPLANREQUEST']._serialized_start=1233
+  _globals['_WATCHPLANREQUEST']._serialized_end=1304
+  _globals['_WATCHPLANRESPONSE']._serialized_start=1306
+  _globals['_WATCHPLANRESPONSE']._serialized_end=1365
+  _globals['_PLANSERVICE']._serialized_start=1368
+  _globals['_PLANSERVICE']._serialized_end=2182
 # @@protoc_insertion_point(module_scope)

@@ -51,6 +51,7 @@ class ValidatePlanResponse(_message.Message):
 
     LEVELS_FIELD_NUMBER: _builtins.int
     CHANGES_FIELD_NUMBER: _builtins.int
+    VOLUMES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def levels(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlanLevel]:
         """Service names by dependency level: level 0 depends on nothing."""
@@ -59,15 +60,20 @@ class ValidatePlanResponse(_message.Message):
     def changes(self) -> _containers.RepeatedCompositeFieldContainer[_plan_pb2.VmChange]:
         """What applying it would change."""
 
+    @_builtins.property
+    def volumes(self) -> _containers.RepeatedCompositeFieldContainer[_plan_pb2.VolumeChange]:
+        """What applying it would do to each of its volumes."""
+
     def __init__(
         self,
         *,
         levels: _abc.Iterable[Global___PlanLevel] | None = ...,
         changes: _abc.Iterable[_plan_pb2.VmChange] | None = ...,
+        volumes: _abc.Iterable[_plan_pb2.VolumeChange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "levels", b"levels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "levels", b"levels", "volumes", b"volumes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -129,21 +135,27 @@ class DiffPlanResponse(_message.Message):
 
     CHANGES_FIELD_NUMBER: _builtins.int
     CURRENT_REVISION_FIELD_NUMBER: _builtins.int
+    VOLUMES_FIELD_NUMBER: _builtins.int
     current_revision: _builtins.int
     """The revision the plan would be compared to (0: none applied yet)."""
     @_builtins.property
     def changes(self) -> _containers.RepeatedCompositeFieldContainer[_plan_pb2.VmChange]:
         """One entry per VM of the plan and per VM the plan would remove."""
 
+    @_builtins.property
+    def volumes(self) -> _containers.RepeatedCompositeFieldContainer[_plan_pb2.VolumeChange]:
+        """What applying it would do to each of its volumes."""
+
     def __init__(
         self,
         *,
         changes: _abc.Iterable[_plan_pb2.VmChange] | None = ...,
         current_revision: _builtins.int = ...,
+        volumes: _abc.Iterable[_plan_pb2.VolumeChange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "current_revision", b"current_revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "current_revision", b"current_revision", "volumes", b"volumes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -214,22 +226,26 @@ class DestroyPlanRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     WITH_SNAPSHOTS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WITH_VOLUMES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Plan name."""
     with_snapshots: _builtins.bool
     """Also delete VMs that have snapshots, with their snapshots."""
     request_id: _builtins.str
     """Client request id: a retry returns the same run."""
+    with_volumes: _builtins.bool
+    """Also delete the plan's volumes (their data), after its VMs; without it they are kept."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         with_snapshots: _builtins.bool = ...,
         request_id: _builtins.str = ...,
+        with_volumes: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "request_id", b"request_id", "with_snapshots", b"with_snapshots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "request_id", b"request_id", "with_snapshots", b"with_snapshots", "with_volumes", b"with_volumes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

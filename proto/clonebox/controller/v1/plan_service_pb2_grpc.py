@@ -105,7 +105,7 @@ class PlanServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DestroyPlan(self, request, context):
-        """DestroyPlan starts a run that deletes the plan's VMs in reverse dependency order.
+        """DestroyPlan starts a run that deletes the plan's VMs in reverse dependency order (and its volumes when asked).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -42,7 +42,7 @@ class PlanServiceStub:
     ApplyPlan: _grpc.UnaryUnaryMultiCallable[_plan_service_pb2.ApplyPlanRequest, _plan_service_pb2.ApplyPlanResponse]
     """ApplyPlan stores the plan as a new revision (when it differs) and starts a run (idempotent by request id)."""
     DestroyPlan: _grpc.UnaryUnaryMultiCallable[_plan_service_pb2.DestroyPlanRequest, _plan_service_pb2.DestroyPlanResponse]
-    """DestroyPlan starts a run that deletes the plan's VMs in reverse dependency order."""
+    """DestroyPlan starts a run that deletes the plan's VMs in reverse dependency order (and its volumes when asked)."""
     GetPlan: _grpc.UnaryUnaryMultiCallable[_plan_service_pb2.GetPlanRequest, _plan_service_pb2.GetPlanResponse]
     """GetPlan returns a plan's current revision and its latest run."""
     ListPlans: _grpc.UnaryUnaryMultiCallable[_plan_service_pb2.ListPlansRequest, _plan_service_pb2.ListPlansResponse]
@@ -66,7 +66,7 @@ class PlanServiceAsyncStub(PlanServiceStub):
     ApplyPlan: _aio.UnaryUnaryMultiCallable[_plan_service_pb2.ApplyPlanRequest, _plan_service_pb2.ApplyPlanResponse]  # type: ignore[assignment]
     """ApplyPlan stores the plan as a new revision (when it differs) and starts a run (idempotent by request id)."""
     DestroyPlan: _aio.UnaryUnaryMultiCallable[_plan_service_pb2.DestroyPlanRequest, _plan_service_pb2.DestroyPlanResponse]  # type: ignore[assignment]
-    """DestroyPlan starts a run that deletes the plan's VMs in reverse dependency order."""
+    """DestroyPlan starts a run that deletes the plan's VMs in reverse dependency order (and its volumes when asked)."""
     GetPlan: _aio.UnaryUnaryMultiCallable[_plan_service_pb2.GetPlanRequest, _plan_service_pb2.GetPlanResponse]  # type: ignore[assignment]
     """GetPlan returns a plan's current revision and its latest run."""
     ListPlans: _aio.UnaryUnaryMultiCallable[_plan_service_pb2.ListPlansRequest, _plan_service_pb2.ListPlansResponse]  # type: ignore[assignment]
@@ -111,7 +111,7 @@ class PlanServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _plan_service_pb2.DestroyPlanRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_plan_service_pb2.DestroyPlanResponse, _abc.Awaitable[_plan_service_pb2.DestroyPlanResponse]]:
-        """DestroyPlan starts a run that deletes the plan's VMs in reverse dependency order."""
+        """DestroyPlan starts a run that deletes the plan's VMs in reverse dependency order (and its volumes when asked)."""
 
     @_abc_1.abstractmethod
     def GetPlan(

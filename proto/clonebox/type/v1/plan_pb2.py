@@ -26,37 +26,43 @@ from clonebox.type.v1 import vm_pb2 as clonebox_dot_type_dot_v1_dot_vm__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63lonebox/type/v1/plan.proto\x12\x10\x63lonebox.type.v1\x1a\x19\x63lonebox/type/v1/vm.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"W\n\nDependency\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x38\n\tcondition\x18\x02 \x01(\x0e\x32%.clonebox.type.v1.DependencyCondition\"s\n\x0cUpdatePolicy\x12\x14\n\x0cmax_parallel\x18\x01 \x01(\r\x12\x1b\n\x13min_healthy_time_ms\x18\x02 \x01(\x04\x12\x1b\n\x13healthy_deadline_ms\x18\x03 \x01(\x04\x12\x13\n\x0b\x61uto_revert\x18\x04 \x01(\x08\"\x92\x01\n\x06PlanVm\x12\x0f\n\x07service\x18\x01 \x01(\t\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x18.clonebox.type.v1.VmSpec\x12\x30\n\ndepends_on\x18\x03 \x03(\x0b\x32\x1c.clonebox.type.v1.Dependency\x12\x0c\n\x04host\x18\x04 \x01(\t\x12\x0f\n\x07network\x18\x05 \x01(\t\"+\n\x0bPlanNetwork\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06subnet\x18\x02 \x01(\t\"\xb4\x02\n\x04Plan\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x03vms\x18\x02 \x03(\x0b\x32\x18.clonebox.type.v1.PlanVm\x12.\n\x06update\x18\x03 \x01(\x0b\x32\x1e.clonebox.type.v1.UpdatePolicy\x12\x33\n\non_failure\x18\x04 \x01(\x0e\x32\x1f.clonebox.type.v1.FailurePolicy\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x07 \x01(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x08networks\x18\t \x03(\x0b\x32\x1d.clonebox.type.v1.PlanNetwork\"c\n\x08VmChange\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\n\n\x02vm\x18\x02 \x01(\t\x12*\n\x04kind\x18\x03 \x01(\x0e\x32\x1c.clonebox.type.v1.ChangeKind\x12\x0e\n\x06\x66ields\x18\x04 \x03(\t\"\x8a\x02\n\x0cPlanVmStatus\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\n\n\x02vm\x18\x02 \x01(\t\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.clonebox.type.v1.PlanVmState\x12\x0c\n\x04step\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x14\n\x0c\x66\x61iled_probe\x18\x06 \x01(\t\x12\x0c\n\x04host\x18\x07 \x01(\t\x12,\n\x06\x63hange\x18\x08 \x01(\x0e\x32\x1c.clonebox.type.v1.ChangeKind\x12\x0f\n\x07\x63reated\x18\t \x01(\x08\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc5\x02\n\x07PlanRun\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04plan\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x04\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12-\n\x05state\x18\x05 \x01(\x0e\x32\x1e.clonebox.type.v1.PlanRunState\x12+\n\x03vms\x18\x06 \x03(\x0b\x32\x1e.clonebox.type.v1.PlanVmStatus\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x64one\x18\x0b \x01(\x08\x12\x0f\n\x07version\x18\x0c \x01(\x04*\xa3\x01\n\x13\x44\x65pendencyCondition\x12$\n DEPENDENCY_CONDITION_UNSPECIFIED\x10\x00\x12 \n\x1c\x44\x45PENDENCY_CONDITION_STARTED\x10\x01\x12 \n\x1c\x44\x45PENDENCY_CONDITION_HEALTHY\x10\x02\x12\"\n\x1e\x44\x45PENDENCY_CONDITION_COMPLETED\x10\x03*f\n\rFailurePolicy\x12\x1e\n\x1a\x46\x41ILURE_POLICY_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x46\x41ILURE_POLICY_ROLLBACK\x10\x01\x12\x18\n\x14\x46\x41ILURE_POLICY_LEAVE\x10\x02*\xbb\x01\n\nChangeKind\x12\x1b\n\x17\x43HANGE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43HANGE_KIND_NONE\x10\x01\x12\x16\n\x12\x43HANGE_KIND_CREATE\x10\x02\x12\x18\n\x14\x43HANGE_KIND_IN_PLACE\x10\x03\x12\x17\n\x13\x43HANGE_KIND_RESTART\x10\x04\x12\x17\n\x13\x43HANGE_KIND_REPLACE\x10\x05\x12\x16\n\x12\x43HANGE_KIND_REMOVE\x10\x06*\xc4\x01\n\x0cPlanRunState\x12\x1e\n\x1aPLAN_RUN_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16PLAN_RUN_STATE_RUNNING\x10\x01\x12\x1c\n\x18PLAN_RUN_STATE_SUCCEEDED\x10\x02\x12\x19\n\x15PLAN_RUN_STATE_FAILED\x10\x03\x12\x1f\n\x1bPLAN_RUN_STATE_ROLLING_BACK\x10\x04\x12\x1e\n\x1aPLAN_RUN_STATE_ROLLED_BACK\x10\x05*\x83\x02\n\x0bPlanVmState\x12\x1d\n\x19PLAN_VM_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15PLAN_VM_STATE_PENDING\x10\x01\x12\x1a\n\x16PLAN_VM_STATE_CREATING\x10\x02\x12\x19\n\x15PLAN_VM_STATE_WAITING\x10\x03\x12\x17\n\x13PLAN_VM_STATE_READY\x10\x04\x12\x18\n\x14PLAN_VM_STATE_FAILED\x10\x05\x12\x19\n\x15PLAN_VM_STATE_SKIPPED\x10\x06\x12\x1a\n\x16PLAN_VM_STATE_DELETING\x10\x07\x12\x19\n\x15PLAN_VM_STATE_DELETED\x10\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63lonebox/type/v1/plan.proto\x12\x10\x63lonebox.type.v1\x1a\x19\x63lonebox/type/v1/vm.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"W\n\nDependency\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x38\n\tcondition\x18\x02 \x01(\x0e\x32%.clonebox.type.v1.DependencyCondition\"s\n\x0cUpdatePolicy\x12\x14\n\x0cmax_parallel\x18\x01 \x01(\r\x12\x1b\n\x13min_healthy_time_ms\x18\x02 \x01(\x04\x12\x1b\n\x13healthy_deadline_ms\x18\x03 \x01(\x04\x12\x13\n\x0b\x61uto_revert\x18\x04 \x01(\x08\"\xa3\x01\n\x06PlanVm\x12\x0f\n\x07service\x18\x01 \x01(\t\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x18.clonebox.type.v1.VmSpec\x12\x30\n\ndepends_on\x18\x03 \x03(\x0b\x32\x1c.clonebox.type.v1.Dependency\x12\x0c\n\x04host\x18\x04 \x01(\t\x12\x0f\n\x07network\x18\x05 \x01(\t\x12\x0f\n\x07volumes\x18\x06 \x03(\t\"J\n\nPlanVolume\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08size_mib\x18\x02 \x01(\x04\x12\x0e\n\x06shared\x18\x03 \x01(\x08\x12\x0c\n\x04host\x18\x04 \x01(\t\"+\n\x0bPlanNetwork\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06subnet\x18\x02 \x01(\t\"\xe3\x02\n\x04Plan\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x03vms\x18\x02 \x03(\x0b\x32\x18.clonebox.type.v1.PlanVm\x12.\n\x06update\x18\x03 \x01(\x0b\x32\x1e.clonebox.type.v1.UpdatePolicy\x12\x33\n\non_failure\x18\x04 \x01(\x0e\x32\x1f.clonebox.type.v1.FailurePolicy\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x07 \x01(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x08networks\x18\t \x03(\x0b\x32\x1d.clonebox.type.v1.PlanNetwork\x12-\n\x07volumes\x18\n \x03(\x0b\x32\x1c.clonebox.type.v1.PlanVolume\"\xb0\x01\n\x0cVolumeChange\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06volume\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x10\n\x08size_mib\x18\x04 \x01(\x04\x12\x0e\n\x06shared\x18\x05 \x01(\x08\x12\x30\n\x04kind\x18\x06 \x01(\x0e\x32\".clonebox.type.v1.VolumeChangeKind\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t\x12\x10\n\x08services\x18\x08 \x03(\t\"c\n\x08VmChange\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\n\n\x02vm\x18\x02 \x01(\t\x12*\n\x04kind\x18\x03 \x01(\x0e\x32\x1c.clonebox.type.v1.ChangeKind\x12\x0e\n\x06\x66ields\x18\x04 \x03(\t\"\x8a\x02\n\x0cPlanVmStatus\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\n\n\x02vm\x18\x02 \x01(\t\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.clonebox.type.v1.PlanVmState\x12\x0c\n\x04step\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x14\n\x0c\x66\x61iled_probe\x18\x06 \x01(\t\x12\x0c\n\x04host\x18\x07 \x01(\t\x12,\n\x06\x63hange\x18\x08 \x01(\x0e\x32\x1c.clonebox.type.v1.ChangeKind\x12\x0f\n\x07\x63reated\x18\t \x01(\x08\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc5\x02\n\x07PlanRun\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04plan\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x04\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12-\n\x05state\x18\x05 \x01(\x0e\x32\x1e.clonebox.type.v1.PlanRunState\x12+\n\x03vms\x18\x06 \x03(\x0b\x32\x1e.clonebox.type.v1.PlanVmStatus\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x64one\x18\x0b \x01(\x08\x12\x0f\n\x07version\x18\x0c \x01(\x04*\xa3\x01\n\x13\x44\x65pendencyCondition\x12$\n DEPENDENCY_CONDITION_UNSPECIFIED\x10\x00\x12 \n\x1c\x44\x45PENDENCY_CONDITION_STARTED\x10\x01\x12 \n\x1c\x44\x45PENDENCY_CONDITION_HEALTHY\x10\x02\x12\"\n\x1e\x44\x45PENDENCY_CONDITION_COMPLETED\x10\x03*f\n\rFailurePolicy\x12\x1e\n\x1a\x46\x41ILURE_POLICY_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x46\x41ILURE_POLICY_ROLLBACK\x10\x01\x12\x18\n\x14\x46\x41ILURE_POLICY_LEAVE\x10\x02*\xb4\x01\n\x10VolumeChangeKind\x12\"\n\x1eVOLUME_CHANGE_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19VOLUME_CHANGE_KIND_CREATE\x10\x01\x12\x1b\n\x17VOLUME_CHANGE_KIND_KEEP\x10\x02\x12 \n\x1cVOLUME_CHANGE_KIND_DIFFERENT\x10\x03\x12\x1e\n\x1aVOLUME_CHANGE_KIND_UNKNOWN\x10\x04*\xbb\x01\n\nChangeKind\x12\x1b\n\x17\x43HANGE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43HANGE_KIND_NONE\x10\x01\x12\x16\n\x12\x43HANGE_KIND_CREATE\x10\x02\x12\x18\n\x14\x43HANGE_KIND_IN_PLACE\x10\x03\x12\x17\n\x13\x43HANGE_KIND_RESTART\x10\x04\x12\x17\n\x13\x43HANGE_KIND_REPLACE\x10\x05\x12\x16\n\x12\x43HANGE_KIND_REMOVE\x10\x06*\xc4\x01\n\x0cPlanRunState\x12\x1e\n\x1aPLAN_RUN_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16PLAN_RUN_STATE_RUNNING\x10\x01\x12\x1c\n\x18PLAN_RUN_STATE_SUCCEEDED\x10\x02\x12\x19\n\x15PLAN_RUN_STATE_FAILED\x10\x03\x12\x1f\n\x1bPLAN_RUN_STATE_ROLLING_BACK\x10\x04\x12\x1e\n\x1aPLAN_RUN_STATE_ROLLED_BACK\x10\x05*\x83\x02\n\x0bPlanVmState\x12\x1d\n\x19PLAN_VM_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15PLAN_VM_STATE_PENDING\x10\x01\x12\x1a\n\x16PLAN_VM_STATE_CREATING\x10\x02\x12\x19\n\x15PLAN_VM_STATE_WAITING\x10\x03\x12\x17\n\x13PLAN_VM_STATE_READY\x10\x04\x12\x18\n\x14PLAN_VM_STATE_FAILED\x10\x05\x12\x19\n\x15PLAN_VM_STATE_SKIPPED\x10\x06\x12\x1a\n\x16PLAN_VM_STATE_DELETING\x10\x07\x12\x19\n\x15PLAN_VM_STATE_DELETED\x10\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clonebox.type.v1.plan_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DEPENDENCYCONDITION']._serialized_start=1519
-  _globals['_DEPENDENCYCONDITION']._serialized_end=1682
-  _globals['_FAILUREPOLICY']._serialized_start=1684
-  _globals['_FAILUREPOLICY']._serialized_end=1786
-  _globals['_CHANGEKIND']._serialized_start=1789
-  _globals['_CHANGEKIND']._serialized_end=1976
-  _globals['_PLANRUNSTATE']._serialized_start=1979
-  _globals['_PLANRUNSTATE']._serialized_end=2175
-  _globals['_PLANVMSTATE']._serialized_start=2178
-  _globals['_PLANVMSTATE']._serialized_end=2437
+  _globals['_DEPENDENCYCONDITION']._serialized_start=1838
+  _globals['_DEPENDENCYCONDITION']._serialized_end=2001
+  _globals['_FAILUREPOLICY']._serialized_start=2003
+  _globals['_FAILUREPOLICY']._serialized_end=2105
+  _globals['_VOLUMECHANGEKIND']._serialized_start=2108
+  _globals['_VOLUMECHANGEKIND']._serialized_end=2288
+  _globals['_CHANGEKIND']._serialized_start=2291
+  _globals['_CHANGEKIND']._serialized_end=2478
+  _globals['_PLANRUNSTATE']._serialized_start=2481
+  _globals['_PLANRUNSTATE']._serialized_end=2677
+  _globals['_PLANVMSTATE']._serialized_start=2680
+  _globals['_PLANVMSTATE']._serialized_end=2939
   _globals['_DEPENDENCY']._serialized_start=109
   _globals['_DEPENDENCY']._serialized_end=196
   _globals['_UPDATEPOLICY']._serialized_start=198
   _globals['_UPDATEPOLICY']._serialized_end=313
   _globals['_PLANVM']._serialized_start=316
-  _globals['_PLANVM']._serialized_end=462
-  _globals['_PLANNETWORK']._serialized_start=464
-  _globals['_PLANNETWORK']._serialized_end=507
-  _globals['_PLAN']._serialized_start=510
-  _globals['_PLAN']._serialized_end=818
-  _globals['_VMCHANGE']._serialized_start=820
-  _globals['_VMCHANGE']._serialized_end=919
-  _globals['_PLANVMSTATUS']._serialized_start=922
-  _globals['_PLANVMSTATUS']._serialized_end=1188
-  _globals['_PLANRUN']._serialized_start=1191
-  _globals['_PLANRUN']._serialized_end=1516
+  _globals['_PLANVM']._serialized_end=479
+  _globals['_PLANVOLUME']._serialized_start=481
+  _globals['_PLANVOLUME']._serialized_end=555
+  _globals['_PLANNETWORK']._serialized_start=557
+  _globals['_PLANNETWORK']._serialized_end=600
+  _globals['_PLAN']._serialized_start=603
+  _globals['_PLAN']._serialized_end=958
+  _globals['_VOLUMECHANGE']._serialized_start=961
+  _globals['_VOLUMECHANGE']._serialized_end=1137
+  _globals['_VMCHANGE']._serialized_start=1139
+  _globals['_VMCHANGE']._serialized_end=1238
+  _globals['_PLANVMSTATUS']._serialized_start=1241
+  _globals['_PLANVMSTATUS']._serialized_end=1507
+  _globals['_PLANRUN']._serialized_start=1510
+  _globals['_PLANRUN']._serialized_end=1835
 # @@protoc_insertion_point(module_scope)

@@ -73,6 +73,38 @@ FAILURE_POLICY_LEAVE: FailurePolicy.ValueType  # 2
 """Leave everything as it is, for debugging."""
 Global___FailurePolicy: _TypeAlias = FailurePolicy  # noqa: Y015
 
+class _VolumeChangeKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VolumeChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VolumeChangeKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VOLUME_CHANGE_KIND_UNSPECIFIED: _VolumeChangeKind.ValueType  # 0
+    """Not set."""
+    VOLUME_CHANGE_KIND_CREATE: _VolumeChangeKind.ValueType  # 1
+    """The volume does not exist on its host: it is made before the first VM attaching it."""
+    VOLUME_CHANGE_KIND_KEEP: _VolumeChangeKind.ValueType  # 2
+    """It exists with this size and sharing: kept as it is, data included."""
+    VOLUME_CHANGE_KIND_DIFFERENT: _VolumeChangeKind.ValueType  # 3
+    """It exists with another size or sharing: the step that makes it fails (neither can change)."""
+    VOLUME_CHANGE_KIND_UNKNOWN: _VolumeChangeKind.ValueType  # 4
+    """Its host did not answer: made when the run gets there if it is missing."""
+
+class VolumeChangeKind(_VolumeChangeKind, metaclass=_VolumeChangeKindEnumTypeWrapper):
+    """VolumeChangeKind says what an apply does to one plan volume."""
+
+VOLUME_CHANGE_KIND_UNSPECIFIED: VolumeChangeKind.ValueType  # 0
+"""Not set."""
+VOLUME_CHANGE_KIND_CREATE: VolumeChangeKind.ValueType  # 1
+"""The volume does not exist on its host: it is made before the first VM attaching it."""
+VOLUME_CHANGE_KIND_KEEP: VolumeChangeKind.ValueType  # 2
+"""It exists with this size and sharing: kept as it is, data included."""
+VOLUME_CHANGE_KIND_DIFFERENT: VolumeChangeKind.ValueType  # 3
+"""It exists with another size or sharing: the step that makes it fails (neither can change)."""
+VOLUME_CHANGE_KIND_UNKNOWN: VolumeChangeKind.ValueType  # 4
+"""Its host did not answer: made when the run gets there if it is missing."""
+Global___VolumeChangeKind: _TypeAlias = VolumeChangeKind  # noqa: Y015
+
 class _ChangeKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -268,6 +300,7 @@ class PlanVm(_message.Message):
     DEPENDS_ON_FIELD_NUMBER: _builtins.int
     HOST_FIELD_NUMBER: _builtins.int
     NETWORK_FIELD_NUMBER: _builtins.int
+    VOLUMES_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     """Service name (DNS label); the VM is named "<plan>-<service>"."""
     host: _builtins.str
@@ -282,6 +315,12 @@ class PlanVm(_message.Message):
     def depends_on(self) -> _containers.RepeatedCompositeFieldContainer[Global___Dependency]:
         """What it waits for."""
 
+    @_builtins.property
+    def volumes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The plan volumes (names in Plan.volumes) its VM attaches, each as a disk "vol-<volume>" that names the
+        agent volume "<plan>-<volume>" (added by the controller).
+        """
+
     def __init__(
         self,
         *,
@@ -290,14 +329,52 @@ class PlanVm(_message.Message):
         depends_on: _abc.Iterable[Global___Dependency] | None = ...,
         host: _builtins.str = ...,
         network: _builtins.str = ...,
+        volumes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["depends_on", b"depends_on", "host", b"host", "network", b"network", "service", b"service", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["depends_on", b"depends_on", "host", b"host", "network", b"network", "service", b"service", "spec", b"spec", "volumes", b"volumes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PlanVm: _TypeAlias = PlanVm  # noqa: Y015
+
+@_typing.final
+class PlanVolume(_message.Message):
+    """PlanVolume is a volume the plan keeps: a disk on one host that outlives the VMs attaching it. The agent
+    volume is "<plan>-<name>"; it survives replaces, rollbacks and destroys unless the destroy asks
+    (DestroyPlanRequest.with_volumes).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_MIB_FIELD_NUMBER: _builtins.int
+    SHARED_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name within the plan (DNS label)."""
+    size_mib: _builtins.int
+    """Virtual size in MiB (more than 0); a volume's size cannot change."""
+    shared: _builtins.bool
+    """Several services may attach it at once (the guests must coordinate their writes); otherwise one."""
+    host: _builtins.str
+    """The host it lives on, set by the controller (empty in a request)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        size_mib: _builtins.int = ...,
+        shared: _builtins.bool = ...,
+        host: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "name", b"name", "shared", b"shared", "size_mib", b"size_mib"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanVolume: _TypeAlias = PlanVolume  # noqa: Y015
 
 @_typing.final
 class PlanNetwork(_message.Message):
@@ -342,6 +419,7 @@ class Plan(_message.Message):
     DIGEST_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     NETWORKS_FIELD_NUMBER: _builtins.int
+    VOLUMES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Plan name (DNS label); the resource name is "plans/{name}"."""
     on_failure: Global___FailurePolicy.ValueType
@@ -368,6 +446,10 @@ class Plan(_message.Message):
     def networks(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlanNetwork]:
         """Networks the plan makes; every VM on one of them is placed on the same host."""
 
+    @_builtins.property
+    def volumes(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlanVolume]:
+        """Volumes the plan keeps; every VM attaching one of them is placed on the volume's host."""
+
     def __init__(
         self,
         *,
@@ -380,14 +462,67 @@ class Plan(_message.Message):
         digest: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         networks: _abc.Iterable[Global___PlanNetwork] | None = ...,
+        volumes: _abc.Iterable[Global___PlanVolume] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "digest", b"digest", "name", b"name", "networks", b"networks", "on_failure", b"on_failure", "revision", b"revision", "source", b"source", "update", b"update", "vms", b"vms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "digest", b"digest", "name", b"name", "networks", b"networks", "on_failure", b"on_failure", "revision", b"revision", "source", b"source", "update", b"update", "vms", b"vms", "volumes", b"volumes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Plan: _TypeAlias = Plan  # noqa: Y015
+
+@_typing.final
+class VolumeChange(_message.Message):
+    """VolumeChange is what an apply would do to one plan volume."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VOLUME_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    SIZE_MIB_FIELD_NUMBER: _builtins.int
+    SHARED_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    SERVICES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name within the plan."""
+    volume: _builtins.str
+    """The agent volume ("<plan>-<name>")."""
+    host: _builtins.str
+    """The host it lives (or will live) on."""
+    size_mib: _builtins.int
+    """Size in MiB the plan asks for."""
+    shared: _builtins.bool
+    """Sharing the plan asks for."""
+    kind: Global___VolumeChangeKind.ValueType
+    """What the apply does."""
+    detail: _builtins.str
+    """Why, for DIFFERENT and UNKNOWN (the size or sharing the volume has, or the host's error)."""
+    @_builtins.property
+    def services(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The services attaching it."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        volume: _builtins.str = ...,
+        host: _builtins.str = ...,
+        size_mib: _builtins.int = ...,
+        shared: _builtins.bool = ...,
+        kind: Global___VolumeChangeKind.ValueType = ...,
+        detail: _builtins.str = ...,
+        services: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "host", b"host", "kind", b"kind", "name", b"name", "services", b"services", "shared", b"shared", "size_mib", b"size_mib", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VolumeChange: _TypeAlias = VolumeChange  # noqa: Y015
 
 @_typing.final
 class VmChange(_message.Message):
