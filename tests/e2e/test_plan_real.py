@@ -201,3 +201,53 @@ def test_a_vm_that_never_turns_healthy_rolls_the_stack_back(fleet: RealFleet) ->
         assert not network_exists(f"cb-{name}")
     finally:
         fleet.cli("down", name, "--with-snapshots", check=False, timeout=600)
+
+
+def test_a_volume_keeps_its_data_through_a_replace_and_a_down(fleet: RealFleet) -> None:
+    # one service of the example with a plan volume: what a guest writes to it outlives its VM
+    name = f"{fleet.host}-vo"
+    doc: dict[str, Any] = yaml.safe_load(plan_file(fleet, name).read_text())
+    doc["vms"] = {"db": doc["vms"]["db"]}
+    doc["vms"]["db"]["volumes"] = ["data"]
+    doc["volumes"] = {"data": {"size": "16MiB"}}
+    path = fleet.root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    domain = f"cb-{name}-db"
+    marker = "volume-kept-42"
+    # the example's own data disk is vda; the volume comes after the VM's own disks, with its serial
+    device = "/dev/vdb"
+    try:
+        first = run_versions(fleet.cli("-o", "json", "up", "-f", str(path), timeout=600).stdout)[-1]
+        assert first["state"] == "PLAN_RUN_STATE_SUCCEEDED", first
+        _code, serial, _ = guest_sh(domain, "cat /sys/block/vdb/serial")
+        assert serial.decode().strip() == f"vol-{name}-data"[:20], serial
+        code, _out, err = guest_sh(domain, f"printf {marker} | dd of={device} bs=512 conv=sync 2>/dev/null && sync")
+        assert code == 0, err
+
+        # a replace makes a new VM that attaches the same volume (no backup: its data is on the volume)
+        cmdline = f"console=ttyS0 clonebox.hostname={name}-db-2"
+        replaced_file = edited(path, db={"kernel_boot": {"cmdline": cmdline}})
+        replaced = run_versions(
+            fleet.cli("-o", "json", "up", "-f", str(replaced_file), "--allow-replace", timeout=600).stdout
+        )[-1]
+        assert replaced["state"] == "PLAN_RUN_STATE_SUCCEEDED", replaced
+        assert next(v for v in replaced["vms"] if v["service"] == "db")["change"] == "CHANGE_KIND_REPLACE"
+        _code, got, _ = guest_sh(domain, f"dd if={device} bs=512 count=1 2>/dev/null | head -c {len(marker)}")
+        assert got.decode() == marker
+
+        # down keeps the volume: the next up attaches it again, data and all
+        down = run_versions(fleet.cli("-o", "json", "down", name, timeout=600).stdout)[-1]
+        assert down["state"] == "PLAN_RUN_STATE_SUCCEEDED", down
+        assert f"{name}-db" not in fleet_vms(fleet)
+        assert [p.name for p in fleet.root.rglob(f"vol.{name}-data.*")] == [f"vol.{name}-data.qcow2"]
+        again = run_versions(fleet.cli("-o", "json", "up", "-f", str(replaced_file), timeout=600).stdout)[-1]
+        assert again["state"] == "PLAN_RUN_STATE_SUCCEEDED", again
+        _code, got, _ = guest_sh(domain, f"dd if={device} bs=512 count=1 2>/dev/null | head -c {len(marker)}")
+        assert got.decode() == marker
+
+        # down --volumes removes it too
+        gone = run_versions(fleet.cli("-o", "json", "down", name, "--volumes", timeout=600).stdout)[-1]
+        assert gone["state"] == "PLAN_RUN_STATE_SUCCEEDED", gone
+        assert not list(fleet.root.rglob(f"vol.{name}-data.*"))
+    finally:
+        fleet.cli("down", name, "--with-snapshots", "--volumes", check=False, timeout=600)
