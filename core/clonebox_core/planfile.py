@@ -37,8 +37,8 @@ Each service's VM is named ``<plan>-<service>`` and labelled ``clonebox.plan: <p
 ``clonebox.service: <service>``; a VM may set neither its name nor those labels. ``environment``
 becomes a cloud-init ``write_files`` entry appending ``KEY="value"`` lines to ``/etc/environment``
 (0644; ``\``, ``"``, ``$`` and backquotes escaped, so a shell or a systemd ``EnvironmentFile`` reads the
-value back as written), merged into the VM's ``cloud_init.user_data``. ``networks:`` and ``volumes:``
-are not supported yet.
+value back as written), merged into the VM's ``cloud_init.user_data``. ``networks:`` become libvirt
+networks made by the agent (one per plan at least) and ``volumes:`` agent volumes (docs/plans.md).
 
 Every problem is one ``InvalidArgument`` line ``FILE:LINE: path: what and the fix`` (reason
 ``PLAN_INVALID``, or ``PLAN_UNKNOWN_DEPENDENCY``, ``PLAN_CYCLE``, ``PLAN_NO_HEALTH_CHECK`` from
