@@ -42,6 +42,7 @@ from clonebox_core.errors import (
     AlreadyExists,
     CloneboxError,
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
     ResourceExhausted,
     invalid_field,
@@ -1212,7 +1213,10 @@ class _Execution:
         try:
             with await asyncio.to_thread(path.open, "rb") as f:
                 parts = await asyncio.to_thread(read_archive, f)
-                first = await asyncio.to_thread(next, parts)
+                # next(parts) would raise StopIteration, which an asyncio future cannot carry
+                first = await asyncio.to_thread(next, parts, None)
+                if first is None:
+                    raise InvalidArgument("the archive holds no parts", reason="ARCHIVE_TRUNCATED")
                 spec = archive_vm_spec(first)
                 if spec.name != name:
                     raise FailedPrecondition(
@@ -1225,8 +1229,8 @@ class _Execution:
 
                 header = ImportHeader(spec, pv.host, run_request_id(self.run_.id, service, "restore"))
                 vm = await snapshots.import_(header, first, rest())
-        except (CloneboxError, OSError, StopIteration) as err:
-            why = err.message if isinstance(err, CloneboxError) else str(err) or "the file is empty"
+        except (CloneboxError, OSError) as err:
+            why = err.message if isinstance(err, CloneboxError) else str(err)
             raise _StepFailed(f"restoring {name} from its backup {path} failed ({why}); the file is kept") from None
         await self._save(service, created=True, host=vm.host, step="restored; starting")
         op = await self.e._vms.start(name, run_request_id(self.run_.id, service, "restore-start"))
