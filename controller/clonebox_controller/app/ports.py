@@ -204,8 +204,8 @@ class PlanStore(Protocol):
         error: str | None = None,
         vms: Sequence[VmStatus] = (),
         audit: AuditEvent | None = None,
-    ) -> PlanRun:
-        """Change a run's state/error and replace the rows of ``vms`` (by service); version + 1, one transaction."""
+    ) -> int:
+        """Change a run's state/error and replace the rows of ``vms`` (by service); the new version, one transaction."""
         ...
 
     def get_run(self, run_id: str) -> PlanRun:

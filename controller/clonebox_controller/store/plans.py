@@ -37,9 +37,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, Insert, Row, Table, bindparam, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -182,7 +182,7 @@ def mark_destroyed(session: Session, name: str, destroyed: bool, now: datetime) 
 # ----------------------------------------------------------------------------------------- runs
 
 
-def _vm_model(row: PlanRunVmRow) -> VmStatus:
+def _vm_model(row: PlanRunVmRow | Row[Any]) -> VmStatus:
     return VmStatus(
         service=row.service,
         vm=row.vm,
@@ -197,19 +197,27 @@ def _vm_model(row: PlanRunVmRow) -> VmStatus:
     )
 
 
+def _vm_values(status: VmStatus, now: datetime) -> dict[str, Any]:
+    """The columns of a VM row that a status sets (all but the keys and the position)."""
+    return {
+        "vm": status.vm,
+        "state": status.state.name,
+        "step": status.step,
+        "error": status.error,
+        "failed_probe": status.failed_probe,
+        "host": status.host,
+        "change": status.change.name,
+        "created": status.created,
+        "update_time": now,
+    }
+
+
 def _fill_vm(row: PlanRunVmRow, status: VmStatus, now: datetime) -> None:
-    row.vm = status.vm
-    row.state = status.state.name
-    row.step = status.step
-    row.error = status.error
-    row.failed_probe = status.failed_probe
-    row.host = status.host
-    row.change = status.change.name
-    row.created = status.created
-    row.update_time = now
+    for key, value in _vm_values(status, now).items():
+        setattr(row, key, value)
 
 
-def _run_model(row: PlanRunRow, vms: Iterable[PlanRunVmRow]) -> PlanRun:
+def _run_model(row: PlanRunRow | Row[Any], vms: Iterable[PlanRunVmRow | Row[Any]]) -> PlanRun:
     return PlanRun(
         id=row.id,
         plan=row.plan,
@@ -226,16 +234,32 @@ def _run_model(row: PlanRunRow, vms: Iterable[PlanRunVmRow]) -> PlanRun:
     )
 
 
-def _vm_rows(session: Session, run_ids: Sequence[str]) -> dict[str, list[PlanRunVmRow]]:
+# A run's VM rows are read and written with Core statements, not ORM objects: the engine writes a
+# run's rows every time a VM moves and WatchPlan reads the whole run as often, so for a 50-VM plan the
+# ORM's per-object cost was most of the controller's CPU per VM (docs/benchmarks.md, Plans).
+_RUN_TABLE = cast(Table, PlanRunRow.__table__)
+_RUN_VM_TABLE = cast(Table, PlanRunVmRow.__table__)
+_RUN_BY_ID = select(_RUN_TABLE).where(_RUN_TABLE.c.id == bindparam("id"))
+_RUN_VM_POSITIONS = select(_RUN_VM_TABLE.c.service, _RUN_VM_TABLE.c.position).where(
+    _RUN_VM_TABLE.c.run_id == bindparam("run_id")
+)
+_INSERT_RUN_VM = insert(_RUN_VM_TABLE)
+_UPDATE_RUN_VM = update(_RUN_VM_TABLE).where(
+    _RUN_VM_TABLE.c.run_id == bindparam("b_run_id"), _RUN_VM_TABLE.c.service == bindparam("b_service")
+)
+
+
+def _vm_rows(db: Session | Connection, run_ids: Sequence[str]) -> dict[str, list[Row[Any]]]:
     """The VM rows of each run, in the order the run was created with."""
-    out: dict[str, list[PlanRunVmRow]] = {run_id: [] for run_id in run_ids}
+    out: dict[str, list[Row[Any]]] = {run_id: [] for run_id in run_ids}
     if run_ids:
         query = (
-            select(PlanRunVmRow)
-            .where(PlanRunVmRow.run_id.in_(list(run_ids)))
-            .order_by(PlanRunVmRow.run_id, PlanRunVmRow.position)
+            select(_RUN_VM_TABLE)
+            .where(_RUN_VM_TABLE.c.run_id.in_(list(run_ids)))
+            .order_by(_RUN_VM_TABLE.c.run_id, _RUN_VM_TABLE.c.position)
         )
-        for vm in session.execute(query).scalars():
+        conn = db.connection() if isinstance(db, Session) else db
+        for vm in conn.execute(query):
             out[vm.run_id].append(vm)
     return out
 
@@ -248,8 +272,12 @@ def _run_models(session: Session, rows: Sequence[PlanRunRow]) -> list[PlanRun]:
 def _run_row(session: Session, run_id: str, *, lock: bool = False) -> PlanRunRow:
     row = session.get(PlanRunRow, run_id, with_for_update=lock)
     if row is None:
-        raise NotFound(f"plan run {run_id!r} does not exist", reason="PLAN_RUN_NOT_FOUND", metadata={"run": run_id})
+        raise _run_not_found(run_id)
     return row
+
+
+def _run_not_found(run_id: str) -> NotFound:
+    return NotFound(f"plan run {run_id!r} does not exist", reason="PLAN_RUN_NOT_FOUND", metadata={"run": run_id})
 
 
 def create_run(
@@ -323,8 +351,8 @@ def update_run(
     error: str | None,
     vms: Sequence[VmStatus],
     now: datetime,
-) -> PlanRun:
-    """Change state/error when given and upsert ``vms`` by service; version + 1. NotFound PLAN_RUN_NOT_FOUND.
+) -> int:
+    """Change state/error when given and upsert ``vms`` by service; the new version (+ 1). NotFound PLAN_RUN_NOT_FOUND.
 
     A service the run has no row for yet is appended after the existing ones; existing rows keep
     their position. Each upserted row's update time is ``now``.
@@ -334,27 +362,37 @@ def update_run(
         row.state = state.name
     if error is not None:
         row.error = error
-    rows = _vm_rows(session, [run_id])[run_id]
-    by_service = {r.service: r for r in rows}
-    position = max((r.position for r in rows), default=-1) + 1
-    for status in vms:
-        vm = by_service.get(status.service)
-        if vm is None:
-            vm = PlanRunVmRow(run_id=run_id, service=status.service, position=position)
-            position += 1
-            session.add(vm)
-            by_service[status.service] = vm
-            rows.append(vm)
-        _fill_vm(vm, status, now)
+    if vms:
+        conn = session.connection()
+        positions = {row.service: row.position for row in conn.execute(_RUN_VM_POSITIONS, {"run_id": run_id})}
+        position = max(positions.values(), default=-1) + 1
+        added: list[dict[str, Any]] = []
+        changed: list[dict[str, Any]] = []
+        for status in vms:
+            values = _vm_values(status, now)
+            if status.service in positions:
+                changed.append({"b_run_id": run_id, "b_service": status.service, **values})
+            else:
+                added.append({"run_id": run_id, "service": status.service, "position": position, **values})
+                positions[status.service] = position
+                position += 1
+        # inserts first: a service given twice in one call is inserted, then updated to its last status
+        if added:
+            conn.execute(_INSERT_RUN_VM, added)
+        if changed:
+            conn.execute(_UPDATE_RUN_VM, changed)
     row.version += 1
     row.update_time = now
     session.flush()
-    return _run_model(row, rows)
+    return row.version
 
 
-def get_run(session: Session, run_id: str) -> PlanRun:
-    """A run with its VMs; NotFound PLAN_RUN_NOT_FOUND."""
-    return _run_models(session, [_run_row(session, run_id)])[0]
+def get_run(conn: Connection, run_id: str) -> PlanRun:
+    """A run with its VMs; NotFound PLAN_RUN_NOT_FOUND (Core statements only: see ``_vm_rows``)."""
+    row = conn.execute(_RUN_BY_ID, {"id": run_id}).one_or_none()
+    if row is None:
+        raise _run_not_found(run_id)
+    return _run_model(row, _vm_rows(conn, [run_id])[run_id])
 
 
 def list_runs(session: Session, plan: str, limit: int) -> list[PlanRun]:

@@ -36,11 +36,15 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     Engine,
+    Row,
+    Table,
+    bindparam,
     delete,
     exists,
     func,
@@ -120,6 +124,38 @@ VmChange = tuple[int, Vm, bool]
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _vm_not_found(name: str) -> NotFound:
+    return NotFound(f"VM {name!r} does not exist", reason="VM_NOT_FOUND", metadata={"vm": name})
+
+
+def _operation_not_found(op_id: str) -> NotFound:
+    return NotFound(f"operation {op_id!r} does not exist", reason="OPERATION_NOT_FOUND", metadata={"operation": op_id})
+
+
+# the hot reads as Core statements (see Store._read); built once, so SQLAlchemy's compiled cache hits
+_VM_TABLE = cast(Table, VmRow.__table__)
+_VM_BY_NAME = select(_VM_TABLE).where(_VM_TABLE.c.name == bindparam("name"))
+_OPERATION_TABLE = cast(Table, OperationRow.__table__)
+_OPERATION_BY_ID = select(_OPERATION_TABLE).where(_OPERATION_TABLE.c.id == bindparam("id"))
+_OPERATION_FOR_UPDATE = _OPERATION_BY_ID.with_for_update()
+# no values(): the SET clause is the parameters given besides the b_ key, and the new row is returned
+_UPDATE_OPERATION = (
+    update(_OPERATION_TABLE).where(_OPERATION_TABLE.c.id == bindparam("b_id")).returning(*_OPERATION_TABLE.c)
+)
+_VM_FOR_UPDATE = _VM_BY_NAME.with_for_update()
+_UPDATE_VM = update(_VM_TABLE).where(_VM_TABLE.c.name == bindparam("b_name")).returning(*_VM_TABLE.c)
+_HOST_TABLE = cast(Table, HostRow.__table__)
+_REVISION_TABLE = cast(Table, FleetRevisionRow.__table__)
+_LOCK_REVISION = select(_REVISION_TABLE.c.value).where(_REVISION_TABLE.c.id == FLEET_REVISION_ROW_ID).with_for_update()
+_NEXT_REVISION = (
+    update(_REVISION_TABLE)
+    .where(_REVISION_TABLE.c.id == FLEET_REVISION_ROW_ID)
+    .values(value=_REVISION_TABLE.c.value + 1)
+    .returning(_REVISION_TABLE.c.value)
+)
+_HOST_ENDPOINT = select(_HOST_TABLE.c.address, _HOST_TABLE.c.state).where(_HOST_TABLE.c.name == bindparam("name"))
 
 
 def _vm_name_of_target(target: str) -> str | None:
@@ -265,25 +301,50 @@ class Store:
         ``retry_integrity`` retries once on a unique-key race (two controllers inserting the same
         new key); the second attempt sees the winner's row and takes the "exists" branch.
         """
+
+        def attempt() -> T:
+            started = time.perf_counter()
+            with Session(self._engine, expire_on_commit=False) as session:
+                with session.begin():
+                    # must be the first use of the session: options apply when the connection is
+                    # procured, before BEGIN is emitted
+                    session.connection(execution_options=self._write_options if write else self._read_options)
+                    result = fn(session)
+                head = session.info.pop(audit_store.HEAD_INFO_KEY, None)
+                changed = session.info.pop(_CHANGES_INFO_KEY, None)
+            if head is not None:
+                self._after_audit_commit(head, time.perf_counter() - started)
+            if changed and self._on_change is not None:
+                self._on_change(changed)
+            return result
+
+        return self._retrying(attempt, retry_integrity)
+
+    def _read(self, fn: Callable[[Connection], T]) -> T:
+        """
+        Run the read-only ``fn`` in one transaction on a plain connection, retrying transient conflicts.
+
+        For the reads the controller makes for every VM step (a VM, an operation, a host's endpoint, a
+        plan run): Core statements on a connection cost about a fifth of the CPU of an ORM session
+        (no unit of work, identity map or ORM compilation), and that CPU was most of a plan's
+        overhead per VM (``docs/benchmarks.md``, Plans). The isolation is that of ``_run``'s reads.
+        """
+
+        def attempt() -> T:
+            with self._engine.connect() as conn:
+                conn.execution_options(**self._read_options)
+                with conn.begin():
+                    return fn(conn)
+
+        return self._retrying(attempt, retry_integrity=False)
+
+    def _retrying(self, attempt_once: Callable[[], T], retry_integrity: bool) -> T:
         attempt = 0
         integrity_retried = False
         while True:
             attempt += 1
             try:
-                started = time.perf_counter()
-                with Session(self._engine, expire_on_commit=False) as session:
-                    with session.begin():
-                        # must be the first use of the session: options apply when the connection is
-                        # procured, before BEGIN is emitted
-                        session.connection(execution_options=self._write_options if write else self._read_options)
-                        result = fn(session)
-                    head = session.info.pop(audit_store.HEAD_INFO_KEY, None)
-                    changed = session.info.pop(_CHANGES_INFO_KEY, None)
-                if head is not None:
-                    self._after_audit_commit(head, time.perf_counter() - started)
-                if changed and self._on_change is not None:
-                    self._on_change(changed)
-                return result
+                return attempt_once()
             except IntegrityError:
                 if not retry_integrity or integrity_retried:
                     raise
@@ -318,9 +379,9 @@ class Store:
     @staticmethod
     def _lock_revision(session: Session) -> None:
         """Take the fleet_revision row lock (step 1 of the lock order; a no-op on SQLite)."""
-        session.execute(
-            select(FleetRevisionRow.value).where(FleetRevisionRow.id == FLEET_REVISION_ROW_ID).with_for_update()
-        )
+        # on the connection, not through the ORM: every VM write does this and the next statement,
+        # and the ORM's statement handling and autoflush cost more than the statements themselves
+        session.connection().execute(_LOCK_REVISION)
 
     @staticmethod
     def _changed(session: Session, *keys: ChangeKey) -> None:
@@ -334,18 +395,12 @@ class Store:
 
     @staticmethod
     def _next_revision(session: Session) -> int:
-        value = session.execute(
-            update(FleetRevisionRow)
-            .where(FleetRevisionRow.id == FLEET_REVISION_ROW_ID)
-            .values(value=FleetRevisionRow.value + 1)
-            .returning(FleetRevisionRow.value)
-        ).scalar_one()
-        return int(value)
+        return int(session.connection().execute(_NEXT_REVISION).scalar_one())
 
     # ------------------------------------------------------------------ row <-> model
 
     @staticmethod
-    def _vm_model(row: VmRow) -> Vm:
+    def _vm_model(row: VmRow | Row[Any]) -> Vm:
         return Vm(
             name=row.name,
             host=row.host or "",
@@ -359,7 +414,7 @@ class Store:
         )
 
     @staticmethod
-    def _op_model(row: OperationRow) -> Operation:
+    def _op_model(row: OperationRow | Row[Any]) -> Operation:
         return Operation(
             id=row.id,
             kind=row.kind,
@@ -441,7 +496,7 @@ class Store:
             query = query.with_for_update()
         row = session.execute(query).scalar_one_or_none()
         if row is None:
-            raise NotFound(f"VM {name!r} does not exist", reason="VM_NOT_FOUND", metadata={"vm": name})
+            raise _vm_not_found(name)
         return row
 
     @staticmethod
@@ -565,13 +620,13 @@ class Store:
     def get_host_endpoint(self, name: str) -> HostEndpoint:
         """Where host ``name``'s agent listens and its state, without counting its VMs; NotFound HOST_NOT_FOUND."""
 
-        def tx(session: Session) -> HostEndpoint:
-            found = session.execute(select(HostRow.address, HostRow.state).where(HostRow.name == name)).one_or_none()
+        def tx(conn: Connection) -> HostEndpoint:
+            found = conn.execute(_HOST_ENDPOINT, {"name": name}).one_or_none()
             if found is None:
                 raise NotFound(f"host {name!r} is not registered", reason="HOST_NOT_FOUND", metadata={"host": name})
             return HostEndpoint(name, found.address, HostState[found.state])
 
-        return self._run(tx, write=False)
+        return self._read(tx)
 
     def list_hosts(self) -> list[Host]:
         """Every host, by name, with ``allocated`` = sum of its VMs' reservations and ``vm_count``."""
@@ -757,14 +812,10 @@ class Store:
         """
         Run ``body`` in a write transaction under the revision lock, unless ``op.request_id`` was seen.
 
-        A seen request id returns what it recorded (the operation and the VM's record now), from a
-        read without locks first (the fast path of client retries), then again under the lock (a
-        concurrent retry may have committed meanwhile).
+        A seen request id returns what it recorded (the operation and the VM's record now). It is
+        looked up under the lock only: a read before it would make client retries (rare) cheaper at
+        the cost of one more transaction for every first request (all of them).
         """
-        if op.request_id:
-            replay = self._run(lambda s: self._replay(s, op), write=False)
-            if replay is not None:
-                return replay
 
         def tx(session: Session) -> tuple[Operation, Vm | None]:
             self._lock_revision(session)
@@ -887,7 +938,14 @@ class Store:
 
     def get_vm(self, name: str) -> Vm:
         """One VM; NotFound VM_NOT_FOUND."""
-        return self._run(lambda s: self._vm_model(self._vm_row(s, name)), write=False)
+
+        def tx(conn: Connection) -> Vm:
+            row = conn.execute(_VM_BY_NAME, {"name": name}).one_or_none()
+            if row is None:
+                raise _vm_not_found(name)
+            return self._vm_model(row)
+
+        return self._read(tx)
 
     def list_vms(
         self,
@@ -956,24 +1014,28 @@ class Store:
 
         def tx(session: Session) -> Vm | None:
             self._lock_revision(session)
-            row = session.execute(select(VmRow).where(VmRow.name == name).with_for_update()).scalar_one_or_none()
+            conn = session.connection()  # Core: this runs for nearly every agent event (see _read)
+            row = conn.execute(_VM_FOR_UPDATE, {"name": name}).one_or_none()
             if row is None:
                 return None
-            self._apply_observed(session, row, state, uuid=uuid, addresses=addresses, state_reason=state_reason)
-            return self._vm_model(row)
+            changes = self._observed_changes(row, state, uuid, addresses, state_reason)
+            if not changes:
+                return self._vm_model(row)
+            changes["update_time"] = self._now()
+            changes["revision"] = self._vm_revision(session, name)
+            return self._vm_model(conn.execute(_UPDATE_VM, {"b_name": name, **changes}).one())
 
         return self._run(tx, write=True)
 
-    def _apply_observed(
-        self,
-        session: Session,
-        row: VmRow,
+    @staticmethod
+    def _observed_changes(
+        row: VmRow | Row[Any],
         state: VmState,
-        *,
         uuid: str | None,
         addresses: Sequence[IpAddress] | None,
         state_reason: str | None,
-    ) -> bool:
+    ) -> dict[str, Any]:
+        """The columns an observation changes (none: it repeats the stored state)."""
         changes: dict[str, Any] = {}
         if row.state != state.name:
             changes["state"] = state.name
@@ -985,6 +1047,19 @@ class Store:
                 changes["addresses"] = encoded
         if state_reason is not None and row.state_reason != state_reason:
             changes["state_reason"] = state_reason
+        return changes
+
+    def _apply_observed(
+        self,
+        session: Session,
+        row: VmRow,
+        state: VmState,
+        *,
+        uuid: str | None,
+        addresses: Sequence[IpAddress] | None,
+        state_reason: str | None,
+    ) -> bool:
+        changes = self._observed_changes(row, state, uuid, addresses, state_reason)
         if not changes:
             return False
         for key, value in changes.items():
@@ -1247,16 +1322,26 @@ class Store:
             query = query.with_for_update()
         row = session.execute(query).scalar_one_or_none()
         if row is None:
-            raise NotFound(
-                f"operation {op_id!r} does not exist",
-                reason="OPERATION_NOT_FOUND",
-                metadata={"operation": op_id},
-            )
+            raise _operation_not_found(op_id)
+        return row
+
+    @staticmethod
+    def _locked_operation(conn: Connection, op_id: str) -> Row[Any]:
+        row = conn.execute(_OPERATION_FOR_UPDATE, {"id": op_id}).one_or_none()
+        if row is None:
+            raise _operation_not_found(op_id)
         return row
 
     def get_operation(self, op_id: str) -> Operation:
         """One operation; NotFound OPERATION_NOT_FOUND."""
-        return self._run(lambda s: self._op_model(self._op_row(s, op_id)), write=False)
+
+        def tx(conn: Connection) -> Operation:
+            row = conn.execute(_OPERATION_BY_ID, {"id": op_id}).one_or_none()
+            if row is None:
+                raise _operation_not_found(op_id)
+            return self._op_model(row)
+
+        return self._read(tx)
 
     def find_operation_by_request_id(self, request_id: str) -> Operation | None:
         """Return the operation recorded for a client request id, if any."""
@@ -1275,21 +1360,21 @@ class Store:
             raise InvalidArgument(f"progress {progress} is not in 0..100", reason="INVALID_PROGRESS")
 
         def tx(session: Session) -> Operation:
-            row = self._op_row(session, op_id, lock=True)
+            conn = session.connection()  # Core, as for update_vm_observed: every VM step reports progress
+            row = self._locked_operation(conn, op_id)
             if row.done:
                 raise FailedPrecondition(
                     f"operation {op_id!r} has already finished",
                     reason="OPERATION_DONE",
                     metadata={"operation": op_id},
                 )
+            changes: dict[str, Any] = {"update_time": self._now()}
             if step is not None:
-                row.step = step
+                changes["step"] = step
             if progress is not None:
-                row.progress = progress
-            row.update_time = self._now()
-            session.flush()
+                changes["progress"] = progress
             self._changed(session, operation_key(op_id))
-            return self._op_model(row)
+            return self._op_model(conn.execute(_UPDATE_OPERATION, {"b_id": op_id, **changes}).one())
 
         return self._run(tx, write=True)
 
@@ -1308,23 +1393,23 @@ class Store:
         """
 
         def tx(session: Session) -> Operation:
-            row = self._op_row(session, op_id, lock=True)
+            conn = session.connection()
+            row = self._locked_operation(conn, op_id)
             if row.done:
                 return self._op_model(row)
-            row.done = True
+            changes: dict[str, Any] = {"done": True, "update_time": self._now()}
             if error is None:
-                row.progress = 100
-                row.result_vm = None if result_vm is None else codec.vm_to_json(result_vm)
+                changes["progress"] = 100
+                changes["result_vm"] = None if result_vm is None else codec.vm_to_json(result_vm)
             else:
-                row.error_code = error.code
-                row.error_reason = error.reason
-                row.error_message = error.message
-                row.error_metadata = dict(error.metadata)
-            row.update_time = self._now()
-            session.flush()
+                changes["error_code"] = error.code
+                changes["error_reason"] = error.reason
+                changes["error_message"] = error.message
+                changes["error_metadata"] = dict(error.metadata)
+            finished = self._op_model(conn.execute(_UPDATE_OPERATION, {"b_id": op_id, **changes}).one())
             self._audit(session, audit)
             self._changed(session, operation_key(op_id))
-            return self._op_model(row)
+            return finished
 
         return self._run(tx, write=True)
 
@@ -1639,23 +1724,25 @@ class Store:
         error: str | None = None,
         vms: Sequence[VmStatus] = (),
         audit: AuditEvent | None = None,
-    ) -> PlanRun:
-        """Change a run's state/error and upsert the rows of ``vms`` (by service); version + 1, one transaction.
+    ) -> int:
+        """Change a run's state/error and upsert the rows of ``vms`` (by service); the new version, one transaction.
 
         New services are appended after the run's existing VMs, which keep their order. ``audit`` is
-        written in the same transaction. NotFound PLAN_RUN_NOT_FOUND.
+        written in the same transaction. NotFound PLAN_RUN_NOT_FOUND. It returns the version, not the
+        run: the engine, which writes a run at every VM step, never needs the run back, and building
+        a 50-VM run was half the cost of the write.
         """
 
-        def tx(session: Session) -> PlanRun:
-            updated = plans_store.update_run(session, run_id, state, error, vms, self._now())
+        def tx(session: Session) -> int:
+            version = plans_store.update_run(session, run_id, state, error, vms, self._now())
             self._audit(session, audit)
-            return updated
+            return version
 
         return self._run(tx, write=True)
 
     def get_run(self, run_id: str) -> PlanRun:
         """A run with its VMs; NotFound PLAN_RUN_NOT_FOUND."""
-        return self._run(lambda s: plans_store.get_run(s, run_id), write=False)
+        return self._read(lambda conn: plans_store.get_run(conn, run_id))
 
     def list_runs(self, plan: str, limit: int = 50) -> list[PlanRun]:
         """A plan's runs, newest first, at most ``limit`` (capped at 1000); empty for an unknown plan."""

@@ -246,7 +246,6 @@ def test_create_run_stores_the_run_with_its_vms(store: Store, clock: Clock) -> N
         ("db", "shop-db", ChangeKind.CREATE, clock.now),
         ("web", "shop-web", ChangeKind.CREATE, clock.now),
     ]
-    assert store.get_run("run-1") == run
     assert audit_actions(store) == ["plan.apply"]
     with pytest.raises(NotFound) as missing:
         store.get_run("run-2")
@@ -314,13 +313,14 @@ def test_update_run_bumps_the_version_and_upserts_vm_rows_in_order(store: Store,
 
     clock.advance(10)
     t1 = clock.now
-    run = store.update_run(
+    version = store.update_run(
         "run-1",
         vms=[
             status("shop", "web", VmRunState.CREATING, step="define", host="h1", change=ChangeKind.CREATE),
         ],
     )
-    assert run.version == 2 and run.update_time == t1 and run.create_time == created_at
+    run = store.get_run("run-1")
+    assert version == run.version == 2 and run.update_time == t1 and run.create_time == created_at
     assert run.state is RunState.RUNNING and run.error == ""
     assert [v.service for v in run.vms] == ["db", "web", "cache"]
     web = run.vms[1]
@@ -329,7 +329,7 @@ def test_update_run_bumps_the_version_and_upserts_vm_rows_in_order(store: Store,
 
     clock.advance(10)
     t2 = clock.now
-    run = store.update_run(
+    version = store.update_run(
         "run-1",
         state=RunState.ROLLING_BACK,
         error="web failed its health check",
@@ -341,7 +341,9 @@ def test_update_run_bumps_the_version_and_upserts_vm_rows_in_order(store: Store,
         ],
         audit=audit_event("plan.rollback", "plans/shop"),
     )
-    assert run.version == 3 and run.state is RunState.ROLLING_BACK and run.error == "web failed its health check"
+    run = store.get_run("run-1")
+    assert version == run.version == 3
+    assert run.state is RunState.ROLLING_BACK and run.error == "web failed its health check"
     assert [v.service for v in run.vms] == ["db", "web", "cache", "extra"]
     assert [v.update_time for v in run.vms] == [t2, t2, created_at, t2]
     web = run.vms[1]
@@ -352,9 +354,11 @@ def test_update_run_bumps_the_version_and_upserts_vm_rows_in_order(store: Store,
 
     # neither state nor error given: both stay; the version still moves
     clock.advance(1)
-    run = store.update_run("run-1")
+    assert store.update_run("run-1") == 4
+    run = store.get_run("run-1")
     assert run.version == 4 and run.state is RunState.ROLLING_BACK and run.error == "web failed its health check"
-    run = store.update_run("run-1", state=RunState.ROLLED_BACK, error="")
+    assert store.update_run("run-1", state=RunState.ROLLED_BACK, error="") == 5
+    run = store.get_run("run-1")
     assert run.version == 5 and run.done and run.error == ""
     with pytest.raises(NotFound) as missing:
         store.update_run("nope", state=RunState.FAILED)
