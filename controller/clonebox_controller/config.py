@@ -56,6 +56,9 @@ class PlansConfig(BaseModel):
     poll_seconds: float = Field(1.0, ge=0.01, le=60)
     #: how often a plan watch re-reads its run (runs executed by another controller sharing the store)
     watch_poll_seconds: float = Field(1.0, ge=0.05, le=60)
+    #: a plan watch sends at most one version of an unfinished run per this interval (the newest); the
+    #: version that ends the run is sent at once
+    watch_min_interval_seconds: float = Field(0.1, ge=0, le=10)
     #: a deletion by a rollback or a down keeps retrying this long while its host is unreachable
     unreachable_retry_seconds: float = Field(120.0, ge=0, le=86400)
     #: export a VM to an archive file before a replace deletes it (the file is restorable with

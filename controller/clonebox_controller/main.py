@@ -214,6 +214,7 @@ class Controller:
                 lease_seconds=pc.lease_seconds,
                 poll_seconds=pc.poll_seconds,
                 watch_poll_seconds=pc.watch_poll_seconds,
+                watch_min_interval_seconds=pc.watch_min_interval_seconds,
                 unreachable_retry_seconds=pc.unreachable_retry_seconds,
                 backup_dir=plan_backup_dir(config),
                 backup_keep=pc.backup_keep,

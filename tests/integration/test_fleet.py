@@ -202,8 +202,15 @@ async def test_pagination_and_filters(fleet: Fleet) -> None:
         if not token:
             break
     assert seen == [f"vm-{i}" for i in range(7)]
-    running = await fleet.vms.ListVms(vm_service_pb2.ListVmsRequest(state=vm_pb2.VM_STATE_RUNNING, host="h1"))
-    assert len(running.vms) == 7
+
+    # The agent's events of a create (defined, then started) may reach the controller after the
+    # operation recorded RUNNING; the older one is applied for a moment, and the newer one puts it back
+    # (docs/operations.md, Host lifecycle, "Known limit").
+    async def all_running() -> bool:
+        running = await fleet.vms.ListVms(vm_service_pb2.ListVmsRequest(state=vm_pb2.VM_STATE_RUNNING, host="h1"))
+        return len(running.vms) == 7
+
+    await eventually(all_running, what="the 7 VMs listed as running on h1")
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await fleet.vms.ListVms(vm_service_pb2.ListVmsRequest(page_size=5000))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -27,7 +27,7 @@ from typing import TypeVar
 
 from clonebox_controller.app.hosts import HostRegistry
 from clonebox_controller.app.ports import AgentHealthUpdate, FleetStore, HealthStore
-from clonebox_core.errors import CloneboxError, DeadlineExceeded, FailedPrecondition, NotFound, Unavailable
+from clonebox_core.errors import CloneboxError, DeadlineExceeded, FailedPrecondition, Unavailable
 from clonebox_core.health import ActionRecord, Aggregate, HealthState, ProbeResult, Transition, VmHealth
 from clonebox_core.model import Host, HostState
 from clonebox_core.names import is_dns_label
@@ -267,19 +267,12 @@ class HealthHub:
             log.warning("host %s sent a health update that cannot be stored (%s); skipped", host, problem)
             return
         vm = update.health.vm if update.health is not None else update.transitions[0].vm if update.transitions else ""
-        if vm:
-            try:
-                placed = await asyncio.to_thread(self._fleet.get_vm, vm)
-            except NotFound:
-                placed = None  # not (yet) the fleet's: kept, so an adopted VM has its health at once
-            if placed is not None and placed.host and placed.host != host:
-                log.debug(
-                    "host %s reports health of VM %s, which the fleet places on %s; ignored", host, vm, placed.host
-                )
-                return
         health = dataclasses.replace(update.health, host=host) if update.health is not None else None
 
-        def events(stored: list[Transition]) -> list[HealthEvent]:
+        def events(stored: list[Transition] | None) -> list[HealthEvent]:
+            if stored is None:
+                log.debug("host %s reports health of VM %s, which the fleet places elsewhere; ignored", host, vm)
+                return []
             if health is None and not stored:
                 return []  # aggregates or actions only: nothing a watcher sees
             own = [t for t in stored if not t.check and t.vm == vm]
@@ -295,6 +288,7 @@ class HealthHub:
                 update.aggregates,
                 update.actions,
                 [vm] if update.removed and vm else [],
+                placed_on_host=vm,
             ),
             events,
         )

@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -31,6 +32,11 @@ _REVISION_SAVE_SECONDS = 1.0
 _RECONCILE_DELAY_SECONDS = 0.5
 
 T = TypeVar("T")
+
+#: how long a host's endpoint (address and state) is used without asking the store again. Agent calls ask
+#: for it several times per VM step, and it changes only on registration, heartbeat state and disconnect,
+#: which this registry hears of and applies at once; another controller's change is seen this much later.
+_ENDPOINT_TTL_SECONDS = 1.0
 
 _ADDRESS_REFRESH_SECONDS = 2.0
 _ADDRESS_REFRESH_TRIES = 60
@@ -68,6 +74,9 @@ class HostRegistry:
         #: the VM names each host reported, from its last listing and its events since
         self._reported: dict[str, set[str]] = {}
         self._listeners: list[SessionListener] = []
+        #: host name -> (monotonic time read, endpoint); see _ENDPOINT_TTL_SECONDS
+        self._endpoints: dict[str, tuple[float, HostEndpoint]] = {}
+        self._endpoint_changes = 0
         # Heartbeats and the sweep get a thread of their own: behind a burst of operations in the shared
         # worker threads (a 50-VM plan), a queued heartbeat is written late and its host is marked
         # unreachable although its agent never stopped sending (seen in CI).
@@ -102,7 +111,20 @@ class HostRegistry:
 
     async def client(self, name: str) -> AgentClient:
         """A client for host ``name`` if reachable (NotFound HOST_NOT_FOUND, FailedPrecondition HOST_UNREACHABLE)."""
-        return self.client_for(await asyncio.to_thread(self._store.get_host_endpoint, name))
+        cached = self._endpoints.get(name)
+        if cached is not None and time.monotonic() - cached[0] <= _ENDPOINT_TTL_SECONDS:
+            return self.client_for(cached[1])
+        read_at, generation = time.monotonic(), self._endpoint_changes
+        endpoint = await asyncio.to_thread(self._store.get_host_endpoint, name)
+        if generation == self._endpoint_changes:
+            # else a change was applied while this read was under way, and the read may predate it
+            self._endpoints[name] = (read_at, endpoint)
+        return self.client_for(endpoint)
+
+    def _forget_endpoint(self, name: str) -> None:
+        """Drop the cached endpoint of ``name`` (its address or reachability has just changed)."""
+        self._endpoints.pop(name, None)
+        self._endpoint_changes += 1
 
     def client_for(self, host: Host | HostEndpoint) -> AgentClient:
         """A client for a host that is currently reachable."""
@@ -126,6 +148,7 @@ class HostRegistry:
         host = await asyncio.to_thread(
             self._store.upsert_host_registration, name, address, capacity, allocatable, hypervisor, epoch
         )
+        self._forget_endpoint(name)
         old = self._sync_tasks.pop(name, None)
         if old is not None:
             old.cancel()
@@ -139,6 +162,9 @@ class HostRegistry:
     async def heartbeat(self, name: str, serving: bool, reason: str, session: int) -> Host:
         """Record a heartbeat; a live session whose host has no sync task (another session ended) takes over."""
         host = await self._on_liveness_thread(self._store.heartbeat, name, serving, reason)
+        cached = self._endpoints.get(name)
+        if cached is not None and (cached[1].state, cached[1].address) != (host.state, host.address):
+            self._forget_endpoint(name)
         if name not in self._sessions:
             self._sessions[name] = session
             self._sync_tasks[name] = asyncio.create_task(self._sync(host), name=f"sync-{name}")
@@ -157,6 +183,7 @@ class HostRegistry:
             listener.host_disconnected(name)
         with contextlib.suppress(NotFound):
             await asyncio.to_thread(self._store.set_host_state, name, HostState.UNREACHABLE)
+        self._forget_endpoint(name)
         log.warning("host %s disconnected", name)
 
     def refresh_addresses(self, vm: Vm) -> None:
@@ -302,6 +329,7 @@ class HostRegistry:
             cutoff = datetime.now(UTC) - timedelta(seconds=self.heartbeat_timeout)
             try:
                 for name in await self._on_liveness_thread(self._store.mark_unreachable_older_than, cutoff):
+                    self._forget_endpoint(name)
                     log.warning("host %s missed its heartbeats: unreachable", name)
             except CloneboxError as exc:
                 log.warning("host sweep failed: %s", exc)

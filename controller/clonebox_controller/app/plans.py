@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
@@ -117,6 +118,9 @@ class PlanSettings:
     poll_seconds: float = 1.0
     #: how often a watch re-reads its run from the store (runs executed by another controller)
     watch_poll_seconds: float = 1.0
+    #: a watch sends an unfinished run at most this often (the newest version; the last one at once): every
+    #: send is the whole run, and a 50-VM apply changes its run more than a hundred times
+    watch_min_interval_seconds: float = 0.1
     #: how long a deletion (rollback, down) keeps retrying while its host is unreachable
     unreachable_retry_seconds: float = 120.0
     #: where a replace keeps the export of the VM it replaces ("" or no snapshot manager: no backup)
@@ -295,6 +299,8 @@ class PlanEngine:
         self._claimer: asyncio.Task[None] | None = None
         #: replaced on every run update; watchers wait on the current one
         self._changed = asyncio.Event()
+        #: replaced whenever a run executed here ends; a watcher pausing between versions waits on it
+        self._ended = asyncio.Event()
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -859,20 +865,31 @@ class PlanEngine:
                 )
             run_id = latest.id
         last = after_version
+        loop = asyncio.get_running_loop()
+        sent = -math.inf
         while True:
-            changed = self._changed
+            changed, ended = self._changed, self._ended
             run = await asyncio.to_thread(self._store.get_run, run_id)
             if run.version > last:
                 last = run.version
                 yield run
+                sent = loop.time()
             if run.done:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), timeout=self.settings.watch_poll_seconds)
+            # the versions of a burst go out as one, except that the end of a run is not held back
+            pause = sent + self.settings.watch_min_interval_seconds - loop.time()
+            if pause > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ended.wait(), timeout=pause)
 
-    def _notify(self) -> None:
+    def _notify(self, ended: bool = False) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+        if ended:
+            done, self._ended = self._ended, asyncio.Event()
+            done.set()
 
     # ------------------------------------------------------------------ execution
 
@@ -927,7 +944,7 @@ class PlanEngine:
             await asyncio.to_thread(
                 lambda: self._store.update_run(run_id, state=RunState.FAILED, error=message, audit=event)
             )
-            self._notify()
+            self._notify(ended=True)
         except Exception:
             log.exception("could not record the crash of plan run %s", run_id)
 
@@ -1047,7 +1064,7 @@ class _Execution:
             await asyncio.to_thread(
                 lambda: self.store.update_run(self.run_.id, state=state, error=error, vms=rows, audit=audit)
             )
-        self.e._notify()
+        self.e._notify(ended=state is not None and state.done)
 
     async def _finish_run(self, state: RunState, error: str = "") -> None:
         outcome = Outcome.SUCCEEDED if state is RunState.SUCCEEDED else Outcome.FAILED

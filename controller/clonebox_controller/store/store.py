@@ -144,6 +144,7 @@ _OPERATION_FOR_UPDATE = _OPERATION_BY_ID.with_for_update()
 _UPDATE_OPERATION = (
     update(_OPERATION_TABLE).where(_OPERATION_TABLE.c.id == bindparam("b_id")).returning(*_OPERATION_TABLE.c)
 )
+_VM_HOST = select(_VM_TABLE.c.host).where(_VM_TABLE.c.name == bindparam("name"))
 _VM_FOR_UPDATE = _VM_BY_NAME.with_for_update()
 _UPDATE_VM = update(_VM_TABLE).where(_VM_TABLE.c.name == bindparam("b_name")).returning(*_VM_TABLE.c)
 _HOST_TABLE = cast(Table, HostRow.__table__)
@@ -1560,8 +1561,14 @@ class Store:
         aggregates: Sequence[Aggregate] = (),
         actions: Sequence[ActionRecord] = (),
         removed: Sequence[str] = (),
-    ) -> list[Transition]:
+        *,
+        placed_on_host: str = "",
+    ) -> list[Transition] | None:
         """Store one update from ``host``'s agent in one transaction; the stored transitions with their seq.
+
+        ``placed_on_host`` names the VM the update is about: when the fleet places that VM on another
+        host, nothing is stored and the result is None (a VM the fleet does not know yet is stored, so
+        an adopted VM has its health at once). Checked in the same transaction, not by a read before it.
 
         ``health`` replaces the VM's current health (its host and its transitions' host are set to
         ``host``: an agent speaks for its own host only); a change of the VM's state without a VM-level
@@ -1569,7 +1576,11 @@ class Store:
         already stored are skipped; ``removed`` names VMs whose current health is dropped (history stays).
         """
 
-        def tx(session: Session) -> list[Transition]:
+        def tx(session: Session) -> list[Transition] | None:
+            if placed_on_host:
+                placed = session.connection().execute(_VM_HOST, {"name": placed_on_host}).scalar_one_or_none()
+                if placed and placed != host:
+                    return None
             stored = health_store.apply_update(
                 session, host, health, transitions, aggregates, actions, removed, self._now()
             )

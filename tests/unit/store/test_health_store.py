@@ -26,6 +26,7 @@ from clonebox_core.health import (
 )
 from clonebox_core.model import HypervisorInfo, Resources
 from tests.unit.store.conftest import migrate_to
+from tests.unit.store.test_store import register, reserve, spec
 
 H = HealthState
 T0 = datetime(2030, 1, 2, 3, 4, 0, tzinfo=UTC)
@@ -123,6 +124,22 @@ def test_a_state_change_without_a_vm_transition_gets_one(store: Store) -> None:
     # a snapshot after a reconnect carries no transitions: the change becomes one
     [resync] = store.apply_health_update("h1", health("web-1", H.UNHEALTHY))
     assert (resync.from_state, resync.to_state, resync.detail) == (H.DEGRADED, H.UNHEALTHY, "as reported by host h1")
+
+
+def test_an_update_about_a_vm_placed_on_another_host_stores_nothing(store: Store) -> None:
+    for name in ("h1", "h2"):
+        register(store, name)
+    reserve(store, spec("web-1"), host="h2")
+    late = [tr("web-1", "web", H.UNKNOWN, H.HEALTHY)]
+    assert store.apply_health_update("h1", health("web-1", H.HEALTHY), late, placed_on_host="web-1") is None
+    assert store.get_health("web-1") is None
+    assert store.health_max_seq() == 0
+    # from the VM's own host it is stored; so is one about a VM the fleet does not know (yet)
+    stored = store.apply_health_update("h2", health("web-1", H.HEALTHY, host="h2"), late, placed_on_host="web-1")
+    assert stored is not None and [t.check for t in stored] == ["web", ""]
+    adopted = store.apply_health_update("h1", health("new-1", H.HEALTHY), placed_on_host="new-1")
+    assert adopted is not None and [t.vm for t in adopted] == ["new-1"]
+    assert store.get_health("new-1") == health("new-1", H.HEALTHY)
 
 
 def test_aggregates_replace_and_actions_deduplicate(store: Store) -> None:

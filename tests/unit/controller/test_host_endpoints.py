@@ -1,0 +1,106 @@
+"""HostRegistry.client: a host's endpoint is read from the store at most once a second, and never kept stale.
+
+A real SQLite store wrapped by a counting fake (named so); the agent side is a fake gateway that hands
+out the endpoint it was asked for. The sweep is not started, so only the calls made here change hosts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clonebox_controller.app.hosts import HostRegistry
+from clonebox_controller.store import Store
+from clonebox_core.errors import FailedPrecondition
+from clonebox_core.model import HostEndpoint, HostState, HypervisorInfo, Resources
+
+R = Resources(2, 2048, 10_000)
+HV = HypervisorInfo(uri="test:///default")
+
+
+class FakeGateway:
+    """A fake AgentGateway whose clients are just the (host, address) they were made for."""
+
+    def client(self, name: str, address: str) -> Any:
+        return (name, address)
+
+
+class CountingStore:
+    """A fake around the real store: counts endpoint reads and can hold one until the test lets it go."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.reads = 0
+        self.hold: threading.Event | None = None
+        self.holding = threading.Event()
+
+    def get_host_endpoint(self, name: str) -> HostEndpoint:
+        self.reads += 1
+        endpoint = self._store.get_host_endpoint(name)
+        if self.hold is not None:
+            self.holding.set()
+            assert self.hold.wait(10), "the test never let the read go"
+        return endpoint
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+@pytest.fixture
+def stores(tmp_path: Path) -> Iterator[tuple[CountingStore, Store]]:
+    with Store.open(f"sqlite:///{tmp_path / 'fleet.db'}") as store:
+        store.upsert_host_registration("h1", "h1:7000", R, R, HV, 1)
+        yield CountingStore(store), store
+
+
+def registry(counting: CountingStore) -> HostRegistry:
+    fake: Any = counting
+    return HostRegistry(fake, FakeGateway(), heartbeat_timeout=30, heartbeat_interval=10)  # type: ignore[arg-type]
+
+
+async def test_calls_within_a_second_read_the_endpoint_once(stores: tuple[CountingStore, Store]) -> None:
+    counting, _store = stores
+    reg = registry(counting)
+    clients = [await reg.client("h1") for _ in range(5)]
+    assert clients == [("h1", "h1:7000")] * 5
+    assert counting.reads == 1
+
+
+async def test_a_disconnect_is_seen_by_the_next_call(stores: tuple[CountingStore, Store]) -> None:
+    counting, _store = stores
+    reg = registry(counting)
+    _host, session = await reg.register("h1", "h1:7000", R, R, HV, 1)
+    try:
+        assert await reg.client("h1") == ("h1", "h1:7000")
+        await reg.disconnected("h1", session)
+        with pytest.raises(FailedPrecondition) as err:
+            await reg.client("h1")
+        assert err.value.reason == "HOST_UNREACHABLE"
+        # a new registration at another address is used at once
+        await reg.register("h1", "h1:7001", R, R, HV, 2)
+        assert await reg.client("h1") == ("h1", "h1:7001")
+    finally:
+        await reg.close()
+
+
+async def test_a_read_that_overlaps_a_change_is_not_kept(stores: tuple[CountingStore, Store]) -> None:
+    counting, store = stores
+    reg = registry(counting)
+    counting.hold = threading.Event()
+    # the read sees READY; while it is under way the host becomes unreachable
+    reading = asyncio.create_task(reg.client("h1"))
+    assert await asyncio.to_thread(counting.holding.wait, 10)
+    store.set_host_state("h1", HostState.UNREACHABLE)
+    reg._forget_endpoint("h1")  # what disconnected() and the sweep do after their write
+    counting.hold.set()
+    assert await reading == ("h1", "h1:7000")  # that call was made before the change
+    counting.hold = None
+    with pytest.raises(FailedPrecondition) as err:
+        await reg.client("h1")
+    assert err.value.reason == "HOST_UNREACHABLE"
+    assert counting.reads == 2
