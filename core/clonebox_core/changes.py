@@ -42,6 +42,11 @@ def operation_key(op_id: str) -> ChangeKey:
     return ChangeKey("operation", op_id)
 
 
+def operation_done_key(op_id: str) -> ChangeKey:
+    """The key announced only when an operation ends (a wait for its end need not wake at every step)."""
+    return ChangeKey("operation-done", op_id)
+
+
 def health_key(vm: str) -> ChangeKey:
     """The key of a VM's current health."""
     return ChangeKey("health", vm)

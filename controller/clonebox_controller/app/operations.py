@@ -8,10 +8,11 @@ this process runs wakes its waiters at once (``ChangeFeed``), so the poll only p
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 
 from clonebox_controller.app.ports import FleetStore
-from clonebox_core.changes import ChangeFeed, operation_key
+from clonebox_core.changes import ChangeFeed, operation_done_key, operation_key
 from clonebox_core.model import Operation
 
 #: how often a wait re-reads an operation no announcement woke it for (one run by another controller)
@@ -50,11 +51,23 @@ class OperationQueries:
 
     async def wait(self, op_id: str, timeout: float) -> Operation:
         """The operation once done, or as it is when ``timeout`` passes."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            with self._changes.watch(operation_key(op_id)) as change:
-                op = await self.get(op_id)
-                if op.done or loop.time() >= deadline:
-                    return op
-                await change.wait(min(_POLL_SECONDS, deadline - loop.time()))
+        return await wait_done(self._store, self._changes, op_id, poll_seconds=_POLL_SECONDS, timeout=timeout)
+
+
+async def wait_done(
+    store: FleetStore, changes: ChangeFeed, op_id: str, *, poll_seconds: float, timeout: float = math.inf
+) -> Operation:
+    """
+    The operation once done, or as it is when ``timeout`` passes (NotFound OPERATION_NOT_FOUND).
+
+    It wakes on the operation's end only (``operation_done_key``), not on each of its steps; the store
+    is read again every ``poll_seconds`` for an operation another controller runs.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        with changes.watch(operation_done_key(op_id)) as change:
+            op = await asyncio.to_thread(store.get_operation, op_id)
+            if op.done or loop.time() >= deadline:
+                return op
+            await change.wait(min(poll_seconds, deadline - loop.time()))

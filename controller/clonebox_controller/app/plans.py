@@ -33,11 +33,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from clonebox_controller.app.operations import wait_done
 from clonebox_controller.app.ports import FleetStore, ImagePart, PlanStore
 from clonebox_controller.app.snapshots import ImportHeader, SnapshotManager
 from clonebox_controller.app.vms import VmManager
 from clonebox_core.audit.event import SYSTEM_ACTOR, AuditEvent, Outcome, current_actor, new_event
-from clonebox_core.changes import ChangeFeed, health_key, operation_key, vm_key
+from clonebox_core.changes import ChangeFeed, health_key, vm_key
 from clonebox_core.errors import (
     Aborted,
     AlreadyExists,
@@ -955,12 +956,9 @@ class PlanEngine:
     # ---- steps the execution uses (kept here: they talk to the store and the VM use cases)
 
     async def _wait_operation(self, op: Operation) -> Operation:
-        while not op.done:
-            with self._changes.watch(operation_key(op.id)) as change:
-                op = await asyncio.to_thread(self._store.get_operation, op.id)
-                if not op.done:
-                    await change.wait(self.settings.poll_seconds)
-        return op
+        if op.done:
+            return op
+        return await wait_done(self._store, self._changes, op.id, poll_seconds=self.settings.poll_seconds)
 
 
 def _summary(changes: Iterable[VmChange]) -> str:

@@ -58,7 +58,7 @@ from sqlalchemy.orm import Session
 from clonebox_core.audit.chain import AuditFilter, ChainRecord, ChainState, Head, Keyring
 from clonebox_core.audit.event import AuditEvent
 from clonebox_core.audit.headfile import HeadFile
-from clonebox_core.changes import ChangeKey, health_key, operation_key, vm_key
+from clonebox_core.changes import ChangeKey, health_key, operation_done_key, operation_key, vm_key
 from clonebox_core.errors import (
     AlreadyExists,
     CloneboxError,
@@ -1409,7 +1409,7 @@ class Store:
                 changes["error_metadata"] = dict(error.metadata)
             finished = self._op_model(conn.execute(_UPDATE_OPERATION, {"b_id": op_id, **changes}).one())
             self._audit(session, audit)
-            self._changed(session, operation_key(op_id))
+            self._changed(session, operation_key(op_id), operation_done_key(op_id))
             return finished
 
         return self._run(tx, write=True)
