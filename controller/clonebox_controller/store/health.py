@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import ColumnElement, Insert, delete, func, insert, or_, select, text
+from sqlalchemy import ColumnElement, Insert, Table, bindparam, delete, func, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -32,6 +33,16 @@ _TRANSITION_LOCK_KEY = 0x636C6F6E_68656C74  # "clonhelt"
 #: history answers are bounded whatever the window: ~1 MiB of aggregates, and as many actions as transitions
 MAX_HISTORY_AGGREGATES = 20_000
 MAX_HISTORY_ACTIONS = 10_000
+
+
+# Core statements on the session's connection for the writes every agent health update makes: the ORM's
+# bulk-insert and unit-of-work handling cost more than the statements (docs/benchmarks.md, Plans)
+_CURRENT = cast(Table, HealthCurrentRow.__table__)
+_TRANSITIONS = cast(Table, HealthTransitionRow.__table__)
+_INSERT_TRANSITIONS = insert(_TRANSITIONS).returning(_TRANSITIONS.c.seq, sort_by_parameter_order=True)
+_CURRENT_STATE_FOR_UPDATE = select(_CURRENT.c.state).where(_CURRENT.c.vm == bindparam("vm")).with_for_update()
+_INSERT_CURRENT = insert(_CURRENT)
+_UPDATE_CURRENT = update(_CURRENT).where(_CURRENT.c.vm == bindparam("b_vm"))
 
 
 def _lock_transitions(session: Session) -> None:
@@ -79,9 +90,7 @@ def _insert_transitions(session: Session, transitions: Sequence[Transition]) -> 
         }
         for t in transitions
     ]
-    seqs = session.execute(
-        insert(HealthTransitionRow).returning(HealthTransitionRow.seq, sort_by_parameter_order=True), rows
-    ).scalars()
+    seqs = session.connection().execute(_INSERT_TRANSITIONS, rows).scalars()
     return [dataclasses.replace(t, seq=int(seq)) for t, seq in zip(transitions, seqs, strict=True)]
 
 
@@ -105,8 +114,9 @@ def apply_update(
     pending = [dataclasses.replace(t, host=host) for t in transitions]
     if health is not None:
         health = dataclasses.replace(health, host=host)
-        row = session.get(HealthCurrentRow, health.vm, with_for_update=True)
-        before = HealthState[row.state] if row is not None else HealthState.UNKNOWN
+        conn = session.connection()
+        stored_state = conn.execute(_CURRENT_STATE_FOR_UPDATE, {"vm": health.vm}).scalar_one_or_none()
+        before = HealthState[stored_state] if stored_state is not None else HealthState.UNKNOWN
         explained = any(t.vm == health.vm and not t.check and t.to_state is health.state for t in pending)
         if health.state is not before and not explained:
             pending.append(
@@ -117,16 +127,19 @@ def apply_update(
                     from_state=before,
                     to_state=health.state,
                     time=health.updated or now,
-                    detail="first report" if row is None else f"as reported by host {host}",
+                    detail="first report" if stored_state is None else f"as reported by host {host}",
                 )
             )
-        document = codec.vm_health_to_json(health)
-        if row is None:
-            session.add(
-                HealthCurrentRow(vm=health.vm, host=host, state=health.state.name, document=document, updated_at=now)
-            )
+        values = {
+            "host": host,
+            "state": health.state.name,
+            "document": codec.vm_health_to_json(health),
+            "updated_at": now,
+        }
+        if stored_state is None:
+            conn.execute(_INSERT_CURRENT, {"vm": health.vm, **values})
         else:
-            row.host, row.state, row.document, row.updated_at = host, health.state.name, document, now
+            conn.execute(_UPDATE_CURRENT, {"b_vm": health.vm, **values})
     if removed:
         # only the host that runs the VM may drop its health (a moved VM's old host says "removed")
         session.execute(
