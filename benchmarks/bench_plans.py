@@ -38,10 +38,13 @@ the engine's row write and the controller's create with its reservation transact
 (until the row is WAITING: the agent's create, with the fake's 200 ms, and the engine's polling of
 the operation every ``plans.poll_seconds``), *gate* (WAITING until READY: the engine reads the VM's
 state) and *release* (the last dependency READY until the dependent's row is CREATING). A version
-the watch skipped (several changes between two reads) makes a phase look longer, never shorter.
+the watch skipped (several changes between two reads) makes a phase look longer, never shorter. The
+controller sends at most one version per ``plans.watch_min_interval_seconds`` (default 0.1 s, kept
+here: the benchmark measures the default), so phases come in steps of about that interval.
 
-Modes: P in (4, 10), R runs each (default 3, ``--quick``: P = 10 once), with the controller's default
-``plans.poll_seconds`` (0.2 s). A full run then starts a second fleet with ``plans.poll_seconds: 0.05``
+Modes: P in (4, 10), R runs each (default 3, ``--quick``: P = 10 once), with ``plans.poll_seconds``
+0.2 s (the controller's default is 1.0 s; changes this controller commits wake a run at once, so the
+interval paces only the fallback re-reads). A full run then starts a second fleet with ``plans.poll_seconds: 0.05``
 and applies each P once more, to show how much of the overhead is that interval. Down time is reported
 for every run (the fake's delete has no delay: that time is the controller's alone). Each up and down is
 followed by the same-run baseline: the same 50 VMs created with plain ``CreateVm`` + ``WaitOperation``,
