@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol, TypeVar
 
 from clonebox_controller.app.ports import AgentClient, AgentGateway, FleetStore
+from clonebox_controller.app.uncancelled import to_thread_uncancelled
 from clonebox_core.errors import CloneboxError, FailedPrecondition, NotFound
 from clonebox_core.model import Host, HostEndpoint, HostState, HypervisorInfo, Resources, Vm, VmState
 
@@ -181,10 +182,15 @@ class HostRegistry:
             task.cancel()
         for listener in self._listeners:
             listener.host_disconnected(name)
+        cancelled = False
         with contextlib.suppress(NotFound):
-            await asyncio.to_thread(self._store.set_host_state, name, HostState.UNREACHABLE)
+            # the servicer task that calls this is often cancelled as its stream ends; the write goes on
+            # in its thread, and the endpoint must be forgotten after it lands, whatever happens here
+            _host, cancelled = await to_thread_uncancelled(self._store.set_host_state, name, HostState.UNREACHABLE, "")
         self._forget_endpoint(name)
         log.warning("host %s disconnected", name)
+        if cancelled:
+            raise asyncio.CancelledError
 
     def refresh_addresses(self, vm: Vm) -> None:
         """Poll a running VM's addresses until the guest reports some (qemu-ga or DHCP lease)."""

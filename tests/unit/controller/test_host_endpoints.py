@@ -47,6 +47,12 @@ class CountingStore:
             assert self.hold.wait(10), "the test never let the read go"
         return endpoint
 
+    def set_host_state(self, name: str, state: HostState, reason: str = "") -> Any:
+        if self.hold is not None:
+            self.holding.set()
+            assert self.hold.wait(10), "the test never let the write go"
+        return self._store.set_host_state(name, state, reason)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
@@ -104,3 +110,29 @@ async def test_a_read_that_overlaps_a_change_is_not_kept(stores: tuple[CountingS
         await reg.client("h1")
     assert err.value.reason == "HOST_UNREACHABLE"
     assert counting.reads == 2
+
+
+async def test_a_disconnect_cancelled_during_its_write_still_forgets_the_endpoint(
+    stores: tuple[CountingStore, Store],
+) -> None:
+    # the Connect stream's handler runs disconnected() as it ends, and grpc may cancel it right then
+    counting, store = stores
+    reg = registry(counting)
+    _host, session = await reg.register("h1", "h1:7000", R, R, HV, 1)
+    try:
+        assert await reg.client("h1") == ("h1", "h1:7000")  # kept for a second
+        counting.hold = threading.Event()
+        ending = asyncio.create_task(reg.disconnected("h1", session))
+        assert await asyncio.to_thread(counting.holding.wait, 10)
+        ending.cancel()
+        await asyncio.sleep(0.05)  # the cancel is delivered while the write is held
+        counting.hold.set()
+        with pytest.raises(asyncio.CancelledError):
+            await ending
+        assert store.get_host("h1").state is HostState.UNREACHABLE
+        counting.hold = None
+        with pytest.raises(FailedPrecondition) as err:
+            await reg.client("h1")
+        assert err.value.reason == "HOST_UNREACHABLE"
+    finally:
+        await reg.close()
