@@ -1151,6 +1151,19 @@ async def test_plan_volume_mistakes_are_refused_before_anything_is_made(fleet: F
     assert await vm_names(fleet) == [] and await volumes_on(fleet) == {}
 
 
+async def test_a_volume_that_does_not_fit_refuses_the_plan_before_anything_is_made(fleet: Fleet) -> None:
+    # the three VMs' disks (16 MiB each) fit in 2,000 MiB; with a 4,000 MiB volume the plan does not
+    await fleet.add_agent("h1", Resources(vcpus=8, memory_mib=8 * 1024, disk_mib=2_000))
+    big = with_volumes(data_mib=4_000)
+    err = await rpc_error(apply(fleet, big))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and error_info(err).reason == "PLAN_CAPACITY_EXCEEDED"
+    assert "volume vols-data" in error_info(err).metadata["vms"] and "vols-db" not in error_info(err).metadata["vms"]
+    assert await vm_names(fleet) == [] and await volumes_on(fleet) == {} and ops(fleet, "vm.create") == []
+    # the same plan with a volume that fits goes through, and its volume is made
+    await _up(fleet, with_volumes(data_mib=64))
+    assert sorted(await volumes_on(fleet)) == ["vols-cache", "vols-data"]
+
+
 async def test_a_volume_mount_from_the_plan_file_reaches_the_agent(fleet: Fleet, tmp_path: Path) -> None:
     await fleet.add_agent("h1", ROOMY)
     text = (
