@@ -54,6 +54,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import Executable
 
 from clonebox_core.audit.chain import AuditFilter, ChainRecord, ChainState, Head, Keyring
 from clonebox_core.audit.event import AuditEvent
@@ -132,6 +133,14 @@ def _vm_not_found(name: str) -> NotFound:
 
 def _operation_not_found(op_id: str) -> NotFound:
     return NotFound(f"operation {op_id!r} does not exist", reason="OPERATION_NOT_FOUND", metadata={"operation": op_id})
+
+
+def _one(conn: Connection, statement: Executable, params: Mapping[str, Any], missing: NotFound) -> Row[Any]:
+    """The one row ``statement`` selects; ``missing`` is raised when there is none."""
+    row = conn.execute(statement, params).one_or_none()
+    if row is None:
+        raise missing
+    return row
 
 
 # the hot reads as Core statements (see Store._read); built once, so SQLAlchemy's compiled cache hits
@@ -622,9 +631,8 @@ class Store:
         """Where host ``name``'s agent listens and its state, without counting its VMs; NotFound HOST_NOT_FOUND."""
 
         def tx(conn: Connection) -> HostEndpoint:
-            found = conn.execute(_HOST_ENDPOINT, {"name": name}).one_or_none()
-            if found is None:
-                raise NotFound(f"host {name!r} is not registered", reason="HOST_NOT_FOUND", metadata={"host": name})
+            missing = NotFound(f"host {name!r} is not registered", reason="HOST_NOT_FOUND", metadata={"host": name})
+            found = _one(conn, _HOST_ENDPOINT, {"name": name}, missing)
             return HostEndpoint(name, found.address, HostState[found.state])
 
         return self._read(tx)
@@ -939,14 +947,7 @@ class Store:
 
     def get_vm(self, name: str) -> Vm:
         """One VM; NotFound VM_NOT_FOUND."""
-
-        def tx(conn: Connection) -> Vm:
-            row = conn.execute(_VM_BY_NAME, {"name": name}).one_or_none()
-            if row is None:
-                raise _vm_not_found(name)
-            return self._vm_model(row)
-
-        return self._read(tx)
+        return self._read(lambda conn: self._vm_model(_one(conn, _VM_BY_NAME, {"name": name}, _vm_not_found(name))))
 
     def list_vms(
         self,
@@ -1317,32 +1318,14 @@ class Store:
         return self._run(tx, write=True, retry_integrity=True)
 
     @staticmethod
-    def _op_row(session: Session, op_id: str, *, lock: bool = False) -> OperationRow:
-        query = select(OperationRow).where(OperationRow.id == op_id)
-        if lock:
-            query = query.with_for_update()
-        row = session.execute(query).scalar_one_or_none()
-        if row is None:
-            raise _operation_not_found(op_id)
-        return row
-
-    @staticmethod
     def _locked_operation(conn: Connection, op_id: str) -> Row[Any]:
-        row = conn.execute(_OPERATION_FOR_UPDATE, {"id": op_id}).one_or_none()
-        if row is None:
-            raise _operation_not_found(op_id)
-        return row
+        return _one(conn, _OPERATION_FOR_UPDATE, {"id": op_id}, _operation_not_found(op_id))
 
     def get_operation(self, op_id: str) -> Operation:
         """One operation; NotFound OPERATION_NOT_FOUND."""
-
-        def tx(conn: Connection) -> Operation:
-            row = conn.execute(_OPERATION_BY_ID, {"id": op_id}).one_or_none()
-            if row is None:
-                raise _operation_not_found(op_id)
-            return self._op_model(row)
-
-        return self._read(tx)
+        return self._read(
+            lambda conn: self._op_model(_one(conn, _OPERATION_BY_ID, {"id": op_id}, _operation_not_found(op_id)))
+        )
 
     def find_operation_by_request_id(self, request_id: str) -> Operation | None:
         """Return the operation recorded for a client request id, if any."""
