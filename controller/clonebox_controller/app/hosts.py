@@ -283,7 +283,7 @@ class HostRegistry:
             if not deleted:
                 self._reconcile_soon(host)
             return
-        if current.host != host or current.state in (VmState.PENDING, VmState.DELETING):
+        if current.host != host or current.state in (VmState.PENDING, VmState.CREATING, VmState.DELETING):
             # the running operation records the outcome; an event must not race it
             return
         if deleted:

@@ -36,6 +36,21 @@ T = TypeVar("T")
 _MAX_RETRY_DELAY = 5.0
 
 
+@dataclasses.dataclass(frozen=True)
+class _Outcome:
+    """
+    How an operation's work ended, recorded with the operation's end in one transaction.
+
+    ``observed``: the VM as its host reported it last (its state, uuid, addresses and reason are
+    recorded, and the VM as stored is the result); ``result``: a result to record as it is;
+    ``step``: the operation's last step.
+    """
+
+    observed: Vm | None = None
+    result: Vm | None = None
+    step: str | None = None
+
+
 def new_operation(kind: str, target: str, request_id: str, params: dict[str, str] | None = None) -> Operation:
     """A fresh, not yet stored operation."""
     now = datetime.now(UTC)
@@ -381,7 +396,7 @@ class VmManager:
         self._tasks[op.id] = task
         task.add_done_callback(lambda _t: self._tasks.pop(op.id, None))
 
-    async def _finish(self, op: Operation, actor: str, result: Vm | None, err: CloneboxError | None) -> None:
+    async def _finish(self, op: Operation, actor: str, ended: _Outcome, err: CloneboxError | None) -> None:
         outcome = Outcome.SUCCEEDED if err is None else Outcome.FAILED
         event = new_event(
             op.kind,
@@ -392,7 +407,11 @@ class VmManager:
             details={"operation": op.id, **({} if err is None else {"error": err.message})},
             actor=actor,
         )
-        await asyncio.to_thread(self._store.finish_operation, op.id, result, err, event)
+        await asyncio.to_thread(
+            lambda: self._store.finish_operation(
+                op.id, ended.result, err, event, observed=ended.observed, step=ended.step
+            )
+        )
         if self._observe_operation is not None:
             self._observe_operation(
                 op.kind, str(outcome), (datetime.now(UTC) - (op.create_time or datetime.now(UTC))).total_seconds()
@@ -400,7 +419,7 @@ class VmManager:
 
     async def _run(self, op: Operation, actor: str) -> None:
         name = op.target.removeprefix("vms/")
-        runners: dict[str, Callable[[Operation, str], Awaitable[Vm | None]]] = {
+        runners: dict[str, Callable[[Operation, str], Awaitable[_Outcome]]] = {
             "vm.create": self._do_create,
             "vm.start": self._do_start,
             "vm.stop": self._do_stop,
@@ -410,19 +429,20 @@ class VmManager:
             "snapshot.import": self._do_import_interrupted,
         }
         try:
-            result = await runners[op.kind](op, name)
-            await self._finish(op, actor, result, None)
+            ended = await runners[op.kind](op, name)
+            await self._finish(op, actor, ended, None)
         except asyncio.CancelledError:
             raise
         except CloneboxError as err:
             log.warning("operation %s (%s %s) failed: %s", op.id, op.kind, name, err)
-            await self._finish(op, actor, None, err)
+            await self._finish(op, actor, _Outcome(), err)
         except Exception as exc:
             log.exception("operation %s crashed", op.id)
-            await self._finish(op, actor, None, Internal(f"operation crashed: {exc}"))
+            await self._finish(op, actor, _Outcome(), Internal(f"operation crashed: {exc}"))
 
-    async def _step(self, op: Operation, step: str, progress: int) -> None:
-        await asyncio.to_thread(self._store.update_operation, op.id, step, progress)
+    async def _step(self, op: Operation, step: str, progress: int, vm_state: VmState | None = None) -> None:
+        """Record a step; ``vm_state``: the state the VM enters with it, in the same transaction."""
+        await asyncio.to_thread(lambda: self._store.update_operation(op.id, step, progress, vm_state=vm_state))
 
     async def _agent_call(self, call: Callable[[], Awaitable[T]]) -> T:
         # retries are safe: every agent mutation carries the operation id as its request id
@@ -438,10 +458,9 @@ class VmManager:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _MAX_RETRY_DELAY)
 
-    async def _do_create(self, op: Operation, name: str) -> Vm | None:
+    async def _do_create(self, op: Operation, name: str) -> _Outcome:
         vm = await asyncio.to_thread(self._store.get_vm, name)
-        await self._step(op, f"creating on host {vm.host}", 20)
-        await asyncio.to_thread(self._store.update_vm_observed, name, VmState.CREATING, None, None, "")
+        await self._step(op, f"creating on host {vm.host}", 20, VmState.CREATING)
         client = await self._hosts.client(vm.host)
         try:
             created = await self._agent_call(lambda: client.create_vm(vm.spec, op.id))
@@ -450,37 +469,28 @@ class VmManager:
             await asyncio.to_thread(self._store.release_vm, name)
             await self._hosts.adopt_released(name)
             raise
-        await self._step(op, "running", 90)
-        stored = await asyncio.to_thread(
-            self._store.update_vm_observed, name, created.state, created.uuid, created.addresses, ""
-        )
         self._hosts.refresh_addresses(created)
-        return stored or created
+        return _Outcome(observed=dataclasses.replace(created, state_reason=""), step=created.state.name.lower())
 
-    async def _do_start(self, op: Operation, name: str) -> Vm | None:
+    async def _do_start(self, op: Operation, name: str) -> _Outcome:
         vm = await asyncio.to_thread(self._store.get_vm, name)
         client = await self._hosts.client(vm.host)
         await self._step(op, f"starting on host {vm.host}", 30)
         started = await self._agent_call(lambda: client.start_vm(name, op.id))
-        stored = await asyncio.to_thread(
-            self._store.update_vm_observed, name, started.state, started.uuid, started.addresses, ""
-        )
         self._hosts.refresh_addresses(started)
-        return stored or started
+        return _Outcome(observed=dataclasses.replace(started, state_reason=""))
 
-    async def _do_stop(self, op: Operation, name: str) -> Vm | None:
+    async def _do_stop(self, op: Operation, name: str) -> _Outcome:
         vm = await asyncio.to_thread(self._store.get_vm, name)
         client = await self._hosts.client(vm.host)
         timeout = int(op.params.get("timeout_seconds") or self._stop_timeout)
         force = bool(op.params.get("force"))
-        await self._step(op, f"stopping (graceful for {timeout}s, then forced)" if not force else "forcing off", 30)
-        await asyncio.to_thread(self._store.update_vm_observed, name, VmState.STOPPING, None, None, "")
+        step = f"stopping (graceful for {timeout}s, then forced)" if not force else "forcing off"
+        await self._step(op, step, 30, VmState.STOPPING)
         stopped = await self._agent_call(lambda: client.stop_vm(name, op.id, timeout, force))
-        return await asyncio.to_thread(
-            self._store.update_vm_observed, name, stopped.state, stopped.uuid, (), stopped.state_reason
-        )
+        return _Outcome(observed=dataclasses.replace(stopped, addresses=()))
 
-    async def _do_update(self, op: Operation, name: str) -> Vm | None:
+    async def _do_update(self, op: Operation, name: str) -> _Outcome:
         vm = await asyncio.to_thread(self._store.get_vm, name)
         client = await self._hosts.client(vm.host)
         timeout = int(op.params.get("timeout_seconds") or self._stop_timeout)
@@ -493,27 +503,17 @@ class VmManager:
             if previous:
                 await asyncio.to_thread(self._store.restore_spec, name, previous)
             raise
-        await self._step(op, "restarted" if result.restarted else "updated", 90)
-        stored = await asyncio.to_thread(
-            self._store.update_vm_observed,
-            name,
-            result.vm.state,
-            result.vm.uuid,
-            result.vm.addresses,
-            result.vm.state_reason,
-        )
         self._hosts.refresh_addresses(result.vm)
-        return stored or result.vm
+        return _Outcome(observed=result.vm, step="restarted" if result.restarted else "updated")
 
-    async def _do_delete(self, op: Operation, name: str) -> Vm | None:
+    async def _do_delete(self, op: Operation, name: str) -> _Outcome:
         try:
             vm = await asyncio.to_thread(self._store.get_vm, name)
         except NotFound:
-            return None  # a resumed delete whose release already committed
+            return _Outcome()  # a resumed delete whose release already committed
         client = await self._hosts.client(vm.host)
-        await self._step(op, f"deleting on host {vm.host}", 30)
+        await self._step(op, f"deleting on host {vm.host}", 30, VmState.DELETING)
         with_snapshots = bool(op.params.get("with_snapshots"))
-        await asyncio.to_thread(self._store.update_vm_observed, name, VmState.DELETING, None, None, "")
         try:
             await self._agent_call(lambda: client.delete_vm(name, op.id, with_snapshots))
         except FailedPrecondition:
@@ -523,9 +523,9 @@ class VmManager:
             raise
         await asyncio.to_thread(self._store.release_vm, name)
         await self._hosts.adopt_released(name, deleted_on=vm.host)
-        return None
+        return _Outcome()
 
-    async def _do_import_interrupted(self, op: Operation, name: str) -> Vm | None:
+    async def _do_import_interrupted(self, op: Operation, name: str) -> _Outcome:
         """
         Finish an import whose controller process ended mid-stream.
 
@@ -546,9 +546,7 @@ class VmManager:
                 f"import of {name} was interrupted by a controller restart; nothing was kept (import it again)",
                 reason="IMPORT_INTERRUPTED",
             ) from None
-        return await asyncio.to_thread(
-            self._store.update_vm_observed, name, found.state, found.uuid, found.addresses, found.state_reason
-        )
+        return _Outcome(observed=found)
 
     async def drain(self, host: str, request_id: str, wait_seconds: float = 600.0) -> list[str]:
         """Cordon ``host`` and stop every VM running on it; returns the names stopped."""

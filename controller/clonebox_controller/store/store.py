@@ -48,6 +48,7 @@ from sqlalchemy import (
     delete,
     exists,
     func,
+    insert,
     or_,
     select,
     update,
@@ -166,6 +167,39 @@ _NEXT_REVISION = (
     .returning(_REVISION_TABLE.c.value)
 )
 _HOST_ENDPOINT = select(_HOST_TABLE.c.address, _HOST_TABLE.c.state).where(_HOST_TABLE.c.name == bindparam("name"))
+# the writes of a create and a delete (reserve_vm, begin_operation, release_vm), for the same reason
+_VM_EXISTS = select(_VM_TABLE.c.name).where(_VM_TABLE.c.name == bindparam("name"))
+_INSERT_VM = insert(_VM_TABLE).returning(*_VM_TABLE.c)
+_DELETE_VM = delete(_VM_TABLE).where(_VM_TABLE.c.name == bindparam("name"))
+_OPERATION_EXISTS = select(_OPERATION_TABLE.c.id).where(_OPERATION_TABLE.c.id == bindparam("id"))
+_OPERATION_BY_REQUEST_ID = select(_OPERATION_TABLE).where(_OPERATION_TABLE.c.request_id == bindparam("request_id"))
+_INSERT_OPERATION = insert(_OPERATION_TABLE).returning(*_OPERATION_TABLE.c)
+_HOSTS = select(_HOST_TABLE).order_by(_HOST_TABLE.c.name)
+_HOST_NAMED = _HOSTS.where(_HOST_TABLE.c.name == bindparam("host"))
+#: (all hosts, one host) x (read, locked for placement)
+_PLACEMENT_HOSTS = {
+    (False, False): _HOSTS,
+    (False, True): _HOSTS.with_for_update(),
+    (True, False): _HOST_NAMED,
+    (True, True): _HOST_NAMED.with_for_update(),
+}
+_ALLOCATIONS = (
+    select(
+        _VM_TABLE.c.host,
+        func.coalesce(func.sum(_VM_TABLE.c.reserved_vcpus), 0),
+        func.coalesce(func.sum(_VM_TABLE.c.reserved_memory_mib), 0),
+        func.coalesce(func.sum(_VM_TABLE.c.reserved_disk_mib), 0),
+        func.count(),
+    )
+    .where(_VM_TABLE.c.host.is_not(None))
+    .group_by(_VM_TABLE.c.host)
+)
+_ALLOCATIONS_OF = _ALLOCATIONS.where(_VM_TABLE.c.host.in_(bindparam("hosts", expanding=True)))
+_LABEL_TABLE = cast(Table, VmLabelRow.__table__)
+_DELETE_LABELS = delete(_LABEL_TABLE).where(_LABEL_TABLE.c.vm_name == bindparam("vm_name"))
+_INSERT_LABELS = insert(_LABEL_TABLE)
+_CHANGE_TABLE = cast(Table, VmChangeRow.__table__)
+_INSERT_CHANGE = insert(_CHANGE_TABLE)
 
 
 def _vm_name_of_target(target: str) -> str | None:
@@ -444,23 +478,11 @@ class Store:
         )
 
     @staticmethod
-    def _allocations(session: Session, hosts: Iterable[str] | None = None) -> dict[str, tuple[Resources, int]]:
+    def _allocations(conn: Connection, hosts: Iterable[str] | None = None) -> dict[str, tuple[Resources, int]]:
         """Per host: the sum of reservations of its VMs and how many VMs it has."""
-        query = (
-            select(
-                VmRow.host,
-                func.coalesce(func.sum(VmRow.reserved_vcpus), 0),
-                func.coalesce(func.sum(VmRow.reserved_memory_mib), 0),
-                func.coalesce(func.sum(VmRow.reserved_disk_mib), 0),
-                func.count(),
-            )
-            .where(VmRow.host.is_not(None))
-            .group_by(VmRow.host)
-        )
-        if hosts is not None:
-            query = query.where(VmRow.host.in_(list(hosts)))
+        rows = conn.execute(_ALLOCATIONS) if hosts is None else conn.execute(_ALLOCATIONS_OF, {"hosts": list(hosts)})
         out: dict[str, tuple[Resources, int]] = {}
-        for host, vcpus, memory, disk, count in session.execute(query):
+        for host, vcpus, memory, disk, count in rows:
             if host is not None:
                 out[host] = (Resources(int(vcpus), int(memory), int(disk)), int(count))
         return out
@@ -482,11 +504,11 @@ class Store:
         )
 
     @staticmethod
-    def _allocatable(row: HostRow) -> Resources:
+    def _allocatable(row: HostRow | Row[Any]) -> Resources:
         return Resources(row.allocatable_vcpus, row.allocatable_memory_mib, row.allocatable_disk_mib)
 
     def _host_with_allocation(self, session: Session, row: HostRow) -> Host:
-        allocated, count = self._allocations(session, [row.name]).get(row.name, (Resources(), 0))
+        allocated, count = self._allocations(session.connection(), [row.name]).get(row.name, (Resources(), 0))
         return self._host_model(row, allocated, count)
 
     @staticmethod
@@ -511,8 +533,11 @@ class Store:
 
     @staticmethod
     def _set_labels(session: Session, vm_name: str, labels: Iterable[tuple[str, str]]) -> None:
-        session.execute(delete(VmLabelRow).where(VmLabelRow.vm_name == vm_name))
-        session.add_all(VmLabelRow(vm_name=vm_name, key=k, value=v) for k, v in dict(labels).items())
+        conn = session.connection()
+        conn.execute(_DELETE_LABELS, {"vm_name": vm_name})
+        rows = [{"vm_name": vm_name, "key": k, "value": v} for k, v in dict(labels).items()]
+        if rows:
+            conn.execute(_INSERT_LABELS, rows)
 
     # ------------------------------------------------------------------ hosts
 
@@ -641,7 +666,7 @@ class Store:
         """Every host, by name, with ``allocated`` = sum of its VMs' reservations and ``vm_count``."""
 
         def tx(session: Session) -> list[Host]:
-            allocations = self._allocations(session)
+            allocations = self._allocations(session.connection())
             rows = session.execute(select(HostRow).order_by(HostRow.name)).scalars()
             return [self._host_model(row, *allocations.get(row.name, (Resources(), 0))) for row in rows]
 
@@ -726,31 +751,31 @@ class Store:
         """
 
         def tx(session: Session) -> tuple[Operation, Vm | None]:
-            chosen = self._place(session, spec, host, lock=True)
+            # Core, not the ORM: every create runs this (see _read)
+            conn = session.connection()
+            chosen = self._place(conn, spec, host, lock=True)
             need = spec.resources()
-
             now = self._now()
-            vm_row = VmRow(
-                name=spec.name,
-                host=chosen,
-                state=VmState.PENDING.name,
-                spec=codec.spec_to_json(spec),
-                uuid="",
-                addresses=[],
-                reserved_vcpus=need.vcpus,
-                reserved_memory_mib=need.memory_mib,
-                reserved_disk_mib=need.disk_mib,
-                create_time=now,
-                update_time=now,
-                state_reason="",
-                revision=self._vm_revision(session, spec.name),
-            )
-            session.add(vm_row)
-            session.flush()  # the VM row must exist before its labels (FK)
+            vm_row = conn.execute(
+                _INSERT_VM,
+                {
+                    "name": spec.name,
+                    "host": chosen,
+                    "state": VmState.PENDING.name,
+                    "spec": codec.spec_to_json(spec),
+                    "uuid": "",
+                    "addresses": [],
+                    "reserved_vcpus": need.vcpus,
+                    "reserved_memory_mib": need.memory_mib,
+                    "reserved_disk_mib": need.disk_mib,
+                    "create_time": now,
+                    "update_time": now,
+                    "state_reason": "",
+                    "revision": self._vm_revision(session, spec.name),
+                },
+            ).one()
             self._set_labels(session, spec.name, spec.labels)
-            op_row = self._new_op_row(op, now, vm_name=spec.name)
-            session.add(op_row)
-            session.flush()
+            op_row = self._insert_operation(conn, op, now, vm_name=spec.name)
             self._audit(session, audit)
             return self._op_model(op_row), self._vm_model(vm_row)
 
@@ -790,7 +815,7 @@ class Store:
             held = Resources(row.reserved_vcpus, row.reserved_memory_mib, row.reserved_disk_mib)
             growth = Resources(max(0, need.vcpus - held.vcpus), max(0, need.memory_mib - held.memory_mib), 0)
             if growth != Resources():
-                allocated = self._allocations(session, [host]).get(host, (Resources(), 0))[0]
+                allocated = self._allocations(session.connection(), [host]).get(host, (Resources(), 0))[0]
                 free = self._allocatable(host_row) - allocated
                 if not growth.fits_in(free):
                     raise ResourceExhausted(
@@ -805,11 +830,13 @@ class Store:
             row.update_time = self._now()
             row.revision = self._vm_revision(session, spec.name)
             self._set_labels(session, spec.name, spec.labels)
-            op_row = self._new_op_row(
-                dataclasses.replace(op, params={**op.params, "previous_spec": previous}), self._now(), vm_name=spec.name
-            )
-            session.add(op_row)
             session.flush()
+            op_row = self._insert_operation(
+                session.connection(),
+                dataclasses.replace(op, params={**op.params, "previous_spec": previous}),
+                self._now(),
+                vm_name=spec.name,
+            )
             self._audit(session, audit)
             return self._op_model(op_row), self._vm_model(row)
 
@@ -863,24 +890,19 @@ class Store:
 
     def place(self, spec: VmSpec, host: str | None) -> str:
         """The host ``reserve_vm`` would choose now, reserving nothing (for dry runs); same errors."""
-        return self._run(lambda session: self._place(session, spec, host, lock=False), write=False)
+        return self._run(lambda session: self._place(session.connection(), spec, host, lock=False), write=False)
 
-    def _place(self, session: Session, spec: VmSpec, host: str | None, *, lock: bool) -> str:
-        if session.get(VmRow, spec.name) is not None:
+    def _place(self, conn: Connection, spec: VmSpec, host: str | None, *, lock: bool) -> str:
+        if conn.execute(_VM_EXISTS, {"name": spec.name}).first() is not None:
             raise AlreadyExists(
                 f"VM {spec.name!r} already exists",
                 reason="VM_ALREADY_EXISTS",
                 metadata={"vm": spec.name},
             )
         need = spec.resources()
-        query = select(HostRow).order_by(HostRow.name)
-        if lock:
-            query = query.with_for_update()
-        if host is not None:
-            query = query.where(HostRow.name == host)
-        rows = list(session.execute(query).scalars())
+        rows = list(conn.execute(_PLACEMENT_HOSTS[host is not None, lock], {"host": host} if host is not None else {}))
         # read reservations only now, with the host rows locked, so they cannot change under us
-        allocations = self._allocations(session, [r.name for r in rows])
+        allocations = self._allocations(conn, [r.name for r in rows])
         candidates = [
             placement.Candidate(
                 name=r.name,
@@ -896,23 +918,22 @@ class Store:
         return placement.choose(candidates, need)
 
     def _replay(self, session: Session, op: Operation) -> tuple[Operation, Vm | None] | None:
-        existing = self._check_request_id(session, op)
+        conn = session.connection()
+        existing = self._check_request_id(conn, op)
         if existing is None:
             return None
         vm_name = _vm_name_of_target(existing.target)
-        vm_row = session.get(VmRow, vm_name) if vm_name else None
+        vm_row = conn.execute(_VM_BY_NAME, {"name": vm_name}).one_or_none() if vm_name else None
         if vm_row is not None:
             return self._op_model(existing), self._vm_model(vm_row)
         model = self._op_model(existing)
         return model, model.result_vm
 
-    def _check_request_id(self, session: Session, op: Operation) -> OperationRow | None:
+    def _check_request_id(self, conn: Connection, op: Operation) -> Row[Any] | None:
         """Return the operation already recorded for ``op.request_id``, if any (conflicts raise)."""
         if not op.request_id:
             return None
-        existing = session.execute(
-            select(OperationRow).where(OperationRow.request_id == op.request_id)
-        ).scalar_one_or_none()
+        existing = conn.execute(_OPERATION_BY_REQUEST_ID, {"request_id": op.request_id}).one_or_none()
         if existing is not None and (existing.kind != op.kind or existing.target != op.target):
             raise AlreadyExists(
                 f"request id {op.request_id!r} was already used for {existing.kind} of "
@@ -923,25 +944,29 @@ class Store:
         return existing
 
     @staticmethod
-    def _new_op_row(op: Operation, now: datetime, *, vm_name: str | None) -> OperationRow:
-        return OperationRow(
-            id=op.id,
-            kind=op.kind,
-            target=op.target,
-            vm_name=vm_name,
-            request_id=op.request_id or None,
-            step=op.step,
-            progress=op.progress,
-            done=False,
-            error_code="",
-            error_reason="",
-            error_message="",
-            error_metadata={},
-            result_vm=None,
-            params=dict(op.params),
-            create_time=now,
-            update_time=now,
-        )
+    def _insert_operation(conn: Connection, op: Operation, now: datetime, *, vm_name: str | None) -> Row[Any]:
+        """Insert ``op`` as a running operation; the new row."""
+        return conn.execute(
+            _INSERT_OPERATION,
+            {
+                "id": op.id,
+                "kind": op.kind,
+                "target": op.target,
+                "vm_name": vm_name,
+                "request_id": op.request_id or None,
+                "step": op.step,
+                "progress": op.progress,
+                "done": False,
+                "error_code": "",
+                "error_reason": "",
+                "error_message": "",
+                "error_metadata": {},
+                "result_vm": None,
+                "params": dict(op.params),
+                "create_time": now,
+                "update_time": now,
+            },
+        ).one()
 
     # ------------------------------------------------------------------ VMs
 
@@ -1016,18 +1041,30 @@ class Store:
 
         def tx(session: Session) -> Vm | None:
             self._lock_revision(session)
-            conn = session.connection()  # Core: this runs for nearly every agent event (see _read)
-            row = conn.execute(_VM_FOR_UPDATE, {"name": name}).one_or_none()
-            if row is None:
-                return None
-            changes = self._observed_changes(row, state, uuid, addresses, state_reason)
-            if not changes:
-                return self._vm_model(row)
-            changes["update_time"] = self._now()
-            changes["revision"] = self._vm_revision(session, name)
-            return self._vm_model(conn.execute(_UPDATE_VM, {"b_name": name, **changes}).one())
+            return self._observe(session, name, state, uuid, addresses, state_reason)
 
         return self._run(tx, write=True)
+
+    def _observe(
+        self,
+        session: Session,
+        name: str,
+        state: VmState,
+        uuid: str | None,
+        addresses: Sequence[IpAddress] | None,
+        state_reason: str | None,
+    ) -> Vm | None:
+        """The body of :meth:`update_vm_observed`, in the caller's transaction (revision lock taken)."""
+        conn = session.connection()  # Core: this runs for nearly every agent event (see _read)
+        row = conn.execute(_VM_FOR_UPDATE, {"name": name}).one_or_none()
+        if row is None:
+            return None
+        changes = self._observed_changes(row, state, uuid, addresses, state_reason)
+        if not changes:
+            return self._vm_model(row)
+        changes["update_time"] = self._now()
+        changes["revision"] = self._vm_revision(session, name)
+        return self._vm_model(conn.execute(_UPDATE_VM, {"b_name": name, **changes}).one())
 
     @staticmethod
     def _observed_changes(
@@ -1092,20 +1129,21 @@ class Store:
 
         def tx(session: Session) -> None:
             self._lock_revision(session)
-            row = self._vm_row(session, name, lock=True)
-            vm = self._vm_model(row)
+            conn = session.connection()  # Core: every delete runs this (see _read)
+            vm = self._vm_model(_one(conn, _VM_FOR_UPDATE, {"name": name}, _vm_not_found(name)))
             revision = self._vm_revision(session, name)
-            session.add(
-                VmChangeRow(
-                    revision=revision,
-                    vm_name=name,
-                    vm=codec.vm_to_json(vm),
-                    deleted=True,
-                    change_time=self._now(),
-                )
+            conn.execute(
+                _INSERT_CHANGE,
+                {
+                    "revision": revision,
+                    "vm_name": name,
+                    "vm": codec.vm_to_json(vm),
+                    "deleted": True,
+                    "change_time": self._now(),
+                },
             )
             # labels go with the row (ON DELETE CASCADE)
-            session.execute(delete(VmRow).where(VmRow.name == name))
+            conn.execute(_DELETE_VM, {"name": name})
             self._prune_tombstones(session)
 
         return self._run(tx, write=True)
@@ -1300,18 +1338,17 @@ class Store:
         """
 
         def tx(session: Session) -> tuple[Operation, bool]:
-            existing = self._check_request_id(session, op)
+            conn = session.connection()  # Core: every delete, start and stop runs this (see _read)
+            existing = self._check_request_id(conn, op)
             if existing is not None:
                 return self._op_model(existing), False
-            if session.get(OperationRow, op.id) is not None:
+            if conn.execute(_OPERATION_EXISTS, {"id": op.id}).first() is not None:
                 raise AlreadyExists(
                     f"operation {op.id!r} already exists",
                     reason="OPERATION_ALREADY_EXISTS",
                     metadata={"operation": op.id},
                 )
-            row = self._new_op_row(op, self._now(), vm_name=_vm_name_of_target(op.target))
-            session.add(row)
-            session.flush()
+            row = self._insert_operation(conn, op, self._now(), vm_name=_vm_name_of_target(op.target))
             self._audit(session, audit)
             return self._op_model(row), True
 
@@ -1338,12 +1375,21 @@ class Store:
 
         return self._run(tx, write=False) if request_id else None
 
-    def update_operation(self, op_id: str, step: str | None = None, progress: int | None = None) -> Operation:
-        """Report progress of a running operation; FailedPrecondition OPERATION_DONE once finished."""
+    def update_operation(
+        self, op_id: str, step: str | None = None, progress: int | None = None, *, vm_state: VmState | None = None
+    ) -> Operation:
+        """
+        Report progress of a running operation; FailedPrecondition OPERATION_DONE once finished.
+
+        ``vm_state`` is the state the operation's VM enters with this step, recorded in the same
+        transaction (one commit instead of two for each step a VM operation takes).
+        """
         if progress is not None and not 0 <= progress <= 100:
             raise InvalidArgument(f"progress {progress} is not in 0..100", reason="INVALID_PROGRESS")
 
         def tx(session: Session) -> Operation:
+            if vm_state is not None:
+                self._lock_revision(session)  # the lock order: revision, operation, VM
             conn = session.connection()  # Core, as for update_vm_observed: every VM step reports progress
             row = self._locked_operation(conn, op_id)
             if row.done:
@@ -1358,7 +1404,10 @@ class Store:
             if progress is not None:
                 changes["progress"] = progress
             self._changed(session, operation_key(op_id))
-            return self._op_model(conn.execute(_UPDATE_OPERATION, {"b_id": op_id, **changes}).one())
+            updated = self._op_model(conn.execute(_UPDATE_OPERATION, {"b_id": op_id, **changes}).one())
+            if vm_state is not None and row.vm_name:
+                self._observe(session, row.vm_name, vm_state, None, None, "")
+            return updated
 
         return self._run(tx, write=True)
 
@@ -1368,23 +1417,43 @@ class Store:
         result_vm: Vm | None = None,
         error: CloneboxError | None = None,
         audit: AuditEvent | None = None,
+        *,
+        observed: Vm | None = None,
+        step: str | None = None,
     ) -> Operation:
         """
         Mark an operation done with its result or error.
 
         Finishing an already finished operation returns it unchanged: after a controller restart a
         resumed worker may finish work that had in fact completed, and the first outcome stands.
+
+        ``observed`` is the operation's VM as its host reported it at the end of the work: its state,
+        uuid, addresses and state reason are recorded as :meth:`update_vm_observed` would, in the same
+        transaction, and the result is the VM as stored then (``observed`` itself, when its record is
+        gone), in place of ``result_vm``. ``step`` is the operation's last step.
         """
 
         def tx(session: Session) -> Operation:
+            if observed is not None:
+                self._lock_revision(session)  # the lock order: revision, operation, VM
             conn = session.connection()
             row = self._locked_operation(conn, op_id)
             if row.done:
                 return self._op_model(row)
             changes: dict[str, Any] = {"done": True, "update_time": self._now()}
+            if step is not None:
+                changes["step"] = step
+            result = result_vm
+            if observed is not None:
+                result = (
+                    self._observe(
+                        session, observed.name, observed.state, observed.uuid, observed.addresses, observed.state_reason
+                    )
+                    or observed
+                )
             if error is None:
                 changes["progress"] = 100
-                changes["result_vm"] = None if result_vm is None else codec.vm_to_json(result_vm)
+                changes["result_vm"] = None if result is None else codec.vm_to_json(result)
             else:
                 changes["error_code"] = error.code
                 changes["error_reason"] = error.reason
