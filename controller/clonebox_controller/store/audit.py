@@ -45,6 +45,8 @@ _EVENTS: Table = AuditEventRow.__table__  # type: ignore[assignment]  # declarat
 _HEAD: Table = AuditHeadRow.__table__  # type: ignore[assignment]
 _HEAD_FOR_UPDATE = select(_HEAD.c.seq, _HEAD.c.mac).where(_HEAD.c.id == AUDIT_ROW_ID).with_for_update()
 _PRESENT_IDS = select(_EVENTS.c.event_id).where(_EVENTS.c.event_id.in_(bindparam("ids", expanding=True)))
+# most appends carry one event, and an expanding IN is compiled again for every execution
+_PRESENT_ID = select(_EVENTS.c.event_id).where(_EVENTS.c.event_id == bindparam("id"))
 _INSERT_EVENT = insert(_EVENTS)
 _UPDATE_HEAD = (
     update(_HEAD).where(_HEAD.c.id == AUDIT_ROW_ID).values(seq=bindparam("new_seq"), mac=bindparam("new_mac"))
@@ -56,7 +58,12 @@ def append(session: Session, keyring: Keyring, events: Sequence[AuditEvent]) -> 
     conn = session.connection()
     seq, mac_hex = conn.execute(_HEAD_FOR_UPDATE).one()
     head = Head(seq, bytes.fromhex(mac_hex))
-    present = set(conn.execute(_PRESENT_IDS, {"ids": [e.id for e in events]}).scalars())
+    found = (
+        conn.execute(_PRESENT_ID, {"id": events[0].id})
+        if len(events) == 1
+        else conn.execute(_PRESENT_IDS, {"ids": [e.id for e in events]})
+    )
+    present = set(found.scalars())
     rows: list[dict[str, object]] = []
     for event in events:
         if event.id in present:

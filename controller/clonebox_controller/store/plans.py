@@ -247,6 +247,13 @@ _INSERT_RUN_VM = insert(_RUN_VM_TABLE)
 _UPDATE_RUN_VM = update(_RUN_VM_TABLE).where(
     _RUN_VM_TABLE.c.run_id == bindparam("b_run_id"), _RUN_VM_TABLE.c.service == bindparam("b_service")
 )
+# the SET clause is version + 1 and the parameters given besides b_id (update_time, state, error)
+_BUMP_RUN = (
+    update(_RUN_TABLE)
+    .where(_RUN_TABLE.c.id == bindparam("b_id"))
+    .values(version=_RUN_TABLE.c.version + 1)
+    .returning(_RUN_TABLE.c.version)
+)
 
 
 def _vm_rows(db: Session | Connection, run_ids: Sequence[str]) -> dict[str, list[Row[Any]]]:
@@ -357,13 +364,18 @@ def update_run(
     A service the run has no row for yet is appended after the existing ones; existing rows keep
     their position. Each upserted row's update time is ``now``.
     """
-    row = _run_row(session, run_id, lock=True)
+    # Core, not the ORM: a run's engine writes this for nearly every step of every VM; the run's row is
+    # updated (and so locked) first, as the ORM's SELECT ... FOR UPDATE of it did
+    conn = session.connection()
+    changes: dict[str, Any] = {"update_time": now}
     if state is not None:
-        row.state = state.name
+        changes["state"] = state.name
     if error is not None:
-        row.error = error
+        changes["error"] = error
+    version = conn.execute(_BUMP_RUN, {"b_id": run_id, **changes}).scalar_one_or_none()
+    if version is None:
+        raise _run_not_found(run_id)
     if vms:
-        conn = session.connection()
         positions = {row.service: row.position for row in conn.execute(_RUN_VM_POSITIONS, {"run_id": run_id})}
         position = max(positions.values(), default=-1) + 1
         added: list[dict[str, Any]] = []
@@ -381,10 +393,7 @@ def update_run(
             conn.execute(_INSERT_RUN_VM, added)
         if changed:
             conn.execute(_UPDATE_RUN_VM, changed)
-    row.version += 1
-    row.update_time = now
-    session.flush()
-    return row.version
+    return int(version)
 
 
 def get_run(conn: Connection, run_id: str) -> PlanRun:
