@@ -356,16 +356,15 @@ class VmManager:
         again when it deletes (the snapshots may appear in between).
         """
         check_dns_label("name", name)
+        vm = await asyncio.to_thread(self._store.get_vm, name)  # NotFound before an operation is recorded
         if not with_snapshots:
-            await self._refuse_if_snapshots(name)
-        vm = await asyncio.to_thread(self._store.get_vm, name)
+            await self._refuse_if_snapshots(vm)
         # the host tells a later listing of that host that this VM is going (FleetStore.reconcile_host)
         params = {"with_snapshots": "1" if with_snapshots else "", "host": vm.host}
-        return await self._begin("vm.delete", name, request_id, params)
+        return await self._begin("vm.delete", name, request_id, params, found=True)
 
-    async def _refuse_if_snapshots(self, name: str) -> None:
-        check_dns_label("name", name)
-        vm = await asyncio.to_thread(self._store.get_vm, name)
+    async def _refuse_if_snapshots(self, vm: Vm) -> None:
+        name = vm.name
         try:
             snapshots, _policy = await (await self._hosts.client(vm.host)).list_snapshots(name)
         except CloneboxError:
@@ -380,9 +379,13 @@ class VmManager:
 
     # ---- internals ---------------------------------------------------------------------------
 
-    async def _begin(self, kind: str, name: str, request_id: str, params: dict[str, str] | None = None) -> Operation:
+    async def _begin(
+        self, kind: str, name: str, request_id: str, params: dict[str, str] | None = None, *, found: bool = False
+    ) -> Operation:
+        """Record operation ``kind`` on VM ``name`` and run it; ``found``: the caller has just read the VM."""
         check_dns_label("name", name)
-        await asyncio.to_thread(self._store.get_vm, name)  # NotFound before an operation is recorded
+        if not found:
+            await asyncio.to_thread(self._store.get_vm, name)  # NotFound before an operation is recorded
         op = new_operation(kind, f"vms/{name}", request_id, params)
         stored, created = await asyncio.to_thread(self._store.begin_operation, op, _accepted(op))
         if created:
