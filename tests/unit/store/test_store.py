@@ -702,3 +702,58 @@ def test_operations_lifecycle(store: Store, clock: FakeClock) -> None:
     clock.advance(3600)
     assert store.delete_finished_operations(clock.now - timedelta(minutes=1)) == 2
     assert [o.id for o in store.list_operations()] == ["op-3"]
+
+
+def test_a_step_and_its_vm_state_commit_together(store: Store, clock: FakeClock) -> None:
+    register(store, "a")
+    _op, vm = store.reserve_vm(spec("web"), None, create_op("web", "r1", "op-1"))
+    assert vm is not None and vm.state is VmState.PENDING
+    before = store.current_revision()
+    clock.advance(1)
+    stepped = store.update_operation("op-1", "creating on host a", 20, vm_state=VmState.CREATING)
+    assert (stepped.step, stepped.progress) == ("creating on host a", 20)
+    creating = store.get_vm("web")
+    assert creating.state is VmState.CREATING and creating.update_time == clock.now
+    assert store.current_revision() == before + 1  # watchers see the VM's change
+
+    # refused for a finished operation: the VM is left as it was, not half of the step
+    store.finish_operation("op-1")
+    with pytest.raises(FailedPrecondition) as done:
+        store.update_operation("op-1", "late", 50, vm_state=VmState.STOPPED)
+    assert done.value.reason == "OPERATION_DONE"
+    assert store.get_vm("web") == creating
+    with pytest.raises(NotFound):
+        store.update_operation("missing", "x", 10, vm_state=VmState.RUNNING)
+
+
+def test_the_end_of_an_operation_records_the_hosts_report(store: Store, clock: FakeClock) -> None:
+    register(store, "a")
+    store.reserve_vm(spec("web"), None, create_op("web", "r1", "op-1"))
+    store.update_operation("op-1", "creating on host a", 20, vm_state=VmState.CREATING)
+    clock.advance(1)
+    addresses = (IpAddress("eth0", "10.0.0.5", 24, "agent"),)
+    report = observed("web", "a", addresses=addresses, state_reason="booted")
+    done = store.finish_operation("op-1", observed=report, step="running")
+    stored = store.get_vm("web")
+    assert (stored.state, stored.uuid, stored.addresses, stored.state_reason) == (
+        VmState.RUNNING,
+        "uuid-web",
+        addresses,
+        "booted",
+    )
+    # the result is the VM as stored (the record's spec, host and revision), not the report
+    assert done.done and done.progress == 100 and done.step == "running"
+    assert done.result_vm == stored and store.get_operation("op-1") == done
+
+    # a finished operation keeps its outcome, and a late report through it changes nothing
+    late = observed("web", "a", state=VmState.CRASHED)
+    assert store.finish_operation("op-1", observed=late, step="crashed") == done
+    assert store.get_vm("web") == stored
+
+    # the VM's record is gone (deleted meanwhile): the report itself is the result
+    store.begin_operation(Operation(id="op-2", kind="vm.start", target="vms/web"))
+    store.release_vm("web")
+    gone = store.finish_operation("op-2", observed=report)
+    assert gone.result_vm == report
+    with pytest.raises(NotFound):
+        store.get_vm("web")
