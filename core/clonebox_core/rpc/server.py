@@ -12,6 +12,7 @@ that metadata. Health checks and reflection are not traced (``UNTRACED_SERVICES`
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,6 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, client_interceptor
-from opentelemetry.instrumentation.grpc.filters import any_of, negate, service_prefix
 from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
 
 from clonebox_core.errors import InvalidArgument
@@ -47,8 +47,25 @@ _KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
-#: which calls get spans: everything but health checks and reflection
-_TRACED = negate(any_of(*(service_prefix(s) for s in UNTRACED_SERVICES)))
+@functools.lru_cache(maxsize=1024)
+def _traced_method(method: str) -> bool:
+    service = method.lstrip("/").rpartition("/")[0]
+    return not service.startswith(UNTRACED_SERVICES)
+
+
+def _traced(details: Any) -> bool:
+    """
+    Which calls get spans: everything but health checks and reflection.
+
+    Both interceptors run it on every call, client and server side; OpenTelemetry's own filters split
+    the method name anew each time (a few per cent of an agent's CPU per create), so the answer is kept
+    per method name. Server calls name the method in ``method``, aio client calls too (bytes in some
+    grpc versions), sync client calls in ``full_method``.
+    """
+    method = getattr(details, "method", None)
+    if method is None:
+        method = getattr(details, "full_method", "")
+    return _traced_method(method.decode() if isinstance(method, bytes) else str(method))
 
 
 def _aio_client_interceptors() -> list[Any]:
@@ -60,7 +77,7 @@ def _aio_client_interceptors() -> list[Any]:
     streaming = (grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor)
     return [
         i
-        for i in aio_client_interceptors(filter_=_TRACED)  # type: ignore[no-untyped-call]
+        for i in aio_client_interceptors(filter_=_traced)  # type: ignore[no-untyped-call]
         if not isinstance(i, streaming)
     ]
 
@@ -80,7 +97,7 @@ class _TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # 
     """
 
     def __init__(self) -> None:
-        self._otel = aio_server_interceptor(filter_=_TRACED)  # type: ignore[no-untyped-call]
+        self._otel = aio_server_interceptor(filter_=_traced)  # type: ignore[no-untyped-call]
 
     async def intercept_service(
         self,
@@ -89,7 +106,7 @@ class _TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # 
     ) -> grpc.RpcMethodHandler:
         """Trace the call unless it is a health check or reflection."""
         handler = await continuation(handler_call_details)
-        if handler is None or not _TRACED(handler_call_details):
+        if handler is None or not _traced(handler_call_details):
             return handler
         if handler.unary_stream or handler.stream_stream:
             return handler
@@ -274,6 +291,6 @@ def sync_channel(target: str, transport: Transport, server_name: str | None = No
         channel = grpc.secure_channel(
             target, channel_credentials(transport.tls), options=_KEEPALIVE_OPTIONS + _name_override(server_name)
         )
-    interceptor = client_interceptor(filter_=_TRACED)  # type: ignore[no-untyped-call]
+    interceptor = client_interceptor(filter_=_traced)  # type: ignore[no-untyped-call]
     traced: grpc.Channel = intercept_channel(channel, interceptor)  # type: ignore[no-untyped-call]
     return traced

@@ -212,17 +212,32 @@ async def test_health_checks_are_not_traced(
 
 
 def test_reflection_and_health_are_filtered_out() -> None:
-    from clonebox_core.rpc.server import _TRACED
+    from clonebox_core.rpc.server import _traced
 
     class Details:
         def __init__(self, method: str) -> None:
             self.method = method
 
-    assert not _TRACED(Details("/grpc.health.v1.Health/Check"))
-    assert not _TRACED(Details("/grpc.health.v1.Health/Watch"))
-    assert not _TRACED(Details("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"))
-    assert not _TRACED(Details("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"))
-    assert _TRACED(Details("/clonebox.controller.v1.VmService/GetVm"))
+    assert not _traced(Details("/grpc.health.v1.Health/Check"))
+    assert not _traced(Details("/grpc.health.v1.Health/Watch"))
+    assert not _traced(Details("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"))
+    assert not _traced(Details("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"))
+    assert _traced(Details("/clonebox.controller.v1.VmService/GetVm"))
+
+    class ClientDetails:  # aio client calls may carry the method as bytes (grpc issue 31092)
+        def __init__(self, method: bytes) -> None:
+            self.method = method
+
+    class SyncClientInfo:  # sync client interceptors see full_method
+        def __init__(self, full_method: str) -> None:
+            self.full_method = full_method
+
+    assert not _traced(ClientDetails(b"/grpc.health.v1.Health/Check"))
+    assert _traced(ClientDetails(b"/clonebox.agent.v1.AgentService/CreateVm"))
+    assert not _traced(SyncClientInfo("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"))
+    assert _traced(SyncClientInfo("/clonebox.controller.v1.VmService/GetVm"))
+    # a service whose name merely contains an untraced one is traced
+    assert _traced(Details("/my.grpc.health.v1.Health/Check"))
 
 
 def test_export_only_when_configured(monkeypatch: pytest.MonkeyPatch) -> None:
