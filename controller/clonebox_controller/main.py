@@ -176,6 +176,7 @@ class Controller:
         self.hosts = HostRegistry(
             self.store,
             self.gateway,
+            self.changes,
             heartbeat_timeout=config.heartbeat_timeout_seconds,
             heartbeat_interval=config.heartbeat_interval_seconds,
         )

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 
@@ -52,6 +52,15 @@ def health_key(vm: str) -> ChangeKey:
     return ChangeKey("health", vm)
 
 
+#: the kind of :func:`host_key` (for :meth:`ChangeFeed.subscribe`)
+HOST_KIND = "host"
+
+
+def host_key(name: str) -> ChangeKey:
+    """The key of a host's record: its address, state and cordon (a heartbeat that changes nothing is silent)."""
+    return ChangeKey(HOST_KIND, name)
+
+
 class Change:
     """A registration made by :meth:`ChangeFeed.watch`: wait until one of its keys changed."""
 
@@ -76,6 +85,16 @@ class ChangeFeed:
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: dict[ChangeKey, set[asyncio.Future[None]]] = {}
+        self._subscribers: dict[str, list[Callable[[ChangeKey], None]]] = {}
+
+    def subscribe(self, kind: str, callback: Callable[[ChangeKey], None]) -> None:
+        """
+        Call ``callback`` on the event loop with every key of ``kind`` announced from now on.
+
+        For caches of stored records: the announcement of a commit runs before the task that made the
+        commit resumes, so its next read of the cache misses. ``callback`` must not raise or block.
+        """
+        self._subscribers.setdefault(kind, []).append(callback)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Deliver announcements made from other threads on ``loop`` (before that, they are dropped)."""
@@ -94,6 +113,8 @@ class ChangeFeed:
     def publish(self, keys: Iterable[ChangeKey]) -> None:
         """Announce ``keys`` on the event loop: every watch of one of them wakes."""
         for key in keys:
+            for callback in self._subscribers.get(key.kind, ()):
+                callback(key)
             for future in self._waiters.get(key, ()):
                 if not future.done():
                     future.set_result(None)

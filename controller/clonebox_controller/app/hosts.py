@@ -20,6 +20,7 @@ from typing import Protocol, TypeVar
 
 from clonebox_controller.app.ports import AgentClient, AgentGateway, FleetStore
 from clonebox_controller.app.uncancelled import to_thread_uncancelled
+from clonebox_core.changes import HOST_KIND, ChangeFeed
 from clonebox_core.errors import CloneboxError, FailedPrecondition, NotFound
 from clonebox_core.model import Host, HostEndpoint, HostState, HypervisorInfo, Resources, Vm, VmState
 
@@ -59,8 +60,15 @@ class HostRegistry:
     """Registrations, heartbeats and per-host sync tasks."""
 
     def __init__(
-        self, store: FleetStore, gateway: AgentGateway, *, heartbeat_timeout: float, heartbeat_interval: float
+        self,
+        store: FleetStore,
+        gateway: AgentGateway,
+        changes: ChangeFeed,
+        *,
+        heartbeat_timeout: float,
+        heartbeat_interval: float,
     ) -> None:
+        """``changes``: the feed ``store`` announces its commits on; a host's announcement drops its cached endpoint."""
         self._store = store
         self._gateway = gateway
         self.heartbeat_timeout = heartbeat_timeout
@@ -78,6 +86,9 @@ class HostRegistry:
         #: host name -> (monotonic time read, endpoint); see _ENDPOINT_TTL_SECONDS
         self._endpoints: dict[str, tuple[float, HostEndpoint]] = {}
         self._endpoint_changes = 0
+        # every committed write of a host's record is announced, whoever made it in this process, so
+        # no writer of host state can leave a stale endpoint behind (other processes: the TTL)
+        changes.subscribe(HOST_KIND, lambda key: self._forget_endpoint(key.name))
         # Heartbeats and the sweep get a thread of their own: behind a burst of operations in the shared
         # worker threads (a 50-VM plan), a queued heartbeat is written late and its host is marked
         # unreachable although its agent never stopped sending (seen in CI).
@@ -149,7 +160,6 @@ class HostRegistry:
         host = await asyncio.to_thread(
             self._store.upsert_host_registration, name, address, capacity, allocatable, hypervisor, epoch
         )
-        self._forget_endpoint(name)
         old = self._sync_tasks.pop(name, None)
         if old is not None:
             old.cancel()
@@ -163,9 +173,6 @@ class HostRegistry:
     async def heartbeat(self, name: str, serving: bool, reason: str, session: int) -> Host:
         """Record a heartbeat; a live session whose host has no sync task (another session ended) takes over."""
         host = await self._on_liveness_thread(self._store.heartbeat, name, serving, reason)
-        cached = self._endpoints.get(name)
-        if cached is not None and (cached[1].state, cached[1].address) != (host.state, host.address):
-            self._forget_endpoint(name)
         if name not in self._sessions:
             self._sessions[name] = session
             self._sync_tasks[name] = asyncio.create_task(self._sync(host), name=f"sync-{name}")
@@ -185,9 +192,8 @@ class HostRegistry:
         cancelled = False
         with contextlib.suppress(NotFound):
             # the servicer task that calls this is often cancelled as its stream ends; the write goes on
-            # in its thread, and the endpoint must be forgotten after it lands, whatever happens here
+            # in its thread (its commit drops the cached endpoint, announced by the store)
             _host, cancelled = await to_thread_uncancelled(self._store.set_host_state, name, HostState.UNREACHABLE, "")
-        self._forget_endpoint(name)
         log.warning("host %s disconnected", name)
         if cancelled:
             raise asyncio.CancelledError
@@ -335,7 +341,6 @@ class HostRegistry:
             cutoff = datetime.now(UTC) - timedelta(seconds=self.heartbeat_timeout)
             try:
                 for name in await self._on_liveness_thread(self._store.mark_unreachable_older_than, cutoff):
-                    self._forget_endpoint(name)
                     log.warning("host %s missed its heartbeats: unreachable", name)
             except CloneboxError as exc:
                 log.warning("host sweep failed: %s", exc)

@@ -60,7 +60,7 @@ from sqlalchemy.sql.expression import Executable
 from clonebox_core.audit.chain import AuditFilter, ChainRecord, ChainState, Head, Keyring
 from clonebox_core.audit.event import AuditEvent
 from clonebox_core.audit.headfile import HeadFile
-from clonebox_core.changes import ChangeKey, health_key, operation_done_key, operation_key, vm_key
+from clonebox_core.changes import ChangeKey, health_key, host_key, operation_done_key, operation_key, vm_key
 from clonebox_core.errors import (
     AlreadyExists,
     CloneboxError,
@@ -584,6 +584,7 @@ class Store:
             row.state_reason = ""
             row.last_heartbeat = now
             session.flush()
+            self._changed(session, host_key(name))
             return self._host_with_allocation(session, row)
 
         return self._run(tx, write=True, retry_integrity=True)
@@ -594,7 +595,10 @@ class Store:
         def tx(session: Session) -> Host:
             row = self._host_row(session, name, lock=True)
             row.last_heartbeat = self._now()
-            row.state = (HostState.READY if serving else HostState.NOT_SERVING).name
+            state = (HostState.READY if serving else HostState.NOT_SERVING).name
+            if row.state != state:
+                self._changed(session, host_key(name))
+            row.state = state
             row.state_reason = "" if serving else reason
             session.flush()
             return self._host_with_allocation(session, row)
@@ -620,6 +624,7 @@ class Store:
                 last = row.last_heartbeat.isoformat() if row.last_heartbeat else "never"
                 row.state_reason = f"no heartbeat since {last}"
                 names.append(row.name)
+            self._changed(session, *(host_key(n) for n in names))
             return names
 
         return self._run(tx, write=True)
@@ -632,6 +637,7 @@ class Store:
             row.state = state.name
             row.state_reason = reason
             session.flush()
+            self._changed(session, host_key(name))
             return self._host_with_allocation(session, row)
 
         return self._run(tx, write=True)
@@ -643,6 +649,7 @@ class Store:
             row = self._host_row(session, name, lock=True)
             row.cordoned = cordoned
             session.flush()
+            self._changed(session, host_key(name))
             self._audit(session, audit)
             return self._host_with_allocation(session, row)
 
@@ -722,6 +729,7 @@ class Store:
                     metadata={"host": name},
                 )
             session.delete(row)
+            self._changed(session, host_key(name))
 
         self._run(tx, write=True)
 

@@ -14,6 +14,7 @@ import pytest
 
 from clonebox_controller.app.hosts import HostRegistry
 from clonebox_controller.store import Store
+from clonebox_core.changes import ChangeFeed
 from clonebox_core.model import HypervisorInfo, Operation, Resources, Vm, VmSpec, VmState
 
 R = Resources(8, 8192, 100_000)
@@ -45,7 +46,7 @@ def creating(store: Store) -> None:
 
 
 async def test_events_about_a_vm_being_created_wait_for_its_operation(store: Store) -> None:
-    reg = HostRegistry(store, FakeGateway(), heartbeat_timeout=30, heartbeat_interval=10)  # type: ignore[arg-type]
+    reg = HostRegistry(store, FakeGateway(), ChangeFeed(), heartbeat_timeout=30, heartbeat_interval=10)  # type: ignore[arg-type]
     try:
         creating(store)
         # libvirt defines the domain (stopped), then starts it: neither may race the create's result
@@ -63,7 +64,7 @@ async def test_events_about_a_vm_being_created_wait_for_its_operation(store: Sto
 
 
 async def test_a_vm_that_vanishes_while_it_is_created_is_left_to_the_create(store: Store) -> None:
-    reg = HostRegistry(store, FakeGateway(), heartbeat_timeout=30, heartbeat_interval=10)  # type: ignore[arg-type]
+    reg = HostRegistry(store, FakeGateway(), ChangeFeed(), heartbeat_timeout=30, heartbeat_interval=10)  # type: ignore[arg-type]
     try:
         creating(store)
         await reg._apply("h1", report(VmState.RUNNING), deleted=True)

@@ -18,6 +18,7 @@ import pytest
 
 from clonebox_controller.app.hosts import HostRegistry
 from clonebox_controller.store import Store
+from clonebox_core.changes import ChangeFeed
 from clonebox_core.model import HostState, HypervisorInfo, Resources
 
 TIMEOUT = 0.4  # heartbeat timeout of these tests; the sweep runs every 0.2 s
@@ -38,7 +39,7 @@ async def registry(tmp_path: Path) -> AsyncIterator[tuple[HostRegistry, Store]]:
     with Store.open(f"sqlite:///{tmp_path / 'fleet.db'}") as store:
         r = Resources(2, 2048, 10_000)
         store.upsert_host_registration("h1", "h1:7000", r, r, HypervisorInfo(uri="test:///default"), 1)
-        reg = HostRegistry(store, FakeSilentGateway(), heartbeat_timeout=TIMEOUT, heartbeat_interval=0.2)  # type: ignore[arg-type]
+        reg = HostRegistry(store, FakeSilentGateway(), ChangeFeed(), heartbeat_timeout=TIMEOUT, heartbeat_interval=0.2)  # type: ignore[arg-type]
         await reg.heartbeat("h1", True, "", 1)
         await reg.start()
         try:

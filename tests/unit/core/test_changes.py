@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from clonebox_core.changes import ChangeFeed, health_key, operation_key, vm_key
+from clonebox_core.changes import HOST_KIND, ChangeFeed, health_key, host_key, operation_key, vm_key
 
 
 async def test_a_published_key_wakes_its_watch_and_no_other() -> None:
@@ -64,3 +64,19 @@ async def test_one_watch_on_several_keys_and_cleanup_after_an_exception() -> Non
     except RuntimeError:
         pass
     assert feed.watched() == 0
+
+
+async def test_subscribers_hear_every_key_of_their_kind() -> None:
+    feed = ChangeFeed()
+    hosts: list[str] = []
+    vms: list[str] = []
+    feed.subscribe(HOST_KIND, lambda key: hosts.append(key.name))
+    feed.subscribe("vm", lambda key: vms.append(key.name))
+    feed.publish([host_key("h1"), vm_key("web"), health_key("web"), host_key("h2")])
+    assert hosts == ["h1", "h2"] and vms == ["web"]
+    feed.bind(asyncio.get_running_loop())
+    t = threading.Thread(target=feed.publish_threadsafe, args=([host_key("h3")],))
+    t.start()
+    t.join()
+    await asyncio.sleep(0.05)
+    assert hosts == ["h1", "h2", "h3"]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from clonebox_controller.store import Store
-from clonebox_core.changes import ChangeKey, health_key, operation_done_key, operation_key, vm_key
+from clonebox_core.changes import ChangeKey, health_key, host_key, operation_done_key, operation_key, vm_key
 from clonebox_core.errors import NotFound
 from clonebox_core.health import HealthState
 from clonebox_core.model import HostState, Operation, VmState
@@ -43,7 +44,7 @@ def store(store_url: str, heard: Heard) -> Iterator[Store]:
 
 def test_a_vm_s_life_is_announced_under_its_key(store: Store, heard: Heard) -> None:
     register(store, "h1")
-    assert heard.take() == set()  # a host registration is nothing anyone waits on
+    assert heard.take() == {host_key("h1")}
     store.reserve_vm(spec("web"), None, create_op("web"))
     assert heard.take() == {vm_key("web")}
     store.update_vm_observed("web", VmState.RUNNING, "uuid-1", (), "")
@@ -69,6 +70,7 @@ def test_an_operation_s_progress_and_end_are_announced(store: Store, heard: Hear
 
 def test_health_updates_are_announced_per_vm(store: Store, heard: Heard) -> None:
     register(store, "h1")
+    heard.take()
     store.apply_health_update("h1", health("web", HealthState.HEALTHY))
     assert heard.take() == {health_key("web")}
     store.mark_health_unknown("h1", "agent went away")
@@ -92,3 +94,27 @@ def test_the_host_endpoint_is_its_address_and_state(store: Store) -> None:
     with pytest.raises(NotFound) as exc:
         store.get_host_endpoint("nope")
     assert exc.value.reason == "HOST_NOT_FOUND"
+
+
+def test_every_change_of_a_host_s_record_is_announced(store: Store, heard: Heard) -> None:
+    # the controller drops a host's cached endpoint on these (HostRegistry.client)
+    register(store, "h1")
+    register(store, "h2")
+    assert heard.take() == {host_key("h1"), host_key("h2")}
+    store.heartbeat("h1")
+    assert heard.take() == set()  # READY again: nothing changed
+    store.heartbeat("h1", serving=False, reason="libvirtd down")
+    assert heard.take() == {host_key("h1")}
+    store.set_host_state("h1", HostState.UNREACHABLE)
+    assert heard.take() == {host_key("h1")}
+    store.set_cordoned("h2", True)
+    assert heard.take() == {host_key("h2")}
+    marked = store.mark_unreachable_older_than(datetime.now(UTC) + timedelta(seconds=1))
+    assert marked == ["h2"] and heard.take() == {host_key("h2")}
+    assert store.mark_unreachable_older_than(datetime.now(UTC) + timedelta(seconds=1)) == []
+    assert heard.take() == set()
+    store.remove_host("h1")
+    assert heard.take() == {host_key("h1")}
+    with pytest.raises(NotFound):
+        store.set_host_state("h1", HostState.READY)
+    assert heard.take() == set()  # a failed write announces nothing
