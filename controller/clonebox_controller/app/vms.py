@@ -42,12 +42,10 @@ class _Outcome:
     How an operation's work ended, recorded with the operation's end in one transaction.
 
     ``observed``: the VM as its host reported it last (its state, uuid, addresses and reason are
-    recorded, and the VM as stored is the result); ``result``: a result to record as it is;
-    ``step``: the operation's last step.
+    recorded, and the VM as stored is the operation's result); ``step``: the operation's last step.
     """
 
     observed: Vm | None = None
-    result: Vm | None = None
     step: str | None = None
 
 
@@ -411,9 +409,7 @@ class VmManager:
             actor=actor,
         )
         await asyncio.to_thread(
-            lambda: self._store.finish_operation(
-                op.id, ended.result, err, event, observed=ended.observed, step=ended.step
-            )
+            lambda: self._store.finish_operation(op.id, None, err, event, observed=ended.observed, step=ended.step)
         )
         if self._observe_operation is not None:
             self._observe_operation(
