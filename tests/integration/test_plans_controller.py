@@ -22,19 +22,20 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
+from clonebox.controller.v1 import host_service_pb2, vm_service_pb2
 from clonebox.controller.v1 import plan_service_pb2 as pb
 from clonebox.controller.v1 import plan_service_pb2_grpc as pb_grpc
 from clonebox.controller.v1 import snapshot_service_pb2 as spb
 from clonebox.controller.v1 import snapshot_service_pb2_grpc as spb_grpc
-from clonebox.controller.v1 import vm_service_pb2
 from clonebox.type.v1 import plan_pb2, snapshot_pb2, vm_pb2
 from google.protobuf import descriptor_pool
 
+from clonebox_agent.adapters.common import Fault
 from clonebox_agent.adapters.fake import FakeHypervisor
 from clonebox_controller.app.plans import PlanEngine, PlanSettings
 from clonebox_controller.main import place_plan
 from clonebox_core.audit.chain import AuditFilter
-from clonebox_core.errors import Internal
+from clonebox_core.errors import FailedPrecondition, Internal
 from clonebox_core.health import FileProbe, HealthState, Probe, ProbeType
 from clonebox_core.model import DiskSpec, NetworkMode, NetworkSpec, Resources, VmSpec, Volume
 from clonebox_core.plan import (
@@ -1162,6 +1163,31 @@ async def test_a_volume_that_does_not_fit_refuses_the_plan_before_anything_is_ma
     # the same plan with a volume that fits goes through, and its volume is made
     await _up(fleet, with_volumes(data_mib=64))
     assert sorted(await volumes_on(fleet)) == ["vols-cache", "vols-data"]
+
+
+async def test_a_plans_volumes_keep_their_disk_from_later_vms_until_deleted(fleet: Fleet) -> None:
+    # 2,000 MiB of disk: the plan's VMs take 48, its volumes 1,500 + 32
+    await fleet.add_agent("h1", Resources(vcpus=8, memory_mib=8 * 1024, disk_mib=2_000))
+    await _up(fleet, with_volumes(data_mib=1_500))
+    h1 = (await fleet.hosts.ListHosts(host_service_pb2.ListHostsRequest())).hosts[0]
+    assert h1.allocated.disk_mib == 3 * 16 + 1_500 + 32
+    # a VM that would fit in the disk the volumes are not using is refused: the volumes hold it
+    late = vm_pb2.VmSpec(name="late", vcpus=1, memory_mib=512, disks=[vm_pb2.DiskSpec(name="root", size_mib=1_000)])
+    err = await rpc_error(create(fleet, late))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and error_info(err).reason == "NO_HOST_FITS"
+    # down keeps the volumes (and their room); down --volumes frees it
+    assert (await down(fleet, "vols")).state is RunState.SUCCEEDED
+    assert (await rpc_error(create(fleet, late))).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (await down(fleet, "vols", with_volumes=True)).state is RunState.SUCCEEDED
+    assert (await create(fleet, late)).host == "h1"
+    # a volume the agent refuses to make gives its reservation back
+    full = FailedPrecondition("the pool's file system is full", reason="POOL_FULL")
+    fleet.fakes["h1"].faults.fail_on["create_volume"] = Fault(full, times=1)
+    run = await apply(fleet, with_volumes(data_mib=100))
+    failed = (await watch(fleet, run.id))[-1]
+    assert failed.state is RunState.ROLLED_BACK and "the pool's file system is full" in failed.error
+    h1 = (await fleet.hosts.ListHosts(host_service_pb2.ListHostsRequest())).hosts[0]
+    assert h1.allocated.disk_mib == 1_000  # only "late"
 
 
 async def test_a_volume_mount_from_the_plan_file_reaches_the_agent(fleet: Fleet, tmp_path: Path) -> None:

@@ -252,20 +252,31 @@ class VmManager:
         """
         Make agent volume ``name`` on ``host`` (idempotent: an equal volume is returned as it is).
 
-        FailedPrecondition VOLUME_EXISTS_DIFFERENT (the agent's) when it exists with another size or
-        shared flag; HOST_UNREACHABLE; an unreachable agent is retried like an operation's call. The
-        agent audits it (``volume.create``).
+        Its disk is reserved on the host first (ResourceExhausted HOST_CAPACITY_EXCEEDED when it does not
+        fit), and freed again when the agent makes nothing. FailedPrecondition VOLUME_EXISTS_DIFFERENT
+        (the agent's) when it exists with another size or shared flag; HOST_UNREACHABLE; an unreachable
+        agent is retried like an operation's call. The agent audits it (``volume.create``).
         """
         client = await self._hosts.client(host)
-        return await self._agent_call(lambda: client.create_volume(name, size_mib, shared, labels, request_id))
+        reserved = await asyncio.to_thread(self._store.reserve_volume, host, name, size_mib)
+        try:
+            return await self._agent_call(lambda: client.create_volume(name, size_mib, shared, labels, request_id))
+        except CloneboxError:
+            # the agent's create is all-or-nothing (a half-made volume is invisible, a retry replaces it);
+            # a cancelled call keeps the reservation: the agent may still make the volume
+            if reserved:
+                await asyncio.to_thread(self._store.release_volume, host, name)
+            raise
 
     async def delete_volume(self, host: str, name: str, request_id: str) -> bool:
-        """Remove agent volume ``name`` on ``host`` and its data; False when there was none (that counts as done)."""
+        """Remove agent volume ``name`` on ``host`` and its data, and free its disk; False when there was none."""
         client = await self._hosts.client(host)
         try:
             await self._agent_call(lambda: client.delete_volume(name, request_id))
         except NotFound:
+            await asyncio.to_thread(self._store.release_volume, host, name)
             return False
+        await asyncio.to_thread(self._store.release_volume, host, name)
         return True
 
     async def list_volumes(self, host: str) -> list[Volume]:

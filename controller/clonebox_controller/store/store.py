@@ -102,6 +102,7 @@ from .tables import (
     VmChangeRow,
     VmLabelRow,
     VmRow,
+    VolumeReservationRow,
 )
 
 _log = logging.getLogger(__name__)
@@ -195,6 +196,16 @@ _ALLOCATIONS = (
     .group_by(_VM_TABLE.c.host)
 )
 _ALLOCATIONS_OF = _ALLOCATIONS.where(_VM_TABLE.c.host.in_(bindparam("hosts", expanding=True)))
+_VOLUME_TABLE = cast(Table, VolumeReservationRow.__table__)
+_VOLUME_DISK = select(_VOLUME_TABLE.c.host, func.sum(_VOLUME_TABLE.c.size_mib)).group_by(_VOLUME_TABLE.c.host)
+_VOLUME_DISK_OF = _VOLUME_DISK.where(_VOLUME_TABLE.c.host.in_(bindparam("hosts", expanding=True)))
+_VOLUME_RESERVED = select(_VOLUME_TABLE.c.size_mib).where(
+    _VOLUME_TABLE.c.host == bindparam("host"), _VOLUME_TABLE.c.name == bindparam("name")
+)
+_INSERT_VOLUME = insert(_VOLUME_TABLE)
+_DELETE_VOLUME = delete(_VOLUME_TABLE).where(
+    _VOLUME_TABLE.c.host == bindparam("host"), _VOLUME_TABLE.c.name == bindparam("name")
+)
 _LABEL_TABLE = cast(Table, VmLabelRow.__table__)
 _DELETE_LABELS = delete(_LABEL_TABLE).where(_LABEL_TABLE.c.vm_name == bindparam("vm_name"))
 _INSERT_LABELS = insert(_LABEL_TABLE)
@@ -479,12 +490,17 @@ class Store:
 
     @staticmethod
     def _allocations(conn: Connection, hosts: Iterable[str] | None = None) -> dict[str, tuple[Resources, int]]:
-        """Per host: the sum of reservations of its VMs and how many VMs it has."""
-        rows = conn.execute(_ALLOCATIONS) if hosts is None else conn.execute(_ALLOCATIONS_OF, {"hosts": list(hosts)})
+        """Per host: the sum of reservations of its VMs and volumes, and how many VMs it has."""
+        names = None if hosts is None else {"hosts": list(hosts)}
+        rows = conn.execute(_ALLOCATIONS) if names is None else conn.execute(_ALLOCATIONS_OF, names)
         out: dict[str, tuple[Resources, int]] = {}
         for host, vcpus, memory, disk, count in rows:
             if host is not None:
                 out[host] = (Resources(int(vcpus), int(memory), int(disk)), int(count))
+        volumes = conn.execute(_VOLUME_DISK) if names is None else conn.execute(_VOLUME_DISK_OF, names)
+        for host, disk in volumes:
+            held, count = out.get(host, (Resources(), 0))
+            out[host] = (held + Resources(0, 0, int(disk)), count)
         return out
 
     @staticmethod
@@ -732,6 +748,45 @@ class Store:
             self._changed(session, host_key(name))
 
         self._run(tx, write=True)
+
+    # ------------------------------------------------------------------ volumes
+
+    def reserve_volume(self, host: str, name: str, size_mib: int) -> bool:
+        """
+        Reserve ``size_mib`` of disk on ``host`` for its agent's volume ``name``; True when newly reserved.
+
+        Placement counts the reservation as it counts a VM's disks, so a volume's room cannot be given to
+        a VM. Idempotent: a volume reserved there already keeps its reservation (False; whether an
+        existing volume matches is the agent's to say). Errors: NotFound HOST_NOT_FOUND; ResourceExhausted
+        HOST_CAPACITY_EXCEEDED when the host's free disk (what it offers less its VMs' and volumes'
+        reservations) is smaller.
+        """
+
+        def tx(session: Session) -> bool:
+            row = self._host_row(session, host, lock=True)  # one placement at a time on this host
+            conn = session.connection()
+            if conn.execute(_VOLUME_RESERVED, {"host": host, "name": name}).first() is not None:
+                return False
+            need = Resources(0, 0, size_mib)
+            free = self._allocatable(row) - self._allocations(conn, [host]).get(host, (Resources(), 0))[0]
+            if not need.fits_in(free):
+                raise ResourceExhausted(
+                    f"host {host!r} has no room for volume {name!r} ({size_mib} MiB): "
+                    f"{placement.shortfall(need, free)}; free disk on the host or make the volume smaller",
+                    reason="HOST_CAPACITY_EXCEEDED",
+                    metadata={"host": host, "volume": name},
+                )
+            conn.execute(_INSERT_VOLUME, {"host": host, "name": name, "size_mib": size_mib, "create_time": self._now()})
+            return True
+
+        return self._run(tx, write=True, retry_integrity=True)
+
+    def release_volume(self, host: str, name: str) -> bool:
+        """Free the disk reserved for volume ``name`` on ``host`` (the volume is gone); False when none was."""
+        return self._run(
+            lambda session: session.connection().execute(_DELETE_VOLUME, {"host": host, "name": name}).rowcount > 0,
+            write=True,
+        )
 
     # ------------------------------------------------------------------ placement
 

@@ -145,6 +145,19 @@ class VmRow(Base):
     revision: Mapped[int] = mapped_column(BigInteger, index=True)
 
 
+class VolumeReservationRow(Base):
+    """Disk reserved on a host for one of its agent's volumes: placement counts it as it counts VMs' disks."""
+
+    __tablename__ = "volume_reservations"
+
+    host: Mapped[str] = mapped_column(
+        String(NAME_LENGTH), ForeignKey("hosts.name", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    size_mib: Mapped[int] = mapped_column(BigInteger)
+    create_time: Mapped[datetime]
+
+
 class VmLabelRow(Base):
     """One label of a VM, denormalised out of the spec so label filters run in SQL."""
 

@@ -256,7 +256,7 @@ def test_upgrade_from_0003_keeps_data(store_url: str) -> None:
         r = Resources(2, 2048, 10_000)
         old.upsert_host_registration("h1", "h1:7000", r, r, HypervisorInfo(uri="test:///default"), 1)
     with Store.open(store_url) as new:
-        assert current_revision(new.engine) == "0005"
+        assert current_revision(new.engine) == "0006"
         assert {"health_current", "health_transitions", "health_minutes", "health_actions"} <= set(
             inspect(new.engine).get_table_names()
         )

@@ -508,7 +508,7 @@ def test_upgrade_from_0004_keeps_data(store_url: str) -> None:
         r = Resources(2, 2048, 10_000)
         old.upsert_host_registration("h1", "h1:7000", r, r, HypervisorInfo(uri="test:///default"), 1)
     with Store.open(store_url) as new:
-        assert current_revision(new.engine) == "0005"
+        assert current_revision(new.engine) == "0006"
         assert {"plans", "plan_revisions", "plan_runs", "plan_run_vms"} <= set(inspect(new.engine).get_table_names())
         assert [h.name for h in new.list_hosts()] == ["h1"]
         assert new.save_plan_revision(make_plan())[0].revision == 1

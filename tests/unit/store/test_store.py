@@ -65,7 +65,7 @@ class FakeClock:
 
 
 #: newest migration; bump with every new file in store/migrations/versions
-HEAD_REVISION = "0005"
+HEAD_REVISION = "0006"
 
 
 @pytest.fixture
@@ -311,6 +311,39 @@ def test_disk_counts_towards_capacity(store: Store) -> None:
     reserve(store, spec("v1", disk_mib=6_000))
     with pytest.raises(ResourceExhausted, match="MiB disk"):
         reserve(store, spec("v2", disk_mib=6_000))
+
+
+def test_volume_reservations_count_towards_disk(store: Store) -> None:
+    register(store, "a", disk_mib=10_000)
+    register(store, "b", disk_mib=5_000)
+    assert store.reserve_volume("a", "stack-data", 6_000)
+    assert not store.reserve_volume("a", "stack-data", 6_000)  # a retry: already reserved, once
+    # the host shows it as allocated (no VM counted), and placement gives the room to no VM
+    a = next(h for h in store.list_hosts() if h.name == "a")
+    assert (a.allocated, a.vm_count) == (Resources(0, 0, 6_000), 0)
+    with pytest.raises(ResourceExhausted) as full:
+        reserve(store, spec("big", disk_mib=6_000), host="a")
+    assert full.value.reason == "HOST_CAPACITY_EXCEEDED"
+    assert reserve(store, spec("big", disk_mib=4_500)).host == "b"  # "a" has 4,000 MiB left, "b" 5,000
+    # a volume that does not fit is refused with the host, the volume and the shortfall, and not kept
+    with pytest.raises(ResourceExhausted) as refused:
+        store.reserve_volume("a", "stack-logs", 4_001)
+    assert refused.value.reason == "HOST_CAPACITY_EXCEEDED"
+    assert refused.value.metadata == {"host": "a", "volume": "stack-logs"}
+    assert "stack-logs" in refused.value.message and "disk" in refused.value.message
+    assert store.reserve_volume("a", "stack-logs", 4_000)
+    with pytest.raises(NotFound) as nohost:
+        store.reserve_volume("nowhere", "v", 1)
+    assert nohost.value.reason == "HOST_NOT_FOUND"
+    # releasing frees the room; releasing again is a no-op
+    assert store.release_volume("a", "stack-data")
+    assert not store.release_volume("a", "stack-data")
+    assert reserve(store, spec("fits", disk_mib=6_000), host="a").host == "a"
+    # a removed host's reservations go with it
+    store.release_vm("fits")
+    store.remove_host("a")
+    register(store, "a", disk_mib=10_000)
+    assert next(h for h in store.list_hosts() if h.name == "a").allocated == Resources()
 
 
 def test_idempotent_request_id(store: Store) -> None:
