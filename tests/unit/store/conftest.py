@@ -83,3 +83,46 @@ def migrate_to(store_url: str, revision: str, *, down: bool = False) -> set[str]
         return set(inspect(engine).get_table_names())
     finally:
         engine.dispose()
+
+
+def add_host_row(store_url: str, name: str, disk_mib: int = 10_000) -> None:
+    """
+    Put host ``name`` into a database migrated to an older revision, as the code of that time would.
+
+    A plain insert into ``hosts`` (its columns have not changed since revision 0001): today's ``Store``
+    reads tables of later revisions (a host's allocation counts volume reservations), so it cannot
+    write an older database.
+    """
+    from datetime import UTC, datetime
+
+    from sqlalchemy import insert
+
+    from clonebox_controller.store.engine import create_store_engine
+    from clonebox_controller.store.tables import HostRow
+
+    now = datetime.now(UTC)
+    engine = create_store_engine(store_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                insert(HostRow.__table__).values(  # type: ignore[arg-type]
+                    name=name,
+                    address=f"{name}:7000",
+                    capacity_vcpus=2,
+                    capacity_memory_mib=2048,
+                    capacity_disk_mib=disk_mib,
+                    allocatable_vcpus=2,
+                    allocatable_memory_mib=2048,
+                    allocatable_disk_mib=disk_mib,
+                    hypervisor={"uri": "test:///default"},
+                    state="READY",
+                    state_reason="",
+                    cordoned=False,
+                    registered_time=now,
+                    last_heartbeat=now,
+                    agent_epoch=1,
+                    agent_sequence=0,
+                )
+            )
+    finally:
+        engine.dispose()

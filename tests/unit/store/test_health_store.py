@@ -24,8 +24,7 @@ from clonebox_core.health import (
     Transition,
     VmHealth,
 )
-from clonebox_core.model import HypervisorInfo, Resources
-from tests.unit.store.conftest import migrate_to
+from tests.unit.store.conftest import add_host_row, migrate_to
 from tests.unit.store.test_store import register, reserve, spec
 
 H = HealthState
@@ -251,10 +250,7 @@ def test_prune_keeps_the_newest_transition_and_seq_never_restarts(store: Store) 
 
 def test_upgrade_from_0003_keeps_data(store_url: str) -> None:
     assert "health_current" not in migrate_to(store_url, "0003")
-    # a 0003 database with a host in it
-    with Store.open(store_url, migrate=False) as old:
-        r = Resources(2, 2048, 10_000)
-        old.upsert_host_registration("h1", "h1:7000", r, r, HypervisorInfo(uri="test:///default"), 1)
+    add_host_row(store_url, "h1")  # a 0003 database with a host in it
     with Store.open(store_url) as new:
         assert current_revision(new.engine) == "0006"
         assert {"health_current", "health_transitions", "health_minutes", "health_actions"} <= set(

@@ -16,7 +16,7 @@ from clonebox_controller.store.engine import current_revision
 from clonebox_core.audit.chain import AuditFilter
 from clonebox_core.audit.event import AuditEvent, Outcome, new_event
 from clonebox_core.errors import Aborted, AlreadyExists, NotFound
-from clonebox_core.model import CloudInit, DiskSpec, HypervisorInfo, Resources, VmSpec
+from clonebox_core.model import CloudInit, DiskSpec, VmSpec
 from clonebox_core.plan import (
     ChangeKind,
     Condition,
@@ -31,7 +31,7 @@ from clonebox_core.plan import (
     VmStatus,
 )
 from clonebox_core.secret import Secret
-from tests.unit.store.conftest import migrate_to
+from tests.unit.store.conftest import add_host_row, migrate_to
 
 T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 R = TypeVar("R")
@@ -503,10 +503,7 @@ def test_concurrent_create_run_lets_one_through(store_url: str, clock: Clock) ->
 
 def test_upgrade_from_0004_keeps_data(store_url: str) -> None:
     assert "plans" not in migrate_to(store_url, "0004")
-    # a 0004 database with a host in it
-    with Store.open(store_url, migrate=False) as old:
-        r = Resources(2, 2048, 10_000)
-        old.upsert_host_registration("h1", "h1:7000", r, r, HypervisorInfo(uri="test:///default"), 1)
+    add_host_row(store_url, "h1")  # a 0004 database with a host in it
     with Store.open(store_url) as new:
         assert current_revision(new.engine) == "0006"
         assert {"plans", "plan_revisions", "plan_runs", "plan_run_vms"} <= set(inspect(new.engine).get_table_names())

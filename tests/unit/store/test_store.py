@@ -44,6 +44,7 @@ from clonebox_core.model import (
     VmSpec,
     VmState,
 )
+from tests.unit.store.conftest import add_host_row, migrate_to
 
 REPO = Path(__file__).resolve().parents[3]
 HYPERVISOR = HypervisorInfo(uri="test:///default", libvirt_version="9.0.0", capabilities=("kvm",))
@@ -150,6 +151,19 @@ def test_concurrent_processes_migrate_once(store_url: str) -> None:
     with Store.open(store_url) as s:
         assert current_revision(s.engine) == HEAD_REVISION
         assert s.current_revision() == 0
+
+
+def test_upgrade_from_0005_keeps_hosts_and_counts_volumes(store_url: str) -> None:
+    assert "volume_reservations" not in migrate_to(store_url, "0005")
+    add_host_row(store_url, "h1", disk_mib=10_000)  # a 0005 database with a host in it
+    with Store.open(store_url) as new:
+        assert current_revision(new.engine) == HEAD_REVISION
+        assert new.reserve_volume("h1", "data", 4_000)
+        assert [(h.name, h.allocated.disk_mib) for h in new.list_hosts()] == [("h1", 4_000)]
+    # and back down (the reservations go, the host stays), and up again
+    assert "volume_reservations" not in migrate_to(store_url, "0005", down=True)
+    with Store.open(store_url) as again:
+        assert [(h.name, h.allocated.disk_mib) for h in again.list_hosts()] == [("h1", 0)]
 
 
 def test_in_memory_sqlite_is_refused() -> None:
