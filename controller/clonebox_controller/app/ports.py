@@ -103,7 +103,6 @@ class FleetStore(Protocol):
     def finish_operation(
         self,
         op_id: str,
-        result_vm: Vm | None = None,
         error: CloneboxError | None = None,
         audit: AuditEvent | None = None,
         *,

@@ -207,8 +207,8 @@ class SnapshotManager:
             raise asyncio.CancelledError
         # from here the VM holds a reservation: every way out records the VM or releases it
         try:
-            await asyncio.to_thread(self._store.update_vm_observed, spec.name, VmState.CREATING, None, None, "")
-            await asyncio.to_thread(self._store.update_operation, op.id, f"importing on host {reserved.host}", 20)
+            step = f"importing on host {reserved.host}"
+            await asyncio.to_thread(lambda: self._store.update_operation(op.id, step, 20, vm_state=VmState.CREATING))
             host = await asyncio.to_thread(self._store.get_host_endpoint, reserved.host)
             # the agent's request id is the operation id, as for CreateVm: a resumed or retried
             # import can never make the VM twice
@@ -219,9 +219,6 @@ class SnapshotManager:
             # must still happen
             await asyncio.shield(self._abandon(stored, spec.name, err))
             raise
-        vm = await asyncio.to_thread(
-            self._store.update_vm_observed, spec.name, made.state, made.uuid, made.addresses, made.state_reason
-        )
         done = new_event(
             IMPORT_KIND,
             op.target,
@@ -229,8 +226,9 @@ class SnapshotManager:
             request_id=header.request_id,
             details={"operation": op.id, "host": reserved.host},
         )
-        await asyncio.to_thread(self._store.finish_operation, op.id, vm or made, None, done)
-        return vm or made
+        # the host's report of the VM is recorded with the end, in one transaction (as VmManager does)
+        finished = await asyncio.to_thread(lambda: self._store.finish_operation(op.id, None, done, observed=made))
+        return finished.result_vm or made
 
     def _replayed(self, op: Operation, vm: Vm | None) -> Vm:
         """The answer to a retried import: the first attempt's VM, or its error."""
@@ -270,7 +268,7 @@ class SnapshotManager:
             reason=err.reason,
             details={"operation": op.id, "error": err.message},
         )
-        await asyncio.to_thread(self._store.finish_operation, op.id, None, err, failed)
+        await asyncio.to_thread(self._store.finish_operation, op.id, err, failed)
 
 
 def _as_error(exc: BaseException) -> CloneboxError:

@@ -420,7 +420,7 @@ class VmManager:
             actor=actor,
         )
         await asyncio.to_thread(
-            lambda: self._store.finish_operation(op.id, None, err, event, observed=ended.observed, step=ended.step)
+            lambda: self._store.finish_operation(op.id, err, event, observed=ended.observed, step=ended.step)
         )
         if self._observe_operation is not None:
             self._observe_operation(

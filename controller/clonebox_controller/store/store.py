@@ -1477,7 +1477,6 @@ class Store:
     def finish_operation(
         self,
         op_id: str,
-        result_vm: Vm | None = None,
         error: CloneboxError | None = None,
         audit: AuditEvent | None = None,
         *,
@@ -1485,7 +1484,7 @@ class Store:
         step: str | None = None,
     ) -> Operation:
         """
-        Mark an operation done with its result or error.
+        Mark an operation done with its result (``observed``, below) or ``error``.
 
         Finishing an already finished operation returns it unchanged: after a controller restart a
         resumed worker may finish work that had in fact completed, and the first outcome stands.
@@ -1493,7 +1492,7 @@ class Store:
         ``observed`` is the operation's VM as its host reported it at the end of the work: its state,
         uuid, addresses and state reason are recorded as :meth:`update_vm_observed` would, in the same
         transaction, and the result is the VM as stored then (``observed`` itself, when its record is
-        gone), in place of ``result_vm``. ``step`` is the operation's last step.
+        gone; none without ``observed``). ``step`` is the operation's last step.
         """
 
         def tx(session: Session) -> Operation:
@@ -1506,7 +1505,7 @@ class Store:
             changes: dict[str, Any] = {"done": True, "update_time": self._now()}
             if step is not None:
                 changes["step"] = step
-            result = result_vm
+            result: Vm | None = None
             if observed is not None:
                 result = (
                     self._observe(

@@ -376,7 +376,7 @@ def test_idempotent_request_id(store: Store) -> None:
     assert err.value.reason == "REQUEST_ID_REUSED"
 
     # after the VM is gone, a replay still answers with the operation (and its result, if any)
-    store.finish_operation("op-1", result_vm=vm1)
+    store.finish_operation("op-1", observed=vm1)
     store.release_vm("web")
     op3, vm3 = store.reserve_vm(spec("web"), None, create_op("web", "req-1", "op-4"))
     assert op3.id == "op-1" and op3.done
@@ -716,7 +716,7 @@ def test_operations_lifecycle(store: Store, clock: FakeClock) -> None:
     assert [o.id for o in store.unfinished_operations()] == ["op-1", "op-2", "op-3"]
 
     result = store.update_vm_observed("web", VmState.RUNNING)
-    done = store.finish_operation("op-1", result_vm=result)
+    done = store.finish_operation("op-1", observed=result)
     assert done.done and done.progress == 100 and done.result_vm == result
     # a second finish (a resumed worker) does not overwrite the first outcome
     assert store.finish_operation("op-1", error=Unavailable("late", reason="X")) == done
