@@ -1190,6 +1190,51 @@ async def test_a_plans_volumes_keep_their_disk_from_later_vms_until_deleted(flee
     assert h1.allocated.disk_mib == 1_000  # only "late"
 
 
+async def test_a_volume_made_without_a_reservation_is_counted_once_its_host_connects(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    capacity = Resources(vcpus=8, memory_mib=8 * 1024, disk_mib=2_000)
+    # storage of its own: the fake's files outlive its agent's restarts, as a host's do
+    fake = FakeHypervisor(host_name="h1", capacity=capacity, storage_dir=tmp_path / "h1-storage")
+    await fleet.add_agent("h1", capacity, fake)
+    # made on the host, not through this controller: as a volume made before migration 0006 was
+    await fleet.fakes["h1"].create_volume("old-data", 1_500)
+    await fleet.stop_agent("h1")
+    await fleet.add_agent("h1", capacity)
+
+    async def counted() -> bool:
+        hosts = (await fleet.hosts.ListHosts(host_service_pb2.ListHostsRequest())).hosts
+        return hosts[0].allocated.disk_mib == 1_500
+
+    await eventually(counted, WAIT, "the listed volume to be counted")
+    late = vm_pb2.VmSpec(name="late", vcpus=1, memory_mib=512, disks=[vm_pb2.DiskSpec(name="root", size_mib=1_000)])
+    err = await rpc_error(create(fleet, late))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and error_info(err).reason == "NO_HOST_FITS"
+    # connecting again adopts nothing twice; deleting the volume through the controller frees its room
+    await fleet.stop_agent("h1")
+    await fleet.add_agent("h1", capacity)
+    await eventually(counted, WAIT, "the host to be counted again")
+    assert await fleet.controller.vms.delete_volume("h1", "old-data", "drop-old-data")
+    assert (await create(fleet, late)).host == "h1"
+
+
+async def test_a_host_whose_volumes_cannot_be_listed_still_syncs_its_vms(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeHypervisor(host_name="h1", capacity=ROOMY)
+    fake.faults.fail_on["list_volumes"] = Fault(Internal("the volume folder cannot be read"), times=1)
+    await fleet.add_agent("h1", ROOMY, fake)
+    await create(fleet, spec("web", memory=64))
+
+    async def running() -> bool:
+        got = await fleet.vms.GetVm(vm_service_pb2.GetVmRequest(name="web"))
+        return got.vm.state == vm_pb2.VM_STATE_RUNNING
+
+    await eventually(running, WAIT, "web to run")
+    assert "h1: its volumes are not counted until it connects again" in caplog.text
+    assert "the volume folder cannot be read" in caplog.text
+
+
 async def test_a_volume_mount_from_the_plan_file_reaches_the_agent(fleet: Fleet, tmp_path: Path) -> None:
     await fleet.add_agent("h1", ROOMY)
     text = (

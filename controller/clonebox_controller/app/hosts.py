@@ -82,6 +82,8 @@ class HostRegistry:
         self._sweeper: asyncio.Task[None] | None = None
         #: the VM names each host reported, from its last listing and its events since
         self._reported: dict[str, set[str]] = {}
+        self._volume_locks: dict[str, asyncio.Lock] = {}
+        self._adopters: dict[str, asyncio.Task[None]] = {}
         self._listeners: list[SessionListener] = []
         #: host name -> (monotonic time read, endpoint); see _ENDPOINT_TTL_SECONDS
         self._endpoints: dict[str, tuple[float, HostEndpoint]] = {}
@@ -108,7 +110,12 @@ class HostRegistry:
 
     async def close(self) -> None:
         """Cancel every background task."""
-        tasks = [*self._sync_tasks.values(), *self._refreshers.values(), *self._reconcilers.values()]
+        tasks = [
+            *self._sync_tasks.values(),
+            *self._refreshers.values(),
+            *self._reconcilers.values(),
+            *self._adopters.values(),
+        ]
         if self._sweeper is not None:
             tasks.append(self._sweeper)
         for t in tasks:
@@ -238,6 +245,11 @@ class HostRegistry:
                     log.info("host %s reconciled: %s", host.name, ", ".join(changed))
                 for vm in vms:
                     self.refresh_addresses(vm)
+                if host.name not in self._adopters:
+                    # beside the VM sync, not in it: it may wait for a volume delete under way
+                    task = asyncio.create_task(self._adopt_volumes(host.name, client), name=f"volumes-{host.name}")
+                    self._adopters[host.name] = task
+                    task.add_done_callback(functools.partial(self._adopted, host.name))
                 saved_at = loop.time()
                 async for ev in client.watch_vms(revision):
                     await self._apply(host.name, ev.vm, ev.deleted)
@@ -255,6 +267,40 @@ class HostRegistry:
             except CloneboxError as exc:
                 log.warning("sync of host %s: %s", host.name, exc)
                 await asyncio.sleep(1)
+
+    def volume_lock(self, host: str) -> asyncio.Lock:
+        """
+        The lock a volume's delete (the agent's, then the release) holds against the adoption of ``host``.
+
+        Without it a listing taken just before a delete could re-reserve the deleted volume right after
+        its release, holding its room for good. It spans this controller only: another controller's
+        delete in that window leaves such a reservation (``docs/operations.md``).
+        """
+        return self._volume_locks.setdefault(host, asyncio.Lock())
+
+    def _adopted(self, host: str, task: asyncio.Task[None]) -> None:
+        if self._adopters.get(host) is task:
+            del self._adopters[host]
+
+    async def _adopt_volumes(self, host: str, client: AgentClient) -> None:
+        """
+        Count the disk of the host's volumes that hold no reservation (``Store.adopt_volumes``).
+
+        Volumes made before reservations existed (migration 0006) or through the agent's own API would
+        otherwise leave their room free for placement. A listing that fails is logged and left for the
+        next connection: it must not stop the VM sync.
+        """
+        try:
+            async with self.volume_lock(host):
+                volumes = await client.list_volumes()
+                adopted = await asyncio.to_thread(
+                    self._store.adopt_volumes, host, [(v.name, v.size_mib) for v in volumes]
+                )
+        except CloneboxError as exc:
+            log.warning("host %s: its volumes are not counted until it connects again: %s", host, exc)
+            return
+        if adopted:
+            log.info("host %s: counting the disk of volume(s) made without a reservation: %s", host, ", ".join(adopted))
 
     async def adopt_released(self, name: str, deleted_on: str = "") -> None:
         """

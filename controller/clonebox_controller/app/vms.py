@@ -271,13 +271,14 @@ class VmManager:
     async def delete_volume(self, host: str, name: str, request_id: str) -> bool:
         """Remove agent volume ``name`` on ``host`` and its data, and free its disk; False when there was none."""
         client = await self._hosts.client(host)
-        try:
-            await self._agent_call(lambda: client.delete_volume(name, request_id))
-        except NotFound:
+        async with self._hosts.volume_lock(host):
+            try:
+                await self._agent_call(lambda: client.delete_volume(name, request_id))
+            except NotFound:
+                await asyncio.to_thread(self._store.release_volume, host, name)
+                return False
             await asyncio.to_thread(self._store.release_volume, host, name)
-            return False
-        await asyncio.to_thread(self._store.release_volume, host, name)
-        return True
+            return True
 
     async def list_volumes(self, host: str) -> list[Volume]:
         """The volumes of ``host`` (one attempt: a question, not a mutation)."""

@@ -781,6 +781,29 @@ class Store:
 
         return self._run(tx, write=True, retry_integrity=True)
 
+    def adopt_volumes(self, host: str, listed: Sequence[tuple[str, int]]) -> list[str]:
+        """
+        Reserve the disk of every volume ``(name, size_mib)`` the host's agent listed that holds none yet.
+
+        For volumes made outside a reservation (before migration 0006, or through the agent's own API):
+        they take their room on the host's disk whether or not it fits, so there is no capacity check.
+        Never releases: a reservation whose volume is not listed may belong to a create still in flight
+        (``reserve_volume`` comes before the agent's create), so only ``release_volume`` frees one.
+        Returns the adopted names, sorted; NotFound HOST_NOT_FOUND.
+        """
+
+        def tx(session: Session) -> list[str]:
+            self._host_row(session, host, lock=True)  # serialized with placements on this host
+            conn = session.connection()
+            held = set(conn.execute(select(_VOLUME_TABLE.c.name).where(_VOLUME_TABLE.c.host == host)).scalars())
+            now = self._now()
+            new = sorted((name, size) for name, size in dict(listed).items() if name not in held)
+            for name, size in new:
+                conn.execute(_INSERT_VOLUME, {"host": host, "name": name, "size_mib": size, "create_time": now})
+            return [name for name, _size in new]
+
+        return self._run(tx, write=True, retry_integrity=True)
+
     def release_volume(self, host: str, name: str) -> bool:
         """Free the disk reserved for volume ``name`` on ``host`` (the volume is gone); False when none was."""
         return self._run(

@@ -360,6 +360,29 @@ def test_volume_reservations_count_towards_disk(store: Store) -> None:
     assert next(h for h in store.list_hosts() if h.name == "a").allocated == Resources()
 
 
+def test_listed_volumes_without_a_reservation_are_adopted(store: Store) -> None:
+    register(store, "a", disk_mib=10_000)
+    register(store, "b", disk_mib=10_000)
+    assert store.reserve_volume("a", "kept", 1_000)
+    # the unreserved ones are counted at their listed size, even beyond the free disk: they exist
+    listed = [("kept", 9_999), ("old-logs", 2_000), ("old-data", 8_000)]
+    assert store.adopt_volumes("a", listed) == ["old-data", "old-logs"]
+    a = next(h for h in store.list_hosts() if h.name == "a")
+    assert a.allocated == Resources(0, 0, 1_000 + 2_000 + 8_000)  # "kept" keeps its reserved size
+    assert store.adopt_volumes("a", listed) == []  # once
+    # a reservation whose volume is not listed stays (its create may be under way); other hosts untouched
+    assert store.adopt_volumes("a", []) == []
+    assert next(h for h in store.list_hosts() if h.name == "a").allocated == a.allocated
+    assert next(h for h in store.list_hosts() if h.name == "b").allocated == Resources()
+    with pytest.raises(ResourceExhausted):
+        reserve(store, spec("vm", disk_mib=1), host="a")
+    assert store.release_volume("a", "old-data")
+    assert reserve(store, spec("vm", disk_mib=1), host="a").host == "a"
+    with pytest.raises(NotFound) as nohost:
+        store.adopt_volumes("nowhere", [("v", 1)])
+    assert nohost.value.reason == "HOST_NOT_FOUND"
+
+
 def test_idempotent_request_id(store: Store) -> None:
     register(store, "a")
     op1, vm1 = store.reserve_vm(spec("web"), None, create_op("web", "req-1", "op-1"))
