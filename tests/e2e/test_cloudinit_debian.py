@@ -7,7 +7,9 @@ Three VMs boot at the same time (one per login method; under TCG a boot to "clou
 
 - ``key``: ``ssh_key`` with a key made here, a static address from ``network_config``, and
   ``detach_seed_after_boot``;
-- ``pw``: ``password`` from an ``env:`` reference, DHCP, the seed left attached;
+- ``pw``: ``password`` from an ``env:`` reference, DHCP, the seed left attached; brought up by
+  ``clonebox up`` as the one service of a plan that mounts a plan volume (cloud-init's ``fs_setup``
+  and ``mounts`` on a real guest);
 - ``otp``: ``one_time_password``, DHCP.
 
 Marked ``full``: it needs the Debian image (``deploy/testguest/debian/build.sh``) and takes minutes,
@@ -52,6 +54,9 @@ pytestmark = [
 ]
 
 USER = "dev"
+#: the plan volume of "pw" and where the plan mounts it
+VOLUME = "data"
+VOLUME_MOUNT = "/srv/data"
 PASSWORD_ENV = "CLONEBOX_E2E_VM_PASSWORD"
 #: boot to "cloud-init done" under TCG, three guests at once on a 2-core host: 1.5-4 min measured
 BOOT_TIMEOUT = float(os.environ.get("CLONEBOX_E2E_BOOT_TIMEOUT", "900"))
@@ -147,6 +152,16 @@ def _free_static_ip() -> str:
     pytest.fail("no free address in 192.168.122.200-252 for the static network-config test")
 
 
+def plan_text(name: str, spec: Path) -> str:
+    """A plan ``name`` of one service ``pw`` (the VM ``<name>-pw`` of ``spec``) with a volume at VOLUME_MOUNT."""
+    return (
+        f"version: 1\nname: {name}\n"
+        f"volumes:\n  {VOLUME}: {{size: 64MiB}}\n"
+        # networks: [] keeps the spec's network (libvirt's default), where the tests look for its address
+        f"vms:\n  pw:\n    config: {spec.name}\n    networks: []\n    volumes: ['{VOLUME}:{VOLUME_MOUNT}']\n"
+    )
+
+
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     reason = image_reason()
@@ -186,9 +201,17 @@ def lab() -> Iterator[Lab]:
         created_at: dict[str, float] = {}
         seeds: dict[str, list[str]] = {}
         otp = ""
+        # "pw" comes up through a one-VM plan (named as the host, so its VM is named as the others) that
+        # attaches a plan volume mounted at VOLUME_MOUNT: cloud-init formats and mounts it on a real guest
+        plan = fleet.root / "clonebox-compose.yaml"
+        plan.write_text(plan_text(fleet.host, specs["pw"]))
         try:
             for role, spec in specs.items():
-                doc = fleet.cli_json("vm", "create", "-f", str(spec), "--wait")
+                if role == "pw":
+                    fleet.cli("up", "-f", str(plan), timeout=600)
+                    doc = fleet.cli_json("vm", "show", names[role])
+                else:
+                    doc = fleet.cli_json("vm", "create", "-f", str(spec), "--wait")
                 created_at[role] = time.monotonic()
                 assert doc["state"] == "VM_STATE_RUNNING", doc
                 if role == "otp":
@@ -201,6 +224,7 @@ def lab() -> Iterator[Lab]:
             print(f"\n[timing] fleet up and 3 VMs created in {time.monotonic() - fleet_t0:.0f}s")
             yield Lab(fleet, key, password, otp, static_ip, guests, created_at, seeds)
         finally:
+            fleet.cli("down", fleet.host, "--volumes", check=False, timeout=600)
             for name in names.values():
                 fleet.cli("vm", "delete", name, "--wait", check=False)
             print(f"\n[timing] whole module {time.monotonic() - fleet_t0:.0f}s")
@@ -282,6 +306,26 @@ def test_password_login_with_the_referenced_password(lab: Lab) -> None:
     # only a one-time password expires
     chage = guest.exec(["chage", "-l", USER]).stdout
     assert "password must be changed" not in chage, chage
+
+
+def test_a_plan_volume_is_formatted_and_mounted_where_the_plan_says(lab: Lab) -> None:
+    guest = lab.boot("pw").guest
+    # the volume's disk, found by the serial the plan renders into cloud-init (vol-<plan>-<volume>)
+    device = f"/dev/disk/by-id/virtio-vol-{lab.fleet.host}-{VOLUME}"[: len("/dev/disk/by-id/virtio-") + 20]
+    found = guest.sh(f"readlink -f {device} && findmnt -n -o SOURCE,FSTYPE,OPTIONS {VOLUME_MOUNT}")
+    assert found.exitcode == 0, f"{found.stdout}{found.stderr}\n{guest.diagnostics()}"
+    disk, mount = found.stdout.strip().splitlines()
+    source, fstype, options = mount.split()
+    assert (source, fstype) == (disk, "ext4"), found.stdout
+    assert "rw" in options.split(","), options
+    # the agent's volume is that disk, and the guest writes to it
+    volume = f"{lab.fleet.host}-{VOLUME}"
+    assert volume in guest.dumpxml(), f"the domain attaches no disk of volume {volume}"
+    wrote = guest.sh(f"echo kept > {VOLUME_MOUNT}/probe && sync && cat {VOLUME_MOUNT}/probe")
+    assert (wrote.exitcode, wrote.stdout.strip()) == (0, "kept"), wrote.stderr
+    # fstab has it (nofail), so it is mounted again at the next boot
+    fstab = guest.exec(["cat", "/etc/fstab"]).stdout
+    assert VOLUME_MOUNT in fstab and "nofail" in fstab, fstab
 
 
 def test_one_time_password_is_expired(lab: Lab) -> None:
