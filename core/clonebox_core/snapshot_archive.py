@@ -39,6 +39,7 @@ from google.protobuf.message import DecodeError
 from clonebox_core.errors import InvalidArgument, invalid_field
 from clonebox_core.model import VmSpec
 from clonebox_core.rpc.convert import spec_from_proto
+from clonebox_core.snapshots import check_image_disks
 
 __all__ = [
     "ARCHIVE_CORRUPT",
@@ -724,4 +725,7 @@ def archive_vm_spec(first: snapshot_pb2.SnapshotImagePart) -> VmSpec:
         raise invalid_field("part", "the first part of an archive must be its header")
     if not first.header.HasField("spec") or not first.header.spec.name:
         raise invalid_field("part.header.spec", "the header carries no VM spec")
-    return spec_from_proto(first.header.spec)
+    spec = spec_from_proto(first.header.spec)
+    # checked here too, not only by the agent: an import refused there would have been placed first
+    check_image_disks([d.name for d in first.header.disks], spec)
+    return spec

@@ -151,6 +151,12 @@ MAX_TAGS = 32
 MAX_TAG_CHARS = 256
 
 
+def check_image_disks(disks: Sequence[str], spec: VmSpec) -> None:
+    """InvalidArgument naming ``disks`` unless an export's disk names are the spec's disks, in its order."""
+    if list(disks) != [d.name for d in spec.disks]:
+        raise invalid_field("disks", "must list the spec's disks, in the spec's order")
+
+
 def check_policy(policy: SnapshotPolicy) -> SnapshotPolicy:
     """Return ``policy`` or raise InvalidArgument naming the field (counts 0..1000, sizes and ages ≥ 0)."""
     for name in ("keep_last", "keep_hourly", "keep_daily", "keep_weekly"):

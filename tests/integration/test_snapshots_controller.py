@@ -193,6 +193,26 @@ async def test_export_then_import_as_another_name(fleet: Fleet) -> None:
     assert h.vm_count == 2 and h.allocated.memory_mib == before + 512
 
 
+async def test_an_import_whose_disks_do_not_match_its_spec_is_refused_before_an_operation(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    await create(fleet, spec("web-1"))
+    await stub(fleet).CreateSnapshot(pb.CreateSnapshotRequest(vm="web-1", name="base", request_id="c1"))
+    parts = await _export(fleet, "web-1", "base")
+    header = snapshot_pb2.SnapshotImagePart()
+    header.CopyFrom(parts[0])
+    header.header.disks[0].name = "not-a-disk-of-the-spec"
+    operations_before = len(fleet.controller.store.list_operations(limit=1000))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub(fleet).ImportSnapshot(_requests([header, *parts[1:]], rename="web-4", request_id="id"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(err.value).metadata["field"] == "disks"
+    # no operation was recorded, nothing was placed
+    assert len(fleet.controller.store.list_operations(limit=1000)) == operations_before
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await fleet.vms.GetVm(vm_service_pb2.GetVmRequest(name="web-4"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 async def test_failed_import_releases_the_reservation(fleet: Fleet) -> None:
     await fleet.add_agent("h1", ROOMY)
     await create(fleet, spec("web-1"))

@@ -58,6 +58,7 @@ from clonebox_core.snapshots import (
     Snapshot,
     SnapshotKind,
     SnapshotPolicy,
+    check_image_disks,
     check_policy,
     decide_retention,
 )
@@ -521,8 +522,7 @@ class SnapshotManager:
         header = first
         spec = header.spec
         check_dns_label("spec.name", spec.name)
-        if [d.name for d in header.disks] != [d.name for d in spec.disks]:
-            raise invalid_field("disks", "must list the spec's disks, in the spec's order")
+        check_image_disks([d.name for d in header.disks], spec)
         if header.request_id and await self._replay(header.request_id, "snapshot_import", spec.name) is not None:
             return await self._svc.get(spec.name)
         with contextlib.suppress(NotFound):
