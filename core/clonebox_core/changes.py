@@ -32,9 +32,13 @@ class ChangeKey(NamedTuple):
     name: str
 
 
+#: the kind of ``vm_key``
+VM_KIND = "vm"
+
+
 def vm_key(name: str) -> ChangeKey:
     """The key of a VM's stored record (its state, addresses, spec; announced also when it is released)."""
-    return ChangeKey("vm", name)
+    return ChangeKey(VM_KIND, name)
 
 
 def operation_key(op_id: str) -> ChangeKey:

@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from clonebox_core.errors import FailedPrecondition, InvalidArgument
-from clonebox_core.model import DiskSpec, NetworkMode, NetworkSpec, Vm, VmSpec
+from clonebox_core.model import DiskSpec, NetworkMode, NetworkSpec, Revision, Vm, VmSpec
 from clonebox_core.names import check_dns_label
 from clonebox_core.secret import Secret
 from clonebox_core.specjson import DIGEST_PREFIX, SecretMode, secret_digest, spec_from_dict, spec_to_dict
@@ -866,6 +866,8 @@ class UpdateResult:
     restarted: bool = False
     #: that restart's graceful shutdown timed out and the VM was forced off
     forced: bool = False
+    #: the agent's event revision when it answered (``UpdateVmResponse.revision``; None: not told)
+    revision: Revision | None = None
 
 
 def diff(current: Plan | None, new: Plan, existing: Mapping[str, VmSpec]) -> list[VmChange]:

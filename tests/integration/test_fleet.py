@@ -14,6 +14,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
+from sqlalchemy import text
 
 from clonebox_core.model import Resources
 from tests.integration.conftest import Fleet, eventually
@@ -77,6 +78,16 @@ async def test_create_get_list_delete(fleet: Fleet) -> None:
     assert "web-1" not in [d.name for d in await fleet.fakes["h1"].list()]
     host = (await fleet.hosts.GetHost(host_service_pb2.GetHostRequest(name="h1"))).host
     assert host.allocated.memory_mib == 0
+
+
+async def test_a_create_records_the_agents_revision_of_its_answer(fleet: Fleet) -> None:
+    agent = await fleet.add_agent("h1", SMALL)
+    await create(fleet, spec("web-1"))
+    with fleet.controller.store.engine.connect() as conn:
+        recorded = conn.execute(text("SELECT agent_epoch, agent_sequence FROM vms WHERE name = 'web-1'")).one()
+    # the answer came after the fake's "defined" and "started": the two events are at or below it
+    events = agent.service.events
+    assert recorded[0] == events.epoch and 2 <= recorded[1] <= events.revision.sequence, (recorded, events.revision)
 
 
 async def test_retry_with_same_request_id_creates_once(fleet: Fleet) -> None:

@@ -61,6 +61,8 @@ from clonebox_core.validate import PASSWORD_HASH, PUBLIC_KEY, validate_resolved,
 log = logging.getLogger(__name__)
 
 _POLL_SECONDS = 0.25
+#: how long an answer waits for the hypervisor events delivered before it to be logged
+_SETTLE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,25 @@ class AgentService:
         for vm in vms:
             self._known[vm.name] = vm
         return vms, revision
+
+    async def answer(self, vm: Vm) -> tuple[Vm, Revision | None]:
+        """
+        What an answer about a change of ``vm`` carries: the VM as known now, and the event revision.
+
+        Taken once every hypervisor event delivered so far is in the log, and both in one step, so
+        the VM is at least as new as every event up to the revision: a watcher that recorded the
+        answer may skip those (``CreateVmResponse.revision`` and the like). Events the hypervisor
+        delivers later get later revisions: they are news. The wait is bounded: a consumer that is
+        not running (the service starting or closing) must not hold the answer. No revision when the
+        VM is no longer known (undefined meanwhile): its events must all still count.
+        """
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event_queue.join(), _SETTLE_SECONDS)
+        # no await from here: the known VM and the revision describe the same moment
+        latest = self._known.get(vm.name)
+        if latest is None:
+            return vm, None
+        return latest, self.events.revision
 
     def watch(self, after: Revision | None) -> AsyncIterator[VmEvent]:
         """Lifecycle events after ``after``; REVISION_EXPIRED when it is too old or from another epoch."""
@@ -919,6 +940,8 @@ class AgentService:
                 self._apply_event(ev, await self._lookup(ev))
             except Exception:
                 log.exception("dropping hypervisor event %s", ev)
+            finally:
+                self._event_queue.task_done()
 
     async def _lookup(self, ev: HypervisorEvent) -> Vm | None:
         known = self._known.get(ev.name)

@@ -66,4 +66,5 @@ def update_to_proto(result: UpdateResult) -> agent_pb2.UpdateVmResponse:
         fields=list(result.fields),
         restarted=result.restarted,
         forced=result.forced,
+        revision=convert.revision_to_proto(result.revision) if result.revision is not None else None,
     )

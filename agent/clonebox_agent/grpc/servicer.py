@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 from clonebox.agent.v1 import agent_pb2, agent_pb2_grpc
+from clonebox.type.v1 import resources_pb2
 
 from clonebox_agent.app.console import ConsoleReader
 from clonebox_agent.app.health import HealthMonitor
@@ -19,12 +21,17 @@ from clonebox_agent.grpc.convert import (
     update_to_proto,
 )
 from clonebox_core.errors import FailedPrecondition, InvalidArgument
+from clonebox_core.model import Revision
 from clonebox_core.rpc import convert, convert_snapshot
 from clonebox_core.secret import Secret
 from clonebox_core.snapshots import ImagePart
 
 #: grpcio ships no type stubs, so the servicer context is untyped
 Ctx: TypeAlias = Any
+
+
+def _revision(revision: Revision | None) -> resources_pb2.Revision | None:
+    return convert.revision_to_proto(revision) if revision is not None else None
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
@@ -67,8 +74,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         if request.dry_run:
             plan = await self._svc.plan_create(spec, start=request.start)
             return agent_pb2.CreateVmResponse(plan=convert.plan_to_proto(plan))
-        vm = await self._svc.create(spec, request_id=request.request_id, start=request.start)
-        return agent_pb2.CreateVmResponse(vm=convert.vm_to_proto(vm))
+        vm, revision = await self._svc.answer(
+            await self._svc.create(spec, request_id=request.request_id, start=request.start)
+        )
+        return agent_pb2.CreateVmResponse(vm=convert.vm_to_proto(vm), revision=_revision(revision))
 
     async def GetVm(self, request: agent_pb2.GetVmRequest, context: Ctx) -> agent_pb2.GetVmResponse:
         """See the proto."""
@@ -122,8 +131,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     async def StartVm(self, request: agent_pb2.StartVmRequest, context: Ctx) -> agent_pb2.StartVmResponse:
         """See the proto."""
-        vm = await self._svc.start_vm(request.name, request_id=request.request_id)
-        return agent_pb2.StartVmResponse(vm=convert.vm_to_proto(vm))
+        vm, revision = await self._svc.answer(await self._svc.start_vm(request.name, request_id=request.request_id))
+        return agent_pb2.StartVmResponse(vm=convert.vm_to_proto(vm), revision=_revision(revision))
 
     async def ListTransactions(
         self, request: agent_pb2.ListTransactionsRequest, context: Ctx
@@ -149,7 +158,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             timeout_seconds=request.timeout_seconds,
             force=request.force,
         )
-        return agent_pb2.StopVmResponse(vm=convert.vm_to_proto(result.vm), forced=result.forced)
+        vm, revision = await self._svc.answer(result.vm)
+        return agent_pb2.StopVmResponse(vm=convert.vm_to_proto(vm), forced=result.forced, revision=_revision(revision))
 
     async def UpdateVm(self, request: agent_pb2.UpdateVmRequest, context: Ctx) -> agent_pb2.UpdateVmResponse:
         """See the proto."""
@@ -159,7 +169,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             timeout_seconds=request.timeout_seconds,
             dry_run=request.dry_run,
         )
-        return update_to_proto(result)
+        if request.dry_run:
+            return update_to_proto(result)
+        vm, revision = await self._svc.answer(result.vm)
+        return update_to_proto(dataclasses.replace(result, vm=vm, revision=revision))
 
     async def DeleteVm(self, request: agent_pb2.DeleteVmRequest, context: Ctx) -> agent_pb2.DeleteVmResponse:
         """See the proto."""

@@ -88,6 +88,14 @@ def health_update_from_proto(m: agent_pb2.WatchHealthResponse) -> HealthUpdate:
         raise ValueError(f"bad timestamp: {exc}") from None
 
 
+_Answer = agent_pb2.CreateVmResponse | agent_pb2.StartVmResponse | agent_pb2.StopVmResponse | agent_pb2.UpdateVmResponse
+
+
+def _answered(resp: _Answer) -> Revision | None:
+    """The agent's event revision in an answer about a change (None from an agent that does not send it)."""
+    return convert.revision_from_proto(resp.revision) if resp.HasField("revision") else None
+
+
 class GrpcAgentClient:
     """Client for one agent."""
 
@@ -119,11 +127,11 @@ class GrpcAgentClient:
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from None
 
-    async def create_vm(self, spec: VmSpec, request_id: str) -> Vm:
-        """CreateVm (and start)."""
+    async def create_vm(self, spec: VmSpec, request_id: str) -> tuple[Vm, Revision | None]:
+        """CreateVm (and start): the VM and the agent's event revision when it answered."""
         req = agent_pb2.CreateVmRequest(spec=convert.spec_to_proto(spec), request_id=request_id, start=True)
         resp = await self._call(lambda: self._stub.CreateVm(req, timeout=_LONG_TIMEOUT))
-        return convert.vm_from_proto(resp.vm)
+        return convert.vm_from_proto(resp.vm), _answered(resp)
 
     async def plan_create(self, spec: VmSpec) -> CreatePlan:
         """CreateVm with dry_run: the agent's steps and domain XML."""
@@ -176,17 +184,19 @@ class GrpcAgentClient:
         resp = await self._call(lambda: self._stub.ListVms(agent_pb2.ListVmsRequest(), timeout=_SHORT_TIMEOUT))
         return [convert.vm_from_proto(v) for v in resp.vms], convert.revision_from_proto(resp.revision)
 
-    async def start_vm(self, name: str, request_id: str) -> Vm:
-        """StartVm."""
+    async def start_vm(self, name: str, request_id: str) -> tuple[Vm, Revision | None]:
+        """StartVm: the VM and the agent's event revision when it answered."""
         req = agent_pb2.StartVmRequest(name=name, request_id=request_id)
         resp = await self._call(lambda: self._stub.StartVm(req, timeout=_SHORT_TIMEOUT))
-        return convert.vm_from_proto(resp.vm)
+        return convert.vm_from_proto(resp.vm), _answered(resp)
 
-    async def stop_vm(self, name: str, request_id: str, timeout_seconds: int, force: bool) -> Vm:
-        """StopVm."""
+    async def stop_vm(
+        self, name: str, request_id: str, timeout_seconds: int, force: bool
+    ) -> tuple[Vm, Revision | None]:
+        """StopVm: the VM and the agent's event revision when it answered."""
         req = agent_pb2.StopVmRequest(name=name, request_id=request_id, timeout_seconds=timeout_seconds, force=force)
         resp = await self._call(lambda: self._stub.StopVm(req, timeout=_LONG_TIMEOUT))
-        return convert.vm_from_proto(resp.vm)
+        return convert.vm_from_proto(resp.vm), _answered(resp)
 
     async def update_vm(self, spec: VmSpec, request_id: str, timeout_seconds: int) -> UpdateResult:
         """UpdateVm (a restart's graceful shutdown can take minutes: the long deadline)."""
@@ -200,6 +210,7 @@ class GrpcAgentClient:
             fields=tuple(resp.fields),
             restarted=resp.restarted,
             forced=resp.forced,
+            revision=_answered(resp),
         )
 
     async def delete_vm(self, name: str, request_id: str, with_snapshots: bool = False) -> list[str]:

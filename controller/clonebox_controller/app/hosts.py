@@ -20,9 +20,9 @@ from typing import Protocol, TypeVar
 
 from clonebox_controller.app.ports import AgentClient, AgentGateway, FleetStore
 from clonebox_controller.app.uncancelled import to_thread_uncancelled
-from clonebox_core.changes import HOST_KIND, ChangeFeed
+from clonebox_core.changes import HOST_KIND, VM_KIND, ChangeFeed
 from clonebox_core.errors import CloneboxError, FailedPrecondition, NotFound
-from clonebox_core.model import Host, HostEndpoint, HostState, HypervisorInfo, Resources, Vm, VmState
+from clonebox_core.model import Host, HostEndpoint, HostState, HypervisorInfo, Resources, Revision, Vm, VmState
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,12 @@ class HostRegistry:
         # every committed write of a host's record is announced, whoever made it in this process, so
         # no writer of host state can leave a stale endpoint behind (other processes: the TTL)
         changes.subscribe(HOST_KIND, lambda key: self._forget_endpoint(key.name))
+        #: per VM, the newest agent event that came while an operation owned the VM's state: tried
+        #: again when the VM's record next changes (the operation's end), where the store drops it if
+        #: the operation's answer covered it
+        self._held: dict[str, tuple[str, Vm, bool, Revision | None]] = {}
+        self._retries: set[asyncio.Task[None]] = set()
+        changes.subscribe(VM_KIND, lambda key: self._release_held(key.name))
         # Heartbeats and the sweep get a thread of their own: behind a burst of operations in the shared
         # worker threads (a 50-VM plan), a queued heartbeat is written late and its host is marked
         # unreachable although its agent never stopped sending (seen in CI).
@@ -115,6 +121,7 @@ class HostRegistry:
             *self._refreshers.values(),
             *self._reconcilers.values(),
             *self._adopters.values(),
+            *self._retries,
         ]
         if self._sweeper is not None:
             tasks.append(self._sweeper)
@@ -252,7 +259,7 @@ class HostRegistry:
                     task.add_done_callback(functools.partial(self._adopted, host.name))
                 saved_at = loop.time()
                 async for ev in client.watch_vms(revision):
-                    await self._apply(host.name, ev.vm, ev.deleted)
+                    await self._apply(host.name, ev.vm, ev.deleted, ev.revision)
                     if loop.time() - saved_at >= _REVISION_SAVE_SECONDS:
                         await asyncio.to_thread(
                             self._store.set_agent_revision, host.name, ev.revision.epoch, ev.revision.sequence
@@ -323,7 +330,13 @@ class HostRegistry:
             except CloneboxError as exc:
                 log.info("adopting %s from host %s: %s (the next listing will)", name, host, exc)
 
-    async def _apply(self, host: str, vm: Vm, deleted: bool) -> None:
+    async def _apply(self, host: str, vm: Vm, deleted: bool, revision: Revision | None = None) -> None:
+        """
+        Record an agent's event about ``vm`` (at the agent's ``revision``) unless an operation owns the VM.
+
+        The store skips an event its record is newer than (``update_vm_observed``): one an operation's
+        answer overtook on the way here.
+        """
         reported = self._reported.setdefault(host, set())
         if deleted:
             reported.discard(vm.name)
@@ -335,18 +348,34 @@ class HostRegistry:
             if not deleted:
                 self._reconcile_soon(host)
             return
-        if current.host != host or current.state in (VmState.PENDING, VmState.CREATING, VmState.DELETING):
-            # the running operation records the outcome; an event must not race it
+        if current.host != host:
+            return
+        if current.state in (VmState.PENDING, VmState.CREATING, VmState.DELETING):
+            # the running operation records the outcome; an event must not race it, but one that came
+            # after the agent's answer is news the answer does not have
+            self._held[vm.name] = (host, vm, deleted, revision)
             return
         if deleted:
             await asyncio.to_thread(
-                self._store.update_vm_observed, vm.name, VmState.FAILED, None, (), "vanished from host"
+                lambda: self._store.update_vm_observed(
+                    vm.name, VmState.FAILED, None, (), "vanished from host", agent_revision=revision
+                )
             )
             return
         if vm.observed() != current.observed():
             # most events repeat what the operation behind them has already recorded
-            await asyncio.to_thread(self._store.update_vm_observed, vm.name, *vm.observed())
+            await asyncio.to_thread(
+                lambda: self._store.update_vm_observed(vm.name, *vm.observed(), agent_revision=revision)
+            )
         self.refresh_addresses(vm)
+
+    def _release_held(self, name: str) -> None:
+        held = self._held.pop(name, None)
+        if held is None:
+            return
+        task = asyncio.create_task(self._apply(*held), name=f"held-event-{name}")
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
 
     def _reconcile_soon(self, host: str) -> None:
         """List ``host`` and reconcile the store with it shortly (one listing for a burst of asks)."""

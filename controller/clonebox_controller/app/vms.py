@@ -20,7 +20,7 @@ from clonebox_controller.app.ports import AgentConsoleChunk, FleetStore
 from clonebox_controller.app.uncancelled import to_thread_uncancelled
 from clonebox_core.audit.event import SYSTEM_ACTOR, AuditEvent, Outcome, current_actor, new_event
 from clonebox_core.errors import Aborted, CloneboxError, FailedPrecondition, Internal, NotFound, Unavailable
-from clonebox_core.model import CreatePlan, Operation, Vm, VmSpec, VmState, Volume
+from clonebox_core.model import CreatePlan, Operation, Revision, Vm, VmSpec, VmState, Volume
 from clonebox_core.names import check_dns_label
 from clonebox_core.plan import ChangeKind, classify, needs_replace_error, updated_spec
 from clonebox_core.secret import Secret
@@ -42,11 +42,14 @@ class _Outcome:
     How an operation's work ended, recorded with the operation's end in one transaction.
 
     ``observed``: the VM as its host reported it last (its state, uuid, addresses and reason are
-    recorded, and the VM as stored is the operation's result); ``step``: the operation's last step.
+    recorded, and the VM as stored is the operation's result); ``step``: the operation's last step;
+    ``revision``: the agent's event revision when it answered, so that its events about the change,
+    if they arrive after this, are not taken for news (``Store.finish_operation``).
     """
 
     observed: Vm | None = None
     step: str | None = None
+    revision: Revision | None = None
 
 
 def new_operation(kind: str, target: str, request_id: str, params: dict[str, str] | None = None) -> Operation:
@@ -421,7 +424,9 @@ class VmManager:
             actor=actor,
         )
         await asyncio.to_thread(
-            lambda: self._store.finish_operation(op.id, err, event, observed=ended.observed, step=ended.step)
+            lambda: self._store.finish_operation(
+                op.id, err, event, observed=ended.observed, step=ended.step, revision=ended.revision
+            )
         )
         if self._observe_operation is not None:
             self._observe_operation(
@@ -474,22 +479,23 @@ class VmManager:
         await self._step(op, f"creating on host {vm.host}", 20, VmState.CREATING)
         client = await self._hosts.client(vm.host)
         try:
-            created = await self._agent_call(lambda: client.create_vm(vm.spec, op.id))
+            created, revision = await self._agent_call(lambda: client.create_vm(vm.spec, op.id))
         except CloneboxError:
             # the agent's create is all-or-nothing, so freeing the reservation leaves nothing behind
             await asyncio.to_thread(self._store.release_vm, name)
             await self._hosts.adopt_released(name)
             raise
         self._hosts.refresh_addresses(created)
-        return _Outcome(observed=dataclasses.replace(created, state_reason=""), step=created.state.name.lower())
+        step = created.state.name.lower()
+        return _Outcome(observed=dataclasses.replace(created, state_reason=""), step=step, revision=revision)
 
     async def _do_start(self, op: Operation, name: str) -> _Outcome:
         vm = await asyncio.to_thread(self._store.get_vm, name)
         client = await self._hosts.client(vm.host)
         await self._step(op, f"starting on host {vm.host}", 30)
-        started = await self._agent_call(lambda: client.start_vm(name, op.id))
+        started, revision = await self._agent_call(lambda: client.start_vm(name, op.id))
         self._hosts.refresh_addresses(started)
-        return _Outcome(observed=dataclasses.replace(started, state_reason=""))
+        return _Outcome(observed=dataclasses.replace(started, state_reason=""), revision=revision)
 
     async def _do_stop(self, op: Operation, name: str) -> _Outcome:
         vm = await asyncio.to_thread(self._store.get_vm, name)
@@ -498,8 +504,8 @@ class VmManager:
         force = bool(op.params.get("force"))
         step = f"stopping (graceful for {timeout}s, then forced)" if not force else "forcing off"
         await self._step(op, step, 30, VmState.STOPPING)
-        stopped = await self._agent_call(lambda: client.stop_vm(name, op.id, timeout, force))
-        return _Outcome(observed=dataclasses.replace(stopped, addresses=()))
+        stopped, revision = await self._agent_call(lambda: client.stop_vm(name, op.id, timeout, force))
+        return _Outcome(observed=dataclasses.replace(stopped, addresses=()), revision=revision)
 
     async def _do_update(self, op: Operation, name: str) -> _Outcome:
         vm = await asyncio.to_thread(self._store.get_vm, name)
@@ -515,7 +521,8 @@ class VmManager:
                 await asyncio.to_thread(self._store.restore_spec, name, previous)
             raise
         self._hosts.refresh_addresses(result.vm)
-        return _Outcome(observed=result.vm, step="restarted" if result.restarted else "updated")
+        step = "restarted" if result.restarted else "updated"
+        return _Outcome(observed=result.vm, step=step, revision=result.revision)
 
     async def _do_delete(self, op: Operation, name: str) -> _Outcome:
         try:

@@ -243,6 +243,20 @@ def decode_page_token(token: str) -> str:
     return name
 
 
+def _older_news(row: Row[Any], revision: Revision, *, answer: bool) -> bool:
+    """
+    Whether a report at the agent's ``revision`` is older than what ``row`` records (same epoch only).
+
+    An event at the recorded revision is old (the answer that recorded it covered it); an operation's
+    answer at the recorded revision is not: nothing happened on the agent since, and the operation's
+    own steps (STOPPING, ...) must still end with what the agent says now.
+    """
+    seen: int | None = row.agent_sequence
+    if row.agent_epoch != revision.epoch or seen is None:
+        return False
+    return revision.sequence < seen if answer else revision.sequence <= seen
+
+
 def _is_retryable(exc: DBAPIError) -> bool:
     orig = exc.orig
     if getattr(orig, "sqlstate", None) in _RETRYABLE_SQLSTATES:
@@ -1116,6 +1130,8 @@ class Store:
         uuid: str | None = None,
         addresses: Sequence[IpAddress] | None = None,
         state_reason: str | None = None,
+        *,
+        agent_revision: Revision | None = None,
     ) -> Vm | None:
         """
         Record what the host reports about a VM and return it. None leaves a field as it is.
@@ -1123,11 +1139,16 @@ class Store:
         Bumps the VM's revision only when something changed, so repeated identical reports do not
         wake every watcher. Returns None when the VM no longer exists: an observation racing a
         delete is moot, and the caller (often a background refresher) should not fail over it.
+
+        ``agent_revision``: the agent's event revision of the report (an event's). A report of the
+        epoch recorded with the VM whose sequence is not above the recorded one is older than what
+        is recorded (an event that arrived after the answer of the operation it came from): it is
+        not applied, and the VM is returned as stored.
         """
 
         def tx(session: Session) -> Vm | None:
             self._lock_revision(session)
-            return self._observe(session, name, state, uuid, addresses, state_reason)
+            return self._observe(session, name, state, uuid, addresses, state_reason, agent_revision)
 
         return self._run(tx, write=True)
 
@@ -1139,17 +1160,34 @@ class Store:
         uuid: str | None,
         addresses: Sequence[IpAddress] | None,
         state_reason: str | None,
+        agent_revision: Revision | None = None,
+        *,
+        answer: bool = False,
     ) -> Vm | None:
-        """The body of :meth:`update_vm_observed`, in the caller's transaction (revision lock taken)."""
+        """
+        The body of :meth:`update_vm_observed`, in the caller's transaction (revision lock taken).
+
+        ``answer``: the report is an operation's answer, not an event (see ``_older_news``).
+        """
         conn = session.connection()  # Core: this runs for nearly every agent event (see _read)
         row = conn.execute(_VM_FOR_UPDATE, {"name": name}).one_or_none()
         if row is None:
             return None
+        if agent_revision is not None and _older_news(row, agent_revision, answer=answer):
+            return self._vm_model(row)
         changes = self._observed_changes(row, state, uuid, addresses, state_reason)
+        if agent_revision is not None and (row.agent_epoch, row.agent_sequence) != (
+            agent_revision.epoch,
+            agent_revision.sequence,
+        ):
+            changes["agent_epoch"] = agent_revision.epoch
+            changes["agent_sequence"] = agent_revision.sequence
         if not changes:
             return self._vm_model(row)
-        changes["update_time"] = self._now()
-        changes["revision"] = self._vm_revision(session, name)
+        if changes.keys() - {"agent_epoch", "agent_sequence"}:
+            # only what a watcher sees is a change of the VM; the agent's revision is bookkeeping
+            changes["update_time"] = self._now()
+            changes["revision"] = self._vm_revision(session, name)
         return self._vm_model(conn.execute(_UPDATE_VM, {"b_name": name, **changes}).one())
 
     @staticmethod
@@ -1505,6 +1543,7 @@ class Store:
         *,
         observed: Vm | None = None,
         step: str | None = None,
+        revision: Revision | None = None,
     ) -> Operation:
         """
         Mark an operation done with its result (``observed``, below) or ``error``.
@@ -1515,7 +1554,9 @@ class Store:
         ``observed`` is the operation's VM as its host reported it at the end of the work: its state,
         uuid, addresses and state reason are recorded as :meth:`update_vm_observed` would, in the same
         transaction, and the result is the VM as stored then (``observed`` itself, when its record is
-        gone; none without ``observed``). ``step`` is the operation's last step.
+        gone; none without ``observed``). ``step`` is the operation's last step. ``revision`` is the
+        agent's event revision of its answer: recorded with the VM, so that the agent's events about
+        the work, if they arrive after this, are not applied over it (:meth:`update_vm_observed`).
         """
 
         def tx(session: Session) -> Operation:
@@ -1532,7 +1573,14 @@ class Store:
             if observed is not None:
                 result = (
                     self._observe(
-                        session, observed.name, observed.state, observed.uuid, observed.addresses, observed.state_reason
+                        session,
+                        observed.name,
+                        observed.state,
+                        observed.uuid,
+                        observed.addresses,
+                        observed.state_reason,
+                        revision,
+                        answer=True,
                     )
                     or observed
                 )

@@ -143,6 +143,10 @@ class VmRow(Base):
     state_reason: Mapped[str] = mapped_column(Text, default="")
     #: fleet revision of the last change to this row (WatchVms resumes from it)
     revision: Mapped[int] = mapped_column(BigInteger, index=True)
+    #: the host's agent's event revision of the newest report recorded here (an operation's answer or
+    #: an event); an event of that epoch with a sequence at or below it is older news (NULL: none yet)
+    agent_epoch: Mapped[int | None] = mapped_column(BigInteger)
+    agent_sequence: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class VolumeReservationRow(Base):

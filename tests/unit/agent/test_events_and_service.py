@@ -136,3 +136,48 @@ async def test_host_info_subtracts_reserve(service) -> None:  # type: ignore[no-
     info = await svc.host_info()
     assert info.allocatable.memory_mib == fake.capacity.memory_mib - 512
     assert info.name == "h"
+
+
+async def test_an_answer_carries_a_revision_no_earlier_than_the_events_of_its_change(tmp_path: Path) -> None:
+    # the event consumer looks a new VM up on the hypervisor: slowed down, it lags behind the create
+    fake = FakeHypervisor(host_name="h", delays={"get": 0.3})
+    svc = AgentService("h", fake, Journal(tmp_path / "j.db"), reserve=Resources(1, 512, 0), stop_timeout_seconds=1)
+    await svc.start()
+    try:
+        made = await svc.create(SPEC, request_id="c")
+        vm, answered = await svc.answer(made)
+        assert answered is not None and vm.state is VmState.RUNNING
+        events = []
+        stream = svc.events.watch(Revision(answered.epoch, 0))
+        while True:
+            try:
+                events.append(await asyncio.wait_for(anext(stream), 1.0))
+            except TimeoutError:
+                break
+        await stream.aclose()
+        about_web = [(e.type, e.vm.state, e.revision.sequence) for e in events if e.vm.name == "web"]
+        # the hypervisor's "defined" and "started" of the create are both logged, at or before the answer
+        assert [(t, s) for t, s, _ in about_web] == [
+            (VmEventType.ADDED, VmState.STOPPED),
+            (VmEventType.MODIFIED, VmState.RUNNING),
+        ]
+        assert all(seq <= answered.sequence for *_, seq in about_web), (about_web, answered)
+    finally:
+        await svc.close()
+
+
+async def test_an_answer_reports_the_vm_as_of_its_revision_not_as_the_change_left_it(service) -> None:  # type: ignore[no-untyped-def]
+    svc, fake = service
+    made = await svc.create(SPEC, request_id="c")
+    assert made.state is VmState.RUNNING
+    # the guest crashes right after the create; its event is delivered, not yet logged
+    fake.external_crash("web")
+    vm, answered = await svc.answer(made)
+    # the crash is at or below the answer's revision, so the answer must say so: a watcher that
+    # recorded "running" would skip the crash event and never learn of it
+    assert answered is not None and answered.sequence == svc.events.revision.sequence
+    assert vm.state is VmState.CRASHED
+    # a VM undefined meanwhile: no revision, so that every event about it still counts
+    fake.external_undefine("web")
+    gone, none = await svc.answer(made)
+    assert (gone, none) == (made, None)

@@ -23,6 +23,8 @@ from sqlalchemy.engine import make_url
 from tests import pgcluster
 
 PG_URL_ENV = "CLONEBOX_TEST_PG_URL"
+#: newest migration; bump with every new file in store/migrations/versions
+HEAD_REVISION = "0007"
 
 
 @dataclass

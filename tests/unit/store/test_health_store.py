@@ -24,7 +24,7 @@ from clonebox_core.health import (
     Transition,
     VmHealth,
 )
-from tests.unit.store.conftest import add_host_row, migrate_to
+from tests.unit.store.conftest import HEAD_REVISION, add_host_row, migrate_to
 from tests.unit.store.test_store import register, reserve, spec
 
 H = HealthState
@@ -252,7 +252,7 @@ def test_upgrade_from_0003_keeps_data(store_url: str) -> None:
     assert "health_current" not in migrate_to(store_url, "0003")
     add_host_row(store_url, "h1")  # a 0003 database with a host in it
     with Store.open(store_url) as new:
-        assert current_revision(new.engine) == "0006"
+        assert current_revision(new.engine) == HEAD_REVISION
         assert {"health_current", "health_transitions", "health_minutes", "health_actions"} <= set(
             inspect(new.engine).get_table_names()
         )

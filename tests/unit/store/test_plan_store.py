@@ -31,7 +31,7 @@ from clonebox_core.plan import (
     VmStatus,
 )
 from clonebox_core.secret import Secret
-from tests.unit.store.conftest import add_host_row, migrate_to
+from tests.unit.store.conftest import HEAD_REVISION, add_host_row, migrate_to
 
 T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 R = TypeVar("R")
@@ -505,7 +505,7 @@ def test_upgrade_from_0004_keeps_data(store_url: str) -> None:
     assert "plans" not in migrate_to(store_url, "0004")
     add_host_row(store_url, "h1")  # a 0004 database with a host in it
     with Store.open(store_url) as new:
-        assert current_revision(new.engine) == "0006"
+        assert current_revision(new.engine) == HEAD_REVISION
         assert {"plans", "plan_revisions", "plan_runs", "plan_run_vms"} <= set(inspect(new.engine).get_table_names())
         assert [h.name for h in new.list_hosts()] == ["h1"]
         assert new.save_plan_revision(make_plan())[0].revision == 1

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import create_engine, inspect
 
 from clonebox_controller.store import VANISHED_REASON, Store
 from clonebox_controller.store.engine import current_revision
@@ -44,7 +44,7 @@ from clonebox_core.model import (
     VmSpec,
     VmState,
 )
-from tests.unit.store.conftest import add_host_row, migrate_to
+from tests.unit.store.conftest import HEAD_REVISION, add_host_row, migrate_to
 
 REPO = Path(__file__).resolve().parents[3]
 HYPERVISOR = HypervisorInfo(uri="test:///default", libvirt_version="9.0.0", capabilities=("kvm",))
@@ -63,10 +63,6 @@ class FakeClock:
         """Move time forward and return the new now."""
         self.now += timedelta(seconds=seconds)
         return self.now
-
-
-#: newest migration; bump with every new file in store/migrations/versions
-HEAD_REVISION = "0006"
 
 
 @pytest.fixture
@@ -164,6 +160,27 @@ def test_upgrade_from_0005_keeps_hosts_and_counts_volumes(store_url: str) -> Non
     assert "volume_reservations" not in migrate_to(store_url, "0005", down=True)
     with Store.open(store_url) as again:
         assert [(h.name, h.allocated.disk_mib) for h in again.list_hosts()] == [("h1", 0)]
+
+
+def test_upgrade_from_0006_orders_events_of_vms_made_before(store_url: str) -> None:
+    migrate_to(store_url, "0006")
+    add_host_row(store_url, "h1")
+    with Store.open(store_url) as new:
+        assert current_revision(new.engine) == HEAD_REVISION
+        new.reserve_vm(spec("web"), "h1", create_op("web"))
+        new.finish_operation("op-web", observed=observed("web", "h1"))  # no revision recorded yet
+        assert new.update_vm_observed("web", VmState.STOPPED, agent_revision=Revision(1, 5)).state is VmState.STOPPED  # type: ignore[union-attr]
+        assert new.update_vm_observed("web", VmState.RUNNING, agent_revision=Revision(1, 4)).state is VmState.STOPPED  # type: ignore[union-attr]
+    # down again: the VM stays, without the two columns; up again, with them empty
+    migrate_to(store_url, "0006", down=True)
+    engine = create_engine(store_url)
+    try:
+        assert not {"agent_epoch", "agent_sequence"} & {c["name"] for c in inspect(engine).get_columns("vms")}
+    finally:
+        engine.dispose()
+    with Store.open(store_url) as again:
+        assert again.get_vm("web").state is VmState.STOPPED
+        assert again.update_vm_observed("web", VmState.RUNNING, agent_revision=Revision(1, 4)).state is VmState.RUNNING  # type: ignore[union-attr]
 
 
 def test_in_memory_sqlite_is_refused() -> None:
@@ -794,6 +811,55 @@ def test_a_step_and_its_vm_state_commit_together(store: Store, clock: FakeClock)
     assert store.get_vm("web") == creating
     with pytest.raises(NotFound):
         store.update_operation("missing", "x", 10, vm_state=VmState.RUNNING)
+
+
+def test_an_event_the_operations_answer_overtook_is_not_applied(store: Store) -> None:
+    register(store, "a")
+    store.reserve_vm(spec("web"), None, create_op("web", "r1", "op-1"))
+    store.update_operation("op-1", "creating on host a", 20, vm_state=VmState.CREATING)
+    # the agent answered at its revision 3/10: its events about the create have 3/10 or less
+    store.finish_operation("op-1", observed=observed("web", "a"), revision=Revision(3, 10))
+    running, fleet = store.get_vm("web"), store.current_revision()
+    assert running.state is VmState.RUNNING
+    # "defined" (stopped) sent before the answer, arriving after it: older news, nothing changes
+    for seq in (9, 10):
+        assert store.update_vm_observed("web", VmState.STOPPED, agent_revision=Revision(3, seq)) == running
+    gone = store.update_vm_observed(
+        "web", VmState.FAILED, None, (), "vanished from host", agent_revision=Revision(3, 7)
+    )
+    assert gone == running and store.get_vm("web") == running and store.current_revision() == fleet
+    # a later event is news, and then the bar is that event's revision
+    stopped = store.update_vm_observed("web", VmState.STOPPED, agent_revision=Revision(3, 11))
+    assert stopped is not None and stopped.state is VmState.STOPPED and store.current_revision() == fleet + 1
+    assert store.update_vm_observed("web", VmState.RUNNING, agent_revision=Revision(3, 10)) == stopped
+    # an event repeating the state moves the bar without waking watchers
+    assert store.update_vm_observed("web", VmState.STOPPED, agent_revision=Revision(3, 20)) == stopped
+    assert store.current_revision() == fleet + 1
+    assert store.update_vm_observed("web", VmState.RUNNING, agent_revision=Revision(3, 15)) == stopped
+    # another epoch (the agent lost its history) cannot be compared: applied; a report without a
+    # revision (an address refresher's) is applied as before
+    assert store.update_vm_observed("web", VmState.RUNNING, agent_revision=Revision(4, 1)).state is VmState.RUNNING  # type: ignore[union-attr]
+    assert store.update_vm_observed("web", VmState.STOPPED).state is VmState.STOPPED  # type: ignore[union-attr]
+    # an operation's answer without a revision (an older agent) leaves the recorded one
+    store.begin_operation(Operation(id="op-2", kind="vm.start", target="vms/web"))
+    store.finish_operation("op-2", observed=observed("web", "a"))
+    assert store.update_vm_observed("web", VmState.STOPPED, agent_revision=Revision(4, 1)).state is VmState.RUNNING  # type: ignore[union-attr]
+
+
+def test_an_answer_at_the_recorded_revision_still_ends_the_operations_own_state(store: Store) -> None:
+    register(store, "a")
+    store.reserve_vm(spec("web"), None, create_op("web", "r1", "op-1"))
+    store.finish_operation("op-1", observed=observed("web", "a", state=VmState.STOPPED), revision=Revision(2, 6))
+    # a stop of the stopped VM: nothing happens on the agent, so its answer has the same revision
+    store.begin_operation(Operation(id="op-2", kind="vm.stop", target="vms/web"))
+    store.update_operation("op-2", "stopping", 30, vm_state=VmState.STOPPING)
+    done = store.finish_operation("op-2", observed=observed("web", "a", state=VmState.STOPPED), revision=Revision(2, 6))
+    assert store.get_vm("web").state is VmState.STOPPED and done.result_vm == store.get_vm("web")
+    # an answer older than an event already applied does not undo it
+    store.begin_operation(Operation(id="op-3", kind="vm.start", target="vms/web"))
+    store.update_vm_observed("web", VmState.CRASHED, agent_revision=Revision(2, 9))
+    store.finish_operation("op-3", observed=observed("web", "a"), revision=Revision(2, 8))
+    assert store.get_vm("web").state is VmState.CRASHED
 
 
 def test_the_end_of_an_operation_records_the_hosts_report(store: Store, clock: FakeClock) -> None:

@@ -405,6 +405,7 @@ class CreateVmResponse(_message.Message):
 
     VM_FIELD_NUMBER: _builtins.int
     PLAN_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def vm(self) -> _vm_pb2.Vm:
         """The VM."""
@@ -413,15 +414,23 @@ class CreateVmResponse(_message.Message):
     def plan(self) -> _vm_pb2.CreatePlan:
         """The plan, for a dry run (vm is then unset)."""
 
+    @_builtins.property
+    def revision(self) -> _resources_pb2.Revision:
+        """The agent's event revision when it answered: every WatchVms event about this change has this
+        revision or an earlier one, so a watcher that already recorded this answer skips such an event
+        arriving late (unset for a dry run).
+        """
+
     def __init__(
         self,
         *,
         vm: _vm_pb2.Vm | None = ...,
         plan: _vm_pb2.CreatePlan | None = ...,
+        revision: _resources_pb2.Revision | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan", "vm", b"vm"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan", "revision", b"revision", "vm", b"vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan", "revision", b"revision", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -677,18 +686,27 @@ class StartVmResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VM_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def vm(self) -> _vm_pb2.Vm:
         """The VM."""
+
+    @_builtins.property
+    def revision(self) -> _resources_pb2.Revision:
+        """The agent's event revision when it answered: every WatchVms event about this change has this
+        revision or an earlier one, so a watcher that already recorded this answer skips such an event
+        arriving late.
+        """
 
     def __init__(
         self,
         *,
         vm: _vm_pb2.Vm | None = ...,
+        revision: _resources_pb2.Revision | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision", "vm", b"vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -736,21 +754,30 @@ class StopVmResponse(_message.Message):
 
     VM_FIELD_NUMBER: _builtins.int
     FORCED_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
     forced: _builtins.bool
     """True when the graceful shutdown timed out and the VM was forced off."""
     @_builtins.property
     def vm(self) -> _vm_pb2.Vm:
         """The VM."""
 
+    @_builtins.property
+    def revision(self) -> _resources_pb2.Revision:
+        """The agent's event revision when it answered: every WatchVms event about this change has this
+        revision or an earlier one, so a watcher that already recorded this answer skips such an event
+        arriving late.
+        """
+
     def __init__(
         self,
         *,
         vm: _vm_pb2.Vm | None = ...,
         forced: _builtins.bool = ...,
+        revision: _resources_pb2.Revision | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision", "vm", b"vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["forced", b"forced", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["forced", b"forced", "revision", b"revision", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -803,6 +830,7 @@ class UpdateVmResponse(_message.Message):
     FIELDS_FIELD_NUMBER: _builtins.int
     RESTARTED_FIELD_NUMBER: _builtins.int
     FORCED_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
     kind: _plan_pb2.ChangeKind.ValueType
     """CHANGE_KIND_NONE, CHANGE_KIND_IN_PLACE or CHANGE_KIND_RESTART."""
     restarted: _builtins.bool
@@ -817,6 +845,13 @@ class UpdateVmResponse(_message.Message):
     def fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The spec fields that differ (model names, sorted)."""
 
+    @_builtins.property
+    def revision(self) -> _resources_pb2.Revision:
+        """The agent's event revision when it answered: every WatchVms event about this change has this
+        revision or an earlier one, so a watcher that already recorded this answer skips such an event
+        arriving late (unset for a dry run).
+        """
+
     def __init__(
         self,
         *,
@@ -825,10 +860,11 @@ class UpdateVmResponse(_message.Message):
         fields: _abc.Iterable[_builtins.str] | None = ...,
         restarted: _builtins.bool = ...,
         forced: _builtins.bool = ...,
+        revision: _resources_pb2.Revision | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision", "vm", b"vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "forced", b"forced", "kind", b"kind", "restarted", b"restarted", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "forced", b"forced", "kind", b"kind", "restarted", b"restarted", "revision", b"revision", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
