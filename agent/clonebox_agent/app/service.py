@@ -254,22 +254,25 @@ class AgentService:
 
     async def answer(self, vm: Vm) -> tuple[Vm, Revision | None]:
         """
-        What an answer about a change of ``vm`` carries: the VM as known now, and the event revision.
+        What an answer about a change of ``vm`` carries: the VM as the hypervisor has it now, and a revision.
 
-        Taken once every hypervisor event delivered so far is in the log, and both in one step, so
-        the VM is at least as new as every event up to the revision: a watcher that recorded the
-        answer may skip those (``CreateVmResponse.revision`` and the like). Events the hypervisor
-        delivers later get later revisions: they are news. The wait is bounded: a consumer that is
+        The revision is taken once every hypervisor event delivered so far is in the log, and the VM's
+        state is read from the hypervisor after that, so the answer is at least as new as every event
+        up to the revision: a watcher that recorded the answer may skip those
+        (``CreateVmResponse.revision`` and the like). Events logged later have later revisions and
+        are news, in the order the hypervisor delivered them. The wait is bounded: a consumer that is
         not running (the service starting or closing) must not hold the answer. No revision when the
-        VM is no longer known (undefined meanwhile): its events must all still count.
+        VM is gone by then: its events must all still count.
         """
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._event_queue.join(), _SETTLE_SECONDS)
-        # no await from here: the known VM and the revision describe the same moment
-        latest = self._known.get(vm.name)
-        if latest is None:
+        revision = self.events.revision
+        try:
+            now = await self._hv.get(vm.name)
+        except NotFound:
             return vm, None
-        return latest, self.events.revision
+        addresses = vm.addresses if now.state is VmState.RUNNING else ()
+        return replace(vm, state=now.state, state_reason=now.state_reason, addresses=addresses), revision
 
     def watch(self, after: Revision | None) -> AsyncIterator[VmEvent]:
         """Lifecycle events after ``after``; REVISION_EXPIRED when it is too old or from another epoch."""

@@ -181,3 +181,13 @@ async def test_an_answer_reports_the_vm_as_of_its_revision_not_as_the_change_lef
     fake.external_undefine("web")
     gone, none = await svc.answer(made)
     assert (gone, none) == (made, None)
+
+
+async def test_an_answer_keeps_the_hypervisors_reason_for_the_state(service) -> None:  # type: ignore[no-untyped-def]
+    svc, _fake = service
+    await svc.create(SPEC, request_id="c")
+    stopped = await svc.stop("web", request_id="s")
+    vm, answered = await svc.answer(stopped.vm)
+    # the reason is the hypervisor's for the state now, not the one the VM booted with
+    assert answered is not None
+    assert (vm.state, vm.state_reason) == (stopped.vm.state, stopped.vm.state_reason) == (VmState.STOPPED, "shutdown")
