@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from clonebox.agent.v1 import agent_pb2
+from clonebox.type.v1 import resources_pb2
 
 from clonebox_agent.app.events import VmEvent
 from clonebox_agent.app.health import HealthUpdate
@@ -11,6 +12,11 @@ from clonebox_core.model import HostInfo, Revision
 from clonebox_core.plan import UpdateResult
 from clonebox_core.rpc import convert, convert_health
 from clonebox_core.rpc.convert_plan import change_kind_to_proto
+
+
+def answered_revision_to_proto(revision: Revision | None) -> resources_pb2.Revision | None:
+    """The revision of an answer about a change (None: the field stays unset)."""
+    return convert.revision_to_proto(revision) if revision is not None else None
 
 
 def host_info_to_proto(info: HostInfo, revision: Revision) -> agent_pb2.GetHostInfoResponse:
@@ -66,5 +72,5 @@ def update_to_proto(result: UpdateResult) -> agent_pb2.UpdateVmResponse:
         fields=list(result.fields),
         restarted=result.restarted,
         forced=result.forced,
-        revision=convert.revision_to_proto(result.revision) if result.revision is not None else None,
+        revision=answered_revision_to_proto(result.revision),
     )

@@ -7,13 +7,13 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 from clonebox.agent.v1 import agent_pb2, agent_pb2_grpc
-from clonebox.type.v1 import resources_pb2
 
 from clonebox_agent.app.console import ConsoleReader
 from clonebox_agent.app.health import HealthMonitor
 from clonebox_agent.app.service import AgentService
 from clonebox_agent.app.snapshots import SnapshotManager
 from clonebox_agent.grpc.convert import (
+    answered_revision_to_proto,
     check_health_to_proto,
     event_to_proto,
     health_update_to_proto,
@@ -21,17 +21,12 @@ from clonebox_agent.grpc.convert import (
     update_to_proto,
 )
 from clonebox_core.errors import FailedPrecondition, InvalidArgument
-from clonebox_core.model import Revision
 from clonebox_core.rpc import convert, convert_snapshot
 from clonebox_core.secret import Secret
 from clonebox_core.snapshots import ImagePart
 
 #: grpcio ships no type stubs, so the servicer context is untyped
 Ctx: TypeAlias = Any
-
-
-def _revision(revision: Revision | None) -> resources_pb2.Revision | None:
-    return convert.revision_to_proto(revision) if revision is not None else None
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
@@ -77,7 +72,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         vm, revision = await self._svc.answer(
             await self._svc.create(spec, request_id=request.request_id, start=request.start)
         )
-        return agent_pb2.CreateVmResponse(vm=convert.vm_to_proto(vm), revision=_revision(revision))
+        return agent_pb2.CreateVmResponse(vm=convert.vm_to_proto(vm), revision=answered_revision_to_proto(revision))
 
     async def GetVm(self, request: agent_pb2.GetVmRequest, context: Ctx) -> agent_pb2.GetVmResponse:
         """See the proto."""
@@ -132,7 +127,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def StartVm(self, request: agent_pb2.StartVmRequest, context: Ctx) -> agent_pb2.StartVmResponse:
         """See the proto."""
         vm, revision = await self._svc.answer(await self._svc.start_vm(request.name, request_id=request.request_id))
-        return agent_pb2.StartVmResponse(vm=convert.vm_to_proto(vm), revision=_revision(revision))
+        return agent_pb2.StartVmResponse(vm=convert.vm_to_proto(vm), revision=answered_revision_to_proto(revision))
 
     async def ListTransactions(
         self, request: agent_pb2.ListTransactionsRequest, context: Ctx
@@ -159,7 +154,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             force=request.force,
         )
         vm, revision = await self._svc.answer(result.vm)
-        return agent_pb2.StopVmResponse(vm=convert.vm_to_proto(vm), forced=result.forced, revision=_revision(revision))
+        return agent_pb2.StopVmResponse(
+            vm=convert.vm_to_proto(vm), forced=result.forced, revision=answered_revision_to_proto(revision)
+        )
 
     async def UpdateVm(self, request: agent_pb2.UpdateVmRequest, context: Ctx) -> agent_pb2.UpdateVmResponse:
         """See the proto."""
