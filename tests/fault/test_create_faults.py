@@ -435,7 +435,13 @@ def test_controller_killed_while_waiting_on_create(fleet: RealFleet) -> None:
     assert open_txns(fleet) == 0
     print(f"\ncontroller killed mid-create: agent transactions {[t[2:] for t in txns_of(fleet, vm)]}")
     wait_host_ready(fleet)  # on a loaded machine the new session may still be settling
-    fleet.cli("vm", "delete", vm, "--wait")
+    deleted = fleet.cli("vm", "delete", vm, "--wait", check=False)
+    if deleted.returncode != 0:
+        # the clean-up, not what is tested: a heartbeat late on a loaded machine can leave the host
+        # unreachable for a moment after the restart (seen once in CI); the delete is refused then
+        assert "unreachable" in deleted.stderr, deleted.stderr
+        wait_host_ready(fleet)
+        fleet.cli("vm", "delete", vm, "--wait")
     assert_clean(fleet, vm)
 
 
