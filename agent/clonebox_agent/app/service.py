@@ -966,7 +966,10 @@ class AgentService:
         state = ev.state or vm.state
         # addresses belong to a running guest only
         addresses = vm.addresses if state == VmState.RUNNING else ()
-        updated = replace(vm, state=state, update_time=now, addresses=addresses)
+        # the event's detail is the new state's reason ("shutdown", "destroyed", "crashed"); a definition's
+        # ("added") says nothing about why the VM is stopped, so the known reason stays
+        reason = ev.detail if ev.detail and ev.kind != EventKind.DEFINED else vm.state_reason
+        updated = replace(vm, state=state, state_reason=reason, update_time=now, addresses=addresses)
         self._known[ev.name] = updated
         kind = VmEventType.ADDED if ev.kind == EventKind.DEFINED else VmEventType.MODIFIED
         self.events.append(kind, updated, ev.detail or ev.kind.value)

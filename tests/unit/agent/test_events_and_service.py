@@ -191,3 +191,18 @@ async def test_an_answer_keeps_the_hypervisors_reason_for_the_state(service) -> 
     # the reason is the hypervisor's for the state now, not the one the VM booted with
     assert answered is not None
     assert (vm.state, vm.state_reason) == (stopped.vm.state, stopped.vm.state_reason) == (VmState.STOPPED, "shutdown")
+
+
+async def test_an_event_carries_the_reason_for_the_state_it_reports(service) -> None:  # type: ignore[no-untyped-def]
+    svc, fake = service
+    made = await svc.create(SPEC, request_id="c")
+    answered = svc.events.revision
+    # the guest powers itself off: only its event tells the agent, no operation re-reads the VM
+    fake.guest_poweroff("web")
+    await svc.answer(made)  # drains the event queue into the log
+    stream = svc.events.watch(answered)
+    stopped = await asyncio.wait_for(anext(stream), 1.0)
+    await stream.aclose()
+    # the reason is the event's, not the "booted" the VM was created with
+    assert (stopped.vm.state, stopped.vm.state_reason) == (VmState.STOPPED, "shutdown")
+    assert made.state_reason != "shutdown"
