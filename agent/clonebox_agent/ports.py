@@ -395,8 +395,8 @@ class Hypervisor(Protocol):
         ``GUEST_AGENT_UNAVAILABLE`` when it does not answer). A memory snapshot of a VM with a 9p or
         virtiofs share is refused with FailedPrecondition ``SNAPSHOT_BLOCKED_BY_SHARED_FOLDER``;
         AlreadyExists ``SNAPSHOT_ALREADY_EXISTS`` for a taken name. Files it makes are steps in ``steps``.
-        A VM that attaches agent volumes is refused with FailedPrecondition ``VM_HAS_VOLUMES``: snapshots
-        cover a VM's own disks only.
+        Snapshots hold a VM's own disks only: an EXTERNAL snapshot leaves the agent volumes a VM attaches
+        out, an INTERNAL one of such a VM is refused with FailedPrecondition ``VM_HAS_VOLUMES``.
         """
         ...
 
@@ -424,7 +424,7 @@ class Hypervisor(Protocol):
     async def export_disks(self, name: str, snapshot: str, workdir: str) -> builtins.list[DiskImage]:
         """Each disk of the VM as it was at ``snapshot``, flattened into a standalone qcow2 in ``workdir``.
 
-        FailedPrecondition ``VM_HAS_VOLUMES`` for a VM that attaches agent volumes (not part of an export).
+        The agent volumes a VM attaches are not its disks and not part of an export.
         """
         ...
 
@@ -434,7 +434,8 @@ class Hypervisor(Protocol):
         """Define a stopped VM from ``spec`` whose disks are the checked qcow2 files ``images`` (by disk name).
 
         The files are moved into the agent's storage (they must have no backing file and no external data
-        file; the caller checked). All or nothing like ``create``.
+        file; the caller checked). ``images`` names the spec's own disks; the agent volumes its other disks
+        name are attached, with the checks of ``create``. All or nothing like ``create``.
         """
         ...
 

@@ -306,7 +306,8 @@ def create(
 
     By default an internal snapshot, with the guest's memory when the VM runs (a restore returns to
     that very instant). A VM with shared folders cannot have its memory saved: use --disk-only
-    --quiesce. Shared folder contents are never part of a snapshot.
+    --quiesce. Shared folder contents are never part of a snapshot, and neither are volumes: a VM
+    with volumes takes disk-only snapshots.
     """
     s = settings(ctx)
     if quiesce and not disk_only:

@@ -257,6 +257,11 @@ class VmSpec:
         """Whether the VM gets a cloud-init NoCloud seed."""
         return self.cloud_init is not None or self.auth is not None
 
+    @property
+    def own_disks(self) -> tuple[DiskSpec, ...]:
+        """The disks that belong to this VM (not agent volumes): what its snapshots and exports hold."""
+        return tuple(d for d in self.disks if not d.volume)
+
     def resources(self) -> Resources:
         """What placement reserves for this VM (disk counts each disk's virtual size)."""
         return Resources(self.vcpus, self.memory_mib, sum(d.size_mib for d in self.disks))

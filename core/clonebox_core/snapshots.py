@@ -152,9 +152,12 @@ MAX_TAG_CHARS = 256
 
 
 def check_image_disks(disks: Sequence[str], spec: VmSpec) -> None:
-    """InvalidArgument naming ``disks`` unless an export's disk names are the spec's disks, in its order."""
-    if list(disks) != [d.name for d in spec.disks]:
-        raise invalid_field("disks", "must list the spec's disks, in the spec's order")
+    """InvalidArgument naming ``disks`` unless an export's disk names are the spec's own disks, in its order.
+
+    A disk that names an agent volume is not the VM's: an export leaves it out, an import attaches the volume.
+    """
+    if list(disks) != [d.name for d in spec.own_disks]:
+        raise invalid_field("disks", "must list the spec's own disks (not its volumes), in the spec's order")
 
 
 def check_policy(policy: SnapshotPolicy) -> SnapshotPolicy:

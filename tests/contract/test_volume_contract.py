@@ -2,10 +2,11 @@
 
 The same checks run on the fake, libvirt's test driver and real QEMU: create/list/delete, idempotent
 create, attach and detach with the VM, single-writer and shared volumes, refusals (in use, not found,
-snapshots and exports), a restart of the adapter, and a half-made volume. What a domain really attaches
-is read from libvirt itself (its XML through a connection of the test's own), not from the kept spec.
-On real QEMU the data test writes bytes into the volume on the host (``qemu-io``, while no VM runs) and
-reads them back after two VMs attached it and were deleted.
+internal snapshots), disk-only snapshots, exports and imports that leave the volumes out, a restart of
+the adapter, and a half-made volume. What a domain really attaches is read from libvirt itself (its XML
+through a connection of the test's own), not from the kept spec. On real QEMU the data test writes
+bytes into the volume on the host (``qemu-io``, while no VM runs) and reads them back after two VMs
+attached it and were deleted.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ def _volume_disk(root: ET.Element, serial: str) -> ET.Element:
     found = [d for d in root.findall("./devices/disk") if d.findtext("serial") == serial]
     assert len(found) == 1, ET.tostring(root, encoding="unicode")
     return found[0]
+
+
+def _disk_source(root: ET.Element, target: str) -> str:
+    """The source file of the domain's disk on ``target`` ("" when it has none)."""
+    for disk in root.findall("./devices/disk"):
+        t, src = disk.find("target"), disk.find("source")
+        if t is not None and t.get("dev") == target:
+            return src.get("file", "") if src is not None else ""
+    raise AssertionError(f"no disk on {target}: {ET.tostring(root, encoding='unicode')}")
 
 
 async def _volume_path(h: Harness, name: str) -> str | None:
@@ -333,26 +343,60 @@ async def test_update_keeps_the_volume_attached(h: Harness) -> None:
     await _cleanup_volumes(h)
 
 
-# ---- snapshots and exports cover a VM's own disks only -------------------------------------------------
+# ---- snapshots and exports hold a VM's own disks only -------------------------------------------------
 
 
-async def test_snapshots_and_exports_of_a_vm_with_volumes_are_refused(h: Harness, tmp_path: Any) -> None:
+async def test_snapshots_exports_and_imports_of_a_vm_with_volumes_leave_the_volumes_out(
+    h: Harness, tmp_path: Any
+) -> None:
     await h.hv.create_volume("data", 8)
     spec = _with_volume(h, "data")
-    await h.hv.create(spec, start=False)
-    kinds = [SnapshotKind.INTERNAL]
-    if Capability.HOST_FILES in h.capabilities:
-        kinds.append(SnapshotKind.EXTERNAL)
-    for kind in kinds:
-        with pytest.raises(FailedPrecondition) as err:
-            await h.hv.create_snapshot(spec.name, "s1", kind=kind)
-        assert err.value.reason == "VM_HAS_VOLUMES"
-        assert "data" in err.value.message and "own disks" in err.value.message
-    assert await h.hv.list_snapshots(spec.name) == []
+    # running: the snapshot switches a live disk onto an overlay and leaves the live volume disk alone
+    await h.hv.create(spec, start=True)
+    volume_file = await _volume_path(h, "data")
+    # QEMU would save an internal snapshot into the volume too
     with pytest.raises(FailedPrecondition) as err:
-        await h.hv.export_disks(spec.name, "s1", str(tmp_path))
+        await h.hv.create_snapshot(spec.name, "s1", kind=SnapshotKind.INTERNAL)
     assert err.value.reason == "VM_HAS_VOLUMES"
-    assert os.listdir(tmp_path) == []
+    assert "data" in err.value.message and "--disk-only" in err.value.message
+    assert await h.hv.list_snapshots(spec.name) == []
+    if Capability.HOST_FILES not in h.capabilities:
+        await _cleanup_volumes(h)
+        pytest.skip(f"{h.kind}: disk-only snapshots, exports and imports need the hypervisor's files")
+
+    before = _domain_xml(h, spec.name)
+    await h.hv.create_snapshot(spec.name, "s1", kind=SnapshotKind.EXTERNAL)
+    after = _domain_xml(h, spec.name)
+    if before is not None and after is not None:
+        # the VM's own disk moved onto an overlay; the volume disk still writes to the volume's file
+        assert _disk_source(after, "vda") != _disk_source(before, "vda")
+        assert _disk_source(after, "vdb") == _disk_source(before, "vdb") == volume_file
+    out = tmp_path / "out"
+    out.mkdir()
+    images = await h.hv.export_disks(spec.name, "s1", str(out))
+    assert [i.disk for i in images] == ["root"]
+    assert sorted(p.name for p in out.iterdir()) == ["root.qcow2"]
+    await h.hv.delete_snapshot(spec.name, "s1")
+    await h.hv.delete(spec.name)  # keeps the volume
+    assert await _volume_path(h, "data") == volume_file
+
+    # an import attaches the volumes the spec names: a missing one is refused before any file moves
+    missing = replace(spec, disks=(spec.disks[0], DiskSpec("data", volume="nope")))
+    with pytest.raises(NotFound) as gone:
+        await h.hv.import_disks(missing, {"root": images[0].path})
+    assert gone.value.reason == "VOLUME_NOT_FOUND" and gone.value.metadata["field"] == "spec.disks[1].volume"
+    assert sorted(p.name for p in out.iterdir()) == ["root.qcow2"] and await h.hv.list() == []
+    # images of the volume's disk are not the VM's: named, they are refused
+    with pytest.raises(InvalidArgument) as extra:
+        await h.hv.import_disks(spec, {"root": images[0].path, "data": images[0].path})
+    assert "own disks" in extra.value.message
+
+    made = await h.hv.import_disks(spec, {"root": images[0].path})
+    assert made.spec.disks == spec.disks and made.state is VmState.STOPPED
+    root = _domain_xml(h, spec.name)
+    if root is not None:
+        assert _volume_disk(root, "vol-data") is not None and _disk_source(root, "vdb") == volume_file
+    assert [v.vms for v in await h.hv.list_volumes()] == [(spec.name,)]
     await _cleanup_volumes(h)
 
 

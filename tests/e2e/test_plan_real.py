@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from clonebox_core.snapshot_archive import read_archive
 from tests.e2e.guestagent import guest_sh
 from tests.realfleet import RealFleet, running_fleet
 
@@ -224,7 +225,8 @@ def test_a_volume_keeps_its_data_through_a_replace_and_a_down(fleet: RealFleet) 
         code, _out, err = guest_sh(domain, f"printf {marker} | dd of={device} bs=512 conv=sync 2>/dev/null && sync")
         assert code == 0, err
 
-        # a replace makes a new VM that attaches the same volume (no backup: its data is on the volume)
+        # a replace makes a new VM that attaches the same volume; the old VM's own disks go to a backup
+        # first (a disk-only snapshot of the running VM that leaves the volume out, then its export)
         cmdline = f"console=ttyS0 clonebox.hostname={name}-db-2"
         replaced_file = edited(path, db={"kernel_boot": {"cmdline": cmdline}})
         replaced = run_versions(
@@ -232,6 +234,12 @@ def test_a_volume_keeps_its_data_through_a_replace_and_a_down(fleet: RealFleet) 
         )[-1]
         assert replaced["state"] == "PLAN_RUN_STATE_SUCCEEDED", replaced
         assert next(v for v in replaced["vms"] if v["service"] == "db")["change"] == "CHANGE_KIND_REPLACE"
+        backup = fleet.root / "controller-host" / "plan-backups" / name / f"{name}-db" / f"{replaced['id']}.cbsnap"
+        with backup.open("rb") as f:
+            header = next(read_archive(f)).header
+        own = [d.name for d in header.spec.disks if not d.volume]
+        assert own and [d.name for d in header.disks] == own, header.disks
+        assert [d.volume for d in header.spec.disks if d.volume] == [f"{name}-data"]
         _code, got, _ = guest_sh(domain, f"dd if={device} bs=512 count=1 2>/dev/null | head -c {len(marker)}")
         assert got.decode() == marker
 

@@ -586,6 +586,18 @@ async def engine_done_with(fleet: Fleet, run_id: str) -> None:
     await eventually(gone, timeout=WAIT, what=f"the engine to be done with run {run_id}")
 
 
+async def revert_run(fleet: Fleet, plan: str) -> PlanRun:
+    """The revert run (revision 3) that follows a failed second apply of ``plan``, once every run is done."""
+
+    async def reverted() -> bool:
+        runs = (await stub(fleet).ListPlanRuns(pb.ListPlanRunsRequest(name=plan))).runs
+        return len(runs) == 3 and all(run_from_proto(r).done for r in runs)
+
+    await eventually(reverted, timeout=WAIT, what="the revert run to finish")
+    runs = [run_from_proto(r) for r in (await stub(fleet).ListPlanRuns(pb.ListPlanRunsRequest(name=plan))).runs]
+    return next(r for r in runs if r.revision == 3)
+
+
 async def test_auto_revert_reapplies_the_revision_before_a_failed_one(fleet: Fleet) -> None:
     await fleet.add_agent("h1", ROOMY)
     good = reverting(ungated())
@@ -594,14 +606,7 @@ async def test_auto_revert_reapplies_the_revision_before_a_failed_one(fleet: Fle
     failed = (await watch(fleet, failed_start.id))[-1]
     assert failed.state is RunState.ROLLED_BACK and failed.revision == 2, failed.error
     # the replace deleted the old api; the revert run (revision 3: revision 1's content) brings it back
-
-    async def reverted() -> bool:
-        runs = (await stub(fleet).ListPlanRuns(pb.ListPlanRunsRequest(name="stack"))).runs
-        return len(runs) == 3 and all(run_from_proto(r).done for r in runs)
-
-    await eventually(reverted, timeout=WAIT, what="the revert run to finish")
-    runs = [run_from_proto(r) for r in (await stub(fleet).ListPlanRuns(pb.ListPlanRunsRequest(name="stack"))).runs]
-    revert = next(r for r in runs if r.revision == 3)
+    revert = await revert_run(fleet, "stack")
     assert revert.state is RunState.SUCCEEDED, revert.error
     assert revert.request_id == f"auto-revert/{failed.id}"
     assert {v.service: v.change for v in revert.vms} == {
@@ -1033,7 +1038,7 @@ async def test_plan_volumes_are_made_on_their_users_host_and_attached(fleet: Fle
     assert (await _up(fleet, with_volumes())).revision == run.revision
 
 
-async def test_a_replace_keeps_the_volume_and_skips_the_backup(fleet: Fleet) -> None:
+async def test_a_replace_backs_up_the_vms_own_disks_and_keeps_the_volume(fleet: Fleet) -> None:
     await fleet.add_agent("h1", ROOMY)
     await _up(fleet, with_volumes())
     before = (await volumes_on(fleet))["vols-data"][1]
@@ -1043,16 +1048,39 @@ async def test_a_replace_keeps_the_volume_and_skips_the_backup(fleet: Fleet) -> 
     final = snapshots[-1]
     assert final.state is RunState.SUCCEEDED, final.error
     assert next(v for v in final.vms if v.service == "db").change is ChangeKind.REPLACE
-    # the step saying so may be overtaken before a watcher reads it; the audit record stays
-    (skipped,) = fleet.controller.store.list_audit(AuditFilter(action="plan.backup"))
-    assert skipped.event.outcome == "rejected" and skipped.event.reason == "VM_HAS_VOLUMES"
-    assert skipped.event.details["vm"] == "vols-db" and skipped.event.details["volumes"] == "vols-data"
-    assert str(skipped.event.details["error"]).startswith("no backup: vols-db attaches volume(s) vols-data")
-    assert not (fleet.tmp / "plan-backups" / "vols").exists()  # no export was tried
+    # the backup holds the VM's own disk; the volume is not in it (it keeps its data on the host)
+    backup = fleet.tmp / "plan-backups" / "vols" / "vols-db" / f"{run.id}.cbsnap"
+    (taken,) = fleet.controller.store.list_audit(AuditFilter(action="plan.backup"))
+    assert taken.event.outcome == "succeeded" and taken.event.details["file"] == str(backup)
+    with backup.open("rb") as f:
+        header = next(read_archive(f)).header
+    assert [d.name for d in header.disks] == ["root"]
+    assert [d.volume for d in header.spec.disks] == ["", "vols-data"]
     new = (await fleet.vms.GetVm(vm_service_pb2.GetVmRequest(name="vols-db"))).vm
     assert new.uuid != old_uuid and new.spec.disks[0].size_mib == 32
     after = (await volumes_on(fleet))["vols-data"][1]
     # the same volume (made once: its creation time is kept), now attached by the new VM
+    assert after.create_time == before.create_time and after.vms == ("vols-db",)
+
+
+async def test_a_revert_re_makes_a_vm_with_volumes_from_its_backup_and_attaches_them(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    good = reverting(with_volumes())
+    await _up(fleet, good)
+    before = (await volumes_on(fleet))["vols-data"][1]
+    broken_db = dataclasses.replace(service("vols", "db", broken=True), volumes=("data",))
+    bad = dataclasses.replace(good, vms=tuple(broken_db if v.service == "db" else v for v in good.vms))
+    failed_start = await apply(fleet, bad, allow_replace=True)
+    failed = (await watch(fleet, failed_start.id))[-1]
+    assert failed.state is RunState.ROLLED_BACK, failed.error
+    revert = await revert_run(fleet, "vols")
+    assert revert.state is RunState.SUCCEEDED, revert.error
+    # db came back from the failed run's backup (its own disk), with the same volume attached again
+    assert ops(fleet, "snapshot.import") == ["vols-db"]
+    db = (await fleet.vms.GetVm(vm_service_pb2.GetVmRequest(name="vols-db"))).vm
+    assert db.state == vm_pb2.VM_STATE_RUNNING and not db.spec.disks[0].base_image
+    assert [d.volume for d in db.spec.disks] == ["", "vols-data"]
+    after = (await volumes_on(fleet))["vols-data"][1]
     assert after.create_time == before.create_time and after.vms == ("vols-db",)
 
 

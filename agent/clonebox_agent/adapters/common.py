@@ -32,7 +32,7 @@ from typing import Any
 
 from clonebox_agent.ports import NETWORK_ORPHAN_PREFIX, UPDATE_FIELDS, Capability, StepLog, TxnStep
 from clonebox_core import specjson
-from clonebox_core.errors import FailedPrecondition, InvalidArgument, NotFound
+from clonebox_core.errors import FailedPrecondition, InvalidArgument, NotFound, invalid_field
 from clonebox_core.model import NetworkMode, NetworkSpec, StepState, VmSpec
 from clonebox_core.secret import MASK, Secret
 from clonebox_core.snapshots import SnapshotKind
@@ -875,17 +875,25 @@ def volume_users(records: Iterable[Any], name: str) -> tuple[str, ...]:
     return tuple(sorted(r.name for r in records if any(d.volume == name for d in r.spec.disks)))
 
 
-def refuse_volumes(spec: VmSpec, what: str) -> None:
-    """FailedPrecondition VM_HAS_VOLUMES when the VM attaches agent volumes.
+def check_import_images(spec: VmSpec, images: Mapping[str, str]) -> None:
+    """InvalidArgument naming ``images`` unless they name exactly the spec's own disks (an import attaches volumes)."""
+    own = spec.own_disks
+    if set(images) != {d.name for d in own}:
+        raise invalid_field("images", f"must name exactly the spec's own disks ({len(own)}; volumes are attached)")
 
-    Snapshots, exports and imports cover a VM's own disks only.
+
+def refuse_internal_with_volumes(spec: VmSpec, snapshot: str, kind: SnapshotKind) -> None:
+    """FailedPrecondition VM_HAS_VOLUMES for an internal snapshot of a VM that attaches agent volumes.
+
+    A VM's snapshots hold its own disks only; the volumes keep their data as it is (as Incus leaves custom
+    volumes out of instance snapshots). QEMU saves an internal snapshot into every qcow2 disk it has, a
+    volume too, so only a disk-only (external) snapshot can leave the volumes out.
     """
     names = [d.volume for d in spec.disks if d.volume]
-    if names:
+    if names and kind == SnapshotKind.INTERNAL:
         raise FailedPrecondition(
-            f"VM {spec.name} attaches volume(s) {', '.join(names)}: {what} covers only a VM's own disks and would "
-            "leave the volumes' data out of step with them; stop the VM and copy the volumes' files, or move "
-            "that data to the VM's own disks",
+            f"VM {spec.name} attaches volume(s) {', '.join(names)}: its snapshots cover its own disks only, and an "
+            "internal snapshot would be saved into the volumes too; take a disk-only snapshot (--disk-only)",
             reason="VM_HAS_VOLUMES",
-            metadata={"vm": spec.name, "volumes": ", ".join(names)},
+            metadata={"vm": spec.name, "snapshot": snapshot, "volumes": ", ".join(names)},
         )

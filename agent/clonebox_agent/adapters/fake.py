@@ -645,7 +645,7 @@ class FakeHypervisor:
         await self._enter("create_snapshot")
         dom = self._domain(name)
         check_dns_label("snapshot", snapshot)
-        common.refuse_volumes(dom.spec, "a snapshot")
+        common.refuse_internal_with_volumes(dom.spec, snapshot, kind)
         snaps = self._snapshots.setdefault(name, {})
         if snapshot in snaps:
             raise AlreadyExists(
@@ -669,7 +669,7 @@ class FakeHypervisor:
                 raise invalid_field("quiesce", "only for disk-only (external) snapshots")
             self._guest(name)  # FailedPrecondition GUEST_AGENT_UNAVAILABLE: stopped, no qemu-ga, or silent
         has_memory = kind == SnapshotKind.INTERNAL and live
-        disks = max(len(dom.spec.disks), 1) * common.MIB
+        disks = max(len(dom.spec.own_disks), 1) * common.MIB
         snap = _Snap(
             name=snapshot,
             kind=kind,
@@ -747,13 +747,12 @@ class FakeHypervisor:
         return doomed
 
     async def export_disks(self, name: str, snapshot: str, workdir: str) -> builtins.list[DiskImage]:
-        """See ``Hypervisor.export_disks``: an empty qcow2 of each disk's size, made by ``qemu-img``."""
+        """See ``Hypervisor.export_disks``: an empty qcow2 of each own disk's size, made by ``qemu-img``."""
         await self._enter("export_disks")
         dom = self._domain(name)
-        common.refuse_volumes(dom.spec, "an export")
         self._snapshot(name, snapshot)
         images: builtins.list[DiskImage] = []
-        for disk in dom.spec.disks:
+        for disk in dom.spec.own_disks:
             # a disk on a base image takes its size from the image; the fake says 16 MiB
             size = (disk.size_mib or 16) * common.MIB
             path = os.path.join(workdir, f"{disk.name}.qcow2")
@@ -768,13 +767,12 @@ class FakeHypervisor:
     ) -> DomainRecord:
         """See ``Hypervisor.import_disks``: folder, one volume per moved image, a stopped domain; all or nothing."""
         await self._enter("import_disks")
-        common.refuse_volumes(spec, "an import")
         if spec.name in self._domains or spec.name in self._creating:
             raise AlreadyExists(
                 f"VM {spec.name} already exists", reason="VM_ALREADY_EXISTS", metadata={"vm": spec.name}
             )
-        if set(images) != {d.name for d in spec.disks}:
-            raise invalid_field("images", f"must name exactly the disks of the spec ({len(spec.disks)})")
+        common.check_import_images(spec, images)
+        self._check_volumes(spec)
         domain = self.name_prefix + spec.name
         log = steps or common.MemoryStepLog()
         self._creating.add(spec.name)
@@ -785,11 +783,13 @@ class FakeHypervisor:
                 os.makedirs(folder, mode=0o755)
                 log.made(n, common.stamp_identity(folder))
                 common.mark_owned(folder, spec.name)
-            for disk in spec.disks:
+            for disk in spec.own_disks:
                 volume = common.volume_name(domain, disk.name)
                 n = log.planned(f"disk:{disk.name}", {"kind": "volume", "name": volume})
                 log.made(n, self._adopt_volume(volume, spec.name, images[disk.name]))
             await self._step("import:disks")
+            # checked again at the define, as a create does: a volume deleted or attached meanwhile
+            self._check_volumes(spec)
             self._counter += 1
             dom = _Domain(spec.name, str(uuidlib.uuid4()), spec, datetime.now(UTC).replace(microsecond=0))
             dom.index = self._counter

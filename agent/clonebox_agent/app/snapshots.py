@@ -166,7 +166,11 @@ class SnapshotManager:
         request_id: str = "",
         creator: str = "",
     ) -> Snapshot:
-        """Take a snapshot (default name ``snap-YYYYMMDD-HHMMSS`` UTC; kind internal). Idempotent by request id."""
+        """Take a snapshot (default name ``snap-YYYYMMDD-HHMMSS`` UTC). Idempotent by request id.
+
+        The default kind is internal, and disk-only (external) for a VM that attaches agent volumes: only
+        that kind leaves the volumes out (``VM_HAS_VOLUMES``).
+        """
         check_dns_label("vm", vm)
         name = name or self._clock().astimezone(UTC).strftime("snap-%Y%m%d-%H%M%S")
         check_dns_label("name", name)
@@ -178,7 +182,10 @@ class SnapshotManager:
             if request_id and (done := await self._replay(request_id, "snapshot_create", vm)) is not None:
                 return await self._one(vm, str(done.get("snapshot", "")))
             meta = SnapshotMeta(vm, name, description, tags, creator or current_actor(), False, "", quiesce)
-            return await self._create_locked(vm, name, kind or SnapshotKind.INTERNAL, quiesce, request_id, meta)
+            if kind is None:
+                spec = (await self._hv.get(vm)).spec  # NotFound VM_NOT_FOUND, as the snapshot would say
+                kind = SnapshotKind.EXTERNAL if len(spec.own_disks) < len(spec.disks) else SnapshotKind.INTERNAL
+            return await self._create_locked(vm, name, kind, quiesce, request_id, meta)
 
     async def _create_locked(
         self, vm: str, name: str, kind: SnapshotKind, quiesce: bool, request_id: str, meta: SnapshotMeta

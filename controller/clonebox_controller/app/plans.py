@@ -1294,34 +1294,15 @@ class _Execution:
 
         Any failure fails the VM's step with the old VM as it was (its snapshot dropped again). A
         resumed run whose file is there does not take it again. The file holds the disks in clear: it
-        is the controller's (0600, in 0700 folders), like its database.
+        is the controller's (0600, in 0700 folders), like its database. Of a VM that attaches volumes it
+        holds the VM's own disks (the agent's default snapshot of such a VM is disk-only and leaves the
+        volumes out); the volumes keep their data, and the new VM attaches them.
         """
         path = self.backup_path(service)
         snapshots = self.e._snapshots
         if path is None or snapshots is None:
             return
         name = self.status[service].vm
-        with contextlib.suppress(NotFound):
-            old = await asyncio.to_thread(self.store.get_vm, name)
-            attached = [d.volume for d in old.spec.disks if d.volume]
-            if attached:
-                # an export of a VM with volumes is refused (VM_HAS_VOLUMES); the volumes keep the data
-                step = (
-                    f"no backup: {name} attaches volume(s) {', '.join(attached)}, which keep their data; "
-                    "its own disks are not backed up"
-                )
-                # the step is overwritten by the next one: the audit record keeps that no backup was taken
-                event = new_event(
-                    "plan.backup",
-                    f"plans/{self.plan.name}",
-                    Outcome.REJECTED,
-                    reason="VM_HAS_VOLUMES",
-                    details={"run": self.run_.id, "vm": name, "volumes": ",".join(attached), "error": step},
-                    actor=self.actor,
-                )
-                await asyncio.to_thread(self.store.append_audit, [event])
-                await self._save(service, state=VmRunState.CREATING, step=step)
-                return
         snap = f"pre-replace-{self.run_.id}"
 
         async def drop_snapshot() -> None:

@@ -145,6 +145,10 @@ async def test_errors_map_to_status_codes(agent: tuple[Agent, FakeHypervisor]) -
             )
         )
         assert (snap.code, snap.reason) == ("FAILED_PRECONDITION", "VM_HAS_VOLUMES")
+        # without a kind, a VM with volumes gets the kind that leaves them out
+        taken = await stub.CreateSnapshot(agent_pb2.CreateSnapshotRequest(vm="web", name="s2"))
+        assert taken.snapshot.kind == snapshot_pb2.SNAPSHOT_KIND_EXTERNAL
+        await stub.DeleteSnapshot(agent_pb2.DeleteSnapshotRequest(vm="web", name="s2"))
 
         # deleting the VM keeps the volume; then it can go
         await stub.DeleteVm(agent_pb2.DeleteVmRequest(name="web", request_id="x1"))

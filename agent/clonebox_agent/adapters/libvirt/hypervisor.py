@@ -1556,6 +1556,11 @@ class LibvirtHypervisor:
         """Spec disk name by target device: ``create`` gives the i-th disk the i-th virtio target."""
         return {domxml.virtio_target(i): d.name for i, d in enumerate(meta.spec.disks)}
 
+    @staticmethod
+    def _own_disk_names(meta: domxml.OwnerMetadata) -> dict[str, str]:
+        """``_disk_names`` without the disks that attach agent volumes (not the VM's: no snapshot holds them)."""
+        return {domxml.virtio_target(i): d.name for i, d in enumerate(meta.spec.disks) if not d.volume}
+
     def _snapshot_record(
         self, info: snapshots.SnapshotInfo, current: str, disks: Sequence[snapshots.DomainDisk]
     ) -> SnapshotRecord:
@@ -1591,7 +1596,7 @@ class LibvirtHypervisor:
             # libvirt freezes guest filesystems only for disk-only snapshots
             raise invalid_field("quiesce", "only for disk-only (external) snapshots")
         dom, meta = self._owned_domain(vm)
-        common.refuse_volumes(meta.spec, "a snapshot")
+        common.refuse_internal_with_volumes(meta.spec, snapshot, kind)
         try:
             live = bool(dom.isActive())
             xml = dom.XMLDesc(0 if live else libvirt.VIR_DOMAIN_XML_INACTIVE)
@@ -1764,7 +1769,6 @@ class LibvirtHypervisor:
 
     def _export_disks_sync(self, vm: str, snapshot: str, workdir: str) -> builtins.list[DiskImage]:
         dom, meta = self._owned_domain(vm)
-        common.refuse_volumes(meta.spec, "an export")
         _snap, info = self._find_snapshot(dom, vm, snapshot)
         if Capability.HOST_FILES not in self._caps:
             raise FailedPrecondition(
@@ -1779,7 +1783,7 @@ class LibvirtHypervisor:
             raise self._error(exc, vm, "export") from None
         out: builtins.list[DiskImage] = []
         try:
-            for target, disk_name in self._disk_names(meta).items():
+            for target, disk_name in self._own_disk_names(meta).items():
                 disk = disks.get(target)
                 if disk is None:
                     continue
@@ -1805,7 +1809,6 @@ class LibvirtHypervisor:
     # ---- import --------------------------------------------------------------------------------
 
     def _import_disks_sync(self, spec: VmSpec, images: dict[str, str], log: StepLog) -> DomainRecord:
-        common.refuse_volumes(spec, "an import")
         if Capability.HOST_FILES not in self._caps:
             raise FailedPrecondition(
                 f"importing disks needs the hypervisor's files on this host ({self.uri})",
@@ -1813,9 +1816,10 @@ class LibvirtHypervisor:
                 metadata={"vm": spec.name},
             )
         # a taken name is refused before the files are looked at (and again once the name is claimed)
-        self._refuse_existing(spec.name)
-        if set(images) != {d.name for d in spec.disks}:
-            raise invalid_field("images", f"must name exactly the disks of the spec ({len(spec.disks)})")
+        conn = self._refuse_existing(spec.name)
+        common.check_import_images(spec, images)
+        # the volumes the spec attaches must be there and free before any file moves (checked again at the define)
+        self._attached_volumes(conn, spec)
         sizes: dict[str, int] = {}
         for disk_name, path in images.items():
             # the caller checked the files; checked again because QEMU would follow a backing file anywhere
@@ -1830,7 +1834,8 @@ class LibvirtHypervisor:
         local = dataclasses.replace(
             spec,
             disks=tuple(
-                dataclasses.replace(d, base_image="", size_mib=max(1, -(-sizes[d.name] // MiB))) for d in spec.disks
+                d if d.volume else dataclasses.replace(d, base_image="", size_mib=max(1, -(-sizes[d.name] // MiB)))
+                for d in spec.disks
             ),
         )
         resolved = dataclasses.replace(resolve_spec(local, self.image_dirs, self.shared_roots), spec=spec)
@@ -1886,6 +1891,10 @@ class LibvirtHypervisor:
         pool = self._pool(conn)
         disks: builtins.list[domxml.Disk] = []
         for i, disk in enumerate(spec.disks):
+            if disk.volume:
+                # attached, never made (nor undone): filled in at the define, as a create does
+                disks.append(domxml.Disk("", domxml.virtio_target(i)))
+                continue
             name = common.volume_name(domain, disk.name)
             n = log.planned(f"disk:{disk.name}", {"kind": "volume", "name": name})
             path = os.path.join(common.pool_dir(self.storage_dir), name)
@@ -1903,8 +1912,13 @@ class LibvirtHypervisor:
             disks.append(domxml.Disk(path, domxml.virtio_target(i)))
         self._step("import:disks")
         vm_uuid = str(uuidlib.uuid4())
-        cfg = self._domain_config(resolved, domain, vm_uuid, disks, common.console_log_path(self.storage_dir, domain))
-        dom = self._define(conn, cfg, vm, log)
+        with self._volume_lock:
+            volumes = self._attached_volumes(conn, spec)
+            disks = [volumes.get(i, d) for i, d in enumerate(disks)]
+            cfg = self._domain_config(
+                resolved, domain, vm_uuid, disks, common.console_log_path(self.storage_dir, domain)
+            )
+            dom = self._define(conn, cfg, vm, log)
         self._step("import:define")
         state, reason = dom.state()
         return self._record(dom, cfg.owner, state, reason)
@@ -1935,14 +1949,14 @@ class LibvirtHypervisor:
     ) -> SnapshotRecord:
         """Overlays made by us (marked, stepped), then libvirt switches the disks onto them (REUSE_EXT)."""
         domain = self.domain_name(vm)
-        names = self._disk_names(meta)
+        names = self._own_disk_names(meta)
         pool = self._pool(self._conn.get())
         overlays: dict[str, str] = {}
         frozen: dict[str, str] = {}
         for disk in snapshots.snapshot_disks(disks):
-            overlays[disk.target] = self._new_overlay(
-                pool, domain, vm, names.get(disk.target, disk.target), snapshot, disk.source, log
-            )
+            if disk.target not in names:
+                continue  # an agent volume: left out (snapshot='no'), it keeps writing to its own file
+            overlays[disk.target] = self._new_overlay(pool, domain, vm, names[disk.target], snapshot, disk.source, log)
             frozen[disk.target] = disk.source
         sxml = snapshots.external_snapshot_xml(snapshot, disks, overlays, frozen)
         return self._take_snapshot(dom, vm, snapshot, sxml, flags, log, disks)

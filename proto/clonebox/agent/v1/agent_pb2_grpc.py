@@ -287,7 +287,8 @@ class AgentServiceServicer:
 
     def CreateSnapshot(self, request, context):
         """CreateSnapshot takes a snapshot of a VM (a journaled transaction; idempotent by request id). Snapshots
-        and exports cover a VM's own disks only: a VM that attaches volumes is refused (VM_HAS_VOLUMES).
+        and exports hold a VM's own disks only: a VM that attaches volumes takes disk-only snapshots, which
+        leave the volumes out (an internal one is refused: VM_HAS_VOLUMES).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -71,7 +71,8 @@ class AgentServiceStub:
     """CheckHealth runs a VM's checks once now and reports (it does not count toward thresholds)."""
     CreateSnapshot: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CreateSnapshotRequest, _agent_pb2.CreateSnapshotResponse]
     """CreateSnapshot takes a snapshot of a VM (a journaled transaction; idempotent by request id). Snapshots
-    and exports cover a VM's own disks only: a VM that attaches volumes is refused (VM_HAS_VOLUMES).
+    and exports hold a VM's own disks only: a VM that attaches volumes takes disk-only snapshots, which
+    leave the volumes out (an internal one is refused: VM_HAS_VOLUMES).
     """
     ListSnapshots: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ListSnapshotsRequest, _agent_pb2.ListSnapshotsResponse]
     """ListSnapshots returns a VM's snapshots with their tree relations."""
@@ -144,7 +145,8 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """CheckHealth runs a VM's checks once now and reports (it does not count toward thresholds)."""
     CreateSnapshot: _aio.UnaryUnaryMultiCallable[_agent_pb2.CreateSnapshotRequest, _agent_pb2.CreateSnapshotResponse]  # type: ignore[assignment]
     """CreateSnapshot takes a snapshot of a VM (a journaled transaction; idempotent by request id). Snapshots
-    and exports cover a VM's own disks only: a VM that attaches volumes is refused (VM_HAS_VOLUMES).
+    and exports hold a VM's own disks only: a VM that attaches volumes takes disk-only snapshots, which
+    leave the volumes out (an internal one is refused: VM_HAS_VOLUMES).
     """
     ListSnapshots: _aio.UnaryUnaryMultiCallable[_agent_pb2.ListSnapshotsRequest, _agent_pb2.ListSnapshotsResponse]  # type: ignore[assignment]
     """ListSnapshots returns a VM's snapshots with their tree relations."""
@@ -310,7 +312,8 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.CreateSnapshotResponse, _abc.Awaitable[_agent_pb2.CreateSnapshotResponse]]:
         """CreateSnapshot takes a snapshot of a VM (a journaled transaction; idempotent by request id). Snapshots
-        and exports cover a VM's own disks only: a VM that attaches volumes is refused (VM_HAS_VOLUMES).
+        and exports hold a VM's own disks only: a VM that attaches volumes takes disk-only snapshots, which
+        leave the volumes out (an internal one is refused: VM_HAS_VOLUMES).
         """
 
     @_abc_1.abstractmethod
