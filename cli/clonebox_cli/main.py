@@ -45,6 +45,7 @@ from clonebox_cli import (
     secret,
     snapshot,
     vm,
+    volume,
 )
 from clonebox_cli.context import DEFAULT_CONTROLLER, Settings
 from clonebox_cli.output import OutputFormat
@@ -147,6 +148,7 @@ app.add_typer(dev.app, name="dev")
 app.add_typer(config.app, name="config")
 app.add_typer(secret.app, name="secret")
 app.add_typer(plan.app, name="plan")
+app.add_typer(volume.app, name="volume")
 # multi-VM plans: the everyday verbs are top-level, like docker compose's
 app.command("up")(plan.up)
 app.command("down")(plan.down)

@@ -12,6 +12,8 @@ Format (version 1)::
       - name: data                 # a DNS label, unique within the VM
         base_image: testguest/data.qcow2   # relative = inside one of the agent's image dirs
         size: 1GiB                 # optional for an overlay (keeps the base size); required for blank
+      - name: db                   # or: an agent volume on the VM's host (clonebox volume create), kept
+        volume: pgdata             #   when the VM is deleted; no base_image, no size
     kernel_boot:                   # optional direct kernel boot
       kernel: testguest/vmlinuz
       initrd: testguest/initrd.img
@@ -190,6 +192,8 @@ class _Disk(_Strict):
     name: str
     base_image: str = ""
     size: DiskMiB | None = None
+    # an agent volume on the VM's host (``clonebox volume create``) instead of a disk of its own
+    volume: str = ""
 
 
 class _KernelBoot(_Strict):
@@ -514,7 +518,7 @@ def _to_model(doc: _SpecV1 | _SpecV2) -> VmSpec:
         name=doc.name,
         vcpus=doc.vcpus,
         memory_mib=doc.memory,
-        disks=tuple(DiskSpec(d.name, d.base_image, d.size or 0) for d in doc.disks or ()),
+        disks=tuple(DiskSpec(d.name, d.base_image, d.size or 0, volume=d.volume) for d in doc.disks or ()),
         kernel_boot=(
             KernelBoot(doc.kernel_boot.kernel, doc.kernel_boot.initrd, doc.kernel_boot.cmdline)
             if doc.kernel_boot is not None
@@ -1045,6 +1049,8 @@ def dump_spec(spec: VmSpec) -> str:
                 disk["base_image"] = d.base_image
             if d.size_mib:
                 disk["size"] = format_size(d.size_mib)
+            if d.volume:
+                disk["volume"] = d.volume
             doc["disks"].append(disk)
     if spec.kernel_boot is not None:
         boot = {"kernel": spec.kernel_boot.kernel}

@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -26,7 +26,7 @@ from clonebox_core.plan import ChangeKind, classify, needs_replace_error, update
 from clonebox_core.secret import Secret
 from clonebox_core.secrets.providers import SecretRef, secret_access_event
 from clonebox_core.security.identity import current_caller
-from clonebox_core.validate import validate_resolved
+from clonebox_core.validate import validate_resolved, validate_volume
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ class VmManager:
         """A page of VMs from the store."""
         return await asyncio.to_thread(self._store.list_vms, host, state, labels, page_size, page_token)
 
-    # ---- volumes (made and removed by plans, on the host their VMs are placed on) --------------
+    # ---- volumes (disks on one host that outlive their VMs; plans make them, so do users) --------
 
     async def create_volume(
         self, host: str, name: str, size_mib: int, shared: bool, labels: dict[str, str], request_id: str
@@ -258,21 +258,35 @@ class VmManager:
         Its disk is reserved on the host first (ResourceExhausted HOST_CAPACITY_EXCEEDED when it does not
         fit), and freed again when the agent makes nothing. FailedPrecondition VOLUME_EXISTS_DIFFERENT
         (the agent's) when it exists with another size or shared flag; HOST_UNREACHABLE; an unreachable
-        agent is retried like an operation's call. The agent audits it (``volume.create``).
+        agent is retried like an operation's call. Audited here (``volume.create``, naming the caller) and
+        by the agent.
         """
+        check_dns_label("host", host)
+        validate_volume(name, size_mib, labels.items())
         client = await self._hosts.client(host)
         reserved = await asyncio.to_thread(self._store.reserve_volume, host, name, size_mib)
         try:
-            return await self._agent_call(lambda: client.create_volume(name, size_mib, shared, labels, request_id))
+            made = await self._agent_call(lambda: client.create_volume(name, size_mib, shared, labels, request_id))
         except CloneboxError:
             # the agent's create is all-or-nothing (a half-made volume is invisible, a retry replaces it);
             # a cancelled call keeps the reservation: the agent may still make the volume
             if reserved:
                 await asyncio.to_thread(self._store.release_volume, host, name)
             raise
+        await self._audit_volume(
+            "volume.create", name, request_id, {"host": host, "size_mib": size_mib, "shared": shared}
+        )
+        return made
 
     async def delete_volume(self, host: str, name: str, request_id: str) -> bool:
-        """Remove agent volume ``name`` on ``host`` and its data, and free its disk; False when there was none."""
+        """
+        Remove agent volume ``name`` on ``host`` and its data, and free its disk; False when there was none.
+
+        FailedPrecondition VOLUME_IN_USE (the agent's) while a VM definition attaches it. Audited here
+        (``volume.delete``) and by the agent.
+        """
+        check_dns_label("host", host)
+        check_dns_label("name", name)
         client = await self._hosts.client(host)
         async with self._hosts.volume_lock(host):
             try:
@@ -281,11 +295,45 @@ class VmManager:
                 await asyncio.to_thread(self._store.release_volume, host, name)
                 return False
             await asyncio.to_thread(self._store.release_volume, host, name)
-            return True
+        await self._audit_volume("volume.delete", name, request_id, {"host": host})
+        return True
+
+    async def _audit_volume(self, action: str, name: str, request_id: str, details: Mapping[str, object]) -> None:
+        event = new_event(action, f"volumes/{name}", Outcome.SUCCEEDED, request_id=request_id, details=details)
+        await asyncio.to_thread(self._store.append_audit, [event])
 
     async def list_volumes(self, host: str) -> list[Volume]:
         """The volumes of ``host`` (one attempt: a question, not a mutation)."""
         return await (await self._hosts.client(host)).list_volumes()
+
+    async def list_fleet_volumes(self, host: str = "") -> tuple[list[tuple[str, Volume]], dict[str, str]]:
+        """
+        The volumes of every host (or of ``host``), as (host, volume) by host then name, and the hosts not asked.
+
+        Hosts are asked at once, each once; one that cannot be asked is in the second result (host -> why).
+        NotFound HOST_NOT_FOUND for an unknown ``host``.
+        """
+        if host:
+            check_dns_label("host", host)
+            names = [(await asyncio.to_thread(self._store.get_host, host)).name]
+        else:
+            names = [h.name for h in await asyncio.to_thread(self._store.list_hosts)]
+
+        async def ask(name: str) -> list[Volume] | CloneboxError:
+            try:
+                return await self.list_volumes(name)
+            except CloneboxError as err:
+                return err
+
+        answers = await asyncio.gather(*(ask(n) for n in names))
+        found: list[tuple[str, Volume]] = []
+        errors: dict[str, str] = {}
+        for name, answer in zip(names, answers, strict=True):
+            if isinstance(answer, CloneboxError):
+                errors[name] = answer.message
+            else:
+                found.extend((name, v) for v in sorted(answer, key=lambda v: v.name))
+        return found, errors
 
     # ---- mutations ---------------------------------------------------------------------------
 

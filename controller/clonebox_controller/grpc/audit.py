@@ -31,6 +31,8 @@ _RESOURCE_FIELDS: dict[str, tuple[str, str]] = {
     # snapshot requests name their VM in ``vm`` (an import's stream has no single request to read)
     "snapshot": ("vms", "vm"),
     "host": ("hosts", "name"),
+    # volume requests name the volume in ``name`` (its host in ``host``, kept in the details)
+    "volume": ("volumes", "name"),
     # DestroyPlan names the plan in ``name``; ApplyPlan carries it in ``plan.name`` (see resource_of)
     "plan": ("plans", "name"),
     "certificate": ("certificates", "serial"),

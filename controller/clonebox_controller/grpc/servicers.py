@@ -25,8 +25,15 @@ from clonebox_controller.app.pki import CertInfo, PkiManager
 from clonebox_controller.app.ports import FleetStore
 from clonebox_controller.app.vms import VmManager
 from clonebox_core.audit.event import AuditEvent, Outcome, new_event
-from clonebox_core.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
-from clonebox_core.model import Host, VmState
+from clonebox_core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    invalid_field,
+)
+from clonebox_core.model import Host, VmState, Volume
 from clonebox_core.names import check_dns_label
 from clonebox_core.rpc import convert, convert_audit
 from clonebox_core.rpc.convert_plan import change_kind_to_proto
@@ -388,6 +395,36 @@ class VmServicer(vm_service_pb2_grpc.VmServiceServicer):
         op = await self._vms.delete(request.name, request.request_id, request.with_snapshots)
         return vm_service_pb2.DeleteVmResponse(operation=convert.operation_to_proto(op))
 
+    async def ListVolumes(
+        self, request: vm_service_pb2.ListVolumesRequest, context: Ctx
+    ) -> vm_service_pb2.ListVolumesResponse:
+        """See the proto."""
+        found, errors = await self._vms.list_fleet_volumes(request.host)
+        return vm_service_pb2.ListVolumesResponse(
+            volumes=[_volume_on(host, v) for host, v in found], host_errors=errors
+        )
+
+    async def CreateVolume(
+        self, request: vm_service_pb2.CreateVolumeRequest, context: Ctx
+    ) -> vm_service_pb2.CreateVolumeResponse:
+        """See the proto."""
+        if not request.host:
+            raise invalid_field("host", "required: a volume's data lives on one host (see 'clonebox host list')")
+        made = await self._vms.create_volume(
+            request.host, request.name, request.size_mib, request.shared, dict(request.labels), request.request_id
+        )
+        return vm_service_pb2.CreateVolumeResponse(volume=_volume_on(request.host, made))
+
+    async def DeleteVolume(
+        self, request: vm_service_pb2.DeleteVolumeRequest, context: Ctx
+    ) -> vm_service_pb2.DeleteVolumeResponse:
+        """See the proto."""
+        if not request.host:
+            raise invalid_field("host", "required: name the host the volume lives on (see 'clonebox volume list')")
+        if not await self._vms.delete_volume(request.host, request.name, request.request_id):
+            raise volume_not_found(request.name, request.host)
+        return vm_service_pb2.DeleteVolumeResponse()
+
     async def WatchVms(
         self, request: vm_service_pb2.WatchVmsRequest, context: Ctx
     ) -> AsyncIterator[vm_service_pb2.WatchVmsResponse]:
@@ -400,6 +437,22 @@ class VmServicer(vm_service_pb2_grpc.VmServiceServicer):
                 yield vm_service_pb2.WatchVmsResponse(revision=rev, vm=convert.vm_to_proto(vm), deleted=deleted)
             if not changes:
                 await asyncio.sleep(0.2)
+
+
+def _volume_on(host: str, volume: Volume) -> Any:
+    """The proto of ``volume`` with the host it lives on."""
+    msg = convert.volume_to_proto(volume)
+    msg.host = host
+    return msg
+
+
+def volume_not_found(name: str, host: str) -> NotFound:
+    """NotFound VOLUME_NOT_FOUND: ``host`` has no volume ``name``."""
+    return NotFound(
+        f"volume {name} not found on host {host} (see 'clonebox volume list')",
+        reason="VOLUME_NOT_FOUND",
+        metadata={"volume": name, "host": host},
+    )
 
 
 class OperationServicer(operation_service_pb2_grpc.OperationServiceServicer):

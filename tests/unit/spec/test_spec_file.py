@@ -416,3 +416,23 @@ def test_dump_minimal(tmp_path: Path) -> None:
     spec = VmSpec(name="x", kernel_boot=None, disks=())
     text = dump_spec(spec)
     assert text.startswith("version: 1\nname: x\n")
+
+
+def test_a_disk_may_attach_an_agent_volume_and_round_trips() -> None:
+    text = TINY.replace("data.qcow2\n", "data.qcow2\n  - name: db\n    volume: pgdata\n")
+    spec = load_spec_text(text, "vol.yaml")
+    assert [(d.name, d.volume, d.base_image, d.size_mib) for d in spec.disks] == [
+        ("data", "", "testguest/data.qcow2", 0),
+        ("db", "pgdata", "", 0),
+    ]
+    assert spec.own_disks == spec.disks[:1]
+    assert "volume: pgdata" in dump_spec(spec)
+    assert load_spec_text(dump_spec(spec), "dumped.yaml") == spec
+
+
+def test_a_volume_disk_with_a_size_is_refused_naming_the_field_and_line() -> None:
+    text = TINY.replace("data.qcow2\n", "data.qcow2\n  - name: db\n    volume: pgdata\n    size: 1GiB\n")
+    with pytest.raises(InvalidArgument) as err:
+        load_spec_text(text, "vol.yaml")
+    assert "disks[1].size" in err.value.message and "vol.yaml:" in err.value.message
+    assert "remove it" in err.value.message

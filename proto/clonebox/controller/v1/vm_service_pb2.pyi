@@ -22,6 +22,213 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class ListVolumesRequest(_message.Message):
+    """ListVolumesRequest lists volumes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: _builtins.int
+    host: _builtins.str
+    """Only this host's (empty: every host's)."""
+    def __init__(
+        self,
+        *,
+        host: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListVolumesRequest: _TypeAlias = ListVolumesRequest  # noqa: Y015
+
+@_typing.final
+class ListVolumesResponse(_message.Message):
+    """ListVolumesResponse lists volumes, ordered by host, then name."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HostErrorsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    VOLUMES_FIELD_NUMBER: _builtins.int
+    HOST_ERRORS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def volumes(self) -> _containers.RepeatedCompositeFieldContainer[_vm_pb2.Volume]:
+        """The volumes, each with its host."""
+
+    @_builtins.property
+    def host_errors(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Hosts that could not be asked: host name -> why (their volumes are missing from the list)."""
+
+    def __init__(
+        self,
+        *,
+        volumes: _abc.Iterable[_vm_pb2.Volume] | None = ...,
+        host_errors: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_errors", b"host_errors", "volumes", b"volumes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListVolumesResponse: _TypeAlias = ListVolumesResponse  # noqa: Y015
+
+@_typing.final
+class CreateVolumeRequest(_message.Message):
+    """CreateVolumeRequest makes a volume."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    HOST_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_MIB_FIELD_NUMBER: _builtins.int
+    SHARED_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    host: _builtins.str
+    """The host it lives on (required: a volume's data stays on one host)."""
+    name: _builtins.str
+    """Volume name, unique on its host (a DNS label)."""
+    size_mib: _builtins.int
+    """Virtual size in MiB."""
+    shared: _builtins.bool
+    """Several VMs may attach it at once (a raw file, no host cache)."""
+    request_id: _builtins.str
+    """Client request id."""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Free-form labels."""
+
+    def __init__(
+        self,
+        *,
+        host: _builtins.str = ...,
+        name: _builtins.str = ...,
+        size_mib: _builtins.int = ...,
+        shared: _builtins.bool = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "labels", b"labels", "name", b"name", "request_id", b"request_id", "shared", b"shared", "size_mib", b"size_mib"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateVolumeRequest: _TypeAlias = CreateVolumeRequest  # noqa: Y015
+
+@_typing.final
+class CreateVolumeResponse(_message.Message):
+    """CreateVolumeResponse returns the volume."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def volume(self) -> _vm_pb2.Volume:
+        """The volume, with its host."""
+
+    def __init__(
+        self,
+        *,
+        volume: _vm_pb2.Volume | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["volume", b"volume"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateVolumeResponse: _TypeAlias = CreateVolumeResponse  # noqa: Y015
+
+@_typing.final
+class DeleteVolumeRequest(_message.Message):
+    """DeleteVolumeRequest deletes a volume."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    host: _builtins.str
+    """The host it lives on."""
+    name: _builtins.str
+    """Volume name."""
+    request_id: _builtins.str
+    """Client request id."""
+    def __init__(
+        self,
+        *,
+        host: _builtins.str = ...,
+        name: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "name", b"name", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteVolumeRequest: _TypeAlias = DeleteVolumeRequest  # noqa: Y015
+
+@_typing.final
+class DeleteVolumeResponse(_message.Message):
+    """DeleteVolumeResponse confirms the deletion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteVolumeResponse: _TypeAlias = DeleteVolumeResponse  # noqa: Y015
+
+@_typing.final
 class ReadVmConsoleRequest(_message.Message):
     """ReadVmConsoleRequest says which VM's console log to read, and how much of it."""
 

@@ -90,6 +90,21 @@ class VmServiceStub:
                 request_serializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.ReadVmConsoleRequest.SerializeToString,
                 response_deserializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.ReadVmConsoleResponse.FromString,
                 _registered_method=True)
+        self.ListVolumes = channel.unary_unary(
+                '/clonebox.controller.v1.VmService/ListVolumes',
+                request_serializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.ListVolumesRequest.SerializeToString,
+                response_deserializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.ListVolumesResponse.FromString,
+                _registered_method=True)
+        self.CreateVolume = channel.unary_unary(
+                '/clonebox.controller.v1.VmService/CreateVolume',
+                request_serializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.CreateVolumeRequest.SerializeToString,
+                response_deserializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.CreateVolumeResponse.FromString,
+                _registered_method=True)
+        self.DeleteVolume = channel.unary_unary(
+                '/clonebox.controller.v1.VmService/DeleteVolume',
+                request_serializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.DeleteVolumeRequest.SerializeToString,
+                response_deserializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.DeleteVolumeResponse.FromString,
+                _registered_method=True)
 
 
 class VmServiceServicer:
@@ -175,6 +190,30 @@ class VmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListVolumes(self, request, context):
+        """ListVolumes lists the agent volumes of every host (or of one), each with its host and the VMs
+        attaching it. A host that cannot be asked is named in host_errors; the others are still listed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateVolume(self, request, context):
+        """CreateVolume makes an agent volume on a host, its disk reserved there first. Idempotent: an equal
+        volume is returned as it is (FAILED_PRECONDITION VOLUME_EXISTS_DIFFERENT for another size or sharing).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteVolume(self, request, context):
+        """DeleteVolume removes an agent volume and its data, and frees its disk. FAILED_PRECONDITION
+        VOLUME_IN_USE while a VM attaches it; NOT_FOUND VOLUME_NOT_FOUND when the host has none of that name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VmServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -232,6 +271,21 @@ def add_VmServiceServicer_to_server(servicer, server):
                     servicer.ReadVmConsole,
                     request_deserializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.ReadVmConsoleRequest.FromString,
                     response_serializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.ReadVmConsoleResponse.SerializeToString,
+            ),
+            'ListVolumes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVolumes,
+                    request_deserializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.ListVolumesRequest.FromString,
+                    response_serializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.ListVolumesResponse.SerializeToString,
+            ),
+            'CreateVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateVolume,
+                    request_deserializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.CreateVolumeRequest.FromString,
+                    response_serializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.CreateVolumeResponse.SerializeToString,
+            ),
+            'DeleteVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteVolume,
+                    request_deserializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.DeleteVolumeRequest.FromString,
+                    response_serializer=clonebox_dot_controller_dot_v1_dot_vm__service__pb2.DeleteVolumeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -532,6 +586,87 @@ class VmService:
             '/clonebox.controller.v1.VmService/ReadVmConsole',
             clonebox_dot_controller_dot_v1_dot_vm__service__pb2.ReadVmConsoleRequest.SerializeToString,
             clonebox_dot_controller_dot_v1_dot_vm__service__pb2.ReadVmConsoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVolumes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clonebox.controller.v1.VmService/ListVolumes',
+            clonebox_dot_controller_dot_v1_dot_vm__service__pb2.ListVolumesRequest.SerializeToString,
+            clonebox_dot_controller_dot_v1_dot_vm__service__pb2.ListVolumesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clonebox.controller.v1.VmService/CreateVolume',
+            clonebox_dot_controller_dot_v1_dot_vm__service__pb2.CreateVolumeRequest.SerializeToString,
+            clonebox_dot_controller_dot_v1_dot_vm__service__pb2.CreateVolumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clonebox.controller.v1.VmService/DeleteVolume',
+            clonebox_dot_controller_dot_v1_dot_vm__service__pb2.DeleteVolumeRequest.SerializeToString,
+            clonebox_dot_controller_dot_v1_dot_vm__service__pb2.DeleteVolumeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -58,6 +58,18 @@ class VmServiceStub:
     """WatchVms streams fleet-wide VM changes."""
     ReadVmConsole: _grpc.UnaryStreamMultiCallable[_vm_service_pb2.ReadVmConsoleRequest, _vm_service_pb2.ReadVmConsoleResponse]
     """ReadVmConsole streams a VM's serial console log from its agent (operators and admins)."""
+    ListVolumes: _grpc.UnaryUnaryMultiCallable[_vm_service_pb2.ListVolumesRequest, _vm_service_pb2.ListVolumesResponse]
+    """ListVolumes lists the agent volumes of every host (or of one), each with its host and the VMs
+    attaching it. A host that cannot be asked is named in host_errors; the others are still listed.
+    """
+    CreateVolume: _grpc.UnaryUnaryMultiCallable[_vm_service_pb2.CreateVolumeRequest, _vm_service_pb2.CreateVolumeResponse]
+    """CreateVolume makes an agent volume on a host, its disk reserved there first. Idempotent: an equal
+    volume is returned as it is (FAILED_PRECONDITION VOLUME_EXISTS_DIFFERENT for another size or sharing).
+    """
+    DeleteVolume: _grpc.UnaryUnaryMultiCallable[_vm_service_pb2.DeleteVolumeRequest, _vm_service_pb2.DeleteVolumeResponse]
+    """DeleteVolume removes an agent volume and its data, and frees its disk. FAILED_PRECONDITION
+    VOLUME_IN_USE while a VM attaches it; NOT_FOUND VOLUME_NOT_FOUND when the host has none of that name.
+    """
 
 @_typing.type_check_only
 class VmServiceAsyncStub(VmServiceStub):
@@ -89,6 +101,18 @@ class VmServiceAsyncStub(VmServiceStub):
     """WatchVms streams fleet-wide VM changes."""
     ReadVmConsole: _aio.UnaryStreamMultiCallable[_vm_service_pb2.ReadVmConsoleRequest, _vm_service_pb2.ReadVmConsoleResponse]  # type: ignore[assignment]
     """ReadVmConsole streams a VM's serial console log from its agent (operators and admins)."""
+    ListVolumes: _aio.UnaryUnaryMultiCallable[_vm_service_pb2.ListVolumesRequest, _vm_service_pb2.ListVolumesResponse]  # type: ignore[assignment]
+    """ListVolumes lists the agent volumes of every host (or of one), each with its host and the VMs
+    attaching it. A host that cannot be asked is named in host_errors; the others are still listed.
+    """
+    CreateVolume: _aio.UnaryUnaryMultiCallable[_vm_service_pb2.CreateVolumeRequest, _vm_service_pb2.CreateVolumeResponse]  # type: ignore[assignment]
+    """CreateVolume makes an agent volume on a host, its disk reserved there first. Idempotent: an equal
+    volume is returned as it is (FAILED_PRECONDITION VOLUME_EXISTS_DIFFERENT for another size or sharing).
+    """
+    DeleteVolume: _aio.UnaryUnaryMultiCallable[_vm_service_pb2.DeleteVolumeRequest, _vm_service_pb2.DeleteVolumeResponse]  # type: ignore[assignment]
+    """DeleteVolume removes an agent volume and its data, and frees its disk. FAILED_PRECONDITION
+    VOLUME_IN_USE while a VM attaches it; NOT_FOUND VOLUME_NOT_FOUND when the host has none of that name.
+    """
 
 class VmServiceServicer(metaclass=_abc_1.ABCMeta):
     """VmService manages VMs across the fleet."""
@@ -183,5 +207,35 @@ class VmServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_vm_service_pb2.ReadVmConsoleResponse], _abc.AsyncIterator[_vm_service_pb2.ReadVmConsoleResponse]]:
         """ReadVmConsole streams a VM's serial console log from its agent (operators and admins)."""
+
+    @_abc_1.abstractmethod
+    def ListVolumes(
+        self,
+        request: _vm_service_pb2.ListVolumesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vm_service_pb2.ListVolumesResponse, _abc.Awaitable[_vm_service_pb2.ListVolumesResponse]]:
+        """ListVolumes lists the agent volumes of every host (or of one), each with its host and the VMs
+        attaching it. A host that cannot be asked is named in host_errors; the others are still listed.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateVolume(
+        self,
+        request: _vm_service_pb2.CreateVolumeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vm_service_pb2.CreateVolumeResponse, _abc.Awaitable[_vm_service_pb2.CreateVolumeResponse]]:
+        """CreateVolume makes an agent volume on a host, its disk reserved there first. Idempotent: an equal
+        volume is returned as it is (FAILED_PRECONDITION VOLUME_EXISTS_DIFFERENT for another size or sharing).
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteVolume(
+        self,
+        request: _vm_service_pb2.DeleteVolumeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vm_service_pb2.DeleteVolumeResponse, _abc.Awaitable[_vm_service_pb2.DeleteVolumeResponse]]:
+        """DeleteVolume removes an agent volume and its data, and frees its disk. FAILED_PRECONDITION
+        VOLUME_IN_USE while a VM attaches it; NOT_FOUND VOLUME_NOT_FOUND when the host has none of that name.
+        """
 
 def add_VmServiceServicer_to_server(servicer: VmServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -673,6 +673,7 @@ class Volume(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     VMS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Volume name, unique on its host (a DNS label)."""
     size_mib: _builtins.int
@@ -681,6 +682,8 @@ class Volume(_message.Message):
     """Several VMs may attach it at once (a raw file, no host cache, <shareable/>); otherwise one VM
     definition at a time (a qcow2 file).
     """
+    host: _builtins.str
+    """The host it lives on (set by the controller; an agent speaks for its own host and leaves it empty)."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form labels."""
@@ -702,10 +705,11 @@ class Volume(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         vms: _abc.Iterable[_builtins.str] | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        host: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "labels", b"labels", "name", b"name", "shared", b"shared", "size_mib", b"size_mib", "vms", b"vms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "host", b"host", "labels", b"labels", "name", b"name", "shared", b"shared", "size_mib", b"size_mib", "vms", b"vms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
