@@ -38,48 +38,50 @@ async def cli(fleet: Fleet) -> Cli:
 async def test_create_list_attach_and_delete(cli: Cli, tmp_path: Path) -> None:
     fleet = cli.fleet
     code, out, err = await cli(
-        "-o", "json", "volume", "create", "data", "--host", "h1", "--size", "1GiB", "-l", "app=db"
+        "-o", "json", "volume", "create", "data", "--host", "h2", "--size", "1GiB", "-l", "app=db"
     )
     assert code == 0, err
     made = json.loads(out)
-    assert (made["host"], made["name"], made["size_mib"], made["labels"]) == ("h1", "data", 1024, {"app": "db"})
+    assert (made["host"], made["name"], made["size_mib"], made["labels"]) == ("h2", "data", 1024, {"app": "db"})
     # its disk is counted on its host at once
-    assert fleet.controller.store.get_host("h1").allocated.disk_mib == 1024
+    assert fleet.controller.store.get_host("h2").allocated.disk_mib == 1024
     # the same again changes nothing; another size is refused with the agent's reason
-    code, _, err = await cli("volume", "create", "data", "--host", "h1", "--size", "1024MiB")
+    code, _, err = await cli("volume", "create", "data", "--host", "h2", "--size", "1024MiB")
     assert code == 0, err
-    code, _, err = await cli("volume", "create", "data", "--host", "h1", "--size", "2GiB")
+    code, _, err = await cli("volume", "create", "data", "--host", "h2", "--size", "2GiB")
     assert code != 0 and "exists with size_mib 1024, not 2048" in err and "Traceback" not in err
-    assert fleet.controller.store.get_host("h1").allocated.disk_mib == 1024
+    assert fleet.controller.store.get_host("h2").allocated.disk_mib == 1024
 
-    # a VM spec file attaches it by name, on its host
+    # a VM spec file attaches it by name; placement puts the VM on the volume's host (h2), though h1,
+    # with more room free now, is where a VM without volumes would go
     spec_file = tmp_path / "db.yaml"
     spec_file.write_text(
         "version: 1\nname: db\nmemory: 512MiB\ndisks:\n  - {name: root, size: 1GiB}\n  - {name: data, volume: data}\n"
     )
-    code, _, err = await cli("vm", "create", "-f", str(spec_file), "--host", "h1", "--wait")
+    code, _, err = await cli("vm", "create", "-f", str(spec_file), "--wait")
     assert code == 0, err
+    assert fleet.controller.store.get_vm("db").host == "h2"
     code, out, err = await cli("-o", "json", "volume", "list")
     assert code == 0, err
     listed = json.loads(out)
     assert listed["host_errors"] == {}
-    assert [(v["host"], v["name"], v.get("vms")) for v in listed["volumes"]] == [("h1", "data", ["db"])]
-    code, out, _ = await cli("volume", "list", "--host", "h2")
+    assert [(v["host"], v["name"], v.get("vms")) for v in listed["volumes"]] == [("h2", "data", ["db"])]
+    code, out, _ = await cli("volume", "list", "--host", "h1")
     assert code == 0 and "no volumes" in out
     code, out, _ = await cli("volume", "list")
     assert code == 0 and "data" in out and "db" in out and "1GiB" in out
 
     # in use: refused, named, nothing freed
-    code, _, err = await cli("volume", "delete", "data", "--host", "h1")
+    code, _, err = await cli("volume", "delete", "data", "--host", "h2")
     assert code != 0 and "attached to VM(s) db" in err and "Traceback" not in err
-    assert fleet.controller.store.get_host("h1").allocated.disk_mib == 1024 + 1024  # the VM's root disk too
+    assert fleet.controller.store.get_host("h2").allocated.disk_mib == 1024 + 1024  # the VM's root disk too
     await delete_vm(fleet, "db")
-    code, out, err = await cli("volume", "delete", "data", "--host", "h1")
+    code, out, err = await cli("volume", "delete", "data", "--host", "h2")
     assert code == 0 and "deleted" in out, err
-    assert fleet.controller.store.get_host("h1").allocated.disk_mib == 0
+    assert fleet.controller.store.get_host("h2").allocated.disk_mib == 0
     # gone: a second delete is NOT_FOUND, naming the host
-    code, _, err = await cli("volume", "delete", "data", "--host", "h1")
-    assert code == 3 and "not found on host h1" in err
+    code, _, err = await cli("volume", "delete", "data", "--host", "h2")
+    assert code == 3 and "not found on host h2" in err
     # the controller's audit log names who made and deleted it
     events = fleet.controller.store.list_audit(AuditFilter(resource="volumes/data"))
     done = sorted((e.event.action, e.event.outcome) for e in events if e.event.outcome == "succeeded")

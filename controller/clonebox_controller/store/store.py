@@ -69,6 +69,7 @@ from clonebox_core.errors import (
     NotFound,
     ResourceExhausted,
     Unauthenticated,
+    invalid_field,
 )
 from clonebox_core.health import ActionRecord, Aggregate, HealthState, Transition, VmHealth
 from clonebox_core.model import (
@@ -201,6 +202,9 @@ _VOLUME_DISK = select(_VOLUME_TABLE.c.host, func.sum(_VOLUME_TABLE.c.size_mib)).
 _VOLUME_DISK_OF = _VOLUME_DISK.where(_VOLUME_TABLE.c.host.in_(bindparam("hosts", expanding=True)))
 _VOLUME_RESERVED = select(_VOLUME_TABLE.c.size_mib).where(
     _VOLUME_TABLE.c.host == bindparam("host"), _VOLUME_TABLE.c.name == bindparam("name")
+)
+_VOLUME_HOSTS = select(_VOLUME_TABLE.c.name, _VOLUME_TABLE.c.host).where(
+    _VOLUME_TABLE.c.name.in_(bindparam("names", expanding=True))
 )
 _INSERT_VOLUME = insert(_VOLUME_TABLE)
 _DELETE_VOLUME = delete(_VOLUME_TABLE).where(
@@ -1000,6 +1004,8 @@ class Store:
                 metadata={"vm": spec.name},
             )
         need = spec.resources()
+        if host is None:
+            host = self._volumes_host(conn, spec)
         rows = list(conn.execute(_PLACEMENT_HOSTS[host is not None, lock], {"host": host} if host is not None else {}))
         # read reservations only now, with the host rows locked, so they cannot change under us
         allocations = self._allocations(conn, [r.name for r in rows])
@@ -1016,6 +1022,43 @@ class Store:
         if host is not None:
             return placement.check_named(candidates[0] if candidates else None, host, need)
         return placement.choose(candidates, need)
+
+    @staticmethod
+    def _volumes_host(conn: Connection, spec: VmSpec) -> str | None:
+        """
+        The host whose volumes ``spec`` attaches (None: it attaches none): a volume's data stays on its host.
+
+        Where each volume is comes from the volume reservations (every volume made through the controller,
+        and those adopted from a host's listing). NotFound VOLUME_NOT_FOUND for one on no host;
+        FailedPrecondition VOLUMES_ON_DIFFERENT_HOSTS for volumes that no one host has; InvalidArgument
+        naming ``host`` when a volume's name is on several hosts (the caller must say which).
+        """
+        wanted = {d.volume: i for i, d in enumerate(spec.disks) if d.volume}
+        if not wanted:
+            return None
+        where: dict[str, list[str]] = {}
+        for row in conn.execute(_VOLUME_HOSTS, {"names": sorted(wanted)}):
+            where.setdefault(row.name, []).append(row.host)
+        for name, i in wanted.items():
+            if name not in where:
+                raise NotFound(
+                    f"volume {name} is on no host: create it first ('clonebox volume create {name} --host H')",
+                    reason="VOLUME_NOT_FOUND",
+                    metadata={"volume": name, "field": f"spec.disks[{i}].volume"},
+                )
+        ambiguous = {n: sorted(h) for n, h in where.items() if len(h) > 1}
+        if ambiguous:
+            name, on = next(iter(sorted(ambiguous.items())))
+            raise invalid_field("host", f"volume {name} is on hosts {', '.join(on)}: say which (--host)")
+        chosen = {where[n][0] for n in wanted}
+        if len(chosen) > 1:
+            spread = ", ".join(f"{n} on {where[n][0]}" for n in sorted(wanted))
+            raise FailedPrecondition(
+                f"VM {spec.name} attaches volumes on different hosts ({spread}): a VM runs on one host",
+                reason="VOLUMES_ON_DIFFERENT_HOSTS",
+                metadata={"vm": spec.name},
+            )
+        return chosen.pop()
 
     def _replay(self, session: Session, op: Operation) -> tuple[Operation, Vm | None] | None:
         conn = session.connection()

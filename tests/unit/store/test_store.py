@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -375,6 +376,47 @@ def test_volume_reservations_count_towards_disk(store: Store) -> None:
     store.remove_host("a")
     register(store, "a", disk_mib=10_000)
     assert next(h for h in store.list_hosts() if h.name == "a").allocated == Resources()
+
+
+def with_volumes(name: str, *volumes: str) -> VmSpec:
+    """A VM with a 1 MiB disk of its own and a disk attaching each of ``volumes``."""
+    own = spec(name, disk_mib=1)
+    disks = (*own.disks, *(DiskSpec(f"v{i}", volume=v) for i, v in enumerate(volumes)))
+    return dataclasses.replace(own, disks=disks)
+
+
+def test_a_vm_attaching_volumes_is_placed_on_their_host(store: Store) -> None:
+    register(store, "a", disk_mib=10_000)
+    register(store, "b", disk_mib=90_000)  # the roomier host: placement alone would choose it
+    assert store.reserve_volume("a", "data", 1_000)
+    assert store.reserve_volume("a", "logs", 1_000)
+    assert store.place(with_volumes("db", "data", "logs"), None) == "a"
+    assert reserve(store, with_volumes("db", "data", "logs")).host == "a"
+    assert reserve(store, spec("plain", disk_mib=1)).host == "b"
+    # a host named by the caller is checked as usual (the agent then refuses a volume it lacks)
+    assert reserve(store, with_volumes("other", "data"), host="b").host == "b"
+
+
+def test_placing_a_vm_whose_volumes_no_one_host_has_names_the_problem(store: Store) -> None:
+    register(store, "a")
+    register(store, "b")
+    assert store.reserve_volume("a", "data", 10)
+    assert store.reserve_volume("b", "logs", 10)
+    assert store.reserve_volume("a", "twice", 10)
+    assert store.reserve_volume("b", "twice", 10)
+    with pytest.raises(NotFound) as missing:
+        reserve(store, with_volumes("db", "data", "nope"))
+    assert missing.value.reason == "VOLUME_NOT_FOUND"
+    assert missing.value.metadata == {"volume": "nope", "field": "spec.disks[2].volume"}
+    with pytest.raises(FailedPrecondition) as split:
+        store.place(with_volumes("db", "data", "logs"), None)
+    assert split.value.reason == "VOLUMES_ON_DIFFERENT_HOSTS"
+    assert "data on a, logs on b" in split.value.message
+    with pytest.raises(InvalidArgument) as ambiguous:
+        reserve(store, with_volumes("db", "twice"))
+    assert ambiguous.value.metadata["field"] == "host" and "a, b" in ambiguous.value.message
+    # nothing was recorded by the refusals
+    assert store.list_vms(None, None, {}, 10, "")[0] == []
 
 
 def test_listed_volumes_without_a_reservation_are_adopted(store: Store) -> None:
