@@ -371,6 +371,12 @@ async def test_snapshots_exports_and_imports_of_a_vm_with_volumes_leave_the_volu
         # the VM's own disk moved onto an overlay; the volume disk still writes to the volume's file
         assert _disk_source(after, "vda") != _disk_source(before, "vda")
         assert _disk_source(after, "vdb") == _disk_source(before, "vdb") == volume_file
+    # a revert returns the VM's own disk and leaves the volume attached as it is
+    await h.hv.revert_snapshot(spec.name, "s1", start=True)
+    reverted = _domain_xml(h, spec.name)
+    if reverted is not None:
+        assert _disk_source(reverted, "vdb") == volume_file
+    assert (await h.hv.get(spec.name)).spec.disks == spec.disks
     out = tmp_path / "out"
     out.mkdir()
     images = await h.hv.export_disks(spec.name, "s1", str(out))
