@@ -158,6 +158,11 @@ _UPDATE_OPERATION = (
 )
 _VM_HOST = select(_VM_TABLE.c.host).where(_VM_TABLE.c.name == bindparam("name"))
 _VM_FOR_UPDATE = _VM_BY_NAME.with_for_update()
+_FORGET_AGENT_REVISIONS = (
+    update(_VM_TABLE)
+    .where(_VM_TABLE.c.host == bindparam("b_host"), _VM_TABLE.c.agent_epoch > bindparam("b_epoch"))
+    .values(agent_epoch=None, agent_sequence=None)
+)
 _UPDATE_VM = update(_VM_TABLE).where(_VM_TABLE.c.name == bindparam("b_name")).returning(*_VM_TABLE.c)
 _HOST_TABLE = cast(Table, HostRow.__table__)
 _REVISION_TABLE = cast(Table, FleetRevisionRow.__table__)
@@ -249,15 +254,21 @@ def decode_page_token(token: str) -> str:
 
 def _older_news(row: Row[Any], revision: Revision, *, answer: bool) -> bool:
     """
-    Whether a report at the agent's ``revision`` is older than what ``row`` records (same epoch only).
+    Whether a report at the agent's ``revision`` is older than what ``row`` records.
 
     An event at the recorded revision is old (the answer that recorded it covered it); an operation's
     answer at the recorded revision is not: nothing happened on the agent since, and the operation's
-    own steps (STOPPING, ...) must still end with what the agent says now.
+    own steps (STOPPING, ...) must still end with what the agent says now. Epochs grow with every
+    agent start, so a report of a lower epoch comes from an agent process that has ended: an event held
+    while an operation ran, retried after the operation's answer from the restarted agent. (An agent
+    whose journal was recreated starts again at a lower epoch; its registration clears the revisions
+    recorded above it, see ``upsert_host_registration``.)
     """
     seen: int | None = row.agent_sequence
-    if row.agent_epoch != revision.epoch or seen is None:
+    if row.agent_epoch is None or seen is None:
         return False
+    if revision.epoch != row.agent_epoch:
+        return bool(revision.epoch < row.agent_epoch)
     return revision.sequence < seen if answer else revision.sequence <= seen
 
 
@@ -606,6 +617,9 @@ class Store:
             elif row.agent_epoch != epoch:
                 row.agent_epoch = epoch
                 row.agent_sequence = 0
+                # a lower epoch: the agent's journal was recreated; revisions recorded above it would
+                # make every report of the new history look old (_older_news)
+                session.execute(_FORGET_AGENT_REVISIONS, {"b_host": name, "b_epoch": epoch})
             row.address = address
             row.capacity_vcpus = capacity.vcpus
             row.capacity_memory_mib = capacity.memory_mib

@@ -140,3 +140,19 @@ async def test_a_held_event_the_answer_covers_is_dropped_at_the_operations_end(
     for _ in range(20):  # give the retry its turns on the loop
         await asyncio.sleep(0.02)
     assert store.get_vm("web").state is VmState.RUNNING and not reg._held and not reg._retries
+
+
+async def test_a_held_event_of_an_agent_killed_during_the_create_is_dropped_at_its_end(
+    announced: tuple[Store, HostRegistry],
+) -> None:
+    store, reg = announced
+    creating(store)
+    # the first try's domain started (epoch 1), then the agent was killed; the event was held
+    first_try = Vm(name="web", host="h1", state=VmState.RUNNING, spec=VmSpec(name="web"), uuid="uuid-first-try")
+    await reg._apply("h1", first_try, deleted=False, revision=Revision(1, 3))
+    # the restarted agent (epoch 2) rolled the first try back and made the VM again: that is the answer
+    store.upsert_host_registration("h1", "h1:7000", R, R, HV, 2)
+    store.finish_operation("op-1", observed=report(VmState.RUNNING), revision=Revision(2, 2))
+    for _ in range(20):  # give the retry its turns on the loop
+        await asyncio.sleep(0.02)
+    assert store.get_vm("web").uuid == "uuid-web" and not reg._held and not reg._retries

@@ -878,7 +878,7 @@ def test_an_event_the_operations_answer_overtook_is_not_applied(store: Store) ->
     assert store.update_vm_observed("web", VmState.STOPPED, agent_revision=Revision(3, 20)) == stopped
     assert store.current_revision() == fleet + 1
     assert store.update_vm_observed("web", VmState.RUNNING, agent_revision=Revision(3, 15)) == stopped
-    # another epoch (the agent lost its history) cannot be compared: applied; a report without a
+    # a higher epoch (the agent restarted) is news: applied; a report without a
     # revision (an address refresher's) is applied as before
     assert store.update_vm_observed("web", VmState.RUNNING, agent_revision=Revision(4, 1)).state is VmState.RUNNING  # type: ignore[union-attr]
     assert store.update_vm_observed("web", VmState.STOPPED).state is VmState.STOPPED  # type: ignore[union-attr]
@@ -886,6 +886,34 @@ def test_an_event_the_operations_answer_overtook_is_not_applied(store: Store) ->
     store.begin_operation(Operation(id="op-2", kind="vm.start", target="vms/web"))
     store.finish_operation("op-2", observed=observed("web", "a"))
     assert store.update_vm_observed("web", VmState.STOPPED, agent_revision=Revision(4, 1)).state is VmState.RUNNING  # type: ignore[union-attr]
+
+
+def test_a_report_from_an_agent_process_that_has_ended_is_not_applied(store: Store) -> None:
+    register(store, "a", epoch=1)
+    store.reserve_vm(spec("web"), None, create_op("web", "r1", "op-1"))
+    store.update_operation("op-1", "creating on host a", 20, vm_state=VmState.CREATING)
+    # the agent was killed during the create and restarted (epoch 2); the retried create answered there
+    register(store, "a", epoch=2)
+    store.finish_operation("op-1", observed=observed("web", "a"), revision=Revision(2, 4))
+    answered = store.get_vm("web")
+    # an event of the killed agent (epoch 1: its first try's domain), held until now: older news
+    late = store.update_vm_observed("web", VmState.STOPPED, "uuid-first-try", agent_revision=Revision(1, 9))
+    assert late == answered and store.get_vm("web") == answered
+    # the restarted agent's own events are news
+    stopped = store.update_vm_observed("web", VmState.STOPPED, agent_revision=Revision(2, 5))
+    assert stopped is not None and stopped.state is VmState.STOPPED
+
+
+def test_an_agent_whose_journal_was_recreated_is_heard_again(store: Store) -> None:
+    register(store, "a", epoch=7)
+    store.reserve_vm(spec("web"), None, create_op("web", "r1", "op-1"))
+    store.finish_operation("op-1", observed=observed("web", "a"), revision=Revision(7, 30))
+    # the agent's state folder was wiped: its epochs start over, below the one recorded with the VM
+    register(store, "a", epoch=1)
+    stopped = store.update_vm_observed("web", VmState.STOPPED, agent_revision=Revision(1, 2))
+    assert stopped is not None and stopped.state is VmState.STOPPED
+    # and its history is compared again from there
+    assert store.update_vm_observed("web", VmState.RUNNING, agent_revision=Revision(1, 1)) == stopped
 
 
 def test_an_answer_at_the_recorded_revision_still_ends_the_operations_own_state(store: Store) -> None:
