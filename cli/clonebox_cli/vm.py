@@ -52,7 +52,8 @@ class StateChoice(enum.StrEnum):
         return vm_pb2.VmState.Value(f"VM_STATE_{self.value.upper()}")
 
 
-def _parse_labels(values: list[str] | None) -> dict[str, str]:
+def parse_labels(values: list[str] | None) -> dict[str, str]:
+    """``--label KEY=VALUE`` options as a dict (a malformed one is a usage error naming ``--label``)."""
     labels: dict[str, str] = {}
     for item in values or []:
         key, sep, value = item.partition("=")
@@ -68,7 +69,8 @@ def _warn(s: Settings, warnings: tuple[str, ...]) -> None:
         typer.echo(json.dumps({"warning": text}) if s.json else f"warning: {text}", err=True)
 
 
-def _new_request_id(given: str | None) -> str:
+def new_request_id(given: str | None) -> str:
+    """The ``--request-id`` given, or a new uuid4; an empty one is refused."""
     if given is not None and not given.strip():
         raise InvalidArgument("--request-id must not be empty", reason="INVALID_REQUEST_ID")
     return given or str(uuid.uuid4())
@@ -150,7 +152,7 @@ def create(
     spec = prepared.spec
     client = s.client()
     request = vms_pb2.CreateVmRequest(
-        spec=spec_to_proto(spec), host=host, request_id=_new_request_id(request_id), dry_run=dry_run
+        spec=spec_to_proto(spec), host=host, request_id=new_request_id(request_id), dry_run=dry_run
     )
     response = client.call(client.vms.CreateVm, request)
     if dry_run:
@@ -239,7 +241,7 @@ def list_(
     request = vms_pb2.ListVmsRequest(
         host=host,
         state=state.to_proto() if state is not None else vm_pb2.VM_STATE_UNSPECIFIED,
-        labels=_parse_labels(label),
+        labels=parse_labels(label),
         page_size=limit,
         page_token=page_token,
     )
@@ -330,7 +332,7 @@ def start(
     """Start a stopped VM."""
     s = settings(ctx)
     client = s.client()
-    request = vms_pb2.StartVmRequest(name=name, request_id=_new_request_id(request_id))
+    request = vms_pb2.StartVmRequest(name=name, request_id=new_request_id(request_id))
     op = client.call(client.vms.StartVm, request).operation
     _finish_power(s=s, client=client, op=op, name=name, wait=wait, timeout=timeout)
 
@@ -350,7 +352,7 @@ def stop(
     s = settings(ctx)
     client = s.client()
     request = vms_pb2.StopVmRequest(
-        name=name, request_id=_new_request_id(request_id), timeout_seconds=grace, force=force
+        name=name, request_id=new_request_id(request_id), timeout_seconds=grace, force=force
     )
     op = client.call(client.vms.StopVm, request).operation
     _finish_power(s=s, client=client, op=op, name=name, wait=wait, timeout=timeout)
@@ -388,7 +390,7 @@ def update(
     spec = prepared.spec
     client = s.client()
     request = vms_pb2.UpdateVmRequest(
-        spec=spec_to_proto(spec), request_id=_new_request_id(request_id), timeout_seconds=grace, dry_run=dry_run
+        spec=spec_to_proto(spec), request_id=new_request_id(request_id), timeout_seconds=grace, dry_run=dry_run
     )
     response = client.call(client.vms.UpdateVm, request)
     kind = change_kind_from_proto(response.kind).value
@@ -457,7 +459,7 @@ def delete(
         done = export_to_file(client, name, newest.name, Path(keep_export), passphrase=None, force=False)
         typer.echo(f"exported snapshot {newest.name} of vm {name} to {done.file} (sha256 {done.sha256})", err=True)
         with_snapshots = True
-    request = vms_pb2.DeleteVmRequest(name=name, request_id=_new_request_id(request_id), with_snapshots=with_snapshots)
+    request = vms_pb2.DeleteVmRequest(name=name, request_id=new_request_id(request_id), with_snapshots=with_snapshots)
     op = client.call(client.vms.DeleteVm, request).operation
     if not wait:
         print_started(op, s.json)

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from clonebox_cli import output
 from clonebox_cli.context import settings
-from clonebox_cli.vm import RequestIdOpt, _new_request_id, _parse_labels
+from clonebox_cli.vm import RequestIdOpt, new_request_id, parse_labels
 from clonebox_core.errors import InvalidArgument
 from clonebox_core.plan import LABEL_PLAN
 from clonebox_core.units import parse_size
@@ -102,8 +102,8 @@ def create(
         name=name,
         size_mib=size_mib,
         shared=shared,
-        labels=_parse_labels(label),
-        request_id=_new_request_id(request_id),
+        labels=parse_labels(label),
+        request_id=new_request_id(request_id),
     )
     client = s.client()
     volume = client.call(client.vms.CreateVolume, request).volume
@@ -124,7 +124,7 @@ def delete(ctx: typer.Context, *, name: NameArg, host: HostOpt, request_id: Requ
     """
     s = settings(ctx)
     client = s.client()
-    request = vms_pb2.DeleteVolumeRequest(host=host, name=name, request_id=_new_request_id(request_id))
+    request = vms_pb2.DeleteVolumeRequest(host=host, name=name, request_id=new_request_id(request_id))
     client.call(client.vms.DeleteVolume, request)
     if s.json:
         output.emit_json({"volume": name, "host": host, "deleted": True})
