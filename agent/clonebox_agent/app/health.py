@@ -664,7 +664,9 @@ class HealthMonitor:
             vm = self._new_vm(v.name, probes)
             self._vms[v.name] = vm
             self._track_resources(vm, +1)
-            self._publish(vm)
+            if v.state != VmState.RUNNING:
+                # a running one is announced once, by _set_running below: one update per new VM, not two
+                self._publish(vm)
         self._set_running(vm, v.state == VmState.RUNNING)
 
     def _remove(self, name: str) -> None:

@@ -242,6 +242,17 @@ async def test_stopped_vm_is_unknown_not_running_and_its_stop_is_a_transition(en
     assert [t for u in watch.updates for t in u.transitions if t.check == "ga"][-1].detail == "vm not running"
 
 
+async def test_a_new_vm_is_announced_in_one_update_running_or_not(env: Any, watch: Collector) -> None:
+    await watch.settle()
+    before = len(watch.updates)
+    await env.create("web", ga())
+    await env.create("idle", ga(), start=False)
+    await watch.settle()
+    news = [u for u in watch.updates[before:] if u.health is not None]
+    # one update per VM: the controller stores each, so a second one for the same news costs a write
+    assert sorted(u.health.vm for u in news if u.health) == ["idle", "web"]
+
+
 async def test_implicit_guest_agent_check_only_without_checks_and_with_qemu_ga(env_factory: Any) -> None:
     from clonebox_agent.adapters.common import QEMU_CAPABILITIES
     from clonebox_agent.adapters.fake import FakeHypervisor
@@ -506,7 +517,7 @@ async def test_watch_snapshot_synced_then_live_and_removed(env: Any) -> None:
 
 
 async def test_slow_watcher_overflow_ends_only_that_watch(env_factory: Any) -> None:
-    e = await env_factory(settings=HealthSettings(watch_queue=8))
+    e = await env_factory(settings=HealthSettings(watch_queue=6))
     slow = e.mon.watch()
     assert (await anext(slow)).synced
     fast = Collector(e.mon)
