@@ -1357,11 +1357,9 @@ class _Execution:
         name = self.status[service].vm
         await self._ensure_volumes(service)
         await self._save(service, state=VmRunState.CREATING, step="creating")
-        op = await self.e._vms.create(pv.spec, pv.host or None, run_request_id(self.run_.id, service, "create"))
-        host = ""
-        # NotFound: the create already failed and released its reservation; the operation says why
-        with contextlib.suppress(NotFound):
-            host = (await asyncio.to_thread(self.store.get_vm, name)).host
+        op, vm = await self.e._vms.create(pv.spec, pv.host or None, run_request_id(self.run_.id, service, "create"))
+        # None: a resumed run's create that already failed and released its reservation; the operation says why
+        host = vm.host if vm is not None else ""
         await self._save(service, created=True, host=host, step=f"creating on host {host}" if host else "creating")
         done = await self.e._wait_operation(op)
         if done.error_code:

@@ -64,7 +64,13 @@ class FleetStore(Protocol):
     def set_agent_revision(self, name: str, epoch: int, sequence: int) -> None: ...
     def place(self, spec: VmSpec, host: str | None) -> str: ...
     def reserve_vm(
-        self, spec: VmSpec, host: str | None, op: Operation, audit: AuditEvent | Sequence[AuditEvent] | None = None
+        self,
+        spec: VmSpec,
+        host: str | None,
+        op: Operation,
+        audit: AuditEvent | Sequence[AuditEvent] | None = None,
+        *,
+        creating_step: str = "",
     ) -> tuple[Operation, Vm | None]: ...
     def reserve_update(
         self, spec: VmSpec, op: Operation, audit: AuditEvent | Sequence[AuditEvent] | None = None

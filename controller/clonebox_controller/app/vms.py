@@ -52,6 +52,10 @@ class _Outcome:
     revision: Revision | None = None
 
 
+#: a create's first step, recorded with its reservation (``{host}``: the host chosen)
+_CREATING_STEP = "creating on host {host}"
+
+
 def new_operation(kind: str, target: str, request_id: str, params: dict[str, str] | None = None) -> Operation:
     """A fresh, not yet stored operation."""
     now = datetime.now(UTC)
@@ -346,9 +350,11 @@ class VmManager:
         # a dry run is a question: one attempt, no waiting for an agent that is down
         return await (await self._hosts.client(chosen)).plan_create(spec)
 
-    async def create(self, spec: VmSpec, host: str | None, request_id: str) -> Operation:
+    async def create(self, spec: VmSpec, host: str | None, request_id: str) -> tuple[Operation, Vm | None]:
         """
-        Reserve room on a host and create the VM there.
+        Reserve room on a host and create the VM there; the operation and the VM as recorded then.
+
+        The VM is None when a retried request's VM is gone meanwhile (the operation says why).
 
         The references the client resolved for the request (``auth.secret_refs``) are recorded as
         ``secret.access`` events, by the caller, in the same transaction as the acceptance.
@@ -358,13 +364,15 @@ class VmManager:
             check_dns_label("host", host)
         op = new_operation("vm.create", f"vms/{spec.name}", request_id)
         events = [_accepted(op, host=host or ""), *_secret_accesses(spec, request_id)]
-        (stored, _vm), cancelled = await to_thread_uncancelled(self._store.reserve_vm, spec, host or None, op, events)
+        (stored, vm), cancelled = await to_thread_uncancelled(
+            lambda: self._store.reserve_vm(spec, host or None, op, events, creating_step=_CREATING_STEP)
+        )
         if stored.id == op.id:
             # accepted: the create goes on even when the client went away meanwhile (a retry finds it)
-            self._spawn(stored)
+            self._spawn(stored, reserved=vm)
         if cancelled:
             raise asyncio.CancelledError
-        return stored
+        return stored, vm
 
     async def start(self, name: str, request_id: str) -> Operation:
         """Start a VM."""
@@ -453,10 +461,11 @@ class VmManager:
             self._spawn(stored)
         return stored
 
-    def _spawn(self, op: Operation, actor: str | None = None) -> None:
+    def _spawn(self, op: Operation, actor: str | None = None, *, reserved: Vm | None = None) -> None:
+        """Run ``op`` in a task; ``reserved``: the VM record a create's reservation returned (spares a read)."""
         if op.id in self._tasks:
             return
-        task = asyncio.create_task(self._run(op, actor or current_actor()), name=f"op-{op.id}")
+        task = asyncio.create_task(self._run(op, actor or current_actor(), reserved), name=f"op-{op.id}")
         self._tasks[op.id] = task
         task.add_done_callback(lambda _t: self._tasks.pop(op.id, None))
 
@@ -481,10 +490,10 @@ class VmManager:
                 op.kind, str(outcome), (datetime.now(UTC) - (op.create_time or datetime.now(UTC))).total_seconds()
             )
 
-    async def _run(self, op: Operation, actor: str) -> None:
+    async def _run(self, op: Operation, actor: str, reserved: Vm | None = None) -> None:
         name = op.target.removeprefix("vms/")
         runners: dict[str, Callable[[Operation, str], Awaitable[_Outcome]]] = {
-            "vm.create": self._do_create,
+            "vm.create": lambda o, n: self._do_create(o, n, reserved),
             "vm.start": self._do_start,
             "vm.stop": self._do_stop,
             "vm.delete": self._do_delete,
@@ -522,9 +531,11 @@ class VmManager:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _MAX_RETRY_DELAY)
 
-    async def _do_create(self, op: Operation, name: str) -> _Outcome:
-        vm = await asyncio.to_thread(self._store.get_vm, name)
-        await self._step(op, f"creating on host {vm.host}", 20, VmState.CREATING)
+    async def _do_create(self, op: Operation, name: str, reserved: Vm | None = None) -> _Outcome:
+        vm = reserved if reserved is not None else await asyncio.to_thread(self._store.get_vm, name)
+        if vm.state is VmState.PENDING:
+            # reserved without its first step (a create accepted by an older controller, resumed here)
+            await self._step(op, _CREATING_STEP.format(host=vm.host), 20, VmState.CREATING)
         client = await self._hosts.client(vm.host)
         try:
             created, revision = await self._agent_call(lambda: client.create_vm(vm.spec, op.id))

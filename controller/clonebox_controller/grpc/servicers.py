@@ -303,7 +303,7 @@ class VmServicer(vm_service_pb2_grpc.VmServiceServicer):
         if request.dry_run:
             plan = await self._vms.plan_create(spec, request.host or None)
             return vm_service_pb2.CreateVmResponse(plan=convert.plan_to_proto(plan))
-        op = await self._vms.create(spec, request.host or None, request.request_id)
+        op, _vm = await self._vms.create(spec, request.host or None, request.request_id)
         return vm_service_pb2.CreateVmResponse(operation=convert.operation_to_proto(op))
 
     async def GetVm(self, request: vm_service_pb2.GetVmRequest, context: Ctx) -> vm_service_pb2.GetVmResponse:

@@ -851,11 +851,16 @@ class Store:
         host: str | None,
         op: Operation,
         audit: AuditEvent | Sequence[AuditEvent] | None = None,
+        *,
+        creating_step: str = "",
     ) -> tuple[Operation, Vm | None]:
         """
         Place ``spec`` and record the VM (PENDING, resources reserved) and ``op``, atomically.
 
         ``host`` pins the VM to that host; None lets placement choose (see :mod:`.placement`).
+        ``creating_step`` (a text with ``{host}``): the caller asks the chosen host for the VM next, so
+        the VM is recorded CREATING and ``op`` at that step (progress 20) in this same transaction: a
+        create's acceptance and its first step are one commit, not two.
 
         Idempotent on ``op.request_id``: when an operation with that request id exists, it is
         returned together with the VM's current record (None if the VM has since been deleted) and
@@ -874,12 +879,17 @@ class Store:
             chosen = self._place(conn, spec, host, lock=True)
             need = spec.resources()
             now = self._now()
+            state = VmState.PENDING
+            stored_op = op
+            if creating_step:
+                state = VmState.CREATING
+                stored_op = dataclasses.replace(op, step=creating_step.format(host=chosen), progress=20)
             vm_row = conn.execute(
                 _INSERT_VM,
                 {
                     "name": spec.name,
                     "host": chosen,
-                    "state": VmState.PENDING.name,
+                    "state": state.name,
                     "spec": codec.spec_to_json(spec),
                     "uuid": "",
                     "addresses": [],
@@ -893,7 +903,7 @@ class Store:
                 },
             ).one()
             self._set_labels(session, spec.name, spec.labels)
-            op_row = self._insert_operation(conn, op, now, vm_name=spec.name)
+            op_row = self._insert_operation(conn, stored_op, now, vm_name=spec.name)
             self._audit(session, audit)
             return self._op_model(op_row), self._vm_model(vm_row)
 

@@ -855,6 +855,30 @@ def test_a_step_and_its_vm_state_commit_together(store: Store, clock: FakeClock)
         store.update_operation("missing", "x", 10, vm_state=VmState.RUNNING)
 
 
+def test_a_reservation_with_a_creating_step_records_the_vm_creating_and_the_step_on_the_chosen_host(
+    store: Store,
+) -> None:
+    register(store, "a")
+    op, vm = store.reserve_vm(
+        spec("web"), None, create_op("web", "r1", "op-1"), creating_step="creating on host {host}"
+    )
+    assert vm is not None and vm.state is VmState.CREATING and vm.host == "a"
+    assert (op.step, op.progress, op.done) == ("creating on host a", 20, False)
+    assert store.get_operation("op-1") == op and store.get_vm("web") == vm
+    # a retry of the request returns what was recorded, and records nothing more
+    again, same = store.reserve_vm(
+        spec("web"), None, create_op("web", "r1", "op-2"), creating_step="creating on host {host}"
+    )
+    assert (again, same) == (op, vm) and [o.id for o in store.list_operations()] == ["op-1"]
+    # refused placements record nothing, the step included
+    with pytest.raises(AlreadyExists):
+        store.reserve_vm(spec("web"), None, create_op("web", "r2", "op-3"), creating_step="creating on host {host}")
+    with pytest.raises(NotFound):
+        store.reserve_vm(spec("db"), "nohost", create_op("db", "r3", "op-4"), creating_step="creating on host {host}")
+    assert [o.id for o in store.list_operations()] == ["op-1"]
+    assert [v.name for v in store.list_vms()[0]] == ["web"]
+
+
 def test_an_event_the_operations_answer_overtook_is_not_applied(store: Store) -> None:
     register(store, "a")
     store.reserve_vm(spec("web"), None, create_op("web", "r1", "op-1"))
