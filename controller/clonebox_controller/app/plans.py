@@ -965,6 +965,9 @@ class PlanEngine:
     async def _wait_operation(self, op: Operation) -> Operation:
         if op.done:
             return op
+        finished = await self._vms.finished_here(op.id)
+        if finished is not None:
+            return finished
         return await wait_done(self._store, self._changes, op.id, poll_seconds=self.settings.poll_seconds)
 
 
@@ -989,6 +992,11 @@ def _end_event(run: PlanRun, outcome: Outcome, error: str, actor: str, reason: s
         details=details,
         actor=actor,
     )
+
+
+def _log_failed_flush(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("plan run rows not written yet (the next write takes them): %s", task.exception())
 
 
 class _StepFailed(Exception):
@@ -1036,8 +1044,12 @@ class _Execution:
         #: rows changed and not yet written, and the lock that makes writes one at a time
         self.pending: dict[str, VmStatus] = {}
         self.write_lock = asyncio.Lock()
+        #: the write started by a save that does not wait for it (``_save(..., wait=False)``)
+        self.flusher: asyncio.Task[None] | None = None
         #: deletes have their own slots: a replace deletes while it holds a create slot
         self.delete_sem = asyncio.Semaphore(max(1, plan.update.max_parallel))
+        #: the VM as the end of this run's create of it recorded it, for the first look at its conditions
+        self.created: dict[str, Vm] = {}
         #: who waits for whom, and how: service -> [(dependent, condition)]
         self.users: dict[str, list[tuple[str, Condition]]] = {}
         for v in plan.vms:
@@ -1050,12 +1062,28 @@ class _Execution:
         changed, self.changed = self.changed, asyncio.Event()
         changed.set()
 
-    async def _save(self, service: str, **changes: object) -> None:
-        """Change one VM's row; returns once it is stored (so nothing acts on a change a watcher cannot see)."""
+    async def _save(self, service: str, wait: bool = True, **changes: object) -> None:
+        """
+        Change one VM's row; returns once it is stored (so nothing acts on a change a watcher cannot see).
+
+        ``wait=False`` for a row that only reports progress: it is written in the background, with the
+        rows changed meanwhile, and every later write (the run's end included) takes it along. A row
+        lost to a controller crash before that write is no loss: a resumed run re-makes a PENDING or
+        CREATING service through its request ids, which find what the lost write would have said.
+        """
         row = dataclasses.replace(self.status[service], update_time=_now(), **changes)  # type: ignore[arg-type]
         self.status[service] = row
         self.pending[service] = row
-        await self._write()
+        if wait:
+            await self._write()
+        elif self.flusher is None or self.flusher.done():
+            self.flusher = asyncio.create_task(self._flush(), name=f"plan-run-{self.run_.id}-rows")
+            self.flusher.add_done_callback(_log_failed_flush)
+
+    async def _flush(self) -> None:
+        # rows saved while a write is in flight go in the next one, not when some later save comes
+        while self.pending:
+            await self._write()
 
     async def _write(
         self, state: RunState | None = None, error: str | None = None, audit: AuditEvent | None = None
@@ -1066,9 +1094,14 @@ class _Execution:
             if not self.pending and state is None:
                 return  # an earlier write took this caller's rows
             rows, self.pending = list(self.pending.values()), {}
-            await asyncio.to_thread(
-                lambda: self.store.update_run(self.run_.id, state=state, error=error, vms=rows, audit=audit)
-            )
+            try:
+                await asyncio.to_thread(
+                    lambda: self.store.update_run(self.run_.id, state=state, error=error, vms=rows, audit=audit)
+                )
+            except BaseException:
+                for r in rows:  # not written: the next write takes them, unless a newer row replaced one
+                    self.pending.setdefault(r.service, r)
+                raise
         self.e._notify(ended=state is not None and state.done)
 
     async def _finish_run(self, state: RunState, error: str = "") -> None:
@@ -1356,15 +1389,18 @@ class _Execution:
         pv = self.specs[service]
         name = self.status[service].vm
         await self._ensure_volumes(service)
-        await self._save(service, state=VmRunState.CREATING, step="creating")
+        await self._save(service, wait=False, state=VmRunState.CREATING, step="creating")
         op, vm = await self.e._vms.create(pv.spec, pv.host or None, run_request_id(self.run_.id, service, "create"))
         # None: a resumed run's create that already failed and released its reservation; the operation says why
         host = vm.host if vm is not None else ""
-        await self._save(service, created=True, host=host, step=f"creating on host {host}" if host else "creating")
+        step = f"creating on host {host}" if host else "creating"
+        await self._save(service, wait=False, created=True, host=host, step=step)
         done = await self.e._wait_operation(op)
         if done.error_code:
             raise _op_failed(done, f"creating {name}")
-        await self._save(service, state=VmRunState.WAITING, step="created")
+        if done.result_vm is not None:
+            self.created[service] = done.result_vm
+        await self._save(service, wait=False, state=VmRunState.WAITING, step="created")
 
     async def _update(self, service: str) -> None:
         """Change an existing VM without re-creating it (labels, health checks; vCPUs, memory by a restart)."""
@@ -1424,6 +1460,11 @@ class _Execution:
         ran = row.change in (ChangeKind.NONE, ChangeKind.IN_PLACE, ChangeKind.RESTART)
         # after a restart, health reported before it is stale: only a state reached since counts
         restarted_at = await self._restarted_at(service)
+        created = self.created.pop(service, None)
+        if created is not None and created.state is VmState.RUNNING and needs <= {Condition.STARTED}:
+            # the create's own answer already shows it started: no read of the VM on the way to its dependents
+            await self._ready(service, {Condition.STARTED}, created.host)
+            return
         health: VmHealth | None = None
         while True:
             # watch before reading: a change committed in between still wakes the wait below
@@ -1458,10 +1499,7 @@ class _Execution:
                         step = _health_step(health, self.specs[service].spec)
                 new = reached - self.reached[service]
                 if needs <= self.reached[service] | reached:
-                    # READY is stored before dependents are released: a watcher never sees one start early
-                    await self._save(service, state=VmRunState.READY, step="ready", host=vm.host)
-                    self.reached[service] |= reached | needs
-                    self._poke()
+                    await self._ready(service, reached, vm.host)
                     return
                 if new:
                     self.reached[service] |= new
@@ -1478,6 +1516,12 @@ class _Execution:
                 if step != self.status[service].step or self.status[service].state is not VmRunState.WAITING:
                     await self._save(service, state=VmRunState.WAITING, step=step, host=vm.host)
                 await change.wait(self._pause(deadline, healthy_since, update.min_healthy_time_ms))
+
+    async def _ready(self, service: str, reached: set[Condition], host: str) -> None:
+        # READY is stored before dependents are released: a watcher never sees one start early
+        await self._save(service, state=VmRunState.READY, step="ready", host=host)
+        self.reached[service] |= reached | self._needs(service)
+        self._poke()
 
     def _pause(self, deadline: float, healthy_since: float | None, min_healthy_ms: int) -> float:
         """How long ``_await_goal`` may sleep: a change wakes it sooner; a healthy hold's end, the deadline cut it."""

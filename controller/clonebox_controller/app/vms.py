@@ -104,7 +104,7 @@ class VmManager:
         self._observe_operation = observe_operation
         self._hosts = hosts
         self._stop_timeout = stop_timeout_seconds
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks: dict[str, asyncio.Task[Operation]] = {}
 
     async def resume(self) -> None:
         """Continue operations a previous controller process left unfinished."""
@@ -469,7 +469,28 @@ class VmManager:
         self._tasks[op.id] = task
         task.add_done_callback(lambda _t: self._tasks.pop(op.id, None))
 
-    async def _finish(self, op: Operation, actor: str, ended: _Outcome, err: CloneboxError | None) -> None:
+    async def finished_here(self, op_id: str) -> Operation | None:
+        """
+        The operation once done, when this process runs it; None when it does not (or its task ended unfinished).
+
+        A waiter in this process gets the finished operation from the task that finished it, without reading
+        the store; operations other controllers run are waited for through the store (``wait_done``).
+        """
+        task = self._tasks.get(op_id)
+        if task is None:
+            return None
+        try:
+            # shielded: a waiter that goes away must not cancel the operation
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            return None  # the operation's task was cancelled (the manager is closing): it resumes later
+        except Exception:
+            return None  # it crashed before its end was stored: the store knows what is true
+
+    async def _finish(self, op: Operation, actor: str, ended: _Outcome, err: CloneboxError | None) -> Operation:
         outcome = Outcome.SUCCEEDED if err is None else Outcome.FAILED
         event = new_event(
             op.kind,
@@ -480,7 +501,7 @@ class VmManager:
             details={"operation": op.id, **({} if err is None else {"error": err.message})},
             actor=actor,
         )
-        await asyncio.to_thread(
+        finished = await asyncio.to_thread(
             lambda: self._store.finish_operation(
                 op.id, err, event, observed=ended.observed, step=ended.step, revision=ended.revision
             )
@@ -489,8 +510,9 @@ class VmManager:
             self._observe_operation(
                 op.kind, str(outcome), (datetime.now(UTC) - (op.create_time or datetime.now(UTC))).total_seconds()
             )
+        return finished
 
-    async def _run(self, op: Operation, actor: str, reserved: Vm | None = None) -> None:
+    async def _run(self, op: Operation, actor: str, reserved: Vm | None = None) -> Operation:
         name = op.target.removeprefix("vms/")
         runners: dict[str, Callable[[Operation, str], Awaitable[_Outcome]]] = {
             "vm.create": lambda o, n: self._do_create(o, n, reserved),
@@ -503,15 +525,15 @@ class VmManager:
         }
         try:
             ended = await runners[op.kind](op, name)
-            await self._finish(op, actor, ended, None)
+            return await self._finish(op, actor, ended, None)
         except asyncio.CancelledError:
             raise
         except CloneboxError as err:
             log.warning("operation %s (%s %s) failed: %s", op.id, op.kind, name, err)
-            await self._finish(op, actor, _Outcome(), err)
+            return await self._finish(op, actor, _Outcome(), err)
         except Exception as exc:
             log.exception("operation %s crashed", op.id)
-            await self._finish(op, actor, _Outcome(), Internal(f"operation crashed: {exc}"))
+            return await self._finish(op, actor, _Outcome(), Internal(f"operation crashed: {exc}"))
 
     async def _step(self, op: Operation, step: str, progress: int, vm_state: VmState | None = None) -> None:
         """Record a step; ``vm_state``: the state the VM enters with it, in the same transaction."""
