@@ -257,6 +257,30 @@ async def test_stack_comes_up_in_dependency_order_behind_a_health_gate(fleet: Fl
     assert await watch(fleet, started.id, after=final.version) == []
 
 
+async def test_an_apply_holds_the_room_of_the_vms_it_has_not_reached(fleet: Fleet) -> None:
+    # room for the plan's three 64 MiB VMs and 64 MiB more
+    await fleet.add_agent("h1", Resources(vcpus=8, memory_mib=256, disk_mib=1024 * 1024))
+    started = await apply(fleet, stack())
+    watcher = asyncio.create_task(watch(fleet, started.id))
+
+    async def db_waits_for_health() -> bool:
+        return row(await run_of(fleet, "stack"), "db") is VmRunState.WAITING
+
+    await eventually(db_waits_for_health, WAIT, "db created and waiting for its health check")
+    listed = await fleet.vms.ListVms(vm_service_pb2.ListVmsRequest(page_size=100))
+    states = {v.name: (v.state, v.host) for v in listed.vms}
+    # api and web are held on h1 before their turn: recorded pending, their room reserved
+    assert states["stack-api"] == states["stack-web"] == (vm_pb2.VM_STATE_PENDING, "h1")
+    # so a VM made meanwhile, which would fit beside db alone, cannot take their room
+    err = await rpc_error(fleet.vms.CreateVm(vm_service_pb2.CreateVmRequest(spec=spec("outsider", memory=128))))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    fleet.fakes["h1"].guest_files["stack-db"] = {READY_FILE}
+    final = (await watcher)[-1]
+    assert final.state is RunState.SUCCEEDED, final.error
+    assert all(v.created and v.host == "h1" for v in final.vms)
+    assert ops(fleet, "vm.create") == ["stack-db", "stack-api", "stack-web"]
+
+
 async def test_a_run_is_woken_by_the_changes_it_waits_for_not_by_its_poll(fleet: Fleet) -> None:
     # with the poll an hour away, only the store's announcements (operation done, VM running, health
     # healthy) can move the run: each gate opens when its change is committed

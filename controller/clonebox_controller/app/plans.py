@@ -710,8 +710,13 @@ class PlanEngine:
                 "allow_replace": allow_replace,
             },
         )
+        # held as the run will create them: from the stored revision, which the run reads back (a re-apply
+        # of the same content keeps that revision, whose specs may differ in what the digest leaves out)
+        hold = [] if revert else _held_vms(await self._plan_of_revision(plan.name, stored.revision), v.changes)
         created_run, created = await asyncio.to_thread(
-            lambda: self._store.create_run(run, accepted, owner=self.owner, lease_seconds=self.settings.lease_seconds)
+            lambda: self._store.create_run(
+                run, accepted, owner=self.owner, lease_seconds=self.settings.lease_seconds, hold=hold
+            )
         )
         if created:
             self._notify()
@@ -947,6 +952,9 @@ class PlanEngine:
     async def _crashed(self, run_id: str, actor: str, exc: Exception) -> None:
         try:
             run = await asyncio.to_thread(self._store.get_run, run_id)
+            unmade = [v.vm for v in run.vms if v.change is ChangeKind.CREATE and not v.created]
+            if unmade:
+                await asyncio.to_thread(self._store.release_held, unmade)
             message = f"the plan run crashed: {exc}" if isinstance(exc, CloneboxError) else "the plan run crashed"
             event = _end_event(run, Outcome.FAILED, message, actor, "INTERNAL")
             await asyncio.to_thread(
@@ -957,8 +965,11 @@ class PlanEngine:
             log.exception("could not record the crash of plan run %s", run_id)
 
     async def _plan_of(self, run: PlanRun) -> Plan:
+        return await self._plan_of_revision(run.plan, run.revision)
+
+    async def _plan_of_revision(self, name: str, revision: int) -> Plan:
         # the stored revision keeps secret fields whole: the same plan in every controller process
-        return await asyncio.to_thread(self._store.get_plan, run.plan, run.revision)
+        return await asyncio.to_thread(self._store.get_plan, name, revision)
 
     # ---- steps the execution uses (kept here: they talk to the store and the VM use cases)
 
@@ -969,6 +980,24 @@ class PlanEngine:
         if finished is not None:
             return finished
         return await wait_done(self._store, self._changes, op.id, poll_seconds=self.settings.poll_seconds)
+
+
+def _held_vms(plan: Plan, changes: Iterable[VmChange]) -> list[tuple[VmSpec, str | None]]:
+    """
+    The VMs an apply reserves room for at once, in the run's transaction: every VM it creates new.
+
+    All or nothing then holds up to the last level: a VM created meanwhile outside the plan cannot take
+    the room of one the run has not reached yet. Left out: a replace (the old VM holds its room until
+    it is deleted) and a VM that attaches volumes (placed on its volumes' host, which the run makes
+    first). A revert run re-makes VMs from backups as it goes and holds none.
+    """
+    return [
+        (pv.spec, pv.host or None)
+        for c in changes
+        if c.kind is ChangeKind.CREATE
+        for pv in [plan.vm(c.service)]
+        if not pv.volumes
+    ]
 
 
 def _summary(changes: Iterable[VmChange]) -> str:
@@ -1162,6 +1191,7 @@ class _Execution:
         if self.plan.on_failure is FailurePolicy.ROLLBACK:
             await self._rollback()
         else:
+            await self._release_unmade()
             await self._finish_run(RunState.FAILED, f"{self._failure_text()}; left as it is (on_failure: leave)")
 
     async def _fail(self, service: str, error: str, probe: str = "") -> None:
@@ -1642,6 +1672,7 @@ class _Execution:
             error = self._failure_text() or "a VM failed"
         if self.run_.state is not RunState.ROLLING_BACK:
             await self._set_state(RunState.ROLLING_BACK, error)
+        await self._release_unmade()
         created = [s for s in self.order if self.status[s].created and self.status[s].state is not VmRunState.DELETED]
         left = await self._delete_in_reverse(created, "rollback", with_snapshots=False)
         if left:
@@ -1649,6 +1680,16 @@ class _Execution:
             await self._finish_run(RunState.FAILED, f"{error}; the rollback could not delete {names}")
             return
         await self._finish_run(RunState.ROLLED_BACK, f"{error}; rolled back ({len(created)} VM(s) deleted)")
+
+    async def _release_unmade(self) -> None:
+        """Free the room held for the VMs this run will not create now (see ``_held_vms``)."""
+        unmade = [
+            self.status[s].vm
+            for s in self.order
+            if self.status[s].change is ChangeKind.CREATE and not self.status[s].created
+        ]
+        if unmade:
+            await asyncio.to_thread(self.store.release_held, unmade)
 
     async def _down(self) -> None:
         with_snapshots = bool(self.run_.options.get(WITH_SNAPSHOTS))

@@ -205,13 +205,24 @@ class PlanStore(Protocol):
         ...
 
     def create_run(
-        self, run: PlanRun, audit: AuditEvent | None = None, *, owner: str = "", lease_seconds: float = 0.0
+        self,
+        run: PlanRun,
+        audit: AuditEvent | None = None,
+        *,
+        owner: str = "",
+        lease_seconds: float = 0.0,
+        hold: Sequence[tuple[VmSpec, str | None]] = (),
     ) -> tuple[PlanRun, bool]:
         """Insert ``run`` (with its VM rows) and True; with ``owner`` it is leased to it in the same transaction.
 
         With a request id already used for this plan: the existing run and False. Aborted
-        PLAN_RUN_IN_PROGRESS when another run of the plan is not done.
+        PLAN_RUN_IN_PROGRESS when another run of the plan is not done. ``hold``: VMs the run will create,
+        placed and reserved (PENDING) in the same transaction; a placement error refuses the run.
         """
+        ...
+
+    def release_held(self, names: Sequence[str]) -> list[str]:
+        """Free the VMs of ``names`` a plan run holds and has not started to create; the names freed."""
         ...
 
     def update_run(

@@ -114,6 +114,8 @@ _CHANGES_INFO_KEY = "clonebox_changes"
 
 #: state_reason given to a VM the store has on a host but the host's agent no longer reports
 VANISHED_REASON = "vanished from host"
+#: state_reason of a VM a plan run holds room for and has not started to create ("... shop (run r1)")
+HELD_REASON_PREFIX = "held for plan "
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -176,6 +178,13 @@ _NEXT_REVISION = (
 _HOST_ENDPOINT = select(_HOST_TABLE.c.address, _HOST_TABLE.c.state).where(_HOST_TABLE.c.name == bindparam("name"))
 # the writes of a create and a delete (reserve_vm, begin_operation, release_vm), for the same reason
 _VM_EXISTS = select(_VM_TABLE.c.name).where(_VM_TABLE.c.name == bindparam("name"))
+#: a VM held for a plan run (``Store.create_run``): PENDING with this reason, no operation making it yet
+_HELD_VM = select(_VM_TABLE).where(
+    _VM_TABLE.c.name == bindparam("name"),
+    _VM_TABLE.c.state == VmState.PENDING.name,
+    _VM_TABLE.c.state_reason.startswith(HELD_REASON_PREFIX, autoescape=True),
+    ~exists().where(_OPERATION_TABLE.c.vm_name == _VM_TABLE.c.name, _OPERATION_TABLE.c.done.is_(False)),
+)
 _INSERT_VM = insert(_VM_TABLE).returning(*_VM_TABLE.c)
 _DELETE_VM = delete(_VM_TABLE).where(_VM_TABLE.c.name == bindparam("name"))
 _OPERATION_EXISTS = select(_OPERATION_TABLE.c.id).where(_OPERATION_TABLE.c.id == bindparam("id"))
@@ -220,6 +229,11 @@ _DELETE_LABELS = delete(_LABEL_TABLE).where(_LABEL_TABLE.c.vm_name == bindparam(
 _INSERT_LABELS = insert(_LABEL_TABLE)
 _CHANGE_TABLE = cast(Table, VmChangeRow.__table__)
 _INSERT_CHANGE = insert(_CHANGE_TABLE)
+
+
+def _same_spec(stored: Mapping[str, Any], spec: VmSpec) -> bool:
+    """Whether a spec column holds ``spec`` (decoded and encoded again: JSON keeps no tuples)."""
+    return codec.spec_to_json(codec.spec_from_json(stored)) == codec.spec_to_json(spec)
 
 
 def _vm_name_of_target(target: str) -> str | None:
@@ -876,38 +890,65 @@ class Store:
         def tx(session: Session) -> tuple[Operation, Vm | None]:
             # Core, not the ORM: every create runs this (see _read)
             conn = session.connection()
-            chosen = self._place(conn, spec, host, lock=True)
-            need = spec.resources()
             now = self._now()
-            state = VmState.PENDING
+            held = conn.execute(_HELD_VM, {"name": spec.name}).one_or_none()
+            if held is not None and host in (None, held.host) and _same_spec(held.spec, spec):
+                # held for a plan run (create_run): its room is reserved and its host chosen already
+                vm_row = conn.execute(
+                    _UPDATE_VM,
+                    {
+                        "b_name": held.name,
+                        "state": (VmState.CREATING if creating_step else VmState.PENDING).name,
+                        "state_reason": "",
+                        "update_time": now,
+                        "revision": self._vm_revision(session, held.name),
+                    },
+                ).one()
+            else:
+                vm_row = self._hold_vm(session, spec, host, now, creating=bool(creating_step))
             stored_op = op
             if creating_step:
-                state = VmState.CREATING
-                stored_op = dataclasses.replace(op, step=creating_step.format(host=chosen), progress=20)
-            vm_row = conn.execute(
-                _INSERT_VM,
-                {
-                    "name": spec.name,
-                    "host": chosen,
-                    "state": state.name,
-                    "spec": codec.spec_to_json(spec),
-                    "uuid": "",
-                    "addresses": [],
-                    "reserved_vcpus": need.vcpus,
-                    "reserved_memory_mib": need.memory_mib,
-                    "reserved_disk_mib": need.disk_mib,
-                    "create_time": now,
-                    "update_time": now,
-                    "state_reason": "",
-                    "revision": self._vm_revision(session, spec.name),
-                },
-            ).one()
-            self._set_labels(session, spec.name, spec.labels)
+                stored_op = dataclasses.replace(op, step=creating_step.format(host=vm_row.host), progress=20)
             op_row = self._insert_operation(conn, stored_op, now, vm_name=spec.name)
             self._audit(session, audit)
             return self._op_model(op_row), self._vm_model(vm_row)
 
         return self._once_per_request(op, tx)
+
+    def _hold_vm(
+        self,
+        session: Session,
+        spec: VmSpec,
+        host: str | None,
+        now: datetime,
+        *,
+        creating: bool = False,
+        reason: str = "",
+    ) -> Row[Any]:
+        """Place ``spec`` and record it PENDING (``creating``: CREATING) with its room reserved; the new row."""
+        conn = session.connection()
+        chosen = self._place(conn, spec, host, lock=True)
+        need = spec.resources()
+        row = conn.execute(
+            _INSERT_VM,
+            {
+                "name": spec.name,
+                "host": chosen,
+                "state": (VmState.CREATING if creating else VmState.PENDING).name,
+                "spec": codec.spec_to_json(spec),
+                "uuid": "",
+                "addresses": [],
+                "reserved_vcpus": need.vcpus,
+                "reserved_memory_mib": need.memory_mib,
+                "reserved_disk_mib": need.disk_mib,
+                "create_time": now,
+                "update_time": now,
+                "state_reason": reason,
+                "revision": self._vm_revision(session, spec.name),
+            },
+        ).one()
+        self._set_labels(session, spec.name, spec.labels)
+        return row
 
     def reserve_update(
         self,
@@ -1321,23 +1362,49 @@ class Store:
         def tx(session: Session) -> None:
             self._lock_revision(session)
             conn = session.connection()  # Core: every delete runs this (see _read)
-            vm = self._vm_model(_one(conn, _VM_FOR_UPDATE, {"name": name}, _vm_not_found(name)))
-            revision = self._vm_revision(session, name)
-            conn.execute(
-                _INSERT_CHANGE,
-                {
-                    "revision": revision,
-                    "vm_name": name,
-                    "vm": codec.vm_to_json(vm),
-                    "deleted": True,
-                    "change_time": self._now(),
-                },
-            )
-            # labels go with the row (ON DELETE CASCADE)
-            conn.execute(_DELETE_VM, {"name": name})
+            self._delete_vm_row(session, _one(conn, _VM_FOR_UPDATE, {"name": name}, _vm_not_found(name)))
             self._prune_tombstones(session)
 
         return self._run(tx, write=True)
+
+    def release_held(self, names: Sequence[str]) -> list[str]:
+        """
+        Free the VMs of ``names`` that a plan run holds and has not started to create; the names freed.
+
+        A held VM is PENDING with no unfinished operation (:meth:`create_run`); any other VM of these
+        names (being created, made, or not there) is left as it is. Idempotent.
+        """
+
+        def tx(session: Session) -> list[str]:
+            self._lock_revision(session)
+            conn = session.connection()
+            freed: list[str] = []
+            for name in names:
+                held = conn.execute(_HELD_VM.with_for_update(), {"name": name}).one_or_none()
+                if held is not None:
+                    self._delete_vm_row(session, held)
+                    freed.append(name)
+            if freed:
+                self._prune_tombstones(session)
+            return freed
+
+        return self._run(tx, write=True)
+
+    def _delete_vm_row(self, session: Session, row: Row[Any]) -> None:
+        """Delete a VM's row (its reservation with it) and leave watchers a tombstone."""
+        conn = session.connection()
+        conn.execute(
+            _INSERT_CHANGE,
+            {
+                "revision": self._vm_revision(session, row.name),
+                "vm_name": row.name,
+                "vm": codec.vm_to_json(self._vm_model(row)),
+                "deleted": True,
+                "change_time": self._now(),
+            },
+        )
+        # labels go with the row (ON DELETE CASCADE)
+        conn.execute(_DELETE_VM, {"name": row.name})
 
     def _prune_tombstones(self, session: Session) -> None:
         """Keep the newest ``tombstone_retention`` tombstones; remember what was dropped."""
@@ -1507,8 +1574,11 @@ class Store:
                     self._set_labels(session, name, vm.spec.labels)
                     changed.append(name)
             for name in sorted(set(known) - set(seen)):
-                if name in busy:
-                    continue
+                held = known[name].state == VmState.PENDING.name and known[name].state_reason.startswith(
+                    HELD_REASON_PREFIX
+                )
+                if name in busy or held:
+                    continue  # being made, or held for a plan run: not on the host yet
                 if self._apply_observed(
                     session, known[name], VmState.FAILED, uuid=None, addresses=None, state_reason=VANISHED_REASON
                 ):
@@ -1956,8 +2026,15 @@ class Store:
         *,
         owner: str = "",
         lease_seconds: float = 0.0,
+        hold: Sequence[tuple[VmSpec, str | None]] = (),
     ) -> tuple[PlanRun, bool]:
         """Insert ``run`` (with its VM rows, version 1, times set to now) and True.
+
+        ``hold``: the VMs the run will create, each ``(spec, host or None)``. They are placed and
+        recorded PENDING with their room reserved in the same transaction, one after another, so the
+        run cannot fail later for room a VM created meanwhile took. The run's create of each starts
+        from its held record (:meth:`reserve_vm` with the same spec); :meth:`release_held` frees
+        those it never creates. Any placement error refuses the whole run: nothing is written.
 
         With a request id already used for this plan: the existing run and False (no audit record).
         NotFound PLAN_NOT_FOUND for an unknown plan; Aborted PLAN_RUN_IN_PROGRESS (metadata ``plan``,
@@ -1974,6 +2051,11 @@ class Store:
             until = now + timedelta(seconds=lease_seconds) if owner else None
             stored, created = plans_store.create_run(session, run, now, owner, until)
             if created:
+                if hold:
+                    self._lock_revision(session)
+                reason = f"{HELD_REASON_PREFIX}{run.plan} (run {run.id})"
+                for spec, host in hold:
+                    self._hold_vm(session, spec, host, now, reason=reason)
                 self._audit(session, audit)
             return stored, created
 

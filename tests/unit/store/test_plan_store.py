@@ -15,8 +15,9 @@ from clonebox_controller.store import Store
 from clonebox_controller.store.engine import current_revision
 from clonebox_core.audit.chain import AuditFilter
 from clonebox_core.audit.event import AuditEvent, Outcome, new_event
-from clonebox_core.errors import Aborted, AlreadyExists, NotFound
-from clonebox_core.model import CloudInit, DiskSpec, VmSpec
+from clonebox_core.errors import Aborted, AlreadyExists, NotFound, ResourceExhausted
+from clonebox_core.health import HttpProbe, Probe, ProbeType
+from clonebox_core.model import CloudInit, DiskSpec, Resources, VmSpec, VmState
 from clonebox_core.plan import (
     ChangeKind,
     Condition,
@@ -32,6 +33,7 @@ from clonebox_core.plan import (
 )
 from clonebox_core.secret import Secret
 from tests.unit.store.conftest import HEAD_REVISION, add_host_row, migrate_to
+from tests.unit.store.test_store import create_op, register
 
 T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 R = TypeVar("R")
@@ -551,3 +553,86 @@ def test_saving_a_read_back_plan_with_secrets_adds_no_revision(store: Store) -> 
     # the stored revision keeps what a resumed run needs to create the VMs
     assert back.vms == secret_plan().vms
     assert store.save_plan_revision(back)[1] is False
+
+
+# ---- VMs held for a run (create_run's hold) ----------------------------------------------------------
+
+
+def held_run(store: Store, run_id: str = "run-1", **kw: object) -> tuple[Plan, PlanRun]:
+    """Plan ``shop`` (db, web) stored, and a run that holds both VMs."""
+    plan = make_plan()
+    store.save_plan_revision(plan)
+    run, created = store.create_run(
+        make_run(run_id),
+        hold=[(v.spec, None) for v in plan.vms],
+        **kw,  # type: ignore[arg-type]
+    )
+    assert created
+    return plan, run
+
+
+def test_a_run_holds_the_room_of_the_vms_it_will_create(store: Store) -> None:
+    register(store, "h1", vcpus=2, memory_mib=1024)
+    plan, _run = held_run(store)
+    held = {v.name: v for v in store.list_vms()[0]}
+    assert {n: (v.state, v.host) for n, v in held.items()} == {
+        "shop-db": (VmState.PENDING, "h1"),
+        "shop-web": (VmState.PENDING, "h1"),
+    }
+    assert {v.state_reason for v in held.values()} == {"held for plan shop (run run-1)"}
+    assert store.get_host("h1").allocated == Resources(2, 1024, 2048)
+    # a VM made meanwhile cannot take that room
+    with pytest.raises(ResourceExhausted):
+        store.reserve_vm(VmSpec("other", 1, 512), None, create_op("other", "r-other"))
+    # the run's own create starts from the held record: same row and host, now creating, with its operation
+    op, vm = store.reserve_vm(plan.vms[0].spec, None, create_op("shop-db", "r-db"), creating_step="on {host}")
+    assert vm is not None and (vm.name, vm.host, vm.state, vm.state_reason) == ("shop-db", "h1", VmState.CREATING, "")
+    assert (op.step, op.done) == ("on h1", False)
+    assert store.get_host("h1").allocated == Resources(2, 1024, 2048)  # not counted twice
+    # the same name with another spec is someone else's VM: refused, the hold kept
+    other = dataclasses.replace(plan.vms[1].spec, memory_mib=256)
+    with pytest.raises(AlreadyExists):
+        store.reserve_vm(other, None, create_op("shop-web", "r-web"))
+    assert store.get_vm("shop-web").state is VmState.PENDING
+
+
+def test_a_hold_that_does_not_fit_refuses_the_whole_run(store: Store) -> None:
+    register(store, "h1", vcpus=1, memory_mib=1024)
+    plan = make_plan()
+    store.save_plan_revision(plan)
+    with pytest.raises(ResourceExhausted):
+        store.create_run(make_run("run-1"), hold=[(v.spec, None) for v in plan.vms])
+    assert store.list_vms()[0] == [] and store.list_runs("shop") == []
+
+
+def test_release_held_frees_only_vms_not_yet_being_created(store: Store) -> None:
+    register(store, "h1")
+    plan, _run = held_run(store)
+    store.reserve_vm(plan.vms[0].spec, None, create_op("shop-db", "r-db"))  # its create began
+    assert store.release_held(["shop-db", "shop-web", "nope"]) == ["shop-web"]
+    assert [v.name for v in store.list_vms()[0]] == ["shop-db"]
+    assert store.release_held(["shop-web"]) == []  # idempotent
+    # watchers see the freed VM go
+    changes = store.changes_since(0)
+    assert [(vm.name, deleted) for _rev, vm, deleted in changes][-1] == ("shop-web", True)
+
+
+def test_a_held_vm_is_not_missing_from_its_host(store: Store) -> None:
+    register(store, "h1")
+    held_run(store)
+    # the host lists none of them: they are not made yet, so not "vanished"
+    assert store.reconcile_host("h1", []) == []
+    assert {v.state for v in store.list_vms()[0]} == {VmState.PENDING}
+
+
+def test_a_held_vm_with_tuples_in_its_spec_is_still_its_runs(store: Store) -> None:
+    # JSON keeps lists, not tuples: a health check's expect_status (200,) reads back as [200]
+    register(store, "h1")
+    probe = Probe("http", ProbeType.HTTP, http=HttpProbe(expect_status=(200, 204)))
+    plan = make_plan()
+    checked = dataclasses.replace(plan.vms[0].spec, health_checks=(probe,))
+    plan = dataclasses.replace(plan, vms=(dataclasses.replace(plan.vms[0], spec=checked), *plan.vms[1:]))
+    store.save_plan_revision(plan)
+    store.create_run(make_run("run-1"), hold=[(v.spec, None) for v in plan.vms])
+    _op, vm = store.reserve_vm(checked, None, create_op("shop-db", "r-db"), creating_step="on {host}")
+    assert vm is not None and vm.state is VmState.CREATING and vm.spec == checked
