@@ -876,6 +876,9 @@ class Store:
         the VM is recorded CREATING and ``op`` at that step (progress 20) in this same transaction: a
         create's acceptance and its first step are one commit, not two.
 
+        A VM of that name that a plan run holds (:meth:`create_run`) with the same spec, on ``host``
+        when one is given, is not placed again: the create starts from its record and its room.
+
         Idempotent on ``op.request_id``: when an operation with that request id exists, it is
         returned together with the VM's current record (None if the VM has since been deleted) and
         nothing is written; callers detect the replay by ``returned_op.id != op.id``. Reusing a
@@ -1371,8 +1374,9 @@ class Store:
         """
         Free the VMs of ``names`` that a plan run holds and has not started to create; the names freed.
 
-        A held VM is PENDING with no unfinished operation (:meth:`create_run`); any other VM of these
-        names (being created, made, or not there) is left as it is. Idempotent.
+        A held VM is PENDING, with the state reason :data:`HELD_REASON_PREFIX` ... and no unfinished
+        operation (:meth:`create_run`); any other VM of these names (being created, made, or not there)
+        is left as it is. Idempotent.
         """
 
         def tx(session: Session) -> list[str]:
@@ -1490,7 +1494,7 @@ class Store:
           other record may be an in-flight move.
         * VMs only the store has: FAILED with state_reason "vanished from host", unless an
           unfinished operation targets them (it is still creating or deleting the VM; the
-          operation's outcome decides).
+          operation's outcome decides) or a plan run holds them (not made yet, see ``create_run``).
         """
 
         def tx(session: Session) -> list[str]:
