@@ -18,26 +18,37 @@ def manager() -> VmManager:
     return VmManager(none, none, stop_timeout_seconds=1)
 
 
-def running(mgr: VmManager, op: Operation, gate: asyncio.Event) -> asyncio.Task[Operation]:
+@dataclasses.dataclass
+class Waiting:
+    """An operation task of a manager, held at ``gate``, and a task waiting for it through ``finished_here``."""
+
+    op: Operation
+    gate: asyncio.Event
+    task: asyncio.Task[Operation]
+    waiter: asyncio.Task[Operation | None]
+
+
+async def waiting() -> Waiting:
+    mgr, gate = manager(), asyncio.Event()
+    op = new_operation("vm.create", "vms/web", "r1")
+
     async def work() -> Operation:
         await gate.wait()
         return dataclasses.replace(op, done=True, progress=100)
 
     task = asyncio.create_task(work())
     mgr._tasks[op.id] = task
-    return task
+    waiter = asyncio.create_task(mgr.finished_here(op.id))
+    await asyncio.sleep(0)  # the waiter is waiting now
+    return Waiting(op, gate, task, waiter)
 
 
 async def test_the_waiter_gets_the_operation_its_task_finished() -> None:
-    mgr, gate = manager(), asyncio.Event()
-    op = new_operation("vm.create", "vms/web", "r1")
-    running(mgr, op, gate)
-    waiter = asyncio.create_task(mgr.finished_here(op.id))
-    await asyncio.sleep(0)
-    assert not waiter.done()
-    gate.set()
-    finished = await asyncio.wait_for(waiter, WAIT)
-    assert finished is not None and finished.id == op.id and finished.done
+    w = await waiting()
+    assert not w.waiter.done()
+    w.gate.set()
+    finished = await asyncio.wait_for(w.waiter, WAIT)
+    assert finished is not None and finished.id == w.op.id and finished.done
 
 
 async def test_an_operation_this_process_does_not_run_is_left_to_the_store() -> None:
@@ -45,23 +56,15 @@ async def test_an_operation_this_process_does_not_run_is_left_to_the_store() -> 
 
 
 async def test_a_waiter_that_goes_away_does_not_cancel_the_operation() -> None:
-    mgr, gate = manager(), asyncio.Event()
-    op = new_operation("vm.create", "vms/web", "r1")
-    task = running(mgr, op, gate)
-    waiter = asyncio.create_task(mgr.finished_here(op.id))
-    await asyncio.sleep(0)
-    waiter.cancel()
-    await asyncio.gather(waiter, return_exceptions=True)
-    assert waiter.cancelled() and not task.cancelled()
-    gate.set()
-    assert (await asyncio.wait_for(task, WAIT)).done
+    w = await waiting()
+    w.waiter.cancel()
+    await asyncio.gather(w.waiter, return_exceptions=True)
+    assert w.waiter.cancelled() and not w.task.cancelled()
+    w.gate.set()
+    assert (await asyncio.wait_for(w.task, WAIT)).done
 
 
 async def test_an_operation_whose_task_is_cancelled_is_left_to_the_store() -> None:
-    mgr, gate = manager(), asyncio.Event()
-    op = new_operation("vm.create", "vms/web", "r1")
-    task = running(mgr, op, gate)
-    waiter = asyncio.create_task(mgr.finished_here(op.id))
-    await asyncio.sleep(0)
-    task.cancel()  # the manager closing: the operation resumes in the next process
-    assert await asyncio.wait_for(waiter, WAIT) is None
+    w = await waiting()
+    w.task.cancel()  # the manager closing: the operation resumes in the next process
+    assert await asyncio.wait_for(w.waiter, WAIT) is None
