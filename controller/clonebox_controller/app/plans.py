@@ -952,7 +952,7 @@ class PlanEngine:
     async def _crashed(self, run_id: str, actor: str, exc: Exception) -> None:
         try:
             run = await asyncio.to_thread(self._store.get_run, run_id)
-            unmade = [v.vm for v in run.vms if v.change is ChangeKind.CREATE and not v.created]
+            unmade = _unmade(run.vms)
             if unmade:
                 await asyncio.to_thread(self._store.release_held, unmade)
             message = f"the plan run crashed: {exc}" if isinstance(exc, CloneboxError) else "the plan run crashed"
@@ -998,6 +998,11 @@ def _held_vms(plan: Plan, changes: Iterable[VmChange]) -> list[tuple[VmSpec, str
         for pv in [plan.vm(c.service)]
         if not pv.volumes
     ]
+
+
+def _unmade(rows: Iterable[VmStatus]) -> list[str]:
+    """The VMs a run was to create and has not: the ones it may still hold room for (``_held_vms``)."""
+    return [r.vm for r in rows if r.change is ChangeKind.CREATE and not r.created]
 
 
 def _summary(changes: Iterable[VmChange]) -> str:
@@ -1683,11 +1688,7 @@ class _Execution:
 
     async def _release_unmade(self) -> None:
         """Free the room held for the VMs this run will not create now (see ``_held_vms``)."""
-        unmade = [
-            self.status[s].vm
-            for s in self.order
-            if self.status[s].change is ChangeKind.CREATE and not self.status[s].created
-        ]
+        unmade = _unmade(self.status[s] for s in self.order)
         if unmade:
             await asyncio.to_thread(self.store.release_held, unmade)
 
