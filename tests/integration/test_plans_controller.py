@@ -281,6 +281,36 @@ async def test_an_apply_holds_the_room_of_the_vms_it_has_not_reached(fleet: Flee
     assert ops(fleet, "vm.create") == ["stack-db", "stack-api", "stack-web"]
 
 
+async def test_an_apply_holds_the_room_of_a_vm_that_attaches_a_volume_on_its_pinned_host(fleet: Fleet) -> None:
+    # as above, but api attaches the plan volume "data", which the run makes only when api's turn comes
+    await fleet.add_agent("h1", Resources(vcpus=8, memory_mib=256, disk_mib=1024 * 1024))
+    plan = stack("vstack")
+    plan = dataclasses.replace(
+        plan,
+        vms=tuple(dataclasses.replace(v, volumes=("data",)) if v.service == "api" else v for v in plan.vms),
+        volumes=(PlanVolume("data", 16),),
+    )
+    started = await apply(fleet, plan)
+    watcher = asyncio.create_task(watch(fleet, started.id))
+
+    async def db_waits_for_health() -> bool:
+        return row(await run_of(fleet, "vstack"), "db") is VmRunState.WAITING
+
+    await eventually(db_waits_for_health, WAIT, "db created and waiting for its health check")
+    assert "vstack-data" not in await volumes_on(fleet)  # not made yet, yet its user's room is held
+    listed = await fleet.vms.ListVms(vm_service_pb2.ListVmsRequest(page_size=100))
+    states = {v.name: (v.state, v.host) for v in listed.vms}
+    assert states["vstack-api"] == (vm_pb2.VM_STATE_PENDING, "h1")
+    # without api's hold a 128 MiB VM would fit beside db and web (64 + 64 + 128 of 256 MiB)
+    err = await rpc_error(fleet.vms.CreateVm(vm_service_pb2.CreateVmRequest(spec=spec("outsider", memory=128))))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    fleet.fakes["h1"].guest_files["vstack-db"] = {READY_FILE}
+    final = (await watcher)[-1]
+    assert final.state is RunState.SUCCEEDED, final.error
+    assert (await volumes_on(fleet))["vstack-data"][1].vms == ("vstack-api",)
+    assert ops(fleet, "vm.create") == ["vstack-db", "vstack-api", "vstack-web"]
+
+
 async def test_a_run_is_woken_by_the_changes_it_waits_for_not_by_its_poll(fleet: Fleet) -> None:
     # with the poll an hour away, only the store's announcements (operation done, VM running, health
     # healthy) can move the run: each gate opens when its change is committed

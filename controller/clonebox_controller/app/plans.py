@@ -987,16 +987,18 @@ def _held_vms(plan: Plan, changes: Iterable[VmChange]) -> list[tuple[VmSpec, str
     The VMs an apply reserves room for at once, in the run's transaction: every VM it creates new.
 
     All or nothing then holds up to the last level: a VM created meanwhile outside the plan cannot take
-    the room of one the run has not reached yet. Left out: a replace (the old VM holds its room until
-    it is deleted) and a VM that attaches volumes (placed on its volumes' host, which the run makes
-    first). A revert run re-makes VMs from backups as it goes and holds none.
+    the room of one the run has not reached yet. A VM that attaches volumes is held on the host its
+    group is pinned to (``_pin_hosts``), where the run makes its volumes before it; without a pinned
+    host (there is always one once the capacity check passed) it is left out, since placing it would
+    look for volumes the run has not made yet. Left out too: a replace (the old VM holds its room until
+    it is deleted). A revert run re-makes VMs from backups as it goes and holds none.
     """
     return [
         (pv.spec, pv.host or None)
         for c in changes
         if c.kind is ChangeKind.CREATE
         for pv in [plan.vm(c.service)]
-        if not pv.volumes
+        if pv.host or not pv.volumes
     ]
 
 
