@@ -42,13 +42,14 @@ the watch skipped (several changes between two reads) makes a phase look longer,
 controller sends at most one version per ``plans.watch_min_interval_seconds`` (default 0.1 s, kept
 here: the benchmark measures the default), so phases come in steps of about that interval.
 
-Modes: P in (4, 10), R runs each (default 3, ``--quick``: P = 10 once), with ``plans.poll_seconds``
-0.2 s (the controller's default is 1.0 s; changes this controller commits wake a run at once, so the
-interval paces only the fallback re-reads). A full run then starts a second fleet with ``plans.poll_seconds: 0.05``
-and applies each P once more, to show how much of the overhead is that interval. Down time is reported
-for every run (the fake's delete has no delay: that time is the controller's alone). Each up and down is
-followed by the same-run baseline: the same 50 VMs created with plain ``CreateVm`` + ``WaitOperation``,
-P at a time with no dependencies, then deleted the same way (what the VM path costs without the engine).
+Modes: P in (4, 10) (``--max-parallel 1,2,4,10`` for others), R runs each (default 3, ``--quick``: P =
+10 once), with ``plans.poll_seconds`` 0.2 s (the controller's default is 1.0 s; changes this controller
+commits wake a run at once, so the interval paces only the fallback re-reads). A full run then starts a
+second fleet with ``plans.poll_seconds: 0.05`` and applies each P once more, to show how much of the
+overhead is that interval. Down time is reported for every run (the fake's delete has no delay: that
+time is the controller's alone). Each up and down is followed by the same-run baseline: the same 50 VMs
+created with plain ``CreateVm`` + ``WaitOperation``, P at a time with no dependencies, then deleted the
+same way (what the VM path costs without the engine).
 
 Run it alone (``benchmarks/run.py`` does not list it yet)::
 
@@ -773,7 +774,7 @@ def report(cases: Sequence[Case], deps: Mapping[str, Sequence[str]], result: Ben
 
 async def _measure(opts: Options, result: BenchResult, root: Path) -> list[Case]:
     deps = graph()
-    parallels = (QUICK_PARALLEL,) if opts.quick else PARALLELS
+    parallels = opts.parallels or ((QUICK_PARALLEL,) if opts.quick else PARALLELS)
     reps = opts.repetitions or (1 if opts.quick else 3)
     polls = [(DEFAULT_POLL, reps)] + ([] if opts.quick else [(FAST_POLL, 1)])
     cases: list[Case] = []
@@ -838,13 +839,30 @@ def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # unwinds through the finally clauses: daemons stopped, folder removed
 
 
+def _parallels(text: str) -> tuple[int, ...]:
+    """``--max-parallel``: a comma-separated list of positive integers."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers separated by commas, e.g. 1,2,4,10")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``bench_plans.py [--quick] [--repetitions N] [--json FILE] [--keep]``, or ``--agent CONFIG`` (internal)."""
+    """``bench_plans.py [--quick] [--max-parallel P,..] [--repetitions N] [--json FILE] [--keep]`` (or ``--agent``)."""
     p = argparse.ArgumentParser(prog="benchmarks/bench_plans.py", description=__doc__.strip().split("\n")[0])
     p.add_argument("--quick", action="store_true", help="max_parallel 10 only, one run, no second fleet")
     p.add_argument("--repetitions", type=int, help="runs per max_parallel (default 3, quick 1)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--keep", action="store_true", help="keep the run folder (configs, daemon logs, fleet database)")
+    p.add_argument(
+        "--max-parallel",
+        type=_parallels,
+        metavar="P[,P...]",
+        help=f"the max_parallel values to measure (default {','.join(map(str, PARALLELS))}; quick {QUICK_PARALLEL})",
+    )
     p.add_argument("--agent", metavar="CONFIG", help=argparse.SUPPRESS)
     p.add_argument("--create-delay", type=float, default=CREATE_DELAY, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -852,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
         serve_agent(args.agent, args.create_delay)
         return 0
     signal.signal(signal.SIGTERM, _on_sigterm)
-    opts = Options(quick=args.quick, repetitions=args.repetitions, keep=args.keep)
+    opts = Options(quick=args.quick, repetitions=args.repetitions, keep=args.keep, parallels=args.max_parallel)
     started = datetime.now(UTC)
     print(f"CloneBox plans benchmark ({'quick' if opts.quick else 'full'} run, {started:%Y-%m-%d %H:%M} UTC)")
     machine = machine_info()

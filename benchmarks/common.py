@@ -39,6 +39,8 @@ class Options:
     repetitions: int | None = None
     kernel: str = "vmlinuz"
     keep: bool = False
+    #: bench_plans: the max_parallel values to measure (None: the mode's own)
+    parallels: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
