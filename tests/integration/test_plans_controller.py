@@ -311,6 +311,26 @@ async def test_an_apply_holds_the_room_of_a_vm_that_attaches_a_volume_on_its_pin
     assert ops(fleet, "vm.create") == ["vstack-db", "vstack-api", "vstack-web"]
 
 
+async def test_vms_held_on_a_host_cordoned_during_the_run_are_made_elsewhere(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    started = await apply(fleet, stack("moved"))  # h1 is the only host: all three are held there
+    watcher = asyncio.create_task(watch(fleet, started.id))
+
+    async def db_waits_for_health() -> bool:
+        return row(await run_of(fleet, "moved"), "db") is VmRunState.WAITING
+
+    await eventually(db_waits_for_health, WAIT, "db created and waiting for its health check")
+    await fleet.add_agent("h2", ROOMY)
+    await fleet.hosts.CordonHost(host_service_pb2.CordonHostRequest(name="h1"))
+    fleet.fakes["h1"].guest_files["moved-db"] = {READY_FILE}
+    final = (await watcher)[-1]
+    assert final.state is RunState.SUCCEEDED, final.error
+    assert {v.service: v.host for v in final.vms} == {"db": "h1", "api": "h2", "web": "h2"}
+    assert sorted(r.spec.name for r in await fleet.fakes["h2"].list()) == ["moved-api", "moved-web"]
+    # the holds on h1 were given up, not left behind: h1 has only db's reservation
+    assert [v.name for v in fleet.controller.store.vms_on_host("h1")] == ["moved-db"]
+
+
 async def test_a_run_is_woken_by_the_changes_it_waits_for_not_by_its_poll(fleet: Fleet) -> None:
     # with the poll an hour away, only the store's announcements (operation done, VM running, health
     # healthy) can move the run: each gate opens when its change is committed

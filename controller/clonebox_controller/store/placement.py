@@ -51,12 +51,20 @@ def shortfall(need: Resources, free: Resources) -> str:
     return "; ".join(parts)
 
 
+def closed(state: HostState, cordoned: bool) -> str | None:
+    """Why a host in ``state`` takes no new VM whatever its room ("cordoned", "unreachable"), or None."""
+    if cordoned:
+        return "cordoned"
+    if state is not HostState.READY:
+        return state.name.lower().replace("_", " ")
+    return None
+
+
 def rejection(candidate: Candidate, need: Resources) -> str | None:
     """Why ``candidate`` cannot take a VM needing ``need``, or None when it can."""
-    if candidate.cordoned:
-        return "cordoned"
-    if candidate.state is not HostState.READY:
-        return candidate.state.name.lower().replace("_", " ")
+    why = closed(candidate.state, candidate.cordoned)
+    if why is not None:
+        return why
     if not need.fits_in(candidate.free):
         return shortfall(need, candidate.free)
     return None

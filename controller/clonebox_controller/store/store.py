@@ -877,7 +877,10 @@ class Store:
         create's acceptance and its first step are one commit, not two.
 
         A VM of that name that a plan run holds (:meth:`create_run`) with the same spec, on ``host``
-        when one is given, is not placed again: the create starts from its record and its room.
+        when one is given, is not placed again: the create starts from its record and its room. If its
+        host takes no new VMs since (cordoned, unreachable, not serving), the hold is given up and the
+        VM placed as any other, in this transaction: elsewhere, or refused with the host's error when
+        ``host`` names it (the hold is then kept, for the run to release).
 
         Idempotent on ``op.request_id``: when an operation with that request id exists, it is
         returned together with the VM's current record (None if the VM has since been deleted) and
@@ -895,7 +898,14 @@ class Store:
             conn = session.connection()
             now = self._now()
             held = conn.execute(_HELD_VM, {"name": spec.name}).one_or_none()
-            if held is not None and host in (None, held.host) and _same_spec(held.spec, spec):
+            if held is not None and (host not in (None, held.host) or not _same_spec(held.spec, spec)):
+                held = None  # not this create's: placing below refuses the name (VM_ALREADY_EXISTS)
+            if held is not None and self._closed_host(conn, held.host) is not None:
+                # cordoned or down since the apply: a hold keeps room, it does not bind the VM to a host
+                # that takes no new VMs (no create would be accepted there now)
+                self._delete_vm_row(session, held)
+                held = None
+            if held is not None:
                 # held for a plan run (create_run): its room is reserved and its host chosen already
                 vm_row = conn.execute(
                     _UPDATE_VM,
@@ -1090,6 +1100,14 @@ class Store:
         if host is not None:
             return placement.check_named(candidates[0] if candidates else None, host, need)
         return placement.choose(candidates, need)
+
+    @staticmethod
+    def _closed_host(conn: Connection, name: str) -> str | None:
+        """Why host ``name`` takes no new VM (``placement.closed``; "not registered"), or None when it does."""
+        row = conn.execute(_HOST_NAMED, {"host": name}).one_or_none()
+        if row is None:
+            return "not registered"
+        return placement.closed(HostState[row.state], row.cordoned)
 
     @staticmethod
     def _volumes_host(conn: Connection, spec: VmSpec) -> str | None:

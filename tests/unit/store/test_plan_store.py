@@ -15,9 +15,9 @@ from clonebox_controller.store import Store
 from clonebox_controller.store.engine import current_revision
 from clonebox_core.audit.chain import AuditFilter
 from clonebox_core.audit.event import AuditEvent, Outcome, new_event
-from clonebox_core.errors import Aborted, AlreadyExists, NotFound, ResourceExhausted
+from clonebox_core.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from clonebox_core.health import HttpProbe, Probe, ProbeType
-from clonebox_core.model import CloudInit, DiskSpec, Resources, VmSpec, VmState
+from clonebox_core.model import CloudInit, DiskSpec, HostState, Resources, VmSpec, VmState
 from clonebox_core.plan import (
     ChangeKind,
     Condition,
@@ -636,3 +636,28 @@ def test_a_held_vm_with_tuples_in_its_spec_is_still_its_runs(store: Store) -> No
     store.create_run(make_run("run-1"), hold=[(v.spec, None) for v in plan.vms])
     _op, vm = store.reserve_vm(checked, None, create_op("shop-db", "r-db"), creating_step="on {host}")
     assert vm is not None and vm.state is VmState.CREATING and vm.spec == checked
+
+
+@pytest.mark.parametrize("closed", ["cordoned", "unreachable"])
+def test_a_vm_held_on_a_host_that_takes_no_new_vms_is_placed_again(store: Store, closed: str) -> None:
+    register(store, "h1", vcpus=2, memory_mib=1024)
+    plan, _run = held_run(store)  # both held on h1, the only host then
+    register(store, "h2", vcpus=2, memory_mib=1024)
+    if closed == "cordoned":
+        store.set_cordoned("h1", True)
+    else:
+        store.set_host_state("h1", HostState.UNREACHABLE)
+    db, web = (v.spec for v in plan.vms)
+    # pinned to h1, the create gets h1's error, as any create there would; the hold stays for the run to free
+    with pytest.raises(FailedPrecondition) as refused:
+        store.reserve_vm(web, "h1", create_op("shop-web", "r-web-pinned"))
+    assert refused.value.reason == ("HOST_CORDONED" if closed == "cordoned" else "HOST_UNREACHABLE")
+    assert (store.get_vm("shop-web").state, store.get_vm("shop-web").host) == (VmState.PENDING, "h1")
+    # placement free to choose: the hold's room on h1 is given up and the VM placed on h2, in one commit
+    _op, vm = store.reserve_vm(db, None, create_op("shop-db", "r-db"), creating_step="on {host}")
+    assert vm is not None and (vm.host, vm.state, vm.state_reason) == ("h2", VmState.CREATING, "")
+    assert store.get_host("h1").allocated == Resources(1, 512, 1024)  # web's hold only
+    assert store.get_host("h2").allocated == Resources(1, 512, 1024)
+    # watchers see the held record go from h1 and the VM come on h2
+    moves = [(vm.name, vm.host, deleted) for _rev, vm, deleted in store.changes_since(0) if vm.name == "shop-db"]
+    assert moves[-2:] == [("shop-db", "h1", True), ("shop-db", "h2", False)]
