@@ -71,6 +71,14 @@ def test_choose_explains_every_rejection() -> None:
     assert err.value.metadata == {"hosts_considered": "4"}
 
 
+def test_closed_is_about_the_host_not_its_room() -> None:
+    # a held VM's own room is already counted on its host: only cordon and state decide
+    assert placement.closed(HostState.READY, cordoned=False) is None
+    assert placement.closed(HostState.READY, cordoned=True) == "cordoned"
+    assert placement.closed(HostState.UNREACHABLE, cordoned=False) == "unreachable"
+    assert placement.closed(HostState.NOT_SERVING, cordoned=False) == "not serving"
+
+
 def test_overcommitted_host_reports_zero_free() -> None:
     # adoption can push reservations past allocatable; the message must not say "-2 free"
     over = cand("a", Resources(2, 2048, 0), Resources(4, 1024, 0))
