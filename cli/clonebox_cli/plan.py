@@ -61,6 +61,7 @@ from clonebox_core.plan import (
     VmStatus,
     VolumeChange,
     VolumeChangeKind,
+    is_held,
 )
 from clonebox_core.units import format_duration_ms
 
@@ -1064,7 +1065,9 @@ class PsRow:
 
 
 def vm_state_word(vm: vm_pb2.Vm) -> str:
-    """``running``, ``stopped``, ... (``unspecified`` when unset)."""
+    """``running``, ``stopped``, ... (``unspecified`` when unset); ``held``: pending, its room held by a plan run."""
+    if vm.state == vm_pb2.VM_STATE_PENDING and is_held(vm.state_reason):
+        return "held"
     return vm_pb2.VmState.Name(vm.state).removeprefix("VM_STATE_").lower()
 
 

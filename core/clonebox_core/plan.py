@@ -32,6 +32,18 @@ MAX_PLAN_VMS = 500
 DEFAULT_MAX_PARALLEL = 4
 #: how long a VM may take to become healthy (or complete) when the policy does not say
 DEFAULT_HEALTHY_DEADLINE_MS = 5 * 60 * 1000
+#: state reason of a VM a plan run holds room for and has not started to create ("... shop (run r1)")
+HELD_REASON_PREFIX = "held for plan "
+
+
+def held_reason(plan: str, run_id: str) -> str:
+    """The state reason of a VM that run ``run_id`` of ``plan`` holds room for (see :func:`is_held`)."""
+    return f"{HELD_REASON_PREFIX}{plan} (run {run_id})"
+
+
+def is_held(state_reason: str) -> bool:
+    """Whether a PENDING VM's state reason says a plan run holds its room (not made yet)."""
+    return state_reason.startswith(HELD_REASON_PREFIX)
 
 
 class Condition(enum.Enum):

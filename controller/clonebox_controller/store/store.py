@@ -86,7 +86,16 @@ from clonebox_core.model import (
     VmSpec,
     VmState,
 )
-from clonebox_core.plan import UPDATABLE_FIELDS, Plan, PlanRun, RunState, VmStatus
+from clonebox_core.plan import (
+    HELD_REASON_PREFIX,
+    UPDATABLE_FIELDS,
+    Plan,
+    PlanRun,
+    RunState,
+    VmStatus,
+    held_reason,
+    is_held,
+)
 
 from . import audit as audit_store
 from . import codec, placement
@@ -114,8 +123,6 @@ _CHANGES_INFO_KEY = "clonebox_changes"
 
 #: state_reason given to a VM the store has on a host but the host's agent no longer reports
 VANISHED_REASON = "vanished from host"
-#: state_reason of a VM a plan run holds room for and has not started to create ("... shop (run r1)")
-HELD_REASON_PREFIX = "held for plan "
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -1596,9 +1603,7 @@ class Store:
                     self._set_labels(session, name, vm.spec.labels)
                     changed.append(name)
             for name in sorted(set(known) - set(seen)):
-                held = known[name].state == VmState.PENDING.name and known[name].state_reason.startswith(
-                    HELD_REASON_PREFIX
-                )
+                held = known[name].state == VmState.PENDING.name and is_held(known[name].state_reason)
                 if name in busy or held:
                     continue  # being made, or held for a plan run: not on the host yet
                 if self._apply_observed(
@@ -2075,7 +2080,7 @@ class Store:
             if created:
                 if hold:
                     self._lock_revision(session)
-                reason = f"{HELD_REASON_PREFIX}{run.plan} (run {run.id})"
+                reason = held_reason(run.plan, run.id)
                 for spec, host in hold:
                     self._hold_vm(session, spec, host, now, reason=reason)
                 self._audit(session, audit)

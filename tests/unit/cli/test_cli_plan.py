@@ -623,6 +623,21 @@ def test_ps(runner: CliRunner, fake_controller: FakeController, tmp_path: Path) 
     }
 
 
+def test_ps_says_held_for_a_vm_whose_room_a_run_holds(
+    runner: CliRunner, fake_controller: FakeController, tmp_path: Path
+) -> None:
+    assert up(runner, fake_controller, write(tmp_path)).exit_code == 0
+    fleet = fake_controller.fleet
+    fleet.vms["stack-api"].state = vm_pb2.VM_STATE_PENDING
+    fleet.vms["stack-api"].state_reason = "held for plan stack (run r1)"
+    fleet.vms["stack-db"].state = vm_pb2.VM_STATE_PENDING  # pending for another reason: said as it is
+    r = cli(runner, fake_controller, "ps")
+    assert r.exit_code == 0, r.output
+    assert [line.split()[2:4] for line in r.stdout.splitlines()[1:]] == [["stack-api", "held"], ["stack-db", "pending"]]
+    doc = json.loads(cli(runner, fake_controller, "-o", "json", "ps", "stack").stdout)
+    assert [(v["vm"], v["state"]) for v in doc["vms"]] == [("stack-api", "held"), ("stack-db", "pending")]
+
+
 def test_ps_unknown_plan_and_no_plans(runner: CliRunner, fake_controller: FakeController) -> None:
     missing = cli(runner, fake_controller, "ps", "nope")
     assert missing.exit_code == 3 and "plan nope not found" in error_line(missing)
