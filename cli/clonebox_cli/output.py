@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from clonebox_core import model
+from clonebox_core.plan import is_held
 from clonebox_core.rpc.convert import host_from_proto, operation_error, vm_from_proto
 from clonebox_core.units import format_size
 
@@ -118,6 +119,13 @@ def _state(value: enum.Enum) -> str:
     return value.name.lower().replace("_", "-")
 
 
+def vm_state_word(state: model.VmState, reason: str) -> str:
+    """A VM's state as listings show it: ``running``, ...; ``held``: pending, its room held by a plan run."""
+    if state is model.VmState.PENDING and is_held(reason):
+        return "held"
+    return _state(state)
+
+
 def _labels(labels: Iterable[tuple[str, str]]) -> str:
     return ",".join(f"{k}={v}" for k, v in labels) or "-"
 
@@ -150,7 +158,7 @@ def vm_table(vms: Sequence[vm_pb2.Vm]) -> Table:
         table.add_row(
             vm.name,
             vm.host or "-",
-            _state(vm.state),
+            vm_state_word(vm.state, vm.state_reason),
             str(vm.spec.vcpus),
             human_size(vm.spec.memory_mib),
             ",".join(a.address for a in vm.addresses) or "-",

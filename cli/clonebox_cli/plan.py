@@ -48,6 +48,7 @@ from clonebox_cli.client import ControllerClient
 from clonebox_cli.context import Settings, settings
 from clonebox_cli.errors import TlsHandshakeFailed, one_line
 from clonebox_core.errors import CloneboxError, DeadlineExceeded, InvalidArgument, Unavailable
+from clonebox_core.model import VmState
 from clonebox_core.plan import (
     LABEL_PLAN,
     LABEL_SERVICE,
@@ -61,7 +62,6 @@ from clonebox_core.plan import (
     VmStatus,
     VolumeChange,
     VolumeChangeKind,
-    is_held,
 )
 from clonebox_core.units import format_duration_ms
 
@@ -1065,10 +1065,8 @@ class PsRow:
 
 
 def vm_state_word(vm: vm_pb2.Vm) -> str:
-    """``running``, ``stopped``, ... (``unspecified`` when unset); ``held``: pending, its room held by a plan run."""
-    if vm.state == vm_pb2.VM_STATE_PENDING and is_held(vm.state_reason):
-        return "held"
-    return vm_pb2.VmState.Name(vm.state).removeprefix("VM_STATE_").lower()
+    """``running``, ``stopped``, ... (``unspecified`` when unset); ``held``: see ``output.vm_state_word``."""
+    return output.vm_state_word(VmState(vm.state), vm.state_reason)
 
 
 def _plan_vms(client: ControllerClient, plan: str) -> list[vm_pb2.Vm]:

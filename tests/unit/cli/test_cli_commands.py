@@ -269,6 +269,15 @@ def test_vm_list_one_page_hints_at_more(runner: CliRunner, fake_controller: Fake
     assert "--page-token 1" in result.stderr
 
 
+def test_vm_list_says_held_for_a_vm_whose_room_a_run_holds(runner: CliRunner, fake_controller: FakeController) -> None:
+    fake_controller.fleet.add_vm("shop-db", state=vm_pb2.VM_STATE_PENDING).state_reason = "held for plan shop (run r1)"
+    fake_controller.fleet.add_vm("solo", state=vm_pb2.VM_STATE_PENDING)
+    result = cli(runner, fake_controller, "vm", "list")
+    assert result.exit_code == 0, result.output
+    states = {line.split()[0]: line.split()[2] for line in result.stdout.splitlines()[1:]}
+    assert (states["shop-db"], states["solo"], states["web"]) == ("held", "pending", "running")
+
+
 def test_vm_list_bad_label_is_a_usage_error(runner: CliRunner, fake_controller: FakeController) -> None:
     result = cli(runner, fake_controller, "vm", "list", "--label", "novalue")
     assert result.exit_code == 2
