@@ -284,12 +284,7 @@ async def test_an_apply_holds_the_room_of_the_vms_it_has_not_reached(fleet: Flee
 async def test_an_apply_holds_the_room_of_a_vm_that_attaches_a_volume_on_its_pinned_host(fleet: Fleet) -> None:
     # as above, but api attaches the plan volume "data", which the run makes only when api's turn comes
     await fleet.add_agent("h1", Resources(vcpus=8, memory_mib=256, disk_mib=1024 * 1024))
-    plan = stack("vstack")
-    plan = dataclasses.replace(
-        plan,
-        vms=tuple(dataclasses.replace(v, volumes=("data",)) if v.service == "api" else v for v in plan.vms),
-        volumes=(PlanVolume("data", 16),),
-    )
+    plan = with_volume(stack("vstack"), "api", 16)
     started = await apply(fleet, plan)
     watcher = asyncio.create_task(watch(fleet, started.id))
 
@@ -309,6 +304,48 @@ async def test_an_apply_holds_the_room_of_a_vm_that_attaches_a_volume_on_its_pin
     assert final.state is RunState.SUCCEEDED, final.error
     assert (await volumes_on(fleet))["vstack-data"][1].vms == ("vstack-api",)
     assert ops(fleet, "vm.create") == ["vstack-db", "vstack-api", "vstack-web"]
+
+
+def with_volume(plan: Plan, service: str, size_mib: int) -> Plan:
+    """``plan`` with ``service`` attaching the plan volume ``data`` of ``size_mib``."""
+    return dataclasses.replace(
+        plan,
+        vms=tuple(dataclasses.replace(v, volumes=("data",)) if v.service == service else v for v in plan.vms),
+        volumes=(PlanVolume("data", size_mib),),
+    )
+
+
+async def test_an_apply_holds_the_disk_of_a_volume_it_will_make(fleet: Fleet) -> None:
+    # 2,000 MiB of disk: the three VMs take 48, api's volume 1,000 once made; the run makes it only
+    # when api's turn comes, after db's health gate
+    await fleet.add_agent("h1", Resources(vcpus=8, memory_mib=1024, disk_mib=2000))
+    started = await apply(fleet, with_volume(stack("dstack"), "api", 1000))
+    watcher = asyncio.create_task(watch(fleet, started.id))
+
+    async def db_waits_for_health() -> bool:
+        return row(await run_of(fleet, "dstack"), "db") is VmRunState.WAITING
+
+    await eventually(db_waits_for_health, WAIT, "db created and waiting for its health check")
+    assert "dstack-data" not in await volumes_on(fleet)  # not made yet, yet its disk is held
+    assert fleet.controller.store.get_host("h1").allocated.disk_mib == 48 + 1000
+    # without the hold a VM with a 1,024 MiB disk would fit (2,000 - 48)
+    err = await rpc_error(fleet.vms.CreateVm(vm_service_pb2.CreateVmRequest(spec=spec("outsider", memory=64))))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    fleet.fakes["h1"].guest_files["dstack-db"] = {READY_FILE}
+    final = (await watcher)[-1]
+    assert final.state is RunState.SUCCEEDED, final.error
+    assert (await volumes_on(fleet))["dstack-data"][1].vms == ("dstack-api",)
+    assert fleet.controller.store.get_host("h1").allocated.disk_mib == 48 + 1000  # taken over, not counted twice
+
+
+async def test_a_failed_run_frees_the_disk_held_for_a_volume_it_never_made(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", Resources(vcpus=8, memory_mib=1024, disk_mib=2000))
+    plan = dataclasses.replace(with_volume(stack("fstack"), "api", 1000), update=UpdatePolicy(healthy_deadline_ms=1000))
+    started = await apply(fleet, plan)
+    final = (await watch(fleet, started.id))[-1]  # db never gets healthy: rolled back before api
+    assert final.state is RunState.ROLLED_BACK, final
+    assert "fstack-data" not in await volumes_on(fleet)
+    assert fleet.controller.store.get_host("h1").allocated == Resources()
 
 
 async def test_vms_held_on_a_host_cordoned_during_the_run_are_made_elsewhere(fleet: Fleet) -> None:

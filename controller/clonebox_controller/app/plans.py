@@ -713,9 +713,15 @@ class PlanEngine:
         # held as the run will create them: from the stored revision, which the run reads back (a re-apply
         # of the same content keeps that revision, whose specs may differ in what the digest leaves out)
         hold = [] if revert else _held_vms(await self._plan_of_revision(plan.name, stored.revision), v.changes)
+        hold_volumes = [] if revert else _held_volumes(v.volumes)
         created_run, created = await asyncio.to_thread(
             lambda: self._store.create_run(
-                run, accepted, owner=self.owner, lease_seconds=self.settings.lease_seconds, hold=hold
+                run,
+                accepted,
+                owner=self.owner,
+                lease_seconds=self.settings.lease_seconds,
+                hold=hold,
+                hold_volumes=hold_volumes,
             )
         )
         if created:
@@ -952,9 +958,7 @@ class PlanEngine:
     async def _crashed(self, run_id: str, actor: str, exc: Exception) -> None:
         try:
             run = await asyncio.to_thread(self._store.get_run, run_id)
-            unmade = _unmade(run.vms)
-            if unmade:
-                await asyncio.to_thread(self._store.release_held, unmade)
+            await asyncio.to_thread(self._store.release_held, _unmade(run.vms), run.id)
             message = f"the plan run crashed: {exc}" if isinstance(exc, CloneboxError) else "the plan run crashed"
             event = _end_event(run, Outcome.FAILED, message, actor, "INTERNAL")
             await asyncio.to_thread(
@@ -988,7 +992,8 @@ def _held_vms(plan: Plan, changes: Iterable[VmChange]) -> list[tuple[VmSpec, str
 
     All or nothing then holds up to the last level: a VM created meanwhile outside the plan cannot take
     the room of one the run has not reached yet. A VM that attaches volumes is held on the host its
-    group is pinned to (``_pin_hosts``), where the run makes its volumes before it; without a pinned
+    group is pinned to (``_pin_hosts``), where the run makes its volumes before it (their disk held
+    too, ``_held_volumes``); without a pinned
     host (there is always one once the capacity check passed) it is left out, since placing it would
     look for volumes the run has not made yet. Left out too: a replace (the old VM holds its room until
     it is deleted). A revert run re-makes VMs from backups as it goes and holds none.
@@ -1000,6 +1005,16 @@ def _held_vms(plan: Plan, changes: Iterable[VmChange]) -> list[tuple[VmSpec, str
         for pv in [plan.vm(c.service)]
         if pv.host or not pv.volumes
     ]
+
+
+def _held_volumes(volumes: Iterable[VolumeChange]) -> list[tuple[str, str, int]]:
+    """
+    The volumes an apply reserves disk for at once, in the run's transaction: every one it will make.
+
+    ``(host, agent volume, size_mib)``; the run's create of each takes its reservation over
+    (``create_volume(..., holder=run id)``), and the run frees what it never made when it ends.
+    """
+    return [(v.host, v.volume, v.size_mib) for v in volumes if v.kind is VolumeChangeKind.CREATE and v.host]
 
 
 def _unmade(rows: Iterable[VmStatus]) -> list[str]:
@@ -1193,6 +1208,7 @@ class _Execution:
                 if not done and not await self._delete(s, "remove", with_snapshots=False):
                     break
         if self.failure is None:
+            await self._release_unmade()  # a volume no service of this run went on to make
             await self._finish_run(RunState.SUCCEEDED)
             return
         if self.plan.on_failure is FailurePolicy.ROLLBACK:
@@ -1348,7 +1364,9 @@ class _Execution:
             labels = {LABEL_PLAN: self.plan.name, LABEL_VOLUME: name}
             request_id = run_request_id(self.run_.id, service, f"volume-{name}")
             try:
-                await self.e._vms.create_volume(host, agent, vol.size_mib, vol.shared, labels, request_id)
+                await self.e._vms.create_volume(
+                    host, agent, vol.size_mib, vol.shared, labels, request_id, holder=self.run_.id
+                )
             except CloneboxError as err:
                 if err.reason == "VOLUME_EXISTS_DIFFERENT":
                     raise _StepFailed(
@@ -1689,10 +1707,10 @@ class _Execution:
         await self._finish_run(RunState.ROLLED_BACK, f"{error}; rolled back ({len(created)} VM(s) deleted)")
 
     async def _release_unmade(self) -> None:
-        """Free the room held for the VMs this run will not create now (see ``_held_vms``)."""
+        """Free the room held for the VMs and volumes this run will not make now (``_held_vms``, ``_held_volumes``)."""
         unmade = _unmade(self.status[s] for s in self.order)
-        if unmade:
-            await asyncio.to_thread(self.store.release_held, unmade)
+        if unmade or self.plan.volumes:
+            await asyncio.to_thread(self.store.release_held, unmade, self.run_.id)
 
     async def _down(self) -> None:
         with_snapshots = bool(self.run_.options.get(WITH_SNAPSHOTS))

@@ -99,7 +99,7 @@ class FleetStore(Protocol):
         agent_revision: Revision | None = None,
     ) -> Vm | None: ...
     def release_vm(self, name: str) -> None: ...
-    def reserve_volume(self, host: str, name: str, size_mib: int) -> bool: ...
+    def reserve_volume(self, host: str, name: str, size_mib: int, *, holder: str = "") -> bool: ...
     def release_volume(self, host: str, name: str) -> bool: ...
     def adopt_volumes(self, host: str, listed: Sequence[tuple[str, int]]) -> list[str]: ...
     def vms_on_host(self, host: str) -> list[Vm]: ...
@@ -212,17 +212,19 @@ class PlanStore(Protocol):
         owner: str = "",
         lease_seconds: float = 0.0,
         hold: Sequence[tuple[VmSpec, str | None]] = (),
+        hold_volumes: Sequence[tuple[str, str, int]] = (),
     ) -> tuple[PlanRun, bool]:
         """Insert ``run`` (with its VM rows) and True; with ``owner`` it is leased to it in the same transaction.
 
         With a request id already used for this plan: the existing run and False. Aborted
         PLAN_RUN_IN_PROGRESS when another run of the plan is not done. ``hold``: VMs the run will create,
-        placed and reserved (PENDING) in the same transaction; a placement error refuses the run.
+        placed and reserved (PENDING) in the same transaction; ``hold_volumes``: ``(host, name, size_mib)``
+        of the volumes it will make, their disk reserved first; a placement error refuses the run.
         """
         ...
 
-    def release_held(self, names: Sequence[str]) -> list[str]:
-        """Free the VMs of ``names`` a plan run holds and has not started to create; the names freed."""
+    def release_held(self, names: Sequence[str], run_id: str = "") -> list[str]:
+        """Free the VMs of ``names`` (and ``run_id``'s volume reservations) a run holds and has not begun to make."""
         ...
 
     def update_run(

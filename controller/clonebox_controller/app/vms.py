@@ -254,21 +254,29 @@ class VmManager:
     # ---- volumes (disks on one host that outlive their VMs; plans make them, so do users) --------
 
     async def create_volume(
-        self, host: str, name: str, size_mib: int, shared: bool, labels: dict[str, str], request_id: str
+        self,
+        host: str,
+        name: str,
+        size_mib: int,
+        shared: bool,
+        labels: dict[str, str],
+        request_id: str,
+        *,
+        holder: str = "",
     ) -> Volume:
         """
         Make agent volume ``name`` on ``host`` (idempotent: an equal volume is returned as it is).
 
         Its disk is reserved on the host first (ResourceExhausted HOST_CAPACITY_EXCEEDED when it does not
-        fit), and freed again when the agent makes nothing. FailedPrecondition VOLUME_EXISTS_DIFFERENT
-        (the agent's) when it exists with another size or shared flag; HOST_UNREACHABLE; an unreachable
-        agent is retried like an operation's call. Audited here (``volume.create``, naming the caller) and
-        by the agent.
+        fit), or taken over from plan run ``holder``'s hold, and freed again when the agent makes nothing.
+        FailedPrecondition VOLUME_EXISTS_DIFFERENT (the agent's) when it exists with another size or shared
+        flag; HOST_UNREACHABLE; an unreachable agent is retried like an operation's call. Audited here
+        (``volume.create``, naming the caller) and by the agent.
         """
         check_dns_label("host", host)
         validate_volume(name, size_mib, labels.items())
         client = await self._hosts.client(host)
-        reserved = await asyncio.to_thread(self._store.reserve_volume, host, name, size_mib)
+        reserved = await asyncio.to_thread(lambda: self._store.reserve_volume(host, name, size_mib, holder=holder))
         try:
             made = await self._agent_call(lambda: client.create_volume(name, size_mib, shared, labels, request_id))
         except CloneboxError:

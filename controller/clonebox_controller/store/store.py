@@ -221,9 +221,15 @@ _ALLOCATIONS_OF = _ALLOCATIONS.where(_VM_TABLE.c.host.in_(bindparam("hosts", exp
 _VOLUME_TABLE = cast(Table, VolumeReservationRow.__table__)
 _VOLUME_DISK = select(_VOLUME_TABLE.c.host, func.sum(_VOLUME_TABLE.c.size_mib)).group_by(_VOLUME_TABLE.c.host)
 _VOLUME_DISK_OF = _VOLUME_DISK.where(_VOLUME_TABLE.c.host.in_(bindparam("hosts", expanding=True)))
-_VOLUME_RESERVED = select(_VOLUME_TABLE.c.size_mib).where(
+_VOLUME_RESERVED = select(_VOLUME_TABLE.c.size_mib, _VOLUME_TABLE.c.held_by).where(
     _VOLUME_TABLE.c.host == bindparam("host"), _VOLUME_TABLE.c.name == bindparam("name")
 )
+_CLAIM_VOLUME = (
+    update(_VOLUME_TABLE)
+    .where(_VOLUME_TABLE.c.host == bindparam("b_host"), _VOLUME_TABLE.c.name == bindparam("b_name"))
+    .values(held_by=None)
+)
+_RELEASE_HELD_VOLUMES = delete(_VOLUME_TABLE).where(_VOLUME_TABLE.c.held_by == bindparam("run"))
 _VOLUME_HOSTS = select(_VOLUME_TABLE.c.name, _VOLUME_TABLE.c.host).where(
     _VOLUME_TABLE.c.name.in_(bindparam("names", expanding=True))
 )
@@ -804,35 +810,51 @@ class Store:
 
     # ------------------------------------------------------------------ volumes
 
-    def reserve_volume(self, host: str, name: str, size_mib: int) -> bool:
+    def reserve_volume(self, host: str, name: str, size_mib: int, *, holder: str = "") -> bool:
         """
         Reserve ``size_mib`` of disk on ``host`` for its agent's volume ``name``; True when newly reserved.
 
         Placement counts the reservation as it counts a VM's disks, so a volume's room cannot be given to
         a VM. Idempotent: a volume reserved there already keeps its reservation (False; whether an
-        existing volume matches is the agent's to say). Errors: NotFound HOST_NOT_FOUND; ResourceExhausted
+        existing volume matches is the agent's to say). ``holder``: the plan run making the volume; the
+        reservation that run holds for it (:meth:`create_run`) becomes this create's (True, as if newly
+        reserved: a failed create frees it). Errors: NotFound HOST_NOT_FOUND; ResourceExhausted
         HOST_CAPACITY_EXCEEDED when the host's free disk (what it offers less its VMs' and volumes'
         reservations) is smaller.
         """
 
         def tx(session: Session) -> bool:
-            row = self._host_row(session, host, lock=True)  # one placement at a time on this host
             conn = session.connection()
-            if conn.execute(_VOLUME_RESERVED, {"host": host, "name": name}).first() is not None:
+            existing = conn.execute(_VOLUME_RESERVED, {"host": host, "name": name}).first()
+            if existing is not None:
+                if holder and existing.held_by == holder:
+                    conn.execute(_CLAIM_VOLUME, {"b_host": host, "b_name": name})
+                    return True
                 return False
-            need = Resources(0, 0, size_mib)
-            free = self._allocatable(row) - self._allocations(conn, [host]).get(host, (Resources(), 0))[0]
-            if not need.fits_in(free):
-                raise ResourceExhausted(
-                    f"host {host!r} has no room for volume {name!r} ({size_mib} MiB): "
-                    f"{placement.shortfall(need, free)}; free disk on the host or make the volume smaller",
-                    reason="HOST_CAPACITY_EXCEEDED",
-                    metadata={"host": host, "volume": name},
-                )
-            conn.execute(_INSERT_VOLUME, {"host": host, "name": name, "size_mib": size_mib, "create_time": self._now()})
-            return True
+            return self._reserve_volume_row(session, host, name, size_mib)
 
         return self._run(tx, write=True, retry_integrity=True)
+
+    def _reserve_volume_row(self, session: Session, host: str, name: str, size_mib: int, held_by: str = "") -> bool:
+        """Reserve a volume's disk on ``host`` if it fits (see :meth:`reserve_volume`); False when reserved already."""
+        row = self._host_row(session, host, lock=True)  # one placement at a time on this host
+        conn = session.connection()
+        if conn.execute(_VOLUME_RESERVED, {"host": host, "name": name}).first() is not None:
+            return False
+        need = Resources(0, 0, size_mib)
+        free = self._allocatable(row) - self._allocations(conn, [host]).get(host, (Resources(), 0))[0]
+        if not need.fits_in(free):
+            raise ResourceExhausted(
+                f"host {host!r} has no room for volume {name!r} ({size_mib} MiB): "
+                f"{placement.shortfall(need, free)}; free disk on the host or make the volume smaller",
+                reason="HOST_CAPACITY_EXCEEDED",
+                metadata={"host": host, "volume": name},
+            )
+        conn.execute(
+            _INSERT_VOLUME,
+            {"host": host, "name": name, "size_mib": size_mib, "create_time": self._now(), "held_by": held_by or None},
+        )
+        return True
 
     def adopt_volumes(self, host: str, listed: Sequence[tuple[str, int]]) -> list[str]:
         """
@@ -1395,18 +1417,21 @@ class Store:
 
         return self._run(tx, write=True)
 
-    def release_held(self, names: Sequence[str]) -> list[str]:
+    def release_held(self, names: Sequence[str], run_id: str = "") -> list[str]:
         """
         Free the VMs of ``names`` that a plan run holds and has not started to create; the names freed.
 
-        A held VM is PENDING, with the state reason :data:`HELD_REASON_PREFIX` ... and no unfinished
-        operation (:meth:`create_run`); any other VM of these names (being created, made, or not there)
-        is left as it is. Idempotent.
+        A held VM is PENDING, with the state reason of :func:`clonebox_core.plan.held_reason` and no
+        unfinished operation (:meth:`create_run`); any other VM of these names (being created, made, or
+        not there) is left as it is. ``run_id``: the volume reservations that run still holds (volumes
+        it has not started to make) are freed too. Idempotent.
         """
 
         def tx(session: Session) -> list[str]:
             self._lock_revision(session)
             conn = session.connection()
+            if run_id:
+                conn.execute(_RELEASE_HELD_VOLUMES, {"run": run_id})
             freed: list[str] = []
             for name in names:
                 held = conn.execute(_HELD_VM.with_for_update(), {"name": name}).one_or_none()
@@ -2054,6 +2079,7 @@ class Store:
         owner: str = "",
         lease_seconds: float = 0.0,
         hold: Sequence[tuple[VmSpec, str | None]] = (),
+        hold_volumes: Sequence[tuple[str, str, int]] = (),
     ) -> tuple[PlanRun, bool]:
         """Insert ``run`` (with its VM rows, version 1, times set to now) and True.
 
@@ -2061,7 +2087,10 @@ class Store:
         recorded PENDING with their room reserved in the same transaction, one after another, so the
         run cannot fail later for room a VM created meanwhile took. The run's create of each starts
         from its held record (:meth:`reserve_vm` with the same spec); :meth:`release_held` frees
-        those it never creates. Any placement error refuses the whole run: nothing is written.
+        those it never creates. ``hold_volumes``: the agent volumes the run will make, each ``(host,
+        name, size_mib)``, whose disk is reserved first, held by the run (a name reserved on that host
+        already is left as it is); the run's :meth:`reserve_volume` with ``holder`` takes each over.
+        Any placement error refuses the whole run: nothing is written.
 
         With a request id already used for this plan: the existing run and False (no audit record).
         NotFound PLAN_NOT_FOUND for an unknown plan; Aborted PLAN_RUN_IN_PROGRESS (metadata ``plan``,
@@ -2078,6 +2107,8 @@ class Store:
             until = now + timedelta(seconds=lease_seconds) if owner else None
             stored, created = plans_store.create_run(session, run, now, owner, until)
             if created:
+                for on, volume, size_mib in hold_volumes:
+                    self._reserve_volume_row(session, on, volume, size_mib, held_by=run.id)
                 if hold:
                     self._lock_revision(session)
                 reason = held_reason(run.plan, run.id)

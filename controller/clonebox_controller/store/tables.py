@@ -160,6 +160,9 @@ class VolumeReservationRow(Base):
     name: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
     size_mib: Mapped[int] = mapped_column(BigInteger)
     create_time: Mapped[datetime]
+    #: the plan run that reserved the disk at apply for a volume it will make (``Store.create_run``);
+    #: NULL once the volume's create took the reservation over, or for any other volume
+    held_by: Mapped[str | None] = mapped_column(String(NAME_LENGTH), default=None)
 
 
 class VmLabelRow(Base):

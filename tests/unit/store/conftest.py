@@ -24,7 +24,7 @@ from tests import pgcluster
 
 PG_URL_ENV = "CLONEBOX_TEST_PG_URL"
 #: newest migration; bump with every new file in store/migrations/versions
-HEAD_REVISION = "0007"
+HEAD_REVISION = "0008"
 
 
 @dataclass

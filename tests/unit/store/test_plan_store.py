@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import create_engine, inspect
 
 from clonebox_controller.store import Store
 from clonebox_controller.store.engine import current_revision
@@ -661,3 +661,90 @@ def test_a_vm_held_on_a_host_that_takes_no_new_vms_is_placed_again(store: Store,
     # watchers see the held record go from h1 and the VM come on h2
     moves = [(vm.name, vm.host, deleted) for _rev, vm, deleted in store.changes_since(0) if vm.name == "shop-db"]
     assert moves[-2:] == [("shop-db", "h1", True), ("shop-db", "h2", False)]
+
+
+# ---- volumes held for a run (create_run's hold_volumes) ----------------------------------------------
+
+
+def disk_of(store: Store, host: str) -> int:
+    return store.get_host(host).allocated.disk_mib
+
+
+def test_a_run_holds_the_disk_of_the_volumes_it_will_make(store: Store) -> None:
+    register(store, "h1", disk_mib=10_000)
+    plan = make_plan()
+    store.save_plan_revision(plan)
+    store.create_run(
+        make_run("run-1"),
+        hold=[(v.spec, None) for v in plan.vms],
+        hold_volumes=[("h1", "shop-data", 4_000), ("h1", "shop-logs", 1_000)],
+    )
+    assert disk_of(store, "h1") == 2 * 1024 + 5_000  # the two VMs' disks and both volumes
+    # the room is the run's: a volume or a VM made meanwhile outside the plan does not get it
+    with pytest.raises(ResourceExhausted):
+        store.reserve_volume("h1", "other", 4_000)
+    with pytest.raises(ResourceExhausted):
+        store.reserve_vm(VmSpec("other", 1, 64, disks=(DiskSpec("root", size_mib=4_000),)), None, create_op("x", "r-x"))
+    # a create of the same name by anyone else finds it reserved (False: not theirs to free on failure)
+    assert store.reserve_volume("h1", "shop-data", 4_000) is False
+    assert store.reserve_volume("h1", "shop-data", 4_000, holder="run-2") is False
+    # the run's own create takes its hold over: True, so that a failed create frees it
+    assert store.reserve_volume("h1", "shop-data", 4_000, holder="run-1") is True
+    assert store.reserve_volume("h1", "shop-data", 4_000, holder="run-1") is False  # a retry: it is the volume's now
+    assert disk_of(store, "h1") == 2 * 1024 + 5_000  # counted once
+    # the run ends: what it never made is freed, the volume it made keeps its reservation
+    store.release_held(["shop-db", "shop-web"], "run-1")
+    assert disk_of(store, "h1") == 4_000
+    store.release_held([], "run-1")  # idempotent
+    assert disk_of(store, "h1") == 4_000
+    assert store.reserve_volume("h1", "other", 6_000)  # the freed room is anyone's again
+
+
+def test_a_volume_hold_that_does_not_fit_refuses_the_whole_run(store: Store) -> None:
+    register(store, "h1", disk_mib=5_000)
+    plan = make_plan()
+    store.save_plan_revision(plan)
+    with pytest.raises(ResourceExhausted) as refused:
+        store.create_run(
+            make_run("run-1"),
+            hold=[(v.spec, None) for v in plan.vms],
+            hold_volumes=[("h1", "shop-data", 3_000), ("h1", "shop-logs", 3_000)],
+        )
+    assert (refused.value.reason, refused.value.metadata) == (
+        "HOST_CAPACITY_EXCEEDED",
+        {"host": "h1", "volume": "shop-logs"},
+    )
+    assert store.list_runs("shop") == [] and store.list_vms()[0] == []
+    assert disk_of(store, "h1") == 0  # no volume kept either
+
+
+def test_a_volume_reserved_already_is_not_held_nor_freed_by_the_run(store: Store) -> None:
+    register(store, "h1", disk_mib=10_000)
+    assert store.reserve_volume("h1", "shop-data", 4_000)  # made before, e.g. by an earlier run
+    store.save_plan_revision(make_plan())
+    store.create_run(make_run("run-1"), hold_volumes=[("h1", "shop-data", 4_000)])
+    assert disk_of(store, "h1") == 4_000  # not counted twice
+    assert store.reserve_volume("h1", "shop-data", 4_000, holder="run-1") is False  # not the run's to free
+    store.release_held([], "run-1")
+    assert disk_of(store, "h1") == 4_000
+
+
+def test_upgrade_from_0007_keeps_volume_reservations_and_down_drops_only_holds(store_url: str) -> None:
+    migrate_to(store_url, "0007")
+    add_host_row(store_url, "h1", disk_mib=10_000)
+    with Store.open(store_url) as new:
+        assert current_revision(new.engine) == HEAD_REVISION
+        assert new.reserve_volume("h1", "kept", 1_000)
+        new.save_plan_revision(make_plan())
+        new.create_run(make_run("run-1"), hold_volumes=[("h1", "shop-data", 2_000)])
+        assert disk_of(new, "h1") == 3_000
+    # down: the run's hold goes with the column (a downgraded controller could not tell it from a volume)
+    migrate_to(store_url, "0007", down=True)
+    engine = create_engine(store_url)
+    try:
+        assert "held_by" not in {c["name"] for c in inspect(engine).get_columns("volume_reservations")}
+    finally:
+        engine.dispose()
+    with Store.open(store_url) as again:
+        assert disk_of(again, "h1") == 1_000
+        assert again.reserve_volume("h1", "kept", 1_000) is False  # still reserved, by no run
