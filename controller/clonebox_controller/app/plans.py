@@ -626,7 +626,7 @@ class PlanEngine:
         freed: dict[str, Resources] = {}
         needs: list[PlacementNeed] = []
         # the disk of each volume the apply would make counts on its host, like a VM's disks (checked here,
-        # all or nothing, but not reserved in the store: see docs/plans.md, Volumes)
+        # all or nothing; the run then holds it, ``_held_volumes``)
         for vol in volumes:
             if vol.kind is VolumeChangeKind.CREATE and vol.host:
                 needs.append(PlacementNeed(f"volume {vol.volume}", Resources(0, 0, vol.size_mib), vol.host))
