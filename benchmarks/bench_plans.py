@@ -51,9 +51,14 @@ time is the controller's alone). Each up and down is followed by the same-run ba
 created with plain ``CreateVm`` + ``WaitOperation``, P at a time with no dependencies, then deleted the
 same way (what the VM path costs without the engine).
 
+``--store postgresql`` gives each fleet's controller a throwaway PostgreSQL cluster (the test suite's
+``tests/pgcluster.py``, every commit waiting for its fsync as a server does by default) instead of
+its SQLite file: the same plan against the HA store.
+
 Run it alone (``benchmarks/run.py`` does not list it yet)::
 
-    .venv/bin/python benchmarks/bench_plans.py [--quick] [--repetitions N] [--json FILE] [--keep]
+    .venv/bin/python benchmarks/bench_plans.py [--quick] [--max-parallel P,..] [--store sqlite|postgresql]
+        [--repetitions N] [--json FILE] [--keep]
 
 Every wait is bounded; the daemons and the folder (configs, logs, the fleet database) are removed in
 ``finally``, also on Ctrl-C or SIGTERM (``--keep`` keeps the folder).
@@ -63,7 +68,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -77,7 +84,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
+from types import FrameType, ModuleType
 from typing import Any
 
 import grpc.aio
@@ -122,6 +129,8 @@ WIDTH = 10
 #: the goal: total / lower bound
 RATIO_GOAL = 1.2
 PARALLELS = (4, 10)
+#: ``--store`` values
+SQLITE, POSTGRES = "sqlite", "postgresql"
 QUICK_PARALLEL = 10
 DEFAULT_POLL = 0.2
 #: the second fleet of a full run
@@ -282,6 +291,8 @@ class Fleet:
     controller: str = ""
     server_name: str = ""
     transport: Transport | None = None
+    #: the controller's database (empty: a SQLite file in ``root``)
+    database_url: str = ""
     #: py-spy recording the controller (``CLONEBOX_BENCH_PLANS_PYSPY``), and the file it writes
     spy: subprocess.Popen[bytes] | None = None
     spy_file: Path | None = None
@@ -310,7 +321,7 @@ class Fleet:
                 {
                     "listen": self.controller,
                     "tls_dir": str(ctl_tls),
-                    "database_url": f"sqlite:///{root / 'fleet.db'}",
+                    "database_url": self.database_url or f"sqlite:///{root / 'fleet.db'}",
                     "metrics_listen": "127.0.0.1:0",
                     "log_level": "WARNING",
                     "plans": {"poll_seconds": self.poll},
@@ -779,7 +790,12 @@ async def _measure(opts: Options, result: BenchResult, root: Path) -> list[Case]
     polls = [(DEFAULT_POLL, reps)] + ([] if opts.quick else [(FAST_POLL, 1)])
     cases: list[Case] = []
     for poll, runs in polls:
-        fleet = Fleet(root / f"poll-{poll:g}", poll)
+        databases = contextlib.ExitStack()
+        url = ""
+        if opts.store == POSTGRES:
+            # a throwaway cluster per fleet, every commit waiting for its fsync (the server's default)
+            url = databases.enter_context(_pgcluster().cluster("clonebox_bench", durable=True))
+        fleet = Fleet(root / f"poll-{poll:g}", poll, database_url=url)
         fleet.root.mkdir()
         try:
             await asyncio.to_thread(fleet.start)
@@ -794,9 +810,12 @@ async def _measure(opts: Options, result: BenchResult, root: Path) -> list[Case]
                 cases.append(case)
         finally:
             fleet.close(keep=opts.keep)
+            databases.close()
         if fleet.spy_file is not None and fleet.spy_file.exists():
             _spy_table(fleet, result)
     result.notes.append(f"load average {load_average()} at the end")
+    result.notes.append(f"the controller's database: {opts.store}")
+    result.data["store"] = opts.store
     return cases
 
 
@@ -835,6 +854,14 @@ def run(opts: Options) -> BenchResult:
 # ---- standalone ----------------------------------------------------------------------------------
 
 
+def _pgcluster() -> ModuleType:
+    """The test suite's throwaway PostgreSQL (``tests/pgcluster.py``), importable when this file runs alone."""
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(1, root)
+    return importlib.import_module("tests.pgcluster")
+
+
 def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # unwinds through the finally clauses: daemons stopped, folder removed
 
@@ -851,7 +878,7 @@ def _parallels(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``bench_plans.py [--quick] [--max-parallel P,..] [--repetitions N] [--json FILE] [--keep]`` (or ``--agent``)."""
+    """``bench_plans.py [--quick] [--max-parallel P,..] [--store S] [--repetitions N] [--json FILE] [--keep]``."""
     p = argparse.ArgumentParser(prog="benchmarks/bench_plans.py", description=__doc__.strip().split("\n")[0])
     p.add_argument("--quick", action="store_true", help="max_parallel 10 only, one run, no second fleet")
     p.add_argument("--repetitions", type=int, help="runs per max_parallel (default 3, quick 1)")
@@ -863,14 +890,24 @@ def main(argv: list[str] | None = None) -> int:
         metavar="P[,P...]",
         help=f"the max_parallel values to measure (default {','.join(map(str, PARALLELS))}; quick {QUICK_PARALLEL})",
     )
+    p.add_argument(
+        "--store",
+        choices=(SQLITE, POSTGRES),
+        default=SQLITE,
+        help="the controller's database: a SQLite file (default) or a throwaway PostgreSQL cluster",
+    )
     p.add_argument("--agent", metavar="CONFIG", help=argparse.SUPPRESS)
     p.add_argument("--create-delay", type=float, default=CREATE_DELAY, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.agent:
         serve_agent(args.agent, args.create_delay)
         return 0
+    if args.store == POSTGRES and (why := _pgcluster().missing()):
+        p.error(f"--store {POSTGRES}: cannot start a PostgreSQL cluster here: {why}")
     signal.signal(signal.SIGTERM, _on_sigterm)
-    opts = Options(quick=args.quick, repetitions=args.repetitions, keep=args.keep, parallels=args.max_parallel)
+    opts = Options(
+        quick=args.quick, repetitions=args.repetitions, keep=args.keep, parallels=args.max_parallel, store=args.store
+    )
     started = datetime.now(UTC)
     print(f"CloneBox plans benchmark ({'quick' if opts.quick else 'full'} run, {started:%Y-%m-%d %H:%M} UTC)")
     machine = machine_info()

@@ -41,6 +41,8 @@ class Options:
     keep: bool = False
     #: bench_plans: the max_parallel values to measure (None: the mode's own)
     parallels: tuple[int, ...] | None = None
+    #: bench_plans: the controller's database, "sqlite" (the default) or "postgresql" (a throwaway cluster)
+    store: str = "sqlite"
 
 
 @dataclass(frozen=True)

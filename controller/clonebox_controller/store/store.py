@@ -2107,10 +2107,11 @@ class Store:
             until = now + timedelta(seconds=lease_seconds) if owner else None
             stored, created = plans_store.create_run(session, run, now, owner, until)
             if created:
+                if hold or hold_volumes:
+                    # before any host row, as every transaction that places does (PostgreSQL: no lock cycle)
+                    self._lock_revision(session)
                 for on, volume, size_mib in hold_volumes:
                     self._reserve_volume_row(session, on, volume, size_mib, held_by=run.id)
-                if hold:
-                    self._lock_revision(session)
                 reason = held_reason(run.plan, run.id)
                 for spec, host in hold:
                     self._hold_vm(session, spec, host, now, reason=reason)
