@@ -33,11 +33,12 @@ from google.protobuf import descriptor_pool
 from clonebox_agent.adapters.common import Fault
 from clonebox_agent.adapters.fake import FakeHypervisor
 from clonebox_controller.app.plans import PlanEngine, PlanSettings
+from clonebox_controller.app.vms import new_operation
 from clonebox_controller.main import place_plan
 from clonebox_core.audit.chain import AuditFilter
 from clonebox_core.errors import FailedPrecondition, Internal
 from clonebox_core.health import FileProbe, HealthState, Probe, ProbeType
-from clonebox_core.model import DiskSpec, NetworkMode, NetworkSpec, Operation, Resources, VmSpec, Volume
+from clonebox_core.model import DiskSpec, NetworkMode, NetworkSpec, Operation, Resources, VmSpec, VmState, Volume
 from clonebox_core.plan import (
     LABEL_PLAN,
     ChangeKind,
@@ -346,6 +347,89 @@ async def test_a_failed_run_frees_the_disk_held_for_a_volume_it_never_made(fleet
     assert final.state is RunState.ROLLED_BACK, final
     assert "fstack-data" not in await volumes_on(fleet)
     assert fleet.controller.store.get_host("h1").allocated == Resources()
+
+
+def replacing_web(name: str, *, db_memory: int = 64, web_disk: int = 16, deadline_ms: int = 30_000) -> Plan:
+    """db (health-gated) -> api (db healthy) -> web, with db's memory and web's disk as given."""
+    return make_plan(
+        name,
+        [
+            service(name, "db", memory=db_memory, probe=True),
+            service(name, "api", ("db", Condition.HEALTHY)),
+            service(name, "web", "api", disk=web_disk),
+        ],
+        deadline_ms=deadline_ms,
+    )
+
+
+def disk_spec(name: str, disk_mib: int) -> vm_pb2.VmSpec:
+    return vm_pb2.VmSpec(name=name, vcpus=1, memory_mib=16, disks=[vm_pb2.DiskSpec(name="root", size_mib=disk_mib)])
+
+
+async def test_an_apply_holds_the_room_a_replaced_vm_grows_into(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", Resources(vcpus=8, memory_mib=1024, disk_mib=1100))
+    fleet.fakes["h1"].guest_files["rstack-db"] = {READY_FILE}
+    await _up(fleet, replacing_web("rstack"))  # 3 x 16 MiB of disk
+    # db restarts with more memory and must be healthy again before web is replaced by one with 600 MiB
+    fleet.fakes["h1"].guest_files["rstack-db"] = set()
+    started = await apply(fleet, replacing_web("rstack", db_memory=128, web_disk=600), allow_replace=True)
+    watcher = asyncio.create_task(watch(fleet, started.id))
+
+    async def db_waits_for_health() -> bool:
+        return row(await run_of(fleet, "rstack"), "db") is VmRunState.WAITING
+
+    await eventually(db_waits_for_health, WAIT, "db restarted and waiting for its health check")
+    # web's room already covers its successor's disk, although web itself is not replaced yet
+    assert fleet.controller.store.get_host("h1").allocated.disk_mib == 16 + 16 + 600
+    assert [r.spec.disks[0].size_mib for r in await fleet.fakes["h1"].list() if r.spec.name == "rstack-web"] == [16]
+    # without that hold a VM with a 500 MiB disk would fit (1,100 - 48)
+    err = await rpc_error(fleet.vms.CreateVm(vm_service_pb2.CreateVmRequest(spec=disk_spec("outsider", 500))))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    fleet.fakes["h1"].guest_files["rstack-db"] = {READY_FILE}
+    final = (await watcher)[-1]
+    assert final.state is RunState.SUCCEEDED, final.error
+    assert row(final, "web") is VmRunState.READY and final.vms[2].change is ChangeKind.REPLACE
+    assert [r.spec.disks[0].size_mib for r in await fleet.fakes["h1"].list() if r.spec.name == "rstack-web"] == [600]
+    assert fleet.controller.store.get_host("h1").allocated.disk_mib == 16 + 16 + 600  # the successor's, once
+
+
+async def test_a_run_that_fails_before_its_replace_gives_the_grown_room_back(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", Resources(vcpus=8, memory_mib=1024, disk_mib=1100))
+    fleet.fakes["h1"].guest_files["fstack-db"] = {READY_FILE}
+    await _up(fleet, replacing_web("fstack"))
+    fleet.fakes["h1"].guest_files["fstack-db"] = set()  # db never gets healthy again: web is never reached
+    plan = replacing_web("fstack", db_memory=128, web_disk=600, deadline_ms=1500)
+    final = (await watch(fleet, (await apply(fleet, plan, allow_replace=True)).id))[-1]
+    assert final.state is RunState.ROLLED_BACK, final
+    assert row(final, "web") is VmRunState.SKIPPED
+    assert fleet.controller.store.get_host("h1").allocated.disk_mib == 3 * 16
+    assert await vm_names(fleet) == ["fstack-api", "fstack-db", "fstack-web"]  # the old web is kept
+
+
+async def test_a_delete_resumed_after_its_replace_hold_was_recorded_leaves_the_hold(fleet: Fleet) -> None:
+    # the controller died after a replace's delete released the old VM (its room now held for the
+    # successor) and before the delete's end: the resumed delete deletes again (a no-op at the agent),
+    # and its release holds the room again instead of freeing it
+    await fleet.add_agent("h1", ROOMY)
+    fleet.fakes["h1"].guest_files["kstack-db"] = {READY_FILE}
+    await _up(fleet, replacing_web("kstack"))
+    store = fleet.controller.store
+    successor = dataclasses.replace(store.get_vm("kstack-web").spec, disks=(DiskSpec("root", size_mib=600),))
+    run = PlanRun("run-k", "kstack", 1, "up", RunState.RUNNING)
+    store.create_run(run, owner="another-controller", lease_seconds=3600, hold_replaced=[(successor, None)])
+    op, _created = store.begin_operation(new_operation("vm.delete", "vms/kstack-web", "r-del", {"host": "h1"}))
+    await fleet.fakes["h1"].delete("kstack-web")
+    store.release_vm("kstack-web")  # the delete's release: the room is held for the successor now
+    await fleet.controller.vms.resume()
+
+    async def done() -> bool:
+        return store.get_operation(op.id).done
+
+    await eventually(done, WAIT, "the resumed delete to end")
+    assert store.get_operation(op.id).error_code == ""
+    held = store.get_vm("kstack-web")
+    assert (held.state, held.state_reason) == (VmState.PENDING, "held for plan kstack (run run-k)")
+    assert fleet.controller.store.get_host("h1").allocated.disk_mib == 16 + 16 + 600
 
 
 async def test_vms_held_on_a_host_cordoned_during_the_run_are_made_elsewhere(fleet: Fleet) -> None:

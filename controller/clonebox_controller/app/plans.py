@@ -712,7 +712,9 @@ class PlanEngine:
         )
         # held as the run will create them: from the stored revision, which the run reads back (a re-apply
         # of the same content keeps that revision, whose specs may differ in what the digest leaves out)
-        hold = [] if revert else _held_vms(await self._plan_of_revision(plan.name, stored.revision), v.changes)
+        stored_plan = await self._plan_of_revision(plan.name, stored.revision)
+        hold = [] if revert else _held_vms(stored_plan, v.changes)
+        hold_replaced = [] if revert else _held_successors(stored_plan, v.changes)
         hold_volumes = [] if revert else _held_volumes(v.volumes)
         created_run, created = await asyncio.to_thread(
             lambda: self._store.create_run(
@@ -722,6 +724,7 @@ class PlanEngine:
                 lease_seconds=self.settings.lease_seconds,
                 hold=hold,
                 hold_volumes=hold_volumes,
+                hold_replaced=hold_replaced,
             )
         )
         if created:
@@ -995,8 +998,8 @@ def _held_vms(plan: Plan, changes: Iterable[VmChange]) -> list[tuple[VmSpec, str
     group is pinned to (``_pin_hosts``), where the run makes its volumes before it (their disk held
     too, ``_held_volumes``); without a pinned
     host (there is always one once the capacity check passed) it is left out, since placing it would
-    look for volumes the run has not made yet. Left out too: a replace (the old VM holds its room until
-    it is deleted). A revert run re-makes VMs from backups as it goes and holds none.
+    look for volumes the run has not made yet. Left out too: a replace (its room is the old VM's,
+    ``_held_successors``). A revert run re-makes VMs from backups as it goes and holds none.
     """
     return [
         (pv.spec, pv.host or None)
@@ -1005,6 +1008,16 @@ def _held_vms(plan: Plan, changes: Iterable[VmChange]) -> list[tuple[VmSpec, str
         for pv in [plan.vm(c.service)]
         if pv.host or not pv.volumes
     ]
+
+
+def _held_successors(plan: Plan, changes: Iterable[VmChange]) -> list[tuple[VmSpec, str | None]]:
+    """
+    The VMs an apply replaces, as their successors: ``(spec, host or None)``.
+
+    The store grows the old VM's room on its host to what the successor needs too and keeps it, held,
+    when the run deletes the old VM, so the successor's create finds its room (``Store.create_run``).
+    """
+    return [(pv.spec, pv.host or None) for c in changes if c.kind is ChangeKind.REPLACE for pv in [plan.vm(c.service)]]
 
 
 def _held_volumes(volumes: Iterable[VolumeChange]) -> list[tuple[str, str, int]]:
@@ -1707,9 +1720,10 @@ class _Execution:
         await self._finish_run(RunState.ROLLED_BACK, f"{error}; rolled back ({len(created)} VM(s) deleted)")
 
     async def _release_unmade(self) -> None:
-        """Free the room held for the VMs and volumes this run will not make now (``_held_vms``, ``_held_volumes``)."""
+        """Free the room this run holds for what it will not make now (``_held_vms``, ``_held_successors``, ...)."""
         unmade = _unmade(self.status[s] for s in self.order)
-        if unmade or self.plan.volumes:
+        replaces = any(self.status[s].change is ChangeKind.REPLACE for s in self.order)
+        if unmade or replaces or self.plan.volumes:
             await asyncio.to_thread(self.store.release_held, unmade, self.run_.id)
 
     async def _down(self) -> None:

@@ -213,13 +213,15 @@ class PlanStore(Protocol):
         lease_seconds: float = 0.0,
         hold: Sequence[tuple[VmSpec, str | None]] = (),
         hold_volumes: Sequence[tuple[str, str, int]] = (),
+        hold_replaced: Sequence[tuple[VmSpec, str | None]] = (),
     ) -> tuple[PlanRun, bool]:
         """Insert ``run`` (with its VM rows) and True; with ``owner`` it is leased to it in the same transaction.
 
         With a request id already used for this plan: the existing run and False. Aborted
         PLAN_RUN_IN_PROGRESS when another run of the plan is not done. ``hold``: VMs the run will create,
         placed and reserved (PENDING) in the same transaction; ``hold_volumes``: ``(host, name, size_mib)``
-        of the volumes it will make, their disk reserved first; a placement error refuses the run.
+        of the volumes it will make, their disk reserved first; ``hold_replaced``: the VMs that replace
+        existing ones, whose room grows to cover both when it fits; a placement error refuses the run.
         """
         ...
 

@@ -108,6 +108,7 @@ from .tables import (
     HostRow,
     JoinTokenRow,
     OperationRow,
+    PlanRunRow,
     RevokedCertRow,
     VmChangeRow,
     VmLabelRow,
@@ -192,6 +193,13 @@ _HELD_VM = select(_VM_TABLE).where(
     _VM_TABLE.c.state_reason.startswith(HELD_REASON_PREFIX, autoescape=True),
     ~exists().where(_OPERATION_TABLE.c.vm_name == _VM_TABLE.c.name, _OPERATION_TABLE.c.done.is_(False)),
 )
+#: the VMs whose room a plan run holds for their successors (``Store.create_run``'s ``hold_replaced``)
+_HELD_FOR_RUN = select(_VM_TABLE).where(_VM_TABLE.c.held_for == bindparam("run")).with_for_update()
+_PLAN_RUN_TABLE = cast(Table, PlanRunRow.__table__)
+#: the plan of a run that is not done (none: done, or no such run)
+_UNFINISHED_RUN_PLAN = select(_PLAN_RUN_TABLE.c.plan).where(
+    _PLAN_RUN_TABLE.c.id == bindparam("run"), _PLAN_RUN_TABLE.c.state.in_(plans_store.UNFINISHED_STATES)
+)
 _INSERT_VM = insert(_VM_TABLE).returning(*_VM_TABLE.c)
 _DELETE_VM = delete(_VM_TABLE).where(_VM_TABLE.c.name == bindparam("name"))
 _OPERATION_EXISTS = select(_OPERATION_TABLE.c.id).where(_OPERATION_TABLE.c.id == bindparam("id"))
@@ -242,6 +250,11 @@ _DELETE_LABELS = delete(_LABEL_TABLE).where(_LABEL_TABLE.c.vm_name == bindparam(
 _INSERT_LABELS = insert(_LABEL_TABLE)
 _CHANGE_TABLE = cast(Table, VmChangeRow.__table__)
 _INSERT_CHANGE = insert(_CHANGE_TABLE)
+
+
+def _reserved(row: Row[Any] | VmRow) -> Resources:
+    """The room a VM row reserves on its host."""
+    return Resources(row.reserved_vcpus, row.reserved_memory_mib, row.reserved_disk_mib)
 
 
 def _same_spec(stored: Mapping[str, Any], spec: VmSpec) -> bool:
@@ -927,7 +940,12 @@ class Store:
             conn = session.connection()
             now = self._now()
             held = conn.execute(_HELD_VM, {"name": spec.name}).one_or_none()
-            if held is not None and (host not in (None, held.host) or not _same_spec(held.spec, spec)):
+            if held is not None and held.held_for is not None:
+                # the room of the VM this one replaces: taken with any spec that fits in it, on its host
+                if host not in (None, held.host) or not spec.resources().fits_in(_reserved(held)):
+                    self._delete_vm_row(session, held)
+                    held = None
+            elif held is not None and (host not in (None, held.host) or not _same_spec(held.spec, spec)):
                 held = None  # not this create's: placing below refuses the name (VM_ALREADY_EXISTS)
             if held is not None and self._closed_host(conn, held.host) is not None:
                 # cordoned or down since the apply: a hold keeps room, it does not bind the VM to a host
@@ -936,16 +954,25 @@ class Store:
                 held = None
             if held is not None:
                 # held for a plan run (create_run): its room is reserved and its host chosen already
-                vm_row = conn.execute(
-                    _UPDATE_VM,
-                    {
-                        "b_name": held.name,
-                        "state": (VmState.CREATING if creating_step else VmState.PENDING).name,
-                        "state_reason": "",
-                        "update_time": now,
-                        "revision": self._vm_revision(session, held.name),
-                    },
-                ).one()
+                claim: dict[str, Any] = {
+                    "b_name": held.name,
+                    "state": (VmState.CREATING if creating_step else VmState.PENDING).name,
+                    "state_reason": "",
+                    "update_time": now,
+                    "revision": self._vm_revision(session, held.name),
+                }
+                if held.held_for is not None:
+                    # a successor: its own spec and room (no more than was held), its own labels
+                    need = spec.resources()
+                    claim |= {
+                        "spec": codec.spec_to_json(spec),
+                        "reserved_vcpus": need.vcpus,
+                        "reserved_memory_mib": need.memory_mib,
+                        "reserved_disk_mib": need.disk_mib,
+                        "held_for": None,
+                    }
+                    self._set_labels(session, spec.name, spec.labels)
+                vm_row = conn.execute(_UPDATE_VM, claim).one()
             else:
                 vm_row = self._hold_vm(session, spec, host, now, creating=bool(creating_step))
             stored_op = op
@@ -1023,7 +1050,7 @@ class Store:
             host = row.host
             host_row = self._host_row(session, host, lock=True)
             need = spec.resources()
-            held = Resources(row.reserved_vcpus, row.reserved_memory_mib, row.reserved_disk_mib)
+            held = _reserved(row)
             growth = Resources(max(0, need.vcpus - held.vcpus), max(0, need.memory_mib - held.memory_mib), 0)
             if growth != Resources():
                 allocated = self._allocations(session.connection(), [host]).get(host, (Resources(), 0))[0]
@@ -1412,10 +1439,74 @@ class Store:
         def tx(session: Session) -> None:
             self._lock_revision(session)
             conn = session.connection()  # Core: every delete runs this (see _read)
-            self._delete_vm_row(session, _one(conn, _VM_FOR_UPDATE, {"name": name}, _vm_not_found(name)))
+            row = _one(conn, _VM_FOR_UPDATE, {"name": name}, _vm_not_found(name))
+            plan = None
+            if row.held_for is not None:
+                plan = conn.execute(_UNFINISHED_RUN_PLAN, {"run": row.held_for}).scalar_one_or_none()
+            self._delete_vm_row(session, row)
+            if plan is not None:
+                # a running plan run replaces this VM: the room stays, held for the successor
+                self._hold_successor(session, row, held_reason(plan, row.held_for))
             self._prune_tombstones(session)
 
         return self._run(tx, write=True)
+
+    def _hold_successor(self, session: Session, old: Row[Any], reason: str) -> None:
+        """Record the successor of the deleted VM ``old``: PENDING on its host with its (grown) room, held."""
+        now = self._now()
+        session.connection().execute(
+            _INSERT_VM,
+            {
+                "name": old.name,
+                "host": old.host,
+                "state": VmState.PENDING.name,
+                "spec": old.spec,
+                "uuid": "",
+                "addresses": [],
+                "reserved_vcpus": old.reserved_vcpus,
+                "reserved_memory_mib": old.reserved_memory_mib,
+                "reserved_disk_mib": old.reserved_disk_mib,
+                "create_time": now,
+                "update_time": now,
+                "state_reason": reason,
+                "revision": self._vm_revision(session, old.name),
+                "held_for": old.held_for,
+            },
+        ).one()
+
+    def _hold_for_successor(self, session: Session, successor: VmSpec, pinned: str | None, run_id: str) -> None:
+        """
+        Grow the room of the VM ``successor`` replaces to what ``successor`` needs too, held for run ``run_id``.
+
+        Nothing is held when there is no such VM, it has no host or not the ``pinned`` one, its host takes
+        no new VMs, or the growth does not fit there: the successor is then placed when the run creates
+        it, as any new VM.
+        """
+        conn = session.connection()
+        name = successor.name
+        row = conn.execute(_VM_FOR_UPDATE, {"name": name}).one_or_none()
+        if row is None or row.host is None or pinned not in (None, row.host):
+            return
+        host = self._host_row(session, row.host, lock=True)
+        if placement.closed(HostState[host.state], host.cordoned) is not None:
+            return
+        had, need = _reserved(row), successor.resources()
+        grown = Resources(
+            max(had.vcpus, need.vcpus), max(had.memory_mib, need.memory_mib), max(had.disk_mib, need.disk_mib)
+        )
+        free = self._allocatable(host) - self._allocations(conn, [row.host]).get(row.host, (Resources(), 0))[0]
+        if not (grown - had).fits_in(free):
+            return
+        conn.execute(
+            _UPDATE_VM,
+            {
+                "b_name": name,
+                "reserved_vcpus": grown.vcpus,
+                "reserved_memory_mib": grown.memory_mib,
+                "reserved_disk_mib": grown.disk_mib,
+                "held_for": run_id,
+            },
+        ).one()
 
     def release_held(self, names: Sequence[str], run_id: str = "") -> list[str]:
         """
@@ -1430,10 +1521,29 @@ class Store:
         def tx(session: Session) -> list[str]:
             self._lock_revision(session)
             conn = session.connection()
+            freed: list[str] = []
             if run_id:
                 conn.execute(_RELEASE_HELD_VOLUMES, {"run": run_id})
-            freed: list[str] = []
+                for row in conn.execute(_HELD_FOR_RUN, {"run": run_id}).all():
+                    if conn.execute(_HELD_VM, {"name": row.name}).first() is not None:
+                        self._delete_vm_row(session, row)  # the successor's hold: its old VM is gone
+                        freed.append(row.name)
+                        continue
+                    # the old VM is still there: its room back to what its own spec needs
+                    own = codec.spec_from_json(row.spec).resources()
+                    conn.execute(
+                        _UPDATE_VM,
+                        {
+                            "b_name": row.name,
+                            "reserved_vcpus": own.vcpus,
+                            "reserved_memory_mib": own.memory_mib,
+                            "reserved_disk_mib": own.disk_mib,
+                            "held_for": None,
+                        },
+                    ).one()
             for name in names:
+                if name in freed:
+                    continue
                 held = conn.execute(_HELD_VM.with_for_update(), {"name": name}).one_or_none()
                 if held is not None:
                     self._delete_vm_row(session, held)
@@ -2080,6 +2190,7 @@ class Store:
         lease_seconds: float = 0.0,
         hold: Sequence[tuple[VmSpec, str | None]] = (),
         hold_volumes: Sequence[tuple[str, str, int]] = (),
+        hold_replaced: Sequence[tuple[VmSpec, str | None]] = (),
     ) -> tuple[PlanRun, bool]:
         """Insert ``run`` (with its VM rows, version 1, times set to now) and True.
 
@@ -2090,7 +2201,11 @@ class Store:
         those it never creates. ``hold_volumes``: the agent volumes the run will make, each ``(host,
         name, size_mib)``, whose disk is reserved first, held by the run (a name reserved on that host
         already is left as it is); the run's :meth:`reserve_volume` with ``holder`` takes each over.
-        Any placement error refuses the whole run: nothing is written.
+        ``hold_replaced``: the VMs that will replace existing ones of the same name, ``(spec, host or
+        None)``; the old VM's room on its host (when that is ``host``) grows to what both need, when
+        that fits (else nothing is held for it). When the run deletes the
+        VM (:meth:`release_vm`) the room stays, held for the successor, whose create takes it over
+        (:meth:`reserve_vm`). Any placement error refuses the whole run: nothing is written.
 
         With a request id already used for this plan: the existing run and False (no audit record).
         NotFound PLAN_NOT_FOUND for an unknown plan; Aborted PLAN_RUN_IN_PROGRESS (metadata ``plan``,
@@ -2107,11 +2222,13 @@ class Store:
             until = now + timedelta(seconds=lease_seconds) if owner else None
             stored, created = plans_store.create_run(session, run, now, owner, until)
             if created:
-                if hold or hold_volumes:
+                if hold or hold_volumes or hold_replaced:
                     # before any host row, as every transaction that places does (PostgreSQL: no lock cycle)
                     self._lock_revision(session)
                 for on, volume, size_mib in hold_volumes:
                     self._reserve_volume_row(session, on, volume, size_mib, held_by=run.id)
+                for successor, pinned in hold_replaced:
+                    self._hold_for_successor(session, successor, pinned, run.id)
                 reason = held_reason(run.plan, run.id)
                 for spec, host in hold:
                     self._hold_vm(session, spec, host, now, reason=reason)

@@ -147,6 +147,9 @@ class VmRow(Base):
     #: an event); an event of that epoch with a sequence at or below it is older news (NULL: none yet)
     agent_epoch: Mapped[int | None] = mapped_column(BigInteger)
     agent_sequence: Mapped[int | None] = mapped_column(BigInteger)
+    #: the plan run that holds this VM's room (grown to what its replacement needs) for the VM that
+    #: replaces it (``Store.create_run``'s ``hold_replaced``); NULL: no run does
+    held_for: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class VolumeReservationRow(Base):
@@ -162,7 +165,7 @@ class VolumeReservationRow(Base):
     create_time: Mapped[datetime]
     #: the plan run that reserved the disk at apply for a volume it will make (``Store.create_run``);
     #: NULL once the volume's create took the reservation over, or for any other volume
-    held_by: Mapped[str | None] = mapped_column(String(NAME_LENGTH), default=None)
+    held_by: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class VmLabelRow(Base):

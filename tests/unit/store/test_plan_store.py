@@ -33,7 +33,7 @@ from clonebox_core.plan import (
 )
 from clonebox_core.secret import Secret
 from tests.unit.store.conftest import HEAD_REVISION, add_host_row, migrate_to
-from tests.unit.store.test_store import create_op, register
+from tests.unit.store.test_store import create_op, observed, register
 
 T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 R = TypeVar("R")
@@ -743,8 +743,109 @@ def test_upgrade_from_0007_keeps_volume_reservations_and_down_drops_only_holds(s
     engine = create_engine(store_url)
     try:
         assert "held_by" not in {c["name"] for c in inspect(engine).get_columns("volume_reservations")}
+        assert "held_for" not in {c["name"] for c in inspect(engine).get_columns("vms")}
     finally:
         engine.dispose()
     with Store.open(store_url) as again:
         assert disk_of(again, "h1") == 1_000
         assert again.reserve_volume("h1", "kept", 1_000) is False  # still reserved, by no run
+
+
+# ---- the room of a replaced VM's successor (create_run's hold_replaced) -------------------------------
+
+
+def replaced_db(store: Store, memory_mib: int = 2048, successor_mib: int = 1024) -> tuple[VmSpec, VmSpec]:
+    """h1 with ``memory_mib``, plan ``shop``'s db made there (512 MiB), and the spec replacing it."""
+    register(store, "h1", vcpus=4, memory_mib=memory_mib)
+    plan = make_plan(services=("db",))
+    old = plan.vms[0].spec
+    op, _vm = store.reserve_vm(old, None, create_op(old.name, "r-old"))
+    store.finish_operation(op.id, observed=dataclasses.replace(observed(old.name, "h1"), spec=old))
+    store.save_plan_revision(plan)
+    return old, dataclasses.replace(old, memory_mib=successor_mib)
+
+
+def memory_of(store: Store, host: str) -> int:
+    return store.get_host(host).allocated.memory_mib
+
+
+def test_a_run_holds_the_room_of_a_replaced_vms_successor_until_it_is_made(store: Store) -> None:
+    _old, new = replaced_db(store)
+    store.create_run(make_run("run-1", services=("db",)), hold_replaced=[(new, None)])
+    assert memory_of(store, "h1") == 1024  # the old VM's room grown to what its successor needs
+    assert store.get_vm("shop-db").state is VmState.RUNNING  # the old VM itself is as it was
+    # 1,536 MiB would fit beside the old VM alone; the successor's share of it is the run's
+    with pytest.raises(ResourceExhausted):
+        store.reserve_vm(VmSpec("other", 1, 1536), None, create_op("other", "r-other"))
+    # the run deletes the old VM: its room stays, held for the successor
+    store.release_vm("shop-db")
+    held = store.get_vm("shop-db")
+    assert (held.state, held.host, held.state_reason) == (VmState.PENDING, "h1", "held for plan shop (run run-1)")
+    assert memory_of(store, "h1") == 1024
+    with pytest.raises(ResourceExhausted):
+        store.reserve_vm(VmSpec("other", 1, 1536), None, create_op("other", "r-other-2"))
+    # watchers see the old VM go and the held record come
+    moves = [(vm.state, deleted) for _rev, vm, deleted in store.changes_since(0) if vm.name == "shop-db"]
+    assert moves[-2:] == [(VmState.RUNNING, True), (VmState.PENDING, False)]
+    # the successor's create takes it over, with its own spec and room
+    _op, vm = store.reserve_vm(new, None, create_op("shop-db", "r-new", "op-new"), creating_step="on {host}")
+    assert vm is not None and (vm.host, vm.state, vm.state_reason, vm.spec) == ("h1", VmState.CREATING, "", new)
+    assert memory_of(store, "h1") == 1024
+    assert store.release_held([], "run-1") == []  # nothing left to free: it is the successor's now
+    assert memory_of(store, "h1") == 1024
+
+
+def test_a_successor_smaller_than_the_held_room_takes_only_what_it_needs(store: Store) -> None:
+    _old, new = replaced_db(store, successor_mib=256)
+    store.create_run(make_run("run-1", services=("db",)), hold_replaced=[(new, None)])
+    assert memory_of(store, "h1") == 512  # nothing to grow: the old VM's room covers it
+    store.release_vm("shop-db")
+    _op, vm = store.reserve_vm(new, None, create_op("shop-db", "r-new", "op-new"))
+    assert vm is not None and vm.host == "h1"
+    assert memory_of(store, "h1") == 256
+
+
+def test_a_run_that_ends_before_its_replace_gives_the_grown_room_back(store: Store) -> None:
+    _old, new = replaced_db(store)
+    store.create_run(make_run("run-1", services=("db",)), hold_replaced=[(new, None)])
+    assert memory_of(store, "h1") == 1024
+    store.release_held([], "run-1")  # the old VM stays: its room is its own spec's again
+    assert memory_of(store, "h1") == 512
+    assert store.get_vm("shop-db").state is VmState.RUNNING
+    store.release_vm("shop-db")  # and a later delete deletes it, holding nothing
+    assert memory_of(store, "h1") == 0 and store.list_vms()[0] == []
+
+
+def test_a_run_that_ends_between_delete_and_create_frees_the_held_room(store: Store) -> None:
+    _old, new = replaced_db(store)
+    store.create_run(make_run("run-1", services=("db",)), hold_replaced=[(new, None)])
+    store.release_vm("shop-db")
+    assert store.release_held([], "run-1") == ["shop-db"]
+    assert memory_of(store, "h1") == 0 and store.list_vms()[0] == []
+
+
+def test_a_delete_after_its_run_is_done_holds_nothing(store: Store) -> None:
+    _old, new = replaced_db(store)
+    run, _created = store.create_run(make_run("run-1", services=("db",)), hold_replaced=[(new, None)])
+    store.update_run(run.id, state=RunState.FAILED, error="crashed before releasing")
+    store.release_vm("shop-db")
+    assert store.list_vms()[0] == [] and memory_of(store, "h1") == 0
+
+
+def test_no_room_is_held_for_a_successor_that_does_not_fit_beside_its_old_vm(store: Store) -> None:
+    _old, big = replaced_db(store, memory_mib=1024, successor_mib=1536)  # 1,024 more than db's 512: 512 are free
+    _run, created = store.create_run(make_run("run-1", services=("db",)), hold_replaced=[(big, None)])
+    assert created  # not an error: the successor is placed when the run makes it, as any new VM
+    assert memory_of(store, "h1") == 512
+    store.release_vm("shop-db")
+    assert store.list_vms()[0] == []  # nothing held for it either
+
+
+def test_a_successor_pinned_elsewhere_gives_the_held_room_up(store: Store) -> None:
+    _old, new = replaced_db(store)
+    register(store, "h2", vcpus=4, memory_mib=2048)
+    store.create_run(make_run("run-1", services=("db",)), hold_replaced=[(new, None)])
+    store.release_vm("shop-db")
+    _op, vm = store.reserve_vm(new, "h2", create_op("shop-db", "r-new", "op-new"))
+    assert vm is not None and vm.host == "h2"
+    assert (memory_of(store, "h1"), memory_of(store, "h2")) == (0, 1024)

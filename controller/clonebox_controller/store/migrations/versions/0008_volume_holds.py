@@ -1,4 +1,4 @@
-"""Volume reservations a plan run holds: the disk of each volume an apply will make, reserved at apply.
+"""Room a plan run holds at apply beyond its new VMs: the disk of the volumes it will make, and a replace's successor.
 
 Revision ID: 0008
 Revises: 0007
@@ -19,12 +19,15 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    """Add ``volume_reservations.held_by`` (the holding run's id; NULL: the volume's own reservation)."""
-    op.add_column("volume_reservations", sa.Column("held_by", sa.String(63), nullable=True))
+    """Add ``volume_reservations.held_by`` and ``vms.held_for`` (a run's id; NULL: no run holds the room)."""
+    op.add_column("volume_reservations", sa.Column("held_by", sa.String(64), nullable=True))
+    op.add_column("vms", sa.Column("held_for", sa.String(64), nullable=True))
 
 
 def downgrade() -> None:
-    """Drop the column; held reservations go with it (their runs cannot be resumed across a downgrade)."""
+    """Drop both; held volume reservations go (their runs cannot be resumed across a downgrade)."""
     op.execute("DELETE FROM volume_reservations WHERE held_by IS NOT NULL")
     with op.batch_alter_table("volume_reservations") as batch:
         batch.drop_column("held_by")
+    with op.batch_alter_table("vms") as batch:
+        batch.drop_column("held_for")
