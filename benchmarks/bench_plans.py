@@ -322,6 +322,8 @@ class Fleet:
                     "listen": self.controller,
                     "tls_dir": str(ctl_tls),
                     "database_url": self.database_url or f"sqlite:///{root / 'fleet.db'}",
+                    # in the fleet's folder also with PostgreSQL (whose default is the working directory)
+                    "audit": {"key_file": str(root / "audit.key")},
                     "metrics_listen": "127.0.0.1:0",
                     "log_level": "WARNING",
                     "plans": {"poll_seconds": self.poll},
