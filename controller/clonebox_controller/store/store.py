@@ -1434,7 +1434,13 @@ class Store:
         return self._run(tx, write=True)
 
     def release_vm(self, name: str) -> None:
-        """Delete a VM's record, freeing its reservation; watchers see a tombstone. NotFound VM_NOT_FOUND."""
+        """
+        Delete a VM's record, freeing its reservation; watchers see a tombstone. NotFound VM_NOT_FOUND.
+
+        A VM an unfinished plan run replaces (:meth:`create_run`'s ``hold_replaced``) leaves its room
+        behind instead: a PENDING record of that name, held for the run, which the successor's create
+        takes over.
+        """
 
         def tx(session: Session) -> None:
             self._lock_revision(session)
@@ -1514,8 +1520,10 @@ class Store:
 
         A held VM is PENDING, with the state reason of :func:`clonebox_core.plan.held_reason` and no
         unfinished operation (:meth:`create_run`); any other VM of these names (being created, made, or
-        not there) is left as it is. ``run_id``: the volume reservations that run still holds (volumes
-        it has not started to make) are freed too. Idempotent.
+        not there) is left as it is. ``run_id``: what else that run still holds is freed too: volume
+        reservations (volumes it has not started to make), the room held for a replaced VM's successor
+        after the old VM's deletion (the name is among those returned), and the growth of an old VM it
+        has not replaced (back to its own spec's room). Idempotent.
         """
 
         def tx(session: Session) -> list[str]:
@@ -2203,9 +2211,9 @@ class Store:
         already is left as it is); the run's :meth:`reserve_volume` with ``holder`` takes each over.
         ``hold_replaced``: the VMs that will replace existing ones of the same name, ``(spec, host or
         None)``; the old VM's room on its host (when that is ``host``) grows to what both need, when
-        that fits (else nothing is held for it). When the run deletes the
-        VM (:meth:`release_vm`) the room stays, held for the successor, whose create takes it over
-        (:meth:`reserve_vm`). Any placement error refuses the whole run: nothing is written.
+        that fits (else nothing is held for it). When the run deletes the VM (:meth:`release_vm`) the
+        room stays, held for the successor, whose create takes it over (:meth:`reserve_vm`). Any
+        placement error refuses the whole run: nothing is written.
 
         With a request id already used for this plan: the existing run and False (no audit record).
         NotFound PLAN_NOT_FOUND for an unknown plan; Aborted PLAN_RUN_IN_PROGRESS (metadata ``plan``,
