@@ -196,6 +196,15 @@ async def on_hypervisor(fleet: Fleet, host: str) -> list[str]:
     return sorted(r.spec.name for r in await fleet.fakes[host].list())
 
 
+async def db_waiting(fleet: Fleet, plan: str) -> None:
+    """Wait until the run of ``plan`` has made (or restarted) its ``db`` and waits for db's health gate."""
+
+    async def waits() -> bool:
+        return row(await run_of(fleet, plan), "db") is VmRunState.WAITING
+
+    await eventually(waits, WAIT, f"db of plan {plan} waiting for its health check")
+
+
 async def rpc_error(call: object) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await call  # type: ignore[misc]
@@ -218,10 +227,7 @@ async def test_stack_comes_up_in_dependency_order_behind_a_health_gate(fleet: Fl
     assert [v.service for v in started.vms] == ["db", "api", "web"]
     watcher = asyncio.create_task(watch(fleet, started.id))
 
-    async def db_waits_for_health() -> bool:
-        return row(await run_of(fleet, "stack"), "db") is VmRunState.WAITING
-
-    await eventually(db_waits_for_health, WAIT, "db created and waiting for its health check")
+    await db_waiting(fleet, "stack")
     # the gate holds: api is not created while db is not healthy
     run = await run_of(fleet, "stack")
     assert row(run, "api") is VmRunState.PENDING and "db to be healthy" in run.vms[1].step
@@ -264,10 +270,7 @@ async def test_an_apply_holds_the_room_of_the_vms_it_has_not_reached(fleet: Flee
     started = await apply(fleet, stack())
     watcher = asyncio.create_task(watch(fleet, started.id))
 
-    async def db_waits_for_health() -> bool:
-        return row(await run_of(fleet, "stack"), "db") is VmRunState.WAITING
-
-    await eventually(db_waits_for_health, WAIT, "db created and waiting for its health check")
+    await db_waiting(fleet, "stack")
     listed = await fleet.vms.ListVms(vm_service_pb2.ListVmsRequest(page_size=100))
     states = {v.name: (v.state, v.host) for v in listed.vms}
     # api and web are held on h1 before their turn: recorded pending, their room reserved
@@ -289,10 +292,7 @@ async def test_an_apply_holds_the_room_of_a_vm_that_attaches_a_volume_on_its_pin
     started = await apply(fleet, plan)
     watcher = asyncio.create_task(watch(fleet, started.id))
 
-    async def db_waits_for_health() -> bool:
-        return row(await run_of(fleet, "vstack"), "db") is VmRunState.WAITING
-
-    await eventually(db_waits_for_health, WAIT, "db created and waiting for its health check")
+    await db_waiting(fleet, "vstack")
     assert "vstack-data" not in await volumes_on(fleet)  # not made yet, yet its user's room is held
     listed = await fleet.vms.ListVms(vm_service_pb2.ListVmsRequest(page_size=100))
     states = {v.name: (v.state, v.host) for v in listed.vms}
@@ -323,10 +323,7 @@ async def test_an_apply_holds_the_disk_of_a_volume_it_will_make(fleet: Fleet) ->
     started = await apply(fleet, with_volume(stack("dstack"), "api", 1000))
     watcher = asyncio.create_task(watch(fleet, started.id))
 
-    async def db_waits_for_health() -> bool:
-        return row(await run_of(fleet, "dstack"), "db") is VmRunState.WAITING
-
-    await eventually(db_waits_for_health, WAIT, "db created and waiting for its health check")
+    await db_waiting(fleet, "dstack")
     assert "dstack-data" not in await volumes_on(fleet)  # not made yet, yet its disk is held
     assert fleet.controller.store.get_host("h1").allocated.disk_mib == 48 + 1000
     # without the hold a VM with a 1,024 MiB disk would fit (2,000 - 48)
@@ -375,10 +372,7 @@ async def test_an_apply_holds_the_room_a_replaced_vm_grows_into(fleet: Fleet) ->
     started = await apply(fleet, replacing_web("rstack", db_memory=128, web_disk=600), allow_replace=True)
     watcher = asyncio.create_task(watch(fleet, started.id))
 
-    async def db_waits_for_health() -> bool:
-        return row(await run_of(fleet, "rstack"), "db") is VmRunState.WAITING
-
-    await eventually(db_waits_for_health, WAIT, "db restarted and waiting for its health check")
+    await db_waiting(fleet, "rstack")
     # web's room already covers its successor's disk, although web itself is not replaced yet
     assert fleet.controller.store.get_host("h1").allocated.disk_mib == 16 + 16 + 600
     assert [r.spec.disks[0].size_mib for r in await fleet.fakes["h1"].list() if r.spec.name == "rstack-web"] == [16]
@@ -437,10 +431,7 @@ async def test_vms_held_on_a_host_cordoned_during_the_run_are_made_elsewhere(fle
     started = await apply(fleet, stack("moved"))  # h1 is the only host: all three are held there
     watcher = asyncio.create_task(watch(fleet, started.id))
 
-    async def db_waits_for_health() -> bool:
-        return row(await run_of(fleet, "moved"), "db") is VmRunState.WAITING
-
-    await eventually(db_waits_for_health, WAIT, "db created and waiting for its health check")
+    await db_waiting(fleet, "moved")
     await fleet.add_agent("h2", ROOMY)
     await fleet.hosts.CordonHost(host_service_pb2.CordonHostRequest(name="h1"))
     fleet.fakes["h1"].guest_files["moved-db"] = {READY_FILE}
@@ -461,10 +452,7 @@ async def test_a_run_is_woken_by_the_changes_it_waits_for_not_by_its_poll(fleet:
     started = await apply(fleet, stack("woken"))
     watcher = asyncio.create_task(watch(fleet, started.id))
 
-    async def db_waits_for_health() -> bool:
-        return row(await run_of(fleet, "woken"), "db") is VmRunState.WAITING
-
-    await eventually(db_waits_for_health, WAIT, "db created and waiting for its health check")
+    await db_waiting(fleet, "woken")
     fleet.fakes["h1"].guest_files["woken-db"] = {READY_FILE}
     final = (await asyncio.wait_for(watcher, WAIT))[-1]
     assert final.state is RunState.SUCCEEDED, final.error
