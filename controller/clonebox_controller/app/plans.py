@@ -712,10 +712,13 @@ class PlanEngine:
         )
         # held as the run will create them: from the stored revision, which the run reads back (a re-apply
         # of the same content keeps that revision, whose specs may differ in what the digest leaves out)
-        stored_plan = await self._plan_of_revision(plan.name, stored.revision)
-        hold = [] if revert else _held_vms(stored_plan, v.changes)
-        hold_replaced = [] if revert else _held_successors(stored_plan, v.changes)
-        hold_volumes = [] if revert else _held_volumes(v.volumes)
+        hold: list[tuple[VmSpec, str | None]] = []
+        hold_replaced: list[tuple[VmSpec, str | None]] = []
+        hold_volumes: list[tuple[str, str, int]] = []
+        if not revert:
+            stored_plan = await self._plan_of_revision(plan.name, stored.revision)
+            hold, hold_replaced = _held_vms(stored_plan, v.changes), _held_successors(stored_plan, v.changes)
+            hold_volumes = _held_volumes(v.volumes)
         created_run, created = await asyncio.to_thread(
             lambda: self._store.create_run(
                 run,
