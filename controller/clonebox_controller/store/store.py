@@ -229,12 +229,17 @@ _ALLOCATIONS_OF = _ALLOCATIONS.where(_VM_TABLE.c.host.in_(bindparam("hosts", exp
 _VOLUME_TABLE = cast(Table, VolumeReservationRow.__table__)
 _VOLUME_DISK = select(_VOLUME_TABLE.c.host, func.sum(_VOLUME_TABLE.c.size_mib)).group_by(_VOLUME_TABLE.c.host)
 _VOLUME_DISK_OF = _VOLUME_DISK.where(_VOLUME_TABLE.c.host.in_(bindparam("hosts", expanding=True)))
-_VOLUME_RESERVED = select(_VOLUME_TABLE.c.size_mib, _VOLUME_TABLE.c.held_by).where(
+_VOLUME_RESERVED = select(_VOLUME_TABLE.c.size_mib).where(
     _VOLUME_TABLE.c.host == bindparam("host"), _VOLUME_TABLE.c.name == bindparam("name")
 )
+#: a volume reservation its holding run takes over (no row: not held by that run)
 _CLAIM_VOLUME = (
     update(_VOLUME_TABLE)
-    .where(_VOLUME_TABLE.c.host == bindparam("b_host"), _VOLUME_TABLE.c.name == bindparam("b_name"))
+    .where(
+        _VOLUME_TABLE.c.host == bindparam("b_host"),
+        _VOLUME_TABLE.c.name == bindparam("b_name"),
+        _VOLUME_TABLE.c.held_by == bindparam("b_holder"),
+    )
     .values(held_by=None)
 )
 _RELEASE_HELD_VOLUMES = delete(_VOLUME_TABLE).where(_VOLUME_TABLE.c.held_by == bindparam("run"))
@@ -250,6 +255,11 @@ _DELETE_LABELS = delete(_LABEL_TABLE).where(_LABEL_TABLE.c.vm_name == bindparam(
 _INSERT_LABELS = insert(_LABEL_TABLE)
 _CHANGE_TABLE = cast(Table, VmChangeRow.__table__)
 _INSERT_CHANGE = insert(_CHANGE_TABLE)
+
+
+def _room(r: Resources) -> dict[str, int]:
+    """The reservation columns of a VM row that reserves ``r``."""
+    return {"reserved_vcpus": r.vcpus, "reserved_memory_mib": r.memory_mib, "reserved_disk_mib": r.disk_mib}
 
 
 def _reserved(row: Row[Any] | VmRow) -> Resources:
@@ -572,6 +582,10 @@ class Store:
             out[host] = (held + Resources(0, 0, int(disk)), count)
         return out
 
+    def _free(self, conn: Connection, host: HostRow) -> Resources:
+        """What ``host`` has left: what it offers less its VMs' and volumes' reservations."""
+        return self._allocatable(host) - self._allocations(conn, [host.name]).get(host.name, (Resources(), 0))[0]
+
     @staticmethod
     def _host_model(row: HostRow, allocated: Resources, vm_count: int) -> Host:
         return Host(
@@ -837,13 +851,9 @@ class Store:
         """
 
         def tx(session: Session) -> bool:
-            conn = session.connection()
-            existing = conn.execute(_VOLUME_RESERVED, {"host": host, "name": name}).first()
-            if existing is not None:
-                if holder and existing.held_by == holder:
-                    conn.execute(_CLAIM_VOLUME, {"b_host": host, "b_name": name})
-                    return True
-                return False
+            claim = {"b_host": host, "b_name": name, "b_holder": holder}
+            if holder and session.connection().execute(_CLAIM_VOLUME, claim).rowcount > 0:
+                return True
             return self._reserve_volume_row(session, host, name, size_mib)
 
         return self._run(tx, write=True, retry_integrity=True)
@@ -855,7 +865,7 @@ class Store:
         if conn.execute(_VOLUME_RESERVED, {"host": host, "name": name}).first() is not None:
             return False
         need = Resources(0, 0, size_mib)
-        free = self._allocatable(row) - self._allocations(conn, [host]).get(host, (Resources(), 0))[0]
+        free = self._free(conn, row)
         if not need.fits_in(free):
             raise ResourceExhausted(
                 f"host {host!r} has no room for volume {name!r} ({size_mib} MiB): "
@@ -963,14 +973,7 @@ class Store:
                 }
                 if held.held_for is not None:
                     # a successor: its own spec and room (no more than was held), its own labels
-                    need = spec.resources()
-                    claim |= {
-                        "spec": codec.spec_to_json(spec),
-                        "reserved_vcpus": need.vcpus,
-                        "reserved_memory_mib": need.memory_mib,
-                        "reserved_disk_mib": need.disk_mib,
-                        "held_for": None,
-                    }
+                    claim |= {"spec": codec.spec_to_json(spec), **_room(spec.resources()), "held_for": None}
                     self._set_labels(session, spec.name, spec.labels)
                 vm_row = conn.execute(_UPDATE_VM, claim).one()
             else:
@@ -995,29 +998,48 @@ class Store:
         reason: str = "",
     ) -> Row[Any]:
         """Place ``spec`` and record it PENDING (``creating``: CREATING) with its room reserved; the new row."""
-        conn = session.connection()
-        chosen = self._place(conn, spec, host, lock=True)
-        need = spec.resources()
-        row = conn.execute(
-            _INSERT_VM,
-            {
-                "name": spec.name,
-                "host": chosen,
-                "state": (VmState.CREATING if creating else VmState.PENDING).name,
-                "spec": codec.spec_to_json(spec),
-                "uuid": "",
-                "addresses": [],
-                "reserved_vcpus": need.vcpus,
-                "reserved_memory_mib": need.memory_mib,
-                "reserved_disk_mib": need.disk_mib,
-                "create_time": now,
-                "update_time": now,
-                "state_reason": reason,
-                "revision": self._vm_revision(session, spec.name),
-            },
-        ).one()
+        chosen = self._place(session.connection(), spec, host, lock=True)
+        state = VmState.CREATING if creating else VmState.PENDING
+        row = self._insert_vm_row(
+            session, spec.name, chosen, state, codec.spec_to_json(spec), spec.resources(), now, reason
+        )
         self._set_labels(session, spec.name, spec.labels)
         return row
+
+    def _insert_vm_row(
+        self,
+        session: Session,
+        name: str,
+        host: str,
+        state: VmState,
+        spec: Mapping[str, Any],
+        room: Resources,
+        now: datetime,
+        reason: str,
+        held_for: str | None = None,
+    ) -> Row[Any]:
+        """Insert the row of a VM not made yet (no uuid, no address) that reserves ``room`` on ``host``."""
+        return (
+            session.connection()
+            .execute(
+                _INSERT_VM,
+                {
+                    "name": name,
+                    "host": host,
+                    "state": state.name,
+                    "spec": spec,
+                    "uuid": "",
+                    "addresses": [],
+                    **_room(room),
+                    "create_time": now,
+                    "update_time": now,
+                    "state_reason": reason,
+                    "revision": self._vm_revision(session, name),
+                    "held_for": held_for,
+                },
+            )
+            .one()
+        )
 
     def reserve_update(
         self,
@@ -1053,8 +1075,7 @@ class Store:
             held = _reserved(row)
             growth = Resources(max(0, need.vcpus - held.vcpus), max(0, need.memory_mib - held.memory_mib), 0)
             if growth != Resources():
-                allocated = self._allocations(session.connection(), [host]).get(host, (Resources(), 0))[0]
-                free = self._allocatable(host_row) - allocated
+                free = self._free(session.connection(), host_row)
                 if not growth.fits_in(free):
                     raise ResourceExhausted(
                         f"host {host!r} has no room to grow VM {spec.name!r} to {placement.describe(need)}: "
@@ -1459,26 +1480,8 @@ class Store:
 
     def _hold_successor(self, session: Session, old: Row[Any], reason: str) -> None:
         """Record the successor of the deleted VM ``old``: PENDING on its host with its (grown) room, held."""
-        now = self._now()
-        session.connection().execute(
-            _INSERT_VM,
-            {
-                "name": old.name,
-                "host": old.host,
-                "state": VmState.PENDING.name,
-                "spec": old.spec,
-                "uuid": "",
-                "addresses": [],
-                "reserved_vcpus": old.reserved_vcpus,
-                "reserved_memory_mib": old.reserved_memory_mib,
-                "reserved_disk_mib": old.reserved_disk_mib,
-                "create_time": now,
-                "update_time": now,
-                "state_reason": reason,
-                "revision": self._vm_revision(session, old.name),
-                "held_for": old.held_for,
-            },
-        ).one()
+        state, room, now = VmState.PENDING, _reserved(old), self._now()
+        self._insert_vm_row(session, old.name, old.host, state, old.spec, room, now, reason, old.held_for)
 
     def _hold_for_successor(self, session: Session, successor: VmSpec, pinned: str | None, run_id: str) -> None:
         """
@@ -1500,19 +1503,10 @@ class Store:
         grown = Resources(
             max(had.vcpus, need.vcpus), max(had.memory_mib, need.memory_mib), max(had.disk_mib, need.disk_mib)
         )
-        free = self._allocatable(host) - self._allocations(conn, [row.host]).get(row.host, (Resources(), 0))[0]
+        free = self._free(conn, host)
         if not (grown - had).fits_in(free):
             return
-        conn.execute(
-            _UPDATE_VM,
-            {
-                "b_name": name,
-                "reserved_vcpus": grown.vcpus,
-                "reserved_memory_mib": grown.memory_mib,
-                "reserved_disk_mib": grown.disk_mib,
-                "held_for": run_id,
-            },
-        ).one()
+        conn.execute(_UPDATE_VM, {"b_name": name, **_room(grown), "held_for": run_id}).one()
 
     def release_held(self, names: Sequence[str], run_id: str = "") -> list[str]:
         """
@@ -1539,16 +1533,7 @@ class Store:
                         continue
                     # the old VM is still there: its room back to what its own spec needs
                     own = codec.spec_from_json(row.spec).resources()
-                    conn.execute(
-                        _UPDATE_VM,
-                        {
-                            "b_name": row.name,
-                            "reserved_vcpus": own.vcpus,
-                            "reserved_memory_mib": own.memory_mib,
-                            "reserved_disk_mib": own.disk_mib,
-                            "held_for": None,
-                        },
-                    ).one()
+                    conn.execute(_UPDATE_VM, {"b_name": row.name, **_room(own), "held_for": None}).one()
             for name in names:
                 if name in freed:
                     continue
