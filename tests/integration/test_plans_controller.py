@@ -285,28 +285,6 @@ async def test_an_apply_holds_the_room_of_the_vms_it_has_not_reached(fleet: Flee
     assert ops(fleet, "vm.create") == ["stack-db", "stack-api", "stack-web"]
 
 
-async def test_an_apply_holds_the_room_of_a_vm_that_attaches_a_volume_on_its_pinned_host(fleet: Fleet) -> None:
-    # as above, but api attaches the plan volume "data", which the run makes only when api's turn comes
-    await fleet.add_agent("h1", Resources(vcpus=8, memory_mib=256, disk_mib=1024 * 1024))
-    plan = with_volume(stack("vstack"), "api", 16)
-    started = await apply(fleet, plan)
-    watcher = asyncio.create_task(watch(fleet, started.id))
-
-    await db_waiting(fleet, "vstack")
-    assert "vstack-data" not in await volumes_on(fleet)  # not made yet, yet its user's room is held
-    listed = await fleet.vms.ListVms(vm_service_pb2.ListVmsRequest(page_size=100))
-    states = {v.name: (v.state, v.host) for v in listed.vms}
-    assert states["vstack-api"] == (vm_pb2.VM_STATE_PENDING, "h1")
-    # without api's hold a 128 MiB VM would fit beside db and web (64 + 64 + 128 of 256 MiB)
-    err = await rpc_error(fleet.vms.CreateVm(vm_service_pb2.CreateVmRequest(spec=spec("outsider", memory=128))))
-    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    fleet.fakes["h1"].guest_files["vstack-db"] = {READY_FILE}
-    final = (await watcher)[-1]
-    assert final.state is RunState.SUCCEEDED, final.error
-    assert (await volumes_on(fleet))["vstack-data"][1].vms == ("vstack-api",)
-    assert ops(fleet, "vm.create") == ["vstack-db", "vstack-api", "vstack-web"]
-
-
 def with_volume(plan: Plan, service: str, size_mib: int) -> Plan:
     """``plan`` with ``service`` attaching the plan volume ``data`` of ``size_mib``."""
     return dataclasses.replace(
@@ -316,24 +294,30 @@ def with_volume(plan: Plan, service: str, size_mib: int) -> Plan:
     )
 
 
-async def test_an_apply_holds_the_disk_of_a_volume_it_will_make(fleet: Fleet) -> None:
-    # 2,000 MiB of disk: the three VMs take 48, api's volume 1,000 once made; the run makes it only
-    # when api's turn comes, after db's health gate
-    await fleet.add_agent("h1", Resources(vcpus=8, memory_mib=1024, disk_mib=2000))
-    started = await apply(fleet, with_volume(stack("dstack"), "api", 1000))
+async def test_an_apply_holds_a_volume_users_room_and_the_volumes_disk(fleet: Fleet) -> None:
+    # api attaches the plan volume "data" (1,000 MiB), which the run makes only when api's turn comes,
+    # after db's health gate: until then both api's room and the volume's disk are held
+    await fleet.add_agent("h1", Resources(vcpus=8, memory_mib=256, disk_mib=2000))
+    started = await apply(fleet, with_volume(stack("vstack"), "api", 1000))
     watcher = asyncio.create_task(watch(fleet, started.id))
-
-    await db_waiting(fleet, "dstack")
-    assert "dstack-data" not in await volumes_on(fleet)  # not made yet, yet its disk is held
-    assert fleet.controller.store.get_host("h1").allocated.disk_mib == 48 + 1000
-    # without the hold a VM with a 1,024 MiB disk would fit (2,000 - 48)
-    err = await rpc_error(fleet.vms.CreateVm(vm_service_pb2.CreateVmRequest(spec=spec("outsider", memory=64))))
+    await db_waiting(fleet, "vstack")
+    assert "vstack-data" not in await volumes_on(fleet)  # not made yet
+    listed = await fleet.vms.ListVms(vm_service_pb2.ListVmsRequest(page_size=100))
+    states = {v.name: (v.state, v.host) for v in listed.vms}
+    assert states["vstack-api"] == (vm_pb2.VM_STATE_PENDING, "h1")
+    assert fleet.controller.store.get_host("h1").allocated.disk_mib == 3 * 16 + 1000
+    # without api's hold a 128 MiB VM would fit beside db and web (64 + 64 + 128 of 256 MiB)
+    err = await rpc_error(fleet.vms.CreateVm(vm_service_pb2.CreateVmRequest(spec=disk_spec("outsider", 16, 128))))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    fleet.fakes["h1"].guest_files["dstack-db"] = {READY_FILE}
+    # without the volume's hold a 1,000 MiB disk would fit (48 + 1,000 of 2,000 MiB)
+    err = await rpc_error(fleet.vms.CreateVm(vm_service_pb2.CreateVmRequest(spec=disk_spec("outsider", 1000))))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    fleet.fakes["h1"].guest_files["vstack-db"] = {READY_FILE}
     final = (await watcher)[-1]
     assert final.state is RunState.SUCCEEDED, final.error
-    assert (await volumes_on(fleet))["dstack-data"][1].vms == ("dstack-api",)
-    assert fleet.controller.store.get_host("h1").allocated.disk_mib == 48 + 1000  # taken over, not counted twice
+    assert (await volumes_on(fleet))["vstack-data"][1].vms == ("vstack-api",)
+    assert ops(fleet, "vm.create") == ["vstack-db", "vstack-api", "vstack-web"]
+    assert fleet.controller.store.get_host("h1").allocated.disk_mib == 3 * 16 + 1000  # taken over, not counted twice
 
 
 async def test_a_failed_run_frees_the_disk_held_for_a_volume_it_never_made(fleet: Fleet) -> None:
@@ -359,8 +343,11 @@ def replacing_web(name: str, *, db_memory: int = 64, web_disk: int = 16, deadlin
     )
 
 
-def disk_spec(name: str, disk_mib: int) -> vm_pb2.VmSpec:
-    return vm_pb2.VmSpec(name=name, vcpus=1, memory_mib=16, disks=[vm_pb2.DiskSpec(name="root", size_mib=disk_mib)])
+def disk_spec(name: str, disk_mib: int, memory_mib: int = 16) -> vm_pb2.VmSpec:
+    """A 1-vCPU VM with one blank disk of ``disk_mib``."""
+    return vm_pb2.VmSpec(
+        name=name, vcpus=1, memory_mib=memory_mib, disks=[vm_pb2.DiskSpec(name="root", size_mib=disk_mib)]
+    )
 
 
 async def test_an_apply_holds_the_room_a_replaced_vm_grows_into(fleet: Fleet) -> None:
