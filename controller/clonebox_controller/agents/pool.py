@@ -426,6 +426,8 @@ class GrpcAgentGateway:
         self._transport = transport
         self._trust_domain = trust_domain
         self._clients: dict[str, GrpcAgentClient] = {}
+        #: clients replaced by a newer one. Not closed before the gateway is: an operation may hold one across
+        #: its retries, and a channel without calls goes idle and drops its connection by itself (30 min)
         self._retired: list[GrpcAgentClient] = []
         self._stamp: tuple[int, ...] = ()
         self._stamp_checked = float("-inf")
@@ -445,11 +447,20 @@ class GrpcAgentGateway:
         stamp = self._tls_stamp()
         if current is None or current.address != address or current.stamp != stamp:
             if current is not None:
-                # calls in flight on the old channel finish; it is closed with the gateway
                 self._retired.append(current)
             current = GrpcAgentClient(host, address, self._transport, self._trust_domain, stamp)
             self._clients[host] = current
         return current
+
+    def reconnect(self, host: str) -> None:
+        """Dial ``host`` afresh on its next call: its agent has just (re)connected its session.
+
+        A channel whose agent was gone sits in gRPC's connect back-off (up to two minutes after a long
+        outage) and fails every call at once until its next attempt, although the agent serves again.
+        """
+        current = self._clients.pop(host, None)
+        if current is not None:
+            self._retired.append(current)
 
     async def close(self) -> None:
         """Close every channel."""

@@ -174,6 +174,8 @@ class HostRegistry:
         host = await asyncio.to_thread(
             self._store.upsert_host_registration, name, address, capacity, allocatable, hypervisor, epoch
         )
+        # before anything calls the agent of this session (the sync task, the session listeners)
+        self._gateway.reconnect(name)
         old = self._sync_tasks.pop(name, None)
         if old is not None:
             old.cancel()

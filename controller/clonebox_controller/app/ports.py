@@ -406,3 +406,7 @@ class AgentGateway(Protocol):
     """Builds clients for agents by address."""
 
     def client(self, host: str, address: str) -> AgentClient: ...
+
+    def reconnect(self, host: str) -> None:
+        """Make the next client of ``host`` dial afresh (its agent has just connected a new session)."""
+        ...

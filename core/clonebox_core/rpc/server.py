@@ -258,15 +258,22 @@ def _name_override(server_name: str | None) -> list[tuple[str, Any]]:
     return [("grpc.ssl_target_name_override", server_name)] if server_name else []
 
 
+#: a daemon's channel gets connections of its own: channels to one address otherwise share them, and with
+#: them their connect back-off, so a channel dialled afresh to a restarted peer would still wait it out
+_OWN_CONNECTIONS: list[tuple[str, Any]] = [("grpc.use_local_subchannel_pool", 1)]
+
+
 def aio_channel(target: str, transport: Transport, server_name: str | None = None) -> grpc.aio.Channel:
     """An asyncio client channel to ``target`` (daemon to daemon), verifying ``server_name``."""
     if transport.tls is None:
         require_loopback(target)
-        return grpc.aio.insecure_channel(target, options=_KEEPALIVE_OPTIONS, interceptors=_aio_client_interceptors())
+        return grpc.aio.insecure_channel(
+            target, options=_KEEPALIVE_OPTIONS + _OWN_CONNECTIONS, interceptors=_aio_client_interceptors()
+        )
     return grpc.aio.secure_channel(
         target,
         channel_credentials(transport.tls),
-        options=_KEEPALIVE_OPTIONS + _name_override(server_name),
+        options=_KEEPALIVE_OPTIONS + _OWN_CONNECTIONS + _name_override(server_name),
         interceptors=_aio_client_interceptors(),
     )
 

@@ -29,8 +29,15 @@ HV = HypervisorInfo(uri="test:///default")
 class FakeGateway:
     """A fake AgentGateway whose clients are just the (host, address) they were made for."""
 
+    def __init__(self) -> None:
+        #: the hosts asked to be dialled afresh, in order
+        self.reconnected: list[str] = []
+
     def client(self, name: str, address: str) -> Any:
         return (name, address)
+
+    def reconnect(self, name: str) -> None:
+        self.reconnected.append(name)
 
 
 class CountingStore:
@@ -69,11 +76,11 @@ def stores(tmp_path: Path) -> Iterator[tuple[CountingStore, Store]]:
         yield CountingStore(store, feed), store
 
 
-def registry(counting: CountingStore) -> HostRegistry:
+def registry(counting: CountingStore, gateway: FakeGateway | None = None) -> HostRegistry:
     """A registry on the counting store, with the store's announcements delivered on this loop."""
     counting.feed.bind(asyncio.get_running_loop())
     fake: Any = counting
-    return HostRegistry(fake, FakeGateway(), counting.feed, heartbeat_timeout=30, heartbeat_interval=10)  # type: ignore[arg-type]
+    return HostRegistry(fake, gateway or FakeGateway(), counting.feed, heartbeat_timeout=30, heartbeat_interval=10)  # type: ignore[arg-type]
 
 
 @contextlib.asynccontextmanager
@@ -111,6 +118,24 @@ async def test_a_disconnect_is_seen_by_the_next_call(stores: tuple[CountingStore
         # a new registration at another address is used at once
         await reg.register("h1", "h1:7001", R, R, HV, 2)
         assert await reg.client("h1") == ("h1", "h1:7001")
+
+
+async def test_every_registration_dials_its_agent_afresh(stores: tuple[CountingStore, Store]) -> None:
+    counting, _store = stores
+    gateway = FakeGateway()
+    reg = registry(counting, gateway)
+    try:
+        _host, session = await reg.register("h1", "h1:7000", R, R, HV, 1)
+        assert gateway.reconnected == ["h1"]
+        # a heartbeat of the live session is the same agent: its channel is kept
+        await reg.heartbeat("h1", True, "", session)
+        assert gateway.reconnected == ["h1"]
+        # the agent restarted: its new session dials it afresh
+        await reg.disconnected("h1", session)
+        await reg.register("h1", "h1:7000", R, R, HV, 2)
+        assert gateway.reconnected == ["h1", "h1"]
+    finally:
+        await reg.close()
 
 
 async def test_a_read_that_overlaps_a_change_is_not_kept(stores: tuple[CountingStore, Store]) -> None:

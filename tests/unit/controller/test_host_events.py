@@ -28,6 +28,9 @@ class FakeGateway:
     def client(self, name: str, address: str) -> Any:
         raise AssertionError(f"no agent call expected (host {name} at {address})")
 
+    def reconnect(self, name: str) -> None:
+        """Nothing to dial afresh: no channel."""
+
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:

@@ -30,6 +30,9 @@ class FakeSilentGateway:
     def client(self, name: str, address: str) -> Any:
         return self
 
+    def reconnect(self, name: str) -> None:
+        """Nothing to dial afresh: no channel."""
+
     async def list_vms(self) -> Any:
         await asyncio.Event().wait()
 
