@@ -307,6 +307,15 @@ class Revision:
     epoch: int
     sequence: int
 
+    def covers(self, event: Revision) -> bool:
+        """
+        Whether a record at this revision already says what an agent event at ``event`` says.
+
+        An event at or before this point is covered. Epochs grow with every agent start, so an event of
+        a lower epoch comes from an agent process that has ended.
+        """
+        return event.epoch < self.epoch or (event.epoch == self.epoch and event.sequence <= self.sequence)
+
 
 @dataclass(frozen=True)
 class HypervisorInfo:

@@ -95,6 +95,9 @@ class HostRegistry:
         #: again when the VM's record next changes (the operation's end), where the store drops it if
         #: the operation's answer covered it
         self._held: dict[str, tuple[str, Vm, bool, Revision | None]] = {}
+        #: VMs an operation of this process owns (name -> operations): their events wait for its end
+        #: without a read of the store (:meth:`own`)
+        self._owned: dict[str, int] = {}
         self._retries: set[asyncio.Task[None]] = set()
         changes.subscribe(VM_KIND, lambda key: self._release_held(key.name))
         # Heartbeats and the sweep get a thread of their own: behind a burst of operations in the shared
@@ -344,6 +347,9 @@ class HostRegistry:
             reported.discard(vm.name)
         else:
             reported.add(vm.name)
+        if vm.name in self._owned:
+            self._held[vm.name] = (host, vm, deleted, revision)
+            return
         try:
             current = await asyncio.to_thread(self._store.get_vm, vm.name)
         except NotFound:
@@ -371,7 +377,37 @@ class HostRegistry:
             )
         self.refresh_addresses(vm)
 
+    def own(self, name: str) -> None:
+        """
+        An operation of this process now owns ``name``'s state: its agent's events about it wait for :meth:`disown`.
+
+        The same hold as for a record an operation owns (creating, deleting), known here without a read
+        of the store. Agents send a change's events just before its answer, so those reads came at the
+        moment the operation's end is written, in its way.
+        """
+        self._owned[name] = self._owned.get(name, 0) + 1
+
+    def disown(self, name: str, recorded: Revision | None) -> None:
+        """
+        The operation that owned ``name`` has ended (its end stored), recording the agent's revision ``recorded``.
+
+        The event held meanwhile is dropped when ``recorded`` covers it (the answer said it), else recorded
+        as any event. ``recorded`` None (no answer, a failure): recorded as any event.
+        """
+        left = self._owned.get(name, 0) - 1
+        if left > 0:
+            self._owned[name] = left
+            return
+        self._owned.pop(name, None)
+        held = self._held.get(name)
+        if held is not None and held[3] is not None and recorded is not None and recorded.covers(held[3]):
+            del self._held[name]
+            return
+        self._release_held(name)
+
     def _release_held(self, name: str) -> None:
+        if name in self._owned:
+            return  # its operation's end releases it (disown)
         held = self._held.pop(name, None)
         if held is None:
             return

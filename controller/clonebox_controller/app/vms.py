@@ -54,6 +54,9 @@ class _Outcome:
 
 #: a create's first step, recorded with its reservation (``{host}``: the host chosen)
 _CREATING_STEP = "creating on host {host}"
+#: operations whose VM's agent events wait for their end (``HostRegistry.own``): the ones whose record
+#: says so too (creating, deleting), for any controller's events
+_OWNING = frozenset({"vm.create", "vm.delete"})
 
 
 def new_operation(kind: str, target: str, request_id: str, params: dict[str, str] | None = None) -> Operation:
@@ -531,9 +534,15 @@ class VmManager:
             # an import's stream died with the controller process; see what the agent kept
             "snapshot.import": self._do_import_interrupted,
         }
+        owns = op.kind in _OWNING
+        if owns:
+            self._hosts.own(name)
+        recorded: Revision | None = None
         try:
             ended = await runners[op.kind](op, name)
-            return await self._finish(op, actor, ended, None)
+            finished = await self._finish(op, actor, ended, None)
+            recorded = ended.revision
+            return finished
         except asyncio.CancelledError:
             raise
         except CloneboxError as err:
@@ -542,6 +551,9 @@ class VmManager:
         except Exception as exc:
             log.exception("operation %s crashed", op.id)
             return await self._finish(op, actor, _Outcome(), Internal(f"operation crashed: {exc}"))
+        finally:
+            if owns:
+                self._hosts.disown(name, recorded)
 
     async def _step(self, op: Operation, step: str, progress: int, vm_state: VmState | None = None) -> None:
         """Record a step; ``vm_state``: the state the VM enters with it, in the same transaction."""

@@ -317,9 +317,10 @@ def _older_news(row: Row[Any], revision: Revision, *, answer: bool) -> bool:
     seen: int | None = row.agent_sequence
     if row.agent_epoch is None or seen is None:
         return False
-    if revision.epoch != row.agent_epoch:
-        return bool(revision.epoch < row.agent_epoch)
-    return revision.sequence < seen if answer else revision.sequence <= seen
+    recorded = Revision(row.agent_epoch, seen)
+    if answer and revision == recorded:
+        return False
+    return recorded.covers(revision)
 
 
 def _is_retryable(exc: DBAPIError) -> bool:

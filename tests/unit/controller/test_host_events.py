@@ -159,3 +159,101 @@ async def test_a_held_event_of_an_agent_killed_during_the_create_is_dropped_at_i
     for _ in range(20):  # give the retry its turns on the loop
         await asyncio.sleep(0.02)
     assert store.get_vm("web").uuid == "uuid-web" and not reg._held and not reg._retries
+
+
+class CountingReads:
+    """A fake around the real store: counts ``get_vm`` reads, passes everything on."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.reads = 0
+
+    def get_vm(self, name: str) -> Vm:
+        self.reads += 1
+        return self._store.get_vm(name)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+@pytest.fixture
+async def owned(tmp_path: Path) -> AsyncIterator[tuple[Store, HostRegistry, CountingReads]]:
+    """As ``announced``, with the registry's reads of VM records counted; ``web`` is being created."""
+    feed = ChangeFeed()
+    feed.bind(asyncio.get_running_loop())
+    with Store.open(f"sqlite:///{tmp_path / 'owned.db'}", on_change=feed.publish_threadsafe) as store:
+        store.upsert_host_registration("h1", "h1:7000", R, R, HV, 1)
+        creating(store)
+        counting = CountingReads(store)
+        reg = HostRegistry(counting, FakeGateway(), feed, heartbeat_timeout=30, heartbeat_interval=10)  # type: ignore[arg-type]
+        try:
+            yield store, reg, counting
+        finally:
+            await reg.close()
+
+
+async def settle(reg: HostRegistry) -> None:
+    """Let the registry's retries of held events run their course on the loop."""
+    for _ in range(50):
+        if not reg._retries:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("held events still being retried")
+
+
+async def test_an_owned_vms_events_are_held_without_a_read_and_dropped_when_the_answer_covers_them(
+    owned: tuple[Store, HostRegistry, CountingReads],
+) -> None:
+    store, reg, counting = owned
+    reg.own("web")
+    # the agent's "defined" and "started" come just before its answer
+    await reg._apply("h1", report(VmState.STOPPED), deleted=False, revision=Revision(1, 1))
+    await reg._apply("h1", report(VmState.RUNNING), deleted=False, revision=Revision(1, 2))
+    store.finish_operation("op-1", observed=report(VmState.RUNNING), revision=Revision(1, 2))
+    await asyncio.sleep(0.05)  # the end's announcement reaches the registry: still owned, still held
+    assert reg._held
+    reg.disown("web", Revision(1, 2))
+    await settle(reg)
+    assert counting.reads == 0 and not reg._held
+    assert store.get_vm("web").state is VmState.RUNNING
+
+
+@pytest.mark.parametrize(
+    ("event", "answered", "disowned", "recorded"),
+    [
+        # the guest crashed right after the agent answered at 1/2: news the answer does not have
+        ((VmState.CRASHED, Revision(1, 3)), (VmState.RUNNING, Revision(1, 2)), Revision(1, 2), VmState.CRASHED),
+        # the operation failed without an answer: nothing in memory says what the agent did, the store decides
+        ((VmState.RUNNING, Revision(1, 2)), (VmState.STOPPED, Revision(1, 1)), None, VmState.RUNNING),
+    ],
+)
+async def test_an_owned_vms_event_the_answer_does_not_cover_is_recorded_the_stores_way_at_its_end(
+    owned: tuple[Store, HostRegistry, CountingReads],
+    event: tuple[VmState, Revision],
+    answered: tuple[VmState, Revision],
+    disowned: Revision | None,
+    recorded: VmState,
+) -> None:
+    store, reg, counting = owned
+    reg.own("web")
+    await reg._apply("h1", report(event[0]), deleted=False, revision=event[1])
+    store.finish_operation("op-1", observed=report(answered[0]), revision=answered[1])
+    reg.disown("web", disowned)
+    await settle(reg)
+    assert store.get_vm("web").state is recorded and counting.reads == 1
+
+
+async def test_a_vm_owned_twice_holds_its_events_until_both_operations_end(
+    owned: tuple[Store, HostRegistry, CountingReads],
+) -> None:
+    store, reg, counting = owned
+    reg.own("web")
+    reg.own("web")
+    await reg._apply("h1", report(VmState.CRASHED), deleted=False, revision=Revision(1, 3))
+    store.finish_operation("op-1", observed=report(VmState.RUNNING), revision=Revision(1, 2))
+    reg.disown("web", Revision(1, 2))
+    await settle(reg)
+    assert reg._held and counting.reads == 0 and store.get_vm("web").state is VmState.RUNNING
+    reg.disown("web", Revision(1, 2))
+    await settle(reg)
+    assert not reg._held and store.get_vm("web").state is VmState.CRASHED

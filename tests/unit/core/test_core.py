@@ -12,7 +12,7 @@ from clonebox_agent.config import AgentConfig
 from clonebox_controller.config import ControllerConfig
 from clonebox_core import errors
 from clonebox_core.config import load_config
-from clonebox_core.model import DiskSpec, KernelBoot, SharedFolder, VmSpec
+from clonebox_core.model import DiskSpec, KernelBoot, Revision, SharedFolder, VmSpec
 from clonebox_core.names import is_dns_label
 from clonebox_core.rpc.server import is_loopback, require_loopback
 from clonebox_core.rpc.status import error_from_status_proto, to_status_proto
@@ -118,3 +118,17 @@ def test_a_vm_state_the_enum_does_not_have_is_an_invalid_argument_naming_the_fie
             snapshot_from_proto(snapshot_pb2.Snapshot(name="s", vm="a", vm_state=-2147483648))  # type: ignore[arg-type]
     assert err.value.metadata["field"] == f"{where}.{'state' if where == 'vm' else 'vm_state'}"
     assert "is not a VM state" in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("event", "covered"),
+    [
+        (Revision(2, 4), True),  # the recorded point itself
+        (Revision(2, 3), True),  # before it
+        (Revision(2, 5), False),  # news after it
+        (Revision(1, 99), True),  # an agent process that has ended
+        (Revision(3, 0), False),  # a newer agent process
+    ],
+)
+def test_a_record_covers_the_events_up_to_its_revision(event: Revision, covered: bool) -> None:
+    assert Revision(2, 4).covers(event) is covered
