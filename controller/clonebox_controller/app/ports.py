@@ -336,6 +336,9 @@ class AgentConsoleChunk(Protocol):
 class AgentClient(Protocol):
     """The calls the controller makes to one agent; errors are ``clonebox_core.errors`` classes."""
 
+    #: the host whose agent this client calls
+    host: str
+
     async def create_vm(self, spec: VmSpec, request_id: str) -> tuple[Vm, Revision | None]: ...
     async def plan_create(self, spec: VmSpec) -> CreatePlan: ...
     async def get_vm(self, name: str) -> Vm: ...

@@ -8,6 +8,7 @@ after a network blip or a controller restart never does the work twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import uuid
@@ -16,7 +17,7 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from clonebox_controller.app.hosts import HostRegistry
-from clonebox_controller.app.ports import AgentConsoleChunk, FleetStore
+from clonebox_controller.app.ports import AgentClient, AgentConsoleChunk, FleetStore
 from clonebox_controller.app.uncancelled import to_thread_uncancelled
 from clonebox_core.audit.event import SYSTEM_ACTOR, AuditEvent, Outcome, current_actor, new_event
 from clonebox_core.errors import Aborted, CloneboxError, FailedPrecondition, Internal, NotFound, Unavailable
@@ -281,7 +282,7 @@ class VmManager:
         client = await self._hosts.client(host)
         reserved = await asyncio.to_thread(lambda: self._store.reserve_volume(host, name, size_mib, holder=holder))
         try:
-            made = await self._agent_call(lambda: client.create_volume(name, size_mib, shared, labels, request_id))
+            made = await self._agent_call(client, lambda c: c.create_volume(name, size_mib, shared, labels, request_id))
         except CloneboxError:
             # the agent's create is all-or-nothing (a half-made volume is invisible, a retry replaces it);
             # a cancelled call keeps the reservation: the agent may still make the volume
@@ -305,7 +306,7 @@ class VmManager:
         client = await self._hosts.client(host)
         async with self._hosts.volume_lock(host):
             try:
-                await self._agent_call(lambda: client.delete_volume(name, request_id))
+                await self._agent_call(client, lambda c: c.delete_volume(name, request_id))
             except NotFound:
                 await asyncio.to_thread(self._store.release_volume, host, name)
                 return False
@@ -559,19 +560,24 @@ class VmManager:
         """Record a step; ``vm_state``: the state the VM enters with it, in the same transaction."""
         await asyncio.to_thread(lambda: self._store.update_operation(op.id, step, progress, vm_state=vm_state))
 
-    async def _agent_call(self, call: Callable[[], Awaitable[T]]) -> T:
+    async def _agent_call(self, client: AgentClient, call: Callable[[AgentClient], Awaitable[T]]) -> T:
+        """``call(client)``, tried again while the agent cannot be reached (``agent_retry_seconds``)."""
         # retries are safe: every agent mutation carries the operation id as its request id
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._agent_retry_seconds
         delay = 0.5
         while True:
             try:
-                return await call()
+                return await call(client)
             except Unavailable:
                 if loop.time() + delay > deadline:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _MAX_RETRY_DELAY)
+                # an agent back in a new session is dialled on a new channel (HostRegistry.register); the
+                # old one may wait out a long connect back-off. Unreachable meanwhile: the old one is tried.
+                with contextlib.suppress(FailedPrecondition):
+                    client = await self._hosts.client(client.host)
 
     async def _do_create(self, op: Operation, name: str, reserved: Vm | None = None) -> _Outcome:
         vm = reserved if reserved is not None else await asyncio.to_thread(self._store.get_vm, name)
@@ -580,7 +586,7 @@ class VmManager:
             await self._step(op, _CREATING_STEP.format(host=vm.host), 20, VmState.CREATING)
         client = await self._hosts.client(vm.host)
         try:
-            created, revision = await self._agent_call(lambda: client.create_vm(vm.spec, op.id))
+            created, revision = await self._agent_call(client, lambda c: c.create_vm(vm.spec, op.id))
         except CloneboxError:
             # the agent's create is all-or-nothing, so freeing the reservation leaves nothing behind
             await asyncio.to_thread(self._store.release_vm, name)
@@ -594,7 +600,7 @@ class VmManager:
         vm = await asyncio.to_thread(self._store.get_vm, name)
         client = await self._hosts.client(vm.host)
         await self._step(op, f"starting on host {vm.host}", 30)
-        started, revision = await self._agent_call(lambda: client.start_vm(name, op.id))
+        started, revision = await self._agent_call(client, lambda c: c.start_vm(name, op.id))
         self._hosts.refresh_addresses(started)
         return _Outcome(observed=dataclasses.replace(started, state_reason=""), revision=revision)
 
@@ -605,7 +611,7 @@ class VmManager:
         force = bool(op.params.get("force"))
         step = f"stopping (graceful for {timeout}s, then forced)" if not force else "forcing off"
         await self._step(op, step, 30, VmState.STOPPING)
-        stopped, revision = await self._agent_call(lambda: client.stop_vm(name, op.id, timeout, force))
+        stopped, revision = await self._agent_call(client, lambda c: c.stop_vm(name, op.id, timeout, force))
         return _Outcome(observed=dataclasses.replace(stopped, addresses=()), revision=revision)
 
     async def _do_update(self, op: Operation, name: str) -> _Outcome:
@@ -614,7 +620,7 @@ class VmManager:
         timeout = int(op.params.get("timeout_seconds") or self._stop_timeout)
         await self._step(op, f"updating on host {vm.host}", 30)
         try:
-            result = await self._agent_call(lambda: client.update_vm(vm.spec, op.id, timeout))
+            result = await self._agent_call(client, lambda c: c.update_vm(vm.spec, op.id, timeout))
         except CloneboxError:
             # the agent's update is all-or-nothing: the VM kept its old spec, so the record does too
             previous = op.params.get("previous_spec")
@@ -634,7 +640,7 @@ class VmManager:
         await self._step(op, f"deleting on host {vm.host}", 30, VmState.DELETING)
         with_snapshots = bool(op.params.get("with_snapshots"))
         try:
-            await self._agent_call(lambda: client.delete_vm(name, op.id, with_snapshots))
+            await self._agent_call(client, lambda c: c.delete_vm(name, op.id, with_snapshots))
         except FailedPrecondition:
             # refused before anything was removed (e.g. VM_HAS_SNAPSHOTS): the VM is as it was, and a
             # DELETING record would hide its events from the fleet view
@@ -657,7 +663,7 @@ class VmManager:
             raise Aborted(f"import of {name} was interrupted; nothing was kept", reason="IMPORT_INTERRUPTED") from None
         client = await self._hosts.client(vm.host)
         try:
-            found = await self._agent_call(lambda: client.get_vm(name))
+            found = await self._agent_call(client, lambda c: c.get_vm(name))
         except NotFound:
             await asyncio.to_thread(self._store.release_vm, name)
             await self._hosts.adopt_released(name)
