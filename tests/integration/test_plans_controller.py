@@ -1124,6 +1124,57 @@ async def test_a_run_stopped_mid_way_is_resumed_without_duplicates(fleet: Fleet)
         await new.close()
 
 
+# ---- creates accepted while they wait for a slot -----------------------------------------------------
+
+
+async def test_a_create_waiting_for_a_slot_is_accepted_before_the_slot_frees(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    fake = fleet.fakes["h1"]
+    fake.faults.delays["create"] = 2.0  # the first create holds the only slot a while
+    plan = make_plan("ahead", [service("ahead", s) for s in ("a", "b", "c")], max_parallel=1)
+    started = await apply(fleet, plan)
+
+    async def a_on_the_agent() -> bool:
+        return fake.calls["create"] == 1
+
+    async def b_accepted() -> bool:
+        return "ahead-b" in ops(fleet, "vm.create")
+
+    await eventually(a_on_the_agent, WAIT, "a's create on the agent")
+    await eventually(b_accepted, WAIT, "b's create accepted")
+    # accepted while a's create is still on the agent (a is not made yet): b's operation is recorded and
+    # its VM creating, and the agent has not been asked for it. c, next but one, waits unaccepted.
+    assert await on_hypervisor(fleet, "h1") == []
+    assert fake.calls["create"] == 1
+    assert ops(fleet, "vm.create") == ["ahead-a", "ahead-b"]
+    assert fleet.controller.store.get_vm("ahead-b").state is VmState.CREATING
+    final = (await watch(fleet, started.id))[-1]
+    assert final.state is RunState.SUCCEEDED, final.error
+    assert ops(fleet, "vm.create") == ["ahead-a", "ahead-b", "ahead-c"]
+    assert fake.calls["create"] == 3
+    assert await on_hypervisor(fleet, "h1") == ["ahead-a", "ahead-b", "ahead-c"]
+
+
+async def test_a_failure_ends_a_create_accepted_ahead_of_its_slot_without_making_it(fleet: Fleet) -> None:
+    await fleet.add_agent("h1", ROOMY)
+    fake = fleet.fakes["h1"]
+    fake.faults.delays["create"] = 1.0  # c is accepted while b's create is on the agent
+    services = [service("abort", "a", broken=True), service("abort", "b"), service("abort", "c")]
+    started = await apply(fleet, make_plan("abort", services, max_parallel=1))
+    final = (await watch(fleet, started.id))[-1]
+    assert final.state is RunState.ROLLED_BACK, final
+    # a failed at once on the agent; b already had the slot (made, then rolled back, as without accepting
+    # ahead); c, accepted while b was made, ended without asking the agent
+    b, c = (next(v for v in final.vms if v.service == s) for s in ("b", "c"))
+    assert b.state is VmRunState.DELETED and b.created
+    assert c.state is VmRunState.SKIPPED and not c.created and c.step == "not waited for: abort-a failed"
+    (op,) = [o for o in fleet.controller.store.list_operations(limit=100) if o.target == "vms/abort-c"]
+    assert op.done and op.error_reason == "PLAN_STOPPED" and op.error_message == "not started: abort-a failed"
+    assert fake.calls["create"] == 2
+    assert await vm_names(fleet, "abort") == []
+    assert fleet.controller.store.get_host("h1").allocated == Resources()
+
+
 # ---- authorization ----------------------------------------------------------------------------------
 
 

@@ -1061,9 +1061,33 @@ def _end_event(run: PlanRun, outcome: Outcome, error: str, actor: str, reason: s
     )
 
 
+def _let_go(early: _Early) -> None:
+    """
+    The engine stops (closing, or its lease lost) with this create accepted: it goes on without its slot.
+
+    As a restarted controller resumes it, without its gate. The engine that resumes the run finds the
+    operation by its request id and waits for it; an operation left waiting would wait for a gate no
+    engine opens.
+    """
+    early.gate.set_result(None)
+
+
+def _log_unawaited_accept(task: asyncio.Task[tuple[Operation, Vm | None]]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("a create accepted ahead of its slot failed: %s", task.exception())
+
+
 def _log_failed_flush(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.warning("plan run rows not written yet (the next write takes them): %s", task.exception())
+
+
+@dataclass(frozen=True)
+class _Early:
+    """A create accepted while its service waits for a slot: the agent is asked once ``gate`` is done."""
+
+    gate: asyncio.Future[None]
+    accepted: asyncio.Task[tuple[Operation, Vm | None]]
 
 
 class _StepFailed(Exception):
@@ -1107,6 +1131,8 @@ class _Execution:
         #: (service, error, probe) of the first VM that failed
         self.failure: tuple[str, str, str] | None = None
         self.sem = asyncio.Semaphore(max(1, plan.update.max_parallel))
+        #: creates accepted while they wait for a slot (``_slot``): at most one per slot
+        self.ahead = asyncio.Semaphore(max(1, plan.update.max_parallel))
         self.changed = asyncio.Event()
         #: rows changed and not yet written, and the lock that makes writes one at a time
         self.pending: dict[str, VmStatus] = {}
@@ -1289,7 +1315,11 @@ class _Execution:
         if change is ChangeKind.NONE:
             await self._ensure_running(service)
             return
-        async with self.sem:
+        early = await self._slot(service)
+        try:
+            if self.failure is not None and early is not None:
+                await self._abort_early(service, early)
+                return
             if self.failure is not None and self.status[service].state is VmRunState.PENDING:
                 await self._save(service, state=VmRunState.SKIPPED, step=f"not started: {self._failed_vm()} failed")
                 return
@@ -1301,7 +1331,89 @@ class _Execution:
                 await self._save(service, state=VmRunState.CREATING, step="deleting the old VM (replace)")
                 if not await self._delete_vm(service, "replace-delete", with_snapshots=False):
                     raise _StepFailed("deleting the old VM failed")
-            await self._create(service)
+            await self._create(service, early)
+        finally:
+            self.sem.release()
+            if early is not None and not early.gate.done():
+                _let_go(early)
+
+    async def _slot(self, service: str) -> _Early | None:
+        """
+        Wait for a create slot (held on return); a new VM's create is accepted meanwhile when it can be.
+
+        Accepting (the reservation's transaction) takes a slot's chain a while; done while an earlier
+        VM's create runs, the slot goes straight to the agent call. At most one create per slot waits
+        accepted (``ahead``), the next in line: a controller restarted meanwhile resumes those at once,
+        so a run may exceed ``max_parallel`` by that many then.
+        """
+        if not self.sem.locked() or not self._accepts_early(service):
+            await self.sem.acquire()
+            return None
+        slot = asyncio.ensure_future(self.sem.acquire())
+        permit = asyncio.ensure_future(self.ahead.acquire())
+        early: _Early | None = None
+        try:
+            await asyncio.wait({slot, permit}, return_when=asyncio.FIRST_COMPLETED)
+            if slot.done():
+                return None  # the slot came first: accept in it, as any create
+            early = self._accept_early(service)
+            await slot
+            return early
+        except BaseException:
+            if slot.done() and not slot.cancelled():
+                self.sem.release()
+            slot.cancel()
+            if early is not None:
+                _let_go(early)
+            raise
+        finally:
+            if permit.done() and not permit.cancelled():
+                self.ahead.release()
+            permit.cancel()
+
+    def _accepts_early(self, service: str) -> bool:
+        """A plain new VM: no volumes to make first, no backup to restore, no old VM to delete."""
+        pv = self.specs[service]
+        return (
+            self.status[service].change is ChangeKind.CREATE
+            and not pv.volumes
+            and self._restore_source(service) is None
+        )
+
+    def _accept_early(self, service: str) -> _Early:
+        gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        pv = self.specs[service]
+
+        async def accept() -> tuple[Operation, Vm | None]:
+            await self._save(service, wait=False, state=VmRunState.CREATING, step="accepted: waiting for a free slot")
+            request_id = run_request_id(self.run_.id, service, "create")
+            op, vm = await self.e._vms.create(pv.spec, pv.host or None, request_id, gate=gate)
+            if vm is not None:
+                await self._save(service, wait=False, created=True, host=vm.host)
+            return op, vm
+
+        task = asyncio.create_task(accept(), name=f"plan-accept-{self.status[service].vm}")
+        # its error is the create's, raised where the slot awaits it; unawaited (the run stopped), it is only logged
+        task.add_done_callback(_log_unawaited_accept)
+        return _Early(gate, task)
+
+    async def _abort_early(self, service: str, early: _Early) -> None:
+        """
+        The run is failing: the accepted create ends without asking the agent, and the service is skipped.
+
+        Its operation may be one a stopped engine let go (``_let_go``), or a restarted controller resumed
+        without its gate: when that one made the VM, the row says so, and the rollback deletes it.
+        """
+        step = f"not started: {self._failed_vm()} failed"
+        early.gate.set_exception(Aborted(step, reason="PLAN_STOPPED"))
+        made = False
+        with contextlib.suppress(CloneboxError):
+            op, _vm = await early.accepted
+            made = not (await self.e._wait_operation(op)).error_code
+        if made:
+            await self._save(service, state=VmRunState.SKIPPED, step=f"made, but {self._failed_vm()} failed")
+        else:
+            await self._save(service, state=VmRunState.SKIPPED, created=False, host="", step=step)
 
     def backup_path(self, service: str) -> Path | None:
         """Where this run keeps the export of ``service``'s VM before replacing it (None: no backups)."""
@@ -1452,16 +1564,21 @@ class _Execution:
     def _failed_vm(self) -> str:
         return self.status[self.failure[0]].vm if self.failure is not None else ""
 
-    async def _create(self, service: str) -> None:
+    async def _create(self, service: str, early: _Early | None = None) -> None:
         backup = self._restore_source(service)
         if backup is not None:
             await self._restore(service, backup)
             return
         pv = self.specs[service]
         name = self.status[service].vm
-        await self._ensure_volumes(service)
-        await self._save(service, wait=False, state=VmRunState.CREATING, step="creating")
-        op, vm = await self.e._vms.create(pv.spec, pv.host or None, run_request_id(self.run_.id, service, "create"))
+        if early is not None:
+            early.gate.set_result(None)
+            op, vm = await early.accepted
+        else:
+            await self._ensure_volumes(service)
+            await self._save(service, wait=False, state=VmRunState.CREATING, step="creating")
+            request_id = run_request_id(self.run_.id, service, "create")
+            op, vm = await self.e._vms.create(pv.spec, pv.host or None, request_id)
         # None: a resumed run's create that already failed and released its reservation; the operation says why
         host = vm.host if vm is not None else ""
         step = f"creating on host {host}" if host else "creating"

@@ -362,7 +362,9 @@ class VmManager:
         # a dry run is a question: one attempt, no waiting for an agent that is down
         return await (await self._hosts.client(chosen)).plan_create(spec)
 
-    async def create(self, spec: VmSpec, host: str | None, request_id: str) -> tuple[Operation, Vm | None]:
+    async def create(
+        self, spec: VmSpec, host: str | None, request_id: str, *, gate: asyncio.Future[None] | None = None
+    ) -> tuple[Operation, Vm | None]:
         """
         Reserve room on a host and create the VM there; the operation and the VM as recorded then.
 
@@ -370,6 +372,10 @@ class VmManager:
 
         The references the client resolved for the request (``auth.secret_refs``) are recorded as
         ``secret.access`` events, by the caller, in the same transaction as the acceptance.
+
+        ``gate``: the agent is asked only once it is done (a plan's create accepted while it waits for a
+        free slot); an error set on it fails the operation and frees the room, with nothing made. A
+        controller restarted meanwhile resumes the operation without its gate.
         """
         validate_resolved(spec)
         if host:
@@ -381,7 +387,7 @@ class VmManager:
         )
         if stored.id == op.id:
             # accepted: the create goes on even when the client went away meanwhile (a retry finds it)
-            self._spawn(stored, reserved=vm)
+            self._spawn(stored, reserved=vm, gate=gate)
         if cancelled:
             raise asyncio.CancelledError
         return stored, vm
@@ -473,11 +479,18 @@ class VmManager:
             self._spawn(stored)
         return stored
 
-    def _spawn(self, op: Operation, actor: str | None = None, *, reserved: Vm | None = None) -> None:
+    def _spawn(
+        self,
+        op: Operation,
+        actor: str | None = None,
+        *,
+        reserved: Vm | None = None,
+        gate: asyncio.Future[None] | None = None,
+    ) -> None:
         """Run ``op`` in a task; ``reserved``: the VM record a create's reservation returned (spares a read)."""
         if op.id in self._tasks:
             return
-        task = asyncio.create_task(self._run(op, actor or current_actor(), reserved), name=f"op-{op.id}")
+        task = asyncio.create_task(self._run(op, actor or current_actor(), reserved, gate), name=f"op-{op.id}")
         self._tasks[op.id] = task
         task.add_done_callback(lambda _t: self._tasks.pop(op.id, None))
 
@@ -524,10 +537,12 @@ class VmManager:
             )
         return finished
 
-    async def _run(self, op: Operation, actor: str, reserved: Vm | None = None) -> Operation:
+    async def _run(
+        self, op: Operation, actor: str, reserved: Vm | None = None, gate: asyncio.Future[None] | None = None
+    ) -> Operation:
         name = op.target.removeprefix("vms/")
         runners: dict[str, Callable[[Operation, str], Awaitable[_Outcome]]] = {
-            "vm.create": lambda o, n: self._do_create(o, n, reserved),
+            "vm.create": lambda o, n: self._do_create(o, n, reserved, gate),
             "vm.start": self._do_start,
             "vm.stop": self._do_stop,
             "vm.delete": self._do_delete,
@@ -579,13 +594,17 @@ class VmManager:
                 with contextlib.suppress(FailedPrecondition):
                     client = await self._hosts.client(client.host)
 
-    async def _do_create(self, op: Operation, name: str, reserved: Vm | None = None) -> _Outcome:
+    async def _do_create(
+        self, op: Operation, name: str, reserved: Vm | None = None, gate: asyncio.Future[None] | None = None
+    ) -> _Outcome:
         vm = reserved if reserved is not None else await asyncio.to_thread(self._store.get_vm, name)
         if vm.state is VmState.PENDING:
             # reserved without its first step (a create accepted by an older controller, resumed here)
             await self._step(op, _CREATING_STEP.format(host=vm.host), 20, VmState.CREATING)
-        client = await self._hosts.client(vm.host)
         try:
+            if gate is not None:
+                await asyncio.shield(gate)  # the gate's owner may go away; its answer still comes
+            client = await self._hosts.client(vm.host)
             created, revision = await self._agent_call(client, lambda c: c.create_vm(vm.spec, op.id))
         except CloneboxError:
             # the agent's create is all-or-nothing, so freeing the reservation leaves nothing behind
