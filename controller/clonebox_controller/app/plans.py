@@ -1354,9 +1354,9 @@ class _Execution:
         early: _Early | None = None
         try:
             await asyncio.wait({slot, permit}, return_when=asyncio.FIRST_COMPLETED)
-            if slot.done():
-                return None  # the slot came first: accept in it, as any create
-            early = self._accept_early(service)
+            # the slot first: accept in it, as any create; a run failing meanwhile: accept nothing more
+            if not slot.done() and self.failure is None:
+                early = self._accept_early(service)
             await slot
             return early
         except BaseException:
@@ -1406,6 +1406,7 @@ class _Execution:
         """
         step = f"not started: {self._failed_vm()} failed"
         early.gate.set_exception(Aborted(step, reason="PLAN_STOPPED"))
+        early.gate.exception()  # taken note of here: the gate of an operation resumed without it has no waiter
         made = False
         with contextlib.suppress(CloneboxError):
             op, _vm = await early.accepted
